@@ -1,0 +1,34 @@
+# One task runner: the README's two commands and CI call these recipes.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: install demo test lint proto bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## README command 1: start the embedded stack, run the demo plan, print output and trace.
+demo: install
+	$(VENV)/bin/loom demo
+
+## README command 2: lint, proto freshness, unit + integration + end-to-end tests.
+test: install
+	$(VENV)/bin/ruff check libs services tests bench
+	$(PY) -m pytest
+
+proto: install
+	$(PY) -m loom_core.proto_gen proto
+
+bench: install
+	$(PY) bench/steps.py --steps 200 --store sqlite
+	$(PY) bench/steps.py --steps 200 --store postgres
+
+clean:
+	rm -rf $(VENV) .loom

@@ -1,0 +1,654 @@
+"""Generate ``proto/``: one JSON Schema per message and an AsyncAPI 3.0 document.
+
+Usage: ``python -m loom_core.proto_gen proto`` (the argument is the output directory).
+
+Design note
+- ``generate()`` is a pure function of ``contracts`` and ``subjects``: it returns
+  ``{relative path: text}``. Only ``main`` touches the file system (this is a build tool,
+  the one I/O exception inside ``loom_core``).
+- Messages are found by introspection: every ``msgspec.Struct`` subclass defined in
+  ``contracts`` with a ``tag`` gets ``schemas/<tag>.json``; every module-level union of
+  such structs (``SubmitReply``, ``RunEvent``, ...) gets ``schemas/<snake_name>.json``.
+  A new struct therefore appears after ``make proto`` with no change here.
+- Subjects are not guessed: each public name of ``subjects`` must be placed in
+  ``_SUBJECT_NAMES`` (channel, stream, header, ...). A new name makes ``generate`` fail with
+  a message saying where to describe it, so the AsyncAPI document cannot silently miss one.
+- Output is byte-for-byte deterministic: sorted keys, fixed order, no YAML aliases,
+  a trailing newline on every file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from loom_core import contracts, subjects
+
+__all__ = [
+    "ASYNCAPI_FILE",
+    "DIALECT",
+    "SCHEMA_DIR",
+    "asyncapi",
+    "event_tags",
+    "generate",
+    "json_schemas",
+    "main",
+    "message_types",
+    "union_types",
+    "write",
+]
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_DIR = "schemas"
+ASYNCAPI_FILE = "asyncapi.yaml"
+# A URN, not a URL: we do not serve the schemas anywhere; the id only has to be stable.
+_ID_PREFIX = "urn:agentloom:schema:"
+
+Schema = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _tag(cls: type[msgspec.Struct]) -> str | None:
+    tag = cls.__struct_config__.tag
+    return tag if isinstance(tag, str) else None
+
+
+def message_types() -> list[type[msgspec.Struct]]:
+    """Every tagged Struct defined in ``contracts``, sorted by tag."""
+    found = {
+        obj
+        for obj in vars(contracts).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, msgspec.Struct)
+        and obj.__module__ == contracts.__name__
+        and _tag(obj) is not None
+    }
+    return sorted(found, key=lambda cls: _tag(cls) or "")
+
+
+def _union_members(value: Any) -> tuple[type[msgspec.Struct], ...] | None:
+    if not isinstance(value, types.UnionType) and typing.get_origin(value) is not typing.Union:
+        return None
+    members = typing.get_args(value)
+    if all(inspect.isclass(m) and issubclass(m, msgspec.Struct) and _tag(m) for m in members):
+        return members
+    return None
+
+
+def union_types() -> dict[str, Any]:
+    """Module-level unions of tagged structs in ``contracts`` (``RunEvent``, ...), by name."""
+    return {
+        name: value
+        for name, value in sorted(vars(contracts).items())
+        if not name.startswith("_") and _union_members(value) is not None
+    }
+
+
+def event_tags() -> list[str]:
+    """Tags of the ``RunEvent`` union, in the union's order (the token after the run id in
+    ``loom.run.{run_id}.{event_tag}``)."""
+    return [_tag(cls) or "" for cls in _union_members(contracts.RunEvent) or ()]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _doc(obj: Any) -> str:
+    return inspect.cleandoc(obj.__doc__) if obj.__doc__ else ""
+
+
+# --------------------------------------------------------------------------- JSON Schema
+
+
+def _tidy(schema: Schema) -> Schema:
+    # msgspec copies docstrings verbatim; dedent them so the files read well.
+    for definition in schema.get("$defs", {}).values():
+        if isinstance(definition.get("description"), str):
+            definition["description"] = inspect.cleandoc(definition["description"])
+    return schema
+
+
+def _document(stem: str, title: str, schema: Schema, description: str = "") -> Schema:
+    doc: Schema = {"$schema": DIALECT, "$id": f"{_ID_PREFIX}{stem}", "title": title}
+    if description:
+        doc["description"] = description
+    doc.update(_tidy(schema))
+    return doc
+
+
+def json_schemas() -> dict[str, Schema]:
+    """File stem -> self-contained JSON Schema (draft 2020-12) for every message and union."""
+    out: dict[str, Schema] = {}
+    for cls in message_types():
+        stem = _tag(cls) or ""
+        out[stem] = _document(stem, cls.__name__, msgspec.json.schema(cls))
+    for name, union in union_types().items():
+        stem = _snake(name)
+        if stem in out:
+            raise ValueError(
+                f"contracts.{name} would be written to {SCHEMA_DIR}/{stem}.json, which is "
+                f"already the schema of the struct tagged {stem!r}; rename the union or the tag"
+            )
+        members = _union_members(union) or ()
+        field = members[0].__struct_config__.tag_field
+        names = ", ".join(m.__name__ for m in members)
+        description = f"One of {names}; the `{field}` field tells which."
+        out[stem] = _document(stem, name, msgspec.json.schema(union), description)
+    return dict(sorted(out.items()))
+
+
+def _schema_ref(stem: str) -> Schema:
+    return {"$ref": f"./{SCHEMA_DIR}/{stem}.json"}
+
+
+# --------------------------------------------------------------------------- AsyncAPI
+
+# Every public name of ``subjects`` and where this module describes it. Adding a name to
+# ``subjects`` without adding it here makes ``generate`` fail (see _check_subjects).
+_SUBJECT_NAMES = {
+    "PREFIX": "part of every subject",
+    "SUBMIT": "channel submit",
+    "RUN_EVENTS_STREAM": "x-jetstream-streams",
+    "RUN_EVENTS_ALL": "x-jetstream-streams",
+    "run_event": "channel runEvent",
+    "run_events_of": "channel runEvent (filter)",
+    "events_of_kind": "channel runEvent (filter)",
+    "INBOX_STREAM": "x-jetstream-streams",
+    "INBOX_ALL": "x-jetstream-streams",
+    "inbox": "channel inbox",
+    "DLQ_STREAM": "x-jetstream-streams",
+    "DLQ_ALL": "x-jetstream-streams",
+    "dead_letter": "channel deadLetter",
+    "API_RUN_EVENTS": "channel apiRunEvents",
+    "API_RUNS": "channel apiRuns",
+    "API_TRACE": "channel apiTrace",
+    "API_THREAD": "channel apiThread",
+    "health": "channel health",
+    "TOOLS_BUCKET": "channel toolCatalog",
+    "MSG_ID": "headers",
+    "NOTIFICATION_ID": "headers",
+    "EVENT_TYPE": "headers",
+    "DLQ_REASON": "headers",
+    "TRACEPARENT": "headers",
+    "SERVICES": "parameter service",
+}
+
+
+def _public_subject_names() -> set[str]:
+    names = set()
+    for name, value in vars(subjects).items():
+        if name.startswith("_"):
+            continue
+        is_function = inspect.isfunction(value) and value.__module__ == subjects.__name__
+        if is_function or isinstance(value, str | tuple):
+            names.add(name)
+    return names
+
+
+def _check_subjects() -> None:
+    missing = sorted(_public_subject_names() - set(_SUBJECT_NAMES))
+    if missing:
+        raise ValueError(
+            f"subjects.{', subjects.'.join(missing)} not described in the AsyncAPI document: "
+            "add a channel/stream/header for it in loom_core/proto_gen.py (and list it in "
+            "_SUBJECT_NAMES), then run: make proto"
+        )
+
+
+def _address(fn: Any) -> str:
+    """A subject function rendered with AsyncAPI parameters: run_event -> loom.run.{run_id}..."""
+    params = inspect.signature(fn).parameters
+    return str(fn(*(f"{{{p}}}" for p in params)))
+
+
+_HEADER_TEXT = {
+    subjects.MSG_ID: (
+        "JetStream de-duplication id. On run events it is the event id `{run_id}/{seq}`, "
+        "so a relay that publishes an event twice after a crash is de-duplicated."
+    ),
+    subjects.NOTIFICATION_ID: (
+        "Position of the event in the store's notification log (an integer as text); "
+        "set by the relay that publishes stored events."
+    ),
+    subjects.EVENT_TYPE: "The event's tag, the same as the last subject token.",
+    subjects.DLQ_REASON: (
+        "Why the message was dead-lettered (short text); the full error is in the "
+        "payload's `error`."
+    ),
+    subjects.TRACEPARENT: (
+        "W3C trace context (`00-<trace_id>-<span_id>-<flags>`); optional, propagated so a "
+        "client's trace joins the run's trace."
+    ),
+}
+
+
+def _headers(
+    required: Sequence[str], optional: Sequence[str], const: dict[str, str] | None = None
+) -> Schema:
+    props: Schema = {}
+    for name in (*required, *optional):
+        prop: Schema = {"type": "string", "description": _HEADER_TEXT[name]}
+        if const and name in const:
+            prop["const"] = const[name]
+        props[name] = prop
+    schema: Schema = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def _message(
+    name: str, payload: Schema, summary: str = "", headers: Schema | None = None
+) -> Schema:
+    message: Schema = {"name": name, "contentType": "application/json", "payload": payload}
+    if summary:
+        message["summary"] = summary
+    if headers is not None:
+        message["headers"] = headers
+    return message
+
+
+def _struct_message(cls: type[msgspec.Struct], headers: Schema | None = None) -> Schema:
+    summary = _doc(cls).split("\n\n")[0].replace("\n", " ")
+    return _message(cls.__name__, _schema_ref(_tag(cls) or ""), summary, headers)
+
+
+def _run_event_messages() -> dict[str, Schema]:
+    out: dict[str, Schema] = {}
+    for cls in _union_members(contracts.RunEvent) or ():
+        tag = _tag(cls) or ""
+        payload = {
+            "allOf": [
+                _schema_ref(_tag(contracts.EventRecord) or ""),
+                {"type": "object", "properties": {"event": _schema_ref(tag)}},
+            ]
+        }
+        headers = _headers(
+            [subjects.MSG_ID, subjects.EVENT_TYPE],
+            [subjects.NOTIFICATION_ID, subjects.TRACEPARENT],
+            {subjects.EVENT_TYPE: tag},
+        )
+        summary = f"An EventRecord whose `event` is a {cls.__name__} (`{tag}`)."
+        out[f"{cls.__name__}Event"] = _message(f"{cls.__name__}Event", payload, summary, headers)
+    return out
+
+
+def _ref(*path: str) -> Schema:
+    return {"$ref": "#/" + "/".join(path)}
+
+
+def _channel(
+    address: str | None, description: str, messages: Iterable[str], params: Sequence[str] = ()
+) -> Schema:
+    channel: Schema = {
+        "address": address,
+        "description": description,
+        "messages": {m: _ref("components", "messages", m) for m in messages},
+    }
+    if params:
+        channel["parameters"] = {k: _ref("components", "parameters", k) for k in params}
+    return channel
+
+
+def _names(*classes: type[msgspec.Struct]) -> list[str]:
+    return [cls.__name__ for cls in classes]
+
+
+def _channels() -> dict[str, Schema]:
+    c = contracts
+    run_event_messages = sorted(_run_event_messages())
+    reply = "The NATS reply subject of the request (a per-request inbox); no fixed address."
+    return {
+        "submit": _channel(
+            subjects.SUBMIT,
+            "Submit a run (NATS request/reply). The reply is sent only once the "
+            "RunRequested event is stored, so an accepted run is never lost. Submitting the "
+            "same `run_id` again answers `existing: true`; resubmit with the same id after "
+            "a timeout.",
+            _names(c.RunRequest),
+        ),
+        "submitReply": _channel(None, reply, _names(c.SubmitAccepted, c.SubmitRejected)),
+        "runEvent": _channel(
+            _address(subjects.run_event),
+            f"Every stored run event, in the run's order, on stream {subjects.RUN_EVENTS_STREAM}"
+            f". Filters: one run `{_address(subjects.run_events_of)}`, one kind of event "
+            f"`{_address(subjects.events_of_kind)}`. A run's last event is one of: "
+            + ", ".join(_tag(cls) or "" for cls in c.TERMINAL_EVENTS)
+            + ".",
+            run_event_messages,
+            ["run_id", "event_tag"],
+        ),
+        "inbox": _channel(
+            _address(subjects.inbox),
+            f"Results addressed to one run (planner verdicts, tool results), on stream "
+            f"{subjects.INBOX_STREAM}; the executor records each as a run event.",
+            _names(c.PlanProposed, c.PlanRefused, c.ToolResult),
+            ["run_id"],
+        ),
+        "deadLetter": _channel(
+            _address(subjects.dead_letter),
+            f"Messages a service could not process, with the reason, on stream "
+            f"{subjects.DLQ_STREAM}. Never retried automatically.",
+            _names(c.DeadLetter),
+            ["service"],
+        ),
+        "apiRunEvents": _channel(
+            subjects.API_RUN_EVENTS,
+            "A run's stored events after `after_seq` (request/reply, answered by the executor).",
+            _names(c.RunEventsQuery),
+        ),
+        "apiRunEventsReply": _channel(None, reply, _names(c.RunEventsReply)),
+        "apiRuns": _channel(
+            subjects.API_RUNS,
+            "Recent runs with status and timings (request/reply, answered by tracing).",
+            _names(c.RunsQuery),
+        ),
+        "apiRunsReply": _channel(None, reply, _names(c.RunsReply)),
+        "apiTrace": _channel(
+            subjects.API_TRACE,
+            "A run's spans, derived from its events (request/reply, answered by tracing).",
+            _names(c.TraceQuery),
+        ),
+        "apiTraceReply": _channel(None, reply, _names(c.TraceReply)),
+        "apiThread": _channel(
+            subjects.API_THREAD,
+            "A conversation thread's entries (request/reply, answered by memory).",
+            _names(c.ThreadQuery),
+        ),
+        "apiThreadReply": _channel(None, reply, _names(c.ThreadReply)),
+        "health": _channel(
+            _address(subjects.health),
+            "Liveness of one service (request/reply); any instance answers.",
+            _names(c.Ping),
+            ["service"],
+        ),
+        "healthReply": _channel(None, reply, _names(c.Pong)),
+        "toolCatalog": _channel(
+            f"$KV.{subjects.TOOLS_BUCKET}.{{tool}}",
+            f"The tool catalog: JetStream key-value bucket `{subjects.TOOLS_BUCKET}`, one "
+            "ToolSpec per tool, keyed by tool name. Read it with a KV client (get/watch); "
+            "the address is the bucket's underlying subject.",
+            _names(c.ToolSpec),
+            ["tool"],
+        ),
+    }
+
+
+def _parameters() -> dict[str, Schema]:
+    return {
+        "run_id": {
+            "description": "The run's id: 1-64 characters from `[A-Za-z0-9_-]` (a subject token).",
+            "examples": ["greet-001"],
+        },
+        "event_tag": {
+            "description": "The event's tag (the `type` of EventRecord.event).",
+            "enum": event_tags(),
+        },
+        "service": {"description": "A loom service.", "enum": list(subjects.SERVICES)},
+        "tool": {"description": "A tool's name (the ToolSpec's `name`)."},
+    }
+
+
+def _messages() -> dict[str, Schema]:
+    c = contracts
+    trace = _headers([], [subjects.TRACEPARENT])
+    inbox = _headers([], [subjects.MSG_ID, subjects.TRACEPARENT])
+    dead = _headers([subjects.DLQ_REASON], [subjects.TRACEPARENT])
+    out: dict[str, Schema] = {
+        "RunRequest": _struct_message(c.RunRequest, trace),
+        "PlanProposed": _struct_message(c.PlanProposed, inbox),
+        "PlanRefused": _struct_message(c.PlanRefused, inbox),
+        "ToolResult": _struct_message(c.ToolResult, inbox),
+        "DeadLetter": _struct_message(c.DeadLetter, dead),
+    }
+    for cls in (
+        c.SubmitAccepted, c.SubmitRejected, c.RunEventsQuery, c.RunEventsReply, c.RunsQuery,
+        c.RunsReply, c.TraceQuery, c.TraceReply, c.ThreadQuery, c.ThreadReply, c.Ping, c.Pong,
+        c.ToolSpec,
+    ):  # fmt: skip
+        out[cls.__name__] = _struct_message(cls)
+    out.update(_run_event_messages())
+    return dict(sorted(out.items()))
+
+
+def _operation(
+    channels: dict[str, Schema],
+    action: str,
+    channel: str,
+    services: Sequence[str],
+    description: str,
+    reply: str | None = None,
+) -> Schema:
+    def messages(name: str) -> list[Schema]:
+        return [_ref("channels", name, "messages", m) for m in channels[name]["messages"]]
+
+    op: Schema = {
+        "action": action,
+        "channel": _ref("channels", channel),
+        "description": description,
+        "messages": messages(channel),
+        "tags": [{"name": s} for s in services],
+    }
+    if reply:
+        op["reply"] = {"channel": _ref("channels", reply), "messages": messages(reply)}
+    return op
+
+
+def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
+    def op(*args: Any, **kw: Any) -> Schema:
+        return _operation(channels, *args, **kw)
+
+    everyone = list(subjects.SERVICES)
+    return {
+        "submitRun": op("receive", "submit", ["executor"], "Accept a run.", reply="submitReply"),
+        "publishRunEvent": op(
+            "send", "runEvent", ["executor"],
+            "The relay publishes each stored event, in order, with Nats-Msg-Id = event id.",
+        ),
+        "consumeRunEvents": op(
+            "receive", "runEvent", ["planner", "toolrunner", "memory", "tracing"],
+            "Durable JetStream consumers act on the events they own: the planner on "
+            "run_requested, the tool-runner on tool_call_requested, tracing on every event.",
+        ),
+        "sendInbox": op(
+            "send", "inbox", ["planner", "toolrunner"], "Answer a run's request into its inbox."
+        ),
+        "receiveInbox": op(
+            "receive", "inbox", ["executor"], "Record each result as a run event."
+        ),
+        "sendDeadLetter": op(
+            "send", "deadLetter", everyone, "Park a message that cannot be processed."
+        ),
+        "queryRunEvents": op(
+            "receive", "apiRunEvents", ["executor"], "Read a run's events.",
+            reply="apiRunEventsReply",
+        ),
+        "queryRuns": op(
+            "receive", "apiRuns", ["tracing"], "List runs.", reply="apiRunsReply"
+        ),
+        "queryTrace": op(
+            "receive", "apiTrace", ["tracing"], "Read a run's trace.", reply="apiTraceReply"
+        ),
+        "queryThread": op(
+            "receive", "apiThread", ["memory"], "Read a thread.", reply="apiThreadReply"
+        ),
+        "healthCheck": op(
+            "receive", "health", everyone, "Answer a ping.", reply="healthReply"
+        ),
+        "publishToolSpec": op(
+            "send", "toolCatalog", ["toolrunner"], "Publish the tools it can run."
+        ),
+        "readToolSpec": op(
+            "receive", "toolCatalog", ["planner"], "Read the tool catalog to plan."
+        ),
+    }  # fmt: skip
+
+
+def _streams() -> list[Schema]:
+    return [
+        {
+            "name": subjects.RUN_EVENTS_STREAM,
+            "subjects": [subjects.RUN_EVENTS_ALL],
+            "description": (
+                "Every stored run event, published from the store by the relay with "
+                f"{subjects.MSG_ID} = event id (duplicates dropped). The store is the system "
+                "of record: this stream can be rebuilt from it."
+            ),
+        },
+        {
+            "name": subjects.INBOX_STREAM,
+            "subjects": [subjects.INBOX_ALL],
+            "description": "Results addressed to runs; consumed by the executor.",
+        },
+        {
+            "name": subjects.DLQ_STREAM,
+            "subjects": [subjects.DLQ_ALL],
+            "description": (
+                f"Dead letters, with {subjects.DLQ_REASON} and the original payload; kept for "
+                "inspection, never redelivered."
+            ),
+        },
+    ]
+
+
+_INFO = """\
+Every subject agentloom uses over NATS, with the JSON payload of each message.
+
+- Payloads are JSON documents described by the JSON Schema (draft 2020-12) files in
+  `schemas/`. Every object carries its tag (`type`, or `kind` for plan steps): always send it.
+- Operations are written from agentloom's side: `receive` means a loom service consumes the
+  channel, `send` means it publishes there. A client does the opposite: to submit a run it
+  sends a NATS request with a RunRequest to `{submit}` and reads the reply.
+- Request/reply channels answer on the request's reply subject (channels with no address).
+- Streams (JetStream) are listed under `x-jetstream-streams`.
+- Headers: {headers}.
+"""
+
+
+def asyncapi() -> Schema:
+    """The AsyncAPI 3.0 document as a dict (sorted and dumped by ``generate``)."""
+    _check_subjects()
+    channels = _channels()
+    schemas = json_schemas()
+    headers = ", ".join(f"`{h}`" for h in sorted(_HEADER_TEXT))
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "agentloom",
+            "version": f"{contracts.SCHEMA_VERSION}.0.0",
+            "description": _INFO.format(submit=subjects.SUBMIT, headers=headers),
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "kubernetes": {
+                "host": "nats.agentloom.svc:4222",
+                "protocol": "nats",
+                "description": "The NATS Service of deploy/k8s (namespace agentloom).",
+            },
+            "local": {
+                "host": "localhost:4222",
+                "protocol": "nats",
+                "description": "A NATS server with JetStream on the default port.",
+            },
+        },
+        "channels": channels,
+        "operations": _operations(channels),
+        "components": {
+            "messages": _messages(),
+            "parameters": _parameters(),
+            "schemas": {doc["title"]: _schema_ref(stem) for stem, doc in schemas.items()},
+        },
+        "x-jetstream-streams": _streams(),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+_YAML_HEADER = "# Generated by `python -m loom_core.proto_gen proto` (make proto). Do not edit.\n"
+
+
+class _Dumper(yaml.SafeDumper):
+    """No ``&id001`` anchors: shared dicts are written out in full, every time."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # Multi-line text (descriptions) as a literal block, readable in a diff.
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _yaml_text(value: Any) -> str:
+    text = yaml.dump(
+        value, Dumper=_Dumper, sort_keys=True, allow_unicode=True, width=100,
+        default_flow_style=False,
+    )  # fmt: skip
+    return _YAML_HEADER + text
+
+
+def generate() -> dict[str, str]:
+    """Relative path -> file content, for everything generated under ``proto/``."""
+    files = {f"{SCHEMA_DIR}/{stem}.json": _json_text(s) for stem, s in json_schemas().items()}
+    files[ASYNCAPI_FILE] = _yaml_text(asyncapi())
+    return dict(sorted(files.items()))
+
+
+def write(out_dir: Path, files: dict[str, str]) -> list[str]:
+    """Write ``files`` under ``out_dir``; delete generated schema files no longer produced.
+    Returns the relative paths that changed. Hand-written files (README, examples) stay."""
+    changed = []
+    for rel, text in files.items():
+        path = out_dir / rel
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8", newline="\n")
+        changed.append(rel)
+    schema_dir = out_dir / SCHEMA_DIR
+    if schema_dir.is_dir():
+        for path in sorted(schema_dir.glob("*.json")):
+            rel = f"{SCHEMA_DIR}/{path.name}"
+            if rel not in files:
+                path.unlink()
+                changed.append(rel)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m loom_core.proto_gen <output dir>   (e.g. proto)", file=sys.stderr)
+        return 2
+    out_dir = Path(args[0])
+    changed = write(out_dir, generate())
+    for rel in changed:
+        print(f"updated {out_dir / rel}")
+    print(f"{out_dir}: {len(changed)} file(s) changed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

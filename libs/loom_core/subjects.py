@@ -1,0 +1,71 @@
+"""NATS subjects, streams and headers: the wire names, in one place.
+
+Run ids and step ids become subject tokens, so they are restricted to
+``[A-Za-z0-9_-]`` (see ``loom_core.ids.check_token``).
+"""
+
+from __future__ import annotations
+
+PREFIX = "loom"
+
+# Clients publish RunRequest here (request/reply); the executor answers SubmitReply
+# only after the RunRequested event is stored (DESIGN decision 9).
+SUBMIT = f"{PREFIX}.submit"
+
+# Every stored run event, published by the relay: loom.run.{run_id}.{event_tag}
+RUN_EVENTS_STREAM = "LOOM_RUNS"
+RUN_EVENTS_ALL = f"{PREFIX}.run.>"
+
+
+def run_event(run_id: str, event_tag: str) -> str:
+    return f"{PREFIX}.run.{run_id}.{event_tag}"
+
+
+def run_events_of(run_id: str) -> str:
+    return f"{PREFIX}.run.{run_id}.>"
+
+
+def events_of_kind(event_tag: str) -> str:
+    return f"{PREFIX}.run.*.{event_tag}"
+
+
+# Results addressed to a run (planner verdicts, tool results): loom.inbox.{run_id}
+INBOX_STREAM = "LOOM_INBOX"
+INBOX_ALL = f"{PREFIX}.inbox.>"
+
+
+def inbox(run_id: str) -> str:
+    return f"{PREFIX}.inbox.{run_id}"
+
+
+# Poison messages, with the reason: loom.dlq.{service}
+DLQ_STREAM = "LOOM_DLQ"
+DLQ_ALL = f"{PREFIX}.dlq.>"
+
+
+def dead_letter(service: str) -> str:
+    return f"{PREFIX}.dlq.{service}"
+
+
+# Request/reply APIs
+API_RUN_EVENTS = f"{PREFIX}.api.run.events"  # executor: RunEventsQuery -> RunEventsReply
+API_RUNS = f"{PREFIX}.api.runs"  # tracing: RunsQuery -> RunsReply
+API_TRACE = f"{PREFIX}.api.trace"  # tracing: TraceQuery -> TraceReply
+API_THREAD = f"{PREFIX}.api.memory.thread"  # memory: ThreadQuery -> ThreadReply
+
+
+def health(service: str) -> str:
+    return f"{PREFIX}.health.{service}"  # Ping -> Pong
+
+
+# Tool catalog: the tool-runner puts one ToolSpec per tool; the planner reads them.
+TOOLS_BUCKET = "loom_tools"
+
+# Headers
+MSG_ID = "Nats-Msg-Id"
+NOTIFICATION_ID = "Loom-Notification-Id"  # position in the store's notification log
+EVENT_TYPE = "Loom-Event-Type"
+DLQ_REASON = "Loom-Dead-Letter-Reason"
+TRACEPARENT = "traceparent"
+
+SERVICES = ("executor", "planner", "toolrunner", "memory", "tracing")

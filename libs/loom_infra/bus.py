@@ -1,0 +1,245 @@
+"""NATS JetStream plumbing shared by every service: connection, streams, durable pull
+consumers with explicit acks, dead letters, and typed request/reply.
+
+Delivery is at-least-once: a handler acks only after its effect is durable, naks with a
+delay on a transient failure, and sends a message it can never process (cannot decode,
+or failed ``MAX_DELIVER`` times) to ``loom.dlq.{service}`` with the reason, then
+terminates it so it never loops hot (DESIGN decision 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from loom_core import codec, subjects
+from loom_core.contracts import DeadLetter, ErrorInfo
+
+log = logging.getLogger("loom.bus")
+T = TypeVar("T")
+
+MAX_DELIVER = 5
+NAK_DELAY_S = 0.5
+DLQ_PAYLOAD_LIMIT = 64 * 1024
+
+STREAMS = (
+    StreamConfig(
+        name=subjects.RUN_EVENTS_STREAM,
+        subjects=[subjects.RUN_EVENTS_ALL],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        # The relay's own position makes republishing exact; the window only needs to
+        # cover a crash between a publish and the tracking write.
+        duplicate_window=600.0,
+    ),
+    StreamConfig(
+        name=subjects.INBOX_STREAM,
+        subjects=[subjects.INBOX_ALL],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        duplicate_window=600.0,
+        max_age=7 * 24 * 3600.0,
+    ),
+    StreamConfig(
+        name=subjects.DLQ_STREAM,
+        subjects=[subjects.DLQ_ALL],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        max_age=30 * 24 * 3600.0,
+        discard=DiscardPolicy.OLD,
+    ),
+)
+
+
+async def connect(url: str, name: str) -> NATS:
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.2,
+        connect_timeout=5,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    for config in STREAMS:
+        try:
+            await js.stream_info(config.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+
+
+async def ensure_tools_bucket(js: JetStreamContext) -> Any:
+    try:
+        return await js.key_value(subjects.TOOLS_BUCKET)
+    except Exception:  # bucket not found; nats-py raises BucketNotFoundError
+        return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def dead_letter(
+    js: JetStreamContext,
+    service: str,
+    origin_subject: str,
+    error: ErrorInfo,
+    payload: bytes,
+    deliveries: int = 1,
+) -> None:
+    letter = DeadLetter(
+        origin_subject=origin_subject,
+        service=service,
+        error=error,
+        payload=payload[:DLQ_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+        at=now(),
+        deliveries=deliveries,
+    )
+    await js.publish(
+        subjects.dead_letter(service),
+        codec.encode(letter),
+        headers={subjects.DLQ_REASON: f"{error.code}: {error.message}"[:200]},
+    )
+    log.warning("dead letter from %s on %s: %s", service, origin_subject, error.code)
+
+
+def decode_error_info(exc: Exception, code: str = "invalid_message") -> ErrorInfo:
+    if isinstance(exc, msgspec.ValidationError):
+        text = str(exc)
+        path = text.rsplit("- at `", 1)[1].rstrip("`") if "- at `" in text else None
+        return ErrorInfo(code="invalid_shape", message=text, path=path)
+    if isinstance(exc, msgspec.DecodeError):
+        return ErrorInfo(code="malformed_json", message=f"not valid JSON: {exc}")
+    return ErrorInfo(code=code, message=f"{type(exc).__name__}: {exc}")
+
+
+class Poison(Exception):
+    """Raised by a handler for a message that can never succeed; it goes to the DLQ."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[bool | BaseException]]]
+
+
+@dataclass
+class PullConsumer:
+    """A durable pull consumer whose handler receives a whole fetched batch (so the
+    executor can decide many runs' messages and commit them in one transaction) and
+    returns, per message, True (ack), False (nak with delay) or an exception."""
+
+    js: JetStreamContext
+    service: str
+    stream: str
+    durable: str
+    filter_subjects: Sequence[str]
+    handler: BatchHandler
+    batch: int = 128
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 1024
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=MAX_DELIVER + 1,  # our own DLQ step runs on the last delivery
+            max_ack_pending=self.max_ack_pending,
+            filter_subjects=list(self.filter_subjects) if len(self.filter_subjects) > 1 else None,
+            filter_subject=self.filter_subjects[0] if len(self.filter_subjects) == 1 else None,
+        )
+        sub = await _pull_subscribe(self.js, self.stream, config)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1.0)
+            except TimeoutError:
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except Exception as exc:  # connection hiccup: the next fetch retries
+                log.warning("%s fetch failed: %s", self.durable, exc)
+                await wait_or_timeout(stop, 0.5)
+                continue
+            await self._dispatch(msgs)
+
+    async def _dispatch(self, msgs: Sequence[Msg]) -> None:
+        try:
+            results: Sequence[bool | BaseException] = await self.handler(msgs)
+        except Exception as exc:  # a bug in a handler must not stop consumption
+            log.exception("%s handler crashed", self.durable)
+            results = [exc] * len(msgs)
+        for msg, result in zip(msgs, results, strict=True):
+            await self._settle(msg, result)
+
+    async def _settle(self, msg: Msg, result: bool | BaseException) -> None:
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
+        if result is True:
+            await msg.ack()
+            return
+        if isinstance(result, Poison) or deliveries >= MAX_DELIVER:
+            error = (
+                result.error
+                if isinstance(result, Poison)
+                else ErrorInfo(
+                    code="max_deliveries",
+                    message=f"failed {deliveries} times; last error: {result!r}"[:500],
+                )
+            )
+            await dead_letter(self.js, self.service, msg.subject, error, msg.data, deliveries)
+            await msg.term()
+            return
+        if isinstance(result, BaseException):
+            log.warning("%s will retry %s: %r", self.durable, msg.subject, result)
+        await msg.nak(delay=NAK_DELAY_S * deliveries)
+
+
+async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; True if it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:
+    assert config.durable_name
+    try:
+        await js.add_consumer(stream, config)
+    except nats.js.errors.BadRequestError:
+        # exists with another config (e.g. after an upgrade): replace it in place
+        await js.delete_consumer(stream, config.durable_name)
+        await js.add_consumer(stream, config)
+    return await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
+
+
+async def request(
+    nc: NATS, subject: str, message: Any, reply_type: type[T], timeout: float = 5.0
+) -> T:
+    msg = await nc.request(subject, codec.encode(message), timeout=timeout)
+    return codec.decode(msg.data, reply_type)

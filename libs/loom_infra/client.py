@@ -1,0 +1,153 @@
+"""A typed client for agentloom over NATS: what the CLI, the tests and the benchmarks use.
+
+Anything here can be done from another language with the subjects and schemas in
+``proto/``; this module is only a convenience for Python callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+
+from loom_core import codec, subjects
+from loom_core.contracts import (
+    TERMINAL_EVENTS,
+    ErrorInfo,
+    EventRecord,
+    Ping,
+    Pong,
+    RunEventsQuery,
+    RunEventsReply,
+    RunRequest,
+    RunsQuery,
+    RunsReply,
+    RunSummary,
+    SpanRecord,
+    SubmitAccepted,
+    SubmitRejected,
+    SubmitReply,
+    ThreadEntry,
+    ThreadQuery,
+    ThreadReply,
+    TraceQuery,
+    TraceReply,
+)
+from loom_infra import bus
+
+T = TypeVar("T")
+
+
+class LoomError(Exception):
+    """An error reply from a service: ``error`` is the typed ErrorInfo."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        where = f" at {error.path}" if error.path else ""
+        super().__init__(f"{error.code}{where}: {error.message}")
+        self.error = error
+
+
+class LoomClient:
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+
+    @classmethod
+    async def connect(cls, url: str, name: str = "loom-client") -> LoomClient:
+        return cls(await bus.connect(url, name))
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+    async def __aenter__(self) -> LoomClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _ask(self, subject: str, message: object, reply_type: type[T], timeout: float) -> T:
+        return await bus.request(self.nc, subject, message, reply_type, timeout)
+
+    async def submit(self, request: RunRequest, timeout: float = 10.0) -> SubmitAccepted:
+        reply = await self._ask(subjects.SUBMIT, request, SubmitReply, timeout)  # type: ignore[arg-type]
+        if isinstance(reply, SubmitRejected):
+            raise LoomError(reply.error)
+        return reply
+
+    async def submit_raw(self, payload: bytes, timeout: float = 10.0) -> SubmitReply:
+        msg = await self.nc.request(subjects.SUBMIT, payload, timeout=timeout)
+        return codec.decode(msg.data, SubmitReply)  # type: ignore[arg-type]
+
+    async def follow(self, run_id: str, timeout: float = 300.0) -> AsyncIterator[EventRecord]:
+        """Every event of the run from the first, live, until a terminal event.
+        Raises TimeoutError when the run shows no progress for ``timeout`` seconds."""
+        sub = await self.js.subscribe(
+            subjects.run_events_of(run_id),
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=timeout)
+                record = codec.decode_event(msg.data)
+                yield record
+                if isinstance(record.event, TERMINAL_EVENTS):
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def wait(self, run_id: str, timeout: float = 300.0) -> list[EventRecord]:
+        return [r async for r in self.follow(run_id, timeout)]
+
+    async def events(self, run_id: str, timeout: float = 10.0) -> list[EventRecord]:
+        out: list[EventRecord] = []
+        while True:
+            query = RunEventsQuery(run_id=run_id, after_seq=len(out), limit=1000)
+            reply = await self._ask(subjects.API_RUN_EVENTS, query, RunEventsReply, timeout)
+            if reply.error is not None:
+                raise LoomError(reply.error)
+            out.extend(reply.events)
+            if len(reply.events) < 1000:
+                return out
+
+    async def runs(self, limit: int = 50, status: str | None = None) -> list[RunSummary]:
+        reply = await self._ask(
+            subjects.API_RUNS, RunsQuery(limit=limit, status=status), RunsReply, 10.0
+        )
+        return reply.runs
+
+    async def trace(self, run_id: str, rebuild: bool = False) -> list[SpanRecord]:
+        reply = await self._ask(
+            subjects.API_TRACE, TraceQuery(run_id=run_id, rebuild=rebuild), TraceReply, 30.0
+        )
+        if reply.error is not None:
+            raise LoomError(reply.error)
+        return reply.spans
+
+    async def thread(self, thread_id: str) -> list[ThreadEntry]:
+        reply = await self._ask(
+            subjects.API_THREAD, ThreadQuery(thread_id=thread_id), ThreadReply, 10.0
+        )
+        return reply.entries
+
+    async def ping(self, service: str, timeout: float = 1.0) -> Pong:
+        return await self._ask(subjects.health(service), Ping(), Pong, timeout)
+
+    async def wait_ready(
+        self, services: Iterable[str] = subjects.SERVICES, timeout: float = 30.0
+    ) -> None:
+        """Wait until every service answers its health subject (bounded)."""
+        deadline = time.monotonic() + timeout
+        for service in services:
+            while True:
+                try:
+                    await self.ping(service, timeout=0.5)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"service '{service}' not ready in {timeout}s") from None
+                    await asyncio.sleep(0.05)  # retry interval of a bounded readiness probe

@@ -1,0 +1,122 @@
+"""The relay: stored events reach JetStream from the store, never beside it
+(DESIGN decision 2).
+
+It tails the store's notification log from its position, publishes each event to
+``loom.run.{run_id}.{event_tag}`` with ``Nats-Msg-Id`` = event id, waits for every
+publish ack, then records the new position (a tracking record). Publishes are
+pipelined (``publish_async``): order on the wire is the order they were sent, so the
+stream holds events in notification order.
+
+Exactly once, in order, across crashes: after a crash between a publish and the
+tracking write, the relay starts from the larger of its tracking position and the
+notification id found in the header of the stream's last message, so it neither
+republishes what JetStream already holds nor skips anything; JetStream's duplicate
+window on ``Nats-Msg-Id`` is the second net.
+
+It is woken by the executor after each commit (``wake()``); a slow timer is only a
+safety net for writers in other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from loom_core import codec, subjects
+from loom_infra.bus import wait_or_timeout
+from loom_infra.store import EventStore
+
+log = logging.getLogger("loom.relay")
+
+
+class Relay:
+    def __init__(
+        self,
+        store: EventStore,
+        js: JetStreamContext,
+        name: str = "relay",
+        batch: int = 512,
+        idle_poll_s: float = 2.0,
+        ack_timeout_s: float = 10.0,
+    ) -> None:
+        self.ack_timeout_s = ack_timeout_s
+        self.store = store
+        self.js = js
+        self.name = name
+        self.batch = batch
+        self.idle_poll_s = idle_poll_s
+        self.position = 0
+        self.published = 0
+        self._wake = asyncio.Event()
+        self.caught_up = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _last_published(self) -> int:
+        try:
+            info = await self.js.stream_info(subjects.RUN_EVENTS_STREAM)
+            if not info.state.last_seq:
+                return 0
+            msg = await self.js.get_msg(subjects.RUN_EVENTS_STREAM, info.state.last_seq)
+        except NotFoundError:
+            return 0
+        value = (msg.headers or {}).get(subjects.NOTIFICATION_ID)
+        return int(value) if value else 0
+
+    async def start_position(self) -> int:
+        tracked = await asyncio.to_thread(self.store.position, self.name)
+        return max(tracked, await self._last_published())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.position = await self.start_position()
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                moved = await self.publish_once()
+            except Exception as exc:  # NATS down or store hiccup: try again shortly
+                log.warning("relay publish failed at %s: %r", self.position, exc)
+                await wait_or_timeout(stop, 0.5)
+                continue
+            if moved:
+                continue  # there may be more: drain before sleeping
+            self.caught_up.set()
+            waker = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait(
+                {waker, stopper}, timeout=self.idle_poll_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            waker.cancel()
+            stopper.cancel()
+
+    async def publish_once(self) -> int:
+        """Publish the next batch; returns how many events went out."""
+        rows = await asyncio.to_thread(self.store.read_notifications, self.position, self.batch)
+        if not rows:
+            return 0
+        self.caught_up.clear()
+        acks = []
+        for notification_id, record in rows:
+            headers = {
+                subjects.MSG_ID: record.event_id,
+                subjects.NOTIFICATION_ID: str(notification_id),
+                subjects.EVENT_TYPE: record.kind,
+            }
+            acks.append(
+                await self.js.publish_async(
+                    subjects.run_event(record.run_id, record.kind),
+                    codec.encode(record),
+                    headers=headers,
+                )
+            )
+        # A publish whose ack never comes must not hang the relay: fail the batch and
+        # retry it (Nats-Msg-Id makes the retry harmless).
+        await asyncio.wait_for(asyncio.gather(*acks), timeout=self.ack_timeout_s)
+        last = rows[-1][0]
+        await asyncio.to_thread(self.store.set_position, self.name, last)
+        self.position = last
+        self.published += len(rows)
+        return len(rows)

@@ -1,0 +1,715 @@
+"""Storage adapters on the ``eventsourcing`` library: SQLite (embedded) and PostgreSQL.
+
+Design note
+- Three purposes, three stores, each opened on its own so a service opens only what it
+  uses: run events (:class:`EventStore`, written only by the executor), tool-call claims
+  (:class:`ToolCallLedger`, tool-runner) and memory threads (:class:`ThreadStore`, memory).
+- SQLite: one database file per purpose under ``data_dir`` (``events.db``,
+  ``toolcalls.db``, ``memory.db``) so separate OS processes never contend for one file's
+  write lock. The library switches file databases to WAL itself; we give every
+  connection a busy timeout (``SQLITE_LOCK_TIMEOUT_S``) so a writer in another process
+  makes us wait, not fail. Never ``VACUUM`` ``events.db``: its notification ids are
+  SQLite's implicit rowids, which VACUUM may renumber.
+- PostgreSQL: one database, distinct tables (``loom_events`` + ``loom_events_tracking``,
+  ``loom_toolcalls``, ``loom_threads``). The library takes an EXCLUSIVE lock on
+  ``loom_events`` per append so notification ids are issued in commit order: a reader
+  tailing ``read_notifications`` never passes a row that commits later with a lower id.
+  Ids are strictly increasing but may have holes after a failed append (a sequence is not
+  transactional), so readers page with "ids > last seen", never by counting.
+- Originator ids are text (run ids, idempotency keys and thread ids are strings).
+- The unique (originator_id, version) key is the only lock we need: a run's ``seq`` is
+  its version (optimistic concurrency, ``ConcurrencyConflict``), a ledger claim is
+  "insert version 1", and a thread entry's idempotency marker is "insert version 1 of a
+  marker stream" in the same statement as the entry itself.
+- ``eventsourcing`` is synchronous, so these classes are too; async callers use
+  ``asyncio.to_thread``. Library exceptions never leave this module: they become
+  :class:`StoreError` (with ``retryable``) or :class:`ConcurrencyConflict`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from eventsourcing.domain import EventSourcingError
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StoredEvent,
+    Tracking,
+    TrackingRecorder,
+)
+from eventsourcing.sqlite import (
+    SQLiteAggregateRecorder,
+    SQLiteApplicationRecorder,
+    SQLiteDatastore,
+    SQLiteTrackingRecorder,
+)
+
+from loom_core import codec
+from loom_core.contracts import EventRecord, ThreadEntry
+from loom_infra.settings import StoreSettings, redact_url
+
+if TYPE_CHECKING:
+    from eventsourcing.postgres import PostgresDatastore
+
+__all__ = [
+    "ConcurrencyConflict",
+    "EventStore",
+    "LedgerEntry",
+    "StoreError",
+    "Stores",
+    "ThreadStore",
+    "ToolCallLedger",
+    "open_event_store",
+    "open_stores",
+    "open_thread_store",
+    "open_tool_ledger",
+]
+
+# Seconds a SQLite connection waits for another process's write lock (busy timeout),
+# and that a thread waits for the in-process writer connection.
+SQLITE_LOCK_TIMEOUT_S = 30
+# PostgreSQL: wait for a pooled connection / a table lock; kill sessions idle in a
+# transaction (a stuck holder of the events-table lock would stall every executor).
+PG_CONNECT_TIMEOUT_S = 10
+PG_LOCK_TIMEOUT_S = 5
+PG_IDLE_IN_TRANSACTION_TIMEOUT_S = 10
+PG_POOL_SIZE = 2
+PG_MAX_OVERFLOW = 8
+
+EVENTS_TABLE = "loom_events"
+EVENTS_TRACKING_TABLE = "loom_events_tracking"
+TOOLCALLS_TABLE = "loom_toolcalls"
+THREADS_TABLE = "loom_threads"
+SQLITE_FILES = {"events": "events.db", "toolcalls": "toolcalls.db", "threads": "memory.db"}
+
+# Marker streams that make ThreadStore.append idempotent live in the threads table;
+# thread ids may not start with this prefix.
+_MARKER_PREFIX = "~seen~"
+_THREAD_APPEND_ATTEMPTS = 1000
+_RESERVED_TRACKING_NAME = "__migration__"  # used by the library itself
+
+Backend = Literal["sqlite", "postgres"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """A storage operation failed. ``retryable`` is True when trying again later may
+    succeed (database unavailable, lock timeout, connection lost)."""
+
+    def __init__(
+        self, message: str, *, operation: str, backend: str, retryable: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.backend = backend
+        self.retryable = retryable
+
+
+class ConcurrencyConflict(StoreError):
+    """Some (run_id, seq) of an append already exists: another writer got there first, or
+    this batch was stored before. Nothing of the batch was stored. ``run_ids`` are the
+    runs whose positions were taken; reload them before deciding again."""
+
+    def __init__(self, run_ids: Sequence[str], *, backend: str) -> None:
+        self.run_ids = tuple(run_ids)
+        super().__init__(
+            f"events already stored at these positions for run(s) {', '.join(self.run_ids)}: "
+            "another writer appended first (only one executor may own a run) or the batch "
+            "was already stored; nothing of this batch was stored — reload the runs' "
+            "streams and decide again",
+            operation="append",
+            backend=backend,
+            retryable=False,
+        )
+
+
+def _is_library_error(exc: BaseException) -> bool:
+    if isinstance(exc, EventSourcingError | sqlite3.Error | OSError):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | InterfaceError | TimeoutError | sqlite3.OperationalError):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.OperationalError)
+
+
+@contextmanager
+def _translated(operation: str, backend: str) -> Iterator[None]:
+    """Turn library exceptions into StoreError; let ours (and programming errors) through."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        if not _is_library_error(exc):
+            raise
+        retryable = _is_retryable(exc)
+        hint = (
+            "the database is unavailable, locked or overloaded; retry later"
+            if retryable
+            else "check the store settings (LOOM_STORE, LOOM_DATA_DIR, LOOM_POSTGRES_URL) "
+            "and the database's state"
+        )
+        raise StoreError(
+            f"{operation} failed on {backend}: {type(exc).__name__}: {exc} ({hint})",
+            operation=operation,
+            backend=backend,
+            retryable=retryable,
+        ) from exc
+
+
+def _decode_error(operation: str, backend: str, what: str, exc: Exception) -> StoreError:
+    return StoreError(
+        f"{operation}: stored {what} cannot be decoded ({exc}); it was written by an "
+        "incompatible version — add an upcaster in loom_core.codec",
+        operation=operation,
+        backend=backend,
+    )
+
+
+# --------------------------------------------------------------------------- opening
+
+
+class _Closable:
+    def __init__(self, backend: Backend, close: Callable[[], None]) -> None:
+        self._backend: Backend = backend
+        self._close = close
+        self._closed = False
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    def _check_open(self, operation: str) -> None:
+        if self._closed:
+            raise StoreError(
+                f"{operation}: this {type(self).__name__} is closed; open a new one",
+                operation=operation,
+                backend=self._backend,
+            )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _create_tables(recorder: Any) -> None:
+    # Two processes opening a fresh database at once can both try to create a table,
+    # type or the tracking migration row; the loser sees a unique violation, and a
+    # second attempt finds everything in place.
+    for attempt in range(3):
+        try:
+            recorder.create_table()
+            return
+        except IntegrityError:
+            if attempt == 2:
+                raise
+
+
+def _sqlite_datastore(settings: StoreSettings, purpose: str) -> SQLiteDatastore:
+    data_dir = Path(settings.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return SQLiteDatastore(
+        str(data_dir / SQLITE_FILES[purpose]),
+        lock_timeout=SQLITE_LOCK_TIMEOUT_S,
+        pool_timeout=float(SQLITE_LOCK_TIMEOUT_S),
+        originator_id_type="text",
+    )
+
+
+def _postgres_datastore(settings: StoreSettings) -> PostgresDatastore:
+    import psycopg
+    from eventsourcing.postgres import PostgresDatastore
+    from psycopg.conninfo import conninfo_to_dict
+
+    url = settings.postgres_url or ""
+    try:
+        params: dict[str, Any] = dict(conninfo_to_dict(url))
+    except psycopg.Error as exc:
+        message = str(exc)
+        password = _password_of(url)
+        if password:
+            message = message.replace(password, "***")
+        raise StoreError(
+            f"LOOM_POSTGRES_URL {redact_url(url)!r} is not a valid PostgreSQL URI: {message}. "
+            "Use postgresql://user:password@host:port/dbname (see loom_infra.settings)",
+            operation="open",
+            backend="postgres",
+        ) from None
+
+    # Connect once up front: a wrong host, database or password fails here at once with
+    # the server's own message, instead of as a pool timeout on the first query.
+    try:
+        psycopg.connect(**{"connect_timeout": PG_CONNECT_TIMEOUT_S, **params}).close()
+    except psycopg.Error as exc:
+        raise StoreError(
+            f"cannot connect to PostgreSQL at {redact_url(url)!r}: {exc}".strip()
+            + " — check LOOM_POSTGRES_URL and that the server is running",
+            operation="open",
+            backend="postgres",
+            retryable=isinstance(exc, psycopg.OperationalError),
+        ) from None
+
+    named = {key: params.pop(key, None) for key in ("dbname", "host", "port", "user", "password")}
+    datastore = PostgresDatastore(
+        dbname=named["dbname"],
+        host=named["host"],
+        port=named["port"],
+        user=named["user"],
+        password=named["password"],
+        connect_timeout=PG_CONNECT_TIMEOUT_S,
+        idle_in_transaction_session_timeout=PG_IDLE_IN_TRANSACTION_TIMEOUT_S,
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        lock_timeout=PG_LOCK_TIMEOUT_S,
+        originator_id_type="text",
+    )
+    # Extra libpq parameters of the URL (sslmode, application_name, ...): the library's
+    # constructor only takes the five above; its pool has not connected yet.
+    kwargs = datastore.pool.kwargs
+    if params and isinstance(kwargs, dict):
+        kwargs.update(params)
+    return datastore
+
+
+def _password_of(url: str) -> str | None:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+@contextmanager
+def _closing_on_error(datastore: Any) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        datastore.close()
+        raise
+
+
+def open_event_store(settings: StoreSettings) -> EventStore:
+    """Open (creating tables if needed) the run-event store."""
+    with _translated("open event store", settings.kind):
+        if settings.kind == "sqlite":
+            sqlite_ds = _sqlite_datastore(settings, "events")
+            with _closing_on_error(sqlite_ds):
+                app: ApplicationRecorder = SQLiteApplicationRecorder(
+                    sqlite_ds, events_table_name=EVENTS_TABLE
+                )
+                tracking: TrackingRecorder = SQLiteTrackingRecorder(sqlite_ds)
+                _create_tables(app)
+                _create_tables(tracking)
+            return EventStore(app, tracking, backend="sqlite", close=sqlite_ds.close)
+
+        from eventsourcing.postgres import PostgresApplicationRecorder, PostgresTrackingRecorder
+
+        pg_ds = _postgres_datastore(settings)
+        with _closing_on_error(pg_ds):
+            app = PostgresApplicationRecorder(pg_ds, events_table_name=EVENTS_TABLE)
+            tracking = PostgresTrackingRecorder(pg_ds, tracking_table_name=EVENTS_TRACKING_TABLE)
+            _create_tables(app)
+            _create_tables(tracking)
+        return EventStore(app, tracking, backend="postgres", close=pg_ds.close)
+
+
+def _open_aggregate_recorder(
+    settings: StoreSettings, purpose: str, table: str
+) -> tuple[AggregateRecorder, Callable[[], None]]:
+    if settings.kind == "sqlite":
+        sqlite_ds = _sqlite_datastore(settings, purpose)
+        with _closing_on_error(sqlite_ds):
+            recorder: AggregateRecorder = SQLiteAggregateRecorder(
+                sqlite_ds, events_table_name=table
+            )
+            _create_tables(recorder)
+        return recorder, sqlite_ds.close
+
+    from eventsourcing.postgres import PostgresAggregateRecorder
+
+    pg_ds = _postgres_datastore(settings)
+    with _closing_on_error(pg_ds):
+        recorder = PostgresAggregateRecorder(pg_ds, events_table_name=table)
+        _create_tables(recorder)
+    return recorder, pg_ds.close
+
+
+def open_tool_ledger(settings: StoreSettings) -> ToolCallLedger:
+    """Open (creating tables if needed) the tool-call ledger."""
+    with _translated("open tool ledger", settings.kind):
+        recorder, close = _open_aggregate_recorder(settings, "toolcalls", TOOLCALLS_TABLE)
+        return ToolCallLedger(recorder, backend=settings.kind, close=close)
+
+
+def open_thread_store(settings: StoreSettings) -> ThreadStore:
+    """Open (creating tables if needed) the memory-thread store."""
+    with _translated("open thread store", settings.kind):
+        recorder, close = _open_aggregate_recorder(settings, "threads", THREADS_TABLE)
+        return ThreadStore(recorder, backend=settings.kind, close=close)
+
+
+class Stores:
+    """The three stores, each opened on first use (a service opens only what it uses)."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._events: EventStore | None = None
+        self._toolcalls: ToolCallLedger | None = None
+        self._threads: ThreadStore | None = None
+
+    @property
+    def events(self) -> EventStore:
+        with self._lock:
+            if self._events is None:
+                self._events = open_event_store(self.settings)
+            return self._events
+
+    @property
+    def toolcalls(self) -> ToolCallLedger:
+        with self._lock:
+            if self._toolcalls is None:
+                self._toolcalls = open_tool_ledger(self.settings)
+            return self._toolcalls
+
+    @property
+    def threads(self) -> ThreadStore:
+        with self._lock:
+            if self._threads is None:
+                self._threads = open_thread_store(self.settings)
+            return self._threads
+
+    def close(self) -> None:
+        with self._lock:
+            opened = [s for s in (self._events, self._toolcalls, self._threads) if s is not None]
+            self._events = self._toolcalls = self._threads = None
+        for store in opened:
+            store.close()
+
+    def __enter__(self) -> Stores:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_stores(settings: StoreSettings) -> Stores:
+    return Stores(settings)
+
+
+# --------------------------------------------------------------------------- events
+
+
+class EventStore(_Closable):
+    """Run event streams. ``originator_id`` = run id, version = ``seq``, topic = the event
+    kind, state = the encoded :class:`EventRecord`. The executor is the only writer."""
+
+    def __init__(
+        self,
+        recorder: ApplicationRecorder,
+        tracking: TrackingRecorder,
+        *,
+        backend: Backend,
+        close: Callable[[], None],
+    ) -> None:
+        super().__init__(backend, close)
+        self._recorder = recorder
+        self._tracking = tracking
+
+    def append(self, records: Sequence[EventRecord]) -> list[int]:
+        """Store all ``records`` (of one or many runs) in one transaction and return their
+        notification ids, in the order given. Raises ConcurrencyConflict (storing nothing)
+        if any (run_id, seq) exists already."""
+        self._check_open("append")
+        if not records:
+            return []
+        seen: set[tuple[str, int]] = set()
+        for record in records:
+            key = (record.run_id, record.seq)
+            if record.seq < 1:
+                raise StoreError(
+                    f"append: seq must be >= 1, got {record.seq} for run {record.run_id!r}",
+                    operation="append",
+                    backend=self._backend,
+                )
+            if key in seen:
+                raise StoreError(
+                    f"append: run {record.run_id!r} seq {record.seq} appears twice in one "
+                    "batch; each event needs its own position",
+                    operation="append",
+                    backend=self._backend,
+                )
+            seen.add(key)
+        stored = [
+            StoredEvent(
+                originator_id=r.run_id,
+                originator_version=r.seq,
+                topic=r.kind,
+                state=codec.encode(r),
+            )
+            for r in records
+        ]
+        with _translated("append", self._backend):
+            try:
+                ids = self._recorder.insert_events(stored)
+            except IntegrityError:
+                conflicted = self._conflicting_runs(records)
+                raise ConcurrencyConflict(conflicted, backend=self._backend) from None
+        if ids is None or len(ids) != len(records):
+            raise StoreError(
+                f"append: the recorder returned {ids!r} notification ids for {len(records)} events",
+                operation="append",
+                backend=self._backend,
+            )
+        return list(ids)
+
+    def _conflicting_runs(self, records: Sequence[EventRecord]) -> list[str]:
+        wanted: dict[str, set[int]] = {}
+        for record in records:
+            wanted.setdefault(record.run_id, set()).add(record.seq)
+        conflicted = []
+        for run_id, seqs in wanted.items():
+            rows = self._recorder.select_events(run_id, gt=min(seqs) - 1, lte=max(seqs))
+            if any(row.originator_version in seqs for row in rows):
+                conflicted.append(run_id)
+        # The rows that clashed cannot vanish, so this is empty only if the clash was
+        # of some other kind; then every run in the batch is suspect.
+        return conflicted or list(wanted)
+
+    def load(self, run_id: str, after_seq: int = 0, limit: int | None = None) -> list[EventRecord]:
+        """Events of ``run_id`` with ``seq > after_seq``, ascending, at most ``limit``."""
+        self._check_open("load")
+        with _translated("load", self._backend):
+            rows = self._recorder.select_events(
+                run_id, gt=after_seq if after_seq > 0 else None, limit=limit
+            )
+        return [self._decode(row.state, "load") for row in rows]
+
+    def last_seq(self, run_id: str) -> int:
+        """The run's highest seq, 0 when it has no events (one indexed row read)."""
+        self._check_open("last_seq")
+        with _translated("last_seq", self._backend):
+            rows = self._recorder.select_events(run_id, desc=True, limit=1)
+        return rows[0].originator_version if rows else 0
+
+    def read_notifications(self, after: int, limit: int) -> list[tuple[int, EventRecord]]:
+        """Up to ``limit`` events of all runs with notification id > ``after``, in id order."""
+        self._check_open("read_notifications")
+        with _translated("read_notifications", self._backend):
+            rows = self._recorder.select_notifications(
+                start=after, limit=limit, inclusive_of_start=False
+            )
+        return [(row.id, self._decode(row.state, "read_notifications")) for row in rows]
+
+    def max_notification_id(self) -> int:
+        self._check_open("max_notification_id")
+        with _translated("max_notification_id", self._backend):
+            return self._recorder.max_notification_id() or 0
+
+    def position(self, name: str) -> int:
+        """The notification id the consumer ``name`` recorded last, 0 when none."""
+        self._check_open("position")
+        self._check_tracking_name(name, "position")
+        with _translated("position", self._backend):
+            return self._tracking.max_tracking_id(name) or 0
+
+    def set_position(self, name: str, notification_id: int) -> None:
+        """Record that ``name`` processed everything up to ``notification_id``. A value not
+        above the recorded one is ignored: the position never moves backwards."""
+        self._check_open("set_position")
+        self._check_tracking_name(name, "set_position")
+        # The library's single-row upsert only updates when the id grows; it reports
+        # "not updated" as an IntegrityError, which is our no-op.
+        with _translated("set_position", self._backend), suppress(IntegrityError):
+            self._tracking.insert_tracking(Tracking(name, notification_id))
+
+    def _check_tracking_name(self, name: str, operation: str) -> None:
+        if not name or name == _RESERVED_TRACKING_NAME:
+            raise StoreError(
+                f"{operation}: tracking name must be non-empty and not "
+                f"{_RESERVED_TRACKING_NAME!r}, got {name!r}",
+                operation=operation,
+                backend=self._backend,
+            )
+
+    def _decode(self, state: bytes, operation: str) -> EventRecord:
+        try:
+            return codec.decode_event(state)
+        except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as exc:
+            raise _decode_error(operation, self._backend, "event", exc) from exc
+
+
+# --------------------------------------------------------------------------- tool calls
+
+
+class _Claim(msgspec.Struct, frozen=True):
+    owner: str
+    claimed_at: datetime
+
+
+_claim_decoder = msgspec.json.Decoder(_Claim)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    key: str
+    status: Literal["claimed", "finished"]
+    owner: str
+    claimed_at: datetime
+    result: bytes | None
+
+
+class ToolCallLedger(_Closable):
+    """Exactly-once claims of tool calls by idempotency key: version 1 of the key's stream
+    is the claim (the unique key makes exactly one claimer win, across processes), version
+    2 is the result."""
+
+    def __init__(
+        self, recorder: AggregateRecorder, *, backend: Backend, close: Callable[[], None]
+    ) -> None:
+        super().__init__(backend, close)
+        self._recorder = recorder
+
+    def claim(self, key: str, owner: str, at: datetime) -> bool:
+        """True if this caller claimed ``key`` now; False if it was claimed before."""
+        self._check_open("claim")
+        state = codec.encode(_Claim(owner=owner, claimed_at=at))
+        with _translated("claim", self._backend):
+            try:
+                self._recorder.insert_events([StoredEvent(key, 1, "claimed", state)])
+            except IntegrityError:
+                return False
+        return True
+
+    def finish(self, key: str, result: bytes) -> None:
+        """Record the result of a claimed call. A second finish is a no-op (the first
+        result stays)."""
+        self._check_open("finish")
+        with _translated("finish", self._backend):
+            if not self._recorder.select_events(key, lte=1, limit=1):
+                raise StoreError(
+                    f"finish: tool call {key!r} was never claimed; claim it before "
+                    "recording its result",
+                    operation="finish",
+                    backend=self._backend,
+                )
+            try:
+                self._recorder.insert_events([StoredEvent(key, 2, "finished", bytes(result))])
+            except IntegrityError:
+                return
+
+    def get(self, key: str) -> LedgerEntry | None:
+        self._check_open("get")
+        with _translated("get", self._backend):
+            rows = self._recorder.select_events(key, limit=2)
+        if not rows:
+            return None
+        try:
+            claim = _claim_decoder.decode(rows[0].state)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise _decode_error("get", self._backend, "tool-call claim", exc) from exc
+        finished = len(rows) > 1
+        return LedgerEntry(
+            key=key,
+            status="finished" if finished else "claimed",
+            owner=claim.owner,
+            claimed_at=claim.claimed_at,
+            result=bytes(rows[1].state) if finished else None,
+        )
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def _marker_id(thread_id: str, source_event_id: str) -> str:
+    # Length-prefixed so that no two (thread, source) pairs share a marker.
+    return f"{_MARKER_PREFIX}{len(thread_id)}:{thread_id}:{source_event_id}"
+
+
+class ThreadStore(_Closable):
+    """Memory threads: each thread is a stream of ThreadEntry, one version per entry.
+    An append stores the entry together with a marker stream keyed by
+    (thread, source_event_id) in one statement, so a redelivered entry is refused by the
+    marker's unique key, and a concurrent writer's entry by the version's."""
+
+    def __init__(
+        self, recorder: AggregateRecorder, *, backend: Backend, close: Callable[[], None]
+    ) -> None:
+        super().__init__(backend, close)
+        self._recorder = recorder
+
+    def append(self, thread_id: str, entry: ThreadEntry) -> bool:
+        """Append ``entry`` as the thread's next entry. False (nothing stored) if an entry
+        with the same ``source_event_id`` is already in the thread."""
+        self._check_open("thread append")
+        if not thread_id or thread_id.startswith(_MARKER_PREFIX):
+            raise StoreError(
+                f"thread append: thread id must be non-empty and not start with "
+                f"{_MARKER_PREFIX!r}, got {thread_id!r}",
+                operation="thread append",
+                backend=self._backend,
+            )
+        marker = _marker_id(thread_id, entry.source_event_id)
+        state = codec.encode(entry)
+        with _translated("thread append", self._backend):
+            for _ in range(_THREAD_APPEND_ATTEMPTS):
+                last = self._recorder.select_events(thread_id, desc=True, limit=1)
+                version = last[0].originator_version + 1 if last else 1
+                try:
+                    self._recorder.insert_events(
+                        [
+                            StoredEvent(marker, 1, "thread_entry_seen", str(version).encode()),
+                            StoredEvent(thread_id, version, "thread_entry", state),
+                        ]
+                    )
+                    return True
+                except IntegrityError:
+                    if self._recorder.select_events(marker, limit=1):
+                        return False
+                    # Another writer took this version: read the new end and try again.
+                    # Each lost race means someone else's append succeeded.
+        raise StoreError(
+            f"thread append: gave up on thread {thread_id!r} after "
+            f"{_THREAD_APPEND_ATTEMPTS} version conflicts; too many concurrent writers",
+            operation="thread append",
+            backend=self._backend,
+            retryable=True,
+        )
+
+    def list(self, thread_id: str) -> list[ThreadEntry]:
+        self._check_open("thread list")
+        with _translated("thread list", self._backend):
+            rows = self._recorder.select_events(thread_id)
+        try:
+            return [codec.decode(row.state, ThreadEntry) for row in rows]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise _decode_error("thread list", self._backend, "thread entry", exc) from exc

@@ -1,0 +1,337 @@
+"""``loom``: start the stack, submit and follow runs, look at their events and traces.
+
+Data goes to stdout (``-o json`` / ``-o jsonl`` for scripts), progress to stderr; the
+exit code is non-zero when a run fails or a request is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import sys
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import typer
+import yaml
+
+from loom_cli.render import events_table, progress_line, runs_table, span_tree, stderr, stdout
+from loom_core import codec
+from loom_core.contracts import EventRecord, RunCompleted, RunRequest
+from loom_infra.client import LoomClient, LoomError
+from loom_infra.settings import Settings, settings_from_env
+
+app = typer.Typer(
+    name="loom",
+    help="agentloom: AI-agent runs as event-sourced actors over NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
+UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
+
+
+def _settings(url: str | None = None) -> Settings:
+    settings = settings_from_env()
+    return dataclasses.replace(settings, nats_url=url) if url else settings
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    stderr.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+async def _client(url: str | None) -> LoomClient:
+    settings = _settings(url)
+    try:
+        return await LoomClient.connect(settings.nats_url)
+    except Exception as exc:
+        raise _fail(
+            f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); "
+            "start the stack with `loom up` or set LOOM_NATS_URL"
+        ) from None
+
+
+# ---------------------------------------------------------------------- run files
+
+
+def load_run_request(path: Path, inputs: list[str], input_json: str | None) -> RunRequest:
+    """A run file is a RunRequest (``plan:`` + ``input:``) or a bare plan (``steps:``)."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise _fail(f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _fail(f"{path}: expected a mapping with `plan:` or `steps:`")
+    if "steps" in doc:
+        doc = {"plan": doc}
+    run_input = dict(doc.get("input") or {})
+    if input_json:
+        try:
+            run_input.update(json.loads(input_json))
+        except json.JSONDecodeError as exc:
+            raise _fail(f"--input-json is not valid JSON: {exc}") from None
+    for item in inputs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(f"--input expects KEY=VALUE, got {item!r}")
+        run_input[key] = value
+    doc["input"] = run_input
+    try:
+        return msgspec.convert(doc, RunRequest)
+    except msgspec.ValidationError as exc:
+        raise _fail(f"{path}: {exc}") from None
+
+
+async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
+    started: dict[str, datetime] = {}
+    last: EventRecord | None = None
+    async for record in client.follow(run_id):
+        last = record
+        line = progress_line(record, started)
+        if line and not quiet:
+            stderr.print(line)
+    assert last is not None
+    return last
+
+
+async def run_and_report(
+    client: LoomClient, request: RunRequest, output: Output, quiet: bool = False
+) -> tuple[int, str | None]:
+    """Submit, follow, print; returns (exit code, run id)."""
+    try:
+        accepted = await client.submit(request)
+    except LoomError as exc:
+        stderr.print(f"[red]submission refused:[/] {exc}")
+        return 2, None
+    last = await _follow(client, accepted.run_id, quiet)
+    ok = isinstance(last.event, RunCompleted)
+    if output is Output.json:
+        stdout.print_json(
+            json.dumps(
+                {
+                    "run_id": accepted.run_id,
+                    "status": "completed" if ok else last.kind,
+                    "output": msgspec.to_builtins(last.event.output) if ok else None,  # type: ignore[union-attr]
+                    "error": msgspec.to_builtins(getattr(last.event, "error", None)),
+                }
+            )
+        )
+    elif ok:
+        stdout.print_json(json.dumps(msgspec.to_builtins(last.event.output)))  # type: ignore[union-attr]
+    return (0 if ok else 1), accepted.run_id
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@app.command()
+def up(
+    port: int = typer.Option(4222, help="NATS client port (embedded server)"),
+    data_dir: Path = typer.Option(None, envvar="LOOM_DATA_DIR", help="where state lives"),
+) -> None:
+    """Start nats-server (JetStream), the store and all five services; Ctrl-C stops."""
+    from loom_services.runtime import configure_logging
+    from loom_services.stack import LocalStack
+
+    configure_logging()
+    settings = settings_from_env()
+    if data_dir is not None:
+        settings = dataclasses.replace(
+            settings, store=dataclasses.replace(settings.store, data_dir=data_dir)
+        )
+
+    async def main() -> None:
+        import signal
+
+        async with LocalStack(settings, nats_port=port) as stack:
+            stderr.print(
+                f"[green]agentloom is up[/]: NATS {stack.url}, store {settings.store.kind} "
+                f"in {settings.store.data_dir}. Ctrl-C to stop."
+            )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+
+    asyncio.run(main())
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="run file (YAML/JSON): a plan, or plan + input"),
+    input: list[str] = typer.Option([], "--input", "-i", help="KEY=VALUE run input"),
+    input_json: str = typer.Option(None, "--input-json", help="run input as JSON"),
+    run_id: str = typer.Option(None, "--run-id", help="choose the run id (idempotent)"),
+    output: Output = OutputOpt,
+    url: str = UrlOpt,
+) -> None:
+    """Submit a run, show each step live, print the output (exit 1 if the run fails)."""
+    request = load_run_request(file, input, input_json)
+    if run_id:
+        request = msgspec.structs.replace(request, run_id=run_id)
+
+    async def main() -> int:
+        client = await _client(url)
+        async with client:
+            code, _ = await run_and_report(client, request, output)
+            return code
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+@app.command()
+def runs(
+    status: str = typer.Option(None, help="only runs with this status"),
+    limit: int = typer.Option(50),
+    output: Output = OutputOpt,
+    url: str = UrlOpt,
+) -> None:
+    """List runs, newest first, with status and duration."""
+
+    async def main() -> None:
+        async with await _client(url) as client:
+            found = await client.runs(limit=limit, status=status)
+        if output is Output.text:
+            stdout.print(runs_table(found))
+        elif output is Output.jsonl:
+            for r in found:
+                sys.stdout.write(codec.encode(r).decode() + "\n")
+        else:
+            stdout.print_json(_dump(found))
+
+    asyncio.run(main())
+
+
+@app.command()
+def show(run_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> None:
+    """The run's full event stream (``-o jsonl`` is the export format)."""
+
+    async def main() -> None:
+        async with await _client(url) as client:
+            records = await client.events(run_id)
+        if not records:
+            raise _fail(f"no run '{run_id}'")
+        if output is Output.jsonl:
+            for r in records:
+                sys.stdout.write(codec.encode(r).decode() + "\n")
+        elif output is Output.json:
+            stdout.print_json(_dump(records))
+        else:
+            stdout.print(events_table(records))
+
+    asyncio.run(main())
+
+
+@app.command()
+def trace(
+    run_id: str,
+    rebuild: bool = typer.Option(False, help="recompute spans from the run's events"),
+    output: Output = OutputOpt,
+    url: str = UrlOpt,
+) -> None:
+    """The run's span tree with durations, rebuilt from its events."""
+
+    async def main() -> None:
+        async with await _client(url) as client:
+            try:
+                spans = await client.trace(run_id, rebuild=rebuild)
+            except LoomError as exc:
+                raise _fail(str(exc)) from None
+        if output is Output.text:
+            stdout.print(span_tree(spans))
+        elif output is Output.jsonl:
+            for s in spans:
+                sys.stdout.write(codec.encode(s).decode() + "\n")
+        else:
+            stdout.print_json(_dump(spans))
+
+    asyncio.run(main())
+
+
+@app.command()
+def thread(thread_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> None:
+    """A conversation thread from memory (a run's thread id defaults to its run id)."""
+
+    async def main() -> None:
+        async with await _client(url) as client:
+            entries = await client.thread(thread_id)
+        if output is Output.text:
+            for e in entries:
+                stdout.print(
+                    f"[bold]{e.role}[/] ({e.run_id}): {json.dumps(msgspec.to_builtins(e.content))}"
+                )
+        else:
+            stdout.print_json(_dump(entries))
+
+    asyncio.run(main())
+
+
+@app.command()
+def demo(
+    file: Path = typer.Option(EXAMPLES / "hello-dag.yaml", help="run file to demo"),
+    data_dir: Path = typer.Option(Path(".loom/demo"), help="scratch state (wiped first)"),
+) -> None:
+    """Start the embedded stack, run the demo plan, print its output and trace, stop."""
+    from loom_services.stack import LocalStack
+
+    request = load_run_request(file, [], None)
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    base = settings_from_env()
+    settings = dataclasses.replace(
+        base, store=dataclasses.replace(base.store, kind="sqlite", data_dir=data_dir)
+    )
+
+    async def main() -> int:
+        stderr.print("starting nats-server (JetStream), SQLite and five services…")
+        async with LocalStack(settings, nats_port=-1) as stack:
+            async with await LoomClient.connect(stack.url) as client:
+                stderr.print(f"[green]stack up[/] at {stack.url}; submitting {file.name}")
+                code, run_id = await run_and_report(client, request, Output.text)
+                if run_id is not None:
+                    spans = await _wait_trace(client, run_id)
+                    stderr.print(f"\ntrace of {run_id}:")
+                    stdout.print(span_tree(spans))
+            return code
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) -> list[Any]:
+    """The tracing service consumes events asynchronously: wait (bounded) until it has
+    folded the run's terminal event."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        runs_found = [r for r in await client.runs(limit=20) if r.run_id == run_id]
+        if runs_found and runs_found[0].status in ("completed", "failed", "rejected"):
+            return await client.trace(run_id)
+        if loop.time() > deadline:
+            return await client.trace(run_id, rebuild=True)
+        await asyncio.sleep(0.05)  # poll interval of a bounded wait on a read model
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,129 @@
+"""Terminal rendering for the CLI: live run progress, event tables, span trees.
+Progress goes to stderr, data to stdout (so ``loom run x.yaml > out.json`` works)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from loom_core.contracts import (
+    EventRecord,
+    PlanAccepted,
+    PlanRejected,
+    RunCompleted,
+    RunFailed,
+    RunRequested,
+    RunSummary,
+    SpanRecord,
+    StepCompleted,
+    StepFailed,
+    StepSkipped,
+    ToolCallRequested,
+)
+
+BAR_WIDTH = 30
+
+
+def _ms(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "…"
+    return f"{(end - start).total_seconds() * 1000:.1f} ms"
+
+
+def progress_line(record: EventRecord, started: dict[str, datetime]) -> str | None:
+    """One human line for an event worth showing live, else None."""
+    e = record.event
+    match e:
+        case RunRequested():
+            return f"[bold]run[/] {record.run_id} requested"
+        case PlanAccepted(plan=plan):
+            return f"plan accepted: {len(plan.steps)} steps"
+        case PlanRejected(issues=issues):
+            lines = [f"[red]plan rejected[/] ({len(issues)} issues):"]
+            lines += [f"  [red]✗[/] {i.code} at {i.path}: {i.message}" for i in issues]
+            return "\n".join(lines)
+        case ToolCallRequested(step_id=sid, tool=tool, attempt=attempt):
+            started[sid] = record.at
+            extra = f" (attempt {attempt})" if attempt > 1 else ""
+            return f"  [cyan]▶[/] {sid} → {tool}{extra}"
+        case StepCompleted(step_id=sid):
+            return f"  [green]✓[/] {sid}  {_ms(started.get(sid), record.at)}"
+        case StepFailed(step_id=sid, error=err):
+            return f"  [red]✗[/] {sid}: {err.code}: {err.message}"
+        case StepSkipped(step_id=sid, reason=reason):
+            return f"  [yellow]-[/] {sid} skipped ({reason})"
+        case RunCompleted():
+            return "[green]run completed[/]"
+        case RunFailed(error=err):
+            return f"[red]run failed[/]: {err.code}: {err.message}"
+    return None
+
+
+def events_table(records: Sequence[EventRecord]) -> Table:
+    table = Table("seq", "at", "event", "detail", box=None, pad_edge=False)
+    for r in records:
+        detail = msgspec.json.encode(r.event).decode()
+        if len(detail) > 100:
+            detail = detail[:97] + "..."
+        table.add_row(str(r.seq), r.at.strftime("%H:%M:%S.%f")[:-3], r.kind, detail)
+    return table
+
+
+def runs_table(runs: Sequence[RunSummary]) -> Table:
+    table = Table("run", "status", "name", "steps", "started", "duration", box=None)
+    colours = {"completed": "green", "failed": "red", "rejected": "red", "running": "cyan"}
+    for run in runs:
+        c = colours.get(run.status, "white")
+        table.add_row(
+            run.run_id,
+            f"[{c}]{run.status}[/]",
+            run.name,
+            f"{run.steps_done}/{run.steps_total}",
+            run.started_at.strftime("%Y-%m-%d %H:%M:%S") if run.started_at else "",
+            f"{run.duration_ms:.1f} ms" if run.duration_ms is not None else "",
+        )
+    return table
+
+
+def span_tree(spans: Sequence[SpanRecord]) -> Tree:
+    """A tree of spans with durations and a time bar relative to the whole trace."""
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str | None, list[SpanRecord]] = {}
+    for s in spans:
+        parent = s.parent_span_id if s.parent_span_id in by_id else None
+        children.setdefault(parent, []).append(s)
+    t0 = min(s.start for s in spans)
+    t1 = max((s.end or s.start) for s in spans)
+    total = max((t1 - t0).total_seconds(), 1e-9)
+
+    def label(s: SpanRecord) -> str:
+        a = (s.start - t0).total_seconds() / total
+        b = ((s.end or t1) - t0).total_seconds() / total
+        lo = min(int(a * BAR_WIDTH), BAR_WIDTH - 1)
+        hi = max(lo + 1, int(round(b * BAR_WIDTH)))
+        bar = " " * lo + "█" * (hi - lo) + " " * (BAR_WIDTH - hi)
+        colour = {"ok": "green", "error": "red"}.get(s.status, "white")
+        return f"[{colour}]{s.name}[/]  {_ms(s.start, s.end)}  [dim]|{bar}|[/]"
+
+    roots = children.get(None, [])
+    tree = Tree(label(roots[0]) if len(roots) == 1 else "trace")
+
+    def add(node: Tree, span: SpanRecord) -> None:
+        for child in sorted(children.get(span.span_id, []), key=lambda c: c.start):
+            add(node.add(label(child)), child)
+
+    if len(roots) == 1:
+        add(tree, roots[0])
+    else:
+        for r in roots:
+            add(tree.add(label(r)), r)
+    return tree
+
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)

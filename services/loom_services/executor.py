@@ -1,0 +1,276 @@
+"""The executor: host of the run actors, the only writer of run streams.
+
+Every change to a run goes through one writer loop that takes all work waiting
+(submissions and inbox messages of many runs), lets each run's pure ``decide`` produce
+events, folds them into the in-memory actor with ``evolve``, and appends the whole
+batch in ONE store transaction. Only then are submitters answered and inbox messages
+acked, and the relay woken to publish. A step therefore costs one commit however many
+runs share it (DESIGN: performance budget).
+
+Actors stay in memory; a run is loaded from the store only on a cache miss (restart,
+eviction, or a run written by another replica). A concurrency conflict (another
+replica wrote the run) evicts the run and the messages are redelivered, which is safe
+because ``decide`` ignores what no longer applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from loom_core import codec, ids, subjects
+from loom_core.contracts import (
+    ErrorInfo,
+    EventRecord,
+    RunEventsQuery,
+    RunEventsReply,
+    RunRequest,
+    SubmitAccepted,
+    SubmitRejected,
+)
+from loom_core.executor import Message, RunState, decide, evolve, fold
+from loom_infra import bus
+from loom_infra.relay import Relay
+from loom_infra.settings import Settings
+from loom_infra.store import ConcurrencyConflict, EventStore, open_event_store
+from loom_services.runtime import ServiceContext, run_main
+
+log = logging.getLogger("loom.executor")
+
+MAX_BATCH = 512
+MAX_ACTORS = 10_000
+
+
+@dataclass
+class Work:
+    run_id: str
+    message: Message
+    done: asyncio.Future[list[EventRecord]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class RunHost:
+    """Actors in memory + the single writer loop."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.actors: OrderedDict[str, RunState] = OrderedDict()
+        self.queue: asyncio.Queue[Work] = asyncio.Queue()
+        self.listeners: list[Callable[[], None]] = []  # run after each commit
+        self.commits = 0
+
+    async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
+        work = Work(run_id, message)
+        self.queue.put_nowait(work)
+        return await work.done
+
+    async def state_of(self, run_id: str) -> RunState:
+        state = self.actors.get(run_id)
+        if state is not None:
+            self.actors.move_to_end(run_id)
+            return state
+        records = await asyncio.to_thread(self.store.load, run_id)
+        state = fold(run_id, (r.event for r in records))
+        self.actors[run_id] = state
+        if len(self.actors) > MAX_ACTORS:
+            self.actors.popitem(last=False)
+        return state
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            first = await self.queue.get()
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, batch: list[Work]) -> None:
+        at = bus.now()
+        records: list[EventRecord] = []
+        per_work: list[list[EventRecord]] = []
+        touched: set[str] = set()
+        try:
+            for work in batch:
+                state = await self.state_of(work.run_id)
+                touched.add(work.run_id)
+                produced = []
+                for event in decide(state, work.message):
+                    evolve(state, event)
+                    produced.append(
+                        EventRecord(run_id=work.run_id, seq=state.version, at=at, event=event)
+                    )
+                per_work.append(produced)
+                records.extend(produced)
+            if records:
+                await asyncio.to_thread(self.store.append, records)
+                self.commits += 1
+        except Exception as exc:
+            # The in-memory actors may now be ahead of the store: forget them; they are
+            # reloaded from the store when next needed.
+            for run_id in touched:
+                self.actors.pop(run_id, None)
+            if not isinstance(exc, ConcurrencyConflict):
+                log.exception("executor batch failed")
+            for work in batch:
+                if not work.done.done():
+                    work.done.set_exception(exc)
+            return
+        for work, produced in zip(batch, per_work, strict=True):
+            if not work.done.done():
+                work.done.set_result(produced)
+        if records:
+            for listener in self.listeners:
+                listener()
+
+
+class ExecutorService:
+    name = "executor"
+
+    def __init__(self, settings: Settings, store: EventStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_event_store(settings.store)
+        self.host = RunHost(self.store)
+        self.relay: Relay | None = None
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.relay = Relay(self.store, ctx.js)
+        self.host.listeners.append(self.relay.wake)
+        ctx.spawn(self.host.run(ctx.stop), "executor-writer")
+        ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
+        await ctx.nc.subscribe(subjects.SUBMIT, queue="executor", cb=self.on_submit)
+        await ctx.nc.subscribe(subjects.API_RUN_EVENTS, queue="executor", cb=self.on_events_query)
+        consumer = bus.PullConsumer(
+            js=ctx.js,
+            service=self.name,
+            stream=subjects.INBOX_STREAM,
+            durable="executor",
+            filter_subjects=[subjects.INBOX_ALL],
+            handler=self.on_inbox,
+            batch=256,
+        )
+        ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.store.close)
+
+    # ------------------------------------------------------------------ submit
+
+    async def on_submit(self, msg: Msg) -> None:
+        reply = await self._submit(msg)
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _submit(self, msg: Msg) -> SubmitAccepted | SubmitRejected:
+        limit = self.settings.max_payload
+        if len(msg.data) > limit:
+            return await self._reject(
+                msg,
+                ErrorInfo(
+                    code="payload_too_large",
+                    message=f"run request is {len(msg.data)} bytes; the limit is {limit} "
+                    "(LOOM_MAX_PAYLOAD). Pass large data by reference (a URL) instead.",
+                ),
+            )
+        try:
+            request = codec.decode(msg.data, RunRequest)
+        except Exception as exc:
+            return await self._reject(msg, bus.decode_error_info(exc))
+        error = _check_request(request)
+        if error is not None:
+            return await self._reject(msg, error)
+        run_id = request.run_id or f"run-{uuid.uuid4().hex[:20]}"
+        try:
+            produced = await self.host.submit(run_id, request)
+        except ConcurrencyConflict:
+            produced = []  # another replica created it at the same moment
+        except Exception as exc:
+            log.exception("submit failed")
+            return SubmitRejected(
+                error=ErrorInfo(
+                    code="unavailable",
+                    message=f"the run could not be stored ({type(exc).__name__}); retry",
+                    retryable=True,
+                )
+            )
+        return SubmitAccepted(run_id=run_id, existing=not produced)
+
+    async def _reject(self, msg: Msg, error: ErrorInfo) -> SubmitRejected:
+        await bus.dead_letter(self.ctx.js, self.name, msg.subject, error, msg.data)
+        return SubmitRejected(error=error)
+
+    # ------------------------------------------------------------------ inbox
+
+    async def on_inbox(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
+        works: list[Work | BaseException] = []
+        for msg in msgs:
+            try:
+                message = codec.decode_inbox(msg.data)
+            except Exception as exc:
+                works.append(bus.Poison(bus.decode_error_info(exc)))
+                continue
+            work = Work(message.run_id, message)
+            self.host.queue.put_nowait(work)
+            works.append(work)
+        results: list[bool | BaseException] = []
+        for item in works:
+            if isinstance(item, BaseException):
+                results.append(item)
+                continue
+            try:
+                await item.done
+                results.append(True)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    # ------------------------------------------------------------------ queries
+
+    async def on_events_query(self, msg: Msg) -> None:
+        try:
+            query = codec.decode(msg.data, RunEventsQuery)
+        except Exception as exc:
+            reply = RunEventsReply(run_id="", error=bus.decode_error_info(exc))
+        else:
+            limit = max(1, min(query.limit, 5000))
+            events = await asyncio.to_thread(self.store.load, query.run_id, query.after_seq, limit)
+            reply = RunEventsReply(run_id=query.run_id, events=events)
+        await msg.respond(codec.encode(reply))
+
+
+def _check_request(request: RunRequest) -> ErrorInfo | None:
+    if request.run_id is not None and not ids.is_token(request.run_id):
+        return ErrorInfo(
+            code="invalid_run_id",
+            message="run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' "
+            "(it becomes a NATS subject token)",
+            path="$.run_id",
+        )
+    if request.plan is None and not request.request:
+        return ErrorInfo(
+            code="missing_plan",
+            message="give either `plan` (explicit steps) or `request` (natural language)",
+            path="$",
+        )
+    if request.plan is not None and request.request:
+        return ErrorInfo(
+            code="ambiguous_request",
+            message="give either `plan` or `request`, not both",
+            path="$.request",
+        )
+    return None
+
+
+def main() -> None:
+    run_main(lambda settings: [ExecutorService(settings)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""The tool-runner: executes ``tool_call_requested`` events, exactly once per
+idempotency key, and answers the run's inbox with a ``ToolResult``.
+
+Exactly-once effects over at-least-once delivery (DESIGN decision 5):
+1. the key is *claimed* in the ledger (a unique insert: one claimant wins, across
+   replicas and restarts) before the tool runs;
+2. the result is stored in the ledger, then published with ``Nats-Msg-Id`` =
+   ``result:{key}``, then the message is acked.
+A redelivered request whose key is finished re-sends the stored result without running
+anything. One whose key is claimed but unfinished means the runner that claimed it died
+mid-call: an idempotent tool runs again; a non-idempotent one is never re-run, the run
+gets an ``ambiguous_outcome`` error instead.
+
+Long calls send ``in_progress`` to JetStream so the request is not redelivered while it
+still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+
+from nats.aio.msg import Msg
+
+from loom_core import codec, subjects
+from loom_core.contracts import ErrorInfo, ToolCallRequested, ToolResult
+from loom_infra import bus
+from loom_infra.settings import Settings
+from loom_infra.store import ToolCallLedger, open_tool_ledger
+from loom_services.runtime import ServiceContext, run_main
+from loom_services.tools.registry import (
+    ToolContext,
+    ToolRegistry,
+    ToolSettings,
+    default_registry,
+    execute_tool,
+)
+
+log = logging.getLogger("loom.toolrunner")
+
+ACK_WAIT_S = 30.0
+
+
+class ToolRunnerService:
+    name = "toolrunner"
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ToolRegistry | None = None,
+        ledger: ToolCallLedger | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or default_registry()
+        self.ledger = ledger or open_tool_ledger(settings.store)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.tool_settings = ToolSettings(http_allow_private=tuple(settings.http_allow_private))
+        self.inflight: set[str] = set()
+        self.executed = 0
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        kv = await bus.ensure_tools_bucket(ctx.js)
+        for spec in self.registry.specs():
+            await kv.put(spec.name, codec.encode(spec))
+        consumer = bus.PullConsumer(
+            js=ctx.js,
+            service=self.name,
+            stream=subjects.RUN_EVENTS_STREAM,
+            durable="toolrunner",
+            filter_subjects=[subjects.events_of_kind("tool_call_requested")],
+            handler=self.on_requests,
+            batch=64,
+            ack_wait_s=ACK_WAIT_S,
+        )
+        ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.ledger.close)
+
+    async def on_requests(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
+        return list(await asyncio.gather(*(self._one(m) for m in msgs)))
+
+    async def _one(self, msg: Msg) -> bool | BaseException:
+        try:
+            record = codec.decode_event(msg.data)
+        except Exception as exc:
+            return bus.Poison(bus.decode_error_info(exc))
+        request = record.event
+        if not isinstance(request, ToolCallRequested):
+            return bus.Poison(bus.decode_error_info(TypeError(f"unexpected {record.kind}")))
+        key = request.idempotency_key
+        if key in self.inflight:
+            return True  # this process is running it; that task will answer
+        try:
+            result = await self._result_for(record.run_id, request, msg)
+            await self.ctx.js.publish(
+                subjects.inbox(record.run_id),
+                codec.encode(result),
+                headers={subjects.MSG_ID: f"result:{key}"},
+            )
+        except Exception as exc:
+            log.warning("tool call %s will be retried: %r", key, exc)
+            return exc
+        return True
+
+    async def _result_for(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
+        key = request.idempotency_key
+        entry = await asyncio.to_thread(self.ledger.get, key)
+        if entry is None:
+            claimed = await asyncio.to_thread(self.ledger.claim, key, self.owner, bus.now())
+            if claimed:
+                return await self._execute(run_id, request, msg)
+            entry = await asyncio.to_thread(self.ledger.get, key)
+        assert entry is not None
+        if entry.status == "finished" and entry.result is not None:
+            return codec.decode(entry.result, ToolResult)
+        # Claimed but never finished: whoever claimed it stopped mid-call.
+        tool = self.registry.get(request.tool)
+        if tool is not None and tool.idempotent:
+            return await self._execute(run_id, request, msg)
+        now = bus.now()
+        result = ToolResult(
+            run_id=run_id,
+            step_id=request.step_id,
+            attempt=request.attempt,
+            idempotency_key=key,
+            ok=False,
+            started_at=entry.claimed_at,
+            finished_at=now,
+            error=ErrorInfo(
+                code="ambiguous_outcome",
+                message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
+                "stopped before recording a result; the tool is not idempotent, so it was "
+                "not run again. Check its effect by hand.",
+                details={"owner": entry.owner},
+            ),
+        )
+        await asyncio.to_thread(self.ledger.finish, key, codec.encode(result))
+        return result
+
+    async def _execute(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
+        key = request.idempotency_key
+        ctx = ToolContext(
+            idempotency_key=key,
+            run_id=run_id,
+            step_id=request.step_id,
+            attempt=request.attempt,
+            settings=self.tool_settings,
+        )
+        self.inflight.add(key)
+        heartbeat = asyncio.ensure_future(_heartbeat(msg))
+        started = bus.now()
+        try:
+            outcome = await execute_tool(
+                self.registry, request.tool, request.input, ctx, request.timeout_s
+            )
+        finally:
+            heartbeat.cancel()
+            self.inflight.discard(key)
+        result = ToolResult(
+            run_id=run_id,
+            step_id=request.step_id,
+            attempt=request.attempt,
+            idempotency_key=key,
+            ok=outcome.ok,
+            started_at=started,
+            finished_at=bus.now(),
+            output=outcome.output,
+            error=outcome.error,
+        )
+        await asyncio.to_thread(self.ledger.finish, key, codec.encode(result))
+        self.executed += 1
+        return result
+
+
+async def _heartbeat(msg: Msg) -> None:
+    while True:
+        await asyncio.sleep(ACK_WAIT_S / 3)  # a timer, not synchronisation
+        await msg.in_progress()
+
+
+def main() -> None:
+    run_main(lambda settings: [ToolRunnerService(settings)])
+
+
+if __name__ == "__main__":
+    main()

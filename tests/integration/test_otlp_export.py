@@ -1,0 +1,412 @@
+"""OTLP/HTTP export against a real HTTP receiver on 127.0.0.1 that decodes the protobuf
+body like a collector would."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from loom_core import ids
+from loom_core.contracts import (
+    ErrorInfo,
+    EventRecord,
+    Plan,
+    PlanAccepted,
+    PlanIssue,
+    PlanRejected,
+    RunCompleted,
+    RunRequested,
+    SpanRecord,
+    StepCompleted,
+    StepScheduled,
+    StepStarted,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolCallRequested,
+    ToolStep,
+)
+from loom_core.spans import build_spans
+from loom_infra.otlp import GRPC_PACKAGE, OtlpConfigError, OtlpExporter, from_env
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+RUN = "run-otlp"
+
+
+def ms(n: float) -> datetime:
+    return T0 + timedelta(milliseconds=n)
+
+
+# --------------------------------------------------------------------------- receiver
+
+
+class Receiver:
+    """A minimal OTLP/HTTP trace receiver. Its socket is bound at once (the port is
+    reserved) but only listens after ``start()``: before that, connections are refused,
+    which is exactly "collector down"."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], ExportTraceServiceRequest]] = []
+        self.got_request = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.requests.append((headers, request))
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+                receiver.got_request.set()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self.server.server_bind()
+        self.port = self.server.server_address[1]
+        self.thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.server.server_activate()
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.server.shutdown()
+            self.thread.join(timeout=5)
+        self.server.server_close()
+
+    def spans(self) -> list[tuple[str, Span, dict[str, Any]]]:
+        """(service.name, span, resource attributes) of everything received."""
+        out = []
+        for _, request in self.requests:
+            for rs in request.resource_spans:
+                resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        out.append((resource["service.name"], span, resource))
+        return out
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
+def attrs(span: Span) -> dict[str, Any]:
+    return {a.key: _value(a.value) for a in span.attributes}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def run_records() -> list[EventRecord]:
+    plan = Plan(steps=[ToolStep(id="fetch", tool="http_get")], name="demo")
+    key1, key2 = ids.idempotency_key(RUN, "fetch", 1), ids.idempotency_key(RUN, "fetch", 2)
+    events = [
+        RunRequested(plan=plan, thread_id="th-1"),
+        PlanAccepted(plan=plan),
+        StepScheduled(step_id="fetch"),
+        StepStarted(step_id="fetch", attempt=1),
+        ToolCallRequested(
+            step_id="fetch", attempt=1, tool="http_get", input={}, idempotency_key=key1
+        ),
+        ToolCallFailed(
+            step_id="fetch",
+            attempt=1,
+            idempotency_key=key1,
+            error=ErrorInfo(code="http_503", message="upstream unavailable"),
+            started_at=ms(4),
+            finished_at=ms(6),
+        ),
+        StepStarted(step_id="fetch", attempt=2),
+        ToolCallRequested(
+            step_id="fetch", attempt=2, tool="http_get", input={}, idempotency_key=key2
+        ),
+        ToolCallCompleted(
+            step_id="fetch",
+            attempt=2,
+            idempotency_key=key2,
+            output={"ok": True},
+            started_at=ms(17),
+            finished_at=ms(19),
+        ),
+        StepCompleted(step_id="fetch", output={"ok": True}),
+        RunCompleted(output={"ok": True}),
+    ]
+    return [
+        EventRecord(run_id=RUN, seq=i, at=ms(2 * i), event=e) for i, e in enumerate(events, start=1)
+    ]
+
+
+def ns(t: datetime) -> int:
+    return int((t - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds() * 1_000_000) * 1000
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_export_sends_our_ids_nesting_times_and_attributes(receiver: Receiver) -> None:
+    receiver.start()
+    spans = build_spans(run_records())
+    exporter = from_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.base_url,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=s3cr3t%20value,tenant=acme",
+        },
+        timeout=5,
+    )
+    assert exporter is not None
+    assert "s3cr3t" not in repr(exporter)
+    assert exporter.export(spans, service_name="agentloom-test") is True
+
+    headers, _ = receiver.requests[0]
+    assert headers["x-api-key"] == "s3cr3t value" and headers["tenant"] == "acme"
+    assert headers["content-type"] == "application/x-protobuf"
+
+    received = receiver.spans()
+    assert {service for service, _, _ in received} == {"agentloom-test"}
+    got = {span.span_id.hex(): span for _, span, _ in received}
+    ours = {s.span_id: s for s in spans}
+    assert set(got) == set(ours)
+    assert {span.trace_id.hex() for span in got.values()} == {ids.trace_id(RUN)}
+
+    for span_id, mine in ours.items():
+        theirs = got[span_id]
+        assert theirs.name == mine.name
+        assert theirs.parent_span_id.hex() == (mine.parent_span_id or "")
+        assert theirs.start_time_unix_nano == ns(mine.start)
+        assert mine.end is not None and theirs.end_time_unix_nano == ns(mine.end)
+
+    root = got[ids.span_id(RUN, "run")]
+    assert root.name == "invoke_workflow demo"
+    assert root.status.code == Status.STATUS_CODE_OK
+    assert attrs(root) == {
+        "gen_ai.operation.name": "invoke_workflow",
+        "loom.run.id": RUN,
+        "gen_ai.conversation.id": "th-1",
+        "loom.run.status": "completed",
+    }
+    step = got[ids.span_id(RUN, "step", "fetch")]
+    assert step.parent_span_id == root.span_id
+    attempt1 = got[ids.span_id(RUN, "step", "fetch", "attempt", "1")]
+    assert attempt1.parent_span_id == step.span_id
+    tool1 = got[ids.span_id(RUN, "step", "fetch", "attempt", "1", "tool")]
+    assert (tool1.name, tool1.kind) == ("execute_tool http_get", Span.SPAN_KIND_CLIENT)
+    assert tool1.parent_span_id == attempt1.span_id
+    assert (tool1.status.code, tool1.status.message) == (
+        Status.STATUS_CODE_ERROR,
+        "upstream unavailable",
+    )
+    assert attrs(tool1) == {
+        "gen_ai.tool.name": "http_get",
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.call.id": ids.idempotency_key(RUN, "fetch", 1),
+        "loom.idempotency_key": ids.idempotency_key(RUN, "fetch", 1),
+        "loom.attempt": 1,
+        "error.type": "http_503",
+    }
+    tool2 = got[ids.span_id(RUN, "step", "fetch", "attempt", "2", "tool")]
+    assert tool2.status.code == Status.STATUS_CODE_OK
+    assert (tool2.start_time_unix_nano, tool2.end_time_unix_nano) == (ns(ms(17)), ns(ms(19)))
+
+
+def test_json_attributes_and_span_events_survive(receiver: Receiver) -> None:
+    receiver.start()
+    records = run_records()[:1] + [
+        EventRecord(
+            run_id=RUN,
+            seq=2,
+            at=ms(3),
+            event=PlanRejected(
+                issues=[PlanIssue(code="unknown_tool", path="$.steps[0]", message="no 'x'")]
+            ),
+        )
+    ]
+    spans = build_spans(records)
+    extra = SpanRecord(
+        trace_id=ids.trace_id(RUN),
+        span_id=ids.span_id(RUN, "extra"),
+        run_id=RUN,
+        name="extra",
+        start=ms(1),
+        end=ms(2),
+        parent_span_id=ids.span_id(RUN, "run"),
+        attributes={
+            "dict": {"a": [1, 2], "b": None},
+            "nested": [[1], [2]],
+            "mixed": [1, "x"],
+            "strs": ["a", "b"],
+            "ints": [1, 2],
+            "float": 1.5,
+            "big": 2**70,
+            "none": None,
+        },
+    )
+    exporter = OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=5)
+    assert exporter.export([*spans, extra]) is True
+    got = {span.name: span for _, span, _ in receiver.spans()}
+    assert attrs(got["extra"]) == {
+        "dict": '{"a":[1,2],"b":null}',
+        "nested": "[[1],[2]]",
+        "mixed": '[1,"x"]',
+        "strs": ["a", "b"],
+        "ints": [1, 2],
+        "float": 1.5,
+        "big": str(2**70),
+    }
+    plan = got["plan"]
+    assert plan.status.code == Status.STATUS_CODE_ERROR
+    assert [(e.name, e.time_unix_nano, attrs(e)) for e in plan.events] == [
+        (
+            "loom.plan.issue",
+            ns(ms(3)),
+            {
+                "loom.issue.code": "unknown_tool",
+                "loom.issue.path": "$.steps[0]",
+                "loom.issue.message": "no 'x'",
+            },
+        )
+    ]
+
+
+def test_open_spans_are_not_sent(receiver: Receiver) -> None:
+    receiver.start()
+    spans = build_spans(run_records()[:5])  # tool call in flight
+    open_ids = {s.span_id for s in spans if s.end is None}
+    assert open_ids
+    exporter = OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=5)
+    assert exporter.export(spans) is True
+    sent = {span.span_id.hex() for _, span, _ in receiver.spans()}
+    assert sent == {s.span_id for s in spans} - open_ids
+    # nothing ended yet at all: nothing to send, and that is a success
+    only_open = [s for s in spans if s.end is None]
+    before = len(receiver.requests)
+    assert exporter.export(only_open) is True
+    assert len(receiver.requests) == before
+
+
+def test_receiver_down_fails_fast_then_the_same_spans_succeed(receiver: Receiver) -> None:
+    spans = build_spans(run_records())
+    exporter = OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=1.0)
+    # bound but not listening: connection refused
+    assert exporter.export(spans) is False
+    assert receiver.requests == []
+    receiver.start()
+    assert exporter.export(spans) is True
+    assert {span.span_id.hex() for _, span, _ in receiver.spans()} == {s.span_id for s in spans}
+
+
+def test_root_under_a_remote_parent_keeps_the_callers_trace(receiver: Receiver) -> None:
+    receiver.start()
+    parent = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    spans = build_spans(run_records(), parent=parent)
+    exporter = OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=5)
+    assert exporter.export(spans) is True
+    got = {span.span_id.hex(): span for _, span, _ in receiver.spans()}
+    assert {s.trace_id.hex() for s in got.values()} == {parent[0]}
+    assert got[ids.span_id(RUN, "run")].parent_span_id.hex() == parent[1]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_from_env_none_without_endpoint_and_endpoint_rules() -> None:
+    assert from_env({}) is None
+    assert from_env({"OTEL_EXPORTER_OTLP_HEADERS": "a=b"}) is None
+    base = from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"})
+    assert base is not None and base.endpoint == "http://collector:4318/v1/traces"
+    exact = from_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://ignored:4318",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://collector/custom/path",
+        }
+    )
+    assert exact is not None and exact.endpoint == "https://collector/custom/path"
+    assert exact.protocol == "http/protobuf"
+
+
+def test_grpc_without_its_package_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Make the optional package unimportable whatever is installed.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", None)
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+    }
+    with pytest.raises(OtlpConfigError, match=GRPC_PACKAGE) as info:
+        from_env(env)
+    assert info.value.variable == "OTEL_EXPORTER_OTLP_PROTOCOL"
+    assert "http/protobuf" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            },
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "x",
+            },
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd",
+            },
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ),
+    ],
+)
+def test_bad_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(OtlpConfigError) as info:
+        from_env(env)
+    assert info.value.variable == variable

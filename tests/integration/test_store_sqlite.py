@@ -1,0 +1,127 @@
+"""The store contract on SQLite, plus what is particular to SQLite files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from store_contract import StoreContract, run_events
+
+from loom_infra.settings import StoreSettings, settings_from_env, store_settings_from_env
+from loom_infra.store import StoreError, open_event_store, open_stores
+
+pytestmark = pytest.mark.integration
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def store_settings(self, sqlite_store_settings: StoreSettings) -> StoreSettings:
+        return sqlite_store_settings
+
+
+def test_one_wal_file_per_purpose(sqlite_store_settings: StoreSettings) -> None:
+    with open_stores(sqlite_store_settings) as stores:
+        stores.events.append(run_events("run-a", count=1))
+        stores.toolcalls.claim("k", "me", run_events("run-a", count=1)[0].at)
+        stores.threads.list("t")
+    data = sqlite_store_settings.data_dir
+    for name in ("events.db", "toolcalls.db", "memory.db"):
+        with sqlite3.connect(data / name) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal", name
+
+
+def test_unusable_data_dir_is_a_store_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(StoreError) as caught:
+        open_event_store(StoreSettings(kind="sqlite", data_dir=not_a_dir))
+    assert caught.value.operation == "open event store"
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from datetime import UTC, datetime
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from store_contract import run_events
+    from loom_infra.settings import StoreSettings
+    from loom_infra.store import open_stores
+
+    me, data_dir = sys.argv[1], Path(sys.argv[2])
+    won = []
+    with open_stores(StoreSettings(kind="sqlite", data_dir=data_dir)) as stores:
+        print("ready", flush=True)
+        sys.stdin.readline()  # start together
+        for n in range(40):
+            stores.events.append(run_events(f"{me}-{n}", count=2))
+            if stores.toolcalls.claim(f"key-{n}", me, datetime(2026, 1, 1, tzinfo=UTC)):
+                won.append(n)
+    print(json.dumps(won), flush=True)
+    """
+)
+
+
+def test_processes_sharing_the_files_wait_instead_of_failing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    here = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, name, str(data), here],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("p1", "p2")
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    won = [set(json.loads(out.strip().splitlines()[-1])) for out, _ in outputs]
+    assert won[0].isdisjoint(won[1]) and won[0] | won[1] == set(range(40))
+    with open_event_store(StoreSettings(kind="sqlite", data_dir=data)) as events:
+        notifications = events.read_notifications(0, 1000)
+        assert [nid for nid, _ in notifications] == list(range(1, 161))
+        for name in ("p1", "p2"):
+            for n in range(40):
+                assert events.load(f"{name}-{n}") == run_events(f"{name}-{n}", count=2)
+
+
+def test_store_settings_defaults() -> None:
+    settings = store_settings_from_env({})
+    assert settings == StoreSettings(kind="sqlite", data_dir=Path(".loom"), postgres_url=None)
+    full = settings_from_env({})
+    assert full.nats_url == "nats://127.0.0.1:4222"
+    assert full.max_payload == 262_144
+    assert full.http_allow_private == ()
+    assert full.model is None
+    custom = settings_from_env(
+        {
+            "LOOM_DATA_DIR": "/var/lib/loom",
+            "LOOM_MAX_PAYLOAD": "1048576",
+            "LOOM_HTTP_ALLOW_PRIVATE": " localhost, 10.0.0.0/8 ,,",
+            "LOOM_MODEL": "openai/gpt-4o-mini",
+        }
+    )
+    assert custom.store.data_dir == Path("/var/lib/loom")
+    assert custom.max_payload == 1_048_576
+    assert custom.http_allow_private == ("localhost", "10.0.0.0/8")
+    assert custom.model == "openai/gpt-4o-mini"
