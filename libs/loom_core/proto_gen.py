@@ -216,8 +216,9 @@ def _address(fn: Any) -> str:
 
 _HEADER_TEXT = {
     subjects.MSG_ID: (
-        "JetStream de-duplication id. On run events it is the event id `{run_id}/{seq}`, "
-        "so a relay that publishes an event twice after a crash is de-duplicated."
+        "JetStream de-duplication id: a message published twice with the same id within the "
+        "stream's duplicate window is stored once. On run events it is the event id "
+        "`{run_id}/{seq}`; other senders choose a stable id per result."
     ),
     subjects.NOTIFICATION_ID: (
         "Position of the event in the store's notification log (an integer as text); "
@@ -225,8 +226,8 @@ _HEADER_TEXT = {
     ),
     subjects.EVENT_TYPE: "The event's tag, the same as the last subject token.",
     subjects.DLQ_REASON: (
-        "Why the message was dead-lettered (short text); the full error is in the "
-        "payload's `error`."
+        "Why the message was dead-lettered: `<error code>: <message>`, truncated; the full "
+        "error is in the payload's `error`."
     ),
     subjects.TRACEPARENT: (
         "W3C trace context (`00-<trace_id>-<span_id>-<flags>`); optional, propagated so a "
@@ -277,8 +278,8 @@ def _run_event_messages() -> dict[str, Schema]:
             ]
         }
         headers = _headers(
-            [subjects.MSG_ID, subjects.EVENT_TYPE],
-            [subjects.NOTIFICATION_ID, subjects.TRACEPARENT],
+            [subjects.MSG_ID, subjects.EVENT_TYPE, subjects.NOTIFICATION_ID],
+            [subjects.TRACEPARENT],
             {subjects.EVENT_TYPE: tag},
         )
         summary = f"An EventRecord whose `event` is a {cls.__name__} (`{tag}`)."
@@ -461,7 +462,8 @@ def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
         "consumeRunEvents": op(
             "receive", "runEvent", ["planner", "toolrunner", "memory", "tracing"],
             "Durable JetStream consumers act on the events they own: the planner on "
-            "run_requested, the tool-runner on tool_call_requested, tracing on every event.",
+            "run_requested, the tool-runner on tool_call_requested, memory on run_requested "
+            "and run_completed (conversation threads), tracing on every event.",
         ),
         "sendInbox": op(
             "send", "inbox", ["planner", "toolrunner"], "Answer a run's request into its inbox."

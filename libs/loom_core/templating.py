@@ -315,16 +315,9 @@ def scan_templates(
 
 def find_references(value: JSON, path: str = "$") -> list[Reference]:
     """Every template reference in ``value``; raises the first ``TemplateSyntaxError``."""
-    refs: list[Reference] = []
-    for trail, text in _template_strings(value):
-        try:
-            parts = _parse(text)
-        except _Bad as bad:
-            raise _syntax_error(bad, _format_trail(path, trail)) from None
-        where = _format_trail(path, trail)
-        refs.extend(
-            Reference(p.expr, p.root, p.segments, where) for p in parts if isinstance(p, _Expr)
-        )
+    refs, errors = scan_templates(value, path)
+    if errors:
+        raise errors[0]
     return refs
 
 

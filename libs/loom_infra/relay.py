@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from loom_core import codec, subjects
+from loom_infra.blocking import Blocking
 from loom_infra.bus import wait_or_timeout
 from loom_infra.store import EventStore
 
@@ -41,7 +42,9 @@ class Relay:
         batch: int = 512,
         idle_poll_s: float = 2.0,
         ack_timeout_s: float = 10.0,
+        io: Blocking | None = None,
     ) -> None:
+        self.io = io or Blocking("relay", workers=1)
         self.ack_timeout_s = ack_timeout_s
         self.store = store
         self.js = js
@@ -68,7 +71,7 @@ class Relay:
         return int(value) if value else 0
 
     async def start_position(self) -> int:
-        tracked = await asyncio.to_thread(self.store.position, self.name)
+        tracked = await self.io(self.store.position, self.name)
         return max(tracked, await self._last_published())
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -94,7 +97,7 @@ class Relay:
 
     async def publish_once(self) -> int:
         """Publish the next batch; returns how many events went out."""
-        rows = await asyncio.to_thread(self.store.read_notifications, self.position, self.batch)
+        rows = await self.io(self.store.read_notifications, self.position, self.batch)
         if not rows:
             return 0
         self.caught_up.clear()
@@ -116,7 +119,7 @@ class Relay:
         # retry it (Nats-Msg-Id makes the retry harmless).
         await asyncio.wait_for(asyncio.gather(*acks), timeout=self.ack_timeout_s)
         last = rows[-1][0]
-        await asyncio.to_thread(self.store.set_position, self.name, last)
+        await self.io(self.store.set_position, self.name, last)
         self.position = last
         self.published += len(rows)
         return len(rows)

@@ -36,6 +36,7 @@ from loom_core.contracts import (
 )
 from loom_core.executor import Message, RunState, decide, evolve, fold
 from loom_infra import bus
+from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
 from loom_infra.store import ConcurrencyConflict, EventStore, open_event_store
@@ -59,8 +60,9 @@ class Work:
 class RunHost:
     """Actors in memory + the single writer loop."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, io: Blocking) -> None:
         self.store = store
+        self.io = io
         self.actors: OrderedDict[str, RunState] = OrderedDict()
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
         self.listeners: list[Callable[[], None]] = []  # run after each commit
@@ -76,7 +78,7 @@ class RunHost:
         if state is not None:
             self.actors.move_to_end(run_id)
             return state
-        records = await asyncio.to_thread(self.store.load, run_id)
+        records = await self.io(self.store.load, run_id)
         state = fold(run_id, (r.event for r in records))
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
@@ -109,7 +111,7 @@ class RunHost:
                 per_work.append(produced)
                 records.extend(produced)
             if records:
-                await asyncio.to_thread(self.store.append, records)
+                await self.io(self.store.append, records)
                 self.commits += 1
         except Exception as exc:
             # The in-memory actors may now be ahead of the store: forget them; they are
@@ -136,12 +138,13 @@ class ExecutorService:
     def __init__(self, settings: Settings, store: EventStore | None = None) -> None:
         self.settings = settings
         self.store = store or open_event_store(settings.store)
-        self.host = RunHost(self.store)
+        self.io = Blocking("executor-store", workers=4)
+        self.host = RunHost(self.store, self.io)
         self.relay: Relay | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.relay = Relay(self.store, ctx.js)
+        self.relay = Relay(self.store, ctx.js, io=self.io)
         self.host.listeners.append(self.relay.wake)
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
@@ -159,7 +162,8 @@ class ExecutorService:
         ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.store.close)
+        await self.io.close()
+        self.store.close()
 
     # ------------------------------------------------------------------ submit
 
@@ -240,7 +244,7 @@ class ExecutorService:
             reply = RunEventsReply(run_id="", error=bus.decode_error_info(exc))
         else:
             limit = max(1, min(query.limit, 5000))
-            events = await asyncio.to_thread(self.store.load, query.run_id, query.after_seq, limit)
+            events = await self.io(self.store.load, query.run_id, query.after_seq, limit)
             reply = RunEventsReply(run_id=query.run_id, events=events)
         await msg.respond(codec.encode(reply))
 

@@ -8,7 +8,6 @@ second entry. The thread of a finished run is found from the run's first event
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from loom_core.contracts import (
     ThreadReply,
 )
 from loom_infra import bus
+from loom_infra.blocking import Blocking
 from loom_infra.settings import Settings
 from loom_infra.store import ThreadStore, open_thread_store
 from loom_services.runtime import ServiceContext, run_main
@@ -40,6 +40,7 @@ class MemoryService:
     def __init__(self, settings: Settings, threads: ThreadStore | None = None) -> None:
         self.settings = settings
         self.threads = threads or open_thread_store(settings.store)
+        self.io = Blocking("memory-store")
         self.thread_of: OrderedDict[str, str] = OrderedDict()
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -60,7 +61,8 @@ class MemoryService:
         ctx.spawn(consumer.run(ctx.stop), "memory-events")
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.threads.close)
+        await self.io.close()
+        self.threads.close()
 
     async def on_events(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
         results: list[bool | BaseException] = []
@@ -101,7 +103,7 @@ class MemoryService:
             )
         else:
             return
-        await asyncio.to_thread(self.threads.append, thread_id, entry)
+        await self.io(self.threads.append, thread_id, entry)
 
     def _note_thread(self, run_id: str, thread_id: str) -> None:
         self.thread_of[run_id] = thread_id
@@ -130,7 +132,7 @@ class MemoryService:
         except Exception:
             await msg.respond(codec.encode(ThreadReply(thread_id="")))
             return
-        entries = await asyncio.to_thread(self.threads.list, query.thread_id)
+        entries = await self.io(self.threads.list, query.thread_id)
         await msg.respond(codec.encode(ThreadReply(thread_id=query.thread_id, entries=entries)))
 
 

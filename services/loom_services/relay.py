@@ -23,10 +23,11 @@ class RelayService:
         self.batch = int(os.environ.get("LOOM_RELAY_BATCH", "512"))
 
     async def start(self, ctx: ServiceContext) -> None:
-        relay = Relay(self.store, ctx.js, batch=self.batch)
-        ctx.spawn(relay.run(ctx.stop), "relay")
+        self.relay = Relay(self.store, ctx.js, batch=self.batch)
+        ctx.spawn(self.relay.run(ctx.stop), "relay")
 
     async def close(self) -> None:
+        await self.relay.io.close()
         self.store.close()
 
 

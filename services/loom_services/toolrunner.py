@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from loom_core import codec, subjects
 from loom_core.contracts import ErrorInfo, ToolCallRequested, ToolResult
 from loom_infra import bus
+from loom_infra.blocking import Blocking
 from loom_infra.settings import Settings
 from loom_infra.store import ToolCallLedger, open_tool_ledger
 from loom_services.runtime import ServiceContext, run_main
@@ -57,6 +58,7 @@ class ToolRunnerService:
         self.settings = settings
         self.registry = registry or default_registry()
         self.ledger = ledger or open_tool_ledger(settings.store)
+        self.io = Blocking("toolrunner-ledger")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.tool_settings = ToolSettings(http_allow_private=tuple(settings.http_allow_private))
         self.inflight: set[str] = set()
@@ -80,7 +82,8 @@ class ToolRunnerService:
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.ledger.close)
+        await self.io.close()
+        self.ledger.close()
 
     async def on_requests(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
         return list(await asyncio.gather(*(self._one(m) for m in msgs)))
@@ -110,12 +113,12 @@ class ToolRunnerService:
 
     async def _result_for(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
         key = request.idempotency_key
-        entry = await asyncio.to_thread(self.ledger.get, key)
+        entry = await self.io(self.ledger.get, key)
         if entry is None:
-            claimed = await asyncio.to_thread(self.ledger.claim, key, self.owner, bus.now())
+            claimed = await self.io(self.ledger.claim, key, self.owner, bus.now())
             if claimed:
                 return await self._execute(run_id, request, msg)
-            entry = await asyncio.to_thread(self.ledger.get, key)
+            entry = await self.io(self.ledger.get, key)
         assert entry is not None
         if entry.status == "finished" and entry.result is not None:
             return codec.decode(entry.result, ToolResult)
@@ -140,7 +143,7 @@ class ToolRunnerService:
                 details={"owner": entry.owner},
             ),
         )
-        await asyncio.to_thread(self.ledger.finish, key, codec.encode(result))
+        await self.io(self.ledger.finish, key, codec.encode(result))
         return result
 
     async def _execute(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
@@ -173,7 +176,7 @@ class ToolRunnerService:
             output=outcome.output,
             error=outcome.error,
         )
-        await asyncio.to_thread(self.ledger.finish, key, codec.encode(result))
+        await self.io(self.ledger.finish, key, codec.encode(result))
         self.executed += 1
         return result
 

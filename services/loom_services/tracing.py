@@ -35,6 +35,7 @@ from loom_core.contracts import (
 )
 from loom_core.spans import TraceBuilder, build_spans
 from loom_infra import bus
+from loom_infra.blocking import Blocking
 from loom_infra.otlp import OtlpExporter, from_env
 from loom_infra.settings import Settings
 from loom_infra.spanstore import SpanStore, open_span_store
@@ -58,6 +59,7 @@ class TracingService:
         self.settings = settings
         self.store = store or open_span_store(settings.store)
         self.exporter = exporter if exporter is not None else from_env()
+        self.io = Blocking("tracing-store")
         self.builders: OrderedDict[str, tuple[TraceBuilder, int]] = OrderedDict()
         self._export_wake = asyncio.Event()
 
@@ -79,7 +81,8 @@ class TracingService:
             ctx.spawn(self._export_loop(ctx.stop), "tracing-export")
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.store.close)
+        await self.io.close()
+        self.store.close()
 
     # ------------------------------------------------------------------ folding
 
@@ -113,15 +116,12 @@ class TracingService:
             for record in fresh:
                 for span in builder.apply(record):
                     changed[span.span_id] = span
-            await asyncio.to_thread(self._persist, run_id, fresh, list(changed.values()), builder)
+            # events, spans and summary in one transaction: a crash between them would
+            # leave events whose span changes are never reported again
+            await self.io(
+                self.store.save, run_id, fresh, list(changed.values()), builder.summary
+            )
             self.builders[run_id] = (builder, fresh[-1].seq)
-
-    def _persist(
-        self, run_id: str, records: list[EventRecord], spans: list[SpanRecord], b: TraceBuilder
-    ) -> None:
-        self.store.record_events(run_id, records)
-        self.store.upsert(spans)
-        self.store.upsert_run(b.summary)
 
     async def _builder(self, run_id: str) -> tuple[TraceBuilder, int]:
         cached = self.builders.get(run_id)
@@ -129,7 +129,7 @@ class TracingService:
             self.builders.move_to_end(run_id)
             return cached
         builder = TraceBuilder(run_id)
-        seen = await asyncio.to_thread(self.store.events, run_id)
+        seen = await self.io(self.store.events, run_id)
         for record in seen:
             builder.apply(record)
         entry = (builder, seen[-1].seq if seen else 0)
@@ -153,11 +153,11 @@ class TracingService:
         assert self.exporter is not None
         while not stop.is_set():
             self._export_wake.clear()
-            spans = await asyncio.to_thread(self.store.unexported, 512)
+            spans = await self.io(self.store.unexported, 512)
             if spans:
-                ok = await asyncio.to_thread(self.exporter.export, spans)
+                ok = await self.io(self.exporter.export, spans)
                 if ok:
-                    await asyncio.to_thread(self.store.mark_exported, [s.span_id for s in spans])
+                    await self.io(self.store.mark_exported, spans)
                     continue
                 log.warning("OTLP export of %d spans failed; will retry", len(spans))
                 await bus.wait_or_timeout(stop, EXPORT_RETRY_S)
@@ -171,7 +171,7 @@ class TracingService:
             query = codec.decode(msg.data, RunsQuery)
         except Exception:
             query = RunsQuery()
-        runs = await asyncio.to_thread(self.store.runs, query.limit, query.status)
+        runs = await self.io(self.store.runs, query.limit, query.status)
         await msg.respond(codec.encode(RunsReply(runs=runs)))
 
     async def on_trace_query(self, msg: Msg) -> None:
@@ -184,7 +184,7 @@ class TracingService:
             events = await self._history(query.run_id, 0)
             spans = build_spans(events)
         else:
-            spans = await asyncio.to_thread(self.store.trace, query.run_id)
+            spans = await self.io(self.store.trace, query.run_id)
         if not spans:
             reply = TraceReply(
                 run_id=query.run_id,
