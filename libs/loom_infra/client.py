@@ -61,7 +61,10 @@ class LoomClient:
         return cls(await bus.connect(url, name))
 
     async def close(self) -> None:
-        await self.nc.drain()
+        try:
+            await self.nc.flush(timeout=2)
+        finally:
+            await self.nc.close()
 
     async def __aenter__(self) -> LoomClient:
         return self

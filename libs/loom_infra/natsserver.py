@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +24,16 @@ _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 
 class NatsServerError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the process that started it dies, so
+    a crashed ``loom up`` or test run never leaves a server holding its port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_nats_server() -> str:
@@ -74,6 +85,7 @@ class EmbeddedNats:
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ},
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
         )
         ready = threading.Event()
         stderr = self.process.stderr

@@ -43,7 +43,11 @@ class Relay:
         idle_poll_s: float = 2.0,
         ack_timeout_s: float = 10.0,
         io: Blocking | None = None,
+        track_interval_s: float = 1.0,
     ) -> None:
+        self.track_interval_s = track_interval_s
+        self.tracked = 0
+        self._tracked_at = float("-inf")
         self.io = io or Blocking("relay", workers=1)
         self.ack_timeout_s = ack_timeout_s
         self.store = store
@@ -75,7 +79,7 @@ class Relay:
         return max(tracked, await self._last_published())
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.position = await self.start_position()
+        self.position = self.tracked = await self.start_position()
         while not stop.is_set():
             self._wake.clear()
             try:
@@ -89,11 +93,16 @@ class Relay:
             self.caught_up.set()
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait(
+            done, _ = await asyncio.wait(
                 {waker, stopper}, timeout=self.idle_poll_s, return_when=asyncio.FIRST_COMPLETED
             )
             waker.cancel()
             stopper.cancel()
+            if not done:  # idle for a while: record the position now
+                try:
+                    await self._track(force=True)
+                except Exception as exc:
+                    log.warning("relay could not record its position: %r", exc)
 
     async def publish_once(self) -> int:
         """Publish the next batch; returns how many events went out."""
@@ -118,8 +127,17 @@ class Relay:
         # A publish whose ack never comes must not hang the relay: fail the batch and
         # retry it (Nats-Msg-Id makes the retry harmless).
         await asyncio.wait_for(asyncio.gather(*acks), timeout=self.ack_timeout_s)
-        last = rows[-1][0]
-        await self.io(self.store.set_position, self.name, last)
-        self.position = last
+        self.position = rows[-1][0]
         self.published += len(rows)
+        await self._track()
         return len(rows)
+
+    async def _track(self, force: bool = False) -> None:
+        """Record the position at most every ``track_interval_s`` (one commit saved per
+        batch): after a crash the stream's last notification id covers the gap."""
+        now = asyncio.get_running_loop().time()
+        if self.position > self.tracked and (
+            force or now - self._tracked_at >= self.track_interval_s
+        ):
+            await self.io(self.store.set_position, self.name, self.position)
+            self.tracked, self._tracked_at = self.position, now

@@ -31,8 +31,9 @@ from __future__ import annotations
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -232,9 +233,28 @@ def _create_tables(recorder: Any) -> None:
                 raise
 
 
+def _ensure_wal(path: Path) -> None:
+    """Switch a database file to WAL before eventsourcing opens it. The switch needs an
+    exclusive lock that SQLite's busy timeout does not cover, so two processes opening a
+    new file at once would see "database is locked" inside the library's pool (which
+    then stays wedged); here the loser just retries (bounded: start-up only). WAL mode
+    is stored in the file, so the library then finds it already set."""
+    for attempt in range(1, 51):
+        try:
+            with closing(sqlite3.connect(path, timeout=10)) as conn:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 50:
+                raise
+            time.sleep(0.02 * min(attempt, 10))
+
+
 def _sqlite_datastore(settings: StoreSettings, purpose: str) -> SQLiteDatastore:
     data_dir = Path(settings.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    _ensure_wal(data_dir / SQLITE_FILES[purpose])
     return SQLiteDatastore(
         str(data_dir / SQLITE_FILES[purpose]),
         lock_timeout=SQLITE_LOCK_TIMEOUT_S,
@@ -626,6 +646,24 @@ class ToolCallLedger(_Closable):
                 self._recorder.insert_events([StoredEvent(key, 2, "finished", bytes(result))])
             except IntegrityError:
                 return
+
+    def record(self, key: str, owner: str, at: datetime, result: bytes) -> bool:
+        """Claim and finish in one transaction, for idempotent tools that ran without a
+        prior claim (running twice is harmless for them; one commit instead of two).
+        False when the key already had a claim: the first recorder's result stands."""
+        self._check_open("record")
+        claim = codec.encode(_Claim(owner=owner, claimed_at=at))
+        with _translated("record", self._backend):
+            try:
+                self._recorder.insert_events(
+                    [
+                        StoredEvent(key, 1, "claimed", claim),
+                        StoredEvent(key, 2, "finished", bytes(result)),
+                    ]
+                )
+            except IntegrityError:
+                return False
+        return True
 
     def get(self, key: str) -> LedgerEntry | None:
         self._check_open("get")

@@ -75,7 +75,10 @@ def events_table(records: Sequence[EventRecord]) -> Table:
 
 
 def runs_table(runs: Sequence[RunSummary]) -> Table:
-    table = Table("run", "status", "name", "steps", "started", "duration", box=None)
+    table = Table(box=None)
+    table.add_column("run", no_wrap=True)
+    for name in ("status", "name", "steps", "started", "duration"):
+        table.add_column(name)
     colours = {"completed": "green", "failed": "red", "rejected": "red", "running": "cyan"}
     for run in runs:
         c = colours.get(run.status, "white")

@@ -89,8 +89,12 @@ class Stack:
             with contextlib.suppress(Exception):
                 await service.close()
         for ctx in self.contexts:
+            # Every task is stopped and its acks were sent: flush and close (a drain
+            # would wait on pull subscriptions whose fetches were just cancelled).
             with contextlib.suppress(Exception):
-                await ctx.nc.drain()
+                await ctx.nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await ctx.nc.close()
         self.contexts.clear()
 
 

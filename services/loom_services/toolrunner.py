@@ -2,8 +2,10 @@
 idempotency key, and answers the run's inbox with a ``ToolResult``.
 
 Exactly-once effects over at-least-once delivery (DESIGN decision 5):
-1. the key is *claimed* in the ledger (a unique insert: one claimant wins, across
-   replicas and restarts) before the tool runs;
+1. for a tool that is not idempotent, the key is *claimed* in the ledger (a unique
+   insert: one claimant wins, across replicas and restarts) before the tool runs;
+   an idempotent tool runs first and records claim + result in one commit (a race
+   can run it twice, which is harmless by definition, and the first result stands);
 2. the result is stored in the ledger, then published with ``Nats-Msg-Id`` =
    ``result:{key}``, then the message is acked.
 A redelivered request whose key is finished re-sends the stored result without running
@@ -114,18 +116,33 @@ class ToolRunnerService:
     async def _result_for(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
         key = request.idempotency_key
         entry = await self.io(self.ledger.get, key)
-        if entry is None:
+        tool = self.registry.get(request.tool)
+        idempotent = tool is None or tool.idempotent  # unknown tools only yield an error
+        if entry is None and idempotent:
+            # Running twice is harmless: skip the claim, record claim + result at once.
+            result = await self._execute(run_id, request, msg)
+            if await self.io(
+                self.ledger.record, key, self.owner, result.started_at, codec.encode(result)
+            ):
+                return result
+            entry = await self.io(self.ledger.get, key)
+            if entry is None or entry.result is None:
+                return result  # the other claimant has not finished; ours is as good
+        elif entry is None:
             claimed = await self.io(self.ledger.claim, key, self.owner, bus.now())
             if claimed:
-                return await self._execute(run_id, request, msg)
+                result = await self._execute(run_id, request, msg)
+                await self.io(self.ledger.finish, key, codec.encode(result))
+                return result
             entry = await self.io(self.ledger.get, key)
         assert entry is not None
         if entry.status == "finished" and entry.result is not None:
             return codec.decode(entry.result, ToolResult)
         # Claimed but never finished: whoever claimed it stopped mid-call.
-        tool = self.registry.get(request.tool)
-        if tool is not None and tool.idempotent:
-            return await self._execute(run_id, request, msg)
+        if idempotent:
+            result = await self._execute(run_id, request, msg)
+            await self.io(self.ledger.finish, key, codec.encode(result))
+            return result
         now = bus.now()
         result = ToolResult(
             run_id=run_id,
@@ -176,7 +193,6 @@ class ToolRunnerService:
             output=outcome.output,
             error=outcome.error,
         )
-        await self.io(self.ledger.finish, key, codec.encode(result))
         self.executed += 1
         return result
 

@@ -310,6 +310,21 @@ class StoreContract:
         assert finished.claimed_at == T0
         assert ledger.claim(key, "toolrunner-3", T0) is False
 
+    def test_ledger_record_claims_and_finishes_at_once_first_wins(
+        self, ledger: ToolCallLedger
+    ) -> None:
+        key = "run-a:noop:1"
+        assert ledger.record(key, "toolrunner-1", T0, b'{"n":1}') is True
+        assert ledger.record(key, "toolrunner-2", T0, b'{"n":2}') is False
+        entry = ledger.get(key)
+        assert entry is not None
+        assert (entry.status, entry.owner, entry.result) == ("finished", "toolrunner-1", b'{"n":1}')
+        # a claimed-but-unfinished key cannot be recorded over either
+        assert ledger.claim("run-a:pay:1", "toolrunner-1", T0) is True
+        assert ledger.record("run-a:pay:1", "toolrunner-2", T0, b"{}") is False
+        pending = ledger.get("run-a:pay:1")
+        assert pending is not None and pending.status == "claimed"
+
     def test_ledger_finish_without_claim_is_refused(self, ledger: ToolCallLedger) -> None:
         with pytest.raises(StoreError, match="never claimed"):
             ledger.finish("run-a:fetch:9", b"{}")
