@@ -44,7 +44,7 @@ from loom_services.runtime import ServiceContext, run_main
 log = logging.getLogger("loom.tracing")
 
 MAX_BUILDERS = 2_000
-EXPORT_RETRY_S = 5.0
+EXPORT_RETRY_S = 5.0  # how long to wait before retrying a failed export
 
 
 class TracingService:
@@ -60,6 +60,8 @@ class TracingService:
         self.store = store or open_span_store(settings.store)
         self.exporter = exporter if exporter is not None else from_env()
         self.io = Blocking("tracing-store")
+        self.export_retry_s = EXPORT_RETRY_S
+        self.export_failures = 0
         self.builders: OrderedDict[str, tuple[TraceBuilder, int]] = OrderedDict()
         self._export_wake = asyncio.Event()
 
@@ -159,10 +161,11 @@ class TracingService:
                 if ok:
                     await self.io(self.store.mark_exported, spans)
                     continue
+                self.export_failures += 1
                 log.warning("OTLP export of %d spans failed; will retry", len(spans))
-                await bus.wait_or_timeout(stop, EXPORT_RETRY_S)
+                await bus.wait_or_timeout(stop, self.export_retry_s)
                 continue
-            await bus.wait_or_timeout(self._export_wake, EXPORT_RETRY_S)
+            await bus.wait_or_timeout(self._export_wake, self.export_retry_s)
 
     # ------------------------------------------------------------------ queries
 

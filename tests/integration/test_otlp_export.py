@@ -410,3 +410,61 @@ def test_bad_settings_name_their_variable(env: dict[str, str], variable: str) ->
     with pytest.raises(OtlpConfigError) as info:
         from_env(env)
     assert info.value.variable == variable
+
+
+# --------------------------------------------------------------------------- the service
+
+
+async def test_tracing_service_delivers_every_span_after_the_collector_comes_back(
+    receiver: Receiver, tmp_path: Any, sqlite_store_settings: Any
+) -> None:
+    """The collector is down during the run; spans wait in the store and all arrive,
+    with the run's own ids, once it is back."""
+    import asyncio
+    from pathlib import Path
+
+    from loom_cli.app import load_run_request
+    from loom_infra.client import LoomClient
+    from loom_infra.natsserver import EmbeddedNats
+    from loom_infra.settings import Settings
+    from loom_services.executor import ExecutorService
+    from loom_services.planner import PlannerService
+    from loom_services.runtime import Stack
+    from loom_services.toolrunner import ToolRunnerService
+    from loom_services.tracing import TracingService
+
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    settings = Settings(nats_url=server.url, store=sqlite_store_settings)
+    tracing = TracingService(
+        settings, exporter=OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=1.0)
+    )
+    tracing.export_retry_s = 0.1
+    stack = Stack(
+        [ExecutorService(settings), PlannerService(settings), ToolRunnerService(settings), tracing],
+        settings,
+    )
+    await stack.start()
+    try:
+        async with await LoomClient.connect(server.url) as client:
+            example = Path(__file__).resolve().parents[2] / "examples" / "hello-dag.yaml"
+            accepted = await client.submit(load_run_request(example, [], None))
+            records = await client.wait(accepted.run_id, timeout=30)
+            assert isinstance(records[-1].event, RunCompleted)
+            expected = {s.span_id for s in build_spans(records)}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while tracing.export_failures == 0:  # it did try while the collector was down
+                assert loop.time() < deadline, "no export was attempted"
+                await asyncio.sleep(0.02)
+            receiver.start()  # the collector comes back
+            deadline = loop.time() + 20
+            while {span.span_id.hex() for _, span, _ in receiver.spans()} != expected:
+                assert loop.time() < deadline, "not every span reached the collector"
+                await asyncio.sleep(0.05)
+            trace_ids = {span.trace_id.hex() for _, span, _ in receiver.spans()}
+            assert trace_ids == {ids.trace_id(accepted.run_id)}
+            names = {span.name for _, span, _ in receiver.spans()}
+            assert "invoke_workflow hello-dag" in names and "execute_tool concat" in names
+    finally:
+        await stack.close()
+        server.stop()
