@@ -33,7 +33,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from loom_core import codec, subjects
-from loom_core.contracts import DeadLetter, ErrorInfo
+from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 
 log = logging.getLogger("loom.bus")
 T = TypeVar("T")
@@ -141,6 +141,25 @@ class Poison(Exception):
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+E = TypeVar("E")
+
+
+def expect_event(msg: Msg, kind: type[E]) -> tuple[EventRecord, E]:
+    """Decode a run event of the kind a consumer subscribed to; anything else is Poison."""
+    try:
+        record = codec.decode_event(msg.data)
+    except Exception as exc:
+        raise Poison(decode_error_info(exc)) from exc
+    if not isinstance(record.event, kind):
+        raise Poison(
+            ErrorInfo(
+                code="unexpected_event",
+                message=f"expected {kind.__name__} on {msg.subject}, got '{record.kind}'",
+            )
+        )
+    return record, record.event
 
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[bool | BaseException]]]

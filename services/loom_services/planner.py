@@ -67,12 +67,9 @@ class PlannerService:
 
     async def _one(self, msg: Msg) -> bool | BaseException:
         try:
-            record = codec.decode_event(msg.data)
-        except Exception as exc:
-            return bus.Poison(bus.decode_error_info(exc))
-        event = record.event
-        if not isinstance(event, RunRequested):
-            return bus.Poison(bus.decode_error_info(TypeError(f"unexpected {record.kind}")))
+            record, event = bus.expect_event(msg, RunRequested)
+        except bus.Poison as poison:
+            return poison
         try:
             verdict = await self.plan(record.run_id, event)
         except CatalogUnavailable as exc:

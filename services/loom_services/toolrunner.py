@@ -92,12 +92,9 @@ class ToolRunnerService:
 
     async def _one(self, msg: Msg) -> bool | BaseException:
         try:
-            record = codec.decode_event(msg.data)
-        except Exception as exc:
-            return bus.Poison(bus.decode_error_info(exc))
-        request = record.event
-        if not isinstance(request, ToolCallRequested):
-            return bus.Poison(bus.decode_error_info(TypeError(f"unexpected {record.kind}")))
+            record, request = bus.expect_event(msg, ToolCallRequested)
+        except bus.Poison as poison:
+            return poison
         key = request.idempotency_key
         if key in self.inflight:
             return True  # this process is running it; that task will answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -15,6 +16,7 @@ from loom_cli.app import load_run_request
 from loom_core import codec, subjects
 from loom_core.contracts import (
     DeadLetter,
+    EventRecord,
     Plan,
     PlanRejected,
     RunCompleted,
@@ -232,3 +234,23 @@ async def test_restart_keeps_runs_and_resumes_consumers(stack: LocalStack) -> No
         assert isinstance(events[-1].event, RunCompleted)
         second = await client.submit(RunRequest(plan=plan))
         assert isinstance((await client.wait(second.run_id, timeout=30))[-1].event, RunCompleted)
+
+
+async def test_poison_events_reach_each_consumers_dead_letters(client: LoomClient) -> None:
+    """A malformed event on a subject the tool-runner or planner consumes ends in that
+    service's dead-letter subject with the reason; it is never retried in a loop."""
+    await client.js.publish(subjects.run_event("x", "tool_call_requested"), b"{oops")
+    await client.js.publish(
+        subjects.run_event("x", "run_requested"),
+        codec.encode(
+            EventRecord(
+                run_id="x", seq=1, at=datetime(2026, 1, 1, tzinfo=UTC), event=RunCompleted(output=1)
+            )
+        ),
+    )
+    tool_letter = (await dead_letters(client, "toolrunner", 1))[0]
+    assert tool_letter.error.code == "malformed_json"
+    assert tool_letter.origin_subject == "loom.run.x.tool_call_requested"
+    plan_letter = (await dead_letters(client, "planner", 1))[0]
+    assert plan_letter.error.code == "unexpected_event"
+    assert "run_completed" in plan_letter.error.message
