@@ -59,21 +59,152 @@ class PlanIssue(Record, tag="plan_issue", tag_field="type"):
 # --------------------------------------------------------------------------- plans
 
 
+# A predicate is declarative JSON, never code: {"eq": [a, b]}, {"gt": [a, b]} (also ne,
+# gte, lt, lte), {"and": [p, ...]}, {"or": [p, ...]}, {"not": p},
+# {"exists": "{{ steps.x.output.y }}"}, {"in": [a, [..]]}, {"contains": [list_or_text, a]},
+# {"empty": a}. Operands are JSON values or templates. See loom_core.predicates.
+Predicate = dict[str, JSON]
+
+
+class RetryPolicy(Inbound, tag="retry", tag_field="type"):
+    """Attempts of one step. The wait before attempt n+1 is
+    ``min(initial_delay_s * multiplier**(n-1), max_delay_s)``, spread by up to ``jitter``
+    (a fraction) derived from the idempotency key, so replay computes the same wait.
+    Errors whose code is in ``non_retryable`` fail at once; errors that are not
+    ``retryable`` (ErrorInfo.retryable) are retried only when ``retry_all`` is set."""
+
+    max_attempts: int = 3
+    initial_delay_s: float = 1.0
+    multiplier: float = 2.0
+    max_delay_s: float = 60.0
+    jitter: float = 0.0
+    non_retryable: list[str] = []
+    retry_all: bool = False
+
+
 class ToolStep(Inbound, tag="tool", tag_field="kind"):
     """Call one tool. ``input`` values may hold templates such as
-    ``{{ input.city }}`` or ``{{ steps.fetch.output.title }}``."""
+    ``{{ input.city }}`` or ``{{ steps.fetch.output.title }}``. ``timeout_s`` bounds one
+    attempt, ``step_timeout_s`` the whole step including retries and waits.
+    ``on_error``: ``fail`` the run, ``continue`` (the step fails, dependents are skipped,
+    the run goes on) or ``fallback`` (run ``fallback`` in its place; its output becomes
+    this step's output)."""
 
     id: str
     tool: str
     input: dict[str, JSON] = {}
     depends_on: list[str] = []
     timeout_s: float | None = None
+    step_timeout_s: float | None = None
+    retry: RetryPolicy | None = None
+    on_error: Literal["fail", "continue", "fallback"] = "fail"
+    fallback: ToolStep | None = None
     description: str = ""
 
 
-# Later step kinds (foreach, parallel, conditional, ...) join this union; each carries
-# ``id`` and ``depends_on`` so the DAG logic stays the same.
-Step = ToolStep
+class ForeachStep(Inbound, tag="foreach", tag_field="kind"):
+    """Run ``do`` (a sub-plan) once per element of ``items`` (an array or a template
+    naming one), at most ``concurrency`` at a time. Inside, ``{{ item }}`` and
+    ``{{ index }}`` name the element. Each element's result is ``output`` rendered in its
+    scope (default: the output of the body's last step); the step's output is the array
+    of results in input order. ``failure``: ``fail_fast`` (first failure fails the step,
+    the rest is cancelled), ``collect`` (every element runs; failed ones are null and
+    their errors are listed), or set ``min_success`` (fails when fewer succeed)."""
+
+    id: str
+    items: JSON
+    do: list[Step]
+    depends_on: list[str] = []
+    concurrency: int = 8
+    failure: Literal["fail_fast", "collect"] = "fail_fast"
+    min_success: int | None = None
+    output: JSON = None
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
+class LoopStep(Inbound, tag="loop", tag_field="kind"):
+    """Run ``do`` again and again: ``while`` is checked before each iteration,
+    ``until`` after each; ``max_iterations`` is mandatory (a loop without a cap is an
+    invalid plan). Inside, ``{{ iteration }}`` counts from 0 and ``{{ steps.x.output }}``
+    sees the current iteration's steps (and, for steps not in the body, the outer
+    ones). The step's output is the last iteration's result (``output`` or the body's
+    last step)."""
+
+    id: str
+    do: list[Step]
+    max_iterations: int
+    while_: Predicate | None = msgspec.field(default=None, name="while")
+    until: Predicate | None = None
+    depends_on: list[str] = []
+    output: JSON = None
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
+class ParallelStep(Inbound, tag="parallel", tag_field="kind"):
+    """Branches (named sub-plans) that run concurrently and join; the output maps each
+    branch to its result (the branch's last step)."""
+
+    id: str
+    branches: dict[str, list[Step]]
+    depends_on: list[str] = []
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
+class ReduceStep(Inbound, tag="reduce", tag_field="kind"):
+    """Fold ``items`` into one value, in order: ``do`` runs once per element with
+    ``{{ acc }}`` (starting at ``initial``), ``{{ item }}`` and ``{{ index }}``; its
+    result (``output`` or the body's last step) is the next ``acc``. The step's output
+    is the final ``acc`` (``initial`` for no items)."""
+
+    id: str
+    items: JSON
+    do: list[Step]
+    initial: JSON = None
+    depends_on: list[str] = []
+    output: JSON = None
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
+class IfStep(Inbound, tag="if", tag_field="kind"):
+    """Branch on a declarative predicate. The branch not taken is recorded as skipped.
+    The output is the taken branch's result (its last step), or null."""
+
+    id: str
+    condition: Predicate
+    then: list[Step] = []
+    else_: list[Step] = msgspec.field(default_factory=list, name="else")
+    depends_on: list[str] = []
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
+class FinalStep(Inbound, tag="final", tag_field="kind"):
+    """Produce the run's output from earlier results (a template). When a plan has a
+    final step, its output is the run's output."""
+
+    id: str
+    output: JSON
+    depends_on: list[str] = []
+    description: str = ""
+
+
+class SleepStep(Inbound, tag="sleep", tag_field="kind"):
+    """A durable timer: wait ``seconds`` or until ``until`` (an ISO 8601 time with a
+    zone, or a template giving one). It survives restarts of every service."""
+
+    id: str
+    seconds: float | None = None
+    until: str | None = None
+    depends_on: list[str] = []
+    description: str = ""
+
+
+Step = ToolStep | ForeachStep | LoopStep | ParallelStep | ReduceStep | IfStep | FinalStep | SleepStep
+COMPOSITE_STEPS = (ForeachStep, LoopStep, ParallelStep, ReduceStep, IfStep)
 
 
 class Plan(Inbound, tag="plan", tag_field="type"):
@@ -83,6 +214,7 @@ class Plan(Inbound, tag="plan", tag_field="type"):
     steps: list[Step]
     output: JSON = None
     name: str = ""
+    timeout_s: float | None = None
     version: Literal[1] = 1
 
 
@@ -204,12 +336,89 @@ class StepSkipped(Record, tag="step_skipped", tag_field="type"):
     reason: str
 
 
+class StepCancelled(Record, tag="step_cancelled", tag_field="type"):
+    step_id: str
+    reason: str
+
+
+class StepRetryScheduled(Record, tag="step_retry_scheduled", tag_field="type"):
+    """Attempt ``attempt`` failed with ``error`` and will be retried after ``delay_s``
+    (a durable timer, ``TimerStarted`` with purpose ``retry``, follows)."""
+
+    step_id: str
+    attempt: int
+    delay_s: float
+    error: ErrorInfo
+
+
+class TimerStarted(Record, tag="timer_started", tag_field="type"):
+    """A durable timer: the timer service answers ``TimerElapsed`` at ``fire_at``.
+    Purposes: sleep, retry, step_timeout, run_timeout."""
+
+    timer_id: str
+    fire_at: datetime
+    purpose: Literal["sleep", "retry", "step_timeout", "run_timeout"]
+    step_id: str | None = None
+
+
+class TimerFired(Record, tag="timer_fired", tag_field="type"):
+    timer_id: str
+
+
+class ForeachStarted(Record, tag="foreach_started", tag_field="type"):
+    step_id: str
+    count: int
+
+
+class LoopIterationStarted(Record, tag="loop_iteration_started", tag_field="type"):
+    step_id: str
+    iteration: int
+
+
+class BranchTaken(Record, tag="branch_taken", tag_field="type"):
+    """Which side of an ``if`` step runs; ``branch`` is ``then`` or ``else``."""
+
+    step_id: str
+    branch: Literal["then", "else"]
+
+
+class ToolCallCancelled(Record, tag="tool_call_cancelled", tag_field="type"):
+    """Tells the tool-runner to stop an in-flight call (its result, if any, is ignored)."""
+
+    step_id: str
+    attempt: int
+    idempotency_key: str
+    reason: str
+
+
+class RunPaused(Record, tag="run_paused", tag_field="type"):
+    by: str
+    reason: str = ""
+
+
+class RunUnpaused(Record, tag="run_unpaused", tag_field="type"):
+    by: str
+
+
+class RunNeedsReview(Record, tag="run_needs_review", tag_field="type"):
+    """An effect's outcome is unknown (a non-idempotent tool's runner died mid-call): the
+    run stops and waits for a person; it is never retried automatically."""
+
+    step_id: str
+    error: ErrorInfo
+
+
 class RunCompleted(Record, tag="run_completed", tag_field="type"):
     output: JSON
 
 
 class RunFailed(Record, tag="run_failed", tag_field="type"):
     error: ErrorInfo
+
+
+class RunCancelled(Record, tag="run_cancelled", tag_field="type"):
+    by: str
+    reason: str = ""
 
 
 RunEvent = (
@@ -224,11 +433,23 @@ RunEvent = (
     | StepCompleted
     | StepFailed
     | StepSkipped
+    | StepCancelled
+    | StepRetryScheduled
+    | TimerStarted
+    | TimerFired
+    | ForeachStarted
+    | LoopIterationStarted
+    | BranchTaken
+    | ToolCallCancelled
+    | RunPaused
+    | RunUnpaused
+    | RunNeedsReview
     | RunCompleted
     | RunFailed
+    | RunCancelled
 )
 
-TERMINAL_EVENTS = (RunCompleted, RunFailed, PlanRejected)
+TERMINAL_EVENTS = (RunCompleted, RunFailed, PlanRejected, RunCancelled)
 
 
 class EventRecord(Record, tag="event_record", tag_field="type"):
@@ -281,7 +502,43 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     error: ErrorInfo | None = None
 
 
-InboxMessage = PlanProposed | PlanRefused | ToolResult
+class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):
+    """From the timer service: a ``TimerStarted`` timer reached its time."""
+
+    run_id: str
+    timer_id: str
+
+
+class RunControl(Inbound, tag="run_control", tag_field="type"):
+    """Operator request on ``loom.control`` (request/reply): cancel a run, pause it (no
+    new step starts; in-flight ones finish) or unpause it."""
+
+    run_id: str
+    action: Literal["cancel", "pause", "unpause"]
+    by: str = "operator"
+    reason: str = ""
+
+
+class RunControlReply(Record, tag="run_control_reply", tag_field="type"):
+    run_id: str
+    ok: bool
+    status: str = ""
+    error: ErrorInfo | None = None
+
+
+InboxMessage = PlanProposed | PlanRefused | ToolResult | TimerElapsed
+
+
+class RunProgress(Record, tag="run_progress", tag_field="type"):
+    """Published on ``loom.progress.{run_id}`` after each change of a run (not stored:
+    a convenience for live views; the events are the truth)."""
+
+    run_id: str
+    status: str
+    steps_total: int
+    steps_done: int
+    steps_running: int
+    at: datetime
 
 
 # --------------------------------------------------------------------------- dead letters

@@ -177,6 +177,8 @@ _SUBJECT_NAMES = {
     "API_TRACE": "channel apiTrace",
     "API_THREAD": "channel apiThread",
     "health": "channel health",
+    "CONTROL": "channel control",
+    "progress": "channel progress",
     "TOOLS_BUCKET": "channel toolCatalog",
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",
@@ -336,7 +338,21 @@ def _channels() -> dict[str, Schema]:
             _address(subjects.inbox),
             f"Results addressed to one run (planner verdicts, tool results), on stream "
             f"{subjects.INBOX_STREAM}; the executor records each as a run event.",
-            _names(c.PlanProposed, c.PlanRefused, c.ToolResult),
+            _names(c.PlanProposed, c.PlanRefused, c.ToolResult, c.TimerElapsed),
+            ["run_id"],
+        ),
+        "control": _channel(
+            subjects.CONTROL,
+            "Operator control of a run (request/reply, answered by the executor): cancel, "
+            "pause (no new step starts; in-flight steps finish) or unpause.",
+            _names(c.RunControl),
+        ),
+        "controlReply": _channel(None, reply, _names(c.RunControlReply)),
+        "progress": _channel(
+            _address(subjects.progress),
+            "Live progress of a run after each change (plain NATS, not stored; the run's "
+            "events are the truth).",
+            _names(c.RunProgress),
             ["run_id"],
         ),
         "deadLetter": _channel(
@@ -413,12 +429,13 @@ def _messages() -> dict[str, Schema]:
         "PlanProposed": _struct_message(c.PlanProposed, inbox),
         "PlanRefused": _struct_message(c.PlanRefused, inbox),
         "ToolResult": _struct_message(c.ToolResult, inbox),
+        "TimerElapsed": _struct_message(c.TimerElapsed, inbox),
         "DeadLetter": _struct_message(c.DeadLetter, dead),
     }
     for cls in (
         c.SubmitAccepted, c.SubmitRejected, c.RunEventsQuery, c.RunEventsReply, c.RunsQuery,
         c.RunsReply, c.TraceQuery, c.TraceReply, c.ThreadQuery, c.ThreadReply, c.Ping, c.Pong,
-        c.ToolSpec,
+        c.ToolSpec, c.RunControl, c.RunControlReply, c.RunProgress,
     ):  # fmt: skip
         out[cls.__name__] = _struct_message(cls)
     out.update(_run_event_messages())
@@ -466,7 +483,9 @@ def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
             "and run_completed (conversation threads), tracing on every event.",
         ),
         "sendInbox": op(
-            "send", "inbox", ["planner", "toolrunner"], "Answer a run's request into its inbox."
+            "send", "inbox", ["planner", "toolrunner", "executor"],
+            "Answer a run's request into its inbox (the executor's timer service sends "
+            "TimerElapsed).",
         ),
         "receiveInbox": op(
             "receive", "inbox", ["executor"], "Record each result as a run event."
@@ -486,6 +505,13 @@ def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
         ),
         "queryThread": op(
             "receive", "apiThread", ["memory"], "Read a thread.", reply="apiThreadReply"
+        ),
+        "controlRun": op(
+            "receive", "control", ["executor"], "Cancel, pause or unpause a run.",
+            reply="controlReply",
+        ),
+        "publishProgress": op(
+            "send", "progress", ["executor"], "Live progress of a run after each change."
         ),
         "healthCheck": op(
             "receive", "health", everyone, "Answer a ping.", reply="healthReply"

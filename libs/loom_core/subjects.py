@@ -47,6 +47,15 @@ def dead_letter(service: str) -> str:
     return f"{PREFIX}.dlq.{service}"
 
 
+# Operator control (request/reply): RunControl -> RunControlReply, served by the executor
+CONTROL = f"{PREFIX}.control"
+
+
+# Live progress of a run (RunProgress, plain NATS, not stored)
+def progress(run_id: str) -> str:
+    return f"{PREFIX}.progress.{run_id}"
+
+
 # Request/reply APIs
 API_RUN_EVENTS = f"{PREFIX}.api.run.events"  # executor: RunEventsQuery -> RunEventsReply
 API_RUNS = f"{PREFIX}.api.runs"  # tracing: RunsQuery -> RunsReply

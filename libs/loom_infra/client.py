@@ -21,6 +21,8 @@ from loom_core.contracts import (
     EventRecord,
     Ping,
     Pong,
+    RunControl,
+    RunControlReply,
     RunEventsQuery,
     RunEventsReply,
     RunRequest,
@@ -136,6 +138,16 @@ class LoomClient:
             subjects.API_THREAD, ThreadQuery(thread_id=thread_id), ThreadReply, 10.0
         )
         return reply.entries
+
+    async def control(
+        self, run_id: str, action: str, by: str = "operator", reason: str = ""
+    ) -> RunControlReply:
+        """Cancel, pause or unpause a run; raises LoomError when refused."""
+        request = RunControl(run_id=run_id, action=action, by=by, reason=reason)  # type: ignore[arg-type]
+        reply = await self._ask(subjects.CONTROL, request, RunControlReply, 10.0)
+        if not reply.ok and reply.error is not None:
+            raise LoomError(reply.error)
+        return reply
 
     async def ping(self, service: str, timeout: float = 1.0) -> Pong:
         return await self._ask(subjects.health(service), Ping(), Pong, timeout)
