@@ -70,8 +70,9 @@ class RetryPolicy(Inbound, tag="retry", tag_field="type"):
     """Attempts of one step. The wait before attempt n+1 is
     ``min(initial_delay_s * multiplier**(n-1), max_delay_s)``, spread by up to ``jitter``
     (a fraction) derived from the idempotency key, so replay computes the same wait.
-    Errors whose code is in ``non_retryable`` fail at once; errors that are not
-    ``retryable`` (ErrorInfo.retryable) are retried only when ``retry_all`` is set."""
+    Every error is retried except codes listed in ``non_retryable`` and errors that can
+    never succeed by trying again (``loom_core.executor.NEVER_RETRIED``: invalid input,
+    unknown tool, refused address, ambiguous outcome, ...)."""
 
     max_attempts: int = 3
     initial_delay_s: float = 1.0
@@ -79,7 +80,6 @@ class RetryPolicy(Inbound, tag="retry", tag_field="type"):
     max_delay_s: float = 60.0
     jitter: float = 0.0
     non_retryable: list[str] = []
-    retry_all: bool = False
 
 
 class ToolStep(Inbound, tag="tool", tag_field="kind"):
@@ -203,8 +203,9 @@ class SleepStep(Inbound, tag="sleep", tag_field="kind"):
     description: str = ""
 
 
-Step = ToolStep | ForeachStep | LoopStep | ParallelStep | ReduceStep | IfStep | FinalStep | SleepStep
-COMPOSITE_STEPS = (ForeachStep, LoopStep, ParallelStep, ReduceStep, IfStep)
+Step = (
+    ToolStep | ForeachStep | LoopStep | ParallelStep | ReduceStep | IfStep | FinalStep | SleepStep
+)
 
 
 class Plan(Inbound, tag="plan", tag_field="type"):
@@ -366,8 +367,11 @@ class TimerFired(Record, tag="timer_fired", tag_field="type"):
 
 
 class ForeachStarted(Record, tag="foreach_started", tag_field="type"):
+    """The items a foreach or reduce step iterates over, resolved when it starts."""
+
     step_id: str
     count: int
+    items: list[JSON] = []
 
 
 class LoopIterationStarted(Record, tag="loop_iteration_started", tag_field="type"):

@@ -1,69 +1,180 @@
-"""The run actor's brain: ``evolve`` folds events into state, ``decide`` turns the state
-and one incoming message into new events.
+"""The run actor's brain: a deterministic interpreter of the plan language.
 
-Determinism contract (DESIGN decision 4): neither function reads a clock, draws a
-random number or does I/O. Time arrives as the ``now`` argument and is stamped on the
-envelope by the caller, ids are derived from the run id (``loom_core.ids``). Replaying
-a run re-runs ``decide`` over its recorded inputs and must give the same events.
+Contract (DESIGN decision 4)
+- ``evolve(state, event)`` folds one event into the state (in place; the actor owns it).
+- ``advance(state, message, now)`` decides what ``message`` causes *and* folds each new
+  event as it is emitted, returning the events. It is the fused, efficient form used by
+  the executor service: later decisions in the same call (a completion that schedules
+  the next steps, a failure that skips the rest) see the earlier events' effects.
+- ``decide(state, message, now)`` is the pure form: ``advance`` on a copy.
+  ``fold(events) == state after advance`` is a tested property.
+- No clock, randomness or I/O: time is the ``now`` argument (the executor stamps the
+  same value on the events' envelope; replay passes the recorded one), ids derive from
+  the run id and the step's path, retry jitter from the idempotency key.
 
-Cost: ``evolve`` is O(1) per event and ``decide`` touches only the step a message is
-about and its direct dependents, so a step's cost does not grow with the run's history.
-``evolve`` updates the state in place (the actor owns it); ``decide`` never mutates the
-state: it works on a ``_Draft`` overlay so cascades (a completion that schedules the
-next steps, a failure that skips the rest) see their own effects.
+Instances and scopes
+A plan's steps form the root scope. A composite step (foreach, loop, reduce, parallel,
+if) runs its body in child scopes, one per element / iteration / branch. Every running
+thing is an *instance* with a path id: a top-level step ``fetch``; a foreach element
+scope ``fe/3`` and a step inside it ``fe/3/fetch``; loop iteration ``lp/2``; parallel
+branch ``par/left``; if branch ``cond/then``; a tool step's fallback ``fetch/fallback``.
+Step ids are subject tokens (no ``/``), so a path parses unambiguously. A scope is
+started by a ``step_scheduled`` event for its id and ends with ``step_completed`` /
+``step_failed`` / ``step_cancelled`` like any step, so element results are events too.
 
-Failure semantics (v1): a failed step skips every step that still waits; the run
-fails once no step is in flight, so every started effect's result is still recorded.
+Failure semantics
+- A tool attempt's error is retried per the step's RetryPolicy (each wait a durable
+  timer); when attempts are exhausted ``on_error`` decides: ``fail`` fails the scope
+  (waiting siblings are skipped; running ones finish, so every started effect's result
+  is recorded), ``continue`` only skips the step's dependents, ``fallback`` runs the
+  fallback step in its place.
+- A scope fails when a step in it failed with ``on_error: fail``; the composite owning
+  it applies its own policy (foreach: fail_fast / collect / min_success).
+- ``ambiguous_outcome`` (a non-idempotent tool whose runner died mid-call) is never
+  retried: the run goes to ``needs_review`` and waits for a person.
+
+Cost: each message touches the instance it is about, its scope and direct dependents;
+nothing scans the run's history, so a step's cost does not grow with the run's length.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+from collections import ChainMap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from loom_core import ids
 from loom_core.contracts import (
+    BranchTaken,
     ErrorInfo,
+    FinalStep,
+    ForeachStarted,
+    ForeachStep,
+    IfStep,
     InboxMessage,
+    LoopIterationStarted,
+    LoopStep,
+    ParallelStep,
     Plan,
     PlanAccepted,
     PlanProposed,
     PlanRefused,
     PlanRejected,
+    ReduceStep,
+    RetryPolicy,
+    RunCancelled,
     RunCompleted,
+    RunControl,
     RunEvent,
     RunFailed,
+    RunNeedsReview,
+    RunPaused,
     RunRequest,
     RunRequested,
+    RunUnpaused,
+    SleepStep,
     Step,
+    StepCancelled,
     StepCompleted,
     StepFailed,
+    StepRetryScheduled,
     StepScheduled,
     StepSkipped,
     StepStarted,
+    TimerElapsed,
+    TimerFired,
+    TimerStarted,
+    ToolCallCancelled,
     ToolCallCompleted,
     ToolCallFailed,
     ToolCallRequested,
     ToolResult,
+    ToolStep,
 )
+from loom_core.predicates import PredicateError, evaluate
 from loom_core.templating import TemplateError, render
 from loom_core.validation import dependencies, validate_plan
 
-RunStatus = Literal["new", "planning", "running", "completed", "failed", "rejected"]
-StepStatus = Literal["pending", "running", "succeeded", "failed", "skipped"]
-TERMINAL_RUN: frozenset[str] = frozenset({"completed", "failed", "rejected"})
-DONE_STEP: frozenset[str] = frozenset({"succeeded", "failed", "skipped"})
+RunStatus = Literal[
+    "new", "planning", "running", "paused", "needs_review",
+    "completed", "failed", "rejected", "cancelled",
+]  # fmt: skip
+InstStatus = Literal[
+    "scheduled", "running", "retry_wait", "succeeded", "failed", "skipped", "cancelled"
+]
+TERMINAL_RUN: frozenset[str] = frozenset({"completed", "failed", "rejected", "cancelled"})
+DONE: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+
+# Errors that trying again cannot fix: never retried whatever the policy says.
+NEVER_RETRIED: frozenset[str] = frozenset(
+    {
+        "unknown_tool",
+        "invalid_input",
+        "invalid_output",
+        "output_too_large",
+        "address_not_allowed",
+        "invalid_url",
+        "invalid_template",
+        "missing_field",
+        "ambiguous_outcome",
+        "cancelled",
+    }
+)
+RUN_TIMER = "run:timeout"
+
+Message = RunRequest | InboxMessage | RunControl
+
+
+# --------------------------------------------------------------------------- state
 
 
 @dataclass
-class StepState:
-    step: Step
-    deps: tuple[str, ...]
-    status: StepStatus = "pending"
+class Scope:
+    """Where steps run: the root (``sid == ""``) or one element/iteration/branch."""
+
+    sid: str
+    steps: list[Step]
+    by_id: dict[str, Step]
+    deps: dict[str, tuple[str, ...]]
+    dependents: dict[str, tuple[str, ...]]
+    parent: str | None  # the enclosing scope's sid (None for the root)
+    vars: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    remaining: int = 0
+    failed: str | None = None  # iid of the first step that failed the scope
+
+    def iid(self, step_id: str) -> str:
+        return f"{self.sid}/{step_id}" if self.sid else step_id
+
+
+@dataclass
+class Inst:
+    """One instance: a step in a scope, a composite's child scope, or a fallback."""
+
+    iid: str
+    scope: str  # sid of the scope the instance belongs to
+    step: Step | None  # None for a child scope
+    status: InstStatus = "scheduled"
     attempt: int = 0
     output: Any = None
     error: ErrorInfo | None = None
+    fallback_of: str | None = None
+    # composite bookkeeping, maintained by evolve
+    items: list[Any] | None = None
+    running_children: int = 0
+    ok_children: int = 0
+    failed_children: int = 0
+    next_child: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    acc: Any = None
+    branch: str | None = None
+    first_child_error: ErrorInfo | None = None
+    inflight: bool = False  # a tool attempt was requested and has no outcome yet
+    outputs: dict[str, dict[str, Any]] | None = None  # a finished child scope's outputs
 
 
 @dataclass
@@ -73,26 +184,30 @@ class RunState:
     status: RunStatus = "new"
     plan: Plan | None = None
     input: dict[str, Any] = field(default_factory=dict)
-    steps: dict[str, StepState] = field(default_factory=dict)
-    dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # step id -> {"output": ...} of succeeded steps: the templating context, kept
-    # incrementally so rendering never rebuilds it.
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    running: int = 0
-    done: int = 0
-    first_failure: str | None = None
+    scopes: dict[str, Scope] = field(default_factory=dict)
+    insts: dict[str, Inst] = field(default_factory=dict)
+    timers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    running: int = 0  # tool attempts in flight
+    paused: bool = False
     output: Any = None
     error: ErrorInfo | None = None
+    last_at: datetime | None = None
+    _body_deps: dict[
+        tuple[str, str], tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
+    ] = field(default_factory=dict, repr=False)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_RUN
 
-    def context(self) -> dict[str, Any]:
-        return {"input": self.input, "steps": self.outputs}
+    @property
+    def steps_total(self) -> int:
+        return len(self.plan.steps) if self.plan else 0
 
-
-# --------------------------------------------------------------------------- evolve
+    @property
+    def steps_done(self) -> int:
+        root = self.scopes.get("")
+        return self.steps_total - root.remaining if root else 0
 
 
 def initial_state(run_id: str) -> RunState:
@@ -106,305 +221,854 @@ def fold(run_id: str, events: Iterable[RunEvent]) -> RunState:
     return state
 
 
-def evolve(state: RunState, event: RunEvent) -> RunState:
+def _parent_path(iid: str) -> tuple[str, str]:
+    head, _, last = iid.rpartition("/")
+    return head, last
+
+
+def _body(step: Step, key: str) -> list[Step]:
+    match step:
+        case ForeachStep(do=do) | ReduceStep(do=do) | LoopStep(do=do):
+            return do
+        case ParallelStep(branches=branches):
+            return branches[key]
+        case IfStep(then=then, else_=else_):
+            return then if key == "then" else else_
+    raise AssertionError(f"{type(step).__name__} has no body")
+
+
+def _graph(steps: list[Step]) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    deps = dependencies(steps)
+    dependents: dict[str, list[str]] = {s.id: [] for s in steps}
+    for sid, ds in deps.items():
+        for d in ds:
+            dependents[d].append(sid)
+    return deps, {k: tuple(v) for k, v in dependents.items()}
+
+
+def _new_scope(
+    state: RunState, sid: str, steps: list[Step], parent: str | None, cache_key: tuple[str, str]
+) -> Scope:
+    graph = state._body_deps.get(cache_key)
+    if graph is None:
+        graph = state._body_deps[cache_key] = _graph(steps)
+    scope = Scope(
+        sid=sid,
+        steps=steps,
+        by_id={s.id: s for s in steps},
+        deps=graph[0],
+        dependents=graph[1],
+        parent=parent,
+        remaining=len(steps),
+    )
+    state.scopes[sid] = scope
+    return scope
+
+
+# --------------------------------------------------------------------------- evolve
+
+
+def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunState:
     """Apply one event to ``state`` (in place) and return it."""
     state.version += 1
+    if at is not None:
+        state.last_at = at
     match event:
         case RunRequested(input=run_input):
             state.status = "planning"
             state.input = run_input
         case PlanAccepted(plan=plan):
-            _install_plan(state, plan)
-            state.status = "running"
+            state.plan = plan
+            state.status = "paused" if state.paused else "running"
+            _new_scope(state, "", plan.steps, None, ("", ""))
         case PlanRejected():
             state.status = "rejected"
-        case StepScheduled():
-            pass
-        case StepStarted(step_id=sid, attempt=attempt):
-            st = state.steps[sid]
-            st.status, st.attempt = "running", attempt
+        case StepScheduled(step_id=iid):
+            _on_scheduled(state, iid)
+        case StepStarted(step_id=iid, attempt=attempt):
+            inst = state.insts[iid]
+            inst.status, inst.attempt = "running", attempt
+        case ToolCallRequested(step_id=iid):
+            state.insts[iid].inflight = True
             state.running += 1
-        case ToolCallRequested() | ToolCallCompleted() | ToolCallFailed():
-            pass  # the attempt's facts; the step's outcome follows as its own event
-        case StepCompleted(step_id=sid, output=output):
-            st = state.steps[sid]
-            _leave_running(state, st)
-            st.status, st.output = "succeeded", output
-            state.outputs[sid] = {"output": output}
-            state.done += 1
-        case StepFailed(step_id=sid, error=error):
-            st = state.steps[sid]
-            _leave_running(state, st)
-            st.status, st.error = "failed", error
-            state.done += 1
-            if state.first_failure is None:
-                state.first_failure = sid
-        case StepSkipped(step_id=sid):
-            state.steps[sid].status = "skipped"
-            state.done += 1
+        case (
+            ToolCallCompleted(step_id=iid)
+            | ToolCallFailed(step_id=iid)
+            | ToolCallCancelled(step_id=iid)
+        ):
+            state.insts[iid].inflight = False
+            state.running -= 1
+        case StepRetryScheduled(step_id=iid, attempt=attempt):
+            inst = state.insts[iid]
+            inst.status, inst.attempt = "retry_wait", attempt - 1
+        case TimerStarted(timer_id=tid, purpose=purpose, step_id=sid):
+            state.timers[tid] = (purpose, sid)
+        case TimerFired(timer_id=tid):
+            state.timers.pop(tid, None)
+        case ForeachStarted(step_id=iid, items=items):
+            inst = state.insts[iid]
+            inst.items = items
+            if isinstance(inst.step, ReduceStep):
+                inst.acc = inst.step.initial
+        case LoopIterationStarted():
+            pass  # the iteration's scope is created by its step_scheduled
+        case BranchTaken(step_id=iid, branch=branch):
+            state.insts[iid].branch = branch
+        case StepCompleted(step_id=iid, output=output):
+            _on_done(state, iid, "succeeded", output=output)
+        case StepFailed(step_id=iid, error=error):
+            _on_done(state, iid, "failed", error=error)
+        case StepSkipped(step_id=iid):
+            _on_done(state, iid, "skipped")
+        case StepCancelled(step_id=iid):
+            _on_done(state, iid, "cancelled")
+        case RunPaused():
+            state.paused = True
+            if state.status == "running":
+                state.status = "paused"
+        case RunUnpaused():
+            state.paused = False
+            if state.status == "paused":
+                state.status = "running"
+        case RunNeedsReview(error=error):
+            state.status, state.error = "needs_review", error
         case RunCompleted(output=output):
             state.status, state.output = "completed", output
         case RunFailed(error=error):
             state.status, state.error = "failed", error
+        case RunCancelled():
+            state.status = "cancelled"
     return state
 
 
-def _leave_running(state: RunState, st: StepState) -> None:
-    if st.status == "running":
-        state.running -= 1
+def _on_scheduled(state: RunState, iid: str) -> None:
+    head, last = _parent_path(iid)
+    if not head:  # a top-level step
+        state.insts[iid] = Inst(iid=iid, scope="", step=state.scopes[""].by_id[last])
+        return
+    if head in state.scopes:  # a step inside a running child scope
+        state.insts[iid] = Inst(iid=iid, scope=head, step=state.scopes[head].by_id[last])
+        return
+    owner = state.insts[head]
+    if last == "fallback":
+        assert isinstance(owner.step, ToolStep) and owner.step.fallback is not None
+        state.insts[iid] = Inst(
+            iid=iid, scope=owner.scope, step=owner.step.fallback, fallback_of=head
+        )
+        return
+    # a child scope of a composite step
+    assert owner.step is not None
+    state.insts[iid] = Inst(iid=iid, scope=owner.scope, step=None, status="running")
+    owner.running_children += 1
+    indexed = isinstance(owner.step, ForeachStep | ReduceStep | LoopStep)
+    if indexed:
+        owner.next_child = max(owner.next_child, int(last) + 1)
+    scope = _new_scope(
+        state, iid, _body(owner.step, last), owner.scope, (owner.step.id, "" if indexed else last)
+    )
+    match owner.step:
+        case ForeachStep() | ReduceStep():
+            index = int(last)
+            assert owner.items is not None
+            scope.vars = {"item": owner.items[index], "index": index}
+            if isinstance(owner.step, ReduceStep):
+                scope.vars["acc"] = owner.acc
+        case LoopStep():
+            scope.vars = {"iteration": int(last)}
 
 
-def _install_plan(state: RunState, plan: Plan) -> None:
-    deps = dependencies(plan)
-    state.plan = plan
-    state.steps = {s.id: StepState(step=s, deps=deps[s.id]) for s in plan.steps}
-    dependents: dict[str, list[str]] = {s.id: [] for s in plan.steps}
-    for sid, ds in deps.items():
-        for d in ds:
-            dependents[d].append(sid)
-    state.dependents = {k: tuple(v) for k, v in dependents.items()}
+def _on_done(
+    state: RunState,
+    iid: str,
+    status: InstStatus,
+    output: Any = None,
+    error: ErrorInfo | None = None,
+) -> None:
+    inst = state.insts.get(iid)
+    if inst is None:  # a step that never started: skipped or cancelled while waiting
+        head, last = _parent_path(iid)
+        waiting_in = state.scopes.get(head)
+        if waiting_in is None or last not in waiting_in.by_id:
+            return  # a step of a branch never taken: recorded, never instantiated
+        inst = state.insts[iid] = Inst(iid=iid, scope=head, step=waiting_in.by_id[last])
+    inst.status = status
+    inst.output, inst.error = output, error
+    if inst.fallback_of is not None:
+        return  # its owner's own outcome event follows
+    if inst.step is None:  # a child scope ended: tell its owner
+        head, key = _parent_path(iid)
+        owner = state.insts[head]
+        owner.running_children -= 1
+        if status == "succeeded":
+            owner.ok_children += 1
+            owner.results[key] = output
+            if isinstance(owner.step, ReduceStep):
+                owner.acc = output
+        elif status == "failed":
+            owner.failed_children += 1
+            owner.first_child_error = owner.first_child_error or error
+        ended = state.scopes.pop(iid, None)  # its steps can no longer change
+        inst.outputs = ended.outputs if ended is not None else {}
+        return
+    scope = state.scopes.get(inst.scope)
+    if scope is None:
+        return
+    scope.remaining -= 1
+    if status == "succeeded":
+        scope.outputs[inst.step.id] = {"output": output}
+    elif status == "failed" and _on_error(inst.step) == "fail" and scope.failed is None:
+        scope.failed = iid
+
+
+def _on_error(step: Step) -> str:
+    return getattr(step, "on_error", "fail")
 
 
 # --------------------------------------------------------------------------- decide
 
-Message = RunRequest | InboxMessage
+
+def decide(state: RunState, message: Message, now: datetime) -> list[RunEvent]:
+    """The events ``message`` causes in a run now in ``state`` (pure: state untouched)."""
+    return advance(copy.deepcopy(state), message, now)
 
 
-def decide(state: RunState, message: Message) -> list[RunEvent]:
-    """The events that ``message`` causes in a run now in ``state``. Messages that no
-    longer apply (duplicates, results for finished attempts, anything after the run
-    ended) cause no events: redelivery is normal and must be harmless."""
-    match message:
-        case RunRequest():
-            if state.version:
-                return []
-            return [
-                RunRequested(
-                    plan=message.plan,
-                    request=message.request,
-                    input=message.input,
-                    thread_id=message.thread_id,
-                    labels=message.labels,
-                )
-            ]
-        case PlanProposed(plan=plan, planner=planner):
-            if state.status != "planning":
-                return []
-            # The planner validated against the tool catalog; the executor re-checks
-            # structure because its own invariants (a DAG of unique ids) depend on it.
-            issues = validate_plan(plan, None, state.input)
-            if issues:
-                return [PlanRejected(issues=issues)]
-            draft = _Draft(state)
-            draft.emit(PlanAccepted(plan=plan, planner=planner))
-            for step in plan.steps:
-                if not draft.deps_of(step.id):
-                    draft.start(step.id)
-            draft.finish_if_done()
-            return draft.events
-        case PlanRefused(issues=issues):
-            if state.status != "planning":
-                return []
-            return [PlanRejected(issues=issues)]
-        case ToolResult():
-            return _on_tool_result(state, message)
-    return []
+def advance(state: RunState, message: Message, now: datetime) -> list[RunEvent]:
+    """Decide and fold: returns the new events, already applied to ``state``.
+    Messages that no longer apply (duplicates, results for finished attempts, anything
+    after the run ended) cause no events: redelivery is normal and must be harmless."""
+    return _Turn(state, now).handle(message)
 
 
-def _on_tool_result(state: RunState, result: ToolResult) -> list[RunEvent]:
-    st = state.steps.get(result.step_id)
-    if (
-        state.terminal
-        or st is None
-        or st.status != "running"
-        or st.attempt != result.attempt
-        or result.idempotency_key
-        != ids.idempotency_key(state.run_id, result.step_id, result.attempt)
-    ):
-        return []
-    draft = _Draft(state)
-    sid = result.step_id
-    if result.ok:
-        draft.emit(
-            ToolCallCompleted(
-                step_id=sid,
-                attempt=result.attempt,
-                idempotency_key=result.idempotency_key,
-                output=result.output,
-                started_at=result.started_at,
-                finished_at=result.finished_at,
-            )
-        )
-        draft.emit(StepCompleted(step_id=sid, output=result.output))
-        for dependent in state.dependents.get(sid, ()):
-            if draft.ready(dependent):
-                draft.start(dependent)
-    else:
-        error = result.error or ErrorInfo(code="tool_error", message="tool failed without detail")
-        draft.emit(
-            ToolCallFailed(
-                step_id=sid,
-                attempt=result.attempt,
-                idempotency_key=result.idempotency_key,
-                error=error,
-                started_at=result.started_at,
-                finished_at=result.finished_at,
-            )
-        )
-        draft.fail_step(sid, error)
-    draft.finish_if_done()
-    return draft.events
+class _Turn:
+    """One decision: emits events, folding each into the state at once."""
 
-
-class _Draft:
-    """An overlay over a RunState that sees the events decided so far in this call
-    without mutating the state. Only the few fields decide reads are overlaid."""
-
-    def __init__(self, state: RunState) -> None:
-        self.base = state
+    def __init__(self, state: RunState, now: datetime) -> None:
+        self.s = state
+        self.now = now
         self.events: list[RunEvent] = []
-        self.status: dict[str, StepStatus] = {}
-        self.outputs: dict[str, dict[str, Any]] = {}
-        self.running = state.running
-        self.done = state.done
-        self.failed: str | None = state.first_failure
-        self.plan: Plan | None = state.plan
-        self.deps: dict[str, tuple[str, ...]] = {}
-        self.new_steps: dict[str, Step] = {}
-        self.dependents: Mapping[str, tuple[str, ...]] = state.dependents
+        # re-entrancy guard: a child that ends synchronously inside its owner's
+        # bookkeeping re-runs that bookkeeping in a loop instead of recursing deeper
+        self._busy: set[str] = set()
+        self._again: set[str] = set()
 
-    # -- views
-    def step_status(self, sid: str) -> StepStatus:
-        if sid in self.status:
-            return self.status[sid]
-        return self.base.steps[sid].status if sid in self.base.steps else "pending"
-
-    def deps_of(self, sid: str) -> tuple[str, ...]:
-        if sid in self.deps:
-            return self.deps[sid]
-        return self.base.steps[sid].deps
-
-    def step(self, sid: str) -> Step:
-        if sid in self.base.steps:
-            return self.base.steps[sid].step
-        return self.new_steps[sid]
-
-    def ready(self, sid: str) -> bool:
-        return self.step_status(sid) == "pending" and all(
-            self.step_status(d) == "succeeded" for d in self.deps_of(sid)
-        )
-
-    def total(self) -> int:
-        return len(self.plan.steps) if self.plan else 0
-
-    def context(self) -> dict[str, Any]:
-        outputs = self.base.outputs
-        if self.outputs:
-            outputs = {**outputs, **self.outputs}
-        return {"input": self.base.input, "steps": outputs}
-
-    # -- changes
     def emit(self, event: RunEvent) -> None:
         self.events.append(event)
-        match event:
-            case PlanAccepted(plan=plan):
-                self.plan = plan
-                self.new_steps = {s.id: s for s in plan.steps}
-                self.deps = dependencies(plan)
-                dependents: dict[str, list[str]] = {s.id: [] for s in plan.steps}
-                for sid, ds in self.deps.items():
-                    for d in ds:
-                        dependents[d].append(sid)
-                self.dependents = {k: tuple(v) for k, v in dependents.items()}
-            case StepStarted(step_id=sid):
-                self.status[sid] = "running"
-                self.running += 1
-            case StepCompleted(step_id=sid, output=output):
-                self._leave(sid)
-                self.status[sid] = "succeeded"
-                self.outputs[sid] = {"output": output}
-                self.done += 1
-            case StepFailed(step_id=sid):
-                self._leave(sid)
-                self.status[sid] = "failed"
-                self.done += 1
-                self.failed = self.failed or sid
-            case StepSkipped(step_id=sid):
-                self.status[sid] = "skipped"
-                self.done += 1
+        evolve(self.s, event, self.now)
 
-    def _leave(self, sid: str) -> None:
-        if self.step_status(sid) == "running":
-            self.running -= 1
+    # ------------------------------------------------------------------ messages
 
-    def start(self, sid: str) -> None:
-        """Schedule a ready step: render its input now (templates see every output
-        recorded so far) and request its first attempt."""
-        step = self.step(sid)
-        self.emit(StepScheduled(step_id=sid))
-        try:
-            rendered = render(step.input, self.context(), path=f"$.steps.{sid}.input")
-        except TemplateError as exc:
-            self.fail_step(sid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+    def handle(self, message: Message) -> list[RunEvent]:
+        s = self.s
+        match message:
+            case RunRequest():
+                if s.version == 0:
+                    self.emit(
+                        RunRequested(
+                            plan=message.plan,
+                            request=message.request,
+                            input=message.input,
+                            thread_id=message.thread_id,
+                            labels=message.labels,
+                        )
+                    )
+            case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
+                # The planner validated against the tool catalog; the executor re-checks
+                # structure because its own invariants depend on it.
+                issues = validate_plan(plan, None, s.input)
+                if issues:
+                    self.emit(PlanRejected(issues=issues))
+                else:
+                    self.emit(PlanAccepted(plan=plan, planner=planner))
+                    if plan.timeout_s:
+                        self.timer(RUN_TIMER, plan.timeout_s, "run_timeout", None)
+                    self.start_ready("")
+            case PlanRefused(issues=issues) if s.status == "planning":
+                self.emit(PlanRejected(issues=issues))
+            case ToolResult() if not s.terminal:
+                self.on_tool_result(message)
+            case TimerElapsed(timer_id=tid) if not s.terminal and tid in s.timers:
+                self.on_timer(tid)
+            case RunControl() if not s.terminal and s.status != "new":
+                self.on_control(message)
+        if not s.terminal and s.plan is not None:
+            self.settle("")
+        return self.events
+
+    # ------------------------------------------------------------------ helpers
+
+    def timer(self, timer_id: str, seconds: float, purpose: Any, step_id: str | None) -> None:
+        fire_at = self.now + timedelta(seconds=max(0.0, seconds))
+        self.emit(
+            TimerStarted(timer_id=timer_id, fire_at=fire_at, purpose=purpose, step_id=step_id)
+        )
+
+    def context(self, sid: str) -> dict[str, Any]:
+        """Templates see the run input, the outputs of this scope and every enclosing
+        one (innermost first), and the innermost scope variables."""
+        maps: list[Mapping[str, Any]] = []
+        variables: dict[str, Any] = {}
+        scope: Scope | None = self.s.scopes.get(sid)
+        while scope is not None:
+            maps.append(scope.outputs)
+            for k, v in scope.vars.items():
+                variables.setdefault(k, v)
+            scope = self.s.scopes.get(scope.parent) if scope.parent is not None else None
+        return {"input": self.s.input, "steps": ChainMap(*maps), **variables}
+
+    def ready(self, scope: Scope, step_id: str) -> bool:
+        if scope.iid(step_id) in self.s.insts:
+            return False
+        return all(d in scope.outputs for d in scope.deps[step_id])
+
+    def start_ready(self, sid: str) -> None:
+        scope = self.s.scopes.get(sid)
+        if scope is None or scope.failed is not None:
             return
-        attempt = 1
-        self.emit(StepStarted(step_id=sid, attempt=attempt))
+        for step in scope.steps:
+            if self.ready(scope, step.id):
+                self.start(scope, step)
+
+    # ------------------------------------------------------------------ starting steps
+
+    def start(self, scope: Scope, step: Step, iid: str | None = None) -> None:
+        if self.s.paused:
+            return  # unpause starts whatever is ready
+        iid = iid or scope.iid(step.id)
+        self.emit(StepScheduled(step_id=iid))
+        try:
+            self._start(scope, step, iid)
+        except (TemplateError, PredicateError) as exc:
+            self.fail(iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+        except _StepError as exc:
+            self.fail(iid, exc.error)
+        else:
+            if self.s.insts[iid].status in DONE:  # it ended at once (final, empty body)
+                self.after(iid)
+
+    def _start(self, scope: Scope, step: Step, iid: str) -> None:
+        ctx = self.context(scope.sid)
+        match step:
+            case ToolStep():
+                if step.step_timeout_s:
+                    self.timer(f"{iid}:timeout", step.step_timeout_s, "step_timeout", iid)
+                self.attempt(iid, step, 1, ctx)
+            case FinalStep(output=output):
+                value = render(output, ctx, path=f"$.steps.{iid}.output")
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.emit(StepCompleted(step_id=iid, output=value))
+            case SleepStep():
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.timer(f"{iid}:sleep", self.sleep_seconds(step, ctx, iid), "sleep", iid)
+            case ForeachStep() | ReduceStep():
+                items = render(step.items, ctx, path=f"$.steps.{iid}.items")
+                if not isinstance(items, list):
+                    raise _StepError(ErrorInfo(
+                        code="invalid_items",
+                        message=f"step '{iid}': items must be an array, got {type(items).__name__}",
+                        path=f"$.steps.{iid}.items",
+                    ))  # fmt: skip
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.emit(ForeachStarted(step_id=iid, count=len(items), items=items))
+                if not items:
+                    self.emit(
+                        StepCompleted(
+                            step_id=iid,
+                            output=[] if isinstance(step, ForeachStep) else step.initial,
+                        )
+                    )
+                    return
+                width = step.concurrency if isinstance(step, ForeachStep) else 1
+                for index in range(min(width, len(items))):
+                    self.start_child(iid, str(index))
+            case LoopStep():
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.next_iteration(iid, step, 0)
+            case ParallelStep(branches=branches):
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                for name in branches:
+                    self.start_child(iid, name)
+            case IfStep():
+                taken = (
+                    "then"
+                    if evaluate(step.condition, ctx, path=f"$.steps.{iid}.condition")
+                    else "else"
+                )
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.emit(BranchTaken(step_id=iid, branch=taken))
+                other = step.else_ if taken == "then" else step.then
+                for s in other:
+                    self.emit(
+                        StepSkipped(
+                            step_id=f"{iid}/{'else' if taken == 'then' else 'then'}/{s.id}",
+                            reason="branch not taken",
+                        )
+                    )
+                if not _body(step, taken):
+                    self.emit(StepCompleted(step_id=iid, output=None))
+                    return
+                self.start_child(iid, taken)
+
+    def sleep_seconds(self, step: SleepStep, ctx: Mapping[str, Any], iid: str) -> float:
+        if step.seconds is not None:
+            return step.seconds
+        until = render(step.until, ctx, path=f"$.steps.{iid}.until")
+        try:
+            when = datetime.fromisoformat(str(until))
+            if when.tzinfo is None:
+                raise ValueError("no time zone")
+        except ValueError as exc:
+            raise TemplateError(
+                f"step '{iid}': `until` must be an ISO 8601 time with a zone, "
+                f"got {until!r} ({exc})",
+                path=f"$.steps.{iid}.until",
+            ) from None
+        return (when - self.now).total_seconds()
+
+    def attempt(
+        self, iid: str, step: ToolStep, attempt: int, ctx: Mapping[str, Any] | None = None
+    ) -> None:
+        inst = self.s.insts[iid]
+        rendered = render(step.input, ctx or self.context(inst.scope), path=f"$.steps.{iid}.input")
+        self.emit(StepStarted(step_id=iid, attempt=attempt))
         self.emit(
             ToolCallRequested(
-                step_id=sid,
+                step_id=iid,
                 attempt=attempt,
                 tool=step.tool,
                 input=rendered,
-                idempotency_key=ids.idempotency_key(self.base.run_id, sid, attempt),
+                idempotency_key=ids.idempotency_key(self.s.run_id, iid, attempt),
                 timeout_s=step.timeout_s,
             )
         )
 
-    def fail_step(self, sid: str, error: ErrorInfo) -> None:
-        self.emit(StepFailed(step_id=sid, error=error))
-        if self.plan is None:
-            return
-        for step in self.plan.steps:
-            if self.step_status(step.id) == "pending":
-                self.emit(StepSkipped(step_id=step.id, reason=f"step '{sid}' failed"))
+    def start_child(self, owner_iid: str, key: str) -> None:
+        child = f"{owner_iid}/{key}"
+        self.emit(StepScheduled(step_id=child))
+        self.start_ready(child)
+        self.settle(child)  # an empty body, or one that failed at once
 
-    def finish_if_done(self) -> None:
-        if self.running or self.done < self.total():
+    def next_iteration(self, iid: str, step: LoopStep, k: int) -> None:
+        inst = self.s.insts[iid]
+        last = inst.results.get(str(k - 1))
+        if k >= step.max_iterations:
+            self.emit(StepCompleted(step_id=iid, output=last))
             return
-        if self.failed is not None:
-            failed = self.failed
-            cause = self._error_of(failed)
-            self.emit(
-                RunFailed(
-                    error=ErrorInfo(
-                        code=cause.code,
-                        message=f"step '{failed}' failed: {cause.message}",
-                        path=cause.path,
-                        details={"step_id": failed},
+        if step.while_ is not None:
+            ctx = {**self.context(inst.scope), "iteration": k}
+            if not evaluate(step.while_, ctx, path=f"$.steps.{iid}.while"):
+                self.emit(StepCompleted(step_id=iid, output=last))
+                return
+        self.emit(LoopIterationStarted(step_id=iid, iteration=k))
+        self.start_child(iid, str(k))
+
+    # ------------------------------------------------------------------ outcomes
+
+    def fail(self, iid: str, error: ErrorInfo) -> None:
+        """Final failure of an instance (after retries and fallbacks)."""
+        self.emit(StepFailed(step_id=iid, error=error))
+        self.after(iid)
+
+    def after(self, iid: str) -> None:
+        """An instance reached its end: start what it unblocked, settle its scope."""
+        inst = self.s.insts.get(iid)
+        if inst is None:
+            return
+        if inst.fallback_of is not None:
+            owner = inst.fallback_of
+            if inst.status == "succeeded":
+                self.emit(StepCompleted(step_id=owner, output=inst.output))
+            else:
+                self.emit(
+                    StepFailed(
+                        step_id=owner,
+                        error=inst.error or _error("fallback_failed", "fallback failed"),
                     )
                 )
+            self.after(owner)
+            return
+        if inst.step is None:  # a child scope ended: its owner moves on
+            self.child_done(_parent_path(iid)[0])
+            return
+        scope = self.s.scopes.get(inst.scope)
+        if scope is None:
+            return
+        if inst.status == "succeeded" and scope.failed is None:
+            for dependent in scope.dependents.get(inst.step.id, ()):
+                if self.ready(scope, dependent):
+                    self.start(scope, scope.by_id[dependent])
+        elif inst.status in ("failed", "cancelled", "skipped"):
+            self.skip_unreachable(scope)
+        self.settle(scope.sid)
+
+    def skip_unreachable(self, scope: Scope) -> None:
+        """Skip waiting steps that can no longer run: all of them when the scope
+        failed, else those depending (transitively) on a step that did not succeed."""
+        changed = True
+        while changed:
+            changed = False
+            for step in scope.steps:
+                iid = scope.iid(step.id)
+                if iid in self.s.insts:
+                    continue
+                blocked = scope.failed is not None or any(
+                    self._ended_without_success(scope, d) for d in scope.deps[step.id]
+                )
+                if blocked:
+                    reason = (
+                        f"step '{scope.failed}' failed"
+                        if scope.failed is not None
+                        else "a step it depends on did not succeed"
+                    )
+                    self.emit(StepSkipped(step_id=iid, reason=reason))
+                    changed = True
+
+    def _ended_without_success(self, scope: Scope, step_id: str) -> bool:
+        inst = self.s.insts.get(scope.iid(step_id))
+        return inst is not None and inst.status in ("failed", "skipped", "cancelled")
+
+    def settle(self, sid: str) -> None:
+        """When every step of a scope has ended, end the scope (or the run)."""
+        scope = self.s.scopes.get(sid)
+        if scope is None or scope.remaining > 0:
+            return
+        if sid == "":
+            self.finish_run(scope)
+            return
+        owner_iid = _parent_path(sid)[0]
+        if self.s.insts[sid].status in DONE:
+            return
+        if scope.failed is not None:
+            failed = self.s.insts[scope.failed]
+            self.emit(
+                StepFailed(step_id=sid, error=failed.error or _error("step_failed", "step failed"))
+            )
+        else:
+            try:
+                output = self.scope_output(scope, self.s.insts[owner_iid].step)
+            except (TemplateError, PredicateError) as exc:
+                self.emit(
+                    StepFailed(
+                        step_id=sid, error=ErrorInfo(code=exc.code, message=str(exc), path=exc.path)
+                    )
+                )
+            else:
+                self.emit(StepCompleted(step_id=sid, output=output))
+        self.after(sid)
+
+    def scope_output(self, scope: Scope, owner_step: Step | None) -> Any:
+        template = getattr(owner_step, "output", None)
+        if template is not None and isinstance(owner_step, ForeachStep | LoopStep | ReduceStep):
+            return render(template, self.context(scope.sid), path=f"$.steps.{scope.sid}.output")
+        last = scope.steps[-1].id if scope.steps else None
+        return scope.outputs.get(last, {}).get("output") if last else None
+
+    def child_done(self, owner_iid: str) -> None:
+        """A child scope of a composite ended (or room freed up): move the owner on."""
+        owner = self.s.insts[owner_iid]
+        if owner.status in DONE:
+            return
+        if owner_iid in self._busy:
+            self._again.add(owner_iid)
+            return
+        self._busy.add(owner_iid)
+        try:
+            while True:
+                self._again.discard(owner_iid)
+                self._move_owner(owner)
+                if owner.status in DONE or owner_iid not in self._again:
+                    break
+        finally:
+            self._busy.discard(owner_iid)
+        if owner.status in DONE:
+            self.after(owner_iid)
+
+    def _move_owner(self, owner: Inst) -> None:
+        iid, step = owner.iid, owner.step
+        error = owner.first_child_error or _error("step_failed", "a child failed")
+        match step:
+            case ForeachStep():
+                n = len(owner.items or [])
+                if (
+                    owner.failed_children
+                    and step.failure == "fail_fast"
+                    and step.min_success is None
+                ):
+                    if owner.running_children:
+                        self.cancel_children(iid, "another item failed (fail_fast)")
+                    if not owner.running_children:
+                        self.emit(StepFailed(step_id=iid, error=error))
+                    return
+                while owner.next_child < n and owner.running_children < step.concurrency:
+                    if self.s.paused:
+                        return
+                    self.start_child(iid, str(owner.next_child))
+                if owner.running_children or owner.ok_children + owner.failed_children < n:
+                    return
+                if step.min_success is not None and owner.ok_children < step.min_success:
+                    self.emit(StepFailed(step_id=iid, error=_error(
+                        "too_few_successes",
+                        f"foreach '{iid}': {owner.ok_children} of {n} items succeeded; "
+                        f"min_success is {step.min_success}",
+                    )))  # fmt: skip
+                    return
+                self.emit(
+                    StepCompleted(step_id=iid, output=[owner.results.get(str(i)) for i in range(n)])
+                )
+            case ReduceStep():
+                if owner.failed_children:
+                    self.emit(StepFailed(step_id=iid, error=error))
+                elif owner.running_children:
+                    return
+                elif owner.next_child < len(owner.items or []):
+                    self.start_child(iid, str(owner.next_child))
+                else:
+                    self.emit(StepCompleted(step_id=iid, output=owner.acc))
+            case LoopStep():
+                if owner.running_children:
+                    return
+                if owner.failed_children:
+                    self.emit(StepFailed(step_id=iid, error=error))
+                    return
+                k = owner.next_child
+                if step.until is not None and k > 0:
+                    ctx = self.context(owner.scope)
+                    last = self.s.insts[f"{iid}/{k - 1}"].outputs or {}
+                    ctx = {**ctx, "iteration": k - 1, "steps": ChainMap(last, ctx["steps"])}
+                    if evaluate(step.until, ctx, path=f"$.steps.{iid}.until"):
+                        self.emit(StepCompleted(step_id=iid, output=owner.results.get(str(k - 1))))
+                        return
+                self.next_iteration(iid, step, k)
+            case ParallelStep(branches=branches):
+                # every branch must have ended (one may end before the next even starts)
+                if owner.running_children or owner.ok_children + owner.failed_children < len(
+                    branches
+                ):
+                    return
+                if owner.failed_children:
+                    self.emit(StepFailed(step_id=iid, error=error))
+                else:
+                    self.emit(
+                        StepCompleted(
+                            step_id=iid, output={b: owner.results.get(b) for b in branches}
+                        )
+                    )
+            case IfStep():
+                if owner.running_children:
+                    return
+                if owner.failed_children:
+                    self.emit(StepFailed(step_id=iid, error=error))
+                else:
+                    self.emit(
+                        StepCompleted(step_id=iid, output=owner.results.get(owner.branch or ""))
+                    )
+
+    # ------------------------------------------------------------------ tool results
+
+    def on_tool_result(self, result: ToolResult) -> None:
+        iid = result.step_id
+        inst = self.s.insts.get(iid)
+        if (
+            inst is None
+            or inst.status != "running"
+            or inst.attempt != result.attempt
+            or result.idempotency_key != ids.idempotency_key(self.s.run_id, iid, result.attempt)
+            or not isinstance(inst.step, ToolStep)
+        ):
+            return
+        if result.ok:
+            self.emit(ToolCallCompleted(
+                step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
+                output=result.output, started_at=result.started_at, finished_at=result.finished_at,
+            ))  # fmt: skip
+            self.emit(StepCompleted(step_id=iid, output=result.output))
+            self.after(iid)
+            return
+        error = result.error or _error("tool_error", "tool failed without detail")
+        self.emit(ToolCallFailed(
+            step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
+            error=error, started_at=result.started_at, finished_at=result.finished_at,
+        ))  # fmt: skip
+        if error.code == "ambiguous_outcome":
+            self.emit(RunNeedsReview(step_id=iid, error=error))
+            return
+        self.attempt_failed(inst, inst.step, error)
+
+    def attempt_failed(self, inst: Inst, step: ToolStep, error: ErrorInfo) -> None:
+        policy = step.retry
+        if (
+            policy is not None
+            and self.retryable(policy, error)
+            and inst.attempt < policy.max_attempts
+        ):
+            delay = retry_delay(
+                policy, inst.attempt, ids.idempotency_key(self.s.run_id, inst.iid, inst.attempt)
+            )
+            self.emit(
+                StepRetryScheduled(
+                    step_id=inst.iid, attempt=inst.attempt + 1, delay_s=delay, error=error
+                )
+            )
+            self.timer(f"{inst.iid}:retry:{inst.attempt + 1}", delay, "retry", inst.iid)
+            return
+        if step.on_error == "fallback" and step.fallback is not None and inst.fallback_of is None:
+            scope = self.s.scopes[inst.scope]
+            self.start(scope, step.fallback, iid=f"{inst.iid}/fallback")
+            return
+        self.fail(inst.iid, error)
+
+    @staticmethod
+    def retryable(policy: RetryPolicy, error: ErrorInfo) -> bool:
+        return error.code not in NEVER_RETRIED and error.code not in policy.non_retryable
+
+    # ------------------------------------------------------------------ timers
+
+    def on_timer(self, tid: str) -> None:
+        purpose, iid = self.s.timers[tid]
+        self.emit(TimerFired(timer_id=tid))
+        if purpose == "run_timeout":
+            self.cancel_everything("run timed out")
+            self.emit(
+                RunFailed(error=_error("run_timeout", "the run exceeded its plan's timeout_s"))
             )
             return
+        inst = self.s.insts.get(iid or "")
+        if inst is None or inst.status in DONE:
+            return
+        if purpose == "retry" and inst.status == "retry_wait" and isinstance(inst.step, ToolStep):
+            if self.s.paused:
+                return  # unpause restarts waiting retries
+            try:
+                self.attempt(inst.iid, inst.step, inst.attempt + 1)
+            except TemplateError as exc:
+                self.fail(inst.iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+        elif purpose == "sleep":
+            self.emit(StepCompleted(step_id=inst.iid, output={"woke_at": self.now.isoformat()}))
+            self.after(inst.iid)
+        elif purpose == "step_timeout":
+            self.cancel_attempt(inst, "step timed out")
+            self.fail(
+                inst.iid,
+                _error(
+                    "step_timeout", f"step '{inst.iid}' did not finish within its step_timeout_s"
+                ),
+            )
+
+    # ------------------------------------------------------------------ control
+
+    def on_control(self, control: RunControl) -> None:
+        s = self.s
+        if control.action == "cancel":
+            self.cancel_everything(
+                f"run cancelled by {control.by}" + (f": {control.reason}" if control.reason else "")
+            )
+            self.emit(RunCancelled(by=control.by, reason=control.reason))
+        elif control.action == "pause" and not s.paused:
+            self.emit(RunPaused(by=control.by, reason=control.reason))
+        elif control.action == "unpause" and s.paused:
+            self.emit(RunUnpaused(by=control.by))
+            self.resume_all()
+
+    def resume_all(self) -> None:
+        """After an unpause: start every ready step, retry every retry whose wait is
+        over, and let composites start the children they held back."""
+        for sid in list(self.s.scopes):
+            self.start_ready(sid)
+        for inst in list(self.s.insts.values()):
+            if (
+                inst.status == "retry_wait"
+                and not any(p == "retry" and i == inst.iid for p, i in self.s.timers.values())
+                and isinstance(inst.step, ToolStep)
+            ):
+                self.attempt(inst.iid, inst.step, inst.attempt + 1)
+            elif (
+                inst.step is not None
+                and isinstance(inst.step, ForeachStep)
+                and inst.status == "running"
+            ):
+                self.child_done(inst.iid)
+
+    def cancel_attempt(self, inst: Inst, reason: str) -> None:
+        if inst.inflight:
+            key = ids.idempotency_key(self.s.run_id, inst.iid, inst.attempt)
+            self.emit(ToolCallCancelled(
+                step_id=inst.iid, attempt=inst.attempt, idempotency_key=key, reason=reason
+            ))  # fmt: skip
+
+    def cancel_children(self, owner_iid: str, reason: str) -> None:
+        prefix = owner_iid + "/"
+        for iid in sorted(
+            (i for i in self.s.insts if i.startswith(prefix)), key=lambda i: -i.count("/")
+        ):
+            inst = self.s.insts[iid]
+            if inst.status in DONE:
+                continue
+            self.cancel_attempt(inst, reason)
+            self.emit(StepCancelled(step_id=iid, reason=reason))
+
+    def cancel_everything(self, reason: str) -> None:
+        """Every unfinished instance, innermost first, is cancelled; steps that never
+        started are recorded as cancelled too."""
+        for iid in sorted(list(self.s.insts), key=lambda i: -i.count("/")):
+            inst = self.s.insts[iid]
+            if inst.status in DONE:
+                continue
+            self.cancel_attempt(inst, reason)
+            self.emit(StepCancelled(step_id=iid, reason=reason))
+        root = self.s.scopes.get("")
+        if root is not None:
+            for step in root.steps:
+                if step.id not in self.s.insts:
+                    self.emit(StepCancelled(step_id=step.id, reason=reason))
+
+    # ------------------------------------------------------------------ the run
+
+    def finish_run(self, root: Scope) -> None:
+        s = self.s
+        if s.terminal or s.status == "needs_review":
+            return
+        if root.failed is not None:
+            failed = s.insts[root.failed]
+            cause = failed.error or _error("step_failed", "step failed")
+            self.emit(RunFailed(error=ErrorInfo(
+                code=cause.code, message=f"step '{root.failed}' failed: {cause.message}",
+                path=cause.path, details={"step_id": root.failed},
+            )))  # fmt: skip
+            return
         try:
-            output = self._output()
+            output = self.run_output(root)
         except TemplateError as exc:
             self.emit(RunFailed(error=ErrorInfo(code=exc.code, message=str(exc), path=exc.path)))
             return
         self.emit(RunCompleted(output=output))
 
-    def _error_of(self, sid: str) -> ErrorInfo:
-        for event in reversed(self.events):
-            if isinstance(event, StepFailed) and event.step_id == sid:
-                return event.error
-        st = self.base.steps.get(sid)
-        if st is not None and st.error is not None:
-            return st.error
-        return ErrorInfo(code="step_failed", message="step failed")
+    def run_output(self, root: Scope) -> Any:
+        assert self.s.plan is not None
+        finals = [s for s in root.steps if isinstance(s, FinalStep)]
+        if finals:
+            return root.outputs.get(finals[0].id, {}).get("output")
+        if self.s.plan.output is not None:
+            return render(self.s.plan.output, self.context(""), path="$.output")
+        sinks = [s.id for s in root.steps if not root.dependents.get(s.id)]
+        return {sid: root.outputs[sid]["output"] for sid in sinks if sid in root.outputs}
 
-    def _output(self) -> Any:
-        assert self.plan is not None
-        context = self.context()
-        if self.plan.output is not None:
-            return render(self.plan.output, context, path="$.output")
-        sinks = [s.id for s in self.plan.steps if not self.dependents.get(s.id)]
-        return {sid: context["steps"][sid]["output"] for sid in sinks}
+
+class _StepError(Exception):
+    """A step cannot start (its inputs are wrong at run time): it fails with ``error``."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def retry_delay(policy: RetryPolicy, attempt: int, key: str) -> float:
+    """The wait before attempt ``attempt + 1``; jitter is derived from ``key`` so the
+    same run always waits the same (replay must reproduce it)."""
+    base = min(policy.initial_delay_s * policy.multiplier ** (attempt - 1), policy.max_delay_s)
+    if policy.jitter:
+        u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+        base *= 1 + policy.jitter * (2 * u - 1)
+    return round(max(0.0, base), 6)
+
+
+def _error(code: str, message: str) -> ErrorInfo:
+    return ErrorInfo(code=code, message=message)

@@ -1,11 +1,16 @@
 """Templates inside plan values: ``{{ input.city }}``, ``{{ steps.fetch.output.title }}``.
 
 Design notes
-- Grammar: ``{{ expr }}`` (spaces optional). ``expr`` is a root, ``input`` (the run's input)
-  or ``steps`` (outputs of other steps), then segments: ``.name`` (``[A-Za-z_][A-Za-z0-9_-]*``),
-  ``[0]`` (a list index) or ``["key"]`` / ``['key']`` (any key; inside the quotes a
-  backslash escapes the next character). A ``steps`` root names a step id and then
-  ``output``, the only field of a step in v1: ``steps.fetch.output.items[0]["first name"]``.
+- Grammar: ``{{ expr }}`` (spaces optional). ``expr`` is a root, then segments: ``.name``
+  (``[A-Za-z_][A-Za-z0-9_-]*``), ``[0]`` (a list index) or ``["key"]`` / ``['key']`` (any
+  key; inside the quotes a backslash escapes the next character). Roots: ``input`` (the
+  run's input), ``steps`` (outputs of other steps) and the scope variables of sub-plans:
+  ``item`` and ``index`` (foreach/reduce bodies), ``acc`` (reduce bodies), ``iteration``
+  (loop bodies). Where a scope variable may be used is checked by ``loom_core.validation``;
+  here a root is simply looked up in the context. A ``steps`` root names a step id and then
+  ``output``, the only field of a step: ``steps.fetch.output.items[0]["first name"]``.
+- Contexts are any ``Mapping`` (``steps`` is often a ``collections.ChainMap`` of the
+  outputs of a scope and of the scopes around it).
 - There is no escape for a literal ``{{``: in a plan value it always opens a template, and
   an unclosed or malformed one is a syntax error (better than sending it to a tool as text).
 - A string that is exactly one template (surrounding whitespace aside) renders to the raw
@@ -30,7 +35,14 @@ import msgspec
 
 JSON = Any
 
-ROOTS = ("input", "steps")
+ROOTS = ("input", "steps", "item", "index", "acc", "iteration")
+# Where each scope variable exists, for messages (validation checks the placement).
+SCOPE_ROOTS: dict[str, str] = {
+    "item": "inside the `do` of a foreach or reduce step (and in its `output`)",
+    "index": "inside the `do` of a foreach or reduce step (and in its `output`)",
+    "acc": "inside the `do` of a reduce step (and in its `output`)",
+    "iteration": "inside the `do` of a loop step (and in its `output`, `while` and `until`)",
+}
 OPEN, CLOSE = "{{", "}}"
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
@@ -218,7 +230,8 @@ def _parse_expr(expr: str) -> _Expr:
         raise _Bad(
             expr,
             f"`{expr}` must start with `input` (the run's input) or `steps` "
-            f"(other steps' outputs){hint}",
+            f"(other steps' outputs), or inside a sub-plan with `item`, `index`, `acc` or "
+            f"`iteration`{hint}",
         )
     segments: list[Segment] = []
     pos = len(root)
@@ -326,6 +339,19 @@ def template_errors(value: JSON, path: str = "$") -> list[TemplateSyntaxError]:
     return scan_templates(value, path)[1]
 
 
+def whole_reference(value: JSON, path: str = "$") -> Reference | None:
+    """The reference when ``value`` is a string that is exactly one template (surrounding
+    whitespace aside), so it renders to the raw value; else None. Raises
+    ``TemplateSyntaxError`` when the string holds a malformed template."""
+    if not isinstance(value, str) or OPEN not in value:
+        return None
+    try:
+        whole = _whole(_parse(value))
+    except _Bad as bad:
+        raise _syntax_error(bad, path) from None
+    return None if whole is None else Reference(whole.expr, whole.root, whole.segments, path)
+
+
 # --------------------------------------------------------------------------- lookup
 
 
@@ -396,8 +422,10 @@ def _step(expr: str, prefix: str, value: JSON, seg: Segment) -> JSON:
 
 def _resolve(context: Mapping[str, JSON], ref: _Expr) -> JSON:
     if ref.root not in context:
+        where = SCOPE_ROOTS.get(ref.root)
+        hint = f"; `{ref.root}` exists only {where}" if where else ""
         raise _Lookup(
-            ref.expr, f"`{ref.expr}`: nothing named {ref.root!r} is available to templates"
+            ref.expr, f"`{ref.expr}`: nothing named {ref.root!r} is available to templates{hint}"
         )
     value = context[ref.root]
     segments = ref.segments
@@ -488,7 +516,8 @@ def _render(value: JSON, context: Mapping[str, JSON]) -> JSON:
 
 def render(value: JSON, context: Mapping[str, JSON], path: str = "$") -> JSON:
     """``value`` with every template replaced from ``context`` (``{"input": {...},
-    "steps": {step_id: {"output": ...}}}``). Raises ``TemplateSyntaxError`` or
+    "steps": {step_id: {"output": ...}}}`` plus, inside sub-plans, ``item``, ``index``,
+    ``acc`` or ``iteration``; any ``Mapping`` will do). Raises ``TemplateSyntaxError`` or
     ``TemplateLookupError`` with the JSON path of the offending string."""
     try:
         return _render(value, context)

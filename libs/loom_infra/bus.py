@@ -192,7 +192,7 @@ class PullConsumer:
             filter_subjects=list(self.filter_subjects) if len(self.filter_subjects) > 1 else None,
             filter_subject=self.filter_subjects[0] if len(self.filter_subjects) == 1 else None,
         )
-        sub = await _pull_subscribe(self.js, self.stream, config)
+        sub = await pull_subscribe(self.js, self.stream, config)
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(self.batch, timeout=1.0)
@@ -246,7 +246,7 @@ async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
-async def _pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:
+async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:
     assert config.durable_name
     try:
         await js.add_consumer(stream, config)

@@ -110,12 +110,15 @@ class Settings:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     http_allow_private: tuple[str, ...] = ()
     model: str | None = None
+    # Python modules whose ``register(registry)`` adds tools (LOOM_TOOL_MODULES, commas)
+    tool_modules: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
             f"Settings(nats_url={redact_url(self.nats_url)!r}, store={self.store!r}, "
             f"max_payload={self.max_payload!r}, "
-            f"http_allow_private={self.http_allow_private!r}, model={self.model!r})"
+            f"http_allow_private={self.http_allow_private!r}, model={self.model!r}, "
+            f"tool_modules={self.tool_modules!r})"
         )
 
     __str__ = __repr__
@@ -154,10 +157,12 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         if max_payload <= 0:
             raise SettingsError("LOOM_MAX_PAYLOAD", f"must be positive, got {max_payload}")
     allow = _get(env, "LOOM_HTTP_ALLOW_PRIVATE") or ""
+    modules = _get(env, "LOOM_TOOL_MODULES") or ""
     return Settings(
         nats_url=_get(env, "LOOM_NATS_URL") or DEFAULT_NATS_URL,
         store=store_settings_from_env(env),
         max_payload=max_payload,
         http_allow_private=tuple(item.strip() for item in allow.split(",") if item.strip()),
         model=_get(env, "LOOM_MODEL"),
+        tool_modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
     )

@@ -20,6 +20,7 @@ import msgspec
 import typer
 import yaml
 
+from loom_cli.control import register as register_control_commands
 from loom_cli.render import events_table, progress_line, runs_table, span_tree, stderr, stdout
 from loom_core import codec
 from loom_core.contracts import EventRecord, RunCompleted, RunRequest
@@ -331,6 +332,9 @@ async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) ->
         if loop.time() > deadline:
             return await client.trace(run_id, rebuild=True)
         await asyncio.sleep(0.05)  # poll interval of a bounded wait on a read model
+
+
+register_control_commands(app)
 
 
 def main() -> None:

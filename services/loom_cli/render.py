@@ -12,17 +12,26 @@ from rich.table import Table
 from rich.tree import Tree
 
 from loom_core.contracts import (
+    BranchTaken,
     EventRecord,
+    ForeachStarted,
     PlanAccepted,
     PlanRejected,
+    RunCancelled,
     RunCompleted,
     RunFailed,
+    RunNeedsReview,
+    RunPaused,
     RunRequested,
     RunSummary,
+    RunUnpaused,
     SpanRecord,
+    StepCancelled,
     StepCompleted,
     StepFailed,
+    StepRetryScheduled,
     StepSkipped,
+    TimerStarted,
     ToolCallRequested,
 )
 
@@ -57,10 +66,28 @@ def progress_line(record: EventRecord, started: dict[str, datetime]) -> str | No
             return f"  [red]✗[/] {sid}: {err.code}: {err.message}"
         case StepSkipped(step_id=sid, reason=reason):
             return f"  [yellow]-[/] {sid} skipped ({reason})"
+        case StepCancelled(step_id=sid, reason=reason):
+            return f"  [yellow]⊘[/] {sid} cancelled ({reason})"
+        case StepRetryScheduled(step_id=sid, attempt=n, delay_s=delay, error=err):
+            return f"  [yellow]↻[/] {sid}: {err.code}; attempt {n} in {delay:g}s"
+        case TimerStarted(purpose="sleep", step_id=sid, fire_at=when):
+            return f"  [cyan]⏸[/] {sid} sleeps until {when.isoformat(timespec='seconds')}"
+        case ForeachStarted(step_id=sid, count=n):
+            return f"  [cyan]▶[/] {sid}: {n} items"
+        case BranchTaken(step_id=sid, branch=branch):
+            return f"  [cyan]▶[/] {sid}: {branch}"
+        case RunPaused(by=by):
+            return f"[yellow]run paused[/] by {by}"
+        case RunUnpaused(by=by):
+            return f"[green]run unpaused[/] by {by}"
+        case RunNeedsReview(step_id=sid, error=err):
+            return f"[red]run needs review[/]: step {sid}: {err.message}"
         case RunCompleted():
             return "[green]run completed[/]"
         case RunFailed(error=err):
             return f"[red]run failed[/]: {err.code}: {err.message}"
+        case RunCancelled(by=by, reason=reason):
+            return f"[yellow]run cancelled[/] by {by}" + (f": {reason}" if reason else "")
     return None
 
 

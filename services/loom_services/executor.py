@@ -28,19 +28,23 @@ from loom_core import codec, ids, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    RunControl,
+    RunControlReply,
     RunEventsQuery,
     RunEventsReply,
+    RunProgress,
     RunRequest,
     SubmitAccepted,
     SubmitRejected,
 )
-from loom_core.executor import Message, RunState, decide, evolve, fold
+from loom_core.executor import Message, RunState, advance, evolve, initial_state
 from loom_infra import bus
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
 from loom_infra.store import ConcurrencyConflict, EventStore, open_event_store
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.timers import TimerService
 
 log = logging.getLogger("loom.executor")
 
@@ -65,7 +69,8 @@ class RunHost:
         self.io = io
         self.actors: OrderedDict[str, RunState] = OrderedDict()
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
-        self.listeners: list[Callable[[], None]] = []  # run after each commit
+        self.loading: dict[str, asyncio.Future[RunState]] = {}
+        self.listeners: list[Callable[[list[EventRecord]], None]] = []  # after each commit
         self.commits = 0
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
@@ -78,8 +83,18 @@ class RunHost:
         if state is not None:
             self.actors.move_to_end(run_id)
             return state
+        # One load per run at a time: two readers must share one actor object.
+        loading = self.loading.get(run_id)
+        if loading is None:
+            loading = self.loading[run_id] = asyncio.ensure_future(self._load(run_id))
+            loading.add_done_callback(lambda _: self.loading.pop(run_id, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, run_id: str) -> RunState:
         records = await self.io(self.store.load, run_id)
-        state = fold(run_id, (r.event for r in records))
+        state = initial_state(run_id)
+        for record in records:
+            evolve(state, record.event, record.at)
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
@@ -102,12 +117,11 @@ class RunHost:
             for work in batch:
                 state = await self.state_of(work.run_id)
                 touched.add(work.run_id)
-                produced = []
-                for event in decide(state, work.message):
-                    evolve(state, event)
-                    produced.append(
-                        EventRecord(run_id=work.run_id, seq=state.version, at=at, event=event)
-                    )
+                base = state.version
+                produced = [
+                    EventRecord(run_id=work.run_id, seq=base + i, at=at, event=event)
+                    for i, event in enumerate(advance(state, work.message, at), start=1)
+                ]
                 per_work.append(produced)
                 records.extend(produced)
             if records:
@@ -129,7 +143,7 @@ class RunHost:
                 work.done.set_result(produced)
         if records:
             for listener in self.listeners:
-                listener()
+                listener(records)
 
 
 class ExecutorService:
@@ -141,14 +155,18 @@ class ExecutorService:
         self.io = Blocking("executor-store", workers=4)
         self.host = RunHost(self.store, self.io)
         self.relay: Relay | None = None
+        self._pending: set[asyncio.Future[None]] = set()
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.relay = Relay(self.store, ctx.js, io=self.io)
-        self.host.listeners.append(self.relay.wake)
+        self.host.listeners.append(lambda _: self.relay.wake() if self.relay else None)
+        self.host.listeners.append(self.publish_progress)
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
+        ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
         await ctx.nc.subscribe(subjects.SUBMIT, queue="executor", cb=self.on_submit)
+        await ctx.nc.subscribe(subjects.CONTROL, queue="executor", cb=self.on_control)
         await ctx.nc.subscribe(subjects.API_RUN_EVENTS, queue="executor", cb=self.on_events_query)
         consumer = bus.PullConsumer(
             js=ctx.js,
@@ -234,6 +252,63 @@ class ExecutorService:
             except Exception as exc:
                 results.append(exc)
         return results
+
+    # ------------------------------------------------------------------ control
+
+    async def on_control(self, msg: Msg) -> None:
+        reply = await self._control(msg)
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _control(self, msg: Msg) -> RunControlReply:
+        try:
+            control = codec.decode(msg.data, RunControl)
+        except Exception as exc:
+            return RunControlReply(run_id="", ok=False, error=bus.decode_error_info(exc))
+        state = await self.host.state_of(control.run_id)
+        if state.version == 0:
+            return self._refuse(control, "not_found", f"no run '{control.run_id}'")
+        if state.terminal:
+            return self._refuse(
+                control, "already_finished", f"run '{control.run_id}' already {state.status}"
+            )
+        try:
+            await self.host.submit(control.run_id, control)
+        except Exception as exc:
+            return self._refuse(control, "unavailable", f"not stored ({type(exc).__name__}); retry")
+        status = (await self.host.state_of(control.run_id)).status
+        return RunControlReply(run_id=control.run_id, ok=True, status=status)
+
+    @staticmethod
+    def _refuse(control: RunControl, code: str, message: str) -> RunControlReply:
+        error = ErrorInfo(code=code, message=message, path="$.run_id")
+        return RunControlReply(run_id=control.run_id, ok=False, error=error)
+
+    def publish_progress(self, records: list[EventRecord]) -> None:
+        """Live progress per run changed by a commit (plain NATS; best effort)."""
+        for run_id in dict.fromkeys(r.run_id for r in records):
+            state = self.host.actors.get(run_id)
+            if state is None:
+                continue
+            progress = RunProgress(
+                run_id=run_id,
+                status=state.status,
+                steps_total=state.steps_total,
+                steps_done=state.steps_done,
+                steps_running=state.running,
+                at=records[-1].at,
+            )
+            task = asyncio.ensure_future(
+                self._publish(subjects.progress(run_id), codec.encode(progress))
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self.ctx.nc.publish(subject, data)
+        except Exception as exc:  # progress is a convenience; the events are the truth
+            log.debug("progress not published: %r", exc)
 
     # ------------------------------------------------------------------ queries
 

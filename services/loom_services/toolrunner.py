@@ -20,6 +20,7 @@ still runs.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import socket
@@ -29,14 +30,15 @@ from collections.abc import Sequence
 from nats.aio.msg import Msg
 
 from loom_core import codec, subjects
-from loom_core.contracts import ErrorInfo, ToolCallRequested, ToolResult
+from loom_core.contracts import ErrorInfo, ToolCallCancelled, ToolCallRequested, ToolResult
 from loom_infra import bus
 from loom_infra.blocking import Blocking
-from loom_infra.settings import Settings
+from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import ToolCallLedger, open_tool_ledger
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.tools.registry import (
     ToolContext,
+    ToolOutcome,
     ToolRegistry,
     ToolSettings,
     default_registry,
@@ -59,11 +61,14 @@ class ToolRunnerService:
     ) -> None:
         self.settings = settings
         self.registry = registry or default_registry()
+        for module in settings.tool_modules:
+            load_tools(self.registry, module)
         self.ledger = ledger or open_tool_ledger(settings.store)
         self.io = Blocking("toolrunner-ledger")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.tool_settings = ToolSettings(http_allow_private=tuple(settings.http_allow_private))
-        self.inflight: set[str] = set()
+        self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
+        self.cancelled: set[str] = set()
         self.executed = 0
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -82,6 +87,11 @@ class ToolRunnerService:
             ack_wait_s=ACK_WAIT_S,
         )
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
+        # Every replica hears cancellations (no queue group): only the one running the
+        # call has something to stop.
+        await ctx.nc.subscribe(
+            subjects.events_of_kind("tool_call_cancelled"), cb=self.on_cancelled
+        )
 
     async def close(self) -> None:
         await self.io.close()
@@ -169,16 +179,25 @@ class ToolRunnerService:
             attempt=request.attempt,
             settings=self.tool_settings,
         )
-        self.inflight.add(key)
+        call = asyncio.ensure_future(
+            execute_tool(self.registry, request.tool, request.input, ctx, request.timeout_s)
+        )
+        self.inflight[key] = call
         heartbeat = asyncio.ensure_future(_heartbeat(msg))
         started = bus.now()
         try:
-            outcome = await execute_tool(
-                self.registry, request.tool, request.input, ctx, request.timeout_s
+            outcome = await call
+        except asyncio.CancelledError:
+            if key not in self.cancelled:
+                raise  # the service is stopping, not the call
+            outcome = ToolOutcome(
+                ok=False,
+                error=ErrorInfo(code="cancelled", message="the run cancelled this call"),
             )
         finally:
             heartbeat.cancel()
-            self.inflight.discard(key)
+            self.inflight.pop(key, None)
+            self.cancelled.discard(key)
         result = ToolResult(
             run_id=run_id,
             step_id=request.step_id,
@@ -192,6 +211,28 @@ class ToolRunnerService:
         )
         self.executed += 1
         return result
+
+
+    async def on_cancelled(self, msg: Msg) -> None:
+        try:
+            _, event = bus.expect_event(msg, ToolCallCancelled)
+        except bus.Poison:
+            return
+        call = self.inflight.get(event.idempotency_key)
+        if call is not None and not call.done():
+            self.cancelled.add(event.idempotency_key)
+            call.cancel()
+
+
+def load_tools(registry: ToolRegistry, module: str) -> None:
+    """Registered Python callables: ``module.register(registry)`` adds its tools.
+    The module is named by the operator (LOOM_TOOL_MODULES), never by a plan."""
+    register = getattr(importlib.import_module(module), "register", None)
+    if not callable(register):
+        raise SettingsError(
+            "LOOM_TOOL_MODULES", f"module {module!r} has no register(registry) function"
+        )
+    register(registry)
 
 
 async def _heartbeat(msg: Msg) -> None:

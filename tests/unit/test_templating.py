@@ -220,11 +220,13 @@ def test_long_key_lists_are_truncated() -> None:
         (
             "{{ inputs.city }}",
             "`inputs.city` must start with `input` (the run's input) or `steps` "
-            "(other steps' outputs) (did you mean `input`?)",
+            "(other steps' outputs), or inside a sub-plan with `item`, `index`, `acc` or "
+            "`iteration` (did you mean `input`?)",
         ),
         (
             "{{ 3 }}",
-            "`3` must start with `input` (the run's input) or `steps` (other steps' outputs)",
+            "`3` must start with `input` (the run's input) or `steps` (other steps' outputs), "
+            "or inside a sub-plan with `item`, `index`, `acc` or `iteration`",
         ),
         (
             "{{ input.a b }}",

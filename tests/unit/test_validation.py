@@ -3,6 +3,7 @@ property tests over random valid plans and invalidating mutations."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -11,10 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from loom_core.contracts import Plan, PlanIssue, ToolSpec, ToolStep
-from loom_core.templating import find_references, format_expr
+from loom_core.contracts import (
+    ForeachStep,
+    IfStep,
+    ParallelStep,
+    Plan,
+    PlanIssue,
+    ToolSpec,
+    ToolStep,
+)
+from loom_core.templating import SCOPE_ROOTS, child_path, find_references, format_expr
 from loom_core.validation import (
     dependencies,
+    last_step_id,
     plan_issue_from_decode_error,
     topological_order,
     validate_plan,
@@ -143,7 +153,8 @@ def test_duplicate_step_id_points_at_the_second_and_names_the_first() -> None:
     issues = validate_plan(Plan(steps=[step("a"), step("b"), step("a")]), path="$.request.plan")
     assert triples(issues) == [("duplicate_step_id", "$.request.plan.steps[2].id")]
     assert issues[0].message == (
-        "step id 'a' is already used by $.request.plan.steps[0]; give each step a unique id"
+        "step id 'a' is already used by $.request.plan.steps[0]; give each step a unique id "
+        "(ids are unique across the whole plan, sub-plans and fallbacks included)"
     )
 
 
@@ -156,7 +167,7 @@ def test_depends_on_an_unknown_step() -> None:
     assert triples(issues) == [("missing_step", "$.plan.steps[1].depends_on[1]")]
     assert issues[0].message == (
         "step 'b' depends on an unknown step: no step has id 'fetsh'; did you mean 'fetch'? "
-        "step ids: ['fetch', 'b']"
+        "step ids in its list: ['fetch', 'b']"
     )
 
 
@@ -554,6 +565,611 @@ def test_topological_order_refuses_invalid_graphs() -> None:
         topological_order(Plan(steps=[step("a"), step("a")]))
 
 
+# --------------------------------------------------------------------------- nested plans
+
+
+def plan_of(*steps: dict[str, Any], **fields: Any) -> Plan:
+    """A plan from JSON-shaped dicts (field names as written: ``while``, ``else``)."""
+    return msgspec.convert({"steps": list(steps), **fields}, Plan)
+
+
+def tool(sid: str, name: str = "echo", text: str = "hi", **fields: Any) -> dict[str, Any]:
+    fields.setdefault("input", {"text": text} if name == "echo" else {})
+    return {"kind": "tool", "id": sid, "tool": name, **fields}
+
+
+def foreach(sid: str, do: list[dict[str, Any]], items: Any = "{{ input.user.langs }}", **f: Any):
+    return {"kind": "foreach", "id": sid, "items": items, "do": do, **f}
+
+
+def when(sid: str, then: list[Any], else_: list[Any] | None = None, **f: Any) -> dict[str, Any]:
+    f.setdefault("condition", {"eq": ["{{ input.city }}", "Paris"]})
+    return {"kind": "if", "id": sid, "then": then, "else": else_ or [], **f}
+
+
+def loop(sid: str, do: list[dict[str, Any]], **f: Any) -> dict[str, Any]:
+    f.setdefault("max_iterations", 3)
+    return {"kind": "loop", "id": sid, "do": do, **f}
+
+
+def test_a_valid_plan_with_every_kind_of_step() -> None:
+    plan = plan_of(
+        tool("f", "fetch", input={"url": "https://x/{{ input.city }}"}),
+        foreach(
+            "each",
+            [
+                tool("say", text="{{ item }} #{{ index }} {{ steps.f.output.title }}"),
+                tool("n", "add", input={"a": "{{ index }}", "b": 1}),
+            ],
+            output={"said": "{{ steps.say.output.text }}", "n": "{{ steps.n.output.sum }}"},
+            concurrency=2,
+            min_success=0,
+        ),
+        loop(
+            "poll",
+            [tool("check", text="try {{ iteration }}")],
+            max_iterations=5,
+            **{"while": {"lt": ["{{ iteration }}", 4]}},
+            until={"eq": ["{{ steps.check.output.text }}", "ok"]},
+            output="{{ steps.check.output.length }}",
+        ),
+        {
+            "kind": "parallel",
+            "id": "both",
+            "branches": {
+                "left": [tool("l", text="{{ steps.each.output }}")],
+                "right": [tool("r", text="{{ steps.poll.output }}")],
+            },
+        },
+        {
+            "kind": "reduce",
+            "id": "total",
+            "items": [1, 2, 3],
+            "initial": "{{ steps.f.output.pair[0] }}",
+            "do": [tool("step", "add", input={"a": "{{ acc }}", "b": "{{ item }}"})],
+            "output": "{{ steps.step.output.sum }}",
+        },
+        when(
+            "branch",
+            [tool("yes", text="{{ steps.both.output.left }}")],
+            [tool("no", text="{{ steps.total.output }}")],
+            condition={"gt": ["{{ steps.total.output }}", 3]},
+        ),
+        {"kind": "sleep", "id": "nap", "until": "2030-01-01T09:00:00+02:00"},
+        {"kind": "sleep", "id": "wait", "seconds": 0, "depends_on": ["nap"]},
+        tool(
+            "risky",
+            "fetch",
+            input={"url": "u"},
+            on_error="fallback",
+            retry={"max_attempts": 5, "jitter": 0.5, "multiplier": 1},
+            step_timeout_s=10,
+            fallback=tool("backup", "search", input={"q": "{{ steps.f.output.title }}"}),
+        ),
+        {"kind": "final", "id": "done", "output": {"x": "{{ steps.branch.output }}"}},
+        timeout_s=60,
+    )
+    assert validate_plan(plan, TOOLS, RUN_INPUT) == []
+    assert dependencies(plan) == {
+        "f": (),
+        "each": ("f",),
+        "poll": (),
+        "both": ("each", "poll"),
+        "total": ("f",),
+        "branch": ("total", "both"),
+        "nap": (),
+        "wait": ("nap",),
+        "risky": ("f",),  # through its fallback
+        "done": ("branch",),
+    }
+    assert dependencies(plan.steps[1].do) == {"say": (), "n": ()}
+    assert topological_order(plan.steps[1].do) == ["say", "n"]
+    assert last_step_id(plan.steps[1].do) == "n"
+    assert last_step_id([]) is None
+    assert last_step_id(plan) == "done"
+
+
+def test_v1_checks_apply_in_every_scope_with_json_paths() -> None:
+    plan = plan_of(
+        foreach("fe", [tool("a", "ech")]),
+        {
+            "kind": "parallel",
+            "id": "p",
+            "branches": {"left": [tool("b", "add", input={"a": 1, "b": "x"})]},
+        },
+        when("i", [tool("c", text="{{ input.nope }}")], [tool("d"), tool("e", text="{{ x }}")]),
+        tool("t", on_error="fallback", fallback=tool("fb", "add", input={"a": 1})),
+    )
+    assert triples(validate_plan(plan, TOOLS, RUN_INPUT)) == [
+        ("invalid_template", "$.plan.steps[2].else[1].input.text"),
+        ("unknown_tool", "$.plan.steps[0].do[0].tool"),
+        ("invalid_input", "$.plan.steps[1].branches.left[0].input.b"),
+        ("invalid_input", "$.plan.steps[3].fallback.input.b"),
+        ("missing_input", "$.plan.steps[2].then[0].input.text"),
+    ]
+
+
+def test_step_ids_are_unique_across_scopes_and_fallbacks() -> None:
+    plan = plan_of(
+        tool("a", on_error="fallback", fallback=tool("x")),
+        foreach("fe", [tool("a"), tool("x")]),
+        when("w", [tool("fe")]),
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [
+        ("duplicate_step_id", "$.plan.steps[1].do[0].id"),
+        ("duplicate_step_id", "$.plan.steps[1].do[1].id"),
+        ("duplicate_step_id", "$.plan.steps[2].then[0].id"),
+    ]
+    assert "already used by $.plan.steps[0].fallback" in issues[1].message
+
+
+# --------------------------------------------------------------------------- scoping
+
+
+def test_references_to_enclosing_steps_are_lifted_to_the_composite() -> None:
+    plan = plan_of(
+        tool("a"),
+        tool("b"),
+        foreach(
+            "outer",
+            [
+                tool("c"),
+                when(
+                    "inner",
+                    [tool("d", text="{{ steps.b.output.text }} {{ steps.c.output.text }}")],
+                    condition={"exists": "{{ steps.c.output }}"},
+                ),
+            ],
+            items=["x"],
+            depends_on=["a"],
+        ),
+    )
+    assert validate_plan(plan, TOOLS) == []
+    assert dependencies(plan) == {"a": (), "b": (), "outer": ("a", "b")}
+    body = plan.steps[2].do
+    assert dependencies(body) == {"c": (), "inner": ("c",)}  # b belongs to another scope
+    assert dependencies(body[1].then) == {"d": ()}
+    assert topological_order(plan) == ["a", "b", "outer"]
+
+
+def test_a_cycle_through_a_lifted_reference_is_reported_in_its_scope() -> None:
+    plan = plan_of(
+        tool("a", depends_on=["fe"]),
+        foreach("fe", [tool("b", text="{{ steps.a.output.text }}")], items=[1]),
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [("dependency_cycle", "$.plan.steps[0].depends_on")]
+    assert issues[0].message.startswith("dependency cycle: a → fe → a;")
+    with pytest.raises(ValueError, match="cycle"):
+        topological_order(plan)
+
+
+def test_a_cycle_inside_a_body_points_into_the_body() -> None:
+    plan = plan_of(
+        tool("x"),
+        loop(
+            "lp", [tool("a"), tool("b", depends_on=["c"]), tool("c", text="{{ steps.b.output }}")]
+        ),
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [("dependency_cycle", "$.plan.steps[1].do[1].depends_on")]
+    assert "b → c → b" in issues[0].message
+
+
+def test_a_body_reading_its_own_composite_is_a_cycle() -> None:
+    plan = plan_of(foreach("fe", [tool("a", text="{{ steps.fe.output }}")], items=[1]))
+    issues = validate_plan(plan)
+    assert triples(issues) == [("dependency_cycle", "$.plan.steps[0].depends_on")]
+    assert "fe → fe ('fe' reads its own output in a template" in issues[0].message
+
+
+def test_output_and_until_may_read_the_body_but_while_may_not() -> None:
+    ok = plan_of(
+        loop(
+            "lp",
+            [tool("a", text="{{ iteration }}")],
+            until={"eq": ["{{ steps.a.output.text }}", "3"]},
+            output="{{ steps.a.output }}",
+        )
+    )
+    assert validate_plan(ok, TOOLS) == []
+    bad = plan_of(loop("lp", [tool("a")], **{"while": {"not": {"exists": "{{ steps.a.output }}"}}}))
+    issues = validate_plan(bad)
+    assert triples(issues) == [("missing_step", "$.plan.steps[0].while.not.exists")]
+    assert "`while` is checked before each iteration" in issues[0].message
+    assert "Use `until`" in issues[0].message
+
+
+@pytest.mark.parametrize(
+    ("plan", "path", "message"),
+    [
+        (  # a sibling's body: suggest the sibling's output
+            plan_of(foreach("fe", [tool("a")], items=[1]), tool("b", text="{{ steps.a.output }}")),
+            "$.plan.steps[1].input.text",
+            "`steps.a.output` reads 'a', which is not visible here: it is in the `do` of "
+            "foreach step 'fe' ($.plan.steps[0].do[0]). A step sees the steps of its own list "
+            "and of the lists around it, not those nested in other steps' bodies or branches "
+            "(they may not have run, or ran once per element); read the output of 'fe' "
+            "instead (`{{ steps.fe.output }}`)",
+        ),
+        (  # nested two levels down in a sibling: suggest the visible container
+            plan_of(
+                when("w", [foreach("fe", [tool("a")], items=[1])]),
+                tool("b", text="{{ steps.a.output }}"),
+            ),
+            "$.plan.steps[1].input.text",
+            "read the output of 'w' instead (`{{ steps.w.output }}`)",
+        ),
+        (  # another branch of the same parallel step: no output to suggest
+            plan_of(
+                {
+                    "kind": "parallel",
+                    "id": "p",
+                    "branches": {
+                        "left": [tool("a")],
+                        "right": [tool("b", text="{{ steps.a.output }}")],
+                    },
+                }
+            ),
+            "$.plan.steps[0].branches.right[0].input.text",
+            "it is in branch 'left' of parallel step 'p' ($.plan.steps[0].branches.left[0]). "
+            "A step sees the steps of its own list and of the lists around it, not those "
+            "nested in other steps' bodies or branches (they may not have run, or ran once "
+            "per element)",
+        ),
+        (  # a composite's own items are rendered before its body
+            plan_of(foreach("fe", [tool("a")], items="{{ steps.a.output }}")),
+            "$.plan.steps[0].items",
+            "it is in the `do` of foreach step 'fe'",
+        ),
+        (  # a fallback has no output of its own
+            plan_of(
+                tool("t", on_error="fallback", fallback=tool("fb")),
+                tool("u", text="{{ steps.fb.output }}"),
+            ),
+            "$.plan.steps[1].input.text",
+            "`steps.fb.output` reads 'fb', a fallback: its output becomes the output of 't', "
+            "the step it stands in for; read `steps.t.output` instead",
+        ),
+        (  # unknown: suggestions come from the steps visible here, innermost first
+            plan_of(
+                tool("fetch"),
+                foreach("fe", [tool("fetch2"), tool("b", text="{{ steps.fetcj.output }}")]),
+            ),
+            "$.plan.steps[1].do[1].input.text",
+            "`steps.fetcj.output` reads an unknown step: no step has id 'fetcj'; did you mean "
+            "'fetch'? step ids visible here: ['fetch2', 'b', 'fetch', 'fe']",
+        ),
+    ],
+)
+def test_steps_in_other_scopes_are_not_visible(plan: Plan, path: str, message: str) -> None:
+    issues = validate_plan(plan)
+    assert triples(issues) == [("missing_step", path)]
+    assert message in issues[0].message
+
+
+def test_depends_on_names_steps_of_the_same_list_only() -> None:
+    plan = plan_of(
+        tool("a"),
+        foreach("fe", [tool("b", depends_on=["a"])], items=[1]),
+        when("w", [tool("c")]),
+        tool("d", depends_on=["c"]),
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [
+        ("missing_step", "$.plan.steps[1].do[0].depends_on[0]"),
+        ("missing_step", "$.plan.steps[3].depends_on[0]"),
+    ]
+    assert issues[0].message == (
+        "step 'b' depends on 'a', which is not in its list (the `do` of foreach step 'fe'): "
+        "depends_on only orders steps of the same list. To wait for 'a', read it with a "
+        "template (which makes 'fe', the enclosing step in its list, wait for it) or add it "
+        "to the depends_on of 'fe'"
+    )
+    assert "'c' is in the `then` of if step 'w', which this step cannot see" in issues[1].message
+
+
+# --------------------------------------------------------------------------- scope variables
+
+
+def test_scope_variables_only_where_they_exist() -> None:
+    plan = plan_of(
+        tool("a", text="{{ item }}"),
+        foreach(
+            "fe",
+            [
+                tool("b", text="{{ acc }} {{ iteration }} {{ index.x }}"),
+                when("w", [tool("c", text="{{ item.name }} {{ index }}")]),  # inherited
+            ],
+            items=[1],
+            output="{{ item }}",
+        ),
+        loop(
+            "lp",
+            [tool("d", text="{{ iteration }}")],
+            **{"while": {"lt": ["{{ iteration }}", 2]}},
+            output="{{ index }}",
+        ),
+        {
+            "kind": "reduce",
+            "id": "r",
+            "items": "{{ acc }}",
+            "do": [tool("e", text="{{ acc }} {{ item }} {{ index }}")],
+        },
+        output="{{ iteration }}",
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [
+        ("invalid_template", "$.plan.steps[0].input.text"),
+        ("invalid_template", "$.plan.steps[1].do[0].input.text"),
+        ("invalid_template", "$.plan.steps[1].do[0].input.text"),
+        ("invalid_template", "$.plan.steps[1].do[0].input.text"),
+        ("invalid_template", "$.plan.steps[2].output"),
+        ("invalid_template", "$.plan.steps[3].items"),
+        ("invalid_template", "$.plan.output"),
+    ]
+    messages = [i.message for i in issues]
+    assert messages[0] == (
+        "`{{ item }}`: `item` exists only inside the `do` of a foreach or reduce step (and "
+        "in its `output`); this template is not inside one"
+    )
+    assert "`acc` exists only inside the `do` of a reduce step" in messages[1]
+    assert "`iteration` exists only inside the `do` of a loop step" in messages[2]
+    assert messages[3] == (
+        "`index.x`: `index` is a number (the element's position), it has no `.x`; write "
+        "`{{ index }}` or read the element with `item`"
+    )
+
+
+# --------------------------------------------------------------------------- new checks
+
+
+@pytest.mark.parametrize(("cap", "ok"), [(0, False), (-1, False), (1, True), (100_000, True)])
+def test_loop_without_cap(cap: int, ok: bool) -> None:
+    plan = plan_of(loop("lp", [tool("a")], max_iterations=cap))
+    issues = validate_plan(plan)
+    if ok:
+        assert issues == []
+    else:
+        assert triples(issues) == [("loop_without_cap", "$.plan.steps[0].max_iterations")]
+        assert "between 1 and 100000" in issues[0].message
+
+
+def test_loop_cap_above_the_limit() -> None:
+    [issue] = validate_plan(plan_of(loop("lp", [tool("a")], max_iterations=100_001)))
+    assert (issue.code, issue.path) == ("loop_without_cap", "$.plan.steps[0].max_iterations")
+    assert "(got 100001)" in issue.message
+
+
+def test_invalid_predicates_point_inside_them() -> None:
+    plan = plan_of(
+        tool("a"),
+        when(
+            "w",
+            [tool("b")],
+            condition={"and": [{"exists": "{{ steps.a.output }}"}, {"gt": ["{{ input.n }}"]}]},
+        ),
+        loop(
+            "lp",
+            [tool("c")],
+            **{"while": {"nope": 1}},
+            until={"or": [{"not": ["{{ steps.c.output }}"]}]},
+        ),
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [
+        ("invalid_predicate", "$.plan.steps[1].condition.and[1].gt"),
+        ("invalid_predicate", "$.plan.steps[2].while"),
+        ("invalid_predicate", "$.plan.steps[2].until.or[0].not"),
+    ]
+    assert issues[1].message.startswith("unknown predicate operator 'nope'")
+
+
+def test_constant_predicates_are_reported() -> None:
+    plan = plan_of(
+        when("w", [tool("a")], condition={"eq": [1, 1]}),
+        loop("lp", [tool("b")], **{"while": {"not": {"empty": []}}}, until={"eq": ["x", "y"]}),
+        when("ok", [tool("c")], condition={"eq": ["{{ input.city }}", "Paris"]}),
+    )
+    issues = validate_plan(plan)
+    assert triples(issues) == [
+        ("predicate_references_nothing", "$.plan.steps[0].condition"),
+        ("predicate_references_nothing", "$.plan.steps[1].while"),
+        ("predicate_references_nothing", "$.plan.steps[1].until"),
+    ]
+    assert "holds no template, so it is a constant" in issues[0].message
+    assert "the same branch always runs" in issues[0].message
+
+
+@pytest.mark.parametrize(
+    ("items", "codes_"),
+    [
+        ([], []),
+        ([1, "{{ input.city }}"], []),
+        ("{{ input.user.langs }}", []),
+        ("  {{ input.user.langs }} ", []),
+        (3, ["invalid_items"]),
+        ({"a": 1}, ["invalid_items"]),
+        ("a,b", ["invalid_items"]),
+        ("{{ input.city }} and {{ input.n }}", ["invalid_items"]),
+        ("{{ input.user.langs", ["invalid_template"]),  # reported once, as a template
+    ],
+)
+def test_foreach_and_reduce_items(items: Any, codes_: list[str]) -> None:
+    for kind in ("foreach", "reduce"):
+        plan = plan_of({"kind": kind, "id": "x", "items": items, "do": [tool("a")]})
+        issues = validate_plan(plan)
+        assert codes(issues) == codes_
+        assert all(i.path == "$.plan.steps[0].items" for i in issues)
+
+
+_SLEEP = {"kind": "sleep", "id": "s"}
+
+
+@pytest.mark.parametrize(
+    ("plan", "path", "message"),
+    [
+        (
+            plan_of(foreach("fe", [tool("a")], concurrency=0)),
+            "$.plan.steps[0].concurrency",
+            "must be at least 1",
+        ),
+        (
+            plan_of(foreach("fe", [tool("a")], items=[1, 2], min_success=3)),
+            "$.plan.steps[0].min_success",
+            "min_success must be between 0 and the 2 items (got 3)",
+        ),
+        (
+            plan_of(foreach("fe", [tool("a")], min_success=-1)),
+            "$.plan.steps[0].min_success",
+            "min_success must be 0 or more",
+        ),
+        (plan_of(foreach("fe", [])), "$.plan.steps[0].do", "has an empty `do`"),
+        (plan_of(loop("lp", [])), "$.plan.steps[0].do", "loop step 'lp' has an empty `do`"),
+        (
+            plan_of({"kind": "reduce", "id": "r", "items": [], "do": []}),
+            "$.plan.steps[0].do",
+            "has an empty `do`",
+        ),
+        (
+            plan_of({"kind": "parallel", "id": "p", "branches": {}}),
+            "$.plan.steps[0].branches",
+            "has no branches",
+        ),
+        (
+            plan_of({"kind": "parallel", "id": "p", "branches": {"a": [tool("x")], "b c": []}}),
+            '$.plan.steps[0].branches["b c"]',
+            "branch 'b c' of parallel step 'p' is empty",
+        ),
+        (plan_of(when("w", [])), "$.plan.steps[0]", "has neither `then` nor `else` steps"),
+        (plan_of(_SLEEP), "$.plan.steps[0]", "has neither `seconds` and `until`"),
+        (
+            plan_of({**_SLEEP, "seconds": 1, "until": "2030-01-01T00:00:00Z"}),
+            "$.plan.steps[0]",
+            "has both `seconds` and `until`",
+        ),
+        (plan_of({**_SLEEP, "seconds": -1}), "$.plan.steps[0].seconds", "0 or more"),
+        (
+            plan_of({**_SLEEP, "until": "tomorrow"}),
+            "$.plan.steps[0].until",
+            "'tomorrow' is not an ISO 8601 time",
+        ),
+        (
+            plan_of({**_SLEEP, "until": "2030-01-01T09:00:00"}),
+            "$.plan.steps[0].until",
+            "has no zone (add Z or an offset like +02:00)",
+        ),
+        (
+            plan_of(tool("a", retry={"max_attempts": 0})),
+            "$.plan.steps[0].retry.max_attempts",
+            "retry.max_attempts must be at least 1, got 0",
+        ),
+        (
+            plan_of(tool("a", retry={"initial_delay_s": -1})),
+            "$.plan.steps[0].retry.initial_delay_s",
+            "must be 0 or more",
+        ),
+        (
+            plan_of(tool("a", retry={"max_delay_s": -0.5})),
+            "$.plan.steps[0].retry.max_delay_s",
+            "must be 0 or more",
+        ),
+        (
+            plan_of(tool("a", retry={"multiplier": 0.5})),
+            "$.plan.steps[0].retry.multiplier",
+            "must be 1 or more",
+        ),
+        (
+            plan_of(tool("a", retry={"jitter": -0.1})),
+            "$.plan.steps[0].retry.jitter",
+            "between 0 and 1",
+        ),
+        (
+            plan_of(tool("a", on_error="fallback")),
+            "$.plan.steps[0].on_error",
+            'has on_error "fallback" but no `fallback` step',
+        ),
+        (
+            plan_of(tool("a", fallback=tool("b"))),
+            "$.plan.steps[0].fallback",
+            "has a `fallback` that never runs",
+        ),
+        (
+            plan_of(tool("a", on_error="fallback", fallback=tool("b", on_error="fallback"))),
+            "$.plan.steps[0].fallback.on_error",
+            "step 'b' has on_error",
+        ),
+        (plan_of(tool("a"), timeout_s=0), "$.plan.timeout_s", "must be a positive number"),
+        (
+            plan_of(tool("a", step_timeout_s=-1)),
+            "$.plan.steps[0].step_timeout_s",
+            "must be a positive number of seconds (got -1.0)",
+        ),
+        (
+            plan_of(foreach("fe", [{"kind": "final", "id": "f", "output": 1}])),
+            "$.plan.steps[0].do[0]",
+            "final step 'f' is inside the `do` of foreach step 'fe'",
+        ),
+    ],
+)
+def test_invalid_step(plan: Plan, path: str, message: str) -> None:
+    issues = validate_plan(plan)
+    assert triples(issues) == [("invalid_step", path)]
+    assert message in issues[0].message
+
+
+def test_sleep_until_may_be_a_template() -> None:
+    plan = plan_of({**_SLEEP, "until": "{{ input.city }}T09:00:00Z"})
+    assert validate_plan(plan, TOOLS, RUN_INPUT) == []
+
+
+def test_multiple_final_steps() -> None:
+    final = {"kind": "final", "output": "{{ steps.a.output }}"}
+    plan = plan_of(tool("a"), {**final, "id": "f1"}, {**final, "id": "f2"}, {**final, "id": "f3"})
+    issues = validate_plan(plan)
+    assert triples(issues) == [
+        ("multiple_final_steps", "$.plan.steps[2]"),
+        ("multiple_final_steps", "$.plan.steps[3]"),
+    ]
+    assert "already has the final step 'f1' ($.plan.steps[1])" in issues[0].message
+
+
+def test_plan_output_and_a_final_step_conflict() -> None:
+    plan = plan_of(tool("a"), {"kind": "final", "id": "f", "output": 1}, output="x")
+    issues = validate_plan(plan)
+    assert triples(issues) == [("invalid_plan", "$.plan.output")]
+    assert "would be ignored" in issues[0].message
+
+
+def test_output_fields_are_checked_through_scopes_and_fallbacks() -> None:
+    plan = plan_of(
+        tool("f", "fetch", input={"url": "u"}),
+        foreach(
+            "fe",
+            [tool("a", text="{{ steps.f.output.titel }}"), tool("b", text="{{ item }}")],
+            output="{{ steps.b.output.lenght }}",
+        ),
+        # the output is fetch's or, when fetch failed, echo's: `text` may exist
+        tool("g", "fetch", input={"url": "u"}, on_error="fallback", fallback=tool("e")),
+        tool("h", text="{{ steps.g.output.text }} {{ steps.g.output.nothing }}"),
+    )
+    assert triples(validate_plan(plan, TOOLS)) == [
+        ("missing_field", "$.plan.steps[1].do[0].input.text"),
+        ("missing_field", "$.plan.steps[1].output"),
+        ("missing_field", "$.plan.steps[3].input.text"),
+    ]
+
+
+def test_dependencies_and_order_accept_one_scope_list() -> None:
+    steps = [tool("x", depends_on=["y"]), tool("y")]
+    body = plan_of(*steps).steps
+    assert dependencies(body) == {"x": ("y",), "y": ()}
+    assert topological_order(body) == ["y", "x"]
+    with pytest.raises(ValueError, match="unknown step 'z'"):
+        topological_order(plan_of(tool("x", depends_on=["z"])).steps)
+
+
 # --------------------------------------------------------------------------- properties
 
 # What each tool takes (required fields and their kind) and where its output holds a
@@ -693,3 +1309,287 @@ def test_a_misspelt_tool_is_always_rejected(plan: Plan, data: st.DataObject) -> 
     issues = validate_plan(replace(plan, steps=steps), TOOLS, RUN_INPUT)
     assert triples(issues) == [("unknown_tool", f"$.plan.steps[{i}].tool")]
     assert "available tools: add, echo, fetch, search" in issues[0].message
+
+
+# --------------------------------------------------------------------------- nested properties
+# Random plans with foreach / if / parallel bodies (and fallbacks) whose templates read
+# earlier steps of their own list and of the lists around them, plus scope variables.
+# Tool steps' ids are `<random>_<n>`, unique by their suffix.
+
+
+@dataclass
+class _Gen:
+    draw: st.DrawFn
+    count: int = 0
+
+    def new_id(self) -> str:
+        self.count += 1
+        return f"{self.draw(_ids)[:8]}_{self.count}"
+
+
+def _nested_value(
+    g: _Gen, kind: str, pool: list[tuple[str, str | None]], variables: frozenset[str]
+) -> Any:
+    # Steps with a known tool offer typed fields; composites only their whole output.
+    typed = [(sid, t) for sid, t in pool if t is not None]
+    value = _value(g.draw, kind, typed)
+    if isinstance(value, str) and "{{" in value and g.draw(st.integers(0, 3)) == 0:
+        extra = [format_expr("steps", [sid, "output"]) for sid, t in pool if t is None]
+        extra += sorted(variables)
+        if extra:
+            return f"{{{{ {g.draw(st.sampled_from(extra))} }}}}"
+    return value
+
+
+def _nested_tool(
+    g: _Gen, sid: str, pool: list[tuple[str, str | None]], variables: frozenset[str], fb: bool
+) -> dict[str, Any]:
+    name = g.draw(st.sampled_from(sorted(_INPUT_FIELDS)))
+    inputs = {f: _nested_value(g, k, pool, variables) for f, k in _INPUT_FIELDS[name].items()}
+    raw: dict[str, Any] = {"kind": "tool", "id": sid, "tool": name, "input": inputs}
+    if fb and g.draw(st.integers(0, 4)) == 0:
+        raw["on_error"] = "fallback"
+        raw["fallback"] = _nested_tool(g, g.new_id(), pool, variables, fb=False)
+    return raw
+
+
+def _nested_steps(
+    g: _Gen,
+    outer: list[tuple[str, str | None]],
+    variables: frozenset[str],
+    depth: int,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str | None]]]:
+    """A list of steps and its (id, tool) pairs (tool None for composites)."""
+    steps: list[dict[str, Any]] = []
+    earlier: list[tuple[str, str | None]] = []
+    composites = ["foreach", "if", "parallel"] if depth < 2 else []
+    for _ in range(g.draw(st.integers(1, 3 if depth else 5))):
+        sid = g.new_id()
+        pool = outer + earlier
+        # A budget keeps plans small enough for many examples per second.
+        kind = g.draw(st.sampled_from(["tool", "tool", *(composites if g.count < 25 else [])]))
+        if kind == "tool":
+            raw = _nested_tool(g, sid, pool, variables, fb=True)
+            earlier_tool: str | None = raw["tool"]
+        else:
+            earlier_tool = None
+            if kind == "foreach":
+                inner = variables | {"item", "index"}
+                body, made = _nested_steps(g, pool, inner, depth + 1)
+                items = g.draw(st.sampled_from(["{{ input.user.langs }}", ["a", "b"]]))
+                raw = {"kind": "foreach", "id": sid, "items": items, "do": body}
+                if g.draw(st.booleans()):
+                    raw["output"] = f"{{{{ {format_expr('steps', [made[-1][0], 'output'])} }}}}"
+            elif kind == "if":
+                then, _ = _nested_steps(g, pool, variables, depth + 1)
+                else_, _ = _nested_steps(g, pool, variables, depth + 1)
+                subject = _nested_value(g, "str", pool, variables)
+                if "{{" not in str(subject):
+                    subject = "{{ input.city }}"
+                raw = {
+                    "kind": "if",
+                    "id": sid,
+                    "condition": {"eq": [subject, "x"]},
+                    "then": then,
+                    "else": else_,
+                }
+            else:
+                names = g.draw(
+                    st.lists(st.sampled_from(["a", "b c", "d"]), min_size=1, unique=True)
+                )
+                branches = {n: _nested_steps(g, pool, variables, depth + 1)[0] for n in names}
+                raw = {"kind": "parallel", "id": sid, "branches": branches}
+        if earlier:
+            raw["depends_on"] = g.draw(
+                st.lists(st.sampled_from([s for s, _ in earlier]), max_size=2)
+            )
+        steps.append(raw)
+        earlier.append((sid, earlier_tool))
+    return steps, earlier
+
+
+@st.composite
+def nested_plans(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid plan as JSON-shaped builtins (mutations edit it, then it is converted)."""
+    steps, _ = _nested_steps(_Gen(draw), [], frozenset(), 0)
+    return {"steps": steps}
+
+
+def _scopes(raw: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every list of steps with its JSON path, in document order."""
+    found: list[tuple[str, list[dict[str, Any]]]] = []
+
+    def walk(path: str, steps: list[dict[str, Any]]) -> None:
+        found.append((path, steps))
+        for i, s in enumerate(steps):
+            at = f"{path}[{i}]"
+            for key in ("do", "then", "else"):
+                if key in s:
+                    walk(f"{at}.{key}", s[key])
+            for name, body in s.get("branches", {}).items():
+                walk(child_path(f"{at}.branches", name), body)
+
+    walk("$.plan.steps", raw["steps"])
+    return found
+
+
+def _occurrences(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every step (fallbacks included) with its JSON path."""
+    found = []
+    for path, steps in _scopes(raw):
+        for i, s in enumerate(steps):
+            found.append((f"{path}[{i}]", s))
+            while "fallback" in s:
+                found.append((f"{found[-1][0]}.fallback", s["fallback"]))
+                s = s["fallback"]
+    return found
+
+
+def _body_lists(plan: Plan) -> list[list[Any]]:
+    lists, todo = [], [plan.steps]
+    while todo:
+        steps = todo.pop()
+        lists.append(steps)
+        for s in steps:
+            if isinstance(s, ForeachStep):
+                todo.append(s.do)
+            elif isinstance(s, IfStep):
+                todo += [s.then, s.else_]
+            elif isinstance(s, ParallelStep):
+                todo += list(s.branches.values())
+    return lists
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=nested_plans())
+def test_random_nested_plans_are_valid_and_each_scope_is_ordered(raw: dict[str, Any]) -> None:
+    plan = msgspec.convert(raw, Plan)
+    assert validate_plan(plan, TOOLS, RUN_INPUT) == []
+    for steps in _body_lists(plan):
+        ids = [s.id for s in steps]
+        assert topological_order(steps) == ids  # every dependency points backwards
+        deps = dependencies(steps)
+        assert list(deps) == ids
+        for s in steps:
+            # Everything a template anywhere inside the step reads, if it is a sibling.
+            inside = {r.step_id for r in find_references(msgspec.to_builtins(s)) if r.step_id}
+            assert set(deps[s.id]) == (set(s.depends_on) | inside) & set(ids)
+            assert deps[s.id][: len(dict.fromkeys(s.depends_on))] == tuple(
+                dict.fromkeys(s.depends_on)
+            )
+        assert last_step_id(steps) == ids[-1]
+
+
+def _ancestors_in(deps: dict[str, tuple[str, ...]], sid: str) -> set[str]:
+    seen, todo = set(), [sid]
+    while todo:
+        for d in deps[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=nested_plans(), data=st.data())
+def test_a_back_edge_in_any_scope_is_a_cycle_there(
+    raw: dict[str, Any], data: st.DataObject
+) -> None:
+    plan = msgspec.convert(raw, Plan)
+    candidates = []
+    for (path, raw_steps), steps in zip(_scopes(raw), _scopes_of(plan), strict=True):
+        deps = dependencies(steps)
+        position = {s.id: k for k, s in enumerate(steps)}
+        for j, s in enumerate(steps):
+            for i in sorted(position[a] for a in _ancestors_in(deps, s.id)):
+                candidates.append((path, raw_steps, i, j))
+    if not candidates:
+        return
+    path, raw_steps, i, j = data.draw(st.sampled_from(candidates))
+    target = raw_steps[i]
+    target["depends_on"] = [*target.get("depends_on", []), raw_steps[j]["id"]]
+    issues = validate_plan(msgspec.convert(raw, Plan), TOOLS, RUN_INPUT)
+    assert triples(issues) == [("dependency_cycle", f"{path}[{i}].depends_on")]
+    assert f"dependency cycle: {raw_steps[i]['id']} → {raw_steps[j]['id']} → " in issues[0].message
+
+
+def _scopes_of(plan: Plan) -> list[list[Any]]:
+    """The same lists as ``_scopes`` (document order), from the decoded plan."""
+    found: list[list[Any]] = []
+
+    def walk(steps: list[Any]) -> None:
+        found.append(steps)
+        for s in steps:
+            if isinstance(s, ForeachStep):
+                walk(s.do)
+            elif isinstance(s, IfStep):
+                walk(s.then)
+                walk(s.else_)
+            elif isinstance(s, ParallelStep):
+                for body in s.branches.values():
+                    walk(body)
+
+    walk(plan.steps)
+    return found
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=nested_plans(), data=st.data())
+def test_a_duplicate_id_anywhere_is_rejected(raw: dict[str, Any], data: st.DataObject) -> None:
+    occurrences = _occurrences(raw)
+    if len(occurrences) < 2:
+        return
+    k = data.draw(st.integers(1, len(occurrences) - 1))
+    m = data.draw(st.integers(0, k - 1))
+    occurrences[k][1]["id"] = occurrences[m][1]["id"]
+    issues = validate_plan(msgspec.convert(raw, Plan), TOOLS, RUN_INPUT)
+    assert ("duplicate_step_id", f"{occurrences[k][0]}.id") in triples(issues)
+
+
+def _tools_anywhere(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(p, s) for p, s in _occurrences(raw) if s["kind"] == "tool"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=nested_plans(), data=st.data())
+def test_a_misspelt_tool_or_missing_step_anywhere_is_rejected_there(
+    raw: dict[str, Any], data: st.DataObject
+) -> None:
+    tools = _tools_anywhere(raw)
+    if not tools:
+        return
+    path, s = data.draw(st.sampled_from(tools))
+    mutation = data.draw(st.sampled_from(["tool", "depends_on", "template"]))
+    if mutation == "tool":
+        s["tool"] += "x"
+        expected = [("unknown_tool", f"{path}.tool")]
+    elif mutation == "depends_on" and ".fallback" not in path:
+        s["depends_on"] = [*s.get("depends_on", []), "no.such-step"]
+        expected = [("missing_step", f"{path}.depends_on[{len(s['depends_on']) - 1}]")]
+    else:
+        field = next(iter(s["input"]))
+        s["input"][field] = '{{ steps["no.such-step"].output }}'
+        expected = [("missing_step", child_path(f"{path}.input", field))]
+    assert triples(validate_plan(msgspec.convert(raw, Plan), TOOLS, RUN_INPUT)) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=nested_plans(), data=st.data())
+def test_reading_into_another_scope_or_a_misplaced_variable_is_rejected(
+    raw: dict[str, Any], data: st.DataObject
+) -> None:
+    top = [(f"$.plan.steps[{i}]", s) for i, s in enumerate(raw["steps"]) if s["kind"] == "tool"]
+    nested = [(p, s) for p, s in _occurrences(raw) if p.count("[") > 1 and ".fallback" not in p]
+    if not top:
+        return
+    path, s = data.draw(st.sampled_from(top))
+    field = next(iter(s["input"]))
+    if nested and data.draw(st.booleans()):
+        _, hidden = data.draw(st.sampled_from(nested))
+        s["input"][field] = f"{{{{ {format_expr('steps', [hidden['id'], 'output'])} }}}}"
+        code = "missing_step"
+    else:
+        s["input"][field] = f"{{{{ {data.draw(st.sampled_from(sorted(SCOPE_ROOTS)))} }}}}"
+        code = "invalid_template"
+    issues = validate_plan(msgspec.convert(raw, Plan), TOOLS, RUN_INPUT)
+    assert triples(issues) == [(code, child_path(f"{path}.input", field))]

@@ -1,0 +1,88 @@
+"""Durable timers, held by JetStream itself.
+
+A ``timer_started`` event sits on the LOOM_RUNS stream. This consumer receives it and,
+while it is not yet due, naks it with a delay equal to the time left: JetStream keeps the
+message and redelivers it when due, whatever restarts in between (the consumer's state
+lives in the server). When due, it answers the run's inbox with ``TimerElapsed``
+(``Nats-Msg-Id`` = ``timer:{run_id}:{timer_id}``, so a repeat is dropped) and acks.
+
+So a retry's backoff, a ``sleep`` step or a timeout is never a sleep in a process: every
+service may stop and start again and the timer still fires (late if nothing was
+running at its time, never lost). The timer runs inside the executor process, but it
+only talks to JetStream and could run anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from loom_core import codec, subjects
+from loom_core.contracts import TimerElapsed, TimerStarted
+from loom_infra import bus
+
+log = logging.getLogger("loom.timers")
+
+DURABLE = "timers"
+# A timer far in the future is naked for at most this long, then looked at again: the
+# server's redelivery delay needs no bound, but this keeps a clock jump harmless.
+MAX_NAK_S = 3600.0
+
+
+class TimerService:
+    def __init__(self, js: JetStreamContext, service: str = "executor") -> None:
+        self.js = js
+        self.service = service
+        self.fired = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = ConsumerConfig(
+            durable_name=DURABLE,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=subjects.events_of_kind("timer_started"),
+            ack_wait=30.0,
+            max_deliver=-1,  # a timer is redelivered as often as it takes to be due
+            max_ack_pending=100_000,  # every waiting timer is an unacked message
+        )
+        sub = await bus.pull_subscribe(self.js, subjects.RUN_EVENTS_STREAM, config)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                log.warning("timer fetch failed: %s", exc)
+                await bus.wait_or_timeout(stop, 0.5)
+                continue
+            for msg in msgs:
+                await self._one(msg)
+
+    async def _one(self, msg: Msg) -> None:
+        try:
+            record, timer = bus.expect_event(msg, TimerStarted)
+        except bus.Poison as poison:
+            await bus.dead_letter(self.js, self.service, msg.subject, poison.error, msg.data)
+            await msg.term()
+            return
+        left = (timer.fire_at - bus.now()).total_seconds()
+        if left > 0.001:
+            await msg.nak(delay=min(left, MAX_NAK_S))
+            return
+        try:
+            await self.js.publish(
+                subjects.inbox(record.run_id),
+                codec.encode(TimerElapsed(run_id=record.run_id, timer_id=timer.timer_id)),
+                headers={subjects.MSG_ID: f"timer:{record.run_id}:{timer.timer_id}"},
+            )
+        except Exception as exc:  # try again shortly: the timer is due, not lost
+            log.warning("timer %s could not fire yet: %r", timer.timer_id, exc)
+            await msg.nak(delay=0.5)
+            return
+        self.fired += 1
+        await msg.ack()
+
