@@ -48,8 +48,10 @@ class ErrorInfo(Record, tag="error", tag_field="type"):
 
 class PlanIssue(Record, tag="plan_issue", tag_field="type"):
     """One reason a plan was rejected. Codes: unknown_tool, dependency_cycle,
-    missing_step, missing_field, duplicate_step_id, invalid_input, invalid_template,
-    missing_input, invalid_plan, no_model_configured."""
+    missing_step, missing_field, duplicate_step_id, invalid_step_id, invalid_input,
+    invalid_template, missing_input, invalid_plan, invalid_json, invalid_step,
+    invalid_items, invalid_predicate, predicate_references_nothing, loop_without_cap,
+    multiple_final_steps, no_model_configured."""
 
     code: str
     path: str

@@ -63,7 +63,6 @@ _ALIASES: dict[str, list[str]] = {
     **dict.fromkeys(["is_empty", "isempty", "blank"], ["empty"]),
     **dict.fromkeys(["defined", "present", "has_value"], ["exists"]),
 }
-_SYNTAX = Reference("", "", (), "")  # marker: a malformed template, reported elsewhere
 
 
 class PredicateError(Exception):
@@ -150,18 +149,20 @@ def _shape(node: JSON, path: str) -> tuple[str, JSON]:
             f'{{"{op}": [{_EXAMPLE}, ...]}}; got {_kind(arg)} {_preview(arg)}',
             path=where,
         )
-    if op == "exists":
-        try:
-            whole = whole_reference(arg, where)
-        except TemplateSyntaxError:
-            whole = _SYNTAX  # reported as invalid_template by validation, not twice
-        if whole is None:
-            raise PredicateError(
-                '`exists` takes one string that is exactly one template, e.g. {"exists": '
-                f'"{{{{ steps.a.output.x }}}}"}}; got {_kind(arg)} {_preview(arg)}',
-                path=where,
-            )
+    if op == "exists" and not _names_one_value(arg):
+        raise PredicateError(
+            '`exists` takes one string that is exactly one template, e.g. {"exists": '
+            f'"{{{{ steps.a.output.x }}}}"}}; got {_kind(arg)} {_preview(arg)}',
+            path=where,
+        )
     return str(op), arg
+
+
+def _names_one_value(arg: JSON) -> bool:
+    try:
+        return whole_reference(arg) is not None
+    except TemplateSyntaxError:
+        return True  # a malformed template: reported as invalid_template, not twice
 
 
 def _children(op: str, arg: JSON, path: str) -> list[tuple[JSON, str]]:

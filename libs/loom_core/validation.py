@@ -360,9 +360,9 @@ class _Occ:
 
 @dataclass(eq=False)
 class _Site:
-    """A template-bearing field: where ``steps.X`` resolves from (``scope``), which
-    step of that scope waits (``dependent``; None when rendered after the body) and the
-    scope variables it sees."""
+    """A template-bearing field: where ``steps.X`` resolves from (``scope``: the step's
+    own scope, or its ``do`` scope for fields rendered after the body), the step it
+    belongs to and the scope variables it sees."""
 
     value: JSON
     path: str
@@ -385,7 +385,6 @@ class _Facts:
     sites: list[_Site] = field(default_factory=list)  # document order
     first: dict[str, _Occ] = field(default_factory=dict)  # id -> first occurrence
     syntax_errors: list[TemplateSyntaxError] = field(default_factory=list)
-    resolved: list[tuple[Reference, _Occ]] = field(default_factory=list)  # set by a check
 
     @classmethod
     def of(cls, plan: Plan, path: str) -> _Facts:
@@ -447,6 +446,14 @@ class _Facts:
     def all_refs(self) -> Iterator[Reference]:
         for site in self.sites:
             yield from site.refs
+
+    def resolved(self) -> Iterator[tuple[Reference, _Occ]]:
+        """Each ``steps.X`` reference with the step it reads, when X is visible."""
+        for site in self.sites:
+            for ref in site.refs:
+                target = _visible(site, ref.step_id) if ref.step_id is not None else None
+                if target is not None:
+                    yield ref, target
 
 
 def _trail_path(path: str, trail: Sequence[str]) -> str:
@@ -834,30 +841,34 @@ def _check_depends_on(facts: _Facts) -> Iterator[PlanIssue]:
 
 
 def _outer_dependency_hint(scope: _Scope, target: _Occ) -> str:
+    name = target.step.id
     holder = target.holder
-    for inner, outer in zip(scope.chain(), list(scope.chain())[1:], strict=False):
+    if holder is not target:
+        return f"{name!r} is the fallback of {holder.step.id!r}; depend on {holder.step.id!r}"
+    chain = list(scope.chain())
+    for inner, outer in zip(chain, chain[1:], strict=False):
         if outer is holder.scope and inner.owner is not None:
             container = inner.owner.step.id
             return (
-                f"To wait for {target.step.id!r}, read it with a template (which makes "
+                f"To wait for {name!r}, read it with a template (which makes "
                 f"{container!r}, the enclosing step in its list, wait for it) or add it to "
                 f"the depends_on of {container!r}"
             )
-    return f"{target.step.id!r} is in {holder.scope.label}, which this step cannot see"
+    for body in target.scope.chain():
+        if body.owner is not None and body.owner.scope is scope:
+            return (
+                f"{name!r} is in {target.scope.label}, which this step cannot see; depend "
+                f"on {body.owner.step.id!r} instead"
+            )
+    return f"{name!r} is in {target.scope.label}, which this step cannot see"
 
 
 def _check_template_steps(facts: _Facts) -> Iterator[PlanIssue]:
-    facts.resolved = []
     for site in facts.sites:
         for ref in site.refs:
             name = ref.step_id
-            if name is None:
-                continue
-            target = _visible(site, name)
-            if target is not None:
-                facts.resolved.append((ref, target))
-                continue
-            yield _issue("missing_step", ref.path, _invisible_message(facts, site, ref, name))
+            if name is not None and _visible(site, name) is None:
+                yield _issue("missing_step", ref.path, _invisible_message(facts, site, ref, name))
 
 
 def _visible(site: _Site, name: str) -> _Occ | None:
@@ -1262,7 +1273,7 @@ def _output_field_problem(ref: Reference, spec: ToolSpec) -> str | None:
 
 
 def _check_output_fields(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanIssue]:
-    for ref, target in facts.resolved:
+    for ref, target in facts.resolved():
         step = target.step
         # The output is the tool's, or a fallback's when the tool failed: a field is
         # certainly missing only when no tool of the chain can produce it.

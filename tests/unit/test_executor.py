@@ -57,7 +57,9 @@ class World:
     """Runs a plan to the end. ``answer(req) -> (output, error)``; ``None`` as the whole
     answer leaves the call in flight (for cancellation tests)."""
 
-    def __init__(self, plan: Plan, run_input: dict[str, Any] | None = None, run_id: str = "r1") -> None:
+    def __init__(
+        self, plan: Plan, run_input: dict[str, Any] | None = None, run_id: str = "r1"
+    ) -> None:
         self.run_id = run_id
         self.state: RunState = initial_state(run_id)
         self.now = T0
@@ -79,7 +81,9 @@ class World:
                 self.timers.append(e)
         return produced
 
-    def result(self, req: ToolCallRequested, output: Any = None, error: ErrorInfo | None = None) -> None:
+    def result(
+        self, req: ToolCallRequested, output: Any = None, error: ErrorInfo | None = None
+    ) -> None:
         self.send(
             ToolResult(
                 run_id=self.run_id, step_id=req.step_id, attempt=req.attempt,
@@ -137,7 +141,9 @@ def check_invariants(w: World) -> None:
 
 
 def test_sequential_plan_completes_with_rendered_inputs() -> None:
-    plan = Plan(steps=[tool("a", x="{{ input.x }}"), tool("b", ["a"], y="{{ steps.a.output.echo.x }}")])
+    plan = Plan(
+        steps=[tool("a", x="{{ input.x }}"), tool("b", ["a"], y="{{ steps.a.output.echo.x }}")]
+    )
     w = World(plan, {"x": 7})
     w.run(echo)
     check_invariants(w)
@@ -192,7 +198,13 @@ def test_retries_with_backoff_timers_then_success() -> None:
 
 
 def test_never_retried_errors_fail_at_once() -> None:
-    plan = Plan(steps=[ToolStep(id="a", tool="echo", retry=RetryPolicy(max_attempts=5, non_retryable=["quota"]))])
+    plan = Plan(
+        steps=[
+            ToolStep(
+                id="a", tool="echo", retry=RetryPolicy(max_attempts=5, non_retryable=["quota"])
+            )
+        ]
+    )
     for code in ("invalid_input", "quota"):
         w = World(plan)
         w.run(lambda req, code=code: (None, ErrorInfo(code=code, message="no")))
@@ -214,7 +226,11 @@ def test_on_error_continue_skips_only_dependents() -> None:
         tool("other"),
     ])  # fmt: skip
     w = World(plan)
-    w.run(lambda req: (None, ErrorInfo(code="x", message="boom")) if req.step_id == "bad" else ("ok", None))
+    w.run(
+        lambda req: (
+            (None, ErrorInfo(code="x", message="boom")) if req.step_id == "bad" else ("ok", None)
+        )
+    )
     check_invariants(w)
     assert [e.step_id for e in w.of(StepSkipped)] == ["after_bad"]
     assert isinstance(w.events[-1], RunCompleted)
@@ -227,7 +243,11 @@ def test_fallback_runs_in_place_of_the_failed_step() -> None:
         tool("use", ["primary"], got="{{ steps.primary.output }}"),
     ])  # fmt: skip
     w = World(plan)
-    w.run(lambda req: (None, ErrorInfo(code="x", message="down")) if req.tool == "flaky" else echo(req))
+    w.run(
+        lambda req: (
+            (None, ErrorInfo(code="x", message="down")) if req.tool == "flaky" else echo(req)
+        )
+    )
     check_invariants(w)
     assert [r.step_id for r in w.of(ToolCallRequested)] == ["primary", "primary/fallback", "use"]
     assert w.of(ToolCallRequested)[-1].input == {"got": {"echo": {"v": 2}}}
@@ -279,7 +299,9 @@ def test_foreach_keeps_input_order_and_concurrency_limit() -> None:
 
 
 def test_foreach_fail_fast_cancels_in_flight_items() -> None:
-    plan = Plan(steps=[ForeachStep(id="fe", items=[1, 2, 3], concurrency=3, do=[tool("t", v="{{ item }}")])])
+    plan = Plan(
+        steps=[ForeachStep(id="fe", items=[1, 2, 3], concurrency=3, do=[tool("t", v="{{ item }}")])]
+    )
     w = World(plan)
     first = w.pending.pop(0)
     w.result(first, error=ErrorInfo(code="x", message="bad item"))
@@ -291,9 +313,15 @@ def test_foreach_fail_fast_cancels_in_flight_items() -> None:
 
 def test_foreach_collect_and_min_success() -> None:
     def answer(req: ToolCallRequested):
-        return (None, ErrorInfo(code="x", message="odd")) if req.input["v"] % 2 else (req.input["v"], None)
+        return (
+            (None, ErrorInfo(code="x", message="odd"))
+            if req.input["v"] % 2
+            else (req.input["v"], None)
+        )
 
-    collect = ForeachStep(id="fe", items=[0, 1, 2, 3], failure="collect", do=[tool("t", v="{{ item }}")])
+    collect = ForeachStep(
+        id="fe", items=[0, 1, 2, 3], failure="collect", do=[tool("t", v="{{ item }}")]
+    )
     w = World(Plan(steps=[collect]))
     w.run(answer)
     assert w.events[-1] == RunCompleted(output={"fe": [0, None, 2, None]})
@@ -328,7 +356,9 @@ def test_map_then_reduce() -> None:
 
 def test_loop_until_and_cap() -> None:
     body = [ToolStep(id="inc", tool="inc", input={"i": "{{ iteration }}"})]
-    until = LoopStep(id="lp", do=body, max_iterations=10, until={"gte": ["{{ steps.inc.output }}", 3]})
+    until = LoopStep(
+        id="lp", do=body, max_iterations=10, until={"gte": ["{{ steps.inc.output }}", 3]}
+    )
     w = World(Plan(steps=[until]))
     w.run(lambda req: (req.input["i"] + 1, None))
     check_invariants(w)
@@ -349,7 +379,9 @@ def test_parallel_branches_join() -> None:
     assert sorted(r.step_id for r in w.pending) == ["par/left/l1", "par/right/r1"]
     w.run(lambda req: (req.step_id, None))
     check_invariants(w)
-    assert w.events[-1] == RunCompleted(output={"par": {"left": "par/left/l2", "right": "par/right/r1"}})
+    assert w.events[-1] == RunCompleted(
+        output={"par": {"left": "par/left/l2", "right": "par/right/r1"}}
+    )
 
 
 def test_if_takes_one_branch_and_records_the_other_as_skipped() -> None:
@@ -399,12 +431,16 @@ def test_run_timeout_cancels_everything() -> None:
 
 
 def test_cancel_tells_in_flight_calls_and_records_every_step() -> None:
-    plan = Plan(steps=[tool("a"), tool("b", ["a"]), ForeachStep(id="fe", items=[1, 2], do=[tool("t")])])
+    plan = Plan(
+        steps=[tool("a"), tool("b", ["a"]), ForeachStep(id="fe", items=[1, 2], do=[tool("t")])]
+    )
     w = World(plan)
     w.send(RunControl(run_id="r1", action="cancel", by="ada", reason="wrong input"))
     check_invariants(w)
     assert {e.step_id for e in w.of(ToolCallCancelled)} == {"a", "fe/0/t", "fe/1/t"}
-    assert {"a", "b", "fe", "fe/0", "fe/1", "fe/0/t", "fe/1/t"} <= {e.step_id for e in w.of(StepCancelled)}
+    assert {"a", "b", "fe", "fe/0", "fe/1", "fe/0/t", "fe/1/t"} <= {
+        e.step_id for e in w.of(StepCancelled)
+    }
     assert w.events[-1] == RunCancelled(by="ada", reason="wrong input")
     n = len(w.events)
     w.result(w.pending[0], 1)  # a late result changes nothing
@@ -442,21 +478,56 @@ def plans(draw: st.DrawFn) -> Plan:
         steps: list[Any] = []
         for i in range(size):
             sid = f"s{next(counter)}"
-            deps = draw(st.lists(st.sampled_from([s.id for s in steps]), unique=True, max_size=2)) if steps else []
-            kind = draw(st.sampled_from(["tool"] * 4 + (["foreach", "if", "parallel"] if depth < 2 else [])))
+            deps = (
+                draw(st.lists(st.sampled_from([s.id for s in steps]), unique=True, max_size=2))
+                if steps
+                else []
+            )
+            kind = draw(
+                st.sampled_from(["tool"] * 4 + (["foreach", "if", "parallel"] if depth < 2 else []))
+            )
             retry = RetryPolicy(max_attempts=2, initial_delay_s=1) if draw(st.booleans()) else None
             on_error = draw(st.sampled_from(["fail", "continue"]))
             if kind == "tool":
-                steps.append(ToolStep(id=sid, tool="t", input={"v": i}, depends_on=deps, retry=retry, on_error=on_error))
+                steps.append(
+                    ToolStep(
+                        id=sid,
+                        tool="t",
+                        input={"v": i},
+                        depends_on=deps,
+                        retry=retry,
+                        on_error=on_error,
+                    )
+                )
             elif kind == "foreach":
-                steps.append(ForeachStep(id=sid, items=list(range(draw(st.integers(0, 3)))), depends_on=deps,
-                                         concurrency=draw(st.integers(1, 3)), do=body(depth + 1, 1),
-                                         failure=draw(st.sampled_from(["fail_fast", "collect"]))))
+                steps.append(
+                    ForeachStep(
+                        id=sid,
+                        items=list(range(draw(st.integers(0, 3)))),
+                        depends_on=deps,
+                        concurrency=draw(st.integers(1, 3)),
+                        do=body(depth + 1, 1),
+                        failure=draw(st.sampled_from(["fail_fast", "collect"])),
+                    )
+                )
             elif kind == "if":
-                steps.append(IfStep(id=sid, condition={"eq": ["{{ input.flag }}", True]}, depends_on=deps,
-                                    then=body(depth + 1, 1), else_=body(depth + 1, 1)))
+                steps.append(
+                    IfStep(
+                        id=sid,
+                        condition={"eq": ["{{ input.flag }}", True]},
+                        depends_on=deps,
+                        then=body(depth + 1, 1),
+                        else_=body(depth + 1, 1),
+                    )
+                )
             else:
-                steps.append(ParallelStep(id=sid, depends_on=deps, branches={"x": body(depth + 1, 1), "y": body(depth + 1, 2)}))
+                steps.append(
+                    ParallelStep(
+                        id=sid,
+                        depends_on=deps,
+                        branches={"x": body(depth + 1, 1), "y": body(depth + 1, 2)},
+                    )
+                )
         return steps  # fmt: skip
 
     return Plan(steps=body(0, draw(st.integers(1, 5))))

@@ -346,7 +346,7 @@ def _outcome(predicate: Any, context: dict[str, Any]) -> bool | type[Exception]:
         return type(error)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(predicate=_predicates, context=_contexts())
 def test_not_negates_and_well_formed_predicates_pass_check(
     predicate: dict[str, Any], context: dict[str, Any]
@@ -405,7 +405,7 @@ _MUTATIONS: list[tuple[Any, tuple[str, ...]]] = [
 ]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(predicate=_predicates, data=st.data())
 def test_a_mutated_node_is_reported_at_its_path(predicate: Any, data: st.DataObject) -> None:
     trail = data.draw(st.sampled_from(_nodes(predicate)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import ChainMap
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ from loom_core.templating import (
     render,
     scan_templates,
     template_errors,
+    whole_reference,
 )
 
 CONTEXT: dict[str, Any] = {
@@ -186,6 +188,52 @@ def test_lookup_error_messages(template: str, message: str) -> None:
 def test_missing_root_in_context() -> None:
     with pytest.raises(TemplateLookupError, match="nothing named 'steps'"):
         render("{{ steps.a.output }}", {"input": {}})
+    with pytest.raises(TemplateLookupError) as caught:
+        render({"x": "{{ acc }}"}, {"input": {}})
+    assert caught.value.message == (
+        "`acc`: nothing named 'acc' is available to templates; `acc` exists only inside "
+        "the `do` of a reduce step (and in its `output`)"
+    )
+    assert caught.value.path == "$.x"
+
+
+def test_scope_variables_render_like_input() -> None:
+    context = {
+        "input": {},
+        "item": {"name": "Ada", "tags": ["x"]},
+        "index": 2,
+        "acc": [1],
+        "iteration": 0,
+    }
+    assert render("{{ item.name }}", context) == "Ada"
+    assert render("{{ item.tags[0] }}#{{ index }}", context) == "x#2"
+    assert render({"a": "{{ acc }}", "i": "{{ iteration }}"}, context) == {"a": [1], "i": 0}
+    [ref] = find_references("{{ item['name'] }}")
+    assert (ref.root, ref.segments, ref.step_id) == ("item", ("name",), None)
+    with pytest.raises(TemplateLookupError, match="`index.x`: cannot read key 'x'"):
+        render("{{ index.x }}", context)
+
+
+def test_steps_may_be_any_mapping_such_as_a_chain_map() -> None:
+    inner = {"b": {"output": {"n": 1}}}
+    outer = {"a": {"output": {"n": 0}}, "b": {"output": {"n": -1}}}
+    context = {"input": {}, "steps": ChainMap(inner, outer)}
+    assert render(["{{ steps.a.output.n }}", "{{ steps.b.output.n }}"], context) == [0, 1]
+    with pytest.raises(TemplateLookupError) as caught:
+        render("{{ steps.c.output }}", context)
+    assert "steps with output: ['a', 'b']" in caught.value.message
+
+
+def test_whole_reference() -> None:
+    assert whole_reference(" {{ steps.a.output.list }}\n", "$.items") == Reference(
+        "steps.a.output.list", "steps", ("a", "output", "list"), "$.items"
+    )
+    assert whole_reference("{{ item }}") == Reference("item", "item", (), "$")
+    for value in ("x {{ item }}", "{{ item }}{{ index }}", "plain", 3, None, ["{{ item }}"]):
+        assert whole_reference(value) is None
+    with pytest.raises(TemplateSyntaxError) as caught:
+        whole_reference("{{ item", "$.p")
+    assert caught.value.path == "$.p"
 
 
 def test_lookup_helper_and_format_expr() -> None:

@@ -58,7 +58,9 @@ async def run(registry: ToolRegistry, name: str, raw: dict, **kw) -> ToolOutcome
 
 
 def test_default_registry_has_every_builtin(registry: ToolRegistry) -> None:
-    assert registry.names() == ["concat", "echo", "http_get", "noop", "sleep", "text"]
+    assert registry.names() == [
+        "concat", "echo", "flaky", "http_get", "math", "noop", "sleep", "text"
+    ]  # fmt: skip
 
 
 async def test_echo_returns_any_json_unchanged(registry: ToolRegistry) -> None:
@@ -104,6 +106,92 @@ async def test_sleep_sleeps(registry: ToolRegistry) -> None:
     outcome = await run(registry, "sleep", {"seconds": 0.02})
     assert outcome == ToolOutcome(ok=True, output={"slept": 0.02})
     assert time.monotonic() - start >= 0.02
+
+
+def attempt_ctx(attempt: int) -> ToolContext:
+    return ToolContext(
+        idempotency_key=f"run-1:step-a:{attempt}", run_id="run-1", step_id="step-a", attempt=attempt
+    )
+
+
+async def test_flaky_fails_the_first_attempts_then_returns_value_and_attempt(
+    registry: ToolRegistry,
+) -> None:
+    raw = {"fail_times": 2, "value": {"v": [1, "x"]}}
+    outcomes = [await execute_tool(registry, "flaky", raw, attempt_ctx(n)) for n in (1, 2, 3, 4)]
+    for n, failed in zip((1, 2), outcomes[:2], strict=True):
+        assert not failed.ok
+        assert failed.error.code == "flaky" and failed.error.retryable
+        assert failed.error.details == {"attempt": n, "fail_times": 2}
+        assert "retry.max_attempts > 2" in failed.error.message
+    assert outcomes[2] == ToolOutcome(ok=True, output={"value": {"v": [1, "x"]}, "attempt": 3})
+    assert outcomes[3].output == {"value": {"v": [1, "x"]}, "attempt": 4}
+    # deterministic: the same attempt always gets the same answer
+    again = await execute_tool(registry, "flaky", raw, attempt_ctx(2))
+    assert again == outcomes[1]
+
+
+async def test_flaky_defaults_and_custom_code(registry: ToolRegistry) -> None:
+    assert (await run(registry, "flaky", {"fail_times": 0})).output == {"value": None, "attempt": 1}
+    outcome = await run(registry, "flaky", {"fail_times": 1, "code": "upstream_down"})
+    assert (outcome.error.code, outcome.error.retryable) == ("upstream_down", True)
+    spec = registry.get("flaky").spec()
+    assert spec.idempotent
+    assert spec.input_schema["$defs"]["FlakyInput"]["required"] == ["fail_times"]
+
+
+@pytest.mark.parametrize(
+    "raw, path",
+    [
+        ({"fail_times": 11}, "$.fail_times"),
+        ({"fail_times": -1}, "$.fail_times"),
+        ({"fail_times": 1.5}, "$.fail_times"),
+        ({"fail_times": 1, "code": ""}, "$.code"),
+        ({"value": 1}, "$.fail_times"),
+        ({"fail_times": 1, "times": 2}, "$.times"),
+    ],
+)
+async def test_flaky_rejects_bad_input(registry: ToolRegistry, raw: dict, path: str) -> None:
+    outcome = await run(registry, "flaky", raw)
+    assert (outcome.error.code, outcome.error.path) == ("invalid_input", path)
+
+
+@pytest.mark.parametrize(
+    "op, a, b, result",
+    [
+        ("add", 2, 3, 5),
+        ("sub", 2, 3, -1),
+        ("mul", 4, -3, -12),
+        ("max", 2, 7, 7),
+        ("min", 2, 7, 2),
+        ("add", 0.5, 0.25, 0.75),
+        ("add", 1, 0.5, 1.5),
+        ("mul", 2, 2.0, 4.0),
+        ("max", 2, 1.5, 2.0),  # mixed operands give a float even when the int wins
+        ("min", -1.5, 3, -1.5),
+    ],
+)
+async def test_math_ops(registry: ToolRegistry, op: str, a, b, result) -> None:
+    outcome = await run(registry, "math", {"op": op, "a": a, "b": b})
+    assert outcome == ToolOutcome(ok=True, output={"result": result})
+    assert type(outcome.output["result"]) is type(result)  # ints stay ints
+
+
+@pytest.mark.parametrize(
+    "raw, code, path",
+    [
+        ({"op": "div", "a": 1, "b": 2}, "invalid_input", "$.op"),
+        ({"op": "add", "a": "1", "b": 2}, "invalid_input", "$.a"),
+        ({"op": "add", "a": True, "b": 2}, "invalid_input", "$.a"),  # JSON: true is no number
+        ({"op": "add", "a": 1}, "invalid_input", "$.b"),
+        ({"op": "mul", "a": 1e308, "b": 10.0}, "out_of_range", None),
+        ({"op": "mul", "a": 2**62, "b": 4}, "out_of_range", None),
+    ],
+)
+async def test_math_errors(registry: ToolRegistry, raw: dict, code: str, path) -> None:
+    outcome = await run(registry, "math", raw)
+    assert (outcome.error.code, outcome.error.path) == (code, path)
+    assert not outcome.error.retryable
 
 
 # --------------------------------------------------------------------------- input errors
@@ -336,7 +424,7 @@ def test_duplicate_registration_is_refused(registry: ToolRegistry) -> None:
     with pytest.raises(ValueError, match="already registered"):
         registry.register(make_tool(noop_fn, name="echo", description=""))
     assert registry.get("nope") is None
-    assert "echo" in registry and len(registry) == 6
+    assert "echo" in registry and len(registry) == 8
 
 
 # --------------------------------------------------------------------------- http_get

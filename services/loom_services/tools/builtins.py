@@ -1,4 +1,4 @@
-"""Built-in tools: echo, noop, text, concat, sleep, http_get.
+"""Built-in tools: echo, noop, text, concat, sleep, flaky, math, http_get.
 
 ``http_get`` design note (SSRF)
 - Every URL, including each redirect target, goes through :func:`netguard.check_url`
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math as _math
 import re
 import socket
 import ssl
@@ -125,6 +126,90 @@ class SleepOutput(ToolOutput):
 async def sleep(inp: SleepInput, ctx: ToolContext) -> SleepOutput:
     await asyncio.sleep(inp.seconds)
     return SleepOutput(slept=inp.seconds)
+
+
+# --------------------------------------------------------------------------- demo tools
+# Deterministic helpers for examples and tests of the plan language (retries, loops,
+# reductions): no clock, no randomness, the same input gives the same outcome.
+
+MAX_FLAKY_FAILURES = 10
+
+
+class FlakyInput(ToolInput):
+    fail_times: Annotated[int, msgspec.Meta(ge=0, le=MAX_FLAKY_FAILURES)]
+    value: JSON = None
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "flaky"
+
+
+class FlakyOutput(ToolOutput):
+    value: JSON
+    attempt: int
+
+
+@tool(
+    "flaky",
+    "Fail (a retryable error with the given code) while the step's attempt number is "
+    "at most fail_times, then return {value, attempt}. Deterministic: for retry demos.",
+)
+async def flaky(inp: FlakyInput, ctx: ToolContext) -> FlakyOutput:
+    # The attempt comes from the executor (it is part of the idempotency key), so a
+    # redelivered request of one attempt gets the same answer.
+    if ctx.attempt <= inp.fail_times:
+        raise ToolFailure(
+            inp.code,
+            f"planned failure: attempt {ctx.attempt} of the first {inp.fail_times} fails; "
+            f"retry the step (e.g. retry.max_attempts > {inp.fail_times}) to get past it",
+            retryable=True,
+            details={"attempt": ctx.attempt, "fail_times": inp.fail_times},
+        )
+    return FlakyOutput(value=inp.value, attempt=ctx.attempt)
+
+
+MathOp = Literal["add", "sub", "mul", "max", "min"]
+# Integers beyond 64 bits cannot be encoded to JSON by msgspec (and lose precision in
+# most JSON readers anyway): refused with a typed error instead of a crash.
+_INT_LIMIT = 2**63 - 1
+
+_MATH_OPS = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "max": max,
+    "min": min,
+}
+
+
+class MathInput(ToolInput):
+    op: MathOp
+    a: int | float
+    b: int | float
+
+
+class MathOutput(ToolOutput):
+    result: int | float
+
+
+@tool(
+    "math",
+    "Arithmetic on two numbers: add, sub, mul, max, min. The result is an integer when "
+    "both operands are integers, else a float.",
+)
+async def math(inp: MathInput, ctx: ToolContext) -> MathOutput:
+    result = _MATH_OPS[inp.op](inp.a, inp.b)
+    if isinstance(inp.a, float) or isinstance(inp.b, float):
+        result = float(result)  # max(2, 1.5) is the int 2 in Python; keep one rule
+        if not _math.isfinite(result):
+            raise ToolFailure(
+                "out_of_range",
+                f"{inp.op}({inp.a}, {inp.b}) is not a finite number; use smaller operands",
+            )
+    elif abs(result) > _INT_LIMIT:
+        raise ToolFailure(
+            "out_of_range",
+            f"{inp.op}({inp.a}, {inp.b}) does not fit in a 64-bit integer; "
+            "pass floats for approximate results",
+        )
+    return MathOutput(result=result)
 
 
 # --------------------------------------------------------------------------- http_get
@@ -328,4 +413,4 @@ def _transport_failure(code: str, target: netguard.ResolvedTarget, exc: Exceptio
     )
 
 
-BUILTIN_TOOLS: tuple[Tool, ...] = (echo, noop, text, concat, sleep, http_get)
+BUILTIN_TOOLS: tuple[Tool, ...] = (echo, noop, text, concat, sleep, flaky, math, http_get)
