@@ -5,10 +5,16 @@ Prints, per store:
 - one sequential run of N chained ``noop`` steps: steps/s, p50/p99 per-step latency
   (time between consecutive step completions, from the run's own events) and the cost
   of early steps vs late steps (a cost that grows with history shows up here);
-- R runs of K steps at once: aggregate steps/s.
+- R runs of K steps at once: aggregate steps/s;
+- chains of 10, 100 and 1,000 steps, one run each: steps/s and the per-step overhead
+  around step 10 and around the last step (DESIGN target: step 1,000 within 1.2x step 10);
+- a foreach of 1,000 items at concurrency 16: items/s.
+Each part can be resized or skipped (0, or ``--chains`` with no value).
 
+    python bench/steps.py                      # both stores, everything (~3 min, 2 cores)
     python bench/steps.py --store sqlite --steps 200
     python bench/steps.py --store postgres --steps 200 --runs 50 --run-steps 20
+    python bench/steps.py --store sqlite --steps 0 --runs 0 --chains 1000 --foreach 0
 """
 
 from __future__ import annotations
@@ -21,7 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from loom_core.contracts import Plan, RunCompleted, RunRequest, StepCompleted, ToolStep
+from loom_core.contracts import (
+    EventRecord,
+    ForeachStep,
+    Plan,
+    PlanAccepted,
+    RunCompleted,
+    RunRequest,
+    StepCompleted,
+    ToolStep,
+)
 from loom_infra.client import LoomClient
 from loom_infra.localpg import start_local_postgres
 from loom_infra.settings import Settings, StoreSettings
@@ -42,12 +57,38 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sequential(client: LoomClient, n: int) -> dict[str, float]:
-    accepted = await client.submit(RunRequest(plan=chain(n)))
+def foreach(items: int, concurrency: int) -> Plan:
+    return Plan(
+        steps=[
+            ForeachStep(
+                id="fe",
+                items=list(range(items)),
+                concurrency=concurrency,
+                do=[ToolStep(id="t", tool="noop")],
+            )
+        ]
+    )
+
+
+async def run_to_end(client: LoomClient, plan: Plan) -> list[EventRecord]:
+    accepted = await client.submit(RunRequest(plan=plan))
     records = await client.wait(accepted.run_id, timeout=600)
     assert isinstance(records[-1].event, RunCompleted), records[-1]
+    return records
+
+
+def completion_gaps(records: list[EventRecord]) -> list[float]:
+    """ms between consecutive top-level step completions (one per chained step)."""
+    done = [
+        r.at for r in records if isinstance(r.event, StepCompleted) and "/" not in r.event.step_id
+    ]
+    return [(b - a).total_seconds() * 1000 for a, b in zip(done, done[1:], strict=False)]
+
+
+async def sequential(client: LoomClient, n: int) -> dict[str, float]:
+    records = await run_to_end(client, chain(n))
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
-    gaps = [(b - a).total_seconds() * 1000 for a, b in zip(done, done[1:], strict=False)]
+    gaps = completion_gaps(records)
     total = (done[-1] - done[0]).total_seconds()
     early = statistics.mean(gaps[5:15]) if len(gaps) > 15 else float("nan")
     late = statistics.mean(gaps[-10:])
@@ -70,7 +111,43 @@ async def concurrent(client: LoomClient, runs: int, steps: int) -> float:
     return runs * steps / elapsed
 
 
-async def bench(store: str, steps: int, runs: int, run_steps: int) -> None:
+async def chain_costs(client: LoomClient, n: int) -> str:
+    """One run of ``n`` chained steps: steps/s, ms/step around step 10 and step n."""
+    records = await run_to_end(client, chain(n))
+    gaps = completion_gaps(records)
+    total = sum(gaps) / 1000
+    # gap i is the cost of step i + 2 (the time from step i + 1's completion to its own)
+    line = f"chain {n:>5} steps: {(len(gaps)) / total:7.1f} steps/s"
+    if n >= 20:
+        early = statistics.mean(gaps[4:14])  # steps ~6-15
+        late = statistics.mean(gaps[-10:])
+        line += f"  step ~10 {early:.2f} ms  step ~{n} {late:.2f} ms (x{late / early:.2f})"
+    else:
+        line += f"  {statistics.mean(gaps):.2f} ms/step"
+    return line
+
+
+async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:
+    t0 = time.perf_counter()
+    records = await run_to_end(client, foreach(items, concurrency))
+    wall = time.perf_counter() - t0
+    start = next(r.at for r in records if isinstance(r.event, PlanAccepted))
+    span = (records[-1].at - start).total_seconds()
+    return (
+        f"foreach {items} items @{concurrency}: {items / span:7.1f} items/s "
+        f"({span:.2f} s from plan accepted to completed; {wall:.2f} s from submit)"
+    )
+
+
+async def bench(
+    store: str,
+    steps: int,
+    runs: int,
+    run_steps: int,
+    chains: list[int],
+    items: int,
+    concurrency: int,
+) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
     stop_pg = None
     if store == "postgres":
@@ -85,18 +162,29 @@ async def bench(store: str, steps: int, runs: int, run_steps: int) -> None:
             await LoomClient.connect(stack.url) as client,
         ):
             await sequential(client, 20)  # warm up
-            seq = await sequential(client, steps)
-            conc = await concurrent(client, runs, run_steps)
+            # each line as soon as measured: a long part should not hide the others
+            if steps:
+                seq = await sequential(client, steps)
+                print(
+                    f"{store:8s} sequential {steps} steps: {seq['steps_per_s']:7.1f} steps/s  "
+                    f"p50 {seq['p50_ms']:.2f} ms  p99 {seq['p99_ms']:.2f} ms  "
+                    f"steps 5-15 {seq['early_ms']:.2f} ms vs last 10 {seq['late_ms']:.2f} ms "
+                    f"(x{seq['late_ms'] / seq['early_ms']:.2f})",
+                    flush=True,
+                )
+            if runs:
+                conc = await concurrent(client, runs, run_steps)
+                print(
+                    f"{store:8s} {runs} runs x {run_steps} steps at once: {conc:7.1f} steps/s",
+                    flush=True,
+                )
+            for n in chains:
+                print(f"{store:8s} {await chain_costs(client, n)}", flush=True)
+            if items:
+                print(f"{store:8s} {await foreach_rate(client, items, concurrency)}", flush=True)
     finally:
         if stop_pg is not None:
             stop_pg()
-    print(
-        f"{store:8s} sequential {steps} steps: {seq['steps_per_s']:7.1f} steps/s  "
-        f"p50 {seq['p50_ms']:.2f} ms  p99 {seq['p99_ms']:.2f} ms  "
-        f"steps 5-15 {seq['early_ms']:.2f} ms vs last 10 {seq['late_ms']:.2f} ms "
-        f"(x{seq['late_ms'] / seq['early_ms']:.2f})"
-    )
-    print(f"{store:8s} {runs} runs x {run_steps} steps at once: {conc:7.1f} steps/s")
 
 
 def main() -> None:
@@ -105,11 +193,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--run-steps", type=int, default=20)
+    parser.add_argument(
+        "--chains", type=int, nargs="*", default=[10, 100, 1000], metavar="N",
+        help="lengths of single chained runs (none: skip)",
+    )  # fmt: skip
+    parser.add_argument("--foreach", type=int, default=1000, help="items (0: skip)")
+    parser.add_argument("--concurrency", type=int, default=16, help="of the foreach")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     stores = ["sqlite", "postgres"] if args.store == "both" else [args.store]
     for store in stores:
-        asyncio.run(bench(store, args.steps, args.runs, args.run_steps))
+        asyncio.run(
+            bench(
+                store,
+                args.steps,
+                args.runs,
+                args.run_steps,
+                args.chains,
+                args.foreach,
+                args.concurrency,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -205,8 +205,35 @@ class SleepStep(Inbound, tag="sleep", tag_field="kind"):
     description: str = ""
 
 
+class ApprovalStep(Inbound, tag="approval", tag_field="kind"):
+    """Suspend for a person: ``payload`` (a template) tells them what to decide,
+    ``schema`` (JSON Schema) says what the answer must look like, ``label`` is how they
+    find it (``loom resume RUN --label L``). The answer becomes the step's output.
+    ``expires_in_s`` bounds the wait; ``on_expire``: ``fail`` the step, take ``default``
+    as the answer, or ``escalate`` to ``escalate_to`` (a new label, waiting again)."""
+
+    id: str
+    label: str
+    payload: JSON = None
+    schema: dict[str, JSON] = {}
+    depends_on: list[str] = []
+    expires_in_s: float | None = None
+    on_expire: Literal["fail", "default", "escalate"] = "fail"
+    default: JSON = None
+    escalate_to: str | None = None
+    description: str = ""
+
+
 Step = (
-    ToolStep | ForeachStep | LoopStep | ParallelStep | ReduceStep | IfStep | FinalStep | SleepStep
+    ToolStep
+    | ForeachStep
+    | LoopStep
+    | ParallelStep
+    | ReduceStep
+    | IfStep
+    | FinalStep
+    | SleepStep
+    | ApprovalStep
 )
 
 
@@ -238,6 +265,16 @@ class ToolSpec(Record, tag="tool_spec", tag_field="type"):
 # --------------------------------------------------------------------------- submit
 
 
+class ForkOrigin(Record, tag="fork_origin", tag_field="type"):
+    """Where a forked run comes from: ``run_id`` and the step it re-executes from.
+    ``reused`` holds the recorded outputs (some possibly edited) it starts with."""
+
+    run_id: str
+    from_step: str
+    reused: dict[str, JSON] = {}
+    edited: list[str] = []
+
+
 class RunRequest(Inbound, tag="run_request", tag_field="type"):
     """Published (request/reply) on ``loom.submit``. Give either ``plan`` or
     ``request`` (natural language, needs a model). ``run_id`` makes submission
@@ -249,6 +286,9 @@ class RunRequest(Inbound, tag="run_request", tag_field="type"):
     run_id: str | None = None
     thread_id: str | None = None
     labels: dict[str, str] = {}
+    # W3C trace context of the submitter; the ``traceparent`` NATS header wins over it
+    traceparent: str | None = None
+    fork: ForkOrigin | None = None  # set by `loom fork`: outputs reused from another run
 
 
 class SubmitAccepted(Record, tag="submit_accepted", tag_field="type"):
@@ -274,6 +314,8 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     input: dict[str, JSON] = {}
     thread_id: str | None = None
     labels: dict[str, str] = {}
+    traceparent: str | None = None  # the submitter's trace: the run's trace continues it
+    fork: ForkOrigin | None = None
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -294,6 +336,15 @@ class StepStarted(Record, tag="step_started", tag_field="type"):
     attempt: int
 
 
+class SuspendRequest(Record, tag="suspend_request", tag_field="type"):
+    """A tool asking for a person mid-run: the step suspends; on resume the tool is
+    called again (next attempt) with the answer in ``ToolCallRequested.resume``."""
+
+    label: str
+    payload: JSON = None
+    schema: dict[str, JSON] = {}
+
+
 class ToolCallRequested(Record, tag="tool_call_requested", tag_field="type"):
     """The command to the tool-runner (requests are events). ``input`` is already
     rendered; ``idempotency_key`` is ``{run_id}:{step_id}:{attempt}``."""
@@ -304,6 +355,7 @@ class ToolCallRequested(Record, tag="tool_call_requested", tag_field="type"):
     input: dict[str, JSON]
     idempotency_key: str
     timeout_s: float | None = None
+    resume: JSON = None  # a person's answer, when the tool asked to suspend before
 
 
 class ToolCallCompleted(Record, tag="tool_call_completed", tag_field="type"):
@@ -313,6 +365,7 @@ class ToolCallCompleted(Record, tag="tool_call_completed", tag_field="type"):
     output: JSON
     started_at: datetime
     finished_at: datetime
+    suspend: SuspendRequest | None = None  # the tool asked for a person instead
 
 
 class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
@@ -324,9 +377,33 @@ class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
     finished_at: datetime | None = None
 
 
+class StepSuspended(Record, tag="step_suspended", tag_field="type"):
+    """A step waits for a person (an approval step, or a tool that asked to suspend).
+    ``suspension_id`` = ``{step_id}#{n}``; ``schema`` validates the answer."""
+
+    step_id: str
+    suspension_id: str
+    label: str
+    payload: JSON = None
+    schema: dict[str, JSON] = {}
+    expires_at: datetime | None = None
+
+
+class StepResumed(Record, tag="step_resumed", tag_field="type"):
+    """The answer to a suspension: exactly one per suspension. ``by`` is who answered
+    (``expiry`` when a default was taken), ``request_id`` makes resume idempotent."""
+
+    step_id: str
+    suspension_id: str
+    data: JSON
+    by: str
+    request_id: str
+
+
 class StepCompleted(Record, tag="step_completed", tag_field="type"):
     step_id: str
     output: JSON
+    reused_from: str | None = None  # a forked run reusing the origin's recorded output
 
 
 class StepFailed(Record, tag="step_failed", tag_field="type"):
@@ -360,7 +437,7 @@ class TimerStarted(Record, tag="timer_started", tag_field="type"):
 
     timer_id: str
     fire_at: datetime
-    purpose: Literal["sleep", "retry", "step_timeout", "run_timeout"]
+    purpose: Literal["sleep", "retry", "step_timeout", "run_timeout", "suspension_expiry"]
     step_id: str | None = None
 
 
@@ -422,6 +499,23 @@ class RunFailed(Record, tag="run_failed", tag_field="type"):
     error: ErrorInfo
 
 
+class RunCancelRequested(Record, tag="run_cancel_requested", tag_field="type"):
+    """An operator asked to cancel; the cancellations and ``run_cancelled`` follow."""
+
+    by: str
+    reason: str = ""
+
+
+class RunDiverged(Record, tag="run_diverged", tag_field="type"):
+    """Replaying the run's history with the current code decided differently at event
+    ``seq``: the run is parked (never retried in a loop) until someone looks."""
+
+    seq: int
+    recorded: JSON
+    decided: JSON
+    message: str
+
+
 class RunCancelled(Record, tag="run_cancelled", tag_field="type"):
     by: str
     reason: str = ""
@@ -450,6 +544,10 @@ RunEvent = (
     | RunPaused
     | RunUnpaused
     | RunNeedsReview
+    | StepSuspended
+    | StepResumed
+    | RunCancelRequested
+    | RunDiverged
     | RunCompleted
     | RunFailed
     | RunCancelled
@@ -506,6 +604,7 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     finished_at: datetime
     output: JSON = None
     error: ErrorInfo | None = None
+    suspend: SuspendRequest | None = None
 
 
 class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):
@@ -523,6 +622,30 @@ class RunControl(Inbound, tag="run_control", tag_field="type"):
     action: Literal["cancel", "pause", "unpause"]
     by: str = "operator"
     reason: str = ""
+
+
+class ResumeRun(Inbound, tag="resume_run", tag_field="type"):
+    """Answer a suspension (request/reply on ``loom.resume``), by ``label`` or
+    ``suspension_id``. ``request_id`` makes it idempotent: the same id gets the same
+    answer. ``data`` must match the suspension's schema, else nothing changes."""
+
+    run_id: str
+    data: JSON
+    label: str | None = None
+    suspension_id: str | None = None
+    request_id: str = ""
+    by: str = "operator"
+
+
+class ResumeReply(Record, tag="resume_reply", tag_field="type"):
+    """``ok``: this request resumed it (or is a repeat of the request that did).
+    Otherwise ``error`` says why; ``already`` holds who answered first, and with what."""
+
+    run_id: str
+    ok: bool
+    suspension_id: str | None = None
+    error: ErrorInfo | None = None
+    already: StepResumed | None = None
 
 
 class RunControlReply(Record, tag="run_control_reply", tag_field="type"):
@@ -657,3 +780,97 @@ class Ping(Inbound, tag="ping", tag_field="type"):
 class Pong(Record, tag="pong", tag_field="type"):
     service: str
     instance: str
+
+
+# --------------------------------------------------------------------------- trace queries
+# Request/reply APIs of the tracing service on ``loom.api.traces*`` (issue 5). Time
+# filters apply to a run's or a span's start: ``since`` inclusive, ``until`` exclusive.
+
+
+class TracesQuery(Inbound, tag="traces_query", tag_field="type"):
+    """Runs (one trace each), newest first. ``status``: the run's status; ``tool`` /
+    ``model``: some span of the run names that tool (``gen_ai.tool.name``) or model
+    (``gen_ai.request.model``); ``error``: some span has that ``error.type``."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    status: str | None = None
+    tool: str | None = None
+    model: str | None = None
+    error: str | None = None
+    limit: int = 50
+
+
+class TracesReply(Record, tag="traces_reply", tag_field="type"):
+    runs: list[RunSummary] = []
+    error: ErrorInfo | None = None
+
+
+class SlowestStepsQuery(Inbound, tag="slowest_steps_query", tag_field="type"):
+    """The ``limit`` longest ended step spans, optionally only steps calling ``tool``."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    tool: str | None = None
+    limit: int = 10
+
+
+class SlowestStepsReply(Record, tag="slowest_steps_reply", tag_field="type"):
+    spans: list[SpanRecord] = []
+    error: ErrorInfo | None = None
+
+
+class UsageQuery(Inbound, tag="usage_query", tag_field="type"):
+    """Tool and model calls aggregated by tool, model, run or time bucket (UTC)."""
+
+    by: Literal["tool", "model", "run", "minute", "hour", "day"] = "tool"
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 1000
+
+
+class UsageRow(Record, tag="usage_row", tag_field="type"):
+    """One group of calls: ``key`` is the tool, model, run id, or the bucket's start
+    (ISO 8601, UTC). Tokens and cost sum the spans' ``gen_ai.usage.input_tokens``,
+    ``gen_ai.usage.output_tokens`` and ``loom.cost_usd`` (0 where absent)."""
+
+    key: str
+    calls: int
+    errors: int = 0
+    runs: int = 0
+    total_ms: float = 0.0
+    avg_ms: float = 0.0
+    max_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+class UsageReply(Record, tag="usage_reply", tag_field="type"):
+    by: str
+    rows: list[UsageRow] = []
+    error: ErrorInfo | None = None
+
+
+class RebuildTracesQuery(Inbound, tag="rebuild_traces_query", tag_field="type"):
+    """Recompute runs' spans from the events the tracing service kept and export them
+    again: the runs in ``run_ids``, else those started in [since, until), at most
+    ``limit`` per request in run id order after ``after_run_id``."""
+
+    run_ids: list[str] = []
+    since: datetime | None = None
+    until: datetime | None = None
+    after_run_id: str | None = None
+    limit: int = 100
+
+
+class RebuildTracesReply(Record, tag="rebuild_traces_reply", tag_field="type"):
+    """``changed``: spans whose rebuilt version differed from the stored one (0 means the
+    rebuild equals what was built live). ``last_run_id`` is set when more runs may follow:
+    ask again with it as ``after_run_id``."""
+
+    runs: int = 0
+    spans: int = 0
+    changed: int = 0
+    last_run_id: str | None = None
+    error: ErrorInfo | None = None

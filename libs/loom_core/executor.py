@@ -48,7 +48,9 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from loom_core import ids
+from loom_core.answers import problems
 from loom_core.contracts import (
+    ApprovalStep,
     BranchTaken,
     ErrorInfo,
     FinalStep,
@@ -65,10 +67,14 @@ from loom_core.contracts import (
     PlanRefused,
     PlanRejected,
     ReduceStep,
+    ResumeReply,
+    ResumeRun,
     RetryPolicy,
     RunCancelled,
+    RunCancelRequested,
     RunCompleted,
     RunControl,
+    RunDiverged,
     RunEvent,
     RunFailed,
     RunNeedsReview,
@@ -81,10 +87,12 @@ from loom_core.contracts import (
     StepCancelled,
     StepCompleted,
     StepFailed,
+    StepResumed,
     StepRetryScheduled,
     StepScheduled,
     StepSkipped,
     StepStarted,
+    StepSuspended,
     TimerElapsed,
     TimerFired,
     TimerStarted,
@@ -100,12 +108,13 @@ from loom_core.templating import TemplateError, render
 from loom_core.validation import dependencies, validate_plan
 
 RunStatus = Literal[
-    "new", "planning", "running", "paused", "needs_review",
+    "new", "planning", "running", "paused", "needs_review", "diverged",
     "completed", "failed", "rejected", "cancelled",
 ]  # fmt: skip
 InstStatus = Literal[
-    "scheduled", "running", "retry_wait", "succeeded", "failed", "skipped", "cancelled"
-]
+    "scheduled", "running", "retry_wait", "suspended",
+    "succeeded", "failed", "skipped", "cancelled",
+]  # fmt: skip
 TERMINAL_RUN: frozenset[str] = frozenset({"completed", "failed", "rejected", "cancelled"})
 DONE: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 
@@ -126,7 +135,7 @@ NEVER_RETRIED: frozenset[str] = frozenset(
 )
 RUN_TIMER = "run:timeout"
 
-Message = RunRequest | InboxMessage | RunControl
+Message = RunRequest | InboxMessage | RunControl | ResumeRun
 
 
 # --------------------------------------------------------------------------- state
@@ -152,6 +161,17 @@ class Scope:
 
 
 @dataclass
+class Suspension:
+    suspension_id: str
+    step_id: str
+    label: str
+    schema: dict[str, Any]
+    payload: Any = None
+    expires_at: datetime | None = None
+    resumed: StepResumed | None = None
+
+
+@dataclass
 class Inst:
     """One instance: a step in a scope, a composite's child scope, or a fallback."""
 
@@ -174,6 +194,7 @@ class Inst:
     branch: str | None = None
     first_child_error: ErrorInfo | None = None
     inflight: bool = False  # a tool attempt was requested and has no outcome yet
+    suspensions: int = 0  # how many times it suspended (numbers suspension ids)
     outputs: dict[str, dict[str, Any]] | None = None  # a finished child scope's outputs
 
 
@@ -189,6 +210,12 @@ class RunState:
     timers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     running: int = 0  # tool attempts in flight
     paused: bool = False
+    suspensions: dict[str, Suspension] = field(default_factory=dict)
+    reused: dict[str, Any] = field(default_factory=dict)  # a fork's recorded outputs
+    forked_from: str | None = None
+    # set by whoever loaded the run when replaying its history diverged: the next
+    # message parks the run with this report instead of deciding anything
+    divergence: RunDiverged | None = None
     output: Any = None
     error: ErrorInfo | None = None
     last_at: datetime | None = None
@@ -274,9 +301,11 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
     if at is not None:
         state.last_at = at
     match event:
-        case RunRequested(input=run_input):
+        case RunRequested(input=run_input, fork=fork):
             state.status = "planning"
             state.input = run_input
+            if fork is not None:
+                state.reused, state.forked_from = dict(fork.reused), fork.run_id
         case PlanAccepted(plan=plan):
             state.plan = plan
             state.status = "paused" if state.paused else "running"
@@ -336,6 +365,20 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.status, state.output = "completed", output
         case RunFailed(error=error):
             state.status, state.error = "failed", error
+        case StepSuspended(step_id=iid, suspension_id=sid, label=label, schema=schema):
+            inst = state.insts[iid]
+            inst.status = "suspended"
+            inst.suspensions += 1
+            state.suspensions[sid] = Suspension(
+                sid, iid, label, schema, event.payload, event.expires_at
+            )
+        case StepResumed(step_id=iid, suspension_id=sid):
+            state.suspensions[sid].resumed = event
+            state.insts[iid].status = "running"
+        case RunCancelRequested():
+            pass  # the cancellations follow
+        case RunDiverged():
+            state.status, state.divergence = "diverged", None
         case RunCancelled():
             state.status = "cancelled"
     return state
@@ -459,6 +502,11 @@ class _Turn:
 
     def handle(self, message: Message) -> list[RunEvent]:
         s = self.s
+        if s.status == "diverged":
+            return self.events  # parked: a person must look at the report first
+        if s.divergence is not None and not s.terminal:
+            self.emit(s.divergence)
+            return self.events
         match message:
             case RunRequest():
                 if s.version == 0:
@@ -469,6 +517,8 @@ class _Turn:
                             input=message.input,
                             thread_id=message.thread_id,
                             labels=message.labels,
+                            traceparent=message.traceparent,
+                            fork=message.fork,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -490,6 +540,8 @@ class _Turn:
                 self.on_timer(tid)
             case RunControl() if not s.terminal and s.status != "new":
                 self.on_control(message)
+            case ResumeRun() if not s.terminal:
+                self.on_resume(message)
         if not s.terminal and s.plan is not None:
             self.settle("")
         return self.events
@@ -535,6 +587,11 @@ class _Turn:
             return  # unpause starts whatever is ready
         iid = iid or scope.iid(step.id)
         self.emit(StepScheduled(step_id=iid))
+        if not scope.sid and step.id in self.s.reused:  # a fork: the origin's output
+            output = self.s.reused[step.id]
+            self.emit(StepCompleted(step_id=iid, output=output, reused_from=self.s.forked_from))
+            self.after(iid)
+            return
         try:
             self._start(scope, step, iid)
         except (TemplateError, PredicateError) as exc:
@@ -559,6 +616,10 @@ class _Turn:
             case SleepStep():
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.timer(f"{iid}:sleep", self.sleep_seconds(step, ctx, iid), "sleep", iid)
+            case ApprovalStep():
+                payload = render(step.payload, ctx, path=f"$.steps.{iid}.payload")
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.suspend(iid, step.label, payload, step.schema, step.expires_in_s)
             case ForeachStep() | ReduceStep():
                 items = render(step.items, ctx, path=f"$.steps.{iid}.items")
                 if not isinstance(items, list):
@@ -625,7 +686,12 @@ class _Turn:
         return (when - self.now).total_seconds()
 
     def attempt(
-        self, iid: str, step: ToolStep, attempt: int, ctx: Mapping[str, Any] | None = None
+        self,
+        iid: str,
+        step: ToolStep,
+        attempt: int,
+        ctx: Mapping[str, Any] | None = None,
+        resume: Any = None,
     ) -> None:
         inst = self.s.insts[iid]
         rendered = render(step.input, ctx or self.context(inst.scope), path=f"$.steps.{iid}.input")
@@ -638,6 +704,7 @@ class _Turn:
                 input=rendered,
                 idempotency_key=ids.idempotency_key(self.s.run_id, iid, attempt),
                 timeout_s=step.timeout_s,
+                resume=resume,
             )
         )
 
@@ -879,7 +946,12 @@ class _Turn:
             self.emit(ToolCallCompleted(
                 step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
                 output=result.output, started_at=result.started_at, finished_at=result.finished_at,
+                suspend=result.suspend,
             ))  # fmt: skip
+            if result.suspend is not None:  # the tool asks a person first
+                request = result.suspend
+                self.suspend(iid, request.label, request.payload, request.schema, None)
+                return
             self.emit(StepCompleted(step_id=iid, output=result.output))
             self.after(iid)
             return
@@ -944,6 +1016,8 @@ class _Turn:
         elif purpose == "sleep":
             self.emit(StepCompleted(step_id=inst.iid, output={"woke_at": self.now.isoformat()}))
             self.after(inst.iid)
+        elif purpose == "suspension_expiry":
+            self.expire(inst, tid.rsplit(":", 1)[0])
         elif purpose == "step_timeout":
             self.cancel_attempt(inst, "step timed out")
             self.fail(
@@ -953,11 +1027,69 @@ class _Turn:
                 ),
             )
 
+    # ------------------------------------------------------------------ people
+
+    def suspend(
+        self, iid: str, label: str, payload: Any, schema: dict[str, Any], expires_in: float | None
+    ) -> None:
+        n = self.s.insts[iid].suspensions + 1
+        sid = f"{iid}#{n}"
+        expires_at = self.now + timedelta(seconds=expires_in) if expires_in else None
+        self.emit(StepSuspended(
+            step_id=iid, suspension_id=sid, label=label, payload=payload, schema=schema,
+            expires_at=expires_at,
+        ))  # fmt: skip
+        if expires_in:
+            self.timer(f"{sid}:expiry", expires_in, "suspension_expiry", iid)
+
+    def on_resume(self, request: ResumeRun) -> None:
+        found = find_suspension(self.s, request)
+        if not isinstance(found, Suspension) or found.resumed is not None:
+            return
+        if problems(found.schema, request.data):
+            return
+        self.answer(found, request.data, request.by, request.request_id)
+
+    def answer(self, susp: Suspension, data: Any, by: str, request_id: str) -> None:
+        iid = susp.step_id
+        self.emit(StepResumed(
+            step_id=iid, suspension_id=susp.suspension_id, data=data, by=by, request_id=request_id
+        ))  # fmt: skip
+        inst = self.s.insts[iid]
+        if isinstance(inst.step, ToolStep):  # the tool asked: call it again with the answer
+            try:
+                self.attempt(iid, inst.step, inst.attempt + 1, resume=data)
+            except TemplateError as exc:
+                self.fail(iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+            return
+        self.emit(StepCompleted(step_id=iid, output=data))
+        self.after(iid)
+
+    def expire(self, inst: Inst, sid: str) -> None:
+        susp = self.s.suspensions.get(sid)
+        if susp is None or susp.resumed is not None or inst.status != "suspended":
+            return
+        step = inst.step
+        escalated = inst.suspensions > 1
+        if isinstance(step, ApprovalStep) and not escalated:
+            if step.on_expire == "default":
+                self.answer(susp, step.default, "expiry", f"expiry:{sid}")
+                return
+            if step.on_expire == "escalate" and step.escalate_to:
+                self.suspend(
+                    inst.iid, step.escalate_to, susp.payload, susp.schema, step.expires_in_s
+                )
+                return
+        self.fail(inst.iid, _error(
+            "suspension_expired", f"nobody answered '{susp.label}' ({sid}) before {susp.expires_at}"
+        ))  # fmt: skip
+
     # ------------------------------------------------------------------ control
 
     def on_control(self, control: RunControl) -> None:
         s = self.s
         if control.action == "cancel":
+            self.emit(RunCancelRequested(by=control.by, reason=control.reason))
             self.cancel_everything(
                 f"run cancelled by {control.by}" + (f": {control.reason}" if control.reason else "")
             )
@@ -1050,6 +1182,93 @@ class _Turn:
             return render(self.s.plan.output, self.context(""), path="$.output")
         sinks = [s.id for s in root.steps if not root.dependents.get(s.id)]
         return {sid: root.outputs[sid]["output"] for sid in sinks if sid in root.outputs}
+
+
+def find_suspension(state: RunState, request: ResumeRun) -> Suspension | ErrorInfo:
+    """The suspension a resume request names (by id, or by label among the open ones;
+    an answered one is returned so a repeat can be told who answered first)."""
+    if request.suspension_id is not None:
+        found = state.suspensions.get(request.suspension_id)
+        if found is None:
+            return ErrorInfo(
+                code="unknown_suspension",
+                message=f"run '{state.run_id}' has no suspension '{request.suspension_id}'",
+                path="$.suspension_id",
+            )
+        return found
+    if request.label is None:
+        return ErrorInfo(code="missing_label", message="give a label or a suspension_id", path="$")
+    same = [x for x in state.suspensions.values() if x.label == request.label]
+    waiting = [x for x in same if x.resumed is None]
+    if len(waiting) > 1:
+        ids_ = ", ".join(x.suspension_id for x in waiting)
+        return ErrorInfo(
+            code="ambiguous_label",
+            message=f"{len(waiting)} suspensions wait under label '{request.label}' ({ids_}): "
+            "resume one by its suspension_id",
+            path="$.label",
+        )
+    if waiting:
+        return waiting[0]
+    if same:
+        return same[-1]  # already answered: the reply says by whom
+    labels = sorted({x.label for x in state.suspensions.values() if x.resumed is None})
+    return ErrorInfo(
+        code="unknown_label",
+        message=f"nothing in run '{state.run_id}' waits under label '{request.label}'; "
+        f"waiting labels: {labels}",
+        path="$.label",
+    )
+
+
+def explain_resume(state: RunState, request: ResumeRun) -> ResumeReply:
+    """The reply to a resume request, read from the run's state after it was handled."""
+    found = find_suspension(state, request)
+    if isinstance(found, ErrorInfo):
+        return ResumeReply(run_id=state.run_id, ok=False, error=found)
+    sid = found.suspension_id
+    if found.resumed is not None:
+        if found.resumed.request_id == request.request_id:
+            return ResumeReply(run_id=state.run_id, ok=True, suspension_id=sid)
+        first = found.resumed
+        return ResumeReply(
+            run_id=state.run_id,
+            ok=False,
+            suspension_id=sid,
+            already=first,
+            error=ErrorInfo(
+                code="already_resumed",
+                message=f"'{found.label}' ({sid}) was already resumed by {first.by} "
+                f"with {first.data!r}",
+            ),
+        )
+    issues = problems(found.schema, request.data, "$.data")
+    if issues:
+        text = "; ".join(f"{path}: {message}" for path, message in issues)
+        return ResumeReply(
+            run_id=state.run_id,
+            ok=False,
+            suspension_id=sid,
+            error=ErrorInfo(
+                code="invalid_resume_data",
+                message=f"the answer does not fit '{found.label}': {text}; the run stays suspended",
+                path=issues[0][0],
+                details={"problems": [list(p) for p in issues], "schema": found.schema},
+            ),
+        )
+    if state.terminal:
+        return ResumeReply(
+            run_id=state.run_id,
+            ok=False,
+            suspension_id=sid,
+            error=ErrorInfo(code="already_finished", message=f"run is {state.status}"),
+        )
+    return ResumeReply(
+        run_id=state.run_id,
+        ok=False,
+        suspension_id=sid,
+        error=ErrorInfo(code="not_applied", message="the answer was not recorded; retry"),
+    )
 
 
 class _StepError(Exception):

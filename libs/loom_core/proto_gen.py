@@ -175,9 +175,14 @@ _SUBJECT_NAMES = {
     "API_RUN_EVENTS": "channel apiRunEvents",
     "API_RUNS": "channel apiRuns",
     "API_TRACE": "channel apiTrace",
+    "API_TRACES": "channel apiTraces",
+    "API_TRACES_SLOWEST": "channel apiTracesSlowest",
+    "API_TRACES_USAGE": "channel apiTracesUsage",
+    "API_TRACES_REBUILD": "channel apiTracesRebuild",
     "API_THREAD": "channel apiThread",
     "health": "channel health",
     "CONTROL": "channel control",
+    "RESUME": "channel resume",
     "progress": "channel progress",
     "TOOLS_BUCKET": "channel toolCatalog",
     "MSG_ID": "headers",
@@ -348,6 +353,14 @@ def _channels() -> dict[str, Schema]:
             _names(c.RunControl),
         ),
         "controlReply": _channel(None, reply, _names(c.RunControlReply)),
+        "resume": _channel(
+            subjects.RESUME,
+            "Answer a suspended step (request/reply, answered by the executor), by label or "
+            "suspension id. The data is validated against the suspension's schema; exactly "
+            "one answer wins, a repeat of the same request_id gets the same reply.",
+            _names(c.ResumeRun),
+        ),
+        "resumeReply": _channel(None, reply, _names(c.ResumeReply)),
         "progress": _channel(
             _address(subjects.progress),
             "Live progress of a run after each change (plain NATS, not stored; the run's "
@@ -380,6 +393,34 @@ def _channels() -> dict[str, Schema]:
             _names(c.TraceQuery),
         ),
         "apiTraceReply": _channel(None, reply, _names(c.TraceReply)),
+        "apiTraces": _channel(
+            subjects.API_TRACES,
+            "Runs' traces filtered by status, time range, tool, model or error code, newest "
+            "first (request/reply, answered by tracing).",
+            _names(c.TracesQuery),
+        ),
+        "apiTracesReply": _channel(None, reply, _names(c.TracesReply)),
+        "apiTracesSlowest": _channel(
+            subjects.API_TRACES_SLOWEST,
+            "The slowest steps (ended step spans by duration), optionally of one tool "
+            "(request/reply, answered by tracing).",
+            _names(c.SlowestStepsQuery),
+        ),
+        "apiTracesSlowestReply": _channel(None, reply, _names(c.SlowestStepsReply)),
+        "apiTracesUsage": _channel(
+            subjects.API_TRACES_USAGE,
+            "Tool and model calls aggregated by tool, model, run or time bucket: counts, "
+            "durations, tokens and cost (request/reply, answered by tracing).",
+            _names(c.UsageQuery),
+        ),
+        "apiTracesUsageReply": _channel(None, reply, _names(c.UsageReply)),
+        "apiTracesRebuild": _channel(
+            subjects.API_TRACES_REBUILD,
+            "Recompute runs' spans from their events and export them again, a page of runs "
+            "per request (request/reply, answered by tracing).",
+            _names(c.RebuildTracesQuery),
+        ),
+        "apiTracesRebuildReply": _channel(None, reply, _names(c.RebuildTracesReply)),
         "apiThread": _channel(
             subjects.API_THREAD,
             "A conversation thread's entries (request/reply, answered by memory).",
@@ -435,7 +476,9 @@ def _messages() -> dict[str, Schema]:
     for cls in (
         c.SubmitAccepted, c.SubmitRejected, c.RunEventsQuery, c.RunEventsReply, c.RunsQuery,
         c.RunsReply, c.TraceQuery, c.TraceReply, c.ThreadQuery, c.ThreadReply, c.Ping, c.Pong,
-        c.ToolSpec, c.RunControl, c.RunControlReply, c.RunProgress,
+        c.ToolSpec, c.RunControl, c.RunControlReply, c.RunProgress, c.ResumeRun, c.ResumeReply,
+        c.TracesQuery, c.TracesReply, c.SlowestStepsQuery, c.SlowestStepsReply, c.UsageQuery,
+        c.UsageReply, c.RebuildTracesQuery, c.RebuildTracesReply,
     ):  # fmt: skip
         out[cls.__name__] = _struct_message(cls)
     out.update(_run_event_messages())
@@ -503,12 +546,30 @@ def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
         "queryTrace": op(
             "receive", "apiTrace", ["tracing"], "Read a run's trace.", reply="apiTraceReply"
         ),
+        "queryTraces": op(
+            "receive", "apiTraces", ["tracing"], "Find traces.", reply="apiTracesReply"
+        ),
+        "querySlowestSteps": op(
+            "receive", "apiTracesSlowest", ["tracing"], "The slowest steps.",
+            reply="apiTracesSlowestReply",
+        ),
+        "queryUsage": op(
+            "receive", "apiTracesUsage", ["tracing"], "Aggregate calls.",
+            reply="apiTracesUsageReply",
+        ),
+        "rebuildTraces": op(
+            "receive", "apiTracesRebuild", ["tracing"], "Rebuild and re-export traces.",
+            reply="apiTracesRebuildReply",
+        ),
         "queryThread": op(
             "receive", "apiThread", ["memory"], "Read a thread.", reply="apiThreadReply"
         ),
         "controlRun": op(
             "receive", "control", ["executor"], "Cancel, pause or unpause a run.",
             reply="controlReply",
+        ),
+        "resumeRun": op(
+            "receive", "resume", ["executor"], "Answer a suspension.", reply="resumeReply"
         ),
         "publishProgress": op(
             "send", "progress", ["executor"], "Live progress of a run after each change."

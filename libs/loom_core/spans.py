@@ -3,7 +3,8 @@
 Design notes
 - Pure: no clock, no I/O. Every timestamp comes from an event (the envelope's ``at``, or
   the tool-runner's ``started_at``/``finished_at``), every id from ``loom_core.ids``, so
-  the same events always give byte-identical ``SpanRecord``s (DESIGN decision 4).
+  the same events (and the same :class:`TraceOptions`) always give byte-identical
+  ``SpanRecord``s (DESIGN decision 4).
 - Incremental: ``TraceBuilder.apply`` touches only the spans one event is about, found by
   dict lookups, so its cost does not grow with the run's length. ``build_spans`` is just
   ``apply`` in a loop, which is why incremental and batch results agree by construction
@@ -15,13 +16,43 @@ Design notes
 - Names follow the OpenTelemetry GenAI conventions: the run is ``invoke_workflow {name}``,
   each tool call ``execute_tool {tool}`` (kind client).
 
-Tree::
+Tree (instance ids are paths, see ``loom_core.executor``)::
 
-    invoke_workflow {plan name | run}    span_id(run, "run")
-    ├── plan                             span_id(run, "plan")
-    └── step {id}                        span_id(run, "step", id)
-        └── attempt {n}                  span_id(run, "step", id, "attempt", n)
-            └── execute_tool {tool}      span_id(run, "step", id, "attempt", n, "tool")
+    invoke_workflow {plan name | run}     span_id(run, "run")      parent: the submitter's
+    ├── plan                              span_id(run, "plan")     span (W3C traceparent)
+    ├── step {id}   (fetch)               span_id(run, "step", "fetch")
+    │   ├── attempt {n}                   span_id(run, "step", iid, "attempt", n)
+    │   │   └── execute_tool {tool}       span_id(run, "step", iid, "attempt", n, "tool")
+    │   ├── wait retry                    span_id(run, "step", iid, "retry", n)
+    │   ├── step {fallback id}            the fallback ``fetch/fallback``
+    │   └── wait suspension               span_id(run, "step", iid, "suspension", susp_id)
+    ├── step {id}   (nap, a sleep step)
+    │   └── wait sleep                    span_id(run, "step", iid, "sleep")
+    └── step {id}   (fe, a foreach)
+        └── item 3                        the element scope ``fe/3``
+            └── step sq                   ``fe/3/sq``
+
+Scopes are ``item {i}`` (foreach, reduce), ``iteration {k}`` (loop) and ``branch {name}``
+(parallel; ``then``/``else`` of an if). A step skipped in a branch never taken hangs
+under the nearest instance that has a span (the ``if`` step). Only tool steps have
+attempt spans; other kinds' ``step_started`` only marks them running.
+
+Choices (documented, tested)
+- Retry backoff is a ``wait retry`` span under the step, from ``step_retry_scheduled``
+  to its timer firing (or the next attempt starting), carrying the delay and the error
+  that caused it; a sleep step's timer is a ``wait sleep`` span; a suspension (a person
+  must answer) is a ``wait suspension`` span from ``step_suspended`` to ``step_resumed``
+  (or its expiry). Waiting is therefore visible as time in the tree, not only as events.
+- Cancelled steps, tool calls and runs keep status *unset* (cancelling is not a fault)
+  with ``loom.step.status=cancelled`` (``loom.run.status`` for the run) and a span event
+  ``cancelled`` carrying the reason.
+- Pause/unpause are span events on the run span; the run span carries
+  ``loom.run.paused_ms`` (the total) once it has been paused.
+- ``run_needs_review`` is a span event ``needs_review`` (with the error) on the run span
+  and on the step's span.
+- Step inputs/outputs are captured only when ``TraceOptions.capture_io`` is set, as JSON
+  strings in ``loom.step.input`` / ``loom.step.output``, secrets redacted (:func:`redact`)
+  and truncated (:func:`capture_json`).
 
 A span left open when its parent ends (an attempt whose step failed before a result, any
 span still open when the run ends) is closed at that moment with ``loom.incomplete=true``
@@ -32,49 +63,270 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from msgspec.structs import replace
 
 from loom_core import ids
 from loom_core.contracts import (
     JSON,
+    BranchTaken,
     ErrorInfo,
     EventRecord,
+    ForeachStarted,
+    ForeachStep,
+    IfStep,
+    LoopIterationStarted,
+    LoopStep,
+    ParallelStep,
+    Plan,
     PlanAccepted,
     PlanRejected,
+    ReduceStep,
+    RunCancelled,
+    RunCancelRequested,
     RunCompleted,
+    RunDiverged,
     RunFailed,
+    RunNeedsReview,
+    RunPaused,
     RunRequested,
     RunSummary,
+    RunUnpaused,
     SpanEvent,
     SpanRecord,
+    Step,
+    StepCancelled,
     StepCompleted,
     StepFailed,
+    StepResumed,
+    StepRetryScheduled,
     StepScheduled,
     StepSkipped,
     StepStarted,
+    StepSuspended,
+    TimerFired,
+    TimerStarted,
+    ToolCallCancelled,
     ToolCallCompleted,
     ToolCallFailed,
     ToolCallRequested,
+    ToolStep,
 )
 
-__all__ = ["TraceBuilder", "build_spans"]
+__all__ = [
+    "DEFAULT_IO_LIMIT",
+    "REDACTED",
+    "TraceBuilder",
+    "TraceOptions",
+    "build_spans",
+    "capture_json",
+    "parse_traceparent",
+    "redact",
+    "span_category",
+]
+
+DEFAULT_IO_LIMIT = 4096
+REDACTED = "[redacted]"
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
-_DONE = frozenset({"completed", "failed", "skipped"})
+_DONE = frozenset({"completed", "failed", "skipped", "cancelled"})
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_MODEL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings"})
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What the builder adds beyond the event stream's shape. ``capture_io``: step inputs
+    and outputs as attributes (redacted, truncated to ``io_limit`` bytes of JSON)."""
+
+    capture_io: bool = False
+    io_limit: int = DEFAULT_IO_LIMIT
+
+    def __post_init__(self) -> None:
+        if self.io_limit < 0:
+            raise ValueError(f"io_limit must be >= 0 bytes, got {self.io_limit}")
+
+
+# ----------------------------------------------------------------------------- trace context
+
+
+def parse_traceparent(value: object) -> tuple[str, str] | None:
+    """``(trace_id, parent span id)`` of a W3C ``traceparent`` header, or None when it is
+    not valid: ``<version>-<32 hex>-<16 hex>-<2 hex>`` in lower case, version not ``ff``
+    (``00`` has exactly these four fields; a later version may append ``-...``), neither
+    id all zeros."""
+    if not isinstance(value, str):
+        return None
+    match = _TRACEPARENT.match(value.strip())
+    if match is None:
+        return None
+    version, trace, span, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if not int(trace, 16) or not int(span, 16):
+        return None
+    return trace, span
+
+
+# ----------------------------------------------------------------------------- redaction
+
+_SECRET_KEY = re.compile(
+    r"password|passwd|secret|token|api[_-]?key|authorization|cookie|credential|private[_-]?key",
+    re.IGNORECASE,
+)
+# Counts, not secrets: these keys name token *numbers* of model calls.
+_COUNT_KEY = re.compile(
+    r"^(max_|input_|output_|total_|prompt_|completion_|max_completion_|max_output_|cached_"
+    r"|reasoning_|num_)?tokens$|^token_count$",
+    re.IGNORECASE,
+)
+_SECRET_TEXT: tuple[tuple[re.Pattern[str], str], ...] = (
+    # an Authorization header value inside a string
+    (
+        re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
+        r"\1 " + REDACTED,
+    ),
+    # OpenAI/Anthropic-style keys: sk-..., sk-proj-..., sk-ant-...
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), "sk-" + REDACTED),
+    # JSON Web Tokens
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), REDACTED),
+    # GitHub, Slack and AWS access keys
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"), REDACTED),
+    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), REDACTED),
+    (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), REDACTED),
+    # passwords in URLs: scheme://user:password@host
+    (re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@"), r"\1:" + REDACTED + "@"),
+)
+
+
+def _secret_key(key: object) -> bool:
+    return isinstance(key, str) and bool(_SECRET_KEY.search(key)) and not _COUNT_KEY.match(key)
+
+
+def _redact_text(text: str) -> str:
+    for pattern, replacement in _SECRET_TEXT:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact(value: Any) -> Any:
+    """``value`` (JSON) with secrets masked: the value of any object key that names a
+    secret (password, token, api key, authorization, cookie, credential, private key...;
+    case-insensitive, anywhere in the key) becomes ``"[redacted]"`` (``null`` and ``""``
+    stay: nothing to hide), and strings that look like credentials (bearer tokens,
+    ``sk-...`` keys, JWTs, GitHub/Slack/AWS keys, passwords in URLs) are masked wherever
+    they appear. Returns a new value; the input is not changed."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if _secret_key(k) and v not in (None, "") else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _redact_text(value)
+    return value
+
+
+def capture_json(value: Any, limit: int = DEFAULT_IO_LIMIT) -> str:
+    """``value`` redacted and encoded as JSON, cut to ``limit`` bytes (never inside a
+    UTF-8 character) with a ``…[truncated N bytes]`` marker saying how much was left out."""
+    data = msgspec.json.encode(redact(msgspec.to_builtins(value)))
+    if len(data) <= limit:
+        return data.decode()
+    kept = data[:limit].decode("utf-8", errors="ignore")
+    return f"{kept}…[truncated {len(data) - len(kept.encode())} bytes]"
+
+
+# ----------------------------------------------------------------------------- categories
+
+
+def span_category(span: SpanRecord) -> str:
+    """What a span stands for, for stores and queries: ``run``, ``plan``, ``step``,
+    ``scope`` (foreach item, loop iteration, branch), ``attempt``, ``tool`` (a tool
+    call), ``model`` (a model call: GenAI operation chat, text_completion,
+    generate_content, embeddings), ``wait`` (retry backoff, sleep, suspension) or
+    ``other``. Derived from the span alone, so a stored span can be re-classified."""
+    attrs = span.attributes
+    operation = attrs.get("gen_ai.operation.name")
+    if operation == "invoke_workflow":
+        return "run"
+    if operation == "execute_tool":
+        return "tool"
+    if operation in _MODEL_OPERATIONS:
+        return "model"
+    if "loom.scope.kind" in attrs:
+        return "scope"
+    if "loom.step.kind" in attrs:
+        return "step"
+    name = span.name
+    if name == "plan":
+        return "plan"
+    if name.startswith("attempt "):
+        return "attempt"
+    if name.startswith("wait "):
+        return "wait"
+    return "other"
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def _body(step: Step, key: str) -> list[Step] | None:
+    """The sub-plan of composite ``step`` that scope key ``key`` names, if any."""
+    match step:
+        case ForeachStep(do=do) | ReduceStep(do=do) | LoopStep(do=do):
+            return do if key.isdigit() else None
+        case ParallelStep(branches=branches):
+            return branches.get(key)
+        case IfStep(then=then, else_=else_):
+            return then if key == "then" else else_ if key == "else" else None
+    return None
+
+
+def _scope_description(owner: Step, key: str) -> tuple[str, dict[str, JSON]]:
+    match owner:
+        case ForeachStep() | ReduceStep():
+            return f"item {key}", {"loom.scope.kind": "item", "loom.foreach.index": int(key)}
+        case LoopStep():
+            return f"iteration {key}", {
+                "loom.scope.kind": "iteration",
+                "loom.loop.iteration": int(key),
+            }
+    return f"branch {key}", {"loom.scope.kind": "branch", "loom.branch": key}
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat()
+
+
+def _ms(start: datetime, end: datetime) -> float:
+    return (end - start).total_seconds() * 1000.0
 
 
 class TraceBuilder:
     """Folds one run's events into its span tree and summary.
 
     ``parent`` is the submitter's W3C context ``(trace_id, span_id)`` (lower-case hex,
-    32 and 16 chars): the run then joins that trace under that span."""
+    32 and 16 chars): the run then joins that trace under that span. Without it, the
+    ``traceparent`` of the run's ``run_requested`` event is used when valid (an invalid
+    one is ignored and kept in ``loom.traceparent_invalid``); without either the trace id
+    derives from the run id."""
 
-    def __init__(self, run_id: str, parent: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        parent: tuple[str, str] | None = None,
+        options: TraceOptions | None = None,
+    ) -> None:
         self.run_id = run_id
+        self.options = options or TraceOptions()
+        self._fixed_parent = parent is not None
         if parent is not None:
             trace, span = parent
             if not _HEX32.match(trace) or not _HEX16.match(span) or not int(trace, 16):
@@ -95,10 +347,18 @@ class TraceBuilder:
         self._changed: dict[str, SpanRecord] = {}  # spans touched by the current apply
         self._last_seq = 0
 
-        # per step: kind from the plan, latest status, open attempt numbers
-        self._step_kind: dict[str, str] = {}
-        self._step_status: dict[str, str] = {}
-        self._open_attempts: dict[str, dict[int, None]] = {}
+        # the plan, to name instances and tell their kind
+        self._top: dict[str, Step] = {}
+        self._bodies: dict[int, dict[str, Step]] = {}  # id(body list) -> steps by id
+        # per instance (step or scope, by path): kind, latest status, the spans under it
+        # that must be closed when it ends (attempts, tool calls, waits), open retry wait
+        self._kind: dict[str, str] = {}
+        self._status_of: dict[str, str] = {}
+        self._under: dict[str, list[str]] = {}
+        self._retry_wait: dict[str, str] = {}
+        # timer id -> (purpose, instance, span the timer belongs to)
+        self._timers: dict[str, tuple[str, str | None, str | None]] = {}
+        self._suspension_span: dict[str, str] = {}  # suspension id -> span id
 
         # summary
         self._status = "pending"
@@ -107,6 +367,10 @@ class TraceBuilder:
         self._ended_at: datetime | None = None
         self._steps_total = 0
         self._steps_done = 0
+        self._paused = False
+        self._paused_since: datetime | None = None
+        self._paused_ms = 0.0
+        self._pauses = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -127,53 +391,7 @@ class TraceBuilder:
             # A stream that does not start with RunRequested (a truncated history):
             # anchor the tree at the first event seen rather than fail.
             self._create_root(at, {})
-        match record.event:
-            case RunRequested() as ev:
-                self._on_requested(at, ev)
-            case PlanAccepted() as ev:
-                self._on_plan_accepted(at, ev)
-            case PlanRejected() as ev:
-                self._on_plan_rejected(at, ev)
-            case StepScheduled(step_id=sid):
-                self._ensure_step(sid, at)
-                self._set_step_status(sid, "scheduled")
-            case StepStarted(step_id=sid, attempt=n):
-                self._ensure_attempt(sid, n, at)
-                self._set_step_status(sid, "running")
-            case ToolCallRequested() as ev:
-                self._on_tool_requested(at, ev)
-            case ToolCallCompleted() as ev:
-                self._on_tool_result(
-                    at,
-                    ev.step_id,
-                    ev.attempt,
-                    ev.idempotency_key,
-                    ev.started_at,
-                    ev.finished_at,
-                    None,
-                )
-            case ToolCallFailed() as ev:
-                self._on_tool_result(
-                    at,
-                    ev.step_id,
-                    ev.attempt,
-                    ev.idempotency_key,
-                    ev.started_at,
-                    ev.finished_at,
-                    ev.error,
-                )
-            case StepCompleted(step_id=sid):
-                self._end_step(sid, at, "completed", "ok")
-            case StepFailed(step_id=sid, error=error):
-                self._end_step(
-                    sid, at, "failed", "error", error.message, {"error.type": error.code}
-                )
-            case StepSkipped(step_id=sid, reason=reason):
-                self._end_step(sid, at, "skipped", "unset", "", {"loom.step.skip_reason": reason})
-            case RunCompleted():
-                self._end_run(at, "completed", "ok", "")
-            case RunFailed(error=error):
-                self._end_run(at, "failed", "error", error.message, {"error.type": error.code})
+        self._dispatch(at, record.event)
         return list(self._changed.values())
 
     def spans(self) -> list[SpanRecord]:
@@ -182,10 +400,15 @@ class TraceBuilder:
         return sorted(self._spans.values(), key=lambda s: (s.start, order[s.span_id]))
 
     @property
+    def last_seq(self) -> int:
+        """The seq of the last event applied (0 before any)."""
+        return self._last_seq
+
+    @property
     def summary(self) -> RunSummary:
         duration = None
         if self._started_at is not None and self._ended_at is not None:
-            duration = (self._ended_at - self._started_at).total_seconds() * 1000.0
+            duration = _ms(self._started_at, self._ended_at)
         return RunSummary(
             run_id=self.run_id,
             status=self._status,
@@ -196,6 +419,100 @@ class TraceBuilder:
             steps_total=self._steps_total,
             steps_done=self._steps_done,
         )
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self, at: datetime, event: Any) -> None:
+        match event:
+            case RunRequested():
+                self._on_requested(at, event)
+            case PlanAccepted():
+                self._on_plan_accepted(at, event)
+            case PlanRejected():
+                self._on_plan_rejected(at, event)
+            case StepScheduled(step_id=iid):
+                self._ensure_inst(iid, at)
+                self._set_status(iid, "scheduled")
+            case StepStarted(step_id=iid, attempt=n):
+                self._on_step_started(at, iid, n)
+            case ToolCallRequested():
+                self._on_tool_requested(at, event)
+            case ToolCallCompleted():
+                self._on_tool_result(at, event, event.started_at, event.finished_at, None)
+                if getattr(event, "suspend", None) is not None:
+                    tool_id = self._tool_id(event.step_id, event.attempt)
+                    self._update(tool_id, attrs={"loom.tool.suspend": event.suspend.label})
+            case ToolCallFailed():
+                self._on_tool_result(at, event, event.started_at, event.finished_at, event.error)
+            case ToolCallCancelled():
+                self._on_tool_cancelled(at, event)
+            case StepRetryScheduled():
+                self._on_retry_scheduled(at, event)
+            case TimerStarted():
+                self._on_timer_started(at, event)
+            case TimerFired(timer_id=tid):
+                self._on_timer_fired(at, tid)
+            case ForeachStarted(step_id=iid, count=count, items=items):
+                span = self._ensure_inst(iid, at)
+                attrs: dict[str, JSON] = {"loom.foreach.count": count}
+                if self.options.capture_io:
+                    attrs["loom.step.input"] = capture_json(items, self.options.io_limit)
+                self._update(span, attrs=attrs)
+            case LoopIterationStarted(step_id=iid, iteration=k):
+                self._update(self._ensure_inst(iid, at), attrs={"loom.loop.iterations": k + 1})
+            case BranchTaken(step_id=iid, branch=branch):
+                self._update(self._ensure_inst(iid, at), attrs={"loom.branch": branch})
+            case StepSuspended():
+                self._on_suspended(at, event)
+            case StepResumed():
+                self._on_resumed(at, event)
+            case StepCompleted(step_id=iid, output=output):
+                attrs = {}
+                if self.options.capture_io:
+                    attrs["loom.step.output"] = capture_json(output, self.options.io_limit)
+                if getattr(event, "reused_from", None):
+                    attrs["loom.step.reused_from"] = event.reused_from
+                self._end_inst(iid, at, "completed", "ok", attrs=attrs)
+            case StepFailed(step_id=iid, error=error):
+                self._end_inst(
+                    iid, at, "failed", "error", error.message, {"error.type": error.code}
+                )
+            case StepSkipped(step_id=iid, reason=reason):
+                self._end_inst(iid, at, "skipped", "unset", attrs={"loom.step.skip_reason": reason})
+            case StepCancelled(step_id=iid, reason=reason):
+                cancelled = SpanEvent(
+                    name="cancelled", at=at, attributes={"loom.cancel.reason": reason}
+                )
+                self._end_inst(iid, at, "cancelled", "unset", events=[cancelled])
+            case RunPaused(by=by, reason=reason):
+                self._on_paused(at, by, reason)
+            case RunUnpaused(by=by):
+                self._on_unpaused(at, by)
+            case RunNeedsReview(step_id=iid, error=error):
+                self._on_needs_review(at, iid, error)
+            case RunCancelRequested(by=by, reason=reason):
+                attrs = {"loom.cancel.by": by, "loom.cancel.reason": reason}
+                self._event(self._root_id, "cancel_requested", at, attrs)
+            case RunDiverged(seq=seq, message=message):
+                self._status = "diverged"
+                self._update(self._root_id, attrs={"loom.run.status": "diverged"})
+                self._event(
+                    self._root_id,
+                    "diverged",
+                    at,
+                    {"loom.diverged.seq": seq, "loom.diverged.message": message},
+                )
+            case RunCompleted():
+                self._end_run(at, "completed", "ok", "")
+            case RunFailed(error=error):
+                self._end_run(at, "failed", "error", error.message, {"error.type": error.code})
+            case RunCancelled(by=by, reason=reason):
+                cancelled = SpanEvent(
+                    name="cancelled",
+                    at=at,
+                    attributes={"loom.cancel.by": by, "loom.cancel.reason": reason},
+                )
+                self._end_run(at, "cancelled", "unset", "", events=[cancelled])
 
     # ------------------------------------------------------------------ run and plan
 
@@ -211,6 +528,16 @@ class TraceBuilder:
         if ev.thread_id:
             attrs["gen_ai.conversation.id"] = ev.thread_id
         attrs["loom.run.status"] = self._status
+        fork = getattr(ev, "fork", None)
+        if fork is not None:
+            attrs["loom.fork.run_id"] = fork.run_id
+            attrs["loom.fork.from_step"] = fork.from_step
+        if ev.traceparent and not self._fixed_parent:
+            parsed = parse_traceparent(ev.traceparent)
+            if parsed is None:
+                attrs["loom.traceparent_invalid"] = ev.traceparent[:128]
+            elif self._root_id not in self._spans:  # the trace id cannot change later
+                self.trace_id, self._root_parent = parsed
         if self._root_id not in self._spans:
             self._create_root(at, attrs)
         else:  # unreachable in a seq-ordered stream (RunRequested is seq 1); be lenient
@@ -226,13 +553,12 @@ class TraceBuilder:
         self._create(self._plan_id, "plan", at, self._root_id, {})
 
     def _on_plan_accepted(self, at: datetime, ev: PlanAccepted) -> None:
-        plan = ev.plan
+        plan: Plan = ev.plan
         if plan.name:
             self._name = plan.name
         self._steps_total = len(plan.steps)
-        for step in plan.steps:
-            self._step_kind[step.id] = type(step).__struct_config__.tag  # type: ignore[assignment]
-        self._status = "running"
+        self._top = {step.id: step for step in plan.steps}
+        self._status = "paused" if self._paused else "running"
         self._update(self._root_id, name=self._root_name(), attrs={"loom.run.status": self._status})
         self._update(
             self._plan_id,
@@ -267,6 +593,49 @@ class TraceBuilder:
         )
         self._end_run(at, "rejected", "error", message, {"error.type": "plan_rejected"})
 
+    def _on_paused(self, at: datetime, by: str, reason: str) -> None:
+        if self._paused:
+            return
+        self._paused, self._paused_since = True, at
+        self._pauses += 1
+        if self._status == "running":
+            self._status = "paused"
+            self._update(self._root_id, attrs={"loom.run.status": "paused"})
+        attrs: dict[str, JSON] = {"loom.paused.by": by}
+        if reason:
+            attrs["loom.paused.reason"] = reason
+        self._event(self._root_id, "paused", at, attrs)
+
+    def _on_unpaused(self, at: datetime, by: str) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        self._stop_pause_clock(at)
+        attrs: dict[str, JSON] = {"loom.run.paused_ms": self._paused_ms}
+        if self._status == "paused":
+            self._status = "running"
+            attrs["loom.run.status"] = "running"
+        self._update(self._root_id, attrs=attrs)
+        self._event(self._root_id, "unpaused", at, {"loom.unpaused.by": by})
+
+    def _stop_pause_clock(self, at: datetime) -> None:
+        if self._paused_since is not None:
+            self._paused_ms += _ms(self._paused_since, at)
+            self._paused_since = None
+
+    def _on_needs_review(self, at: datetime, iid: str, error: ErrorInfo) -> None:
+        self._status = "needs_review"
+        attrs: dict[str, JSON] = {
+            "loom.step.id": iid,
+            "error.type": error.code,
+            "loom.error.message": error.message,
+        }
+        self._update(self._root_id, attrs={"loom.run.status": "needs_review"})
+        self._event(self._root_id, "needs_review", at, attrs)
+        step_span = self._ensure_inst(iid, at)
+        self._set_status(iid, "needs_review")
+        self._event(step_span, "needs_review", at, attrs)
+
     def _end_run(
         self,
         at: datetime,
@@ -274,6 +643,7 @@ class TraceBuilder:
         span_status: str,
         message: str,
         attrs: dict[str, JSON] | None = None,
+        events: list[SpanEvent] | None = None,
     ) -> None:
         self._status = status
         self._ended_at = at
@@ -281,88 +651,153 @@ class TraceBuilder:
         for sid in reversed(list(self._open)):
             if sid != self._root_id:
                 self._update(sid, end=at, attrs={"loom.incomplete": True})
+        final: dict[str, JSON] = {"loom.run.status": status, **(attrs or {})}
+        if self._pauses:
+            self._stop_pause_clock(at)
+            final["loom.run.paused_ms"] = self._paused_ms
         self._update(
             self._root_id,
             end=at,
             status=span_status,
             message=message,
-            attrs={"loom.run.status": status, **(attrs or {})},
+            attrs=final,
+            events=events,
         )
 
     def _root_name(self) -> str:
         return f"invoke_workflow {self._name or 'run'}"
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ instances
 
-    def _ensure_step(self, sid: str, at: datetime) -> str:
-        span_id = ids.span_id(self.run_id, "step", sid)
+    def _step_id(self, iid: str) -> str:
+        return ids.span_id(self.run_id, "step", iid)
+
+    def _describe(self, iid: str) -> tuple[str, str, dict[str, JSON]]:
+        """(kind, span name, attributes) of instance ``iid``, resolved through the plan:
+        a step's kind is its plan tag, a child scope's kind is ``scope``."""
+        parts = iid.split("/")
+        steps: dict[str, Step] | None = self._top
+        step: Step | None = None
+        fallback_of: str | None = None
+        for i, part in enumerate(parts):
+            if step is None:
+                step = steps.get(part) if steps is not None else None
+                if step is None:
+                    break
+                fallback_of = None
+            elif isinstance(step, ToolStep) and part == "fallback" and step.fallback is not None:
+                fallback_of = "/".join(parts[:i])
+                step = step.fallback
+            else:
+                body = _body(step, part)
+                if body is None:
+                    step = None
+                    break
+                if i == len(parts) - 1:
+                    name, attrs = _scope_description(step, part)
+                    return "scope", name, {"loom.step.id": iid, **attrs}
+                steps = self._body_index(body)
+                step = None
+        if step is None:  # no plan yet (a truncated stream) or a path it does not name
+            return "tool", f"step {parts[-1]}", {"loom.step.id": iid, "loom.step.kind": "tool"}
+        kind: str = step.__struct_config__.tag  # type: ignore[assignment]
+        attrs = {"loom.step.id": iid, "loom.step.kind": kind}
+        if isinstance(step, ToolStep):
+            attrs["loom.step.tool"] = step.tool
+        if fallback_of is not None:
+            attrs["loom.step.fallback_of"] = fallback_of
+        return kind, f"step {step.id}", attrs
+
+    def _body_index(self, body: list[Step]) -> dict[str, Step]:
+        index = self._bodies.get(id(body))
+        if index is None:
+            index = self._bodies[id(body)] = {s.id: s for s in body}
+        return index
+
+    def _parent_of(self, iid: str) -> str:
+        """The span of the nearest enclosing instance that has one, else the run's."""
+        head = iid
+        while "/" in head:
+            head = head.rpartition("/")[0]
+            span_id = self._step_id(head)
+            if span_id in self._spans:
+                return span_id
+        return self._root_id
+
+    def _ensure_inst(self, iid: str, at: datetime) -> str:
+        span_id = self._step_id(iid)
         if span_id not in self._spans:
+            kind, name, attrs = self._describe(iid)
+            self._kind[iid] = kind
+            self._status_of[iid] = "scheduled"
             self._create(
-                span_id,
-                f"step {sid}",
-                at,
-                self._root_id,
-                {
-                    "loom.step.id": sid,
-                    "loom.step.kind": self._step_kind.get(sid, "tool"),
-                    "loom.step.status": "scheduled",
-                },
+                span_id, name, at, self._parent_of(iid), {**attrs, "loom.step.status": "scheduled"}
             )
-            self._step_status[sid] = "scheduled"
         return span_id
 
-    def _set_step_status(self, sid: str, status: str) -> None:
-        if self._step_status.get(sid) != status:
-            self._step_status[sid] = status
-            self._update(ids.span_id(self.run_id, "step", sid), attrs={"loom.step.status": status})
+    def _set_status(self, iid: str, status: str) -> None:
+        if self._status_of.get(iid) != status:
+            self._status_of[iid] = status
+            self._update(self._step_id(iid), attrs={"loom.step.status": status})
 
-    def _end_step(
+    def _under_add(self, iid: str, span_id: str) -> None:
+        self._under.setdefault(iid, []).append(span_id)
+
+    def _end_inst(
         self,
-        sid: str,
+        iid: str,
         at: datetime,
         status: str,
         span_status: str,
         message: str = "",
         attrs: dict[str, JSON] | None = None,
+        events: list[SpanEvent] | None = None,
     ) -> None:
-        # A skipped step usually was never scheduled: its span is created here, so it
-        # starts and ends at the same instant (zero duration).
-        span_id = self._ensure_step(sid, at)
-        for n in list(self._open_attempts.get(sid, ())):
-            self._close_attempt(sid, n, at)
-        if self._step_status.get(sid) not in _DONE:
+        # A skipped or cancelled step usually was never scheduled: its span is created
+        # here, so it starts and ends at the same instant (zero duration).
+        span_id = self._ensure_inst(iid, at)
+        # its attempts, tool calls and waits end with it (the latest first)
+        for child in reversed(self._under.pop(iid, [])):
+            if child in self._open:
+                self._update(child, end=at, attrs={"loom.incomplete": True})
+        self._retry_wait.pop(iid, None)
+        if "/" not in iid and self._status_of.get(iid) not in _DONE:
             self._steps_done += 1
-        self._step_status[sid] = status
+        self._status_of[iid] = status
         self._update(
             span_id,
             end=at,
             status=span_status,
             message=message,
             attrs={"loom.step.status": status, **(attrs or {})},
+            events=events,
         )
+
+    def _on_step_started(self, at: datetime, iid: str, n: int) -> None:
+        self._ensure_inst(iid, at)
+        self._end_retry_wait(iid, at)
+        if self._kind.get(iid) == "tool":
+            self._ensure_attempt(iid, n, at)
+        self._set_status(iid, "running")
 
     # ------------------------------------------------------------------ attempts
 
-    def _ensure_attempt(self, sid: str, n: int, at: datetime) -> str:
-        step_span = self._ensure_step(sid, at)
-        span_id = ids.span_id(self.run_id, "step", sid, "attempt", str(n))
+    def _attempt_id(self, iid: str, n: int) -> str:
+        return ids.span_id(self.run_id, "step", iid, "attempt", str(n))
+
+    def _tool_id(self, iid: str, n: int) -> str:
+        return ids.span_id(self.run_id, "step", iid, "attempt", str(n), "tool")
+
+    def _ensure_attempt(self, iid: str, n: int, at: datetime) -> str:
+        step_span = self._ensure_inst(iid, at)
+        span_id = self._attempt_id(iid, n)
         if span_id not in self._spans:
             self._create(
-                span_id, f"attempt {n}", at, step_span, {"loom.step.id": sid, "loom.attempt": n}
+                span_id, f"attempt {n}", at, step_span, {"loom.step.id": iid, "loom.attempt": n}
             )
-            self._open_attempts.setdefault(sid, {})[n] = None
+            self._under_add(iid, span_id)
             self._update(step_span, attrs={"loom.step.attempts": n})
         return span_id
-
-    def _close_attempt(self, sid: str, n: int, at: datetime) -> None:
-        """An attempt that ends without a result (its step ended first)."""
-        self._open_attempts[sid].pop(n, None)
-        tool_id = ids.span_id(self.run_id, "step", sid, "attempt", str(n), "tool")
-        if tool_id in self._open:
-            self._update(tool_id, end=at, attrs={"loom.incomplete": True})
-        attempt_id = ids.span_id(self.run_id, "step", sid, "attempt", str(n))
-        if attempt_id in self._open:
-            self._update(attempt_id, end=at, attrs={"loom.incomplete": True})
 
     def _tool_attrs(self, key: str, n: int) -> dict[str, JSON]:
         return {
@@ -373,51 +808,168 @@ class TraceBuilder:
         }
 
     def _on_tool_requested(self, at: datetime, ev: ToolCallRequested) -> None:
-        sid, n = ev.step_id, ev.attempt
-        attempt_id = self._ensure_attempt(sid, n, at)
-        self._set_step_status(sid, "running")
-        tool_id = ids.span_id(self.run_id, "step", sid, "attempt", str(n), "tool")
+        iid, n = ev.step_id, ev.attempt
+        attempt_id = self._ensure_attempt(iid, n, at)
+        self._set_status(iid, "running")
+        if self.options.capture_io:
+            self._update(
+                self._step_id(iid),
+                attrs={"loom.step.input": capture_json(ev.input, self.options.io_limit)},
+            )
+        tool_id = self._tool_id(iid, n)
         attrs = {"gen_ai.tool.name": ev.tool, **self._tool_attrs(ev.idempotency_key, n)}
         if tool_id not in self._spans:
             # In flight: the request time stands in for the start until the result
             # brings the tool-runner's own clock.
             self._create(tool_id, f"execute_tool {ev.tool}", at, attempt_id, attrs, kind="client")
+            self._under_add(iid, tool_id)
         else:
             self._update(tool_id, name=f"execute_tool {ev.tool}", attrs=attrs)
 
     def _on_tool_result(
         self,
         at: datetime,
-        sid: str,
-        n: int,
-        key: str,
+        ev: ToolCallCompleted | ToolCallFailed,
         started_at: datetime | None,
         finished_at: datetime | None,
         error: ErrorInfo | None,
     ) -> None:
-        attempt_id = self._ensure_attempt(sid, n, at)
-        tool_id = ids.span_id(self.run_id, "step", sid, "attempt", str(n), "tool")
-        start = started_at
+        iid, n = ev.step_id, ev.attempt
+        attempt_id = self._ensure_attempt(iid, n, at)
+        tool_id = self._tool_id(iid, n)
         if tool_id not in self._spans:  # result without a recorded request
             self._create(
                 tool_id,
                 "execute_tool",
-                start or at,
+                started_at or at,
                 attempt_id,
-                self._tool_attrs(key, n),
+                self._tool_attrs(ev.idempotency_key, n),
                 kind="client",
             )
+            self._under_add(iid, tool_id)
         end = finished_at or at
         if error is None:
-            self._update(tool_id, start=start, end=end, status="ok")
+            self._update(tool_id, start=started_at, end=end, status="ok")
             self._update(attempt_id, end=at, status="ok")
         else:
             err = {"error.type": error.code}
             self._update(
-                tool_id, start=start, end=end, status="error", message=error.message, attrs=err
+                tool_id, start=started_at, end=end, status="error", message=error.message, attrs=err
             )
             self._update(attempt_id, end=at, status="error", message=error.message, attrs=err)
-        self._open_attempts.get(sid, {}).pop(n, None)
+
+    def _on_tool_cancelled(self, at: datetime, ev: ToolCallCancelled) -> None:
+        """The executor told the tool-runner to stop: the call and its attempt end now
+        (a late result is ignored by the executor, so none will follow)."""
+        event = SpanEvent(name="cancelled", at=at, attributes={"loom.cancel.reason": ev.reason})
+        tool_id = self._tool_id(ev.step_id, ev.attempt)
+        if tool_id in self._open:
+            self._update(tool_id, end=at, attrs={"loom.tool.cancelled": True}, events=[event])
+        attempt_id = self._attempt_id(ev.step_id, ev.attempt)
+        if attempt_id in self._open:
+            self._update(attempt_id, end=at, attrs={"loom.tool.cancelled": True})
+
+    # ------------------------------------------------------------------ waits
+
+    def _on_retry_scheduled(self, at: datetime, ev: StepRetryScheduled) -> None:
+        iid = ev.step_id
+        step_span = self._ensure_inst(iid, at)
+        self._end_retry_wait(iid, at)
+        span_id = ids.span_id(self.run_id, "step", iid, "retry", str(ev.attempt))
+        if span_id not in self._spans:
+            attrs: dict[str, JSON] = {
+                "loom.step.id": iid,
+                "loom.retry.attempt": ev.attempt,
+                "loom.retry.delay_s": ev.delay_s,
+                "loom.retry.error": ev.error.code,
+            }
+            self._create(span_id, "wait retry", at, step_span, attrs)
+            self._under_add(iid, span_id)
+            self._retry_wait[iid] = span_id
+        self._set_status(iid, "retry_wait")
+
+    def _end_retry_wait(self, iid: str, at: datetime) -> None:
+        span_id = self._retry_wait.pop(iid, None)
+        if span_id is not None and span_id in self._open:
+            self._update(span_id, end=at)
+
+    def _on_timer_started(self, at: datetime, ev: TimerStarted) -> None:
+        iid, purpose, fire_at = ev.step_id, ev.purpose, _iso(ev.fire_at)
+        span_id: str | None = None
+        if purpose == "retry" and iid is not None:
+            span_id = self._retry_wait.get(iid)
+            if span_id is not None:
+                self._update(
+                    span_id, attrs={"loom.timer.id": ev.timer_id, "loom.timer.fire_at": fire_at}
+                )
+        elif purpose == "sleep" and iid is not None:
+            step_span = self._ensure_inst(iid, at)
+            span_id = ids.span_id(self.run_id, "step", iid, "sleep")
+            if span_id not in self._spans:
+                attrs: dict[str, JSON] = {
+                    "loom.step.id": iid,
+                    "loom.timer.id": ev.timer_id,
+                    "loom.timer.fire_at": fire_at,
+                    "loom.sleep.seconds": _ms(at, ev.fire_at) / 1000.0,
+                }
+                self._create(span_id, "wait sleep", at, step_span, attrs)
+                self._under_add(iid, span_id)
+        elif purpose == "step_timeout" and iid is not None:
+            span_id = self._ensure_inst(iid, at)
+            self._update(span_id, attrs={"loom.step.timeout_at": fire_at})
+        elif purpose == "run_timeout":
+            span_id = self._root_id
+            self._update(span_id, attrs={"loom.run.timeout_at": fire_at})
+        elif purpose == "suspension_expiry":
+            # the timer id is "{suspension id}:expiry"
+            span_id = self._suspension_span.get(ev.timer_id.rpartition(":")[0])
+        self._timers[ev.timer_id] = (purpose, iid, span_id)
+
+    def _on_timer_fired(self, at: datetime, timer_id: str) -> None:
+        purpose, iid, span_id = self._timers.pop(timer_id, ("", None, None))
+        if span_id is None:
+            return
+        if purpose in ("retry", "sleep"):
+            if span_id in self._open:
+                self._update(span_id, end=at)
+            if purpose == "retry" and iid is not None and self._retry_wait.get(iid) == span_id:
+                del self._retry_wait[iid]
+        elif purpose == "step_timeout":
+            self._event(span_id, "step_timeout", at, {})
+        elif purpose == "run_timeout":
+            self._event(span_id, "run_timeout", at, {})
+        elif purpose == "suspension_expiry" and span_id in self._open:
+            expired = SpanEvent(name="expired", at=at)
+            self._update(span_id, end=at, attrs={"loom.suspension.expired": True}, events=[expired])
+
+    def _on_suspended(self, at: datetime, ev: StepSuspended) -> None:
+        iid = ev.step_id
+        step_span = self._ensure_inst(iid, at)
+        span_id = ids.span_id(self.run_id, "step", iid, "suspension", ev.suspension_id)
+        if span_id not in self._spans:
+            attrs: dict[str, JSON] = {
+                "loom.step.id": iid,
+                "loom.suspension.id": ev.suspension_id,
+                "loom.suspension.label": ev.label,
+            }
+            if ev.expires_at is not None:
+                attrs["loom.suspension.expires_at"] = _iso(ev.expires_at)
+            if self.options.capture_io and ev.payload is not None:
+                attrs["loom.suspension.payload"] = capture_json(ev.payload, self.options.io_limit)
+            self._create(span_id, "wait suspension", at, step_span, attrs)
+            self._under_add(iid, span_id)
+            self._suspension_span[ev.suspension_id] = span_id
+        self._set_status(iid, "suspended")
+
+    def _on_resumed(self, at: datetime, ev: StepResumed) -> None:
+        span_id = self._suspension_span.get(ev.suspension_id)
+        if span_id is None or span_id not in self._open:
+            return
+        attrs: dict[str, JSON] = {"loom.suspension.resumed_by": ev.by}
+        if self.options.capture_io:
+            attrs["loom.suspension.answer"] = capture_json(ev.data, self.options.io_limit)
+        self._update(span_id, end=at, status="ok", attrs=attrs)
+        self._set_status(ev.step_id, "running")
 
     # ------------------------------------------------------------------ span plumbing
 
@@ -443,6 +995,9 @@ class TraceBuilder:
         self._order[span_id] = len(self._order)
         self._open[span_id] = None
         self._put(span)
+
+    def _event(self, span_id: str, name: str, at: datetime, attrs: dict[str, JSON]) -> None:
+        self._update(span_id, events=[SpanEvent(name=name, at=at, attributes=attrs)])
 
     def _update(
         self,
@@ -488,12 +1043,14 @@ _MISSING = object()
 
 
 def build_spans(
-    records: Iterable[EventRecord], parent: tuple[str, str] | None = None
+    records: Iterable[EventRecord],
+    parent: tuple[str, str] | None = None,
+    options: TraceOptions | None = None,
 ) -> list[SpanRecord]:
     """The span tree of one run's events (in ``seq`` order), as ``TraceBuilder.spans``."""
     builder: TraceBuilder | None = None
     for record in records:
         if builder is None:
-            builder = TraceBuilder(record.run_id, parent)
+            builder = TraceBuilder(record.run_id, parent, options)
         builder.apply(record)
     return builder.spans() if builder is not None else []

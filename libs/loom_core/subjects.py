@@ -51,6 +51,9 @@ def dead_letter(service: str) -> str:
 CONTROL = f"{PREFIX}.control"
 
 
+# Answer a suspension (request/reply): ResumeRun -> ResumeReply, served by the executor
+RESUME = f"{PREFIX}.resume"
+
 # Live progress of a run (RunProgress, plain NATS, not stored)
 def progress(run_id: str) -> str:
     return f"{PREFIX}.progress.{run_id}"
@@ -60,6 +63,10 @@ def progress(run_id: str) -> str:
 API_RUN_EVENTS = f"{PREFIX}.api.run.events"  # executor: RunEventsQuery -> RunEventsReply
 API_RUNS = f"{PREFIX}.api.runs"  # tracing: RunsQuery -> RunsReply
 API_TRACE = f"{PREFIX}.api.trace"  # tracing: TraceQuery -> TraceReply
+API_TRACES = f"{PREFIX}.api.traces"  # tracing: TracesQuery -> TracesReply
+API_TRACES_SLOWEST = f"{PREFIX}.api.traces.slowest"  # tracing: SlowestStepsQuery -> ...Reply
+API_TRACES_USAGE = f"{PREFIX}.api.traces.usage"  # tracing: UsageQuery -> UsageReply
+API_TRACES_REBUILD = f"{PREFIX}.api.traces.rebuild"  # tracing: RebuildTracesQuery -> ...Reply
 API_THREAD = f"{PREFIX}.api.memory.thread"  # memory: ThreadQuery -> ThreadReply
 
 

@@ -52,6 +52,7 @@ import msgspec
 
 from loom_core import predicates
 from loom_core.contracts import (
+    ApprovalStep,
     FinalStep,
     ForeachStep,
     IfStep,
@@ -265,6 +266,8 @@ def _parts(step: Step) -> list[_Part]:
             return [_Field("output", step.output)]
         case SleepStep():
             return [_Field("until", step.until)]
+        case ApprovalStep():
+            return [_Field("payload", step.payload)]
     raise TypeError(f"not a step: {step!r}")
 
 
@@ -533,6 +536,8 @@ def _check_structure(facts: _Facts) -> Iterator[PlanIssue]:
                 )
             case SleepStep():
                 yield from _sleep_issues(occ, step)
+            case ApprovalStep():
+                yield from _approval_issues(occ, step)
             case FinalStep() if occ.scope.parent is not None:
                 yield _issue(
                     "invalid_step",
@@ -682,6 +687,34 @@ def _parallel_issues(occ: _Occ, step: ParallelStep) -> Iterator[PlanIssue]:
                 f"branch {name!r} of parallel step {step.id!r} is empty; give it steps or "
                 f"remove it",
             )
+
+
+def _approval_issues(occ: _Occ, step: ApprovalStep) -> Iterator[PlanIssue]:
+    if not step.label.strip():
+        yield _issue(
+            "invalid_step",
+            f"{occ.path}.label",
+            f"approval step {step.id!r} needs a label: people resume it by that name",
+        )
+    if step.expires_in_s is not None and step.expires_in_s <= 0:
+        yield _issue(
+            "invalid_step",
+            f"{occ.path}.expires_in_s",
+            f"approval step {step.id!r}: expires_in_s must be positive (got {step.expires_in_s})",
+        )
+    if step.on_expire == "escalate" and not step.escalate_to:
+        yield _issue(
+            "invalid_step",
+            f"{occ.path}.escalate_to",
+            f"approval step {step.id!r} escalates on expiry but names no `escalate_to` label",
+        )
+    if step.on_expire != "fail" and step.expires_in_s is None:
+        yield _issue(
+            "invalid_step",
+            f"{occ.path}.on_expire",
+            f"approval step {step.id!r} has on_expire {step.on_expire!r} but never expires; "
+            "set expires_in_s",
+        )
 
 
 def _sleep_issues(occ: _Occ, step: SleepStep) -> Iterator[PlanIssue]:
@@ -1299,7 +1332,8 @@ def _check_output_fields(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterat
 def _check_run_input(facts: _Facts, run_input: Mapping[str, JSON]) -> Iterator[PlanIssue]:
     context = {"input": run_input}
     for ref in facts.all_refs():
-        if ref.root != "input":
+        # `exists` asks whether an optional key is there: its absence is the point
+        if ref.root != "input" or ref.path.endswith(".exists"):
             continue
         try:
             lookup(context, "input", ref.segments, ref.path)

@@ -163,23 +163,30 @@ def expect_event(msg: Msg, kind: type[E]) -> tuple[EventRecord, E]:
 
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[bool | BaseException]]]
+MessageHandler = Callable[[Msg], Awaitable[bool | BaseException]]
 
 
 @dataclass
 class PullConsumer:
     """A durable pull consumer whose handler receives a whole fetched batch (so the
     executor can decide many runs' messages and commit them in one transaction) and
-    returns, per message, True (ack), False (nak with delay) or an exception."""
+    returns, per message, True (ack), False (nak with delay) or an exception.
+
+    With ``concurrency`` > 0 and a ``message_handler`` instead, each message is handled
+    by its own task, at most ``concurrency`` at once, and acked when *it* is done: one
+    slow message (a long tool call) never holds back the others."""
 
     js: JetStreamContext
     service: str
     stream: str
     durable: str
     filter_subjects: Sequence[str]
-    handler: BatchHandler
+    handler: BatchHandler | None = None
     batch: int = 128
     ack_wait_s: float = 30.0
     max_ack_pending: int = 1024
+    message_handler: MessageHandler | None = None
+    concurrency: int = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         config = ConsumerConfig(
@@ -193,6 +200,9 @@ class PullConsumer:
             filter_subject=self.filter_subjects[0] if len(self.filter_subjects) == 1 else None,
         )
         sub = await pull_subscribe(self.js, self.stream, config)
+        if self.concurrency:
+            await self._run_concurrently(sub, stop)
+            return
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(self.batch, timeout=1.0)
@@ -206,7 +216,46 @@ class PullConsumer:
                 continue
             await self._dispatch(msgs)
 
+    async def _run_concurrently(self, sub: Any, stop: asyncio.Event) -> None:
+        assert self.message_handler is not None
+        tasks: set[asyncio.Task[None]] = set()
+        freed = asyncio.Event()
+        try:
+            while not stop.is_set():
+                room = self.concurrency - len(tasks)
+                if room <= 0:
+                    freed.clear()
+                    await wait_or_timeout(freed, 1.0)
+                    continue
+                try:
+                    msgs = await sub.fetch(min(self.batch, room), timeout=1.0)
+                except TimeoutError:
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                except Exception as exc:
+                    log.warning("%s fetch failed: %s", self.durable, exc)
+                    await wait_or_timeout(stop, 0.5)
+                    continue
+                for msg in msgs:
+                    task = asyncio.ensure_future(self._handle_one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(lambda t: (tasks.discard(t), freed.set()))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _handle_one(self, msg: Msg) -> None:
+        assert self.message_handler is not None
+        try:
+            result = await self.message_handler(msg)
+        except Exception as exc:  # a bug in a handler must not stop consumption
+            log.exception("%s handler crashed", self.durable)
+            result = exc
+        await self._settle(msg, result)
+
     async def _dispatch(self, msgs: Sequence[Msg]) -> None:
+        assert self.handler is not None
         try:
             results: Sequence[bool | BaseException] = await self.handler(msgs)
         except Exception as exc:  # a bug in a handler must not stop consumption

@@ -21,6 +21,8 @@ from loom_core.contracts import (
     EventRecord,
     Ping,
     Pong,
+    ResumeReply,
+    ResumeRun,
     RunControl,
     RunControlReply,
     RunEventsQuery,
@@ -148,6 +150,23 @@ class LoomClient:
         if not reply.ok and reply.error is not None:
             raise LoomError(reply.error)
         return reply
+
+    async def resume(
+        self,
+        run_id: str,
+        data: object,
+        label: str | None = None,
+        suspension_id: str | None = None,
+        request_id: str = "",
+        by: str = "operator",
+    ) -> ResumeReply:
+        """Answer a suspension. Returns the reply as is (``ok`` false says why: invalid
+        data naming the field, or already resumed by whom)."""
+        request = ResumeRun(
+            run_id=run_id, data=data, label=label, suspension_id=suspension_id,
+            request_id=request_id, by=by,
+        )  # fmt: skip
+        return await self._ask(subjects.RESUME, request, ResumeReply, 10.0)
 
     async def ping(self, service: str, timeout: float = 1.0) -> Pong:
         return await self._ask(subjects.health(service), Ping(), Pong, timeout)

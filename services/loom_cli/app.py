@@ -21,6 +21,7 @@ import typer
 import yaml
 
 from loom_cli.control import register as register_control_commands
+from loom_cli.debug import register as register_debug_commands
 from loom_cli.render import events_table, progress_line, runs_table, span_tree, stderr, stdout
 from loom_core import codec
 from loom_core.contracts import EventRecord, RunCompleted, RunRequest
@@ -335,6 +336,7 @@ async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) ->
 
 
 register_control_commands(app)
+register_debug_commands(app)
 
 
 def main() -> None:

@@ -22,12 +22,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 from nats.aio.msg import Msg
 
 from loom_core import codec, ids, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    ResumeReply,
+    ResumeRun,
     RunControl,
     RunControlReply,
     RunEventsQuery,
@@ -37,7 +40,15 @@ from loom_core.contracts import (
     SubmitAccepted,
     SubmitRejected,
 )
-from loom_core.executor import Message, RunState, advance, evolve, initial_state
+from loom_core.executor import (
+    Message,
+    RunState,
+    advance,
+    evolve,
+    explain_resume,
+    initial_state,
+)
+from loom_core.replay import replay
 from loom_infra import bus
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
@@ -64,9 +75,10 @@ class Work:
 class RunHost:
     """Actors in memory + the single writer loop."""
 
-    def __init__(self, store: EventStore, io: Blocking) -> None:
+    def __init__(self, store: EventStore, io: Blocking, verify_on_load: bool = True) -> None:
         self.store = store
         self.io = io
+        self.verify_on_load = verify_on_load
         self.actors: OrderedDict[str, RunState] = OrderedDict()
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
         self.loading: dict[str, asyncio.Future[RunState]] = {}
@@ -95,6 +107,13 @@ class RunHost:
         state = initial_state(run_id)
         for record in records:
             evolve(state, record.event, record.at)
+        if records and self.verify_on_load and state.status != "diverged":
+            # The code may have changed since these events were decided (a deploy):
+            # re-decide the history; if it differs, park the run with the report.
+            report, _ = replay(records)
+            if report.divergence is not None:
+                log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
+                state.divergence = report.divergence.as_event()
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
@@ -167,6 +186,7 @@ class ExecutorService:
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
         await ctx.nc.subscribe(subjects.SUBMIT, queue="executor", cb=self.on_submit)
         await ctx.nc.subscribe(subjects.CONTROL, queue="executor", cb=self.on_control)
+        await ctx.nc.subscribe(subjects.RESUME, queue="executor", cb=self.on_resume)
         await ctx.nc.subscribe(subjects.API_RUN_EVENTS, queue="executor", cb=self.on_events_query)
         consumer = bus.PullConsumer(
             js=ctx.js,
@@ -205,6 +225,9 @@ class ExecutorService:
             request = codec.decode(msg.data, RunRequest)
         except Exception as exc:
             return await self._reject(msg, bus.decode_error_info(exc))
+        header = (msg.headers or {}).get(subjects.TRACEPARENT)
+        if header:
+            request = msgspec.structs.replace(request, traceparent=header)
         error = _check_request(request)
         if error is not None:
             return await self._reject(msg, error)
@@ -278,6 +301,36 @@ class ExecutorService:
             return self._refuse(control, "unavailable", f"not stored ({type(exc).__name__}); retry")
         status = (await self.host.state_of(control.run_id)).status
         return RunControlReply(run_id=control.run_id, ok=True, status=status)
+
+    async def on_resume(self, msg: Msg) -> None:
+        reply = await self._resume(msg)
+        if msg.reply:
+            await msg.respond(codec.encode(reply))
+
+    async def _resume(self, msg: Msg) -> ResumeReply:
+        try:
+            request = codec.decode(msg.data, ResumeRun)
+        except Exception as exc:
+            return ResumeReply(run_id="", ok=False, error=bus.decode_error_info(exc))
+        if not request.request_id:
+            request = msgspec.structs.replace(request, request_id=uuid.uuid4().hex)
+        state = await self.host.state_of(request.run_id)
+        if state.version == 0:
+            error = ErrorInfo(
+                code="not_found", message=f"no run '{request.run_id}'", path="$.run_id"
+            )
+            return ResumeReply(run_id=request.run_id, ok=False, error=error)
+        try:
+            await self.host.submit(request.run_id, request)
+        except Exception as exc:
+            error = ErrorInfo(
+                code="unavailable",
+                message=f"not stored ({type(exc).__name__}); retry",
+                retryable=True,
+            )
+            return ResumeReply(run_id=request.run_id, ok=False, error=error)
+        # The single writer decided it; the state now says who won and why.
+        return explain_resume(await self.host.state_of(request.run_id), request)
 
     @staticmethod
     def _refuse(control: RunControl, code: str, message: str) -> RunControlReply:

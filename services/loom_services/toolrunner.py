@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
 
 from nats.aio.msg import Msg
 
@@ -47,7 +46,11 @@ from loom_services.tools.registry import (
 
 log = logging.getLogger("loom.toolrunner")
 
-ACK_WAIT_S = 30.0
+# How long a call may go without a heartbeat before JetStream re-dispatches it to another
+# runner (a runner that died mid-call is detected this way). Heartbeats go every third.
+ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "30"))
+# Tool calls one runner process runs at once (each acked when it ends).
+MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
 
 
 class ToolRunnerService:
@@ -82,7 +85,8 @@ class ToolRunnerService:
             stream=subjects.RUN_EVENTS_STREAM,
             durable="toolrunner",
             filter_subjects=[subjects.events_of_kind("tool_call_requested")],
-            handler=self.on_requests,
+            message_handler=self._one,
+            concurrency=MAX_CONCURRENT_CALLS,
             batch=64,
             ack_wait_s=ACK_WAIT_S,
         )
@@ -96,9 +100,6 @@ class ToolRunnerService:
     async def close(self) -> None:
         await self.io.close()
         self.ledger.close()
-
-    async def on_requests(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
-        return list(await asyncio.gather(*(self._one(m) for m in msgs)))
 
     async def _one(self, msg: Msg) -> bool | BaseException:
         try:
@@ -178,6 +179,7 @@ class ToolRunnerService:
             step_id=request.step_id,
             attempt=request.attempt,
             settings=self.tool_settings,
+            resume=request.resume,
         )
         call = asyncio.ensure_future(
             execute_tool(self.registry, request.tool, request.input, ctx, request.timeout_s)
@@ -208,6 +210,7 @@ class ToolRunnerService:
             finished_at=bus.now(),
             output=outcome.output,
             error=outcome.error,
+            suspend=outcome.suspend,
         )
         self.executed += 1
         return result

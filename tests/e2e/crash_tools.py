@@ -98,9 +98,7 @@ class FlakyOutput(ToolOutput):
 async def crash_flaky(inp: FlakyInput, ctx: ToolContext) -> FlakyOutput:
     await _effect(ctx, inp.ms)
     if ctx.attempt <= inp.fail_attempts:
-        raise ToolFailure(
-            "flaky", f"planned failure of attempt {ctx.attempt}", retryable=True
-        )
+        raise ToolFailure("flaky", f"planned failure of attempt {ctx.attempt}", retryable=True)
     return FlakyOutput(label=inp.label, attempt=ctx.attempt)
 
 

@@ -58,22 +58,28 @@ class World:
     answer leaves the call in flight (for cancellation tests)."""
 
     def __init__(
-        self, plan: Plan, run_input: dict[str, Any] | None = None, run_id: str = "r1"
+        self,
+        plan: Plan,
+        run_input: dict[str, Any] | None = None,
+        run_id: str = "r1",
+        request: RunRequest | None = None,
     ) -> None:
         self.run_id = run_id
         self.state: RunState = initial_state(run_id)
         self.now = T0
         self.events: list[RunEvent] = []
+        self.times: list[datetime] = []  # when each event was decided (its envelope's `at`)
         self.messages: list[tuple[Any, datetime]] = []
         self.pending: list[ToolCallRequested] = []
         self.timers: list[TimerStarted] = []
-        self.send(RunRequest(plan=plan, input=run_input or {}))
+        self.send(request or RunRequest(plan=plan, input=run_input or {}))
         self.send(PlanProposed(run_id=run_id, plan=plan))
 
     def send(self, message: Any) -> list[RunEvent]:
         self.messages.append((message, self.now))
         produced = advance(self.state, message, self.now)
         self.events.extend(produced)
+        self.times.extend([self.now] * len(produced))
         for e in produced:
             if isinstance(e, ToolCallRequested):
                 self.pending.append(e)
@@ -279,8 +285,8 @@ def test_ambiguous_outcome_parks_the_run_for_review() -> None:
 
 
 def test_foreach_keeps_input_order_and_concurrency_limit() -> None:
-    plan = Plan(steps=[ForeachStep(id="fe", items="{{ input.xs }}", concurrency=2,
-                                   do=[ToolStep(id="sq", tool="echo", input={"v": "{{ item }}", "i": "{{ index }}"})],
+    body = [ToolStep(id="sq", tool="echo", input={"v": "{{ item }}", "i": "{{ index }}"})]
+    plan = Plan(steps=[ForeachStep(id="fe", items="{{ input.xs }}", concurrency=2, do=body,
                                    output="{{ steps.sq.output.echo.v }}")])  # fmt: skip
     w = World(plan, {"xs": [3, 1, 2, 5]})
     in_flight = max_in_flight = 0
@@ -334,7 +340,8 @@ def test_foreach_collect_and_min_success() -> None:
 
 def test_map_then_reduce() -> None:
     plan = Plan(steps=[
-        ForeachStep(id="pages", items=["a b", "c", "d e f"], do=[ToolStep(id="count", tool="wc", input={"t": "{{ item }}"})],
+        ForeachStep(id="pages", items=["a b", "c", "d e f"],
+                    do=[ToolStep(id="count", tool="wc", input={"t": "{{ item }}"})],
                     output="{{ steps.count.output }}"),
         ReduceStep(id="total", items="{{ steps.pages.output }}", initial=0,
                    do=[ToolStep(id="add", tool="add", input={"a": "{{ acc }}", "b": "{{ item }}"})],

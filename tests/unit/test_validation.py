@@ -1618,3 +1618,17 @@ def test_reading_into_another_scope_or_a_misplaced_variable_is_rejected(
         code = "invalid_template"
     issues = validate_plan(msgspec.convert(raw, Plan), TOOLS, RUN_INPUT)
     assert triples(issues) == [(code, child_path(f"{path}.input", field))]
+
+
+def test_exists_on_an_optional_input_key_is_not_a_missing_input() -> None:
+    from loom_core.contracts import IfStep
+
+    step = IfStep(
+        id="c",
+        condition={"and": [{"exists": "{{ input.coupon }}"}, {"eq": ["{{ input.x }}", 1]}]},
+        then=[ToolStep(id="t", tool="echo", input={"message": 1})],
+    )
+    issues = validate_plan(Plan(steps=[step]), None, {})
+    assert [(i.code, i.path) for i in issues] == [
+        ("missing_input", "$.plan.steps[0].condition.and[1].eq[0]")
+    ]

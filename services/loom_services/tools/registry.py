@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from loom_core.contracts import JSON, ErrorInfo, ToolSpec
+from loom_core.contracts import JSON, ErrorInfo, SuspendRequest, ToolSpec
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class ToolContext:
     step_id: str
     attempt: int
     settings: Any = field(default_factory=ToolSettings)
+    # A person's answer, when this tool asked to suspend on an earlier attempt.
+    resume: JSON = None
 
 
 ToolFn = Callable[[Any, ToolContext], Awaitable[Any]]
@@ -236,6 +238,17 @@ class ToolOutcome:
     ok: bool
     output: JSON = None
     error: ErrorInfo | None = None
+    suspend: SuspendRequest | None = None
+
+
+class ToolSuspend(Exception):  # noqa: N818 - a request, not an error
+    """Raised by a tool that needs a person first (e.g. to confirm a payment): the step
+    suspends under ``label``; once resumed, the tool runs again with the answer in
+    ``ctx.resume``. ``schema`` (JSON Schema) says what the answer must look like."""
+
+    def __init__(self, label: str, payload: JSON = None, schema: dict[str, JSON] | None = None):
+        super().__init__(label)
+        self.request = SuspendRequest(label=label, payload=payload, schema=schema or {})
 
 
 _AT_PATH = re.compile(r" - at `(?P<path>\$[^`]*)`$")
@@ -311,6 +324,8 @@ async def execute_tool(
             result = await tool_.fn(inp, ctx)
     except ToolFailure as exc:
         return ToolOutcome(ok=False, error=exc.to_error())
+    except ToolSuspend as exc:
+        return ToolOutcome(ok=True, suspend=exc.request)
     except TimeoutError as exc:
         if deadline.expired():
             return _fail(

@@ -1,0 +1,210 @@
+"""Debugging runs from their events: ``resume``, ``state --at``, ``replay``, ``fork`` and
+``diff``. ``replay``, ``state`` and ``diff`` also work on ``.jsonl`` exports
+(``loom show RUN -o jsonl > run.jsonl``) with no services running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import typer
+
+from loom_cli.control import operator
+from loom_cli.render import stderr, stdout
+from loom_core import codec
+from loom_core.contracts import EventRecord
+from loom_core.lineage import ForkError, diff_runs, fork_request
+from loom_core.replay import replay, state_at, state_view
+
+UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    stderr.print(f"[red]error:[/] {message}", markup=True)
+    return typer.Exit(code)
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{what} is not valid JSON: {exc}") from None
+
+
+def read_jsonl(path: Path) -> list[EventRecord]:
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(codec.decode_event(line.encode()))
+            except msgspec.DecodeError as exc:
+                raise _fail(f"{path}:{n}: not an event record: {exc}") from None
+    return records
+
+
+async def _events(run: str, url: str | None) -> list[EventRecord]:
+    """A run id (asked of the stack) or a path to a .jsonl export."""
+    path = Path(run)
+    if run.endswith(".jsonl") and path.exists():
+        return read_jsonl(path)
+    from loom_cli.app import _client
+
+    async with await _client(url) as client:
+        records = await client.events(run)
+    if not records:
+        raise _fail(f"no run '{run}'")
+    return records
+
+
+def resume(
+    run_id: str,
+    data: str = typer.Option(..., "--data", help="the answer, as JSON"),
+    label: str = typer.Option(None, "--label", "-l", help="which suspension, by label"),
+    suspension: str = typer.Option(None, "--id", help="which suspension, by id"),
+    request_id: str = typer.Option(None, "--request-id", help="repeat-safe id"),
+    url: str = UrlOpt,
+) -> None:
+    """Answer a suspended step; the data is checked against its schema."""
+    if not label and not suspension:
+        raise _fail("give --label or --id", 2)
+    answer = _json_arg(data, "--data")
+
+    async def main() -> int:
+        from loom_cli.app import _client
+
+        async with await _client(url) as client:
+            reply = await client.resume(
+                run_id, answer, label=label, suspension_id=suspension,
+                request_id=request_id or uuid.uuid4().hex, by=operator(),
+            )  # fmt: skip
+        if reply.ok:
+            stdout.print(f"{run_id}: resumed {reply.suspension_id}", markup=False)
+            return 0
+        assert reply.error is not None
+        stderr.print(f"refused: {reply.error.code}: {reply.error.message}", markup=False)
+        return 1
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+def state(
+    run: str = typer.Argument(..., help="run id, or a .jsonl export"),
+    at: int = typer.Option(None, "--at", help="just after event N (default: the last)"),
+    url: str = UrlOpt,
+) -> None:
+    """The run's state just after event N (time travel), rebuilt from its events."""
+    records = asyncio.run(_events(run, url))
+    try:
+        view = state_view(state_at(records, len(records) if at is None else at))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    stdout.print_json(json.dumps(msgspec.to_builtins(view)))
+
+
+def replay_cmd(
+    run: str = typer.Argument(..., help="run id, or a .jsonl export (no services needed)"),
+    url: str = UrlOpt,
+) -> None:
+    """Re-run the executor's decisions over the recorded events; no tool or model is
+    called. Exit 0 when identical, 1 with the first divergence."""
+    records = asyncio.run(_events(run, url))
+    report, _ = replay(records)
+    if report.divergence is None:
+        stdout.print(f"identical: {report.events} events re-decided", markup=False)
+        return
+    d = report.divergence
+    stdout.print_json(
+        json.dumps(
+            {
+                "identical": False,
+                "seq": d.seq,
+                "message": d.message,
+                "recorded": d.recorded,
+                "decided": d.decided,
+            }
+        )  # fmt: skip
+    )
+    raise typer.Exit(1)
+
+
+def fork(
+    run_id: str,
+    from_step: str = typer.Option(..., "--from-step", help="re-execute from this step"),
+    set_output: list[str] = typer.Option([], "--set-output", help="STEP=JSON: edit an output"),
+    input_json: str = typer.Option(None, "--input", help="replace the run input (JSON)"),
+    new_id: str = typer.Option(None, "--run-id", help="the new run's id"),
+    follow: bool = typer.Option(True, help="follow the new run to its end"),
+    url: str = UrlOpt,
+) -> None:
+    """A new run reusing the recorded results of everything before a step."""
+    edits: dict[str, Any] = {}
+    for item in set_output:
+        step, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(f"--set-output expects STEP=JSON, got {item!r}", 2)
+        edits[step] = _json_arg(value, f"--set-output {step}")
+    new_input = _json_arg(input_json, "--input") if input_json else None
+
+    async def main() -> int:
+        from loom_cli.app import Output, _client, run_and_report
+
+        async with await _client(url) as client:
+            records = await client.events(run_id)
+            if not records:
+                raise _fail(f"no run '{run_id}'")
+            try:
+                request = fork_request(records, from_step, edits, new_input, new_id)
+            except ForkError as exc:
+                raise _fail(str(exc)) from None
+            if not follow:
+                accepted = await client.submit(request)
+                stdout.print(accepted.run_id, markup=False)
+                return 0
+            code, new = await run_and_report(client, request, Output.text)
+            if new:
+                stderr.print(f"fork of {run_id} from {from_step}: {new}", markup=False)
+            return code
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+def diff(
+    run_a: str = typer.Argument(..., help="run id or .jsonl export"),
+    run_b: str = typer.Argument(..., help="run id or .jsonl export"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+    url: str = UrlOpt,
+) -> None:
+    """Line two runs up step by step and show what differs."""
+
+    async def both() -> tuple[list[EventRecord], list[EventRecord]]:
+        return await _events(run_a, url), await _events(run_b, url)
+
+    a, b = asyncio.run(both())
+    diffs = diff_runs(a, b)
+    if json_out:
+        stdout.print_json(
+            json.dumps([{"step_id": d.step_id, "changes": d.changes} for d in diffs], default=str)
+        )
+        return
+    if not diffs:
+        stdout.print("no step differs", markup=False)
+        return
+    for d in diffs:
+        stdout.print(f"[bold]{d.step_id}[/]")
+        for name, (x, y) in d.changes.items():
+            stdout.print(
+                f"  {name}: {json.dumps(x, default=str)} → {json.dumps(y, default=str)}",
+                markup=False,
+            )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(resume)
+    app.command()(state)
+    app.command("replay")(replay_cmd)
+    app.command()(fork)
+    app.command()(diff)
