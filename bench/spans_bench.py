@@ -1,20 +1,38 @@
-"""How fast spans are rebuilt from events, and whether a step's cost grows with the run.
+"""How fast spans are rebuilt from events, whether a step's cost grows with the run, and
+how fast a big trace is read back from the span store.
 
 Builds a synthetic N-step run in memory (each step: scheduled, started, tool call
 requested, completed, step completed), then prints
 - spans rebuilt per second by ``build_spans`` over the whole run (and events/s);
 - the cost of ``TraceBuilder.apply`` for the events of step 10 vs step N (median over
-  passes): the target is that step 1,000 costs no more than ~1.2x step 10.
+  passes): the target is that step 1,000 costs no more than ~1.2x step 10;
+- per span store (SQLite, PostgreSQL): the latency of reading one run's trace of
+  ``--trace-spans`` spans (10,000 by default; ``SpanStore.trace``, decoded records),
+  and of the slowest-steps and usage queries over it (median and best of ``--queries``).
 
     .venv/bin/python bench/spans_bench.py [--steps 1000] [--passes 30]
+        [--trace-spans 10000] [--queries 20] [--backend sqlite|postgres|both|none]
+        [--postgres-url postgresql://...]
+
+PostgreSQL: ``--postgres-url`` (or ``LOOM_POSTGRES_URL``) names a server on which a
+scratch database is created and dropped; without one, a local server is started from
+the ``pgserver`` wheel (or the system's binaries) in a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
+import tempfile
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from loom_core import ids
 from loom_core.contracts import (
@@ -32,6 +50,8 @@ from loom_core.contracts import (
     ToolStep,
 )
 from loom_core.spans import TraceBuilder, build_spans
+from loom_infra.settings import StoreSettings
+from loom_infra.spanstore import SpanStore, open_span_store
 
 RUN = "bench-run"
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
@@ -72,12 +92,109 @@ def synthetic_run(steps: int) -> tuple[list[EventRecord], list[range]]:
     return records, per_step
 
 
+@contextmanager
+def sqlite_settings() -> Iterator[StoreSettings]:
+    base = Path(tempfile.mkdtemp(prefix="loom-spans-bench-"))
+    try:
+        yield StoreSettings(kind="sqlite", data_dir=base / "data")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def postgres_settings(url: str | None) -> Iterator[StoreSettings]:
+    """A scratch database on ``url``'s server, or on a local server started for it."""
+    import psycopg
+    from psycopg import sql
+
+    from loom_infra.localpg import start_local_postgres
+
+    base = Path(tempfile.mkdtemp(prefix="loom-spans-bench-pg-"))
+    stop = None
+    try:
+        if url is None:
+            url, stop = start_local_postgres(base / "pg")
+        dbname = f"loom_bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        try:
+            db_url = urlunsplit(urlsplit(url)._replace(path=f"/{dbname}"))
+            yield StoreSettings(kind="postgres", data_dir=base, postgres_url=db_url)
+        finally:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(dbname)
+                    )
+                )
+    finally:
+        if stop is not None:
+            stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def timed(fn: Callable[[], object], passes: int) -> tuple[float, float]:
+    """(median, best) of ``passes`` calls, in ms."""
+    samples = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples), min(samples)
+
+
+def store_queries(name: str, store: SpanStore, target_spans: int, passes: int) -> None:
+    """Store one run of ``target_spans`` spans (plus 50 small runs around it, so the
+    queries select rather than scan one run) and time the queries."""
+    steps = max(1, -(-(target_spans - 2) // 3))  # run + plan + 3 spans per step
+    records, _ = synthetic_run(steps)
+    spans = build_spans(records)
+    builder = TraceBuilder(RUN)
+    for rec in records:
+        builder.apply(rec)
+    t0 = time.perf_counter()
+    store.save(RUN, records, spans, builder.summary)
+    write_s = time.perf_counter() - t0
+    small, _ = synthetic_run(10)
+    for i in range(50):
+        run_id = f"other-{i}"
+        other = [EventRecord(run_id=run_id, seq=r.seq, at=r.at, event=r.event) for r in small]
+        store.save(run_id, other, build_spans(other))
+    got = store.trace(RUN)
+    assert len(got) == len(spans), (len(got), len(spans))
+    trace_ms = timed(lambda: store.trace(RUN), passes)
+    slow_ms = timed(lambda: store.slowest_steps(limit=10), passes)
+    usage_ms = timed(lambda: store.usage("tool"), passes)
+    print(
+        f"{name}: stored a {len(spans):,}-span trace in {write_s * 1000:.0f} ms "
+        f"({len(spans) / write_s:,.0f} spans/s, one transaction)"
+    )
+    print(
+        f"{name}: trace({len(spans):,} spans) median {trace_ms[0]:.1f} ms, "
+        f"best {trace_ms[1]:.1f} ms; slowest_steps(10) median {slow_ms[0]:.1f} ms; "
+        f"usage(by tool) median {usage_ms[0]:.1f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=30)
+    parser.add_argument("--trace-spans", type=int, default=10_000)
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both", "none"], default="both")
+    parser.add_argument("--postgres-url", default=os.environ.get("LOOM_POSTGRES_URL"))
     args = parser.parse_args()
-    steps, passes = args.steps, args.passes
+    rebuild(args.steps, args.passes)
+    if args.backend in ("sqlite", "both"):
+        with sqlite_settings() as settings, open_span_store(settings) as store:
+            store_queries("sqlite", store, args.trace_spans, args.queries)
+    if args.backend in ("postgres", "both"):
+        with postgres_settings(args.postgres_url) as settings, open_span_store(settings) as store:
+            store_queries("postgres", store, args.trace_spans, args.queries)
+
+
+def rebuild(steps: int, passes: int) -> None:
     early = min(10, steps) - 1  # step 10, 0-based
     late = steps - 1
 

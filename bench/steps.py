@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -185,6 +186,7 @@ async def bench(
     finally:
         if stop_pg is not None:
             stop_pg()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:

@@ -30,11 +30,18 @@ def encode(value: Any) -> bytes:
 
 
 def decode_event(data: bytes) -> EventRecord:
-    record = _event_decoder.decode(data)
-    if record.schema_version == SCHEMA_VERSION:
+    try:
+        record = _event_decoder.decode(data)
+    except msgspec.ValidationError:
+        record = None  # maybe an older shape: upcast below, or re-raise
+    if record is not None and record.schema_version == SCHEMA_VERSION:
         return record
     raw = msgspec.json.decode(data)
-    version = record.schema_version
+    version = raw.get("schema_version", SCHEMA_VERSION) if isinstance(raw, dict) else SCHEMA_VERSION
+    if version == SCHEMA_VERSION:
+        _event_decoder.decode(data)  # the current shape, and still invalid: say why
+    if version not in _UPCASTERS and version < SCHEMA_VERSION:
+        raise msgspec.ValidationError(f"no upcaster from schema_version {version}")
     while version < SCHEMA_VERSION:
         raw = _UPCASTERS[version](raw)
         version += 1

@@ -702,6 +702,10 @@ class RunEventsReply(Record, tag="run_events_reply", tag_field="type"):
 
 
 class RunSummary(Record, tag="run_summary", tag_field="type"):
+    """A run as the tracing read model sees it. ``status`` is ``suspended`` while the
+    run waits for people and nothing else of it runs; ``waiting`` maps each open
+    suspension id to its label; ``forked_from`` links a fork to its origin."""
+
     run_id: str
     status: str
     started_at: datetime | None = None
@@ -710,6 +714,8 @@ class RunSummary(Record, tag="run_summary", tag_field="type"):
     name: str = ""
     steps_total: int = 0
     steps_done: int = 0
+    waiting: dict[str, str] = {}
+    forked_from: str | None = None
 
 
 class RunsQuery(Inbound, tag="runs_query", tag_field="type"):

@@ -43,9 +43,11 @@ import copy
 import hashlib
 from collections import ChainMap
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
+
+import msgspec
 
 from loom_core import ids
 from loom_core.answers import problems
@@ -503,7 +505,10 @@ class _Turn:
     def handle(self, message: Message) -> list[RunEvent]:
         s = self.s
         if s.status == "diverged":
-            return self.events  # parked: a person must look at the report first
+            # parked: a person must look at the report; cancelling it is all one can do
+            if isinstance(message, RunControl) and message.action == "cancel":
+                self.on_control(message)
+            return self.events
         if s.divergence is not None and not s.terminal:
             self.emit(s.divergence)
             return self.events
@@ -1044,7 +1049,7 @@ class _Turn:
 
     def on_resume(self, request: ResumeRun) -> None:
         found = find_suspension(self.s, request)
-        if not isinstance(found, Suspension) or found.resumed is not None:
+        if not isinstance(found, Suspension) or not is_open(self.s, found):
             return
         if problems(found.schema, request.data):
             return
@@ -1184,6 +1189,18 @@ class _Turn:
         return {sid: root.outputs[sid]["output"] for sid in sinks if sid in root.outputs}
 
 
+def is_open(state: RunState, susp: Suspension) -> bool:
+    """Still answerable: not answered, and its step still waits on *this* suspension
+    (not expired, escalated to a newer one, cancelled or ended)."""
+    inst = state.insts.get(susp.step_id)
+    return (
+        susp.resumed is None
+        and inst is not None
+        and inst.status == "suspended"
+        and susp.suspension_id == f"{susp.step_id}#{inst.suspensions}"
+    )
+
+
 def find_suspension(state: RunState, request: ResumeRun) -> Suspension | ErrorInfo:
     """The suspension a resume request names (by id, or by label among the open ones;
     an answered one is returned so a repeat can be told who answered first)."""
@@ -1199,7 +1216,7 @@ def find_suspension(state: RunState, request: ResumeRun) -> Suspension | ErrorIn
     if request.label is None:
         return ErrorInfo(code="missing_label", message="give a label or a suspension_id", path="$")
     same = [x for x in state.suspensions.values() if x.label == request.label]
-    waiting = [x for x in same if x.resumed is None]
+    waiting = [x for x in same if is_open(state, x)]
     if len(waiting) > 1:
         ids_ = ", ".join(x.suspension_id for x in waiting)
         return ErrorInfo(
@@ -1212,7 +1229,7 @@ def find_suspension(state: RunState, request: ResumeRun) -> Suspension | ErrorIn
         return waiting[0]
     if same:
         return same[-1]  # already answered: the reply says by whom
-    labels = sorted({x.label for x in state.suspensions.values() if x.resumed is None})
+    labels = sorted({x.label for x in state.suspensions.values() if is_open(state, x)})
     return ErrorInfo(
         code="unknown_label",
         message=f"nothing in run '{state.run_id}' waits under label '{request.label}'; "
@@ -1227,6 +1244,17 @@ def explain_resume(state: RunState, request: ResumeRun) -> ResumeReply:
     if isinstance(found, ErrorInfo):
         return ResumeReply(run_id=state.run_id, ok=False, error=found)
     sid = found.suspension_id
+    if state.status == "diverged":
+        return ResumeReply(
+            run_id=state.run_id,
+            ok=False,
+            suspension_id=sid,
+            error=ErrorInfo(
+                code="run_diverged",
+                message="the run is parked: replaying its history with the current code "
+                "decided differently; see its run_diverged event (loom replay RUN)",
+            ),
+        )
     if found.resumed is not None:
         if found.resumed.request_id == request.request_id:
             return ResumeReply(run_id=state.run_id, ok=True, suspension_id=sid)
@@ -1242,6 +1270,27 @@ def explain_resume(state: RunState, request: ResumeRun) -> ResumeReply:
                 f"with {first.data!r}",
             ),
         )
+    if state.terminal:
+        return ResumeReply(
+            run_id=state.run_id,
+            ok=False,
+            suspension_id=sid,
+            error=ErrorInfo(code="already_finished", message=f"run is {state.status}"),
+        )
+    if not is_open(state, found):
+        inst = state.insts.get(found.step_id)
+        now = inst.status if inst is not None else "gone"
+        return ResumeReply(
+            run_id=state.run_id,
+            ok=False,
+            suspension_id=sid,
+            error=ErrorInfo(
+                code="suspension_closed",
+                message=f"'{found.label}' ({sid}) no longer waits for an answer: its step is "
+                f"{now}" + (f" and waits on {found.step_id}#{inst.suspensions}"
+                            if inst is not None and inst.status == "suspended" else ""),
+            ),
+        )  # fmt: skip
     issues = problems(found.schema, request.data, "$.data")
     if issues:
         text = "; ".join(f"{path}: {message}" for path, message in issues)
@@ -1255,13 +1304,6 @@ def explain_resume(state: RunState, request: ResumeRun) -> ResumeReply:
                 path=issues[0][0],
                 details={"problems": [list(p) for p in issues], "schema": found.schema},
             ),
-        )
-    if state.terminal:
-        return ResumeReply(
-            run_id=state.run_id,
-            ok=False,
-            suspension_id=sid,
-            error=ErrorInfo(code="already_finished", message=f"run is {state.status}"),
         )
     return ResumeReply(
         run_id=state.run_id,
@@ -1291,3 +1333,18 @@ def retry_delay(policy: RetryPolicy, attempt: int, key: str) -> float:
 
 def _error(code: str, message: str) -> ErrorInfo:
     return ErrorInfo(code=code, message=message)
+
+
+# --------------------------------------------------------------------------- snapshots
+
+SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
+
+
+def snapshot(state: RunState) -> bytes:
+    """The folded state as JSON, to resume folding from (a cache of the fold)."""
+    body = {f.name: getattr(state, f.name) for f in fields(RunState) if f.name != "_body_deps"}
+    return msgspec.json.encode(body)
+
+
+def restore(data: bytes) -> RunState:
+    return msgspec.json.decode(data, type=RunState)

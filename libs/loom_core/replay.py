@@ -120,13 +120,17 @@ def _json(event: RunEvent | None) -> Any:
 
 
 def replay(
-    records: Sequence[EventRecord], advance_fn: Advance = advance, stop_at: int | None = None
+    records: Sequence[EventRecord],
+    advance_fn: Advance = advance,
+    stop_at: int | None = None,
+    start: RunState | None = None,
 ) -> tuple[ReplayReport, RunState]:
-    """Re-decide a recorded run; returns the report and the state replay reached."""
+    """Re-decide a recorded run; returns the report and the state replay reached.
+    ``start`` continues from a snapshot's state (``records`` are the events after it)."""
     if not records:
         raise ValueError("nothing to replay: the run has no events")
     run_id = records[0].run_id
-    state = initial_state(run_id)
+    state = start if start is not None else initial_state(run_id)
     i = 0
     end = len(records) if stop_at is None else min(stop_at, len(records))
     while i < end:

@@ -368,6 +368,9 @@ class TraceBuilder:
         self._steps_total = 0
         self._steps_done = 0
         self._paused = False
+        self._waiting: dict[str, str] = {}  # open suspension id -> label
+        self._busy_tools = 0  # tool calls requested and not yet answered
+        self._forked_from: str | None = None
         self._paused_since: datetime | None = None
         self._paused_ms = 0.0
         self._pauses = 0
@@ -409,9 +412,14 @@ class TraceBuilder:
         duration = None
         if self._started_at is not None and self._ended_at is not None:
             duration = _ms(self._started_at, self._ended_at)
+        status = self._status
+        if self._waiting and status == "running" and not self._busy_tools:
+            status = "suspended"
         return RunSummary(
             run_id=self.run_id,
-            status=self._status,
+            status=status,
+            waiting=dict(self._waiting),
+            forked_from=self._forked_from,
             started_at=self._started_at,
             ended_at=self._ended_at,
             duration_ms=duration,
@@ -519,6 +527,8 @@ class TraceBuilder:
     def _on_requested(self, at: datetime, ev: RunRequested) -> None:
         self._started_at = at
         self._status = "planning"
+        if ev.fork is not None:
+            self._forked_from = ev.fork.run_id
         if ev.plan is not None and ev.plan.name:
             self._name = ev.plan.name
         attrs: dict[str, JSON] = {
@@ -633,7 +643,8 @@ class TraceBuilder:
         self._update(self._root_id, attrs={"loom.run.status": "needs_review"})
         self._event(self._root_id, "needs_review", at, attrs)
         step_span = self._ensure_inst(iid, at)
-        self._set_status(iid, "needs_review")
+        if self._status_of.get(iid) not in _DONE:
+            self._set_status(iid, "needs_review")
         self._event(step_span, "needs_review", at, attrs)
 
     def _end_run(
@@ -647,6 +658,7 @@ class TraceBuilder:
     ) -> None:
         self._status = status
         self._ended_at = at
+        self._waiting.clear()
         # Close whatever is still open (children first: they were created later).
         for sid in reversed(list(self._open)):
             if sid != self._root_id:
@@ -808,6 +820,7 @@ class TraceBuilder:
         }
 
     def _on_tool_requested(self, at: datetime, ev: ToolCallRequested) -> None:
+        self._busy_tools += 1
         iid, n = ev.step_id, ev.attempt
         attempt_id = self._ensure_attempt(iid, n, at)
         self._set_status(iid, "running")
@@ -834,6 +847,7 @@ class TraceBuilder:
         finished_at: datetime | None,
         error: ErrorInfo | None,
     ) -> None:
+        self._busy_tools = max(0, self._busy_tools - 1)
         iid, n = ev.step_id, ev.attempt
         attempt_id = self._ensure_attempt(iid, n, at)
         tool_id = self._tool_id(iid, n)
@@ -859,6 +873,7 @@ class TraceBuilder:
             self._update(attempt_id, end=at, status="error", message=error.message, attrs=err)
 
     def _on_tool_cancelled(self, at: datetime, ev: ToolCallCancelled) -> None:
+        self._busy_tools = max(0, self._busy_tools - 1)
         """The executor told the tool-runner to stop: the call and its attempt end now
         (a late result is ignored by the executor, so none will follow)."""
         event = SpanEvent(name="cancelled", at=at, attributes={"loom.cancel.reason": ev.reason})
@@ -939,6 +954,7 @@ class TraceBuilder:
         elif purpose == "run_timeout":
             self._event(span_id, "run_timeout", at, {})
         elif purpose == "suspension_expiry" and span_id in self._open:
+            self._waiting.pop(timer_id.rpartition(":")[0], None)
             expired = SpanEvent(name="expired", at=at)
             self._update(span_id, end=at, attrs={"loom.suspension.expired": True}, events=[expired])
 
@@ -959,9 +975,11 @@ class TraceBuilder:
             self._create(span_id, "wait suspension", at, step_span, attrs)
             self._under_add(iid, span_id)
             self._suspension_span[ev.suspension_id] = span_id
+        self._waiting[ev.suspension_id] = ev.label
         self._set_status(iid, "suspended")
 
     def _on_resumed(self, at: datetime, ev: StepResumed) -> None:
+        self._waiting.pop(ev.suspension_id, None)
         span_id = self._suspension_span.get(ev.suspension_id)
         if span_id is None or span_id not in self._open:
             return

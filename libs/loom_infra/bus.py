@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,10 @@ log = logging.getLogger("loom.bus")
 T = TypeVar("T")
 
 MAX_DELIVER = 5
+# How long a fetched, unacked message waits before JetStream hands it to another consumer
+# instance: after a crash this is the time to recovery. Handlers here take milliseconds;
+# long ones (tool calls) send in_progress heartbeats instead of raising it.
+ACK_WAIT_S = float(os.environ.get("LOOM_ACK_WAIT_S", "5"))
 NAK_DELAY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
@@ -71,13 +76,16 @@ STREAMS = (
 )
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, persistent: bool = True) -> NATS:
+    """Services reconnect forever (``persistent``); a CLI or client gives up quickly so
+    a stack that is not running is reported instead of waited for."""
     return await nats.connect(
         url,
         name=name,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=-1 if persistent else 2,
         reconnect_time_wait=0.2,
-        connect_timeout=5,
+        connect_timeout=5 if persistent else 2,
+        allow_reconnect=persistent,
     )
 
 
@@ -183,7 +191,7 @@ class PullConsumer:
     filter_subjects: Sequence[str]
     handler: BatchHandler | None = None
     batch: int = 128
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = ACK_WAIT_S
     max_ack_pending: int = 1024
     message_handler: MessageHandler | None = None
     concurrency: int = 0

@@ -61,8 +61,10 @@ class LoomClient:
         self.js = nc.jetstream()
 
     @classmethod
-    async def connect(cls, url: str, name: str = "loom-client") -> LoomClient:
-        return cls(await bus.connect(url, name))
+    async def connect(
+        cls, url: str, name: str = "loom-client", persistent: bool = False
+    ) -> LoomClient:
+        return cls(await bus.connect(url, name, persistent=persistent))
 
     async def close(self) -> None:
         try:

@@ -1,36 +1,59 @@
-"""OTLP export of the spans rebuilt from run events.
+"""OTLP export of the spans rebuilt from run events, over HTTP (protobuf) or gRPC.
 
 Design note
 - Our spans are not recorded by an OTel tracer: they are derived, after the fact, from
   events. So we build ``opentelemetry.sdk.trace.ReadableSpan`` objects directly, carrying
-  OUR trace/span ids, parents and times, and hand them to the stock OTLP exporter. A
+  OUR trace/span ids, parents and times, and encode them with the stock OTLP encoder. A
   collector therefore sees the same ids a rebuild produces (and can dedupe by them).
+- The request is sent by us (httpx for ``http/protobuf``, grpcio's generated stub for
+  ``grpc``), not by the stock exporters: those only answer SUCCESS or FAILURE, and the
+  tracing service must tell a collector that is *down* (retry later, forever: spans are
+  never lost) from one that *refuses this data* (retrying the same bytes cannot help;
+  after a few attempts the spans are given up so they do not block the queue). Hence
+  :class:`ExportResult` with outcome ``ok``, ``retry`` or ``rejected``:
+  - HTTP 2xx is ok (a partial success is logged); 400, 413, 415, 422 and other 4xx are
+    rejected, except 401/403/404/405/407/408/429 (configuration or load: retry); 5xx,
+    3xx and connection errors/timeouts are retry.
+  - gRPC OK is ok; INVALID_ARGUMENT, and RESOURCE_EXHAUSTED for a message over the size
+    limit, are rejected; every other status (UNAVAILABLE, DEADLINE_EXCEEDED,
+    UNAUTHENTICATED, ...) is retry.
+  A rejected batch of several spans may hold one bad span: the service halves the batch
+  until it isolates it (see ``loom_services.tracing``).
 - Configuration is the standard ``OTEL_EXPORTER_OTLP_*`` variables. The protocol default
   is ``http/protobuf`` (the spec's default; the Python distro's gRPC default is a known
-  trap). gRPC works only if ``opentelemetry-exporter-otlp-proto-grpc`` is installed, and
-  asking for it without the package is a configuration error, not a silent fallback.
-- No retry policy here: ``export`` makes one bounded attempt (the OTel client may retry a
-  transient failure inside ``timeout``) and returns False on failure; the tracing
-  service keeps unexported spans in its store and tries again later.
+  trap). gRPC needs ``grpcio`` (a project dependency); without it, asking for gRPC is a
+  configuration error, not a silent fallback.
+- No retry loop here: ``send`` makes one bounded attempt (``timeout`` seconds); the
+  tracing service keeps unexported spans in its store and tries again later.
 - Spans without an end are skipped: OTLP cannot update a span once sent.
 - Header values (API keys) are never logged; ``repr`` shows header names only.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
+import ssl
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import httpx
 import msgspec
 from opentelemetry import trace as trace_api
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.re import parse_env_headers
@@ -39,11 +62,19 @@ from loom_core import ids
 from loom_core.contracts import SpanRecord
 from loom_infra.settings import SettingsError
 
-__all__ = ["GRPC_PACKAGE", "OtlpConfigError", "OtlpExporter", "from_env", "to_readable_span"]
+__all__ = [
+    "GRPC_PACKAGE",
+    "ExportResult",
+    "OtlpConfigError",
+    "OtlpExporter",
+    "attribute_value",
+    "from_env",
+    "to_readable_span",
+]
 
 log = logging.getLogger("loom.otlp")
 
-GRPC_PACKAGE = "opentelemetry-exporter-otlp-proto-grpc"
+GRPC_PACKAGE = "grpcio"
 PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -54,6 +85,10 @@ _INT64 = (-(2**63), 2**63 - 1)
 _KINDS = {"internal": SpanKind.INTERNAL, "client": SpanKind.CLIENT, "server": SpanKind.SERVER}
 _SCOPE = InstrumentationScope("agentloom.tracing")
 _HEX = re.compile(r"[0-9a-fA-F]+")
+# 4xx statuses that say "fix the configuration or slow down", not "this data is bad"
+_HTTP_RETRY_4XX = frozenset({401, 403, 404, 405, 407, 408, 429})
+
+Outcome = Literal["ok", "retry", "rejected"]
 
 
 class OtlpConfigError(SettingsError):
@@ -61,13 +96,33 @@ class OtlpConfigError(SettingsError):
     ``variable`` names it."""
 
 
+@dataclass(frozen=True)
+class ExportResult:
+    """What one export attempt came to. ``outcome``: ``ok`` (accepted, or nothing to
+    send), ``retry`` (the collector is unreachable, overloaded or misconfigured: try the
+    same spans later) or ``rejected`` (the collector refused this data: retrying it
+    unchanged cannot succeed). ``sent``: spans in the request. ``dropped``: ids of spans
+    that cannot be represented in OTLP at all (left out of the request)."""
+
+    outcome: Outcome
+    message: str = ""
+    sent: int = 0
+    dropped: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
 # ----------------------------------------------------------------------------- exporter
 
 
 class OtlpExporter:
     """Sends SpanRecords to an OTLP endpoint. ``endpoint`` is the full traces URL for
-    http/protobuf (``http://collector:4318/v1/traces``) or ``host:port``/URL for gRPC.
-    ``timeout`` (seconds) bounds one ``export`` call, internal retries included."""
+    http/protobuf (``http://collector:4318/v1/traces``) or ``host:port``/URL for gRPC
+    (``http://`` means plaintext, as does ``insecure=True``). ``timeout`` (seconds) bounds
+    one ``send``. ``certificate``: CA bundle to trust; ``client_certificate`` and
+    ``client_key``: mutual TLS."""
 
     def __init__(
         self,
@@ -77,16 +132,32 @@ class OtlpExporter:
         headers: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         compression: str = "none",
+        insecure: bool | None = None,
+        certificate: str | None = None,
+        client_certificate: str | None = None,
+        client_key: str | None = None,
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise OtlpConfigError(
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                f"unsupported protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}",
+            )
         self.endpoint = endpoint
         self.protocol = protocol
         self.timeout = timeout
+        self.compression = compression
         self._header_names = sorted(headers or {})
-        self._exporter = _make_exporter(
-            endpoint, protocol, dict(headers or {}), timeout, compression
-        )
         self._resources: dict[str, Resource] = {}
         self._lock = threading.Lock()
+        tls = _TlsFiles(certificate, client_certificate, client_key)
+        if protocol == "grpc":
+            self._transport: _Transport = _GrpcTransport(
+                endpoint, dict(headers or {}), timeout, compression, insecure, tls
+            )
+        else:
+            self._transport = _HttpTransport(
+                endpoint, dict(headers or {}), timeout, compression, tls
+            )
 
     def __repr__(self) -> str:
         return (
@@ -94,38 +165,55 @@ class OtlpExporter:
             f"headers={self._header_names!r}, timeout={self.timeout!r})"
         )
 
-    def export(self, spans: Sequence[SpanRecord], service_name: str = "agentloom") -> bool:
-        """Export the ended spans among ``spans``; True when the endpoint accepted them
-        (or there was nothing to send). Never raises for a failed export."""
+    def send(self, spans: Sequence[SpanRecord], service_name: str = "agentloom") -> ExportResult:
+        """Export the ended spans among ``spans`` in one request. Never raises for a
+        failed export: the result says what happened."""
         resource = self._resource(service_name)
         readable = []
+        dropped = []
         for span in spans:
             if span.end is None:
                 continue
             try:
                 readable.append(to_readable_span(span, resource))
             except ValueError as exc:
-                # A span that cannot be represented would block the store's export queue
-                # forever if it failed the batch: drop it, loudly.
+                # Not representable in OTLP: retrying would never help; the caller
+                # gives these up instead of blocking its queue on them.
                 log.error(
                     "span %s of run %s cannot be exported, dropped: %s",
                     span.span_id,
                     span.run_id,
                     exc,
                 )
+                dropped.append(span.span_id)
         if not readable:
-            return True
+            return ExportResult("ok", "nothing to send", 0, tuple(dropped))
+        try:
+            request = encode_spans(readable)
+        except Exception as exc:  # an attribute the encoder refuses: this data is bad
+            return ExportResult(
+                "rejected", f"cannot encode the spans: {exc}", len(readable), tuple(dropped)
+            )
         with self._lock:
-            try:
-                result = self._exporter.export(readable)
-            except Exception:
-                log.exception("OTLP export to %s failed", self.endpoint)
-                return False
-        return result is SpanExportResult.SUCCESS
+            outcome, message = self._transport.send(request)
+        if outcome != "ok":
+            log.warning(
+                "OTLP export of %d spans to %s: %s (%s)",
+                len(readable),
+                self.endpoint,
+                outcome,
+                message,
+            )
+        return ExportResult(outcome, message, len(readable), tuple(dropped))
+
+    def export(self, spans: Sequence[SpanRecord], service_name: str = "agentloom") -> bool:
+        """``send`` reduced to True when the endpoint accepted the spans (or there was
+        nothing to send)."""
+        return self.send(spans, service_name).ok
 
     def close(self) -> None:
         with self._lock:
-            self._exporter.shutdown()
+            self._transport.close()
 
     def _resource(self, service_name: str) -> Resource:
         resource = self._resources.get(service_name)
@@ -136,23 +224,89 @@ class OtlpExporter:
         return resource
 
 
-def _make_exporter(
-    endpoint: str, protocol: str, headers: dict[str, str], timeout: float, compression: str
-) -> SpanExporter:
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http import Compression
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+# ----------------------------------------------------------------------------- transports
 
-        return OTLPSpanExporter(
-            endpoint=endpoint,
-            headers=headers,
-            timeout=timeout,
-            compression=Compression.Gzip if compression == "gzip" else Compression.NoCompression,
-        )
-    if protocol == "grpc":
+
+@dataclass(frozen=True)
+class _TlsFiles:
+    certificate: str | None
+    client_certificate: str | None
+    client_key: str | None
+
+    def read(self, path: str | None, variable: str) -> bytes | None:
+        if not path:
+            return None
         try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-                OTLPSpanExporter as GrpcSpanExporter,
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise OtlpConfigError(variable, f"cannot read {path!r}: {exc}") from None
+
+
+class _Transport:
+    def send(self, request: ExportTraceServiceRequest) -> tuple[Outcome, str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _HttpTransport(_Transport):
+    def __init__(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        timeout: float,
+        compression: str,
+        tls: _TlsFiles,
+    ) -> None:
+        self.endpoint = endpoint
+        self.gzip = compression == "gzip"
+        self.headers = {**headers, "Content-Type": "application/x-protobuf"}
+        if self.gzip:
+            self.headers["Content-Encoding"] = "gzip"
+        verify: ssl.SSLContext | bool = True
+        if tls.certificate or tls.client_certificate:
+            context = ssl.create_default_context(cafile=tls.certificate or None)
+            if tls.client_certificate:
+                context.load_cert_chain(tls.client_certificate, tls.client_key or None)
+            verify = context
+        self.client = httpx.Client(timeout=timeout, verify=verify, follow_redirects=False)
+
+    def send(self, request: ExportTraceServiceRequest) -> tuple[Outcome, str]:
+        body = request.SerializeToString()
+        if self.gzip:
+            body = gzip.compress(body)
+        try:
+            response = self.client.post(self.endpoint, content=body, headers=self.headers)
+        except httpx.HTTPError as exc:  # refused, reset, timed out, DNS...
+            return "retry", f"{type(exc).__name__}: {exc}"
+        status = response.status_code
+        if 200 <= status < 300:
+            _log_partial_success(response.content)
+            return "ok", ""
+        message = f"HTTP {status} {response.reason_phrase}"
+        if 400 <= status < 500 and status not in _HTTP_RETRY_4XX:
+            return "rejected", message
+        return "retry", message
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _GrpcTransport(_Transport):
+    def __init__(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        timeout: float,
+        compression: str,
+        insecure: bool | None,
+        tls: _TlsFiles,
+    ) -> None:
+        try:
+            import grpc
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+                TraceServiceStub,
             )
         except ImportError:
             raise OtlpConfigError(
@@ -161,16 +315,70 @@ def _make_exporter(
                 "is not installed; or set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf and point "
                 "the endpoint at the collector's HTTP port (4318)",
             ) from None
-        return GrpcSpanExporter(  # pragma: no cover - needs the optional package
-            endpoint=endpoint,
-            insecure=endpoint.startswith("http://"),
-            headers=headers,
-            timeout=timeout,
+        self._grpc = grpc
+        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+        target = parts.netloc or endpoint
+        plaintext = parts.scheme == "http" if insecure is None else insecure
+        options = [("grpc.enable_retries", 0)]
+        kwargs: dict[str, Any] = {"options": options}
+        if compression == "gzip":
+            kwargs["compression"] = grpc.Compression.Gzip
+        if plaintext:
+            self.channel = grpc.insecure_channel(target, **kwargs)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.read(tls.certificate, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+                private_key=tls.read(tls.client_key, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+                certificate_chain=tls.read(
+                    tls.client_certificate, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"
+                ),
+            )
+            self.channel = grpc.secure_channel(target, credentials, **kwargs)
+        self.stub = TraceServiceStub(self.channel)
+        self.metadata = tuple((k.lower(), v) for k, v in headers.items())
+        self.timeout = timeout
+
+    def send(self, request: ExportTraceServiceRequest) -> tuple[Outcome, str]:
+        grpc = self._grpc
+        try:
+            response = self.stub.Export(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            message = f"gRPC {getattr(code, 'name', code)}: {details}"
+            too_large = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (
+                details or ""
+            )
+            if code == grpc.StatusCode.INVALID_ARGUMENT or too_large:
+                return "rejected", message
+            return "retry", message
+        _log_partial_success(response)
+        return "ok", ""
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _log_partial_success(response: bytes | ExportTraceServiceResponse) -> None:
+    """A collector may accept a request but drop some spans (``partial_success``): we
+    cannot tell which, so the batch counts as delivered and the drop is logged."""
+    if isinstance(response, bytes | bytearray):
+        if not response:
+            return
+        try:
+            response = ExportTraceServiceResponse.FromString(bytes(response))
+        except Exception:  # a 2xx with a body that is not the OTLP response: accepted
+            return
+    partial = response.partial_success
+    if partial.rejected_spans or partial.error_message:
+        log.warning(
+            "the collector accepted the export but rejected %d spans: %s",
+            partial.rejected_spans,
+            partial.error_message,
         )
-    raise OtlpConfigError(
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-        f"unsupported protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}",
-    )
+
+
+# ----------------------------------------------------------------------------- configuration
 
 
 def from_env(
@@ -183,6 +391,10 @@ def from_env(
     - ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
     - ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``: ``key=value,key2=value2`` (URL-encoded).
     - ``OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION``: ``gzip`` or ``none``.
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]INSECURE``: ``true`` for plaintext gRPC to an endpoint
+      without a scheme (an ``http://`` endpoint is plaintext anyway).
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE``, ``..._CLIENT_CERTIFICATE``,
+      ``..._CLIENT_KEY``: PEM files for TLS (trusted CA; mutual TLS).
     The signal-specific variable wins over the general one."""
 
     def get(name: str) -> tuple[str, str | None]:
@@ -198,7 +410,7 @@ def from_env(
         raise OtlpConfigError(
             protocol_var,
             f"unsupported protocol {protocol!r}; use one of {', '.join(PROTOCOLS)} "
-            "(http/json is not supported by the Python exporter)",
+            "(http/json is not supported)",
         )
 
     traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or "").strip()
@@ -225,8 +437,28 @@ def from_env(
     if compression not in ("none", "gzip"):
         raise OtlpConfigError(compression_var, f"must be 'gzip' or 'none', got {compression!r}")
 
+    insecure_var, raw_insecure = get("INSECURE")
+    insecure: bool | None = None
+    if raw_insecure is not None:
+        if raw_insecure.lower() not in ("true", "false"):
+            raise OtlpConfigError(insecure_var, f"must be 'true' or 'false', got {raw_insecure!r}")
+        insecure = raw_insecure.lower() == "true"
+
+    files = {}
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+        var, path = get(name)
+        if path is not None and not Path(path).is_file():
+            raise OtlpConfigError(var, f"no such file: {path!r}")
+        files[name.lower()] = path
+
     return OtlpExporter(
-        endpoint, protocol=protocol, headers=headers, timeout=timeout, compression=compression
+        endpoint,
+        protocol=protocol,
+        headers=headers,
+        timeout=timeout,
+        compression=compression,
+        insecure=insecure,
+        **files,
     )
 
 

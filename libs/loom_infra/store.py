@@ -94,7 +94,13 @@ EVENTS_TABLE = "loom_events"
 EVENTS_TRACKING_TABLE = "loom_events_tracking"
 TOOLCALLS_TABLE = "loom_toolcalls"
 THREADS_TABLE = "loom_threads"
-SQLITE_FILES = {"events": "events.db", "toolcalls": "toolcalls.db", "threads": "memory.db"}
+SNAPSHOTS_TABLE = "loom_snapshots"
+SQLITE_FILES = {
+    "events": "events.db",
+    "toolcalls": "toolcalls.db",
+    "threads": "memory.db",
+    "snapshots": "snapshots.db",
+}
 
 # Marker streams that make ThreadStore.append idempotent live in the threads table;
 # thread ids may not start with this prefix.
@@ -383,6 +389,13 @@ def _open_aggregate_recorder(
     return recorder, pg_ds.close
 
 
+def open_snapshot_store(settings: StoreSettings) -> SnapshotStore:
+    """Open (creating tables if needed) the run-state snapshots."""
+    with _translated("open snapshot store", settings.kind):
+        recorder, close = _open_aggregate_recorder(settings, "snapshots", SNAPSHOTS_TABLE)
+        return SnapshotStore(recorder, backend=settings.kind, close=close)
+
+
 def open_tool_ledger(settings: StoreSettings) -> ToolCallLedger:
     """Open (creating tables if needed) the tool-call ledger."""
     with _translated("open tool ledger", settings.kind):
@@ -606,6 +619,29 @@ class LedgerEntry:
     owner: str
     claimed_at: datetime
     result: bytes | None
+
+
+class SnapshotStore(_Closable):
+    """Snapshots of a run's folded state, so loading a long run costs the events after
+    the last snapshot, not its whole history. Version = the run's ``seq`` it was taken
+    at; a snapshot is only a cache: losing one just means folding more events."""
+
+    def __init__(
+        self, recorder: AggregateRecorder, *, backend: Backend, close: Callable[[], None]
+    ) -> None:
+        super().__init__(backend, close)
+        self._recorder = recorder
+
+    def save(self, run_id: str, seq: int, state: bytes) -> None:
+        self._check_open("save snapshot")
+        with _translated("save snapshot", self._backend), suppress(IntegrityError):
+            self._recorder.insert_events([StoredEvent(run_id, seq, "snapshot", bytes(state))])
+
+    def latest(self, run_id: str) -> tuple[int, bytes] | None:
+        self._check_open("load snapshot")
+        with _translated("load snapshot", self._backend):
+            rows = self._recorder.select_events(run_id, desc=True, limit=1)
+        return (rows[0].originator_version, bytes(rows[0].state)) if rows else None
 
 
 class ToolCallLedger(_Closable):

@@ -22,7 +22,16 @@ import yaml
 
 from loom_cli.control import register as register_control_commands
 from loom_cli.debug import register as register_debug_commands
-from loom_cli.render import events_table, progress_line, runs_table, span_tree, stderr, stdout
+from loom_cli.render import (
+    events_table,
+    lineage_tree,
+    progress_line,
+    runs_table,
+    span_tree,
+    stderr,
+    stdout,
+)
+from loom_cli.traces import register as register_trace_commands
 from loom_core import codec
 from loom_core.contracts import EventRecord, RunCompleted, RunRequest
 from loom_infra.client import LoomClient, LoomError
@@ -206,15 +215,21 @@ def run(
 @app.command()
 def runs(
     status: str = typer.Option(None, help="only runs with this status"),
+    suspended: bool = typer.Option(False, "--suspended", help="only runs waiting for people"),
+    lineage: str = typer.Option(None, "--lineage", help="the fork tree RUN belongs to"),
     limit: int = typer.Option(50),
     output: Output = OutputOpt,
     url: str = UrlOpt,
 ) -> None:
-    """List runs, newest first, with status and duration."""
+    """List runs, newest first, with status and duration (and what they wait for)."""
 
     async def main() -> None:
         async with await _client(url) as client:
-            found = await client.runs(limit=limit, status=status)
+            wanted = "suspended" if suspended else status
+            found = await client.runs(limit=1000 if lineage else limit, status=wanted)
+        if lineage:
+            stdout.print(lineage_tree(found, lineage))
+            return
         if output is Output.text:
             stdout.print(runs_table(found))
         elif output is Output.jsonl:
@@ -337,6 +352,7 @@ async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) ->
 
 register_control_commands(app)
 register_debug_commands(app)
+register_trace_commands(app)
 
 
 def main() -> None:

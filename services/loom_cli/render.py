@@ -104,7 +104,7 @@ def events_table(records: Sequence[EventRecord]) -> Table:
 def runs_table(runs: Sequence[RunSummary]) -> Table:
     table = Table(box=None)
     table.add_column("run", no_wrap=True)
-    for name in ("status", "name", "steps", "started", "duration"):
+    for name in ("status", "name", "steps", "started", "duration", "waiting for"):
         table.add_column(name)
     colours = {"completed": "green", "failed": "red", "rejected": "red", "running": "cyan"}
     for run in runs:
@@ -116,8 +116,36 @@ def runs_table(runs: Sequence[RunSummary]) -> Table:
             f"{run.steps_done}/{run.steps_total}",
             run.started_at.strftime("%Y-%m-%d %H:%M:%S") if run.started_at else "",
             f"{run.duration_ms:.1f} ms" if run.duration_ms is not None else "",
+            ", ".join(f"{label} ({sid})" for sid, label in run.waiting.items()),
         )
     return table
+
+
+def lineage_tree(runs: Sequence[RunSummary], run_id: str) -> Tree | str:
+    """The fork tree ``run_id`` belongs to: its root origin and every fork below."""
+    by_id = {r.run_id: r for r in runs}
+    if run_id not in by_id:
+        return f"no run '{run_id}' among the {len(runs)} most recent runs"
+    root = by_id[run_id]
+    while root.forked_from in by_id:
+        root = by_id[root.forked_from]
+    children: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        if r.forked_from:
+            children.setdefault(r.forked_from, []).append(r)
+
+    def label(r: RunSummary) -> str:
+        mark = " [bold]◀[/]" if r.run_id == run_id else ""
+        return f"{r.run_id}  {r.status}{mark}"
+
+    tree = Tree(label(root))
+
+    def add(node: Tree, r: RunSummary) -> None:
+        for child in sorted(children.get(r.run_id, []), key=lambda c: c.run_id):
+            add(node.add(label(child)), child)
+
+    add(tree, root)
+    return tree
 
 
 def span_tree(spans: Sequence[SpanRecord]) -> Tree:

@@ -41,19 +41,28 @@ from loom_core.contracts import (
     SubmitRejected,
 )
 from loom_core.executor import (
+    SNAPSHOT_EVERY,
     Message,
     RunState,
     advance,
     evolve,
     explain_resume,
     initial_state,
+    restore,
+    snapshot,
 )
 from loom_core.replay import replay
 from loom_infra import bus
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
-from loom_infra.store import ConcurrencyConflict, EventStore, open_event_store
+from loom_infra.store import (
+    ConcurrencyConflict,
+    EventStore,
+    SnapshotStore,
+    open_event_store,
+    open_snapshot_store,
+)
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.timers import TimerService
 
@@ -75,9 +84,16 @@ class Work:
 class RunHost:
     """Actors in memory + the single writer loop."""
 
-    def __init__(self, store: EventStore, io: Blocking, verify_on_load: bool = True) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        io: Blocking,
+        snapshots: SnapshotStore | None = None,
+        verify_on_load: bool = True,
+    ) -> None:
         self.store = store
         self.io = io
+        self.snapshots = snapshots
         self.verify_on_load = verify_on_load
         self.actors: OrderedDict[str, RunState] = OrderedDict()
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
@@ -103,14 +119,18 @@ class RunHost:
         return await asyncio.shield(loading)
 
     async def _load(self, run_id: str) -> RunState:
-        records = await self.io(self.store.load, run_id)
-        state = initial_state(run_id)
+        # From the latest snapshot (if any): the cost is the events after it, not the
+        # whole history.
+        taken = await self.io(self.snapshots.latest, run_id) if self.snapshots else None
+        base = restore(taken[1]) if taken else None
+        records = await self.io(self.store.load, run_id, taken[0] if taken else 0)
+        state = restore(taken[1]) if taken else initial_state(run_id)
         for record in records:
             evolve(state, record.event, record.at)
         if records and self.verify_on_load and state.status != "diverged":
             # The code may have changed since these events were decided (a deploy):
             # re-decide the history; if it differs, park the run with the report.
-            report, _ = replay(records)
+            report, _ = replay(records, start=base)
             if report.divergence is not None:
                 log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
                 state.divergence = report.divergence.as_event()
@@ -118,6 +138,19 @@ class RunHost:
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
         return state
+
+    async def _snapshot(self, records: list[EventRecord]) -> None:
+        """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY."""
+        assert self.snapshots is not None
+        crossed = {r.run_id for r in records if r.seq % SNAPSHOT_EVERY == 0}
+        for run_id in crossed:
+            state = self.actors.get(run_id)
+            if state is None:
+                continue
+            try:
+                await self.io(self.snapshots.save, run_id, state.version, snapshot(state))
+            except Exception as exc:  # a snapshot is a cache: the run is fine without it
+                log.warning("snapshot of %s not saved: %r", run_id, exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -160,6 +193,8 @@ class RunHost:
         for work, produced in zip(batch, per_work, strict=True):
             if not work.done.done():
                 work.done.set_result(produced)
+        if self.snapshots is not None:
+            await self._snapshot(records)
         if records:
             for listener in self.listeners:
                 listener(records)
@@ -172,7 +207,8 @@ class ExecutorService:
         self.settings = settings
         self.store = store or open_event_store(settings.store)
         self.io = Blocking("executor-store", workers=4)
-        self.host = RunHost(self.store, self.io)
+        self.snapshots = open_snapshot_store(settings.store)
+        self.host = RunHost(self.store, self.io, self.snapshots)
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
 
@@ -202,6 +238,7 @@ class ExecutorService:
     async def close(self) -> None:
         await self.io.close()
         self.store.close()
+        self.snapshots.close()
 
     # ------------------------------------------------------------------ submit
 

@@ -45,7 +45,7 @@ class TimerService:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             filter_subject=subjects.events_of_kind("timer_started"),
-            ack_wait=30.0,
+            ack_wait=bus.ACK_WAIT_S,
             max_deliver=-1,  # a timer is redelivered as often as it takes to be due
             max_ack_pending=100_000,  # every waiting timer is an unacked message
         )

@@ -48,7 +48,7 @@ log = logging.getLogger("loom.toolrunner")
 
 # How long a call may go without a heartbeat before JetStream re-dispatches it to another
 # runner (a runner that died mid-call is detected this way). Heartbeats go every third.
-ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "30"))
+ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "6"))
 # Tool calls one runner process runs at once (each acked when it ends).
 MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
 

@@ -1,18 +1,12 @@
 """Tools for the crash test, loaded by the tool-runner with ``LOOM_TOOL_MODULES=crash_tools``
 (``tests/e2e`` on ``PYTHONPATH``).
 
-Every call leaves a trace of its effect in the file named by ``LOOM_TEST_EFFECTS``: a line
-``start <key> <pid> <unix time>`` before the work and ``end <key> <pid> <unix time>`` after
-it, each appended with O_APPEND and fsynced so a SIGKILL cannot lose or tear a line that
-was written. The test reads this log to see how often each idempotency key really ran.
-
-- ``effect``: the effect itself; returns ``{"label": label}``.
-- ``crash_add``: ``acc + add`` (the arithmetic the reduce step of the test needs).
-- ``crash_flaky``: fails (retryable) while ``ctx.attempt <= fail_attempts``; the outcome
-  depends only on the attempt, so a re-run after a crash gives the same answer.
-
-The names other than ``effect`` carry a ``crash_`` prefix so they never collide with
-built-in tools (registering a name twice stops the tool-runner).
+``effect`` (input ``{label: str, ms: int = 20}``, output ``{"label": label}``) leaves a
+trace of each call in the file named by ``LOOM_TEST_EFFECTS``: a line
+``start <idempotency key> <pid> <unix time>`` before its work (sleeping ``ms``) and
+``end <key> <pid> <unix time>`` after it, each appended with O_APPEND and fsynced so a
+SIGKILL cannot lose or tear a line that was written. The test reads this log to see how
+often each idempotency key really ran, and by which process.
 """
 
 from __future__ import annotations
@@ -46,12 +40,6 @@ def _log(kind: str, key: str) -> None:
         os.close(fd)
 
 
-async def _effect(ctx: ToolContext, ms: int) -> None:
-    _log("start", ctx.idempotency_key)
-    await asyncio.sleep(ms / 1000)  # the "work": a kill may land here
-    _log("end", ctx.idempotency_key)
-
-
 class EffectInput(ToolInput):
     label: str
     ms: int = 20
@@ -63,45 +51,11 @@ class EffectOutput(ToolOutput):
 
 @tool("effect", "Record an effect in the test's effects log; return the label.")
 async def effect(inp: EffectInput, ctx: ToolContext) -> EffectOutput:
-    await _effect(ctx, inp.ms)
+    _log("start", ctx.idempotency_key)
+    await asyncio.sleep(inp.ms / 1000)  # the "work": a kill may land here
+    _log("end", ctx.idempotency_key)
     return EffectOutput(label=inp.label)
 
 
-class AddInput(ToolInput):
-    acc: int
-    add: int
-    ms: int = 20
-
-
-class AddOutput(ToolOutput):
-    total: int
-
-
-@tool("crash_add", "Record an effect; return acc + add.")
-async def crash_add(inp: AddInput, ctx: ToolContext) -> AddOutput:
-    await _effect(ctx, inp.ms)
-    return AddOutput(total=inp.acc + inp.add)
-
-
-class FlakyInput(ToolInput):
-    label: str
-    fail_attempts: int
-    ms: int = 20
-
-
-class FlakyOutput(ToolOutput):
-    label: str
-    attempt: int
-
-
-@tool("crash_flaky", "Record an effect; fail (retryable) while attempt <= fail_attempts.")
-async def crash_flaky(inp: FlakyInput, ctx: ToolContext) -> FlakyOutput:
-    await _effect(ctx, inp.ms)
-    if ctx.attempt <= inp.fail_attempts:
-        raise ToolFailure("flaky", f"planned failure of attempt {ctx.attempt}", retryable=True)
-    return FlakyOutput(label=inp.label, attempt=ctx.attempt)
-
-
 def register(registry: ToolRegistry) -> None:
-    for t in (effect, crash_add, crash_flaky):
-        registry.register(t)
+    registry.register(effect)

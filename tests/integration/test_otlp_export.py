@@ -1,17 +1,25 @@
-"""OTLP/HTTP export against a real HTTP receiver on 127.0.0.1 that decodes the protobuf
-body like a collector would."""
+"""OTLP export over HTTP and gRPC against real receivers on 127.0.0.1 that decode the
+protobuf payload like a collector would: ids, nesting, attributes, and how each kind of
+failure is told apart (collector down: retry; data refused: rejected)."""
 
 from __future__ import annotations
 
+import gzip
+import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
+import msgspec
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
@@ -38,7 +46,7 @@ from loom_core.contracts import (
     ToolStep,
 )
 from loom_core.spans import build_spans
-from loom_infra.otlp import GRPC_PACKAGE, OtlpConfigError, OtlpExporter, from_env
+from loom_infra.otlp import GRPC_PACKAGE, ExportResult, OtlpConfigError, OtlpExporter, from_env
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +69,10 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], ExportTraceServiceRequest]] = []
         self.got_request = threading.Event()
+        # what to answer: (HTTP status, OTLP response); the default accepts everything
+        self.answer: Callable[[ExportTraceServiceRequest], tuple[int, ExportTraceServiceResponse]]
+        self.answer = lambda request: (200, ExportTraceServiceResponse())
+        self.refused: list[ExportTraceServiceRequest] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,11 +82,21 @@ class Receiver:
                     self.send_response(404)
                     self.end_headers()
                     return
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(body)
                 headers = {k.lower(): v for k, v in self.headers.items()}
+                status, response = receiver.answer(request)
+                if status != 200:
+                    receiver.refused.append(request)
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    receiver.got_request.set()
+                    return
                 receiver.requests.append((headers, request))
-                reply = ExportTraceServiceResponse().SerializeToString()
+                reply = response.SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))
@@ -366,9 +388,8 @@ def test_from_env_none_without_endpoint_and_endpoint_rules() -> None:
 
 
 def test_grpc_without_its_package_is_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Make the optional package unimportable whatever is installed.
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", None)
+    # Make the package unimportable whatever is installed.
+    monkeypatch.setitem(sys.modules, "grpc", None)
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
         "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
@@ -468,3 +489,176 @@ async def test_tracing_service_delivers_every_span_after_the_collector_comes_bac
     finally:
         await stack.close()
         server.stop()
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (400, "rejected"),  # the data is bad: retrying the same bytes cannot help
+        (413, "rejected"),
+        (415, "rejected"),
+        (422, "rejected"),
+        (401, "retry"),  # configuration: fix it and the same spans go through
+        (403, "retry"),
+        (404, "retry"),
+        (429, "retry"),  # overloaded
+        (500, "retry"),
+        (502, "retry"),
+        (503, "retry"),
+    ],
+)
+def test_http_answers_are_told_apart(receiver: Receiver, status: int, outcome: str) -> None:
+    receiver.answer = lambda request: (status, ExportTraceServiceResponse())
+    receiver.start()
+    spans = build_spans(run_records())
+    exporter = OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=5)
+    result = exporter.send(spans)
+    assert (result.outcome, result.sent) == (outcome, len(spans))
+    assert f"HTTP {status}" in result.message
+    assert exporter.export(spans) is False
+    exporter.close()
+
+
+def test_down_is_retry_and_partial_success_counts_as_delivered(receiver: Receiver) -> None:
+    spans = build_spans(run_records())
+    exporter = OtlpExporter(f"{receiver.base_url}/v1/traces", timeout=1)
+    down = exporter.send(spans)
+    assert down.outcome == "retry" and "ConnectError" in down.message
+    partial = ExportTraceServiceResponse(
+        partial_success=ExportTracePartialSuccess(rejected_spans=1, error_message="too old")
+    )
+    receiver.answer = lambda request: (200, partial)
+    receiver.start()
+    assert exporter.send(spans) == ExportResult("ok", "", len(spans))
+
+
+def test_gzip_compression_and_unrepresentable_spans(receiver: Receiver) -> None:
+    receiver.start()
+    spans = build_spans(run_records())
+    bad = msgspec.structs.replace(spans[1], span_id="not-hex-at-all!")
+    exporter = from_env(
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.base_url}/v1/traces",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+        }
+    )
+    assert exporter is not None
+    result = exporter.send([*spans, bad])
+    assert (result.outcome, result.sent, result.dropped) == ("ok", len(spans), ("not-hex-at-all!",))
+    headers, _ = receiver.requests[0]
+    assert headers["content-encoding"] == "gzip"
+    assert {span.span_id.hex() for _, span, _ in receiver.spans()} == {s.span_id for s in spans}
+    # only unrepresentable spans: nothing is sent, and they are reported
+    assert exporter.send([bad]) == ExportResult("ok", "nothing to send", 0, ("not-hex-at-all!",))
+
+
+# --------------------------------------------------------------------------- gRPC
+
+
+class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace service on 127.0.0.1 that refuses (INVALID_ARGUMENT) any
+    request holding a span named ``poison``."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Export(  # noqa: N802 - the generated service's method name
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        self.metadata.append(dict(context.invocation_metadata()))  # type: ignore[arg-type]
+        names = {s.name for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans}
+        if "poison" in names:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a poison span")
+        self.requests.append(request)
+        return ExportTraceServiceResponse()
+
+    def spans(self) -> list[Span]:
+        return [
+            s
+            for r in self.requests
+            for rs in r.resource_spans
+            for ss in rs.scope_spans
+            for s in ss.spans
+        ]
+
+
+@pytest.fixture
+def grpc_receiver() -> Iterator[GrpcReceiver]:
+    r = GrpcReceiver()
+    yield r
+    r.server.stop(grace=None)
+
+
+def test_grpc_export_sends_ids_nesting_and_headers(grpc_receiver: GrpcReceiver) -> None:
+    spans = build_spans(run_records())
+    exporter = from_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_receiver.port}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_HEADERS": "X-Api-Key=s3cr3t",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+        },
+        timeout=5,
+    )
+    assert exporter is not None and exporter.protocol == "grpc"
+    assert "s3cr3t" not in repr(exporter)
+    assert exporter.send(spans) == ExportResult("ok", "", len(spans))
+    assert grpc_receiver.metadata[0]["x-api-key"] == "s3cr3t"
+    got = {s.span_id.hex(): s for s in grpc_receiver.spans()}
+    assert set(got) == {s.span_id for s in spans}
+    for mine in spans:
+        theirs = got[mine.span_id]
+        assert (theirs.name, theirs.parent_span_id.hex()) == (mine.name, mine.parent_span_id or "")
+        assert theirs.trace_id.hex() == ids.trace_id(RUN)
+    exporter.close()
+
+
+def test_grpc_refusal_is_rejected_and_a_closed_port_is_retry(grpc_receiver: GrpcReceiver) -> None:
+    spans = build_spans(run_records())
+    poison = msgspec.structs.replace(spans[2], name="poison")
+    exporter = OtlpExporter(f"127.0.0.1:{grpc_receiver.port}", protocol="grpc", insecure=True)
+    refused = exporter.send([spans[0], poison])
+    assert refused.outcome == "rejected" and "INVALID_ARGUMENT" in refused.message
+    assert exporter.send(spans).ok
+    exporter.close()
+    with socket.socket() as reserved:  # bound, not listening: connection refused
+        reserved.bind(("127.0.0.1", 0))
+        port = reserved.getsockname()[1]
+        down = OtlpExporter(f"http://127.0.0.1:{port}", protocol="grpc", timeout=2)
+        result = down.send(spans)
+        assert result.outcome == "retry" and "UNAVAILABLE" in result.message
+        down.close()
+
+
+def test_grpc_tls_settings_are_checked(tmp_path: Any) -> None:
+    with pytest.raises(OtlpConfigError) as info:
+        from_env(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem"),
+            }
+        )
+    assert info.value.variable == "OTEL_EXPORTER_OTLP_CERTIFICATE"
+    with pytest.raises(OtlpConfigError) as info:
+        from_env(
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "maybe",
+            }
+        )
+    assert info.value.variable == "OTEL_EXPORTER_OTLP_TRACES_INSECURE"
+    secure = from_env(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    )
+    assert secure is not None and secure.endpoint == "collector:4317"  # no /v1/traces for gRPC
+    secure.close()

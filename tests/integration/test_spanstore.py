@@ -12,17 +12,21 @@ import pytest
 
 from loom_core import ids
 from loom_core.contracts import (
+    ErrorInfo,
     EventRecord,
     Plan,
     PlanAccepted,
     RunCompleted,
+    RunFailed,
     RunRequested,
     RunSummary,
     SpanRecord,
     StepCompleted,
+    StepFailed,
     StepScheduled,
     StepStarted,
     ToolCallCompleted,
+    ToolCallFailed,
     ToolCallRequested,
     ToolStep,
 )
@@ -321,3 +325,349 @@ def test_postgres_store_reconnects_after_losing_its_connection(
         assert killed is not None and killed[0] >= 1
         s.upsert([span("b", 2, 3)])  # reopened and retried, no error
         assert [x.name for x in s.trace("r1")] == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- queries
+# Three runs an hour and a day apart, built from events by the real TraceBuilder, plus
+# synthetic model-call spans carrying GenAI usage attributes (no model calls exist yet).
+
+HOUR = 3600_000.0
+DAY = 24 * HOUR
+
+
+def tool_run(
+    run_id: str, t0: float, steps: list[tuple[str, str, float, str | None]]
+) -> list[EventRecord]:
+    """Events of a run whose tool steps run one after another: (step, tool, tool call
+    duration in ms, error code or None). A step lasts its call + 2 ms; a failed step
+    fails the run."""
+    plan = Plan(steps=[ToolStep(id=sid, tool=tool) for sid, tool, _, _ in steps], name="q")
+    out: list[tuple[float, object]] = [(t0, RunRequested(plan=plan)), (t0, PlanAccepted(plan=plan))]
+    t = t0 + 1
+    error = None
+    for sid, tool, dur, code in steps:
+        key = ids.idempotency_key(run_id, sid, 1)
+        out += [
+            (t, StepScheduled(step_id=sid)),
+            (t, StepStarted(step_id=sid, attempt=1)),
+            (
+                t,
+                ToolCallRequested(step_id=sid, attempt=1, tool=tool, input={}, idempotency_key=key),
+            ),
+        ]
+        if code is None:
+            out.append(
+                (
+                    t + dur + 2,
+                    ToolCallCompleted(
+                        step_id=sid,
+                        attempt=1,
+                        idempotency_key=key,
+                        output=1,
+                        started_at=ms(t + 1),
+                        finished_at=ms(t + 1 + dur),
+                    ),
+                )
+            )
+            out.append((t + dur + 2, StepCompleted(step_id=sid, output=1)))
+        else:
+            error = ErrorInfo(code=code, message=f"{code} from {tool}")
+            out.append(
+                (
+                    t + dur + 2,
+                    ToolCallFailed(
+                        step_id=sid,
+                        attempt=1,
+                        idempotency_key=key,
+                        error=error,
+                        started_at=ms(t + 1),
+                        finished_at=ms(t + 1 + dur),
+                    ),
+                )
+            )
+            out.append((t + dur + 2, StepFailed(step_id=sid, error=error)))
+        t += dur + 2
+    out.append((t, RunFailed(error=error) if error else RunCompleted(output=None)))
+    return [
+        EventRecord(run_id=run_id, seq=n, at=ms(at), event=e)  # type: ignore[arg-type]
+        for n, (at, e) in enumerate(out, start=1)
+    ]
+
+
+def model_span(
+    run: str,
+    name: str,
+    start: float,
+    dur: float,
+    model: str,
+    tokens: tuple[int, int],
+    cost: float,
+    status: str = "ok",
+) -> SpanRecord:
+    return SpanRecord(
+        trace_id=ids.trace_id(run),
+        span_id=ids.span_id(run, "model", name),
+        run_id=run,
+        name=f"chat {model}",
+        start=ms(start),
+        end=ms(start + dur),
+        parent_span_id=ids.span_id(run, "plan"),
+        status=status,  # type: ignore[arg-type]
+        kind="client",
+        attributes={
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "test",
+            "gen_ai.request.model": model,
+            "gen_ai.usage.input_tokens": tokens[0],
+            "gen_ai.usage.output_tokens": tokens[1],
+            "loom.cost_usd": cost,
+        },
+    )
+
+
+def store_run(store: SpanStore, records: list[EventRecord]) -> TraceBuilder:
+    builder = TraceBuilder(records[0].run_id)
+    changed = [s for rec in records for s in builder.apply(rec)]
+    store.save(records[0].run_id, records, changed, builder.summary)
+    return builder
+
+
+@pytest.fixture
+def three_runs(store: SpanStore) -> SpanStore:
+    store_run(store, tool_run("r-ok", 0, [("a", "http_get", 10, None), ("b", "echo", 30, None)]))
+    store_run(store, tool_run("r-fail", HOUR, [("a", "http_get", 50, "http_503")]))
+    store_run(store, tool_run("r-model", DAY, [("c", "echo", 5, None)]))
+    store.upsert(
+        [
+            model_span("r-model", "m1", DAY + 100, 200, "gpt-x", (100, 20), 0.01),
+            model_span("r-model", "m2", DAY + 300, 100, "claude", (50, 5), 0.002),
+            model_span("r-fail", "m1", HOUR + 100, 40, "gpt-x", (10, 1), 0.001, status="error"),
+            # an open call (in flight) counts nowhere
+            msgspec.structs.replace(
+                model_span("r-fail", "m2", HOUR + 200, 1, "gpt-x", (999, 999), 9.0), end=None
+            ),
+        ]
+    )
+    return store
+
+
+def test_traces_filtered_by_status_time_tool_model_and_error(three_runs: SpanStore) -> None:
+    store = three_runs
+
+    def ids_of(**kw: object) -> list[str]:
+        return [r.run_id for r in store.traces(**kw)]  # type: ignore[arg-type]
+
+    assert ids_of() == ["r-model", "r-fail", "r-ok"]
+    assert ids_of(status="failed") == ["r-fail"]
+    assert ids_of(status="completed") == ["r-model", "r-ok"]
+    assert ids_of(since=ms(HOUR / 2)) == ["r-model", "r-fail"]
+    assert ids_of(until=ms(HOUR)) == ["r-ok"]  # until is exclusive
+    assert ids_of(since=ms(HOUR), until=ms(HOUR + 0.001)) == ["r-fail"]  # since inclusive
+    assert ids_of(tool="http_get") == ["r-fail", "r-ok"]
+    assert ids_of(tool="echo") == ["r-model", "r-ok"]
+    assert ids_of(model="gpt-x") == ["r-model", "r-fail"]
+    assert ids_of(model="claude") == ["r-model"]
+    assert ids_of(error="http_503") == ["r-fail"]
+    assert ids_of(error="nope") == []
+    assert ids_of(tool="http_get", status="completed") == ["r-ok"]
+    assert ids_of(limit=1) == ["r-model"]
+    failed = store.traces(status="failed")[0]
+    assert (failed.status, failed.steps_done, failed.duration_ms) == ("failed", 1, 53.0)
+    # runs() is the unfiltered list
+    assert [r.run_id for r in store.runs(status="completed")] == ["r-model", "r-ok"]
+
+
+def test_slowest_steps_by_duration_tool_and_time(three_runs: SpanStore) -> None:
+    store = three_runs
+
+    def slow(**kw: object) -> list[tuple[str, str, float]]:
+        return [
+            (s.run_id, s.attributes["loom.step.id"], (s.end - s.start).total_seconds() * 1000)
+            for s in store.slowest_steps(**kw)  # type: ignore[arg-type, operator]
+        ]
+
+    assert slow() == [
+        ("r-fail", "a", 52.0),
+        ("r-ok", "b", 32.0),
+        ("r-ok", "a", 12.0),
+        ("r-model", "c", 7.0),
+    ]
+    assert slow(limit=2) == [("r-fail", "a", 52.0), ("r-ok", "b", 32.0)]
+    assert slow(tool="http_get") == [("r-fail", "a", 52.0), ("r-ok", "a", 12.0)]
+    assert slow(since=ms(HOUR)) == [("r-fail", "a", 52.0), ("r-model", "c", 7.0)]
+    assert slow(until=ms(HOUR), tool="echo") == [("r-ok", "b", 32.0)]
+    assert all(s.name.startswith("step ") for s in store.slowest_steps())
+
+
+def test_usage_by_tool_model_run_and_time_bucket(three_runs: SpanStore) -> None:
+    store = three_runs
+
+    def table(by: str, **kw: object) -> list[tuple[object, ...]]:
+        return [
+            (
+                r.key,
+                r.calls,
+                r.errors,
+                r.runs,
+                r.total_ms,
+                r.avg_ms,
+                r.max_ms,
+                r.input_tokens,
+                r.output_tokens,
+                round(r.cost_usd, 6),
+            )
+            for r in store.usage(by, **kw)  # type: ignore[arg-type]
+        ]
+
+    assert table("tool") == [
+        ("echo", 2, 0, 2, 35.0, 17.5, 30.0, 0, 0, 0.0),
+        ("http_get", 2, 1, 2, 60.0, 30.0, 50.0, 0, 0, 0.0),
+    ]
+    assert table("model") == [
+        ("gpt-x", 2, 1, 2, 240.0, 120.0, 200.0, 110, 21, 0.011),
+        ("claude", 1, 0, 1, 100.0, 100.0, 100.0, 50, 5, 0.002),
+    ]
+    assert [(k, calls, tokens) for k, calls, _, _, _, _, _, tokens, _, _ in table("run")] == [
+        ("r-model", 3, 150),
+        ("r-fail", 2, 10),
+        ("r-ok", 2, 0),
+    ]
+    t0 = ms(0)
+    assert [(k, calls) for k, calls, *_ in table("hour")] == [
+        (t0.isoformat(), 2),
+        ((t0 + timedelta(hours=1)).isoformat(), 2),
+        ((t0 + timedelta(days=1)).isoformat(), 3),
+    ]
+    midnight = t0.replace(hour=0)
+    assert [(k, calls, cost) for k, calls, *_, cost in table("day")] == [
+        (midnight.isoformat(), 4, 0.001),
+        ((midnight + timedelta(days=1)).isoformat(), 3, 0.012),
+    ]
+    assert [(k, calls) for k, calls, *_ in table("minute", until=ms(HOUR))] == [(t0.isoformat(), 2)]
+    assert [k for k, *_ in table("tool", since=ms(HOUR))] == ["echo", "http_get"]
+    assert table("model", since=ms(DAY), until=ms(DAY + 250)) == [
+        ("gpt-x", 1, 0, 1, 200.0, 200.0, 200.0, 100, 20, 0.01)
+    ]
+    assert store.usage("tool", limit=1)[0].key == "echo"
+    with pytest.raises(ValueError, match="must be one of"):
+        store.usage("week")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- rebuild
+
+
+def test_replace_trace_reports_differences_and_queues_everything_again(store: SpanStore) -> None:
+    records = run_events("run-x", n_steps=2)
+    builder = store_run(store, records[:5])  # stored while the run was going
+    store.mark_exported(store.unexported(100))
+    rebuilt = TraceBuilder("run-x")
+    for rec in records[:5]:
+        rebuilt.apply(rec)
+    # the same spans: nothing differs, yet every span is offered for export again
+    assert store.replace_trace("run-x", rebuilt.spans(), rebuilt.summary) == 0
+    assert {s.span_id for s in store.unexported(100)} == {
+        s.span_id for s in builder.spans() if s.end is not None
+    }
+    # a stale span (from an older builder) is removed; changed versions are counted
+    store.upsert([span("stale", 0, 1, run="run-x")])
+    full = TraceBuilder("run-x")
+    for rec in records:
+        full.apply(rec)
+    before = {s.span_id: s for s in store.trace("run-x")}
+    expected_changes = 1 + sum(1 for s in full.spans() if before.get(s.span_id) != s)
+    assert expected_changes > 1
+    assert store.replace_trace("run-x", full.spans(), full.summary, records) == expected_changes
+    assert store.trace("run-x") == sorted(full.spans(), key=lambda s: (s.start, s.span_id))
+    assert store.events("run-x") == records
+    assert store.runs() == [full.summary]
+    with pytest.raises(ValueError, match="another run"):
+        store.replace_trace("run-y", full.spans())
+
+
+def test_run_ids_page_in_id_order_within_a_time_window(store: SpanStore) -> None:
+    for run_id, start in (("d", 3), ("b", 1), ("a", 0), ("c", 2)):
+        store.upsert_run(summary(run_id, "completed", start))
+    assert store.run_ids(limit=2) == ["a", "b"]
+    assert store.run_ids(after="b", limit=2) == ["c", "d"]
+    assert store.run_ids(after="d") == []
+    assert store.run_ids(since=ms(1), until=ms(3)) == ["b", "c"]
+
+
+# --------------------------------------------------------------------------- export failures
+
+
+def test_a_span_refused_max_attempts_times_is_given_up(store: SpanStore) -> None:
+    bad, good = span("bad", 1, 2), span("good", 2, 3)
+    store.upsert([bad, good])
+    assert store.record_export_rejection([bad], max_attempts=3) == []
+    assert store.record_export_rejection([bad], max_attempts=3) == []
+    assert store.unexported(10) == [bad, good]  # still pending after two refusals
+    assert store.record_export_rejection([bad], max_attempts=3) == [bad.span_id]
+    assert store.unexported(10) == [good]  # the queue is no longer blocked
+    assert store.export_failed() == [bad]
+    # refusing an older version does not count against the current one
+    good2 = msgspec.structs.replace(good, status="ok")
+    store.upsert([good2])
+    assert store.record_export_rejection([good], max_attempts=1) == []
+    assert store.unexported(10) == [good2]
+    # a new version of a given-up span is pending again, with fresh attempts
+    bad2 = msgspec.structs.replace(bad, status="error")
+    store.upsert([bad2])
+    assert store.export_failed() == []
+    assert store.unexported(10) == [bad2, good2]
+    assert store.record_export_rejection([bad2], max_attempts=2) == []
+    # spans that cannot be represented at all are given up at once
+    store.mark_export_failed([good2])
+    assert store.export_failed() == [good2]
+    assert store.unexported(10) == [bad2]
+    assert store.record_export_rejection([], max_attempts=1) == []
+
+
+# --------------------------------------------------------------------------- migration
+
+_OLD_SPANS = """
+CREATE TABLE loom_trace_spans (
+    span_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, trace_id TEXT NOT NULL,
+    start_us BIGINT NOT NULL, ended INTEGER NOT NULL, exported INTEGER NOT NULL DEFAULT 0,
+    data {blob} NOT NULL
+)
+"""
+
+
+def test_a_store_written_before_the_query_columns_is_upgraded(
+    span_settings: StoreSettings,
+) -> None:
+    """The first span store had no derived columns: opening it adds and fills them."""
+    from loom_core import codec
+
+    records = tool_run("old", 0, [("a", "http_get", 10, None)])
+    spans = TraceBuilder("old")
+    for rec in records:
+        spans.apply(rec)
+    old = spans.spans()
+    rows = [
+        (s.span_id, s.run_id, s.trace_id, int(s.start.timestamp() * 1e6), 1, 1, codec.encode(s))
+        for s in old
+    ]
+    insert = "INSERT INTO loom_trace_spans VALUES (?, ?, ?, ?, ?, ?, ?)"
+    if span_settings.kind == "sqlite":
+        import sqlite3
+
+        span_settings.data_dir.mkdir(parents=True)
+        with sqlite3.connect(span_settings.data_dir / "traces.db") as conn:
+            conn.execute(_OLD_SPANS.format(blob="BLOB"))
+            conn.executemany(insert, rows)
+    else:
+        import psycopg
+
+        assert span_settings.postgres_url
+        with psycopg.connect(span_settings.postgres_url, autocommit=True) as conn:
+            conn.execute(_OLD_SPANS.format(blob="BYTEA"))
+            conn.cursor().executemany(insert.replace("?", "%s"), rows)
+    with open_span_store(span_settings) as store:
+        assert store.trace("old") == sorted(old, key=lambda s: (s.start, s.span_id))
+        assert store.unexported() == []  # their export state is kept
+        assert [s.attributes["loom.step.id"] for s in store.slowest_steps()] == ["a"]
+        assert [(r.key, r.calls) for r in store.usage("tool")] == [("http_get", 1)]
+    with open_span_store(span_settings) as again:  # opening twice is harmless
+        assert len(again.trace("old")) == len(old)

@@ -42,7 +42,8 @@ from loom_infra.client import LoomClient
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-NOT_RUNNABLE = {"invalid-plan.yaml"}  # rejected on purpose; covered in test_runs.py
+# rejected on purpose (test_runs.py), or waiting for a person (approval: test_suspend.py)
+NOT_RUNNABLE = {"invalid-plan.yaml", "approval.yaml", "approval-expiry.yaml"}
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in NOT_RUNNABLE)
 
 # example -> (terminal event type, the run's exact output or the run's error code)

@@ -261,7 +261,10 @@ def test_request_reply_operations_reply_on_the_request_inbox() -> None:
     assert subjects.SUBMIT in replying
     assert {a for a in replying if a.startswith(f"{subjects.PREFIX}.api.")} == {
         subjects.API_RUN_EVENTS, subjects.API_RUNS, subjects.API_TRACE, subjects.API_THREAD,
+        subjects.API_TRACES, subjects.API_TRACES_SLOWEST, subjects.API_TRACES_USAGE,
+        subjects.API_TRACES_REBUILD,
     }  # fmt: skip
+    assert {subjects.CONTROL, subjects.RESUME} <= set(replying)
 
 
 def test_a_new_subject_must_be_described(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,125 @@
+"""Loading a long run: from its whole history vs from a snapshot; and replay speed.
+
+For runs of ~1k, 10k and 100k events (a chain of no-op tool steps, decided by the real
+executor in memory and stored in a real SQLite event store), prints:
+- full load: read every event + fold + verify by replay (what a load costs without a
+  snapshot);
+- snapshot load: read the latest snapshot + the events after it + fold + verify them;
+- replay speed: events re-decided per second, and fold speed (events per second).
+
+    python bench/load_bench.py [--sizes 1000,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from loom_core.contracts import (
+    EventRecord,
+    Plan,
+    PlanProposed,
+    RunRequest,
+    ToolCallRequested,
+    ToolResult,
+    ToolStep,
+)
+from loom_core.executor import SNAPSHOT_EVERY, advance, evolve, initial_state, restore, snapshot
+from loom_core.replay import replay
+from loom_infra.settings import StoreSettings
+from loom_infra.store import open_event_store, open_snapshot_store
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def record_run(run_id: str, steps: int) -> tuple[list[EventRecord], list[tuple[int, bytes]]]:
+    """Decide a chain of ``steps`` no-op steps; snapshots every SNAPSHOT_EVERY events."""
+    plan = Plan(steps=[
+        ToolStep(id=f"s{i}", tool="noop", depends_on=[f"s{i - 1}"] if i else [])
+        for i in range(steps)
+    ])  # fmt: skip
+    state = initial_state(run_id)
+    records: list[EventRecord] = []
+    snaps: list[tuple[int, bytes]] = []
+    now = T0
+
+    def send(message: object) -> list[ToolCallRequested]:
+        nonlocal now
+        now += timedelta(milliseconds=1)
+        before = state.version
+        produced = advance(state, message, now)  # type: ignore[arg-type]
+        for i, e in enumerate(produced, start=before + 1):
+            records.append(EventRecord(run_id=run_id, seq=i, at=now, event=e))
+            if i % SNAPSHOT_EVERY == 0 and i == state.version:
+                snaps.append((i, snapshot(state)))
+        return [e for e in produced if isinstance(e, ToolCallRequested)]
+
+    send(RunRequest(plan=plan))
+    pending = send(PlanProposed(run_id=run_id, plan=plan))
+    while pending:
+        req = pending.pop()
+        pending += send(
+            ToolResult(
+                run_id=run_id, step_id=req.step_id, attempt=1, idempotency_key=req.idempotency_key,
+                ok=True, started_at=now, finished_at=now, output={},
+            )
+        )  # fmt: skip
+    return records, snaps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000", help="approximate event counts")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="loom-load-"))
+    settings = StoreSettings(kind="sqlite", data_dir=base)
+    events, snaps_store = open_event_store(settings), open_snapshot_store(settings)
+    try:
+        for size in (int(x) for x in args.sizes.split(",")):
+            run_id = f"run-{size}"
+            t = time.perf_counter()
+            records, snaps = record_run(run_id, max(1, size // 5))
+            decide_s = time.perf_counter() - t
+            for i in range(0, len(records), 2000):
+                events.append(records[i : i + 2000])
+            if snaps:
+                snaps_store.save(run_id, *snaps[-1])
+
+            t = time.perf_counter()
+            loaded = events.load(run_id)
+            state = initial_state(run_id)
+            for r in loaded:
+                evolve(state, r.event, r.at)
+            fold_s = time.perf_counter() - t
+            t = time.perf_counter()
+            report, _ = replay(loaded)
+            replay_s = time.perf_counter() - t
+            assert report.identical, report.divergence
+
+            t = time.perf_counter()
+            taken = snaps_store.latest(run_id)
+            start = restore(taken[1]) if taken else initial_state(run_id)
+            tail = events.load(run_id, taken[0] if taken else 0)
+            state = restore(taken[1]) if taken else initial_state(run_id)
+            for r in tail:
+                evolve(state, r.event, r.at)
+            if tail:
+                replay(tail, start=start)
+            snap_s = time.perf_counter() - t
+            n = len(records)
+            print(
+                f"{n:>7} events: full load {1000 * (fold_s + replay_s):8.1f} ms "
+                f"(read+fold {1000 * fold_s:.1f}, verify {1000 * replay_s:.1f}); "
+                f"from snapshot {1000 * snap_s:6.1f} ms ({len(tail)} events after it); "
+                f"replay {n / replay_s:,.0f} events/s; decide {n / decide_s:,.0f} events/s"
+            )
+    finally:
+        events.close()
+        snaps_store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Long runs load from a snapshot plus the events after it, not their whole history."""
+
+from __future__ import annotations
+
+import pytest
+
+import loom_services.executor as executor_service
+from loom_core.contracts import (
+    ApprovalStep,
+    Plan,
+    RunCompleted,
+    RunRequest,
+    StepSuspended,
+    ToolStep,
+)
+from loom_infra.client import LoomClient
+from loom_infra.store import open_snapshot_store
+from loom_services.runtime import Stack
+from loom_services.stack import LocalStack, all_services
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_service, "SNAPSHOT_EVERY", 10)
+    restored: list[int] = []
+    real_restore = executor_service.restore
+
+    def spy(data: bytes) -> object:  # the executor rebuilt the run from a snapshot
+        state = real_restore(data)
+        restored.append(state.version)
+        return state
+
+    monkeypatch.setattr(executor_service, "restore", spy)
+    steps = [
+        ToolStep(id=f"s{i}", tool="noop", depends_on=[f"s{i - 1}"] if i else []) for i in range(6)
+    ]
+    steps.append(ApprovalStep(id="ok", label="go", schema={"type": "boolean"}, depends_on=["s5"]))
+    steps.append(ToolStep(id="after", tool="noop", depends_on=["ok"]))
+    async with await LoomClient.connect(stack.url) as client:
+        accepted = await client.submit(RunRequest(plan=Plan(steps=steps)))
+        async for record in client.follow(accepted.run_id, timeout=30):
+            if isinstance(record.event, StepSuspended):
+                break
+        events = await client.events(accepted.run_id)
+    assert len(events) > 20
+    snapshots = open_snapshot_store(stack.settings.store)
+    try:
+        taken = snapshots.latest(accepted.run_id)
+    finally:
+        snapshots.close()
+    assert taken is not None and taken[0] % 10 == 0 and taken[0] >= 20
+
+    assert stack.stack is not None
+    await stack.stack.close()  # every service stops: the actor is gone from memory
+    stack.stack = Stack(all_services(stack.settings), stack.settings)
+    await stack.stack.start()
+    async with await LoomClient.connect(stack.url) as client:
+        reply = await client.resume(accepted.run_id, True, label="go", request_id="r")
+        assert reply.ok, reply.error
+        records = await client.wait(accepted.run_id, timeout=30)
+    assert isinstance(records[-1].event, RunCompleted)
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert taken[0] in restored  # loaded from the snapshot, then only the events after it
