@@ -224,6 +224,21 @@ class ApprovalStep(Inbound, tag="approval", tag_field="kind"):
     description: str = ""
 
 
+class SubRunStep(Inbound, tag="sub_run", tag_field="kind"):
+    """Start a child run of ``plan`` with ``input`` (templates) and wait for it: the
+    child's output becomes this step's output; its failure fails the step. The child's
+    id is derived from this run and step (or ``run_id``, a template); parent and child
+    record each other (``RunRequested.parent``, ``sub_run_requested``)."""
+
+    id: str
+    plan: Plan
+    input: dict[str, JSON] = {}
+    run_id: str | None = None
+    depends_on: list[str] = []
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
 Step = (
     ToolStep
     | ForeachStep
@@ -234,6 +249,7 @@ Step = (
     | FinalStep
     | SleepStep
     | ApprovalStep
+    | SubRunStep
 )
 
 
@@ -275,6 +291,13 @@ class ForkOrigin(Record, tag="fork_origin", tag_field="type"):
     edited: list[str] = []
 
 
+class ParentLink(Record, tag="parent_link", tag_field="type"):
+    """The run and step that started a child run (a ``sub_run`` step)."""
+
+    run_id: str
+    step_id: str
+
+
 class RunRequest(Inbound, tag="run_request", tag_field="type"):
     """Published (request/reply) on ``loom.submit``. Give either ``plan`` or
     ``request`` (natural language, needs a model). ``run_id`` makes submission
@@ -289,6 +312,7 @@ class RunRequest(Inbound, tag="run_request", tag_field="type"):
     # W3C trace context of the submitter; the ``traceparent`` NATS header wins over it
     traceparent: str | None = None
     fork: ForkOrigin | None = None  # set by `loom fork`: outputs reused from another run
+    parent: ParentLink | None = None  # set for a child run started by a sub_run step
 
 
 class SubmitAccepted(Record, tag="submit_accepted", tag_field="type"):
@@ -316,6 +340,7 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     labels: dict[str, str] = {}
     traceparent: str | None = None  # the submitter's trace: the run's trace continues it
     fork: ForkOrigin | None = None
+    parent: ParentLink | None = None
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -398,6 +423,25 @@ class StepResumed(Record, tag="step_resumed", tag_field="type"):
     data: JSON
     by: str
     request_id: str
+
+
+class SubRunRequested(Record, tag="sub_run_requested", tag_field="type"):
+    """The command to start a child run (the executor's sub-run consumer submits it)."""
+
+    step_id: str
+    child_run_id: str
+    plan: Plan
+    input: dict[str, JSON] = {}
+
+
+class SubRunEnded(Record, tag="sub_run_ended", tag_field="type"):
+    """The child run ended: ``status`` completed, failed, cancelled or rejected."""
+
+    step_id: str
+    child_run_id: str
+    status: str
+    output: JSON = None
+    error: ErrorInfo | None = None
 
 
 class StepCompleted(Record, tag="step_completed", tag_field="type"):
@@ -546,6 +590,8 @@ RunEvent = (
     | RunNeedsReview
     | StepSuspended
     | StepResumed
+    | SubRunRequested
+    | SubRunEnded
     | RunCancelRequested
     | RunDiverged
     | RunCompleted
@@ -655,7 +701,18 @@ class RunControlReply(Record, tag="run_control_reply", tag_field="type"):
     error: ErrorInfo | None = None
 
 
-InboxMessage = PlanProposed | PlanRefused | ToolResult | TimerElapsed
+class SubRunFinished(Record, tag="sub_run_finished", tag_field="type"):
+    """To a parent run's inbox: its child run ended."""
+
+    run_id: str
+    step_id: str
+    child_run_id: str
+    status: str
+    output: JSON = None
+    error: ErrorInfo | None = None
+
+
+InboxMessage = PlanProposed | PlanRefused | ToolResult | TimerElapsed | SubRunFinished
 
 
 class RunProgress(Record, tag="run_progress", tag_field="type"):

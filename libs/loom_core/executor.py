@@ -63,6 +63,7 @@ from loom_core.contracts import (
     LoopIterationStarted,
     LoopStep,
     ParallelStep,
+    ParentLink,
     Plan,
     PlanAccepted,
     PlanProposed,
@@ -95,6 +96,10 @@ from loom_core.contracts import (
     StepSkipped,
     StepStarted,
     StepSuspended,
+    SubRunEnded,
+    SubRunFinished,
+    SubRunRequested,
+    SubRunStep,
     TimerElapsed,
     TimerFired,
     TimerStarted,
@@ -197,6 +202,7 @@ class Inst:
     first_child_error: ErrorInfo | None = None
     inflight: bool = False  # a tool attempt was requested and has no outcome yet
     suspensions: int = 0  # how many times it suspended (numbers suspension ids)
+    child_run_id: str | None = None  # a sub_run step's child
     outputs: dict[str, dict[str, Any]] | None = None  # a finished child scope's outputs
 
 
@@ -215,6 +221,7 @@ class RunState:
     suspensions: dict[str, Suspension] = field(default_factory=dict)
     reused: dict[str, Any] = field(default_factory=dict)  # a fork's recorded outputs
     forked_from: str | None = None
+    parent: ParentLink | None = None  # set when a sub_run step started this run
     # set by whoever loaded the run when replaying its history diverged: the next
     # message parks the run with this report instead of deciding anything
     divergence: RunDiverged | None = None
@@ -306,6 +313,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case RunRequested(input=run_input, fork=fork):
             state.status = "planning"
             state.input = run_input
+            state.parent = event.parent
             if fork is not None:
                 state.reused, state.forked_from = dict(fork.reused), fork.run_id
         case PlanAccepted(plan=plan):
@@ -377,8 +385,10 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case StepResumed(step_id=iid, suspension_id=sid):
             state.suspensions[sid].resumed = event
             state.insts[iid].status = "running"
-        case RunCancelRequested():
-            pass  # the cancellations follow
+        case RunCancelRequested() | SubRunEnded():
+            pass  # the outcome events follow
+        case SubRunRequested(step_id=iid, child_run_id=child):
+            state.insts[iid].child_run_id = child
         case RunDiverged():
             state.status, state.divergence = "diverged", None
         case RunCancelled():
@@ -524,6 +534,7 @@ class _Turn:
                             labels=message.labels,
                             traceparent=message.traceparent,
                             fork=message.fork,
+                            parent=message.parent,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -547,6 +558,8 @@ class _Turn:
                 self.on_control(message)
             case ResumeRun() if not s.terminal:
                 self.on_resume(message)
+            case SubRunFinished() if not s.terminal:
+                self.on_sub_run(message)
         if not s.terminal and s.plan is not None:
             self.settle("")
         return self.events
@@ -621,6 +634,24 @@ class _Turn:
             case SleepStep():
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.timer(f"{iid}:sleep", self.sleep_seconds(step, ctx, iid), "sleep", iid)
+            case SubRunStep():
+                child_input = render(step.input, ctx, path=f"$.steps.{iid}.input")
+                child = (
+                    render(step.run_id, ctx, path=f"$.steps.{iid}.run_id")
+                    if step.run_id
+                    else ids.child_run_id(self.s.run_id, iid)
+                )
+                if not isinstance(child, str) or not ids.is_token(child):
+                    raise _StepError(ErrorInfo(
+                        code="invalid_run_id",
+                        message=f"step '{iid}': the child run id {child!r} must be 1-64 of "
+                        "A-Z, a-z, 0-9, '_' or '-'",
+                        path=f"$.steps.{iid}.run_id",
+                    ))  # fmt: skip
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.emit(SubRunRequested(
+                    step_id=iid, child_run_id=child, plan=step.plan, input=child_input
+                ))  # fmt: skip
             case ApprovalStep():
                 payload = render(step.payload, ctx, path=f"$.steps.{iid}.payload")
                 self.emit(StepStarted(step_id=iid, attempt=1))
@@ -1031,6 +1062,28 @@ class _Turn:
                     "step_timeout", f"step '{inst.iid}' did not finish within its step_timeout_s"
                 ),
             )
+
+    # ------------------------------------------------------------------ sub-runs
+
+    def on_sub_run(self, done: SubRunFinished) -> None:
+        inst = self.s.insts.get(done.step_id)
+        if inst is None or inst.status != "running" or inst.child_run_id != done.child_run_id:
+            return
+        self.emit(SubRunEnded(
+            step_id=done.step_id, child_run_id=done.child_run_id, status=done.status,
+            output=done.output, error=done.error,
+        ))  # fmt: skip
+        if done.status == "completed":
+            self.emit(StepCompleted(step_id=done.step_id, output=done.output))
+            self.after(done.step_id)
+            return
+        cause = done.error or _error(f"sub_run_{done.status}", f"the child run was {done.status}")
+        self.fail(done.step_id, ErrorInfo(
+            code=cause.code,
+            message=f"child run '{done.child_run_id}' {done.status}: {cause.message}",
+            path=cause.path,
+            details={"child_run_id": done.child_run_id},
+        ))  # fmt: skip
 
     # ------------------------------------------------------------------ people
 

@@ -38,3 +38,11 @@ def span_id(run_id: str, *path: str) -> str:
     ``span_id(run, "step", "fetch", "attempt", "1")``."""
     h = _digest("span", run_id, *path)[:8].hex()
     return h if int(h, 16) else "1".rjust(16, "0")
+
+
+def child_run_id(parent_run_id: str, step_id: str) -> str:
+    """A sub-run's id: readable when short, hashed to stay a subject token when long."""
+    readable = f"{parent_run_id}--{step_id.replace('/', '_')}"
+    if len(readable) <= 64:
+        return readable
+    return f"{parent_run_id[:40]}--{_digest('child', parent_run_id, step_id)[:8].hex()}"

@@ -38,6 +38,8 @@ from loom_core.contracts import (
     RunRequested,
     RunUnpaused,
     StepResumed,
+    SubRunEnded,
+    SubRunFinished,
     TimerElapsed,
     TimerFired,
     ToolCallCompleted,
@@ -80,7 +82,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             return RunRequest(
                 plan=event.plan, request=event.request, input=event.input,
                 thread_id=event.thread_id, labels=event.labels, traceparent=event.traceparent,
-                fork=event.fork, run_id=run_id,
+                fork=event.fork, parent=event.parent, run_id=run_id,
             )  # fmt: skip
         case PlanAccepted(plan=plan, planner=planner):
             return PlanProposed(run_id=run_id, plan=plan, planner=planner)
@@ -101,6 +103,11 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             )  # fmt: skip
         case TimerFired(timer_id=tid):
             return TimerElapsed(run_id=run_id, timer_id=tid)
+        case SubRunEnded():
+            return SubRunFinished(
+                run_id=run_id, step_id=event.step_id, child_run_id=event.child_run_id,
+                status=event.status, output=event.output, error=event.error,
+            )  # fmt: skip
         case RunPaused(by=by, reason=reason):
             return RunControl(run_id=run_id, action="pause", by=by, reason=reason)
         case RunUnpaused(by=by):

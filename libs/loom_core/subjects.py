@@ -54,6 +54,7 @@ CONTROL = f"{PREFIX}.control"
 # Answer a suspension (request/reply): ResumeRun -> ResumeReply, served by the executor
 RESUME = f"{PREFIX}.resume"
 
+
 # Live progress of a run (RunProgress, plain NATS, not stored)
 def progress(run_id: str) -> str:
     return f"{PREFIX}.progress.{run_id}"

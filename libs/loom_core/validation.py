@@ -64,6 +64,7 @@ from loom_core.contracts import (
     RetryPolicy,
     SleepStep,
     Step,
+    SubRunStep,
     ToolSpec,
     ToolStep,
 )
@@ -268,6 +269,9 @@ def _parts(step: Step) -> list[_Part]:
             return [_Field("until", step.until)]
         case ApprovalStep():
             return [_Field("payload", step.payload)]
+        case SubRunStep():
+            # the child plan's own templates belong to the child run, not to this scope
+            return [_Field("input", step.input), _Field("run_id", step.run_id)]
     raise TypeError(f"not a step: {step!r}")
 
 

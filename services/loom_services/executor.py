@@ -29,6 +29,7 @@ from loom_core import codec, ids, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    ParentLink,
     ResumeReply,
     ResumeRun,
     RunControl,
@@ -39,6 +40,8 @@ from loom_core.contracts import (
     RunRequest,
     SubmitAccepted,
     SubmitRejected,
+    SubRunFinished,
+    SubRunRequested,
 )
 from loom_core.executor import (
     SNAPSHOT_EVERY,
@@ -220,6 +223,22 @@ class ExecutorService:
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
+        # Sub-runs: the command event starts the child; the child's end answers the parent.
+        for durable, kinds, handler in (
+            ("subruns-start", ["sub_run_requested"], self.on_sub_run_requested),
+            ("subruns-end", ["run_completed", "run_failed", "run_cancelled", "plan_rejected"],
+             self.on_run_ended),
+        ):  # fmt: skip
+            consumer = bus.PullConsumer(
+                js=ctx.js,
+                service=self.name,
+                stream=subjects.RUN_EVENTS_STREAM,
+                durable=durable,
+                filter_subjects=[subjects.events_of_kind(k) for k in kinds],
+                message_handler=handler,
+                concurrency=32,
+            )
+            ctx.spawn(consumer.run(ctx.stop), f"executor-{durable}")
         await ctx.nc.subscribe(subjects.SUBMIT, queue="executor", cb=self.on_submit)
         await ctx.nc.subscribe(subjects.CONTROL, queue="executor", cb=self.on_control)
         await ctx.nc.subscribe(subjects.RESUME, queue="executor", cb=self.on_resume)
@@ -312,6 +331,64 @@ class ExecutorService:
             except Exception as exc:
                 results.append(exc)
         return results
+
+    # ------------------------------------------------------------------ sub-runs
+
+    async def on_sub_run_requested(self, msg: Msg) -> bool | BaseException:
+        try:
+            record, event = bus.expect_event(msg, SubRunRequested)
+        except bus.Poison as poison:
+            return poison
+        request = RunRequest(
+            plan=event.plan,
+            input=event.input,
+            run_id=event.child_run_id,
+            parent=ParentLink(run_id=record.run_id, step_id=event.step_id),
+        )
+        try:
+            await self.host.submit(event.child_run_id, request)  # idempotent by run id
+        except ConcurrencyConflict:
+            pass  # another replica created it
+        except Exception as exc:
+            return exc
+        return True
+
+    async def on_run_ended(self, msg: Msg) -> bool | BaseException:
+        try:
+            record = codec.decode_event(msg.data)
+        except Exception as exc:
+            return bus.Poison(bus.decode_error_info(exc))
+        try:
+            child = await self.host.state_of(record.run_id)
+        except Exception as exc:
+            return exc
+        if child.parent is None:
+            return True
+        status = (
+            child.status if child.status in ("completed", "failed", "cancelled") else "rejected"
+        )
+        error = child.error
+        if status == "rejected":
+            issues = getattr(record.event, "issues", [])
+            detail = "; ".join(f"{i.code} at {i.path}: {i.message}" for i in issues)[:1000]
+            error = ErrorInfo(code="sub_run_rejected", message=f"child plan rejected: {detail}")
+        finished = SubRunFinished(
+            run_id=child.parent.run_id,
+            step_id=child.parent.step_id,
+            child_run_id=record.run_id,
+            status=status,
+            output=child.output if status == "completed" else None,
+            error=error,
+        )
+        try:
+            await self.ctx.js.publish(
+                subjects.inbox(child.parent.run_id),
+                codec.encode(finished),
+                headers={subjects.MSG_ID: f"subrun:{record.run_id}"},
+            )
+        except Exception as exc:
+            return exc
+        return True
 
     # ------------------------------------------------------------------ control
 

@@ -48,6 +48,7 @@ EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in 
 
 # example -> (terminal event type, the run's exact output or the run's error code)
 EXPECTED: dict[str, tuple[str, Any]] = {
+    "sub-run.yaml": ("run_completed", ["LISBON", "PORTO"]),
     "hello-dag.yaml": (
         "run_completed",
         {"greeting": "Hello, Ada from Lisbon!", "words": 4, "city_loud": "LISBON"},
@@ -372,7 +373,18 @@ def check_hello_dag(records: list[EventRecord]) -> None:
     assert sorted(sid for sid, _ in requests(records)) == ["count", "greet", "join", "shout"]
 
 
+def check_sub_run(records: list[EventRecord]) -> None:
+    from loom_core.contracts import SubRunEnded, SubRunRequested
+
+    requested = [r.event for r in records if isinstance(r.event, SubRunRequested)]
+    ended = [r.event for r in records if isinstance(r.event, SubRunEnded)]
+    assert sorted(e.child_run_id for e in requested) == sorted(e.child_run_id for e in ended)
+    assert len(requested) == 2 and all(e.status == "completed" for e in ended)
+    assert all(e.child_run_id.startswith(records[0].run_id) for e in requested)
+
+
 CHECKS: dict[str, Callable[[list[EventRecord]], None]] = {
+    "sub-run.yaml": check_sub_run,
     "hello-dag.yaml": check_hello_dag,
     "tool-retry.yaml": check_tool_retry,
     "tool-fallback.yaml": check_tool_fallback,
@@ -405,7 +417,9 @@ def test_every_example_has_an_expectation_and_a_check() -> None:
                 stack.extend(getattr(step, body, []))
             stack.extend(s for b in getattr(step, "branches", {}).values() for s in b)
     # every step kind of the plan language has an example
-    assert kinds == {"tool", "foreach", "loop", "parallel", "reduce", "if", "final", "sleep"}
+    assert kinds == {
+        "tool", "foreach", "loop", "parallel", "reduce", "if", "final", "sleep", "sub_run"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", EXAMPLE_FILES)
