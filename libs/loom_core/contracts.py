@@ -224,6 +224,29 @@ class ApprovalStep(Inbound, tag="approval", tag_field="kind"):
     description: str = ""
 
 
+class EventMatch(Inbound, tag="event_match", tag_field="type"):
+    """An external event a run waits for: its ``name`` and correlation ``key`` (a
+    template, e.g. ``{{ input.order_id }}``); both become subject tokens."""
+
+    name: str
+    key: str
+
+
+class WaitEventStep(Inbound, tag="wait_event", tag_field="kind"):
+    """Wait for external events (published to ``loom.signal.{name}.{key}``): ``any``
+    one of them or ``all``. The output maps each received event's name to its payload.
+    ``timeout_s`` bounds the wait (the step fails with ``wait_timeout``). An event
+    published before the wait began counts (the latest one with that name and key)."""
+
+    id: str
+    events: list[EventMatch]
+    mode: Literal["any", "all"] = "any"
+    timeout_s: float | None = None
+    depends_on: list[str] = []
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
 class SubRunStep(Inbound, tag="sub_run", tag_field="kind"):
     """Start a child run of ``plan`` with ``input`` (templates) and wait for it: the
     child's output becomes this step's output; its failure fails the step. The child's
@@ -250,6 +273,7 @@ Step = (
     | SleepStep
     | ApprovalStep
     | SubRunStep
+    | WaitEventStep
 )
 
 
@@ -425,6 +449,24 @@ class StepResumed(Record, tag="step_resumed", tag_field="type"):
     request_id: str
 
 
+class EventWaitStarted(Record, tag="event_wait_started", tag_field="type"):
+    """A step waits for external events (keys rendered); the signal router reads it."""
+
+    step_id: str
+    matches: list[EventMatch]
+    mode: Literal["any", "all"] = "any"
+
+
+class EventReceived(Record, tag="event_received", tag_field="type"):
+    """An external event a waiting step matched (recorded once per name)."""
+
+    step_id: str
+    name: str
+    key: str
+    payload: JSON = None
+    signal_id: str = ""
+
+
 class SubRunRequested(Record, tag="sub_run_requested", tag_field="type"):
     """The command to start a child run (the executor's sub-run consumer submits it)."""
 
@@ -481,7 +523,9 @@ class TimerStarted(Record, tag="timer_started", tag_field="type"):
 
     timer_id: str
     fire_at: datetime
-    purpose: Literal["sleep", "retry", "step_timeout", "run_timeout", "suspension_expiry"]
+    purpose: Literal[
+        "sleep", "retry", "step_timeout", "run_timeout", "suspension_expiry", "wait_timeout"
+    ]
     step_id: str | None = None
 
 
@@ -592,6 +636,8 @@ RunEvent = (
     | StepResumed
     | SubRunRequested
     | SubRunEnded
+    | EventWaitStarted
+    | EventReceived
     | RunCancelRequested
     | RunDiverged
     | RunCompleted
@@ -712,7 +758,31 @@ class SubRunFinished(Record, tag="sub_run_finished", tag_field="type"):
     error: ErrorInfo | None = None
 
 
-InboxMessage = PlanProposed | PlanRefused | ToolResult | TimerElapsed | SubRunFinished
+class Signal(Inbound, tag="signal", tag_field="type"):
+    """An external event, published (JetStream) to ``loom.signal.{name}.{key}`` by any
+    system: runs waiting for that name and key receive ``payload``. ``signal_id``
+    (default: the stream sequence) identifies it."""
+
+    name: str
+    key: str
+    payload: JSON = None
+    signal_id: str = ""
+
+
+class ExternalEventArrived(Record, tag="external_event_arrived", tag_field="type"):
+    """To a waiting run's inbox, from the signal router."""
+
+    run_id: str
+    step_id: str
+    name: str
+    key: str
+    payload: JSON = None
+    signal_id: str = ""
+
+
+InboxMessage = (
+    PlanProposed | PlanRefused | ToolResult | TimerElapsed | SubRunFinished | ExternalEventArrived
+)
 
 
 class RunProgress(Record, tag="run_progress", tag_field="type"):

@@ -55,6 +55,10 @@ from loom_core.contracts import (
     ApprovalStep,
     BranchTaken,
     ErrorInfo,
+    EventMatch,
+    EventReceived,
+    EventWaitStarted,
+    ExternalEventArrived,
     FinalStep,
     ForeachStarted,
     ForeachStep,
@@ -109,6 +113,7 @@ from loom_core.contracts import (
     ToolCallRequested,
     ToolResult,
     ToolStep,
+    WaitEventStep,
 )
 from loom_core.predicates import PredicateError, evaluate
 from loom_core.templating import TemplateError, render
@@ -203,6 +208,8 @@ class Inst:
     inflight: bool = False  # a tool attempt was requested and has no outcome yet
     suspensions: int = 0  # how many times it suspended (numbers suspension ids)
     child_run_id: str | None = None  # a sub_run step's child
+    matches: list[EventMatch] = field(default_factory=list)  # a wait_event step's events
+    received: dict[str, Any] = field(default_factory=dict)  # event name -> payload
     outputs: dict[str, dict[str, Any]] | None = None  # a finished child scope's outputs
 
 
@@ -389,6 +396,10 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             pass  # the outcome events follow
         case SubRunRequested(step_id=iid, child_run_id=child):
             state.insts[iid].child_run_id = child
+        case EventWaitStarted(step_id=iid, matches=matches):
+            state.insts[iid].matches = list(matches)
+        case EventReceived(step_id=iid, name=name, payload=payload):
+            state.insts[iid].received[name] = payload
         case RunDiverged():
             state.status, state.divergence = "diverged", None
         case RunCancelled():
@@ -560,6 +571,8 @@ class _Turn:
                 self.on_resume(message)
             case SubRunFinished() if not s.terminal:
                 self.on_sub_run(message)
+            case ExternalEventArrived() if not s.terminal:
+                self.on_external_event(message)
         if not s.terminal and s.plan is not None:
             self.settle("")
         return self.events
@@ -634,6 +647,22 @@ class _Turn:
             case SleepStep():
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.timer(f"{iid}:sleep", self.sleep_seconds(step, ctx, iid), "sleep", iid)
+            case WaitEventStep():
+                matches = []
+                for i, m in enumerate(step.events):
+                    key = render(m.key, ctx, path=f"$.steps.{iid}.events[{i}].key")
+                    if not isinstance(key, str | int) or not ids.is_token(str(key)):
+                        raise _StepError(ErrorInfo(
+                            code="invalid_event_key",
+                            message=f"step '{iid}': event key {key!r} must render to 1-64 "
+                            "of A-Z, a-z, 0-9, '_' or '-' (it is a subject token)",
+                            path=f"$.steps.{iid}.events[{i}].key",
+                        ))  # fmt: skip
+                    matches.append(EventMatch(name=m.name, key=str(key)))
+                self.emit(StepStarted(step_id=iid, attempt=1))
+                self.emit(EventWaitStarted(step_id=iid, matches=matches, mode=step.mode))
+                if step.timeout_s:
+                    self.timer(f"{iid}:wait", step.timeout_s, "wait_timeout", iid)
             case SubRunStep():
                 child_input = render(step.input, ctx, path=f"$.steps.{iid}.input")
                 child = (
@@ -1052,6 +1081,11 @@ class _Turn:
         elif purpose == "sleep":
             self.emit(StepCompleted(step_id=inst.iid, output={"woke_at": self.now.isoformat()}))
             self.after(inst.iid)
+        elif purpose == "wait_timeout" and inst.status == "running":
+            missing = sorted({m.name for m in inst.matches} - set(inst.received))
+            self.fail(inst.iid, _error(
+                "wait_timeout", f"step '{inst.iid}' waited in vain for {', '.join(missing)}"
+            ))  # fmt: skip
         elif purpose == "suspension_expiry":
             self.expire(inst, tid.rsplit(":", 1)[0])
         elif purpose == "step_timeout":
@@ -1062,6 +1096,25 @@ class _Turn:
                     "step_timeout", f"step '{inst.iid}' did not finish within its step_timeout_s"
                 ),
             )
+
+    # ------------------------------------------------------------------ external events
+
+    def on_external_event(self, arrived: ExternalEventArrived) -> None:
+        inst = self.s.insts.get(arrived.step_id)
+        if inst is None or inst.status != "running" or not isinstance(inst.step, WaitEventStep):
+            return
+        if not any(m.name == arrived.name and m.key == arrived.key for m in inst.matches):
+            return
+        if arrived.name in inst.received:
+            return  # one per name: a repeat of an event already taken
+        self.emit(EventReceived(
+            step_id=arrived.step_id, name=arrived.name, key=arrived.key,
+            payload=arrived.payload, signal_id=arrived.signal_id,
+        ))  # fmt: skip
+        names = {m.name for m in inst.matches}
+        if inst.step.mode == "any" or names <= set(inst.received):
+            self.emit(StepCompleted(step_id=arrived.step_id, output=dict(inst.received)))
+            self.after(arrived.step_id)
 
     # ------------------------------------------------------------------ sub-runs
 

@@ -182,6 +182,9 @@ _SUBJECT_NAMES = {
     "API_THREAD": "channel apiThread",
     "health": "channel health",
     "CONTROL": "channel control",
+    "SIGNALS_STREAM": "x-jetstream-streams",
+    "SIGNALS_ALL": "x-jetstream-streams",
+    "signal": "channel signal",
     "RESUME": "channel resume",
     "progress": "channel progress",
     "TOOLS_BUCKET": "channel toolCatalog",
@@ -343,8 +346,19 @@ def _channels() -> dict[str, Schema]:
             _address(subjects.inbox),
             f"Results addressed to one run (planner verdicts, tool results), on stream "
             f"{subjects.INBOX_STREAM}; the executor records each as a run event.",
-            _names(c.PlanProposed, c.PlanRefused, c.ToolResult, c.TimerElapsed),
+            _names(
+                c.PlanProposed, c.PlanRefused, c.ToolResult, c.TimerElapsed, c.SubRunFinished,
+                c.ExternalEventArrived,
+            ),
             ["run_id"],
+        ),
+        "signal": _channel(
+            _address(subjects.signal),
+            f"External events for `wait_event` steps (publish with JetStream; stream "
+            f"{subjects.SIGNALS_STREAM} keeps the latest per name and key, so a wait that "
+            "starts later still sees it). The router delivers each to the runs waiting on it.",
+            _names(c.Signal),
+            ["name", "key"],
         ),
         "control": _channel(
             subjects.CONTROL,
@@ -457,6 +471,8 @@ def _parameters() -> dict[str, Schema]:
         },
         "service": {"description": "A loom service.", "enum": list(subjects.SERVICES)},
         "tool": {"description": "A tool's name (the ToolSpec's `name`)."},
+        "name": {"description": "An external event's name (a subject token)."},
+        "key": {"description": "An external event's correlation key (a subject token)."},
     }
 
 
@@ -471,6 +487,9 @@ def _messages() -> dict[str, Schema]:
         "PlanRefused": _struct_message(c.PlanRefused, inbox),
         "ToolResult": _struct_message(c.ToolResult, inbox),
         "TimerElapsed": _struct_message(c.TimerElapsed, inbox),
+        "SubRunFinished": _struct_message(c.SubRunFinished, inbox),
+        "ExternalEventArrived": _struct_message(c.ExternalEventArrived, inbox),
+        "Signal": _struct_message(c.Signal, _headers([], [subjects.MSG_ID])),
         "DeadLetter": _struct_message(c.DeadLetter, dead),
     }
     for cls in (
@@ -564,6 +583,9 @@ def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
         "queryThread": op(
             "receive", "apiThread", ["memory"], "Read a thread.", reply="apiThreadReply"
         ),
+        "receiveSignal": op(
+            "receive", "signal", ["executor"], "Route an external event to the runs waiting on it."
+        ),
         "controlRun": op(
             "receive", "control", ["executor"], "Cancel, pause or unpause a run.",
             reply="controlReply",
@@ -601,6 +623,11 @@ def _streams() -> list[Schema]:
             "name": subjects.INBOX_STREAM,
             "subjects": [subjects.INBOX_ALL],
             "description": "Results addressed to runs; consumed by the executor.",
+        },
+        {
+            "name": subjects.SIGNALS_STREAM,
+            "subjects": [subjects.SIGNALS_ALL],
+            "description": "External events for wait_event steps; the latest per name and key.",
         },
         {
             "name": subjects.DLQ_STREAM,

@@ -23,7 +23,9 @@ from typing import Any
 import msgspec
 
 from loom_core.contracts import (
+    EventReceived,
     EventRecord,
+    ExternalEventArrived,
     PlanAccepted,
     PlanProposed,
     PlanRefused,
@@ -103,6 +105,11 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             )  # fmt: skip
         case TimerFired(timer_id=tid):
             return TimerElapsed(run_id=run_id, timer_id=tid)
+        case EventReceived():
+            return ExternalEventArrived(
+                run_id=run_id, step_id=event.step_id, name=event.name, key=event.key,
+                payload=event.payload, signal_id=event.signal_id,
+            )  # fmt: skip
         case SubRunEnded():
             return SubRunFinished(
                 run_id=run_id, step_id=event.step_id, child_run_id=event.child_run_id,

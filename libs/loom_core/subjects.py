@@ -38,6 +38,15 @@ def inbox(run_id: str) -> str:
     return f"{PREFIX}.inbox.{run_id}"
 
 
+# External events for wait_event steps: loom.signal.{name}.{key} (stream LOOM_SIGNALS)
+SIGNALS_STREAM = "LOOM_SIGNALS"
+SIGNALS_ALL = f"{PREFIX}.signal.>"
+
+
+def signal(name: str, key: str) -> str:
+    return f"{PREFIX}.signal.{name}.{key}"
+
+
 # Poison messages, with the reason: loom.dlq.{service}
 DLQ_STREAM = "LOOM_DLQ"
 DLQ_ALL = f"{PREFIX}.dlq.>"

@@ -67,6 +67,7 @@ from loom_core.contracts import (
     SubRunStep,
     ToolSpec,
     ToolStep,
+    WaitEventStep,
 )
 from loom_core.ids import is_token
 from loom_core.templating import (
@@ -272,6 +273,8 @@ def _parts(step: Step) -> list[_Part]:
         case SubRunStep():
             # the child plan's own templates belong to the child run, not to this scope
             return [_Field("input", step.input), _Field("run_id", step.run_id)]
+        case WaitEventStep():
+            return [_Field("events", [{"key": m.key} for m in step.events])]
     raise TypeError(f"not a step: {step!r}")
 
 
@@ -542,6 +545,8 @@ def _check_structure(facts: _Facts) -> Iterator[PlanIssue]:
                 yield from _sleep_issues(occ, step)
             case ApprovalStep():
                 yield from _approval_issues(occ, step)
+            case WaitEventStep():
+                yield from _wait_issues(occ, step)
             case FinalStep() if occ.scope.parent is not None:
                 yield _issue(
                     "invalid_step",
@@ -691,6 +696,32 @@ def _parallel_issues(occ: _Occ, step: ParallelStep) -> Iterator[PlanIssue]:
                 f"branch {name!r} of parallel step {step.id!r} is empty; give it steps or "
                 f"remove it",
             )
+
+
+def _wait_issues(occ: _Occ, step: WaitEventStep) -> Iterator[PlanIssue]:
+    if not step.events:
+        yield _issue(
+            "invalid_step", f"{occ.path}.events", f"wait_event step {step.id!r} waits for nothing"
+        )
+    for i, m in enumerate(step.events):
+        if not is_token(m.name):
+            yield _issue(
+                "invalid_step",
+                f"{occ.path}.events[{i}].name",
+                f"event name {m.name!r} must be 1-64 of A-Z, a-z, 0-9, '_' or '-'",
+            )
+        if not _is_template(m.key) and not is_token(m.key):
+            yield _issue(
+                "invalid_step",
+                f"{occ.path}.events[{i}].key",
+                f"event key {m.key!r} must be a template or 1-64 of A-Z, a-z, 0-9, '_' or '-'",
+            )
+    if step.timeout_s is not None and step.timeout_s <= 0:
+        yield _issue(
+            "invalid_step",
+            f"{occ.path}.timeout_s",
+            f"wait_event step {step.id!r}: timeout_s must be positive",
+        )
 
 
 def _approval_issues(occ: _Occ, step: ApprovalStep) -> Iterator[PlanIssue]:

@@ -66,6 +66,15 @@ STREAMS = (
         max_age=7 * 24 * 3600.0,
     ),
     StreamConfig(
+        name=subjects.SIGNALS_STREAM,
+        subjects=[subjects.SIGNALS_ALL],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        max_msgs_per_subject=1,  # the latest event per name and key is what waits see
+        max_age=7 * 24 * 3600.0,
+        duplicate_window=600.0,
+    ),
+    StreamConfig(
         name=subjects.DLQ_STREAM,
         subjects=[subjects.DLQ_ALL],
         storage=StorageType.FILE,
@@ -292,6 +301,39 @@ class PullConsumer:
         if isinstance(result, BaseException):
             log.warning("%s will retry %s: %r", self.durable, msg.subject, result)
         await msg.nak(delay=NAK_DELAY_S * deliveries)
+
+
+async def held_events(
+    js: JetStreamContext,
+    durable: str,
+    event_tag: str,
+    handle: Callable[[Msg], Awaitable[None]],
+    stop: asyncio.Event,
+) -> None:
+    """Consume one kind of run event whose messages a handler *holds* (naks with a delay
+    until the thing they stand for is due or over: timers, open waits). Never dead-letters
+    for redeliveries; ``handle`` acks, naks or terminates each message itself."""
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=subjects.events_of_kind(event_tag),
+        ack_wait=ACK_WAIT_S,
+        max_deliver=-1,  # redelivered as often as it takes
+        max_ack_pending=100_000,  # every held message is an unacked one
+    )
+    sub = await pull_subscribe(js, subjects.RUN_EVENTS_STREAM, config)
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(256, timeout=1.0)
+        except TimeoutError:
+            continue
+        except Exception as exc:
+            log.warning("%s fetch failed: %s", durable, exc)
+            await wait_or_timeout(stop, 0.5)
+            continue
+        for msg in msgs:
+            await handle(msg)
 
 
 async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:

@@ -31,6 +31,7 @@ from loom_core.contracts import (
     RunsQuery,
     RunsReply,
     RunSummary,
+    Signal,
     SpanRecord,
     SubmitAccepted,
     SubmitRejected,
@@ -169,6 +170,15 @@ class LoomClient:
             request_id=request_id, by=by,
         )  # fmt: skip
         return await self._ask(subjects.RESUME, request, ResumeReply, 10.0)
+
+    async def signal(
+        self, name: str, key: str, payload: object = None, signal_id: str = ""
+    ) -> None:
+        """Publish an external event for runs waiting on (name, key) (stored: a wait
+        that starts later still sees the latest one)."""
+        body = Signal(name=name, key=key, payload=payload, signal_id=signal_id)
+        headers = {subjects.MSG_ID: signal_id} if signal_id else None
+        await self.js.publish(subjects.signal(name, key), codec.encode(body), headers=headers)
 
     async def ping(self, service: str, timeout: float = 1.0) -> Pong:
         return await self._ask(subjects.health(service), Ping(), Pong, timeout)

@@ -202,7 +202,28 @@ def diff(
             )
 
 
+def signal(
+    name: str,
+    key: str,
+    data: str = typer.Option("null", "--data", help="the event's payload, as JSON"),
+    signal_id: str = typer.Option("", "--id", help="dedupe id for repeats"),
+    url: str = UrlOpt,
+) -> None:
+    """Publish an external event: runs waiting (wait_event) on NAME and KEY get it."""
+    payload = _json_arg(data, "--data")
+
+    async def main() -> None:
+        from loom_cli.app import _client
+
+        async with await _client(url) as client:
+            await client.signal(name, key, payload, signal_id)
+        stdout.print(f"published {name}/{key}", markup=False)
+
+    asyncio.run(main())
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(signal)
     app.command()(resume)
     app.command()(state)
     app.command("replay")(replay_cmd)

@@ -67,6 +67,7 @@ from loom_infra.store import (
     open_snapshot_store,
 )
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.signals import SignalRouter
 from loom_services.timers import TimerService
 
 log = logging.getLogger("loom.executor")
@@ -223,6 +224,9 @@ class ExecutorService:
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
+        router = SignalRouter(ctx.js, self.host.state_of)
+        for task in await router.start(ctx.nc, ctx.stop):
+            ctx.spawn(task, "executor-signals")
         # Sub-runs: the command event starts the child; the child's end answers the parent.
         for durable, kinds, handler in (
             ("subruns-start", ["sub_run_requested"], self.on_sub_run_requested),

@@ -19,7 +19,6 @@ import logging
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from loom_core import codec, subjects
 from loom_core.contracts import TimerElapsed, TimerStarted
@@ -40,27 +39,7 @@ class TimerService:
         self.fired = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        config = ConsumerConfig(
-            durable_name=DURABLE,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject=subjects.events_of_kind("timer_started"),
-            ack_wait=bus.ACK_WAIT_S,
-            max_deliver=-1,  # a timer is redelivered as often as it takes to be due
-            max_ack_pending=100_000,  # every waiting timer is an unacked message
-        )
-        sub = await bus.pull_subscribe(self.js, subjects.RUN_EVENTS_STREAM, config)
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(256, timeout=1.0)
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                log.warning("timer fetch failed: %s", exc)
-                await bus.wait_or_timeout(stop, 0.5)
-                continue
-            for msg in msgs:
-                await self._one(msg)
+        await bus.held_events(self.js, DURABLE, "timer_started", self._one, stop)
 
     async def _one(self, msg: Msg) -> None:
         try:

@@ -134,6 +134,9 @@ async def example(client: LoomClient, path: Path) -> dict[str, str]:
         await resume_ok(
             client, run_id, {"approved": True, "note": "ok"}, label="manager", request_id="ok-1"
         )
+    if path.stem == "wait-event":  # needs the payment event
+        await until(client, run_id, "event_wait_started")
+        await client.signal("payment", "A-17", {"amount": 12}, signal_id="golden-pay")
     await client.wait(run_id, timeout=BOUND_S)
     return {path.stem: run_id}
 

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # rejected on purpose (test_runs.py), or waiting for a person (approval: test_suspend.py)
-NOT_RUNNABLE = {"invalid-plan.yaml", "approval.yaml", "approval-expiry.yaml"}
+NOT_RUNNABLE = {"invalid-plan.yaml", "approval.yaml", "approval-expiry.yaml", "wait-event.yaml"}
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in NOT_RUNNABLE)
 
 # example -> (terminal event type, the run's exact output or the run's error code)

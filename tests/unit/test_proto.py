@@ -215,6 +215,7 @@ def test_asyncapi_lists_every_subject() -> None:
     assert streams == {
         subjects.RUN_EVENTS_STREAM: [subjects.RUN_EVENTS_ALL],
         subjects.INBOX_STREAM: [subjects.INBOX_ALL],
+        subjects.SIGNALS_STREAM: [subjects.SIGNALS_ALL],
         subjects.DLQ_STREAM: [subjects.DLQ_ALL],
     }
     text = (PROTO / proto_gen.ASYNCAPI_FILE).read_text(encoding="utf-8")
