@@ -75,7 +75,9 @@ from loom_core.contracts import (
     JSON,
     BranchTaken,
     ErrorInfo,
+    EventReceived,
     EventRecord,
+    EventWaitStarted,
     ForeachStarted,
     ForeachStep,
     IfStep,
@@ -108,6 +110,8 @@ from loom_core.contracts import (
     StepSkipped,
     StepStarted,
     StepSuspended,
+    SubRunEnded,
+    SubRunRequested,
     TimerFired,
     TimerStarted,
     ToolCallCancelled,
@@ -359,6 +363,7 @@ class TraceBuilder:
         # timer id -> (purpose, instance, span the timer belongs to)
         self._timers: dict[str, tuple[str, str | None, str | None]] = {}
         self._suspension_span: dict[str, str] = {}  # suspension id -> span id
+        self._event_wait: dict[str, str] = {}  # step instance -> its open "wait event" span
 
         # summary
         self._status = "pending"
@@ -470,6 +475,31 @@ class TraceBuilder:
                 self._update(self._ensure_inst(iid, at), attrs={"loom.loop.iterations": k + 1})
             case BranchTaken(step_id=iid, branch=branch):
                 self._update(self._ensure_inst(iid, at), attrs={"loom.branch": branch})
+            case EventWaitStarted(step_id=iid, matches=matches, mode=mode):
+                span_id = ids.span_id(self.run_id, "step", iid, "wait_event")
+                if span_id not in self._spans:
+                    attrs: dict[str, JSON] = {
+                        "loom.step.id": iid,
+                        "loom.wait.events": [f"{m.name}:{m.key}" for m in matches],
+                        "loom.wait.mode": mode,
+                    }
+                    self._create(span_id, "wait event", at, self._ensure_inst(iid, at), attrs)
+                    self._under_add(iid, span_id)
+                    self._event_wait[iid] = span_id
+            case EventReceived(step_id=iid, name=name, key=key, signal_id=sig):
+                if iid in self._event_wait:
+                    received = {
+                        "loom.event.name": name,
+                        "loom.event.key": key,
+                        "loom.signal.id": sig,
+                    }
+                    self._event(self._event_wait[iid], "event_received", at, received)
+            case SubRunRequested(step_id=iid, child_run_id=child):
+                self._update(self._ensure_inst(iid, at), attrs={"loom.child_run.id": child})
+            case SubRunEnded(step_id=iid, status=child_status):
+                self._update(
+                    self._ensure_inst(iid, at), attrs={"loom.child_run.status": child_status}
+                )
             case StepSuspended():
                 self._on_suspended(at, event)
             case StepResumed():
@@ -768,6 +798,9 @@ class TraceBuilder:
         # A skipped or cancelled step usually was never scheduled: its span is created
         # here, so it starts and ends at the same instant (zero duration).
         span_id = self._ensure_inst(iid, at)
+        waited = self._event_wait.pop(iid, None)
+        if waited is not None and waited in self._open:  # the wait ends with its step
+            self._update(waited, end=at, status="ok" if status == "completed" else "error")
         # its attempts, tool calls and waits end with it (the latest first)
         for child in reversed(self._under.pop(iid, [])):
             if child in self._open:

@@ -1478,3 +1478,24 @@ def test_any_prefix_is_a_well_formed_tree(records: list[EventRecord], data: st.D
     # redelivering the whole prefix changes nothing
     assert all(b.apply(rec) == [] for rec in prefix)
     assert b.spans() == spans
+
+
+def test_event_waits_and_sub_runs_show_in_the_trace() -> None:
+    """From golden histories: the time waiting for an external event is a span that ends
+    when the event arrives; a sub-run step names its child run."""
+    from pathlib import Path
+
+    from loom_core import codec
+
+    golden = Path(__file__).resolve().parents[1] / "golden"
+
+    def spans_of(name: str):
+        lines = (golden / f"{name}.jsonl").read_text().splitlines()
+        return build_spans([codec.decode_event(line.encode()) for line in lines])
+
+    (wait,) = [s for s in spans_of("wait-event") if s.name == "wait event"]
+    assert wait.status == "ok" and wait.end is not None
+    assert [e.name for e in wait.events] == ["event_received"]
+    assert wait.attributes["loom.wait.events"] == ["payment:A-17"]
+    children = [s.attributes.get("loom.child_run.id") for s in spans_of("sub-run")]
+    assert sum(c is not None for c in children) == 2
