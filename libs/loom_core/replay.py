@@ -206,6 +206,7 @@ def state_view(state: RunState) -> dict[str, Any]:
         "run_id": state.run_id,
         "version": state.version,
         "status": state.status,
+        "last_event_at": state.last_at.isoformat() if state.last_at else None,
         "paused": state.paused,
         "input": state.input,
         "steps": {
