@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from loom_core import codec, subjects
+from loom_core.contracts import EventRecord
 from loom_infra.blocking import Blocking
 from loom_infra.bus import wait_or_timeout
 from loom_infra.store import EventStore
@@ -59,9 +62,33 @@ class Relay:
         self.published = 0
         self._wake = asyncio.Event()
         self.caught_up = asyncio.Event()
+        # (notification id, record) the executor just committed: published from memory
+        # when they follow the position exactly, saving a read of the store per step.
+        self._pending: deque[tuple[int, EventRecord]] = deque()
+        self._more_in_store = True
 
     def wake(self) -> None:
         self._wake.set()
+
+    def offer(self, notification_ids: Sequence[int], records: Sequence[EventRecord]) -> None:
+        """Committed events, in commit order (the executor's writer calls this)."""
+        self._pending.extend(zip(notification_ids, records, strict=True))
+        self._wake.set()
+
+    def _take_pending(self) -> list[tuple[int, EventRecord]] | None:
+        """The pending events that continue the position with no gap, or None when the
+        store must be read (catch-up after a start, another writer, an id hole)."""
+        while self._pending and self._pending[0][0] <= self.position:
+            self._pending.popleft()  # already published from the store
+        if not self._pending or self._pending[0][0] != self.position + 1:
+            return None
+        rows: list[tuple[int, EventRecord]] = []
+        while self._pending and len(rows) < self.batch:
+            nid = self._pending[0][0]
+            if nid != (rows[-1][0] if rows else self.position) + 1:
+                break
+            rows.append(self._pending.popleft())
+        return rows
 
     async def _last_published(self) -> int:
         try:
@@ -88,7 +115,7 @@ class Relay:
                 log.warning("relay publish failed at %s: %r", self.position, exc)
                 await wait_or_timeout(stop, 0.5)
                 continue
-            if moved:
+            if moved and (self._pending or self._more_in_store):
                 continue  # there may be more: drain before sleeping
             self.caught_up.set()
             waker = asyncio.ensure_future(self._wake.wait())
@@ -106,7 +133,12 @@ class Relay:
 
     async def publish_once(self) -> int:
         """Publish the next batch; returns how many events went out."""
-        rows = await self.io(self.store.read_notifications, self.position, self.batch)
+        rows = self._take_pending()
+        if rows is None:
+            rows = await self.io(self.store.read_notifications, self.position, self.batch)
+            self._more_in_store = len(rows) == self.batch
+        else:
+            self._more_in_store = False
         if not rows:
             return 0
         self.caught_up.clear()

@@ -102,7 +102,8 @@ class RunHost:
         self.actors: OrderedDict[str, RunState] = OrderedDict()
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
         self.loading: dict[str, asyncio.Future[RunState]] = {}
-        self.listeners: list[Callable[[list[EventRecord]], None]] = []  # after each commit
+        # run after each commit with (notification ids, records), in commit order
+        self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
         self.commits = 0
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
@@ -181,7 +182,7 @@ class RunHost:
                 per_work.append(produced)
                 records.extend(produced)
             if records:
-                await self.io(self.store.append, records)
+                notification_ids = await self.io(self.store.append, records)
                 self.commits += 1
         except Exception as exc:
             # The in-memory actors may now be ahead of the store: forget them; they are
@@ -201,7 +202,7 @@ class RunHost:
             await self._snapshot(records)
         if records:
             for listener in self.listeners:
-                listener(records)
+                listener(notification_ids, records)
 
 
 class ExecutorService:
@@ -219,8 +220,8 @@ class ExecutorService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.relay = Relay(self.store, ctx.js, io=self.io)
-        self.host.listeners.append(lambda _: self.relay.wake() if self.relay else None)
-        self.host.listeners.append(self.publish_progress)
+        self.host.listeners.append(self.relay.offer)
+        self.host.listeners.append(lambda _, records: self.publish_progress(records))
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
