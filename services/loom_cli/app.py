@@ -11,8 +11,6 @@ import dataclasses
 import json
 import shutil
 import sys
-from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +18,20 @@ import msgspec
 import typer
 import yaml
 
+from loom_cli.common import (
+    Output,
+    OutputOpt,
+    UrlOpt,
+    connect,
+    dump,
+    fail,
+    run_and_report,
+)
 from loom_cli.control import register as register_control_commands
 from loom_cli.debug import register as register_debug_commands
 from loom_cli.render import (
     events_table,
     lineage_tree,
-    progress_line,
     runs_table,
     span_tree,
     stderr,
@@ -33,9 +39,9 @@ from loom_cli.render import (
 )
 from loom_cli.traces import register as register_trace_commands
 from loom_core import codec
-from loom_core.contracts import EventRecord, RunCompleted, RunRequest
+from loom_core.contracts import RunRequest
 from loom_infra.client import LoomClient, LoomError
-from loom_infra.settings import Settings, settings_from_env
+from loom_infra.settings import settings_from_env
 
 app = typer.Typer(
     name="loom",
@@ -48,41 +54,6 @@ app = typer.Typer(
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-class Output(StrEnum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
-
-
-OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
-UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
-
-
-def _settings(url: str | None = None) -> Settings:
-    settings = settings_from_env()
-    return dataclasses.replace(settings, nats_url=url) if url else settings
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    stderr.print(f"[red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-async def _client(url: str | None) -> LoomClient:
-    settings = _settings(url)
-    try:
-        return await LoomClient.connect(settings.nats_url)
-    except Exception as exc:
-        raise _fail(
-            f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); "
-            "start the stack with `loom up` or set LOOM_NATS_URL"
-        ) from None
-
-
 # ---------------------------------------------------------------------- run files
 
 
@@ -91,9 +62,9 @@ def load_run_request(path: Path, inputs: list[str], input_json: str | None) -> R
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise _fail(f"cannot read {path}: {exc}") from None
+        raise fail(f"cannot read {path}: {exc}") from None
     if not isinstance(doc, dict):
-        raise _fail(f"{path}: expected a mapping with `plan:` or `steps:`")
+        raise fail(f"{path}: expected a mapping with `plan:` or `steps:`")
     if "steps" in doc:
         doc = {"plan": doc}
     run_input = dict(doc.get("input") or {})
@@ -101,56 +72,17 @@ def load_run_request(path: Path, inputs: list[str], input_json: str | None) -> R
         try:
             run_input.update(json.loads(input_json))
         except json.JSONDecodeError as exc:
-            raise _fail(f"--input-json is not valid JSON: {exc}") from None
+            raise fail(f"--input-json is not valid JSON: {exc}") from None
     for item in inputs:
         key, sep, value = item.partition("=")
         if not sep:
-            raise _fail(f"--input expects KEY=VALUE, got {item!r}")
+            raise fail(f"--input expects KEY=VALUE, got {item!r}")
         run_input[key] = value
     doc["input"] = run_input
     try:
         return msgspec.convert(doc, RunRequest)
     except msgspec.ValidationError as exc:
-        raise _fail(f"{path}: {exc}") from None
-
-
-async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
-    started: dict[str, datetime] = {}
-    last: EventRecord | None = None
-    async for record in client.follow(run_id):
-        last = record
-        line = progress_line(record, started)
-        if line and not quiet:
-            stderr.print(line)
-    assert last is not None
-    return last
-
-
-async def run_and_report(
-    client: LoomClient, request: RunRequest, output: Output, quiet: bool = False
-) -> tuple[int, str | None]:
-    """Submit, follow, print; returns (exit code, run id)."""
-    try:
-        accepted = await client.submit(request)
-    except LoomError as exc:
-        stderr.print(f"[red]submission refused:[/] {exc}")
-        return 2, None
-    last = await _follow(client, accepted.run_id, quiet)
-    ok = isinstance(last.event, RunCompleted)
-    if output is Output.json:
-        stdout.print_json(
-            json.dumps(
-                {
-                    "run_id": accepted.run_id,
-                    "status": "completed" if ok else last.kind,
-                    "output": msgspec.to_builtins(last.event.output) if ok else None,  # type: ignore[union-attr]
-                    "error": msgspec.to_builtins(getattr(last.event, "error", None)),
-                }
-            )
-        )
-    elif ok:
-        stdout.print_json(json.dumps(msgspec.to_builtins(last.event.output)))  # type: ignore[union-attr]
-    return (0 if ok else 1), accepted.run_id
+        raise fail(f"{path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------- commands
@@ -204,7 +136,7 @@ def run(
         request = msgspec.structs.replace(request, run_id=run_id)
 
     async def main() -> int:
-        client = await _client(url)
+        client = await connect(url)
         async with client:
             code, _ = await run_and_report(client, request, output)
             return code
@@ -224,7 +156,7 @@ def runs(
     """List runs, newest first, with status and duration (and what they wait for)."""
 
     async def main() -> None:
-        async with await _client(url) as client:
+        async with await connect(url) as client:
             wanted = "suspended" if suspended else status
             found = await client.runs(limit=1000 if lineage else limit, status=wanted)
         if lineage:
@@ -236,7 +168,7 @@ def runs(
             for r in found:
                 sys.stdout.write(codec.encode(r).decode() + "\n")
         else:
-            stdout.print_json(_dump(found))
+            stdout.print_json(dump(found))
 
     asyncio.run(main())
 
@@ -246,15 +178,15 @@ def show(run_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> None:
     """The run's full event stream (``-o jsonl`` is the export format)."""
 
     async def main() -> None:
-        async with await _client(url) as client:
+        async with await connect(url) as client:
             records = await client.events(run_id)
         if not records:
-            raise _fail(f"no run '{run_id}'")
+            raise fail(f"no run '{run_id}'")
         if output is Output.jsonl:
             for r in records:
                 sys.stdout.write(codec.encode(r).decode() + "\n")
         elif output is Output.json:
-            stdout.print_json(_dump(records))
+            stdout.print_json(dump(records))
         else:
             stdout.print(events_table(records))
 
@@ -271,18 +203,18 @@ def trace(
     """The run's span tree with durations, rebuilt from its events."""
 
     async def main() -> None:
-        async with await _client(url) as client:
+        async with await connect(url) as client:
             try:
                 spans = await client.trace(run_id, rebuild=rebuild)
             except LoomError as exc:
-                raise _fail(str(exc)) from None
+                raise fail(str(exc)) from None
         if output is Output.text:
             stdout.print(span_tree(spans))
         elif output is Output.jsonl:
             for s in spans:
                 sys.stdout.write(codec.encode(s).decode() + "\n")
         else:
-            stdout.print_json(_dump(spans))
+            stdout.print_json(dump(spans))
 
     asyncio.run(main())
 
@@ -292,7 +224,7 @@ def thread(thread_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> Non
     """A conversation thread from memory (a run's thread id defaults to its run id)."""
 
     async def main() -> None:
-        async with await _client(url) as client:
+        async with await connect(url) as client:
             entries = await client.thread(thread_id)
         if output is Output.text:
             for e in entries:
@@ -300,7 +232,7 @@ def thread(thread_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> Non
                     f"[bold]{e.role}[/] ({e.run_id}): {json.dumps(msgspec.to_builtins(e.content))}"
                 )
         else:
-            stdout.print_json(_dump(entries))
+            stdout.print_json(dump(entries))
 
     asyncio.run(main())
 

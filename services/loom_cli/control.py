@@ -8,7 +8,7 @@ works for any run whose events the store has, live or finished.
 Import cycle: ``loom_cli.app`` imports this module to call ``register(app)``, so this
 module never imports ``loom_cli.app`` at import time (importing either module first then
 works): it takes ``app._client`` at call time, and re-declares the three-line helpers it
-needs at definition time (``Output``, the ``-o``/``--nats`` options, ``_fail``, ``_dump``)
+needs at definition time (``Output``, the ``-o``/``--nats`` options, ``fail``, ``dump``)
 with the same behaviour.
 """
 
@@ -20,7 +20,6 @@ import json
 import socket
 import sys
 from datetime import UTC, datetime
-from enum import StrEnum
 
 import msgspec
 import typer
@@ -30,7 +29,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from loom_cli.render import stderr, stdout
+from loom_cli.common import Output, OutputOpt, UrlOpt, connect, dump, fail
+from loom_cli.render import stdout
 from loom_core.contracts import EventRecord, RunControlReply
 from loom_core.stats import RunStats, StepCounts, run_stats
 from loom_infra.client import LoomClient, LoomError
@@ -38,14 +38,6 @@ from loom_infra.client import LoomClient, LoomError
 __all__ = ["cancel", "describe", "operator", "pause", "register", "render_describe", "unpause"]
 
 
-class Output(StrEnum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
-
-
-OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
-UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
 RunArg = typer.Argument(..., metavar="RUN", help="the run's id")
 ReasonOpt = typer.Option("", "--reason", "-r", help="why (recorded in the run's events)")
 
@@ -74,23 +66,12 @@ def operator() -> str:
     return f"{user}@{socket.gethostname() or 'unknown-host'}"
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    stderr.print(f"[red]error:[/] {escape(message)}")
-    return typer.Exit(code)
-
-
-def _dump(value: object) -> str:
-    return json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False)
-
-
 async def _connect(url: str | None) -> LoomClient:
-    from loom_cli import app as cli_app  # at call time: see the note on the import cycle
-
-    return await cli_app._client(url)
+    return await connect(url)
 
 
 def _unreachable(exc: Exception) -> typer.Exit:
-    return _fail(
+    return fail(
         f"no answer from agentloom ({exc.__class__.__name__}): is the stack up? "
         "Start it with `loom up` or set LOOM_NATS_URL"
     )
@@ -109,13 +90,13 @@ def describe(run_id: str = RunArg, output: Output = OutputOpt, url: str = UrlOpt
             try:
                 return await client.events(run_id)
             except LoomError as exc:
-                raise _fail(str(exc)) from None
+                raise fail(str(exc)) from None
             except NatsError as exc:
                 raise _unreachable(exc) from None
 
     records = asyncio.run(main())
     if not records:
-        raise _fail(f"no run '{run_id}'")
+        raise fail(f"no run '{run_id}'")
     # "now" ends the open waits of a live run; a finished run ignores it.
     stats = run_stats(records, as_of=datetime.now(UTC))
     if output is Output.text:
@@ -123,7 +104,7 @@ def describe(run_id: str = RunArg, output: Output = OutputOpt, url: str = UrlOpt
     elif output is Output.jsonl:
         sys.stdout.write(json.dumps(msgspec.to_builtins(stats), ensure_ascii=False) + "\n")
     else:
-        stdout.print_json(_dump(stats))
+        stdout.print_json(dump(stats))
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -241,20 +222,20 @@ def _control(run_id: str, action: str, reason: str, output: Output, url: str | N
             try:
                 return await client.control(run_id, action, by=by, reason=reason)
             except LoomError as exc:
-                raise _fail(f"cannot {action} run '{run_id}': {exc}") from None
+                raise fail(f"cannot {action} run '{run_id}': {exc}") from None
             except NatsError as exc:
                 raise _unreachable(exc) from None
 
     reply = asyncio.run(main())
     if not reply.ok:
         why = f": {reply.status}" if reply.status else ""
-        raise _fail(f"cannot {action} run '{run_id}'{why}")
+        raise fail(f"cannot {action} run '{run_id}'{why}")
     if output is Output.text:
         stdout.print(f"{reply.run_id}: {reply.status or action + ' ok'}", markup=False)
     elif output is Output.jsonl:
         sys.stdout.write(msgspec.json.encode(reply).decode() + "\n")
     else:
-        stdout.print_json(_dump(reply))
+        stdout.print_json(dump(reply))
 
 
 def cancel(

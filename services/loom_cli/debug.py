@@ -13,26 +13,13 @@ from typing import Any
 import msgspec
 import typer
 
+from loom_cli.common import Output, UrlOpt, connect, fail, json_arg, run_and_report
 from loom_cli.control import operator
 from loom_cli.render import stderr, stdout
 from loom_core import codec
 from loom_core.contracts import EventRecord
 from loom_core.lineage import ForkError, diff_runs, fork_request
 from loom_core.replay import replay, state_at, state_view
-
-UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    stderr.print(f"[red]error:[/] {message}", markup=True)
-    return typer.Exit(code)
-
-
-def _json_arg(text: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _fail(f"{what} is not valid JSON: {exc}") from None
 
 
 def read_jsonl(path: Path) -> list[EventRecord]:
@@ -42,7 +29,7 @@ def read_jsonl(path: Path) -> list[EventRecord]:
             try:
                 records.append(codec.decode_event(line.encode()))
             except msgspec.DecodeError as exc:
-                raise _fail(f"{path}:{n}: not an event record: {exc}") from None
+                raise fail(f"{path}:{n}: not an event record: {exc}") from None
     return records
 
 
@@ -51,12 +38,10 @@ async def _events(run: str, url: str | None) -> list[EventRecord]:
     path = Path(run)
     if run.endswith(".jsonl") and path.exists():
         return read_jsonl(path)
-    from loom_cli.app import _client
-
-    async with await _client(url) as client:
-        records = await client.events(run)
+    async with await connect(url) as c:
+        records = await c.events(run)
     if not records:
-        raise _fail(f"no run '{run}'")
+        raise fail(f"no run '{run}'")
     return records
 
 
@@ -70,14 +55,12 @@ def resume(
 ) -> None:
     """Answer a suspended step; the data is checked against its schema."""
     if not label and not suspension:
-        raise _fail("give --label or --id", 2)
-    answer = _json_arg(data, "--data")
+        raise fail("give --label or --id", 2)
+    answer = json_arg(data, "--data")
 
     async def main() -> int:
-        from loom_cli.app import _client
-
-        async with await _client(url) as client:
-            reply = await client.resume(
+        async with await connect(url) as c:
+            reply = await c.resume(
                 run_id, answer, label=label, suspension_id=suspension,
                 request_id=request_id or uuid.uuid4().hex, by=operator(),
             )  # fmt: skip
@@ -101,7 +84,7 @@ def state(
     try:
         view = state_view(state_at(records, len(records) if at is None else at))
     except ValueError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     stdout.print_json(json.dumps(msgspec.to_builtins(view)))
 
 
@@ -145,26 +128,24 @@ def fork(
     for item in set_output:
         step, sep, value = item.partition("=")
         if not sep:
-            raise _fail(f"--set-output expects STEP=JSON, got {item!r}", 2)
-        edits[step] = _json_arg(value, f"--set-output {step}")
-    new_input = _json_arg(input_json, "--input") if input_json else None
+            raise fail(f"--set-output expects STEP=JSON, got {item!r}", 2)
+        edits[step] = json_arg(value, f"--set-output {step}")
+    new_input = json_arg(input_json, "--input") if input_json else None
 
     async def main() -> int:
-        from loom_cli.app import Output, _client, run_and_report
-
-        async with await _client(url) as client:
-            records = await client.events(run_id)
+        async with await connect(url) as c:
+            records = await c.events(run_id)
             if not records:
-                raise _fail(f"no run '{run_id}'")
+                raise fail(f"no run '{run_id}'")
             try:
                 request = fork_request(records, from_step, edits, new_input, new_id)
             except ForkError as exc:
-                raise _fail(str(exc)) from None
+                raise fail(str(exc)) from None
             if not follow:
-                accepted = await client.submit(request)
+                accepted = await c.submit(request)
                 stdout.print(accepted.run_id, markup=False)
                 return 0
-            code, new = await run_and_report(client, request, Output.text)
+            code, new = await run_and_report(c, request, Output.text)
             if new:
                 stderr.print(f"fork of {run_id} from {from_step}: {new}", markup=False)
             return code
@@ -210,13 +191,11 @@ def signal(
     url: str = UrlOpt,
 ) -> None:
     """Publish an external event: runs waiting (wait_event) on NAME and KEY get it."""
-    payload = _json_arg(data, "--data")
+    payload = json_arg(data, "--data")
 
     async def main() -> None:
-        from loom_cli.app import _client
-
-        async with await _client(url) as client:
-            await client.signal(name, key, payload, signal_id)
+        async with await connect(url) as c:
+            await c.signal(name, key, payload, signal_id)
         stdout.print(f"published {name}/{key}", markup=False)
 
     asyncio.run(main())

@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from loom_cli.common import Output, OutputOpt, UrlOpt, connect, fail
 from loom_cli.render import runs_table, stderr, stdout
 from loom_core import subjects
 from loom_core.contracts import (
@@ -67,12 +68,6 @@ QUERY_TIMEOUT_S = 30.0
 REBUILD_TIMEOUT_S = 300.0  # one page of runs refolded and stored
 
 
-class Output(StrEnum):
-    text = "text"
-    json = "json"
-    jsonl = "jsonl"
-
-
 class UsageBy(StrEnum):
     tool = "tool"
     model = "model"
@@ -82,8 +77,6 @@ class UsageBy(StrEnum):
     day = "day"
 
 
-OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
-UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
 SinceOpt = typer.Option(None, "--since", help="from this time (1h, 2d, ISO 8601), inclusive")
 UntilOpt = typer.Option(None, "--until", help="before this time (1h, ISO 8601), exclusive")
 
@@ -129,22 +122,15 @@ def _window(since: str | None, until: str | None) -> tuple[datetime | None, date
 # ---------------------------------------------------------------------- plumbing
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    stderr.print(f"[red]error:[/] {escape(message)}")
-    return typer.Exit(code)
-
-
 def _unreachable(exc: Exception) -> typer.Exit:
-    return _fail(
+    return fail(
         f"no answer from the tracing service ({exc.__class__.__name__}): is the stack up? "
         "Start it with `loom up` or set LOOM_NATS_URL"
     )
 
 
 async def _connect(url: str | None) -> LoomClient:
-    from loom_cli import app as cli_app  # at call time: see the note on the import cycle
-
-    return await cli_app._client(url)
+    return await connect(url)
 
 
 def _ask(url: str | None, subject: str, query: object, reply_type: type[R], timeout: float) -> R:
@@ -158,7 +144,7 @@ def _ask(url: str | None, subject: str, query: object, reply_type: type[R], time
     reply = asyncio.run(main())
     error: ErrorInfo | None = getattr(reply, "error", None)
     if error is not None:
-        raise _fail(f"{error.code}: {error.message}")
+        raise fail(f"{error.code}: {error.message}")
     return reply
 
 

@@ -1,0 +1,99 @@
+"""What every ``loom`` command shares: output formats, the ``--nats`` option, error
+exits and the connection to the stack. Command modules import from here (never from
+``loom_cli.app``), so there is no import cycle between them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+import typer
+from rich.markup import escape
+
+from loom_cli.render import progress_line, stderr, stdout
+from loom_core.contracts import EventRecord, RunCompleted, RunRequest
+from loom_infra.client import LoomClient, LoomError
+from loom_infra.settings import settings_from_env
+
+
+class Output(StrEnum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+
+
+OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
+UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
+
+
+def dump(value: Any) -> str:
+    return json.dumps(msgspec.to_builtins(value), indent=2, ensure_ascii=False)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print the error (never interpreted as markup) and return the exit to raise."""
+    stderr.print(f"[red]error:[/] {escape(message)}")
+    return typer.Exit(code)
+
+
+def json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{what} is not valid JSON: {exc}") from None
+
+
+async def connect(url: str | None) -> LoomClient:
+    settings = settings_from_env()
+    if url:
+        settings = dataclasses.replace(settings, nats_url=url)
+    try:
+        return await LoomClient.connect(settings.nats_url)
+    except Exception as exc:
+        raise fail(
+            f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); "
+            "start the stack with `loom up` or set LOOM_NATS_URL"
+        ) from None
+
+
+async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
+    started: dict[str, datetime] = {}
+    last: EventRecord | None = None
+    async for record in client.follow(run_id):
+        last = record
+        line = progress_line(record, started)
+        if line and not quiet:
+            stderr.print(line)
+    assert last is not None
+    return last
+
+
+async def run_and_report(
+    client: LoomClient, request: RunRequest, output: Output, quiet: bool = False
+) -> tuple[int, str | None]:
+    """Submit, follow, print; returns (exit code, run id)."""
+    try:
+        accepted = await client.submit(request)
+    except LoomError as exc:
+        stderr.print(f"[red]submission refused:[/] {exc}")
+        return 2, None
+    last = await _follow(client, accepted.run_id, quiet)
+    ok = isinstance(last.event, RunCompleted)
+    if output is Output.json:
+        stdout.print_json(
+            json.dumps(
+                {
+                    "run_id": accepted.run_id,
+                    "status": "completed" if ok else last.kind,
+                    "output": msgspec.to_builtins(last.event.output) if ok else None,  # type: ignore[union-attr]
+                    "error": msgspec.to_builtins(getattr(last.event, "error", None)),
+                }
+            )
+        )
+    elif ok:
+        stdout.print_json(json.dumps(msgspec.to_builtins(last.event.output)))  # type: ignore[union-attr]
+    return (0 if ok else 1), accepted.run_id
