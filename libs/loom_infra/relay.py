@@ -59,9 +59,7 @@ class Relay:
         self.batch = batch
         self.idle_poll_s = idle_poll_s
         self.position = 0
-        self.published = 0
         self._wake = asyncio.Event()
-        self.caught_up = asyncio.Event()
         # (notification id, record) the executor just committed: published from memory
         # when they follow the position exactly, saving a read of the store per step.
         self._pending: deque[tuple[int, EventRecord]] = deque()
@@ -117,7 +115,6 @@ class Relay:
                 continue
             if moved and (self._pending or self._more_in_store):
                 continue  # there may be more: drain before sleeping
-            self.caught_up.set()
             waker = asyncio.ensure_future(self._wake.wait())
             stopper = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait(
@@ -141,7 +138,6 @@ class Relay:
             self._more_in_store = False
         if not rows:
             return 0
-        self.caught_up.clear()
         acks = []
         for notification_id, record in rows:
             headers = {
@@ -160,7 +156,6 @@ class Relay:
         # retry it (Nats-Msg-Id makes the retry harmless).
         await asyncio.wait_for(asyncio.gather(*acks), timeout=self.ack_timeout_s)
         self.position = rows[-1][0]
-        self.published += len(rows)
         await self._track()
         return len(rows)
 

@@ -104,7 +104,6 @@ class RunHost:
         self.loading: dict[str, asyncio.Future[RunState]] = {}
         # run after each commit with (notification ids, records), in commit order
         self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
-        self.commits = 0
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
         work = Work(run_id, message)
@@ -183,7 +182,6 @@ class RunHost:
                 records.extend(produced)
             if records:
                 notification_ids = await self.io(self.store.append, records)
-                self.commits += 1
         except Exception as exc:
             # The in-memory actors may now be ahead of the store: forget them; they are
             # reloaded from the store when next needed.
