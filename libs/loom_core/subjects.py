@@ -15,6 +15,7 @@ SUBMIT = f"{PREFIX}.submit"
 # Every stored run event, published by the relay: loom.run.{run_id}.{event_tag}
 RUN_EVENTS_STREAM = "LOOM_RUNS"
 RUN_EVENTS_ALL = f"{PREFIX}.run.>"
+RUN_EVENTS_PATTERN = PREFIX + ".run.{run_id}.{event}"
 
 
 def run_event(run_id: str, event_tag: str) -> str:
@@ -29,13 +30,16 @@ def events_of_kind(event_tag: str) -> str:
     return f"{PREFIX}.run.*.{event_tag}"
 
 
-# Results addressed to a run (planner verdicts, tool results): loom.inbox.{run_id}
+# Results addressed to a run: loom.inbox.{run_id}.{source}. Each source (plan, tool,
+# timer, event, subrun) is its own route, publishable only by the service that owns that
+# kind of fact (see loom_core.routes); the executor checks body against subject.
 INBOX_STREAM = "LOOM_INBOX"
 INBOX_ALL = f"{PREFIX}.inbox.>"
+INBOX_SOURCES = ("plan", "tool", "timer", "event", "subrun")
 
 
-def inbox(run_id: str) -> str:
-    return f"{PREFIX}.inbox.{run_id}"
+def inbox(run_id: str, source: str) -> str:
+    return f"{PREFIX}.inbox.{run_id}.{source}"
 
 
 # External events for wait_event steps: loom.signal.{name}.{key} (stream LOOM_SIGNALS)

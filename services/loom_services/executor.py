@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, ids, subjects
+from loom_core import codec, ids, routes, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
@@ -385,7 +385,7 @@ class ExecutorService:
         )
         try:
             await self.ctx.js.publish(
-                subjects.inbox(child.parent.run_id),
+                routes.inbox_subject(finished),
                 codec.encode(finished),
                 headers={subjects.MSG_ID: f"subrun:{record.run_id}"},
             )

@@ -16,7 +16,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import PlanIssue, PlanProposed, PlanRefused, RunRequested, ToolSpec
 from loom_core.validation import validate_plan
 from loom_infra import bus
@@ -75,7 +75,7 @@ class PlannerService:
         except CatalogUnavailable as exc:
             return exc
         await self.ctx.js.publish(
-            subjects.inbox(record.run_id),
+            routes.inbox_subject(verdict),
             codec.encode(verdict),
             headers={subjects.MSG_ID: f"plan:{record.run_id}"},
         )

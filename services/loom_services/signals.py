@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import EventWaitStarted, ExternalEventArrived, Signal, WaitEventStep
 from loom_core.executor import RunState
 from loom_infra import bus
@@ -122,7 +122,7 @@ class SignalRouter:
             )  # fmt: skip
             try:
                 await self.js.publish(
-                    subjects.inbox(run_id),
+                    routes.inbox_subject(arrived),
                     codec.encode(arrived),
                     headers={subjects.MSG_ID: f"signal:{run_id}:{step_id}:{signal_id}"},
                 )

@@ -20,7 +20,7 @@ import logging
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import TimerElapsed, TimerStarted
 from loom_infra import bus
 
@@ -54,7 +54,7 @@ class TimerService:
             return
         try:
             await self.js.publish(
-                subjects.inbox(record.run_id),
+                routes.INBOX_TIMER.subject(run_id=record.run_id),
                 codec.encode(TimerElapsed(run_id=record.run_id, timer_id=timer.timer_id)),
                 headers={subjects.MSG_ID: f"timer:{record.run_id}:{timer.timer_id}"},
             )

@@ -28,7 +28,7 @@ import uuid
 
 from nats.aio.msg import Msg
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import ErrorInfo, ToolCallCancelled, ToolCallRequested, ToolResult
 from loom_infra import bus
 from loom_infra.blocking import Blocking
@@ -112,7 +112,7 @@ class ToolRunnerService:
         try:
             result = await self._result_for(record.run_id, request, msg)
             await self.ctx.js.publish(
-                subjects.inbox(record.run_id),
+                routes.inbox_subject(result),
                 codec.encode(result),
                 headers={subjects.MSG_ID: f"result:{key}"},
             )

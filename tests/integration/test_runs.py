@@ -161,9 +161,9 @@ async def test_bad_submissions_get_typed_errors_and_dead_letters(client: LoomCli
 
 
 async def test_poison_inbox_message_goes_to_dead_letter(client: LoomClient) -> None:
-    await client.js.publish(subjects.inbox("nobody"), b"not json")
+    await client.js.publish(subjects.inbox("nobody", "tool"), b"not json")
     letters = await dead_letters(client, "executor", 1)
-    assert letters[0].origin_subject == subjects.inbox("nobody")
+    assert letters[0].origin_subject == subjects.inbox("nobody", "tool")
     assert letters[0].payload == "not json"
 
 

@@ -100,7 +100,7 @@ async def test_redelivered_and_duplicated_requests_run_the_tool_once(two_runner_
         # Re-publish the same request event under new message ids: JetStream cannot
         # dedupe these, so the runners (two replicas, one durable consumer) get copies.
         # A plain subscription sees every answer they publish.
-        results = await client.nc.subscribe(subjects.inbox(accepted.run_id))
+        results = await client.nc.subscribe(subjects.inbox(accepted.run_id, "tool"))
         for i in range(3):
             await client.js.publish(
                 subjects.run_event(accepted.run_id, "tool_call_requested"),

@@ -201,7 +201,7 @@ def test_asyncapi_lists_every_subject() -> None:
     expected = {
         subjects.SUBMIT,
         subjects.run_event("{run_id}", "{event_tag}"),
-        subjects.inbox("{run_id}"),
+        subjects.inbox("{run_id}", "{source}"),
         subjects.dead_letter("{service}"),
         subjects.API_RUN_EVENTS,
         subjects.API_RUNS,

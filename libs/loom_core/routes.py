@@ -1,0 +1,378 @@
+"""Every route of the system, declared once: who says what, where, and who listens.
+
+A route is a subject pattern, the message types it carries (and the reply types when it
+is a request), the JetStream stream holding it (if any), which identities may publish on
+it and which consume it (with the durable consumer and the event filter they use).
+
+Everything about the edge is derived from this table and nothing else:
+- services subscribe, consume and publish through it (``Route.subject``,
+  ``Consumer.filters``), so a subject string is never written twice;
+- ``proto/asyncapi.yaml`` is generated from it (``loom_core.proto_gen``);
+- each identity's NATS permissions are generated from it (``loom_infra.credentials``);
+- a test starts the stack and checks that every subscription and durable consumer that
+  exists is declared here, and every declaration is used.
+
+Identities (one NATS user each): the five services, ``client`` (may only submit runs)
+and ``operator`` (the CLI and the console: submit, follow, query, control, resume,
+signal). A fact is believed only if it arrives on its own route, which only its owner
+may publish on (DESIGN decision 11).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from loom_core import contracts as c
+from loom_core import subjects
+
+Identity = Literal[
+    "executor", "planner", "toolrunner", "memory", "tracing", "client", "operator"
+]
+SERVICES: tuple[Identity, ...] = ("executor", "planner", "toolrunner", "memory", "tracing")
+IDENTITIES: tuple[Identity, ...] = (*SERVICES, "client", "operator")
+
+Kind = Literal["request", "stream", "broadcast", "kv"]
+"""``request``: core NATS request/reply (answered by one member of the consumer's queue
+group); ``stream``: published into a JetStream stream and consumed durably;
+``broadcast``: plain NATS, every subscriber gets it; ``kv``: a JetStream key-value
+bucket's underlying subject."""
+
+_PARAM = re.compile(r"\{(\w+)\}")
+
+
+def tag_of(cls: type[msgspec.Struct]) -> str:
+    tag = cls.__struct_config__.tag
+    assert isinstance(tag, str), cls
+    return tag
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One identity's way of listening on a route.
+
+    ``durable``: the JetStream durable consumer's name (None: a plain subscription, or
+    an ephemeral consumer for ``operator`` following a run). ``events``: for the run
+    event route, the event classes it takes (empty: all of them)."""
+
+    identity: Identity
+    durable: str | None = None
+    events: tuple[type[msgspec.Struct], ...] = ()
+    queue: str | None = None  # core NATS queue group (request routes: the service name)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    pattern: str  # e.g. "loom.inbox.{run_id}.tool"; a trailing {…} may be a subject tail
+    kind: Kind
+    messages: tuple[type[msgspec.Struct], ...]
+    publishers: tuple[Identity, ...]
+    consumers: tuple[Consumer, ...]
+    description: str
+    replies: tuple[type[msgspec.Struct], ...] = ()
+    stream: str | None = None
+    # publishers may only fill these parameters with their own identity (dead letters)
+    own_param: str | None = None
+    params: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", tuple(_PARAM.findall(self.pattern)))
+
+    def subject(self, **values: str) -> str:
+        """The concrete subject; every parameter must be given."""
+        missing = set(self.params) - set(values)
+        if missing:
+            raise KeyError(f"route {self.name}: missing {sorted(missing)}")
+        return self.pattern.format(**values)
+
+    @property
+    def wildcard(self) -> str:
+        """The pattern with every parameter as ``*`` (NATS syntax)."""
+        return _PARAM.sub("*", self.pattern)
+
+    def consumer(self, identity: Identity, durable: str | None = None) -> Consumer:
+        for consumer in self.consumers:
+            if consumer.identity == identity and (durable is None or consumer.durable == durable):
+                return consumer
+        raise KeyError(f"route {self.name} has no consumer {identity}/{durable}")
+
+    def filters(self, consumer: Consumer) -> list[str]:
+        """The subject filters of ``consumer`` (one per event kind on the run events)."""
+        if consumer.events:
+            return [self.pattern.format(run_id="*", event=tag_of(e)) for e in consumer.events]
+        return [self.wildcard]
+
+    def publisher_subjects(self, identity: Identity) -> list[str]:
+        """What ``identity`` may publish on this route (for its NATS permissions)."""
+        if identity not in self.publishers:
+            return []
+        if self.own_param:
+            return [_PARAM.sub("*", self.pattern.replace("{" + self.own_param + "}", identity))]
+        return [self.wildcard]
+
+
+def _event_tag(cls: type[msgspec.Struct]) -> str:
+    return tag_of(cls)
+
+
+TERMINAL = tuple(c.TERMINAL_EVENTS)
+RUN_EVENT_TYPES: tuple[type[msgspec.Struct], ...] = tuple(
+    c.RunEvent.__args__  # type: ignore[attr-defined]
+)
+
+SUBMIT = Route(
+    name="submit",
+    pattern=subjects.SUBMIT,
+    kind="request",
+    messages=(c.RunRequest,),
+    replies=(c.SubmitAccepted, c.SubmitRejected),
+    publishers=("client", "operator"),
+    consumers=(Consumer("executor", queue="executor"),),
+    description="Submit a run (NATS request/reply). The reply is sent only once the "
+    "RunRequested event is stored, so an accepted run is never lost. Submitting the same "
+    "`run_id` again answers `existing: true`; resubmit with the same id after a timeout. "
+    "Fields the engine sets itself (`parent`, `fork`) are refused (`internal_field`). "
+    "A `Loom-Authorization: Bearer <JWT>` header names the principal the run acts for.",
+)
+
+RUN_EVENTS = Route(
+    name="runEvent",
+    pattern=subjects.RUN_EVENTS_PATTERN,
+    kind="stream",
+    stream=subjects.RUN_EVENTS_STREAM,
+    messages=RUN_EVENT_TYPES,
+    publishers=("executor",),  # the relay, from the store only (DESIGN decision 2)
+    consumers=(
+        Consumer("planner", durable="planner", events=(c.RunRequested,)),
+        Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
+        # cancellation is heard by every tool-runner replica: a plain subscription
+        Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
+        Consumer("memory", durable="memory", events=(c.RunRequested, c.RunCompleted)),
+        Consumer("tracing", durable="tracing"),
+        Consumer("executor", durable="subruns-start", events=(c.SubRunRequested,)),
+        Consumer("executor", durable="subruns-end", events=TERMINAL),
+        Consumer("executor", durable="timers", events=(c.TimerStarted,)),
+        Consumer("executor", durable="signal-waits", events=(c.EventWaitStarted,)),
+        Consumer("operator", note="ephemeral: follow one run"),
+    ),
+    description="Every stored run event (an EventRecord), in the run's order, on stream "
+    f"{subjects.RUN_EVENTS_STREAM}. Only the executor's relay publishes here, from the "
+    "store. Filters: one run `loom.run.{run_id}.>`, one kind `loom.run.*.{event}`. A run's "
+    "last event is one of: " + ", ".join(tag_of(e) for e in TERMINAL) + ".",
+)
+
+
+def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Identity,
+           what: str) -> Route:  # fmt: skip
+    return Route(
+        name=f"inbox.{source}",
+        pattern=subjects.inbox("{run_id}", source),
+        kind="stream",
+        stream=subjects.INBOX_STREAM,
+        messages=messages,
+        publishers=(owner,),
+        consumers=(Consumer("executor", durable="executor"),),
+        description=f"{what}, to one run's inbox (stream {subjects.INBOX_STREAM}). Only the "
+        f"{owner} publishes here; the executor records it as a run event when the run is "
+        "waiting for it (its `run_id` must be the subject's).",
+    )
+
+
+INBOX_PLAN = _inbox("plan", (c.PlanProposed, c.PlanRefused), "planner", "The planner's verdict")
+INBOX_TOOL = _inbox("tool", (c.ToolResult,), "toolrunner", "A tool call's result")
+INBOX_TIMER = _inbox("timer", (c.TimerElapsed,), "executor", "A durable timer that is due")
+INBOX_EVENT = _inbox(
+    "event", (c.ExternalEventArrived,), "executor", "An external event a wait matched"
+)
+INBOX_SUBRUN = _inbox("subrun", (c.SubRunFinished,), "executor", "A child run's end")
+INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN)
+
+SIGNAL = Route(
+    name="signal",
+    pattern=subjects.signal("{name}", "{key}"),
+    kind="stream",
+    stream=subjects.SIGNALS_STREAM,
+    messages=(c.Signal,),
+    publishers=("operator",),
+    consumers=(Consumer("executor", note="live signals, plus the stream's latest per subject"),),
+    description="External events for `wait_event` steps (publish with JetStream; stream "
+    f"{subjects.SIGNALS_STREAM} keeps the latest per name and key, so a wait that starts "
+    "later still sees it). The executor's router delivers each to the runs waiting on it.",
+)
+
+DEAD_LETTER = Route(
+    name="deadLetter",
+    pattern=subjects.dead_letter("{service}"),
+    kind="stream",
+    stream=subjects.DLQ_STREAM,
+    messages=(c.DeadLetter,),
+    publishers=SERVICES,
+    own_param="service",
+    consumers=(Consumer("operator", note="inspection"),),
+    description=f"Messages a service could not process, with the reason, on stream "
+    f"{subjects.DLQ_STREAM}. Never retried automatically. Each service writes only its own "
+    "subject; secrets in the payload are redacted.",
+)
+
+PROGRESS = Route(
+    name="progress",
+    pattern=subjects.progress("{run_id}"),
+    kind="broadcast",
+    messages=(c.RunProgress,),
+    publishers=("executor",),
+    consumers=(Consumer("operator"),),
+    description="Live progress of a run after each change (plain NATS, not stored; the "
+    "run's events are the truth).",
+)
+
+
+def _request(
+    name: str,
+    pattern: str,
+    message: type[msgspec.Struct],
+    replies: tuple[type[msgspec.Struct], ...],
+    server: Identity,
+    callers: tuple[Identity, ...],
+    description: str,
+) -> Route:
+    return Route(
+        name=name,
+        pattern=pattern,
+        kind="request",
+        messages=(message,),
+        replies=replies,
+        publishers=callers,
+        consumers=(Consumer(server, queue=server),),
+        description=f"{description} (request/reply, answered by the {server}).",
+    )
+
+
+CONTROL = _request(
+    "control", subjects.CONTROL, c.RunControl, (c.RunControlReply,), "executor", ("operator",),
+    "Operator control of a run: cancel, pause (no new step starts; in-flight steps finish) "
+    "or unpause",
+)  # fmt: skip
+RESUME = _request(
+    "resume", subjects.RESUME, c.ResumeRun, (c.ResumeReply,), "executor", ("operator",),
+    "Answer a suspended step, by label or suspension id. The data is validated against the "
+    "suspension's schema; exactly one answer wins, a repeat of the same request_id gets "
+    "the same reply",
+)  # fmt: skip
+API_RUN_EVENTS = _request(
+    "apiRunEvents", subjects.API_RUN_EVENTS, c.RunEventsQuery, (c.RunEventsReply,), "executor",
+    ("operator", "memory", "tracing"),
+    "A run's stored events after `after_seq`, a page at a time",
+)  # fmt: skip
+API_RUNS = _request(
+    "apiRuns", subjects.API_RUNS, c.RunsQuery, (c.RunsReply,), "tracing", ("operator",),
+    "Recent runs with status and timings",
+)  # fmt: skip
+API_TRACE = _request(
+    "apiTrace", subjects.API_TRACE, c.TraceQuery, (c.TraceReply,), "tracing", ("operator",),
+    "A run's spans, derived from its events",
+)  # fmt: skip
+API_TRACES = _request(
+    "apiTraces", subjects.API_TRACES, c.TracesQuery, (c.TracesReply,), "tracing", ("operator",),
+    "Runs' traces filtered by status, time range, tool, model or error code, newest first",
+)  # fmt: skip
+API_TRACES_SLOWEST = _request(
+    "apiTracesSlowest", subjects.API_TRACES_SLOWEST, c.SlowestStepsQuery,
+    (c.SlowestStepsReply,), "tracing", ("operator",),
+    "The slowest steps (ended step spans by duration), optionally of one tool",
+)  # fmt: skip
+API_TRACES_USAGE = _request(
+    "apiTracesUsage", subjects.API_TRACES_USAGE, c.UsageQuery, (c.UsageReply,), "tracing",
+    ("operator",),
+    "Tool and model calls aggregated by tool, model, run or time bucket: counts, "
+    "durations, tokens and cost",
+)  # fmt: skip
+API_TRACES_REBUILD = _request(
+    "apiTracesRebuild", subjects.API_TRACES_REBUILD, c.RebuildTracesQuery,
+    (c.RebuildTracesReply,), "tracing", ("operator",),
+    "Recompute runs' spans from their events and export them again, a page of runs per "
+    "request",
+)  # fmt: skip
+API_THREAD = _request(
+    "apiThread", subjects.API_THREAD, c.ThreadQuery, (c.ThreadReply,), "memory", ("operator",),
+    "A conversation thread's entries",
+)  # fmt: skip
+
+HEALTH = Route(
+    name="health",
+    pattern=subjects.health("{service}"),
+    kind="request",
+    messages=(c.Ping,),
+    replies=(c.Pong,),
+    publishers=("operator", "client"),
+    consumers=tuple(Consumer(s, queue=s) for s in SERVICES),
+    description="Liveness of one service (request/reply); any instance answers.",
+)
+
+TOOL_CATALOG = Route(
+    name="toolCatalog",
+    pattern=f"$KV.{subjects.TOOLS_BUCKET}.{{tool}}",
+    kind="kv",
+    stream=f"KV_{subjects.TOOLS_BUCKET}",
+    messages=(c.ToolSpec,),
+    publishers=("toolrunner",),
+    consumers=(Consumer("planner"), Consumer("operator")),
+    description=f"The tool catalog: JetStream key-value bucket `{subjects.TOOLS_BUCKET}`, one "
+    "ToolSpec per tool, keyed by tool name. Read it with a KV client (get/watch); the "
+    "address is the bucket's underlying subject. Only the tool-runner writes it.",
+)
+
+ROUTES: tuple[Route, ...] = (
+    SUBMIT,
+    RUN_EVENTS,
+    *INBOXES,
+    SIGNAL,
+    DEAD_LETTER,
+    CONTROL,
+    RESUME,
+    PROGRESS,
+    API_RUN_EVENTS,
+    API_RUNS,
+    API_TRACE,
+    API_TRACES,
+    API_TRACES_SLOWEST,
+    API_TRACES_USAGE,
+    API_TRACES_REBUILD,
+    API_THREAD,
+    HEALTH,
+    TOOL_CATALOG,
+)
+
+BY_NAME = {route.name: route for route in ROUTES}
+
+# Which inbox route each inbox message must arrive on: a message on another route is
+# refused (``unexpected_message``), whatever its body says.
+INBOX_ROUTE_OF: dict[type[msgspec.Struct], Route] = {
+    message: route for route in INBOXES for message in route.messages
+}
+
+
+def inbox_subject(message: msgspec.Struct) -> str:
+    """The subject an inbox message is published on (its run's, for its kind)."""
+    route = INBOX_ROUTE_OF[type(message)]
+    return route.subject(run_id=message.run_id)  # type: ignore[attr-defined]
+
+
+def inbox_source(subject: str) -> tuple[str, str] | None:
+    """``(run_id, source)`` of an inbox subject, or None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[0] != subjects.PREFIX or parts[1] != "inbox":
+        return None
+    return parts[2], parts[3]
+
+
+def consumers_of(identity: Identity) -> list[tuple[Route, Consumer]]:
+    return [(r, cons) for r in ROUTES for cons in r.consumers if cons.identity == identity]
+
+
+def published_by(identity: Identity) -> list[Route]:
+    return [r for r in ROUTES if identity in r.publishers]
