@@ -148,6 +148,7 @@ async def bench(
     chains: list[int],
     items: int,
     concurrency: int,
+    insecure: bool = False,
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
     stop_pg = None
@@ -156,11 +157,12 @@ async def bench(
         store_settings = StoreSettings(kind="postgres", data_dir=base / "data", postgres_url=url)
     else:
         store_settings = StoreSettings(kind="sqlite", data_dir=base / "data")
-    settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings)
+    # per-service NATS credentials by default; --insecure measures the stack without them
+    settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings, insecure=insecure)
     try:
         async with (
             LocalStack(settings, nats_port=-1) as stack,
-            await LoomClient.connect(stack.url) as client,
+            await stack.client() as client,
         ):
             await sequential(client, 20)  # warm up
             # each line as soon as measured: a long part should not hide the others
@@ -201,6 +203,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--foreach", type=int, default=1000, help="items (0: skip)")
     parser.add_argument("--concurrency", type=int, default=16, help="of the foreach")
+    parser.add_argument("--insecure", action="store_true", help="NATS without credentials")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     stores = ["sqlite", "postgres"] if args.store == "both" else [args.store]
@@ -214,6 +217,7 @@ def main() -> None:
                 args.chains,
                 args.foreach,
                 args.concurrency,
+                args.insecure,
             )
         )
 

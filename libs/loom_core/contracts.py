@@ -322,10 +322,31 @@ class ParentLink(Record, tag="parent_link", tag_field="type"):
     step_id: str
 
 
+class Principal(Record, tag="principal", tag_field="type"):
+    """Who a run acts for. Only the executor sets it: from the JWT verified in the submit
+    request's ``Authorization: Bearer`` header and from the NATS identity that submitted
+    (``via``: the submit subject's last token, ``client`` or ``operator``; ``executor``
+    for runs the engine made, which inherit their origin's principal). Never taken from a
+    request body or a plan. A user is ``(issuer, user_id)``; ``anonymous`` (no token, when
+    the stack allows it) has no roles and no permissions. The token is never stored;
+    ``token_id`` is its ``jti`` claim, for audit."""
+
+    user_id: str
+    via: str
+    roles: list[str] = []
+    permissions: list[str] = []
+    tenant: str = "default"
+    anonymous: bool = False
+    issuer: str | None = None
+    token_id: str | None = None
+
+
 class RunRequest(Inbound, tag="run_request", tag_field="type"):
-    """Published (request/reply) on ``loom.submit``. Give either ``plan`` or
-    ``request`` (natural language, needs a model). ``run_id`` makes submission
-    idempotent: submitting the same id twice returns the existing run."""
+    """Published (request/reply) on ``loom.submit.{via}`` (``via``: your identity,
+    ``client`` or ``operator``). Give either ``plan`` or ``request`` (natural language,
+    needs a model). ``run_id`` makes submission idempotent: submitting the same id twice
+    returns the existing run. Who the run acts for comes from the ``Authorization:
+    Bearer <JWT>`` header, never from this body."""
 
     plan: Plan | None = None
     request: str | None = None
@@ -365,6 +386,10 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     traceparent: str | None = None  # the submitter's trace: the run's trace continues it
     fork: ForkOrigin | None = None
     parent: ParentLink | None = None
+    principal: Principal | None = None  # None only in runs stored before principals
+    # JSON paths of the request whose inline secrets the executor replaced by
+    # "[redacted]" before storing it (loom_core.secrets.redact_request)
+    redacted: list[str] = []
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -405,6 +430,9 @@ class ToolCallRequested(Record, tag="tool_call_requested", tag_field="type"):
     idempotency_key: str
     timeout_s: float | None = None
     resume: JSON = None  # a person's answer, when the tool asked to suspend before
+    # where the plan wrote `{{ secrets.NAME }}` in ``input`` (JSON path -> names, in
+    # order): the tool-runner resolves these and no other (loom_core.secrets)
+    secret_refs: dict[str, list[str]] = {}
 
 
 class ToolCallCompleted(Record, tag="tool_call_completed", tag_field="type"):
@@ -676,11 +704,15 @@ class PlanProposed(Record, tag="plan_proposed", tag_field="type"):
     run_id: str
     plan: Plan
     planner: str = "explicit"
+    # digest of the run_requested record this answers (``loom_core.executor.
+    # request_digest``): the executor believes only a verdict on the request it stored
+    request_digest: str | None = None
 
 
 class PlanRefused(Record, tag="plan_refused", tag_field="type"):
     run_id: str
     issues: list[PlanIssue]
+    request_digest: str | None = None
 
 
 class ToolResult(Record, tag="tool_result", tag_field="type"):
@@ -697,6 +729,9 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     output: JSON = None
     error: ErrorInfo | None = None
     suspend: SuspendRequest | None = None
+    # digest of the tool_call_requested record this answers: a result computed for
+    # another (forged) request under the same idempotency key is refused
+    request_digest: str | None = None
 
 
 class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):
@@ -733,16 +768,39 @@ class ResumeReply(Record, tag="resume_reply", tag_field="type"):
     """``ok``: this request resumed it (or is a repeat of the request that did).
     Otherwise ``error`` says why; ``already`` holds who answered first, and with what."""
 
-    run_id: str
-    ok: bool
+    run_id: str = ""
+    ok: bool = False
     suspension_id: str | None = None
     error: ErrorInfo | None = None
     already: StepResumed | None = None
 
 
-class RunControlReply(Record, tag="run_control_reply", tag_field="type"):
+class ForkRun(Inbound, tag="fork_run", tag_field="type"):
+    """Fork a recorded run (request/reply on ``loom.fork``): a new run with the same plan
+    that reuses the recorded outputs of the top-level steps that are neither ``from_step``
+    nor downstream of it. ``set_output`` edits recorded outputs first (their dependents
+    run again); ``input`` replaces the run input. The executor computes what is reused
+    from its own store: a client never says which outputs a run produced."""
+
     run_id: str
-    ok: bool
+    from_step: str
+    set_output: dict[str, JSON] = {}
+    input: dict[str, JSON] | None = None
+    new_run_id: str | None = None
+
+
+class ForkReply(Record, tag="fork_reply", tag_field="type"):
+    """``run_id``: the new run (``existing`` when that id was already taken by an
+    earlier identical fork request). Otherwise ``error`` says why."""
+
+    run_id: str = ""
+    existing: bool = False
+    error: ErrorInfo | None = None
+
+
+class RunControlReply(Record, tag="run_control_reply", tag_field="type"):
+    run_id: str = ""
+    ok: bool = False
     status: str = ""
     error: ErrorInfo | None = None
 
@@ -823,7 +881,7 @@ class RunEventsQuery(Inbound, tag="run_events_query", tag_field="type"):
 
 
 class RunEventsReply(Record, tag="run_events_reply", tag_field="type"):
-    run_id: str
+    run_id: str = ""
     events: list[EventRecord] = []
     error: ErrorInfo | None = None
 
@@ -852,6 +910,7 @@ class RunsQuery(Inbound, tag="runs_query", tag_field="type"):
 
 class RunsReply(Record, tag="runs_reply", tag_field="type"):
     runs: list[RunSummary] = []
+    error: ErrorInfo | None = None
 
 
 class SpanEvent(Record, tag="span_event", tag_field="type"):
@@ -884,7 +943,7 @@ class TraceQuery(Inbound, tag="trace_query", tag_field="type"):
 
 
 class TraceReply(Record, tag="trace_reply", tag_field="type"):
-    run_id: str
+    run_id: str = ""
     spans: list[SpanRecord] = []
     error: ErrorInfo | None = None
 
@@ -902,8 +961,9 @@ class ThreadQuery(Inbound, tag="thread_query", tag_field="type"):
 
 
 class ThreadReply(Record, tag="thread_reply", tag_field="type"):
-    thread_id: str
+    thread_id: str = ""
     entries: list[ThreadEntry] = []
+    error: ErrorInfo | None = None
 
 
 class Ping(Inbound, tag="ping", tag_field="type"):
@@ -911,8 +971,9 @@ class Ping(Inbound, tag="ping", tag_field="type"):
 
 
 class Pong(Record, tag="pong", tag_field="type"):
-    service: str
-    instance: str
+    service: str = ""
+    instance: str = ""
+    error: ErrorInfo | None = None
 
 
 # --------------------------------------------------------------------------- trace queries
@@ -980,7 +1041,7 @@ class UsageRow(Record, tag="usage_row", tag_field="type"):
 
 
 class UsageReply(Record, tag="usage_reply", tag_field="type"):
-    by: str
+    by: str = ""
     rows: list[UsageRow] = []
     error: ErrorInfo | None = None
 

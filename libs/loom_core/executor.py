@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from loom_core import ids
+from loom_core import ids, secrets
 from loom_core.answers import problems
 from loom_core.contracts import (
     ApprovalStep,
@@ -73,6 +73,7 @@ from loom_core.contracts import (
     PlanProposed,
     PlanRefused,
     PlanRejected,
+    Principal,
     ReduceStep,
     ResumeReply,
     ResumeRun,
@@ -143,11 +144,26 @@ NEVER_RETRIED: frozenset[str] = frozenset(
         "missing_field",
         "ambiguous_outcome",
         "cancelled",
+        "secret_not_found",
+        "untrusted_secret_reference",
     }
 )
 RUN_TIMER = "run:timeout"
 
-Message = RunRequest | InboxMessage | RunControl | ResumeRun
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A run request as the engine accepted it, with who it acts for. Only the executor
+    host builds one (from a verified submission, or from the run a sub-run or fork comes
+    from): the public RunRequest has no principal field a client could fill."""
+
+    request: RunRequest
+    principal: Principal | None = None
+    redacted: tuple[str, ...] = ()  # paths of inline secrets replaced at submit
+
+
+Message = RunRequest | Submission | InboxMessage | RunControl | ResumeRun
 
 
 # --------------------------------------------------------------------------- state
@@ -211,6 +227,7 @@ class Inst:
     matches: list[EventMatch] = field(default_factory=list)  # a wait_event step's events
     received: dict[str, Any] = field(default_factory=dict)  # event name -> payload
     outputs: dict[str, dict[str, Any]] | None = None  # a finished child scope's outputs
+    request_digest: str | None = None  # of its outstanding tool_call_requested
 
 
 @dataclass
@@ -229,6 +246,12 @@ class RunState:
     reused: dict[str, Any] = field(default_factory=dict)  # a fork's recorded outputs
     forked_from: str | None = None
     parent: ParentLink | None = None  # set when a sub_run step started this run
+    principal: Principal | None = None  # who the run acts for; sub-runs and forks inherit it
+    # what answers must match (see ``unexpected``): the run_requested's digest, the
+    # explicit plan's digest, and when each pending timer is due
+    request_digest: str | None = None
+    plan_digest: str | None = None
+    timer_due: dict[str, datetime] = field(default_factory=dict)
     # set by whoever loaded the run when replaying its history diverged: the next
     # message parks the run with this report instead of deciding anything
     divergence: RunDiverged | None = None
@@ -321,6 +344,9 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.status = "planning"
             state.input = run_input
             state.parent = event.parent
+            state.principal = event.principal
+            state.request_digest = request_digest(state.run_id, event)
+            state.plan_digest = plan_digest(event.plan) if event.plan is not None else None
             if fork is not None:
                 state.reused, state.forked_from = dict(fork.reused), fork.run_id
         case PlanAccepted(plan=plan):
@@ -336,6 +362,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             inst.status, inst.attempt = "running", attempt
         case ToolCallRequested(step_id=iid):
             state.insts[iid].inflight = True
+            state.insts[iid].request_digest = request_digest(state.run_id, event)
             state.running += 1
         case (
             ToolCallCompleted(step_id=iid)
@@ -349,8 +376,10 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             inst.status, inst.attempt = "retry_wait", attempt - 1
         case TimerStarted(timer_id=tid, purpose=purpose, step_id=sid):
             state.timers[tid] = (purpose, sid)
+            state.timer_due[tid] = event.fire_at
         case TimerFired(timer_id=tid):
             state.timers.pop(tid, None)
+            state.timer_due.pop(tid, None)
         case ForeachStarted(step_id=iid, items=items):
             inst = state.insts[iid]
             inst.items = items
@@ -534,18 +563,25 @@ class _Turn:
             self.emit(s.divergence)
             return self.events
         match message:
-            case RunRequest():
+            case RunRequest() | Submission():
                 if s.version == 0:
+                    request, principal, redacted = (
+                        (message.request, message.principal, list(message.redacted))
+                        if isinstance(message, Submission)
+                        else (message, None, [])
+                    )
                     self.emit(
                         RunRequested(
-                            plan=message.plan,
-                            request=message.request,
-                            input=message.input,
-                            thread_id=message.thread_id,
-                            labels=message.labels,
-                            traceparent=message.traceparent,
-                            fork=message.fork,
-                            parent=message.parent,
+                            plan=request.plan,
+                            request=request.request,
+                            input=request.input,
+                            thread_id=request.thread_id,
+                            labels=request.labels,
+                            traceparent=request.traceparent,
+                            fork=request.fork,
+                            parent=request.parent,
+                            principal=principal,
+                            redacted=redacted,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -770,6 +806,7 @@ class _Turn:
                 idempotency_key=ids.idempotency_key(self.s.run_id, iid, attempt),
                 timeout_s=step.timeout_s,
                 resume=resume,
+                secret_refs=secrets.reference_sites(step.input),
             )
         )
 
@@ -1293,6 +1330,146 @@ class _Turn:
             return render(self.s.plan.output, self.context(""), path="$.output")
         sinks = [s.id for s in root.steps if not root.dependents.get(s.id)]
         return {sid: root.outputs[sid]["output"] for sid in sinks if sid in root.outputs}
+
+
+# --------------------------------------------------------------------------- what a run waits for
+
+# A timer may reach the inbox this much before its ``fire_at`` by the host's clock (the
+# timer service fires within a millisecond of it, from the same clock); anything
+# earlier is not the timer service's and is refused.
+TIMER_EARLY_S = 0.25
+_EARLY = timedelta(seconds=TIMER_EARLY_S)
+
+
+def request_digest(run_id: str, event: RunEvent) -> str:
+    """Names one stored request exactly (a ``tool_call_requested``, a ``run_requested``).
+    The service answering it echoes the digest, so an answer to a forged request with
+    the same ids but other content is told apart from the answer to the stored one."""
+    body = msgspec.json.encode(event)
+    return hashlib.sha256(run_id.encode() + b"\x1f" + body).hexdigest()[:32]
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(msgspec.json.encode(plan)).hexdigest()[:32]
+
+
+def unexpected(
+    state: RunState, message: InboxMessage, now: datetime | None = None
+) -> ErrorInfo | None:
+    """None when ``state``'s run is waiting for ``message``: the verdict on its pending
+    plan request, the result of its outstanding tool attempt (same attempt, key and
+    request digest), a pending timer (and, given the host's ``now``, one that is due),
+    an event for an open wait, the end of its running sub-run. Otherwise an
+    ``unexpected_message`` error naming what the run expects and what arrived.
+
+    The executor host asks this before deciding and dead-letters what it refuses.
+    ``advance`` itself does not call it: it still ignores what no longer applies, and a
+    recorded history replays exactly as it was decided."""
+    got = _describe(message)
+    if message.run_id != state.run_id:
+        return _refuse(state, f"messages for run '{state.run_id}'", got, "$.run_id")
+    if state.version == 0:
+        return _refuse(state, "nothing: no such run", got, "$.run_id")
+    if state.status == "diverged":
+        return _refuse(state, "nothing: the run is parked after diverging", got)
+    if state.divergence is not None:
+        return None  # advance parks the run on this message
+    if state.terminal:
+        return _refuse(state, f"nothing: the run is {state.status}", got)
+    match message:
+        case PlanProposed() | PlanRefused():
+            if state.status != "planning":
+                return _refuse(state, "no plan verdict: its plan is decided", got)
+            if state.request_digest is not None and message.request_digest != state.request_digest:
+                return _refuse(
+                    state,
+                    f"a verdict on its stored run_requested (digest {state.request_digest})",
+                    f"{got} (digest {message.request_digest})",
+                    "$.request_digest",
+                )
+            if (
+                isinstance(message, PlanProposed)
+                and state.plan_digest is not None
+                and plan_digest(message.plan) != state.plan_digest
+            ):
+                return _refuse(
+                    state,
+                    "the explicit plan it was submitted with (validated, never replaced)",
+                    f"{got} with another plan",
+                    "$.plan",
+                )
+        case ToolResult(step_id=sid):
+            inst = state.insts.get(sid)
+            if inst is None or inst.status != "running" or not isinstance(inst.step, ToolStep):
+                now_is = inst.status if inst is not None else "not started"
+                return _refuse(state, f"no tool result for step '{sid}' ({now_is})", got,
+                               "$.step_id")  # fmt: skip
+            key = ids.idempotency_key(state.run_id, sid, inst.attempt)
+            if message.attempt != inst.attempt or message.idempotency_key != key:
+                return _refuse(state, f"the result of attempt {inst.attempt} of step '{sid}' "
+                               f"({key})", got, "$.attempt")  # fmt: skip
+            if inst.request_digest is not None and message.request_digest != inst.request_digest:
+                return _refuse(
+                    state,
+                    f"the result of the stored request {key} (digest {inst.request_digest})",
+                    f"{got} (digest {message.request_digest})",
+                    "$.request_digest",
+                )
+        case TimerElapsed(timer_id=tid):
+            if tid not in state.timers:
+                pending = ", ".join(sorted(state.timers)[:10]) or "none"
+                return _refuse(state, f"one of its pending timers ({pending})", got, "$.timer_id")
+            due = state.timer_due.get(tid)
+            if now is not None and due is not None and now < due - _EARLY:
+                when = f"{got} at {now.isoformat()}, before it is due"
+                return _refuse(state, f"timer '{tid}' at {due.isoformat()}", when, "$.timer_id")
+        case SubRunFinished(step_id=sid):
+            inst = state.insts.get(sid)
+            if inst is None or inst.status != "running" or inst.child_run_id is None:
+                now_is = inst.status if inst is not None else "not started"
+                return _refuse(state, f"no sub-run end for step '{sid}' ({now_is})", got,
+                               "$.step_id")  # fmt: skip
+            if message.child_run_id != inst.child_run_id:
+                return _refuse(state, f"the end of child run '{inst.child_run_id}'", got,
+                               "$.child_run_id")  # fmt: skip
+        case ExternalEventArrived(step_id=sid):
+            inst = state.insts.get(sid)
+            if inst is None or inst.status != "running" or not isinstance(inst.step, WaitEventStep):
+                now_is = inst.status if inst is not None else "not started"
+                return _refuse(state, f"no external event for step '{sid}' ({now_is})", got,
+                               "$.step_id")  # fmt: skip
+            open_ = [f"{m.name}/{m.key}" for m in inst.matches if m.name not in inst.received]
+            if f"{message.name}/{message.key}" not in open_:
+                return _refuse(state, f"an event step '{sid}' still waits for ({', '.join(open_)})",
+                               got, "$.name")  # fmt: skip
+    return None
+
+
+def _describe(message: InboxMessage) -> str:
+    match message:
+        case ToolResult():
+            return (f"a tool result for attempt {message.attempt} of step '{message.step_id}' "
+                    f"({message.idempotency_key})")  # fmt: skip
+        case TimerElapsed():
+            return f"timer '{message.timer_id}'"
+        case SubRunFinished():
+            return f"the end of child run '{message.child_run_id}' for step '{message.step_id}'"
+        case ExternalEventArrived():
+            return f"event {message.name}/{message.key} for step '{message.step_id}'"
+        case PlanProposed():
+            return "a plan proposal"
+        case PlanRefused():
+            return "a plan refusal"
+    return type(message).__name__
+
+
+def _refuse(state: RunState, expected: str, got: str, path: str | None = None) -> ErrorInfo:
+    return ErrorInfo(
+        code="unexpected_message",
+        message=f"run '{state.run_id}' expects {expected}; got {got}",
+        path=path,
+        details={"run_id": state.run_id, "expected": expected, "received": got},
+    )
 
 
 def is_open(state: RunState, susp: Suspension) -> bool:

@@ -33,7 +33,12 @@ from loom_core.validation import dependencies
 
 
 class ForkError(ValueError):
-    """The fork cannot be made as asked (names the step or field)."""
+    """The fork cannot be made as asked (names the step or field; ``path`` is where in
+    a ForkRun request)."""
+
+    def __init__(self, message: str, path: str = "$") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _downstream(plan: Plan, roots: set[str]) -> set[str]:
@@ -58,18 +63,22 @@ def fork_request(
 ) -> RunRequest:
     """The run request of a fork of the recorded run ``records``."""
     if not records or not isinstance(records[0].event, RunRequested):
-        raise ForkError("the run has no run_requested event to fork from")
+        raise ForkError("the run has no run_requested event to fork from", "$.run_id")
     first = records[0].event
     plan = next((r.event.plan for r in records if isinstance(r.event, PlanAccepted)), None)
     if plan is None:
-        raise ForkError("the run never had an accepted plan: there is nothing to reuse")
+        raise ForkError("the run never had an accepted plan: there is nothing to reuse", "$.run_id")
     top = {s.id for s in plan.steps}
     if from_step not in top:
-        raise ForkError(f"--from-step: no top-level step '{from_step}' (steps: {sorted(top)})")
+        raise ForkError(
+            f"--from-step: no top-level step '{from_step}' (steps: {sorted(top)})", "$.from_step"
+        )
     edits = dict(set_outputs or {})
     unknown = sorted(set(edits) - top)
     if unknown:
-        raise ForkError(f"--set-output: no top-level step {unknown} (steps: {sorted(top)})")
+        raise ForkError(
+            f"--set-output: no top-level step {unknown} (steps: {sorted(top)})", "$.set_output"
+        )
     recorded = {
         r.event.step_id: r.event.output
         for r in records
@@ -82,7 +91,9 @@ def fork_request(
     reused = {sid: out for sid, out in recorded.items() if sid not in rerun}
     reused.update(edits)
     if missing and any(m in rerun for m in missing):
-        raise ForkError(f"--set-output {missing}: those steps run again in the fork")
+        raise ForkError(
+            f"--set-output {missing}: those steps run again in the fork", "$.set_output"
+        )
     origin = ForkOrigin(
         run_id=records[0].run_id, from_step=from_step, reused=reused, edited=sorted(edits)
     )

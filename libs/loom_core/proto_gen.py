@@ -3,8 +3,11 @@
 Usage: ``python -m loom_core.proto_gen proto`` (the argument is the output directory).
 
 Design note
-- ``generate()`` is a pure function of ``contracts`` and ``subjects``: it returns
-  ``{relative path: text}``. Only ``main`` touches the file system (this is a build tool,
+- ``generate()`` is a pure function of ``contracts``, ``routes`` and ``subjects``: it
+  returns ``{relative path: text}``. Channels and operations come from the route registry
+  (``loom_core.routes``), the one declaration of who publishes and consumes what, so the
+  document cannot drift from the code that subscribes through the same registry.
+  Only ``main`` touches the file system (this is a build tool,
   the one I/O exception inside ``loom_core``).
 - Messages are found by introspection: every ``msgspec.Struct`` subclass defined in
   ``contracts`` with a ``tag`` gets ``schemas/<tag>.json``; every module-level union of
@@ -32,7 +35,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from loom_core import contracts, subjects
+from loom_core import contracts, routes, subjects
 
 __all__ = [
     "ASYNCAPI_FILE",
@@ -161,14 +164,16 @@ def _schema_ref(stem: str) -> Schema:
 _SUBJECT_NAMES = {
     "PREFIX": "part of every subject",
     "SUBMIT": "channel submit",
+    "submit": "channel submit",
     "RUN_EVENTS_STREAM": "x-jetstream-streams",
     "RUN_EVENTS_ALL": "x-jetstream-streams",
     "run_event": "channel runEvent",
+    "RUN_EVENTS_PATTERN": "channel runEvent",
+    "INBOX_SOURCES": "channels inbox.*",
     "run_events_of": "channel runEvent (filter)",
-    "events_of_kind": "channel runEvent (filter)",
     "INBOX_STREAM": "x-jetstream-streams",
     "INBOX_ALL": "x-jetstream-streams",
-    "inbox": "channel inbox",
+    "inbox": "channels inbox.*",
     "DLQ_STREAM": "x-jetstream-streams",
     "DLQ_ALL": "x-jetstream-streams",
     "dead_letter": "channel deadLetter",
@@ -193,6 +198,7 @@ _SUBJECT_NAMES = {
     "EVENT_TYPE": "headers",
     "DLQ_REASON": "headers",
     "TRACEPARENT": "headers",
+    "AUTHORIZATION": "headers",
     "SERVICES": "parameter service",
 }
 
@@ -218,12 +224,6 @@ def _check_subjects() -> None:
         )
 
 
-def _address(fn: Any) -> str:
-    """A subject function rendered with AsyncAPI parameters: run_event -> loom.run.{run_id}..."""
-    params = inspect.signature(fn).parameters
-    return str(fn(*(f"{{{p}}}" for p in params)))
-
-
 _HEADER_TEXT = {
     subjects.MSG_ID: (
         "JetStream de-duplication id: a message published twice with the same id within the "
@@ -238,6 +238,10 @@ _HEADER_TEXT = {
     subjects.DLQ_REASON: (
         "Why the message was dead-lettered: `<error code>: <message>`, truncated; the full "
         "error is in the payload's `error`."
+    ),
+    subjects.AUTHORIZATION: (
+        "`Bearer <JWT>` naming the principal a submitted run acts for; verified by the "
+        "executor against the configured issuer keys, never stored."
     ),
     subjects.TRACEPARENT: (
         "W3C trace context (`00-<trace_id>-<span_id>-<flags>`); optional, propagated so a "
@@ -318,154 +322,13 @@ def _names(*classes: type[msgspec.Struct]) -> list[str]:
     return [cls.__name__ for cls in classes]
 
 
-def _channels() -> dict[str, Schema]:
-    c = contracts
-    run_event_messages = sorted(_run_event_messages())
-    reply = "The NATS reply subject of the request (a per-request inbox); no fixed address."
-    return {
-        "submit": _channel(
-            subjects.SUBMIT,
-            "Submit a run (NATS request/reply). The reply is sent only once the "
-            "RunRequested event is stored, so an accepted run is never lost. Submitting the "
-            "same `run_id` again answers `existing: true`; resubmit with the same id after "
-            "a timeout.",
-            _names(c.RunRequest),
-        ),
-        "submitReply": _channel(None, reply, _names(c.SubmitAccepted, c.SubmitRejected)),
-        "runEvent": _channel(
-            _address(subjects.run_event),
-            f"Every stored run event, in the run's order, on stream {subjects.RUN_EVENTS_STREAM}"
-            f". Filters: one run `{_address(subjects.run_events_of)}`, one kind of event "
-            f"`{_address(subjects.events_of_kind)}`. A run's last event is one of: "
-            + ", ".join(_tag(cls) or "" for cls in c.TERMINAL_EVENTS)
-            + ".",
-            run_event_messages,
-            ["run_id", "event_tag"],
-        ),
-        "inbox": _channel(
-            _address(subjects.inbox),
-            f"Results addressed to one run (planner verdicts, tool results), on stream "
-            f"{subjects.INBOX_STREAM}; the executor records each as a run event.",
-            _names(
-                c.PlanProposed, c.PlanRefused, c.ToolResult, c.TimerElapsed, c.SubRunFinished,
-                c.ExternalEventArrived,
-            ),
-            ["run_id"],
-        ),
-        "signal": _channel(
-            _address(subjects.signal),
-            f"External events for `wait_event` steps (publish with JetStream; stream "
-            f"{subjects.SIGNALS_STREAM} keeps the latest per name and key, so a wait that "
-            "starts later still sees it). The router delivers each to the runs waiting on it.",
-            _names(c.Signal),
-            ["name", "key"],
-        ),
-        "control": _channel(
-            subjects.CONTROL,
-            "Operator control of a run (request/reply, answered by the executor): cancel, "
-            "pause (no new step starts; in-flight steps finish) or unpause.",
-            _names(c.RunControl),
-        ),
-        "controlReply": _channel(None, reply, _names(c.RunControlReply)),
-        "resume": _channel(
-            subjects.RESUME,
-            "Answer a suspended step (request/reply, answered by the executor), by label or "
-            "suspension id. The data is validated against the suspension's schema; exactly "
-            "one answer wins, a repeat of the same request_id gets the same reply.",
-            _names(c.ResumeRun),
-        ),
-        "resumeReply": _channel(None, reply, _names(c.ResumeReply)),
-        "progress": _channel(
-            _address(subjects.progress),
-            "Live progress of a run after each change (plain NATS, not stored; the run's "
-            "events are the truth).",
-            _names(c.RunProgress),
-            ["run_id"],
-        ),
-        "deadLetter": _channel(
-            _address(subjects.dead_letter),
-            f"Messages a service could not process, with the reason, on stream "
-            f"{subjects.DLQ_STREAM}. Never retried automatically.",
-            _names(c.DeadLetter),
-            ["service"],
-        ),
-        "apiRunEvents": _channel(
-            subjects.API_RUN_EVENTS,
-            "A run's stored events after `after_seq` (request/reply, answered by the executor).",
-            _names(c.RunEventsQuery),
-        ),
-        "apiRunEventsReply": _channel(None, reply, _names(c.RunEventsReply)),
-        "apiRuns": _channel(
-            subjects.API_RUNS,
-            "Recent runs with status and timings (request/reply, answered by tracing).",
-            _names(c.RunsQuery),
-        ),
-        "apiRunsReply": _channel(None, reply, _names(c.RunsReply)),
-        "apiTrace": _channel(
-            subjects.API_TRACE,
-            "A run's spans, derived from its events (request/reply, answered by tracing).",
-            _names(c.TraceQuery),
-        ),
-        "apiTraceReply": _channel(None, reply, _names(c.TraceReply)),
-        "apiTraces": _channel(
-            subjects.API_TRACES,
-            "Runs' traces filtered by status, time range, tool, model or error code, newest "
-            "first (request/reply, answered by tracing).",
-            _names(c.TracesQuery),
-        ),
-        "apiTracesReply": _channel(None, reply, _names(c.TracesReply)),
-        "apiTracesSlowest": _channel(
-            subjects.API_TRACES_SLOWEST,
-            "The slowest steps (ended step spans by duration), optionally of one tool "
-            "(request/reply, answered by tracing).",
-            _names(c.SlowestStepsQuery),
-        ),
-        "apiTracesSlowestReply": _channel(None, reply, _names(c.SlowestStepsReply)),
-        "apiTracesUsage": _channel(
-            subjects.API_TRACES_USAGE,
-            "Tool and model calls aggregated by tool, model, run or time bucket: counts, "
-            "durations, tokens and cost (request/reply, answered by tracing).",
-            _names(c.UsageQuery),
-        ),
-        "apiTracesUsageReply": _channel(None, reply, _names(c.UsageReply)),
-        "apiTracesRebuild": _channel(
-            subjects.API_TRACES_REBUILD,
-            "Recompute runs' spans from their events and export them again, a page of runs "
-            "per request (request/reply, answered by tracing).",
-            _names(c.RebuildTracesQuery),
-        ),
-        "apiTracesRebuildReply": _channel(None, reply, _names(c.RebuildTracesReply)),
-        "apiThread": _channel(
-            subjects.API_THREAD,
-            "A conversation thread's entries (request/reply, answered by memory).",
-            _names(c.ThreadQuery),
-        ),
-        "apiThreadReply": _channel(None, reply, _names(c.ThreadReply)),
-        "health": _channel(
-            _address(subjects.health),
-            "Liveness of one service (request/reply); any instance answers.",
-            _names(c.Ping),
-            ["service"],
-        ),
-        "healthReply": _channel(None, reply, _names(c.Pong)),
-        "toolCatalog": _channel(
-            f"$KV.{subjects.TOOLS_BUCKET}.{{tool}}",
-            f"The tool catalog: JetStream key-value bucket `{subjects.TOOLS_BUCKET}`, one "
-            "ToolSpec per tool, keyed by tool name. Read it with a KV client (get/watch); "
-            "the address is the bucket's underlying subject.",
-            _names(c.ToolSpec),
-            ["tool"],
-        ),
-    }
-
-
 def _parameters() -> dict[str, Schema]:
     return {
         "run_id": {
             "description": "The run's id: 1-64 characters from `[A-Za-z0-9_-]` (a subject token).",
             "examples": ["greet-001"],
         },
-        "event_tag": {
+        "event": {
             "description": "The event's tag (the `type` of EventRecord.event).",
             "enum": event_tags(),
         },
@@ -473,35 +336,89 @@ def _parameters() -> dict[str, Schema]:
         "tool": {"description": "A tool's name (the ToolSpec's `name`)."},
         "name": {"description": "An external event's name (a subject token)."},
         "key": {"description": "An external event's correlation key (a subject token)."},
+        "via": {
+            "description": "The submitting identity (client or operator); NATS permissions "
+            "let each identity publish only its own.",
+            "enum": ["client", "operator"],
+        },
     }
+
+
+def _message_headers(route: routes.Route) -> Schema | None:
+    if route.name.startswith("inbox."):
+        return _headers([], [subjects.TRACEPARENT])
+    if route is routes.SUBMIT:
+        return _headers([], [subjects.TRACEPARENT, subjects.AUTHORIZATION])
+    if route is routes.SIGNAL:
+        return _headers([], [subjects.MSG_ID])
+    if route is routes.DEAD_LETTER:
+        return _headers([subjects.DLQ_REASON], [subjects.TRACEPARENT])
+    return None
 
 
 def _messages() -> dict[str, Schema]:
-    c = contracts
-    trace = _headers([], [subjects.TRACEPARENT])
-    inbox = _headers([], [subjects.MSG_ID, subjects.TRACEPARENT])
-    dead = _headers([subjects.DLQ_REASON], [subjects.TRACEPARENT])
-    out: dict[str, Schema] = {
-        "RunRequest": _struct_message(c.RunRequest, trace),
-        "PlanProposed": _struct_message(c.PlanProposed, inbox),
-        "PlanRefused": _struct_message(c.PlanRefused, inbox),
-        "ToolResult": _struct_message(c.ToolResult, inbox),
-        "TimerElapsed": _struct_message(c.TimerElapsed, inbox),
-        "SubRunFinished": _struct_message(c.SubRunFinished, inbox),
-        "ExternalEventArrived": _struct_message(c.ExternalEventArrived, inbox),
-        "Signal": _struct_message(c.Signal, _headers([], [subjects.MSG_ID])),
-        "DeadLetter": _struct_message(c.DeadLetter, dead),
-    }
-    for cls in (
-        c.SubmitAccepted, c.SubmitRejected, c.RunEventsQuery, c.RunEventsReply, c.RunsQuery,
-        c.RunsReply, c.TraceQuery, c.TraceReply, c.ThreadQuery, c.ThreadReply, c.Ping, c.Pong,
-        c.ToolSpec, c.RunControl, c.RunControlReply, c.RunProgress, c.ResumeRun, c.ResumeReply,
-        c.TracesQuery, c.TracesReply, c.SlowestStepsQuery, c.SlowestStepsReply, c.UsageQuery,
-        c.UsageReply, c.RebuildTracesQuery, c.RebuildTracesReply,
-    ):  # fmt: skip
-        out[cls.__name__] = _struct_message(cls)
+    """One component message per message type carried by a route (run events wrapped in
+    their EventRecord), with the headers its route defines."""
+    out: dict[str, Schema] = {}
+    for route in routes.ROUTES:
+        if route is routes.RUN_EVENTS:
+            continue
+        for cls in (*route.messages, *route.replies):
+            headers = _message_headers(route) if cls in route.messages else None
+            out[cls.__name__] = _struct_message(cls, headers)
     out.update(_run_event_messages())
     return dict(sorted(out.items()))
+
+
+_IDENTITY_TEXT = {
+    "client": "a client (may only submit runs)",
+    "operator": "an operator (the CLI, the console)",
+}
+
+
+def _who(identities: Sequence[str]) -> str:
+    return ", ".join(_IDENTITY_TEXT.get(i, f"the {i} service") for i in identities)
+
+
+def _channel_description(route: routes.Route) -> str:
+    lines = [route.description, "", f"Publishers: {_who(route.publishers)}."]
+    if route.own_param:
+        lines[-1] += f" Each publishes only with its own name as `{{{route.own_param}}}`."
+    listeners = []
+    for consumer in route.consumers:
+        how = f"durable `{consumer.durable}`" if consumer.durable else "subscription"
+        if consumer.queue:
+            how = f"queue group `{consumer.queue}`"
+        what = ""
+        if consumer.events:
+            what = " on " + ", ".join(f"`{routes.tag_of(e)}`" for e in consumer.events)
+        note = f" ({consumer.note})" if consumer.note else ""
+        listeners.append(f"{_who([consumer.identity])}: {how}{what}{note}")
+    lines.append("Consumers: " + "; ".join(listeners) + ".")
+    if route.stream:
+        lines.append(f"Stream: {route.stream}.")
+    return "\n".join(lines)
+
+
+def _reply_channel(route: routes.Route) -> str:
+    return f"{route.name}Reply"
+
+
+def _channels() -> dict[str, Schema]:
+    reply = "The NATS reply subject of the request (a per-request inbox); no fixed address."
+    out: dict[str, Schema] = {}
+    for route in routes.ROUTES:
+        messages = (
+            sorted(_run_event_messages())
+            if route is routes.RUN_EVENTS
+            else _names(*route.messages)
+        )
+        out[route.name] = _channel(
+            route.pattern, _channel_description(route), messages, route.params
+        )
+        if route.replies:
+            out[_reply_channel(route)] = _channel(None, reply, _names(*route.replies))
+    return out
 
 
 def _operation(
@@ -528,84 +445,23 @@ def _operation(
 
 
 def _operations(channels: dict[str, Schema]) -> dict[str, Schema]:
-    def op(*args: Any, **kw: Any) -> Schema:
-        return _operation(channels, *args, **kw)
-
-    everyone = list(subjects.SERVICES)
-    return {
-        "submitRun": op("receive", "submit", ["executor"], "Accept a run.", reply="submitReply"),
-        "publishRunEvent": op(
-            "send", "runEvent", ["executor"],
-            "The relay publishes each stored event, in order, with Nats-Msg-Id = event id.",
-        ),
-        "consumeRunEvents": op(
-            "receive", "runEvent", ["planner", "toolrunner", "memory", "tracing"],
-            "Durable JetStream consumers act on the events they own: the planner on "
-            "run_requested, the tool-runner on tool_call_requested, memory on run_requested "
-            "and run_completed (conversation threads), tracing on every event.",
-        ),
-        "sendInbox": op(
-            "send", "inbox", ["planner", "toolrunner", "executor"],
-            "Answer a run's request into its inbox (the executor's timer service sends "
-            "TimerElapsed).",
-        ),
-        "receiveInbox": op(
-            "receive", "inbox", ["executor"], "Record each result as a run event."
-        ),
-        "sendDeadLetter": op(
-            "send", "deadLetter", everyone, "Park a message that cannot be processed."
-        ),
-        "queryRunEvents": op(
-            "receive", "apiRunEvents", ["executor"], "Read a run's events.",
-            reply="apiRunEventsReply",
-        ),
-        "queryRuns": op(
-            "receive", "apiRuns", ["tracing"], "List runs.", reply="apiRunsReply"
-        ),
-        "queryTrace": op(
-            "receive", "apiTrace", ["tracing"], "Read a run's trace.", reply="apiTraceReply"
-        ),
-        "queryTraces": op(
-            "receive", "apiTraces", ["tracing"], "Find traces.", reply="apiTracesReply"
-        ),
-        "querySlowestSteps": op(
-            "receive", "apiTracesSlowest", ["tracing"], "The slowest steps.",
-            reply="apiTracesSlowestReply",
-        ),
-        "queryUsage": op(
-            "receive", "apiTracesUsage", ["tracing"], "Aggregate calls.",
-            reply="apiTracesUsageReply",
-        ),
-        "rebuildTraces": op(
-            "receive", "apiTracesRebuild", ["tracing"], "Rebuild and re-export traces.",
-            reply="apiTracesRebuildReply",
-        ),
-        "queryThread": op(
-            "receive", "apiThread", ["memory"], "Read a thread.", reply="apiThreadReply"
-        ),
-        "receiveSignal": op(
-            "receive", "signal", ["executor"], "Route an external event to the runs waiting on it."
-        ),
-        "controlRun": op(
-            "receive", "control", ["executor"], "Cancel, pause or unpause a run.",
-            reply="controlReply",
-        ),
-        "resumeRun": op(
-            "receive", "resume", ["executor"], "Answer a suspension.", reply="resumeReply"
-        ),
-        "publishProgress": op(
-            "send", "progress", ["executor"], "Live progress of a run after each change."
-        ),
-        "healthCheck": op(
-            "receive", "health", everyone, "Answer a ping.", reply="healthReply"
-        ),
-        "publishToolSpec": op(
-            "send", "toolCatalog", ["toolrunner"], "Publish the tools it can run."
-        ),
-        "readToolSpec": op(
-            "receive", "toolCatalog", ["planner"], "Read the tool catalog to plan."
-        ),
-    }  # fmt: skip
+    """Written from agentloom's side: ``send`` where services publish a route,
+    ``receive`` where services consume it (tags name the services)."""
+    out: dict[str, Schema] = {}
+    for route in routes.ROUTES:
+        reply = _reply_channel(route) if route.replies else None
+        senders = [i for i in route.publishers if i in routes.SERVICES]
+        if senders:
+            out[f"send.{route.name}"] = _operation(
+                channels, "send", route.name, senders, f"Publish on {route.name}."
+            )
+        receivers = sorted({c.identity for c in route.consumers if c.identity in routes.SERVICES})
+        if receivers:
+            verb = "Answer" if reply else "Consume"
+            out[f"receive.{route.name}"] = _operation(
+                channels, "receive", route.name, receivers, f"{verb} {route.name}.", reply=reply
+            )
+    return out
 
 
 def _streams() -> list[Schema]:

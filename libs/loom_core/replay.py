@@ -10,7 +10,9 @@ with what was recorded. The first difference is the divergence: its event number
 the stream holds and what the current code decides.
 
 This is how a change to the executor is checked against old runs (golden histories in
-the tests), and how a run is checked when it is loaded after a deploy.
+the tests), and how a run is checked when it is loaded after a deploy. Events are
+compared by their decisions only (``loom_core.decisions``): rewording a message or a
+reason is never a divergence.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from loom_core.contracts import (
     ToolCallFailed,
     ToolResult,
 )
-from loom_core.executor import Message, RunState, advance, evolve, initial_state
+from loom_core.decisions import differing_fields, same_decision
+from loom_core.executor import Message, RunState, Submission, advance, evolve, initial_state
 
 Advance = Callable[[RunState, Message, datetime], list[RunEvent]]
 
@@ -81,11 +84,15 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
     """The message that ``event`` records, when it is one that starts a decision."""
     match event:
         case RunRequested():
-            return RunRequest(
+            request = RunRequest(
                 plan=event.plan, request=event.request, input=event.input,
                 thread_id=event.thread_id, labels=event.labels, traceparent=event.traceparent,
                 fork=event.fork, parent=event.parent, run_id=run_id,
             )  # fmt: skip
+            # the principal and what was redacted came with the submission, not its body
+            if event.principal or event.redacted:
+                return Submission(request, event.principal, tuple(event.redacted))
+            return request
         case PlanAccepted(plan=plan, planner=planner):
             return PlanProposed(run_id=run_id, plan=plan, planner=planner)
         case PlanRejected(issues=issues):
@@ -160,8 +167,10 @@ def replay(
             if i + k >= len(records):
                 why = "the current code decides more than was recorded"
                 return _diverged(run_id, len(records), None, event, why), state
-            if records[i + k].event != event:
-                why = "the current code decides differently"
+            if not same_decision(records[i + k].event, event):
+                # prose (messages, reasons) never counts: a deploy may reword it
+                fields = ", ".join(differing_fields(records[i + k].event, event))
+                why = f"the current code decides differently ({fields})"
                 return _diverged(run_id, i + k, records[i + k], event, why), state
         if not decided:
             why = "the current code decides nothing for this message"

@@ -29,9 +29,7 @@ import msgspec
 from loom_core import contracts as c
 from loom_core import subjects
 
-Identity = Literal[
-    "executor", "planner", "toolrunner", "memory", "tracing", "client", "operator"
-]
+Identity = Literal["executor", "planner", "toolrunner", "memory", "tracing", "client", "operator"]
 SERVICES: tuple[Identity, ...] = ("executor", "planner", "toolrunner", "memory", "tracing")
 IDENTITIES: tuple[Identity, ...] = (*SERVICES, "client", "operator")
 
@@ -102,10 +100,16 @@ class Route:
         raise KeyError(f"route {self.name} has no consumer {identity}/{durable}")
 
     def filters(self, consumer: Consumer) -> list[str]:
-        """The subject filters of ``consumer`` (one per event kind on the run events)."""
+        """The subjects ``consumer`` listens on: one per event kind on the run events;
+        a ``{service}`` parameter is the consumer's own name (health); others are ``*``."""
         if consumer.events:
             return [self.pattern.format(run_id="*", event=tag_of(e)) for e in consumer.events]
-        return [self.wildcard]
+        # on a request route {service} addresses the server; elsewhere (dead letters,
+        # inspected by the operator) a consumer hears every service's subject
+        own = self.pattern
+        if self.kind == "request":
+            own = own.replace("{service}", consumer.identity)
+        return [_PARAM.sub("*", own)]
 
     def publisher_subjects(self, identity: Identity) -> list[str]:
         """What ``identity`` may publish on this route (for its NATS permissions)."""
@@ -132,12 +136,20 @@ SUBMIT = Route(
     messages=(c.RunRequest,),
     replies=(c.SubmitAccepted, c.SubmitRejected),
     publishers=("client", "operator"),
+    # {via} is the submitter's own identity: NATS permissions let each publish only on its
+    # own suffix, so the executor learns who submitted from the subject (core NATS
+    # carries no sender identity).
+    own_param="via",
     consumers=(Consumer("executor", queue="executor"),),
-    description="Submit a run (NATS request/reply). The reply is sent only once the "
+    description="Submit a run (NATS request/reply) on `loom.submit.client` or "
+    "`loom.submit.operator`, your own identity. The reply is sent only once the "
     "RunRequested event is stored, so an accepted run is never lost. Submitting the same "
     "`run_id` again answers `existing: true`; resubmit with the same id after a timeout. "
     "Fields the engine sets itself (`parent`, `fork`) are refused (`internal_field`). "
-    "A `Loom-Authorization: Bearer <JWT>` header names the principal the run acts for.",
+    "An `Authorization: Bearer <JWT>` header names the principal the run acts for "
+    "(verified against the configured issuer keys, never stored); without one the run is "
+    "anonymous if the stack allows it, else refused `not_authenticated`. A bad token is "
+    "refused `token_expired` or `token_invalid`.",
 )
 
 RUN_EVENTS = Route(
@@ -263,9 +275,16 @@ RESUME = _request(
     "suspension's schema; exactly one answer wins, a repeat of the same request_id gets "
     "the same reply",
 )  # fmt: skip
+FORK = _request(
+    "fork", f"{subjects.PREFIX}.fork", c.ForkRun, (c.ForkReply,), "executor", ("operator",),
+    "Fork a recorded run from one of its top-level steps: a new run with the same plan "
+    "that reuses the recorded outputs of every step neither that one nor downstream of "
+    "it (edited ones first, with their dependents run again). The executor reads what is "
+    "reused from its own store; a run request's `fork` field is refused on submit",
+)  # fmt: skip
 API_RUN_EVENTS = _request(
     "apiRunEvents", subjects.API_RUN_EVENTS, c.RunEventsQuery, (c.RunEventsReply,), "executor",
-    ("operator", "memory", "tracing"),
+    ("operator", "memory", "tracing", "toolrunner"),
     "A run's stored events after `after_seq`, a page at a time",
 )  # fmt: skip
 API_RUNS = _request(
@@ -308,7 +327,8 @@ HEALTH = Route(
     kind="request",
     messages=(c.Ping,),
     replies=(c.Pong,),
-    publishers=("operator", "client"),
+    # services too: a pod's liveness probe pings its own service with the pod's own key
+    publishers=("operator", "client", *SERVICES),
     consumers=tuple(Consumer(s, queue=s) for s in SERVICES),
     description="Liveness of one service (request/reply); any instance answers.",
 )
@@ -334,6 +354,7 @@ ROUTES: tuple[Route, ...] = (
     DEAD_LETTER,
     CONTROL,
     RESUME,
+    FORK,
     PROGRESS,
     API_RUN_EVENTS,
     API_RUNS,
@@ -370,9 +391,42 @@ def inbox_source(subject: str) -> tuple[str, str] | None:
     return parts[2], parts[3]
 
 
+def event_filter(*events: type[msgspec.Struct], run_id: str = "*") -> list[str]:
+    """Subjects of the run events of these classes (of one run, or of all): filters take
+    the event class, never a hand-written tag."""
+    return [RUN_EVENTS.subject(run_id=run_id, event=tag_of(e)) for e in events]
+
+
 def consumers_of(identity: Identity) -> list[tuple[Route, Consumer]]:
     return [(r, cons) for r in ROUTES for cons in r.consumers if cons.identity == identity]
 
 
 def published_by(identity: Identity) -> list[Route]:
     return [r for r in ROUTES if identity in r.publishers]
+
+
+def declared_subscriptions(identity: Identity) -> set[tuple[str, str]]:
+    """``(subject, queue group)`` of every plain subscription ``identity`` declares (request
+    routes it answers, broadcasts it hears). Durable consumers are in ``declared_durables``;
+    the operator's ephemeral followers are neither."""
+    out: set[tuple[str, str]] = set()
+    for route, consumer in consumers_of(identity):
+        # a key-value bucket is read with gets, not subscriptions
+        if consumer.durable is None and identity in SERVICES and route.kind != "kv":
+            out.update((subject, consumer.queue or "") for subject in route.filters(consumer))
+    return out
+
+
+def declared_durables() -> dict[tuple[str, str], tuple[Identity, set[str]]]:
+    """``(stream, durable) -> (owner, filter subjects)`` of every durable consumer."""
+    out: dict[tuple[str, str], tuple[Identity, set[str]]] = {}
+    for route in ROUTES:
+        for consumer in route.consumers:
+            if consumer.durable is None:
+                continue
+            assert route.stream is not None, route.name
+            key = (route.stream, consumer.durable)
+            owner, filters = out.setdefault(key, (consumer.identity, set()))
+            assert owner == consumer.identity, f"durable {key} declared for two identities"
+            filters.update(route.filters(consumer))
+    return out

@@ -70,7 +70,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
-from loom_core import ids
+from loom_core import ids, secrets
 from loom_core.contracts import (
     JSON,
     BranchTaken,
@@ -134,7 +134,7 @@ __all__ = [
 ]
 
 DEFAULT_IO_LIMIT = 4096
-REDACTED = "[redacted]"
+REDACTED = secrets.MARKER
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -179,43 +179,10 @@ def parse_traceparent(value: object) -> tuple[str, str] | None:
 
 # ----------------------------------------------------------------------------- redaction
 
-_SECRET_KEY = re.compile(
-    r"password|passwd|secret|token|api[_-]?key|authorization|cookie|credential|private[_-]?key",
-    re.IGNORECASE,
-)
-# Counts, not secrets: these keys name token *numbers* of model calls.
-_COUNT_KEY = re.compile(
-    r"^(max_|input_|output_|total_|prompt_|completion_|max_completion_|max_output_|cached_"
-    r"|reasoning_|num_)?tokens$|^token_count$",
-    re.IGNORECASE,
-)
-_SECRET_TEXT: tuple[tuple[re.Pattern[str], str], ...] = (
-    # an Authorization header value inside a string
-    (
-        re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE),
-        r"\1 " + REDACTED,
-    ),
-    # OpenAI/Anthropic-style keys: sk-..., sk-proj-..., sk-ant-...
-    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), "sk-" + REDACTED),
-    # JSON Web Tokens
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), REDACTED),
-    # GitHub, Slack and AWS access keys
-    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"), REDACTED),
-    (re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), REDACTED),
-    (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), REDACTED),
-    # passwords in URLs: scheme://user:password@host
-    (re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@"), r"\1:" + REDACTED + "@"),
-)
-
-
-def _secret_key(key: object) -> bool:
-    return isinstance(key, str) and bool(_SECRET_KEY.search(key)) and not _COUNT_KEY.match(key)
-
-
-def _redact_text(text: str) -> str:
-    for pattern, replacement in _SECRET_TEXT:
-        text = pattern.sub(replacement, text)
-    return text
+# One list of secret-looking keys and credential patterns for the whole system:
+# loom_core.secrets (its notes say what counts). Spans mask a secret key's whole value.
+_secret_key = secrets.is_secret_key
+_redact_text = secrets.scrub_text
 
 
 def redact(value: Any) -> Any:
@@ -567,6 +534,9 @@ class TraceBuilder:
         }
         if ev.thread_id:
             attrs["gen_ai.conversation.id"] = ev.thread_id
+        if ev.principal is not None:  # who the run acts for (never the token)
+            attrs["enduser.id"] = ev.principal.user_id
+            attrs["loom.tenant"] = ev.principal.tenant
         attrs["loom.run.status"] = self._status
         fork = getattr(ev, "fork", None)
         if fork is not None:

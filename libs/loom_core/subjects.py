@@ -8,9 +8,15 @@ from __future__ import annotations
 
 PREFIX = "loom"
 
-# Clients publish RunRequest here (request/reply); the executor answers SubmitReply
-# only after the RunRequested event is stored (DESIGN decision 9).
-SUBMIT = f"{PREFIX}.submit"
+# Clients publish RunRequest on loom.submit.{via} (request/reply), {via} being their own
+# identity (client or operator): the executor reads who submitted from the subject. It
+# answers SubmitReply only after the RunRequested event is stored (DESIGN decision 9).
+SUBMIT = PREFIX + ".submit.{via}"  # a pattern: publish on submit(via)
+
+
+def submit(via: str) -> str:
+    return f"{PREFIX}.submit.{via}"
+
 
 # Every stored run event, published by the relay: loom.run.{run_id}.{event_tag}
 RUN_EVENTS_STREAM = "LOOM_RUNS"
@@ -24,10 +30,6 @@ def run_event(run_id: str, event_tag: str) -> str:
 
 def run_events_of(run_id: str) -> str:
     return f"{PREFIX}.run.{run_id}.>"
-
-
-def events_of_kind(event_tag: str) -> str:
-    return f"{PREFIX}.run.*.{event_tag}"
 
 
 # Results addressed to a run: loom.inbox.{run_id}.{source}. Each source (plan, tool,
@@ -97,5 +99,6 @@ NOTIFICATION_ID = "Loom-Notification-Id"  # position in the store's notification
 EVENT_TYPE = "Loom-Event-Type"
 DLQ_REASON = "Loom-Dead-Letter-Reason"
 TRACEPARENT = "traceparent"
+AUTHORIZATION = "Authorization"  # Bearer JWT of the principal, on submit
 
 SERVICES = ("executor", "planner", "toolrunner", "memory", "tracing")

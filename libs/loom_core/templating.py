@@ -9,6 +9,12 @@ Design notes
   (loop bodies). Where a scope variable may be used is checked by ``loom_core.validation``;
   here a root is simply looked up in the context. A ``steps`` root names a step id and then
   ``output``, the only field of a step: ``steps.fetch.output.items[0]["first name"]``.
+- Secret references: ``{{ secrets.NAME }}`` (NAME: ``[A-Za-z_][A-Za-z0-9_]{0,63}``) names a
+  secret the tool-runner holds. Templating never resolves one and never fails on one: it
+  is copied verbatim (as written) into the rendered value, so events, state, the tool
+  ledger and traces hold the reference, never the value. Only the tool-runner resolves
+  it (``loom_core.secrets``), and only where the plan itself wrote it. A malformed one
+  (``{{ secrets }}``, ``{{ secrets.a.b }}``, ``{{ secrets.my-key }}``) is a syntax error.
 - Contexts are any ``Mapping`` (``steps`` is often a ``collections.ChainMap`` of the
   outputs of a scope and of the scopes around it).
 - There is no escape for a literal ``{{``: in a plan value it always opens a template, and
@@ -35,7 +41,11 @@ import msgspec
 
 JSON = Any
 
-ROOTS = ("input", "steps", "item", "index", "acc", "iteration")
+ROOTS = ("input", "steps", "item", "index", "acc", "iteration", "secrets")
+# ``{{ secrets.NAME }}``: copied verbatim by ``render``, resolved only by the tool-runner.
+SECRETS_ROOT = "secrets"
+SECRET_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # noqa: S105 (a pattern, not a secret)
+_SECRET_EXPR_RE = re.compile(rf"secrets\.({SECRET_NAME})\Z")
 # Where each scope variable exists, for messages (validation checks the placement).
 SCOPE_ROOTS: dict[str, str] = {
     "item": "inside the `do` of a foreach or reduce step (and in its `output`)",
@@ -126,6 +136,7 @@ class _Expr:
     expr: str
     root: str
     segments: tuple[Segment, ...]
+    raw: str = ""  # a secret reference's text as written, copied verbatim by render
 
 
 def format_segment(segment: Segment) -> str:
@@ -233,6 +244,8 @@ def _parse_expr(expr: str) -> _Expr:
             f"(other steps' outputs), or inside a sub-plan with `item`, `index`, `acc` or "
             f"`iteration`{hint}",
         )
+    if root == SECRETS_ROOT:
+        return _secret_expr(expr)
     segments: list[Segment] = []
     pos = len(root)
     while pos < len(expr):
@@ -252,6 +265,18 @@ def _parse_expr(expr: str) -> _Expr:
     return _Expr(expr, root, tuple(segments))
 
 
+def _secret_expr(expr: str) -> _Expr:
+    match = _SECRET_EXPR_RE.match(expr)
+    if match is None:
+        raise _Bad(
+            expr,
+            f"`{expr}` is not a secret reference: write `secrets.NAME` where NAME is 1-64 "
+            f"letters, digits or _ and does not start with a digit, e.g. "
+            f"`{{{{ secrets.API_TOKEN }}}}`",
+        )
+    return _Expr(expr, SECRETS_ROOT, (match.group(1),))
+
+
 @lru_cache(maxsize=4096)
 def _parse(text: str) -> tuple[str | _Expr, ...]:
     """Split ``text`` into literal strings and expressions (raises ``_Bad``)."""
@@ -261,7 +286,10 @@ def _parse(text: str) -> tuple[str | _Expr, ...]:
         end = _find_close(text, start + len(OPEN))
         if start > pos:
             parts.append(text[pos:start])
-        parts.append(_parse_expr(text[start + len(OPEN) : end].strip()))
+        expr = _parse_expr(text[start + len(OPEN) : end].strip())
+        if expr.root == SECRETS_ROOT:
+            expr = _Expr(expr.expr, expr.root, expr.segments, text[start : end + len(CLOSE)])
+        parts.append(expr)
         pos = end + len(CLOSE)
     if pos < len(text):
         parts.append(text[pos:])
@@ -470,6 +498,8 @@ def _render_string(text: str, context: Mapping[str, JSON]) -> JSON:
         parts = _parse(text)
     except _Bad as bad:
         raise _RenderFailure(_syntax_error(bad, "$")) from None
+    if all(isinstance(p, str) or p.root == SECRETS_ROOT for p in parts):
+        return text  # only secret references: they stay as written
     try:
         whole = _whole(parts)
         if whole is not None:
@@ -478,6 +508,9 @@ def _render_string(text: str, context: Mapping[str, JSON]) -> JSON:
         for part in parts:
             if isinstance(part, str):
                 out.append(part)
+                continue
+            if part.root == SECRETS_ROOT:
+                out.append(part.raw)
                 continue
             value = _resolve(context, part)
             out.append(value if isinstance(value, str) else msgspec.json.encode(value).decode())

@@ -33,7 +33,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from loom_core import codec, subjects
+from loom_core import codec, secrets, subjects
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 
 log = logging.getLogger("loom.bus")
@@ -85,9 +85,80 @@ STREAMS = (
 )
 
 
-async def connect(url: str, name: str, persistent: bool = True) -> NATS:
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+)
+
+
+class _ConnectionEvents:
+    """The asynchronous callbacks of one connection. A refusal (``Permissions
+    Violation``: the only trace of a denied JetStream call, which otherwise ends as a bare
+    TimeoutError) and any other async error is logged at warning with who hit it; while
+    the server is unreachable, one warning per outage instead of one per retry;
+    disconnects and closes are routine and stay quiet."""
+
+    def __init__(self, who: str, on_error: Callable[[Exception], None] | None) -> None:
+        self.who = who
+        self.on_error = on_error
+        self.down = False
+
+    async def error(self, exc: Exception) -> None:
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, _CONNECTION_ERRORS) and "violation" not in text.lower():
+            (log.debug if self.down else log.warning)("%s: NATS unreachable: %r", self.who, exc)
+            self.down = True
+        elif "violation" in text.lower():
+            log.warning("%s: NATS refused: %s", self.who, text.removeprefix("nats: "))
+        else:
+            log.warning("%s: NATS error: %s", self.who, text)
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    async def reconnected(self) -> None:
+        if self.down:
+            log.info("%s: reconnected to NATS", self.who)
+        self.down = False
+
+    async def quiet(self) -> None:
+        return None
+
+
+def _seed_option(seed: str | os.PathLike[str]) -> dict[str, str]:
+    """A seed value (``SU…``, 58 characters) or the path of a file holding one."""
+    text = os.fspath(seed).strip()
+    if len(text) == 58 and text.startswith("SU") and text.isalnum():
+        return {"nkeys_seed_str": text}
+    if not os.path.isfile(text):
+        raise FileNotFoundError(f"NATS nkey seed file {text} not found (LOOM_NKEY_SEED_FILE)")
+    return {"nkeys_seed": text}  # read at each (re)connect: a rotated file is picked up
+
+
+async def connect(
+    url: str,
+    name: str,
+    persistent: bool = True,
+    *,
+    seed: str | os.PathLike[str] | None = None,
+    identity: str | None = None,
+    on_error: Callable[[Exception], None] | None = None,
+) -> NATS:
     """Services reconnect forever (``persistent``); a CLI or client gives up quickly so
-    a stack that is not running is reported instead of waited for."""
+    a stack that is not running is reported instead of waited for.
+
+    ``seed``: the nkey user seed to authenticate with (a file path or the value); None
+    connects without credentials (only an insecure development server accepts that).
+    ``identity``: the route identity connecting; its replies come to
+    ``_INBOX.<identity>.…``, the only inbox its permissions let it read.
+    ``on_error``: also told every asynchronous error (after it is logged)."""
+    events = _ConnectionEvents(identity or name, on_error)
+    options: dict[str, Any] = _seed_option(seed) if seed is not None else {}
+    if identity is not None:
+        options["inbox_prefix"] = f"_INBOX.{identity}"
     return await nats.connect(
         url,
         name=name,
@@ -95,6 +166,11 @@ async def connect(url: str, name: str, persistent: bool = True) -> NATS:
         reconnect_time_wait=0.2,
         connect_timeout=5 if persistent else 2,
         allow_reconnect=persistent,
+        error_cb=events.error,
+        disconnected_cb=events.quiet,
+        closed_cb=events.quiet,
+        reconnected_cb=events.reconnected,
+        **options,
     )
 
 
@@ -126,11 +202,21 @@ async def dead_letter(
     payload: bytes,
     deliveries: int = 1,
 ) -> None:
+    # The DLQ is a stream: inline secrets are redacted before the copy is stored (JSON:
+    # by key and pattern; anything else: key/value forms and patterns in the raw text).
+    try:
+        text = msgspec.json.encode(secrets.redact_value(msgspec.json.decode(payload))[0])
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # deeper than msgspec
+        text = secrets.scrub_raw_text(payload.decode("utf-8", errors="replace")).encode()
+    details, _ = secrets.redact_value(error.details)
+    error = msgspec.structs.replace(
+        error, message=secrets.scrub_raw_text(error.message), details=details
+    )
     letter = DeadLetter(
         origin_subject=origin_subject,
         service=service,
         error=error,
-        payload=payload[:DLQ_PAYLOAD_LIMIT].decode("utf-8", errors="replace"),
+        payload=text[:DLQ_PAYLOAD_LIMIT].decode("utf-8", errors="ignore"),
         at=now(),
         deliveries=deliveries,
     )
@@ -306,7 +392,7 @@ class PullConsumer:
 async def held_events(
     js: JetStreamContext,
     durable: str,
-    event_tag: str,
+    filter_subject: str,
     handle: Callable[[Msg], Awaitable[None]],
     stop: asyncio.Event,
 ) -> None:
@@ -317,7 +403,7 @@ async def held_events(
         durable_name=durable,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
-        filter_subject=subjects.events_of_kind(event_tag),
+        filter_subject=filter_subject,
         ack_wait=ACK_WAIT_S,
         max_deliver=-1,  # redelivered as often as it takes
         max_ack_pending=100_000,  # every held message is an unacked one

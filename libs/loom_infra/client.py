@@ -7,18 +7,22 @@ Anything here can be done from another language with the subjects and schemas in
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     TERMINAL_EVENTS,
     ErrorInfo,
     EventRecord,
+    ForkReply,
+    ForkRun,
     Ping,
     Pong,
     ResumeReply,
@@ -45,6 +49,19 @@ from loom_core.contracts import (
 from loom_infra import bus
 
 T = TypeVar("T")
+log = logging.getLogger("loom.client")
+
+
+async def is_stored(nc: NATS, record: EventRecord, timeout: float = 5.0) -> bool:
+    """Is ``record`` exactly the event the executor stored at its run and seq? How a
+    consumer of ``loom.run.>`` tells an event the relay published from one anybody
+    published (with NATS credentials off), for commands it cannot undo. Raises when the
+    executor cannot answer."""
+    query = RunEventsQuery(run_id=record.run_id, after_seq=max(0, record.seq - 1), limit=1)
+    reply = await bus.request(nc, subjects.API_RUN_EVENTS, query, RunEventsReply, timeout)
+    if reply.error is not None:
+        raise RuntimeError(f"executor: {reply.error.code}: {reply.error.message}")
+    return bool(reply.events) and codec.encode(reply.events[0]) == codec.encode(record)
 
 
 class LoomError(Exception):
@@ -63,9 +80,24 @@ class LoomClient:
 
     @classmethod
     async def connect(
-        cls, url: str, name: str = "loom-client", persistent: bool = False
+        cls,
+        url: str,
+        name: str = "loom-client",
+        persistent: bool = False,
+        *,
+        seed: str | os.PathLike[str] | None = None,
+        identity: str = "operator",
+        on_error: Callable[[Exception], None] | None = None,
     ) -> LoomClient:
-        return cls(await bus.connect(url, name, persistent=persistent))
+        """Connect as ``identity`` (``operator``: the CLI; ``client``: submit only)
+        with its nkey ``seed`` (a file or the value; None: no credentials)."""
+        nc = await bus.connect(
+            url, name, persistent=persistent, seed=seed, identity=identity, on_error=on_error
+        )
+        client = cls(nc)
+        if identity in ("client", "operator"):
+            client.via = identity  # the submit subject it may publish on
+        return client
 
     async def close(self) -> None:
         try:
@@ -82,30 +114,68 @@ class LoomClient:
     async def _ask(self, subject: str, message: object, reply_type: type[T], timeout: float) -> T:
         return await bus.request(self.nc, subject, message, reply_type, timeout)
 
-    async def submit(self, request: RunRequest, timeout: float = 10.0) -> SubmitAccepted:
-        reply = await self._ask(subjects.SUBMIT, request, SubmitReply, timeout)  # type: ignore[arg-type]
+    # The NATS identity this client submits as: the executor reads it from the subject
+    # (loom.submit.{via}), and the server lets each identity publish only its own.
+    via = "operator"
+    # A bearer JWT naming the user runs act for (the Authorization header); None: anonymous.
+    token: str | None = None
+
+    async def submit(
+        self, request: RunRequest, timeout: float = 10.0, token: str | None = None
+    ) -> SubmitAccepted:
+        reply = await self.submit_raw(codec.encode(request), timeout, token)
         if isinstance(reply, SubmitRejected):
             raise LoomError(reply.error)
         return reply
 
-    async def submit_raw(self, payload: bytes, timeout: float = 10.0) -> SubmitReply:
-        msg = await self.nc.request(subjects.SUBMIT, payload, timeout=timeout)
+    async def submit_raw(
+        self, payload: bytes, timeout: float = 10.0, token: str | None = None
+    ) -> SubmitReply:
+        token = token or self.token
+        headers = {subjects.AUTHORIZATION: f"Bearer {token}"} if token else None
+        msg = await self.nc.request(
+            subjects.submit(self.via), payload, timeout=timeout, headers=headers
+        )
         return codec.decode(msg.data, SubmitReply)  # type: ignore[arg-type]
+
+    async def fork(self, request: ForkRun, timeout: float = 10.0) -> ForkReply:
+        """Fork a recorded run; the executor computes what is reused from its store.
+        Raises LoomError when refused (no such run or step, a bad new run id)."""
+        reply = await self._ask(routes.FORK.subject(), request, ForkReply, timeout)
+        if reply.error is not None:
+            raise LoomError(reply.error)
+        return reply
 
     async def follow(self, run_id: str, timeout: float = 300.0) -> AsyncIterator[EventRecord]:
         """Every event of the run from the first, live, until a terminal event.
-        Raises TimeoutError when the run shows no progress for ``timeout`` seconds."""
+        Raises TimeoutError when the run shows no progress for ``timeout`` seconds.
+
+        Anyone may publish on the run's subjects when NATS runs without credentials: a
+        message that is not the run's next event (garbage, another run's, a repeat, one
+        far ahead) is skipped, and the terminal event, which decides what the caller is
+        told, is believed only if the executor stored it."""
         sub = await self.js.subscribe(
             subjects.run_events_of(run_id),
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )
+        last = 0
         try:
             while True:
                 msg = await sub.next_msg(timeout=timeout)
-                record = codec.decode_event(msg.data)
+                try:
+                    record = codec.decode_event(msg.data)
+                except Exception as exc:  # not an event: someone else's message
+                    log.debug("follow %s: skipped a message on %s: %r", run_id, msg.subject, exc)
+                    continue
+                if record.run_id != run_id or record.seq != last + 1:
+                    continue
+                terminal = isinstance(record.event, TERMINAL_EVENTS)
+                if terminal and not await is_stored(self.nc, record):
+                    continue
+                last = record.seq
                 yield record
-                if isinstance(record.event, TERMINAL_EVENTS):
+                if terminal:
                     return
         finally:
             await sub.unsubscribe()

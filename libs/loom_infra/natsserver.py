@@ -59,6 +59,9 @@ class EmbeddedNats:
     host: str = "127.0.0.1"
     max_payload: int = 1024 * 1024
     sync_always: bool = True
+    # an ``authorization { users = [...] }`` block (loom_infra.credentials); None: no
+    # authentication at all (development only)
+    authorization: str | None = field(default=None, repr=False)
     process: subprocess.Popen[str] | None = field(default=None, init=False)
     _log: list[str] = field(default_factory=list, init=False)
 
@@ -72,13 +75,14 @@ class EmbeddedNats:
         return (
             f"listen: {self.host}:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n'
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n' + (self.authorization or "")
         )
 
     def start(self, timeout: float = 20.0) -> EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "nats-server.conf"
         conf.write_text(self.config_text())
+        conf.chmod(0o600)  # it may name the users (public keys only, but nobody else's business)
         self.process = subprocess.Popen(
             [find_nats_server(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,

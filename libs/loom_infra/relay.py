@@ -13,6 +13,17 @@ notification id found in the header of the stream's last message, so it neither
 republishes what JetStream already holds nor skips anything; JetStream's duplicate
 window on ``Nats-Msg-Id`` is the second net.
 
+Neither can be turned against it by another publisher on ``loom.run.>`` (DESIGN
+decision 11; with NATS credentials off anyone may publish there):
+- the header of the stream's last message is believed only when the message is the
+  event the store holds at that notification id (else it is ignored, with a warning,
+  and the tracking record, a lower bound, decides: a few events go out again and are
+  dropped as duplicates);
+- the ``Nats-Msg-Id`` is bound to the content, ``{run_id}/{seq}/{digest of subject and
+  record}``: only the identical message can claim it first, and a ``duplicate`` ack is
+  checked against what the stream holds at that sequence; if it is not ours (someone
+  set our id on other bytes), the event is published again under an unguessable id.
+
 It is woken by the executor after each commit (``wake()``); a slow timer is only a
 safety net for writers in other processes.
 """
@@ -20,7 +31,9 @@ safety net for writers in other processes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 from collections import deque
 from collections.abc import Sequence
 
@@ -34,6 +47,19 @@ from loom_infra.bus import wait_or_timeout
 from loom_infra.store import EventStore
 
 log = logging.getLogger("loom.relay")
+
+
+def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
+    """The ``Nats-Msg-Id`` of a published event: its event id and a digest of exactly
+    what is published, so only that very message can hold the id."""
+    digest = hashlib.sha256(subject.encode() + b"\n" + data).hexdigest()[:32]
+    return f"{record.event_id}/{digest}"
+
+
+def _same_event(stored: EventRecord, found: EventRecord) -> bool:
+    return (stored.run_id, stored.seq, stored.kind, stored.at) == (
+        found.run_id, found.seq, found.kind, found.at,
+    )  # fmt: skip
 
 
 class Relay:
@@ -97,7 +123,31 @@ class Relay:
         except NotFoundError:
             return 0
         value = (msg.headers or {}).get(subjects.NOTIFICATION_ID)
-        return int(value) if value else 0
+        if not value:
+            return 0
+        # Trusted only if the message is the stored event at that position: a message
+        # anyone published with a large id would otherwise make every later event skipped.
+        found = "an unreadable message"
+        try:
+            position = int(value)
+            record = codec.decode_event(msg.data or b"")
+            found = f"{record.event_id} ({record.kind})"
+            rows = await self.io(self.store.read_notifications, position - 1, 1)
+        except Exception as exc:
+            log.warning(
+                "relay: ignoring %s=%r on the stream's last message (seq %s): %s (%r)",
+                subjects.NOTIFICATION_ID, value, msg.seq, found, exc,
+            )  # fmt: skip
+            return 0
+        if rows and rows[0][0] == position and _same_event(rows[0][1], record):
+            return position
+        stored = f"{rows[0][1].event_id} at {rows[0][0]}" if rows else "nothing"
+        log.warning(
+            "relay: ignoring %s=%s on the stream's last message (seq %s, %s on %s): the store "
+            "holds %s there; resuming from the tracking record",
+            subjects.NOTIFICATION_ID, value, msg.seq, found, msg.subject, stored,
+        )  # fmt: skip
+        return 0
 
     async def start_position(self) -> int:
         tracked = await self.io(self.store.position, self.name)
@@ -138,26 +188,47 @@ class Relay:
             self._more_in_store = False
         if not rows:
             return 0
-        acks = []
+        sent = []
         for notification_id, record in rows:
+            subject = subjects.run_event(record.run_id, record.kind)
+            data = codec.encode(record)
             headers = {
-                subjects.MSG_ID: record.event_id,
+                subjects.MSG_ID: msg_id(record, subject, data),
                 subjects.NOTIFICATION_ID: str(notification_id),
                 subjects.EVENT_TYPE: record.kind,
             }
-            acks.append(
-                await self.js.publish_async(
-                    subjects.run_event(record.run_id, record.kind),
-                    codec.encode(record),
-                    headers=headers,
-                )
-            )
+            ack = await self.js.publish_async(subject, data, headers=headers)
+            sent.append((subject, data, headers, ack))
         # A publish whose ack never comes must not hang the relay: fail the batch and
         # retry it (Nats-Msg-Id makes the retry harmless).
-        await asyncio.wait_for(asyncio.gather(*acks), timeout=self.ack_timeout_s)
+        acks = await asyncio.wait_for(
+            asyncio.gather(*(ack for *_, ack in sent)), timeout=self.ack_timeout_s
+        )
+        for (subject, data, headers, _), ack in zip(sent, acks, strict=True):
+            if ack.duplicate:  # after a crash, a republish; else someone took our id
+                await self._check_duplicate(subject, data, headers, ack.seq)
         self.position = rows[-1][0]
         await self._track()
         return len(rows)
+
+    async def _check_duplicate(
+        self, subject: str, data: bytes, headers: dict[str, str], seq: int
+    ) -> None:
+        """JetStream dropped our publish as a duplicate of stream message ``seq``: fine if
+        that message is ours; if not, publish ours again under an id no one can guess."""
+        try:
+            held = await self.js.get_msg(subjects.RUN_EVENTS_STREAM, seq)
+        except NotFoundError:
+            held = None
+        if held is not None and held.subject == subject and held.data == data:
+            return
+        log.warning(
+            "relay: %s was taken by another message (stream seq %s on %s); publishing the "
+            "event again under a fresh id",
+            headers[subjects.MSG_ID], seq, held.subject if held is not None else "nothing",
+        )  # fmt: skip
+        fresh = {**headers, subjects.MSG_ID: f"{headers[subjects.MSG_ID]}/{uuid.uuid4().hex}"}
+        await self.js.publish(subject, data, headers=fresh)
 
     async def _track(self, force: bool = False) -> None:
         """Record the position at most every ``track_interval_s`` (one commit saved per

@@ -22,6 +22,18 @@ Variables (all optional unless noted):
 - ``LOOM_HTTP_ALLOW_PRIVATE``: comma list of hosts or CIDRs the HTTP tool may reach even
   though they are private/loopback addresses; default empty (none).
 - ``LOOM_MODEL``: litellm model name; unset means no model (explicit plans only).
+- ``LOOM_SECRET_<NAME>`` and ``LOOM_SECRETS_DIR`` (a file per name): the secrets the
+  tool-runner resolves for ``{{ secrets.NAME }}`` (``loom_infra.secret_source``).
+- ``LOOM_AUTH_*``: how the executor verifies the JWT a submitter sends (see
+  :class:`AuthSettings` and ``loom_infra.auth``).
+- ``LOOM_NKEY_SEED_FILE``: the nkey seed this process connects to NATS with (one
+  identity per process: a Kubernetes pod mounts its service's seed here; the CLI uses the
+  ``operator`` seed). Unset: ``{LOOM_CREDS_DIR}/<identity>.nk`` when that file exists,
+  else no credentials (only an insecure server accepts that).
+- ``LOOM_CREDS_DIR``: directory of per-identity seeds ``<identity>.nk`` that ``loom up``
+  generates and its services use, default ``{LOOM_DATA_DIR}/creds``.
+- ``LOOM_INSECURE``: ``1``/``true`` runs ``loom up`` with no NATS authentication at all
+  (development only; loudly logged) and makes every process connect without credentials.
 
 Secrets: the password of ``LOOM_POSTGRES_URL`` (and any in ``LOOM_NATS_URL``) never
 appears in ``repr``/``str`` of these objects; use :func:`redact_url` when logging a URL.
@@ -35,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit, urlunsplit
+
+from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
 
 StoreKind = Literal["sqlite", "postgres"]
 
@@ -75,8 +89,13 @@ class StoreSettings:
     kind: StoreKind
     data_dir: Path
     postgres_url: str | None = field(default=None, repr=False)
+    # LOOM_SNAPSHOTS_KEPT: snapshots kept per run (older ones are deleted on each save),
+    # so the snapshot store holds O(state) per run, not O(history x state)
+    snapshots_kept: int = 2
 
     def __post_init__(self) -> None:
+        if self.snapshots_kept < 1:
+            raise SettingsError("LOOM_SNAPSHOTS_KEPT", f"must be >= 1, got {self.snapshots_kept}")
         if self.kind not in ("sqlite", "postgres"):
             raise SettingsError("LOOM_STORE", f"must be 'sqlite' or 'postgres', got {self.kind!r}")
         if self.kind == "postgres":
@@ -103,6 +122,105 @@ class StoreSettings:
     __str__ = __repr__
 
 
+# Asymmetric only: never `none`, never HS* (a public key must not double as an HMAC secret).
+AUTH_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """JWT verification of submissions (``loom_infra.auth``). Off when ``issuer`` is unset.
+
+    - ``LOOM_AUTH_ISSUER``, ``LOOM_AUTH_AUDIENCE``: the ``iss`` and ``aud`` a token must
+      carry (both required once either is set).
+    - ``LOOM_AUTH_PUBLIC_KEY_FILE`` (a PEM public key) and/or ``LOOM_AUTH_JWKS_FILE`` (a
+      local JWKS document, keys picked by ``kid``): at least one when the issuer is set.
+    - ``LOOM_AUTH_ANONYMOUS``: ``true``/``false``, may a submission without a token run
+      as the anonymous principal (no roles, no permissions)? Default: yes when no issuer
+      is configured, no when one is.
+    - ``LOOM_AUTH_ALGORITHMS``: comma list, default ``RS256,ES256,EdDSA``.
+    - ``LOOM_AUTH_LEEWAY_S``: clock skew allowed on ``exp``/``nbf``/``iat``, default 30.
+    - ``LOOM_AUTH_ROLES_CLAIM``, ``LOOM_AUTH_PERMISSIONS_CLAIM``, ``LOOM_AUTH_TENANT_CLAIM``:
+      claim names (a dotted path reaches into objects, e.g. ``realm_access.roles``).
+    """
+
+    issuer: str | None = None
+    audience: str | None = None
+    public_key_file: Path | None = None
+    jwks_file: Path | None = None
+    anonymous: bool | None = None  # None: allowed exactly when no issuer is configured
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_s: float = 30.0
+    roles_claim: str = "roles"
+    permissions_claim: str = "permissions"
+    tenant_claim: str = "tenant"
+
+    def __post_init__(self) -> None:
+        if self.issuer is None:
+            if self.audience or self.public_key_file or self.jwks_file:
+                raise SettingsError("LOOM_AUTH_ISSUER", "required with the other LOOM_AUTH_*")
+            if self.anonymous is False:
+                raise SettingsError(
+                    "LOOM_AUTH_ANONYMOUS",
+                    "false needs LOOM_AUTH_ISSUER set, or no submission could ever be accepted",
+                )
+            return
+        if not self.audience:
+            raise SettingsError("LOOM_AUTH_AUDIENCE", "required when LOOM_AUTH_ISSUER is set")
+        if self.public_key_file is None and self.jwks_file is None:
+            raise SettingsError(
+                "LOOM_AUTH_PUBLIC_KEY_FILE",
+                "(or LOOM_AUTH_JWKS_FILE) is required when LOOM_AUTH_ISSUER is set",
+            )
+        refused = [a for a in self.algorithms if a not in AUTH_ALGORITHMS]
+        if refused or not self.algorithms:
+            raise SettingsError(
+                "LOOM_AUTH_ALGORITHMS",
+                f"{refused or 'none'} not allowed; choose among {', '.join(AUTH_ALGORITHMS)}",
+            )
+        if not 0 <= self.leeway_s <= 300:
+            raise SettingsError("LOOM_AUTH_LEEWAY_S", f"must be 0-300 s, got {self.leeway_s}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.issuer is not None
+
+    @property
+    def allow_anonymous(self) -> bool:
+        return not self.enabled if self.anonymous is None else self.anonymous
+
+
+# --- secrets for `{{ secrets.NAME }}` (loom_infra.secret_source; only the tool-runner
+# reads them). Values never appear in repr.
+SECRET_ENV_PREFIX = "LOOM_SECRET_"  # noqa: S105 (a variable prefix, not a secret)
+
+
+@dataclass(frozen=True)
+class SecretSettings:
+    dir: Path | None = None  # LOOM_SECRETS_DIR: one file per name (a mounted k8s Secret)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # NAME -> value
+
+    def __repr__(self) -> str:
+        where = str(self.dir) if self.dir else None
+        return f"SecretSettings(dir={where!r}, env names={sorted(self.env)})"
+
+
+def secret_settings_from_env(env: Mapping[str, str] = os.environ) -> SecretSettings:
+    directory = _get(env, "LOOM_SECRETS_DIR")
+    return SecretSettings(
+        dir=Path(directory) if directory else None,
+        # values as given (not stripped): a secret is exactly its bytes
+        env={
+            k[len(SECRET_ENV_PREFIX) :]: v
+            for k, v in env.items()
+            if k.startswith(SECRET_ENV_PREFIX)
+        },
+    )
+
+
+# --- end of secrets
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(repr=False)
@@ -112,13 +230,38 @@ class Settings:
     model: str | None = None
     # Python modules whose ``register(registry)`` adds tools (LOOM_TOOL_MODULES, commas)
     tool_modules: tuple[str, ...] = ()
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    secrets: SecretSettings = field(default_factory=SecretSettings)
+    # NATS credentials (loom_infra.credentials): see the module doc
+    nkey_seed_file: Path | None = None
+    creds_dir: Path | None = None
+    insecure: bool = False
+    # deepest JSON accepted in a run request (LOOM_MAX_JSON_DEPTH, 1-200)
+    max_json_depth: int = DEFAULT_MAX_DEPTH
+
+    @property
+    def credentials_dir(self) -> Path:
+        return self.creds_dir if self.creds_dir is not None else self.store.data_dir / "creds"
+
+    def seed_file_for(self, identity: str) -> Path | None:
+        """The seed ``identity`` connects with: LOOM_NKEY_SEED_FILE (one identity per
+        process), else its file in the credentials directory if there is one, else None
+        (no credentials; always None in insecure mode)."""
+        if self.insecure:
+            return None
+        if self.nkey_seed_file is not None:
+            return self.nkey_seed_file
+        candidate = self.credentials_dir / f"{identity}.nk"
+        return candidate if candidate.is_file() else None
 
     def __repr__(self) -> str:
         return (
             f"Settings(nats_url={redact_url(self.nats_url)!r}, store={self.store!r}, "
             f"max_payload={self.max_payload!r}, "
             f"http_allow_private={self.http_allow_private!r}, model={self.model!r}, "
-            f"tool_modules={self.tool_modules!r})"
+            f"tool_modules={self.tool_modules!r}, auth={self.auth!r}, "
+            f"nkey_seed_file={self.nkey_seed_file!r}, creds_dir={self.creds_dir!r}, "
+            f"insecure={self.insecure!r})"
         )
 
     __str__ = __repr__
@@ -141,6 +284,45 @@ def store_settings_from_env(env: Mapping[str, str] = os.environ) -> StoreSetting
         kind=cast(StoreKind, kind),
         data_dir=Path(_get(env, "LOOM_DATA_DIR") or DEFAULT_DATA_DIR),
         postgres_url=_get(env, "LOOM_POSTGRES_URL"),
+        snapshots_kept=_whole(env, "LOOM_SNAPSHOTS_KEPT", 2),
+    )
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be a whole number, got {raw!r}") from None
+
+
+def auth_settings_from_env(env: Mapping[str, str] = os.environ) -> AuthSettings:
+    def path(name: str) -> Path | None:
+        value = _get(env, name)
+        return Path(value) if value else None
+
+    anonymous = _get(env, "LOOM_AUTH_ANONYMOUS")
+    if anonymous is not None and anonymous.lower() not in ("true", "false", "1", "0"):
+        raise SettingsError("LOOM_AUTH_ANONYMOUS", f"must be true or false, got {anonymous!r}")
+    leeway = _get(env, "LOOM_AUTH_LEEWAY_S") or "30"
+    try:
+        leeway_s = float(leeway)
+    except ValueError:
+        raise SettingsError("LOOM_AUTH_LEEWAY_S", f"must be seconds, got {leeway!r}") from None
+    algorithms = _get(env, "LOOM_AUTH_ALGORITHMS") or "RS256,ES256,EdDSA"
+    return AuthSettings(
+        issuer=_get(env, "LOOM_AUTH_ISSUER"),
+        audience=_get(env, "LOOM_AUTH_AUDIENCE"),
+        public_key_file=path("LOOM_AUTH_PUBLIC_KEY_FILE"),
+        jwks_file=path("LOOM_AUTH_JWKS_FILE"),
+        anonymous=None if anonymous is None else anonymous.lower() in ("true", "1"),
+        algorithms=tuple(a.strip() for a in algorithms.split(",") if a.strip()),
+        leeway_s=leeway_s,
+        roles_claim=_get(env, "LOOM_AUTH_ROLES_CLAIM") or "roles",
+        permissions_claim=_get(env, "LOOM_AUTH_PERMISSIONS_CLAIM") or "permissions",
+        tenant_claim=_get(env, "LOOM_AUTH_TENANT_CLAIM") or "tenant",
     )
 
 
@@ -165,4 +347,29 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         http_allow_private=tuple(item.strip() for item in allow.split(",") if item.strip()),
         model=_get(env, "LOOM_MODEL"),
         tool_modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
+        auth=auth_settings_from_env(env),
+        secrets=secret_settings_from_env(env),
+        nkey_seed_file=_path(env, "LOOM_NKEY_SEED_FILE"),
+        creds_dir=_path(env, "LOOM_CREDS_DIR"),
+        insecure=_flag(env, "LOOM_INSECURE"),
+        max_json_depth=_depth(env),
     )
+
+
+def _depth(env: Mapping[str, str]) -> int:
+    try:
+        return depth_limit(env)
+    except ValueError as exc:
+        raise SettingsError(MAX_DEPTH_SETTING, str(exc)) from None
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    value = _get(env, name)
+    return Path(value) if value else None
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = (_get(env, name) or "false").lower()
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise SettingsError(name, f"must be 1/true/yes or 0/false/no, got {value!r}")
+    return value in ("1", "true", "yes")

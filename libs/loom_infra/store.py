@@ -393,7 +393,39 @@ def open_snapshot_store(settings: StoreSettings) -> SnapshotStore:
     """Open (creating tables if needed) the run-state snapshots."""
     with _translated("open snapshot store", settings.kind):
         recorder, close = _open_aggregate_recorder(settings, "snapshots", SNAPSHOTS_TABLE)
-        return SnapshotStore(recorder, backend=settings.kind, close=close)
+        with _closing_on_error(recorder.datastore):
+            if settings.kind == "postgres":
+                _vacuum_like_any_table(recorder)
+        return SnapshotStore(
+            recorder, backend=settings.kind, close=close, keep=settings.snapshots_kept
+        )
+
+
+def _vacuum_like_any_table(recorder: Any) -> None:
+    """The library creates its tables with autovacuum all but off (a threshold of 100M
+    dead rows: an event table never deletes). Snapshots are deleted on every save, so
+    without vacuum their space (TOAST chunks) would never be reused and the table would
+    grow with history after all. The table holds a few rows per run: vacuum it as soon
+    as a few are dead (its TOAST table, where the bodies are, inherits the settings)."""
+    from psycopg.sql import SQL, Identifier
+
+    schema = recorder.datastore.schema
+    table = SQL("{}.{}").format(Identifier(schema), Identifier(SNAPSHOTS_TABLE))
+    wanted = {"autovacuum_vacuum_threshold=10", "autovacuum_vacuum_scale_factor=0"}
+    with recorder.datastore.transaction(commit=True) as curs:
+        curs.execute(
+            "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relname = %s",
+            (schema, SNAPSHOTS_TABLE),
+        )
+        row = curs.fetchone()
+        if not wanted <= set((row["reloptions"] if row else None) or []):
+            curs.execute(  # only when needed: ALTER TABLE takes a lock
+                SQL(
+                    "ALTER TABLE {} SET (autovacuum_vacuum_threshold = 10, "
+                    "autovacuum_vacuum_scale_factor = 0)"
+                ).format(table)
+            )
 
 
 def open_tool_ledger(settings: StoreSettings) -> ToolCallLedger:
@@ -624,24 +656,94 @@ class LedgerEntry:
 class SnapshotStore(_Closable):
     """Snapshots of a run's folded state, so loading a long run costs the events after
     the last snapshot, not its whole history. Version = the run's ``seq`` it was taken
-    at; a snapshot is only a cache: losing one just means folding more events."""
+    at; a snapshot is only a cache: losing one just means folding more events.
+
+    Only the newest ``keep`` snapshots of a run are kept (``LOOM_SNAPSHOTS_KEPT``): each
+    save deletes the older ones in the same transaction, so the store holds O(state) per
+    run, not O(history x state) (a 100k-item foreach once left 234 full snapshots, 3.3
+    GB). Loading reads only the newest; the others are spares in case it is unreadable.
+    The delete is "older than the keep-th newest", so a save that crashed before pruning
+    is caught up by the next one."""
 
     def __init__(
-        self, recorder: AggregateRecorder, *, backend: Backend, close: Callable[[], None]
+        self,
+        recorder: AggregateRecorder,
+        *,
+        backend: Backend,
+        close: Callable[[], None],
+        keep: int = 2,
     ) -> None:
         super().__init__(backend, close)
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
         self._recorder = recorder
+        self._keep = keep
+        self._save_sql, self._taken_sql = _snapshot_statements(recorder, backend)
+
+    @property
+    def keep(self) -> int:
+        return self._keep
 
     def save(self, run_id: str, seq: int, state: bytes) -> None:
+        """Store the snapshot of ``run_id`` at ``seq`` (a second save at the same seq is a
+        no-op) and delete the run's snapshots older than the newest ``keep``."""
         self._check_open("save snapshot")
-        with _translated("save snapshot", self._backend), suppress(IntegrityError):
-            self._recorder.insert_events([StoredEvent(run_id, seq, "snapshot", bytes(state))])
+        datastore = self._recorder.datastore  # type: ignore[attr-defined]
+        insert, prune = self._save_sql
+        with (
+            _translated("save snapshot", self._backend),
+            datastore.transaction(commit=True) as curs,
+        ):
+            curs.execute(insert, (run_id, seq, "snapshot", bytes(state)))
+            curs.execute(prune, (run_id, run_id, self._keep - 1))
 
     def latest(self, run_id: str) -> tuple[int, bytes] | None:
         self._check_open("load snapshot")
         with _translated("load snapshot", self._backend):
             rows = self._recorder.select_events(run_id, desc=True, limit=1)
         return (rows[0].originator_version, bytes(rows[0].state)) if rows else None
+
+    def taken(self, run_id: str) -> list[int]:
+        """The seqs of the run's stored snapshots, ascending (their bodies are not read)."""
+        self._check_open("list snapshots")
+        datastore = self._recorder.datastore  # type: ignore[attr-defined]
+        with (
+            _translated("list snapshots", self._backend),
+            datastore.transaction(commit=False) as curs,
+        ):
+            curs.execute(self._taken_sql, (run_id,))
+            return [row["originator_version"] for row in curs.fetchall()]
+
+
+def _snapshot_statements(recorder: Any, backend: Backend) -> tuple[tuple[Any, Any], Any]:
+    """(insert, prune) and list statements on the snapshot table. The prune deletes
+    every version below the keep-th newest (an empty subquery, fewer snapshots than
+    ``keep``, compares as NULL and deletes nothing)."""
+    insert = (
+        "INSERT INTO {t} (originator_id, originator_version, topic, state) "
+        "VALUES ({p}, {p}, {p}, {p}) ON CONFLICT DO NOTHING"
+    )
+    prune = (
+        "DELETE FROM {t} WHERE originator_id = {p} AND originator_version < ("
+        "SELECT originator_version FROM {t} WHERE originator_id = {p} "
+        "ORDER BY originator_version DESC LIMIT 1 OFFSET {p})"
+    )
+    taken = "SELECT originator_version FROM {t} WHERE originator_id = {p} ORDER BY 1"
+    if backend == "sqlite":
+        # the table name is our constant, not input; SQLite has no identifier quoting API
+        def sqlite(text: str) -> str:
+            return text.format(t=f'"{SNAPSHOTS_TABLE}"', p="?")
+
+        return (sqlite(insert), sqlite(prune)), sqlite(taken)
+
+    from psycopg.sql import SQL, Identifier
+
+    table = SQL("{}.{}").format(Identifier(recorder.datastore.schema), Identifier(SNAPSHOTS_TABLE))
+
+    def pg(text: str) -> Any:
+        return SQL(text.replace("{p}", "%s")).format(t=table)
+
+    return (pg(insert), pg(prune)), pg(taken)
 
 
 class ToolCallLedger(_Closable):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -16,11 +17,13 @@ from typing import Any
 
 import msgspec
 import typer
-import yaml
+from rich.markup import escape
 
+from loom_cli import planfile
 from loom_cli.common import (
     Output,
     OutputOpt,
+    TokenOpt,
     UrlOpt,
     connect,
     dump,
@@ -28,10 +31,12 @@ from loom_cli.common import (
     run_and_report,
 )
 from loom_cli.control import register as register_control_commands
+from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
 from loom_cli.render import (
     events_table,
     lineage_tree,
+    principal_line,
     runs_table,
     span_tree,
     stderr,
@@ -41,6 +46,7 @@ from loom_cli.traces import register as register_trace_commands
 from loom_core import codec
 from loom_core.contracts import RunRequest
 from loom_infra.client import LoomClient, LoomError
+from loom_infra.datalock import DataDirLocked
 from loom_infra.settings import settings_from_env
 
 app = typer.Typer(
@@ -59,26 +65,21 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def load_run_request(path: Path, inputs: list[str], input_json: str | None) -> RunRequest:
     """A run file is a RunRequest (``plan:`` + ``input:``) or a bare plan (``steps:``)."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise fail(f"cannot read {path}: {exc}") from None
+    doc = planfile.read_run_file(path)  # no recursion on what the file holds
     if not isinstance(doc, dict):
         raise fail(f"{path}: expected a mapping with `plan:` or `steps:`")
     if "steps" in doc:
         doc = {"plan": doc}
     run_input = dict(doc.get("input") or {})
     if input_json:
-        try:
-            run_input.update(json.loads(input_json))
-        except json.JSONDecodeError as exc:
-            raise fail(f"--input-json is not valid JSON: {exc}") from None
+        run_input.update(planfile.parse_json(input_json, "--input-json"))
     for item in inputs:
         key, sep, value = item.partition("=")
         if not sep:
             raise fail(f"--input expects KEY=VALUE, got {item!r}")
         run_input[key] = value
     doc["input"] = run_input
+    planfile.check(doc, str(path), *planfile.limits())
     try:
         return msgspec.convert(doc, RunRequest)
     except msgspec.ValidationError as exc:
@@ -92,8 +93,13 @@ def load_run_request(path: Path, inputs: list[str], input_json: str | None) -> R
 def up(
     port: int = typer.Option(4222, help="NATS client port (embedded server)"),
     data_dir: Path = typer.Option(None, envvar="LOOM_DATA_DIR", help="where state lives"),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="no NATS authentication (development only; LOOM_INSECURE=1)"
+    ),
 ) -> None:
-    """Start nats-server (JetStream), the store and all five services; Ctrl-C stops."""
+    """Start nats-server (JetStream), the store and all five services; Ctrl-C stops.
+
+    Each service connects with its own NATS key (generated in DATA_DIR/creds)."""
     from loom_services.runtime import configure_logging
     from loom_services.stack import LocalStack
 
@@ -103,6 +109,8 @@ def up(
         settings = dataclasses.replace(
             settings, store=dataclasses.replace(settings.store, data_dir=data_dir)
         )
+    if insecure:
+        settings = dataclasses.replace(settings, insecure=True)
 
     async def main() -> None:
         import signal
@@ -112,13 +120,25 @@ def up(
                 f"[green]agentloom is up[/]: NATS {stack.url}, store {settings.store.kind} "
                 f"in {settings.store.data_dir}. Ctrl-C to stop."
             )
+            if stack.credentials is None:
+                stderr.print("[red bold]INSECURE[/]: NATS accepts anyone, with every right.")
+            else:
+                operator = stack.seed_file("operator")
+                stderr.print(
+                    f"NATS keys in {stack.credentials.directory}: operator (this CLI: "
+                    f"LOOM_NKEY_SEED_FILE={operator}, the default under this data dir), "
+                    f"client (submit only, for applications): {stack.seed_file('client')}"
+                )
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except DataDirLocked as exc:
+        raise fail(exc.error.message) from None
 
 
 @app.command()
@@ -129,6 +149,7 @@ def run(
     run_id: str = typer.Option(None, "--run-id", help="choose the run id (idempotent)"),
     output: Output = OutputOpt,
     url: str = UrlOpt,
+    token: str = TokenOpt,
 ) -> None:
     """Submit a run, show each step live, print the output (exit 1 if the run fails)."""
     request = load_run_request(file, input, input_json)
@@ -137,6 +158,7 @@ def run(
 
     async def main() -> int:
         client = await connect(url)
+        client.token = token or None  # sent as `Authorization: Bearer`, never stored
         async with client:
             code, _ = await run_and_report(client, request, output)
             return code
@@ -188,6 +210,8 @@ def show(run_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> None:
         elif output is Output.json:
             stdout.print_json(dump(records))
         else:
+            if (who := principal_line(records)) is not None:
+                stdout.print(who)
             stdout.print(events_table(records))
 
     asyncio.run(main())
@@ -256,7 +280,7 @@ def demo(
     async def main() -> int:
         stderr.print("starting nats-server (JetStream), SQLite and five services…")
         async with LocalStack(settings, nats_port=-1) as stack:
-            async with await LoomClient.connect(stack.url) as client:
+            async with await stack.client() as client:
                 stderr.print(f"[green]stack up[/] at {stack.url}; submitting {file.name}")
                 code, run_id = await run_and_report(client, request, Output.text)
                 if run_id is not None:
@@ -283,9 +307,39 @@ async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) ->
 
 
 register_control_commands(app)
+register_creds_commands(app)
 register_debug_commands(app)
 register_trace_commands(app)
 
 
 def main() -> None:
-    app()
+    """Run the CLI. No traceback reaches a user unless they ask for it (``--debug`` or
+    ``LOOM_DEBUG=1``): an unexpected failure is one line saying what to do."""
+    debug = "--debug" in sys.argv or os.environ.get("LOOM_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except BaseException as exc:
+        if debug:
+            raise
+        stderr.print(f"[red]error:[/] {escape(explain(exc))}", soft_wrap=True)
+        raise SystemExit(1) from None
+
+
+def explain(exc: BaseException) -> str:
+    """One line for an unexpected failure, with what to do about it."""
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return (
+            "no answer from the stack in time: check it is up (`loom up`), and if a "
+            "'permissions violation' warning is shown above, this key lacks that right "
+            "(the CLI needs the operator key). Add --debug for details"
+        )
+    name = type(exc).__name__
+    if "nats" in type(exc).__module__:
+        return f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"
+    return f"{name}: {exc}. This is a bug if it persists: rerun with --debug and report it"

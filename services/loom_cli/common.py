@@ -28,6 +28,13 @@ class Output(StrEnum):
 
 OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
 UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
+TokenOpt = typer.Option(
+    None,
+    "--token",
+    envvar="LOOM_TOKEN",
+    show_default=False,
+    help="bearer JWT of the user the run acts for (prefer LOOM_TOKEN: argv is visible)",
+)
 
 
 def dump(value: Any) -> str:
@@ -36,7 +43,8 @@ def dump(value: Any) -> str:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print the error (never interpreted as markup) and return the exit to raise."""
-    stderr.print(f"[red]error:[/] {escape(message)}")
+    # soft_wrap: one line whatever the width, so it can be grepped and copied
+    stderr.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -51,9 +59,20 @@ async def connect(url: str | None) -> LoomClient:
     settings = settings_from_env()
     if url:
         settings = dataclasses.replace(settings, nats_url=url)
+    # the operator's key: LOOM_NKEY_SEED_FILE, else the one `loom up` wrote
+    seed = settings.seed_file_for("operator")
     try:
-        return await LoomClient.connect(settings.nats_url)
+        return await LoomClient.connect(settings.nats_url, seed=seed, identity="operator")
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
     except Exception as exc:
+        if "authorization" in str(exc).lower():
+            raise fail(
+                f"NATS at {settings.nats_url} refused "
+                + (f"the operator key {seed}" if seed else "a connection without credentials")
+                + ": set LOOM_NKEY_SEED_FILE to the operator seed (`loom up` prints where it "
+                "is; by default {LOOM_DATA_DIR}/creds/operator.nk)"
+            ) from None
         raise fail(
             f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); "
             "start the stack with `loom up` or set LOOM_NATS_URL"
@@ -81,13 +100,20 @@ async def run_and_report(
     except LoomError as exc:
         stderr.print(f"[red]submission refused:[/] {exc}")
         return 2, None
-    last = await _follow(client, accepted.run_id, quiet)
+    return await follow_and_report(client, accepted.run_id, output, quiet), accepted.run_id
+
+
+async def follow_and_report(
+    client: LoomClient, run_id: str, output: Output, quiet: bool = False
+) -> int:
+    """Follow a run to its end and print its result; returns the exit code."""
+    last = await _follow(client, run_id, quiet)
     ok = isinstance(last.event, RunCompleted)
     if output is Output.json:
         stdout.print_json(
             json.dumps(
                 {
-                    "run_id": accepted.run_id,
+                    "run_id": run_id,
                     "status": "completed" if ok else last.kind,
                     "output": msgspec.to_builtins(last.event.output) if ok else None,  # type: ignore[union-attr]
                     "error": msgspec.to_builtins(getattr(last.event, "error", None)),
@@ -96,4 +122,4 @@ async def run_and_report(
         )
     elif ok:
         stdout.print_json(json.dumps(msgspec.to_builtins(last.event.output)))  # type: ignore[union-attr]
-    return (0 if ok else 1), accepted.run_id
+    return 0 if ok else 1

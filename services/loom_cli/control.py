@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loom_cli.common import Output, OutputOpt, UrlOpt, connect, dump, fail
-from loom_cli.render import stdout
+from loom_cli.render import principal_line, stdout
 from loom_core.contracts import EventRecord, RunControlReply
 from loom_core.stats import RunStats, StepCounts, run_stats
 from loom_infra.client import LoomClient, LoomError
@@ -101,6 +101,8 @@ def describe(run_id: str = RunArg, output: Output = OutputOpt, url: str = UrlOpt
     stats = run_stats(records, as_of=datetime.now(UTC))
     if output is Output.text:
         stdout.print(render_describe(stats))
+        if (who := principal_line(records)) is not None:
+            stdout.print(Text("  ") + who)
     elif output is Output.jsonl:
         sys.stdout.write(json.dumps(msgspec.to_builtins(stats), ensure_ascii=False) + "\n")
     else:

@@ -13,13 +13,14 @@ from typing import Any
 import msgspec
 import typer
 
-from loom_cli.common import Output, UrlOpt, connect, fail, json_arg, run_and_report
+from loom_cli.common import Output, UrlOpt, connect, fail, follow_and_report, json_arg
 from loom_cli.control import operator
 from loom_cli.render import stderr, stdout
 from loom_core import codec
-from loom_core.contracts import EventRecord
-from loom_core.lineage import ForkError, diff_runs, fork_request
+from loom_core.contracts import EventRecord, ForkRun
+from loom_core.lineage import diff_runs
 from loom_core.replay import replay, state_at, state_view
+from loom_infra.client import LoomError
 
 
 def read_jsonl(path: Path) -> list[EventRecord]:
@@ -132,22 +133,23 @@ def fork(
         edits[step] = json_arg(value, f"--set-output {step}")
     new_input = json_arg(input_json, "--input") if input_json else None
 
+    # The executor computes the fork from its own store (loom.fork): what is reused is
+    # never a client's claim.
+    request = ForkRun(
+        run_id=run_id, from_step=from_step, set_output=edits, input=new_input, new_run_id=new_id
+    )
+
     async def main() -> int:
         async with await connect(url) as c:
-            records = await c.events(run_id)
-            if not records:
-                raise fail(f"no run '{run_id}'")
             try:
-                request = fork_request(records, from_step, edits, new_input, new_id)
-            except ForkError as exc:
-                raise fail(str(exc)) from None
+                accepted = await c.fork(request)
+            except LoomError as exc:
+                raise fail(exc.error.message) from None
             if not follow:
-                accepted = await c.submit(request)
                 stdout.print(accepted.run_id, markup=False)
                 return 0
-            code, new = await run_and_report(c, request, Output.text)
-            if new:
-                stderr.print(f"fork of {run_id} from {from_step}: {new}", markup=False)
+            code = await follow_and_report(c, accepted.run_id, Output.text)
+            stderr.print(f"fork of {run_id} from {from_step}: {accepted.run_id}", markup=False)
             return code
 
     raise typer.Exit(asyncio.run(main()))

@@ -9,6 +9,7 @@ from datetime import datetime
 import msgspec
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from loom_core.contracts import (
@@ -99,6 +100,18 @@ def events_table(records: Sequence[EventRecord]) -> Table:
             detail = detail[:97] + "..."
         table.add_row(str(r.seq), r.at.strftime("%H:%M:%S.%f")[:-3], r.kind, detail)
     return table
+
+
+def principal_line(records: Sequence[EventRecord]) -> Text | None:
+    """Who the run acts for, from its first event (None for runs stored before
+    principals). Plain Text: a user id is never read as markup."""
+    first = records[0].event if records else None
+    p = first.principal if isinstance(first, RunRequested) else None
+    if p is None:
+        return None
+    who = "anonymous" if p.anonymous else p.user_id
+    roles = f", roles {', '.join(p.roles)}" if p.roles else ""
+    return Text(f"acts for {who} (tenant {p.tenant}{roles}) via {p.via}")
 
 
 def runs_table(runs: Sequence[RunSummary]) -> Table:

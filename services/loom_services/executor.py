@@ -21,14 +21,18 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, ids, routes, subjects
+from loom_core import codec, ids, limits, routes, secrets, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    ForkReply,
+    ForkRun,
+    InboxMessage,
     ParentLink,
     ResumeReply,
     ResumeRun,
@@ -47,15 +51,18 @@ from loom_core.executor import (
     SNAPSHOT_EVERY,
     Message,
     RunState,
+    Submission,
     advance,
     evolve,
     explain_resume,
     initial_state,
     restore,
     snapshot,
+    unexpected,
 )
+from loom_core.lineage import ForkError, fork_request
 from loom_core.replay import replay
-from loom_infra import bus
+from loom_infra import auth, bus, endpoints
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
@@ -83,6 +90,9 @@ class Work:
     done: asyncio.Future[list[EventRecord]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # a message from the bus: believed only if the run is waiting for it (``refusal``)
+    checked: bool = False
+    refused: ErrorInfo | None = None
 
 
 class RunHost:
@@ -143,6 +153,17 @@ class RunHost:
             self.actors.popitem(last=False)
         return state
 
+    async def refusal(self, state: RunState, message: Message, now: datetime) -> ErrorInfo | None:
+        """Why ``state``'s run does not take ``message`` from the bus (None: it does).
+        The pure ``unexpected`` plus what only the host can see: its clock (a timer that
+        is not yet due) and the child run a sub-run's end claims to report."""
+        if not isinstance(message, InboxMessage):
+            return None
+        error = unexpected(state, message, now)
+        if error is None and isinstance(message, SubRunFinished):
+            error = _child_mismatch(await self.state_of(message.child_run_id), message)
+        return error
+
     async def _snapshot(self, records: list[EventRecord]) -> None:
         """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY."""
         assert self.snapshots is not None
@@ -173,6 +194,13 @@ class RunHost:
             for work in batch:
                 state = await self.state_of(work.run_id)
                 touched.add(work.run_id)
+                if work.checked:
+                    # checked against the state as it is now, in the writer: of a forged
+                    # and a genuine answer, only the first that fits is recorded
+                    work.refused = await self.refusal(state, work.message, at)
+                    if work.refused is not None:
+                        per_work.append([])
+                        continue
                 base = state.version
                 produced = [
                     EventRecord(run_id=work.run_id, seq=base + i, at=at, event=event)
@@ -211,6 +239,7 @@ class ExecutorService:
         self.store = store or open_event_store(settings.store)
         self.io = Blocking("executor-store", workers=4)
         self.snapshots = open_snapshot_store(settings.store)
+        self.principals = auth.PrincipalResolver(settings.auth)
         self.host = RunHost(self.store, self.io, self.snapshots)
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
@@ -227,33 +256,24 @@ class ExecutorService:
         for task in await router.start(ctx.nc, ctx.stop):
             ctx.spawn(task, "executor-signals")
         # Sub-runs: the command event starts the child; the child's end answers the parent.
-        for durable, kinds, handler in (
-            ("subruns-start", ["sub_run_requested"], self.on_sub_run_requested),
-            ("subruns-end", ["run_completed", "run_failed", "run_cancelled", "plan_rejected"],
-             self.on_run_ended),
-        ):  # fmt: skip
-            consumer = bus.PullConsumer(
-                js=ctx.js,
-                service=self.name,
-                stream=subjects.RUN_EVENTS_STREAM,
-                durable=durable,
-                filter_subjects=[subjects.events_of_kind(k) for k in kinds],
-                message_handler=handler,
-                concurrency=32,
-            )
+        for durable, handler in (
+            ("subruns-start", self.on_sub_run_requested),
+            ("subruns-end", self.on_run_ended),
+        ):
+            consumer = endpoints.durable(
+                ctx.js, routes.RUN_EVENTS, self.name, durable,
+                message_handler=handler, concurrency=32,
+            )  # fmt: skip
             ctx.spawn(consumer.run(ctx.stop), f"executor-{durable}")
-        await ctx.nc.subscribe(subjects.SUBMIT, queue="executor", cb=self.on_submit)
-        await ctx.nc.subscribe(subjects.CONTROL, queue="executor", cb=self.on_control)
-        await ctx.nc.subscribe(subjects.RESUME, queue="executor", cb=self.on_resume)
-        await ctx.nc.subscribe(subjects.API_RUN_EVENTS, queue="executor", cb=self.on_events_query)
-        consumer = bus.PullConsumer(
-            js=ctx.js,
-            service=self.name,
-            stream=subjects.INBOX_STREAM,
-            durable="executor",
-            filter_subjects=[subjects.INBOX_ALL],
-            handler=self.on_inbox,
-            batch=256,
+        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit)
+        await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control)
+        await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume)
+        await endpoints.serve(ctx.nc, ctx.js, routes.FORK, self.name, self.on_fork)
+        await endpoints.serve(
+            ctx.nc, ctx.js, routes.API_RUN_EVENTS, self.name, self.on_events_query
+        )
+        consumer = endpoints.inbox_consumer(
+            ctx.js, routes.INBOXES, handler=self.on_inbox, batch=256
         )
         ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
 
@@ -280,10 +300,23 @@ class ExecutorService:
                     "(LOOM_MAX_PAYLOAD). Pass large data by reference (a URL) instead.",
                 ),
             )
+        try:  # who the run acts for: the subject's identity and the token, never the body
+            principal = self.principals.resolve(msg.subject, msg.headers)
+        except auth.AuthError as exc:
+            return await self._reject(msg, exc.error)
+        depth = self.settings.max_json_depth
         try:
-            request = codec.decode(msg.data, RunRequest)
+            # the depth first, without recursing: nothing downstream (templating,
+            # validation, spans) may meet a document deeper than the limit
+            error = limits.check_json(msgspec.json.decode(msg.data), max_depth=depth)
+            request = codec.decode(msg.data, RunRequest) if error is None else None
+        except RecursionError:
+            error = limits.too_deep("$", max_depth=depth)
         except Exception as exc:
-            return await self._reject(msg, bus.decode_error_info(exc))
+            error = bus.decode_error_info(exc)
+        if error is not None or request is None:
+            return await self._reject(msg, error or limits.too_deep("$", max_depth=depth))
+        request, redacted = secrets.redact_request(request)  # before anything stores it
         header = (msg.headers or {}).get(subjects.TRACEPARENT)
         if header:
             request = msgspec.structs.replace(request, traceparent=header)
@@ -292,7 +325,7 @@ class ExecutorService:
             return await self._reject(msg, error)
         run_id = request.run_id or f"run-{uuid.uuid4().hex[:20]}"
         try:
-            produced = await self.host.submit(run_id, request)
+            produced = await self.host.submit(run_id, Submission(request, principal, redacted))
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
         except Exception as exc:
@@ -313,14 +346,18 @@ class ExecutorService:
     # ------------------------------------------------------------------ inbox
 
     async def on_inbox(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
+        """Inbox messages are believed only on their own route and run (checked here) and
+        when the run is waiting for them (checked by the writer, against the state at
+        that moment). A refused message is dead-lettered with its reason and never
+        redelivered (``Poison``); it is never recorded and blocks nothing."""
         works: list[Work | BaseException] = []
         for msg in msgs:
             try:
-                message = codec.decode_inbox(msg.data)
-            except Exception as exc:
-                works.append(bus.Poison(bus.decode_error_info(exc)))
+                message = self._inbox_message(msg)
+            except bus.Poison as poison:
+                works.append(poison)
                 continue
-            work = Work(message.run_id, message)
+            work = Work(message.run_id, message, checked=True)
             self.host.queue.put_nowait(work)
             works.append(work)
         results: list[bool | BaseException] = []
@@ -330,10 +367,42 @@ class ExecutorService:
                 continue
             try:
                 await item.done
-                results.append(True)
             except Exception as exc:
                 results.append(exc)
+                continue
+            if item.refused is not None:
+                log.info("inbox message refused: %s", item.refused.message)
+                results.append(bus.Poison(item.refused))
+            else:
+                results.append(True)
         return results
+
+    def _inbox_message(self, msg: Msg) -> InboxMessage:
+        """The message, if its shape, route and run are right; else Poison. (Its size is
+        the broker's to bound: a genuine tool result may be larger than a run request.)"""
+        try:
+            message = codec.decode_inbox(msg.data)
+        except Exception as exc:
+            raise bus.Poison(bus.decode_error_info(exc)) from None
+        route = routes.INBOX_ROUTE_OF[type(message)]
+        source = routes.inbox_source(msg.subject)
+        tag = routes.tag_of(type(message))
+        if source is None or msg.subject != route.subject(run_id=source[0]):
+            raise bus.Poison(ErrorInfo(
+                code="wrong_subject",
+                message=f"a {tag} is accepted only on {route.pattern}, not on {msg.subject}",
+                path="$.type",
+                details={"expected": route.pattern, "received": msg.subject},
+            ))  # fmt: skip
+        if source[0] != message.run_id:
+            raise bus.Poison(ErrorInfo(
+                code="wrong_subject",
+                message=f"{msg.subject} is run '{source[0]}''s inbox; the {tag} names run "
+                f"'{message.run_id}'",
+                path="$.run_id",
+                details={"expected": source[0], "received": message.run_id},
+            ))  # fmt: skip
+        return message
 
     # ------------------------------------------------------------------ sub-runs
 
@@ -342,19 +411,41 @@ class ExecutorService:
             record, event = bus.expect_event(msg, SubRunRequested)
         except bus.Poison as poison:
             return poison
+        try:
+            # anyone may publish on loom.run.> when credentials are off: only the command
+            # this executor stored starts a child
+            if not await self.is_stored(record):
+                return bus.Poison(not_stored(record))
+        except Exception as exc:
+            return exc
+        link = ParentLink(run_id=record.run_id, step_id=event.step_id)
         request = RunRequest(
-            plan=event.plan,
-            input=event.input,
-            run_id=event.child_run_id,
-            parent=ParentLink(run_id=record.run_id, step_id=event.step_id),
+            plan=event.plan, input=event.input, run_id=event.child_run_id, parent=link
         )
         try:
-            await self.host.submit(event.child_run_id, request)  # idempotent by run id
+            parent = await self.host.state_of(record.run_id)
+            child = Submission(request, auth.inherit(parent.principal))  # the parent's user
+            await self.host.submit(event.child_run_id, child)  # idempotent by run id
         except ConcurrencyConflict:
             pass  # another replica created it
         except Exception as exc:
             return exc
+        try:
+            # The id may have been taken first (a client's run, another run's child): the
+            # step fails rather than adopt a run it did not start.
+            existing = await self.host.state_of(event.child_run_id)
+            if existing.parent != link:
+                await self.host.submit(record.run_id, _child_conflict(existing, event, link))
+        except Exception as exc:
+            return exc
         return True
+
+    async def is_stored(self, record: EventRecord) -> bool:
+        """Is ``record`` (from the bus) exactly the event stored at its run and seq?"""
+        stored = await self.io(self.store.load, record.run_id, record.seq - 1, 1)
+        if not stored or stored[0].seq != record.seq:
+            return False
+        return codec.encode(stored[0]) == codec.encode(record)
 
     async def on_run_ended(self, msg: Msg) -> bool | BaseException:
         try:
@@ -365,11 +456,10 @@ class ExecutorService:
             child = await self.host.state_of(record.run_id)
         except Exception as exc:
             return exc
-        if child.parent is None:
+        status = _child_status(child)
+        if child.parent is None or status is None:
+            # no parent to answer, or a forged terminal event for a run still going
             return True
-        status = (
-            child.status if child.status in ("completed", "failed", "cancelled") else "rejected"
-        )
         error = child.error
         if status == "rejected":
             issues = getattr(record.event, "issues", [])
@@ -384,11 +474,9 @@ class ExecutorService:
             error=error,
         )
         try:
-            await self.ctx.js.publish(
-                routes.inbox_subject(finished),
-                codec.encode(finished),
-                headers={subjects.MSG_ID: f"subrun:{record.run_id}"},
-            )
+            # no Nats-Msg-Id on inbox messages: an id anyone can guess could be claimed
+            # first and get the real message dropped; the run dedupes by its state
+            await self.ctx.js.publish(routes.inbox_subject(finished), codec.encode(finished))
         except Exception as exc:
             return exc
         return True
@@ -418,6 +506,39 @@ class ExecutorService:
             return self._refuse(control, "unavailable", f"not stored ({type(exc).__name__}); retry")
         status = (await self.host.state_of(control.run_id)).status
         return RunControlReply(run_id=control.run_id, ok=True, status=status)
+
+    async def on_fork(self, msg: Msg, request: ForkRun) -> ForkReply:
+        """Forks are made here, from this executor's own store: the caller names a run
+        and a step; which outputs are reused is read from the recorded events, so no run
+        can claim outputs another run never produced."""
+        if request.new_run_id is not None:
+            error = check_run_id(request.new_run_id, "$.new_run_id")
+            if error is not None:
+                return ForkReply(error=error)
+        records = await self.io(self.store.load, request.run_id)
+        if not records:
+            error = ErrorInfo(
+                code="not_found", message=f"no run '{request.run_id}'", path="$.run_id"
+            )
+            return ForkReply(error=error)
+        try:
+            fork = fork_request(
+                records, request.from_step, request.set_output, request.input, request.new_run_id
+            )
+        except ForkError as exc:
+            return ForkReply(error=ErrorInfo(code="invalid_fork", message=str(exc), path=exc.path))
+        run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
+        origin = await self.host.state_of(request.run_id)
+        fork = msgspec.structs.replace(fork, run_id=run_id)
+        fork, redacted = secrets.redact_request(fork)  # a new input may hold secrets
+        try:
+            # the fork acts for the same user as the run it comes from
+            produced = await self.host.submit(
+                run_id, Submission(fork, auth.inherit(origin.principal), redacted)
+            )
+        except ConcurrencyConflict:
+            produced = []  # another replica created it at the same moment
+        return ForkReply(run_id=run_id, existing=not produced)
 
     async def on_resume(self, msg: Msg) -> None:
         reply = await self._resume(msg)
@@ -482,26 +603,120 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ queries
 
-    async def on_events_query(self, msg: Msg) -> None:
-        try:
-            query = codec.decode(msg.data, RunEventsQuery)
-        except Exception as exc:
-            reply = RunEventsReply(run_id="", error=bus.decode_error_info(exc))
-        else:
-            limit = max(1, min(query.limit, 5000))
-            events = await self.io(self.store.load, query.run_id, query.after_seq, limit)
-            reply = RunEventsReply(run_id=query.run_id, events=events)
-        await msg.respond(codec.encode(reply))
+    async def on_events_query(self, msg: Msg, query: RunEventsQuery) -> RunEventsReply:
+        limit = max(1, min(query.limit, 5000))
+        events = await self.io(self.store.load, query.run_id, query.after_seq, limit)
+        return RunEventsReply(run_id=query.run_id, events=events)
 
 
-def _check_request(request: RunRequest) -> ErrorInfo | None:
-    if request.run_id is not None and not ids.is_token(request.run_id):
+def _child_status(child: RunState) -> str | None:
+    """How a child run ended, as its parent's inbox says it (None: it has not)."""
+    ended = child.status in ("completed", "failed", "cancelled", "rejected")
+    return child.status if ended else None
+
+
+def _child_mismatch(child: RunState, finished: SubRunFinished) -> ErrorInfo | None:
+    """A sub-run's end is believed only if the child run in this executor's own store
+    says the same: started by that parent step, ended, with that status and output."""
+    link = ParentLink(run_id=finished.run_id, step_id=finished.step_id)
+    status = _child_status(child)
+    if (
+        child.parent == link
+        and status == finished.status
+        and (status != "completed" or child.output == finished.output)
+    ):
+        return None
+    stored = (
+        "no such run" if child.version == 0
+        else f"status {child.status}, started by "
+        + (f"{child.parent.run_id}/{child.parent.step_id}" if child.parent else "a client")
+    )  # fmt: skip
+    return ErrorInfo(
+        code="unexpected_message",
+        message=f"run '{finished.run_id}' expects the end of child run "
+        f"'{finished.child_run_id}' as stored ({stored}); got status {finished.status} "
+        "with another outcome",
+        path="$.child_run_id",
+        details={"expected": stored, "received": finished.status},
+    )
+
+
+def not_stored(record: EventRecord) -> ErrorInfo:
+    return ErrorInfo(
+        code="not_stored",
+        message=f"run event {record.event_id} ({record.kind}) is not the event stored at that "
+        "position: only the executor's relay publishes run events",
+        details={"run_id": record.run_id, "seq": record.seq, "kind": record.kind},
+    )
+
+
+def _child_conflict(existing: RunState, event: SubRunRequested, link: ParentLink) -> SubRunFinished:
+    owner = (
+        f"started by {existing.parent.run_id}/{existing.parent.step_id}"
+        if existing.parent is not None
+        else "submitted by a client"
+    )
+    return SubRunFinished(
+        run_id=link.run_id,
+        step_id=link.step_id,
+        child_run_id=event.child_run_id,
+        status="failed",
+        error=ErrorInfo(
+            code="child_run_conflict",
+            message=f"the child run id '{event.child_run_id}' is already taken by a run "
+            f"{owner}; a sub_run step never adopts a run it did not start (give the step "
+            "another run_id)",
+            path=f"$.steps.{link.step_id}.run_id",
+            details={"child_run_id": event.child_run_id},
+        ),
+    )
+
+
+# Fields of a RunRequest only the engine sets: a fork's reused outputs are computed by
+# the executor from its own store (``loom.fork``), a child's parent link by the sub-run
+# step that starts it. From a client they would be claims nobody checked.
+INTERNAL_FIELDS = ("parent", "fork")
+# The form of the ids the engine derives for child runs (``ids.child_run_id``): a client
+# may not take one, or it could stand in for a sub-run that has not started yet.
+RESERVED_RUN_ID = "--"
+
+
+def check_run_id(run_id: str, path: str = "$.run_id") -> ErrorInfo | None:
+    """A run id a client chose: a subject token, and not of the engine's reserved form."""
+    if not ids.is_token(run_id):
         return ErrorInfo(
             code="invalid_run_id",
             message="run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' "
             "(it becomes a NATS subject token)",
-            path="$.run_id",
+            path=path,
         )
+    if RESERVED_RUN_ID in run_id:
+        return ErrorInfo(
+            code="invalid_run_id",
+            message=f"run_id {run_id!r} contains {RESERVED_RUN_ID!r}, which is reserved for "
+            "the ids of child runs the engine starts (`{parent}--{step}`)",
+            path=path,
+        )
+    return None
+
+
+def _check_request(request: RunRequest) -> ErrorInfo | None:
+    for name in INTERNAL_FIELDS:
+        if getattr(request, name) is not None:
+            return ErrorInfo(
+                code="internal_field",
+                message=f"`{name}` is set only by the engine; "
+                + (
+                    "fork a run with a ForkRun request on loom.fork (loom fork)"
+                    if name == "fork"
+                    else "child runs are started by sub_run steps"
+                ),
+                path=f"$.{name}",
+            )
+    if request.run_id is not None:
+        error = check_run_id(request.run_id)
+        if error is not None:
+            return error
     if request.plan is None and not request.request:
         return ErrorInfo(
             code="missing_plan",

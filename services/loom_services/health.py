@@ -12,7 +12,12 @@ from loom_infra.settings import settings_from_env
 
 async def probe(service: str) -> bool:
     try:
-        async with await LoomClient.connect(settings_from_env().nats_url, "loom-probe") as c:
+        settings = settings_from_env()
+        # the pod's own key (LOOM_NKEY_SEED_FILE): a service may ping its own health
+        seed = settings.seed_file_for(service)
+        async with await LoomClient.connect(
+            settings.nats_url, "loom-probe", seed=seed, identity=service
+        ) as c:
             await c.ping(service, timeout=2.0)
     except Exception:
         return False

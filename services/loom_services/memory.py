@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 from nats.aio.msg import Msg
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
+    ErrorInfo,
     EventRecord,
     RunCompleted,
     RunEventsQuery,
@@ -25,8 +26,9 @@ from loom_core.contracts import (
     ThreadQuery,
     ThreadReply,
 )
-from loom_infra import bus
+from loom_infra import bus, endpoints
 from loom_infra.blocking import Blocking
+from loom_infra.client import is_stored
 from loom_infra.settings import Settings
 from loom_infra.store import ThreadStore, open_thread_store
 from loom_services.runtime import ServiceContext, run_main
@@ -45,18 +47,9 @@ class MemoryService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        await ctx.nc.subscribe(subjects.API_THREAD, queue=self.name, cb=self.on_thread_query)
-        consumer = bus.PullConsumer(
-            js=ctx.js,
-            service=self.name,
-            stream=subjects.RUN_EVENTS_STREAM,
-            durable="memory",
-            filter_subjects=[
-                subjects.events_of_kind("run_requested"),
-                subjects.events_of_kind("run_completed"),
-            ],
-            handler=self.on_events,
-            batch=64,
+        await endpoints.serve(ctx.nc, ctx.js, routes.API_THREAD, self.name, self.on_thread_query)
+        consumer = endpoints.durable(
+            ctx.js, routes.RUN_EVENTS, self.name, "memory", handler=self.on_events, batch=64
         )
         ctx.spawn(consumer.run(ctx.stop), "memory-events")
 
@@ -75,6 +68,8 @@ class MemoryService:
             try:
                 await self.remember(record)
                 results.append(True)
+            except bus.Poison as poison:
+                results.append(poison)
             except Exception as exc:
                 results.append(exc)
         return results
@@ -103,6 +98,17 @@ class MemoryService:
             )
         else:
             return
+        # With NATS credentials off anyone can publish on loom.run.>: remember only what
+        # the executor stored (one query per run start and end, never per step).
+        if not await is_stored(self.ctx.nc, record):
+            raise bus.Poison(
+                ErrorInfo(
+                    code="not_stored",
+                    message=f"{record.kind} {record.event_id} is not the event the executor "
+                    "stored; it was not published by the relay and is not remembered",
+                    path="$.event",
+                )
+            )
         await self.io(self.threads.append, thread_id, entry)
 
     def _note_thread(self, run_id: str, thread_id: str) -> None:
@@ -126,14 +132,9 @@ class MemoryService:
         self._note_thread(run_id, thread_id)
         return thread_id
 
-    async def on_thread_query(self, msg: Msg) -> None:
-        try:
-            query = codec.decode(msg.data, ThreadQuery)
-        except Exception:
-            await msg.respond(codec.encode(ThreadReply(thread_id="")))
-            return
+    async def on_thread_query(self, msg: Msg, query: ThreadQuery) -> ThreadReply:
         entries = await self.io(self.threads.list, query.thread_id)
-        await msg.respond(codec.encode(ThreadReply(thread_id=query.thread_id, entries=entries)))
+        return ThreadReply(thread_id=query.thread_id, entries=entries)
 
 
 def main() -> None:

@@ -14,12 +14,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes
 from loom_core.contracts import PlanIssue, PlanProposed, PlanRefused, RunRequested, ToolSpec
+from loom_core.executor import request_digest
 from loom_core.validation import validate_plan
-from loom_infra import bus
+from loom_infra import bus, endpoints
 from loom_infra.settings import Settings
 from loom_services.runtime import ServiceContext, run_main
 
@@ -40,14 +42,8 @@ class PlannerService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.kv = await bus.ensure_tools_bucket(ctx.js)
-        consumer = bus.PullConsumer(
-            js=ctx.js,
-            service=self.name,
-            stream=subjects.RUN_EVENTS_STREAM,
-            durable="planner",
-            filter_subjects=[subjects.events_of_kind("run_requested")],
-            handler=self.on_requests,
-            batch=64,
+        consumer = endpoints.durable(
+            ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
         )
         ctx.spawn(consumer.run(ctx.stop), "planner-requests")
 
@@ -74,11 +70,12 @@ class PlannerService:
             verdict = await self.plan(record.run_id, event)
         except CatalogUnavailable as exc:
             return exc
-        await self.ctx.js.publish(
-            routes.inbox_subject(verdict),
-            codec.encode(verdict),
-            headers={subjects.MSG_ID: f"plan:{record.run_id}"},
+        # The verdict names the request it answers (a verdict on a forged request is
+        # refused by the executor); no Nats-Msg-Id, which anyone could claim first.
+        verdict = msgspec.structs.replace(
+            verdict, request_digest=request_digest(record.run_id, event)
         )
+        await self.ctx.js.publish(routes.inbox_subject(verdict), codec.encode(verdict))
         return True
 
     async def plan(self, run_id: str, event: RunRequested) -> PlanProposed | PlanRefused:

@@ -17,6 +17,7 @@ from loom_services.runtime import ServiceContext, run_main
 
 class RelayService:
     name = "relay"
+    identity = "executor"  # the executor's relay: it connects with the executor's key
 
     def __init__(self, settings: Settings) -> None:
         self.store = open_event_store(settings.store)

@@ -1,6 +1,14 @@
 """How a service runs: one connection, the streams it needs, its tasks, a health
 responder, and a clean stop. The same code runs a service alone
-(``python -m loom_services.<name>``) and all five in one process (``loom up``)."""
+(``python -m loom_services.<name>``) and all five in one process (``loom up``).
+
+Each service connects as its own NATS identity (``Settings.seed_file_for``), so in one
+process too every service holds only its own rights. An authenticated service never
+creates streams: it waits (bounded) for the provisioning step (``provision``, run with
+the ``admin`` key by ``loom up``/``LocalStack`` and by the Kubernetes Job) to have made
+them. Only a connection without credentials (an insecure development server, where
+anyone may do anything anyway) provisions for itself.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +22,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from loom_core import codec, subjects
-from loom_core.contracts import Pong
-from loom_infra import bus
+from loom_core import routes
+from loom_core.contracts import Ping, Pong
+from loom_infra import bus, credentials, endpoints
 from loom_infra.settings import Settings, settings_from_env
 
 log = logging.getLogger("loom.runtime")
+
+STREAMS_WAIT_S = 60.0  # then exit: Kubernetes restarts the pod, the Job may be late
 
 
 @dataclass
@@ -40,7 +52,7 @@ class ServiceContext:
 
 
 class Service(Protocol):
-    name: str
+    name: str  # its route identity too, unless it says otherwise with ``identity``
 
     async def start(self, ctx: ServiceContext) -> None: ...
 
@@ -50,10 +62,10 @@ class Service(Protocol):
 async def serve_health(ctx: ServiceContext, service: str) -> None:
     instance = f"{socket.gethostname()}:{os.getpid()}"
 
-    async def answer(msg: Msg) -> None:
-        await msg.respond(codec.encode(Pong(service=service, instance=instance)))
+    async def answer(msg: Msg, ping: Ping) -> Pong:
+        return Pong(service=service, instance=instance)
 
-    await ctx.nc.subscribe(subjects.health(service), queue=service, cb=answer)
+    await endpoints.serve(ctx.nc, None, routes.HEALTH, service, answer)  # type: ignore[arg-type]
 
 
 class Stack:
@@ -68,12 +80,27 @@ class Stack:
 
     async def start(self) -> None:
         for service in self.services:
-            nc = await bus.connect(self.settings.nats_url, name=f"loom-{service.name}")
+            identity = identity_of(service)
+            seed = self.settings.seed_file_for(identity)
+            if seed is None and not self.settings.insecure:
+                log.warning(
+                    "%s: no NATS credentials (no LOOM_NKEY_SEED_FILE, no %s): connecting "
+                    "without authentication, which only an insecure server accepts",
+                    identity,
+                    self.settings.credentials_dir / f"{identity}.nk",
+                )
+            nc = await bus.connect(
+                self.settings.nats_url, name=f"loom-{service.name}", seed=seed, identity=identity
+            )
             js = nc.jetstream()
-            await bus.ensure_streams(js)
+            if seed is None:
+                await bus.ensure_streams(js)
+            else:
+                await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
             await service.start(ctx)
-            await serve_health(ctx, service.name)
+            if service.name in routes.SERVICES:  # not the relay run alone: no route of its own
+                await serve_health(ctx, service.name)
             self.contexts.append(ctx)
             log.info("%s started", service.name)
 
@@ -98,6 +125,56 @@ class Stack:
         self.contexts.clear()
 
 
+def identity_of(service: Service) -> str:
+    return getattr(service, "identity", service.name)
+
+
+class ProvisioningError(RuntimeError):
+    """A stream a service needs does not exist (or may not be looked at)."""
+
+
+async def wait_for_streams(
+    js: JetStreamContext, streams: Sequence[str], who: str, timeout: float = STREAMS_WAIT_S
+) -> None:
+    """Until every stream in ``streams`` exists, at most ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    warned: set[str] = set()
+    for stream in streams:
+        while True:
+            try:
+                await js.stream_info(stream)
+                break
+            except NotFoundError:
+                reason = "does not exist yet"
+            except TimeoutError:
+                # a denied JetStream call looks like this; the refusal is logged above
+                reason = "cannot be looked up (no answer: a permission refusal?)"
+            if loop.time() > deadline:
+                raise ProvisioningError(
+                    f"{who}: stream {stream} {reason} after {timeout:.0f}s: provision the "
+                    "streams with the admin key (`loom provision`; `loom up` does it)"
+                )
+            if stream not in warned:
+                warned.add(stream)
+                log.warning("%s: waiting for stream %s, which %s", who, stream, reason)
+            await asyncio.sleep(0.5)  # poll interval of a bounded wait for the provisioner
+
+
+async def provision(url: str, seed: str | os.PathLike[str] | None) -> None:
+    """Create or update every stream and the tool bucket, as ``admin`` (the only
+    identity allowed to; None: an insecure server)."""
+    nc = await bus.connect(
+        url, "loom-provision", persistent=False, seed=seed, identity=credentials.ADMIN
+    )
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js)
+        await bus.ensure_tools_bucket(js)
+    finally:
+        await nc.close()
+
+
 def configure_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("LOOM_LOG_LEVEL", "INFO"),
@@ -109,13 +186,33 @@ def run_main(factory: Callable[[Settings], Sequence[Service]]) -> None:
     """Entry point of ``python -m loom_services.<name>``: run until SIGINT/SIGTERM."""
     configure_logging()
     settings = settings_from_env()
+    if settings.insecure:
+        log.warning("LOOM_INSECURE is set: connecting to NATS without credentials")
 
     async def main() -> None:
         stack = Stack(factory(settings), settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stack.stop.set)
-        await stack.start()
+        # a stop signal during start (NATS unreachable, streams not provisioned yet)
+        # ends the wait instead of being ignored until the start gives up
+        starting = asyncio.ensure_future(stack.start())
+        stopping = asyncio.ensure_future(stack.stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+            await stack.close()
+            return
+        try:
+            starting.result()
+        except (ProvisioningError, FileNotFoundError, nats.errors.Error) as exc:
+            # a refused key, a missing seed file or missing streams: say which, no traceback
+            log.error("cannot start: %s", str(exc) or type(exc).__name__)
+            await stack.close()
+            raise SystemExit(1) from None
         print(f"ready: {', '.join(s.name for s in stack.services)}", flush=True)
         await stack.stop.wait()
         await stack.close()

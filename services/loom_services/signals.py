@@ -11,7 +11,7 @@ LOOM_SIGNALS keeps the latest one per name and key). A ``wait_event`` step recor
   of the wait is not lost.
 - Live signals arrive on a plain subscription and go to every waiting (run, step)
   indexed for that subject, as ``ExternalEventArrived`` in the run's inbox
-  (``Nats-Msg-Id`` = ``signal:{run}:{step}:{signal id}``; the run records each name once).
+  (the run records each name once and refuses repeats).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 from loom_core import codec, routes, subjects
 from loom_core.contracts import EventWaitStarted, ExternalEventArrived, Signal, WaitEventStep
 from loom_core.executor import RunState
-from loom_infra import bus
+from loom_infra import bus, endpoints
 
 log = logging.getLogger("loom.signals")
 
@@ -46,13 +46,15 @@ class SignalRouter:
         self.waiting: dict[str, set[tuple[str, str]]] = {}  # subject -> {(run, step)}
 
     async def start(self, nc: object, stop: asyncio.Event) -> list[Awaitable[None]]:
-        await nc.subscribe(subjects.SIGNALS_ALL, cb=self.on_signal)  # type: ignore[attr-defined]
+        await endpoints.subscribe(nc, routes.SIGNAL, "executor", self.on_signal)  # type: ignore[arg-type]
         return [self.index_waits(stop)]
 
     # ------------------------------------------------------------------ waits
 
     async def index_waits(self, stop: asyncio.Event) -> None:
-        await bus.held_events(self.js, "signal-waits", "event_wait_started", self._wait, stop)
+        waits = routes.RUN_EVENTS.consumer("executor", "signal-waits")
+        (subject,) = routes.RUN_EVENTS.filters(waits)
+        await bus.held_events(self.js, "signal-waits", subject, self._wait, stop)
 
     async def _wait(self, msg: Msg) -> None:
         try:
@@ -74,7 +76,8 @@ class SignalRouter:
         target = (record.run_id, wait.step_id)
         for match in wait.matches:
             subject = subjects.signal(match.name, match.key)
-            if not still:
+            if not still or match.name in inst.received:  # type: ignore[union-attr]
+                # one event per name is taken: resending would only be refused
                 self.waiting.get(subject, set()).discard(target)
                 continue
             self.waiting.setdefault(subject, set()).add(target)
@@ -121,10 +124,8 @@ class SignalRouter:
                 payload=signal.payload, signal_id=signal_id,
             )  # fmt: skip
             try:
-                await self.js.publish(
-                    routes.inbox_subject(arrived),
-                    codec.encode(arrived),
-                    headers={subjects.MSG_ID: f"signal:{run_id}:{step_id}:{signal_id}"},
-                )
+                # no Nats-Msg-Id (anyone could claim a guessable one first): the run
+                # takes one event per name and refuses the rest
+                await self.js.publish(routes.inbox_subject(arrived), codec.encode(arrived))
             except Exception as exc:  # the wait's next recheck delivers the latest again
                 log.warning("signal to %s not delivered: %r", run_id, exc)

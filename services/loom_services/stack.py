@@ -8,18 +8,24 @@ This is what ``loom up`` and ``loom demo`` run; on Kubernetes each service runs 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loom_infra.client import LoomClient
+from loom_infra.credentials import ADMIN, Credentials, ensure_credentials
+from loom_infra.datalock import DataDirLock
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings
 from loom_services.executor import ExecutorService
 from loom_services.memory import MemoryService
 from loom_services.planner import PlannerService
-from loom_services.runtime import Service, Stack
+from loom_services.runtime import Service, Stack, provision
 from loom_services.toolrunner import ToolRunnerService
 from loom_services.tracing import TracingService
+
+log = logging.getLogger("loom.stack")
 
 
 def all_services(settings: Settings) -> Sequence[Service]:
@@ -33,32 +39,75 @@ def all_services(settings: Settings) -> Sequence[Service]:
 
 
 class LocalStack:
-    """``async with LocalStack(settings) as stack:`` — NATS + all services, ready."""
+    """``async with LocalStack(settings) as stack:`` — NATS + all services, ready.
+
+    Secure by default: nkey seeds for every identity are generated (or reused) in
+    ``settings.credentials_dir`` (``{data_dir}/creds``), the embedded server admits only
+    those keys with the permissions generated from the route registry, the streams are
+    provisioned with the ``admin`` key, and each service connects with its own key.
+    ``secure=False`` (or ``settings.insecure``) runs everything without authentication,
+    loudly logged. ``await stack.client()`` is a ``LoomClient`` connected as ``operator``.
+    """
 
     def __init__(
         self,
         settings: Settings,
         nats_port: int = 4222,
         embedded_nats: bool = True,
+        secure: bool | None = None,
     ) -> None:
+        self.secure = not settings.insecure if secure is None else secure
+        # every service of this process picks its own seed from the directory, never
+        # a process-wide LOOM_NKEY_SEED_FILE (that names one identity)
+        self.settings = dataclasses.replace(
+            settings,
+            nkey_seed_file=None,
+            creds_dir=settings.credentials_dir,
+            insecure=not self.secure,
+        )
+        self.credentials: Credentials | None = None
+        if self.secure:
+            if embedded_nats:
+                self.credentials = ensure_credentials(self.settings.credentials_dir)
+            else:  # someone else's server: its keys must already be here
+                self.credentials = Credentials(self.settings.credentials_dir)
+        # one embedded stack per data dir: a second would share its SQLite files and
+        # JetStream store with another nats-server
+        self.lock = DataDirLock(Path(settings.store.data_dir)) if embedded_nats else None
         self.nats: EmbeddedNats | None = None
         if embedded_nats:
             self.nats = EmbeddedNats(
                 data_dir=Path(settings.store.data_dir) / "nats",
                 port=nats_port,
                 max_payload=max(1024 * 1024, settings.max_payload * 2),
+                authorization=self.credentials.authorization() if self.credentials else None,
             )
-        self.settings = settings
         self.stack: Stack | None = None
 
     async def __aenter__(self) -> LocalStack:
+        if self.lock is not None:
+            self.lock.acquire()
         if self.nats is not None:
-            self.nats.start()
+            try:
+                self.nats.start()
+            except BaseException:
+                await self.close()
+                raise
             self.settings = dataclasses.replace(self.settings, nats_url=self.nats.url)
+        if not self.secure:
+            log.warning(
+                "INSECURE development mode: NATS at %s accepts any connection with every "
+                "right; any local process can say any fact (drop --insecure/LOOM_INSECURE "
+                "to run with per-service credentials)",
+                self.settings.nats_url,
+            )
         self.stack = Stack(all_services(self.settings), self.settings)
         try:
+            admin = self.seed_file(ADMIN)
+            if admin is None or admin.exists():  # an external server may be provisioned
+                await provision(self.settings.nats_url, admin)
             await self.stack.start()
-            async with await LoomClient.connect(self.settings.nats_url) as client:
+            async with await self.client() as client:
                 await client.wait_ready()
         except BaseException:
             await self.close()
@@ -71,6 +120,8 @@ class LocalStack:
             self.stack = None
         if self.nats is not None:
             self.nats.stop()
+        if self.lock is not None:
+            self.lock.release()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -78,3 +129,14 @@ class LocalStack:
     @property
     def url(self) -> str:
         return self.settings.nats_url
+
+    def seed_file(self, identity: str) -> Path | None:
+        """The seed file of ``identity`` (None when running without credentials)."""
+        return self.credentials.seed_file(identity) if self.credentials else None
+
+    async def client(self, identity: str = "operator", **options: Any) -> LoomClient:
+        """A ``LoomClient`` connected as ``identity`` (``operator`` by default; e.g.
+        ``client`` for the submit-only user)."""
+        return await LoomClient.connect(
+            self.url, seed=self.seed_file(identity), identity=identity, **options
+        )

@@ -3,8 +3,9 @@
 A ``timer_started`` event sits on the LOOM_RUNS stream. This consumer receives it and,
 while it is not yet due, naks it with a delay equal to the time left: JetStream keeps the
 message and redelivers it when due, whatever restarts in between (the consumer's state
-lives in the server). When due, it answers the run's inbox with ``TimerElapsed``
-(``Nats-Msg-Id`` = ``timer:{run_id}:{timer_id}``, so a repeat is dropped) and acks.
+lives in the server). When due, it answers the run's inbox with ``TimerElapsed`` and
+acks. A repeat is refused by the executor (the timer is no longer pending), and so is
+a copy that arrives before the timer is due by the executor's clock.
 
 So a retry's backoff, a ``sleep`` step or a timeout is never a sleep in a process: every
 service may stop and start again and the timer still fires (late if nothing was
@@ -20,7 +21,7 @@ import logging
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes
 from loom_core.contracts import TimerElapsed, TimerStarted
 from loom_infra import bus
 
@@ -39,7 +40,8 @@ class TimerService:
         self.fired = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        await bus.held_events(self.js, DURABLE, "timer_started", self._one, stop)
+        (subject,) = routes.RUN_EVENTS.filters(routes.RUN_EVENTS.consumer("executor", DURABLE))
+        await bus.held_events(self.js, DURABLE, subject, self._one, stop)
 
     async def _one(self, msg: Msg) -> None:
         try:
@@ -53,10 +55,11 @@ class TimerService:
             await msg.nak(delay=min(left, MAX_NAK_S))
             return
         try:
+            # no Nats-Msg-Id: this one is guessable, and a copy published early (refused by
+            # the executor as not yet due) would get the real one dropped as a duplicate
             await self.js.publish(
                 routes.INBOX_TIMER.subject(run_id=record.run_id),
                 codec.encode(TimerElapsed(run_id=record.run_id, timer_id=timer.timer_id)),
-                headers={subjects.MSG_ID: f"timer:{record.run_id}:{timer.timer_id}"},
             )
         except Exception as exc:  # try again shortly: the timer is due, not lost
             log.warning("timer %s could not fire yet: %r", timer.timer_id, exc)

@@ -6,8 +6,10 @@ Exactly-once effects over at-least-once delivery (DESIGN decision 5):
    insert: one claimant wins, across replicas and restarts) before the tool runs;
    an idempotent tool runs first and records claim + result in one commit (a race
    can run it twice, which is harmless by definition, and the first result stands);
-2. the result is stored in the ledger, then published with ``Nats-Msg-Id`` =
-   ``result:{key}``, then the message is acked.
+2. the result is stored in the ledger, then published (with the request's digest, and
+   no ``Nats-Msg-Id``: the executor dedupes by the run's state), then the message is
+   acked. The ledger key is the idempotency key plus the request's digest
+   (``ledger_key``), so a forged request reusing a run's key cannot pre-empt it.
 A redelivered request whose key is finished re-sends the stored result without running
 anything. One whose key is claimed but unfinished means the runner that claimed it died
 mid-call: an idempotent tool runs again; a non-idempotent one is never re-run, the run
@@ -26,12 +28,16 @@ import os
 import socket
 import uuid
 
+import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes, secrets
 from loom_core.contracts import ErrorInfo, ToolCallCancelled, ToolCallRequested, ToolResult
-from loom_infra import bus
+from loom_core.executor import request_digest
+from loom_infra import bus, endpoints
 from loom_infra.blocking import Blocking
+from loom_infra.client import is_stored
+from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import ToolCallLedger, open_tool_ledger
 from loom_services.runtime import ServiceContext, run_main
@@ -69,6 +75,7 @@ class ToolRunnerService:
         self.ledger = ledger or open_tool_ledger(settings.store)
         self.io = Blocking("toolrunner-ledger")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.secret_source = SecretSource(settings.secrets)
         self.tool_settings = ToolSettings(http_allow_private=tuple(settings.http_allow_private))
         self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
         self.cancelled: set[str] = set()
@@ -79,12 +86,11 @@ class ToolRunnerService:
         kv = await bus.ensure_tools_bucket(ctx.js)
         for spec in self.registry.specs():
             await kv.put(spec.name, codec.encode(spec))
-        consumer = bus.PullConsumer(
-            js=ctx.js,
-            service=self.name,
-            stream=subjects.RUN_EVENTS_STREAM,
-            durable="toolrunner",
-            filter_subjects=[subjects.events_of_kind("tool_call_requested")],
+        consumer = endpoints.durable(
+            ctx.js,
+            routes.RUN_EVENTS,
+            self.name,
+            "toolrunner",
             message_handler=self._one,
             concurrency=MAX_CONCURRENT_CALLS,
             batch=64,
@@ -93,8 +99,8 @@ class ToolRunnerService:
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
         # Every replica hears cancellations (no queue group): only the one running the
         # call has something to stop.
-        await ctx.nc.subscribe(
-            subjects.events_of_kind("tool_call_cancelled"), cb=self.on_cancelled
+        await endpoints.subscribe(
+            ctx.nc, routes.RUN_EVENTS, self.name, self.on_cancelled, (ToolCallCancelled,)
         )
 
     async def close(self) -> None:
@@ -106,23 +112,21 @@ class ToolRunnerService:
             record, request = bus.expect_event(msg, ToolCallRequested)
         except bus.Poison as poison:
             return poison
-        key = request.idempotency_key
+        key = ledger_key(record.run_id, request)
         if key in self.inflight:
             return True  # this process is running it; that task will answer
         try:
             result = await self._result_for(record.run_id, request, msg)
-            await self.ctx.js.publish(
-                routes.inbox_subject(result),
-                codec.encode(result),
-                headers={subjects.MSG_ID: f"result:{key}"},
-            )
+            # no Nats-Msg-Id: a guessable one could be claimed first and get the real
+            # result dropped; the executor dedupes results by the run's state
+            await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc
         return True
 
     async def _result_for(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
-        key = request.idempotency_key
+        key = ledger_key(run_id, request)
         entry = await self.io(self.ledger.get, key)
         tool = self.registry.get(request.tool)
         idempotent = tool is None or tool.idempotent  # unknown tools only yield an error
@@ -156,7 +160,8 @@ class ToolRunnerService:
             run_id=run_id,
             step_id=request.step_id,
             attempt=request.attempt,
-            idempotency_key=key,
+            idempotency_key=request.idempotency_key,
+            request_digest=request_digest(run_id, request),
             ok=False,
             started_at=entry.claimed_at,
             finished_at=now,
@@ -172,18 +177,16 @@ class ToolRunnerService:
         return result
 
     async def _execute(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
-        key = request.idempotency_key
+        key = ledger_key(run_id, request)
         ctx = ToolContext(
-            idempotency_key=key,
+            idempotency_key=request.idempotency_key,
             run_id=run_id,
             step_id=request.step_id,
             attempt=request.attempt,
             settings=self.tool_settings,
             resume=request.resume,
         )
-        call = asyncio.ensure_future(
-            execute_tool(self.registry, request.tool, request.input, ctx, request.timeout_s)
-        )
+        call = asyncio.ensure_future(self._call(request, ctx, msg))
         self.inflight[key] = call
         heartbeat = asyncio.ensure_future(_heartbeat(msg))
         started = bus.now()
@@ -204,7 +207,8 @@ class ToolRunnerService:
             run_id=run_id,
             step_id=request.step_id,
             attempt=request.attempt,
-            idempotency_key=key,
+            idempotency_key=request.idempotency_key,
+            request_digest=request_digest(run_id, request),
             ok=outcome.ok,
             started_at=started,
             finished_at=bus.now(),
@@ -215,16 +219,94 @@ class ToolRunnerService:
         self.executed += 1
         return result
 
+    async def _call(self, request: ToolCallRequested, ctx: ToolContext, msg: Msg) -> ToolOutcome:
+        """Resolve the secret references the plan wrote (here and nowhere else, just
+        before the call), run the tool, and return its outcome with secret-looking keys
+        and every resolved value scrubbed: the ledger, the inbox and the run's events
+        only ever see the scrubbed outcome. The resolved input is never logged."""
+        if request.secret_refs:
+            refused = await self._unless_stored(msg)
+            if refused is not None:
+                return ToolOutcome(ok=False, error=refused)
+        try:
+            tool_input, used = secrets.resolve(
+                request.input, request.secret_refs, self.secret_source.get, request.step_id
+            )
+        except secrets.SecretReferenceError as exc:
+            return ToolOutcome(ok=False, error=exc.error)
+        outcome = await execute_tool(
+            self.registry, request.tool, tool_input, ctx, request.timeout_s
+        )
+        return redact_outcome(outcome, secrets.scrub_forms(used))
+
+    async def _unless_stored(self, msg: Msg) -> ErrorInfo | None:
+        """Secrets are resolved only for a request the executor stored: with NATS
+        credentials off anybody can publish on the run stream, and a forged request must
+        not get a secret sent where it says. Fails closed when the executor cannot say."""
+        record = codec.decode_event(msg.data)
+        try:
+            stored = await is_stored(self.ctx.nc, record)
+        except Exception as exc:
+            return ErrorInfo(
+                code="unavailable",
+                message=f"could not confirm with the executor that {record.event_id} is the "
+                f"request it stored ({type(exc).__name__}); secrets are resolved only then",
+                retryable=True,
+            )
+        if stored:
+            return None
+        log.warning(
+            "not resolving secrets for %s: not the event the executor stored", record.event_id
+        )
+        return ErrorInfo(
+            code="untrusted_secret_reference",
+            message=f"{record.event_id} is not the tool call request the executor stored; "
+            "its secret references are not resolved",
+        )
 
     async def on_cancelled(self, msg: Msg) -> None:
         try:
-            _, event = bus.expect_event(msg, ToolCallCancelled)
+            record, event = bus.expect_event(msg, ToolCallCancelled)
         except bus.Poison:
             return
-        call = self.inflight.get(event.idempotency_key)
-        if call is not None and not call.done():
-            self.cancelled.add(event.idempotency_key)
-            call.cancel()
+        try:  # a stop cannot be undone: obey only one the executor stored
+            if not await is_stored(self.ctx.nc, record):
+                log.warning("ignored %s: not the event the executor stored", record.event_id)
+                return
+        except Exception as exc:  # the executor cannot say: a real cancel must still stop
+            log.warning("could not check %s (%r); cancelling", record.event_id, exc)
+        # in-flight calls are keyed by ledger key (idempotency key + request digest)
+        for key, call in list(self.inflight.items()):
+            if key.startswith(event.idempotency_key + "#") and not call.done():
+                self.cancelled.add(key)
+                call.cancel()
+
+
+def ledger_key(run_id: str, request: ToolCallRequested) -> str:
+    """The ledger key of one request: its idempotency key and the digest of the request
+    as stored. Exactly once holds per request: a forged request reusing a run's key with
+    other content gets a slot of its own, so the run's real call still runs (once) and
+    is never answered from the forged entry, whose result the executor refuses."""
+    return f"{request.idempotency_key}#{request_digest(run_id, request)}"
+
+
+def redact_outcome(outcome: ToolOutcome, forms: list[str]) -> ToolOutcome:
+    """``outcome`` with ``forms`` (resolved secret values, see ``secrets.scrub_forms``)
+    masked everywhere and inline secrets redacted (``secrets.redact_value``)."""
+    output, _ = secrets.redact_value(secrets.scrub_values(outcome.output, forms))
+    error = outcome.error
+    if error is not None:
+        details, _ = secrets.redact_value(secrets.scrub_values(error.details, forms))
+        error = msgspec.structs.replace(
+            error, message=secrets.scrub_str(error.message, forms), details=details
+        )
+    suspend = outcome.suspend
+    if suspend is not None:
+        payload, _ = secrets.redact_value(secrets.scrub_values(suspend.payload, forms))
+        suspend = msgspec.structs.replace(
+            suspend, label=secrets.scrub_str(suspend.label, forms), payload=payload
+        )
+    return ToolOutcome(ok=outcome.ok, output=output, error=error, suspend=suspend)
 
 
 def load_tools(registry: ToolRegistry, module: str) -> None:

@@ -33,12 +33,12 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from nats.aio.msg import Msg
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
@@ -59,12 +59,12 @@ from loom_core.contracts import (
     UsageReply,
 )
 from loom_core.spans import DEFAULT_IO_LIMIT, TraceBuilder, TraceOptions
-from loom_infra import bus
+from loom_infra import bus, endpoints
 from loom_infra.blocking import Blocking
+from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, from_env
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.spanstore import SpanStore, open_span_store
-from loom_infra.store import StoreError
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.tracing")
@@ -138,20 +138,17 @@ class TracingService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         nc = ctx.nc
-        await nc.subscribe(subjects.API_RUNS, queue=self.name, cb=self.on_runs_query)
-        await nc.subscribe(subjects.API_TRACE, queue=self.name, cb=self.on_trace_query)
-        await nc.subscribe(subjects.API_TRACES, queue=self.name, cb=self.on_traces_query)
-        await nc.subscribe(subjects.API_TRACES_SLOWEST, queue=self.name, cb=self.on_slowest_query)
-        await nc.subscribe(subjects.API_TRACES_USAGE, queue=self.name, cb=self.on_usage_query)
-        await nc.subscribe(subjects.API_TRACES_REBUILD, queue=self.name, cb=self.on_rebuild_query)
-        consumer = bus.PullConsumer(
-            js=ctx.js,
-            service=self.name,
-            stream=subjects.RUN_EVENTS_STREAM,
-            durable="tracing",
-            filter_subjects=[subjects.RUN_EVENTS_ALL],
-            handler=self.on_events,
-            batch=256,
+        for route, handler in (
+            (routes.API_RUNS, self.on_runs_query),
+            (routes.API_TRACE, self.on_trace_query),
+            (routes.API_TRACES, self.on_traces_query),
+            (routes.API_TRACES_SLOWEST, self.on_slowest_query),
+            (routes.API_TRACES_USAGE, self.on_usage_query),
+            (routes.API_TRACES_REBUILD, self.on_rebuild_query),
+        ):
+            await endpoints.serve(nc, ctx.js, route, self.name, handler)
+        consumer = endpoints.durable(
+            ctx.js, routes.RUN_EVENTS, self.name, "tracing", handler=self.on_events, batch=256
         )
         ctx.spawn(consumer.run(ctx.stop), "tracing-events")
         if self.exporter is not None:
@@ -167,31 +164,51 @@ class TracingService:
 
     async def on_events(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
         results: list[bool | BaseException] = [True] * len(msgs)
-        by_run: OrderedDict[str, list[EventRecord]] = OrderedDict()
+        by_run: OrderedDict[str, list[tuple[int, EventRecord]]] = OrderedDict()
         for i, msg in enumerate(msgs):
             try:
                 record = codec.decode_event(msg.data)
             except Exception as exc:
                 results[i] = bus.Poison(bus.decode_error_info(exc))
                 continue
-            by_run.setdefault(record.run_id, []).append(record)
+            by_run.setdefault(record.run_id, []).append((i, record))
         try:
             async with self._fold_lock:
-                await self._fold(by_run)
+                refused = await self._fold(by_run)
         except Exception as exc:
             log.exception("tracing batch failed")
             return [r if r is not True else exc for r in results]
+        for i, error in refused.items():  # dead-lettered with the reason, never folded
+            results[i] = bus.Poison(error)
         self._export_wake.set()
         return results
 
-    async def _fold(self, by_run: OrderedDict[str, list[EventRecord]]) -> None:
-        for run_id, records in by_run.items():
+    async def _fold(
+        self, by_run: OrderedDict[str, list[tuple[int, EventRecord]]]
+    ) -> dict[int, ErrorInfo]:
+        """Fold each run's new events; returns the messages refused (by index), why.
+
+        The read model folds only what the relay published: a run's history from seq 1,
+        contiguous. When a batch does not simply continue what was folded (a run seen
+        for the first time, a gap, an event for a seq already folded but different), the
+        events are taken from the executor (the system of record) instead of the bus;
+        events it does not hold, and runs it does not know, are refused."""
+        refused: dict[int, ErrorInfo] = {}
+        for run_id, indexed in by_run.items():
             builder, last = await self._builder(run_id)
-            fresh = [r for r in sorted(records, key=lambda r: r.seq) if r.seq > last]
-            if not fresh:
-                continue
-            if fresh[0].seq != last + 1:  # a gap: fetch the missing events from the store
-                fresh = await self._history(run_id, last) or fresh
+            indexed.sort(key=lambda item: item[1].seq)
+            fresh = [r for _, r in indexed if r.seq > last]
+            conflict = await self._conflicts(run_id, indexed, last)
+            if not fresh and not conflict:
+                continue  # redelivered events already folded
+            if last == 0 or conflict or fresh[0].seq != last + 1 or _gaps(fresh):
+                fresh, wrong = await self._checked(run_id, indexed, last)
+                refused.update(wrong)
+                if last and any(r.seq <= last for r in fresh):  # folded a forgery: refold
+                    await self._refold(run_id, fresh)
+                    continue
+                if not fresh:
+                    continue
             changed: dict[str, SpanRecord] = {}
             for record in fresh:
                 for span in builder.apply(record):
@@ -200,6 +217,55 @@ class TracingService:
             # leave events whose span changes are never reported again
             await self.io(self.store.save, run_id, fresh, list(changed.values()), builder.summary)
             self._cache(run_id, builder)
+        return refused
+
+    async def _conflicts(
+        self, run_id: str, indexed: list[tuple[int, EventRecord]], last: int
+    ) -> bool:
+        """Does any event at or below the folded ``last`` differ from the one folded (a
+        forged event got folded first, and the real one arrives now)?"""
+        old = [r for _, r in indexed if r.seq <= last]
+        if not old:
+            return False
+        kept = {r.seq: r for r in await self.io(self.store.events, run_id)}
+        return any(r.seq in kept and codec.encode(kept[r.seq]) != codec.encode(r) for r in old)
+
+    async def _checked(
+        self, run_id: str, indexed: list[tuple[int, EventRecord]], last: int
+    ) -> tuple[list[EventRecord], dict[int, ErrorInfo]]:
+        """The run's events from the executor (all of them when something folded here
+        may be wrong, else those after ``last``), and the bus messages it does not hold."""
+        history = await self._history(run_id, 0)
+        stored = {codec.encode(r) for r in history}
+        wrong: dict[int, ErrorInfo] = {}
+        for i, record in indexed:
+            if codec.encode(record) in stored:
+                continue
+            reason = "unknown_run" if not history else "not_stored"
+            wrong[i] = ErrorInfo(
+                code=reason,
+                message=f"run event {record.event_id} ({record.kind}) is not in the executor's "
+                + ("store: no such run" if not history else "history of the run")
+                + "; the read model folds only stored events",
+                details={"run_id": run_id, "seq": record.seq, "kind": record.kind},
+            )
+            log.warning("tracing refused %s: %s", record.event_id, wrong[i].message)
+        kept = await self.io(self.store.events, run_id) if last else []
+        clean = len(kept) == last and all(
+            codec.encode(a) == codec.encode(b) for a, b in zip(kept, history, strict=False)
+        )
+        return ([r for r in history if r.seq > last] if clean else history), wrong
+
+    async def _refold(self, run_id: str, history: list[EventRecord]) -> None:
+        """Replace a run's trace with one folded from ``history`` (the executor's)."""
+        log.warning("tracing: run %s held an event the executor never stored; refolded", run_id)
+        builder = self._new_builder(run_id)
+        for record in history:
+            builder.apply(record)
+        await self.io(
+            self.store.replace_trace, run_id, builder.spans(), builder.summary, list(history)
+        )
+        self._cache(run_id, builder)
 
     def _new_builder(self, run_id: str) -> TraceBuilder:
         return TraceBuilder(run_id, options=self.options)
@@ -233,8 +299,11 @@ class TracingService:
                 RunEventsQuery(run_id=run_id, after_seq=after_seq, limit=HISTORY_PAGE),
                 RunEventsReply,
             )
+            if reply.error is not None:
+                # not "no such run": the events are retried rather than judged on it
+                raise RuntimeError(f"executor history of {run_id}: {reply.error.message}")
             events.extend(reply.events)
-            if reply.error is not None or len(reply.events) < HISTORY_PAGE:
+            if len(reply.events) < HISTORY_PAGE:
                 return events
             after_seq = reply.events[-1].seq
 
@@ -338,79 +407,22 @@ class TracingService:
 
     # ------------------------------------------------------------------ queries
 
-    async def _answer(
-        self,
-        msg: Msg,
-        query_type: type[Q],
-        handle: Callable[[Q], Awaitable[R]],
-        failed: Callable[[ErrorInfo], R],
-    ) -> None:
-        """Decode, handle, reply; every failure becomes a reply with ``error``."""
-        try:
-            query = codec.decode(msg.data, query_type)
-        except Exception as exc:
-            reply: Any = failed(bus.decode_error_info(exc))
+    async def on_runs_query(self, msg: Msg, query: RunsQuery) -> RunsReply:
+        runs = await self.io(self.store.runs, _limit(query.limit), query.status)
+        return RunsReply(runs=runs)
+
+    async def on_trace_query(self, msg: Msg, query: TraceQuery) -> TraceReply:
+        if query.rebuild:
+            records = await self._executor_history(query.run_id)
+            spans, _ = await self.rebuild_run(query.run_id, records or None)
         else:
-            try:
-                reply = await handle(query)
-            except StoreError as exc:
-                reply = failed(
-                    ErrorInfo(code="store_error", message=str(exc), retryable=exc.retryable)
-                )
-            except ValueError as exc:
-                reply = failed(ErrorInfo(code="invalid_query", message=str(exc)))
-            except Exception as exc:
-                log.exception("query on %s failed", msg.subject)
-                reply = failed(
-                    ErrorInfo(code="internal_error", message=f"{type(exc).__name__}: {exc}")
-                )
-        data = codec.encode(reply)
-        limit = self.ctx.nc.max_payload if self.ctx is not None else 0
-        if limit and len(data) > limit:
-            # NATS refuses to send it: the asker would only see a timeout.
-            data = codec.encode(
-                failed(
-                    ErrorInfo(
-                        code="reply_too_large",
-                        message=(
-                            f"the answer is {len(data)} bytes, over the NATS max_payload of "
-                            f"{limit} bytes: ask for less (a lower limit, a narrower time "
-                            "range), or raise the server's max_payload; a trace this large "
-                            "can be read from the span store (loom_infra.spanstore)"
-                        ),
-                        details={"bytes": len(data), "max_payload": limit},
-                    )
-                )
+            spans = await self.io(self.store.trace, query.run_id)
+        if not spans:
+            return TraceReply(
+                run_id=query.run_id,
+                error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
             )
-        await msg.respond(data)
-
-    async def on_runs_query(self, msg: Msg) -> None:
-        try:
-            query = codec.decode(msg.data, RunsQuery)
-        except Exception:
-            query = RunsQuery()
-        runs = await self.io(
-            self.store.runs, max(1, min(query.limit, MAX_QUERY_LIMIT)), query.status
-        )
-        await msg.respond(codec.encode(RunsReply(runs=runs)))
-
-    async def on_trace_query(self, msg: Msg) -> None:
-        async def handle(query: TraceQuery) -> TraceReply:
-            if query.rebuild:
-                records = await self._executor_history(query.run_id)
-                spans, _ = await self.rebuild_run(query.run_id, records or None)
-            else:
-                spans = await self.io(self.store.trace, query.run_id)
-            if not spans:
-                return TraceReply(
-                    run_id=query.run_id,
-                    error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
-                )
-            return TraceReply(run_id=query.run_id, spans=spans)
-
-        await self._answer(
-            msg, TraceQuery, handle, lambda error: TraceReply(run_id="", error=error)
-        )
+        return TraceReply(run_id=query.run_id, spans=spans)
 
     async def _executor_history(self, run_id: str) -> list[EventRecord]:
         """The run's events from the executor; [] when it cannot answer (then a rebuild
@@ -423,75 +435,70 @@ class TracingService:
             )
             return []
 
-    async def on_traces_query(self, msg: Msg) -> None:
-        async def handle(q: TracesQuery) -> TracesReply:
-            runs = await self.io(
-                lambda: self.store.traces(
-                    since=q.since,
-                    until=q.until,
-                    status=q.status,
-                    tool=q.tool,
-                    model=q.model,
-                    error=q.error,
-                    limit=_limit(q.limit),
-                )
+    async def on_traces_query(self, msg: Msg, q: TracesQuery) -> TracesReply:
+        limit = _limit(q.limit)
+        runs = await self.io(
+            lambda: self.store.traces(
+                since=q.since,
+                until=q.until,
+                status=q.status,
+                tool=q.tool,
+                model=q.model,
+                error=q.error,
+                limit=limit,
             )
-            return TracesReply(runs=runs)
-
-        await self._answer(msg, TracesQuery, handle, lambda error: TracesReply(error=error))
-
-    async def on_slowest_query(self, msg: Msg) -> None:
-        async def handle(q: SlowestStepsQuery) -> SlowestStepsReply:
-            spans = await self.io(
-                lambda: self.store.slowest_steps(
-                    since=q.since, until=q.until, tool=q.tool, limit=_limit(q.limit)
-                )
-            )
-            return SlowestStepsReply(spans=spans)
-
-        await self._answer(
-            msg, SlowestStepsQuery, handle, lambda error: SlowestStepsReply(error=error)
         )
+        return TracesReply(runs=runs)
 
-    async def on_usage_query(self, msg: Msg) -> None:
-        async def handle(q: UsageQuery) -> UsageReply:
-            rows = await self.io(
-                lambda: self.store.usage(q.by, since=q.since, until=q.until, limit=_limit(q.limit))
-            )
-            return UsageReply(by=q.by, rows=rows)
-
-        await self._answer(msg, UsageQuery, handle, lambda error: UsageReply(by="", error=error))
-
-    async def on_rebuild_query(self, msg: Msg) -> None:
-        async def handle(q: RebuildTracesQuery) -> RebuildTracesReply:
-            limit = _limit(q.limit)
-            last: str | None = None
-            if q.run_ids:
-                run_ids = list(dict.fromkeys(q.run_ids))
-            else:
-                run_ids = await self.io(
-                    lambda: self.store.run_ids(
-                        since=q.since, until=q.until, after=q.after_run_id, limit=limit
-                    )
-                )
-                last = run_ids[-1] if len(run_ids) == limit else None
-            runs = spans = changed = 0
-            for run_id in run_ids:
-                rebuilt, differ = await self.rebuild_run(run_id)
-                if rebuilt:
-                    runs += 1
-                    spans += len(rebuilt)
-                    changed += differ
-            return RebuildTracesReply(runs=runs, spans=spans, changed=changed, last_run_id=last)
-
-        await self._answer(
-            msg, RebuildTracesQuery, handle, lambda error: RebuildTracesReply(error=error)
+    async def on_slowest_query(self, msg: Msg, q: SlowestStepsQuery) -> SlowestStepsReply:
+        limit = _limit(q.limit)
+        spans = await self.io(
+            lambda: self.store.slowest_steps(since=q.since, until=q.until, tool=q.tool, limit=limit)
         )
+        return SlowestStepsReply(spans=spans)
+
+    async def on_usage_query(self, msg: Msg, q: UsageQuery) -> UsageReply:
+        limit = _limit(q.limit)
+        rows = await self.io(
+            lambda: self.store.usage(q.by, since=q.since, until=q.until, limit=limit)
+        )
+        return UsageReply(by=q.by, rows=rows)
+
+    async def on_rebuild_query(self, msg: Msg, q: RebuildTracesQuery) -> RebuildTracesReply:
+        limit = _limit(q.limit)
+        last: str | None = None
+        if q.run_ids:
+            run_ids = list(dict.fromkeys(q.run_ids))[:limit]
+        else:
+            run_ids = await self.io(
+                lambda: self.store.run_ids(
+                    since=q.since, until=q.until, after=q.after_run_id, limit=limit
+                )
+            )
+            last = run_ids[-1] if len(run_ids) == limit else None
+        runs = spans = changed = 0
+        for run_id in run_ids:
+            rebuilt, differ = await self.rebuild_run(run_id)
+            if rebuilt:
+                runs += 1
+                spans += len(rebuilt)
+                changed += differ
+        return RebuildTracesReply(runs=runs, spans=spans, changed=changed, last_run_id=last)
+
+
+def _gaps(records: Sequence[EventRecord]) -> bool:
+    return any(b.seq != a.seq + 1 for a, b in zip(records, records[1:], strict=False))
 
 
 def _limit(value: int) -> int:
     if value < 1:
-        raise ValueError(f"limit must be at least 1, got {value}")
+        raise ServiceError(
+            ErrorInfo(
+                code="invalid_query",
+                message=f"limit must be at least 1, got {value}",
+                path="$.limit",
+            )
+        )
     return min(value, MAX_QUERY_LIMIT)
 
 

@@ -81,7 +81,9 @@ from loom_core.contracts import (
     ToolStep,
 )
 from loom_infra.client import LoomClient
+from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
+from loom_services.runtime import provision
 
 pytestmark = pytest.mark.e2e
 
@@ -241,7 +243,11 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    creds = ensure_credentials(tmp_path / "creds")
+    server = EmbeddedNats(
+        data_dir=tmp_path / "nats", port=-1, authorization=creds.authorization()
+    ).start()
+    asyncio.run(provision(server.url, creds.seed_file(ADMIN)))
     effects = tmp_path / "effects.log"
     effects.touch()
     pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
@@ -254,8 +260,12 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         "LOOM_TOOL_MODULES": "crash_tools",
         "LOOM_TEST_EFFECTS": str(effects),
         "PYTHONPATH": pythonpath,
+        "LOOM_NKEY_SEED_FILE": str(creds.seed_file("operator")),  # the test's own client
     }
-    services = {name: Service(name, env, tmp_path) for name in subjects.SERVICES}
+    services = {  # each process holds its own key only, as a Kubernetes pod does
+        name: Service(name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, tmp_path)
+        for name in subjects.SERVICES
+    }
     try:
         for service in services.values():
             service.start()
@@ -464,7 +474,8 @@ async def read_stream_ids(client: LoomClient) -> Counter[str]:
     try:
         for _ in range(total):
             msg = await sub.next_msg(timeout=10)
-            ids[(msg.headers or {}).get(subjects.MSG_ID, "")] += 1
+            # the id is "{event id}/{content digest}": count by event id
+            ids[(msg.headers or {}).get(subjects.MSG_ID, "").rsplit("/", 1)[0]] += 1
     finally:
         await sub.unsubscribe()
     return ids
@@ -479,7 +490,8 @@ async def test_runs_survive_repeated_kills_of_executor_and_toolrunner(
     rng = random.Random(SEED)
     plans = workload()
     expected: dict[str, Any] = {}
-    async with await LoomClient.connect(deployment.url) as client:
+    seed = deployment.env["LOOM_NKEY_SEED_FILE"]
+    async with await LoomClient.connect(deployment.url, seed=seed) as client:
         await client.wait_ready(timeout=30)
         watch = Watch()
         live = await client.js.subscribe(

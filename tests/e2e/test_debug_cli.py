@@ -65,8 +65,9 @@ async def live(request: pytest.FixtureRequest) -> AsyncIterator[Live]:
     store = request.getfixturevalue(f"{'sqlite' if kind == 'sqlite' else 'pg'}_store_settings")
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=store)
     async with LocalStack(settings, nats_port=-1) as stack:
-        env = {**os.environ, "LOOM_NATS_URL": stack.url, "LOOM_LOG_LEVEL": "WARNING"}
-        live = Live(stack, await LoomClient.connect(stack.url), env)
+        env = {**os.environ, "LOOM_NATS_URL": stack.url, "LOOM_LOG_LEVEL": "WARNING",
+               "LOOM_NKEY_SEED_FILE": str(stack.seed_file("operator"))}  # fmt: skip
+        live = Live(stack, await stack.client(), env)
         try:
             yield live
         finally:

@@ -17,6 +17,7 @@ import pytest
 from loom_core import subjects
 from loom_core.contracts import RunCompleted
 from loom_infra.client import LoomClient
+from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import StoreSettings
 
@@ -32,9 +33,11 @@ class Processes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, service: str) -> None:
+        # each process holds its own key only, as a Kubernetes pod does
+        seed = Path(self.env["LOOM_CREDS_DIR"]) / f"{service}.nk"
         self.procs[service] = subprocess.Popen(
             [sys.executable, "-m", f"loom_services.{service}"],
-            env=self.env,
+            env={**self.env, "LOOM_NKEY_SEED_FILE": str(seed)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -56,16 +59,24 @@ def deployment(
     store: StoreSettings = request.getfixturevalue(
         f"{'sqlite' if request.param == 'sqlite' else 'pg'}_store_settings"
     )
-    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    creds = ensure_credentials(tmp_path / "creds")
+    server = EmbeddedNats(
+        data_dir=tmp_path / "nats", port=-1, authorization=creds.authorization()
+    ).start()
     env = {
         **os.environ,
         "LOOM_NATS_URL": server.url,
         "LOOM_STORE": store.kind,
         "LOOM_DATA_DIR": str(store.data_dir),
         "LOOM_LOG_LEVEL": "WARNING",
+        "LOOM_CREDS_DIR": str(creds.directory),
+        "LOOM_NKEY_SEED_FILE": str(creds.seed_file("operator")),  # the CLI's key
     }
     if store.postgres_url:
         env["LOOM_POSTGRES_URL"] = store.postgres_url
+    admin = {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(ADMIN))}
+    provisioned = loom(admin, "provision")  # as the Kubernetes Job does
+    assert provisioned.returncode == 0, provisioned.stderr
     procs = Processes(env)
     for service in subjects.SERVICES:
         procs.start(service)
@@ -86,11 +97,16 @@ async def test_five_processes_run_a_raw_json_submission_and_the_cli(
     deployment: tuple[str, dict[str, str]],
 ) -> None:
     url, env = deployment
-    async with await LoomClient.connect(url) as client:
+    seeds = Path(env["LOOM_CREDS_DIR"])
+    async with (
+        await LoomClient.connect(url, seed=seeds / "operator.nk") as client,
+        await LoomClient.connect(url, seed=seeds / "client.nk", identity="client") as app,
+    ):
         await client.wait_ready(timeout=60)
         # another language: publish the documented JSON, read JSON events back
         raw = (ROOT / "proto" / "examples" / "run_request.json").read_bytes()
-        reply = json.loads((await client.nc.request(subjects.SUBMIT, raw, timeout=10)).data)
+        answer = await app.nc.request(subjects.submit("client"), raw, timeout=10)
+        reply = json.loads(answer.data)
         assert reply["type"] == "submit_accepted", reply
         run_id = reply["run_id"]
         records = await client.wait(run_id, timeout=60)

@@ -35,13 +35,13 @@ from loom_core.contracts import (
     ApprovalStep,
     EventRecord,
     ForeachStep,
+    ForkRun,
     ParallelStep,
     Plan,
     RunRequest,
     SleepStep,
     ToolStep,
 )
-from loom_core.lineage import fork_request
 from loom_core.replay import replay
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
@@ -268,9 +268,11 @@ async def fork(client: LoomClient) -> dict[str, str]:
     """A run, and a fork of it from ``b`` with ``a``'s output edited."""
     origin = "golden-fork-origin"
     await client.submit(RunRequest(plan=FORK_PLAN, input={"name": "ada"}, run_id=origin))
-    records = await client.wait(origin, timeout=BOUND_S)
-    request = fork_request(records, "b", {"a": {"result": 5}}, run_id="golden-fork")
-    await client.submit(request)
+    await client.wait(origin, timeout=BOUND_S)
+    request = ForkRun(
+        run_id=origin, from_step="b", set_output={"a": {"result": 5}}, new_run_id="golden-fork"
+    )
+    await client.fork(request)
     await client.wait("golden-fork", timeout=BOUND_S)
     return {"fork-origin": origin, "fork": "golden-fork"}
 

@@ -42,5 +42,5 @@ async def stack(store_settings: StoreSettings) -> AsyncIterator[LocalStack]:
 
 @pytest.fixture
 async def client(stack: LocalStack) -> AsyncIterator[LoomClient]:
-    async with await LoomClient.connect(stack.url) as c:
+    async with await stack.client() as c:
         yield c

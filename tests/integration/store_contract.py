@@ -6,6 +6,8 @@ test module subclasses :class:`StoreContract` and provides the ``store_settings`
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,7 @@ from loom_infra.store import (
     ThreadStore,
     ToolCallLedger,
     open_event_store,
+    open_snapshot_store,
     open_stores,
     open_thread_store,
     open_tool_ledger,
@@ -287,6 +290,50 @@ class StoreContract:
         with pytest.raises(StoreError):
             events.last_seq("run-a")
 
+    # ----------------------------------------------------------------- snapshots
+
+    def test_only_the_newest_snapshots_of_a_run_are_kept(
+        self, store_settings: StoreSettings
+    ) -> None:
+        # Issue 9: every snapshot of a run was kept (234 of one run, 3.3 GB)
+        assert store_settings.snapshots_kept == 2  # the default
+        with open_snapshot_store(store_settings) as snaps:
+            for n in range(1, 11):
+                snaps.save("run-a", 1000 * n, b"a%d" % n)
+                assert len(snaps.taken("run-a")) == min(n, 2)
+            snaps.save("run-b", 1000, b"b1")
+            assert snaps.taken("run-a") == [9000, 10000]  # other runs untouched
+            assert snaps.taken("run-b") == [1000]
+            assert snaps.latest("run-a") == (10000, b"a10")
+            snaps.save("run-a", 10000, b"again")  # the same position twice: first stays
+            assert snaps.latest("run-a") == (10000, b"a10")
+            assert snaps.taken("nobody") == [] and snaps.latest("nobody") is None
+
+    def test_snapshots_kept_is_a_setting_and_a_smaller_one_catches_up(
+        self, store_settings: StoreSettings
+    ) -> None:
+        five = dataclasses.replace(store_settings, snapshots_kept=5)
+        with open_snapshot_store(five) as snaps:
+            for n in range(1, 9):
+                snaps.save("run-a", n, b"s")
+            assert snaps.taken("run-a") == [4, 5, 6, 7, 8]
+        with open_snapshot_store(store_settings) as snaps:  # back to 2: the next save prunes
+            snaps.save("run-a", 9, b"s")
+            assert snaps.taken("run-a") == [8, 9]
+
+    def test_snapshot_storage_is_bounded_by_state_not_history(
+        self, store_settings: StoreSettings
+    ) -> None:
+        # 60 snapshots of a growing 20-200 KB state: kept all, that is ~6.6 MB
+        sizes = [20_000 + 3_000 * n for n in range(60)]
+        with open_snapshot_store(store_settings) as snaps:
+            for n, size in enumerate(sizes, start=1):
+                snaps.save("run-a", 1000 * n, os.urandom(size))  # incompressible
+                _reclaim(store_settings)  # what autovacuum does on PostgreSQL
+            assert snaps.taken("run-a") == [59_000, 60_000]
+        stored = _snapshot_bytes(store_settings)
+        assert stored < 6 * max(sizes), f"{stored} bytes for 2 snapshots of <= {max(sizes)}"
+
     # ----------------------------------------------------------------- tool calls
 
     def test_ledger_claim_finish_get(self, ledger: ToolCallLedger) -> None:
@@ -400,3 +447,32 @@ class StoreContract:
 
         assert sorted(run_concurrently(WORKERS, redeliver)) == [False] * (WORKERS - 1) + [True]
         assert stores[1].list("t") == [first, entry("t", 1, source="run-1/2")]
+
+
+def _reclaim(settings: StoreSettings) -> None:
+    """PostgreSQL: VACUUM the snapshot table, as autovacuum does now that its settings
+    let it (SQLite reuses freed pages by itself)."""
+    if settings.kind == "postgres":
+        import psycopg
+
+        assert settings.postgres_url is not None
+        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+            conn.execute("VACUUM loom_snapshots")
+            options = conn.execute(
+                "SELECT reloptions FROM pg_class WHERE relname = 'loom_snapshots'"
+            ).fetchone()
+            assert "autovacuum_vacuum_threshold=10" in (options[0] or [])
+
+
+def _snapshot_bytes(settings: StoreSettings) -> int:
+    """What the snapshots occupy: the SQLite file (+ WAL), or the table with its TOAST."""
+    if settings.kind == "sqlite":
+        files = [settings.data_dir / "snapshots.db", settings.data_dir / "snapshots.db-wal"]
+        return sum(f.stat().st_size for f in files if f.exists())
+    import psycopg
+
+    assert settings.postgres_url is not None
+    with psycopg.connect(settings.postgres_url) as conn:
+        row = conn.execute("SELECT pg_total_relation_size('loom_snapshots')").fetchone()
+    assert row is not None
+    return int(row[0])

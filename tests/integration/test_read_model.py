@@ -9,13 +9,13 @@ import pytest
 from loom_cli.render import lineage_tree
 from loom_core.contracts import (
     ApprovalStep,
+    ForkRun,
     Plan,
     RunCompleted,
     RunRequest,
     StepSuspended,
     ToolStep,
 )
-from loom_core.lineage import fork_request
 from loom_infra.client import LoomClient
 
 pytestmark = pytest.mark.integration
@@ -61,8 +61,8 @@ async def test_suspended_runs_are_listed_with_their_labels_and_forks_with_lineag
 
     await eventually(gone)
 
-    fork = fork_request(original, from_step="ok", run_id="fork-of-approval")
-    assert (await client.submit(fork)).run_id == "fork-of-approval"
+    fork = ForkRun(run_id=accepted.run_id, from_step="ok", new_run_id="fork-of-approval")
+    assert (await client.fork(fork)).run_id == "fork-of-approval"
 
     async def forked():
         runs = await client.runs(limit=100)

@@ -54,7 +54,10 @@ async def published_ids(js, expected: int) -> list[str]:
         subjects.RUN_EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
     try:
-        return [(await sub.next_msg(timeout=10)).headers[subjects.MSG_ID] for _ in range(expected)]
+        return [
+            (await sub.next_msg(timeout=10)).headers[subjects.MSG_ID].rsplit("/", 1)[0]
+            for _ in range(expected)
+        ]
     finally:
         await sub.unsubscribe()
 

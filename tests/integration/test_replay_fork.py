@@ -24,6 +24,7 @@ from loom_core import codec, subjects
 from loom_core.contracts import (
     ApprovalStep,
     EventRecord,
+    ForkRun,
     Plan,
     RetryPolicy,
     RunCompleted,
@@ -35,7 +36,7 @@ from loom_core.contracts import (
     ToolCallRequested,
     ToolStep,
 )
-from loom_core.lineage import diff_runs, fork_request
+from loom_core.lineage import diff_runs
 from loom_core.replay import replay, state_at, state_view
 from loom_infra.client import LoomClient
 from loom_services.runtime import Stack
@@ -122,7 +123,9 @@ async def test_a_changed_decision_is_caught_at_the_right_event(
     assert report.divergence.recorded == codec.to_builtins(retry.event)
     assert report.divergence.recorded["delay_s"] == 0.05
     assert report.divergence.decided["delay_s"] == 99.0
-    assert report.divergence.message == f"event {retry.seq}: the current code decides differently"
+    assert report.divergence.message == (
+        f"event {retry.seq}: the current code decides differently (delay_s)"
+    )
     assert report.events == retry.seq - 1  # everything before it was re-decided identically
     assert state.version < len(records)
 
@@ -151,8 +154,8 @@ async def test_fork_with_an_edited_output_changes_the_result_and_diff_shows_it(
     a = await client.wait(origin, timeout=BOUND_S)
     assert a[-1].event == RunCompleted(output={"b": 20, "c": "ADA"})
 
-    request = fork_request(a, from_step="b", set_outputs={"a": {"result": 5}})
-    forked = (await client.submit(request)).run_id
+    request = ForkRun(run_id=origin, from_step="b", set_output={"a": {"result": 5}})
+    forked = (await client.fork(request)).run_id
     b = await client.wait(forked, timeout=BOUND_S)
     assert b[-1].event == RunCompleted(output={"b": 50, "c": "ADA"})
     # the fork records where it comes from, and reuses what it did not re-execute

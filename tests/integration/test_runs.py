@@ -154,14 +154,17 @@ async def test_bad_submissions_get_typed_errors_and_dead_letters(client: LoomCli
         "payload_too_large",
         "invalid_run_id",
     ]
-    assert letters[0].origin_subject == subjects.SUBMIT
+    assert letters[0].origin_subject == subjects.submit("operator")
     # the system is still fine: another run completes
     ok = await client.submit(RunRequest(plan=Plan(steps=[ToolStep(id="a", tool="noop")])))
     assert isinstance((await client.wait(ok.run_id, timeout=30))[-1].event, RunCompleted)
 
 
-async def test_poison_inbox_message_goes_to_dead_letter(client: LoomClient) -> None:
-    await client.js.publish(subjects.inbox("nobody", "tool"), b"not json")
+async def test_poison_inbox_message_goes_to_dead_letter(
+    client: LoomClient, stack: LocalStack
+) -> None:
+    async with await stack.client("toolrunner") as toolrunner:  # the route's only publisher
+        await toolrunner.js.publish(subjects.inbox("nobody", "tool"), b"not json")
     letters = await dead_letters(client, "executor", 1)
     assert letters[0].origin_subject == subjects.inbox("nobody", "tool")
     assert letters[0].payload == "not json"
@@ -217,7 +220,7 @@ async def test_unknown_submit_fields_are_refused_not_ignored(client: LoomClient)
 async def test_restart_keeps_runs_and_resumes_consumers(stack: LocalStack) -> None:
     """Stopping every service and starting them again loses nothing."""
     plan = Plan(steps=[ToolStep(id="a", tool="noop")])
-    async with await LoomClient.connect(stack.url) as client:
+    async with await stack.client() as client:
         first = await client.submit(RunRequest(plan=plan))
         await client.wait(first.run_id, timeout=30)
     settings = stack.settings
@@ -229,18 +232,21 @@ async def test_restart_keeps_runs_and_resumes_consumers(stack: LocalStack) -> No
 
     stack.stack = Stack(all_services(settings), settings)
     await stack.stack.start()
-    async with await LoomClient.connect(stack.url) as client:
+    async with await stack.client() as client:
         events = await client.events(first.run_id)
         assert isinstance(events[-1].event, RunCompleted)
         second = await client.submit(RunRequest(plan=plan))
         assert isinstance((await client.wait(second.run_id, timeout=30))[-1].event, RunCompleted)
 
 
-async def test_poison_events_reach_each_consumers_dead_letters(client: LoomClient) -> None:
+async def test_poison_events_reach_each_consumers_dead_letters(
+    client: LoomClient, stack: LocalStack
+) -> None:
     """A malformed event on a subject the tool-runner or planner consumes ends in that
     service's dead-letter subject with the reason; it is never retried in a loop."""
-    await client.js.publish(subjects.run_event("x", "tool_call_requested"), b"{oops")
-    await client.js.publish(
+    executor = await stack.client("executor")  # run events' only publisher (its relay)
+    await executor.js.publish(subjects.run_event("x", "tool_call_requested"), b"{oops")
+    await executor.js.publish(
         subjects.run_event("x", "run_requested"),
         codec.encode(
             EventRecord(
@@ -248,6 +254,7 @@ async def test_poison_events_reach_each_consumers_dead_letters(client: LoomClien
             )
         ),
     )
+    await executor.close()
     tool_letter = (await dead_letters(client, "toolrunner", 1))[0]
     assert tool_letter.error.code == "malformed_json"
     assert tool_letter.origin_subject == "loom.run.x.tool_call_requested"

@@ -13,7 +13,6 @@ from loom_core.contracts import (
     StepSuspended,
     ToolStep,
 )
-from loom_infra.client import LoomClient
 from loom_infra.store import open_snapshot_store
 from loom_services.runtime import Stack
 from loom_services.stack import LocalStack, all_services
@@ -39,7 +38,7 @@ async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
     ]
     steps.append(ApprovalStep(id="ok", label="go", schema={"type": "boolean"}, depends_on=["s5"]))
     steps.append(ToolStep(id="after", tool="noop", depends_on=["ok"]))
-    async with await LoomClient.connect(stack.url) as client:
+    async with await stack.client() as client:
         accepted = await client.submit(RunRequest(plan=Plan(steps=steps)))
         async for record in client.follow(accepted.run_id, timeout=30):
             if isinstance(record.event, StepSuspended):
@@ -57,7 +56,7 @@ async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
     await stack.stack.close()  # every service stops: the actor is gone from memory
     stack.stack = Stack(all_services(stack.settings), stack.settings)
     await stack.stack.start()
-    async with await LoomClient.connect(stack.url) as client:
+    async with await stack.client() as client:
         reply = await client.resume(accepted.run_id, True, label="go", request_id="r")
         assert reply.ok, reply.error
         records = await client.wait(accepted.run_id, timeout=30)

@@ -113,7 +113,7 @@ async def folded(client: LoomClient, run_id: str) -> None:
 async def submit(client: LoomClient, request: RunRequest, traceparent: str | None = None) -> str:
     headers = {subjects.TRACEPARENT: traceparent} if traceparent else None
     msg = await client.nc.request(
-        subjects.SUBMIT, codec.encode(request), timeout=10, headers=headers
+        subjects.submit("operator"), codec.encode(request), timeout=10, headers=headers
     )
     reply = codec.decode(msg.data, SubmitAccepted)
     return reply.run_id
@@ -305,7 +305,9 @@ def cli(url: str, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-async def test_queries_and_cli_over_several_runs(client: LoomClient, stack: LocalStack) -> None:
+async def test_queries_and_cli_over_several_runs(
+    client: LoomClient, stack: LocalStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     began = datetime.now(UTC) - timedelta(seconds=1)
     ok = await submit(
         client,
@@ -388,6 +390,7 @@ async def test_queries_and_cli_over_several_runs(client: LoomClient, stack: Loca
 
     # the same through the CLI
     url = stack.url
+    monkeypatch.setenv("LOOM_NKEY_SEED_FILE", str(stack.seed_file("operator")))  # its key
     found = await asyncio.to_thread(cli, url, "traces", "--status", "failed", "--since", "1h")
     assert [r["run_id"] for r in found] == [bad]
     rows = await asyncio.to_thread(cli, url, "usage", "--by", "tool", "--since", "1h")

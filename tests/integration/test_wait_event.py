@@ -74,7 +74,7 @@ async def test_all_mode_waits_for_every_event_and_timeouts_fail(client: LoomClie
 
 
 async def test_a_wait_survives_a_restart_of_every_service(stack: LocalStack) -> None:
-    async with await LoomClient.connect(stack.url) as client:
+    async with await stack.client() as client:
         request = load_run_request(EXAMPLES / "wait-event.yaml", [], None)
         accepted = await client.submit(RunRequest(plan=request.plan, input={"order": "R-1"}))
         await until_waiting(client, accepted.run_id)
@@ -82,7 +82,7 @@ async def test_a_wait_survives_a_restart_of_every_service(stack: LocalStack) -> 
     await stack.stack.close()
     stack.stack = Stack(all_services(stack.settings), stack.settings)
     await stack.stack.start()
-    async with await LoomClient.connect(stack.url) as client:
+    async with await stack.client() as client:
         await client.signal("payment", "R-1", {"amount": 5})
         records = await client.wait(accepted.run_id, timeout=30)
     assert records[-1].event == RunCompleted(output="order R-1 paid 5")

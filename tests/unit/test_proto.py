@@ -200,8 +200,8 @@ def test_asyncapi_lists_every_subject() -> None:
     addresses = {c["address"] for c in doc["channels"].values()}
     expected = {
         subjects.SUBMIT,
-        subjects.run_event("{run_id}", "{event_tag}"),
-        subjects.inbox("{run_id}", "{source}"),
+        subjects.run_event("{run_id}", "{event}"),
+        *(subjects.inbox("{run_id}", source) for source in subjects.INBOX_SOURCES),
         subjects.dead_letter("{service}"),
         subjects.API_RUN_EVENTS,
         subjects.API_RUNS,
@@ -232,7 +232,7 @@ def test_asyncapi_parameters_match_addresses_and_contracts() -> None:
         in_address = set(re.findall(r"{(\w+)}", channel["address"] or ""))
         assert in_address == set(channel.get("parameters", {})), name
     params = doc["components"]["parameters"]
-    assert params["event_tag"]["enum"] == proto_gen.event_tags()
+    assert params["event"]["enum"] == proto_gen.event_tags()
     assert params["service"]["enum"] == list(subjects.SERVICES)
 
 
