@@ -6,7 +6,8 @@ that does not need a privileged identity is refused or has no effect, the refusa
 dead-lettered with its typed reason, nothing hangs, and the victim run ends with its
 GENUINE results. (The same forgeries from the wrong identity with credentials on are the
 credentials battery's.) What a forger with a privileged identity could still say, e.g. a
-perfect tool result for the outstanding attempt, is listed in docs/decisions.md ("Facts checked where they land").
+perfect tool result for the outstanding attempt, is listed in docs/decisions.md
+("Facts checked where they land").
 
 A ``gate`` tool (registered from this module through ``LOOM_TOOL_MODULES``) holds a step
 running until the test opens it, so forgeries arrive while the run waits. No sleeps:
