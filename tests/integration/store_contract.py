@@ -224,6 +224,29 @@ class StoreContract:
         assert [rec for _, rec in notifications] == [rec for batch in batches for rec in batch]
         assert events.max_notification_id() == ids[-1]
 
+    def test_a_large_batch_is_stored_and_never_hangs(self, events: EventStore) -> None:
+        # 2,000 events of ~300 bytes (and a few of 200 KB) deadlocked the PostgreSQL
+        # recorder's pipelined insert while it held the table lock, stopping every writer.
+        at = datetime(2026, 12, 4, tzinfo=UTC)
+        small = [
+            EventRecord(run_id=f"big-{i}", seq=1, at=at, event=RunCompleted(output="x" * 300))
+            for i in range(2000)
+        ]
+        large = [
+            EventRecord(run_id=f"huge-{i}", seq=1, at=at, event=RunCompleted(output="y" * 200_000))
+            for i in range(4)
+        ]
+        for batch in (small, large):
+            done: list[list[int]] = []
+            worker = threading.Thread(
+                target=lambda b=batch, out=done: out.append(events.append(b))
+            )
+            worker.daemon = True  # a hang must fail the test, not keep the process alive
+            worker.start()
+            worker.join(60)
+            assert done, f"appending {len(batch)} events did not return within 60 s"
+            assert len(done[0]) == len(batch) and done[0] == sorted(done[0])
+
     def test_read_notifications_pages(self, events: EventStore) -> None:
         for n in range(5):
             events.append(run_events(f"run-{n}", count=5))
