@@ -377,6 +377,14 @@ SubmitReply = SubmitAccepted | SubmitRejected
 # (EventRecord) carries the run id, the position and the time.
 
 
+class SizeLimits(Record, tag="size_limits", tag_field="type"):
+    """The size limits a run was decided under (``loom_core.sizes``): recorded in its
+    ``run_requested`` from the executor's settings, so replay decides the same."""
+
+    step_input_bytes: int
+    step_output_bytes: int
+
+
 class RunRequested(Record, tag="run_requested", tag_field="type"):
     plan: Plan | None = None
     request: str | None = None
@@ -390,6 +398,8 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # JSON paths of the request whose inline secrets the executor replaced by
     # "[redacted]" before storing it (loom_core.secrets.redact_request)
     redacted: list[str] = []
+    # None only in runs stored before size limits were recorded: they use the defaults
+    limits: SizeLimits | None = None
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -615,6 +625,19 @@ class RunFailed(Record, tag="run_failed", tag_field="type"):
     error: ErrorInfo
 
 
+class RunPublishFailed(Record, tag="run_publish_failed", tag_field="type"):
+    """The relay could not publish event ``seq`` of this run, ever (``code``:
+    ``event_too_large`` over the broker's max_payload, or ``event_unpublishable``); it
+    went on with the other runs. The cancellations and ``run_failed`` follow."""
+
+    seq: int
+    event_type: str
+    code: str
+    size: int = 0
+    limit: int = 0
+    message: str = ""
+
+
 class RunCancelRequested(Record, tag="run_cancel_requested", tag_field="type"):
     """An operator asked to cancel; the cancellations and ``run_cancelled`` follow."""
 
@@ -667,6 +690,7 @@ RunEvent = (
     | EventWaitStarted
     | EventReceived
     | RunCancelRequested
+    | RunPublishFailed
     | RunDiverged
     | RunCompleted
     | RunFailed
@@ -875,15 +899,22 @@ class DeadLetter(Record, tag="dead_letter", tag_field="type"):
 
 
 class RunEventsQuery(Inbound, tag="run_events_query", tag_field="type"):
+    """One page of a run's events: those after ``after_seq``, at most ``limit`` and at
+    most what fits one reply (a byte budget under the broker's max_payload)."""
+
     run_id: str
     after_seq: int = 0
     limit: int = 1000
 
 
 class RunEventsReply(Record, tag="run_events_reply", tag_field="type"):
+    """``next_after_seq``: more events follow; ask again with this ``after_seq`` (None:
+    this page ends the run's stream as stored now). A short page is not the end."""
+
     run_id: str = ""
     events: list[EventRecord] = []
     error: ErrorInfo | None = None
+    next_after_seq: int | None = None
 
 
 class RunSummary(Record, tag="run_summary", tag_field="type"):
@@ -938,14 +969,25 @@ class SpanRecord(Record, tag="span", tag_field="type"):
 
 
 class TraceQuery(Inbound, tag="trace_query", tag_field="type"):
+    """One page of a run's spans (by start, then span id): those after the cursor
+    ``after`` (a previous reply's ``next_after``; "" from the first), at most ``limit``
+    and at most what fits one reply. ``rebuild`` recomputes the trace first (ask it
+    with the first page only)."""
+
     run_id: str
     rebuild: bool = False
+    after: str = ""
+    limit: int = 10_000
 
 
 class TraceReply(Record, tag="trace_reply", tag_field="type"):
+    """``next_after``: more spans follow; ask again with ``after`` set to it (None:
+    this page is the last)."""
+
     run_id: str = ""
     spans: list[SpanRecord] = []
     error: ErrorInfo | None = None
+    next_after: str | None = None
 
 
 class ThreadEntry(Record, tag="thread_entry", tag_field="type"):

@@ -49,7 +49,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     # suspend request, rendered event matches. ``request`` is the user's own words.
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
-        "fork": D, "parent": D, "principal": D, "redacted": D,
+        "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D,
     },
     c.PlanAccepted: {"plan": D, "planner": D},
     c.PlanRejected: {"issues": N},
@@ -94,6 +94,10 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.EventWaitStarted: {"step_id": D, "matches": D, "mode": D},
     c.EventReceived: {"step_id": D, "name": D, "key": D, "payload": D, "signal_id": D},
     c.RunCancelRequested: {"by": D, "reason": P},
+    # the relay's report, received as is (like an external event): an input
+    c.RunPublishFailed: {
+        "seq": D, "event_type": D, "code": D, "size": D, "limit": D, "message": D,
+    },
     c.RunDiverged: {"seq": D, "recorded": D, "decided": D, "message": P},
     c.RunCompleted: {"output": D},
     c.RunFailed: {"error": N},

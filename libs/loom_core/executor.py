@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from loom_core import ids, secrets
+from loom_core import ids, secrets, sizes
 from loom_core.answers import problems
 from loom_core.contracts import (
     ApprovalStep,
@@ -87,9 +87,11 @@ from loom_core.contracts import (
     RunFailed,
     RunNeedsReview,
     RunPaused,
+    RunPublishFailed,
     RunRequest,
     RunRequested,
     RunUnpaused,
+    SizeLimits,
     SleepStep,
     Step,
     StepCancelled,
@@ -161,9 +163,13 @@ class Submission:
     request: RunRequest
     principal: Principal | None = None
     redacted: tuple[str, ...] = ()  # paths of inline secrets replaced at submit
+    # the size limits the run is decided under (the host's settings; recorded in
+    # run_requested so replay decides the same), None: ``sizes.DEFAULT_LIMITS``
+    limits: SizeLimits | None = None
 
 
-Message = RunRequest | Submission | InboxMessage | RunControl | ResumeRun
+# ``RunPublishFailed``: the executor host's relay reporting an event it can never publish
+Message = RunRequest | Submission | InboxMessage | RunControl | ResumeRun | RunPublishFailed
 
 
 # --------------------------------------------------------------------------- state
@@ -258,6 +264,7 @@ class RunState:
     output: Any = None
     error: ErrorInfo | None = None
     last_at: datetime | None = None
+    limits: SizeLimits = sizes.DEFAULT_LIMITS  # from run_requested (sizes)
     _body_deps: dict[
         tuple[str, str], tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
     ] = field(default_factory=dict, repr=False)
@@ -345,6 +352,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.input = run_input
             state.parent = event.parent
             state.principal = event.principal
+            state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.request_digest = request_digest(state.run_id, event)
             state.plan_digest = plan_digest(event.plan) if event.plan is not None else None
             if fork is not None:
@@ -421,7 +429,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case StepResumed(step_id=iid, suspension_id=sid):
             state.suspensions[sid].resumed = event
             state.insts[iid].status = "running"
-        case RunCancelRequested() | SubRunEnded():
+        case RunCancelRequested() | SubRunEnded() | RunPublishFailed():
             pass  # the outcome events follow
         case SubRunRequested(step_id=iid, child_run_id=child):
             state.insts[iid].child_run_id = child
@@ -547,8 +555,29 @@ class _Turn:
         self._again: set[str] = set()
 
     def emit(self, event: RunEvent) -> None:
+        # One gate for every output the engine records (a final step's value, a scope's
+        # result such as a reduce accumulator, a foreach's list, the run's output): over
+        # the run's limit it becomes the failure instead, so no site can forget it.
+        match event:
+            case StepCompleted(step_id=iid, output=output) if output is not None:
+                error = sizes.check_output(
+                    output, self.s.limits, iid, f"$.steps.{iid}.output"
+                )
+                if error is not None:
+                    event = StepFailed(step_id=iid, error=error)
+            case RunCompleted(output=output) if output is not None:
+                error = sizes.check_output(output, self.s.limits, "run", "$.output")
+                if error is not None:
+                    event = RunFailed(error=error)
         self.events.append(event)
         evolve(self.s, event, self.now)
+
+    def bounded_input(self, value: Any, iid: str, path: str) -> Any:
+        """``value`` (a rendered input), or _StepError ``input_too_large``."""
+        error = sizes.check_input(value, self.s.limits, iid, path)
+        if error is not None:
+            raise _StepError(error)
+        return value
 
     # ------------------------------------------------------------------ messages
 
@@ -565,11 +594,12 @@ class _Turn:
         match message:
             case RunRequest() | Submission():
                 if s.version == 0:
-                    request, principal, redacted = (
-                        (message.request, message.principal, list(message.redacted))
+                    request, principal, redacted, limits = (
+                        (message.request, message.principal, list(message.redacted),
+                         message.limits)
                         if isinstance(message, Submission)
-                        else (message, None, [])
-                    )
+                        else (message, None, [], None)
+                    )  # fmt: skip
                     self.emit(
                         RunRequested(
                             plan=request.plan,
@@ -582,6 +612,7 @@ class _Turn:
                             parent=request.parent,
                             principal=principal,
                             redacted=redacted,
+                            limits=limits,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -609,6 +640,8 @@ class _Turn:
                 self.on_sub_run(message)
             case ExternalEventArrived() if not s.terminal:
                 self.on_external_event(message)
+            case RunPublishFailed() if not s.terminal:
+                self.on_publish_failed(message)
         if not s.terminal and s.plan is not None:
             self.settle("")
         return self.events
@@ -700,7 +733,10 @@ class _Turn:
                 if step.timeout_s:
                     self.timer(f"{iid}:wait", step.timeout_s, "wait_timeout", iid)
             case SubRunStep():
-                child_input = render(step.input, ctx, path=f"$.steps.{iid}.input")
+                child_input = self.bounded_input(
+                    render(step.input, ctx, path=f"$.steps.{iid}.input"),
+                    iid, f"$.steps.{iid}.input",
+                )  # fmt: skip
                 child = (
                     render(step.run_id, ctx, path=f"$.steps.{iid}.run_id")
                     if step.run_id
@@ -718,11 +754,17 @@ class _Turn:
                     step_id=iid, child_run_id=child, plan=step.plan, input=child_input
                 ))  # fmt: skip
             case ApprovalStep():
-                payload = render(step.payload, ctx, path=f"$.steps.{iid}.payload")
+                payload = self.bounded_input(
+                    render(step.payload, ctx, path=f"$.steps.{iid}.payload"),
+                    iid, f"$.steps.{iid}.payload",
+                )  # fmt: skip
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.suspend(iid, step.label, payload, step.schema, step.expires_in_s)
             case ForeachStep() | ReduceStep():
-                items = render(step.items, ctx, path=f"$.steps.{iid}.items")
+                items = self.bounded_input(
+                    render(step.items, ctx, path=f"$.steps.{iid}.items"),
+                    iid, f"$.steps.{iid}.items",
+                )  # fmt: skip
                 if not isinstance(items, list):
                     raise _StepError(ErrorInfo(
                         code="invalid_items",
@@ -795,7 +837,10 @@ class _Turn:
         resume: Any = None,
     ) -> None:
         inst = self.s.insts[iid]
-        rendered = render(step.input, ctx or self.context(inst.scope), path=f"$.steps.{iid}.input")
+        path = f"$.steps.{iid}.input"
+        rendered = self.bounded_input(
+            render(step.input, ctx or self.context(inst.scope), path=path), iid, path
+        )
         self.emit(StepStarted(step_id=iid, attempt=attempt))
         self.emit(
             ToolCallRequested(
@@ -1045,6 +1090,16 @@ class _Turn:
         ):
             return
         if result.ok:
+            # the tool-runner turns an oversized output into this failure before sending
+            # it; one that arrives anyway (another runner's settings) is refused here
+            too_large = sizes.check_output(
+                [result.output, result.suspend], self.s.limits, iid, f"$.steps.{iid}.output"
+            )
+            if too_large is not None:
+                result = msgspec.structs.replace(
+                    result, ok=False, output=None, suspend=None, error=too_large
+                )
+        if result.ok:
             self.emit(ToolCallCompleted(
                 step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
                 output=result.output, started_at=result.started_at, finished_at=result.finished_at,
@@ -1113,8 +1168,8 @@ class _Turn:
                 return  # unpause restarts waiting retries
             try:
                 self.attempt(inst.iid, inst.step, inst.attempt + 1)
-            except TemplateError as exc:
-                self.fail(inst.iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+            except (TemplateError, _StepError) as exc:
+                self.fail(inst.iid, _as_error(exc))
         elif purpose == "sleep":
             self.emit(StepCompleted(step_id=inst.iid, output={"woke_at": self.now.isoformat()}))
             self.after(inst.iid)
@@ -1175,6 +1230,21 @@ class _Turn:
             details={"child_run_id": done.child_run_id},
         ))  # fmt: skip
 
+    # ------------------------------------------------------------------ the relay
+
+    def on_publish_failed(self, report: RunPublishFailed) -> None:
+        """One of the run's events can never reach the bus (the relay skipped it): what
+        waits on it would wait forever, so the run ends failed with the reason."""
+        self.emit(report)
+        what = f"event {report.seq} ({report.event_type}) could not be published"
+        self.cancel_everything(what)
+        self.emit(RunFailed(error=ErrorInfo(
+            code=report.code,
+            message=f"{what}: {report.message}" if report.message else what,
+            details={"seq": report.seq, "event_type": report.event_type,
+                     "size": report.size, "limit": report.limit},
+        )))  # fmt: skip
+
     # ------------------------------------------------------------------ people
 
     def suspend(
@@ -1207,8 +1277,8 @@ class _Turn:
         if isinstance(inst.step, ToolStep):  # the tool asked: call it again with the answer
             try:
                 self.attempt(iid, inst.step, inst.attempt + 1, resume=data)
-            except TemplateError as exc:
-                self.fail(iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+            except (TemplateError, _StepError) as exc:
+                self.fail(iid, _as_error(exc))
             return
         self.emit(StepCompleted(step_id=iid, output=data))
         self.after(iid)
@@ -1259,7 +1329,10 @@ class _Turn:
                 and not any(p == "retry" and i == inst.iid for p, i in self.s.timers.values())
                 and isinstance(inst.step, ToolStep)
             ):
-                self.attempt(inst.iid, inst.step, inst.attempt + 1)
+                try:
+                    self.attempt(inst.iid, inst.step, inst.attempt + 1)
+                except (TemplateError, _StepError) as exc:
+                    self.fail(inst.iid, _as_error(exc))
             elif (
                 inst.step is not None
                 and isinstance(inst.step, ForeachStep)
@@ -1499,6 +1572,16 @@ def find_suspension(state: RunState, request: ResumeRun) -> Suspension | ErrorIn
     if request.label is None:
         return ErrorInfo(code="missing_label", message="give a label or a suspension_id", path="$")
     same = [x for x in state.suspensions.values() if x.label == request.label]
+    # A repeat of a request that was recorded names the suspension it answered, whatever
+    # else now waits under that label (else the reply to a recorded answer could be a
+    # refusal naming another suspension, and a repeat could answer a second one).
+    mine = [
+        x for x in same
+        if request.request_id and x.resumed is not None
+        and x.resumed.request_id == request.request_id
+    ]  # fmt: skip
+    if mine:
+        return mine[0]
     waiting = [x for x in same if is_open(state, x)]
     if len(waiting) > 1:
         ids_ = ", ".join(x.suspension_id for x in waiting)
@@ -1602,6 +1685,12 @@ class _StepError(Exception):
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+def _as_error(exc: TemplateError | _StepError) -> ErrorInfo:
+    if isinstance(exc, _StepError):
+        return exc.error
+    return ErrorInfo(code=exc.code, message=str(exc), path=exc.path)
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, key: str) -> float:

@@ -351,7 +351,7 @@ def _message_headers(route: routes.Route) -> Schema | None:
         return _headers([], [subjects.TRACEPARENT, subjects.AUTHORIZATION])
     if route is routes.SIGNAL:
         return _headers([], [subjects.MSG_ID])
-    if route is routes.DEAD_LETTER:
+    if route in (routes.DEAD_LETTER, routes.REJECTED):  # one message type, same headers
         return _headers([subjects.DLQ_REASON], [subjects.TRACEPARENT])
     return None
 
@@ -492,6 +492,11 @@ def _streams() -> list[Schema]:
                 f"Dead letters, with {subjects.DLQ_REASON} and the original payload; kept for "
                 "inspection, never redelivered."
             ),
+        },
+        {
+            "name": routes.REJECTED.stream,
+            "subjects": [routes.REJECTED.wildcard],
+            "description": "Client mistakes (refused requests), bounded; apart from poison.",
         },
     ]
 

@@ -38,6 +38,7 @@ from loom_core.contracts import (
     RunDiverged,
     RunEvent,
     RunPaused,
+    RunPublishFailed,
     RunRequest,
     RunRequested,
     RunUnpaused,
@@ -90,9 +91,13 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 fork=event.fork, parent=event.parent, run_id=run_id,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
-            if event.principal or event.redacted:
-                return Submission(request, event.principal, tuple(event.redacted))
+            if event.principal or event.redacted or event.limits:
+                return Submission(
+                    request, event.principal, tuple(event.redacted), limits=event.limits
+                )
             return request
+        case RunPublishFailed():
+            return event  # the relay's report is itself the message
         case PlanAccepted(plan=plan, planner=planner):
             return PlanProposed(run_id=run_id, plan=plan, planner=planner)
         case PlanRejected(issues=issues):

@@ -231,6 +231,22 @@ DEAD_LETTER = Route(
     "subject; secrets in the payload are redacted.",
 )
 
+REJECTED = Route(
+    name="rejected",
+    pattern=f"{subjects.PREFIX}.rejects.{{service}}",
+    kind="stream",
+    stream="LOOM_REJECTS",
+    messages=(c.DeadLetter,),
+    publishers=SERVICES,
+    own_param="service",
+    consumers=(Consumer("operator", note="inspection"),),
+    description="Requests refused as the client's mistake (a malformed or refused "
+    "submission), with the reason, on stream LOOM_REJECTS: apart from real poison in "
+    f"{subjects.DLQ_STREAM}, bounded in count, size and age, payload truncated. Recorded "
+    "off the request path: the client was answered already; when the record falls behind, "
+    "rejections are dropped (counted) rather than waited for.",
+)
+
 PROGRESS = Route(
     name="progress",
     pattern=subjects.progress("{run_id}"),
@@ -352,6 +368,7 @@ ROUTES: tuple[Route, ...] = (
     *INBOXES,
     SIGNAL,
     DEAD_LETTER,
+    REJECTED,
     CONTROL,
     RESUME,
     FORK,

@@ -10,6 +10,7 @@ terminates it so it never loops hot (DESIGN decision 5).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,8 +34,10 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from loom_core import codec, secrets, subjects
+from loom_core import codec, routes, secrets, subjects
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
+from loom_infra import metrics
+from loom_infra.settings import OpsSettings
 
 log = logging.getLogger("loom.bus")
 T = TypeVar("T")
@@ -47,42 +50,119 @@ ACK_WAIT_S = float(os.environ.get("LOOM_ACK_WAIT_S", "5"))
 NAK_DELAY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
-STREAMS = (
-    StreamConfig(
-        name=subjects.RUN_EVENTS_STREAM,
-        subjects=[subjects.RUN_EVENTS_ALL],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        # The relay's own position makes republishing exact; the window only needs to
-        # cover a crash between a publish and the tracking write.
-        duplicate_window=600.0,
-    ),
-    StreamConfig(
-        name=subjects.INBOX_STREAM,
-        subjects=[subjects.INBOX_ALL],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        duplicate_window=600.0,
-        max_age=7 * 24 * 3600.0,
-    ),
-    StreamConfig(
-        name=subjects.SIGNALS_STREAM,
-        subjects=[subjects.SIGNALS_ALL],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        max_msgs_per_subject=1,  # the latest event per name and key is what waits see
-        max_age=7 * 24 * 3600.0,
-        duplicate_window=600.0,
-    ),
-    StreamConfig(
-        name=subjects.DLQ_STREAM,
-        subjects=[subjects.DLQ_ALL],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        max_age=30 * 24 * 3600.0,
-        discard=DiscardPolicy.OLD,
-    ),
-)
+DAY_S = 24 * 3600.0
+REJECTS_STREAM = routes.REJECTED.stream or "LOOM_REJECTS"
+REJECT_PAYLOAD_LIMIT = 4 * 1024  # a client's typo is shown, not archived
+
+
+def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
+    """Every stream with its retention limits (``OpsSettings``). Every stream is bounded
+    in age and bytes: JetStream is a transport, the store is the truth.
+
+    LOOM_RUNS and LOOM_INBOX discard *new* messages when full: a refused publish is
+    retried and shows as relay lag (readiness), where discarding old ones would silently
+    drop a held timer or an unread result. The DLQ and the rejects record keep the
+    newest."""
+    ops = ops or OpsSettings()
+    max_bytes = ops.stream_max_bytes
+    return (
+        StreamConfig(
+            name=subjects.RUN_EVENTS_STREAM,
+            subjects=[subjects.RUN_EVENTS_ALL],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            # The relay's own position makes republishing exact; the window only needs
+            # to cover a crash between a publish and the tracking write.
+            duplicate_window=600.0,
+            # timers and waits are held messages here: the age must outlast the longest
+            max_age=ops.runs_max_age_days * DAY_S,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.NEW,
+        ),
+        StreamConfig(
+            name=subjects.INBOX_STREAM,
+            subjects=[subjects.INBOX_ALL],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            duplicate_window=600.0,
+            max_age=7 * DAY_S,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.NEW,
+        ),
+        StreamConfig(
+            name=subjects.SIGNALS_STREAM,
+            subjects=[subjects.SIGNALS_ALL],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            max_msgs_per_subject=1,  # the latest event per name and key is what waits see
+            max_age=7 * DAY_S,
+            max_bytes=min(max_bytes, 1024**3),
+            duplicate_window=600.0,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            subjects=[subjects.DLQ_ALL],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            max_age=30 * DAY_S,
+            max_bytes=min(max_bytes, 1024**3),
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=REJECTS_STREAM,
+            subjects=[routes.REJECTED.wildcard],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            max_age=7 * DAY_S,
+            max_msgs=ops.rejects_max_msgs,
+            max_bytes=min(max_bytes, 256 * 1024**2),
+            discard=DiscardPolicy.OLD,
+        ),
+    )
+
+
+STREAMS = stream_configs()
+
+# What provisioning sets on an existing stream, and how (``merge_stream``).
+_FLOORS = ("num_replicas", "duplicate_window")  # raised to ours, never lowered
+_LIMITS = ("max_age", "max_bytes", "max_msgs")  # ours only where none is set
+_OURS = ("max_msgs_per_subject", "retention")  # what the code relies on
+
+
+def _unset(value: Any) -> bool:
+    return value in (None, 0, -1)
+
+
+def merge_stream(existing: StreamConfig, wanted: StreamConfig) -> StreamConfig | None:
+    """The config to update ``existing`` to so it has what we require, keeping whatever
+    an operator set (replicas, limits, description, placement, ...); None when it
+    already does. We add subjects and raise floors; a limit is added only where there is
+    none (an operator's tighter or looser limit is their decision)."""
+    changes: dict[str, Any] = {}
+    have = list(existing.subjects or [])
+    missing = [s for s in wanted.subjects or [] if s not in have]
+    if missing:
+        changes["subjects"] = have + missing
+    for name in _FLOORS:
+        ours, theirs = getattr(wanted, name), getattr(existing, name)
+        if not _unset(ours) and (_unset(theirs) or theirs < ours):
+            changes[name] = ours
+    for name in _LIMITS:
+        ours, theirs = getattr(wanted, name), getattr(existing, name)
+        if not _unset(ours) and _unset(theirs):
+            changes[name] = ours
+    for name in _OURS:
+        ours = getattr(wanted, name)
+        if not _unset(ours) and getattr(existing, name) != ours:
+            changes[name] = ours
+    # JetStream refuses a duplicate window longer than the age limit
+    max_age = changes.get("max_age", existing.max_age)
+    window = changes.get("duplicate_window", existing.duplicate_window)
+    if not _unset(max_age) and window and window > max_age:
+        changes["duplicate_window"] = max_age
+    if not changes:
+        return None
+    return dataclasses.replace(existing, **changes)
 
 
 _CONNECTION_ERRORS = (
@@ -174,13 +254,18 @@ async def connect(
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    for config in STREAMS:
+async def ensure_streams(js: JetStreamContext, ops: OpsSettings | None = None) -> None:
+    """Create each stream, or bring an existing one up to what we require without
+    undoing an operator's settings (``merge_stream``)."""
+    for config in stream_configs(ops):
         try:
-            await js.stream_info(config.name)
-            await js.update_stream(config)
+            info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
+            continue
+        merged = merge_stream(info.config, config)
+        if merged is not None:
+            await js.update_stream(merged)
 
 
 async def ensure_tools_bucket(js: JetStreamContext) -> Any:
@@ -201,9 +286,14 @@ async def dead_letter(
     error: ErrorInfo,
     payload: bytes,
     deliveries: int = 1,
+    *,
+    rejected: bool = False,
 ) -> None:
-    # The DLQ is a stream: inline secrets are redacted before the copy is stored (JSON:
-    # by key and pattern; anything else: key/value forms and patterns in the raw text).
+    """Record a message a service cannot process on ``loom.dlq.{service}`` (poison), or,
+    with ``rejected``, a client's mistake on ``loom.rejects.{service}`` (bounded, payload
+    truncated harder): an operator looking for poison does not wade through typos."""
+    # Both are streams: inline secrets are redacted before the copy is stored (JSON: by
+    # key and pattern; anything else: key/value forms and patterns in the raw text).
     try:
         text = msgspec.json.encode(secrets.redact_value(msgspec.json.decode(payload))[0])
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # deeper than msgspec
@@ -212,20 +302,68 @@ async def dead_letter(
     error = msgspec.structs.replace(
         error, message=secrets.scrub_raw_text(error.message), details=details
     )
+    limit = REJECT_PAYLOAD_LIMIT if rejected else DLQ_PAYLOAD_LIMIT
     letter = DeadLetter(
         origin_subject=origin_subject,
         service=service,
         error=error,
-        payload=text[:DLQ_PAYLOAD_LIMIT].decode("utf-8", errors="ignore"),
+        payload=text[:limit].decode("utf-8", errors="ignore"),
         at=now(),
         deliveries=deliveries,
     )
+    subject = (
+        routes.REJECTED.subject(service=service) if rejected else subjects.dead_letter(service)
+    )
     await js.publish(
-        subjects.dead_letter(service),
+        subject,
         codec.encode(letter),
         headers={subjects.DLQ_REASON: f"{error.code}: {error.message}"[:200]},
     )
-    log.warning("dead letter from %s on %s: %s", service, origin_subject, error.code)
+    if rejected:
+        log.debug("rejected by %s on %s: %s", service, origin_subject, error.code)
+    else:
+        metrics.DEAD_LETTERS.inc(service=service)
+        log.warning("dead letter from %s on %s: %s", service, origin_subject, error.code)
+
+
+class RejectRecorder:
+    """Records rejected requests off the request path: ``offer`` never waits (the
+    rejection was answered already); a background task publishes them one at a time. A
+    bounded queue: when a burst of bad requests outruns the recorder, new rejections are
+    dropped, counted (``loom_rejects_dropped_total``) and logged, never queued without
+    limit and never in the way of a good request."""
+
+    def __init__(self, js: JetStreamContext, service: str, maxsize: int = 1000) -> None:
+        self.js = js
+        self.service = service
+        self.queue: asyncio.Queue[tuple[str, ErrorInfo, bytes]] = asyncio.Queue(maxsize)
+        self.dropped = 0
+        metrics.QUEUE_DEPTH.set_function(self.queue.qsize, queue="rejects", service=service)
+
+    def offer(self, origin_subject: str, error: ErrorInfo, payload: bytes) -> bool:
+        metrics.REJECTIONS.inc(service=self.service, code=error.code)
+        try:
+            # the payload is cut here: a queue of large bodies would be unbounded memory
+            self.queue.put_nowait((origin_subject, error, payload[: 4 * REJECT_PAYLOAD_LIMIT]))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            metrics.REJECTS_DROPPED.inc(service=self.service)
+            if self.dropped == 1 or self.dropped % 1000 == 0:  # one line per burst, not each
+                log.warning(
+                    "%s: rejection record full (%d queued): %d rejection(s) not recorded "
+                    "(LOOM_REJECTS_QUEUE)", self.service, self.queue.maxsize, self.dropped,
+                )  # fmt: skip
+            return False
+        return True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            subject, error, payload = await self.queue.get()
+            try:
+                await dead_letter(self.js, self.service, subject, error, payload, rejected=True)
+            except Exception as exc:  # NATS down: the record is best effort, the answer was not
+                log.warning("%s: could not record a rejection: %r", self.service, exc)
+                await wait_or_timeout(stop, 0.5)
 
 
 def decode_error_info(exc: Exception, code: str = "invalid_message") -> ErrorInfo:

@@ -64,6 +64,14 @@ async def is_stored(nc: NATS, record: EventRecord, timeout: float = 5.0) -> bool
     return bool(reply.events) and codec.encode(reply.events[0]) == codec.encode(record)
 
 
+def _stuck(what: str, run_id: str, cursor: str) -> ErrorInfo:
+    return ErrorInfo(
+        code="bad_cursor",
+        message=f"the {what} of run '{run_id}' answered a next page at the cursor it was "
+        f"asked ({cursor!r}): the service is out of date or faulty",
+    )
+
+
 class LoomError(Exception):
     """An error reply from a service: ``error`` is the typed ErrorInfo."""
 
@@ -184,15 +192,27 @@ class LoomClient:
         return [r async for r in self.follow(run_id, timeout)]
 
     async def events(self, run_id: str, timeout: float = 10.0) -> list[EventRecord]:
-        out: list[EventRecord] = []
+        """Every stored event of the run, read page by page (``[]``: no such run)."""
+        return [r async for r in self.iter_events(run_id, timeout=timeout)]
+
+    async def iter_events(
+        self, run_id: str, after_seq: int = 0, timeout: float = 10.0, page: int = 1000
+    ) -> AsyncIterator[EventRecord]:
+        """The run's stored events after ``after_seq``, one page per request (each
+        bounded in count and bytes by the executor), yielded as they arrive.
+        ``timeout`` is per page."""
         while True:
-            query = RunEventsQuery(run_id=run_id, after_seq=len(out), limit=1000)
+            query = RunEventsQuery(run_id=run_id, after_seq=after_seq, limit=page)
             reply = await self._ask(subjects.API_RUN_EVENTS, query, RunEventsReply, timeout)
             if reply.error is not None:
                 raise LoomError(reply.error)
-            out.extend(reply.events)
-            if len(reply.events) < 1000:
-                return out
+            for record in reply.events:
+                yield record
+            if reply.next_after_seq is None:
+                return
+            if reply.next_after_seq <= after_seq:  # a cursor that does not move: never loop
+                raise LoomError(_stuck("events", run_id, str(after_seq)))
+            after_seq = reply.next_after_seq
 
     async def runs(self, limit: int = 50, status: str | None = None) -> list[RunSummary]:
         reply = await self._ask(
@@ -201,12 +221,29 @@ class LoomClient:
         return reply.runs
 
     async def trace(self, run_id: str, rebuild: bool = False) -> list[SpanRecord]:
-        reply = await self._ask(
-            subjects.API_TRACE, TraceQuery(run_id=run_id, rebuild=rebuild), TraceReply, 30.0
-        )
-        if reply.error is not None:
-            raise LoomError(reply.error)
-        return reply.spans
+        """The run's spans (by start), read page by page; ``rebuild`` recomputes them
+        from its events first. Raises LoomError ``not_found`` when it has none."""
+        return [s async for s in self.iter_trace(run_id, rebuild=rebuild)]
+
+    async def iter_trace(
+        self, run_id: str, rebuild: bool = False, timeout: float = 30.0, page: int = 10_000
+    ) -> AsyncIterator[SpanRecord]:
+        """The run's spans, one page per request (bounded in count and bytes by the
+        tracing service), yielded as they arrive. ``timeout`` is per page."""
+        after = ""
+        while True:
+            query = TraceQuery(run_id=run_id, rebuild=rebuild and not after, after=after,
+                               limit=page)  # fmt: skip
+            reply = await self._ask(subjects.API_TRACE, query, TraceReply, timeout)
+            if reply.error is not None:
+                raise LoomError(reply.error)
+            for span in reply.spans:
+                yield span
+            if reply.next_after is None:
+                return
+            if reply.next_after == after:
+                raise LoomError(_stuck("trace", run_id, after))
+            after = reply.next_after
 
     async def thread(self, thread_id: str) -> list[ThreadEntry]:
         reply = await self._ask(

@@ -64,6 +64,7 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     (routes.RUN_EVENTS.name, "operator"): frozenset({"get", "browse"}),
     # inspecting dead letters
     (routes.DEAD_LETTER.name, "operator"): frozenset({"get", "browse"}),
+    (routes.REJECTED.name, "operator"): frozenset({"get", "browse"}),
     # the tool catalog is read with kv.keys() (an ordered consumer) and kv.get()
     (routes.TOOL_CATALOG.name, "planner"): frozenset({"get", "browse"}),
     (routes.TOOL_CATALOG.name, "operator"): frozenset({"get", "browse"}),

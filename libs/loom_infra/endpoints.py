@@ -4,8 +4,10 @@
   as the route's message type; the handler returns a reply Struct; anything that goes
   wrong (a malformed request, a store error, a bug, an answer over ``max_payload``)
   becomes the route's error reply, a reply whose ``error`` is a typed ErrorInfo. A
-  malformed request is also dead-lettered with its reason. No caller ever waits for a
-  timeout because a service could not answer.
+  malformed request is also recorded, off the request path, with the other client
+  mistakes (``loom.rejects.{service}``, bounded), apart from real poison in the
+  dead-letter stream. No caller ever waits for a timeout because a service could not
+  answer.
 - ``durable``: a JetStream pull consumer built from a route's consumer declaration (its
   stream, durable name and event filters), so a service cannot consume what the
   registry does not say it consumes.
@@ -63,7 +65,7 @@ def _declared(route: Route, identity: Identity, durable: str | None = None) -> C
 
 async def serve(
     nc: NATS,
-    js: JetStreamContext | None,
+    rejects: bus.RejectRecorder | None,
     route: Route,
     identity: Identity,
     handle: Callable[[Msg, Any], Awaitable[msgspec.Struct]],
@@ -98,11 +100,8 @@ async def serve(
             request = codec.decode(msg.data, request_type)
         except Exception as exc:
             error = bus.decode_error_info(exc)
-            if js is not None:
-                try:
-                    await bus.dead_letter(js, identity, msg.subject, error, msg.data)
-                except Exception as dlq_exc:  # the reply still tells the sender
-                    log.warning("could not dead-letter a bad %s: %r", route.name, dlq_exc)
+            if rejects is not None:  # a caller's mistake: recorded off the request path
+                rejects.offer(msg.subject, error, msg.data)
             return error_reply(route, error)
         try:
             return await handle(msg, request)

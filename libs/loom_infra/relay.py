@@ -26,6 +26,17 @@ decision 11; with NATS credentials off anyone may publish there):
 
 It is woken by the executor after each commit (``wake()``); a slow timer is only a
 safety net for writers in other processes.
+
+One event that can never be published must not stop the others (issue 9): an event over
+the broker's max_payload (measured before sending: nats-py would leak a pending-publish
+slot on its own MaxPayloadError), one that cannot be encoded, or one JetStream refuses
+for good (``PERMANENT_ERR_CODES``) is *skipped*: logged as an error, dead-lettered with
+its event id and the reason (not its data: the store holds it), reported to
+``on_unpublishable`` (the executor ends that run failed with the reason), and the
+position moves past it and is recorded at once, so a restart does not meet it again.
+The alarm is raised before the position moves: if it cannot be (NATS down), the batch is
+retried like any transient failure. Everything else (timeouts, a lost connection) stays
+transient: retried, never skipped.
 """
 
 from __future__ import annotations
@@ -35,18 +46,27 @@ import hashlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
+import msgspec
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from loom_core import codec, subjects
-from loom_core.contracts import EventRecord
+from loom_core.contracts import ErrorInfo, EventRecord
+from loom_infra import metrics
 from loom_infra.blocking import Blocking
-from loom_infra.bus import wait_or_timeout
+from loom_infra.bus import dead_letter, wait_or_timeout
 from loom_infra.store import EventStore
 
 log = logging.getLogger("loom.relay")
+
+# JetStream refusals that no retry can change: the message exceeds the stream's
+# max_msg_size (10054), its headers exceed the maximum (10097).
+PERMANENT_ERR_CODES = frozenset({10054, 10097})
+
+Unpublishable = Callable[[EventRecord, ErrorInfo], Awaitable[None]]
 
 
 def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
@@ -54,6 +74,16 @@ def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
     what is published, so only that very message can hold the id."""
     digest = hashlib.sha256(subject.encode() + b"\n" + data).hexdigest()[:32]
     return f"{record.event_id}/{digest}"
+
+
+def _unpublishable(record: EventRecord, why: str) -> ErrorInfo:
+    return ErrorInfo(
+        code="event_unpublishable",
+        message=f"event {record.event_id} ({record.kind}) {why}; it stays in the store, "
+        "unpublished",
+        details={"event_id": record.event_id, "run_id": record.run_id, "seq": record.seq,
+                 "event_type": record.kind},
+    )  # fmt: skip
 
 
 def _same_event(stored: EventRecord, found: EventRecord) -> bool:
@@ -73,7 +103,11 @@ class Relay:
         ack_timeout_s: float = 10.0,
         io: Blocking | None = None,
         track_interval_s: float = 1.0,
+        on_unpublishable: Unpublishable | None = None,
+        service: str = "executor",
     ) -> None:
+        self.on_unpublishable = on_unpublishable
+        self.service = service  # whose dead-letter subject the alarms go to
         self.track_interval_s = track_interval_s
         self.tracked = 0
         self._tracked_at = float("-inf")
@@ -159,6 +193,7 @@ class Relay:
             self._wake.clear()
             try:
                 moved = await self.publish_once()
+                metrics.EVENTS_PUBLISHED.inc(moved)
             except Exception as exc:  # NATS down or store hiccup: try again shortly
                 log.warning("relay publish failed at %s: %r", self.position, exc)
                 await wait_or_timeout(stop, 0.5)
@@ -189,27 +224,80 @@ class Relay:
         if not rows:
             return 0
         sent = []
+        skipped: list[tuple[EventRecord, ErrorInfo]] = []
         for notification_id, record in rows:
             subject = subjects.run_event(record.run_id, record.kind)
-            data = codec.encode(record)
+            try:
+                data = codec.encode(record)
+            except Exception as exc:  # the stored event cannot be said on the wire
+                skipped.append((record, _unpublishable(record, f"cannot be encoded: {exc!r}")))
+                continue
             headers = {
                 subjects.MSG_ID: msg_id(record, subject, data),
                 subjects.NOTIFICATION_ID: str(notification_id),
                 subjects.EVENT_TYPE: record.kind,
             }
-            ack = await self.js.publish_async(subject, data, headers=headers)
-            sent.append((subject, data, headers, ack))
+            too_large = self._too_large(record, data, headers)
+            if too_large is not None:
+                skipped.append((record, too_large))
+                continue
+            try:
+                ack = await self.js.publish_async(subject, data, headers=headers)
+            except MaxPayloadError:  # our measure missed: the client's own check
+                skipped.append((record, self._too_large(record, data, headers, force=True)))
+                continue
+            sent.append((record, subject, data, headers, ack))
         # A publish whose ack never comes must not hang the relay: fail the batch and
         # retry it (Nats-Msg-Id makes the retry harmless).
         acks = await asyncio.wait_for(
-            asyncio.gather(*(ack for *_, ack in sent)), timeout=self.ack_timeout_s
+            asyncio.gather(*(ack for *_, ack in sent), return_exceptions=True),
+            timeout=self.ack_timeout_s,
         )
-        for (subject, data, headers, _), ack in zip(sent, acks, strict=True):
-            if ack.duplicate:  # after a crash, a republish; else someone took our id
+        for (record, subject, data, headers, _), ack in zip(sent, acks, strict=True):
+            if isinstance(ack, APIError) and ack.err_code in PERMANENT_ERR_CODES:
+                skipped.append((record, _unpublishable(record, f"refused by JetStream: {ack}")))
+            elif isinstance(ack, BaseException):
+                raise ack  # transient: the whole batch again
+            elif ack.duplicate:  # after a crash, a republish; else someone took our id
                 await self._check_duplicate(subject, data, headers, ack.seq)
+        for record, error in skipped:  # before the position moves past them
+            await self._alarm(record, error)
         self.position = rows[-1][0]
-        await self._track()
+        await self._track(force=bool(skipped))  # a restart must not meet them again
         return len(rows)
+
+    def _too_large(
+        self, record: EventRecord, data: bytes, headers: dict[str, str], force: bool = False
+    ) -> ErrorInfo | None:
+        """``event_too_large`` when the message (payload and headers, as the server
+        counts it) is over the connection's max_payload."""
+        limit = getattr(getattr(self.js, "_nc", None), "max_payload", None)
+        # NATS/1.0 line, one "key: value" line each, the blank line
+        size = len(data) + 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if not force and (not isinstance(limit, int) or size <= limit):
+            return None
+        return ErrorInfo(
+            code="event_too_large",
+            message=f"event {record.event_id} ({record.kind}) is {size} bytes, over the "
+            f"broker's max_payload of {limit} bytes; it stays in the store, unpublished",
+            details={"event_id": record.event_id, "run_id": record.run_id,
+                     "seq": record.seq, "event_type": record.kind, "size": size,
+                     "limit": limit or 0},
+        )  # fmt: skip
+
+    async def _alarm(self, record: EventRecord, error: ErrorInfo) -> None:
+        """The typed alarm for an event that is skipped: an error log, a dead letter
+        naming it (not its data), and the run told (the executor fails it)."""
+        log.error("relay: skipping %s: %s", record.event_id, error.message)
+        letter = msgspec.json.encode({
+            "event_id": record.event_id, "run_id": record.run_id, "seq": record.seq,
+            "type": record.kind,
+        })  # fmt: skip
+        await dead_letter(
+            self.js, self.service, subjects.run_event(record.run_id, record.kind), error, letter
+        )
+        if self.on_unpublishable is not None:
+            await self.on_unpublishable(record, error)
 
     async def _check_duplicate(
         self, subject: str, data: bytes, headers: dict[str, str], seq: int

@@ -19,6 +19,8 @@ Variables (all optional unless noted):
   ``postgres://`` is accepted as a synonym of ``postgresql://``. Percent-encode special
   characters in the user name and password (``@`` is ``%40``, ``:`` is ``%3A``).
 - ``LOOM_MAX_PAYLOAD``: largest message in bytes, default 262144.
+- ``LOOM_MAX_STEP_INPUT_BYTES``, ``LOOM_MAX_STEP_OUTPUT_BYTES``: largest rendered step
+  input / step output, default 131072 each (see :func:`size_limits_from_env`).
 - ``LOOM_HTTP_ALLOW_PRIVATE``: comma list of hosts or CIDRs the HTTP tool may reach even
   though they are private/loopback addresses; default empty (none).
 - ``LOOM_MODEL``: litellm model name; unset means no model (explicit plans only).
@@ -48,7 +50,9 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
+from loom_core.contracts import SizeLimits
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
+from loom_core.sizes import DEFAULT_LIMITS, STEP_INPUT_SETTING, STEP_OUTPUT_SETTING
 
 StoreKind = Literal["sqlite", "postgres"]
 
@@ -221,6 +225,85 @@ def secret_settings_from_env(env: Mapping[str, str] = os.environ) -> SecretSetti
 # --- end of secrets
 
 
+# --- health, metrics and stream retention (loom_infra.httpserver, bus.stream_configs)
+@dataclass(frozen=True)
+class OpsSettings:
+    """- ``LOOM_HTTP_PORT``: the port of ``/livez``, ``/readyz``, ``/metrics``; 0 (the
+      default) serves none (``loom up`` needs none; a Kubernetes pod sets it).
+    - ``LOOM_HTTP_HOST``: the address it binds, default 127.0.0.1 (a pod sets 0.0.0.0).
+    - ``LOOM_READY_MAX_RELAY_LAG``: stored events not yet published above which the
+      executor is not ready, default 10000.
+    - ``LOOM_READY_STALL_S``: seconds the relay (or the writer) may hold unpublished (or
+      queued) work without moving before the executor is not ready, default 60.
+    - ``LOOM_RUNS_MAX_AGE_DAYS`` (default 90: must exceed the longest timer or wait, whose
+      message is held in LOOM_RUNS), ``LOOM_STREAM_MAX_BYTES`` (per stream, default 8 GiB),
+      ``LOOM_REJECTS_MAX_MSGS`` (default 10000): retention of the streams provisioned.
+    - ``LOOM_REJECTS_QUEUE``: rejections waiting to be recorded before new ones are dropped
+      (counted and logged, never waited for), default 1000.
+    """
+
+    http_port: int = 0
+    http_host: str = "127.0.0.1"
+    ready_max_relay_lag: int = 10_000
+    ready_stall_s: float = 60.0
+    runs_max_age_days: float = 90.0
+    stream_max_bytes: int = 8 * 1024**3
+    rejects_max_msgs: int = 10_000
+    rejects_queue: int = 1000
+
+
+def ops_settings_from_env(env: Mapping[str, str] = os.environ) -> OpsSettings:
+    def number(name: str, default: float, low: float) -> float:
+        raw = _get(env, name)
+        try:
+            value = default if raw is None else float(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be a number, got {raw!r}") from None
+        if not value >= low:
+            raise SettingsError(name, f"must be >= {low:g}, got {raw}")
+        return value
+
+    port = int(number("LOOM_HTTP_PORT", 0, 0))
+    if port > 65535:
+        raise SettingsError("LOOM_HTTP_PORT", f"must be 0-65535, got {port}")
+    return OpsSettings(
+        http_port=port,
+        http_host=_get(env, "LOOM_HTTP_HOST") or "127.0.0.1",
+        ready_max_relay_lag=int(number("LOOM_READY_MAX_RELAY_LAG", 10_000, 1)),
+        ready_stall_s=number("LOOM_READY_STALL_S", 60.0, 1),
+        runs_max_age_days=number("LOOM_RUNS_MAX_AGE_DAYS", 90.0, 1),
+        stream_max_bytes=int(number("LOOM_STREAM_MAX_BYTES", 8 * 1024**3, 1024**2)),
+        rejects_max_msgs=int(number("LOOM_REJECTS_MAX_MSGS", 10_000, 1)),
+        rejects_queue=int(number("LOOM_REJECTS_QUEUE", 1000, 1)),
+    )
+
+
+# --- end of health, metrics and stream retention
+
+
+# --- size limits of step inputs and outputs (loom_core.sizes): recorded in each run's
+# run_requested by the executor, so a run keeps the limits it started with (replay).
+def size_limits_from_env(env: Mapping[str, str], max_payload: int) -> SizeLimits:
+    """``LOOM_MAX_STEP_INPUT_BYTES`` / ``LOOM_MAX_STEP_OUTPUT_BYTES`` (default 128 KiB
+    each): 1 KiB up to half the broker's max_payload (``max(1 MiB, 2 x
+    LOOM_MAX_PAYLOAD)``, what the embedded server sets), so an event holding one such
+    value always fits in a message."""
+    ceiling = max(1024**2, 2 * max_payload) // 2
+    values = []
+    for name, default in ((STEP_INPUT_SETTING, DEFAULT_LIMITS.step_input_bytes),
+                          (STEP_OUTPUT_SETTING, DEFAULT_LIMITS.step_output_bytes)):  # fmt: skip
+        value = _whole(env, name, default)
+        if not 1024 <= value <= ceiling:
+            raise SettingsError(
+                name, f"must be 1024-{ceiling} bytes (half the broker's max_payload), got {value}"
+            )
+        values.append(value)
+    return SizeLimits(step_input_bytes=values[0], step_output_bytes=values[1])
+
+
+# --- end of size limits
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(repr=False)
@@ -238,6 +321,8 @@ class Settings:
     insecure: bool = False
     # deepest JSON accepted in a run request (LOOM_MAX_JSON_DEPTH, 1-200)
     max_json_depth: int = DEFAULT_MAX_DEPTH
+    ops: OpsSettings = field(default_factory=OpsSettings)  # health, metrics, retention
+    size_limits: SizeLimits = DEFAULT_LIMITS  # step inputs/outputs (loom_core.sizes)
 
     @property
     def credentials_dir(self) -> Path:
@@ -353,6 +438,8 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         creds_dir=_path(env, "LOOM_CREDS_DIR"),
         insecure=_flag(env, "LOOM_INSECURE"),
         max_json_depth=_depth(env),
+        ops=ops_settings_from_env(env),
+        size_limits=size_limits_from_env(env, max_payload),
     )
 
 

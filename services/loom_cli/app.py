@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
 from loom_cli.render import (
     events_table,
+    lineage_members,
     lineage_tree,
     principal_line,
     runs_table,
@@ -182,8 +184,13 @@ def runs(
             wanted = "suspended" if suspended else status
             found = await client.runs(limit=1000 if lineage else limit, status=wanted)
         if lineage:
-            stdout.print(lineage_tree(found, lineage))
-            return
+            members = lineage_members(found, lineage)
+            if not members:
+                raise fail(f"no run '{lineage}' among the {len(found)} most recent runs")
+            if output is Output.text:
+                stdout.print(lineage_tree(found, lineage))
+                return
+            found = members  # json/jsonl: the tree's runs, root first (forked_from links)
         if output is Output.text:
             stdout.print(runs_table(found))
         elif output is Output.jsonl:
@@ -201,13 +208,17 @@ def show(run_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> None:
 
     async def main() -> None:
         async with await connect(url) as client:
-            records = await client.events(run_id)
+            try:
+                if output is Output.jsonl:  # streamed: a page is printed as it arrives
+                    if not await _write_jsonl(client.iter_events(run_id)):
+                        raise fail(f"no run '{run_id}'")
+                    return
+                records = await client.events(run_id)
+            except LoomError as exc:
+                raise fail(str(exc)) from None
         if not records:
             raise fail(f"no run '{run_id}'")
-        if output is Output.jsonl:
-            for r in records:
-                sys.stdout.write(codec.encode(r).decode() + "\n")
-        elif output is Output.json:
+        if output is Output.json:
             stdout.print_json(dump(records))
         else:
             if (who := principal_line(records)) is not None:
@@ -229,18 +240,28 @@ def trace(
     async def main() -> None:
         async with await connect(url) as client:
             try:
+                if output is Output.jsonl:  # streamed: a page is printed as it arrives
+                    await _write_jsonl(client.iter_trace(run_id, rebuild=rebuild))
+                    return
                 spans = await client.trace(run_id, rebuild=rebuild)
             except LoomError as exc:
                 raise fail(str(exc)) from None
         if output is Output.text:
             stdout.print(span_tree(spans))
-        elif output is Output.jsonl:
-            for s in spans:
-                sys.stdout.write(codec.encode(s).decode() + "\n")
         else:
             stdout.print_json(dump(spans))
 
     asyncio.run(main())
+
+
+async def _write_jsonl(items: AsyncIterator[Any]) -> int:
+    """Print each item as one JSON line as it arrives; how many were printed."""
+    n = 0
+    async for item in items:
+        sys.stdout.write(codec.encode(item).decode() + "\n")
+        n += 1
+    sys.stdout.flush()
+    return n
 
 
 @app.command()

@@ -40,7 +40,10 @@ async def _events(run: str, url: str | None) -> list[EventRecord]:
     if run.endswith(".jsonl") and path.exists():
         return read_jsonl(path)
     async with await connect(url) as c:
-        records = await c.events(run)
+        try:
+            records = await c.events(run)  # page by page: any length of run
+        except LoomError as exc:
+            raise fail(str(exc)) from None
     if not records:
         raise fail(f"no run '{run}'")
     return records

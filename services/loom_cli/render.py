@@ -134,6 +134,28 @@ def runs_table(runs: Sequence[RunSummary]) -> Table:
     return table
 
 
+def lineage_members(runs: Sequence[RunSummary], run_id: str) -> list[RunSummary]:
+    """The runs of ``run_id``'s fork tree, root first, then each fork below its origin
+    (depth first, by run id); [] when ``run_id`` is not among ``runs``."""
+    by_id = {r.run_id: r for r in runs}
+    if run_id not in by_id:
+        return []
+    root = by_id[run_id]
+    while root.forked_from in by_id:
+        root = by_id[root.forked_from]
+    children: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        if r.forked_from:
+            children.setdefault(r.forked_from, []).append(r)
+    out: list[RunSummary] = []
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(sorted(children.get(node.run_id, []), key=lambda c: c.run_id, reverse=True))
+    return out
+
+
 def lineage_tree(runs: Sequence[RunSummary], run_id: str) -> Tree | str:
     """The fork tree ``run_id`` belongs to: its root origin and every fork below."""
     by_id = {r.run_id: r for r in runs}

@@ -16,10 +16,11 @@ because ``decide`` ignores what no longer applies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -41,7 +42,9 @@ from loom_core.contracts import (
     RunEventsQuery,
     RunEventsReply,
     RunProgress,
+    RunPublishFailed,
     RunRequest,
+    SizeLimits,
     SubmitAccepted,
     SubmitRejected,
     SubRunFinished,
@@ -62,7 +65,7 @@ from loom_core.executor import (
 )
 from loom_core.lineage import ForkError, fork_request
 from loom_core.replay import replay
-from loom_infra import auth, bus, endpoints
+from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
@@ -104,7 +107,9 @@ class RunHost:
         io: Blocking,
         snapshots: SnapshotStore | None = None,
         verify_on_load: bool = True,
+        limits: SizeLimits | None = None,
     ) -> None:
+        self.limits = limits  # recorded in each new run's run_requested (loom_core.sizes)
         self.store = store
         self.io = io
         self.snapshots = snapshots
@@ -116,6 +121,8 @@ class RunHost:
         self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
+        if isinstance(message, Submission) and message.limits is None:
+            message = dataclasses.replace(message, limits=self.limits)
         work = Work(run_id, message)
         self.queue.put_nowait(work)
         return await work.done
@@ -136,7 +143,17 @@ class RunHost:
         # From the latest snapshot (if any): the cost is the events after it, not the
         # whole history.
         taken = await self.io(self.snapshots.latest, run_id) if self.snapshots else None
-        base = restore(taken[1]) if taken else None
+        base = None
+        if taken is not None:
+            try:
+                base = restore(taken[1])
+            except Exception as exc:
+                # A snapshot is a cache: one that no longer restores (the state's shape
+                # changed in a deploy, or it is damaged) must not stop the run; the
+                # whole history is the truth.
+                log.warning("snapshot of %s at %d not restored (%r); folding its history",
+                            run_id, taken[0], exc)  # fmt: skip
+                taken = None
         records = await self.io(self.store.load, run_id, taken[0] if taken else 0)
         state = restore(taken[1]) if taken else initial_state(run_id)
         for record in records:
@@ -240,13 +257,15 @@ class ExecutorService:
         self.io = Blocking("executor-store", workers=4)
         self.snapshots = open_snapshot_store(settings.store)
         self.principals = auth.PrincipalResolver(settings.auth)
-        self.host = RunHost(self.store, self.io, self.snapshots)
+        self.host = RunHost(self.store, self.io, self.snapshots, limits=settings.size_limits)
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.relay = Relay(self.store, ctx.js, io=self.io)
+        self.relay = Relay(
+            self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable
+        )
         self.host.listeners.append(self.relay.offer)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
@@ -268,9 +287,9 @@ class ExecutorService:
         await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit)
         await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control)
         await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume)
-        await endpoints.serve(ctx.nc, ctx.js, routes.FORK, self.name, self.on_fork)
+        await endpoints.serve(ctx.nc, ctx.rejects, routes.FORK, self.name, self.on_fork)
         await endpoints.serve(
-            ctx.nc, ctx.js, routes.API_RUN_EVENTS, self.name, self.on_events_query
+            ctx.nc, ctx.rejects, routes.API_RUN_EVENTS, self.name, self.on_events_query
         )
         consumer = endpoints.inbox_consumer(
             ctx.js, routes.INBOXES, handler=self.on_inbox, batch=256
@@ -281,6 +300,16 @@ class ExecutorService:
         await self.io.close()
         self.store.close()
         self.snapshots.close()
+
+    async def on_unpublishable(self, record: EventRecord, error: ErrorInfo) -> None:
+        """The relay skipped one of ``record``'s run's events for good: the run ends
+        failed with the reason (loom_infra.relay)."""
+        details = error.details or {}
+        await self.host.submit(record.run_id, RunPublishFailed(
+            seq=record.seq, event_type=record.kind, code=error.code,
+            size=int(details.get("size") or 0), limit=int(details.get("limit") or 0),
+            message=error.message,
+        ))  # fmt: skip
 
     # ------------------------------------------------------------------ submit
 
@@ -340,7 +369,10 @@ class ExecutorService:
         return SubmitAccepted(run_id=run_id, existing=not produced)
 
     async def _reject(self, msg: Msg, error: ErrorInfo) -> SubmitRejected:
-        await bus.dead_letter(self.ctx.js, self.name, msg.subject, error, msg.data)
+        # answered now; recorded (bounded, apart from poison) by a background task, so
+        # a burst of bad submissions never holds up a good one (issue 9)
+        if self.ctx.rejects is not None:
+            self.ctx.rejects.offer(msg.subject, error, msg.data)
         return SubmitRejected(error=error)
 
     # ------------------------------------------------------------------ inbox
@@ -604,9 +636,43 @@ class ExecutorService:
     # ------------------------------------------------------------------ queries
 
     async def on_events_query(self, msg: Msg, query: RunEventsQuery) -> RunEventsReply:
+        """One page of the run's events: at most ``limit`` and at most a byte budget
+        under this connection's max_payload, so the reply can always be sent;
+        ``next_after_seq`` says where the next page starts. The store is read a chunk at
+        a time, so a page of big events does not load thousands of them."""
         limit = max(1, min(query.limit, 5000))
-        events = await self.io(self.store.load, query.run_id, query.after_seq, limit)
-        return RunEventsReply(run_id=query.run_id, events=events)
+        max_payload = (self.ctx.nc.max_payload if self.ctx else 0) or self.settings.max_payload
+        chunk = min(limit + 1, 256)
+
+        def stored() -> Iterator[EventRecord]:
+            after = query.after_seq
+            while True:
+                records = self.store.load(query.run_id, after, chunk)
+                yield from records
+                if len(records) < chunk:
+                    return
+                after = records[-1].seq
+
+        def page() -> paging.Page[EventRecord]:  # sized as the reply encodes them
+            encoded = lambda r: len(codec.encode(r))  # noqa: E731
+            return paging.fill(stored(), encoded, limit=limit, max_payload=max_payload)
+
+        got = await self.io(page)
+        if got.too_large is not None:
+            record, size = got.too_large
+            details = {"run_id": query.run_id, "seq": record.seq, "bytes": size}
+            raise endpoints.ServiceError(
+                ErrorInfo(
+                    code="event_too_large",
+                    message=f"event {record.seq} of run '{query.run_id}' ({record.kind}) is "
+                    f"{size} bytes, more than one reply can carry (NATS max_payload "
+                    f"{max_payload}); read it from the executor's event store",
+                    path="$.after_seq",
+                    details={**details, "max_payload": max_payload},
+                )
+            )
+        next_after = got.items[-1].seq if got.more else None
+        return RunEventsReply(run_id=query.run_id, events=got.items, next_after_seq=next_after)
 
 
 def _child_status(child: RunState) -> str | None:

@@ -47,7 +47,9 @@ class MemoryService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        await endpoints.serve(ctx.nc, ctx.js, routes.API_THREAD, self.name, self.on_thread_query)
+        await endpoints.serve(
+            ctx.nc, ctx.rejects, routes.API_THREAD, self.name, self.on_thread_query
+        )
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "memory", handler=self.on_events, batch=64
         )

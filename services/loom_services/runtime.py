@@ -31,7 +31,9 @@ from nats.js.errors import NotFoundError
 from loom_core import routes
 from loom_core.contracts import Ping, Pong
 from loom_infra import bus, credentials, endpoints
-from loom_infra.settings import Settings, settings_from_env
+from loom_infra.httpserver import HealthServer
+from loom_infra.settings import OpsSettings, Settings, ops_settings_from_env, settings_from_env
+from loom_services import observe
 
 log = logging.getLogger("loom.runtime")
 
@@ -45,6 +47,8 @@ class ServiceContext:
     settings: Settings
     stop: asyncio.Event
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # where a request the client got wrong is recorded, off the request path
+    rejects: bus.RejectRecorder | None = None
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
         self.tasks.append(asyncio.ensure_future(coro))
@@ -77,8 +81,19 @@ class Stack:
         self.settings = settings
         self.stop = asyncio.Event()
         self.contexts: list[ServiceContext] = []
+        ops = settings.ops
+        # LOOM_HTTP_PORT=0: no endpoint (``loom up`` runs without one unless it is set)
+        self.health = HealthServer(ops.http_host, ops.http_port) if ops.http_port else None
+        self.started = False
+
+    async def _starting(self) -> str | None:
+        return None if self.started else "starting (connecting, waiting for streams)"
 
     async def start(self) -> None:
+        if self.health is not None:
+            # up first: /livez answers and /readyz says why not while the start waits
+            self.health.add_check("stack", self._starting)
+            await self.health.start()
         for service in self.services:
             identity = identity_of(service)
             seed = self.settings.seed_file_for(identity)
@@ -94,18 +109,28 @@ class Stack:
             )
             js = nc.jetstream()
             if seed is None:
-                await bus.ensure_streams(js)
+                await bus.ensure_streams(js, self.settings.ops)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
+            ctx.rejects = bus.RejectRecorder(js, identity, self.settings.ops.rejects_queue)
+            ctx.spawn(ctx.rejects.run(self.stop), f"{service.name}-rejects")
             await service.start(ctx)
             if service.name in routes.SERVICES:  # not the relay run alone: no route of its own
                 await serve_health(ctx, service.name)
+            if self.health is not None:
+                observe.watch_service(
+                    self.health, service.name, identity, nc, js, ctx.tasks, self.stop
+                )
+                observe.watch_internals(self.health, service.name, service, self.settings.ops)
             self.contexts.append(ctx)
             log.info("%s started", service.name)
+        self.started = True
 
     async def close(self) -> None:
         self.stop.set()
+        if self.health is not None:
+            await self.health.close()
         for ctx in self.contexts:
             for task in ctx.tasks:
                 task.cancel()
@@ -161,15 +186,20 @@ async def wait_for_streams(
             await asyncio.sleep(0.5)  # poll interval of a bounded wait for the provisioner
 
 
-async def provision(url: str, seed: str | os.PathLike[str] | None) -> None:
+async def provision(
+    url: str, seed: str | os.PathLike[str] | None, ops: OpsSettings | None = None
+) -> None:
     """Create or update every stream and the tool bucket, as ``admin`` (the only
-    identity allowed to; None: an insecure server)."""
+    identity allowed to; None: an insecure server). An existing stream keeps what an
+    operator set (``bus.merge_stream``). ``ops``: retention limits, default from the
+    environment (``LOOM_RUNS_MAX_AGE_DAYS``, ...)."""
+    ops = ops or ops_settings_from_env()
     nc = await bus.connect(
         url, "loom-provision", persistent=False, seed=seed, identity=credentials.ADMIN
     )
     try:
         js = nc.jetstream()
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, ops)
         await bus.ensure_tools_bucket(js)
     finally:
         await nc.close()

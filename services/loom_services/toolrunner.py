@@ -31,8 +31,14 @@ import uuid
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, secrets
-from loom_core.contracts import ErrorInfo, ToolCallCancelled, ToolCallRequested, ToolResult
+from loom_core import codec, routes, secrets, sizes
+from loom_core.contracts import (
+    ErrorInfo,
+    SizeLimits,
+    ToolCallCancelled,
+    ToolCallRequested,
+    ToolResult,
+)
 from loom_core.executor import request_digest
 from loom_infra import bus, endpoints
 from loom_infra.blocking import Blocking
@@ -237,7 +243,8 @@ class ToolRunnerService:
         outcome = await execute_tool(
             self.registry, request.tool, tool_input, ctx, request.timeout_s
         )
-        return redact_outcome(outcome, secrets.scrub_forms(used))
+        outcome = redact_outcome(outcome, secrets.scrub_forms(used))
+        return bounded_outcome(outcome, self.settings.size_limits, request.step_id)
 
     async def _unless_stored(self, msg: Msg) -> ErrorInfo | None:
         """Secrets are resolved only for a request the executor stored: with NATS
@@ -307,6 +314,18 @@ def redact_outcome(outcome: ToolOutcome, forms: list[str]) -> ToolOutcome:
             suspend, label=secrets.scrub_str(suspend.label, forms), payload=payload
         )
     return ToolOutcome(ok=outcome.ok, output=output, error=error, suspend=suspend)
+
+
+def bounded_outcome(outcome: ToolOutcome, limits: SizeLimits, step_id: str) -> ToolOutcome:
+    """An output over the limit becomes a failed attempt ``output_too_large`` here,
+    before the ledger or the inbox hold it (the executor would refuse it anyway, by the
+    limits its run recorded; see loom_core.sizes)."""
+    if not outcome.ok:
+        return outcome
+    error = sizes.check_output(
+        [outcome.output, outcome.suspend], limits, step_id, f"$.steps.{step_id}.output"
+    )
+    return outcome if error is None else ToolOutcome(ok=False, error=error)
 
 
 def load_tools(registry: ToolRegistry, module: str) -> None:

@@ -34,6 +34,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import TypeVar
 
 from nats.aio.msg import Msg
@@ -59,7 +60,7 @@ from loom_core.contracts import (
     UsageReply,
 )
 from loom_core.spans import DEFAULT_IO_LIMIT, TraceBuilder, TraceOptions
-from loom_infra import bus, endpoints
+from loom_infra import bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, from_env
@@ -82,6 +83,24 @@ R = TypeVar("R")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
+
+
+def _span_cursor_key(cursor: str) -> tuple[datetime, str]:
+    """(start, span id) from a trace page cursor (``{start ISO}|{span id}``)."""
+    start, sep, span_id = cursor.rpartition("|")
+    try:
+        if not sep or not span_id:
+            raise ValueError(cursor)
+        return datetime.fromisoformat(start), span_id
+    except ValueError:
+        raise ServiceError(
+            ErrorInfo(
+                code="bad_cursor",
+                message=f"{cursor[:80]!r} is not a trace page cursor: pass a reply's "
+                "next_after unchanged, or '' for the first page",
+                path="$.after",
+            )
+        ) from None
 
 
 def options_from_env(env: Mapping[str, str] = os.environ) -> TraceOptions:
@@ -146,7 +165,7 @@ class TracingService:
             (routes.API_TRACES_USAGE, self.on_usage_query),
             (routes.API_TRACES_REBUILD, self.on_rebuild_query),
         ):
-            await endpoints.serve(nc, ctx.js, route, self.name, handler)
+            await endpoints.serve(nc, ctx.rejects, route, self.name, handler)
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "tracing", handler=self.on_events, batch=256
         )
@@ -303,9 +322,9 @@ class TracingService:
                 # not "no such run": the events are retried rather than judged on it
                 raise RuntimeError(f"executor history of {run_id}: {reply.error.message}")
             events.extend(reply.events)
-            if len(reply.events) < HISTORY_PAGE:
+            if reply.next_after_seq is None:  # pages are byte-bounded: short is not last
                 return events
-            after_seq = reply.events[-1].seq
+            after_seq = reply.next_after_seq
 
     # ------------------------------------------------------------------ rebuild
 
@@ -412,7 +431,12 @@ class TracingService:
         return RunsReply(runs=runs)
 
     async def on_trace_query(self, msg: Msg, query: TraceQuery) -> TraceReply:
-        if query.rebuild:
+        """One page of the run's spans after the cursor, bounded by count and bytes so
+        the reply always fits; ``next_after`` is the cursor of the next page. The cursor
+        is the last span's (start, span id), the order spans are kept in: a span folded
+        between two pages lands in a later page or, when it starts earlier, not in this
+        reading (spans are only added or updated, never reordered)."""
+        if query.rebuild and not query.after:  # the first page rebuilds, the rest read it
             records = await self._executor_history(query.run_id)
             spans, _ = await self.rebuild_run(query.run_id, records or None)
         else:
@@ -422,7 +446,30 @@ class TracingService:
                 run_id=query.run_id,
                 error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
             )
-        return TraceReply(run_id=query.run_id, spans=spans)
+        if query.after:
+            key = _span_cursor_key(query.after)
+            spans = [s for s in spans if (s.start, s.span_id) > key]
+        limit = max(1, min(query.limit, MAX_QUERY_LIMIT))
+        assert self.ctx is not None
+        max_payload = self.ctx.nc.max_payload or self.settings.max_payload
+        page = paging.fill(
+            spans, lambda s: len(codec.encode(s)), limit=limit, max_payload=max_payload
+        )
+        if page.too_large is not None:
+            span, size = page.too_large
+            raise ServiceError(
+                ErrorInfo(
+                    code="span_too_large",
+                    message=f"span {span.span_id} ({span.name}) of run '{query.run_id}' is "
+                    f"{size} bytes, more than one reply can carry (NATS max_payload "
+                    f"{max_payload}); lower LOOM_TRACE_IO_LIMIT and rebuild the trace",
+                    path="$.after",
+                    details={"span_id": span.span_id, "bytes": size, "max_payload": max_payload},
+                )
+            )
+        last = page.items[-1] if page.items else None
+        cursor = f"{last.start.isoformat()}|{last.span_id}" if page.more and last else None
+        return TraceReply(run_id=query.run_id, spans=page.items, next_after=cursor)
 
     async def _executor_history(self, run_id: str) -> list[EventRecord]:
         """The run's events from the executor; [] when it cannot answer (then a rebuild

@@ -28,7 +28,7 @@ import pytest
 from nats.errors import MaxPayloadError
 from nats.js.api import DeliverPolicy
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     ApprovalStep,
     DeadLetter,
@@ -163,11 +163,14 @@ async def until(client: LoomClient, run_id: str, kind: type) -> list[EventRecord
 
 
 async def letters(
-    client: LoomClient, service: str, count: int, code: str | None = None
+    client: LoomClient, service: str, count: int, code: str | None = None, subject: str = ""
 ) -> list[DeadLetter]:
-    """The first ``count`` dead letters of ``service`` (with ``code``), waiting (bounded)."""
+    """The first ``count`` dead letters of ``service`` (with ``code``), waiting (bounded);
+    ``subject``: another record of the same shape (rejected submissions)."""
     sub = await client.js.subscribe(
-        subjects.dead_letter(service), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        subject or subjects.dead_letter(service),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
     )
     found: list[DeadLetter] = []
     try:
@@ -426,7 +429,8 @@ async def test_submit_refuses_what_only_the_engine_sets(
     reply = await client.submit_raw(codec.encode({"type": "run_request", "plan": plan, **body}))
     assert reply.error.code == code, reply  # type: ignore[union-attr]
     assert reply.error.path == path  # type: ignore[union-attr]
-    (letter,) = await letters(client, "executor", 1, code)
+    rejects = routes.REJECTED.subject(service="executor")  # client mistakes, apart
+    (letter,) = await letters(client, "executor", 1, code, subject=rejects)
     assert letter.error.path == path
 
 

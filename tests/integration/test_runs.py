@@ -13,7 +13,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 
 from loom_cli.app import load_run_request
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     DeadLetter,
     EventRecord,
@@ -48,9 +48,13 @@ async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
         await asyncio.sleep(0.02)
 
 
-async def dead_letters(client: LoomClient, service: str, count: int) -> list[DeadLetter]:
+async def dead_letters(
+    client: LoomClient, service: str, count: int, subject: str | None = None
+) -> list[DeadLetter]:
     sub = await client.js.subscribe(
-        subjects.dead_letter(service), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        subject or subjects.dead_letter(service),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
     )
     try:
         return [
@@ -147,7 +151,8 @@ async def test_bad_submissions_get_typed_errors_and_dead_letters(client: LoomCli
     bad_id = await client.submit_raw(b'{"run_id": "a.b", "request": "x"}')
     assert isinstance(bad_id, SubmitRejected) and bad_id.error.path == "$.run_id"
 
-    letters = await dead_letters(client, "executor", 4)
+    # client mistakes are recorded apart from poison (routes.REJECTED), off the submit path
+    letters = await dead_letters(client, "executor", 4, routes.REJECTED.subject(service="executor"))
     assert [d.error.code for d in letters] == [
         "malformed_json",
         "invalid_shape",

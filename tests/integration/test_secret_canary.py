@@ -37,7 +37,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 from psycopg import sql
 
-from loom_core import codec, subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     DeadLetter,
     EventRecord,
@@ -250,7 +250,7 @@ async def test_secret_canary_is_never_stored_streamed_traced_or_logged(
             assert [e.code for e in errors] == ["secret_not_found"]
             assert "'NOT_THERE'" in errors[0].message and errors[0].path == "$.value"
 
-            # (d): rejected submissions are dead-lettered, redacted
+            # (d): rejected submissions are recorded (apart from poison), redacted
             malformed = (
                 b'{"input": {"api_key": "' + canary.encode() + b'", "headers": '
                 b'{"Authorization": "Bearer ' + canary.encode() + b'"}}, "plan": {"steps": ['
@@ -259,10 +259,14 @@ async def test_secret_canary_is_never_stored_streamed_traced_or_logged(
             for payload in (malformed, wrong_shape):
                 rejected = await client.submit_raw(payload)
                 assert isinstance(rejected, SubmitRejected)
-            letter = await client.js.get_last_msg(
-                subjects.DLQ_STREAM, subjects.dead_letter("executor")
-            )
-            dead = codec.decode(letter.data, DeadLetter)
+            rejects = await client.js.subscribe(
+                routes.REJECTED.subject(service="executor"),
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )  # recorded off the submit path: wait for the second (bounded)
+            await rejects.next_msg(timeout=10)
+            dead = codec.decode((await rejects.next_msg(timeout=10)).data, DeadLetter)
+            await rejects.unsubscribe()
             assert '"password":"[redacted]"' in dead.payload
 
             # the read models have folded the run: memory's thread, tracing's spans

@@ -63,3 +63,37 @@ async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
     assert isinstance(records[-1].event, RunCompleted)
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
     assert taken[0] in restored  # loaded from the snapshot, then only the events after it
+
+
+async def test_a_snapshot_that_no_longer_restores_falls_back_to_the_history(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deploy that changes the state's shape (or a damaged snapshot) used to make every
+    run with a snapshot unloadable."""
+    monkeypatch.setattr(executor_service, "SNAPSHOT_EVERY", 5)
+    steps = [
+        ToolStep(id=f"s{i}", tool="noop", depends_on=[f"s{i - 1}"] if i else []) for i in range(4)
+    ]
+    steps.append(ApprovalStep(id="ok", label="go", schema={"type": "boolean"}, depends_on=["s3"]))
+    async with await stack.client() as client:
+        accepted = await client.submit(RunRequest(plan=Plan(steps=steps)))
+        async for record in client.follow(accepted.run_id, timeout=30):
+            if isinstance(record.event, StepSuspended):
+                break
+    snapshots = open_snapshot_store(stack.settings.store)
+    try:
+        taken = snapshots.latest(accepted.run_id)
+        assert taken is not None
+        snapshots.save(accepted.run_id, taken[0] + 1, b'{"not": "a run state"}')
+    finally:
+        snapshots.close()
+    assert stack.stack is not None
+    await stack.stack.close()
+    stack.stack = Stack(all_services(stack.settings), stack.settings)
+    await stack.stack.start()
+    async with await stack.client() as client:
+        reply = await client.resume(accepted.run_id, True, label="go", request_id="r")
+        assert reply.ok, reply.error
+        records = await client.wait(accepted.run_id, timeout=30)
+    assert isinstance(records[-1].event, RunCompleted)
+    assert "not restored" in caplog.text

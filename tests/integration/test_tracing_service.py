@@ -55,7 +55,7 @@ from loom_core.contracts import (
 )
 from loom_core.spans import TraceOptions, build_spans, span_category
 from loom_infra import bus
-from loom_infra.client import LoomClient, LoomError
+from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.otlp import OtlpExporter
 from loom_infra.settings import Settings, StoreSettings
@@ -370,7 +370,7 @@ async def test_queries_and_cli_over_several_runs(
     garbled = await client.nc.request(subjects.API_TRACES_USAGE, b"{not json", timeout=5)
     assert codec.decode(garbled.data, UsageReply).error.code == "malformed_json"  # type: ignore[union-attr]
 
-    # an answer too large for NATS is an error saying so, not a timeout
+    # spans too many bytes for one NATS message are read in pages (issue 9.4), never refused
     big = [
         SpanRecord(
             trace_id=ids.trace_id("huge"),
@@ -384,9 +384,7 @@ async def test_queries_and_cli_over_several_runs(
         for i in range(3)
     ]
     await asyncio.to_thread(tracing_of(stack).store.upsert, big)
-    with pytest.raises(LoomError) as too_large:
-        await client.trace("huge")
-    assert too_large.value.error.code == "reply_too_large"
+    assert [s.span_id for s in await client.trace("huge")] == sorted(s.span_id for s in big)
 
     # the same through the CLI
     url = stack.url

@@ -140,6 +140,34 @@ def test_many_suspensions_resume_independently_by_id() -> None:
     assert w.events[-1] == RunCompleted(output={"fe": [False, True, True]})
 
 
+def test_a_recorded_label_answer_is_reported_as_recorded_and_repeats_answer_nothing_else() -> (
+    None
+):
+    """Issue 17, item 1: elements 2 and 1 answered by id, then the last by label: the
+    label answer was recorded but reported as refused (the reply looked the label up
+    again and picked another, already answered suspension)."""
+    plan = Plan(steps=[ForeachStep(id="each", items=[1, 2, 3], do=[
+        ApprovalStep(id="ok", label="reviewer", schema={"type": "boolean"}),
+        ApprovalStep(id="again", label="reviewer", schema={"type": "boolean"},
+                     depends_on=["ok"]),
+    ])])  # fmt: skip
+    w = World(plan)
+    assert resume(w, True, label=None, suspension_id="each/2/ok#1", request_id="a").ok
+    assert resume(w, True, label=None, suspension_id="each/1/ok#1", request_id="b").ok
+    # each/0/ok is the only "ok" still open, but each/1/again and each/2/again now wait
+    # under the same label: answer by suspension id first, then the label is unique
+    assert resume(w, True, label=None, suspension_id="each/1/again#1", request_id="c").ok
+    assert resume(w, True, label=None, suspension_id="each/2/again#1", request_id="d").ok
+    reply = resume(w, False, label="reviewer", request_id="e")
+    assert reply.ok and reply.suspension_id == "each/0/ok#1", reply
+    # the same request again: the same answer, and it answers nothing else (each/0/again
+    # now waits under that label)
+    repeat = resume(w, True, label="reviewer", request_id="e")
+    assert repeat.ok and repeat.suspension_id == "each/0/ok#1", repeat
+    assert w.state.insts["each/0/again"].status == "suspended"
+    assert [e.request_id for e in w.of(StepResumed)] == ["a", "b", "c", "d", "e"]
+
+
 def test_expiry_policies() -> None:
     for policy, expected in (("default", RunCompleted), ("fail", RunFailed)):
         w = World(approval_plan(expires_in_s=60, on_expire=policy, default={"approved": False}))

@@ -200,9 +200,13 @@ def test_each_service_is_a_hardened_deployment_running_its_module(
     (container,) = pod["containers"]
     assert container["command"] == ["python", "-m", f"loom_services.{service}"]
     assert container["image"] == "agentloom:dev"  # the dev overlay's tag; skaffold swaps it
-    health = ["python", "-m", "loom_services.health", service]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["exec"]["command"] == health, probe
+    # HTTP probes on the pod's LOOM_HTTP_PORT (loom_infra.httpserver), not a process each
+    paths = {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    settings = _one(docs, "ConfigMap", "loom-settings")["data"]
+    for probe, path in paths.items():
+        assert container[probe]["httpGet"]["path"] == path, probe
+        assert ports[container[probe]["httpGet"]["port"]] == int(settings["LOOM_HTTP_PORT"])
     refs = container["envFrom"]
     assert {"configMapRef": {"name": "loom-settings"}} in refs
     assert {"secretRef": {"name": "loom-secrets"}} in refs

@@ -217,6 +217,7 @@ def test_asyncapi_lists_every_subject() -> None:
         subjects.INBOX_STREAM: [subjects.INBOX_ALL],
         subjects.SIGNALS_STREAM: [subjects.SIGNALS_ALL],
         subjects.DLQ_STREAM: [subjects.DLQ_ALL],
+        "LOOM_REJECTS": ["loom.rejects.*"],  # client mistakes, apart from poison
     }
     text = (PROTO / proto_gen.ASYNCAPI_FILE).read_text(encoding="utf-8")
     for header in (
