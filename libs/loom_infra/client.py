@@ -176,8 +176,17 @@ class LoomClient:
                 except Exception as exc:  # not an event: someone else's message
                     log.debug("follow %s: skipped a message on %s: %r", run_id, msg.subject, exc)
                     continue
-                if record.run_id != run_id or record.seq != last + 1:
+                if record.run_id != run_id or record.seq <= last:
                     continue
+                if record.seq != last + 1:
+                    # A gap: an event the relay could not publish (too large for the
+                    # broker; the run then fails). Believed only if the executor stored
+                    # the event after it; the gap is read from the store where it can be.
+                    if not await is_stored(self.nc, record):
+                        continue
+                    async for missing in self._stored_between(run_id, last, record.seq):
+                        last = missing.seq
+                        yield missing
                 terminal = isinstance(record.event, TERMINAL_EVENTS)
                 if terminal and not await is_stored(self.nc, record):
                     continue
@@ -187,6 +196,22 @@ class LoomClient:
                     return
         finally:
             await sub.unsubscribe()
+
+    async def _stored_between(
+        self, run_id: str, after: int, before: int
+    ) -> AsyncIterator[EventRecord]:
+        """Stored events with ``after`` < seq < ``before``; stops quietly at one that
+        cannot be read (an event too large for any reply)."""
+        pages = self.iter_events(run_id, after_seq=after)
+        try:
+            async for record in pages:
+                if record.seq >= before:
+                    return
+                yield record
+        except LoomError as exc:
+            log.warning("follow %s: events after %d not readable: %s", run_id, after, exc)
+        finally:
+            await pages.aclose()
 
     async def wait(self, run_id: str, timeout: float = 300.0) -> list[EventRecord]:
         return [r async for r in self.follow(run_id, timeout)]
