@@ -51,7 +51,8 @@ class PlanIssue(Record, tag="plan_issue", tag_field="type"):
     missing_step, missing_field, duplicate_step_id, invalid_step_id, invalid_input,
     invalid_template, missing_input, invalid_plan, invalid_json, invalid_step,
     invalid_items, invalid_predicate, predicate_references_nothing, loop_without_cap,
-    multiple_final_steps, no_model_configured."""
+    multiple_final_steps, no_model_configured; over a fan-out cap (``loom_core.caps``):
+    too_many_items, too_much_concurrency, too_many_branches, too_many_iterations."""
 
     code: str
     path: str
@@ -385,6 +386,18 @@ class SizeLimits(Record, tag="size_limits", tag_field="type"):
     step_output_bytes: int
 
 
+class Caps(Record, tag="caps", tag_field="type"):
+    """The fan-out caps a run was decided under (``loom_core.caps``): recorded in its
+    ``run_requested`` from the executor's settings, so replay decides the same. Most
+    elements of one foreach/reduce, most elements at once, most branches of one
+    parallel, the highest ``max_iterations`` of a loop."""
+
+    foreach_items: int
+    foreach_concurrency: int
+    parallel_branches: int
+    loop_iterations: int
+
+
 class RunRequested(Record, tag="run_requested", tag_field="type"):
     plan: Plan | None = None
     request: str | None = None
@@ -400,6 +413,9 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     redacted: list[str] = []
     # None only in runs stored before size limits were recorded: they use the defaults
     limits: SizeLimits | None = None
+    # None only in runs stored before caps were recorded: they were decided without
+    # caps, and replay keeps it so (loom_core.caps)
+    caps: Caps | None = None
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -797,6 +813,9 @@ class ResumeReply(Record, tag="resume_reply", tag_field="type"):
     suspension_id: str | None = None
     error: ErrorInfo | None = None
     already: StepResumed | None = None
+    # the run whose suspension this request answered (or names): the run addressed, or
+    # a sub-run of it when the parent was resumed with a child's label or suspension id
+    answered_run_id: str = ""
 
 
 class ForkRun(Inbound, tag="fork_run", tag_field="type"):
@@ -867,9 +886,26 @@ InboxMessage = (
 )
 
 
+class Wait(Record, tag="wait", tag_field="type"):
+    """One thing a live run waits on (``loom_core.waits``): ``kind`` person (``ref`` the
+    suspension id, ``label`` its label), timer (``ref`` the timer id, ``until`` when it
+    fires), event (``ref`` ``name:key``), sub_run (``ref`` the child run id). ``run_id``
+    is set when the wait belongs to another run: a person a sub-run waits on, listed on
+    its parent."""
+
+    kind: str
+    step_id: str = ""
+    ref: str = ""
+    label: str = ""
+    until: datetime | None = None
+    run_id: str = ""
+
+
 class RunProgress(Record, tag="run_progress", tag_field="type"):
     """Published on ``loom.progress.{run_id}`` after each change of a run (not stored:
-    a convenience for live views; the events are the truth)."""
+    a convenience for live views; the events are the truth). ``status`` is
+    ``suspended`` by the rule of ``loom_core.waits.run_status``; ``waits`` lists what
+    the run waits on."""
 
     run_id: str
     status: str
@@ -877,6 +913,7 @@ class RunProgress(Record, tag="run_progress", tag_field="type"):
     steps_done: int
     steps_running: int
     at: datetime
+    waits: list[Wait] = []
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -932,6 +969,10 @@ class RunSummary(Record, tag="run_summary", tag_field="type"):
     steps_done: int = 0
     waiting: dict[str, str] = {}
     forked_from: str | None = None
+    # everything it waits on (people, timers, external events, children); a child's
+    # people are listed here too (``Wait.run_id``) when the read model holds the child
+    waits: list[Wait] = []
+    tools_in_flight: int = 0  # tool calls requested and not answered (the run works)
 
 
 class RunsQuery(Inbound, tag="runs_query", tag_field="type"):

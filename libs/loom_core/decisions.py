@@ -49,7 +49,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     # suspend request, rendered event matches. ``request`` is the user's own words.
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
-        "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D,
+        "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D, "caps": D,
     },
     c.PlanAccepted: {"plan": D, "planner": D},
     c.PlanRejected: {"issues": N},

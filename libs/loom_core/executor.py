@@ -51,9 +51,11 @@ import msgspec
 
 from loom_core import ids, secrets, sizes
 from loom_core.answers import problems
+from loom_core.caps import too_many
 from loom_core.contracts import (
     ApprovalStep,
     BranchTaken,
+    Caps,
     ErrorInfo,
     EventMatch,
     EventReceived,
@@ -166,6 +168,8 @@ class Submission:
     # the size limits the run is decided under (the host's settings; recorded in
     # run_requested so replay decides the same), None: ``sizes.DEFAULT_LIMITS``
     limits: SizeLimits | None = None
+    # the fan-out caps likewise (``loom_core.caps``), None: no caps
+    caps: Caps | None = None
 
 
 # ``RunPublishFailed``: the executor host's relay reporting an event it can never publish
@@ -232,7 +236,9 @@ class Inst:
     child_run_id: str | None = None  # a sub_run step's child
     matches: list[EventMatch] = field(default_factory=list)  # a wait_event step's events
     received: dict[str, Any] = field(default_factory=dict)  # event name -> payload
-    outputs: dict[str, dict[str, Any]] | None = None  # a finished child scope's outputs
+    # a loop's last finished iteration's outputs (its ``until`` reads them); the
+    # iteration's own scope and instances are gone by then (``_forget``)
+    last_outputs: dict[str, dict[str, Any]] | None = None
     request_digest: str | None = None  # of its outstanding tool_call_requested
 
 
@@ -265,6 +271,7 @@ class RunState:
     error: ErrorInfo | None = None
     last_at: datetime | None = None
     limits: SizeLimits = sizes.DEFAULT_LIMITS  # from run_requested (sizes)
+    caps: Caps | None = None  # from run_requested (loom_core.caps); None: no caps
     _body_deps: dict[
         tuple[str, str], tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
     ] = field(default_factory=dict, repr=False)
@@ -353,6 +360,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.parent = event.parent
             state.principal = event.principal
             state.limits = event.limits or sizes.DEFAULT_LIMITS
+            state.caps = event.caps
             state.request_digest = request_digest(state.run_id, event)
             state.plan_digest = plan_digest(event.plan) if event.plan is not None else None
             if fork is not None:
@@ -504,14 +512,19 @@ def _on_done(
         owner.running_children -= 1
         if status == "succeeded":
             owner.ok_children += 1
-            owner.results[key] = output
+            if isinstance(owner.step, ReduceStep | LoopStep):
+                owner.results = {key: output}  # only the latest is ever read
+            else:
+                owner.results[key] = output
             if isinstance(owner.step, ReduceStep):
                 owner.acc = output
         elif status == "failed":
             owner.failed_children += 1
             owner.first_child_error = owner.first_child_error or error
         ended = state.scopes.pop(iid, None)  # its steps can no longer change
-        inst.outputs = ended.outputs if ended is not None else {}
+        if isinstance(owner.step, LoopStep):
+            owner.last_outputs = ended.outputs if ended is not None else {}
+        _forget(state, iid, ended)
         return
     scope = state.scopes.get(inst.scope)
     if scope is None:
@@ -521,6 +534,30 @@ def _on_done(
         scope.outputs[inst.step.id] = {"output": output}
     elif status == "failed" and _on_error(inst.step) == "fail" and scope.failed is None:
         scope.failed = iid
+
+
+def _forget(state: RunState, sid: str, ended: Scope | None) -> None:
+    """A child scope (foreach/reduce element, loop iteration, branch) ended: its result is
+    in its owner (``results``, ``acc``, ``last_outputs``) and nothing it ran can change
+    or be read again, so its instances go: a run's memory (and snapshot) follows what
+    runs now, not how many elements ended (issue 9). Nested child scopes went when they
+    ended, so the scope's own steps (and their fallbacks) are all that is left.
+
+    Every decision must stay as it was: whatever later looks an instance up treats a
+    missing one as it treated an ended one (a late tool result, timer, sub-run end or
+    event is ignored; a cancel skips it). Kept: a sub_run step's instance, through
+    which a resume finds a child that has ended (``resume_route.children_of``); a
+    sub-run costs a whole run, so one instance each adds no order of cost."""
+    state.insts.pop(sid, None)
+    if ended is None:
+        return
+    for step_id in ended.by_id:
+        iid = ended.iid(step_id)
+        inst = state.insts.get(iid)
+        if inst is not None and inst.child_run_id is not None:
+            continue
+        state.insts.pop(iid, None)
+        state.insts.pop(f"{iid}/fallback", None)
 
 
 def _on_error(step: Step) -> str:
@@ -594,11 +631,11 @@ class _Turn:
         match message:
             case RunRequest() | Submission():
                 if s.version == 0:
-                    request, principal, redacted, limits = (
+                    request, principal, redacted, limits, caps = (
                         (message.request, message.principal, list(message.redacted),
-                         message.limits)
+                         message.limits, message.caps)
                         if isinstance(message, Submission)
-                        else (message, None, [], None)
+                        else (message, None, [], None, None)
                     )  # fmt: skip
                     self.emit(
                         RunRequested(
@@ -613,12 +650,13 @@ class _Turn:
                             principal=principal,
                             redacted=redacted,
                             limits=limits,
+                            caps=caps,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
                 # The planner validated against the tool catalog; the executor re-checks
                 # structure because its own invariants depend on it.
-                issues = validate_plan(plan, None, s.input)
+                issues = validate_plan(plan, None, s.input, caps=s.caps)
                 if issues:
                     self.emit(PlanRejected(issues=issues))
                 else:
@@ -699,7 +737,9 @@ class _Turn:
         except _StepError as exc:
             self.fail(iid, exc.error)
         else:
-            if self.s.insts[iid].status in DONE:  # it ended at once (final, empty body)
+            inst = self.s.insts.get(iid)
+            # it ended at once (final, empty body); gone: its scope ended with it
+            if inst is not None and inst.status in DONE:
                 self.after(iid)
 
     def _start(self, scope: Scope, step: Step, iid: str) -> None:
@@ -761,10 +801,13 @@ class _Turn:
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.suspend(iid, step.label, payload, step.schema, step.expires_in_s)
             case ForeachStep() | ReduceStep():
-                items = self.bounded_input(
-                    render(step.items, ctx, path=f"$.steps.{iid}.items"),
-                    iid, f"$.steps.{iid}.items",
-                )  # fmt: skip
+                items = render(step.items, ctx, path=f"$.steps.{iid}.items")
+                if isinstance(items, list):  # counted before measured: the clearer error
+                    error = too_many("items", self.s.caps, iid, len(items),
+                                     f"$.steps.{iid}.items")  # fmt: skip
+                    if error is not None:
+                        raise _StepError(error)
+                items = self.bounded_input(items, iid, f"$.steps.{iid}.items")
                 if not isinstance(items, list):
                     raise _StepError(ErrorInfo(
                         code="invalid_items",
@@ -967,7 +1010,8 @@ class _Turn:
                 )
             else:
                 self.emit(StepCompleted(step_id=sid, output=output))
-        self.after(sid)
+        # what ``after(sid)`` does for a child scope; its instance is already forgotten
+        self.child_done(owner_iid)
 
     def scope_output(self, scope: Scope, owner_step: Step | None) -> Any:
         template = getattr(owner_step, "output", None)
@@ -978,8 +1022,8 @@ class _Turn:
 
     def child_done(self, owner_iid: str) -> None:
         """A child scope of a composite ended (or room freed up): move the owner on."""
-        owner = self.s.insts[owner_iid]
-        if owner.status in DONE:
+        owner = self.s.insts.get(owner_iid)
+        if owner is None or owner.status in DONE:
             return
         if owner_iid in self._busy:
             self._again.add(owner_iid)
@@ -1046,7 +1090,7 @@ class _Turn:
                 k = owner.next_child
                 if step.until is not None and k > 0:
                     ctx = self.context(owner.scope)
-                    last = self.s.insts[f"{iid}/{k - 1}"].outputs or {}
+                    last = owner.last_outputs or {}
                     ctx = {**ctx, "iteration": k - 1, "steps": ChainMap(last, ctx["steps"])}
                     if evaluate(step.until, ctx, path=f"$.steps.{iid}.until"):
                         self.emit(StepCompleted(step_id=iid, output=owner.results.get(str(k - 1))))
@@ -1352,8 +1396,8 @@ class _Turn:
         for iid in sorted(
             (i for i in self.s.insts if i.startswith(prefix)), key=lambda i: -i.count("/")
         ):
-            inst = self.s.insts[iid]
-            if inst.status in DONE:
+            inst = self.s.insts.get(iid)  # None: forgotten with its ended scope
+            if inst is None or inst.status in DONE:
                 continue
             self.cancel_attempt(inst, reason)
             self.emit(StepCancelled(step_id=iid, reason=reason))
@@ -1362,8 +1406,8 @@ class _Turn:
         """Every unfinished instance, innermost first, is cancelled; steps that never
         started are recorded as cancelled too."""
         for iid in sorted(list(self.s.insts), key=lambda i: -i.count("/")):
-            inst = self.s.insts[iid]
-            if inst.status in DONE:
+            inst = self.s.insts.get(iid)  # None: forgotten with its ended scope
+            if inst is None or inst.status in DONE:
                 continue
             self.cancel_attempt(inst, reason)
             self.emit(StepCancelled(step_id=iid, reason=reason))
@@ -1710,13 +1754,27 @@ def _error(code: str, message: str) -> ErrorInfo:
 # --------------------------------------------------------------------------- snapshots
 
 SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
+# The state's shape: bumped when the same events fold into a different state, so an
+# older snapshot is not restored (the host then folds the history, the truth). 2: ended
+# child scopes are forgotten (``_forget``), a loop keeps its last iteration's outputs.
+SNAPSHOT_LAYOUT = 2
+
+
+class _Snapshot(msgspec.Struct):
+    layout: int
+    state: RunState
 
 
 def snapshot(state: RunState) -> bytes:
     """The folded state as JSON, to resume folding from (a cache of the fold)."""
     body = {f.name: getattr(state, f.name) for f in fields(RunState) if f.name != "_body_deps"}
-    return msgspec.json.encode(body)
+    return msgspec.json.encode({"layout": SNAPSHOT_LAYOUT, "state": body})
 
 
 def restore(data: bytes) -> RunState:
-    return msgspec.json.decode(data, type=RunState)
+    """The state ``snapshot`` saved; raises (``msgspec.ValidationError``, ValueError) on
+    a snapshot of another layout, as on a damaged one."""
+    taken = msgspec.json.decode(data, type=_Snapshot)
+    if taken.layout != SNAPSHOT_LAYOUT:
+        raise ValueError(f"snapshot layout {taken.layout}, this code reads {SNAPSHOT_LAYOUT}")
+    return taken.state

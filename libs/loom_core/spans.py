@@ -119,7 +119,9 @@ from loom_core.contracts import (
     ToolCallFailed,
     ToolCallRequested,
     ToolStep,
+    Wait,
 )
+from loom_core.waits import WAIT_TIMER_PURPOSES, run_status
 
 __all__ = [
     "DEFAULT_IO_LIMIT",
@@ -340,7 +342,12 @@ class TraceBuilder:
         self._steps_total = 0
         self._steps_done = 0
         self._paused = False
-        self._waiting: dict[str, str] = {}  # open suspension id -> label
+        # what the run waits on (loom_core.waits): open suspensions by id, sleep/retry
+        # timers by id, external events still awaited per step, running child runs
+        self._people: dict[str, Wait] = {}
+        self._wait_timers: dict[str, Wait] = {}
+        self._awaited: dict[str, list[str]] = {}  # step instance -> ["name:key", ...]
+        self._children: dict[str, str] = {}  # step instance -> child run id
         self._busy_tools = 0  # tool calls requested and not yet answered
         self._forked_from: str | None = None
         self._paused_since: datetime | None = None
@@ -384,13 +391,13 @@ class TraceBuilder:
         duration = None
         if self._started_at is not None and self._ended_at is not None:
             duration = _ms(self._started_at, self._ended_at)
-        status = self._status
-        if self._waiting and status == "running" and not self._busy_tools:
-            status = "suspended"
+        waits = self.waits()
         return RunSummary(
             run_id=self.run_id,
-            status=status,
-            waiting=dict(self._waiting),
+            status=run_status(self._status, waits, self._busy_tools > 0),
+            waiting={w.ref: w.label for w in waits if w.kind == "person"},
+            waits=waits,
+            tools_in_flight=self._busy_tools,
             forked_from=self._forked_from,
             started_at=self._started_at,
             ended_at=self._ended_at,
@@ -399,6 +406,30 @@ class TraceBuilder:
             steps_total=self._steps_total,
             steps_done=self._steps_done,
         )
+
+    def waits(self) -> list[Wait]:
+        """What the run waits on now: people, timers, external events, child runs (the
+        order of ``loom_core.waits.state_waits``)."""
+        out = list(self._people.values())
+        out += self._wait_timers.values()
+        out += [
+            Wait(kind="event", step_id=iid, ref=ref)
+            for iid, refs in self._awaited.items()
+            for ref in refs
+        ]
+        out += [Wait(kind="sub_run", step_id=iid, ref=c) for iid, c in self._children.items()]
+        return out
+
+    def _forget_waits(self, iid: str | None = None) -> None:
+        """A step that ended (``iid``), or the whole run (None), waits on nothing."""
+        for waits in (self._people, self._wait_timers):
+            for key in [k for k, w in waits.items() if iid is None or w.step_id == iid]:
+                del waits[key]
+        for inner in (self._awaited, self._children):
+            if iid is None:
+                inner.clear()
+            else:
+                inner.pop(iid, None)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -453,7 +484,13 @@ class TraceBuilder:
                     self._create(span_id, "wait event", at, self._ensure_inst(iid, at), attrs)
                     self._under_add(iid, span_id)
                     self._event_wait[iid] = span_id
+                    self._awaited[iid] = [f"{m.name}:{m.key}" for m in matches]
             case EventReceived(step_id=iid, name=name, key=key, signal_id=sig):
+                if iid in self._awaited:
+                    left = [r for r in self._awaited[iid] if r.split(":", 1)[0] != name]
+                    self._awaited[iid] = left
+                    if not left:
+                        del self._awaited[iid]
                 if iid in self._event_wait:
                     received = {
                         "loom.event.name": name,
@@ -463,7 +500,9 @@ class TraceBuilder:
                     self._event(self._event_wait[iid], "event_received", at, received)
             case SubRunRequested(step_id=iid, child_run_id=child):
                 self._update(self._ensure_inst(iid, at), attrs={"loom.child_run.id": child})
+                self._children[iid] = child
             case SubRunEnded(step_id=iid, status=child_status):
+                self._children.pop(iid, None)
                 self._update(
                     self._ensure_inst(iid, at), attrs={"loom.child_run.status": child_status}
                 )
@@ -658,7 +697,7 @@ class TraceBuilder:
     ) -> None:
         self._status = status
         self._ended_at = at
-        self._waiting.clear()
+        self._forget_waits()
         # Close whatever is still open (children first: they were created later).
         for sid in reversed(list(self._open)):
             if sid != self._root_id:
@@ -776,6 +815,7 @@ class TraceBuilder:
             if child in self._open:
                 self._update(child, end=at, attrs={"loom.incomplete": True})
         self._retry_wait.pop(iid, None)
+        self._forget_waits(iid)
         if "/" not in iid and self._status_of.get(iid) not in _DONE:
             self._steps_done += 1
         self._status_of[iid] = status
@@ -942,9 +982,14 @@ class TraceBuilder:
             # the timer id is "{suspension id}:expiry"
             span_id = self._suspension_span.get(ev.timer_id.rpartition(":")[0])
         self._timers[ev.timer_id] = (purpose, iid, span_id)
+        if purpose in WAIT_TIMER_PURPOSES:
+            self._wait_timers[ev.timer_id] = Wait(
+                kind="timer", step_id=iid or "", ref=ev.timer_id, until=ev.fire_at
+            )
 
     def _on_timer_fired(self, at: datetime, timer_id: str) -> None:
         purpose, iid, span_id = self._timers.pop(timer_id, ("", None, None))
+        self._wait_timers.pop(timer_id, None)
         if span_id is None:
             return
         if purpose in ("retry", "sleep"):
@@ -957,7 +1002,7 @@ class TraceBuilder:
         elif purpose == "run_timeout":
             self._event(span_id, "run_timeout", at, {})
         elif purpose == "suspension_expiry" and span_id in self._open:
-            self._waiting.pop(timer_id.rpartition(":")[0], None)
+            self._people.pop(timer_id.rpartition(":")[0], None)
             expired = SpanEvent(name="expired", at=at)
             self._update(span_id, end=at, attrs={"loom.suspension.expired": True}, events=[expired])
 
@@ -978,11 +1023,17 @@ class TraceBuilder:
             self._create(span_id, "wait suspension", at, step_span, attrs)
             self._under_add(iid, span_id)
             self._suspension_span[ev.suspension_id] = span_id
-        self._waiting[ev.suspension_id] = ev.label
+        self._people[ev.suspension_id] = Wait(
+            kind="person",
+            step_id=iid,
+            ref=ev.suspension_id,
+            label=ev.label,
+            until=ev.expires_at,
+        )
         self._set_status(iid, "suspended")
 
     def _on_resumed(self, at: datetime, ev: StepResumed) -> None:
-        self._waiting.pop(ev.suspension_id, None)
+        self._people.pop(ev.suspension_id, None)
         span_id = self._suspension_span.get(ev.suspension_id)
         if span_id is None or span_id not in self._open:
             return

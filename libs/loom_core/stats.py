@@ -17,6 +17,13 @@ Design notes
 - Only ``sleep`` and ``retry`` timers are waits; ``step_timeout``/``run_timeout`` timers
   are guards that run beside the work (and have no cancellation event), so counting them
   would double-count the run's own time.
+- People, external events and child runs are waits as well (``StepSuspended`` until
+  its ``StepResumed`` or the step's end; ``EventWaitStarted`` until every awaited event
+  arrived or the step ended; ``SubRunRequested`` until ``SubRunEnded`` or the step's
+  end), listed in ``pending_work`` and counted in ``waiting_ms``. ``suspended`` comes
+  from the rule shared with ``loom runs`` and progress (``loom_core.waits.run_status``):
+  from a run's own events a child run's state is unknown, so a parent whose child waits
+  on a person stays ``running`` and lists the child (``sub_run``) it waits on.
 - The status follows the executor's fold (``loom_core.executor.evolve``): a pause shows
   as ``paused`` only over ``running`` (a pause while planning or in review keeps that
   status; the pause is still listed in ``pending_work`` and counted in ``paused_ms``), and
@@ -32,7 +39,9 @@ from typing import Literal
 
 from loom_core.contracts import (
     BranchTaken,
+    EventReceived,
     EventRecord,
+    EventWaitStarted,
     ForeachStarted,
     LoopIterationStarted,
     PlanAccepted,
@@ -48,10 +57,14 @@ from loom_core.contracts import (
     StepCancelled,
     StepCompleted,
     StepFailed,
+    StepResumed,
     StepRetryScheduled,
     StepScheduled,
     StepSkipped,
     StepStarted,
+    StepSuspended,
+    SubRunEnded,
+    SubRunRequested,
     TimerFired,
     TimerStarted,
     ToolCallCancelled,
@@ -59,7 +72,9 @@ from loom_core.contracts import (
     ToolCallFailed,
     ToolCallRequested,
     ToolStep,
+    Wait,
 )
+from loom_core.waits import WAIT_TIMER_PURPOSES, run_status
 
 __all__ = [
     "PendingWork",
@@ -73,12 +88,20 @@ __all__ = [
 ]
 
 RunStatus = Literal[
-    "planning", "running", "paused", "needs_review", "completed", "failed", "cancelled", "rejected"
+    "planning",
+    "running",
+    "suspended",
+    "paused",
+    "needs_review",
+    "completed",
+    "failed",
+    "cancelled",
+    "rejected",
 ]
 StepOutcome = Literal["pending", "running", "succeeded", "failed", "skipped", "cancelled"]
 TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
 _FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled"})
-_WAIT_PURPOSES: frozenset[str] = frozenset({"sleep", "retry"})
+_WAIT_PURPOSES: frozenset[str] = WAIT_TIMER_PURPOSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +120,19 @@ class StepCounts:
 @dataclass(frozen=True, slots=True)
 class PendingWork:
     """One thing a live run waits on. ``kind``: planning, paused, needs_review, tool_call
-    (in flight; ``since`` = requested at) or timer (``until`` = fire_at)."""
+    (in flight; ``since`` = requested at), timer (``until`` = fire_at), person (``ref``
+    the suspension id, ``label`` its label, ``until`` its expiry), event (``ref``
+    ``name:key``) or sub_run (``ref`` the child run id)."""
 
-    kind: Literal["planning", "paused", "needs_review", "tool_call", "timer"]
+    kind: Literal[
+        "planning", "paused", "needs_review", "tool_call", "timer", "person", "event", "sub_run"
+    ]
     text: str
     step_id: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    ref: str | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +165,9 @@ class RunStats:
     the accepted plan. ``duration_ms`` is None until the run ends. ``running_ms`` sums
     tool-call attempts (tool-runner clock), ``queued_ms`` the time from each request to
     its tool starting, ``waiting_ms`` = ``timer_wait_ms`` (sleep and retry timers) +
-    ``paused_ms``. ``pending_work`` is empty once the run has ended."""
+    ``paused_ms`` + ``person_wait_ms`` + ``event_wait_ms`` + ``child_wait_ms``.
+    ``pending_work`` is empty once the run has ended; ``waits`` is its part that
+    ``loom runs`` and progress show too (people, timers, events, children)."""
 
     run_id: str
     status: RunStatus
@@ -162,11 +193,15 @@ class RunStats:
     tool_calls_failed: int = 0
     # time accounting (ms, summed over work)
     running_ms: float = 0.0
-    waiting_ms: float = 0.0  # timer_wait_ms + paused_ms
+    waiting_ms: float = 0.0  # the sum of the five waits below
     queued_ms: float = 0.0
     timer_wait_ms: float = 0.0
     paused_ms: float = 0.0
+    person_wait_ms: float = 0.0
+    event_wait_ms: float = 0.0
+    child_wait_ms: float = 0.0
     pending_work: tuple[PendingWork, ...] = ()
+    waits: tuple[Wait, ...] = ()
     per_step: tuple[StepStats, ...] = ()
 
     @property
@@ -226,6 +261,19 @@ class _Call:
 
 
 @dataclass(slots=True)
+class _Waiting:
+    """A person, an external event or a child run waited on (one per step instance)."""
+
+    kind: Literal["person", "event", "sub_run"]
+    step_id: str
+    ref: str
+    since: datetime
+    label: str = ""
+    until: datetime | None = None
+    pending: list[str] | None = None  # an event wait's names still awaited (name:key)
+
+
+@dataclass(slots=True)
 class _Timer:
     started_at: datetime
     fire_at: datetime
@@ -265,6 +313,10 @@ class _Fold:
         self.requested_at: datetime | None = None
         self.plan_accepted = False
         self.top_tool: dict[str, str] = {}  # top-level id -> tool it called
+        # open waits on people / events / children, by (kind, step id); closed ones'
+        # time by kind
+        self.waiting: dict[tuple[str, str], _Waiting] = {}
+        self.waited_ms: dict[str, float] = {"person": 0.0, "event": 0.0, "sub_run": 0.0}
 
     # ------------------------------------------------------------------ events
 
@@ -336,6 +388,27 @@ class _Fold:
                 timer = self.timers.get(tid)
                 if timer is not None and timer.fired_at is None:
                     timer.fired_at = at
+            case StepSuspended(step_id=sid, suspension_id=ref, label=label, expires_at=until):
+                self._activate(sid, at)
+                self._close_wait("person", sid, at)  # an escalation replaces the first
+                self._open_wait(_Waiting("person", sid, ref, at, label, until))
+            case StepResumed(step_id=sid):
+                self._close_wait("person", sid, at)
+            case EventWaitStarted(step_id=sid, matches=matches):
+                self._activate(sid, at)
+                names = [f"{m.name}:{m.key}" for m in matches]
+                self._open_wait(_Waiting("event", sid, ", ".join(names), at, pending=names))
+            case EventReceived(step_id=sid, name=name):
+                wait = self.waiting.get(("event", sid))
+                if wait is not None and wait.pending is not None:
+                    wait.pending = [n for n in wait.pending if n.split(":", 1)[0] != name]
+                    if not wait.pending:
+                        self._close_wait("event", sid, at)
+            case SubRunRequested(step_id=sid, child_run_id=child):
+                self._activate(sid, at)
+                self._open_wait(_Waiting("sub_run", sid, child, at))
+            case SubRunEnded(step_id=sid):
+                self._close_wait("sub_run", sid, at)
             case RunPaused(by=by, reason=reason):
                 if not self._ended and self.paused_since is None:
                     self.paused_since, self.paused_by, self.paused_reason = at, by, reason
@@ -365,11 +438,22 @@ class _Fold:
             return  # a malformed stream with two endings: the first one stands
         self.ended_at, self.status, self.detail = at, status, detail
         self._close_pause(at)
+        for kind, sid in list(self.waiting):
+            self._close_wait(kind, sid, at)
 
     def _close_pause(self, at: datetime) -> None:
         if self.paused_since is not None:
             self.paused_ms += _ms(self.paused_since, at)
             self.paused_since = None
+
+    def _open_wait(self, wait: _Waiting) -> None:
+        if not self._ended:
+            self.waiting[(wait.kind, wait.step_id)] = wait
+
+    def _close_wait(self, kind: str, sid: str, at: datetime) -> None:
+        wait = self.waiting.pop((kind, sid), None)
+        if wait is not None:
+            self.waited_ms[kind] += _ms(wait.since, at)
 
     def _touch(self, sid: str, at: datetime) -> _Instance:
         inst = self.instances.get(sid)
@@ -399,6 +483,8 @@ class _Fold:
         inst = self._touch(sid, at)
         # A later outcome replaces an earlier one; nothing reopens a finished step.
         inst.status, inst.end_at, inst.detail = outcome, at, detail
+        for kind in ("person", "event", "sub_run"):
+            self._close_wait(kind, sid, at)  # a step that ended waits on nothing
 
     def _tool_result(
         self, sid: str, n: int, at: datetime, t0: datetime | None, t1: datetime | None
@@ -436,10 +522,17 @@ class _Fold:
         if self.paused_since is not None:
             paused += _ms(self.paused_since, horizon)
 
+        waited = dict(self.waited_ms)
+        for wait in self.waiting.values():
+            waited[wait.kind] += _ms(wait.since, horizon)
+        pending = () if self._ended else tuple(self._pending_work())
+        waits = tuple(w for item in pending for w in _as_waits(item))
+        busy = any(w.kind == "tool_call" for w in pending)
+
         counts = _count(self.instances.values())
         return RunStats(
             run_id=self.run_id,
-            status=self.status,
+            status=run_status(self.status, waits, busy),  # type: ignore[arg-type]
             started_at=self.started_at,
             ended_at=self.ended_at,
             duration_ms=_ms(self.started_at, self.ended_at) if self.ended_at else None,
@@ -459,11 +552,15 @@ class _Fold:
             retries=self.retries,
             tool_calls_failed=self.tool_calls_failed,
             running_ms=self.running_ms,
-            waiting_ms=timer_wait + paused,
+            waiting_ms=timer_wait + paused + sum(waited.values()),
             queued_ms=self.queued_ms,
             timer_wait_ms=timer_wait,
             paused_ms=paused,
-            pending_work=() if self._ended else tuple(self._pending_work()),
+            person_wait_ms=waited["person"],
+            event_wait_ms=waited["event"],
+            child_wait_ms=waited["sub_run"],
+            pending_work=pending,
+            waits=waits,
             per_step=tuple(self._per_step()),
         )
 
@@ -496,7 +593,7 @@ class _Fold:
                     since=call.requested_at,
                 )
             )
-        for timer in self.timers.values():
+        for tid, timer in self.timers.items():
             if timer.fired_at is not None or timer.purpose not in _WAIT_PURPOSES:
                 continue
             inst = self.instances.get(timer.step_id) if timer.step_id else None
@@ -511,8 +608,11 @@ class _Fold:
                     timer.step_id,
                     since=timer.started_at,
                     until=timer.fire_at,
+                    ref=tid,
                 )
             )
+        for wait in self.waiting.values():
+            work.append(_pending(wait))
         last = self.last_at
         assert last is not None
         work.sort(key=lambda w: w.since or last)
@@ -548,6 +648,38 @@ class _Fold:
                 )
             )
         return out
+
+
+def _pending(wait: _Waiting) -> PendingWork:
+    if wait.kind == "person":
+        expires = f", expires {_when(wait.until)}" if wait.until else ""
+        text = f"step {wait.step_id}: a person, label '{wait.label}' ({wait.ref}){expires}"
+    elif wait.kind == "event":
+        text = f"step {wait.step_id}: external events {', '.join(wait.pending or [])}"
+    else:
+        text = f"step {wait.step_id}: child run {wait.ref}"
+    return PendingWork(
+        wait.kind,
+        text,
+        wait.step_id,
+        since=wait.since,
+        until=wait.until,
+        ref=wait.ref if wait.kind != "event" else ", ".join(wait.pending or []),
+        label=wait.label or None,
+    )
+
+
+def _as_waits(item: PendingWork) -> list[Wait]:
+    """The shared form (``loom_core.waits``) of one pending item: one wait per awaited
+    event, none for what is not a wait (planning, pauses, reviews, tool calls)."""
+    if item.kind not in ("person", "timer", "event", "sub_run"):
+        return []
+    refs = (item.ref or "").split(", ") if item.kind == "event" else [item.ref or ""]
+    return [
+        Wait(kind=item.kind, step_id=item.step_id or "", ref=ref, label=item.label or "",
+             until=item.until)
+        for ref in refs
+    ]  # fmt: skip
 
 
 def _count(instances: Iterable[_Instance]) -> StepCounts:

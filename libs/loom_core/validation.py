@@ -51,8 +51,11 @@ from typing import Any
 import msgspec
 
 from loom_core import predicates
+from loom_core.caps import too_many
 from loom_core.contracts import (
     ApprovalStep,
+    Caps,
+    ErrorInfo,
     FinalStep,
     ForeachStep,
     IfStep,
@@ -104,9 +107,11 @@ def validate_plan(
     tools: Mapping[str, ToolSpec] | None = None,
     run_input: Mapping[str, JSON] | None = None,
     path: str = "$.plan",
+    caps: Caps | None = None,
 ) -> list[PlanIssue]:
     """Every problem of ``plan`` (empty list: valid). Tool checks run only when
-    ``tools`` is given, run-input checks only when ``run_input`` is given."""
+    ``tools`` is given, run-input checks only when ``run_input`` is given, fan-out
+    caps (``loom_core.caps``: the run's recorded ones) only when ``caps`` is given."""
     facts = _Facts.of(plan, path)
     issues = [
         *_check_not_empty(facts),
@@ -120,6 +125,8 @@ def validate_plan(
         *_check_template_steps(facts),
         *_check_cycles(facts),
     ]
+    if caps is not None:
+        issues += _check_caps(facts, caps)
     if tools is not None:
         issues += _check_tools(facts, tools)
         issues += _check_inputs(facts, tools)
@@ -696,6 +703,32 @@ def _parallel_issues(occ: _Occ, step: ParallelStep) -> Iterator[PlanIssue]:
                 f"branch {name!r} of parallel step {step.id!r} is empty; give it steps or "
                 f"remove it",
             )
+
+
+def _check_caps(facts: _Facts, caps: Caps) -> Iterator[PlanIssue]:
+    """Fan-out over the run's caps: a static ``items`` list (a rendered one is checked
+    when the step starts), a foreach's concurrency, a parallel's branches, a loop's
+    max_iterations (its 1-MAX_LOOP_ITERATIONS range is checked by _loop_issues)."""
+    for occ in facts.occs:
+        step, path = occ.step, occ.path
+        found: list[ErrorInfo | None] = []
+        match step:
+            case ForeachStep() | ReduceStep():
+                if isinstance(step.items, list | tuple):
+                    found.append(too_many("items", caps, step.id, len(step.items),
+                                          f"{path}.items"))  # fmt: skip
+                if isinstance(step, ForeachStep):
+                    found.append(too_many("concurrency", caps, step.id, step.concurrency,
+                                          f"{path}.concurrency"))  # fmt: skip
+            case ParallelStep():
+                found.append(too_many("branches", caps, step.id, len(step.branches),
+                                      f"{path}.branches"))  # fmt: skip
+            case LoopStep() if step.max_iterations <= MAX_LOOP_ITERATIONS:
+                found.append(too_many("iterations", caps, step.id, step.max_iterations,
+                                      f"{path}.max_iterations"))  # fmt: skip
+        for error in found:
+            if error is not None:
+                yield _issue(error.code, error.path or path, error.message)
 
 
 def _wait_issues(occ: _Occ, step: WaitEventStep) -> Iterator[PlanIssue]:

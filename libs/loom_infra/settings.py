@@ -21,6 +21,9 @@ Variables (all optional unless noted):
 - ``LOOM_MAX_PAYLOAD``: largest message in bytes, default 262144.
 - ``LOOM_MAX_STEP_INPUT_BYTES``, ``LOOM_MAX_STEP_OUTPUT_BYTES``: largest rendered step
   input / step output, default 131072 each (see :func:`size_limits_from_env`).
+- ``LOOM_MAX_FOREACH_ITEMS``, ``LOOM_MAX_FOREACH_CONCURRENCY``,
+  ``LOOM_MAX_PARALLEL_BRANCHES``, ``LOOM_MAX_LOOP_ITERATIONS``: fan-out caps per step,
+  default 10000, 64, 64, 10000 (see :func:`caps_from_env`).
 - ``LOOM_HTTP_ALLOW_PRIVATE``: comma list of hosts or CIDRs the HTTP tool may reach even
   though they are private/loopback addresses; default empty (none).
 - ``LOOM_MODEL``: litellm model name; unset means no model (explicit plans only).
@@ -50,7 +53,8 @@ from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
-from loom_core.contracts import SizeLimits
+from loom_core import caps as fanout
+from loom_core.contracts import Caps, SizeLimits
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
 from loom_core.sizes import DEFAULT_LIMITS, STEP_INPUT_SETTING, STEP_OUTPUT_SETTING
 
@@ -304,6 +308,32 @@ def size_limits_from_env(env: Mapping[str, str], max_payload: int) -> SizeLimits
 # --- end of size limits
 
 
+# --- fan-out caps (loom_core.caps): recorded in each run's run_requested by the executor,
+# so a run keeps the caps it started with (replay). Each: 1 up to a ceiling that keeps a
+# run loadable (a loop's is validation's MAX_LOOP_ITERATIONS).
+_CAP_SETTINGS = (
+    (fanout.ITEMS_SETTING, "foreach_items", 1_000_000),
+    (fanout.CONCURRENCY_SETTING, "foreach_concurrency", 1024),
+    (fanout.BRANCHES_SETTING, "parallel_branches", 1024),
+    (fanout.ITERATIONS_SETTING, "loop_iterations", 100_000),
+)
+
+
+def caps_from_env(env: Mapping[str, str]) -> Caps:
+    """``LOOM_MAX_FOREACH_ITEMS`` (default 10000), ``LOOM_MAX_FOREACH_CONCURRENCY`` (64),
+    ``LOOM_MAX_PARALLEL_BRANCHES`` (64), ``LOOM_MAX_LOOP_ITERATIONS`` (10000)."""
+    values: dict[str, int] = {}
+    for name, attr, ceiling in _CAP_SETTINGS:
+        value = _whole(env, name, getattr(fanout.DEFAULT_CAPS, attr))
+        if not 1 <= value <= ceiling:
+            raise SettingsError(name, f"must be 1-{ceiling}, got {value}")
+        values[attr] = value
+    return Caps(**values)
+
+
+# --- end of fan-out caps
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(repr=False)
@@ -323,6 +353,7 @@ class Settings:
     max_json_depth: int = DEFAULT_MAX_DEPTH
     ops: OpsSettings = field(default_factory=OpsSettings)  # health, metrics, retention
     size_limits: SizeLimits = DEFAULT_LIMITS  # step inputs/outputs (loom_core.sizes)
+    caps: Caps = fanout.DEFAULT_CAPS  # fan-out: foreach, parallel, loop (loom_core.caps)
 
     @property
     def credentials_dir(self) -> Path:
@@ -440,6 +471,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         max_json_depth=_depth(env),
         ops=ops_settings_from_env(env),
         size_limits=size_limits_from_env(env, max_payload),
+        caps=caps_from_env(env),
     )
 
 

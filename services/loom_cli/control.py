@@ -48,6 +48,7 @@ _COLOURS = {
     "rejected": "red",
     "cancelled": "red",
     "running": "cyan",
+    "suspended": "yellow",
     "planning": "cyan",
     "paused": "yellow",
     "needs_review": "magenta",

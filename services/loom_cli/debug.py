@@ -69,7 +69,10 @@ def resume(
                 request_id=request_id or uuid.uuid4().hex, by=operator(),
             )  # fmt: skip
         if reply.ok:
-            stdout.print(f"{run_id}: resumed {reply.suspension_id}", markup=False)
+            via = ""
+            if reply.answered_run_id and reply.answered_run_id != run_id:
+                via = f" of sub-run {reply.answered_run_id}"  # answered through the parent
+            stdout.print(f"{run_id}: resumed {reply.suspension_id}{via}", markup=False)
             return 0
         assert reply.error is not None
         stderr.print(f"refused: {reply.error.code}: {reply.error.message}", markup=False)

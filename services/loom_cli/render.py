@@ -129,9 +129,19 @@ def runs_table(runs: Sequence[RunSummary]) -> Table:
             f"{run.steps_done}/{run.steps_total}",
             run.started_at.strftime("%Y-%m-%d %H:%M:%S") if run.started_at else "",
             f"{run.duration_ms:.1f} ms" if run.duration_ms is not None else "",
-            ", ".join(f"{label} ({sid})" for sid, label in run.waiting.items()),
+            _waiting_for(run),
         )
     return table
+
+
+def _waiting_for(run: RunSummary) -> str:
+    """The people a run waits on: its own (``label (suspension id)``) and its sub-runs'
+    (``label (sub-run: suspension id)``); summaries stored before ``waits`` use
+    ``waiting``."""
+    people = [w for w in run.waits if w.kind == "person"]
+    if not people:
+        return ", ".join(f"{label} ({sid})" for sid, label in run.waiting.items())
+    return ", ".join(f"{w.label} ({w.run_id + ': ' if w.run_id else ''}{w.ref})" for w in people)
 
 
 def lineage_members(runs: Sequence[RunSummary], run_id: str) -> list[RunSummary]:

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 
 from loom_core import codec, ids, limits, routes, secrets, subjects
 from loom_core.contracts import (
+    Caps,
     ErrorInfo,
     EventRecord,
     ForkReply,
@@ -49,6 +50,7 @@ from loom_core.contracts import (
     SubmitRejected,
     SubRunFinished,
     SubRunRequested,
+    Wait,
 )
 from loom_core.executor import (
     SNAPSHOT_EVERY,
@@ -65,6 +67,8 @@ from loom_core.executor import (
 )
 from loom_core.lineage import ForkError, fork_request
 from loom_core.replay import replay
+from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
+from loom_core.waits import lift_children, run_status, state_waits
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
@@ -84,6 +88,8 @@ log = logging.getLogger("loom.executor")
 
 MAX_BATCH = 512
 MAX_ACTORS = 10_000
+# A resume looks at most this many runs of a family (the run and its sub-runs).
+_FAMILY_MAX = 256
 
 
 @dataclass
@@ -108,8 +114,10 @@ class RunHost:
         snapshots: SnapshotStore | None = None,
         verify_on_load: bool = True,
         limits: SizeLimits | None = None,
+        caps: Caps | None = None,
     ) -> None:
         self.limits = limits  # recorded in each new run's run_requested (loom_core.sizes)
+        self.caps = caps  # likewise (loom_core.caps)
         self.store = store
         self.io = io
         self.snapshots = snapshots
@@ -123,6 +131,8 @@ class RunHost:
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
         if isinstance(message, Submission) and message.limits is None:
             message = dataclasses.replace(message, limits=self.limits)
+        if isinstance(message, Submission) and message.caps is None:
+            message = dataclasses.replace(message, caps=self.caps)
         work = Work(run_id, message)
         self.queue.put_nowait(work)
         return await work.done
@@ -257,7 +267,9 @@ class ExecutorService:
         self.io = Blocking("executor-store", workers=4)
         self.snapshots = open_snapshot_store(settings.store)
         self.principals = auth.PrincipalResolver(settings.auth)
-        self.host = RunHost(self.store, self.io, self.snapshots, limits=settings.size_limits)
+        self.host = RunHost(
+            self.store, self.io, self.snapshots, limits=settings.size_limits, caps=settings.caps
+        )
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
 
@@ -590,8 +602,13 @@ class ExecutorService:
                 code="not_found", message=f"no run '{request.run_id}'", path="$.run_id"
             )
             return ResumeReply(run_id=request.run_id, ok=False, error=error)
+        # The question may be asked by a sub-run (or deeper): find the run it is for.
+        target = route_resume(await self._family(state), request.run_id, request)
+        if isinstance(target, ErrorInfo):
+            return ResumeReply(run_id=request.run_id, ok=False, error=target)
+        addressed = msgspec.structs.replace(request, run_id=target)
         try:
-            await self.host.submit(request.run_id, request)
+            await self.host.submit(target, addressed)
         except Exception as exc:
             error = ErrorInfo(
                 code="unavailable",
@@ -600,7 +617,29 @@ class ExecutorService:
             )
             return ResumeReply(run_id=request.run_id, ok=False, error=error)
         # The single writer decided it; the state now says who won and why.
-        return explain_resume(await self.host.state_of(request.run_id), request)
+        reply = explain_resume(await self.host.state_of(target), addressed)
+        answered = target if reply.suspension_id is not None else ""
+        return msgspec.structs.replace(reply, run_id=request.run_id, answered_run_id=answered)
+
+    async def _family(self, state: RunState) -> dict[str, RunState]:
+        """``state``'s run and its sub-runs, recursively (bounded: ``MAX_DEPTH`` levels,
+        ``_FAMILY_MAX`` runs), as the executor's store has them."""
+        family = {state.run_id: state}
+        level = [state]
+        for _ in range(MAX_DEPTH):
+            nxt: list[RunState] = []
+            for parent in level:
+                for child in children_of(parent):
+                    if child in family or len(family) >= _FAMILY_MAX:
+                        continue
+                    loaded = await self.host.state_of(child)
+                    if loaded.version:
+                        family[child] = loaded
+                        nxt.append(loaded)
+            if not nxt:
+                break
+            level = nxt
+        return family
 
     @staticmethod
     def _refuse(control: RunControl, code: str, message: str) -> RunControlReply:
@@ -608,18 +647,38 @@ class ExecutorService:
         return RunControlReply(run_id=control.run_id, ok=False, error=error)
 
     def publish_progress(self, records: list[EventRecord]) -> None:
-        """Live progress per run changed by a commit (plain NATS; best effort)."""
-        for run_id in dict.fromkeys(r.run_id for r in records):
+        """Live progress per run changed by a commit (plain NATS; best effort). A
+        child's change is its parent's too (the parent is suspended once the child
+        waits on a person), so the parent in memory is published again."""
+        changed = dict.fromkeys(r.run_id for r in records)
+        for run_id in list(changed):
+            state = self.host.actors.get(run_id)
+            if state is not None and state.parent is not None:
+                changed.setdefault(state.parent.run_id, None)
+        for run_id in changed:
             state = self.host.actors.get(run_id)
             if state is None:
                 continue
+            waits = state_waits(state)
+            children: dict[str, tuple[str, list[Wait]]] = {}
+            for wait in waits:  # a child in memory says whether it waits on people
+                child = self.host.actors.get(wait.ref) if wait.kind == "sub_run" else None
+                if child is not None:
+                    child_waits = state_waits(child)
+                    busy = child.running > 0
+                    children[wait.ref] = (run_status(child.status, child_waits, busy), child_waits)
+            waits = lift_children(waits, {c: w for c, (_, w) in children.items()})
+            status = run_status(
+                state.status, waits, state.running > 0, {c: s for c, (s, _) in children.items()}
+            )
             progress = RunProgress(
                 run_id=run_id,
-                status=state.status,
+                status=status,
                 steps_total=state.steps_total,
                 steps_done=state.steps_done,
                 steps_running=state.running,
                 at=records[-1].at,
+                waits=waits,
             )
             task = asyncio.ensure_future(
                 self._publish(subjects.progress(run_id), codec.encode(progress))

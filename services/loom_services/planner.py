@@ -81,7 +81,9 @@ class PlannerService:
     async def plan(self, run_id: str, event: RunRequested) -> PlanProposed | PlanRefused:
         if event.plan is None:
             return PlanRefused(run_id=run_id, issues=[self._no_model_issue()])
-        issues = validate_plan(event.plan, await self.tool_catalog(), event.input)
+        issues = validate_plan(
+            event.plan, await self.tool_catalog(), event.input, caps=event.caps
+        )
         if issues:
             return PlanRefused(run_id=run_id, issues=issues)
         return PlanProposed(run_id=run_id, plan=event.plan, planner="explicit")

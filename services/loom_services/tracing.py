@@ -49,6 +49,7 @@ from loom_core.contracts import (
     RunEventsReply,
     RunsQuery,
     RunsReply,
+    RunSummary,
     SlowestStepsQuery,
     SlowestStepsReply,
     SpanRecord,
@@ -60,6 +61,7 @@ from loom_core.contracts import (
     UsageReply,
 )
 from loom_core.spans import DEFAULT_IO_LIMIT, TraceBuilder, TraceOptions
+from loom_core.waits import lift_runs
 from loom_infra import bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.endpoints import ServiceError
@@ -427,8 +429,27 @@ class TracingService:
     # ------------------------------------------------------------------ queries
 
     async def on_runs_query(self, msg: Msg, query: RunsQuery) -> RunsReply:
-        runs = await self.io(self.store.runs, _limit(query.limit), query.status)
-        return RunsReply(runs=runs)
+        # A parent whose child waits on a person is stored "running" (its own events
+        # cannot tell): its children decide (loom_core.waits.lift_runs, people docs).
+        limit, wanted = _limit(query.limit), [query.status]
+        if query.status in ("suspended", "running"):
+            wanted = ["suspended", "running"]
+        runs = [r for status in wanted for r in await self.io(self.store.runs, limit, status)]
+        return RunsReply(runs=await lift_runs(runs, self._own_summary, query.status, limit))
+
+    async def _own_summary(self, run_id: str) -> RunSummary | None:
+        """A run's summary from its own events (the cached builder, else the store's
+        events folded here without caching: a query must not race the fold)."""
+        cached = self.builders.get(run_id)
+        if cached is not None:
+            return cached[0].summary
+        records = await self.io(self.store.events, run_id)
+        if not records:
+            return None
+        builder = self._new_builder(run_id)
+        for record in records:
+            builder.apply(record)
+        return builder.summary
 
     async def on_trace_query(self, msg: Msg, query: TraceQuery) -> TraceReply:
         """One page of the run's spans after the cursor, bounded by count and bytes so

@@ -16,8 +16,12 @@ from hypothesis import strategies as st
 
 from loom_core import ids
 from loom_core.contracts import (
+    ApprovalStep,
     ErrorInfo,
+    EventMatch,
+    EventReceived,
     EventRecord,
+    EventWaitStarted,
     ForeachStarted,
     ForeachStep,
     Plan,
@@ -37,10 +41,15 @@ from loom_core.contracts import (
     StepCancelled,
     StepCompleted,
     StepFailed,
+    StepResumed,
     StepRetryScheduled,
     StepScheduled,
     StepSkipped,
     StepStarted,
+    StepSuspended,
+    SubRunEnded,
+    SubRunRequested,
+    SubRunStep,
     TimerFired,
     TimerStarted,
     ToolCallCancelled,
@@ -48,6 +57,7 @@ from loom_core.contracts import (
     ToolCallFailed,
     ToolCallRequested,
     ToolStep,
+    WaitEventStep,
 )
 from loom_core.stats import PendingWork, RunStats, StepCounts, StepStats, run_stats
 
@@ -202,6 +212,7 @@ def test_retry_wait_is_pending_work_and_waiting_time() -> None:
             "a",
             since=ms(6),
             until=ms(106),
+            ref="r-a-1",
         ),
     )
 
@@ -863,3 +874,120 @@ def test_simulated_runs_match_the_simulator(rnd: random.Random, max_events: int)
         check_invariants(part, records[:cut])
         for name in MONOTONE:
             assert getattr(part, name) <= getattr(whole, name) + 1e-9, name
+
+
+# ------------------------------------------------------------------ people (issue 17)
+# describe (stats), runs (the trace's summary) and progress agree on a run's status and
+# on what it waits for: one rule, loom_core.waits.run_status.
+
+
+def _summary_of(records: list[EventRecord]) -> Any:
+    from loom_core.spans import TraceBuilder
+
+    builder = TraceBuilder(records[0].run_id)
+    for record in records:
+        builder.apply(record)
+    return builder.summary
+
+
+def _people_script() -> Script:
+    s = Script()
+    plan = Plan(
+        steps=[
+            ApprovalStep(id="ok", label="legal", schema={"type": "boolean"}),
+            WaitEventStep(id="paid", events=[EventMatch(name="paid", key="o1")]),
+            SubRunStep(id="sub", plan=tool_plan("x")),
+        ],
+        name="people",
+    )
+    s.start(0, plan)
+    for sid in ("ok", "paid", "sub"):
+        s.add(1, StepScheduled(step_id=sid))
+    s.add(2, StepSuspended(step_id="ok", suspension_id="ok#1", label="legal", expires_at=ms(500)))
+    s.add(3, EventWaitStarted(step_id="paid", matches=[EventMatch(name="paid", key="o1")]))
+    s.add(4, SubRunRequested(step_id="sub", child_run_id="run-1--sub", plan=tool_plan("x")))
+    return s
+
+
+def test_a_run_waiting_on_a_person_is_suspended_and_says_on_whom() -> None:
+    s = Script()
+    s.start(0, Plan(steps=[ApprovalStep(id="ok", label="legal")]))
+    s.add(1, StepScheduled(step_id="ok"))
+    s.add(2, StepSuspended(step_id="ok", suspension_id="ok#1", label="legal"))
+    live = run_stats(s.records, as_of=ms(102))
+    assert live.status == "suspended"
+    (person,) = live.pending_work
+    assert (person.kind, person.ref, person.label, person.step_id) == (
+        "person", "ok#1", "legal", "ok",
+    )  # fmt: skip
+    assert "'legal' (ok#1)" in person.text
+    assert live.person_wait_ms == pytest.approx(100.0)
+    assert live.waiting_ms == pytest.approx(100.0)
+    assert [(w.kind, w.ref, w.label) for w in live.waits] == [("person", "ok#1", "legal")]
+    summary = _summary_of(s.records)
+    assert (summary.status, summary.waiting) == ("suspended", {"ok#1": "legal"})
+    assert summary.waits == list(live.waits)
+
+    s.add(52, StepResumed(step_id="ok", suspension_id="ok#1", data=True, by="ada", request_id="r"))
+    after = run_stats(s.records, as_of=ms(1000))
+    assert after.status == "running" and after.pending_work == ()
+    assert after.person_wait_ms == pytest.approx(50.0)  # closed when answered
+    assert _summary_of(s.records).status == "running"
+
+
+def test_an_escalated_suspension_replaces_the_first_and_an_ended_step_waits_on_nobody() -> None:
+    s = Script()
+    s.start(0, Plan(steps=[ApprovalStep(id="ok", label="a", escalate_to="b")]))
+    s.add(1, StepSuspended(step_id="ok", suspension_id="ok#1", label="a"))
+    s.add(11, StepSuspended(step_id="ok", suspension_id="ok#2", label="b"))
+    live = run_stats(s.records)
+    assert [(w.ref, w.label) for w in live.waits] == [("ok#2", "b")]
+    assert live.person_wait_ms == pytest.approx(10.0)
+    s.add(21, StepCancelled(step_id="ok", reason="no"))
+    ended = run_stats(s.records)
+    assert ended.waits == () and ended.status == "running"
+    assert ended.person_wait_ms == pytest.approx(20.0)
+    assert _summary_of(s.records).waits == []
+
+
+def test_people_timers_events_and_children_are_listed_alike_by_describe_and_runs() -> None:
+    s = _people_script()
+    live = run_stats(s.records, as_of=ms(10))
+    kinds = [(w.kind, w.ref) for w in live.waits]
+    assert sorted(kinds) == [("event", "paid:o1"), ("person", "ok#1"), ("sub_run", "run-1--sub")]
+    # a child whose state the run's own events cannot tell is work in progress
+    assert live.status == "running"
+    summary = _summary_of(s.records)
+    assert summary.status == "running"
+    assert sorted((w.kind, w.ref) for w in summary.waits) == sorted(kinds)
+    assert {w.ref: w.until for w in summary.waits}["ok#1"] == ms(500)
+    assert live.event_wait_ms == pytest.approx(7.0) and live.child_wait_ms == pytest.approx(6.0)
+    # events arrive, the child ends: the run waits on its person alone
+    s.add(20, EventReceived(step_id="paid", name="paid", key="o1"))
+    s.add(21, SubRunEnded(step_id="sub", child_run_id="run-1--sub", status="completed"))
+    s.add(21, StepCompleted(step_id="sub", output=1))
+    later = run_stats(s.records)
+    assert [w.kind for w in later.waits] == ["person"] and later.status == "suspended"
+    assert _summary_of(s.records).status == "suspended"
+
+
+def test_a_parent_is_suspended_when_the_child_it_waits_on_is() -> None:
+    from loom_core.waits import lift_summary
+
+    parent = Script()
+    parent.start(0, Plan(steps=[SubRunStep(id="sub", plan=tool_plan("x"))]))
+    parent.add(1, SubRunRequested(step_id="sub", child_run_id="kid", plan=tool_plan("x")))
+    child = Script("kid")
+    child.start(2, Plan(steps=[ApprovalStep(id="ok", label="legal")]))
+    child.add(3, StepSuspended(step_id="ok", suspension_id="ok#1", label="legal"))
+    own = _summary_of(parent.records)
+    assert own.status == "running"  # from its own events: the child is unknown
+    kid = _summary_of(child.records)
+    lifted = lift_summary(own, {"kid": kid})
+    assert lifted.status == "suspended"
+    assert [(w.kind, w.run_id, w.ref) for w in lifted.waits] == [
+        ("sub_run", "", "kid"), ("person", "kid", "ok#1"),
+    ]  # fmt: skip
+    # a child that works keeps its parent running
+    busy = msgspec.structs.replace(kid, status="running", waits=[])
+    assert lift_summary(own, {"kid": busy}).status == "running"
