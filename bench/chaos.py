@@ -40,13 +40,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +73,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
+from loom_infra.processes import ServiceProcess
 from loom_services.runtime import provision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,55 +105,9 @@ def chain(steps: int, rng: random.Random) -> tuple[Plan, str]:
 # ----------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL it if the driver dies, so nothing outlives a crash."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Service:
-    """One service as its own OS process; restartable with the same environment."""
-
-    name: str
-    env: dict[str, str]
-    logs: Path
-    proc: subprocess.Popen[bytes] | None = None
-    killed: list[int] = field(default_factory=list)
-
-    def start(self) -> None:
-        with (self.logs / f"{self.name}.log").open("ab") as log:  # the child keeps its own fd
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"loom_services.{self.name}"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.killed.append(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def tail(self, lines: int = 20) -> str:
-        path = self.logs / f"{self.name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return f"--- {self.name} log\n" + "\n".join(text.splitlines()[-lines:])
-
-
-async def wait_healthy(client: LoomClient, service: Service, timeout: float = 30.0) -> None:
+async def wait_healthy(
+    client: LoomClient, service: ServiceProcess, timeout: float = 30.0
+) -> None:
     """Until the *new* process (its pid in the Pong) answers its health subject."""
     assert service.proc is not None
     suffix = f":{service.proc.pid}"
@@ -524,7 +476,9 @@ async def chaos(cfg: Config) -> Report:
         "PYTHONPATH": pythonpath,
     }
     services = {  # each process holds its own key only, as a Kubernetes pod does
-        name: Service(name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, base)
+        name: ServiceProcess(
+            name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, base
+        )
         for name in subjects.SERVICES
     }
     try:
@@ -543,7 +497,7 @@ async def chaos(cfg: Config) -> Report:
 async def _drive(
     cfg: Config,
     server: EmbeddedNats,
-    services: dict[str, Service],
+    services: dict[str, ServiceProcess],
     effects: Path,
     seed: Path,
 ) -> Report:

@@ -75,14 +75,7 @@ def lift_children(waits: Sequence[Wait], child_waits: Mapping[str, Iterable[Wait
 
 
 def _owned(wait: Wait, run_id: str) -> Wait:
-    return Wait(
-        kind=wait.kind,
-        step_id=wait.step_id,
-        ref=wait.ref,
-        label=wait.label,
-        until=wait.until,
-        run_id=run_id,
-    )
+    return msgspec.structs.replace(wait, run_id=run_id)
 
 
 def state_waits(state: RunState) -> list[Wait]:

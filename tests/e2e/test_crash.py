@@ -31,16 +31,12 @@ Design note
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +79,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
+from loom_infra.processes import ServiceProcess
 from loom_services.runtime import provision
 
 pytestmark = pytest.mark.e2e
@@ -176,66 +173,12 @@ def workload() -> dict[str, tuple[Plan, dict[str, Any], Any]]:
 # ----------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL it if the test process dies, so nothing outlives a crash."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Service:
-    """One service as its own OS process; restartable with the same environment."""
-
-    name: str
-    env: dict[str, str]
-    logs: Path
-    proc: subprocess.Popen[bytes] | None = None
-    killed: list[int] = field(default_factory=list)
-
-    @property
-    def log_path(self) -> Path:
-        return self.logs / f"{self.name}.log"
-
-    def start(self) -> int:
-        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"loom_services.{self.name}"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
-            )
-        return self.proc.pid
-
-    def kill(self) -> int:
-        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
-        pid = self.proc.pid
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.killed.append(pid)
-        return pid
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"--- {self.name} log (last {lines} lines)\n" + "\n".join(text.splitlines()[-lines:])
-
-
 @dataclass
 class Deployment:
     url: str
     env: dict[str, str]
     effects: Path
-    services: dict[str, Service]
+    services: dict[str, ServiceProcess]
 
     def logs(self) -> str:
         return "\n".join(s.tail() for s in self.services.values())
@@ -263,7 +206,9 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         "LOOM_NKEY_SEED_FILE": str(creds.seed_file("operator")),  # the test's own client
     }
     services = {  # each process holds its own key only, as a Kubernetes pod does
-        name: Service(name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, tmp_path)
+        name: ServiceProcess(
+            name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, tmp_path
+        )
         for name in subjects.SERVICES
     }
     try:
@@ -310,7 +255,9 @@ class Watch:
         return True
 
 
-async def wait_healthy(client: LoomClient, service: Service, timeout: float = 20.0) -> None:
+async def wait_healthy(
+    client: LoomClient, service: ServiceProcess, timeout: float = 20.0
+) -> None:
     """Until the *new* process (its pid in the Pong) answers its health subject."""
     assert service.proc is not None
     suffix = f":{service.proc.pid}"

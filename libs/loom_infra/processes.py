@@ -1,0 +1,68 @@
+"""A loom service as its own OS process (``python -m loom_services.<name>``): start,
+kill -9, restart with the same environment, read its log. What the crash test and the
+chaos driver (``bench/chaos.py``) use to kill services the way a machine would."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def die_with_parent() -> None:
+    """In the child: SIGKILL it if the process that started it dies, so nothing outlives
+    a crashed test or driver."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class ServiceProcess:
+    """One service as its own OS process; restartable with the same environment."""
+
+    name: str
+    env: dict[str, str]
+    logs: Path
+    proc: subprocess.Popen[bytes] | None = None
+    killed: list[int] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs / f"{self.name}.log"
+
+    def start(self) -> int:
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"loom_services.{self.name}"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl
+            )
+        return self.proc.pid
+
+    def kill(self) -> int:
+        """SIGKILL, as a crash would; returns the pid it killed."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        pid = self.proc.pid
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.killed.append(pid)
+        return pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"--- {self.name} log (last {lines} lines)\n" + "\n".join(text.splitlines()[-lines:])
