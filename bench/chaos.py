@@ -105,25 +105,6 @@ def chain(steps: int, rng: random.Random) -> tuple[Plan, str]:
 # ----------------------------------------------------------------------------- processes
 
 
-async def wait_healthy(
-    client: LoomClient, service: ServiceProcess, timeout: float = 30.0
-) -> None:
-    """Until the *new* process (its pid in the Pong) answers its health subject."""
-    assert service.proc is not None
-    suffix = f":{service.proc.pid}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            pong = await client.ping(service.name, timeout=0.5)
-        except Exception:  # no responder yet: the process is still starting
-            pong = None
-        if pong is not None and pong.instance.endswith(suffix):
-            return
-        if time.monotonic() > deadline or service.proc.poll() is not None:
-            raise RuntimeError(f"{service.name} not healthy in {timeout}s\n{service.tail()}")
-        await asyncio.sleep(0.05)  # retry interval of a bounded readiness probe
-
-
 # ----------------------------------------------------------------------------- watching
 
 
@@ -545,7 +526,7 @@ async def _drive(
                 rec.killed_at = time.monotonic()
                 service.kill()
                 service.start()
-                await wait_healthy(client, service)
+                await service.wait_healthy(client, timeout=30.0)
             watch.open.append(rec)
             watch.restarted(rec)
             recoveries.append(rec)

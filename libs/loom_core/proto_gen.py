@@ -227,8 +227,10 @@ def _check_subjects() -> None:
 _HEADER_TEXT = {
     subjects.MSG_ID: (
         "JetStream de-duplication id: a message published twice with the same id within the "
-        "stream's duplicate window is stored once. On run events it is the event id "
-        "`{run_id}/{seq}`; other senders choose a stable id per result."
+        "stream's duplicate window is stored once. On run events it is "
+        "`{run_id}/{seq}/{digest of the message}` (bound to the content, so it cannot be "
+        "claimed first); inbox messages carry none (the executor dedupes by the run's "
+        "state)."
     ),
     subjects.NOTIFICATION_ID: (
         "Position of the event in the store's notification log (an integer as text); "

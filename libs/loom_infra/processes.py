@@ -4,12 +4,16 @@ chaos driver (``bench/chaos.py``) use to kill services the way a machine would."
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loom_infra.client import LoomClient
 
 
 def die_with_parent() -> None:
@@ -66,3 +70,23 @@ class ServiceProcess:
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return f"--- {self.name} log (last {lines} lines)\n" + "\n".join(text.splitlines()[-lines:])
+
+    async def wait_healthy(self, client: LoomClient, timeout: float = 30.0) -> None:
+        """Until *this* process (its pid in the Pong) answers its health subject; raises
+        RuntimeError with the log's tail if it exits or stays silent ``timeout`` s."""
+        assert self.proc is not None
+        suffix = f":{self.proc.pid}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pong = await client.ping(self.name, timeout=0.5)
+            except Exception:  # no responder yet: the process is still starting
+                pong = None
+            if pong is not None and pong.instance.endswith(suffix):
+                return
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} (pid {self.proc.pid}) not healthy in {timeout}s\n"
+                    + self.tail()
+                )
+            await asyncio.sleep(0.05)  # retry interval of a bounded readiness probe

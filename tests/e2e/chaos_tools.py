@@ -15,12 +15,11 @@ was written. The driver counts these lines per key.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
+
+from crash_tools import append_effect  # type: ignore[import-not-found]
 
 from loom_services.tools.registry import (
     ToolContext,
-    ToolFailure,
     ToolInput,
     ToolOutput,
     ToolRegistry,
@@ -31,16 +30,7 @@ EFFECTS_ENV = "LOOM_CHAOS_EFFECTS"
 
 
 def _log(kind: str, name: str, key: str) -> None:
-    path = os.environ.get(EFFECTS_ENV)
-    if not path:
-        raise ToolFailure("misconfigured", f"set {EFFECTS_ENV} to the effects log's path")
-    line = f"{kind} {name} {key} {os.getpid()} {time.time():.6f}\n".encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)  # one write of a short line under O_APPEND: never interleaved
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_effect(EFFECTS_ENV, kind, name, key)
 
 
 class CountInput(ToolInput):

@@ -28,10 +28,16 @@ EFFECTS_ENV = "LOOM_TEST_EFFECTS"
 
 
 def _log(kind: str, key: str) -> None:
-    path = os.environ.get(EFFECTS_ENV)
+    append_effect(EFFECTS_ENV, kind, key)
+
+
+def append_effect(env: str, *fields: str) -> None:
+    """Append ``fields``, the pid and the time as one line to the file named by ``env``
+    (the chaos tools use it too)."""
+    path = os.environ.get(env)
     if not path:
-        raise ToolFailure("misconfigured", f"set {EFFECTS_ENV} to the effects log's path")
-    line = f"{kind} {key} {os.getpid()} {time.time():.6f}\n".encode()
+        raise ToolFailure("misconfigured", f"set {env} to the effects log's path")
+    line = f"{' '.join(fields)} {os.getpid()} {time.time():.6f}\n".encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)  # one write of a short line under O_APPEND: never interleaved

@@ -255,28 +255,6 @@ class Watch:
         return True
 
 
-async def wait_healthy(
-    client: LoomClient, service: ServiceProcess, timeout: float = 20.0
-) -> None:
-    """Until the *new* process (its pid in the Pong) answers its health subject."""
-    assert service.proc is not None
-    suffix = f":{service.proc.pid}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            pong = await client.ping(service.name, timeout=0.5)
-        except Exception:  # no responder yet: the process is still starting
-            pong = None
-        if pong is not None and pong.instance.endswith(suffix):
-            return
-        if time.monotonic() > deadline or service.proc.poll() is not None:
-            raise AssertionError(
-                f"{service.name} (pid {service.proc.pid}) not healthy in {timeout}s\n"
-                + service.tail()
-            )
-        await asyncio.sleep(0.05)  # retry interval of a bounded readiness probe
-
-
 def effect_in_flight(path: Path) -> bool:
     """True when some call wrote its ``start`` line and not yet its ``end``."""
     open_calls: set[tuple[str, str]] = set()
@@ -478,7 +456,7 @@ async def test_runs_survive_repeated_kills_of_executor_and_toolrunner(
             pid = service.kill()
             kills.append(f"{target} pid {pid} at {time.monotonic() - t0:.1f}s/{watch.count} events")
             service.start()
-            await wait_healthy(client, service)
+            await service.wait_healthy(client, timeout=20.0)
 
         ended = await watch.until(all_ended, timeout=60)
         await live.unsubscribe()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import pytest
+import waiting  # type: ignore[import-not-found]
 from nats.errors import MaxPayloadError
 from nats.js.api import DeliverPolicy
 
@@ -137,15 +138,7 @@ async def client(stack: LocalStack) -> AsyncIterator[LoomClient]:
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
-    """Await ``probe`` until it returns something truthy (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND_S
-    while True:
-        value = await probe()
-        if value:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)  # polling interval of a bounded wait
+    return await waiting.eventually(probe, what, BOUND_S)
 
 
 async def until(client: LoomClient, run_id: str, kind: type) -> list[EventRecord]:

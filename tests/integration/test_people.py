@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from contextlib import aclosing
 from datetime import UTC, datetime
 
 import pytest
 from nats.aio.msg import Msg
+from waiting import having, until  # type: ignore[import-not-found]
 
 from loom_core import codec, subjects
 from loom_core.contracts import (
     ApprovalStep,
-    EventRecord,
     ParallelStep,
     Plan,
     RunCompleted,
@@ -39,23 +38,6 @@ pytestmark = pytest.mark.integration
 
 BOUND_S = 10.0
 BOOLEAN = {"type": "boolean"}
-
-
-async def until(
-    client: LoomClient, run_id: str, done: Callable[[list[EventRecord]], bool]
-) -> list[EventRecord]:
-    seen: list[EventRecord] = []
-    async with asyncio.timeout(BOUND_S):
-        async with aclosing(client.follow(run_id, timeout=BOUND_S)) as stream:
-            async for record in stream:
-                seen.append(record)
-                if done(seen):
-                    return seen
-    raise AssertionError(f"run {run_id} ended first: {[r.kind for r in seen]}")
-
-
-def having(kind: str, n: int = 1) -> Callable[[list[EventRecord]], bool]:
-    return lambda seen: sum(r.kind == kind for r in seen) >= n
 
 
 async def runs_until(

@@ -10,13 +10,12 @@ its first ``step_retry_scheduled``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.js.api import DeliverPolicy
+from waiting import until  # type: ignore[import-not-found]
 
 import loom_core.executor as executor
 from loom_cli.app import load_run_request
@@ -62,19 +61,6 @@ def request_of(name: str) -> RunRequest:
 
 def first_retry(records: list[EventRecord]) -> EventRecord:
     return next(r for r in records if isinstance(r.event, StepRetryScheduled))
-
-
-async def until(
-    client: LoomClient, run_id: str, done: Callable[[list[EventRecord]], bool]
-) -> list[EventRecord]:
-    seen: list[EventRecord] = []
-    async with asyncio.timeout(BOUND_S):
-        async with aclosing(client.follow(run_id, timeout=BOUND_S)) as stream:
-            async for record in stream:
-                seen.append(record)
-                if done(seen):
-                    return seen
-    raise AssertionError(f"run {run_id} ended first: {[r.kind for r in seen]}")
 
 
 # ----------------------------------------------------------------------------- replay

@@ -22,7 +22,6 @@ This module is also the tool module the stack loads (``LOOM_TOOL_MODULES``-style
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import waiting  # type: ignore[import-not-found]
 from nats.js.api import DeliverPolicy
 from psycopg import sql
 
@@ -98,15 +98,7 @@ def register(registry: ToolRegistry) -> None:
 
 async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20.0) -> Any:
     """Await ``check`` until it returns something truthy (bounded; polls a query)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    return await waiting.eventually(check, what, timeout, every_s=0.05)
 
 
 def files_holding(root: Path, needles: list[bytes], skip: Path) -> dict[str, list[Path]]:

@@ -11,13 +11,13 @@ the stream right after it shows everything the request caused."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import having, until  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
 from loom_core.contracts import (
@@ -72,24 +72,6 @@ ENDS = ("step_completed", "step_failed", "step_skipped", "step_cancelled")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-async def until(
-    client: LoomClient, run_id: str, done: Callable[[list[EventRecord]], bool]
-) -> list[EventRecord]:
-    """Follow the run's events from the first until ``done(seen)`` holds (bounded)."""
-    seen: list[EventRecord] = []
-    async with asyncio.timeout(BOUND_S):
-        async with aclosing(client.follow(run_id, timeout=BOUND_S)) as stream:
-            async for record in stream:
-                seen.append(record)
-                if done(seen):
-                    return seen
-    raise AssertionError(f"run {run_id} ended first: {[r.kind for r in seen]}")
-
-
-def having(kind: str, n: int = 1) -> Callable[[list[EventRecord]], bool]:
-    return lambda seen: sum(r.kind == kind for r in seen) >= n
 
 
 def of(records: list[EventRecord], kind: type) -> list[Any]:
