@@ -144,52 +144,57 @@ def _waiting_for(run: RunSummary) -> str:
     return ", ".join(f"{w.label} ({w.run_id + ': ' if w.run_id else ''}{w.ref})" for w in people)
 
 
-def lineage_members(runs: Sequence[RunSummary], run_id: str) -> list[RunSummary]:
-    """The runs of ``run_id``'s fork tree, root first, then each fork below its origin
-    (depth first, by run id); [] when ``run_id`` is not among ``runs``."""
+def _fork_tree(
+    runs: Sequence[RunSummary], run_id: str
+) -> tuple[RunSummary, dict[str, list[RunSummary]]] | None:
+    """The root of ``run_id``'s fork tree and each run's forks (sorted by run id);
+    None when ``run_id`` is not among ``runs``."""
     by_id = {r.run_id: r for r in runs}
     if run_id not in by_id:
-        return []
+        return None
     root = by_id[run_id]
     while root.forked_from in by_id:
         root = by_id[root.forked_from]
     children: dict[str, list[RunSummary]] = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r.run_id):
         if r.forked_from:
             children.setdefault(r.forked_from, []).append(r)
+    return root, children
+
+
+def lineage_members(runs: Sequence[RunSummary], run_id: str) -> list[RunSummary]:
+    """The runs of ``run_id``'s fork tree, root first, then each fork below its origin
+    (depth first, by run id); [] when ``run_id`` is not among ``runs``."""
+    tree = _fork_tree(runs, run_id)
+    if tree is None:
+        return []
+    root, children = tree
     out: list[RunSummary] = []
     todo = [root]
     while todo:
         node = todo.pop()
         out.append(node)
-        todo.extend(sorted(children.get(node.run_id, []), key=lambda c: c.run_id, reverse=True))
+        todo.extend(reversed(children.get(node.run_id, [])))
     return out
 
 
 def lineage_tree(runs: Sequence[RunSummary], run_id: str) -> Tree | str:
     """The fork tree ``run_id`` belongs to: its root origin and every fork below."""
-    by_id = {r.run_id: r for r in runs}
-    if run_id not in by_id:
+    found = _fork_tree(runs, run_id)
+    if found is None:
         return f"no run '{run_id}' among the {len(runs)} most recent runs"
-    root = by_id[run_id]
-    while root.forked_from in by_id:
-        root = by_id[root.forked_from]
-    children: dict[str, list[RunSummary]] = {}
-    for r in runs:
-        if r.forked_from:
-            children.setdefault(r.forked_from, []).append(r)
+    root, children = found
 
     def label(r: RunSummary) -> str:
         mark = " [bold]◀[/]" if r.run_id == run_id else ""
         return f"{r.run_id}  {r.status}{mark}"
 
     tree = Tree(label(root))
-
-    def add(node: Tree, r: RunSummary) -> None:
-        for child in sorted(children.get(r.run_id, []), key=lambda c: c.run_id):
-            add(node.add(label(child)), child)
-
-    add(tree, root)
+    todo = [(tree, root)]  # no recursion: a fork tree can be deep
+    while todo:
+        node, r = todo.pop()
+        for child in children.get(r.run_id, []):
+            todo.append((node.add(label(child)), child))
     return tree
 
 
