@@ -131,23 +131,40 @@ class Stack:
         self.stop.set()
         if self.health is not None:
             await self.health.close()
-        for ctx in self.contexts:
-            for task in ctx.tasks:
-                task.cancel()
-            for task in ctx.tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        # A stop is bounded like everything else: whatever does not end in time is
+        # named in the log, and the stop goes on.
+        tasks = [task for ctx in self.contexts for task in ctx.tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=CLOSE_STEP_S)
+            for task in done:  # retrieve outcomes: no "exception never retrieved"
+                if not task.cancelled():
+                    task.exception()
+            if pending:
+                names = ", ".join(sorted(t.get_name() for t in pending))
+                log.warning("tasks still running %.0fs after cancel: %s", CLOSE_STEP_S, names)
         for service in self.services:
-            with contextlib.suppress(Exception):
-                await service.close()
+            await _bounded(service.close(), f"{service.name} close")
         for ctx in self.contexts:
             # Every task is stopped and its acks were sent: flush and close (a drain
             # would wait on pull subscriptions whose fetches were just cancelled).
             with contextlib.suppress(Exception):
                 await ctx.nc.flush(timeout=2)
-            with contextlib.suppress(Exception):
-                await ctx.nc.close()
+            await _bounded(ctx.nc.close(), "NATS close")
         self.contexts.clear()
+
+
+CLOSE_STEP_S = 10.0
+
+
+async def _bounded(step: Awaitable[None], what: str) -> None:
+    try:
+        await asyncio.wait_for(step, CLOSE_STEP_S)
+    except TimeoutError:
+        log.warning("%s did not finish in %.0fs; stopping anyway", what, CLOSE_STEP_S)
+    except Exception as exc:  # a failing close must not stop the others
+        log.debug("%s failed: %r", what, exc)
 
 
 def identity_of(service: Service) -> str:
