@@ -1,5 +1,5 @@
 """The interpreter alone (no servers): what ``advance`` costs per step, and whether that
-cost grows with the run's history (DESIGN target: step 1,000 within 1.2x step 10).
+cost grows with the run's history (docs/design.md target: step 1,000 within 1.2x step 10).
 
 Driven like the ``World`` of tests/unit/test_executor.py: every ``ToolCallRequested``
 is answered at once with a ``ToolResult``; the clock moves 1 ms per message.

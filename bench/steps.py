@@ -7,7 +7,8 @@ Prints, per store:
   of early steps vs late steps (a cost that grows with history shows up here);
 - R runs of K steps at once: aggregate steps/s;
 - chains of 10, 100 and 1,000 steps, one run each: steps/s and the per-step overhead
-  around step 10 and around the last step (DESIGN target: step 1,000 within 1.2x step 10);
+  around step 10 and around the last step (docs/design.md target:
+  step 1,000 within 1.2x step 10);
 - a foreach of 1,000 items at concurrency 16: items/s.
 Each part can be resized or skipped (0, or ``--chains`` with no value).
 

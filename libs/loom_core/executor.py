@@ -1,6 +1,6 @@
 """The run actor's brain: a deterministic interpreter of the plan language.
 
-Contract (DESIGN decision 4)
+Contract (docs/design.md decision 4)
 - ``evolve(state, event)`` folds one event into the state (in place; the actor owns it).
 - ``advance(state, message, now)`` decides what ``message`` causes *and* folds each new
   event as it is emitted, returning the events. It is the fused, efficient form used by

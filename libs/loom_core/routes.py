@@ -15,7 +15,7 @@ Everything about the edge is derived from this table and nothing else:
 Identities (one NATS user each): the five services, ``client`` (may only submit runs)
 and ``operator`` (the CLI and the console: submit, follow, query, control, resume,
 signal). A fact is believed only if it arrives on its own route, which only its owner
-may publish on (DESIGN decision 11).
+may publish on (docs/design.md decision 11).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ RUN_EVENTS = Route(
     kind="stream",
     stream=subjects.RUN_EVENTS_STREAM,
     messages=RUN_EVENT_TYPES,
-    publishers=("executor",),  # the relay, from the store only (DESIGN decision 2)
+    publishers=("executor",),  # the relay, from the store only (docs/design.md decision 2)
     consumers=(
         Consumer("planner", durable="planner", events=(c.RunRequested,)),
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),

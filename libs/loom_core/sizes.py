@@ -1,4 +1,4 @@
-"""Size limits on what a run's events carry (issue 9, DESIGN decision 12).
+"""Size limits on what a run's events carry (issue 9, docs/design.md decision 12).
 
 A run's events reach the bus one message each, and the broker refuses a message over its
 ``max_payload`` (the embedded server: ``max(1 MiB, 2 x LOOM_MAX_PAYLOAD)``). One event

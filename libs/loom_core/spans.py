@@ -4,7 +4,7 @@ Design notes
 - Pure: no clock, no I/O. Every timestamp comes from an event (the envelope's ``at``, or
   the tool-runner's ``started_at``/``finished_at``), every id from ``loom_core.ids``, so
   the same events (and the same :class:`TraceOptions`) always give byte-identical
-  ``SpanRecord``s (DESIGN decision 4).
+  ``SpanRecord``s (docs/design.md decision 4).
 - Incremental: ``TraceBuilder.apply`` touches only the spans one event is about, found by
   dict lookups, so its cost does not grow with the run's length. ``build_spans`` is just
   ``apply`` in a loop, which is why incremental and batch results agree by construction

@@ -10,7 +10,7 @@ PREFIX = "loom"
 
 # Clients publish RunRequest on loom.submit.{via} (request/reply), {via} being their own
 # identity (client or operator): the executor reads who submitted from the subject. It
-# answers SubmitReply only after the RunRequested event is stored (DESIGN decision 9).
+# answers SubmitReply only after the RunRequested event is stored (docs/design.md decision 9).
 SUBMIT = PREFIX + ".submit.{via}"  # a pattern: publish on submit(via)
 
 

@@ -4,7 +4,7 @@ consumers with explicit acks, dead letters, and typed request/reply.
 Delivery is at-least-once: a handler acks only after its effect is durable, naks with a
 delay on a transient failure, and sends a message it can never process (cannot decode,
 or failed ``MAX_DELIVER`` times) to ``loom.dlq.{service}`` with the reason, then
-terminates it so it never loops hot (DESIGN decision 5).
+terminates it so it never loops hot (docs/design.md decision 5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-identity NATS credentials, generated from the route registry (DESIGN decision 11).
+"""Per-identity NATS credentials, generated from the route registry (docs/design.md decision 11).
 
 Every identity of ``loom_core.routes`` (the five services, ``client``, ``operator``)
 connects as its own nkey user. What it may publish and subscribe to is computed from the

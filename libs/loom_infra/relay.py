@@ -1,5 +1,5 @@
 """The relay: stored events reach JetStream from the store, never beside it
-(DESIGN decision 2).
+(docs/design.md decision 2).
 
 It tails the store's notification log from its position, publishes each event to
 ``loom.run.{run_id}.{event_tag}`` with ``Nats-Msg-Id`` = event id, waits for every
@@ -13,7 +13,7 @@ notification id found in the header of the stream's last message, so it neither
 republishes what JetStream already holds nor skips anything; JetStream's duplicate
 window on ``Nats-Msg-Id`` is the second net.
 
-Neither can be turned against it by another publisher on ``loom.run.>`` (DESIGN
+Neither can be turned against it by another publisher on ``loom.run.>`` (docs/design.md
 decision 11; with NATS credentials off anyone may publish there):
 - the header of the stream's last message is believed only when the message is the
   event the store holds at that notification id (else it is ignored, with a warning,

@@ -5,7 +5,7 @@ Every change to a run goes through one writer loop that takes all work waiting
 events, folds them into the in-memory actor with ``evolve``, and appends the whole
 batch in ONE store transaction. Only then are submitters answered and inbox messages
 acked, and the relay woken to publish. A step therefore costs one commit however many
-runs share it (DESIGN: performance budget).
+runs share it (docs/design.md: performance budget).
 
 Actors stay in memory; a run is loaded from the store only on a cache miss (restart,
 eviction, or a run written by another replica). A concurrency conflict (another

@@ -1,7 +1,7 @@
 """The tool-runner: executes ``tool_call_requested`` events, exactly once per
 idempotency key, and answers the run's inbox with a ``ToolResult``.
 
-Exactly-once effects over at-least-once delivery (DESIGN decision 5):
+Exactly-once effects over at-least-once delivery (docs/design.md decision 5):
 1. for a tool that is not idempotent, the key is *claimed* in the ledger (a unique
    insert: one claimant wins, across replicas and restarts) before the tool runs;
    an idempotent tool runs first and records claim + result in one commit (a race

@@ -1,7 +1,7 @@
 """A hostile client against a real stack with NATS credentials OFF (insecure mode).
 
 Without credentials anyone may publish on any subject, so this suite proves what the
-checks where facts land do alone (DESIGN decision 11; issue 8, point 3): every forgery
+checks where facts land do alone (docs/design.md decision 11; issue 8, point 3): every forgery
 that does not need a privileged identity is refused or has no effect, the refusal is
 dead-lettered with its typed reason, nothing hangs, and the victim run ends with its
 GENUINE results. (The same forgeries from the wrong identity with credentials on are the
