@@ -824,9 +824,9 @@ class _Turn:
                         )
                     )
                     return
-                width = step.concurrency if isinstance(step, ForeachStep) else 1
-                for index in range(min(width, len(items))):
-                    self.start_child(iid, str(index))
+                # the owner's own loop starts the first children: an element that ends
+                # at once (an empty body) then frees its slot for the next exactly once
+                self.child_done(iid)
             case LoopStep():
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.next_iteration(iid, step, 0)

@@ -304,6 +304,21 @@ def test_foreach_keeps_input_order_and_concurrency_limit() -> None:
     assert [r.step_id for r in w.of(ToolCallRequested)][:2] == ["fe/0/sq", "fe/1/sq"]
 
 
+def test_foreach_elements_that_end_at_once_each_run_once() -> None:
+    """Found by the random-plan property: an element whose body ends at once (an empty
+    inner foreach) freed its slot while the owner was still starting its first children,
+    so element 1 was started twice and ran again after the run completed."""
+    inner = ForeachStep(id="in", items=[], do=[tool("t")])
+    plan = Plan(steps=[ForeachStep(id="out", items=[0, 1, 2], concurrency=2, do=[inner])])
+    w = World(plan)
+    w.run(echo)
+    check_invariants(w)
+    assert [e.step_id for e in w.of(StepScheduled) if e.step_id.count("/") == 1] == [
+        "out/0", "out/1", "out/2"
+    ]
+    assert w.events[-1] == RunCompleted(output={"out": [[], [], []]})
+
+
 def test_foreach_fail_fast_cancels_in_flight_items() -> None:
     plan = Plan(
         steps=[ForeachStep(id="fe", items=[1, 2, 3], concurrency=3, do=[tool("t", v="{{ item }}")])]
