@@ -350,6 +350,7 @@ class TraceBuilder:
         self._children: dict[str, str] = {}  # step instance -> child run id
         self._busy_tools = 0  # tool calls requested and not yet answered
         self._forked_from: str | None = None
+        self._fork_facts: tuple[str, list[str], int] = ("", [], 0)  # from, edited, reused
         self._paused_since: datetime | None = None
         self._paused_ms = 0.0
         self._pauses = 0
@@ -399,6 +400,9 @@ class TraceBuilder:
             waits=waits,
             tools_in_flight=self._busy_tools,
             forked_from=self._forked_from,
+            fork_from_step=self._fork_facts[0],
+            fork_edited=list(self._fork_facts[1]),
+            fork_reused=self._fork_facts[2],
             started_at=self._started_at,
             ended_at=self._ended_at,
             duration_ms=duration,
@@ -565,6 +569,7 @@ class TraceBuilder:
         self._status = "planning"
         if ev.fork is not None:
             self._forked_from = ev.fork.run_id
+            self._fork_facts = (ev.fork.from_step, list(ev.fork.edited), len(ev.fork.reused))
         if ev.plan is not None and ev.plan.name:
             self._name = ev.plan.name
         attrs: dict[str, JSON] = {
@@ -581,6 +586,9 @@ class TraceBuilder:
         if fork is not None:
             attrs["loom.fork.run_id"] = fork.run_id
             attrs["loom.fork.from_step"] = fork.from_step
+            attrs["loom.fork.reused"] = len(fork.reused)
+            if fork.edited:
+                attrs["loom.fork.edited"] = list(fork.edited)
         if ev.traceparent and not self._fixed_parent:
             parsed = parse_traceparent(ev.traceparent)
             if parsed is None:

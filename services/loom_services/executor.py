@@ -570,7 +570,8 @@ class ExecutorService:
                 records, request.from_step, request.set_output, request.input, request.new_run_id
             )
         except ForkError as exc:
-            return ForkReply(error=ErrorInfo(code="invalid_fork", message=str(exc), path=exc.path))
+            error = ErrorInfo(code=exc.code, message=str(exc), path=exc.path, details=exc.details)
+            return ForkReply(error=error)
         run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)
