@@ -65,6 +65,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -375,6 +376,7 @@ class TraceBuilder:
             # anchor the tree at the first event seen rather than fail.
             self._create_root(at, {})
         self._dispatch(at, record.event)
+        self._show_suspended()
         return list(self._changed.values())
 
     def spans(self) -> list[SpanRecord]:
@@ -410,6 +412,19 @@ class TraceBuilder:
             steps_total=self._steps_total,
             steps_done=self._steps_done,
         )
+
+    def _show_suspended(self) -> None:
+        """The run span's ``loom.run.status`` says ``suspended`` when the run's summary
+        does (``waits.run_status``; one person and one child decide it, so this costs
+        the same for any number of waits). A parent waiting on a child is lifted where
+        the child is known: the trace query (tracing service), as ``loom runs``."""
+        if self._status != "running" or self._root_id not in self._spans:
+            return
+        probe = [*islice(self._people.values(), 1)]
+        probe += [Wait(kind="sub_run", ref=c) for c in islice(self._children.values(), 1)]
+        shown = run_status(self._status, probe, self._busy_tools > 0)
+        if self._spans[self._root_id].attributes.get("loom.run.status") != shown:
+            self._update(self._root_id, attrs={"loom.run.status": shown})
 
     def waits(self) -> list[Wait]:
         """What the run waits on now: people, timers, external events, child runs (the
