@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from test_debugging import records_of  # type: ignore[import-not-found]
 from test_executor import World, check_invariants  # type: ignore[import-not-found]
 
+from loom_cli.render import lineage_tree
 from loom_core.contracts import (
     ApprovalStep,
     ForeachStep,
@@ -23,6 +24,7 @@ from loom_core.contracts import (
     ReduceStep,
     ResumeRun,
     RunCompleted,
+    RunSummary,
     Step,
     StepCompleted,
     StepScheduled,
@@ -379,3 +381,16 @@ def test_nothing_reused_depends_on_the_fork_point_and_nothing_else_runs_again(
     assert set(reused(b)) == set(reuse)  # the executor reached every reused instance
     scheduled = {e.step_id for e in b.of(StepScheduled)}
     assert not any(p.startswith(r + "/") for r in reuse for p in scheduled)
+
+
+def test_lineage_names_the_instance_the_edits_and_the_reuse() -> None:
+    origin = RunSummary(run_id="a", status="completed")
+    fork_ = RunSummary(
+        run_id="b", status="completed", forked_from="a", fork_from_step="each/2/ok",
+        fork_edited=["each/2/ok"], fork_reused=4,
+    )  # fmt: skip
+    tree = lineage_tree([origin, fork_], "b")
+    assert str(tree.label) == "a  completed"
+    assert str(tree.children[0].label) == (
+        "b  completed  (from each/2/ok, edited each/2/ok; 4 reused) [bold]◀[/]"
+    )
