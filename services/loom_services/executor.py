@@ -50,7 +50,6 @@ from loom_core.contracts import (
     SubmitRejected,
     SubRunFinished,
     SubRunRequested,
-    Wait,
 )
 from loom_core.executor import (
     SNAPSHOT_EVERY,
@@ -68,7 +67,7 @@ from loom_core.executor import (
 from loom_core.lineage import ForkError, fork_request
 from loom_core.replay import replay
 from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
-from loom_core.waits import lift_children, run_status, state_waits
+from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
@@ -652,26 +651,19 @@ class ExecutorService:
         child's change is its parent's too (the parent is suspended once the child
         waits on a person), so the parent in memory is published again."""
         changed = dict.fromkeys(r.run_id for r in records)
-        for run_id in list(changed):
+        for run_id in list(changed):  # every ancestor in memory, to the 8 levels lifted
             state = self.host.actors.get(run_id)
-            if state is not None and state.parent is not None:
+            for _ in range(8):
+                if state is None or state.parent is None:
+                    break
                 changed.setdefault(state.parent.run_id, None)
+                state = self.host.actors.get(state.parent.run_id)
         for run_id in changed:
             state = self.host.actors.get(run_id)
             if state is None:
                 continue
-            waits = state_waits(state)
-            children: dict[str, tuple[str, list[Wait]]] = {}
-            for wait in waits:  # a child in memory says whether it waits on people
-                child = self.host.actors.get(wait.ref) if wait.kind == "sub_run" else None
-                if child is not None:
-                    child_waits = state_waits(child)
-                    busy = child.running > 0
-                    children[wait.ref] = (run_status(child.status, child_waits, busy), child_waits)
-            waits = lift_children(waits, {c: w for c, (_, w) in children.items()})
-            status = run_status(
-                state.status, waits, state.running > 0, {c: s for c, (s, _) in children.items()}
-            )
+            # children in memory say whether they wait on people (to any depth)
+            status, waits = lifted_state(state, self.host.actors.get)
             progress = RunProgress(
                 run_id=run_id,
                 status=status,

@@ -12,6 +12,7 @@ from test_executor import World, echo  # type: ignore[import-not-found]
 
 from loom_core.contracts import ApprovalStep, EventRecord, Plan, SubRunRequested, SubRunStep
 from loom_core.stats import family_stats, run_stats
+from loom_core.waits import lifted_state
 
 ASK = Plan(steps=[ApprovalStep(id="ok", label="legal", schema={"type": "boolean"})])
 
@@ -56,3 +57,26 @@ def test_a_parent_is_suspended_on_its_descendants_person() -> None:
     unknown = asyncio.run(family_stats("top", lambda r: events_of(r if r == "top" else "x")))
     assert unknown is not None and unknown.status == "running"
     assert asyncio.run(family_stats("nope", events_of)) is None
+
+
+def test_progress_lifts_children_in_memory_to_any_depth() -> None:
+    worlds: dict[str, World] = {}
+    plan = Plan(steps=[SubRunStep(id="sub", plan=Plan(steps=[SubRunStep(id="sub", plan=ASK)]))])
+    run_id = "top"
+    while True:
+        w = worlds[run_id] = World(plan, run_id=run_id)
+        w.run(echo)
+        started = w.of(SubRunRequested)
+        if not started:
+            break
+        run_id, plan = started[0].child_run_id, started[0].plan
+    top, child, grandchild = worlds
+    states = {r: w.state for r, w in worlds.items()}
+    status, waits = lifted_state(states[top], states.get)
+    assert status == "suspended"
+    assert [(w.kind, w.ref, w.run_id) for w in waits] == [
+        ("sub_run", child, ""), ("person", "ok#1", grandchild),
+    ]  # fmt: skip
+    # the child not in memory: work in progress, as a pure fold says
+    assert lifted_state(states[top], lambda r: None)[0] == "running"
+    assert lifted_state(states[top], states.get, max_depth=1)[0] == "running"
