@@ -829,7 +829,8 @@ class ForkRun(Inbound, tag="fork_run", tag_field="type"):
     dependents run again); ``input`` replaces the run input. The executor computes what
     is reused from its own store: a client never says which outputs a run produced.
     Refusals: ``unknown_step`` (details: close matches), ``step_never_ran``,
-    ``invalid_output`` (an edit that does not fit an approval's schema), ``invalid_fork``."""
+    ``invalid_output`` (an edit that does not fit an approval's schema), ``fork_too_large``
+    (the reused results exceed what a run request may carry), ``invalid_fork``."""
 
     run_id: str
     from_step: str

@@ -571,6 +571,18 @@ class ExecutorService:
         except ForkError as exc:
             error = ErrorInfo(code=exc.code, message=str(exc), path=exc.path, details=exc.details)
             return ForkReply(error=error)
+        size, limit = len(codec.encode(fork)), self.settings.max_payload
+        reused = len(fork.fork.reused) if fork.fork is not None else 0
+        if size > limit:  # a run request this big is refused on submit: say so now
+            return ForkReply(error=ErrorInfo(
+                code="fork_too_large",
+                message=f"the fork would start with {reused} reused results, "
+                f"{size} bytes in its run request; the limit is {limit} (LOOM_MAX_PAYLOAD). "
+                "Fork from an instance whose composite has fewer elements, or fork the "
+                "run from the top-level step instead",
+                path="$.from_step",
+                details={"bytes": size, "limit": limit, "reused": reused},
+            ))  # fmt: skip
         run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)

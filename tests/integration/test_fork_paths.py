@@ -195,3 +195,24 @@ async def test_bad_fork_paths_are_refused_with_what_exists(client: LoomClient) -
     assert "each/0, each/1, each/2, each/3" in errors[1].message
     assert errors[2].details["problems"] == [['$.set_output["each/1/ok"].ok',
                                               "expected boolean, got integer"]]  # fmt: skip
+
+
+async def test_a_fork_too_big_for_one_run_request_is_refused_before_it_starts(
+    client: LoomClient,
+) -> None:
+    # 40 elements of ~2 KB each: reusing 39 of them is more than LOOM_MAX_PAYLOAD (64 KiB
+    # in these tests), which a run request may carry
+    plan = Plan(steps=[ForeachStep(id="each", items=list(range(40)), do=[
+        echo("x", {"i": "{{ item }}", "pad": "{{ input.pad }}"}),
+    ])])  # fmt: skip
+    origin = (await client.submit(RunRequest(plan=plan, input={"pad": "p" * 2000}))).run_id
+    a = await client.wait(origin, timeout=BOUND_S)
+    assert isinstance(a[-1].event, RunCompleted)
+    with pytest.raises(LoomError) as refused:
+        await client.fork(ForkRun(run_id=origin, from_step="each/3/x"))
+    error = refused.value.error
+    assert (error.code, error.path) == ("fork_too_large", "$.from_step")
+    assert error.details["reused"] == 39 and error.details["bytes"] > error.details["limit"]
+    # from the top-level step, nothing is reused: the fork starts
+    forked = (await client.fork(ForkRun(run_id=origin, from_step="each"))).run_id
+    assert isinstance((await client.wait(forked, timeout=BOUND_S))[-1].event, RunCompleted)
