@@ -307,8 +307,11 @@ class ToolSpec(Record, tag="tool_spec", tag_field="type"):
 
 
 class ForkOrigin(Record, tag="fork_origin", tag_field="type"):
-    """Where a forked run comes from: ``run_id`` and the step it re-executes from.
-    ``reused`` holds the recorded outputs (some possibly edited) it starts with."""
+    """Where a forked run comes from: ``run_id`` and the step instance it re-executes
+    from (``b``, ``each/2/ok``). ``reused`` maps each instance path whose recorded (or,
+    for those in ``edited``, edited) result the fork takes instead of running it (a
+    step, or a whole element / branch / composite); forks made before instance paths
+    hold top-level step ids, which are paths too (``loom_core.fork_reuse``)."""
 
     run_id: str
     from_step: str
@@ -820,10 +823,14 @@ class ResumeReply(Record, tag="resume_reply", tag_field="type"):
 
 class ForkRun(Inbound, tag="fork_run", tag_field="type"):
     """Fork a recorded run (request/reply on ``loom.fork``): a new run with the same plan
-    that reuses the recorded outputs of the top-level steps that are neither ``from_step``
-    nor downstream of it. ``set_output`` edits recorded outputs first (their dependents
-    run again); ``input`` replaces the run input. The executor computes what is reused
-    from its own store: a client never says which outputs a run produced."""
+    that reuses every recorded result that depends neither on ``from_step`` (a step
+    instance path at any depth: ``b``, ``each/2/ok``, ``reviews/legal/legal_ok``) nor on
+    an edited one. ``set_output`` edits recorded outputs by instance path (their
+    dependents run again); ``input`` replaces the run input. The executor computes what
+    is reused from its own store: a client never says which outputs a run produced.
+    Refusals: ``unknown_step`` (details: close matches), ``step_never_ran``,
+    ``invalid_output`` (an edit that does not fit an approval's schema), ``fork_too_large``
+    (the reused results exceed what a run request may carry), ``invalid_fork``."""
 
     run_id: str
     from_step: str
@@ -969,6 +976,11 @@ class RunSummary(Record, tag="run_summary", tag_field="type"):
     steps_done: int = 0
     waiting: dict[str, str] = {}
     forked_from: str | None = None
+    # a fork's step instance it re-executes from, its edited instances, and how many
+    # recorded results it reuses (ForkOrigin)
+    fork_from_step: str = ""
+    fork_edited: list[str] = []
+    fork_reused: int = 0
     # everything it waits on (people, timers, external events, children); a child's
     # people are listed here too (``Wait.run_id``) when the read model holds the child
     waits: list[Wait] = []

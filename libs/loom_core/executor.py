@@ -715,6 +715,8 @@ class _Turn:
         if scope is None or scope.failed is not None:
             return
         for step in scope.steps:
+            if self.s.scopes.get(sid) is not scope:
+                return  # it ended meanwhile (a fork's reused steps end at once)
             if self.ready(scope, step.id):
                 self.start(scope, step)
 
@@ -725,8 +727,8 @@ class _Turn:
             return  # unpause starts whatever is ready
         iid = iid or scope.iid(step.id)
         self.emit(StepScheduled(step_id=iid))
-        if not scope.sid and step.id in self.s.reused:  # a fork: the origin's output
-            output = self.s.reused[step.id]
+        if iid in self.s.reused:  # a fork: the origin's output (loom_core.fork_reuse)
+            output = self.s.reused[iid]
             self.emit(StepCompleted(step_id=iid, output=output, reused_from=self.s.forked_from))
             self.after(iid)
             return
@@ -824,9 +826,12 @@ class _Turn:
                         )
                     )
                     return
-                # the owner's own loop starts the first children: an element that ends
-                # at once (an empty body) then frees its slot for the next exactly once
-                self.child_done(iid)
+                width = step.concurrency if isinstance(step, ForeachStep) else 1
+                inst = self.s.insts[iid]
+                # by next_child: a reused element ends at once and its owner starts the
+                # next ones itself (the same events as a plain loop when none ends at once)
+                while inst.next_child < min(width, len(items)) and inst.status not in DONE:
+                    self.start_child(iid, str(inst.next_child))
             case LoopStep():
                 self.emit(StepStarted(step_id=iid, attempt=1))
                 self.next_iteration(iid, step, 0)
@@ -901,6 +906,11 @@ class _Turn:
     def start_child(self, owner_iid: str, key: str) -> None:
         child = f"{owner_iid}/{key}"
         self.emit(StepScheduled(step_id=child))
+        if child in self.s.reused:  # a fork: the element's / branch's recorded result
+            output = self.s.reused[child]
+            self.emit(StepCompleted(step_id=child, output=output, reused_from=self.s.forked_from))
+            self.child_done(owner_iid)
+            return
         self.start_ready(child)
         self.settle(child)  # an empty body, or one that failed at once
 
@@ -951,6 +961,8 @@ class _Turn:
             return
         if inst.status == "succeeded" and scope.failed is None:
             for dependent in scope.dependents.get(inst.step.id, ()):
+                if self.s.scopes.get(scope.sid) is not scope:
+                    return  # it ended meanwhile (a fork's reused steps end at once)
                 if self.ready(scope, dependent):
                     self.start(scope, scope.by_id[dependent])
         elif inst.status in ("failed", "cancelled", "skipped"):

@@ -1,9 +1,9 @@
 """Fork and diff: new runs from recorded ones, and what differs between two runs (pure).
 
-Fork (``loom fork RUN --from-step S``): a new run with the same plan whose top-level
-steps that are not S and do not depend on S (transitively) are not executed again: their
-recorded outputs are reused (``ForkOrigin.reused``; ``--set-output`` edits one first,
-and the steps depending on an edited one run again). Everything from S on runs anew.
+Fork (``loom fork RUN --from-step S``): a new run with the same plan that reuses every
+recorded result not depending on the step instance S (any depth: ``each/2/ok``,
+``reviews/legal/legal_ok``) nor on an edited one (``--set-output P=JSON``); S and
+everything downstream of it run anew. The rules are in ``loom_core.fork_reuse``.
 
 Diff (``loom diff A B``): the two runs' step instances lined up by id, with what differs
 in outputs, tool calls and their inputs, errors, attempts and durations.
@@ -11,6 +11,7 @@ in outputs, tool calls and their inputs, errors, attempts and durations.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 from loom_core.contracts import (
     EventRecord,
     ForkOrigin,
-    Plan,
     PlanAccepted,
     RunRequest,
     RunRequested,
@@ -29,29 +29,9 @@ from loom_core.contracts import (
     StepSkipped,
     ToolCallRequested,
 )
-from loom_core.validation import dependencies
+from loom_core.fork_reuse import ForkError, Recorded, check_edit, plan_reuse, resolve
 
-
-class ForkError(ValueError):
-    """The fork cannot be made as asked (names the step or field; ``path`` is where in
-    a ForkRun request)."""
-
-    def __init__(self, message: str, path: str = "$") -> None:
-        super().__init__(message)
-        self.path = path
-
-
-def _downstream(plan: Plan, roots: set[str]) -> set[str]:
-    deps = dependencies(plan.steps)
-    out = set(roots)
-    changed = True
-    while changed:
-        changed = False
-        for sid, ds in deps.items():
-            if sid not in out and out.intersection(ds):
-                out.add(sid)
-                changed = True
-    return out
+__all__ = ["ForkError", "StepDiff", "StepFacts", "diff_runs", "fork_request", "step_facts"]
 
 
 def fork_request(
@@ -61,41 +41,26 @@ def fork_request(
     new_input: Mapping[str, Any] | None = None,
     run_id: str | None = None,
 ) -> RunRequest:
-    """The run request of a fork of the recorded run ``records``."""
+    """The run request of a fork of the recorded run ``records`` from the step instance
+    ``from_step`` (any depth), with ``set_outputs`` edits (instance path -> output).
+    What it reuses follows ``loom_core.fork_reuse``; raises ForkError (typed)."""
     if not records or not isinstance(records[0].event, RunRequested):
         raise ForkError("the run has no run_requested event to fork from", "$.run_id")
     first = records[0].event
     plan = next((r.event.plan for r in records if isinstance(r.event, PlanAccepted)), None)
     if plan is None:
         raise ForkError("the run never had an accepted plan: there is nothing to reuse", "$.run_id")
-    top = {s.id for s in plan.steps}
-    if from_step not in top:
-        raise ForkError(
-            f"--from-step: no top-level step '{from_step}' (steps: {sorted(top)})", "$.from_step"
-        )
-    edits = dict(set_outputs or {})
-    unknown = sorted(set(edits) - top)
-    if unknown:
-        raise ForkError(
-            f"--set-output: no top-level step {unknown} (steps: {sorted(top)})", "$.set_output"
-        )
-    recorded = {
-        r.event.step_id: r.event.output
-        for r in records
-        if isinstance(r.event, StepCompleted) and r.event.step_id in top
-    }
-    missing = sorted(s for s in edits if s not in recorded and s != from_step)
-    rerun = _downstream(plan, {from_step})
-    # steps downstream of an edited output must see the edit: they run again
-    rerun |= _downstream(plan, set(edits)) - set(edits)
-    reused = {sid: out for sid, out in recorded.items() if sid not in rerun}
-    reused.update(edits)
-    if missing and any(m in rerun for m in missing):
-        raise ForkError(
-            f"--set-output {missing}: those steps run again in the fork", "$.set_output"
-        )
+    recorded = Recorded.of(records)
+    target = resolve(plan, from_step, recorded, "--from-step", "$.from_step")
+    edits: dict[str, Any] = {}
+    for raw, value in (set_outputs or {}).items():
+        where = f"$.set_output[{json.dumps(raw)}]"
+        edited = resolve(plan, raw, recorded, "--set-output", where)
+        check_edit(edited, value, "--set-output", where)
+        edits[edited.path] = value
+    reused = plan_reuse(plan, recorded, target.path, edits)
     origin = ForkOrigin(
-        run_id=records[0].run_id, from_step=from_step, reused=reused, edited=sorted(edits)
+        run_id=records[0].run_id, from_step=target.path, reused=reused, edited=sorted(edits)
     )
     return RunRequest(
         plan=plan,
@@ -162,11 +127,16 @@ class StepDiff:
 def diff_runs(a: Sequence[EventRecord], b: Sequence[EventRecord]) -> list[StepDiff]:
     """Per step id (in A's order, then B's new ones): the fields that differ. Durations
     are always reported (they differ between any two runs) but do not make a step
-    "different" on their own."""
+    "different" on their own. A fork that reused a whole composite, element or branch
+    (``reused`` differs there) did not run what was inside it: those instances of the
+    other run are carried by it and not listed as missing."""
     fa, fb = step_facts(a), step_facts(b)
+    whole = {sid for facts in (fa, fb) for sid, f in facts.items() if f.reused}
     out: list[StepDiff] = []
     for sid in [*fa, *(s for s in fb if s not in fa)]:
         x, y = fa.get(sid), fb.get(sid)
+        if (x is None or y is None) and _inside_any(sid, whole):
+            continue
         if x is None or y is None:
             out.append(StepDiff(sid, {"present": (x is not None, y is not None)}))
             continue
@@ -179,3 +149,12 @@ def diff_runs(a: Sequence[EventRecord], b: Sequence[EventRecord]) -> list[StepDi
             changes["duration_ms"] = (x.duration_ms, y.duration_ms)
             out.append(StepDiff(sid, changes))
     return out
+
+
+def _inside_any(sid: str, paths: set[str]) -> bool:
+    head = sid.rpartition("/")[0]
+    while head:
+        if head in paths:
+            return True
+        head = head.rpartition("/")[0]
+    return False

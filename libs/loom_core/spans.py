@@ -65,6 +65,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -350,6 +351,7 @@ class TraceBuilder:
         self._children: dict[str, str] = {}  # step instance -> child run id
         self._busy_tools = 0  # tool calls requested and not yet answered
         self._forked_from: str | None = None
+        self._fork_facts: tuple[str, list[str], int] = ("", [], 0)  # from, edited, reused
         self._paused_since: datetime | None = None
         self._paused_ms = 0.0
         self._pauses = 0
@@ -374,6 +376,7 @@ class TraceBuilder:
             # anchor the tree at the first event seen rather than fail.
             self._create_root(at, {})
         self._dispatch(at, record.event)
+        self._show_suspended()
         return list(self._changed.values())
 
     def spans(self) -> list[SpanRecord]:
@@ -399,6 +402,9 @@ class TraceBuilder:
             waits=waits,
             tools_in_flight=self._busy_tools,
             forked_from=self._forked_from,
+            fork_from_step=self._fork_facts[0],
+            fork_edited=list(self._fork_facts[1]),
+            fork_reused=self._fork_facts[2],
             started_at=self._started_at,
             ended_at=self._ended_at,
             duration_ms=duration,
@@ -406,6 +412,19 @@ class TraceBuilder:
             steps_total=self._steps_total,
             steps_done=self._steps_done,
         )
+
+    def _show_suspended(self) -> None:
+        """The run span's ``loom.run.status`` says ``suspended`` when the run's summary
+        does (``waits.run_status``; one person and one child decide it, so this costs
+        the same for any number of waits). A parent waiting on a child is lifted where
+        the child is known: the trace query (tracing service), as ``loom runs``."""
+        if self._status != "running" or self._root_id not in self._spans:
+            return
+        probe = [*islice(self._people.values(), 1)]
+        probe += [Wait(kind="sub_run", ref=c) for c in islice(self._children.values(), 1)]
+        shown = run_status(self._status, probe, self._busy_tools > 0)
+        if self._spans[self._root_id].attributes.get("loom.run.status") != shown:
+            self._update(self._root_id, attrs={"loom.run.status": shown})
 
     def waits(self) -> list[Wait]:
         """What the run waits on now: people, timers, external events, child runs (the
@@ -565,6 +584,7 @@ class TraceBuilder:
         self._status = "planning"
         if ev.fork is not None:
             self._forked_from = ev.fork.run_id
+            self._fork_facts = (ev.fork.from_step, list(ev.fork.edited), len(ev.fork.reused))
         if ev.plan is not None and ev.plan.name:
             self._name = ev.plan.name
         attrs: dict[str, JSON] = {
@@ -581,6 +601,9 @@ class TraceBuilder:
         if fork is not None:
             attrs["loom.fork.run_id"] = fork.run_id
             attrs["loom.fork.from_step"] = fork.from_step
+            attrs["loom.fork.reused"] = len(fork.reused)
+            if fork.edited:
+                attrs["loom.fork.edited"] = list(fork.edited)
         if ev.traceparent and not self._fixed_parent:
             parsed = parse_traceparent(ev.traceparent)
             if parsed is None:

@@ -23,7 +23,9 @@ Design notes
   end), listed in ``pending_work`` and counted in ``waiting_ms``. ``suspended`` comes
   from the rule shared with ``loom runs`` and progress (``loom_core.waits.run_status``):
   from a run's own events a child run's state is unknown, so a parent whose child waits
-  on a person stays ``running`` and lists the child (``sub_run``) it waits on.
+  on a person stays ``running`` and lists the child (``sub_run``) it waits on, until
+  :func:`lift_stats` (``family_stats``, what ``loom describe`` uses) adds the children's
+  statistics: then it is ``suspended`` and lists the child's people, as ``loom runs``.
 - The status follows the executor's fold (``loom_core.executor.evolve``): a pause shows
   as ``paused`` only over ``running`` (a pause while planning or in review keeps that
   status; the pause is still listed in ``pending_work`` and counted in ``paused_ms``), and
@@ -32,8 +34,8 @@ Design notes
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
@@ -74,7 +76,7 @@ from loom_core.contracts import (
     ToolStep,
     Wait,
 )
-from loom_core.waits import WAIT_TIMER_PURPOSES, run_status
+from loom_core.waits import WAIT_TIMER_PURPOSES, lift_children, run_status
 
 __all__ = [
     "PendingWork",
@@ -133,6 +135,7 @@ class PendingWork:
     until: datetime | None = None
     ref: str | None = None
     label: str | None = None
+    run_id: str | None = None  # set on a child run's person, listed on its parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,6 +683,68 @@ def _as_waits(item: PendingWork) -> list[Wait]:
              until=item.until)
         for ref in refs
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------- parents and children
+
+
+def lift_stats(stats: RunStats, children: Mapping[str, RunStats]) -> RunStats:
+    """``stats`` (a run's own events) seen with the statistics of the child runs it waits
+    on (each already lifted, for grandchildren): the children's people join its waits
+    and pending work, marked with their run, and its status follows
+    ``waits.run_status`` with the children's statuses. The same rule and the same waits
+    as ``loom runs`` (``waits.lift_summary``) and progress, so the three agree."""
+    if not children or stats.status not in ("running", "suspended"):
+        return stats
+    waits = lift_children(stats.waits, {c: s.waits for c, s in children.items()})
+    busy = any(p.kind == "tool_call" for p in stats.pending_work)
+    status = run_status("running", waits, busy, {c: s.status for c, s in children.items()})
+    work: list[PendingWork] = []
+    for item in stats.pending_work:
+        child = children.get(item.ref or "") if item.kind == "sub_run" else None
+        if child is None:
+            work.append(item)
+            continue
+        people = [p for p in child.pending_work if p.kind == "person"]
+        asks = ", ".join(f"'{p.label}' ({_owner(p, item.ref)}: {p.ref})" for p in people)
+        text = f"{item.text} ({child.status}" + (f", waiting on {asks})" if people else ")")
+        work.append(replace(item, text=text))
+        for p in people:
+            owner = _owner(p, item.ref)
+            work.append(replace(p, run_id=owner, text=f"child run {owner}: {p.text}"))
+    return replace(stats, status=status, waits=tuple(waits), pending_work=tuple(work))  # type: ignore[arg-type]
+
+
+def _owner(person: PendingWork, child: str | None) -> str:
+    return person.run_id or child or ""
+
+
+async def family_stats(
+    run_id: str,
+    events_of: Callable[[str], Awaitable[Sequence[EventRecord]]],
+    as_of: datetime | None = None,
+    max_depth: int = 8,
+) -> RunStats | None:
+    """``run_id``'s statistics lifted with the child runs it waits on (recursively, to
+    ``max_depth``): what ``loom describe`` shows. ``events_of`` reads one run's events
+    ([] when unknown: that child then counts as work in progress, as in a pure fold).
+    None when ``run_id`` has no events."""
+
+    async def lifted(rid: str, depth: int) -> RunStats | None:
+        records = await events_of(rid)
+        if not records:
+            return None
+        own = run_stats(records, as_of=as_of)
+        children: dict[str, RunStats] = {}
+        if depth < max_depth:
+            for wait in own.waits:
+                if wait.kind == "sub_run" and wait.ref not in children:
+                    child = await lifted(wait.ref, depth + 1)
+                    if child is not None:
+                        children[wait.ref] = child
+        return lift_stats(own, children)
+
+    return await lifted(run_id, 0)
 
 
 def _count(instances: Iterable[_Instance]) -> StepCounts:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the executor's state, only read (no import cycle at run tim
 __all__ = [
     "WAIT_TIMER_PURPOSES",
     "lift_children",
+    "lifted_state",
     "lift_runs",
     "lift_summary",
     "run_status",
@@ -110,6 +111,27 @@ def state_waits(state: RunState) -> list[Wait]:
         if inst.child_run_id is not None:
             out.append(Wait(kind="sub_run", step_id=inst.iid, ref=inst.child_run_id))
     return out
+
+
+def lifted_state(
+    state: RunState, lookup: Callable[[str], RunState | None], max_depth: int = 8
+) -> tuple[str, list[Wait]]:
+    """A live run's status and waits from the executor's states (progress): its own
+    waits, plus the people of each child run ``lookup`` finds (recursively, to
+    ``max_depth``), the status by :func:`run_status` with the children's statuses. A
+    child not in memory counts as work in progress, as everywhere."""
+    waits = state_waits(state)
+    children: dict[str, tuple[str, list[Wait]]] = {}
+    if max_depth > 0:
+        for wait in waits:
+            child = lookup(wait.ref) if wait.kind == "sub_run" else None
+            if child is not None and wait.ref not in children:
+                children[wait.ref] = lifted_state(child, lookup, max_depth - 1)
+    waits = lift_children(waits, {c: w for c, (_, w) in children.items()})
+    status = run_status(
+        state.status, waits, state.running > 0, {c: s for c, (s, _) in children.items()}
+    )
+    return status, waits
 
 
 def lift_summary(summary: RunSummary, children: Mapping[str, RunSummary]) -> RunSummary:

@@ -32,7 +32,7 @@ from rich.text import Text
 from loom_cli.common import Output, OutputOpt, UrlOpt, connect, dump, fail
 from loom_cli.render import principal_line, stdout
 from loom_core.contracts import EventRecord, RunControlReply
-from loom_core.stats import RunStats, StepCounts, run_stats
+from loom_core.stats import RunStats, StepCounts, family_stats
 from loom_infra.client import LoomClient, LoomError
 
 __all__ = ["cancel", "describe", "operator", "pause", "register", "render_describe", "unpause"]
@@ -84,22 +84,35 @@ def _unreachable(exc: Exception) -> typer.Exit:
 def describe(run_id: str = RunArg, output: Output = OutputOpt, url: str = UrlOpt) -> None:
     """A run's statistics: status, time running/waiting/queued, counts, what it waits on.
 
-    Computed from the run's events; a live run's open waits are measured to now."""
+    Computed from the run's events; a live run's open waits are measured to now. A run
+    waiting on sub-runs is shown with what they wait on (their events are read too), so
+    its status and waits agree with ``loom runs`` and progress."""
+    # "now" ends the open waits of a live run; a finished run ignores it.
+    now = datetime.now(UTC)
+    records: list[EventRecord] = []
 
-    async def main() -> list[EventRecord]:
+    async def main() -> RunStats | None:
         async with await _connect(url) as client:
+
+            async def events_of(rid: str) -> list[EventRecord]:
+                if rid == run_id:
+                    records.extend(await client.events(rid))
+                    return records
+                try:
+                    return await client.events(rid)
+                except LoomError:  # a child this executor does not know: work in progress
+                    return []
+
             try:
-                return await client.events(run_id)
+                return await family_stats(run_id, events_of, as_of=now)
             except LoomError as exc:
                 raise fail(str(exc)) from None
             except NatsError as exc:
                 raise _unreachable(exc) from None
 
-    records = asyncio.run(main())
-    if not records:
+    stats = asyncio.run(main())
+    if stats is None:
         raise fail(f"no run '{run_id}'")
-    # "now" ends the open waits of a live run; a finished run ignores it.
-    stats = run_stats(records, as_of=datetime.now(UTC))
     if output is Output.text:
         stdout.print(render_describe(stats))
         if (who := principal_line(records)) is not None:

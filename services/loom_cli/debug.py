@@ -123,14 +123,19 @@ def replay_cmd(
 
 def fork(
     run_id: str,
-    from_step: str = typer.Option(..., "--from-step", help="re-execute from this step"),
-    set_output: list[str] = typer.Option([], "--set-output", help="STEP=JSON: edit an output"),
+    from_step: str = typer.Option(
+        ..., "--from-step", help="re-execute from this step instance (b, each/2/ok, par/x/s)"
+    ),
+    set_output: list[str] = typer.Option(
+        [], "--set-output", help="INSTANCE=JSON: edit a recorded output (any instance path)"
+    ),
     input_json: str = typer.Option(None, "--input", help="replace the run input (JSON)"),
     new_id: str = typer.Option(None, "--run-id", help="the new run's id"),
     follow: bool = typer.Option(True, help="follow the new run to its end"),
     url: str = UrlOpt,
 ) -> None:
-    """A new run reusing the recorded results of everything before a step."""
+    """A new run reusing every recorded result that depends neither on a step instance
+    nor on an edited one (docs/people-in-the-loop.md: forks)."""
     edits: dict[str, Any] = {}
     for item in set_output:
         step, sep, value = item.partition("=")

@@ -187,7 +187,7 @@ def lineage_tree(runs: Sequence[RunSummary], run_id: str) -> Tree | str:
 
     def label(r: RunSummary) -> str:
         mark = " [bold]◀[/]" if r.run_id == run_id else ""
-        return f"{r.run_id}  {r.status}{mark}"
+        return f"{r.run_id}  {r.status}{fork_note(r)}{mark}"
 
     tree = Tree(label(root))
     todo = [(tree, root)]  # no recursion: a fork tree can be deep
@@ -196,6 +196,14 @@ def lineage_tree(runs: Sequence[RunSummary], run_id: str) -> Tree | str:
         for child in children.get(r.run_id, []):
             todo.append((node.add(label(child)), child))
     return tree
+
+
+def fork_note(r: RunSummary) -> str:
+    """How a fork was made: the instance it re-ran from, its edits, what it reused."""
+    if not r.fork_from_step:
+        return ""
+    edited = f", edited {', '.join(r.fork_edited)}" if r.fork_edited else ""
+    return f"  (from {r.fork_from_step}{edited}; {r.fork_reused} reused)"
 
 
 def span_tree(spans: Sequence[SpanRecord]) -> Tree:

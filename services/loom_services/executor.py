@@ -50,7 +50,6 @@ from loom_core.contracts import (
     SubmitRejected,
     SubRunFinished,
     SubRunRequested,
-    Wait,
 )
 from loom_core.executor import (
     SNAPSHOT_EVERY,
@@ -68,7 +67,7 @@ from loom_core.executor import (
 from loom_core.lineage import ForkError, fork_request
 from loom_core.replay import replay
 from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
-from loom_core.waits import lift_children, run_status, state_waits
+from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
@@ -570,7 +569,20 @@ class ExecutorService:
                 records, request.from_step, request.set_output, request.input, request.new_run_id
             )
         except ForkError as exc:
-            return ForkReply(error=ErrorInfo(code="invalid_fork", message=str(exc), path=exc.path))
+            error = ErrorInfo(code=exc.code, message=str(exc), path=exc.path, details=exc.details)
+            return ForkReply(error=error)
+        size, limit = len(codec.encode(fork)), self.settings.max_payload
+        reused = len(fork.fork.reused) if fork.fork is not None else 0
+        if size > limit:  # a run request this big is refused on submit: say so now
+            return ForkReply(error=ErrorInfo(
+                code="fork_too_large",
+                message=f"the fork would start with {reused} reused results, "
+                f"{size} bytes in its run request; the limit is {limit} (LOOM_MAX_PAYLOAD). "
+                "Fork from an instance whose composite has fewer elements, or fork the "
+                "run from the top-level step instead",
+                path="$.from_step",
+                details={"bytes": size, "limit": limit, "reused": reused},
+            ))  # fmt: skip
         run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)
@@ -651,26 +663,19 @@ class ExecutorService:
         child's change is its parent's too (the parent is suspended once the child
         waits on a person), so the parent in memory is published again."""
         changed = dict.fromkeys(r.run_id for r in records)
-        for run_id in list(changed):
+        for run_id in list(changed):  # every ancestor in memory, to the 8 levels lifted
             state = self.host.actors.get(run_id)
-            if state is not None and state.parent is not None:
+            for _ in range(8):
+                if state is None or state.parent is None:
+                    break
                 changed.setdefault(state.parent.run_id, None)
+                state = self.host.actors.get(state.parent.run_id)
         for run_id in changed:
             state = self.host.actors.get(run_id)
             if state is None:
                 continue
-            waits = state_waits(state)
-            children: dict[str, tuple[str, list[Wait]]] = {}
-            for wait in waits:  # a child in memory says whether it waits on people
-                child = self.host.actors.get(wait.ref) if wait.kind == "sub_run" else None
-                if child is not None:
-                    child_waits = state_waits(child)
-                    busy = child.running > 0
-                    children[wait.ref] = (run_status(child.status, child_waits, busy), child_waits)
-            waits = lift_children(waits, {c: w for c, (_, w) in children.items()})
-            status = run_status(
-                state.status, waits, state.running > 0, {c: s for c, (s, _) in children.items()}
-            )
+            # children in memory say whether they wait on people (to any depth)
+            status, waits = lifted_state(state, self.host.actors.get)
             progress = RunProgress(
                 run_id=run_id,
                 status=status,

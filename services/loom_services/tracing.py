@@ -37,9 +37,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
+import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, ids, routes, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
@@ -71,6 +72,7 @@ from loom_infra.spanstore import SpanStore, open_span_store
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.tracing")
+LIVE = ("running", "suspended")  # run statuses a child run can change (lift_runs)
 
 MAX_BUILDERS = 2_000
 EXPORT_RETRY_S = 5.0  # how long to wait before retrying a failed export
@@ -490,7 +492,27 @@ class TracingService:
             )
         last = page.items[-1] if page.items else None
         cursor = f"{last.start.isoformat()}|{last.span_id}" if page.more and last else None
-        return TraceReply(run_id=query.run_id, spans=page.items, next_after=cursor)
+        items = await self._lifted_run_span(query.run_id, page.items)
+        return TraceReply(run_id=query.run_id, spans=items, next_after=cursor)
+
+    async def _lifted_run_span(self, run_id: str, spans: list[SpanRecord]) -> list[SpanRecord]:
+        """The run span's ``loom.run.status`` as ``loom runs`` shows the run: one waiting
+        on a child that waits on a person is ``suspended``, which its own events (the
+        stored span) cannot tell (``loom_core.waits.lift_runs``)."""
+        root = ids.span_id(run_id, "run")
+        for i, span in enumerate(spans):
+            shown = span.attributes.get("loom.run.status")
+            if span.span_id != root or span.end is not None or shown not in LIVE:
+                continue
+            own = await self._own_summary(run_id)
+            if own is None or not any(w.kind == "sub_run" for w in own.waits):
+                return spans
+            (lifted,) = await lift_runs([own], self._own_summary, None, 1)
+            if lifted.status == shown:
+                return spans
+            attrs = {**span.attributes, "loom.run.status": lifted.status}
+            return [*spans[:i], msgspec.structs.replace(span, attributes=attrs), *spans[i + 1 :]]
+        return spans
 
     async def _executor_history(self, run_id: str) -> list[EventRecord]:
         """The run's events from the executor; [] when it cannot answer (then a rebuild

@@ -277,11 +277,60 @@ async def fork(client: LoomClient) -> dict[str, str]:
     return {"fork-origin": origin, "fork": "golden-fork"}
 
 
+NESTED_FORK_PLAN = Plan(
+    name="fork-nested",
+    steps=[
+        ToolStep(id="quote", tool="math", input={"op": "add", "a": 40, "b": 2}),
+        ParallelStep(
+            id="reviews",
+            depends_on=["quote"],
+            branches={
+                "legal": [
+                    ApprovalStep(id="legal_ok", label="legal", schema={"type": "boolean"}),
+                    ToolStep(id="file", tool="echo",
+                             input={"message": "{{ steps.legal_ok.output }}"}),
+                ],
+                "finance": [
+                    ApprovalStep(id="finance_ok", label="finance", schema={"type": "boolean"}),
+                ],
+            },
+        ),
+        ForeachStep(id="each", items=[1, 2], do=[
+            ToolStep(id="x", tool="math", input={"op": "mul", "a": "{{ item }}", "b": 10}),
+            ToolStep(id="y", tool="math",
+                     input={"op": "add", "a": "{{ steps.x.output.result }}", "b": 1}),
+        ]),
+    ],
+)  # fmt: skip
+
+
+async def fork_nested(client: LoomClient) -> dict[str, str]:
+    """A fork from inside a parallel branch with its approval edited, and an edit inside
+    a foreach element: the sibling branch and the other element are reused whole."""
+    origin = "golden-fork-nested-origin"
+    await client.submit(RunRequest(plan=NESTED_FORK_PLAN, run_id=origin))
+    await until(client, origin, "step_suspended", 2)
+    for label in ("legal", "finance"):
+        await resume_ok(client, origin, True, label=label)
+    await client.wait(origin, timeout=BOUND_S)
+    request = ForkRun(
+        run_id=origin,
+        from_step="reviews/legal/legal_ok",
+        set_output={"reviews/legal/legal_ok": False, "each/1/x": {"result": 7}},
+        new_run_id="golden-fork-nested",
+    )
+    await client.fork(request)
+    await client.wait("golden-fork-nested", timeout=BOUND_S)
+    return {"fork-nested-origin": origin, "fork-nested": "golden-fork-nested"}
+
+
 def scenarios() -> list[Scenario]:
     found: list[Scenario] = [
         (lambda c, p=p: example(c, p)) for p in sorted(EXAMPLES.glob("*.yaml"))
     ]
-    return [*found, approval_escalate, approval_many, tool_suspend, cancel, pause, fork]
+    return [
+        *found, approval_escalate, approval_many, tool_suspend, cancel, pause, fork, fork_nested,
+    ]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- main
@@ -292,7 +341,7 @@ def encode_jsonl(records: list[EventRecord]) -> str:
     return "".join(codec.encode(r).decode() + "\n" for r in records)
 
 
-async def record_all(out_dir: Path) -> list[Path]:
+async def record_all(out_dir: Path, only: set[str] | None = None) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="loom-golden-") as tmp:
         server = EmbeddedNats(data_dir=Path(tmp) / "nats", port=-1).start()
         settings = Settings(
@@ -317,6 +366,8 @@ async def record_all(out_dir: Path) -> list[Path]:
                     named.update(found)
                 written = []
                 for name, run_id in sorted(named.items()):
+                    if only is not None and name not in only:
+                        continue
                     records = await client.events(run_id)
                     written.append(write(out_dir / f"{name}.jsonl", records))
                 return written
@@ -341,9 +392,13 @@ def write(path: Path, records: list[EventRecord]) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=GOLDEN, help="directory to write to")
+    parser.add_argument(
+        "--only", default="", help="comma-separated names: write only these (a new scenario)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in asyncio.run(record_all(args.out)):
+    only = set(args.only.split(",")) if args.only else None
+    for path in asyncio.run(record_all(args.out, only)):
         print(f"{path.name}: {sum(1 for _ in path.open())} events", file=sys.stderr)
     return 0
 

@@ -498,7 +498,7 @@ async def test_forks_are_computed_by_the_engine(client: LoomClient) -> None:
     assert records[-1].event == RunCompleted(output={"b": {"message": "one!"}})
     for request, code, path in (
         (ForkRun(run_id="nope", from_step="b"), "not_found", "$.run_id"),
-        (ForkRun(run_id=origin, from_step="zz"), "invalid_fork", "$.from_step"),
+        (ForkRun(run_id=origin, from_step="zz"), "unknown_step", "$.from_step"),
         (ForkRun(run_id=origin, from_step="b", new_run_id="orig--b"), "invalid_run_id",
          "$.new_run_id"),
     ):  # fmt: skip

@@ -314,7 +314,7 @@ def test_fork_with_an_edited_output_changes_the_result_and_diff_shows_it() -> No
     assert changes["score"]["output"] == (20, 50)
     assert changes["score"]["inputs"] == ([{"n": 2}], [{"n": 5}])
     assert changes["fetch"]["output"] == ({"n": 2}, {"n": 5})
-    with pytest.raises(ForkError, match="no top-level step 'nope'"):
+    with pytest.raises(ForkError, match="has no step instance 'nope'"):
         fork_request(a, from_step="nope")
 
 
