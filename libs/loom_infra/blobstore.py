@@ -143,9 +143,11 @@ class BlobStore:
             )
         sha = hashlib.sha256(data).digest()
         existing = await self.info(ref)
-        if existing is not None and existing.size == len(data):
-            if existing.digest == _nats_digest(sha):
-                return ref  # stored once: nothing to write
+        if existing is not None and (existing.size, existing.digest) == (
+            len(data),
+            _nats_digest(sha),
+        ):
+            return ref  # stored once: nothing to write (a bad entry is written over)
         await self._check_room(len(data))
         nuid = uuid.uuid4().hex
         subject = _chunk_subject(nuid)
@@ -343,4 +345,3 @@ def _unavailable(exc: Exception) -> BlobRefError:
             retryable=True,
         )
     )
-
