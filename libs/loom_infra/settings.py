@@ -508,6 +508,15 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
             raise SettingsError("LOOM_MAX_PAYLOAD", f"must be positive, got {max_payload}")
     allow = _get(env, "LOOM_HTTP_ALLOW_PRIVATE") or ""
     modules = _get(env, "LOOM_TOOL_MODULES") or ""
+    size_limits = size_limits_from_env(env, max_payload)
+    blobs = blob_settings_from_env(env)
+    smallest = min(size_limits.step_input_bytes, size_limits.step_output_bytes)
+    if blobs.threshold_bytes > smallest:  # a value between the two could go nowhere
+        raise SettingsError(
+            blob_refs.THRESHOLD_SETTING,
+            f"must be at most the step limits ({smallest} bytes, LOOM_MAX_STEP_INPUT_BYTES "
+            f"and LOOM_MAX_STEP_OUTPUT_BYTES), got {blobs.threshold_bytes}",
+        )
     return Settings(
         nats_url=_get(env, "LOOM_NATS_URL") or DEFAULT_NATS_URL,
         store=store_settings_from_env(env),
@@ -522,9 +531,9 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         insecure=_flag(env, "LOOM_INSECURE"),
         max_json_depth=_depth(env),
         ops=ops_settings_from_env(env),
-        size_limits=size_limits_from_env(env, max_payload),
+        size_limits=size_limits,
         caps=caps_from_env(env),
-        blobs=blob_settings_from_env(env),
+        blobs=blobs,
     )
 
 
