@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -511,6 +511,9 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
     size_limits = size_limits_from_env(env, max_payload)
     blobs = blob_settings_from_env(env)
     smallest = min(size_limits.step_input_bytes, size_limits.step_output_bytes)
+    if _get(env, blob_refs.THRESHOLD_SETTING) is None and blobs.threshold_bytes > smallest // 2:
+        # the default follows lowered step limits (a value must fit a step, by far)
+        blobs = replace(blobs, threshold_bytes=smallest // 2)
     if blobs.threshold_bytes > smallest:  # a value between the two could go nowhere
         raise SettingsError(
             blob_refs.THRESHOLD_SETTING,
