@@ -30,6 +30,7 @@ so a client in another language can upload with its own NATS library.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -55,6 +56,7 @@ __all__ = ["CHUNK_BYTES", "STREAM", "BlobStore", "ensure_bucket"]
 BUCKET = subjects.BLOBS_BUCKET
 STREAM = f"OBJ_{BUCKET}"
 CHUNK_BYTES = 128 * 1024  # the Object Store's default chunk; under any max_payload
+ACK_TIMEOUT_S = 30.0  # for every chunk of one blob to be stored
 _ROLLUP = {api.Header.ROLLUP: "sub"}
 
 
@@ -152,10 +154,14 @@ class BlobStore:
         nuid = uuid.uuid4().hex
         subject = _chunk_subject(nuid)
         try:
-            chunks = 0
-            for start in range(0, len(data), CHUNK_BYTES):
-                await self.js.publish(subject, data[start : start + CHUNK_BYTES])
-                chunks += 1
+            # pipelined: every chunk is sent, then every ack awaited (one round trip,
+            # not one per chunk); the metadata goes last, once every chunk is stored
+            acks = [
+                await self.js.publish_async(subject, data[start : start + CHUNK_BYTES])
+                for start in range(0, len(data), CHUNK_BYTES)
+            ]
+            await asyncio.wait_for(asyncio.gather(*acks), ACK_TIMEOUT_S)
+            chunks = len(acks)
             info = api.ObjectInfo(
                 name=ref.hex,
                 bucket=BUCKET,
@@ -174,7 +180,7 @@ class BlobStore:
             if "maximum bytes" in (exc.description or "") or exc.err_code == 10047:
                 raise self._full(len(data)) from None
             raise _unavailable(exc) from None
-        except NatsTimeout as exc:
+        except (NatsTimeout, TimeoutError) as exc:
             raise _unavailable(exc) from None
         return ref
 
