@@ -18,7 +18,9 @@ from typing import Any
 import msgspec
 import pytest
 from tests.integration.conftest import make_settings
+from typer.testing import CliRunner
 
+from loom_cli.app import app
 from loom_cli.blobs import write_range
 from loom_cli.render import events_table
 from loom_core import blobs, codec, subjects
@@ -253,6 +255,38 @@ async def test_blob_get_streams_a_byte_range_and_checks_the_digest(
     page = io.BytesIO()
     assert await write_range(blob_client, ref, page, offset=200_000, length=1000) == 1000
     assert page.getvalue() == whole.getvalue()[200_000:201_000]
+
+
+async def test_loom_blob_put_get_and_info_on_the_command_line(
+    blob_stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOM_NKEY_SEED_FILE", str(blob_stack.seed_file("operator")))
+    value = {"password": "hunter2-is-my-password", "rows": ["r" * 50] * 4000}
+    source = tmp_path / "value.json"
+    source.write_text(json.dumps(value))
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(app, [*args, "--nats", blob_stack.url])
+
+    put = await asyncio.to_thread(cli, "blob", "put", str(source))
+    assert put.exit_code == 0, put.output
+    ref = json.loads(put.stdout)
+    assert blobs.is_ref(ref)
+    target = tmp_path / "out.json"
+    got = await asyncio.to_thread(cli, "blob", "get", ref[blobs.BLOB_KEY], "-O", str(target))
+    assert got.exit_code == 0, got.output
+    fetched = json.loads(target.read_bytes())
+    assert fetched["rows"] == value["rows"]
+    assert fetched["password"] == "[redacted]"  # an upload is redacted like a run input
+    page = await asyncio.to_thread(
+        cli, "blob", "get", json.dumps(ref), "--offset", "2", "--length", "8"
+    )
+    assert page.exit_code == 0 and page.stdout == target.read_text()[2:10]
+    info = await asyncio.to_thread(cli, "blob", "info", ref[blobs.BLOB_KEY])
+    assert info.exit_code == 0 and "<blob sha256:" in info.stdout
+    missing = await asyncio.to_thread(cli, "blob", "get", FORGED)
+    assert missing.exit_code == 1 and "blob_not_found" in missing.output
+    assert "Traceback" not in missing.output
 
 
 # ----------------------------------------------------------------------------- hostile
