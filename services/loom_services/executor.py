@@ -390,10 +390,13 @@ class ExecutorService:
         stored, else the submission is refused naming its path (``bad_blob_reference``,
         ``blob_not_found``). The tool-runner checks again when it reads one; this is
         the early, clear answer. The plan is walked only if its text mentions blobs."""
-        store = BlobStore(self.ctx.js, self.settings.blobs)
         values: list[tuple[str, Any]] = [("$.input", request.input)]
         if request.plan is not None and b"blob" in data:
             values.append(("$.plan", msgspec.to_builtins(request.plan)))
+        return await self._unknown_blob(values)
+
+    async def _unknown_blob(self, values: list[tuple[str, Any]]) -> ErrorInfo | None:
+        store = BlobStore(self.ctx.js, self.settings.blobs)
         for base, value in values:
             try:
                 error = await store.check_refs(value, base)
@@ -594,6 +597,12 @@ class ExecutorService:
             )
         except ForkError as exc:
             return ForkReply(error=ErrorInfo(code="invalid_fork", message=str(exc), path=exc.path))
+        # what the caller wrote (not what is reused: recorded references were checked)
+        error = await self._unknown_blob(
+            [("$.input", request.input), ("$.set_output", request.set_output)]
+        )
+        if error is not None:
+            return ForkReply(error=error)
         run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)

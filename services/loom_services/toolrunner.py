@@ -337,16 +337,18 @@ async def by_reference(outcome: ToolOutcome, store: BlobStore, step_id: str) -> 
     is untrusted input: an unknown reference is ``blob_not_found`` naming its path)."""
     if not outcome.ok:
         return outcome
+    data = blobs.canonical(outcome.output)  # once: screened, measured, maybe stored
     try:
-        error = await store.check_refs(outcome.output, f"$.steps.{step_id}.output")
-        if error is not None:
-            return ToolOutcome(ok=False, error=error)
-        output = await store.externalize(outcome.output, store.settings.threshold_bytes)
+        if b'"$blob"' in data:
+            error = await store.check_refs(outcome.output, f"$.steps.{step_id}.output")
+            if error is not None:
+                return ToolOutcome(ok=False, error=error)
+        if blobs.is_ref(outcome.output) or len(data) <= store.settings.threshold_bytes:
+            return outcome
+        ref = await store.put_bytes(data)
     except blobs.BlobRefError as exc:
         return ToolOutcome(ok=False, error=exc.error)
-    if output is outcome.output:
-        return outcome
-    return dataclasses.replace(outcome, output=output)
+    return dataclasses.replace(outcome, output=ref.as_json())
 
 
 def bounded_outcome(outcome: ToolOutcome, limits: SizeLimits, step_id: str) -> ToolOutcome:

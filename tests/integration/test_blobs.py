@@ -238,6 +238,14 @@ async def test_a_fork_reuses_a_blob_output_by_its_reference(
     reused = [r.event for r in forked if r.kind == "step_completed" and r.event.step_id == "a"]
     assert reused and reused[0].output == a_out  # the same reference, not a copy
     assert forked[-1].event.output == records[-1].event.output  # same content, same ref
+    # an edited output naming a blob that is not stored is refused, naming it
+    with pytest.raises(LoomError) as caught:
+        await blob_client.fork(ForkRun(
+            run_id=records[0].run_id, from_step="b",
+            set_output={"a": {"$blob": FORGED, "bytes": 9}},
+        ))  # fmt: skip
+    assert caught.value.error.code == "blob_not_found"
+    assert caught.value.error.path == "$.set_output.a"
 
 
 # ----------------------------------------------------------------------------- CLI
