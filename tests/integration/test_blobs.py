@@ -73,9 +73,7 @@ async def forge_ref(inp: ForgeIn, ctx: ToolContext) -> ForgeOut:
 
 def register(registry: ToolRegistry) -> None:
     registry.tool("make_text", "Make a text of the given size.")(make_text)
-    registry.tool("forge_ref", "Answer with a reference to a blob that is not there.")(
-        forge_ref
-    )
+    registry.tool("forge_ref", "Answer with a reference to a blob that is not there.")(forge_ref)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -182,8 +180,9 @@ THREE_TOOLS = Plan(
     steps=[
         ToolStep(id="a", tool="text", input={"text": "{{ input.doc }}", "op": "upper"}),
         # a field of a stored value: a projection, resolved by the tool-runner
-        ToolStep(id="b", tool="text", input={"text": "{{ steps.a.output.result }}",
-                                             "op": "reverse"}),  # fmt: skip
+        ToolStep(
+            id="b", tool="text", input={"text": "{{ steps.a.output.result }}", "op": "reverse"}
+        ),  # fmt: skip
         ToolStep(id="c", tool="echo", input={"message": "{{ steps.b.output }}"}),
     ],
     output={"final": "{{ steps.c.output }}"},
