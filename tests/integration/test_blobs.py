@@ -247,6 +247,18 @@ async def test_a_fork_reuses_a_blob_output_by_its_reference(
     assert caught.value.error.path == "$.set_output.a"
 
 
+async def test_the_submit_only_client_uploads_a_big_input_itself(blob_stack: LocalStack) -> None:
+    plan = Plan(steps=[ToolStep(id="n", tool="text", input={"text": "{{ input.doc }}",
+                                                           "op": "length"})])  # fmt: skip
+    async with await blob_stack.client("client") as client:  # submit + upload, no reads
+        accepted = await client.submit(RunRequest(plan=plan, input={"doc": "d" * 500_000}))
+    async with await blob_stack.client() as operator:
+        records = await operator.wait(accepted.run_id, timeout=60)
+    assert records[-1].kind == "run_completed", records[-1].event
+    assert records[-1].event.output == {"n": {"result": 500_000}}
+    assert blobs.is_ref(records[0].event.input["doc"])
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
