@@ -289,6 +289,33 @@ class Plan(Inbound, tag="plan", tag_field="type"):
     version: Literal[1] = 1
 
 
+# --------------------------------------------------------------------------- blobs
+
+
+class BlobReference(
+    msgspec.Struct,
+    tag="blob_ref",
+    tag_field="type",
+    frozen=True,
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+):
+    """A big value stored by reference (``loom_core.blobs``): wherever a JSON value may
+    stand (a run's input, a tool's input or output, a step's or the run's output), this
+    object stands for the value whose canonical JSON (compact, keys sorted) has the sha256
+    ``$blob`` and ``bytes`` bytes, stored in the blob bucket (the Object Store
+    ``loom_blobs``, object name: the 64 hex digits). ``path``: only a part of that value
+    (keys and indexes), what a template selecting into a reference renders to. Upload
+    first (``loom blob put``, ``LoomClient.put_blob``), then pass the reference. The
+    engine writes references without ``type`` (a dict with a ``$blob`` key is one);
+    ``"type": "blob_ref"`` is accepted."""
+
+    blob: str = msgspec.field(name="$blob")  # "sha256:" + 64 lowercase hex digits
+    bytes: int
+    media_type: str = "application/json"
+    path: list[str | int] = []
+
+
 # --------------------------------------------------------------------------- tools
 
 

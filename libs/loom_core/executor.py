@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from loom_core import ids, secrets, sizes
+from loom_core import blobs, ids, secrets, sizes
 from loom_core.answers import problems
 from loom_core.caps import too_many
 from loom_core.contracts import (
@@ -810,6 +810,14 @@ class _Turn:
                     if error is not None:
                         raise _StepError(error)
                 items = self.bounded_input(items, iid, f"$.steps.{iid}.items")
+                if blobs.is_ref(items):  # the engine never reads a blob (loom_core.blobs)
+                    raise _StepError(ErrorInfo(
+                        code="blob_not_inline",
+                        message=f"step '{iid}': items are stored by reference (a blob) and "
+                        "the engine never reads one; have a tool return the list (under "
+                        f"{blobs.THRESHOLD_SETTING}) or a list of references",
+                        path=f"$.steps.{iid}.items",
+                    ))  # fmt: skip
                 if not isinstance(items, list):
                     raise _StepError(ErrorInfo(
                         code="invalid_items",

@@ -30,8 +30,10 @@ from typing import Any
 
 import msgspec
 
+from loom_core import blobs
 from loom_core.contracts import PlanIssue
 from loom_core.templating import (
+    BlobValueError,
     Reference,
     TemplateLookupError,
     TemplateSyntaxError,
@@ -274,8 +276,29 @@ def _exists(arg: str, context: Mapping[str, JSON], path: str) -> bool:
         raise PredicateError("`exists` takes exactly one template", path=path)
     try:
         return lookup(context, ref.root, ref.segments, path) is not None
+    except BlobValueError:
+        raise  # inside a blob: the engine cannot say, and must not say "no"
     except TemplateLookupError:
         return False
+
+
+def _inline(value: JSON, path: str) -> JSON:
+    """``value``, or ``BlobValueError`` when it holds a value stored by reference: the
+    engine never reads a blob, and comparing the reference instead of the value would
+    be a silent wrong answer."""
+    if b"$blob" in msgspec.json.encode(value):  # cheap screen; references are dicts
+        try:
+            found = blobs.find_refs(value, path)
+        except blobs.BlobRefError as exc:
+            found = [(exc.error.path or path, None)]
+        if found:
+            raise BlobValueError(
+                f"a condition at {found[0][0]} compares a value stored by reference (a "
+                "blob); the engine never reads a blob. Have a tool compute what the "
+                "condition needs (e.g. a status or a count) and compare that output",
+                path=path,
+            )
+    return value
 
 
 def evaluate(predicate: JSON, context: Mapping[str, JSON], path: str = "$") -> bool:
@@ -302,9 +325,9 @@ def _evaluate(predicate: JSON, context: Mapping[str, JSON], path: str) -> bool:
     if op == "exists":
         return _exists(arg, context, where)
     if op == "empty":
-        value = render(arg, context, where)
+        value = _inline(render(arg, context, where), where)
         return value is None or (isinstance(value, str | list | tuple | Mapping) and not value)
-    a, b = render(arg, context, where)
+    a, b = _inline(render(arg, context, where), where)
     if op == "eq":
         return same(a, b)
     if op == "ne":

@@ -193,6 +193,7 @@ _SUBJECT_NAMES = {
     "RESUME": "channel resume",
     "progress": "channel progress",
     "TOOLS_BUCKET": "channel toolCatalog",
+    "BLOBS_BUCKET": "channel blobs",
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",
     "EVENT_TYPE": "headers",
@@ -336,6 +337,8 @@ def _parameters() -> dict[str, Schema]:
         },
         "service": {"description": "A loom service.", "enum": list(subjects.SERVICES)},
         "tool": {"description": "A tool's name (the ToolSpec's `name`)."},
+        "part": {"description": "`C` (a chunk) or `M` (an object's metadata).", "enum": ["C", "M"]},
+        "id": {"description": "A chunk set's nuid, or the base64url object name."},
         "name": {"description": "An external event's name (a subject token)."},
         "key": {"description": "An external event's correlation key (a subject token)."},
         "via": {

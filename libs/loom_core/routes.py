@@ -33,11 +33,12 @@ Identity = Literal["executor", "planner", "toolrunner", "memory", "tracing", "cl
 SERVICES: tuple[Identity, ...] = ("executor", "planner", "toolrunner", "memory", "tracing")
 IDENTITIES: tuple[Identity, ...] = (*SERVICES, "client", "operator")
 
-Kind = Literal["request", "stream", "broadcast", "kv"]
+Kind = Literal["request", "stream", "broadcast", "kv", "object"]
 """``request``: core NATS request/reply (answered by one member of the consumer's queue
 group); ``stream``: published into a JetStream stream and consumed durably;
 ``broadcast``: plain NATS, every subscriber gets it; ``kv``: a JetStream key-value
-bucket's underlying subject."""
+bucket's underlying subject; ``object``: a JetStream Object Store bucket's underlying
+subjects (chunks and metadata)."""
 
 _PARAM = re.compile(r"\{(\w+)\}")
 
@@ -362,6 +363,28 @@ TOOL_CATALOG = Route(
     "address is the bucket's underlying subject. Only the tool-runner writes it.",
 )
 
+BLOBS = Route(
+    name="blobs",
+    pattern=f"$O.{subjects.BLOBS_BUCKET}.{{part}}.{{id}}",
+    kind="object",
+    stream=f"OBJ_{subjects.BLOBS_BUCKET}",
+    messages=(c.BlobReference,),
+    # the tool-runner stores big tool outputs; clients and operators upload big inputs
+    publishers=("toolrunner", "operator", "client"),
+    consumers=(
+        Consumer("toolrunner", note="resolves references in a tool's input"),
+        Consumer("executor", note="checks that a submitted reference is stored"),
+        Consumer("operator", note="`loom blob get`"),
+    ),
+    description=f"Big values by reference: JetStream Object Store bucket "
+    f"`{subjects.BLOBS_BUCKET}` (chunks `$O.{subjects.BLOBS_BUCKET}.C.<nuid>`, metadata "
+    f"`$O.{subjects.BLOBS_BUCKET}.M.<base64url name>`), one object per value, named by the "
+    "hex sha256 of the value's canonical JSON. Events carry a BlobReference in the value's "
+    "place. Use any NATS Object Store client to upload (then submit the reference); "
+    "readers check every blob's sha256 against its name. Bounded in total bytes; blobs "
+    "expire after LOOM_BLOB_MAX_AGE_DAYS.",
+)
+
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
@@ -383,6 +406,7 @@ ROUTES: tuple[Route, ...] = (
     API_THREAD,
     HEALTH,
     TOOL_CATALOG,
+    BLOBS,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}
@@ -429,7 +453,7 @@ def declared_subscriptions(identity: Identity) -> set[tuple[str, str]]:
     out: set[tuple[str, str]] = set()
     for route, consumer in consumers_of(identity):
         # a key-value bucket is read with gets, not subscriptions
-        if consumer.durable is None and identity in SERVICES and route.kind != "kv":
+        if consumer.durable is None and identity in SERVICES and route.kind not in ("kv", "object"):
             out.update((subject, consumer.queue or "") for subject in route.filters(consumer))
     return out
 

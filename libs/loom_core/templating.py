@@ -23,6 +23,12 @@ Design notes
   value, keeping its JSON type. A string mixing text and templates renders to a string:
   string values are inserted as they are, anything else as compact JSON.
 - Only dict *values* and list items are walked; dict keys are never templates.
+- Big values are references (``loom_core.blobs``): ``{"$blob": "sha256:…", ...}``. A
+  whole-string template hands a reference on whole, and a path into one renders to a
+  *projection* (the reference with ``"path"``), which the tool-runner resolves before
+  the call; where the engine itself needs the value (``lookup``: predicates, items) or
+  a string mixes text with a reference, it is a ``BlobValueError`` (the engine never
+  reads a blob), never a silent wrong value.
 - Pure and deterministic. Parsing a string is cached (it is a pure function of the
   string), and a value without ``{{`` is returned as is without parsing. ``render`` never
   mutates its inputs; its result may share unchanged sub-values with them.
@@ -38,6 +44,8 @@ from functools import lru_cache
 from typing import Any
 
 import msgspec
+
+from loom_core import blobs
 
 JSON = Any
 
@@ -102,6 +110,14 @@ class TemplateLookupError(TemplateError):
     missing segment and what was found in its place."""
 
     code = "missing_field"
+
+
+class BlobValueError(TemplateLookupError):
+    """The template needs the content of a value stored by reference (a blob), which
+    the engine never reads: in a string mixing text and templates, or where the engine
+    decides on the value itself (a condition, a foreach's items)."""
+
+    code = "blob_not_inline"
 
 
 class _Bad(Exception):
@@ -386,10 +402,29 @@ def whole_reference(value: JSON, path: str = "$") -> Reference | None:
 class _Lookup(Exception):
     """Internal lookup failure; ``message`` starts with the expression in backticks."""
 
-    def __init__(self, expr: str, message: str) -> None:
+    def __init__(self, expr: str, message: str, blob: bool = False) -> None:
         super().__init__(message)
         self.expr = expr
         self.message = message
+        self.blob = blob
+
+    def error(self, path: str) -> TemplateLookupError:
+        kind = BlobValueError if self.blob else TemplateLookupError
+        return kind(self.message, path=path, expr=self.expr)
+
+
+def _blob_in(expr: str, prefix: str, value: JSON, where: str) -> _Lookup:
+    try:
+        shown = blobs.describe(blobs.parse_ref(value))
+    except blobs.BlobRefError:
+        shown = "a malformed blob reference"
+    return _Lookup(
+        expr,
+        f"`{expr}`: `{prefix}` is stored by reference ({shown}) and {where}; the engine "
+        "never reads a blob. Pass it whole to a tool (`{{ " + prefix + " }}` as the "
+        "whole value, or a field of it the same way) and let the tool compute what you need",
+        blob=True,
+    )
 
 
 def _json_type(value: JSON) -> str:
@@ -448,7 +483,10 @@ def _step(expr: str, prefix: str, value: JSON, seg: Segment) -> JSON:
     )
 
 
-def _resolve(context: Mapping[str, JSON], ref: _Expr) -> JSON:
+def _resolve(context: Mapping[str, JSON], ref: _Expr, project: bool = False) -> JSON:
+    """The value ``ref`` names. Reaching a blob reference with segments left: with
+    ``project``, the reference narrowed to them (a projection, resolved by the
+    tool-runner); without, a ``_Lookup`` with ``blob`` set."""
     if ref.root not in context:
         where = SCOPE_ROOTS.get(ref.root)
         hint = f"; `{ref.root}` exists only {where}" if where else ""
@@ -462,10 +500,24 @@ def _resolve(context: Mapping[str, JSON], ref: _Expr) -> JSON:
         value = _lookup_step(ref.expr, value, segments[0])
         prefix += format_segment(segments[0])
         segments = segments[1:]
-    for seg in segments:
+    for i, seg in enumerate(segments):
+        if blobs.is_ref(value):
+            if not project:
+                raise _blob_in(ref.expr, prefix, value, "its fields cannot be read here")
+            return _project(ref.expr, prefix, value, segments[i:])
         value = _step(ref.expr, prefix, value, seg)
         prefix += format_segment(seg)
     return value
+
+
+def _project(expr: str, prefix: str, value: JSON, segments: Sequence[Segment]) -> JSON:
+    try:
+        found = blobs.parse_ref(value)
+    except blobs.BlobRefError as exc:
+        raise _Lookup(expr, f"`{expr}`: `{prefix}`: {exc.error.message}") from None
+    for seg in segments:
+        found = found.project(seg)
+    return found.as_json()
 
 
 def lookup(
@@ -477,7 +529,7 @@ def lookup(
     try:
         return _resolve(context, ref)
     except _Lookup as miss:
-        raise TemplateLookupError(miss.message, path=path, expr=miss.expr) from None
+        raise miss.error(path) from None
 
 
 # --------------------------------------------------------------------------- render
@@ -503,7 +555,7 @@ def _render_string(text: str, context: Mapping[str, JSON]) -> JSON:
     try:
         whole = _whole(parts)
         if whole is not None:
-            return _resolve(context, whole)
+            return _resolve(context, whole, project=True)
         out: list[str] = []
         for part in parts:
             if isinstance(part, str):
@@ -512,12 +564,13 @@ def _render_string(text: str, context: Mapping[str, JSON]) -> JSON:
             if part.root == SECRETS_ROOT:
                 out.append(part.raw)
                 continue
-            value = _resolve(context, part)
+            value = _resolve(context, part, project=True)
+            if blobs.is_ref(value):
+                raise _blob_in(part.expr, part.expr, value, "cannot be put into a string")
             out.append(value if isinstance(value, str) else msgspec.json.encode(value).decode())
         return "".join(out)
     except _Lookup as miss:
-        error = TemplateLookupError(miss.message, path="$", expr=miss.expr)
-        raise _RenderFailure(error) from None
+        raise _RenderFailure(miss.error("$")) from None
 
 
 def _render_at(value: JSON, context: Mapping[str, JSON], key: str | int) -> JSON:

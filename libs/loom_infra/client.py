@@ -11,12 +11,13 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
-from loom_core import codec, routes, subjects
+from loom_core import blobs, codec, routes, secrets, subjects
 from loom_core.contracts import (
     TERMINAL_EVENTS,
     ErrorInfo,
@@ -47,6 +48,8 @@ from loom_core.contracts import (
     TraceReply,
 )
 from loom_infra import bus
+from loom_infra.blobstore import BlobStore
+from loom_infra.settings import BlobSettings, blob_settings_from_env
 
 T = TypeVar("T")
 log = logging.getLogger("loom.client")
@@ -103,6 +106,7 @@ class LoomClient:
             url, name, persistent=persistent, seed=seed, identity=identity, on_error=on_error
         )
         client = cls(nc)
+        client.blob_settings = blob_settings_from_env()
         if identity in ("client", "operator"):
             client.via = identity  # the submit subject it may publish on
         return client
@@ -131,7 +135,10 @@ class LoomClient:
     async def submit(
         self, request: RunRequest, timeout: float = 10.0, token: str | None = None
     ) -> SubmitAccepted:
-        reply = await self.submit_raw(codec.encode(request), timeout, token)
+        payload = codec.encode(request)
+        if len(payload) > self.blob_settings.threshold_bytes:
+            payload = codec.encode(await self.inputs_by_reference(request))
+        reply = await self.submit_raw(payload, timeout, token)
         if isinstance(reply, SubmitRejected):
             raise LoomError(reply.error)
         return reply
@@ -311,6 +318,74 @@ class LoomClient:
         body = Signal(name=name, key=key, payload=payload, signal_id=signal_id)
         headers = {subjects.MSG_ID: signal_id} if signal_id else None
         await self.js.publish(subjects.signal(name, key), codec.encode(body), headers=headers)
+
+    # ------------------------------------------------------------------ blobs
+
+    # LOOM_BLOB_THRESHOLD_BYTES etc. of this process (the client's own side of the limits)
+    blob_settings: BlobSettings = BlobSettings()
+
+    @property
+    def blobs(self) -> BlobStore:
+        return BlobStore(self.js, self.blob_settings)
+
+    async def put_blob(self, value: Any) -> dict[str, Any]:
+        """Store ``value`` once (by the sha256 of its canonical JSON) and return the
+        reference to pass in a run's input. Inline secrets are redacted first, as the
+        executor does to a submitted input (``loom_core.secrets``): a blob holds none."""
+        redacted, _ = secrets.redact_value(value)
+        return (await self.blobs.put_value(redacted)).as_json()
+
+    async def inputs_by_reference(self, request: RunRequest) -> RunRequest:
+        """``request`` with each top-level input value over the blob threshold uploaded
+        and replaced by its reference (what ``submit`` does to a large input)."""
+        threshold = self.blob_settings.threshold_bytes
+        new_input = dict(request.input)
+        for key, value in request.input.items():
+            if not blobs.is_ref(value) and len(blobs.canonical(value)) > threshold:
+                new_input[key] = await self.put_blob(value)
+        return msgspec.structs.replace(request, input=new_input)
+
+    def blob_chunks(self, ref: dict[str, Any] | str) -> AsyncIterator[bytes]:
+        """The stored bytes of ``ref`` (a reference, or ``"sha256:<hex>"``), chunk by
+        chunk; the sha256 is checked at the end (``LoomError`` ``blob_corrupt``)."""
+        return self._blob_chunks(ref)
+
+    async def _blob_chunks(self, ref: dict[str, Any] | str) -> AsyncIterator[bytes]:
+        store = self.blobs
+        try:
+            parsed = await self.blob_ref(ref)
+            async for chunk in store.chunks(parsed.whole()):
+                yield chunk
+        except blobs.BlobRefError as exc:
+            raise LoomError(exc.error) from None
+
+    async def blob_ref(self, ref: dict[str, Any] | str) -> blobs.BlobRef:
+        """A reference from its JSON or its digest alone (the size is looked up)."""
+        try:
+            if isinstance(ref, str):
+                probe = blobs.parse_ref({blobs.BLOB_KEY: ref, "bytes": 0}, "REF")
+                info = await self.blobs.info(probe)
+                if info is None:
+                    raise blobs.BlobRefError(
+                        ErrorInfo(
+                            code="blob_not_found",
+                            message=f"no blob {ref} in the blob store (never stored, or "
+                            "expired after LOOM_BLOB_MAX_AGE_DAYS)",
+                        )
+                    )
+                return blobs.BlobRef(probe.digest, info.size or 0)
+            return blobs.parse_ref(ref, "REF")
+        except blobs.BlobRefError as exc:
+            raise LoomError(exc.error) from None
+
+    async def get_blob(self, ref: dict[str, Any] | str) -> Any:
+        """The value ``ref`` stands for (the part its ``path`` selects)."""
+        parsed = await self.blob_ref(ref)
+        data = b"".join([chunk async for chunk in self.blob_chunks(parsed.as_json())])
+        try:
+            return blobs.select(msgspec.json.decode(data), parsed, "REF")
+        except blobs.BlobRefError as exc:
+            raise LoomError(exc.error) from None
 
     async def ping(self, service: str, timeout: float = 1.0) -> Pong:
         return await self._ask(subjects.health(service), Ping(), Pong, timeout)

@@ -47,9 +47,11 @@ SEED_SUFFIX = ".nk"
 
 JS_API = "$JS.API"
 
-Read = Literal["get", "browse"]
+Read = Literal["get", "browse", "object_meta"]
 """``get``: read single messages (``stream_info`` + ``get_msg``/``get_last_msg``, direct
-gets); ``browse``: ephemeral ordered consumers (following a run, a KV ``keys()``/watch)."""
+gets); ``browse``: ephemeral ordered consumers (following a run, a KV ``keys()``/watch);
+``object_meta``: only an Object Store object's metadata, by a direct get of its meta
+subject (a writer checks whether an object is stored without being able to read any)."""
 
 # JetStream reads the routes do not spell out: who reads a stream other than through
 # its own durable consumers, and why. Every key is a (route, identity) pair the registry
@@ -68,6 +70,12 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # the tool catalog is read with kv.keys() (an ordered consumer) and kv.get()
     (routes.TOOL_CATALOG.name, "planner"): frozenset({"get", "browse"}),
     (routes.TOOL_CATALOG.name, "operator"): frozenset({"get", "browse"}),
+    # blobs: an object's metadata is a get_last_msg, its chunks an ordered consumer;
+    # writers look an object up before writing it (stored once)
+    (routes.BLOBS.name, "toolrunner"): frozenset({"get", "browse"}),
+    (routes.BLOBS.name, "operator"): frozenset({"get", "browse"}),
+    (routes.BLOBS.name, "executor"): frozenset({"get"}),
+    (routes.BLOBS.name, "client"): frozenset({"object_meta"}),
 }
 
 
@@ -142,6 +150,9 @@ def _read_api(stream: str, reads: Iterable[Read]) -> list[str]:
             f"{JS_API}.DIRECT.GET.{stream}",
             f"{JS_API}.DIRECT.GET.{stream}.>",
         ]
+    if "object_meta" in reads:
+        bucket = stream.removeprefix("OBJ_")
+        out.append(f"{JS_API}.DIRECT.GET.{stream}.$O.{bucket}.M.*")
     if "browse" in reads:
         out += [
             f"{JS_API}.STREAM.NAMES",  # js.subscribe finds the stream by subject

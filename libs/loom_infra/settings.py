@@ -24,6 +24,9 @@ Variables (all optional unless noted):
 - ``LOOM_MAX_FOREACH_ITEMS``, ``LOOM_MAX_FOREACH_CONCURRENCY``,
   ``LOOM_MAX_PARALLEL_BRANCHES``, ``LOOM_MAX_LOOP_ITERATIONS``: fan-out caps per step,
   default 10000, 64, 64, 10000 (see :func:`caps_from_env`).
+- ``LOOM_BLOB_THRESHOLD_BYTES`` (65536), ``LOOM_BLOB_MAX_RESOLVED_BYTES`` (64 MiB),
+  ``LOOM_BLOB_MAX_BYTES`` (256 MiB), ``LOOM_BLOB_BUCKET_MAX_BYTES`` (4 GiB),
+  ``LOOM_BLOB_MAX_AGE_DAYS`` (30): big values by reference (see :class:`BlobSettings`).
 - ``LOOM_HTTP_ALLOW_PRIVATE``: comma list of hosts or CIDRs the HTTP tool may reach even
   though they are private/loopback addresses; default empty (none).
 - ``LOOM_MODEL``: litellm model name; unset means no model (explicit plans only).
@@ -48,11 +51,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
+from loom_core import blobs as blob_refs
 from loom_core import caps as fanout
 from loom_core.contracts import Caps, SizeLimits
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
@@ -334,6 +338,53 @@ def caps_from_env(env: Mapping[str, str]) -> Caps:
 # --- end of fan-out caps
 
 
+# --- blobs: big values by reference (loom_core.blobs, loom_infra.blobstore)
+@dataclass(frozen=True)
+class BlobSettings:
+    """``threshold_bytes``: a tool output (or a client's input value) whose canonical JSON
+    is larger is stored as a blob and carried by reference; ``max_resolved_bytes``: the
+    most blob bytes the tool-runner puts back into one tool input; ``max_blob_bytes``:
+    the largest single blob; ``bucket_max_bytes`` / ``max_age_s``: the bucket's bounds
+    (set when it is created; an operator's later changes are kept)."""
+
+    threshold_bytes: int = blob_refs.DEFAULT_THRESHOLD_BYTES
+    max_resolved_bytes: int = blob_refs.DEFAULT_MAX_RESOLVED_BYTES
+    max_blob_bytes: int = 256 * 1024**2
+    bucket_max_bytes: int = 4 * 1024**3
+    max_age_s: float = 30 * 86_400.0
+
+
+def blob_settings_from_env(env: Mapping[str, str] = os.environ) -> BlobSettings:
+    threshold = _whole(env, blob_refs.THRESHOLD_SETTING, blob_refs.DEFAULT_THRESHOLD_BYTES)
+    # a reference must be much smaller than what it replaces, and the value it replaces
+    # must fit in a step (loom_core.sizes: 128 KiB by default)
+    if not 1024 <= threshold <= 512 * 1024:
+        raise SettingsError(
+            blob_refs.THRESHOLD_SETTING, f"must be 1024-524288 bytes, got {threshold}"
+        )
+    resolved = _whole(
+        env, blob_refs.MAX_RESOLVED_SETTING, blob_refs.DEFAULT_MAX_RESOLVED_BYTES
+    )
+    biggest = _whole(env, "LOOM_BLOB_MAX_BYTES", BlobSettings.max_blob_bytes)
+    bucket = _whole(env, "LOOM_BLOB_BUCKET_MAX_BYTES", BlobSettings.bucket_max_bytes)
+    days = _whole(env, "LOOM_BLOB_MAX_AGE_DAYS", 30)
+    for name, value in ((blob_refs.MAX_RESOLVED_SETTING, resolved),
+                        ("LOOM_BLOB_MAX_BYTES", biggest), ("LOOM_BLOB_BUCKET_MAX_BYTES", bucket),
+                        ("LOOM_BLOB_MAX_AGE_DAYS", days)):  # fmt: skip
+        if value < 1:
+            raise SettingsError(name, f"must be positive, got {value}")
+    return BlobSettings(
+        threshold_bytes=threshold,
+        max_resolved_bytes=resolved,
+        max_blob_bytes=biggest,
+        bucket_max_bytes=bucket,
+        max_age_s=days * 86_400.0,
+    )
+
+
+# --- end of blobs
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(repr=False)
@@ -354,6 +405,7 @@ class Settings:
     ops: OpsSettings = field(default_factory=OpsSettings)  # health, metrics, retention
     size_limits: SizeLimits = DEFAULT_LIMITS  # step inputs/outputs (loom_core.sizes)
     caps: Caps = fanout.DEFAULT_CAPS  # fan-out: foreach, parallel, loop (loom_core.caps)
+    blobs: BlobSettings = field(default_factory=BlobSettings)  # big values by reference
 
     @property
     def credentials_dir(self) -> Path:
@@ -456,6 +508,18 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
             raise SettingsError("LOOM_MAX_PAYLOAD", f"must be positive, got {max_payload}")
     allow = _get(env, "LOOM_HTTP_ALLOW_PRIVATE") or ""
     modules = _get(env, "LOOM_TOOL_MODULES") or ""
+    size_limits = size_limits_from_env(env, max_payload)
+    blobs = blob_settings_from_env(env)
+    smallest = min(size_limits.step_input_bytes, size_limits.step_output_bytes)
+    if _get(env, blob_refs.THRESHOLD_SETTING) is None and blobs.threshold_bytes > smallest // 2:
+        # the default follows lowered step limits (a value must fit a step, by far)
+        blobs = replace(blobs, threshold_bytes=smallest // 2)
+    if blobs.threshold_bytes > smallest:  # a value between the two could go nowhere
+        raise SettingsError(
+            blob_refs.THRESHOLD_SETTING,
+            f"must be at most the step limits ({smallest} bytes, LOOM_MAX_STEP_INPUT_BYTES "
+            f"and LOOM_MAX_STEP_OUTPUT_BYTES), got {blobs.threshold_bytes}",
+        )
     return Settings(
         nats_url=_get(env, "LOOM_NATS_URL") or DEFAULT_NATS_URL,
         store=store_settings_from_env(env),
@@ -470,8 +534,9 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         insecure=_flag(env, "LOOM_INSECURE"),
         max_json_depth=_depth(env),
         ops=ops_settings_from_env(env),
-        size_limits=size_limits_from_env(env, max_payload),
+        size_limits=size_limits,
         caps=caps_from_env(env),
+        blobs=blobs,
     )
 
 

@@ -21,6 +21,7 @@ import typer
 from rich.markup import escape
 
 from loom_cli import planfile
+from loom_cli.blobs import register as register_blob_commands
 from loom_cli.common import (
     Output,
     OutputOpt,
@@ -327,6 +328,7 @@ async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) ->
         await asyncio.sleep(0.05)  # poll interval of a bounded wait on a read model
 
 
+register_blob_commands(app)
 register_control_commands(app)
 register_creds_commands(app)
 register_debug_commands(app)

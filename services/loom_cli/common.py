@@ -15,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from loom_cli.render import progress_line, stderr, stdout
+from loom_core import blobs
 from loom_core.contracts import EventRecord, RunCompleted, RunRequest
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.settings import settings_from_env
@@ -121,5 +122,12 @@ async def follow_and_report(
             )
         )
     elif ok:
-        stdout.print_json(json.dumps(msgspec.to_builtins(last.event.output)))  # type: ignore[union-attr]
+        value = msgspec.to_builtins(last.event.output)  # type: ignore[union-attr]
+        stdout.print_json(json.dumps(blobs.readable(value)))
+        try:
+            found = blobs.find_refs(value)
+        except blobs.BlobRefError:
+            found = []
+        for _, ref in found:
+            stderr.print(f"fetch {blobs.describe(ref)} with: loom blob get {ref.digest}")
     return 0 if ok else 1

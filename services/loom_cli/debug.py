@@ -16,7 +16,7 @@ import typer
 from loom_cli.common import Output, UrlOpt, connect, fail, follow_and_report, json_arg
 from loom_cli.control import operator
 from loom_cli.render import stderr, stdout
-from loom_core import codec
+from loom_core import blobs, codec
 from loom_core.contracts import EventRecord, ForkRun
 from loom_core.lineage import diff_runs
 from loom_core.replay import replay, state_at, state_view
@@ -191,7 +191,8 @@ def diff(
         stdout.print(f"[bold]{d.step_id}[/]")
         for name, (x, y) in d.changes.items():
             stdout.print(
-                f"  {name}: {json.dumps(x, default=str)} → {json.dumps(y, default=str)}",
+                f"  {name}: {json.dumps(blobs.readable(x), default=str)} → "
+                f"{json.dumps(blobs.readable(y), default=str)}",
                 markup=False,
             )
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from loom_core import blobs
 from loom_core.contracts import (
     BranchTaken,
     EventRecord,
@@ -96,6 +97,9 @@ def events_table(records: Sequence[EventRecord]) -> Table:
     table = Table("seq", "at", "event", "detail", box=None, pad_edge=False)
     for r in records:
         detail = msgspec.json.encode(r.event).decode()
+        if '"$blob"' in detail:  # a reference reads as <blob sha256:… 10.5 MB …>
+            readable = blobs.readable(msgspec.to_builtins(r.event))
+            detail = msgspec.json.encode(readable).decode()
         if len(detail) > 100:
             detail = detail[:97] + "..."
         table.add_row(str(r.seq), r.at.strftime("%H:%M:%S.%f")[:-3], r.kind, detail)

@@ -23,11 +23,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 
 from loom_core import codec, ids, limits, routes, secrets, subjects
+from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
     Caps,
     ErrorInfo,
@@ -69,6 +71,7 @@ from loom_core.replay import replay
 from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
 from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
+from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
@@ -361,6 +364,8 @@ class ExecutorService:
         if header:
             request = msgspec.structs.replace(request, traceparent=header)
         error = _check_request(request)
+        if error is None:
+            error = await self._check_blobs(request, msg.data)
         if error is not None:
             return await self._reject(msg, error)
         run_id = request.run_id or f"run-{uuid.uuid4().hex[:20]}"
@@ -378,6 +383,27 @@ class ExecutorService:
                 )
             )
         return SubmitAccepted(run_id=run_id, existing=not produced)
+
+    async def _check_blobs(self, request: RunRequest, data: bytes) -> ErrorInfo | None:
+        """A reference in the input (or written in the plan) must be well-formed and
+        stored, else the submission is refused naming its path (``bad_blob_reference``,
+        ``blob_not_found``). The tool-runner checks again when it reads one; this is
+        the early, clear answer. The plan is walked only if its text mentions blobs."""
+        values: list[tuple[str, Any]] = [("$.input", request.input)]
+        if request.plan is not None and b"blob" in data:
+            values.append(("$.plan", msgspec.to_builtins(request.plan)))
+        return await self._unknown_blob(values)
+
+    async def _unknown_blob(self, values: list[tuple[str, Any]]) -> ErrorInfo | None:
+        store = BlobStore(self.ctx.js, self.settings.blobs)
+        for base, value in values:
+            try:
+                error = await store.check_refs(value, base)
+            except BlobRefError as exc:  # the store did not answer
+                error = exc.error
+            if error is not None:
+                return error
+        return None
 
     async def _reject(self, msg: Msg, error: ErrorInfo) -> SubmitRejected:
         # answered now; recorded (bounded, apart from poison) by a background task, so
@@ -583,6 +609,12 @@ class ExecutorService:
                 path="$.from_step",
                 details={"bytes": size, "limit": limit, "reused": reused},
             ))  # fmt: skip
+        # what the caller wrote (not what is reused: recorded references were checked)
+        error = await self._unknown_blob(
+            [("$.input", request.input), ("$.set_output", request.set_output)]
+        )
+        if error is not None:
+            return ForkReply(error=error)
         run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)

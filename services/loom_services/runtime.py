@@ -30,9 +30,16 @@ from nats.js.errors import NotFoundError
 
 from loom_core import routes
 from loom_core.contracts import Ping, Pong
-from loom_infra import bus, credentials, endpoints
+from loom_infra import blobstore, bus, credentials, endpoints
 from loom_infra.httpserver import HealthServer
-from loom_infra.settings import OpsSettings, Settings, ops_settings_from_env, settings_from_env
+from loom_infra.settings import (
+    BlobSettings,
+    OpsSettings,
+    Settings,
+    blob_settings_from_env,
+    ops_settings_from_env,
+    settings_from_env,
+)
 from loom_services import observe
 
 log = logging.getLogger("loom.runtime")
@@ -110,6 +117,7 @@ class Stack:
             js = nc.jetstream()
             if seed is None:
                 await bus.ensure_streams(js, self.settings.ops)
+                await blobstore.ensure_bucket(js, self.settings.blobs)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -204,7 +212,10 @@ async def wait_for_streams(
 
 
 async def provision(
-    url: str, seed: str | os.PathLike[str] | None, ops: OpsSettings | None = None
+    url: str,
+    seed: str | os.PathLike[str] | None,
+    ops: OpsSettings | None = None,
+    blobs: BlobSettings | None = None,
 ) -> None:
     """Create or update every stream and the tool bucket, as ``admin`` (the only
     identity allowed to; None: an insecure server). An existing stream keeps what an
@@ -218,6 +229,7 @@ async def provision(
         js = nc.jetstream()
         await bus.ensure_streams(js, ops)
         await bus.ensure_tools_bucket(js)
+        await blobstore.ensure_bucket(js, blobs or blob_settings_from_env())
     finally:
         await nc.close()
 

@@ -105,7 +105,7 @@ class LocalStack:
         try:
             admin = self.seed_file(ADMIN)
             if admin is None or admin.exists():  # an external server may be provisioned
-                await provision(self.settings.nats_url, admin)
+                await provision(self.settings.nats_url, admin, blobs=self.settings.blobs)
             await self.stack.start()
             async with await self.client() as client:
                 await client.wait_ready()

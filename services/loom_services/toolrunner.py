@@ -22,6 +22,7 @@ still runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
@@ -31,7 +32,7 @@ import uuid
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, secrets, sizes
+from loom_core import blobs, codec, routes, secrets, sizes
 from loom_core.contracts import (
     ErrorInfo,
     SizeLimits,
@@ -41,6 +42,7 @@ from loom_core.contracts import (
 )
 from loom_core.executor import request_digest
 from loom_infra import bus, endpoints
+from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
 from loom_infra.client import is_stored
 from loom_infra.secret_source import SecretSource
@@ -82,13 +84,18 @@ class ToolRunnerService:
         self.io = Blocking("toolrunner-ledger")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.secret_source = SecretSource(settings.secrets)
-        self.tool_settings = ToolSettings(http_allow_private=tuple(settings.http_allow_private))
+        self.tool_settings = ToolSettings(
+            http_allow_private=tuple(settings.http_allow_private),
+            # a big output is stored as a blob (by_reference): the largest blob bounds it
+            max_output_bytes=settings.blobs.max_blob_bytes,
+        )
         self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
         self.cancelled: set[str] = set()
         self.executed = 0
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.blobs = BlobStore(ctx.js, self.settings.blobs)
         kv = await bus.ensure_tools_bucket(ctx.js)
         for spec in self.registry.specs():
             await kv.put(spec.name, codec.encode(spec))
@@ -240,10 +247,17 @@ class ToolRunnerService:
             )
         except secrets.SecretReferenceError as exc:
             return ToolOutcome(ok=False, error=exc.error)
+        try:  # tools see plain values: references are resolved here (loom_core.blobs)
+            tool_input = await self.blobs.resolve(
+                tool_input, self.settings.blobs.max_resolved_bytes, "$.input"
+            )
+        except blobs.BlobRefError as exc:
+            return ToolOutcome(ok=False, error=exc.error)
         outcome = await execute_tool(
             self.registry, request.tool, tool_input, ctx, request.timeout_s
         )
         outcome = redact_outcome(outcome, secrets.scrub_forms(used))
+        outcome = await by_reference(outcome, self.blobs, request.step_id)
         return bounded_outcome(outcome, self.settings.size_limits, request.step_id)
 
     async def _unless_stored(self, msg: Msg) -> ErrorInfo | None:
@@ -314,6 +328,27 @@ def redact_outcome(outcome: ToolOutcome, forms: list[str]) -> ToolOutcome:
             suspend, label=secrets.scrub_str(suspend.label, forms), payload=payload
         )
     return ToolOutcome(ok=outcome.ok, output=output, error=error, suspend=suspend)
+
+
+async def by_reference(outcome: ToolOutcome, store: BlobStore, step_id: str) -> ToolOutcome:
+    """A redacted outcome whose output is over the blob threshold, with the output
+    stored as a blob and a reference in its place (so no event or message carries it);
+    a reference the tool itself returned must be well-formed and stored (a tool output
+    is untrusted input: an unknown reference is ``blob_not_found`` naming its path)."""
+    if not outcome.ok:
+        return outcome
+    data = blobs.canonical(outcome.output)  # once: screened, measured, maybe stored
+    try:
+        if b'"$blob"' in data:
+            error = await store.check_refs(outcome.output, f"$.steps.{step_id}.output")
+            if error is not None:
+                return ToolOutcome(ok=False, error=error)
+        if blobs.is_ref(outcome.output) or len(data) <= store.settings.threshold_bytes:
+            return outcome
+        ref = await store.put_bytes(data)
+    except blobs.BlobRefError as exc:
+        return ToolOutcome(ok=False, error=exc.error)
+    return dataclasses.replace(outcome, output=ref.as_json())
 
 
 def bounded_outcome(outcome: ToolOutcome, limits: SizeLimits, step_id: str) -> ToolOutcome:

@@ -84,7 +84,8 @@ def may_subscribe(identity: str, subject: str, queue: str | None) -> bool:
 def subject_for(route: Route, identity: str) -> str:
     """A concrete subject of ``route``; an own parameter filled with ``identity`` when it
     publishes there (else with a publisher's: an attempt to speak for someone else)."""
-    values = {"run_id": "R1", "name": "n", "key": "k", "tool": "echo", "service": "executor"}
+    values = {"run_id": "R1", "name": "n", "key": "k", "tool": "echo", "service": "executor",
+              "part": "C", "id": "x"}  # fmt: skip
     if "event" in route.params:
         values["event"] = routes.tag_of(route.messages[0])
     if route.own_param:
@@ -324,11 +325,16 @@ async def test_no_identity_says_another_ones_facts(conns: dict[str, Conn]) -> No
         "planner": ["loom.inbox.R.tool", "loom.inbox.R.timer", "loom.run.R.run_completed"],
         "toolrunner": ["loom.run.R.tool_call_requested", "loom.run.R.plan_accepted",
                        "loom.inbox.R.plan", "loom.dlq.executor"],
-        "memory": ["loom.inbox.R.tool", "loom.progress.R", "$KV.loom_tools.echo"],
-        "tracing": ["loom.run.R.run_completed", "loom.signal.n.k"],
+        "memory": ["loom.inbox.R.tool", "loom.progress.R", "$KV.loom_tools.echo",
+                   "$O.loom_blobs.C.x"],
+        "tracing": ["loom.run.R.run_completed", "loom.signal.n.k", "$O.loom_blobs.M.x"],
         "client": ["loom.submit.operator", "loom.inbox.R.tool", "loom.run.R.run_completed",
                    "loom.signal.n.k", "loom.control", "loom.resume", "loom.api.runs",
-                   "$KV.loom_tools.echo", "loom.dlq.executor", "$JS.API.STREAM.INFO.LOOM_RUNS"],
+                   "$KV.loom_tools.echo", "loom.dlq.executor", "$JS.API.STREAM.INFO.LOOM_RUNS",
+                   # it uploads blobs but reads none: no chunk, no message by sequence
+                   "$JS.API.DIRECT.GET.OBJ_loom_blobs.$O.loom_blobs.C.x",
+                   "$JS.API.STREAM.MSG.GET.OBJ_loom_blobs", "$JS.API.DIRECT.GET.OBJ_loom_blobs",
+                   "$JS.API.CONSUMER.CREATE.OBJ_loom_blobs"],
         "operator": ["loom.inbox.R.tool", "loom.run.R.run_completed", "loom.submit.client",
                      "$KV.loom_tools.echo", "loom.dlq.executor"],
     }  # fmt: skip
@@ -342,9 +348,12 @@ async def test_no_identity_says_another_ones_facts(conns: dict[str, Conn]) -> No
             if not await conn.refused(f'publish to "{subject.lower()}"', since):
                 allowed_anyway.append(f"{identity} -> {subject}")
     assert not allowed_anyway
-    # the client may submit (as itself) and nothing else: not even read its own run
+    # the client may submit (as itself) and upload blobs, nothing else: not even read
+    # its own run
     client = permissions("client")
-    assert client.publish == ("loom.submit.client", "loom.health.*")
+    assert client.publish[:3] == ("loom.submit.client", "loom.health.*", "$O.loom_blobs.*.*")
+    assert not [p for p in client.publish[3:] if not p.endswith("OBJ_loom_blobs")
+                and "OBJ_loom_blobs." not in p and p != "$JS.API.INFO"]  # fmt: skip
 
 
 async def test_a_denied_jetstream_call_is_a_timeout_plus_a_logged_refusal(

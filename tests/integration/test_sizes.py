@@ -17,7 +17,7 @@ import pytest
 from nats.js.api import DeliverPolicy
 from tests.integration.conftest import make_settings
 
-from loom_core import codec, subjects
+from loom_core import blobs, codec, subjects
 from loom_core.contracts import (
     EventRecord,
     Plan,
@@ -25,10 +25,11 @@ from loom_core.contracts import (
     RunControl,
     RunRequest,
     SleepStep,
+    SubmitAccepted,
     ToolStep,
 )
 from loom_infra.client import LoomClient
-from loom_infra.settings import StoreSettings
+from loom_infra.settings import BlobSettings, StoreSettings
 from loom_services.executor import ExecutorService
 from loom_services.stack import LocalStack
 
@@ -39,8 +40,10 @@ ECHO = Plan(steps=[ToolStep(id="a", tool="echo", input={"message": "ok"})])
 
 @pytest.fixture
 async def big_stack(sqlite_store_settings: StoreSettings) -> AsyncIterator[LocalStack]:
-    # the default LOOM_MAX_PAYLOAD (256 KiB): a 200 KB input is accepted at submit
-    async with LocalStack(make_settings(sqlite_store_settings), nats_port=-1) as s:
+    # the default LOOM_MAX_PAYLOAD (256 KiB): a 200 KB input is accepted at submit;
+    # a tool input may hold at most 1 MB of blobs (big values travel by reference)
+    settings = make_settings(sqlite_store_settings, blobs=BlobSettings(max_resolved_bytes=10**6))
+    async with LocalStack(settings, nats_port=-1) as s:
         yield s
 
 
@@ -53,6 +56,14 @@ async def big_client(big_stack: LocalStack) -> AsyncIterator[LoomClient]:
 async def _run(client: LoomClient, plan: Plan, run_input: dict[str, Any] | None = None) -> Any:
     accepted = await client.submit(RunRequest(plan=plan, input=run_input or {}))
     return await client.wait(accepted.run_id, timeout=30)
+
+
+async def _run_inline(client: LoomClient, plan: Plan, run_input: dict[str, Any]) -> Any:
+    """Submitted as it is: the input inline in the request (``LoomClient.submit`` would
+    upload a value over the blob threshold and pass its reference)."""
+    reply = await client.submit_raw(codec.encode(RunRequest(plan=plan, input=run_input)))
+    assert isinstance(reply, SubmitAccepted), reply
+    return await client.wait(reply.run_id, timeout=30)
 
 
 async def _still_completes(client: LoomClient) -> None:
@@ -75,7 +86,7 @@ async def test_six_copies_of_a_200kb_input_fail_the_step_not_the_stack(
     plan = Plan(steps=[
         ToolStep(id="six", tool="echo", input={"message": ["{{ input.blob }}"] * 6}),
     ])  # fmt: skip
-    records = await _run(big_client, plan, {"blob": "x" * 200_000})
+    records = await _run_inline(big_client, plan, {"blob": "x" * 200_000})
     error = _failure(records)
     assert error.code == "input_too_large"
     assert error.details["step_id"] == "six"
@@ -84,6 +95,11 @@ async def test_six_copies_of_a_200kb_input_fail_the_step_not_the_stack(
     assert "tool_call_requested" not in [r.kind for r in records]
     assert max(len(codec.encode(r)) for r in records) < 1024**2  # every event fits
     await _still_completes(big_client)
+    # by reference (what LoomClient.submit does with a big input) the same plan runs:
+    # six references in, the 1.2 MB echo out as one
+    records = await _run(big_client, plan, {"blob": "x" * 200_000})
+    assert records[-1].kind == "run_completed"
+    assert max(len(codec.encode(r)) for r in records) < 16 * 1024
 
 
 async def test_a_reduce_doubling_a_string_with_concat_stops_at_the_limit(
@@ -95,25 +111,29 @@ async def test_a_reduce_doubling_a_string_with_concat_stops_at_the_limit(
         ReduceStep(id="grow", items=list(range(30)), initial={"text": "x" * 1000}, do=[double]),
     ])  # fmt: skip
     records = await _run(big_client, plan)
+    # past the blob threshold the accumulator travels by reference; it stops at the most
+    # a tool input may hold once its references are resolved
     error = _failure(records)
-    assert error.code == "input_too_large"
-    assert error.details["step_id"].startswith("grow/") and error.details["size"] > 131_072
+    assert error.code == "blob_too_large"
+    assert error.details["limit"] == 10**6 and error.details["size"] > 500_000
+    failed = next(r.event for r in records if r.kind == "step_failed")
+    assert failed.step_id.startswith("grow/")
     assert max(len(codec.encode(r)) for r in records) < 1024**2
     await _still_completes(big_client)
 
 
-async def test_an_oversized_tool_output_is_a_failed_attempt(big_client: LoomClient) -> None:
-    # 10 KB in, ~300 KB out: the separator repeated between 31 empty parts
+async def test_an_oversized_tool_output_travels_by_reference(big_client: LoomClient) -> None:
+    # 10 KB in, ~300 KB out: the separator repeated between 31 empty parts. It used to
+    # fail output_too_large; over the blob threshold it is stored and referenced
+    # (tests/integration/test_blobs.py has the limits of that)
     plan = Plan(steps=[
         ToolStep(id="blowup", tool="concat", input={"parts": [""] * 31, "sep": "{{ input.s }}"}),
     ])  # fmt: skip
     records = await _run(big_client, plan, {"s": "y" * 10_000})
-    kinds = [r.kind for r in records]
-    assert "tool_call_failed" in kinds and "tool_call_completed" not in kinds
-    error = _failure(records)
-    assert error.code == "output_too_large"
-    assert error.details["setting"] == "LOOM_MAX_STEP_OUTPUT_BYTES"
-    assert max(len(codec.encode(r)) for r in records) < 1024**2
+    assert records[-1].kind == "run_completed"
+    output = next(r.event.output for r in records if r.kind == "tool_call_completed")
+    assert blobs.is_ref(output) and output["bytes"] > 300_000
+    assert max(len(codec.encode(r)) for r in records) < 16 * 1024
     await _still_completes(big_client)
 
 

@@ -116,10 +116,23 @@ def test_extra_reads_are_only_on_routes_the_identity_already_has() -> None:
         assert route.stream is not None and reads
 
 
-def test_the_client_can_submit_and_ping_and_nothing_else() -> None:
+def test_the_client_can_submit_ping_and_upload_blobs_and_nothing_else() -> None:
     client = permissions("client")
-    assert client.publish == ("loom.submit.client", "loom.health.*")
+    assert client.publish == (
+        "loom.submit.client",
+        "loom.health.*",
+        # upload big inputs: write the blob bucket, look an object's metadata up
+        "$O.loom_blobs.*.*",
+        "$JS.API.INFO",
+        "$JS.API.STREAM.INFO.OBJ_loom_blobs",
+        "$JS.API.DIRECT.GET.OBJ_loom_blobs.$O.loom_blobs.M.*",
+    )
     assert client.subscribe == ("_INBOX.client.>",)
+    # it reads no blob: no chunk, no message by sequence, no consumer
+    assert not client.may_publish("$JS.API.DIRECT.GET.OBJ_loom_blobs.$O.loom_blobs.C.x")
+    assert not client.may_publish("$JS.API.STREAM.MSG.GET.OBJ_loom_blobs")
+    assert not client.may_publish("$JS.API.DIRECT.GET.OBJ_loom_blobs")
+    assert not client.may_publish("$JS.API.CONSUMER.CREATE.OBJ_loom_blobs")
 
 
 def test_covers_follows_nats_wildcards() -> None:
