@@ -31,9 +31,9 @@ import msgspec
 from loom_core import contracts as c
 
 Kind = Literal["decision", "prose", "nested"]
-DECISION: Final = "decision"
-PROSE: Final = "prose"
-NESTED: Final = "nested"
+DECISION: Final[Kind] = "decision"
+PROSE: Final[Kind] = "prose"
+NESTED: Final[Kind] = "nested"
 
 
 D, P, N = DECISION, PROSE, NESTED

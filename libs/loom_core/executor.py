@@ -695,7 +695,7 @@ class _Turn:
     def context(self, sid: str) -> dict[str, Any]:
         """Templates see the run input, the outputs of this scope and every enclosing
         one (innermost first), and the innermost scope variables."""
-        maps: list[Mapping[str, Any]] = []
+        maps: list[dict[str, Any]] = []
         variables: dict[str, Any] = {}
         scope: Scope | None = self.s.scopes.get(sid)
         while scope is not None:
@@ -848,7 +848,7 @@ class _Turn:
                 for name in branches:
                     self.start_child(iid, name)
             case IfStep():
-                taken = (
+                taken: Literal["then", "else"] = (
                     "then"
                     if evaluate(step.condition, ctx, path=f"$.steps.{iid}.condition")
                     else "else"

@@ -288,7 +288,7 @@ def _inline(value: JSON, path: str) -> JSON:
     be a silent wrong answer."""
     if b"$blob" in msgspec.json.encode(value):  # cheap screen; references are dicts
         try:
-            found = blobs.find_refs(value, path)
+            found: list[tuple[str, blobs.BlobRef | None]] = list(blobs.find_refs(value, path))
         except blobs.BlobRefError as exc:
             found = [(exc.error.path or path, None)]
         if found:

@@ -125,9 +125,9 @@ def _event_tag(cls: type[msgspec.Struct]) -> str:
     return tag_of(cls)
 
 
-TERMINAL = tuple(c.TERMINAL_EVENTS)
+TERMINAL: tuple[type[msgspec.Struct], ...] = tuple(c.TERMINAL_EVENTS)
 RUN_EVENT_TYPES: tuple[type[msgspec.Struct], ...] = tuple(
-    c.RunEvent.__args__  # type: ignore[attr-defined]
+    c.RunEvent.__args__
 )
 
 SUBMIT = Route(

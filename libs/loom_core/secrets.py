@@ -306,10 +306,10 @@ def _apply(value: JSON, changes: Sequence[tuple[Trail, str]]) -> JSON:
     copied, the rest is shared with ``value`` (never mutated)."""
     if len(changes) == 1 and changes[0][0] == ():
         return changes[0][1]
-    root = dict(value) if isinstance(value, Mapping) else list(value)
+    root: Any = dict(value) if isinstance(value, Mapping) else list(value)
     copies: dict[Trail, Any] = {(): root}
     for trail, new in changes:
-        node = root
+        node: Any = root
         for depth in range(1, len(trail)):
             prefix = trail[:depth]
             copied = copies.get(prefix)

@@ -301,6 +301,7 @@ class TraceBuilder:
         self.run_id = run_id
         self.options = options or TraceOptions()
         self._fixed_parent = parent is not None
+        self._root_parent: str | None
         if parent is not None:
             trace, span = parent
             if not _HEX32.match(trace) or not _HEX16.match(span) or not int(trace, 16):
@@ -469,7 +470,7 @@ class TraceBuilder:
                 self._on_tool_requested(at, event)
             case ToolCallCompleted():
                 self._on_tool_result(at, event, event.started_at, event.finished_at, None)
-                if getattr(event, "suspend", None) is not None:
+                if event.suspend is not None:
                     tool_id = self._tool_id(event.step_id, event.attempt)
                     self._update(tool_id, attrs={"loom.tool.suspend": event.suspend.label})
             case ToolCallFailed():
@@ -495,7 +496,7 @@ class TraceBuilder:
             case EventWaitStarted(step_id=iid, matches=matches, mode=mode):
                 span_id = ids.span_id(self.run_id, "step", iid, "wait_event")
                 if span_id not in self._spans:
-                    attrs: dict[str, JSON] = {
+                    attrs = {
                         "loom.step.id": iid,
                         "loom.wait.events": [f"{m.name}:{m.key}" for m in matches],
                         "loom.wait.mode": mode,

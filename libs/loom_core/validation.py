@@ -1006,10 +1006,10 @@ def _invisible_message(facts: _Facts, site: _Site, ref: Reference, name: str) ->
         f"of the lists around it, not those nested in other steps' bodies or branches "
         f"(they may not have run, or ran once per element)"
     )
-    visible = set(site.scope.chain())
+    in_sight = set(site.scope.chain())
     around = {s.owner for s in site.scope.chain() if s.owner is not None} | {site.owner}
     for container in containers:
-        if container.scope in visible:
+        if container.scope in in_sight:
             if container not in around:
                 text += (
                     f"; read the output of {container.step.id!r} instead "
@@ -1379,9 +1379,10 @@ def _check_output_fields(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterat
         # The output is the tool's, or a fallback's when the tool failed: a field is
         # certainly missing only when no tool of the chain can produce it.
         chain: list[ToolStep] = []
-        while isinstance(step, ToolStep):
-            chain.append(step)
-            step = step.fallback
+        link: Step | None = step
+        while isinstance(link, ToolStep):
+            chain.append(link)
+            link = link.fallback
         specs = [tools.get(s.tool) for s in chain]
         if not chain or None in specs:
             continue

@@ -57,7 +57,7 @@ BUCKET = subjects.BLOBS_BUCKET
 STREAM = f"OBJ_{BUCKET}"
 CHUNK_BYTES = 128 * 1024  # the Object Store's default chunk; under any max_payload
 ACK_TIMEOUT_S = 30.0  # for every chunk of one blob to be stored
-_ROLLUP = {api.Header.ROLLUP: "sub"}
+_ROLLUP: dict[str, Any] = {api.Header.ROLLUP: "sub"}
 
 
 def _chunk_subject(nuid: str) -> str:

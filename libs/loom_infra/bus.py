@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -127,6 +128,13 @@ STREAMS = stream_configs()
 _FLOORS = ("num_replicas", "duplicate_window")  # raised to ours, never lowered
 _LIMITS = ("max_age", "max_bytes", "max_msgs")  # ours only where none is set
 _OURS = ("max_msgs_per_subject", "retention")  # what the code relies on
+
+
+def _finished(
+    tasks: set[asyncio.Task[None]], freed: asyncio.Event, task: asyncio.Task[None]
+) -> None:
+    tasks.discard(task)
+    freed.set()
 
 
 def _unset(value: Any) -> bool:
@@ -259,6 +267,7 @@ async def ensure_streams(js: JetStreamContext, ops: OpsSettings | None = None) -
     undoing an operator's settings (``merge_stream``)."""
     for config in stream_configs(ops):
         try:
+            assert config.name is not None  # every config we declare is named
             info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
@@ -481,7 +490,7 @@ class PullConsumer:
                 for msg in msgs:
                     task = asyncio.ensure_future(self._handle_one(msg))
                     tasks.add(task)
-                    task.add_done_callback(lambda t: (tasks.discard(t), freed.set()))
+                    task.add_done_callback(functools.partial(_finished, tasks, freed))
         finally:
             for task in tasks:
                 task.cancel()

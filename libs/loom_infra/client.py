@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from loom_core import blobs, codec, routes, secrets, subjects
+from loom_core.blobs import BlobRef
 from loom_core.contracts import (
     TERMINAL_EVENTS,
     ErrorInfo,
@@ -229,7 +230,7 @@ class LoomClient:
 
     async def iter_events(
         self, run_id: str, after_seq: int = 0, timeout: float = 10.0, page: int = 1000
-    ) -> AsyncIterator[EventRecord]:
+    ) -> AsyncGenerator[EventRecord, None]:
         """The run's stored events after ``after_seq``, one page per request (each
         bounded in count and bytes by the executor), yielded as they arrive.
         ``timeout`` is per page."""
@@ -359,7 +360,7 @@ class LoomClient:
         except blobs.BlobRefError as exc:
             raise LoomError(exc.error) from None
 
-    async def blob_ref(self, ref: dict[str, Any] | str) -> blobs.BlobRef:
+    async def blob_ref(self, ref: dict[str, Any] | str) -> BlobRef:
         """A reference from its JSON or its digest alone (the size is looked up)."""
         try:
             if isinstance(ref, str):

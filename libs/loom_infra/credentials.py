@@ -209,9 +209,9 @@ def permissions(identity: str) -> Permissions:
             publish += _durable_api(stream, durable)
     for (route_name, who), reads in sorted(READS.items()):
         if who == identity:
-            stream = routes.BY_NAME[route_name].stream
-            assert stream is not None, route_name
-            publish += _read_api(stream, sorted(reads))
+            read_stream = routes.BY_NAME[route_name].stream
+            assert read_stream is not None, route_name
+            publish += _read_api(read_stream, sorted(reads))
     return Permissions(identity, _unique(publish), _unique(subscribe))
 
 

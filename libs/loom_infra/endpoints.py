@@ -49,7 +49,7 @@ def error_reply(route: Route, error: ErrorInfo) -> msgspec.Struct:
     """The route's reply that carries ``error`` (every other field at its default)."""
     for reply in reversed(route.replies):
         if "error" in reply.__struct_fields__:
-            return reply(error=error)  # type: ignore[call-arg]
+            return reply(error=error)
     raise TypeError(f"route {route.name}: no reply type has an `error` field")
 
 

@@ -366,10 +366,12 @@ def _log_partial_success(response: bytes | ExportTraceServiceResponse) -> None:
         if not response:
             return
         try:
-            response = ExportTraceServiceResponse.FromString(bytes(response))
+            parsed = ExportTraceServiceResponse.FromString(bytes(response))
         except Exception:  # a 2xx with a body that is not the OTLP response: accepted
             return
-    partial = response.partial_success
+    else:
+        parsed = response
+    partial = parsed.partial_success
     if partial.rejected_spans or partial.error_message:
         log.warning(
             "the collector accepted the export but rejected %d spans: %s",

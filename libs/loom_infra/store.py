@@ -336,6 +336,7 @@ def _password_of(url: str) -> str | None:
 
 @contextmanager
 def _closing_on_error(datastore: Any) -> Iterator[None]:
+    """Close ``datastore`` (anything with ``close()``) if the block raises."""
     try:
         yield
     except BaseException:
@@ -389,11 +390,16 @@ def _open_aggregate_recorder(
     return recorder, pg_ds.close
 
 
+@dataclass(frozen=True)
+class _Closer:
+    close: Callable[[], None]
+
+
 def open_snapshot_store(settings: StoreSettings) -> SnapshotStore:
     """Open (creating tables if needed) the run-state snapshots."""
     with _translated("open snapshot store", settings.kind):
         recorder, close = _open_aggregate_recorder(settings, "snapshots", SNAPSHOTS_TABLE)
-        with _closing_on_error(recorder.datastore):
+        with _closing_on_error(_Closer(close)):
             if settings.kind == "postgres":
                 _vacuum_like_any_table(recorder)
         return SnapshotStore(

@@ -63,6 +63,8 @@ def too_deep_in_yaml(text: str, max_depth: int) -> tuple[str, int, int] | None:
             if len(frames) >= max_depth:
                 mark = event.start_mark
                 where = json_path("$", [*keys, key] if key is not None else keys)
+                if mark is None:  # events from the C loader always carry marks
+                    return where, 0, 0
                 return where, mark.line + 1, mark.column + 1
             frames.append(_Open(isinstance(event, yaml.MappingStartEvent), key is not None))
             if key is not None:

@@ -261,7 +261,7 @@ class RunHost:
 
 
 class ExecutorService:
-    name = "executor"
+    name: routes.Identity = "executor"
 
     def __init__(self, settings: Settings, store: EventStore | None = None) -> None:
         self.settings = settings

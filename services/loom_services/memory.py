@@ -37,7 +37,7 @@ log = logging.getLogger("loom.memory")
 
 
 class MemoryService:
-    name = "memory"
+    name: routes.Identity = "memory"
 
     def __init__(self, settings: Settings, threads: ThreadStore | None = None) -> None:
         self.settings = settings

@@ -149,8 +149,8 @@ class WriterWatch:
                 self.starts[(record.run_id, event.step_id)] = record.at.timestamp()
                 if len(self.starts) > STEP_STARTS_KEPT:
                     self.starts.popitem(last=False)
-            elif type(event) in _ENDS:
-                started = self.starts.pop((record.run_id, event.step_id), None)  # type: ignore[attr-defined]
+            elif isinstance(event, StepCompleted | StepFailed | StepCancelled):
+                started = self.starts.pop((record.run_id, event.step_id), None)
                 if started is not None:
                     metrics.STEP_SECONDS.observe(
                         max(0.0, record.at.timestamp() - started), outcome=_ENDS[type(event)]

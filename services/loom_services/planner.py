@@ -33,7 +33,7 @@ class CatalogUnavailable(Exception):
 
 
 class PlannerService:
-    name = "planner"
+    name: routes.Identity = "planner"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

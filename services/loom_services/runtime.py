@@ -63,7 +63,9 @@ class ServiceContext:
 
 
 class Service(Protocol):
-    name: str  # its route identity too, unless it says otherwise with ``identity``
+    @property
+    def name(self) -> str:  # its route identity too, unless it says otherwise with ``identity``
+        ...
 
     async def start(self, ctx: ServiceContext) -> None: ...
 

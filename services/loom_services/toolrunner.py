@@ -68,7 +68,7 @@ MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
 
 
 class ToolRunnerService:
-    name = "toolrunner"
+    name: routes.Identity = "toolrunner"
 
     def __init__(
         self,

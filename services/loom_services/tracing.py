@@ -128,7 +128,7 @@ def options_from_env(env: Mapping[str, str] = os.environ) -> TraceOptions:
 
 
 class TracingService:
-    name = "tracing"
+    name: routes.Identity = "tracing"
 
     def __init__(
         self,

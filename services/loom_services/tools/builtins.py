@@ -26,7 +26,8 @@ import math as _math
 import re
 import socket
 import ssl
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import httpx
 import msgspec
@@ -76,7 +77,7 @@ class TextOutput(ToolOutput):
     result: str | int
 
 
-_TEXT_OPS = {
+_TEXT_OPS: dict[str, Callable[[str], Any]] = {
     "upper": str.upper,
     "lower": str.lower,
     "title": str.title,
@@ -170,7 +171,7 @@ MathOp = Literal["add", "sub", "mul", "max", "min"]
 # most JSON readers anyway): refused with a typed error instead of a crash.
 _INT_LIMIT = 2**63 - 1
 
-_MATH_OPS = {
+_MATH_OPS: dict[str, Callable[[Any, Any], Any]] = {
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,
