@@ -6,18 +6,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from datetime import datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import msgspec
 import typer
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from rich.markup import escape
 
 from loom_cli.render import progress_line, stderr, stdout
-from loom_core.contracts import EventRecord, RunCompleted, RunRequest
+from loom_core.contracts import (
+    ErrorInfo,
+    EventRecord,
+    PlanRejected,
+    RunCancelled,
+    RunCompleted,
+    RunRequest,
+)
+from loom_core.statuses import status_after
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.settings import settings_from_env
+
+
+class ExitCode(IntEnum):
+    """What a ``loom`` exit code means (docs/cli.md)."""
+
+    OK = 0
+    FAILED = 1  # the run did not complete; a request was refused; no such run
+    USAGE = 2  # the command line, or a file or value given to it, is wrong
+    UNAVAILABLE = 3  # the stack cannot be reached, did not answer in time, cannot start
+    BUG = 4  # an unexpected error: rerun with --debug and report it
+    INTERRUPTED = 130  # Ctrl-C (a submitted run goes on)
 
 
 class Output(StrEnum):
@@ -27,6 +49,8 @@ class Output(StrEnum):
 
 
 OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
+# ``-o`` for verbs that print one answer: jsonl is that answer on one line
+ReplyOutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
 UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
 TokenOpt = typer.Option(
     None,
@@ -55,6 +79,16 @@ def json_arg(text: str, what: str) -> Any:
         raise fail(f"{what} is not valid JSON: {exc}") from None
 
 
+def unreachable(what: str, exc: BaseException | None = None) -> typer.Exit:
+    """The exit for a stack that cannot be reached or did not answer."""
+    why = f" ({exc.__class__.__name__})" if exc is not None else ""
+    return fail(
+        f"no answer from {what}{why}: is the stack up? Start it with `loom up`, or set "
+        "LOOM_NATS_URL (--nats) to where it runs",
+        ExitCode.UNAVAILABLE,
+    )
+
+
 async def connect(url: str | None) -> LoomClient:
     settings = settings_from_env()
     if url:
@@ -64,25 +98,49 @@ async def connect(url: str | None) -> LoomClient:
     try:
         return await LoomClient.connect(settings.nats_url, seed=seed, identity="operator")
     except FileNotFoundError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     except Exception as exc:
         if "authorization" in str(exc).lower():
             raise fail(
                 f"NATS at {settings.nats_url} refused "
                 + (f"the operator key {seed}" if seed else "a connection without credentials")
                 + ": set LOOM_NKEY_SEED_FILE to the operator seed (`loom up` prints where it "
-                "is; by default {LOOM_DATA_DIR}/creds/operator.nk)"
+                "is; by default {LOOM_DATA_DIR}/creds/operator.nk)",
+                ExitCode.UNAVAILABLE,
             ) from None
         raise fail(
             f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); "
-            "start the stack with `loom up` or set LOOM_NATS_URL"
+            "start the stack with `loom up` or set LOOM_NATS_URL",
+            ExitCode.UNAVAILABLE,
         ) from None
+
+
+class Following:
+    """The run a command follows, so Ctrl-C can say which run goes on and how to get
+    back to it (``interrupted``)."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+
+    def interrupted(self, again: str | None = None) -> typer.Exit:
+        if self.run_id is None:
+            return fail("interrupted before the run was submitted", ExitCode.INTERRUPTED)
+        rid = self.run_id
+        follow = again or f"loom follow {rid}"
+        stderr.print(
+            f"interrupted: run {rid} goes on without you. Follow it again: {follow}; "
+            f"its state: loom describe {rid}; stop it: loom cancel {rid}",
+            markup=False,
+            soft_wrap=True,
+        )
+        return typer.Exit(ExitCode.INTERRUPTED)
 
 
 async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
     started: dict[str, datetime] = {}
     last: EventRecord | None = None
-    async for record in client.follow(run_id):
+    # no timeout: a run may wait days for a person or an event; Ctrl-C leaves it running
+    async for record in client.follow(run_id, timeout=None):
         last = record
         line = progress_line(record, started)
         if line and not quiet:
@@ -92,15 +150,47 @@ async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
 
 
 async def run_and_report(
-    client: LoomClient, request: RunRequest, output: Output, quiet: bool = False
+    client: LoomClient,
+    request: RunRequest,
+    output: Output,
+    quiet: bool = False,
+    following: Following | None = None,
 ) -> tuple[int, str | None]:
     """Submit, follow, print; returns (exit code, run id)."""
     try:
         accepted = await client.submit(request)
     except LoomError as exc:
-        stderr.print(f"[red]submission refused:[/] {exc}")
-        return 2, None
+        _print_refusal(exc.error, output)
+        return ExitCode.USAGE, None
+    except (NatsTimeoutError, TimeoutError, NoRespondersError) as exc:
+        again = f"--run-id {request.run_id}" if request.run_id else "the same --run-id"
+        raise fail(
+            f"the executor did not answer the submission ({exc.__class__.__name__}): is the "
+            "stack up (`loom up`, `loom runs`)? The run may have been stored: submit again "
+            f"with {again}, it is never started twice",
+            ExitCode.UNAVAILABLE,
+        ) from None
+    if following is not None:
+        following.run_id = accepted.run_id
+    if accepted.existing:
+        stderr.print(f"run {accepted.run_id} exists already: following it", markup=False)
     return await follow_and_report(client, accepted.run_id, output, quiet), accepted.run_id
+
+
+def _print_refusal(error: ErrorInfo, output: Output) -> None:
+    """A refused submission: every problem (``details.issues``) on its own line."""
+    if output is not Output.text:
+        body = {"run_id": None, "status": "refused", "output": None,
+                "error": msgspec.to_builtins(error)}  # fmt: skip
+        stdout.print_json(json.dumps(body))
+    stderr.print(f"[red]submission refused:[/] {escape(error.code)}: {escape(error.message)}")
+    issues = (error.details or {}).get("issues")
+    for issue in issues if isinstance(issues, list) else []:
+        if isinstance(issue, dict):
+            stderr.print(
+                f"  [red]✗[/] {escape(str(issue.get('code')))} at "
+                f"{escape(str(issue.get('path')))}: {escape(str(issue.get('message')))}"
+            )
 
 
 async def follow_and_report(
@@ -108,18 +198,38 @@ async def follow_and_report(
 ) -> int:
     """Follow a run to its end and print its result; returns the exit code."""
     last = await _follow(client, run_id, quiet)
-    ok = isinstance(last.event, RunCompleted)
-    if output is Output.json:
-        stdout.print_json(
-            json.dumps(
-                {
-                    "run_id": run_id,
-                    "status": "completed" if ok else last.kind,
-                    "output": msgspec.to_builtins(last.event.output) if ok else None,  # type: ignore[union-attr]
-                    "error": msgspec.to_builtins(getattr(last.event, "error", None)),
-                }
-            )
-        )
-    elif ok:
-        stdout.print_json(json.dumps(msgspec.to_builtins(last.event.output)))  # type: ignore[union-attr]
-    return 0 if ok else 1
+    return report_end(run_id, last, output)
+
+
+def report_end(run_id: str, last: EventRecord, output: Output) -> int:
+    """Print how a run ended (its output on stdout); the exit code. ``-o json``: one
+    object with ``status`` (the words of ``loom_core.statuses``), ``output``, ``error``
+    and, for a rejected plan, every ``issues`` entry."""
+    event = last.event
+    status = status_after(event) or last.kind
+    ok = isinstance(event, RunCompleted)
+    if output is Output.text:
+        if ok:
+            stdout.print_json(json.dumps(msgspec.to_builtins(event.output)))
+        return ExitCode.OK if ok else ExitCode.FAILED
+    error = getattr(event, "error", None)
+    body: dict[str, Any] = {
+        "run_id": run_id,
+        "status": status,
+        "output": msgspec.to_builtins(event.output) if ok else None,
+        "error": msgspec.to_builtins(error) if error is not None else None,
+    }
+    if isinstance(event, PlanRejected):
+        body["error"] = {
+            "code": "plan_rejected",
+            "message": f"the plan has {len(event.issues)} problem(s); see issues",
+        }
+        body["issues"] = msgspec.to_builtins(event.issues)
+    if isinstance(event, RunCancelled):
+        body["error"] = {"code": "cancelled", "message": f"cancelled by {event.by}"
+                         + (f": {event.reason}" if event.reason else "")}  # fmt: skip
+    if output is Output.jsonl:
+        sys.stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
+    else:
+        stdout.print_json(json.dumps(body))
+    return ExitCode.OK if ok else ExitCode.FAILED
