@@ -40,6 +40,7 @@ from loom_cli.common import (
 from loom_cli.control import register as register_control_commands
 from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
+from loom_cli.examples import add_examples
 from loom_cli.render import (
     events_table,
     lineage_members,
@@ -498,6 +499,7 @@ register_control_commands(app)
 register_creds_commands(app)
 register_debug_commands(app)
 register_trace_commands(app)
+add_examples(app)
 
 
 def main() -> None:

@@ -76,7 +76,9 @@ def json_arg(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise fail(f"{what} is not valid JSON: {exc}") from None
+        raise fail(f"{what} is not valid JSON: {exc}", ExitCode.USAGE) from None
+    except RecursionError:
+        raise fail(f"{what} is nested too deeply", ExitCode.USAGE) from None
 
 
 def unreachable(what: str, exc: BaseException | None = None) -> typer.Exit:
