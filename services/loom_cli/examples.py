@@ -13,7 +13,7 @@ EXAMPLES: dict[str, list[str]] = {
     "up": ["loom up", "loom up --port 4333 --data-dir /tmp/loom-dev"],
     "run": [
         "loom run examples/hello-dag.yaml -i name=Ada",
-        "loom run plan.yaml --input-json '{\"urls\": [\"https://example.com\"]}' -o json",
+        'loom run plan.yaml --input-json \'{"urls": ["https://example.com"]}\' -o json',
         "loom run their-plan.yaml --format plan-execute",
         "loom run plan.yaml --run-id order-17   # again: follows, never starts twice",
     ],
