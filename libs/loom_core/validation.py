@@ -72,6 +72,7 @@ from loom_core.contracts import (
     ToolStep,
     WaitEventStep,
 )
+from loom_core.foreign import foreign_syntax_issues
 from loom_core.ids import is_token
 from loom_core.templating import (
     OPEN,
@@ -124,6 +125,8 @@ def validate_plan(
         *_check_depends_on(facts),
         *_check_template_steps(facts),
         *_check_cycles(facts),
+        # valid but not what was meant (`${input.x}`, `output: name`): loom_core.foreign
+        *foreign_syntax_issues(plan, path),
     ]
     if caps is not None:
         issues += _check_caps(facts, caps)
