@@ -22,9 +22,9 @@ from typing import Any
 
 import msgspec
 
-from loom_core.contracts import PlanIssue
+from loom_core.contracts import ErrorInfo, PlanIssue
 
-__all__ = ["MAX_ISSUES", "shape_issues"]
+__all__ = ["MAX_ISSUES", "shape_issues", "with_issues"]
 
 MAX_ISSUES = 100  # a document that is all wrong needs no 10,000-line answer
 
@@ -74,6 +74,21 @@ def shape_issues(value: Any, tp: Any, path: str = "$") -> list[PlanIssue]:
         _check(value, tp, path, issues, found)
         stack.extend(reversed(found))  # document order
     return issues[:MAX_ISSUES]
+
+
+def with_issues(error: ErrorInfo, document: Any, tp: Any) -> ErrorInfo:
+    """``error`` (a message that did not decode as ``tp``) with every shape issue of
+    ``document`` in ``details.issues`` (code, path, message), when it was JSON."""
+    if error.code != "invalid_shape" or document is None:
+        return error
+    issues = shape_issues(document, tp)
+    if not issues:
+        return error
+    listed = [{"code": i.code, "path": i.path, "message": i.message} for i in issues]
+    message = f"{len(issues)} problem(s) in the request; the first: {issues[0].message}"
+    return msgspec.structs.replace(
+        error, message=message, path=issues[0].path, details={**error.details, "issues": listed}
+    )
 
 
 def _check(
