@@ -242,7 +242,7 @@ def run(
     request = load_run_request(file, input, input_json, plan_format)
     # an id chosen here, so a submission whose answer was lost can be repeated safely
     request = msgspec.structs.replace(request, run_id=run_id or new_run_id())
-    following = Following()
+    following = Following(request.run_id)
 
     async def main() -> int:
         client = await connect(url)
@@ -275,8 +275,8 @@ def follow(
 
     Exit codes as for `loom run`. Ctrl-C stops following, not the run.
     """
-    following = Following()
-    following.run_id = run_id
+    following = Following(run_id)
+    following.submitted = True
 
     async def main() -> int:
         async with await connect(url) as client:

@@ -121,13 +121,23 @@ class Following:
     """The run a command follows, so Ctrl-C can say which run goes on and how to get
     back to it (``interrupted``)."""
 
-    def __init__(self) -> None:
-        self.run_id: str | None = None
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id  # the id being submitted, or followed
+        self.submitted = False  # the stack said it has the run
 
     def interrupted(self, again: str | None = None) -> typer.Exit:
-        if self.run_id is None:
-            return fail("interrupted before the run was submitted", ExitCode.INTERRUPTED)
         rid = self.run_id
+        if rid is None:
+            return fail("interrupted before the run was submitted", ExitCode.INTERRUPTED)
+        if not self.submitted:
+            stderr.print(
+                f"interrupted while submitting run {rid}: it may or may not be stored. "
+                f"`loom follow {rid}` tells (no run '{rid}': it was not); submitting again "
+                f"with --run-id {rid} never starts it twice",
+                markup=False,
+                soft_wrap=True,
+            )
+            return typer.Exit(ExitCode.INTERRUPTED)
         follow = again or f"loom follow {rid}"
         stderr.print(
             f"interrupted: run {rid} goes on without you. Follow it again: {follow}; "
@@ -173,7 +183,7 @@ async def run_and_report(
             ExitCode.UNAVAILABLE,
         ) from None
     if following is not None:
-        following.run_id = accepted.run_id
+        following.run_id, following.submitted = accepted.run_id, True
     if accepted.existing:
         stderr.print(f"run {accepted.run_id} exists already: following it", markup=False)
     return await follow_and_report(client, accepted.run_id, output, quiet), accepted.run_id

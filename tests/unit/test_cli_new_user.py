@@ -136,3 +136,17 @@ def test_an_unexpected_error_is_a_bug_exit_and_a_timeout_is_unavailable() -> Non
     assert explain(TimeoutError())[0] == ExitCode.UNAVAILABLE
     code, text = explain(KeyError("x"))
     assert code == ExitCode.BUG and "--debug" in text
+
+
+def test_ctrl_c_names_the_run_and_how_to_get_back_to_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    following = common.Following("run-1")
+    exit_ = following.interrupted()
+    assert exit_.exit_code == ExitCode.INTERRUPTED
+    assert "may or may not be stored" in capsys.readouterr().err  # the answer never came
+    following.submitted = True
+    following.interrupted("loom follow run-1")
+    err = capsys.readouterr().err
+    assert "run run-1 goes on" in err and "loom follow run-1" in err
+    assert "loom cancel run-1" in err
