@@ -243,6 +243,12 @@ async def test_ctrl_c_leaves_the_run_waiting_and_says_how_to_follow_it(live: Liv
     assert "run ctrl-c-1 goes on" in err and "loom follow ctrl-c-1" in err
     assert "loom resume ctrl-c-1 --label manager" in err  # the wait said how to answer
 
+    # the same word for the waiting run in every verb
+    described = await aloom(live.env, "describe", "ctrl-c-1", "-o", "json")
+    assert json.loads(described.stdout)["status"] == "suspended"
+    listed = await aloom(live.env, "runs", "--status", "suspended", "-o", "json")
+    assert [r["run_id"] for r in json.loads(listed.stdout)] == ["ctrl-c-1"]
+
     follower = subprocess.Popen(
         [LOOM, "follow", "ctrl-c-1", "-o", "json"],
         env=live.env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
