@@ -280,11 +280,13 @@ def follow(
 
     async def main() -> int:
         async with await connect(url) as client:
-            try:
-                known = await client.events(run_id)
+            try:  # one event tells the run exists, whatever its length
+                pages = client.iter_events(run_id, page=1)
+                known = await anext(aiter(pages), None)
+                await pages.aclose()
             except LoomError as exc:
                 raise fail(str(exc)) from None
-            if not known:
+            if known is None:
                 raise fail(f"no run '{run_id}': see `loom runs` for the runs there are")
             return await follow_and_report(client, run_id, output)
 

@@ -49,8 +49,6 @@ class Output(StrEnum):
 
 
 OutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
-# ``-o`` for verbs that print one answer: jsonl is that answer on one line
-ReplyOutputOpt = typer.Option(Output.text, "--output", "-o", help="text, json or jsonl")
 UrlOpt = typer.Option(None, "--nats", envvar="LOOM_NATS_URL", help="NATS URL of the stack")
 TokenOpt = typer.Option(
     None,
@@ -79,16 +77,6 @@ def json_arg(text: str, what: str) -> Any:
         raise fail(f"{what} is not valid JSON: {exc}", ExitCode.USAGE) from None
     except RecursionError:
         raise fail(f"{what} is nested too deeply", ExitCode.USAGE) from None
-
-
-def unreachable(what: str, exc: BaseException | None = None) -> typer.Exit:
-    """The exit for a stack that cannot be reached or did not answer."""
-    why = f" ({exc.__class__.__name__})" if exc is not None else ""
-    return fail(
-        f"no answer from {what}{why}: is the stack up? Start it with `loom up`, or set "
-        "LOOM_NATS_URL (--nats) to where it runs",
-        ExitCode.UNAVAILABLE,
-    )
 
 
 async def connect(url: str | None) -> LoomClient:
@@ -194,7 +182,10 @@ def _print_refusal(error: ErrorInfo, output: Output) -> None:
     if output is not Output.text:
         body = {"run_id": None, "status": "refused", "output": None,
                 "error": msgspec.to_builtins(error)}  # fmt: skip
-        stdout.print_json(json.dumps(body))
+        if output is Output.jsonl:
+            sys.stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
+        else:
+            stdout.print_json(json.dumps(body))
     stderr.print(f"[red]submission refused:[/] {escape(error.code)}: {escape(error.message)}")
     issues = (error.details or {}).get("issues")
     for issue in issues if isinstance(issues, list) else []:
