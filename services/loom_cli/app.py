@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import msgspec
 import typer
 import yaml
+from nats.errors import Error as NatsError
 from rich.markup import escape
 
 from loom_cli import planfile
@@ -257,6 +258,14 @@ def run(
     except KeyboardInterrupt:
         raise following.interrupted(
             f"loom follow {request.run_id} (or: loom run {file}{fmt} --run-id {request.run_id})"
+        ) from None
+    except NatsError as exc:
+        if not following.submitted:
+            raise
+        raise fail(
+            f"lost the stack while following run {request.run_id} ({type(exc).__name__}); "
+            f"the run goes on there: once the stack answers, `loom follow {request.run_id}`",
+            ExitCode.UNAVAILABLE,
         ) from None
     raise typer.Exit(code)
 
