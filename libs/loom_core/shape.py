@@ -16,6 +16,7 @@ depth and size (``loom_core.limits``).
 from __future__ import annotations
 
 import difflib
+import functools
 import types
 import typing
 from typing import Any
@@ -116,11 +117,18 @@ def _check(
             return
         todo.extend((item, args[1], _key(str(k), path)) for k, item in value.items())
         return
+    plain = _PLAIN.get(tp)
+    if (
+        plain is not None
+        and isinstance(value, plain)
+        and not (tp is not bool and isinstance(value, bool))
+    ):
+        return
     try:  # a leaf (str, int, Literal, datetime, ...): msgspec's own rules, one value
         msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:
         detail = str(exc).split(" - at ")[0]
-        issues.append(PlanIssue("invalid_shape", path, f"{detail}; got {_preview(value)}"))
+        issues.append(PlanIssue("invalid_shape", path, f"{detail}: {_preview(value)}"))
 
 
 def _union(
@@ -178,7 +186,7 @@ def _struct(
         issues.append(_wrong(path, value, f"an object ({cls.__name__})"))
         return
     config = cls.__struct_config__
-    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    fields = _fields(cls)
     tag_field = config.tag_field
     known = [*fields, *([tag_field] if tag_field else [])]
     for name, item in value.items():
@@ -206,6 +214,15 @@ def _struct(
                 "missing_field", _key(name, path),
                 f"{_a(cls)} needs `{name}` ({_describe(field.type)})",
             ))  # fmt: skip
+
+
+@functools.cache
+def _fields(cls: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    return {f.encode_name: f for f in msgspec.structs.fields(cls)}
+
+
+# leaves whose check needs no msgspec call (the common case: ids, names, templates)
+_PLAIN = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
 
 
 def _a(cls: type[msgspec.Struct]) -> str:
