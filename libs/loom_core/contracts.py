@@ -375,8 +375,10 @@ class Principal(Record, tag="principal", tag_field="type"):
 class RunRequest(Inbound, tag="run_request", tag_field="type"):
     """Published (request/reply) on ``loom.submit.{via}`` (``via``: your identity,
     ``client`` or ``operator``). Give either ``plan`` or ``request`` (natural language,
-    needs a model). ``run_id`` makes submission idempotent: submitting the same id twice
-    returns the existing run. Who the run acts for comes from the ``Authorization:
+    needs a model). ``run_id`` makes submission idempotent: submitting the same request
+    with the same id again returns the existing run (``existing: true``); the same id
+    with another plan or input is refused ``run_id_conflict``. Who the run acts for comes
+    from the ``Authorization:
     Bearer <JWT>`` header, never from this body."""
 
     plan: Plan | None = None

@@ -35,10 +35,12 @@ from typing import Any
 import msgspec
 import yaml
 
-from loom_core import contracts, routes, subjects
+from loom_core import caps, contracts, error_codes, limits, resubmit, routes, sizes, subjects
 
 __all__ = [
     "ASYNCAPI_FILE",
+    "ERRORS_FILE",
+    "LIMITS_FILE",
     "DIALECT",
     "SCHEMA_DIR",
     "asyncapi",
@@ -54,6 +56,8 @@ __all__ = [
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_DIR = "schemas"
 ASYNCAPI_FILE = "asyncapi.yaml"
+ERRORS_FILE = "errors.json"
+LIMITS_FILE = "limits.json"
 # A URN, not a URL: we do not serve the schemas anywhere; the id only has to be stable.
 _ID_PREFIX = "urn:agentloom:schema:"
 
@@ -124,11 +128,33 @@ def _tidy(schema: Schema) -> Schema:
     return schema
 
 
+# Which codes each struct's ``code`` carries (loom_core.error_codes): listed in the
+# schema as ``examples`` (not ``enum``: a newer stack may add codes, and a client must
+# treat an unknown one as an error of its area), each explained in errors.json.
+_CODE_FIELDS = {
+    "ErrorInfo": ((), "Stable, machine-readable: one of the codes in `errors.json`"),
+    "PlanIssue": (("plan",), "Stable, machine-readable: a `plan` code of `errors.json`"),
+}
+
+
+def _annotate_codes(schema: Schema) -> Schema:
+    for name, definition in schema.get("$defs", {}).items():
+        if name not in _CODE_FIELDS:
+            continue
+        areas, text = _CODE_FIELDS[name]
+        definition["properties"]["code"] = {
+            "type": "string",
+            "description": text + " (a newer stack may add codes).",
+            "examples": error_codes.codes_of(*areas),
+        }
+    return schema
+
+
 def _document(stem: str, title: str, schema: Schema, description: str = "") -> Schema:
     doc: Schema = {"$schema": DIALECT, "$id": f"{_ID_PREFIX}{stem}", "title": title}
     if description:
         doc["description"] = description
-    doc.update(_tidy(schema))
+    doc.update(_annotate_codes(_tidy(schema)))
     return doc
 
 
@@ -253,12 +279,25 @@ _HEADER_TEXT = {
 }
 
 
+_SUBMIT_MSG_ID = (
+    "Optional dedupe key of a submission without `run_id`: the run id is derived from "
+    "(tenant, user, identity, this header), so repeating the request with the same header "
+    "reaches the same run (`existing: true`), for as long as the run is stored. At most "
+    f"{resubmit.MAX_MSG_ID} characters (longer: ignored). `loom.submit` is request/reply, "
+    "not a JetStream publish: the broker dedupes nothing; `run_id` is the primary key."
+)
+
+
 def _headers(
-    required: Sequence[str], optional: Sequence[str], const: dict[str, str] | None = None
+    required: Sequence[str],
+    optional: Sequence[str],
+    const: dict[str, str] | None = None,
+    text: dict[str, str] | None = None,
 ) -> Schema:
     props: Schema = {}
     for name in (*required, *optional):
-        prop: Schema = {"type": "string", "description": _HEADER_TEXT[name]}
+        about = (text or {}).get(name) or _HEADER_TEXT[name]
+        prop: Schema = {"type": "string", "description": about}
         if const and name in const:
             prop["const"] = const[name]
         props[name] = prop
@@ -353,7 +392,11 @@ def _message_headers(route: routes.Route) -> Schema | None:
     if route.name.startswith("inbox."):
         return _headers([], [subjects.TRACEPARENT])
     if route is routes.SUBMIT:
-        return _headers([], [subjects.TRACEPARENT, subjects.AUTHORIZATION])
+        return _headers(
+            [],
+            [subjects.TRACEPARENT, subjects.AUTHORIZATION, subjects.MSG_ID],
+            text={subjects.MSG_ID: _SUBMIT_MSG_ID},
+        )
     if route is routes.SIGNAL:
         return _headers([], [subjects.MSG_ID])
     if route in (routes.DEAD_LETTER, routes.REJECTED):  # one message type, same headers
@@ -557,6 +600,63 @@ def asyncapi() -> Schema:
     }
 
 
+# --------------------------------------------------------------------------- errors, limits
+
+
+def errors_document() -> Schema:
+    """Every error code with its area and meaning (``loom_core.error_codes``)."""
+    return {
+        "description": (
+            "Error codes of agentloom: `ErrorInfo.code` and `PlanIssue.code`. `area` says "
+            "where a code appears: " + ", ".join(f"`{a}`" for a in error_codes.AREAS) + " "
+            "(see loom_core/error_codes.py). Treat an unknown code as an error of its area."
+        ),
+        "codes": {
+            code: {"area": info.area, "meaning": info.meaning}
+            for code, info in sorted(error_codes.CODES.items())
+        },
+    }
+
+
+def limits_document() -> Schema:
+    """The bounds a client meets, their defaults, settings and the code over each."""
+    from loom_infra.settings import DEFAULT_MAX_PAYLOAD  # a build tool may read infra
+
+    rows = [
+        ("message", DEFAULT_MAX_PAYLOAD, "bytes", "LOOM_MAX_PAYLOAD", "payload_too_large",
+         "a request (a RunRequest included); the embedded broker allows twice this"),
+        ("json_depth", limits.DEFAULT_MAX_DEPTH, "levels", limits.MAX_DEPTH_SETTING,
+         "too_deep", "nesting of any JSON a client sends"),
+        ("step_input", sizes.DEFAULT_STEP_INPUT_BYTES, "bytes", sizes.STEP_INPUT_SETTING,
+         "input_too_large", "a step's rendered tool input"),
+        ("step_output", sizes.DEFAULT_STEP_OUTPUT_BYTES, "bytes", sizes.STEP_OUTPUT_SETTING,
+         "output_too_large", "a step's output"),
+        ("foreach_items", caps.DEFAULT_CAPS.foreach_items, "elements", caps.ITEMS_SETTING,
+         "too_many_items", "elements of one foreach or reduce"),
+        ("foreach_concurrency", caps.DEFAULT_CAPS.foreach_concurrency, "elements",
+         caps.CONCURRENCY_SETTING, "too_much_concurrency", "a foreach's concurrency"),
+        ("parallel_branches", caps.DEFAULT_CAPS.parallel_branches, "branches",
+         caps.BRANCHES_SETTING, "too_many_branches", "branches of one parallel step"),
+        ("loop_iterations", caps.DEFAULT_CAPS.loop_iterations, "iterations",
+         caps.ITERATIONS_SETTING, "too_many_iterations", "a loop's max_iterations"),
+        ("id", 64, "characters", None, "invalid_run_id",
+         "run ids, step ids, event names and keys: 1-64 of A-Z a-z 0-9 _ - (subject tokens)"),
+        ("submit_msg_id", resubmit.MAX_MSG_ID, "characters", None, None,
+         "a Nats-Msg-Id on loom.submit used as the dedupe key; longer ones are ignored"),
+    ]  # fmt: skip
+    return {
+        "description": (
+            "Bounds of agentloom with their defaults. A deployment may change a bound "
+            "through its setting; over a bound, the request or step fails with the code."
+        ),
+        "limits": {
+            name: {"default": default, "unit": unit, "setting": setting, "code": code,
+                   "applies_to": about}
+            for name, default, unit, setting, code, about in rows
+        },  # fmt: skip
+    }
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -595,6 +695,8 @@ def generate() -> dict[str, str]:
     """Relative path -> file content, for everything generated under ``proto/``."""
     files = {f"{SCHEMA_DIR}/{stem}.json": _json_text(s) for stem, s in json_schemas().items()}
     files[ASYNCAPI_FILE] = _yaml_text(asyncapi())
+    files[ERRORS_FILE] = _json_text(errors_document())
+    files[LIMITS_FILE] = _json_text(limits_document())
     return dict(sorted(files.items()))
 
 

@@ -72,6 +72,7 @@ from loom_core.contracts import (
     ToolStep,
     WaitEventStep,
 )
+from loom_core.foreign import foreign_syntax_issues
 from loom_core.ids import is_token
 from loom_core.templating import (
     OPEN,
@@ -108,10 +109,15 @@ def validate_plan(
     run_input: Mapping[str, JSON] | None = None,
     path: str = "$.plan",
     caps: Caps | None = None,
+    foreign: bool = False,
 ) -> list[PlanIssue]:
     """Every problem of ``plan`` (empty list: valid). Tool checks run only when
     ``tools`` is given, run-input checks only when ``run_input`` is given, fan-out
-    caps (``loom_core.caps``: the run's recorded ones) only when ``caps`` is given."""
+    caps (``loom_core.caps``: the run's recorded ones) only when ``caps`` is given.
+    ``foreign``: also refuse valid text that does not do what was meant
+    (``loom_core.foreign``). The planner asks for it and its verdict is recorded; the
+    executor's re-check does not, so a recorded run whose plan was accepted before that
+    rule existed replays exactly."""
     facts = _Facts.of(plan, path)
     issues = [
         *_check_not_empty(facts),
@@ -125,6 +131,8 @@ def validate_plan(
         *_check_template_steps(facts),
         *_check_cycles(facts),
     ]
+    if foreign:  # valid but not what was meant (`${input.x}`, `output: name`)
+        issues += foreign_syntax_issues(plan, path)
     if caps is not None:
         issues += _check_caps(facts, caps)
     if tools is not None:

@@ -162,9 +162,12 @@ class LoomClient:
             raise LoomError(reply.error)
         return reply
 
-    async def follow(self, run_id: str, timeout: float = 300.0) -> AsyncIterator[EventRecord]:
+    async def follow(
+        self, run_id: str, timeout: float | None = 300.0
+    ) -> AsyncIterator[EventRecord]:
         """Every event of the run from the first, live, until a terminal event.
-        Raises TimeoutError when the run shows no progress for ``timeout`` seconds.
+        Raises TimeoutError when the run shows no progress for ``timeout`` seconds
+        (None: no limit; a run may wait days for a person).
 
         Anyone may publish on the run's subjects when NATS runs without credentials: a
         message that is not the run's next event (garbage, another run's, a repeat, one

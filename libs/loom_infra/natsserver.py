@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _READY = "Server is ready"
+_PORT_IN_USE = "address already in use"
 _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 
 
@@ -92,6 +94,7 @@ class EmbeddedNats:
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
         )
         ready = threading.Event()
+        up = threading.Event()  # the ready line was seen (not merely: the log ended)
         stderr = self.process.stderr
         assert stderr is not None
 
@@ -103,15 +106,30 @@ class EmbeddedNats:
                 if m:
                     self.port = int(m.group(1))
                 if _READY in line:
+                    up.set()
                     ready.set()
-            ready.set()  # process ended: wake the waiter, which checks poll()
+            ready.set()  # process ended: wake the waiter
 
         threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
-        if not ready.wait(timeout) or self.process.poll() is not None:
+        started = time.monotonic()
+        # The log ending means the process is ending, though ``poll()`` may not know yet:
+        # only the ready line counts (else a server that died on a busy port looked up).
+        if not ready.wait(timeout) or not up.is_set() or self.process.poll() is not None:
             self.stop()
-            tail = "\n".join(self._log[-20:])
-            raise NatsServerError(f"nats-server did not become ready in {timeout}s:\n{tail}")
+            raise NatsServerError(self._why_not_ready(timeout, time.monotonic() - started))
         return self
+
+    def _why_not_ready(self, timeout: float, waited: float) -> str:
+        """One line when the reason is known (a busy port), else the log's tail."""
+        if any(_PORT_IN_USE in line for line in self._log):
+            return (
+                f"port {self.port} on {self.host} is already in use (another nats-server "
+                "or `loom up`?): stop it, or choose another port (`loom up --port N`)"
+            )
+        tail = "\n".join(self._log[-20:])
+        if waited < timeout:
+            return f"nats-server stopped after {waited:.1f}s before it was ready:\n{tail}"
+        return f"nats-server did not become ready in {timeout}s:\n{tail}"
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None:

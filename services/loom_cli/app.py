@@ -12,17 +12,23 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import typer
+import yaml
+from nats.errors import Error as NatsError
 from rich.markup import escape
 
 from loom_cli import planfile
 from loom_cli.blobs import register as register_blob_commands
 from loom_cli.common import (
+    ExitCode,
+    Following,
     Output,
     OutputOpt,
     TokenOpt,
@@ -30,11 +36,13 @@ from loom_cli.common import (
     connect,
     dump,
     fail,
+    follow_and_report,
     run_and_report,
 )
 from loom_cli.control import register as register_control_commands
 from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
+from loom_cli.examples import add_examples
 from loom_cli.render import (
     events_table,
     lineage_members,
@@ -46,10 +54,13 @@ from loom_cli.render import (
     stdout,
 )
 from loom_cli.traces import register as register_trace_commands
-from loom_core import codec
-from loom_core.contracts import RunRequest
+from loom_core import codec, convert
+from loom_core.contracts import Plan, PlanIssue, RunRequest
+from loom_core.shape import shape_issues
+from loom_core.statuses import RUN_STATUSES, unknown_status_message
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.datalock import DataDirLocked
+from loom_infra.natsserver import NatsServerError
 from loom_infra.settings import settings_from_env
 
 app = typer.Typer(
@@ -58,6 +69,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -66,27 +78,91 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # ---------------------------------------------------------------------- run files
 
 
-def load_run_request(path: Path, inputs: list[str], input_json: str | None) -> RunRequest:
-    """A run file is a RunRequest (``plan:`` + ``input:``) or a bare plan (``steps:``)."""
+class PlanFormat(StrEnum):
+    native = "native"
+    plan_execute = "plan-execute"
+
+
+FormatOpt = typer.Option(
+    PlanFormat.native,
+    "--format",
+    "-f",
+    help="the run file's plan language: native, or plan-execute (converted first; see "
+    "`loom convert`)",
+)
+
+
+def load_run_request(
+    path: Path,
+    inputs: list[str],
+    input_json: str | None,
+    plan_format: PlanFormat = PlanFormat.native,
+) -> RunRequest:
+    """A run file is a RunRequest (``plan:`` + ``input:``) or a bare plan (``steps:``).
+    Every shape mistake is reported at once (``loom_core.shape``), not the first."""
     doc = planfile.read_run_file(path)  # no recursion on what the file holds
     if not isinstance(doc, dict):
-        raise fail(f"{path}: expected a mapping with `plan:` or `steps:`")
-    if "steps" in doc:
+        raise fail(f"{path}: expected a mapping with `plan:` or `steps:`", ExitCode.USAGE)
+    if plan_format is PlanFormat.plan_execute:
+        doc = {"plan": convert_file(path, doc), "input": doc.get("input") or {}}
+    elif "steps" in doc:
         doc = {"plan": doc}
-    run_input = dict(doc.get("input") or {})
+    run_input = doc.get("input") or {}
+    if not isinstance(run_input, dict):
+        raise fail(f"{path}: `input` must be a mapping, got {run_input!r}", ExitCode.USAGE)
+    run_input = dict(run_input)
     if input_json:
-        run_input.update(planfile.parse_json(input_json, "--input-json"))
+        extra = planfile.parse_json(input_json, "--input-json")
+        if not isinstance(extra, dict):
+            raise fail("--input-json must be a JSON object", ExitCode.USAGE)
+        run_input.update(extra)
     for item in inputs:
         key, sep, value = item.partition("=")
         if not sep:
-            raise fail(f"--input expects KEY=VALUE, got {item!r}")
+            raise fail(f"--input expects KEY=VALUE, got {item!r}", ExitCode.USAGE)
         run_input[key] = value
     doc["input"] = run_input
     planfile.check(doc, str(path), *planfile.limits())
+    issues = shape_issues(doc, RunRequest)
+    if issues:
+        report_issues(path, issues, foreign_hint(doc) if plan_format is PlanFormat.native else "")
     try:
         return msgspec.convert(doc, RunRequest)
-    except msgspec.ValidationError as exc:
-        raise fail(f"{path}: {exc}") from None
+    except msgspec.ValidationError as exc:  # what the shape walk did not foresee
+        raise fail(f"{path}: {exc}", ExitCode.USAGE) from None
+
+
+def report_issues(path: Path, issues: Sequence[PlanIssue], hint: str = "") -> NoReturn:
+    """Every problem of a file, one per line on stderr; exits 2."""
+    stderr.print(
+        f"[red]error:[/] {escape(str(path))}: {len(issues)} problem(s); nothing was submitted",
+        soft_wrap=True,
+    )
+    for issue in issues:
+        stderr.print(f"  ✗ {issue.code} at {issue.path}: {issue.message}", markup=False,
+                     soft_wrap=True)  # fmt: skip
+    if hint:
+        stderr.print(hint, markup=False, soft_wrap=True)
+    raise typer.Exit(ExitCode.USAGE)
+
+
+def foreign_hint(doc: dict[str, Any]) -> str:
+    """A line pointing at ``--format plan-execute`` when the file looks written for it."""
+    plan = doc.get("plan")
+    if isinstance(plan, dict) and convert.looks_like_plan_execute(plan):
+        return (
+            "hint: this looks like a plan for the plan-execute framework: run it with "
+            "`--format plan-execute`, or see the native plan with `loom convert FILE`"
+        )
+    return ""
+
+
+def convert_file(path: Path, doc: Any) -> dict[str, Any]:
+    """``doc`` (a plan-execute plan) as a native plan, or exit with every problem."""
+    try:
+        return convert.to_native(doc)
+    except convert.ConversionError as exc:
+        report_issues(path, exc.issues)
 
 
 # ---------------------------------------------------------------------- commands
@@ -141,7 +217,9 @@ def up(
     try:
         asyncio.run(main())
     except DataDirLocked as exc:
-        raise fail(exc.error.message) from None
+        raise fail(exc.error.message, ExitCode.UNAVAILABLE) from None
+    except NatsServerError as exc:
+        raise fail(f"cannot start: {exc}", ExitCode.UNAVAILABLE) from None
 
 
 @app.command()
@@ -149,36 +227,129 @@ def run(
     file: Path = typer.Argument(..., help="run file (YAML/JSON): a plan, or plan + input"),
     input: list[str] = typer.Option([], "--input", "-i", help="KEY=VALUE run input"),
     input_json: str = typer.Option(None, "--input-json", help="run input as JSON"),
-    run_id: str = typer.Option(None, "--run-id", help="choose the run id (idempotent)"),
+    run_id: str = typer.Option(
+        None, "--run-id", help="choose the run id: submitting it again never starts it twice"
+    ),
+    plan_format: PlanFormat = FormatOpt,
     output: Output = OutputOpt,
     url: str = UrlOpt,
     token: str = TokenOpt,
 ) -> None:
-    """Submit a run, show each step live, print the output (exit 1 if the run fails)."""
-    request = load_run_request(file, input, input_json)
-    if run_id:
-        request = msgspec.structs.replace(request, run_id=run_id)
+    """Submit a run, show each step live, print its output.
+
+    Exit 0 when the run completes, 1 when it fails, is cancelled or its plan is
+    rejected, 2 when the file is wrong (every problem is listed), 3 when the stack does
+    not answer. Ctrl-C stops following, not the run.
+    """
+    request = load_run_request(file, input, input_json, plan_format)
+    # an id chosen here, so a submission whose answer was lost can be repeated safely
+    request = msgspec.structs.replace(request, run_id=run_id or new_run_id())
+    following = Following(request.run_id)
 
     async def main() -> int:
         client = await connect(url)
         client.token = token or None  # sent as `Authorization: Bearer`, never stored
         async with client:
-            code, _ = await run_and_report(client, request, output)
+            code, _ = await run_and_report(client, request, output, following=following)
             return code
 
-    raise typer.Exit(asyncio.run(main()))
+    fmt = f" --format {plan_format.value}" if plan_format is not PlanFormat.native else ""
+    try:
+        code = asyncio.run(main())
+    except KeyboardInterrupt:
+        raise following.interrupted(
+            f"loom follow {request.run_id} (or: loom run {file}{fmt} --run-id {request.run_id})"
+        ) from None
+    except NatsError as exc:
+        if not following.submitted:
+            raise
+        raise fail(
+            f"lost the stack while following run {request.run_id} ({type(exc).__name__}); "
+            f"the run goes on there: once the stack answers, `loom follow {request.run_id}`",
+            ExitCode.UNAVAILABLE,
+        ) from None
+    raise typer.Exit(code)
+
+
+def new_run_id() -> str:
+    return f"run-{uuid.uuid4().hex[:20]}"
+
+
+@app.command()
+def follow(
+    run_id: str = typer.Argument(..., metavar="RUN", help="the run's id"),
+    output: Output = OutputOpt,
+    url: str = UrlOpt,
+) -> None:
+    """Follow a run already submitted: its steps so far and live, then its output.
+
+    Exit codes as for `loom run`. Ctrl-C stops following, not the run.
+    """
+    following = Following(run_id)
+    following.submitted = True
+
+    async def main() -> int:
+        async with await connect(url) as client:
+            try:  # one event tells the run exists, whatever its length
+                pages = client.iter_events(run_id, page=1)
+                known = await anext(aiter(pages), None)
+                await pages.aclose()
+            except LoomError as exc:
+                raise fail(str(exc)) from None
+            if known is None:
+                raise fail(f"no run '{run_id}': see `loom runs` for the runs there are")
+            return await follow_and_report(client, run_id, output)
+
+    try:
+        code = asyncio.run(main())
+    except KeyboardInterrupt:
+        raise following.interrupted() from None
+    raise typer.Exit(code)
+
+
+@app.command("convert")
+def convert_cmd(
+    file: Path = typer.Argument(..., help="a plan written for the plan-execute framework"),
+    output: Output = OutputOpt,
+) -> None:
+    """Print the native plan for a plan-execute plan (docs/convert.md has the mapping).
+
+    Conditions become declarative predicates; nothing is evaluated. The result is checked
+    like any plan file, so `loom convert plan.yaml -o json > native.json` gives a file
+    `loom run` accepts.
+    """
+    doc = planfile.read_run_file(file)
+    plan = convert_file(file, doc)
+    issues = shape_issues(plan, Plan, "$")
+    if issues:
+        report_issues(file, issues)
+    if isinstance(doc, dict) and doc.get("input"):
+        plan = {"input": doc["input"], "plan": plan}
+    if output is Output.text:
+        sys.stdout.write(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True, width=100))
+    elif output is Output.jsonl:
+        sys.stdout.write(json.dumps(plan, ensure_ascii=False) + "\n")
+    else:
+        stdout.print_json(json.dumps(plan, ensure_ascii=False))
 
 
 @app.command()
 def runs(
-    status: str = typer.Option(None, help="only runs with this status"),
+    status: str = typer.Option(
+        None, help="only runs with this status: " + ", ".join(RUN_STATUSES)
+    ),
     suspended: bool = typer.Option(False, "--suspended", help="only runs waiting for people"),
     lineage: str = typer.Option(None, "--lineage", help="the fork tree RUN belongs to"),
     limit: int = typer.Option(50),
     output: Output = OutputOpt,
     url: str = UrlOpt,
 ) -> None:
-    """List runs, newest first, with status and duration (and what they wait for)."""
+    """List runs, newest first, with status and duration (and what they wait for).
+
+    The status words are the same in every verb (docs/cli.md).
+    """
+    if status is not None and (problem := unknown_status_message(status)) is not None:
+        raise fail(f"--status: {problem}", ExitCode.USAGE)
 
     async def main() -> None:
         async with await connect(url) as client:
@@ -272,6 +443,11 @@ def thread(thread_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> Non
     async def main() -> None:
         async with await connect(url) as client:
             entries = await client.thread(thread_id)
+        if not entries:
+            raise fail(
+                f"no thread '{thread_id}' (or it is empty): a run's thread id is its run "
+                "id unless the run request set `thread_id`; see `loom runs`"
+            )
         if output is Output.text:
             for e in entries:
                 stdout.print(
@@ -285,12 +461,15 @@ def thread(thread_id: str, output: Output = OutputOpt, url: str = UrlOpt) -> Non
 
 @app.command()
 def demo(
-    file: Path = typer.Option(EXAMPLES / "hello-dag.yaml", help="run file to demo"),
+    file: Path = typer.Option(
+        None, help="run file to demo", show_default="the bundled examples/hello-dag.yaml"
+    ),
     data_dir: Path = typer.Option(Path(".loom/demo"), help="scratch state (wiped first)"),
 ) -> None:
     """Start the embedded stack, run the demo plan, print its output and trace, stop."""
     from loom_services.stack import LocalStack
 
+    file = file or EXAMPLES / "hello-dag.yaml"
     request = load_run_request(file, [], None)
     if data_dir.exists():
         shutil.rmtree(data_dir)
@@ -333,11 +512,13 @@ register_control_commands(app)
 register_creds_commands(app)
 register_debug_commands(app)
 register_trace_commands(app)
+add_examples(app)
 
 
 def main() -> None:
     """Run the CLI. No traceback reaches a user unless they ask for it (``--debug`` or
-    ``LOOM_DEBUG=1``): an unexpected failure is one line saying what to do."""
+    ``LOOM_DEBUG=1``): an unexpected failure is one line saying what to do, and the exit
+    code says which kind (``ExitCode``, docs/cli.md)."""
     debug = "--debug" in sys.argv or os.environ.get("LOOM_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
@@ -346,23 +527,28 @@ def main() -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise SystemExit(ExitCode.INTERRUPTED) from None
     except BaseException as exc:
         if debug:
             raise
-        stderr.print(f"[red]error:[/] {escape(explain(exc))}", soft_wrap=True)
-        raise SystemExit(1) from None
+        code, text = explain(exc)
+        stderr.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)
+        raise SystemExit(code) from None
 
 
-def explain(exc: BaseException) -> str:
-    """One line for an unexpected failure, with what to do about it."""
+def explain(exc: BaseException) -> tuple[int, str]:
+    """The exit code and one line for an unexpected failure, with what to do about it."""
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return (
+        return ExitCode.UNAVAILABLE, (
             "no answer from the stack in time: check it is up (`loom up`), and if a "
             "'permissions violation' warning is shown above, this key lacks that right "
             "(the CLI needs the operator key). Add --debug for details"
         )
     name = type(exc).__name__
     if "nats" in type(exc).__module__:
-        return f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"
-    return f"{name}: {exc}. This is a bug if it persists: rerun with --debug and report it"
+        return ExitCode.UNAVAILABLE, (
+            f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"
+        )
+    return ExitCode.BUG, (
+        f"{name}: {exc}. This is a bug if it persists: rerun with --debug and report it"
+    )

@@ -6,19 +6,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from datetime import datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import msgspec
 import typer
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from rich.markup import escape
 
 from loom_cli.render import progress_line, stderr, stdout
 from loom_core import blobs
-from loom_core.contracts import EventRecord, RunCompleted, RunRequest
+from loom_core.contracts import (
+    ErrorInfo,
+    EventRecord,
+    PlanRejected,
+    RunCancelled,
+    RunCompleted,
+    RunRequest,
+)
+from loom_core.statuses import status_after
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.settings import settings_from_env
+
+
+class ExitCode(IntEnum):
+    """What a ``loom`` exit code means (docs/cli.md)."""
+
+    OK = 0
+    FAILED = 1  # the run did not complete; a request was refused; no such run
+    USAGE = 2  # the command line, or a file or value given to it, is wrong
+    UNAVAILABLE = 3  # the stack cannot be reached, did not answer in time, cannot start
+    BUG = 4  # an unexpected error: rerun with --debug and report it
+    INTERRUPTED = 130  # Ctrl-C (a submitted run goes on)
 
 
 class Output(StrEnum):
@@ -53,7 +75,9 @@ def json_arg(text: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise fail(f"{what} is not valid JSON: {exc}") from None
+        raise fail(f"{what} is not valid JSON: {exc}", ExitCode.USAGE) from None
+    except RecursionError:
+        raise fail(f"{what} is nested too deeply", ExitCode.USAGE) from None
 
 
 async def connect(url: str | None) -> LoomClient:
@@ -65,25 +89,59 @@ async def connect(url: str | None) -> LoomClient:
     try:
         return await LoomClient.connect(settings.nats_url, seed=seed, identity="operator")
     except FileNotFoundError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), ExitCode.USAGE) from None
     except Exception as exc:
         if "authorization" in str(exc).lower():
             raise fail(
                 f"NATS at {settings.nats_url} refused "
                 + (f"the operator key {seed}" if seed else "a connection without credentials")
                 + ": set LOOM_NKEY_SEED_FILE to the operator seed (`loom up` prints where it "
-                "is; by default {LOOM_DATA_DIR}/creds/operator.nk)"
+                "is; by default {LOOM_DATA_DIR}/creds/operator.nk)",
+                ExitCode.UNAVAILABLE,
             ) from None
         raise fail(
             f"cannot reach NATS at {settings.nats_url} ({exc.__class__.__name__}); "
-            "start the stack with `loom up` or set LOOM_NATS_URL"
+            "start the stack with `loom up` or set LOOM_NATS_URL",
+            ExitCode.UNAVAILABLE,
         ) from None
+
+
+class Following:
+    """The run a command follows, so Ctrl-C can say which run goes on and how to get
+    back to it (``interrupted``)."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id  # the id being submitted, or followed
+        self.submitted = False  # the stack said it has the run
+
+    def interrupted(self, again: str | None = None) -> typer.Exit:
+        rid = self.run_id
+        if rid is None:
+            return fail("interrupted before the run was submitted", ExitCode.INTERRUPTED)
+        if not self.submitted:
+            stderr.print(
+                f"interrupted while submitting run {rid}: it may or may not be stored. "
+                f"`loom follow {rid}` tells (no run '{rid}': it was not); submitting again "
+                f"with --run-id {rid} never starts it twice",
+                markup=False,
+                soft_wrap=True,
+            )
+            return typer.Exit(ExitCode.INTERRUPTED)
+        follow = again or f"loom follow {rid}"
+        stderr.print(
+            f"interrupted: run {rid} goes on without you. Follow it again: {follow}; "
+            f"its state: loom describe {rid}; stop it: loom cancel {rid}",
+            markup=False,
+            soft_wrap=True,
+        )
+        return typer.Exit(ExitCode.INTERRUPTED)
 
 
 async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
     started: dict[str, datetime] = {}
     last: EventRecord | None = None
-    async for record in client.follow(run_id):
+    # no timeout: a run may wait days for a person or an event; Ctrl-C leaves it running
+    async for record in client.follow(run_id, timeout=None):
         last = record
         line = progress_line(record, started)
         if line and not quiet:
@@ -93,15 +151,50 @@ async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
 
 
 async def run_and_report(
-    client: LoomClient, request: RunRequest, output: Output, quiet: bool = False
+    client: LoomClient,
+    request: RunRequest,
+    output: Output,
+    quiet: bool = False,
+    following: Following | None = None,
 ) -> tuple[int, str | None]:
     """Submit, follow, print; returns (exit code, run id)."""
     try:
         accepted = await client.submit(request)
     except LoomError as exc:
-        stderr.print(f"[red]submission refused:[/] {exc}")
-        return 2, None
+        _print_refusal(exc.error, output)
+        return ExitCode.USAGE, None
+    except (NatsTimeoutError, TimeoutError, NoRespondersError) as exc:
+        again = f"--run-id {request.run_id}" if request.run_id else "the same --run-id"
+        raise fail(
+            f"the executor did not answer the submission ({exc.__class__.__name__}): is the "
+            "stack up (`loom up`, `loom runs`)? The run may have been stored: submit again "
+            f"with {again}, it is never started twice",
+            ExitCode.UNAVAILABLE,
+        ) from None
+    if following is not None:
+        following.run_id, following.submitted = accepted.run_id, True
+    if accepted.existing:
+        stderr.print(f"run {accepted.run_id} exists already: following it", markup=False)
     return await follow_and_report(client, accepted.run_id, output, quiet), accepted.run_id
+
+
+def _print_refusal(error: ErrorInfo, output: Output) -> None:
+    """A refused submission: every problem (``details.issues``) on its own line."""
+    if output is not Output.text:
+        body = {"run_id": None, "status": "refused", "output": None,
+                "error": msgspec.to_builtins(error)}  # fmt: skip
+        if output is Output.jsonl:
+            sys.stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
+        else:
+            stdout.print_json(json.dumps(body))
+    stderr.print(f"[red]submission refused:[/] {escape(error.code)}: {escape(error.message)}")
+    issues = (error.details or {}).get("issues")
+    for issue in issues if isinstance(issues, list) else []:
+        if isinstance(issue, dict):
+            stderr.print(
+                f"  [red]✗[/] {escape(str(issue.get('code')))} at "
+                f"{escape(str(issue.get('path')))}: {escape(str(issue.get('message')))}"
+            )
 
 
 async def follow_and_report(
@@ -109,25 +202,45 @@ async def follow_and_report(
 ) -> int:
     """Follow a run to its end and print its result; returns the exit code."""
     last = await _follow(client, run_id, quiet)
-    ok = isinstance(last.event, RunCompleted)
-    if output is Output.json:
-        stdout.print_json(
-            json.dumps(
-                {
-                    "run_id": run_id,
-                    "status": "completed" if ok else last.kind,
-                    "output": msgspec.to_builtins(last.event.output) if ok else None,  # type: ignore[union-attr]
-                    "error": msgspec.to_builtins(getattr(last.event, "error", None)),
-                }
-            )
-        )
-    elif ok:
-        value = msgspec.to_builtins(last.event.output)  # type: ignore[union-attr]
-        stdout.print_json(json.dumps(blobs.readable(value)))
-        try:
-            found = blobs.find_refs(value)
-        except blobs.BlobRefError:
-            found = []
-        for _, ref in found:
-            stderr.print(f"fetch {blobs.describe(ref)} with: loom blob get {ref.digest}")
-    return 0 if ok else 1
+    return report_end(run_id, last, output)
+
+
+def report_end(run_id: str, last: EventRecord, output: Output) -> int:
+    """Print how a run ended (its output on stdout); the exit code. ``-o json``: one
+    object with ``status`` (the words of ``loom_core.statuses``), ``output``, ``error``
+    and, for a rejected plan, every ``issues`` entry."""
+    event = last.event
+    status = status_after(event) or last.kind
+    ok = isinstance(event, RunCompleted)
+    if output is Output.text:
+        if isinstance(event, RunCompleted):
+            value = msgspec.to_builtins(event.output)
+            stdout.print_json(json.dumps(blobs.readable(value)))
+            try:
+                found = blobs.find_refs(value)
+            except blobs.BlobRefError:
+                found = []
+            for _, ref in found:
+                stderr.print(f"fetch {blobs.describe(ref)} with: loom blob get {ref.digest}")
+        return ExitCode.OK if ok else ExitCode.FAILED
+    error = getattr(event, "error", None)
+    body: dict[str, Any] = {
+        "run_id": run_id,
+        "status": status,
+        "output": msgspec.to_builtins(event.output) if isinstance(event, RunCompleted) else None,
+        "error": msgspec.to_builtins(error) if error is not None else None,
+    }
+    if isinstance(event, PlanRejected):
+        body["error"] = {
+            "code": "plan_rejected",
+            "message": f"the plan has {len(event.issues)} problem(s); see issues",
+        }
+        body["issues"] = msgspec.to_builtins(event.issues)
+    if isinstance(event, RunCancelled):
+        body["error"] = {"code": "cancelled", "message": f"cancelled by {event.by}"
+                         + (f": {event.reason}" if event.reason else "")}  # fmt: skip
+    if output is Output.jsonl:
+        sys.stdout.write(json.dumps(body, ensure_ascii=False) + "\n")
+    else:
+        stdout.print_json(json.dumps(body))
+    return ExitCode.OK if ok else ExitCode.FAILED

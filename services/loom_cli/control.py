@@ -29,7 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from loom_cli.common import Output, OutputOpt, UrlOpt, connect, dump, fail
+from loom_cli.common import ExitCode, Output, OutputOpt, UrlOpt, connect, dump, fail
 from loom_cli.render import principal_line, stdout
 from loom_core.contracts import EventRecord, RunControlReply
 from loom_core.stats import RunStats, StepCounts, family_stats
@@ -74,7 +74,8 @@ async def _connect(url: str | None) -> LoomClient:
 def _unreachable(exc: Exception) -> typer.Exit:
     return fail(
         f"no answer from agentloom ({exc.__class__.__name__}): is the stack up? "
-        "Start it with `loom up` or set LOOM_NATS_URL"
+        "Start it with `loom up` or set LOOM_NATS_URL",
+        ExitCode.UNAVAILABLE,
     )
 
 

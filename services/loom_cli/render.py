@@ -3,11 +3,12 @@ Progress goes to stderr, data to stdout (so ``loom run x.yaml > out.json`` works
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import datetime
 
 import msgspec
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -16,6 +17,7 @@ from loom_core import blobs
 from loom_core.contracts import (
     BranchTaken,
     EventRecord,
+    EventWaitStarted,
     ForeachStarted,
     PlanAccepted,
     PlanRejected,
@@ -31,8 +33,10 @@ from loom_core.contracts import (
     StepCancelled,
     StepCompleted,
     StepFailed,
+    StepResumed,
     StepRetryScheduled,
     StepSkipped,
+    StepSuspended,
     TimerStarted,
     ToolCallRequested,
 )
@@ -78,6 +82,20 @@ def progress_line(record: EventRecord, started: dict[str, datetime]) -> str | No
             return f"  [cyan]▶[/] {sid}: {n} items"
         case BranchTaken(step_id=sid, branch=branch):
             return f"  [cyan]▶[/] {sid}: {branch}"
+        case StepSuspended(step_id=sid, label=label):
+            return (
+                f"  [yellow]⏸[/] {sid} waits for a person ({label}): answer with "
+                f"`loom resume {record.run_id} --label {label} --data JSON`; a wait can last "
+                "days, Ctrl-C leaves the run waiting"
+            )
+        case StepResumed(step_id=sid, by=by):
+            return f"  [green]▶[/] {sid} resumed by {by}"
+        case EventWaitStarted(step_id=sid, matches=matches):
+            names = ", ".join(f"{m.name}/{m.key}" for m in matches)
+            return (
+                f"  [yellow]⏸[/] {sid} waits for {names} (`loom signal NAME KEY`); "
+                "Ctrl-C leaves the run waiting"
+            )
         case RunPaused(by=by):
             return f"[yellow]run paused[/] by {by}"
         case RunUnpaused(by=by):
@@ -245,5 +263,23 @@ def span_tree(spans: Sequence[SpanRecord]) -> Tree:
     return tree
 
 
-stderr = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# Not on a terminal (piped, redirected), rich would cut tables and wrap text at 80
+# columns; nobody reads that width there, so lines are kept whole (COLUMNS still wins).
+PIPE_WIDTH = 4096
+
+
+class _Console(Console):
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or os.environ.get("COLUMNS") or self._width is not None:
+            return size
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+stderr = _Console(stderr=True, highlight=False)
+stdout = _Console(highlight=False)

@@ -32,7 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from loom_cli.common import Output, OutputOpt, UrlOpt, connect, fail
+from loom_cli.common import ExitCode, Output, OutputOpt, UrlOpt, connect, fail
 from loom_cli.render import runs_table, stderr, stdout
 from loom_core import subjects
 from loom_core.contracts import (
@@ -125,7 +125,8 @@ def _window(since: str | None, until: str | None) -> tuple[datetime | None, date
 def _unreachable(exc: Exception) -> typer.Exit:
     return fail(
         f"no answer from the tracing service ({exc.__class__.__name__}): is the stack up? "
-        "Start it with `loom up` or set LOOM_NATS_URL"
+        "Start it with `loom up` or set LOOM_NATS_URL",
+        ExitCode.UNAVAILABLE,
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, ids, limits, routes, secrets, subjects
+from loom_core import codec, ids, limits, resubmit, routes, secrets, shape, subjects
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
     Caps,
@@ -348,15 +348,18 @@ class ExecutorService:
         except auth.AuthError as exc:
             return await self._reject(msg, exc.error)
         depth = self.settings.max_json_depth
+        document: object = None
         try:
             # the depth first, without recursing: nothing downstream (templating,
             # validation, spans) may meet a document deeper than the limit
-            error = limits.check_json(msgspec.json.decode(msg.data), max_depth=depth)
+            document = msgspec.json.decode(msg.data)
+            error = limits.check_json(document, max_depth=depth)
             request = codec.decode(msg.data, RunRequest) if error is None else None
         except RecursionError:
             error = limits.too_deep("$", max_depth=depth)
         except Exception as exc:
-            error = bus.decode_error_info(exc)
+            # every shape mistake at once (details.issues), not msgspec's first
+            error = shape.with_issues(bus.decode_error_info(exc), document, RunRequest)
         if error is not None or request is None:
             return await self._reject(msg, error or limits.too_deep("$", max_depth=depth))
         request, redacted = secrets.redact_request(request)  # before anything stores it
@@ -368,7 +371,13 @@ class ExecutorService:
             error = await self._check_blobs(request, msg.data)
         if error is not None:
             return await self._reject(msg, error)
-        run_id = request.run_id or f"run-{uuid.uuid4().hex[:20]}"
+        # the run id is the dedupe key; a Nats-Msg-Id header stands for one (resubmit)
+        msg_id = (msg.headers or {}).get(subjects.MSG_ID)
+        run_id = (
+            request.run_id
+            or resubmit.run_id_from_msg_id(msg_id, principal)
+            or f"run-{uuid.uuid4().hex[:20]}"
+        )
         try:
             produced = await self.host.submit(run_id, Submission(request, principal, redacted))
         except ConcurrencyConflict:
@@ -382,6 +391,10 @@ class ExecutorService:
                     retryable=True,
                 )
             )
+        if not produced:  # a repeat: of the same request, or a reused id (refused)
+            differs = resubmit.differences(await self.host.state_of(run_id), request)
+            if differs:
+                return await self._reject(msg, resubmit.conflict(run_id, differs))
         return SubmitAccepted(run_id=run_id, existing=not produced)
 
     async def _check_blobs(self, request: RunRequest, data: bytes) -> ErrorInfo | None:

@@ -82,7 +82,7 @@ class PlannerService:
         if event.plan is None:
             return PlanRefused(run_id=run_id, issues=[self._no_model_issue()])
         issues = validate_plan(
-            event.plan, await self.tool_catalog(), event.input, caps=event.caps
+            event.plan, await self.tool_catalog(), event.input, caps=event.caps, foreign=True
         )
         if issues:
             return PlanRefused(run_id=run_id, issues=issues)

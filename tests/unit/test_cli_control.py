@@ -245,7 +245,7 @@ def test_describe_without_a_stack_says_what_to_do(
 ) -> None:
     use(monkeypatch, FakeClient(error=NoRespondersError()))
     result = invoke(cli, "describe", RUN)
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # unavailable (docs/cli.md)
     assert "loom up" in result.stderr
 
 

@@ -62,7 +62,12 @@ def test_proto_is_current(tmp_path: Path) -> None:
     }
     committed = {
         p.relative_to(PROTO).as_posix(): p.read_bytes()
-        for p in [PROTO / proto_gen.ASYNCAPI_FILE, *(PROTO / "schemas").glob("*.json")]
+        for p in [
+            PROTO / proto_gen.ASYNCAPI_FILE,
+            PROTO / proto_gen.ERRORS_FILE,
+            PROTO / proto_gen.LIMITS_FILE,
+            *(PROTO / "schemas").glob("*.json"),
+        ]
         if p.is_file()
     }
     stale = sorted(rel for rel, data in fresh.items() if committed.get(rel) != data)
