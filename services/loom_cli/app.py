@@ -173,16 +173,27 @@ def runs(
     status: str = typer.Option(None, help="only runs with this status"),
     suspended: bool = typer.Option(False, "--suspended", help="only runs waiting for people"),
     lineage: str = typer.Option(None, "--lineage", help="the fork tree RUN belongs to"),
-    limit: int = typer.Option(50),
+    limit: int = typer.Option(50, min=1, help="runs to list (read page by page)"),
+    after: str = typer.Option(
+        "", "--after", help="continue a listing: the cursor a previous `loom runs` printed"
+    ),
     output: Output = OutputOpt,
     url: str = UrlOpt,
 ) -> None:
-    """List runs, newest first, with status and duration (and what they wait for)."""
+    """List runs, newest first, with status and duration (and what they wait for).
+
+    When more runs follow, the command to list the next ones (with its --after cursor)
+    is printed on stderr."""
 
     async def main() -> None:
         async with await connect(url) as client:
             wanted = "suspended" if suspended else status
-            found = await client.runs(limit=1000 if lineage else limit, status=wanted)
+            try:
+                found, cursor = await client.runs_page(
+                    limit=1000 if lineage else limit, status=wanted, after=after
+                )
+            except LoomError as exc:
+                raise fail(str(exc)) from None
         if lineage:
             members = lineage_members(found, lineage)
             if not members:
@@ -198,6 +209,12 @@ def runs(
                 sys.stdout.write(codec.encode(r).decode() + "\n")
         else:
             stdout.print_json(dump(found))
+        if cursor is not None and not lineage:
+            sys.stdout.flush()
+            which = " --suspended" if suspended else f" --status {status}" if status else ""
+            stderr.print(
+                f"more runs: loom runs{which} --limit {limit} --after {cursor}", soft_wrap=True
+            )
 
     asyncio.run(main())
 

@@ -67,7 +67,7 @@ from loom_infra.blocking import Blocking
 from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, from_env
 from loom_infra.settings import Settings, SettingsError
-from loom_infra.spanstore import SpanStore, open_span_store
+from loom_infra.spanstore import SpanStore, micros, open_span_store, run_key
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.tracing")
@@ -78,6 +78,7 @@ EXPORT_BATCH = 512  # spans per OTLP request
 EXPORT_MAX_ATTEMPTS = 3  # refusals of one span before it is given up
 HISTORY_PAGE = 1000  # events per request to the executor
 MAX_QUERY_LIMIT = 10_000
+TRACE_CHUNK = 256  # spans read from the store per query while filling a trace page
 DLQ_ORIGIN = "otlp-export"
 
 Q = TypeVar("Q")
@@ -87,22 +88,36 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def _span_cursor_key(cursor: str) -> tuple[datetime, str]:
-    """(start, span id) from a trace page cursor (``{start ISO}|{span id}``)."""
+def _bad_cursor(cursor: str, what: str) -> ServiceError:
+    return ServiceError(
+        ErrorInfo(
+            code="bad_cursor",
+            message=f"{cursor[:80]!r} is not a {what} page cursor: pass a reply's "
+            "next_after unchanged, or '' for the first page",
+            path="$.after",
+        )
+    )
+
+
+def _span_cursor_key(cursor: str) -> tuple[int, str]:
+    """(start in µs, span id) from a trace page cursor (``{start ISO}|{span id}``)."""
     start, sep, span_id = cursor.rpartition("|")
     try:
         if not sep or not span_id:
             raise ValueError(cursor)
-        return datetime.fromisoformat(start), span_id
+        return micros(datetime.fromisoformat(start)), span_id
     except ValueError:
-        raise ServiceError(
-            ErrorInfo(
-                code="bad_cursor",
-                message=f"{cursor[:80]!r} is not a trace page cursor: pass a reply's "
-                "next_after unchanged, or '' for the first page",
-                path="$.after",
-            )
-        ) from None
+        raise _bad_cursor(cursor, "trace") from None
+
+
+def _run_cursor_key(cursor: str) -> tuple[int, str] | None:
+    """The keyset of a runs page cursor (None: from the newest run)."""
+    if not cursor:
+        return None
+    try:
+        return paging.parse_keyset_cursor(cursor)
+    except ValueError:
+        raise _bad_cursor(cursor, "runs") from None
 
 
 def options_from_env(env: Mapping[str, str] = os.environ) -> TraceOptions:
@@ -429,13 +444,58 @@ class TracingService:
     # ------------------------------------------------------------------ queries
 
     async def on_runs_query(self, msg: Msg, query: RunsQuery) -> RunsReply:
-        # A parent whose child waits on a person is stored "running" (its own events
-        # cannot tell): its children decide (loom_core.waits.lift_runs, people docs).
-        limit, wanted = _limit(query.limit), [query.status]
+        """One page of runs, newest first, after the cursor; bounded in count and bytes.
+        A parent whose child waits on a person is stored "running" (its own events
+        cannot tell): its children decide (loom_core.waits.lift_runs, people docs), so
+        the status filter applies after lifting and a page may come back short."""
+        limit, after = _limit(query.limit), _run_cursor_key(query.after)
+        statuses: list[str] | None = None if query.status is None else [query.status]
         if query.status in ("suspended", "running"):
-            wanted = ["suspended", "running"]
-        runs = [r for status in wanted for r in await self.io(self.store.runs, limit, status)]
-        return RunsReply(runs=await lift_runs(runs, self._own_summary, query.status, limit))
+            statuses = ["suspended", "running"]
+        rows = await self.io(self.store.runs, limit + 1, statuses, after)
+        more, rows = len(rows) > limit, rows[:limit]
+        lifted = {r.run_id: r for r in await lift_runs(rows, self._own_summary, None, len(rows))}
+        kept = [
+            (row, lifted[row.run_id])
+            for row in rows
+            if query.status is None or lifted[row.run_id].status == query.status
+        ]
+        page, cursor = self._runs_page(kept, limit, rows[-1] if more else None)
+        return RunsReply(runs=page, next_after=cursor)
+
+    def _runs_page(
+        self,
+        kept: Sequence[tuple[RunSummary, RunSummary]],
+        limit: int,
+        last_read: RunSummary | None,
+    ) -> tuple[list[RunSummary], str | None]:
+        """The (stored row, summary sent) pairs that fit one reply, and the cursor after
+        them: the last one sent when the byte budget cut the page, else the last row
+        read when the store holds more (``last_read``), else None."""
+        assert self.ctx is not None
+        max_payload = self.ctx.nc.max_payload or self.settings.max_payload
+        page = paging.fill(
+            kept, lambda pair: len(codec.encode(pair[1])), limit=limit, max_payload=max_payload
+        )
+        if page.too_large is not None:
+            (_, run), size = page.too_large
+            raise ServiceError(
+                ErrorInfo(
+                    code="summary_too_large",
+                    message=f"the summary of run '{run.run_id}' is {size} bytes, more than "
+                    f"one reply can carry (NATS max_payload {max_payload}); read that run "
+                    "with `loom describe`",
+                    path="$.after",
+                    details={"run_id": run.run_id, "bytes": size, "max_payload": max_payload},
+                )
+            )
+        if page.more:
+            cursor: str | None = paging.keyset_cursor(*run_key(page.items[-1][0]))
+        elif last_read is not None:
+            cursor = paging.keyset_cursor(*run_key(last_read))
+        else:
+            cursor = None
+        return [summary for _, summary in page.items], cursor
 
     async def _own_summary(self, run_id: str) -> RunSummary | None:
         """A run's summary from its own events (the cached builder, else the store's
@@ -456,26 +516,24 @@ class TracingService:
         the reply always fits; ``next_after`` is the cursor of the next page. The cursor
         is the last span's (start, span id), the order spans are kept in: a span folded
         between two pages lands in a later page or, when it starts earlier, not in this
-        reading (spans are only added or updated, never reordered)."""
+        reading (spans are only added or updated, never reordered). Only the page's
+        rows are read from the store (a keyset range, a chunk at a time), never the
+        whole trace."""
         if query.rebuild and not query.after:  # the first page rebuilds, the rest read it
             records = await self._executor_history(query.run_id)
-            spans, _ = await self.rebuild_run(query.run_id, records or None)
-        else:
-            spans = await self.io(self.store.trace, query.run_id)
-        if not spans:
-            return TraceReply(
-                run_id=query.run_id,
-                error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
-            )
-        if query.after:
-            key = _span_cursor_key(query.after)
-            spans = [s for s in spans if (s.start, s.span_id) > key]
+            await self.rebuild_run(query.run_id, records or None)
+        after = _span_cursor_key(query.after) if query.after else None
         limit = max(1, min(query.limit, MAX_QUERY_LIMIT))
         assert self.ctx is not None
         max_payload = self.ctx.nc.max_payload or self.settings.max_payload
-        page = paging.fill(
-            spans, lambda s: len(codec.encode(s)), limit=limit, max_payload=max_payload
-        )
+        chunk = min(limit + 1, TRACE_CHUNK)
+
+        def read() -> paging.Page[SpanRecord]:
+            spans = self.store.iter_trace(query.run_id, after, chunk)
+            size = lambda s: len(codec.encode(s))  # noqa: E731
+            return paging.fill(spans, size, limit=limit, max_payload=max_payload)
+
+        page = await self.io(read)
         if page.too_large is not None:
             span, size = page.too_large
             raise ServiceError(
@@ -487,6 +545,11 @@ class TracingService:
                     path="$.after",
                     details={"span_id": span.span_id, "bytes": size, "max_payload": max_payload},
                 )
+            )
+        if not page.items and not query.after:
+            return TraceReply(
+                run_id=query.run_id,
+                error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
             )
         last = page.items[-1] if page.items else None
         cursor = f"{last.start.isoformat()}|{last.span_id}" if page.more and last else None
@@ -504,7 +567,7 @@ class TracingService:
             return []
 
     async def on_traces_query(self, msg: Msg, q: TracesQuery) -> TracesReply:
-        limit = _limit(q.limit)
+        limit, after = _limit(q.limit), _run_cursor_key(q.after)
         runs = await self.io(
             lambda: self.store.traces(
                 since=q.since,
@@ -513,10 +576,13 @@ class TracingService:
                 tool=q.tool,
                 model=q.model,
                 error=q.error,
-                limit=limit,
+                limit=limit + 1,
+                after=after,
             )
         )
-        return TracesReply(runs=runs)
+        more, runs = len(runs) > limit, runs[:limit]
+        page, cursor = self._runs_page([(r, r) for r in runs], limit, runs[-1] if more else None)
+        return TracesReply(runs=page, next_after=cursor)
 
     async def on_slowest_query(self, msg: Msg, q: SlowestStepsQuery) -> SlowestStepsReply:
         limit = _limit(q.limit)
