@@ -208,51 +208,78 @@ class TracingService:
                 results[i] = bus.Poison(bus.decode_error_info(exc))
                 continue
             by_run.setdefault(record.run_id, []).append((i, record))
-        try:
-            async with self._fold_lock:
-                refused = await self._fold(by_run)
-        except Exception as exc:
-            log.exception("tracing batch failed")
-            return [r if r is not True else exc for r in results]
-        for i, error in refused.items():  # dead-lettered with the reason, never folded
-            results[i] = bus.Poison(error)
+        async with self._fold_lock:
+            outcome = await self._fold(by_run)
+        for i, result in outcome.items():
+            results[i] = bus.Poison(result) if isinstance(result, ErrorInfo) else result
         self._export_wake.set()
         return results
 
     async def _fold(
         self, by_run: OrderedDict[str, list[tuple[int, EventRecord]]]
+    ) -> dict[int, ErrorInfo | BaseException]:
+        """Fold each run's new events on its own: what one run's events do (a history
+        that cannot be read, a store error, a bug) never fails another run's. Returns,
+        by message index, those refused (ErrorInfo: dead-lettered with the reason) and
+        those to retry (the exception: only that run's messages are redelivered)."""
+        outcome: dict[int, ErrorInfo | BaseException] = {}
+        for run_id, indexed in by_run.items():
+            try:
+                outcome.update(await self._fold_run(run_id, indexed))
+            except Exception as exc:
+                log.warning(
+                    "tracing: folding run %s failed (%r); its %d event(s) are retried, "
+                    "other runs go on",
+                    run_id,
+                    exc,
+                    len(indexed),
+                )
+                self.builders.pop(run_id, None)  # it may hold half of what failed
+                outcome.update((i, exc) for i, _ in indexed)
+        return outcome
+
+    async def _fold_run(
+        self, run_id: str, indexed: list[tuple[int, EventRecord]]
     ) -> dict[int, ErrorInfo]:
-        """Fold each run's new events; returns the messages refused (by index), why.
+        """Fold one run's new events; returns the messages refused (by index), why.
 
         The read model folds only what the relay published: a run's history from seq 1,
         contiguous. When a batch does not simply continue what was folded (a run seen
         for the first time, a gap, an event for a seq already folded but different), the
         events are taken from the executor (the system of record) instead of the bus;
-        events it does not hold, and runs it does not know, are refused."""
+        events it does not hold, and runs it does not know, are refused. An event whose
+        spans could not be built is folded (the failure is an event on the run's span)
+        and dead-lettered with the reason, so it is seen."""
         refused: dict[int, ErrorInfo] = {}
-        for run_id, indexed in by_run.items():
-            builder, last = await self._builder(run_id)
-            indexed.sort(key=lambda item: item[1].seq)
-            fresh = [r for _, r in indexed if r.seq > last]
-            conflict = await self._conflicts(run_id, indexed, last)
-            if not fresh and not conflict:
-                continue  # redelivered events already folded
-            if last == 0 or conflict or fresh[0].seq != last + 1 or _gaps(fresh):
-                fresh, wrong = await self._checked(run_id, indexed, last)
-                refused.update(wrong)
-                if last and any(r.seq <= last for r in fresh):  # folded a forgery: refold
-                    await self._refold(run_id, fresh)
-                    continue
-                if not fresh:
-                    continue
-            changed: dict[str, SpanRecord] = {}
-            for record in fresh:
-                for span in builder.apply(record):
-                    changed[span.span_id] = span
-            # events, spans and summary in one transaction: a crash between them would
-            # leave events whose span changes are never reported again
-            await self.io(self.store.save, run_id, fresh, list(changed.values()), builder.summary)
-            self._cache(run_id, builder)
+        builder, last = await self._builder(run_id)
+        indexed.sort(key=lambda item: item[1].seq)
+        fresh = [r for _, r in indexed if r.seq > last]
+        conflict = await self._conflicts(run_id, indexed, last)
+        if not fresh and not conflict:
+            return refused  # redelivered events already folded
+        if last == 0 or conflict or fresh[0].seq != last + 1 or _gaps(fresh):
+            fresh, wrong = await self._checked(run_id, indexed, last)
+            refused.update(wrong)
+            if last and any(r.seq <= last for r in fresh):  # folded a forgery: refold
+                await self._refold(run_id, fresh)
+                return refused
+            if not fresh:
+                return refused
+        changed: dict[str, SpanRecord] = {}
+        failed: dict[int, ErrorInfo] = {}
+        for record in fresh:
+            for span in builder.apply(record):
+                changed[span.span_id] = span
+            if builder.last_error is not None:
+                log.error("tracing: %s", builder.last_error.message)
+                failed[record.seq] = builder.last_error
+        # events, spans and summary in one transaction: a crash between them would
+        # leave events whose span changes are never reported again
+        await self.io(self.store.save, run_id, fresh, list(changed.values()), builder.summary)
+        self._cache(run_id, builder)
+        for i, record in indexed:
+            if record.seq in failed and i not in refused:
+                refused[i] = failed[record.seq]
         return refused
 
     async def _conflicts(
@@ -336,6 +363,20 @@ class TracingService:
                 RunEventsReply,
             )
             if reply.error is not None:
+                skipped = _unreadable_seq(reply.error, after_seq)
+                if skipped is not None:
+                    # An event no reply can carry (over the broker's max_payload: the
+                    # relay skipped it too and its run failed for it). The trace goes
+                    # on without it; waiting would hold this run's events forever.
+                    log.warning(
+                        "tracing: event %d of run %s cannot be read (%s); its trace goes "
+                        "on without it",
+                        skipped,
+                        run_id,
+                        reply.error.code,
+                    )
+                    after_seq = skipped
+                    continue
                 # not "no such run": the events are retried rather than judged on it
                 raise RuntimeError(f"executor history of {run_id}: {reply.error.message}")
             events.extend(reply.events)
@@ -618,6 +659,13 @@ class TracingService:
                 spans += len(rebuilt)
                 changed += differ
         return RebuildTracesReply(runs=runs, spans=spans, changed=changed, last_run_id=last)
+
+
+def _unreadable_seq(error: ErrorInfo, after_seq: int) -> int | None:
+    """The seq of the event an events query could not carry (``event_too_large``), when
+    it is the next one to read: reading goes on after it."""
+    seq = error.details.get("seq") if error.code == "event_too_large" else None
+    return seq if isinstance(seq, int) and seq > after_seq else None
 
 
 def _gaps(records: Sequence[EventRecord]) -> bool:
