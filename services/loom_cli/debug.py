@@ -19,8 +19,10 @@ from loom_cli.render import stderr, stdout
 from loom_core import codec
 from loom_core.contracts import EventRecord, ForkRun
 from loom_core.lineage import diff_runs
+from loom_core.message_limits import check_signal_payload
 from loom_core.replay import replay, state_at, state_view
 from loom_infra.client import LoomError
+from loom_infra.settings import settings_from_env
 
 
 def read_jsonl(path: Path) -> list[EventRecord]:
@@ -200,6 +202,10 @@ def signal(
 ) -> None:
     """Publish an external event: runs waiting (wait_event) on NAME and KEY get it."""
     payload = json_arg(data, "--data")
+    # the router refuses a payload over its limit without a reply: say it here
+    too_large = check_signal_payload(payload, settings_from_env().message_limits)
+    if too_large is not None:
+        raise fail(too_large.message)
 
     async def main() -> None:
         async with await connect(url) as c:

@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from loom_core import codec, routes, subjects
 from loom_core.contracts import EventWaitStarted, ExternalEventArrived, Signal, WaitEventStep
 from loom_core.executor import RunState
+from loom_core.message_limits import DEFAULT_MESSAGE_LIMITS, MessageLimits, check_signal_payload
 from loom_infra import bus, endpoints
 
 log = logging.getLogger("loom.signals")
@@ -39,10 +40,21 @@ StateOf = Callable[[str], Awaitable[RunState]]
 
 
 class SignalRouter:
-    def __init__(self, js: JetStreamContext, state_of: StateOf, service: str = "executor"):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        state_of: StateOf,
+        service: str = "executor",
+        limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
+        rejects: bus.RejectRecorder | None = None,
+    ):
         self.js = js
         self.state_of = state_of
         self.service = service
+        # a payload over its limit is refused before any run's inbox holds it; it is
+        # the sender's mistake, recorded with the client mistakes (loom.rejects.*)
+        self.limits = limits
+        self.rejects = rejects
         self.waiting: dict[str, set[tuple[str, str]]] = {}  # subject -> {(run, step)}
 
     async def start(self, nc: object, stop: asyncio.Event) -> list[Awaitable[None]]:
@@ -117,6 +129,12 @@ class SignalRouter:
         name, key = subject.split(".")[2:4]
         if (signal.name, signal.key) != (name, key):
             return  # the subject is the address; a mismatching body is ignored
+        too_large = check_signal_payload(signal.payload, self.limits)
+        if too_large is not None:
+            log.warning("signal on %s refused: %s", subject, too_large.message)
+            if self.rejects is not None:
+                self.rejects.offer(subject, too_large, data)
+            return
         signal_id = signal.signal_id or fallback_id
         for run_id, step_id in targets:
             arrived = ExternalEventArrived(
