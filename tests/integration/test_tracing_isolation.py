@@ -120,6 +120,7 @@ async def test_a_run_with_an_unreadable_event_does_not_hold_the_others(
     tracing = Stack([TracingService(settings)], settings)
     await tracing.start()
     try:
+        await client.wait_ready(["tracing"])  # its queries are subscribed once it answers
 
         async def all_folded() -> dict[str, RunSummary] | None:
             runs = await _runs(client)
@@ -167,6 +168,7 @@ async def test_a_span_building_crash_is_recorded_and_the_rest_fold(
     tracing = Stack([_FragileTracing(settings)], settings)
     await tracing.start()
     try:
+        await client.wait_ready(["tracing"])  # its queries are subscribed once it answers
 
         async def all_folded() -> dict[str, RunSummary] | None:
             runs = await _runs(client)
