@@ -264,6 +264,29 @@ async def connect(
     return nc
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a given-up future's outcome, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def publish_acked(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> Any:
+    """``js.publish`` (wait for the stream's ack), but ConnectionError at once when the
+    connection drops while the ack is pending, instead of waiting out ``timeout`` for
+    an ack a killed server will never send (see :func:`wait_acks`)."""
+    sent = asyncio.ensure_future(js.publish(subject, data, headers=headers, timeout=timeout))
+    (ack,) = await wait_acks(js, [sent], timeout + 1.0)
+    if isinstance(ack, BaseException):
+        raise ack
+    return ack
+
+
 # the callbacks of each connection made by ``connect`` (wait_acks reads its disconnects)
 _EVENTS: weakref.WeakKeyDictionary[NATS, _ConnectionEvents] = weakref.WeakKeyDictionary()
 
@@ -290,7 +313,8 @@ async def wait_acks(
         lost.cancel()
     if gathered in done:
         return gathered.result()
-    gathered.cancel()
+    gathered.cancel()  # cancels the pending futures too, which frees their slots
+    gathered.add_done_callback(_retrieved)
     if lost in done:
         raise ConnectionError("the NATS connection dropped while publish acks were pending")
     raise TimeoutError(f"publish acks not received in {timeout}s")

@@ -96,3 +96,35 @@ async def _is(count, n: int) -> bool:  # noqa: ANN001
         return await count() == n
     except Exception:  # the server is restarting: not yet
         return False
+
+
+async def test_a_pending_publish_fails_at_once_when_the_server_dies(tmp_path: Path) -> None:
+    """The tool-runner's and planner's result publish (request/reply on the stream's
+    ack) waited its whole 5 s timeout after a kill: a 5.3 s recovery in the chaos suite.
+    ``bus.publish_acked`` raises ConnectionError as the connection drops, so the
+    message is nak'ed and redelivered at once instead."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    port = server.port
+    nc = await bus.connect(server.url, "publish-test", persistent=True)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    try:
+        subject = subjects.run_event("r", "step_scheduled")
+        assert (await bus.publish_acked(js, subject, b"{}")).seq == 1
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        pending = asyncio.ensure_future(bus.publish_acked(js, subject, b"{}", timeout=5.0))
+        done, _ = await asyncio.wait({pending}, timeout=0.3)
+        assert not done  # no ack from a stopped server
+        start = time.monotonic()
+        server.kill()
+        server.port = port
+        await asyncio.to_thread(server.start)
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(pending, 10)
+        assert time.monotonic() - start < 4.0
+        ack = await bus.publish_acked(js, subject, b"{}")  # and the next one goes through
+        assert ack.seq >= 2
+    finally:
+        await nc.close()
+        server.stop()
