@@ -1017,13 +1017,22 @@ class RunSummary(Record, tag="run_summary", tag_field="type"):
 
 
 class RunsQuery(Inbound, tag="runs_query", tag_field="type"):
+    """One page of runs, newest first (by start, then run id): those after the opaque
+    cursor ``after`` (a previous reply's ``next_after``; "" from the newest), at most
+    ``limit`` (capped at 10,000) and at most what fits one reply."""
+
     limit: int = 50
     status: str | None = None
+    after: str = ""
 
 
 class RunsReply(Record, tag="runs_reply", tag_field="type"):
+    """``next_after``: more runs may follow; ask again with ``after`` set to it (None:
+    the listing ends here). A short page, even an empty one, is not the end."""
+
     runs: list[RunSummary] = []
     error: ErrorInfo | None = None
+    next_after: str | None = None
 
 
 class SpanEvent(Record, tag="span_event", tag_field="type"):
@@ -1117,11 +1126,13 @@ class TracesQuery(Inbound, tag="traces_query", tag_field="type"):
     model: str | None = None
     error: str | None = None
     limit: int = 50
+    after: str = ""  # a previous reply's next_after (paging as RunsQuery)
 
 
 class TracesReply(Record, tag="traces_reply", tag_field="type"):
     runs: list[RunSummary] = []
     error: ErrorInfo | None = None
+    next_after: str | None = None  # more may follow: ask again with after = this
 
 
 class SlowestStepsQuery(Inbound, tag="slowest_steps_query", tag_field="type"):

@@ -155,7 +155,10 @@ CODES: dict[str, Code] = {
     "missing_label": Code(_A, "neither label nor suspension id given"),
     "invalid_resume_data": Code(_A, "the answer does not fit the suspension's schema"),
     "not_applied": Code(_A, "the control action changed nothing (e.g. unpause of a running run)"),
+    "reason_too_large": Code(_A, "a reason, by or label over LOOM_MAX_REASON_BYTES"),
+    "data_too_large": Code(_A, "resume data over LOOM_MAX_RESUME_DATA_BYTES"),
     # ---- query: read API replies
+    "summary_too_large": Code(_Q, "one run's summary is more than a reply can carry; describe it"),
     "invalid_query": Code(_Q, "a query with bad bounds or filters"),
     "bad_cursor": Code(_Q, "a paging cursor that does not move or does not parse"),
     "reply_too_large": Code(_Q, "one item is too large for any reply"),
@@ -163,6 +166,7 @@ CODES: dict[str, Code] = {
     "export_rejected": Code(_Q, "the OTLP collector refused the spans"),
     "span_too_large": Code(_Q, "a span too large to store"),
     # ---- transport: dead letters and handler failures
+    "span_build_failed": Code(_X, "the spans of one event could not be built; the trace goes on"),
     "invalid_message": Code(_X, "a message that does not decode for its subject"),
     "unexpected_message": Code(_X, "a message the run is not waiting for (dead-lettered)"),
     "unexpected_event": Code(_X, "an event of a kind the consumer does not take"),

@@ -321,6 +321,8 @@ class TraceBuilder:
         self._open: dict[str, None] = {}  # insertion-ordered set of spans with no end
         self._changed: dict[str, SpanRecord] = {}  # spans touched by the current apply
         self._last_seq = 0
+        # why the last apply could not build its spans (None: it could); see apply
+        self.last_error: ErrorInfo | None = None
 
         # the plan, to name instances and tell their kind
         self._top: dict[str, Step] = {}
@@ -371,14 +373,40 @@ class TraceBuilder:
             return []
         self._last_seq = record.seq
         self._changed = {}
+        self.last_error = None
         at = record.at
         if self._root_id not in self._spans and not isinstance(record.event, RunRequested):
             # A stream that does not start with RunRequested (a truncated history):
             # anchor the tree at the first event seen rather than fail.
             self._create_root(at, {})
-        self._dispatch(at, record.event)
+        try:
+            self._dispatch(at, record.event)
+        except Exception as exc:  # noqa: BLE001 - a bug met on one event
+            # must not end the run's trace (nor, in the tracing service, hold other
+            # runs): the failure is an event on the run's span, the fold goes on with
+            # the next event. Deterministic: a rebuild records the same.
+            self._build_failed(record, exc)
         self._show_suspended()
         return list(self._changed.values())
+
+    def _build_failed(self, record: EventRecord, exc: Exception) -> None:
+        what = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error = ErrorInfo(
+            code="span_build_failed",
+            message=f"the spans of event {record.seq} ({record.kind}) of run {self.run_id} "
+            f"could not be built ({what}); the trace goes on without them. A bug in span "
+            "building: report it with the run's events (`loom show RUN -o jsonl`)",
+            details={"run_id": self.run_id, "seq": record.seq, "kind": record.kind},
+        )
+        if self._root_id not in self._spans:
+            self._create_root(record.at, {})
+        attrs: dict[str, JSON] = {
+            "loom.event.seq": record.seq,
+            "loom.event.kind": record.kind,
+            "error.type": type(exc).__name__,
+            "error.message": what,
+        }
+        self._event(self._root_id, "span_build_failed", record.at, attrs)
 
     def spans(self) -> list[SpanRecord]:
         """Every span's current version, by start time then creation order."""

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -194,6 +195,13 @@ class _ConnectionEvents:
         self.who = who
         self.on_error = on_error
         self.down = False
+        # set at each disconnect, then replaced: whoever waits for replies the lost
+        # server will never send takes the current one (see wait_acks)
+        self.lost = asyncio.Event()
+
+    async def disconnected(self) -> None:
+        self.lost.set()
+        self.lost = asyncio.Event()
 
     async def error(self, exc: Exception) -> None:
         text = str(exc) or type(exc).__name__
@@ -247,7 +255,7 @@ async def connect(
     options: dict[str, Any] = _seed_option(seed) if seed is not None else {}
     if identity is not None:
         options["inbox_prefix"] = f"_INBOX.{identity}"
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1 if persistent else 2,
@@ -255,11 +263,68 @@ async def connect(
         connect_timeout=5 if persistent else 2,
         allow_reconnect=persistent,
         error_cb=events.error,
-        disconnected_cb=events.quiet,
+        disconnected_cb=events.disconnected,
         closed_cb=events.quiet,
         reconnected_cb=events.reconnected,
         **options,
     )
+    _EVENTS[nc] = events
+    return nc
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a given-up future's outcome, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def publish_acked(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> Any:
+    """``js.publish`` (wait for the stream's ack), but ConnectionError at once when the
+    connection drops while the ack is pending, instead of waiting out ``timeout`` for
+    an ack a killed server will never send (see :func:`wait_acks`)."""
+    sent = asyncio.ensure_future(js.publish(subject, data, headers=headers, timeout=timeout))
+    (ack,) = await wait_acks(js, [sent], timeout + 1.0)
+    if isinstance(ack, BaseException):
+        raise ack
+    return ack
+
+
+# the callbacks of each connection made by ``connect`` (wait_acks reads its disconnects)
+_EVENTS: weakref.WeakKeyDictionary[NATS, _ConnectionEvents] = weakref.WeakKeyDictionary()
+
+
+async def wait_acks(
+    js: JetStreamContext, acks: Sequence[Awaitable[Any]], timeout: float
+) -> list[Any]:
+    """The results (or exceptions) of pipelined ``publish_async`` acks, like
+    ``gather(return_exceptions=True)``, bounded by ``timeout`` (TimeoutError). When the
+    connection drops meanwhile, ConnectionError at once: nats-py never fails a pending
+    ``publish_async`` future on a disconnect, and a server killed before it acked will
+    never ack, so without this the caller waits out the whole timeout (the relay's 10 s
+    stall after a nats-server kill, seen in the chaos suite) before publishing again."""
+    gathered = asyncio.gather(*acks, return_exceptions=True)
+    events = _EVENTS.get(getattr(js, "_nc", None))  # type: ignore[arg-type]
+    if events is None:  # a connection not made by ``connect``: the timeout only
+        return await asyncio.wait_for(gathered, timeout)
+    lost = asyncio.ensure_future(events.lost.wait())
+    try:
+        waited: set[asyncio.Future[Any]] = {gathered, lost}
+        done, _ = await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+    if gathered in done:
+        return gathered.result()
+    gathered.cancel()  # cancels the pending futures too, which frees their slots
+    gathered.add_done_callback(_retrieved)
+    if lost in done:
+        raise ConnectionError("the NATS connection dropped while publish acks were pending")
+    raise TimeoutError(f"publish acks not received in {timeout}s")
 
 
 async def ensure_streams(js: JetStreamContext, ops: OpsSettings | None = None) -> None:

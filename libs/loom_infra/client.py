@@ -250,11 +250,37 @@ class LoomClient:
                 raise LoomError(_stuck("events", run_id, str(after_seq)))
             after_seq = reply.next_after_seq
 
-    async def runs(self, limit: int = 50, status: str | None = None) -> list[RunSummary]:
-        reply = await self._ask(
-            subjects.API_RUNS, RunsQuery(limit=limit, status=status), RunsReply, 10.0
-        )
-        return reply.runs
+    async def runs(
+        self, limit: int = 50, status: str | None = None, after: str = ""
+    ) -> list[RunSummary]:
+        """Up to ``limit`` runs, newest first, after the cursor ``after``."""
+        found, _ = await self.runs_page(limit, status, after)
+        return found
+
+    async def runs_page(
+        self, limit: int = 50, status: str | None = None, after: str = "", timeout: float = 10.0
+    ) -> tuple[list[RunSummary], str | None]:
+        """Up to ``limit`` runs after the cursor ``after`` ("" from the newest), asked
+        page by page (each bounded in count and bytes by the tracing service), and the
+        cursor to continue after them (None: no more runs)."""
+        found: list[RunSummary] = []
+        cursor: str | None = after
+        while cursor is not None and len(found) < limit:
+            query = RunsQuery(limit=limit - len(found), status=status, after=cursor)
+            reply = await self._ask(subjects.API_RUNS, query, RunsReply, timeout)
+            if reply.error is not None:
+                raise LoomError(reply.error)
+            found.extend(reply.runs)
+            if reply.next_after is not None and reply.next_after == cursor:
+                raise LoomError(
+                    ErrorInfo(
+                        code="bad_cursor",
+                        message=f"the run list answered a next page at the cursor it was "
+                        f"asked ({cursor!r}): the tracing service is out of date or faulty",
+                    )
+                )
+            cursor = reply.next_after
+        return found, cursor
 
     async def trace(self, run_id: str, rebuild: bool = False) -> list[SpanRecord]:
         """The run's spans (by start), read page by page; ``rebuild`` recomputes them

@@ -10,6 +10,8 @@ caller answers with a typed error naming it.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -74,3 +76,36 @@ _END = object()
 
 def _peek(it: Iterator[T]) -> bool:
     return next(it, _END) is not _END
+
+
+# ----------------------------------------------------------------------------- cursors
+# A keyset cursor names the last item a page held by its sort key, never by an offset:
+# items added or removed before it do not shift what the next page starts with. It is
+# opaque to readers (pass ``next_after`` back unchanged); the version prefix lets a
+# later layout be told from this one.
+_KEYSET = "k1."
+
+
+def keyset_cursor(number: int, ident: str) -> str:
+    """An opaque cursor for the sort key ``(number, ident)``."""
+    raw = json.dumps([number, ident], separators=(",", ":")).encode()
+    return _KEYSET + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_keyset_cursor(cursor: str) -> tuple[int, str]:
+    """The sort key of a :func:`keyset_cursor`; ValueError when it is not one."""
+    if not cursor.startswith(_KEYSET) or len(cursor) > 4096:
+        raise ValueError(cursor)
+    body = cursor[len(_KEYSET) :]
+    try:
+        key = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(cursor) from None
+    if (
+        not isinstance(key, list)
+        or len(key) != 2
+        or type(key[0]) is not int
+        or not isinstance(key[1], str)
+    ):
+        raise ValueError(cursor)
+    return key[0], key[1]

@@ -57,7 +57,7 @@ from loom_core import codec, subjects
 from loom_core.contracts import ErrorInfo, EventRecord
 from loom_infra import metrics
 from loom_infra.blocking import Blocking
-from loom_infra.bus import dead_letter, wait_or_timeout
+from loom_infra.bus import dead_letter, wait_acks, wait_or_timeout
 from loom_infra.store import EventStore
 
 log = logging.getLogger("loom.relay")
@@ -248,11 +248,9 @@ class Relay:
                 continue
             sent.append((record, subject, data, headers, ack))
         # A publish whose ack never comes must not hang the relay: fail the batch and
-        # retry it (Nats-Msg-Id makes the retry harmless).
-        acks = await asyncio.wait_for(
-            asyncio.gather(*(ack for *_, ack in sent), return_exceptions=True),
-            timeout=self.ack_timeout_s,
-        )
+        # retry it (Nats-Msg-Id makes the retry harmless), at once when the connection
+        # drops (a killed server never acks what it had), else after ack_timeout_s.
+        acks = await wait_acks(self.js, [ack for *_, ack in sent], self.ack_timeout_s)
         for (record, subject, data, headers, _), ack in zip(sent, acks, strict=True):
             if isinstance(ack, APIError) and ack.err_code in PERMANENT_ERR_CODES:
                 skipped.append((record, _unpublishable(record, f"refused by JetStream: {ack}")))

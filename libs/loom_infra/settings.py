@@ -21,6 +21,10 @@ Variables (all optional unless noted):
 - ``LOOM_MAX_PAYLOAD``: largest message in bytes, default 262144.
 - ``LOOM_MAX_STEP_INPUT_BYTES``, ``LOOM_MAX_STEP_OUTPUT_BYTES``: largest rendered step
   input / step output, default 131072 each (see :func:`size_limits_from_env`).
+- ``LOOM_MAX_REASON_BYTES``, ``LOOM_MAX_RESUME_DATA_BYTES``,
+  ``LOOM_MAX_SIGNAL_PAYLOAD_BYTES``: largest control/resume text, resume data and
+  external event payload, default 4096, 131072, 65536 (see
+  :func:`message_limits_from_env`).
 - ``LOOM_MAX_FOREACH_ITEMS``, ``LOOM_MAX_FOREACH_CONCURRENCY``,
   ``LOOM_MAX_PARALLEL_BRANCHES``, ``LOOM_MAX_LOOP_ITERATIONS``: fan-out caps per step,
   default 10000, 64, 64, 10000 (see :func:`caps_from_env`).
@@ -58,6 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from loom_core import blobs as blob_refs
 from loom_core import caps as fanout
+from loom_core import message_limits as msg_limits
 from loom_core.contracts import Caps, SizeLimits
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
 from loom_core.sizes import DEFAULT_LIMITS, STEP_INPUT_SETTING, STEP_OUTPUT_SETTING
@@ -312,6 +317,36 @@ def size_limits_from_env(env: Mapping[str, str], max_payload: int) -> SizeLimits
 # --- end of size limits
 
 
+# --- limits on what enters a live run (loom_core.message_limits): checked at the edge
+# (control, resume, signals), never recorded: a refused message never becomes an event.
+def message_limits_from_env(
+    env: Mapping[str, str], max_payload: int, max_depth: int = DEFAULT_MAX_DEPTH
+) -> msg_limits.MessageLimits:
+    """``LOOM_MAX_REASON_BYTES`` (default 4096, 256 up), ``LOOM_MAX_RESUME_DATA_BYTES``
+    (131072) and ``LOOM_MAX_SIGNAL_PAYLOAD_BYTES`` (65536), 1024 up; each at most half
+    the broker's max_payload (``max(1 MiB, 2 x LOOM_MAX_PAYLOAD)``)."""
+    ceiling = max(1024**2, 2 * max_payload) // 2
+    default = msg_limits.DEFAULT_MESSAGE_LIMITS
+    values = []
+    for name, fallback, floor in (
+        (msg_limits.REASON_SETTING, default.reason_bytes, 256),
+        (msg_limits.RESUME_DATA_SETTING, default.resume_data_bytes, 1024),
+        (msg_limits.SIGNAL_PAYLOAD_SETTING, default.signal_payload_bytes, 1024),
+    ):
+        value = _whole(env, name, fallback)
+        if not floor <= value <= ceiling:
+            raise SettingsError(
+                name,
+                f"must be {floor}-{ceiling} bytes (half the broker's max_payload), got {value}",
+            )
+        values.append(value)
+    reason, resume_data, signal_payload = values
+    return msg_limits.MessageLimits(reason, resume_data, signal_payload, max_depth=max_depth)
+
+
+# --- end of message limits
+
+
 # --- fan-out caps (loom_core.caps): recorded in each run's run_requested by the executor,
 # so a run keeps the caps it started with (replay). Each: 1 up to a ceiling that keeps a
 # run loadable (a loop's is validation's MAX_LOOP_ITERATIONS).
@@ -406,6 +441,8 @@ class Settings:
     size_limits: SizeLimits = DEFAULT_LIMITS  # step inputs/outputs (loom_core.sizes)
     caps: Caps = fanout.DEFAULT_CAPS  # fan-out: foreach, parallel, loop (loom_core.caps)
     blobs: BlobSettings = field(default_factory=BlobSettings)  # big values by reference
+    # reasons, resume data, signal payloads (loom_core.message_limits)
+    message_limits: msg_limits.MessageLimits = msg_limits.DEFAULT_MESSAGE_LIMITS
 
     @property
     def credentials_dir(self) -> Path:
@@ -537,6 +574,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         size_limits=size_limits,
         caps=caps_from_env(env),
         blobs=blobs,
+        message_limits=message_limits_from_env(env, max_payload, _depth(env)),
     )
 
 

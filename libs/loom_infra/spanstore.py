@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "USAGE_KEYS",
+    "micros",
+    "run_key",
+    "span_key",
     "PostgresSpanStore",
     "SQLiteSpanStore",
     "SpanStore",
@@ -97,6 +100,23 @@ def _us(value: datetime | None) -> int:
 
 def _from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
+
+
+def micros(value: datetime | None) -> int:
+    """A time as the store orders by it (microseconds since the epoch, UTC)."""
+    return _us(value)
+
+
+def span_key(span: SpanRecord) -> tuple[int, str]:
+    """Where a span sits in its trace's order (start in microseconds, span id): the
+    keyset a trace page continues after."""
+    return _us(span.start), span.span_id
+
+
+def run_key(summary: RunSummary) -> tuple[int, str]:
+    """Where a run sits in the newest-first listing (start in microseconds, 0 when
+    unknown; run id): the keyset a runs page continues after."""
+    return _us(summary.started_at), summary.run_id
 
 
 # ----------------------------------------------------------------------------- SQL
@@ -185,6 +205,14 @@ ON CONFLICT (run_id, seq) DO NOTHING
 """
 
 _TRACE = "SELECT data FROM loom_trace_spans WHERE run_id = ? ORDER BY start_us, span_id"
+# One page of a trace: keyset on the order above, served by loom_trace_spans_run.
+_TRACE_PAGE = (
+    "SELECT data FROM loom_trace_spans WHERE run_id = ? AND (start_us, span_id) > (?, ?) "
+    "ORDER BY start_us, span_id LIMIT ?"
+)
+_TRACE_FIRST_PAGE = (
+    "SELECT data FROM loom_trace_spans WHERE run_id = ? ORDER BY start_us, span_id LIMIT ?"
+)
 _TRACE_VERSIONS = "SELECT span_id, data FROM loom_trace_spans WHERE run_id = ?"
 _DELETE_TRACE = "DELETE FROM loom_trace_spans WHERE run_id = ?"
 _EVENTS = "SELECT data FROM loom_trace_events WHERE run_id = ? ORDER BY seq"
@@ -273,6 +301,31 @@ class SpanStore(ABC):
         return self._decode(
             "trace", _span_decoder, self._call("trace", self._read, _TRACE, (run_id,))
         )
+
+    def trace_page(
+        self, run_id: str, after: tuple[int, str] | None = None, limit: int = 256
+    ) -> list[SpanRecord]:
+        """At most ``limit`` of a run's spans after the key ``after`` = (start in
+        microseconds since the epoch, span id), in :meth:`trace` order. Reads only the
+        rows of the page (an index range), however long the trace."""
+        if after is None:
+            rows = self._call("trace_page", self._read, _TRACE_FIRST_PAGE, (run_id, limit))
+        else:
+            params = (run_id, after[0], after[1], limit)
+            rows = self._call("trace_page", self._read, _TRACE_PAGE, params)
+        return self._decode("trace_page", _span_decoder, rows)
+
+    def iter_trace(
+        self, run_id: str, after: tuple[int, str] | None = None, chunk: int = 256
+    ) -> Iterator[SpanRecord]:
+        """A run's spans after ``after`` (see :meth:`trace_page`), read ``chunk`` at a
+        time as they are consumed: a reader that stops early read one chunk past it."""
+        while True:
+            spans = self.trace_page(run_id, after, chunk)
+            yield from spans
+            if len(spans) < chunk:
+                return
+            after = span_key(spans[-1])
 
     def replace_trace(
         self,
@@ -367,9 +420,22 @@ class SpanStore(ABC):
     def upsert_run(self, summary: RunSummary) -> None:
         self._call("upsert_run", self._write, [(_UPSERT_RUN, [_run_row(summary)])])
 
-    def runs(self, limit: int = 50, status: str | None = None) -> list[RunSummary]:
-        """Run summaries, newest first (by start time), optionally only one status."""
-        return self.traces(status=status, limit=limit)
+    def upsert_runs(self, summaries: Sequence[RunSummary]) -> None:
+        """Store many run summaries in one transaction (imports, benchmarks)."""
+        if summaries:
+            rows = [_run_row(s) for s in summaries]
+            self._call("upsert_runs", self._write, [(_UPSERT_RUN, rows)])
+
+    def runs(
+        self,
+        limit: int = 50,
+        status: str | Sequence[str] | None = None,
+        after: tuple[int, str] | None = None,
+    ) -> list[RunSummary]:
+        """Run summaries, newest first (by start time, then run id descending),
+        optionally only with one status (or any of several), only those after the key
+        ``after`` (see :func:`run_key`): a page of a stable listing."""
+        return self.traces(status=status, limit=limit, after=after)
 
     def run_ids(
         self,
@@ -394,19 +460,29 @@ class SpanStore(ABC):
         *,
         since: datetime | None = None,
         until: datetime | None = None,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         tool: str | None = None,
         model: str | None = None,
         error: str | None = None,
         limit: int = 50,
+        after: tuple[int, str] | None = None,
     ) -> list[RunSummary]:
-        """Runs newest first (by start), filtered: started in [since, until), with this
-        status, with a span naming ``tool`` / ``model``, with a span whose ``error.type``
-        is ``error``."""
+        """Runs newest first (by start, then run id descending), filtered: started in
+        [since, until), with this status (or one of these), with a span naming ``tool``
+        / ``model``, with a span whose ``error.type`` is ``error``; only those after the
+        key ``after`` (:func:`run_key` of the last run of the previous page). The key
+        is unique and never changes for a run, so pages neither repeat nor skip a run
+        however many runs start meanwhile."""
         where = _Where()
         where.time("started_us", since, until)
-        if status is not None:
+        if isinstance(status, str):
             where.add("status = ?", status)
+        elif status is not None:
+            statuses = list(dict.fromkeys(status))
+            marks = ", ".join("?" for _ in statuses)
+            where.add(f"status IN ({marks})", *statuses)
+        if after is not None:
+            where.add("(started_us, run_id) < (?, ?)", after[0], after[1])
         for column, value in (("tool", tool), ("model", model), ("error_type", error)):
             if value is not None:
                 where.add(

@@ -340,13 +340,17 @@ def runs(
     ),
     suspended: bool = typer.Option(False, "--suspended", help="only runs waiting for people"),
     lineage: str = typer.Option(None, "--lineage", help="the fork tree RUN belongs to"),
-    limit: int = typer.Option(50),
+    limit: int = typer.Option(50, min=1, help="runs to list (read page by page)"),
+    after: str = typer.Option(
+        "", "--after", help="continue a listing: the cursor a previous `loom runs` printed"
+    ),
     output: Output = OutputOpt,
     url: str = UrlOpt,
 ) -> None:
     """List runs, newest first, with status and duration (and what they wait for).
 
-    The status words are the same in every verb (docs/cli.md).
+    The status words are the same in every verb (docs/cli.md). When more runs follow, the
+    command to list the next ones (with its --after cursor) is printed on stderr.
     """
     if status is not None and (problem := unknown_status_message(status)) is not None:
         raise fail(f"--status: {problem}", ExitCode.USAGE)
@@ -354,7 +358,12 @@ def runs(
     async def main() -> None:
         async with await connect(url) as client:
             wanted = "suspended" if suspended else status
-            found = await client.runs(limit=1000 if lineage else limit, status=wanted)
+            try:
+                found, cursor = await client.runs_page(
+                    limit=1000 if lineage else limit, status=wanted, after=after
+                )
+            except LoomError as exc:
+                raise fail(str(exc)) from None
         if lineage:
             members = lineage_members(found, lineage)
             if not members:
@@ -370,6 +379,12 @@ def runs(
                 sys.stdout.write(codec.encode(r).decode() + "\n")
         else:
             stdout.print_json(dump(found))
+        if cursor is not None and not lineage:
+            sys.stdout.flush()
+            which = " --suspended" if suspended else f" --status {status}" if status else ""
+            stderr.print(
+                f"more runs: loom runs{which} --limit {limit} --after {cursor}", soft_wrap=True
+            )
 
     asyncio.run(main())
 

@@ -30,8 +30,10 @@ from loom_cli.render import stderr, stdout
 from loom_core import blobs, codec, ids
 from loom_core.contracts import EventRecord, ForkRun
 from loom_core.lineage import diff_runs
+from loom_core.message_limits import check_signal_payload
 from loom_core.replay import replay, state_at, state_view
 from loom_infra.client import LoomError
+from loom_infra.settings import settings_from_env
 
 
 def emit(value: Any, output: Output, text: str) -> None:
@@ -275,6 +277,10 @@ def signal(
     if signal_id and len(signal_id) > 256:
         raise fail("--id is at most 256 characters", ExitCode.USAGE)
     payload = json_arg(data, "--data")
+    # the router refuses a payload over its limit without a reply: say it here
+    too_large = check_signal_payload(payload, settings_from_env().message_limits)
+    if too_large is not None:
+        raise fail(too_large.message)
 
     async def main() -> None:
         async with await connect(url) as c:

@@ -220,10 +220,16 @@ def traces(
     model: str = typer.Option(None, "--model", help="runs that called this model"),
     error: str = typer.Option(None, "--error", help="runs with a span of this error code"),
     limit: int = typer.Option(50, "--limit", min=1, help="at most this many runs"),
+    after: str = typer.Option(
+        "", "--after", help="continue a listing: the cursor a previous `loom traces` printed"
+    ),
     output: Output = OutputOpt,
     url: str = UrlOpt,
 ) -> None:
-    """Runs' traces, newest first, filtered by status, time, tool, model or error code."""
+    """Runs' traces, newest first, filtered by status, time, tool, model or error code.
+
+    One page per call: when more runs follow, the cursor to pass as --after (with the
+    same filters) is printed on stderr."""
     start, end = _window(since, until)
     query = TracesQuery(
         since=start,
@@ -233,9 +239,13 @@ def traces(
         model=model,
         error=error,
         limit=limit,
+        after=after,
     )
     reply = _ask(url, subjects.API_TRACES, query, TracesReply, QUERY_TIMEOUT_S)
     _emit(reply.runs, output, runs_table)
+    if reply.next_after is not None:
+        sys.stdout.flush()
+        stderr.print(f"more runs: add --after {reply.next_after}", soft_wrap=True)
 
 
 def usage(

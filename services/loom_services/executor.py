@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, ids, limits, resubmit, routes, secrets, shape, subjects
+from loom_core import codec, ids, limits, message_limits, resubmit, routes, secrets, shape, subjects
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
     Caps,
@@ -285,7 +285,9 @@ class ExecutorService:
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
-        router = SignalRouter(ctx.js, self.host.state_of)
+        router = SignalRouter(
+            ctx.js, self.host.state_of, limits=self.settings.message_limits, rejects=ctx.rejects
+        )
         for task in await router.start(ctx.nc, ctx.stop):
             ctx.spawn(task, "executor-signals")
         # Sub-runs: the command event starts the child; the child's end answers the parent.
@@ -575,6 +577,11 @@ class ExecutorService:
             control = codec.decode(msg.data, RunControl)
         except Exception as exc:
             return RunControlReply(run_id="", ok=False, error=bus.decode_error_info(exc))
+        too_large = self._over_limits(
+            msg, [(control.reason, "$.reason"), (control.by, "$.by")], None
+        )
+        if too_large is not None:  # before anything is loaded or stored
+            return RunControlReply(run_id=control.run_id, ok=False, error=too_large)
         state = await self.host.state_of(control.run_id)
         if state.version == 0:
             return self._refuse(control, "not_found", f"no run '{control.run_id}'")
@@ -651,6 +658,10 @@ class ExecutorService:
             request = codec.decode(msg.data, ResumeRun)
         except Exception as exc:
             return ResumeReply(run_id="", ok=False, error=bus.decode_error_info(exc))
+        texts = [(request.by, "$.by"), (request.label, "$.label")]
+        too_large = self._over_limits(msg, texts, request.data)
+        if too_large is not None:  # before anything is loaded or stored
+            return ResumeReply(run_id=request.run_id, ok=False, error=too_large)
         if not request.request_id:
             request = msgspec.structs.replace(request, request_id=uuid.uuid4().hex)
         state = await self.host.state_of(request.run_id)
@@ -677,6 +688,22 @@ class ExecutorService:
         reply = explain_resume(await self.host.state_of(target), addressed)
         answered = target if reply.suspension_id is not None else ""
         return msgspec.structs.replace(reply, run_id=request.run_id, answered_run_id=answered)
+
+    def _over_limits(
+        self, msg: Msg, texts: list[tuple[str | None, str]], data: object
+    ) -> ErrorInfo | None:
+        """The first of a control/resume request's fields over its limit
+        (``loom_core.message_limits``); recorded with the client mistakes."""
+        limits = self.settings.message_limits
+        error = next(
+            (e for text, path in texts if (e := message_limits.check_text(text, limits, path))),
+            None,
+        )
+        if error is None and data is not None:
+            error = message_limits.check_resume_data(data, limits)
+        if error is not None and self.ctx is not None and self.ctx.rejects is not None:
+            self.ctx.rejects.offer(msg.subject, error, msg.data)
+        return error
 
     async def _family(self, state: RunState) -> dict[str, RunState]:
         """``state``'s run and its sub-runs, recursively (bounded: ``MAX_DEPTH`` levels,

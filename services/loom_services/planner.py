@@ -75,7 +75,7 @@ class PlannerService:
         verdict = msgspec.structs.replace(
             verdict, request_digest=request_digest(record.run_id, event)
         )
-        await self.ctx.js.publish(routes.inbox_subject(verdict), codec.encode(verdict))
+        await bus.publish_acked(self.ctx.js, routes.inbox_subject(verdict), codec.encode(verdict))
         return True
 
     async def plan(self, run_id: str, event: RunRequested) -> PlanProposed | PlanRefused:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
@@ -26,8 +27,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from loom_core import codec, routes, subjects
-from loom_core.contracts import EventWaitStarted, ExternalEventArrived, Signal, WaitEventStep
+from loom_core.contracts import (
+    ErrorInfo,
+    EventWaitStarted,
+    ExternalEventArrived,
+    Signal,
+    WaitEventStep,
+)
 from loom_core.executor import RunState
+from loom_core.message_limits import DEFAULT_MESSAGE_LIMITS, MessageLimits, check_signal_payload
 from loom_infra import bus, endpoints
 
 log = logging.getLogger("loom.signals")
@@ -36,13 +44,28 @@ RECHECK_S = 3.0  # an open wait is looked at again this often: after a restart, 
 # index is whole again within this time (events that came meanwhile are in the stream)
 
 StateOf = Callable[[str], Awaitable[RunState]]
+REFUSED_REMEMBERED = 1000  # refused signals whose report is not repeated
 
 
 class SignalRouter:
-    def __init__(self, js: JetStreamContext, state_of: StateOf, service: str = "executor"):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        state_of: StateOf,
+        service: str = "executor",
+        limits: MessageLimits = DEFAULT_MESSAGE_LIMITS,
+        rejects: bus.RejectRecorder | None = None,
+    ):
         self.js = js
         self.state_of = state_of
         self.service = service
+        # a payload over its limit is refused before any run's inbox holds it; it is
+        # the sender's mistake, recorded with the client mistakes (loom.rejects.*)
+        self.limits = limits
+        self.rejects = rejects
+        # refused signals already reported: the latest one is offered again at each
+        # recheck of an open wait (RECHECK_S), which must not repeat the report
+        self._refused: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.waiting: dict[str, set[tuple[str, str]]] = {}  # subject -> {(run, step)}
 
     async def start(self, nc: object, stop: asyncio.Event) -> list[Awaitable[None]]:
@@ -99,6 +122,16 @@ class SignalRouter:
 
     # ------------------------------------------------------------------ signals
 
+    def _refuse(self, subject: str, signal_id: str, error: ErrorInfo, data: bytes) -> None:
+        if (subject, signal_id) in self._refused:
+            return
+        self._refused[(subject, signal_id)] = None
+        while len(self._refused) > REFUSED_REMEMBERED:
+            self._refused.popitem(last=False)
+        log.warning("signal %s on %s refused: %s", signal_id, subject, error.message)
+        if self.rejects is not None:
+            self.rejects.offer(subject, error, data)
+
     async def on_signal(self, msg: Msg) -> None:
         targets = list(self.waiting.get(msg.subject, ()))
         if targets:
@@ -117,6 +150,10 @@ class SignalRouter:
         name, key = subject.split(".")[2:4]
         if (signal.name, signal.key) != (name, key):
             return  # the subject is the address; a mismatching body is ignored
+        too_large = check_signal_payload(signal.payload, self.limits)
+        if too_large is not None:
+            self._refuse(subject, signal.signal_id or fallback_id, too_large, data)
+            return
         signal_id = signal.signal_id or fallback_id
         for run_id, step_id in targets:
             arrived = ExternalEventArrived(

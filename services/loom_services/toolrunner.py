@@ -132,7 +132,7 @@ class ToolRunnerService:
             result = await self._result_for(record.run_id, request, msg)
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
-            await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
+            await bus.publish_acked(self.ctx.js, routes.inbox_subject(result), codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc

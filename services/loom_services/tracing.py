@@ -68,7 +68,7 @@ from loom_infra.blocking import Blocking
 from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, from_env
 from loom_infra.settings import Settings, SettingsError
-from loom_infra.spanstore import SpanStore, open_span_store
+from loom_infra.spanstore import SpanStore, micros, open_span_store, run_key
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.tracing")
@@ -80,6 +80,7 @@ EXPORT_BATCH = 512  # spans per OTLP request
 EXPORT_MAX_ATTEMPTS = 3  # refusals of one span before it is given up
 HISTORY_PAGE = 1000  # events per request to the executor
 MAX_QUERY_LIMIT = 10_000
+TRACE_CHUNK = 256  # spans read from the store per query while filling a trace page
 DLQ_ORIGIN = "otlp-export"
 
 Q = TypeVar("Q")
@@ -89,22 +90,36 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def _span_cursor_key(cursor: str) -> tuple[datetime, str]:
-    """(start, span id) from a trace page cursor (``{start ISO}|{span id}``)."""
+def _bad_cursor(cursor: str, what: str) -> ServiceError:
+    return ServiceError(
+        ErrorInfo(
+            code="bad_cursor",
+            message=f"{cursor[:80]!r} is not a {what} page cursor: pass a reply's "
+            "next_after unchanged, or '' for the first page",
+            path="$.after",
+        )
+    )
+
+
+def _span_cursor_key(cursor: str) -> tuple[int, str]:
+    """(start in µs, span id) from a trace page cursor (``{start ISO}|{span id}``)."""
     start, sep, span_id = cursor.rpartition("|")
     try:
         if not sep or not span_id:
             raise ValueError(cursor)
-        return datetime.fromisoformat(start), span_id
+        return micros(datetime.fromisoformat(start)), span_id
     except ValueError:
-        raise ServiceError(
-            ErrorInfo(
-                code="bad_cursor",
-                message=f"{cursor[:80]!r} is not a trace page cursor: pass a reply's "
-                "next_after unchanged, or '' for the first page",
-                path="$.after",
-            )
-        ) from None
+        raise _bad_cursor(cursor, "trace") from None
+
+
+def _run_cursor_key(cursor: str) -> tuple[int, str] | None:
+    """The keyset of a runs page cursor (None: from the newest run)."""
+    if not cursor:
+        return None
+    try:
+        return paging.parse_keyset_cursor(cursor)
+    except ValueError:
+        raise _bad_cursor(cursor, "runs") from None
 
 
 def options_from_env(env: Mapping[str, str] = os.environ) -> TraceOptions:
@@ -195,51 +210,78 @@ class TracingService:
                 results[i] = bus.Poison(bus.decode_error_info(exc))
                 continue
             by_run.setdefault(record.run_id, []).append((i, record))
-        try:
-            async with self._fold_lock:
-                refused = await self._fold(by_run)
-        except Exception as exc:
-            log.exception("tracing batch failed")
-            return [r if r is not True else exc for r in results]
-        for i, error in refused.items():  # dead-lettered with the reason, never folded
-            results[i] = bus.Poison(error)
+        async with self._fold_lock:
+            outcome = await self._fold(by_run)
+        for i, result in outcome.items():
+            results[i] = bus.Poison(result) if isinstance(result, ErrorInfo) else result
         self._export_wake.set()
         return results
 
     async def _fold(
         self, by_run: OrderedDict[str, list[tuple[int, EventRecord]]]
+    ) -> dict[int, ErrorInfo | BaseException]:
+        """Fold each run's new events on its own: what one run's events do (a history
+        that cannot be read, a store error, a bug) never fails another run's. Returns,
+        by message index, those refused (ErrorInfo: dead-lettered with the reason) and
+        those to retry (the exception: only that run's messages are redelivered)."""
+        outcome: dict[int, ErrorInfo | BaseException] = {}
+        for run_id, indexed in by_run.items():
+            try:
+                outcome.update(await self._fold_run(run_id, indexed))
+            except Exception as exc:
+                log.warning(
+                    "tracing: folding run %s failed (%r); its %d event(s) are retried, "
+                    "other runs go on",
+                    run_id,
+                    exc,
+                    len(indexed),
+                )
+                self.builders.pop(run_id, None)  # it may hold half of what failed
+                outcome.update((i, exc) for i, _ in indexed)
+        return outcome
+
+    async def _fold_run(
+        self, run_id: str, indexed: list[tuple[int, EventRecord]]
     ) -> dict[int, ErrorInfo]:
-        """Fold each run's new events; returns the messages refused (by index), why.
+        """Fold one run's new events; returns the messages refused (by index), why.
 
         The read model folds only what the relay published: a run's history from seq 1,
         contiguous. When a batch does not simply continue what was folded (a run seen
         for the first time, a gap, an event for a seq already folded but different), the
         events are taken from the executor (the system of record) instead of the bus;
-        events it does not hold, and runs it does not know, are refused."""
+        events it does not hold, and runs it does not know, are refused. An event whose
+        spans could not be built is folded (the failure is an event on the run's span)
+        and dead-lettered with the reason, so it is seen."""
         refused: dict[int, ErrorInfo] = {}
-        for run_id, indexed in by_run.items():
-            builder, last = await self._builder(run_id)
-            indexed.sort(key=lambda item: item[1].seq)
-            fresh = [r for _, r in indexed if r.seq > last]
-            conflict = await self._conflicts(run_id, indexed, last)
-            if not fresh and not conflict:
-                continue  # redelivered events already folded
-            if last == 0 or conflict or fresh[0].seq != last + 1 or _gaps(fresh):
-                fresh, wrong = await self._checked(run_id, indexed, last)
-                refused.update(wrong)
-                if last and any(r.seq <= last for r in fresh):  # folded a forgery: refold
-                    await self._refold(run_id, fresh)
-                    continue
-                if not fresh:
-                    continue
-            changed: dict[str, SpanRecord] = {}
-            for record in fresh:
-                for span in builder.apply(record):
-                    changed[span.span_id] = span
-            # events, spans and summary in one transaction: a crash between them would
-            # leave events whose span changes are never reported again
-            await self.io(self.store.save, run_id, fresh, list(changed.values()), builder.summary)
-            self._cache(run_id, builder)
+        builder, last = await self._builder(run_id)
+        indexed.sort(key=lambda item: item[1].seq)
+        fresh = [r for _, r in indexed if r.seq > last]
+        conflict = await self._conflicts(run_id, indexed, last)
+        if not fresh and not conflict:
+            return refused  # redelivered events already folded
+        if last == 0 or conflict or fresh[0].seq != last + 1 or _gaps(fresh):
+            fresh, wrong = await self._checked(run_id, indexed, last)
+            refused.update(wrong)
+            if last and any(r.seq <= last for r in fresh):  # folded a forgery: refold
+                await self._refold(run_id, fresh)
+                return refused
+            if not fresh:
+                return refused
+        changed: dict[str, SpanRecord] = {}
+        failed: dict[int, ErrorInfo] = {}
+        for record in fresh:
+            for span in builder.apply(record):
+                changed[span.span_id] = span
+            if builder.last_error is not None:
+                log.error("tracing: %s", builder.last_error.message)
+                failed[record.seq] = builder.last_error
+        # events, spans and summary in one transaction: a crash between them would
+        # leave events whose span changes are never reported again
+        await self.io(self.store.save, run_id, fresh, list(changed.values()), builder.summary)
+        self._cache(run_id, builder)
+        for i, record in indexed:
+            if record.seq in failed and i not in refused:
+                refused[i] = failed[record.seq]
         return refused
 
     async def _conflicts(
@@ -323,6 +365,20 @@ class TracingService:
                 RunEventsReply,
             )
             if reply.error is not None:
+                skipped = _unreadable_seq(reply.error, after_seq)
+                if skipped is not None:
+                    # An event no reply can carry (over the broker's max_payload: the
+                    # relay skipped it too and its run failed for it). The trace goes
+                    # on without it; waiting would hold this run's events forever.
+                    log.warning(
+                        "tracing: event %d of run %s cannot be read (%s); its trace goes "
+                        "on without it",
+                        skipped,
+                        run_id,
+                        reply.error.code,
+                    )
+                    after_seq = skipped
+                    continue
                 # not "no such run": the events are retried rather than judged on it
                 raise RuntimeError(f"executor history of {run_id}: {reply.error.message}")
             events.extend(reply.events)
@@ -431,13 +487,58 @@ class TracingService:
     # ------------------------------------------------------------------ queries
 
     async def on_runs_query(self, msg: Msg, query: RunsQuery) -> RunsReply:
-        # A parent whose child waits on a person is stored "running" (its own events
-        # cannot tell): its children decide (loom_core.waits.lift_runs, people docs).
-        limit, wanted = _limit(query.limit), [query.status]
+        """One page of runs, newest first, after the cursor; bounded in count and bytes.
+        A parent whose child waits on a person is stored "running" (its own events
+        cannot tell): its children decide (loom_core.waits.lift_runs, people docs), so
+        the status filter applies after lifting and a page may come back short."""
+        limit, after = _limit(query.limit), _run_cursor_key(query.after)
+        statuses: list[str] | None = None if query.status is None else [query.status]
         if query.status in ("suspended", "running"):
-            wanted = ["suspended", "running"]
-        runs = [r for status in wanted for r in await self.io(self.store.runs, limit, status)]
-        return RunsReply(runs=await lift_runs(runs, self._own_summary, query.status, limit))
+            statuses = ["suspended", "running"]
+        rows = await self.io(self.store.runs, limit + 1, statuses, after)
+        more, rows = len(rows) > limit, rows[:limit]
+        lifted = {r.run_id: r for r in await lift_runs(rows, self._own_summary, None, len(rows))}
+        kept = [
+            (row, lifted[row.run_id])
+            for row in rows
+            if query.status is None or lifted[row.run_id].status == query.status
+        ]
+        page, cursor = self._runs_page(kept, limit, rows[-1] if more else None)
+        return RunsReply(runs=page, next_after=cursor)
+
+    def _runs_page(
+        self,
+        kept: Sequence[tuple[RunSummary, RunSummary]],
+        limit: int,
+        last_read: RunSummary | None,
+    ) -> tuple[list[RunSummary], str | None]:
+        """The (stored row, summary sent) pairs that fit one reply, and the cursor after
+        them: the last one sent when the byte budget cut the page, else the last row
+        read when the store holds more (``last_read``), else None."""
+        assert self.ctx is not None
+        max_payload = self.ctx.nc.max_payload or self.settings.max_payload
+        page = paging.fill(
+            kept, lambda pair: len(codec.encode(pair[1])), limit=limit, max_payload=max_payload
+        )
+        if page.too_large is not None:
+            (_, run), size = page.too_large
+            raise ServiceError(
+                ErrorInfo(
+                    code="summary_too_large",
+                    message=f"the summary of run '{run.run_id}' is {size} bytes, more than "
+                    f"one reply can carry (NATS max_payload {max_payload}); read that run "
+                    "with `loom describe`",
+                    path="$.after",
+                    details={"run_id": run.run_id, "bytes": size, "max_payload": max_payload},
+                )
+            )
+        if page.more:
+            cursor: str | None = paging.keyset_cursor(*run_key(page.items[-1][0]))
+        elif last_read is not None:
+            cursor = paging.keyset_cursor(*run_key(last_read))
+        else:
+            cursor = None
+        return [summary for _, summary in page.items], cursor
 
     async def _own_summary(self, run_id: str) -> RunSummary | None:
         """A run's summary from its own events (the cached builder, else the store's
@@ -458,26 +559,24 @@ class TracingService:
         the reply always fits; ``next_after`` is the cursor of the next page. The cursor
         is the last span's (start, span id), the order spans are kept in: a span folded
         between two pages lands in a later page or, when it starts earlier, not in this
-        reading (spans are only added or updated, never reordered)."""
+        reading (spans are only added or updated, never reordered). Only the page's
+        rows are read from the store (a keyset range, a chunk at a time), never the
+        whole trace."""
         if query.rebuild and not query.after:  # the first page rebuilds, the rest read it
             records = await self._executor_history(query.run_id)
-            spans, _ = await self.rebuild_run(query.run_id, records or None)
-        else:
-            spans = await self.io(self.store.trace, query.run_id)
-        if not spans:
-            return TraceReply(
-                run_id=query.run_id,
-                error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
-            )
-        if query.after:
-            key = _span_cursor_key(query.after)
-            spans = [s for s in spans if (s.start, s.span_id) > key]
+            await self.rebuild_run(query.run_id, records or None)
+        after = _span_cursor_key(query.after) if query.after else None
         limit = max(1, min(query.limit, MAX_QUERY_LIMIT))
         assert self.ctx is not None
         max_payload = self.ctx.nc.max_payload or self.settings.max_payload
-        page = paging.fill(
-            spans, lambda s: len(codec.encode(s)), limit=limit, max_payload=max_payload
-        )
+        chunk = min(limit + 1, TRACE_CHUNK)
+
+        def read() -> paging.Page[SpanRecord]:
+            spans = self.store.iter_trace(query.run_id, after, chunk)
+            size = lambda s: len(codec.encode(s))  # noqa: E731
+            return paging.fill(spans, size, limit=limit, max_payload=max_payload)
+
+        page = await self.io(read)
         if page.too_large is not None:
             span, size = page.too_large
             raise ServiceError(
@@ -489,6 +588,11 @@ class TracingService:
                     path="$.after",
                     details={"span_id": span.span_id, "bytes": size, "max_payload": max_payload},
                 )
+            )
+        if not page.items and not query.after:
+            return TraceReply(
+                run_id=query.run_id,
+                error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
             )
         last = page.items[-1] if page.items else None
         cursor = f"{last.start.isoformat()}|{last.span_id}" if page.more and last else None
@@ -526,7 +630,7 @@ class TracingService:
             return []
 
     async def on_traces_query(self, msg: Msg, q: TracesQuery) -> TracesReply:
-        limit = _limit(q.limit)
+        limit, after = _limit(q.limit), _run_cursor_key(q.after)
         runs = await self.io(
             lambda: self.store.traces(
                 since=q.since,
@@ -535,10 +639,13 @@ class TracingService:
                 tool=q.tool,
                 model=q.model,
                 error=q.error,
-                limit=limit,
+                limit=limit + 1,
+                after=after,
             )
         )
-        return TracesReply(runs=runs)
+        more, runs = len(runs) > limit, runs[:limit]
+        page, cursor = self._runs_page([(r, r) for r in runs], limit, runs[-1] if more else None)
+        return TracesReply(runs=page, next_after=cursor)
 
     async def on_slowest_query(self, msg: Msg, q: SlowestStepsQuery) -> SlowestStepsReply:
         limit = _limit(q.limit)
@@ -574,6 +681,13 @@ class TracingService:
                 spans += len(rebuilt)
                 changed += differ
         return RebuildTracesReply(runs=runs, spans=spans, changed=changed, last_run_id=last)
+
+
+def _unreadable_seq(error: ErrorInfo, after_seq: int) -> int | None:
+    """The seq of the event an events query could not carry (``event_too_large``), when
+    it is the next one to read: reading goes on after it."""
+    seq = error.details.get("seq") if error.code == "event_too_large" else None
+    return seq if isinstance(seq, int) and seq > after_seq else None
 
 
 def _gaps(records: Sequence[EventRecord]) -> bool:

@@ -1,0 +1,130 @@
+"""After a nats-server kill the relay publishes again at once, not after its ack timeout.
+
+Seen in the chaos suite (``bench/chaos.py``): 5 of 26 nats-server kills were followed by
+a 10.3 s recovery, each with ``relay publish failed at N: TimeoutError()`` in the
+executor's log. The relay had published a batch (``publish_async``) whose acks the
+killed server never sent; nats-py never fails such a future on a disconnect, so the
+relay waited out its 10 s ack timeout while every run's events queued behind it.
+Reproduced here deterministically: the server is stopped (SIGSTOP) so the relay's
+publishes get no ack, then killed (-9) and restarted on the same port and data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from loom_core import subjects
+from loom_core.contracts import EventRecord, StepScheduled
+from loom_infra import bus
+from loom_infra.natsserver import EmbeddedNats
+from loom_infra.relay import Relay
+from loom_infra.settings import StoreSettings
+from loom_infra.store import open_event_store
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+ACK_TIMEOUT_S = 10.0  # the relay's default: what a stall costs
+
+
+async def _bounded(check, what: str, bound_s: float) -> float:  # noqa: ANN001
+    """Seconds until ``check()`` holds (fails past ``bound_s``)."""
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < bound_s, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    return time.monotonic() - start
+
+
+async def test_the_relay_republishes_as_soon_as_the_server_is_back(
+    tmp_path: Path, sqlite_store_settings: StoreSettings
+) -> None:
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    port = server.port
+    nc = await bus.connect(server.url, "relay-test", persistent=True)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    store = open_event_store(sqlite_store_settings)
+    relay = Relay(store, js, ack_timeout_s=ACK_TIMEOUT_S)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(relay.run(stop))
+
+    async def stored_in_stream() -> int:
+        return (await js.stream_info(subjects.RUN_EVENTS_STREAM)).state.messages
+
+    try:
+        first = [EventRecord(run_id="r", seq=1, at=T0, event=StepScheduled(step_id="a"))]
+        relay.offer(store.append(first), first)
+        await _bounded(lambda: _is(stored_in_stream, 1), "the first event", 10)
+
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)  # takes bytes, acks nothing
+        more = [
+            EventRecord(run_id="r", seq=seq, at=T0, event=StepScheduled(step_id=f"s{seq}"))
+            for seq in range(2, 12)
+        ]
+        relay.offer(store.append(more), more)
+
+        async def acks_pending() -> bool:
+            return bool(js._publish_async_futures)
+
+        await _bounded(acks_pending, "the relay's publishes awaiting acks", 5)
+        server.kill()
+        server.port = port
+        await asyncio.to_thread(server.start)
+
+        took = await _bounded(lambda: _is(stored_in_stream, 11), "the rest republished", 30)
+        # before: ~ACK_TIMEOUT_S; now the reconnect (0.2 s) and the relay's retry (0.5 s)
+        assert took < ACK_TIMEOUT_S / 2, took
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        store.close()
+        await nc.close()
+        server.stop()
+
+
+async def _is(count, n: int) -> bool:  # noqa: ANN001
+    try:
+        return await count() == n
+    except Exception:  # the server is restarting: not yet
+        return False
+
+
+async def test_a_pending_publish_fails_at_once_when_the_server_dies(tmp_path: Path) -> None:
+    """The tool-runner's and planner's result publish (request/reply on the stream's
+    ack) waited its whole 5 s timeout after a kill: a 5.3 s recovery in the chaos suite.
+    ``bus.publish_acked`` raises ConnectionError as the connection drops, so the
+    message is nak'ed and redelivered at once instead."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    port = server.port
+    nc = await bus.connect(server.url, "publish-test", persistent=True)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    try:
+        subject = subjects.run_event("r", "step_scheduled")
+        assert (await bus.publish_acked(js, subject, b"{}")).seq == 1
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        pending = asyncio.ensure_future(bus.publish_acked(js, subject, b"{}", timeout=5.0))
+        done, _ = await asyncio.wait({pending}, timeout=0.3)
+        assert not done  # no ack from a stopped server
+        start = time.monotonic()
+        server.kill()
+        server.port = port
+        await asyncio.to_thread(server.start)
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(pending, 10)
+        assert time.monotonic() - start < 4.0
+        ack = await bus.publish_acked(js, subject, b"{}")  # and the next one goes through
+        assert ack.seq >= 2
+    finally:
+        await nc.close()
+        server.stop()
