@@ -54,7 +54,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from loom_core import codec, subjects
-from loom_core.contracts import ErrorInfo, EventRecord
+from loom_core.contracts import (
+    ErrorInfo,
+    EventRecord,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolCallRequested,
+)
 from loom_infra import metrics
 from loom_infra.blocking import Blocking
 from loom_infra.bus import dead_letter, wait_or_timeout
@@ -84,6 +90,16 @@ def _unpublishable(record: EventRecord, why: str) -> ErrorInfo:
         details={"event_id": record.event_id, "run_id": record.run_id, "seq": record.seq,
                  "event_type": record.kind},
     )  # fmt: skip
+
+
+def _answered(rows: Sequence[tuple[int, EventRecord]]) -> set[tuple[str, str]]:
+    """(run, idempotency key) of the tool calls whose result is among ``rows``: their
+    requests were answered in the executor (local calls) and go out marked so."""
+    return {
+        (record.run_id, record.event.idempotency_key)
+        for _, record in rows
+        if isinstance(record.event, ToolCallCompleted | ToolCallFailed)
+    }
 
 
 def _same_event(stored: EventRecord, found: EventRecord) -> bool:
@@ -225,6 +241,7 @@ class Relay:
             return 0
         sent = []
         skipped: list[tuple[EventRecord, ErrorInfo]] = []
+        answered = _answered(rows)
         for notification_id, record in rows:
             subject = subjects.run_event(record.run_id, record.kind)
             try:
@@ -237,6 +254,11 @@ class Relay:
                 subjects.NOTIFICATION_ID: str(notification_id),
                 subjects.EVENT_TYPE: record.kind,
             }
+            event = record.event
+            if isinstance(event, ToolCallRequested) and (
+                (record.run_id, event.idempotency_key) in answered
+            ):
+                headers[subjects.ANSWERED] = "1"
             too_large = self._too_large(record, data, headers)
             if too_large is not None:
                 skipped.append((record, too_large))

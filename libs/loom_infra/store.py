@@ -826,6 +826,26 @@ class ToolCallLedger(_Closable):
                 return False
         return True
 
+    def record_many(self, entries: Sequence[tuple[str, str, datetime, bytes]]) -> None:
+        """``record`` for many (key, owner, at, result) in one transaction; when a key
+        already had a claim, each is recorded alone (the first result stands)."""
+        self._check_open("record")
+        stored = []
+        for key, owner, at, result in entries:
+            claim = codec.encode(_Claim(owner=owner, claimed_at=at))
+            stored += [
+                StoredEvent(key, 1, "claimed", claim),
+                StoredEvent(key, 2, "finished", bytes(result)),
+            ]
+        with _translated("record", self._backend):
+            try:
+                self._recorder.insert_events(stored)
+                return
+            except IntegrityError:
+                pass
+        for key, owner, at, result in entries:
+            self.record(key, owner, at, result)
+
     def get(self, key: str) -> LedgerEntry | None:
         self._check_open("get")
         with _translated("get", self._backend):

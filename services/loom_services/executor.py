@@ -80,6 +80,7 @@ from loom_infra.store import (
     open_event_store,
     open_snapshot_store,
 )
+from loom_services.local_tools import LocalTools
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.signals import SignalRouter
 from loom_services.timers import TimerService
@@ -115,7 +116,9 @@ class RunHost:
         verify_on_load: bool = True,
         limits: SizeLimits | None = None,
         caps: Caps | None = None,
+        local: LocalTools | None = None,
     ) -> None:
+        self.local = local  # pure built-ins answered in the batch (loom_services.local_tools)
         self.limits = limits  # recorded in each new run's run_requested (loom_core.sizes)
         self.caps = caps  # likewise (loom_core.caps)
         self.store = store
@@ -191,6 +194,23 @@ class RunHost:
             error = _child_mismatch(await self.state_of(message.child_run_id), message)
         return error
 
+    async def _answer_locally(
+        self, state: RunState, run_id: str, produced: list[EventRecord], at: datetime
+    ) -> list[EventRecord]:
+        """Answer the local tool calls ``produced`` asks for (and those their results
+        ask for, up to the budget) in this batch: the events they add."""
+        assert self.local is not None
+        added: list[EventRecord] = []
+        todo = [r.event for r in produced if self.local.takes(r.event)]
+        budget = self.local.budget
+        while todo and budget > 0:
+            budget -= 1
+            result = await self.local.answer(run_id, todo.pop(0))  # type: ignore[arg-type]
+            more = _advanced(state, run_id, result, at)
+            added += more
+            todo += [r.event for r in more if self.local.takes(r.event)]
+        return added
+
     async def _snapshot(self, records: list[EventRecord]) -> None:
         """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY."""
         assert self.snapshots is not None
@@ -228,11 +248,9 @@ class RunHost:
                     if work.refused is not None:
                         per_work.append([])
                         continue
-                base = state.version
-                produced = [
-                    EventRecord(run_id=work.run_id, seq=base + i, at=at, event=event)
-                    for i, event in enumerate(advance(state, work.message, at), start=1)
-                ]
+                produced = _advanced(state, work.run_id, work.message, at)
+                if self.local is not None:
+                    produced += await self._answer_locally(state, work.run_id, produced, at)
                 per_work.append(produced)
                 records.extend(produced)
             if records:
@@ -258,6 +276,14 @@ class RunHost:
                 listener(notification_ids, records)
 
 
+def _advanced(state: RunState, run_id: str, message: Message, at: datetime) -> list[EventRecord]:
+    base = state.version
+    return [
+        EventRecord(run_id=run_id, seq=base + i, at=at, event=event)
+        for i, event in enumerate(advance(state, message, at), start=1)
+    ]
+
+
 class ExecutorService:
     name = "executor"
 
@@ -268,8 +294,9 @@ class ExecutorService:
         self.snapshots = open_snapshot_store(settings.store)
         self.principals = auth.PrincipalResolver(settings.auth)
         self.host = RunHost(
-            self.store, self.io, self.snapshots, limits=settings.size_limits, caps=settings.caps
-        )
+            self.store, self.io, self.snapshots, limits=settings.size_limits, caps=settings.caps,
+            local=LocalTools.from_env(settings.size_limits),
+        )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
 
