@@ -28,6 +28,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PersistMode,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -56,6 +57,10 @@ NAK_DELAY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
 DAY_S = 24 * 3600.0
+# LOOM_RUNS' persistence: "async" (acked before it is on disk; R1 streams, nats-server
+# >= 2.12) or "default" (fsynced per message when the server syncs always). A cluster
+# stream with replicas is made durable by its replicas: use "default" there.
+RUNS_PERSIST = PersistMode(os.environ.get("LOOM_RUNS_PERSIST", "async"))
 REJECTS_STREAM = routes.REJECTED.stream or "LOOM_REJECTS"
 REJECT_PAYLOAD_LIMIT = 4 * 1024  # a client's typo is shown, not archived
 
@@ -73,6 +78,10 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
     return (
         StreamConfig(
             name=subjects.RUN_EVENTS_STREAM,
+            # A copy of the store (the truth), republished from it by the relay: no fsync
+            # per event (issue 10; the relay re-checks what the stream holds after a NATS
+            # restart, loom_infra.relay). LOOM_RUNS_PERSIST=default fsyncs every event.
+            persist_mode=RUNS_PERSIST,
             subjects=[subjects.RUN_EVENTS_ALL],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,

@@ -74,6 +74,11 @@ PERMANENT_ERR_CODES = frozenset({10054, 10097})
 
 Unpublishable = Callable[[EventRecord, ErrorInfo], Awaitable[None]]
 
+# The latest publishes re-checked after a NATS reconnect: more than a crashed server can
+# have held unwritten (it writes within milliseconds; it fsyncs LOOM_RUNS lazily).
+RECENT_MAX = 4096
+RECONNECT_CHECK_S = 0.1
+
 
 def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
     """The ``Nats-Msg-Id`` of a published event: its event id and a digest of exactly
@@ -140,6 +145,9 @@ class Relay:
         # when they follow the position exactly, saving a read of the store per step.
         self._pending: deque[tuple[int, EventRecord]] = deque()
         self._more_in_store = True
+        # (notification id, stream seq, msg id) of the latest publishes, oldest first
+        self._recent: deque[tuple[int, int, str]] = deque(maxlen=RECENT_MAX)
+        self._reconnects_seen = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -200,10 +208,62 @@ class Relay:
         return 0
 
     async def start_position(self) -> int:
+        """Where publishing resumes: after the last event the stream holds (verified),
+        which is ahead of the tracking record after a crash of the relay and behind it
+        when the stream lost its newest events (LOOM_RUNS is not fsynced per message, so
+        a crash of its host can drop them); the tracking record when the stream holds
+        none of ours (empty, expired, or its last message is not believed)."""
         tracked = await self.io(self.store.position, self.name)
-        return max(tracked, await self._last_published())
+        published = await self._last_published()
+        if published and published < tracked:
+            log.warning(
+                "relay: the stream holds events up to notification %d but %d were published "
+                "before: publishing %d events again from the store",
+                published, tracked, tracked - published,
+            )  # fmt: skip
+        return published or tracked
+
+    def _reconnects(self) -> int:
+        nc = getattr(self.js, "_nc", None)
+        stats = getattr(nc, "stats", None)
+        return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+
+    async def _check_after_reconnect(self) -> None:
+        """After NATS reconnected (a restart of the server, maybe a crash), publish again
+        whatever the stream lost of the events published lately: they were acked before
+        being on disk (LOOM_RUNS persists asynchronously). The recent publishes are
+        checked oldest first; from the first one the stream does not hold at its
+        sequence, everything goes out again (the held ones come back as duplicates)."""
+        seen = self._reconnects()
+        if seen == self._reconnects_seen:
+            return
+        recent, self._recent = list(self._recent), deque(maxlen=RECENT_MAX)
+        lost: int | None = None
+        for notification_id, seq, mid in recent:
+            try:
+                held = await self.js.get_msg(subjects.RUN_EVENTS_STREAM, seq)
+            except NotFoundError:
+                held = None
+            if held is None or (held.headers or {}).get(subjects.MSG_ID) != mid:
+                lost = notification_id
+                break
+        self._reconnects_seen = seen  # checked: a failure above retries the check
+        if lost is None:
+            return
+        if recent and lost == recent[0][0]:
+            # even the oldest remembered is gone: go back to the stored lower bound too
+            lost = min(lost, self.tracked + 1)
+        log.warning(
+            "relay: after a NATS reconnect the stream lacks events from notification %d "
+            "(position %d): publishing them again", lost, self.position,
+        )  # fmt: skip
+        self.position = min(self.position, lost - 1)
+        self.tracked = min(self.tracked, self.position)
+        self._pending.clear()  # re-read from the store
+        self._more_in_store = True
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._reconnects_seen = self._reconnects()
         self.position = self.tracked = await self.start_position()
         while not stop.is_set():
             self._wake.clear()
@@ -216,21 +276,38 @@ class Relay:
                 continue
             if moved and (self._pending or self._more_in_store):
                 continue  # there may be more: drain before sleeping
-            waker = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait(
-                {waker, stopper}, timeout=self.idle_poll_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            waker.cancel()
-            stopper.cancel()
-            if not done:  # idle for a while: record the position now
+            if await self._idle(stop):  # idle a while: record the position now
                 try:
                     await self._track(force=True)
                 except Exception as exc:
                     log.warning("relay could not record its position: %r", exc)
 
+    async def _idle(self, stop: asyncio.Event) -> bool:
+        """Wait for a wake, a stop, a NATS reconnect (noticed within RECONNECT_CHECK_S:
+        what the stream lost goes out again at once) or ``idle_poll_s``; True for the
+        last (the safety-net read of the store, for writers in other processes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.idle_poll_s
+        waker = asyncio.ensure_future(self._wake.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return True
+                done, _ = await asyncio.wait(
+                    {waker, stopper}, timeout=min(left, RECONNECT_CHECK_S),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                if done or self._reconnects() != self._reconnects_seen:
+                    return False
+        finally:
+            waker.cancel()
+            stopper.cancel()
+
     async def publish_once(self) -> int:
         """Publish the next batch; returns how many events went out."""
+        await self._check_after_reconnect()
         rows = self._take_pending()
         if rows is None:
             rows = await self.io(self.store.read_notifications, self.position, self.batch)
@@ -284,6 +361,11 @@ class Relay:
                 await self._check_duplicate(subject, data, headers, ack.seq)
         for record, error in skipped:  # before the position moves past them
             await self._alarm(record, error)
+        # remembered to re-check after a reconnect: the stream acked them before its disk
+        for (*_, headers, _), ack in zip(sent, acks, strict=True):
+            if not isinstance(ack, BaseException) and not ack.duplicate:
+                nid = int(headers[subjects.NOTIFICATION_ID])
+                self._recent.append((nid, ack.seq, headers[subjects.MSG_ID]))
         self.position = rows[-1][0]
         await self._track(force=bool(skipped))  # a restart must not meet them again
         return len(rows)

@@ -28,7 +28,9 @@ is the request acked. The executor has the result before the ledger write, so th
 write is off the step's path; the ack still waits for it, so a redelivery (a lost ack,
 a runner killed after publishing) finds the result instead of running the call again.
 A redelivery of a request this process answered (its ack lost in a NATS restart) is
-acked unread (``answered``). A first delivery that does meet an entry (a consumer
+acked unread (``answered``); one that finds no ledger entry asks the executor whether
+the run holds a result for it already (the runner that published it was killed before
+its ledger write) and then sends nothing (``_recorded_by_run``). A first delivery that does meet an entry (a consumer
 recreated, a NATS restart that forgot delivery counts, on another replica) runs an
 idempotent call again: harmless by definition, and the executor keeps the first result.
 """
@@ -49,8 +51,12 @@ from nats.aio.msg import Msg
 from loom_core import codec, routes, secrets, sizes, subjects
 from loom_core.contracts import (
     ErrorInfo,
+    RunEventsQuery,
+    RunEventsReply,
     SizeLimits,
     ToolCallCancelled,
+    ToolCallCompleted,
+    ToolCallFailed,
     ToolCallRequested,
     ToolResult,
 )
@@ -180,7 +186,8 @@ class ToolRunnerService:
             result = await self._result_for(run_id, request, msg)
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
-            await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
+            if result is not None:
+                await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc
@@ -196,7 +203,31 @@ class ToolRunnerService:
             self.answered.popitem(last=False)
         return True
 
-    async def _result_for(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
+    async def _recorded_by_run(self, msg: Msg, request: ToolCallRequested) -> bool:
+        """Has the run recorded a result for this request already? Asked of the executor
+        on a redelivery that finds no ledger entry: the runner that answered was killed
+        between its publish and its ledger write (idempotent calls are written after the
+        publish). Then there is nothing to run or send. If the executor cannot say, the
+        (idempotent) call runs again, which is harmless."""
+        try:
+            record = codec.decode_event(msg.data)
+            query = RunEventsQuery(run_id=record.run_id, after_seq=record.seq, limit=1000)
+            reply = await bus.request(
+                self.ctx.nc, subjects.API_RUN_EVENTS, query, RunEventsReply, 5.0
+            )
+        except Exception as exc:
+            log.info("could not ask the executor about %s: %r", request.idempotency_key, exc)
+            return False
+        return any(
+            isinstance(r.event, ToolCallCompleted | ToolCallFailed)
+            and r.event.idempotency_key == request.idempotency_key
+            for r in reply.events
+        )
+
+    async def _result_for(
+        self, run_id: str, request: ToolCallRequested, msg: Msg
+    ) -> ToolResult | None:
+        """The result to send, or None when the run has it already."""
         key = ledger_key(run_id, request)
         tool = self.registry.get(request.tool)
         idempotent = tool is None or tool.idempotent  # unknown tools only yield an error
@@ -212,6 +243,8 @@ class ToolRunnerService:
             await self.io(self.ledger.finish, key, codec.encode(result))
             return result
         entry = await self.io(self.ledger.get, key)
+        if entry is None and idempotent and await self._recorded_by_run(msg, request):
+            return None  # answered before a crash and the ledger write lost with it
         if entry is None and idempotent:
             # Running twice is harmless: skip the claim, record claim + result at once.
             result = await self._execute(run_id, request, msg)
