@@ -235,4 +235,4 @@ def profiling(top: int = 45) -> Iterator[io.StringIO]:
     finally:
         profiler.disable()
         stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats(os.environ.get("LOOM_PROFILE_SORT", "tottime")).print_stats(top)

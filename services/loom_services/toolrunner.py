@@ -30,9 +30,10 @@ a runner killed after publishing) finds the result instead of running the call a
 A redelivery of a request this process answered (its ack lost in a NATS restart) is
 acked unread (``answered``); one that finds no ledger entry asks the executor whether
 the run holds a result for it already (the runner that published it was killed before
-its ledger write) and then sends nothing (``_recorded_by_run``). A first delivery that does meet an entry (a consumer
-recreated, a NATS restart that forgot delivery counts, on another replica) runs an
-idempotent call again: harmless by definition, and the executor keeps the first result.
+its ledger write) and then sends nothing (``_recorded_by_run``). A first delivery
+that does meet an entry (a consumer recreated, a NATS restart that forgot delivery
+counts, on another replica) runs an idempotent call again: harmless by definition, and
+the executor keeps the first result.
 """
 
 from __future__ import annotations
