@@ -579,6 +579,33 @@ class Heartbeat:
             self.handle = None
 
 
+def reconnects(js: JetStreamContext) -> int:
+    """How often the connection under ``js`` reconnected (a NATS restart shows here)."""
+    stats = getattr(getattr(js, "_nc", None), "stats", None)
+    return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+
+
+async def publish_stored(
+    js: JetStreamContext, subject: str, data: bytes, timeout: float = 10.0, check_s: float = 0.1
+) -> Any:
+    """``js.publish`` (waits for the stream's ack) that gives up at once when the
+    connection reconnects meanwhile: the ack of a server that died never comes, and
+    waiting out the whole timeout held a tool result back 5 s after a NATS restart
+    (bench/chaos.py). The caller retries as after any failed publish."""
+    seen = reconnects(js)
+    publishing = asyncio.ensure_future(js.publish(subject, data, timeout=timeout))
+    try:
+        while True:
+            done, _ = await asyncio.wait({publishing}, timeout=check_s)
+            if done:
+                return publishing.result()
+            if reconnects(js) != seen:
+                raise nats.errors.TimeoutError
+    finally:
+        if not publishing.done():
+            publishing.cancel()
+
+
 async def held_events(
     js: JetStreamContext,
     durable: str,

@@ -188,7 +188,8 @@ class ToolRunnerService:
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
             if result is not None:
-                await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
+                subject = routes.inbox_subject(result)
+                await bus.publish_stored(self.ctx.js, subject, codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc
