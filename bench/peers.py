@@ -13,7 +13,8 @@ wheel), started once and shared, each system in its own database.
 
 Per system and round, one process: a warm-up run, then
 - one run of N sequential no-op steps: wall ms per step (submit to result / N), and this
-  process's CPU ms per step;
+  process's CPU ms per step (agentloom: submit over NATS, then its ``run_completed``
+  event from the stream, as a client that wants the result does);
 - R runs of K steps at once: steps per second.
 agentloom's numbers include its nats-server (CPU also printed apart) and, with
 ``-hop``, a tool-runner hop per step (``LOOM_LOCAL_TOOLS=''``); without it ``noop`` is a
@@ -91,7 +92,10 @@ async def _agentloom(store: str, hop: bool, pg_url: str, args: argparse.Namespac
     if hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""
     sys.path.insert(0, str(ROOT / "bench"))
+    from nats.js.api import DeliverPolicy  # noqa: PLC0415
+
     import stepcost  # noqa: PLC0415
+    from loom_core import codec, subjects  # noqa: PLC0415
     from loom_core.contracts import RunCompleted, RunRequest  # noqa: PLC0415
     from loom_infra.settings import Settings, StoreSettings  # noqa: PLC0415
     from loom_services.stack import LocalStack  # noqa: PLC0415
@@ -107,9 +111,19 @@ async def _agentloom(store: str, hop: bool, pg_url: str, args: argparse.Namespac
         async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
 
             async def one(n: int) -> None:
+                # submit, then wait for the run's result as a client that wants only
+                # the result does: its run_completed event, not every event
                 accepted = await client.submit(RunRequest(plan=chain(n)))
-                records = await client.wait(accepted.run_id, timeout=600)
-                assert isinstance(records[-1].event, RunCompleted)
+                sub = await client.js.subscribe(
+                    subjects.run_event(accepted.run_id, "run_completed"),
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.ALL,
+                )
+                try:
+                    msg = await sub.next_msg(timeout=600)
+                finally:
+                    await sub.unsubscribe()
+                assert isinstance(codec.decode_event(msg.data).event, RunCompleted)
 
             await one(20)
             meter = stepcost.CpuMeter()
