@@ -16,6 +16,13 @@ Each part can be resized or skipped (0, or ``--chains`` with no value).
     python bench/steps.py --store sqlite --steps 200
     python bench/steps.py --store postgres --steps 200 --runs 50 --run-steps 20
     python bench/steps.py --store sqlite --steps 0 --runs 0 --chains 1000 --foreach 0
+    python bench/steps.py --store sqlite --steps 200 --runs 0 --chains --foreach 0 --breakdown
+
+Every part also prints the CPU it cost per step: this process (all five services), the
+nats-server and PostgreSQL; 1000 / the sum is what 2 cores could at best do.
+``--breakdown`` adds a pass of the sequential run that counts, per step, NATS publishes
+by kind, acks, decodes, store calls and fsyncs (``bench/stepcost.py``); ``--profile``
+prints a cProfile of the sequential run.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -37,12 +45,19 @@ from loom_core.contracts import (
     RunCompleted,
     RunRequest,
     StepCompleted,
+    ToolCallCompleted,
+    ToolCallRequested,
     ToolStep,
 )
 from loom_infra.client import LoomClient
 from loom_infra.localpg import start_local_postgres
 from loom_infra.settings import Settings, StoreSettings
 from loom_services.stack import LocalStack
+
+try:
+    import stepcost  # bench/stepcost.py, when run as ``python bench/steps.py``
+except ImportError:  # pragma: no cover - imported as bench.steps
+    from bench import stepcost
 
 
 def chain(n: int) -> Plan:
@@ -88,44 +103,101 @@ def completion_gaps(records: list[EventRecord]) -> list[float]:
 
 
 async def sequential(client: LoomClient, n: int) -> dict[str, float]:
+    meter = stepcost.CpuMeter()
+    meter.start()
     records = await run_to_end(client, chain(n))
+    cpu = meter.stop()
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
     gaps = completion_gaps(records)
-    total = (done[-1] - done[0]).total_seconds()
+    total = (done[-1] - done[0]).total_seconds() or 1e-9
     early = statistics.mean(gaps[5:15]) if len(gaps) > 15 else float("nan")
     late = statistics.mean(gaps[-10:])
     return {
         "steps_per_s": (len(done) - 1) / total,
         "p50_ms": statistics.median(gaps),
+        "mean_ms": total * 1000 / max(1, len(done) - 1),
         "p99_ms": pct(gaps, 0.99),
         "early_ms": early,
         "late_ms": late,
+        "cpu": stepcost.format_cpu(cpu, n),  # type: ignore[dict-item]
     }
 
 
-async def concurrent(client: LoomClient, runs: int, steps: int) -> float:
+def segments(records: list[EventRecord]) -> str:
+    """Median ms of a step's path, from its own events' times: decided -> the tool-runner
+    starts the call (the commit, the relay, the runner's fetch), the call, and its end ->
+    the executor takes the result (the result's publish, the inbox fetch, the writer)."""
+    requested = {
+        r.event.idempotency_key: r.at for r in records if isinstance(r.event, ToolCallRequested)
+    }
+    dispatch, call, back = [], [], []
+    for r in records:
+        if isinstance(r.event, ToolCallCompleted) and r.event.idempotency_key in requested:
+            ev = r.event
+            dispatch.append((ev.started_at - requested[ev.idempotency_key]).total_seconds())
+            call.append((ev.finished_at - ev.started_at).total_seconds())
+            back.append((r.at - ev.finished_at).total_seconds())
+    if not dispatch:
+        return "segments: no tool calls"
+    med = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+    return (
+        f"segments (median ms): decided->runner starts {med(dispatch):.3f}  "
+        f"call {med(call):.3f}  runner ends->executor takes result {med(back):.3f}"
+    )
+
+
+async def breakdown(client: LoomClient, n: int, profile: bool) -> None:
+    """Counts per step on one sequential run of ``n`` steps (slower: it is counting)."""
+    fsyncs = stepcost.FsyncCounter()
+    fsyncs.start()
+    with stepcost.counting() as counts:
+        await run_to_end(client, chain(n))
+    counts.counter.update(fsyncs.stop())
+    print(stepcost.format_counts(counts.counter, n), flush=True)
+    print(segments(await run_to_end(client, chain(n))), flush=True)
+    if profile:
+        with stepcost.profiling() as out:
+            await run_to_end(client, chain(n))
+        print(out.getvalue(), flush=True)
+
+
+async def concurrent(client: LoomClient, runs: int, steps: int) -> tuple[float, str]:
     plan = chain(steps)
+    meter = stepcost.CpuMeter()
+    meter.start()
     t0 = time.perf_counter()
     accepted = await asyncio.gather(*(client.submit(RunRequest(plan=plan)) for _ in range(runs)))
     results = await asyncio.gather(*(client.wait(a.run_id, timeout=600) for a in accepted))
     elapsed = time.perf_counter() - t0
+    cpu = meter.stop()
     assert all(isinstance(r[-1].event, RunCompleted) for r in results)
-    return runs * steps / elapsed
+    return runs * steps / elapsed, stepcost.format_cpu(cpu, runs * steps)
 
 
 async def chain_costs(client: LoomClient, n: int) -> str:
-    """One run of ``n`` chained steps: steps/s, ms/step around step 10 and step n."""
+    """One run of ``n`` chained steps: steps/s, ms/step around step 10 and step n.
+    Local calls (``loom_services.local_tools``) finish up to LOOM_LOCAL_BUDGET steps in
+    one commit, so a step's cost is taken over a window of 64 steps (several commits)."""
     records = await run_to_end(client, chain(n))
-    gaps = completion_gaps(records)
-    total = sum(gaps) / 1000
-    # gap i is the cost of step i + 2 (the time from step i + 1's completion to its own)
-    line = f"chain {n:>5} steps: {(len(gaps)) / total:7.1f} steps/s"
+    done = [
+        r.at for r in records if isinstance(r.event, StepCompleted) and "/" not in r.event.step_id
+    ]
+    total = (done[-1] - done[0]).total_seconds()
+    if not total:
+        return f"chain {n:>5} steps: all in one commit (local calls)"
+    line = f"chain {n:>5} steps: {(len(done) - 1) / total:7.1f} steps/s"
+    window = 64 if n >= 256 else 10
+
+    def cost(a: int, b: int) -> float:  # ms per step from completion a to completion b
+        return (done[b] - done[a]).total_seconds() * 1000 / (b - a)
+
     if n >= 20:
-        early = statistics.mean(gaps[4:14])  # steps ~6-15
-        late = statistics.mean(gaps[-10:])
-        line += f"  step ~10 {early:.2f} ms  step ~{n} {late:.2f} ms (x{late / early:.2f})"
+        early = cost(4, 4 + window)
+        late = cost(len(done) - 1 - window, len(done) - 1)
+        ratio = f"x{late / early:.2f}" if early else "x-"
+        line += f"  steps 5-{4 + window} {early:.3f} ms/step  last {window} {late:.3f} ({ratio})"
     else:
-        line += f"  {statistics.mean(gaps):.2f} ms/step"
+        line += f"  {total * 1000 / max(1, len(done) - 1):.3f} ms/step"
     return line
 
 
@@ -150,6 +222,8 @@ async def bench(
     items: int,
     concurrency: int,
     insecure: bool = False,
+    breakdown_steps: int = 0,
+    profile: bool = False,
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
     stop_pg = None
@@ -171,15 +245,20 @@ async def bench(
                 seq = await sequential(client, steps)
                 print(
                     f"{store:8s} sequential {steps} steps: {seq['steps_per_s']:7.1f} steps/s  "
+                    f"mean {seq['mean_ms']:.3f} ms/step  "
                     f"p50 {seq['p50_ms']:.2f} ms  p99 {seq['p99_ms']:.2f} ms  "
                     f"steps 5-15 {seq['early_ms']:.2f} ms vs last 10 {seq['late_ms']:.2f} ms "
-                    f"(x{seq['late_ms'] / seq['early_ms']:.2f})",
+                    f"(x{seq['late_ms'] / max(seq['early_ms'], 1e-9):.2f})\n"
+                    f"{store:8s}   {seq['cpu']}",
                     flush=True,
                 )
+                if breakdown_steps:
+                    await breakdown(client, breakdown_steps, profile)
             if runs:
-                conc = await concurrent(client, runs, run_steps)
+                conc, cpu = await concurrent(client, runs, run_steps)
                 print(
-                    f"{store:8s} {runs} runs x {run_steps} steps at once: {conc:7.1f} steps/s",
+                    f"{store:8s} {runs} runs x {run_steps} steps at once: {conc:7.1f} steps/s"
+                    f"\n{store:8s}   {cpu}",
                     flush=True,
                 )
             for n in chains:
@@ -205,8 +284,19 @@ def main() -> None:
     parser.add_argument("--foreach", type=int, default=1000, help="items (0: skip)")
     parser.add_argument("--concurrency", type=int, default=16, help="of the foreach")
     parser.add_argument("--insecure", action="store_true", help="NATS without credentials")
+    parser.add_argument(
+        "--breakdown", action="store_true",
+        help="count publishes, acks, decodes, store calls, fsyncs per step (sequential run)",
+    )  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="cProfile the sequential run")
+    parser.add_argument(
+        "--hop", action="store_true",
+        help="no local calls (LOOM_LOCAL_TOOLS=''): every noop goes to the tool-runner",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.hop:
+        os.environ["LOOM_LOCAL_TOOLS"] = ""
     stores = ["sqlite", "postgres"] if args.store == "both" else [args.store]
     for store in stores:
         asyncio.run(
@@ -219,6 +309,8 @@ def main() -> None:
                 args.foreach,
                 args.concurrency,
                 args.insecure,
+                args.steps if args.breakdown or args.profile else 0,
+                args.profile,
             )
         )
 

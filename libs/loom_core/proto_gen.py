@@ -223,6 +223,7 @@ _SUBJECT_NAMES = {
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",
     "EVENT_TYPE": "headers",
+    "ANSWERED": "headers",
     "DLQ_REASON": "headers",
     "TRACEPARENT": "headers",
     "AUTHORIZATION": "headers",
@@ -264,6 +265,10 @@ _HEADER_TEXT = {
         "set by the relay that publishes stored events."
     ),
     subjects.EVENT_TYPE: "The event's tag, the same as the last subject token.",
+    subjects.ANSWERED: (
+        "On a `tool_call_requested` whose result was stored in the same commit (a pure "
+        "built-in the executor ran itself): nothing is left for a tool-runner to do."
+    ),
     subjects.DLQ_REASON: (
         "Why the message was dead-lettered: `<error code>: <message>`, truncated; the full "
         "error is in the payload's `error`."
@@ -335,7 +340,8 @@ def _run_event_messages() -> dict[str, Schema]:
         }
         headers = _headers(
             [subjects.MSG_ID, subjects.EVENT_TYPE, subjects.NOTIFICATION_ID],
-            [subjects.TRACEPARENT],
+            [subjects.TRACEPARENT]
+            + ([subjects.ANSWERED] if tag == _tag(contracts.ToolCallRequested) else []),
             {subjects.EVENT_TYPE: tag},
         )
         summary = f"An EventRecord whose `event` is a {cls.__name__} (`{tag}`)."
@@ -457,9 +463,7 @@ def _channels() -> dict[str, Schema]:
     out: dict[str, Schema] = {}
     for route in routes.ROUTES:
         messages = (
-            sorted(_run_event_messages())
-            if route is routes.RUN_EVENTS
-            else _names(*route.messages)
+            sorted(_run_event_messages()) if route is routes.RUN_EVENTS else _names(*route.messages)
         )
         out[route.name] = _channel(
             route.pattern, _channel_description(route), messages, route.params

@@ -99,6 +99,9 @@ BLOBS_BUCKET = "loom_blobs"
 MSG_ID = "Nats-Msg-Id"
 NOTIFICATION_ID = "Loom-Notification-Id"  # position in the store's notification log
 EVENT_TYPE = "Loom-Event-Type"
+# on a tool_call_requested whose result is stored in the same commit (a local call,
+# loom_services.local_tools): the tool-runner has nothing to do
+ANSWERED = "Loom-Answered"
 DLQ_REASON = "Loom-Dead-Letter-Reason"
 TRACEPARENT = "traceparent"
 AUTHORIZATION = "Authorization"  # Bearer JWT of the principal, on submit

@@ -30,6 +30,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PersistMode,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -46,13 +47,22 @@ T = TypeVar("T")
 
 MAX_DELIVER = 5
 # How long a fetched, unacked message waits before JetStream hands it to another consumer
-# instance: after a crash this is the time to recovery. Handlers here take milliseconds;
-# long ones (tool calls) send in_progress heartbeats instead of raising it.
-ACK_WAIT_S = float(os.environ.get("LOOM_ACK_WAIT_S", "5"))
+# instance: after a crash this is the time to recovery (issue 10: under a second). A
+# message being handled is kept by ``in_progress`` heartbeats every third of it
+# (``PullConsumer``), so a handler may take as long as it needs while it lives: only a
+# dead (or frozen for two heartbeats) process loses its messages to another.
+ACK_WAIT_S = float(os.environ.get("LOOM_ACK_WAIT_S", "1"))
+# Messages a handler *holds* (timers, open waits: ``held_events``) are naked with a
+# delay; their ack wait only bounds a crash between a fetch and the nak.
+HELD_ACK_WAIT_S = float(os.environ.get("LOOM_HELD_ACK_WAIT_S", "5"))
 NAK_DELAY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
 DAY_S = 24 * 3600.0
+# LOOM_RUNS' persistence: "async" (acked before it is on disk; R1 streams, nats-server
+# >= 2.12) or "default" (fsynced per message when the server syncs always). A cluster
+# stream with replicas is made durable by its replicas: use "default" there.
+RUNS_PERSIST = PersistMode(os.environ.get("LOOM_RUNS_PERSIST", "async"))
 REJECTS_STREAM = routes.REJECTED.stream or "LOOM_REJECTS"
 REJECT_PAYLOAD_LIMIT = 4 * 1024  # a client's typo is shown, not archived
 
@@ -70,6 +80,10 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
     return (
         StreamConfig(
             name=subjects.RUN_EVENTS_STREAM,
+            # A copy of the store (the truth), republished from it by the relay: no fsync
+            # per event (issue 10; the relay re-checks what the stream holds after a NATS
+            # restart, loom_infra.relay). LOOM_RUNS_PERSIST=default fsyncs every event.
+            persist_mode=RUNS_PERSIST,
             subjects=[subjects.RUN_EVENTS_ALL],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -562,20 +576,26 @@ class PullConsumer:
 
     async def _handle_one(self, msg: Msg) -> None:
         assert self.message_handler is not None
+        beat = Heartbeat((msg,), self.ack_wait_s)
         try:
             result = await self.message_handler(msg)
         except Exception as exc:  # a bug in a handler must not stop consumption
             log.exception("%s handler crashed", self.durable)
             result = exc
+        finally:
+            beat.stop()
         await self._settle(msg, result)
 
     async def _dispatch(self, msgs: Sequence[Msg]) -> None:
         assert self.handler is not None
+        beat = Heartbeat(msgs, self.ack_wait_s)
         try:
             results: Sequence[bool | BaseException] = await self.handler(msgs)
         except Exception as exc:  # a bug in a handler must not stop consumption
             log.exception("%s handler crashed", self.durable)
             results = [exc] * len(msgs)
+        finally:
+            beat.stop()
         for msg, result in zip(msgs, results, strict=True):
             await self._settle(msg, result)
 
@@ -601,6 +621,38 @@ class PullConsumer:
         await msg.nak(delay=NAK_DELAY_S * deliveries)
 
 
+class Heartbeat:
+    """``in_progress`` for ``msgs`` every third of the ack wait while they are handled, so
+    the ack wait can be short (a dead process's messages go to another within it) and a
+    handler still as long as it needs. A timer, not a task: a message handled within a
+    third of the ack wait (nearly all) costs one ``call_later`` and its cancel."""
+
+    def __init__(self, msgs: Sequence[Msg], ack_wait_s: float) -> None:
+        self.msgs = msgs
+        self.every = ack_wait_s / 3
+        self.loop = asyncio.get_running_loop()
+        self.handle: asyncio.TimerHandle | None = self.loop.call_later(self.every, self._beat)
+        self.sending: asyncio.Future[Any] | None = None
+
+    def _beat(self) -> None:
+        if self.sending is None or self.sending.done():
+            self.sending = asyncio.ensure_future(self._send())
+        self.handle = self.loop.call_later(self.every, self._beat)
+
+    async def _send(self) -> None:
+        for msg in self.msgs:
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # the connection is down: the ack wait decides
+                log.debug("in_progress not sent: %r", exc)
+                return
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 async def held_events(
     js: JetStreamContext,
     durable: str,
@@ -616,7 +668,7 @@ async def held_events(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=filter_subject,
-        ack_wait=ACK_WAIT_S,
+        ack_wait=HELD_ACK_WAIT_S,
         max_deliver=-1,  # redelivered as often as it takes
         max_ack_pending=100_000,  # every held message is an unacked one
     )

@@ -47,6 +47,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import msgspec
 from nats.errors import MaxPayloadError
@@ -54,10 +55,16 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from loom_core import codec, subjects
-from loom_core.contracts import ErrorInfo, EventRecord
+from loom_core.contracts import (
+    ErrorInfo,
+    EventRecord,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolCallRequested,
+)
 from loom_infra import metrics
 from loom_infra.blocking import Blocking
-from loom_infra.bus import dead_letter, wait_acks, wait_or_timeout
+from loom_infra.bus import dead_letter, wait_or_timeout
 from loom_infra.store import EventStore
 
 log = logging.getLogger("loom.relay")
@@ -67,6 +74,11 @@ log = logging.getLogger("loom.relay")
 PERMANENT_ERR_CODES = frozenset({10054, 10097})
 
 Unpublishable = Callable[[EventRecord, ErrorInfo], Awaitable[None]]
+
+# The latest publishes re-checked after a NATS reconnect: more than a crashed server can
+# have held unwritten (it writes within milliseconds; it fsyncs LOOM_RUNS lazily).
+RECENT_MAX = 4096
+RECONNECT_CHECK_S = 0.1
 
 
 def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
@@ -84,6 +96,16 @@ def _unpublishable(record: EventRecord, why: str) -> ErrorInfo:
         details={"event_id": record.event_id, "run_id": record.run_id, "seq": record.seq,
                  "event_type": record.kind},
     )  # fmt: skip
+
+
+def _answered(rows: Sequence[tuple[int, EventRecord]]) -> set[tuple[str, str]]:
+    """(run, idempotency key) of the tool calls whose result is among ``rows``: their
+    requests were answered in the executor (local calls) and go out marked so."""
+    return {
+        (record.run_id, record.event.idempotency_key)
+        for _, record in rows
+        if isinstance(record.event, ToolCallCompleted | ToolCallFailed)
+    }
 
 
 def _same_event(stored: EventRecord, found: EventRecord) -> bool:
@@ -124,6 +146,9 @@ class Relay:
         # when they follow the position exactly, saving a read of the store per step.
         self._pending: deque[tuple[int, EventRecord]] = deque()
         self._more_in_store = True
+        # (notification id, stream seq, msg id) of the latest publishes, oldest first
+        self._recent: deque[tuple[int, int, str]] = deque(maxlen=RECENT_MAX)
+        self._reconnects_seen = 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -184,10 +209,69 @@ class Relay:
         return 0
 
     async def start_position(self) -> int:
+        """Where publishing resumes: after the last event the stream holds (verified),
+        which is ahead of the tracking record after a crash of the relay and behind it
+        when the stream lost its newest events (LOOM_RUNS is not fsynced per message, so
+        a crash of its host can drop them); the tracking record when the stream holds
+        none of ours (empty, expired, or its last message is not believed)."""
         tracked = await self.io(self.store.position, self.name)
-        return max(tracked, await self._last_published())
+        published = await self._last_published()
+        if published and published < tracked:
+            log.warning(
+                "relay: the stream holds events up to notification %d but %d were published "
+                "before: publishing %d events again from the store",
+                published, tracked, tracked - published,
+            )  # fmt: skip
+        return published or tracked
+
+    def _reconnects(self) -> int:
+        nc = getattr(self.js, "_nc", None)
+        stats = getattr(nc, "stats", None)
+        return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+
+    async def _check_after_reconnect(self) -> None:
+        """After NATS reconnected (a restart of the server, maybe a crash), publish again
+        whatever the stream lost of the events published lately: they were acked before
+        being on disk (LOOM_RUNS persists asynchronously). The recent publishes are
+        checked oldest first; from the first one the stream does not hold at its
+        sequence, everything goes out again (the held ones come back as duplicates)."""
+        seen = self._reconnects()
+        if seen == self._reconnects_seen:
+            return
+        recent = list(self._recent)
+        lost: int | None = None
+        # What a crash loses is a suffix of what the old server acked, and no batch is
+        # taken as published when a reconnect came between this check and its acks
+        # (``_acks``): "held at its sequence" is true for a prefix of ``recent``, so the
+        # newest is checked first (a clean restart lost nothing) and the boundary is
+        # found by bisection, a dozen reads at most.
+        if recent and not await self._holds(recent[-1]):
+            lo, hi = 0, len(recent) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if await self._holds(recent[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            lost = recent[lo][0]
+        self._recent = deque(maxlen=RECENT_MAX)
+        self._reconnects_seen = seen  # checked: a failure above retries the check
+        if lost is None:
+            return
+        if recent and lost == recent[0][0]:
+            # even the oldest remembered is gone: go back to the stored lower bound too
+            lost = min(lost, self.tracked + 1)
+        log.warning(
+            "relay: after a NATS reconnect the stream lacks events from notification %d "
+            "(position %d): publishing them again", lost, self.position,
+        )  # fmt: skip
+        self.position = min(self.position, lost - 1)
+        self.tracked = min(self.tracked, self.position)
+        self._pending.clear()  # re-read from the store
+        self._more_in_store = True
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._reconnects_seen = self._reconnects()
         self.position = self.tracked = await self.start_position()
         while not stop.is_set():
             self._wake.clear()
@@ -200,21 +284,38 @@ class Relay:
                 continue
             if moved and (self._pending or self._more_in_store):
                 continue  # there may be more: drain before sleeping
-            waker = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait(
-                {waker, stopper}, timeout=self.idle_poll_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            waker.cancel()
-            stopper.cancel()
-            if not done:  # idle for a while: record the position now
+            if await self._idle(stop):  # idle a while: record the position now
                 try:
                     await self._track(force=True)
                 except Exception as exc:
                     log.warning("relay could not record its position: %r", exc)
 
+    async def _idle(self, stop: asyncio.Event) -> bool:
+        """Wait for a wake, a stop, a NATS reconnect (noticed within RECONNECT_CHECK_S:
+        what the stream lost goes out again at once) or ``idle_poll_s``; True for the
+        last (the safety-net read of the store, for writers in other processes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.idle_poll_s
+        waker = asyncio.ensure_future(self._wake.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return True
+                done, _ = await asyncio.wait(
+                    {waker, stopper}, timeout=min(left, RECONNECT_CHECK_S),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                if done or self._reconnects() != self._reconnects_seen:
+                    return False
+        finally:
+            waker.cancel()
+            stopper.cancel()
+
     async def publish_once(self) -> int:
         """Publish the next batch; returns how many events went out."""
+        await self._check_after_reconnect()
         rows = self._take_pending()
         if rows is None:
             rows = await self.io(self.store.read_notifications, self.position, self.batch)
@@ -225,6 +326,7 @@ class Relay:
             return 0
         sent = []
         skipped: list[tuple[EventRecord, ErrorInfo]] = []
+        answered = _answered(rows)
         for notification_id, record in rows:
             subject = subjects.run_event(record.run_id, record.kind)
             try:
@@ -237,6 +339,11 @@ class Relay:
                 subjects.NOTIFICATION_ID: str(notification_id),
                 subjects.EVENT_TYPE: record.kind,
             }
+            event = record.event
+            if isinstance(event, ToolCallRequested) and (
+                (record.run_id, event.idempotency_key) in answered
+            ):
+                headers[subjects.ANSWERED] = "1"
             too_large = self._too_large(record, data, headers)
             if too_large is not None:
                 skipped.append((record, too_large))
@@ -244,13 +351,14 @@ class Relay:
             try:
                 ack = await self.js.publish_async(subject, data, headers=headers)
             except MaxPayloadError:  # our measure missed: the client's own check
-                skipped.append((record, self._too_large(record, data, headers, force=True)))
+                forced = self._too_large(record, data, headers, force=True)
+                assert forced is not None  # force=True always measures it too large
+                skipped.append((record, forced))
                 continue
             sent.append((record, subject, data, headers, ack))
         # A publish whose ack never comes must not hang the relay: fail the batch and
-        # retry it (Nats-Msg-Id makes the retry harmless), at once when the connection
-        # drops (a killed server never acks what it had), else after ack_timeout_s.
-        acks = await wait_acks(self.js, [ack for *_, ack in sent], self.ack_timeout_s)
+        # retry it (Nats-Msg-Id makes the retry harmless).
+        acks = await self._acks([ack for *_, ack in sent])
         for (record, subject, data, headers, _), ack in zip(sent, acks, strict=True):
             if isinstance(ack, APIError) and ack.err_code in PERMANENT_ERR_CODES:
                 skipped.append((record, _unpublishable(record, f"refused by JetStream: {ack}")))
@@ -260,9 +368,44 @@ class Relay:
                 await self._check_duplicate(subject, data, headers, ack.seq)
         for record, error in skipped:  # before the position moves past them
             await self._alarm(record, error)
+        # remembered to re-check after a reconnect: the stream acked them before its disk
+        for (*_, headers, _), ack in zip(sent, acks, strict=True):
+            if not isinstance(ack, BaseException) and not ack.duplicate:
+                nid = int(headers[subjects.NOTIFICATION_ID])
+                self._recent.append((nid, ack.seq, headers[subjects.MSG_ID]))
         self.position = rows[-1][0]
         await self._track(force=bool(skipped))  # a restart must not meet them again
         return len(rows)
+
+    async def _holds(self, published: tuple[int, int, str]) -> bool:
+        """Does the stream hold this publish (notification id, stream seq, msg id)?"""
+        _, seq, mid = published
+        try:
+            held = await self.js.get_msg(subjects.RUN_EVENTS_STREAM, seq)
+        except NotFoundError:
+            return False
+        return (held.headers or {}).get(subjects.MSG_ID) == mid
+
+    async def _acks(self, futures: list[Any]) -> list[Any]:
+        """The batch's publish acks (or exceptions). Raises TimeoutError after
+        ``ack_timeout_s``, or at once when NATS reconnected meanwhile: acks of a server
+        that died never come, and waiting them out stalled every run for the whole
+        timeout after a restart (measured by bench/chaos.py: 10 s)."""
+        gathered = asyncio.gather(*futures, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout_s
+        seen = self._reconnects_seen  # as of the check before this batch
+        try:
+            while True:
+                left = deadline - loop.time()
+                done, _ = await asyncio.wait({gathered}, timeout=min(left, RECONNECT_CHECK_S))
+                if done and self._reconnects() == seen:
+                    return gathered.result()
+                if loop.time() >= deadline or self._reconnects() != seen:
+                    raise TimeoutError("publish acks did not come (NATS reconnected or slow)")
+        finally:
+            if not gathered.done():
+                gathered.cancel()
 
     def _too_large(
         self, record: EventRecord, data: bytes, headers: dict[str, str], force: bool = False

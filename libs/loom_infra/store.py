@@ -506,11 +506,11 @@ def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | 
     KB (2,000 events of 300 bytes; four of 200 KB) deadlocks the client and the server
     while the server holds the EXCLUSIVE lock on the events table, stopping every
     executor (psycopg issue #685). One plain execute of the same INSERT ... unnest ...
-    RETURNING never does; the lock, the NOTIFY and the order of ids are the library's."""
+    RETURNING never does; the lock and the order of ids are the library's. No NOTIFY
+    (issue 10): nothing LISTENs (the relay is woken by the executor, and polls for other
+    writers), and a NOTIFY costs a round trip and takes a global lock at every commit."""
     if type(recorder).__module__ != "eventsourcing.postgres":
         return recorder.insert_events(stored)
-    from psycopg.sql import SQL, Identifier  # only PostgreSQL stores import psycopg
-
     rows = [
         recorder.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
         for e in stored
@@ -518,7 +518,6 @@ def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | 
     with recorder.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
         for statement in recorder.lock_table_statements:
             curs.execute(statement, prepare=True)
-        curs.execute(SQL("NOTIFY {0}").format(Identifier(recorder.channel_name)))
         curs.execute(recorder.insert_events_statement, (rows,))
         return [row["notification_id"] for row in curs.fetchall()]
 
@@ -831,6 +830,26 @@ class ToolCallLedger(_Closable):
             except IntegrityError:
                 return False
         return True
+
+    def record_many(self, entries: Sequence[tuple[str, str, datetime, bytes]]) -> None:
+        """``record`` for many (key, owner, at, result) in one transaction; when a key
+        already had a claim, each is recorded alone (the first result stands)."""
+        self._check_open("record")
+        stored = []
+        for key, owner, at, result in entries:
+            claim = codec.encode(_Claim(owner=owner, claimed_at=at))
+            stored += [
+                StoredEvent(key, 1, "claimed", claim),
+                StoredEvent(key, 2, "finished", bytes(result)),
+            ]
+        with _translated("record", self._backend):
+            try:
+                self._recorder.insert_events(stored)
+                return
+            except IntegrityError:
+                pass
+        for key, owner, at, result in entries:
+            self.record(key, owner, at, result)
 
     def get(self, key: str) -> LedgerEntry | None:
         self._check_open("get")

@@ -82,6 +82,7 @@ from loom_infra.store import (
     open_event_store,
     open_snapshot_store,
 )
+from loom_services.local_tools import LocalTools
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.signals import SignalRouter
 from loom_services.timers import TimerService
@@ -117,7 +118,9 @@ class RunHost:
         verify_on_load: bool = True,
         limits: SizeLimits | None = None,
         caps: Caps | None = None,
+        local: LocalTools | None = None,
     ) -> None:
+        self.local = local  # pure built-ins answered in the batch (loom_services.local_tools)
         self.limits = limits  # recorded in each new run's run_requested (loom_core.sizes)
         self.caps = caps  # likewise (loom_core.caps)
         self.store = store
@@ -127,6 +130,7 @@ class RunHost:
         self.actors: OrderedDict[str, RunState] = OrderedDict()
         self.queue: asyncio.Queue[Work] = asyncio.Queue()
         self.loading: dict[str, asyncio.Future[RunState]] = {}
+        self._saving: set[asyncio.Future[None]] = set()  # snapshot writes under way
         # run after each commit with (notification ids, records), in commit order
         self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
 
@@ -193,18 +197,47 @@ class RunHost:
             error = _child_mismatch(await self.state_of(message.child_run_id), message)
         return error
 
+    async def _answer_locally(
+        self, state: RunState, run_id: str, produced: list[EventRecord], at: datetime
+    ) -> list[EventRecord]:
+        """Answer the local tool calls ``produced`` asks for (and those their results
+        ask for, up to the budget) in this batch: the events they add."""
+        assert self.local is not None
+        added: list[EventRecord] = []
+        todo = [r.event for r in produced if self.local.takes(r.event)]
+        budget = self.local.budget
+        while todo and budget > 0:
+            budget -= 1
+            result = await self.local.answer(run_id, todo.pop(0))  # type: ignore[arg-type]
+            if result is None:  # big output: the tool-runner stores it by reference
+                continue
+            more = _advanced(state, run_id, result, at)
+            added += more
+            todo += [r.event for r in more if self.local.takes(r.event)]
+        return added
+
     async def _snapshot(self, records: list[EventRecord]) -> None:
-        """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY."""
+        """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY. The
+        state is encoded here (it changes with the next batch); the write goes on in the
+        background, off the writer loop (issue 10: a large snapshot's INSERT stalled
+        every run for 20-35 ms on PostgreSQL)."""
         assert self.snapshots is not None
         crossed = {r.run_id for r in records if r.seq % SNAPSHOT_EVERY == 0}
         for run_id in crossed:
             state = self.actors.get(run_id)
             if state is None:
                 continue
-            try:
-                await self.io(self.snapshots.save, run_id, state.version, snapshot(state))
-            except Exception as exc:  # a snapshot is a cache: the run is fine without it
-                log.warning("snapshot of %s not saved: %r", run_id, exc)
+            data = snapshot(state)
+            saving = asyncio.ensure_future(self._save_snapshot(run_id, state.version, data))
+            self._saving.add(saving)
+            saving.add_done_callback(self._saving.discard)
+
+    async def _save_snapshot(self, run_id: str, version: int, data: bytes) -> None:
+        assert self.snapshots is not None
+        try:
+            await self.io(self.snapshots.save, run_id, version, data)
+        except Exception as exc:  # a snapshot is a cache: the run is fine without it
+            log.warning("snapshot of %s not saved: %r", run_id, exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -230,11 +263,9 @@ class RunHost:
                     if work.refused is not None:
                         per_work.append([])
                         continue
-                base = state.version
-                produced = [
-                    EventRecord(run_id=work.run_id, seq=base + i, at=at, event=event)
-                    for i, event in enumerate(advance(state, work.message, at), start=1)
-                ]
+                produced = _advanced(state, work.run_id, work.message, at)
+                if self.local is not None:
+                    produced += await self._answer_locally(state, work.run_id, produced, at)
                 per_work.append(produced)
                 records.extend(produced)
             if records:
@@ -260,6 +291,14 @@ class RunHost:
                 listener(notification_ids, records)
 
 
+def _advanced(state: RunState, run_id: str, message: Message, at: datetime) -> list[EventRecord]:
+    base = state.version
+    return [
+        EventRecord(run_id=run_id, seq=base + i, at=at, event=event)
+        for i, event in enumerate(advance(state, message, at), start=1)
+    ]
+
+
 class ExecutorService:
     name: routes.Identity = "executor"
 
@@ -270,8 +309,11 @@ class ExecutorService:
         self.snapshots = open_snapshot_store(settings.store)
         self.principals = auth.PrincipalResolver(settings.auth)
         self.host = RunHost(
-            self.store, self.io, self.snapshots, limits=settings.size_limits, caps=settings.caps
-        )
+            self.store, self.io, self.snapshots, limits=settings.size_limits, caps=settings.caps,
+            local=LocalTools.from_env(
+                settings.size_limits, blob_threshold=settings.blobs.threshold_bytes
+            ),
+        )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
 

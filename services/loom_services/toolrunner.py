@@ -15,8 +15,25 @@ anything. One whose key is claimed but unfinished means the runner that claimed 
 mid-call: an idempotent tool runs again; a non-idempotent one is never re-run, the run
 gets an ``ambiguous_outcome`` error instead.
 
-Long calls send ``in_progress`` to JetStream so the request is not redelivered while it
-still runs.
+Long calls are kept by ``in_progress`` heartbeats (``bus.Heartbeat``, every third of
+the ack wait) so the request is not redelivered while it still runs; a runner killed
+mid-call stops beating and its call is re-dispatched within the ack wait (1 s).
+
+The fast path (issue 10): a first delivery of a request has no ledger entry in all but
+rare cases, so it is not read. A non-idempotent call is claimed at once (the unique
+insert is the read: a lost claim then reads the entry); an idempotent one runs and its
+result is published to the inbox (JetStream, fsynced) at once; claim + result are then
+recorded in the ledger, many calls per transaction (``LedgerBackfill``), and only then
+is the request acked. The executor has the result before the ledger write, so the
+write is off the step's path; the ack still waits for it, so a redelivery (a lost ack,
+a runner killed after publishing) finds the result instead of running the call again.
+A redelivery of a request this process answered (its ack lost in a NATS restart) is
+acked unread (``answered``); one that finds no ledger entry asks the executor whether
+the run holds a result for it already (the runner that published it was killed before
+its ledger write) and then sends nothing (``_recorded_by_run``). A first delivery
+that does meet an entry (a consumer recreated, a NATS restart that forgot delivery
+counts, on another replica) runs an idempotent call again: harmless by definition, and
+the executor keeps the first result.
 """
 
 from __future__ import annotations
@@ -28,15 +45,20 @@ import logging
 import os
 import socket
 import uuid
+from collections import OrderedDict
 
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import blobs, codec, routes, secrets, sizes
+from loom_core import blobs, codec, routes, secrets, sizes, subjects
 from loom_core.contracts import (
     ErrorInfo,
+    RunEventsQuery,
+    RunEventsReply,
     SizeLimits,
     ToolCallCancelled,
+    ToolCallCompleted,
+    ToolCallFailed,
     ToolCallRequested,
     ToolResult,
 )
@@ -62,7 +84,10 @@ log = logging.getLogger("loom.toolrunner")
 
 # How long a call may go without a heartbeat before JetStream re-dispatches it to another
 # runner (a runner that died mid-call is detected this way). Heartbeats go every third.
-ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "6"))
+ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "1"))
+# Requests answered by this process remembered, so that one redelivered after its ack
+# was lost (NATS restarted) is acked without running it again.
+ANSWERED_MAX = 50_000
 # Tool calls one runner process runs at once (each acked when it ends).
 MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
 
@@ -90,8 +115,15 @@ class ToolRunnerService:
             max_output_bytes=settings.blobs.max_blob_bytes,
         )
         self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
+        # ledger key -> the handling of its request in this process: a redelivery that
+        # arrives meanwhile waits for it instead of acking a call that may yet be lost
+        self.handling: dict[str, tuple[int | None, asyncio.Future[bool | BaseException]]] = {}
         self.cancelled: set[str] = set()
+        # ledger key -> stream sequence of the request this process answered (bounded)
+        self.answered: OrderedDict[str, int | None] = OrderedDict()
+        self.recording: dict[str, asyncio.Future[None]] = {}
         self.executed = 0
+        self.backfill = LedgerBackfill(self.ledger, self.io)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -110,6 +142,7 @@ class ToolRunnerService:
             ack_wait_s=ACK_WAIT_S,
         )
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
+        ctx.spawn(self.backfill.run(ctx.stop), "toolrunner-ledger-backfill")
         # Every replica hears cancellations (no queue group): only the one running the
         # call has something to stop.
         await endpoints.subscribe(
@@ -117,32 +150,110 @@ class ToolRunnerService:
         )
 
     async def close(self) -> None:
+        await self.backfill.flush()
         await self.io.close()
         self.ledger.close()
 
     async def _one(self, msg: Msg) -> bool | BaseException:
+        if msg.headers and msg.headers.get(subjects.ANSWERED):
+            return True  # answered in the executor, in the commit that asked (local_tools)
         try:
             record, request = bus.expect_event(msg, ToolCallRequested)
         except bus.Poison as poison:
             return poison
         key = ledger_key(record.run_id, request)
-        if key in self.inflight:
-            return True  # this process is running it; that task will answer
+        seq = msg.metadata.sequence.stream if msg.metadata else None
+        while (running := self.handling.get(key)) is not None:
+            # This process is handling it. The same message redelivered (a stall longer
+            # than the ack wait) is settled as that handling is, once it ends; a copy is
+            # answered after it, from the ledger like any copy.
+            outcome = await asyncio.shield(running[1])
+            if seq is not None and running[0] == seq:
+                return outcome
+        if seq is not None and self.answered.get(key) == seq:
+            # answered by this process, the ack lost (NATS restarted): the result is in
+            # the inbox stream already, nothing to run or send again
+            return True
+        handling = asyncio.get_running_loop().create_future()
+        self.handling[key] = (seq, handling)
         try:
-            result = await self._result_for(record.run_id, request, msg)
+            outcome = await self._answer(record.run_id, request, msg, key)
+        except BaseException as exc:
+            handling.set_result(exc if isinstance(exc, Exception) else False)
+            raise
+        else:
+            handling.set_result(outcome)
+        finally:
+            self.handling.pop(key, None)
+        return outcome
+
+    async def _answer(
+        self, run_id: str, request: ToolCallRequested, msg: Msg, key: str
+    ) -> bool | BaseException:
+        try:
+            result = await self._result_for(run_id, request, msg)
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
-            await bus.publish_acked(self.ctx.js, routes.inbox_subject(result), codec.encode(result))
+            if result is not None:
+                subject = routes.inbox_subject(result)
+                await bus.publish_acked(self.ctx.js, subject, codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc
+        finally:
+            recording = self.recording.pop(key, None)
+        if recording is not None:
+            # acked only once the ledger holds it: the executor has the result already
+            # (this wait is off the step's path), and a redelivery after the ack was
+            # lost finds it there instead of running the call again
+            await recording
+        self.answered[key] = msg.metadata.sequence.stream if msg.metadata else None
+        if len(self.answered) > ANSWERED_MAX:
+            self.answered.popitem(last=False)
         return True
 
-    async def _result_for(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
+    async def _recorded_by_run(self, msg: Msg, request: ToolCallRequested) -> bool:
+        """Has the run recorded a result for this request already? Asked of the executor
+        on a redelivery that finds no ledger entry: the runner that answered was killed
+        between its publish and its ledger write (idempotent calls are written after the
+        publish). Then there is nothing to run or send. If the executor cannot say, the
+        (idempotent) call runs again, which is harmless."""
+        try:
+            record = codec.decode_event(msg.data)
+            query = RunEventsQuery(run_id=record.run_id, after_seq=record.seq, limit=1000)
+            reply = await bus.request(
+                self.ctx.nc, subjects.API_RUN_EVENTS, query, RunEventsReply, 5.0
+            )
+        except Exception as exc:
+            log.info("could not ask the executor about %s: %r", request.idempotency_key, exc)
+            return False
+        return any(
+            isinstance(r.event, ToolCallCompleted | ToolCallFailed)
+            and r.event.idempotency_key == request.idempotency_key
+            for r in reply.events
+        )
+
+    async def _result_for(
+        self, run_id: str, request: ToolCallRequested, msg: Msg
+    ) -> ToolResult | None:
+        """The result to send, or None when the run has it already."""
         key = ledger_key(run_id, request)
-        entry = await self.io(self.ledger.get, key)
         tool = self.registry.get(request.tool)
         idempotent = tool is None or tool.idempotent  # unknown tools only yield an error
+        first = msg.metadata.num_delivered <= 1 if msg.metadata else False
+        if first and idempotent:
+            # no read, no commit before the answer: recorded after (see the module doc)
+            result = await self._execute(run_id, request, msg)
+            self.recording[key] = self.backfill.offer(key, self.owner, result)
+            return result
+        # the claim is the read: only a lost claim needs the entry
+        if first and await self.io(self.ledger.claim, key, self.owner, bus.now()):
+            result = await self._execute(run_id, request, msg)
+            await self.io(self.ledger.finish, key, codec.encode(result))
+            return result
+        entry = await self.io(self.ledger.get, key)
+        if entry is None and idempotent and await self._recorded_by_run(msg, request):
+            return None  # answered before a crash and the ledger write lost with it
         if entry is None and idempotent:
             # Running twice is harmless: skip the claim, record claim + result at once.
             result = await self._execute(run_id, request, msg)
@@ -201,7 +312,6 @@ class ToolRunnerService:
         )
         call = asyncio.ensure_future(self._call(request, ctx, msg))
         self.inflight[key] = call
-        heartbeat = asyncio.ensure_future(_heartbeat(msg))
         started = bus.now()
         try:
             outcome = await call
@@ -213,7 +323,6 @@ class ToolRunnerService:
                 error=ErrorInfo(code="cancelled", message="the run cancelled this call"),
             )
         finally:
-            heartbeat.cancel()
             self.inflight.pop(key, None)
             self.cancelled.discard(key)
         result = ToolResult(
@@ -374,10 +483,51 @@ def load_tools(registry: ToolRegistry, module: str) -> None:
     register(registry)
 
 
-async def _heartbeat(msg: Msg) -> None:
-    while True:
-        await asyncio.sleep(ACK_WAIT_S / 3)  # a timer, not synchronisation
-        await msg.in_progress()
+class LedgerBackfill:
+    """Records idempotent calls' claim + result in the ledger after they were answered,
+    off the call's path: a queue drained by one task, every waiting entry in one hop to
+    the store's thread. Best effort by design: a lost record only means a redelivery
+    runs the (idempotent) call again."""
+
+    MAX_QUEUED = 10_000
+
+    def __init__(self, ledger: ToolCallLedger, io: Blocking) -> None:
+        self.ledger = ledger
+        self.io = io
+        self.queue: list[tuple[str, str, ToolResult, asyncio.Future[None]]] = []
+        self.ready = asyncio.Event()
+        self.dropped = 0
+
+    def offer(self, key: str, owner: str, result: ToolResult) -> asyncio.Future[None]:
+        """Queue one record; the future is done once it is stored (or given up)."""
+        done = asyncio.get_running_loop().create_future()
+        if len(self.queue) >= self.MAX_QUEUED:
+            self.dropped += 1  # bounded: a slow store must not grow memory without end
+            done.set_result(None)
+            return done
+        self.queue.append((key, owner, result, done))
+        self.ready.set()
+        return done
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.ready.wait()
+            self.ready.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        entries, self.queue = self.queue, []
+        if not entries:
+            return
+
+        rows = [(key, owner, r.started_at, codec.encode(r)) for key, owner, r, _ in entries]
+        try:
+            await self.io(self.ledger.record_many, rows)
+        except Exception as exc:
+            log.warning("%d idempotent results not recorded in the ledger: %r", len(entries), exc)
+        for *_, done in entries:
+            if not done.done():
+                done.set_result(None)
 
 
 def main() -> None:

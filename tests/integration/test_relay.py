@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
@@ -69,6 +70,18 @@ async def wait_count(js, at_least: int, timeout: float = 60.0) -> int:
         assert loop.time() < deadline, f"stream has {n} < {at_least} messages"
         await asyncio.sleep(0.005)
     return n
+
+
+async def js_ready(js, timeout: float = 30.0) -> None:
+    """Until JetStream answers again after a restart (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await js.stream_info(subjects.RUN_EVENTS_STREAM)
+            return
+        except (TimeoutError, nats.errors.Error):
+            assert loop.time() < deadline, "JetStream did not come back"
 
 
 def start_relay(nats_url: str, data_dir: Path) -> subprocess.Popen[bytes]:
@@ -134,5 +147,40 @@ async def test_relay_that_lost_its_position_does_not_republish(
         assert await stream_count(js) == len(expected)
         assert await published_ids(js, len(expected)) == expected
     finally:
+        await nc.close()
+        store.close()
+
+
+async def test_events_a_restarted_nats_lost_are_published_again(
+    nats_server: EmbeddedNats, sqlite_store_settings: StoreSettings
+) -> None:
+    """LOOM_RUNS persists asynchronously (acked before it is on disk): a crash of
+    nats-server can lose the newest acked events. After the reconnect the relay checks
+    its latest publishes against the stream and publishes what is missing again."""
+    expected = seed(sqlite_store_settings, runs=2, per_run=30)
+    store = open_event_store(sqlite_store_settings)
+    nc = await bus.connect(nats_server.url, "test")  # reconnects, as a service does
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    stop = asyncio.Event()
+    relay = Relay(store, js, name="r")
+    task = asyncio.ensure_future(relay.run(stop))
+    try:
+        await wait_count(js, len(expected))
+        # what a crash before the server's write would lose: its newest messages
+        last = (await js.stream_info(subjects.RUN_EVENTS_STREAM)).state.last_seq
+        for seq in range(last - 9, last + 1):
+            await js.delete_msg(subjects.RUN_EVENTS_STREAM, seq)
+        assert await stream_count(js) == len(expected) - 10
+        nats_server.kill()
+        nats_server.start()
+        await js_ready(js)
+        await wait_count(js, len(expected))
+        assert await published_ids(js, len(expected)) == expected  # all, in store order
+        assert await stream_count(js) == len(expected)  # and nothing twice
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         await nc.close()
         store.close()

@@ -50,7 +50,9 @@ async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
         taken = snapshots.latest(accepted.run_id)
     finally:
         snapshots.close()
-    assert taken is not None and taken[0] % 10 == 0 and taken[0] >= 20
+    # taken at the end of the batch whose events crossed a multiple of 10 (local noop
+    # calls advance several steps per batch, so not on the multiple itself)
+    assert taken is not None and taken[0] >= 20
 
     assert stack.stack is not None
     await stack.stack.close()  # every service stops: the actor is gone from memory

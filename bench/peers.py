@@ -1,0 +1,375 @@
+"""agentloom side by side with its peers, in one sitting: LangGraph (SqliteSaver and
+PostgresSaver, ``durability="sync"`` and the default ``"async"``) and DBOS (SQLite and
+PostgreSQL), no-op steps, every system in its own process, rounds interleaved (each
+round runs every system once, in turn), medians printed with the ratio to agentloom.
+
+    python bench/peers.py                         # 3 rounds, 200 steps, 50 runs x 20 steps
+    python bench/peers.py --rounds 5 --only langgraph-sqlite,agentloom-sqlite
+
+The peers are installed into ``.bench-venv`` (created on first use, gitignored) from the
+package registry with pip, never into the project's environment; nothing else is
+fetched. PostgreSQL is the local one the tests use (``loom_infra.localpg``: the pgserver
+wheel), started once and shared, each system in its own database.
+
+Per system and round, one process: a warm-up run, then
+- one run of N sequential no-op steps: wall ms per step (submit to result / N), and this
+  process's CPU ms per step (agentloom: submit over NATS, then its ``run_completed``
+  event from the stream, as a client that wants the result does);
+- R runs of K steps at once: steps per second.
+agentloom's numbers include its nats-server (CPU also printed apart) and, with
+``-hop``, a tool-runner hop per step (``LOOM_LOCAL_TOOLS=''``); without it ``noop`` is a
+local call answered in the executor (``loom_services.local_tools``). Database servers'
+CPU is not counted for anyone. The machine is shared: read the CPU columns with the
+wall ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, TypedDict
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".bench-venv"
+# the versions measured (pip resolves their dependencies); bump deliberately
+PEERS = (
+    "langgraph==1.2.24",
+    "langgraph-checkpoint-sqlite==3.1.2",
+    "langgraph-checkpoint-postgres==3.2.0",
+    "psycopg[binary]==3.3.9",
+    "psycopg-pool==3.3.3",
+    "dbos==3.4.0",
+)
+SYSTEMS = (
+    "agentloom-sqlite",
+    "agentloom-sqlite-hop",
+    "agentloom-postgres",
+    "agentloom-postgres-hop",
+    "langgraph-sqlite",
+    "langgraph-sqlite-sync",
+    "langgraph-postgres",
+    "langgraph-postgres-sync",
+    "dbos-sqlite",
+    "dbos-postgres",
+)
+
+
+def ensure_venv() -> Path:
+    python = VENV / "bin" / "python"
+    marker = VENV / ".installed"
+    if marker.exists() and marker.read_text() == "\n".join(PEERS):
+        return python
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEERS], check=True)
+    marker.write_text("\n".join(PEERS))
+    return python
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class Counting(TypedDict):  # LangGraph's state (resolved by name: module level)
+    i: int
+    n: int
+
+
+def _cpu() -> float:
+    return time.process_time()
+
+
+async def _agentloom(store: str, hop: bool, pg_url: str, args: argparse.Namespace) -> dict:
+    if hop:
+        os.environ["LOOM_LOCAL_TOOLS"] = ""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from nats.js.api import DeliverPolicy  # noqa: PLC0415
+
+    import stepcost  # noqa: PLC0415
+    from loom_core import codec, subjects  # noqa: PLC0415
+    from loom_core.contracts import RunCompleted, RunRequest  # noqa: PLC0415
+    from loom_infra.settings import Settings, StoreSettings  # noqa: PLC0415
+    from loom_services.stack import LocalStack  # noqa: PLC0415
+    from steps import chain  # noqa: PLC0415
+
+    base = Path(tempfile.mkdtemp(prefix="peers-loom-"))
+    if store == "postgres":
+        store_settings = StoreSettings(kind="postgres", data_dir=base, postgres_url=pg_url)
+    else:
+        store_settings = StoreSettings(kind="sqlite", data_dir=base)
+    settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings)
+    try:
+        async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
+
+            async def one(n: int) -> None:
+                # submit, then wait for the run's result as a client that wants only
+                # the result does: its run_completed event, not every event
+                accepted = await client.submit(RunRequest(plan=chain(n)))
+                sub = await client.js.subscribe(
+                    subjects.run_event(accepted.run_id, "run_completed"),
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.ALL,
+                )
+                try:
+                    msg = await sub.next_msg(timeout=600)
+                finally:
+                    await sub.unsubscribe()
+                assert isinstance(codec.decode_event(msg.data).event, RunCompleted)
+
+            await one(20)
+            meter = stepcost.CpuMeter()
+            meter.start()
+            await one(args.steps)
+            cpu = meter.stop()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(args.run_steps) for _ in range(args.runs)))
+            conc = args.runs * args.run_steps / (time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {
+        "ms_per_step": cpu["wall"] * 1000 / args.steps,
+        "cpu_ms_per_step": cpu["python"] * 1000 / args.steps,
+        "nats_cpu_ms_per_step": cpu.get("nats", 0.0) * 1000 / args.steps,
+        "steps_per_s": conc,
+    }
+
+
+async def _langgraph(
+    store: str, durability: str | None, pg_url: str, args: argparse.Namespace
+) -> dict:
+    from langgraph.graph import END, START, StateGraph  # noqa: PLC0415
+
+    def step(state: Counting) -> dict:
+        return {"i": state["i"] + 1}
+
+    def more(state: Counting) -> str:
+        return "step" if state["i"] < state["n"] else END
+
+    builder = StateGraph(Counting)
+    builder.add_node("step", step)
+    builder.add_edge(START, "step")
+    builder.add_conditional_edges("step", more)
+    base = Path(tempfile.mkdtemp(prefix="peers-lg-"))
+    extra = {} if durability is None else {"durability": durability}
+    try:
+        if store == "postgres":
+            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver  # noqa: PLC0415
+            from psycopg.rows import dict_row  # noqa: PLC0415
+            from psycopg_pool import AsyncConnectionPool  # noqa: PLC0415
+
+            pool = AsyncConnectionPool(
+                pg_url, max_size=8, open=False,
+                kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+            )  # fmt: skip
+            await pool.open()
+            saver: Any = AsyncPostgresSaver(pool)
+            await saver.setup()
+            closer = pool.close
+        else:
+            import aiosqlite  # noqa: PLC0415
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver  # noqa: PLC0415
+
+            conn = await aiosqlite.connect(str(base / "lg.sqlite"))
+            saver = AsyncSqliteSaver(conn)
+            await saver.setup()  # WAL; synchronous stays SQLite's default (FULL)
+            closer = conn.close
+        graph = builder.compile(checkpointer=saver)
+        counter = iter(range(10**9))
+
+        async def one(n: int) -> None:
+            config = {"configurable": {"thread_id": f"t{next(counter)}"}, "recursion_limit": n + 10}
+            out = await graph.ainvoke({"i": 0, "n": n}, config, **extra)
+            assert out["i"] == n
+
+        await one(20)
+        c0, t0 = _cpu(), time.perf_counter()
+        await one(args.steps)
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(args.run_steps) for _ in range(args.runs)))
+        conc = args.runs * args.run_steps / (time.perf_counter() - t0)
+        await closer()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {
+        "ms_per_step": wall * 1000 / args.steps,
+        "cpu_ms_per_step": cpu * 1000 / args.steps,
+        "steps_per_s": conc,
+    }
+
+
+def _dbos(store: str, pg_url: str, args: argparse.Namespace) -> dict:
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from dbos import DBOS  # noqa: PLC0415
+
+    base = Path(tempfile.mkdtemp(prefix="peers-dbos-"))
+    url = (
+        pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+        if store == "postgres"
+        else f"sqlite:///{base / 'dbos.sqlite'}"
+    )
+    DBOS(config={"name": "peers", "system_database_url": url, "log_level": "WARNING"})
+
+    @DBOS.step()
+    def step(i: int) -> int:
+        return i + 1
+
+    @DBOS.workflow()
+    def flow(n: int) -> int:
+        i = 0
+        while i < n:
+            i = step(i)
+        return i
+
+    DBOS.launch()
+    try:
+        flow(20)
+        c0, t0 = _cpu(), time.perf_counter()
+        assert flow(args.steps) == args.steps
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.runs) as pool:
+            results = list(pool.map(flow, [args.run_steps] * args.runs))
+        conc = args.runs * args.run_steps / (time.perf_counter() - t0)
+        assert results == [args.run_steps] * args.runs
+    finally:
+        DBOS.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+    return {
+        "ms_per_step": wall * 1000 / args.steps,
+        "cpu_ms_per_step": cpu * 1000 / args.steps,
+        "steps_per_s": conc,
+    }
+
+
+def worker(system: str, pg_url: str, args: argparse.Namespace) -> dict:
+    kind, store, *rest = system.split("-")
+    if kind == "agentloom":
+        return asyncio.run(_agentloom(store, "hop" in rest, pg_url, args))
+    if kind == "langgraph":
+        return asyncio.run(_langgraph(store, "sync" if "sync" in rest else None, pg_url, args))
+    return _dbos(store, pg_url, args)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def measure(system: str, pg_url: str, args: argparse.Namespace, peer_python: Path) -> dict | None:
+    python = sys.executable if system.startswith("agentloom") else str(peer_python)
+    url = with_database(pg_url, system.replace("-", "_")) if "postgres" in system else pg_url
+    cmd = [
+        python, __file__, "--worker", system, "--pg-url", url, "--steps", str(args.steps),
+        "--runs", str(args.runs), "--run-steps", str(args.run_steps),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""} if python != sys.executable else dict(os.environ)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  {system}: timed out", flush=True)
+        return None
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        print(f"  {system}: failed ({done.returncode}): {done.stderr.strip()[-800:]}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def with_database(url: str, db: str) -> str:
+    """``url`` (``postgresql://user:pw@host/db?host=/socket/dir``) naming database ``db``."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + db))
+
+
+def create_databases(pg_url: str, systems: list[str]) -> None:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for system in systems:
+            if "postgres" in system:
+                db = system.replace("-", "_")
+                conn.execute(f"DROP DATABASE IF EXISTS {db}")
+                conn.execute(f"CREATE DATABASE {db}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--run-steps", type=int, default=20)
+    parser.add_argument("--only", default="", help="comma-separated systems (default: all)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--pg-url", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.pg_url, args)), flush=True)
+        return
+    systems = [s for s in args.only.split(",") if s] or list(SYSTEMS)
+    peer_python = ensure_venv()
+    sys.path.insert(0, str(ROOT / "libs"))
+    from loom_infra.localpg import start_local_postgres  # noqa: PLC0415
+
+    base = Path(tempfile.mkdtemp(prefix="peers-pg-"))
+    pg_url, stop_pg = start_local_postgres(base / "pg")
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    try:
+        for r in range(args.rounds):
+            create_databases(pg_url, systems)  # every round starts from empty databases
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            for system in systems:
+                got = measure(system, pg_url, args, peer_python)
+                if got is not None:
+                    results[system].append(got)
+                    print(f"  {system:24s} {got}", flush=True)
+    finally:
+        stop_pg()
+        shutil.rmtree(base, ignore_errors=True)
+    print_table(results, args)
+
+
+def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    med = {
+        s: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        for s, rs in results.items()
+        if rs
+    }
+
+    def ref(system: str) -> dict | None:
+        store = "postgres" if "postgres" in system else "sqlite"
+        return med.get(f"agentloom-{store}")
+
+    print(
+        f"\nmedians of {args.rounds} interleaved rounds; sequential: one run of {args.steps} "
+        f"steps; concurrent: {args.runs} runs x {args.run_steps} steps; ratios: the system "
+        "over agentloom on the same store (ms: >1 means agentloom is faster; steps/s: <1)"
+    )
+    print(
+        f"| system | ms/step | CPU ms/step (own process) | steps/s, {args.runs} runs "
+        "| ms/step ÷ agentloom | steps/s ÷ agentloom |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for system, m in med.items():
+        base = ref(system)
+        cpu = f"{m['cpu_ms_per_step']:.3f}"
+        if "nats_cpu_ms_per_step" in m:
+            cpu += f" (+ nats {m['nats_cpu_ms_per_step']:.3f})"
+        ratio_ms = f"{m['ms_per_step'] / base['ms_per_step']:.2f}" if base else "-"
+        ratio_s = f"{m['steps_per_s'] / base['steps_per_s']:.2f}" if base else "-"
+        print(
+            f"| {system} | {m['ms_per_step']:.3f} | {cpu} | {m['steps_per_s']:.0f} "
+            f"| {ratio_ms} | {ratio_s} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
