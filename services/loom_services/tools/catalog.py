@@ -228,6 +228,12 @@ def transitions_of(outcome: ToolOutcome) -> list[dict[str, JSON]]:
     return list(getattr(outcome, "breaker", []) or [])
 
 
+def catalog_key(name: str) -> str:
+    """The KV key of a tool: its name, with an MCP tool's ``server.tool`` dot as ``/``
+    (a dot would split the key into two subject tokens; readers use ``spec.name``)."""
+    return name.replace(".", "/")
+
+
 def _pick(value: str | None, default: str) -> str:
     return value if value else default
 
@@ -281,11 +287,11 @@ class CatalogPublisher:
                         unavailable_reason=f"MCP server {server!r} is not connected",
                     )
                 else:  # no longer configured
-                    await self.kv.delete(name)
+                    await self.kv.delete(catalog_key(name))
         for name, spec in specs.items():
             data = codec.encode(spec)
             if self._published.get(name) != data:
-                await self.kv.put(name, data)
+                await self.kv.put(catalog_key(name), data)
                 self._published[name] = data
 
     async def _existing(self) -> dict[str, ToolSpec]:
@@ -298,9 +304,10 @@ class CatalogPublisher:
             entry = await self.kv.get(key)
             if entry.value:
                 try:
-                    out[key] = codec.decode(entry.value, ToolSpec)
+                    spec = codec.decode(entry.value, ToolSpec)
                 except Exception:  # noqa: S112 - an unreadable entry is rewritten
                     continue
+                out[spec.name] = spec
         return out
 
     async def close(self) -> None:

@@ -3,10 +3,11 @@
 Design notes
 - Each server has a supervisor task (:meth:`McpServer.run`): connect (stdio: start the
   command with its env; streamable HTTP: the URL with its headers; ``${secret:NAME}``
-  resolved right then), list the tools, mark the server ``up``, ping it every
-  ``ping_interval_s``; when the connection breaks (process died, ping failed, a call saw
-  the transport close) mark it ``down`` and reconnect with capped exponential back-off.
-  A server down at start is the same loop: the rest of the stack starts anyway.
+  resolved right then), list the tools, mark the server ``up``, list them again every
+  ``ping_interval_s`` (the heartbeat; a changed listing updates the catalog). When the
+  connection breaks (process died, no answer to the heartbeat, a call saw the transport
+  close) mark it ``down`` and reconnect with capped exponential back-off. A server down
+  at start is the same loop: the rest of the stack starts anyway.
 - While a server is down its tools fail at once with ``tool_unavailable`` (retryable):
   nothing was sent, so retrying is safe for every tool.
 - A call that was *sent* and then lost its connection is different: the server may have
@@ -162,10 +163,17 @@ class McpServer:
                 w.cancel()
             if stop.is_set() or self._broken.is_set():
                 return
-            try:
-                await asyncio.wait_for(client.send_ping(), self.config.connect_timeout_s)
+            try:  # a listing is the heartbeat (ping is deprecated in 2026-07-28 MCP)
+                listing = await asyncio.wait_for(
+                    self._list_tools(client), self.config.connect_timeout_s
+                )
             except Exception as exc:
-                raise _Broken(f"ping failed: {_describe(exc)}") from exc
+                raise _Broken(f"no answer to a tool listing: {_describe(exc)}") from exc
+            if listing.keys() != self.tools.keys() or any(
+                listing[n].spec() != self.tools[n].spec() for n in listing
+            ):
+                self.tools = listing
+                self._changed()
 
     def _make_client(self) -> Client:
         c = self.config

@@ -1,0 +1,130 @@
+"""End to end on the real stack (nats-server, SQLite, the five services in this
+process): plans calling MCP tools (the demo server and the published mcp-server-time,
+both over stdio), validated against the tools' input schemas; and a circuit breaker
+opening and closing under a failing MCP tool, visible in the run's trace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tests.integration.conftest import make_settings
+from tests.integration.waiting import until
+from tests.mcp_servers.fixtures import demo_stdio, time_stdio
+
+from loom_core.contracts import (
+    Plan,
+    RetryPolicy,
+    RunCompleted,
+    RunRequest,
+    ToolCallFailed,
+    ToolStep,
+)
+from loom_infra.client import LoomClient
+from loom_infra.settings import StoreSettings
+from loom_services.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def mcp_stack(
+    tmp_path: Path, sqlite_store_settings: StoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[LoomClient, Path]]:
+    flag = tmp_path / "fragile-fails"
+    config = {
+        "mcp_servers": {
+            "demo": demo_stdio(env={"DEMO_FAIL_FILE": str(flag)}),
+            "time": time_stdio(),
+        },
+        "breakers": {"threshold": 2, "cooldown_s": 0.6},
+    }
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(config))
+    monkeypatch.setenv("LOOM_TOOLS_CONFIG", str(path))
+    settings = make_settings(sqlite_store_settings)
+    async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
+        yield client, flag
+
+
+async def submit_when_listed(client: LoomClient, plan: Plan) -> str:
+    """MCP servers connect in the background: a plan naming their tools validates once
+    the catalog lists them (a refusal before that is `unknown_tool`)."""
+    for _ in range(200):
+        accepted = await client.submit(RunRequest(plan=plan))
+        records = await client.wait(accepted.run_id, timeout=30)
+        refused = [r for r in records if r.kind == "plan_rejected"]
+        if not refused:
+            return accepted.run_id
+        assert {i.code for i in refused[0].event.issues} == {"unknown_tool"}, refused
+        await asyncio.sleep(0.1)  # the polling interval of a bounded wait (servers start)
+    raise AssertionError("MCP tools never joined the catalog")
+
+
+async def test_a_plan_calls_mcp_tools(mcp_stack) -> None:
+    client, _ = mcp_stack
+    plan = Plan(
+        steps=[
+            ToolStep(id="now", tool="time.get_current_time", input={"timezone": "UTC"}),
+            ToolStep(id="sum", tool="demo.add", input={"a": 40, "b": 2}),
+        ],
+        output={"tz": "{{ steps.now.output.timezone }}", "sum": "{{ steps.sum.output.total }}"},
+    )
+    run_id = await submit_when_listed(client, plan)
+    records = await client.wait(run_id, timeout=30)
+    assert isinstance(records[-1].event, RunCompleted), records[-1]
+    assert records[-1].event.output == {"tz": "UTC", "sum": 42}
+
+    # a plan is validated against the MCP tool's input schema
+    bad = Plan(steps=[ToolStep(id="sum", tool="demo.add", input={"a": "forty", "b": 2})])
+    accepted = await client.submit(RunRequest(plan=bad))
+    records = await client.wait(accepted.run_id, timeout=30)
+    issues = next(r for r in records if r.kind == "plan_rejected").event.issues
+    assert [(i.code, i.path) for i in issues][0][1].endswith(".input.a"), issues
+
+
+async def test_breaker_opens_and_closes_visible_in_the_trace(mcp_stack) -> None:
+    client, flag = mcp_stack
+    # wait for the catalog with a harmless plan first
+    await submit_when_listed(client, Plan(steps=[ToolStep(id="x", tool="demo.fragile", input={})]))
+    flag.touch()
+    plan = Plan(
+        steps=[
+            ToolStep(
+                id="call",
+                tool="demo.fragile",
+                input={},
+                retry=RetryPolicy(
+                    max_attempts=12, initial_delay_s=0.15, multiplier=1.3, max_delay_s=0.4
+                ),
+            )
+        ]
+    )
+    accepted = await client.submit(RunRequest(plan=plan))
+
+    def refused_by_breaker(seen) -> bool:
+        return any(
+            isinstance(r.event, ToolCallFailed) and r.event.error.code == "circuit_open"
+            for r in seen
+        )
+
+    await until(client, accepted.run_id, refused_by_breaker, 30)
+    flag.unlink()  # the dependency recovers: the next trial after the cool-down closes it
+    records = await client.wait(accepted.run_id, timeout=30)
+    assert isinstance(records[-1].event, RunCompleted), records[-1]
+    codes = [r.event.error.code for r in records if isinstance(r.event, ToolCallFailed)]
+    assert codes[:2] == ["tool_error", "tool_error"] and "circuit_open" in codes
+    completed = next(r for r in records if r.kind == "tool_call_completed")
+    assert [t["to"] for t in completed.event.breaker] == ["half_open", "closed"]
+
+    spans = await client.trace(accepted.run_id, rebuild=True)
+    events = [(e.name, e.attributes["loom.breaker.name"]) for s in spans for e in s.events]
+    breaker_events = [e for e in events if e[0].startswith("breaker.")]
+    assert breaker_events == [
+        ("breaker.open", "tool:demo.fragile"),
+        ("breaker.half_open", "tool:demo.fragile"),
+        ("breaker.closed", "tool:demo.fragile"),
+    ], breaker_events
