@@ -105,6 +105,7 @@ class McpServer:
         self.tools: dict[str, McpTool] = {}
         self._client: Client | None = None
         self._broken = asyncio.Event()
+        self._session_over = asyncio.Event()  # set when the current connection ends
         self.connects = 0
 
     # ----------------------------------------------------------------- supervision
@@ -112,13 +113,21 @@ class McpServer:
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.1
         while not stop.is_set():
+            # The session runs in a task of its own: when the transport fails, the SDK's
+            # task group cancels its host task, and that must not be this loop.
+            session = asyncio.ensure_future(self._session(stop))
             try:
-                await self._session(stop)
+                await session
                 delay = 0.1
             except asyncio.CancelledError:
-                raise
+                if _being_cancelled():
+                    session.cancel()
+                    raise
+                self._down("the connection was lost")
             except BaseException as exc:  # anyio may wrap in an ExceptionGroup
                 self._down(_describe(exc))
+            finally:
+                self._session_over.set()  # calls still waiting on this session end
             if stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):
@@ -136,6 +145,7 @@ class McpServer:
                 self._list_tools(client), self.config.connect_timeout_s
             )
             self.tools = listing
+            self._session_over = asyncio.Event()
             self._client = client
             self._broken.clear()
             self.connects += 1
@@ -282,11 +292,15 @@ class McpServer:
         if client is None or not self.available:
             return self.unavailable(tool.name)
         qualified = tool.qualified
+        over = self._session_over
         try:
             async with asyncio.timeout(limit) as deadline:
-                result = await client.session.call_tool(
-                    tool.name, arguments, read_timeout_seconds=limit
+                result = await _unless(
+                    client.session.call_tool(tool.name, arguments, read_timeout_seconds=limit),
+                    over,
                 )
+        except _Broken:
+            return self._lost(tool, "the connection was lost during the call")
         except TimeoutError:
             if deadline.expired():
                 return _fail(
@@ -317,7 +331,7 @@ class McpServer:
                 f"{exc.error.message[:MAX_ERROR_TEXT]}",
                 details={"server": self.name, "mcp_code": exc.error.code},
             )
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError, _Broken) as exc:
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
             return self._lost(tool, _describe(exc))
         if result.is_error:
             return _fail(
@@ -379,6 +393,27 @@ class McpPool:
 
     def tools(self) -> list[tuple[McpServer, McpTool]]:
         return [(s, t) for s in self.servers.values() for t in s.declared().values()]
+
+
+async def _unless(call: Any, over: asyncio.Event) -> Any:
+    """``await call``, or raise :class:`_Broken` if ``over`` is set first (the
+    connection it was sent on ended: its answer will never come)."""
+    work = asyncio.ensure_future(call)
+    ended = asyncio.ensure_future(over.wait())
+    try:
+        done, _ = await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in (work, ended):
+            if not f.done():
+                f.cancel()
+    if work in done and not work.cancelled():  # cancelled: by the SDK's dying session
+        return work.result()
+    raise _Broken("the connection ended")
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _fail(code: str, message: str, **kw: Any) -> ToolOutcome:
