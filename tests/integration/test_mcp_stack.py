@@ -117,14 +117,20 @@ async def test_breaker_opens_and_closes_visible_in_the_trace(mcp_stack) -> None:
     assert isinstance(records[-1].event, RunCompleted), records[-1]
     codes = [r.event.error.code for r in records if isinstance(r.event, ToolCallFailed)]
     assert codes[:2] == ["tool_error", "tool_error"] and "circuit_open" in codes
-    completed = next(r for r in records if r.kind == "tool_call_completed")
+    completed = [r for r in records if r.kind == "tool_call_completed"][-1]
     assert [t["to"] for t in completed.event.breaker] == ["half_open", "closed"]
 
     spans = await client.trace(accepted.run_id, rebuild=True)
     events = [(e.name, e.attributes["loom.breaker.name"]) for s in spans for e in s.events]
     breaker_events = [e for e in events if e[0].startswith("breaker.")]
-    assert breaker_events == [
-        ("breaker.open", "tool:demo.fragile"),
-        ("breaker.half_open", "tool:demo.fragile"),
-        ("breaker.closed", "tool:demo.fragile"),
-    ], breaker_events
+    assert {name for _, name in breaker_events} == {"tool:demo.fragile"}
+    states = [e[0].removeprefix("breaker.") for e in breaker_events]
+    # open, then trials (half_open) that reopen it while the tool still fails (the flag
+    # may outlive a cool-down), and finally one that closes it
+    assert states[0] == "open" and states[-2:] == ["half_open", "closed"], states
+    for before, after in zip(states, states[1:], strict=False):
+        assert (before, after) in {
+            ("open", "half_open"),
+            ("half_open", "open"),
+            ("half_open", "closed"),
+        }, states
