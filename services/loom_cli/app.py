@@ -45,6 +45,7 @@ from loom_cli.render import (
     stderr,
     stdout,
 )
+from loom_cli.tools import register as register_tool_commands
 from loom_cli.traces import register as register_trace_commands
 from loom_core import codec
 from loom_core.contracts import RunRequest
@@ -333,6 +334,7 @@ register_control_commands(app)
 register_creds_commands(app)
 register_debug_commands(app)
 register_trace_commands(app)
+register_tool_commands(app)
 
 
 def main() -> None:

@@ -14,7 +14,9 @@ import pytest
 from tests.integration.conftest import make_settings
 from tests.integration.waiting import until
 from tests.mcp_servers.fixtures import demo_stdio, time_stdio
+from typer.testing import CliRunner
 
+from loom_cli.app import app
 from loom_core.contracts import (
     Plan,
     RetryPolicy,
@@ -33,11 +35,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def mcp_stack(
     tmp_path: Path, sqlite_store_settings: StoreSettings, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[LoomClient, Path]]:
+) -> AsyncIterator[tuple[LoomClient, Path, LocalStack]]:
     flag = tmp_path / "fragile-fails"
     config = {
         "mcp_servers": {
-            "demo": demo_stdio(env={"DEMO_FAIL_FILE": str(flag)}),
+            "demo": demo_stdio(
+                env={"DEMO_FAIL_FILE": str(flag)},
+                tools={"bump": {"requires_auth": True}, "has_token": {"admin_only": True}},
+            ),
             "time": time_stdio(),
         },
         "breakers": {"threshold": 2, "cooldown_s": 0.6},
@@ -47,7 +52,7 @@ async def mcp_stack(
     monkeypatch.setenv("LOOM_TOOLS_CONFIG", str(path))
     settings = make_settings(sqlite_store_settings)
     async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
-        yield client, flag
+        yield client, flag, stack
 
 
 async def submit_when_listed(client: LoomClient, plan: Plan) -> str:
@@ -65,7 +70,7 @@ async def submit_when_listed(client: LoomClient, plan: Plan) -> str:
 
 
 async def test_a_plan_calls_mcp_tools(mcp_stack) -> None:
-    client, _ = mcp_stack
+    client, _, _ = mcp_stack
     plan = Plan(
         steps=[
             ToolStep(id="now", tool="time.get_current_time", input={"timezone": "UTC"}),
@@ -87,7 +92,7 @@ async def test_a_plan_calls_mcp_tools(mcp_stack) -> None:
 
 
 async def test_breaker_opens_and_closes_visible_in_the_trace(mcp_stack) -> None:
-    client, flag = mcp_stack
+    client, flag, _ = mcp_stack
     # wait for the catalog with a harmless plan first
     await submit_when_listed(client, Plan(steps=[ToolStep(id="x", tool="demo.fragile", input={})]))
     flag.touch()
@@ -134,3 +139,47 @@ async def test_breaker_opens_and_closes_visible_in_the_trace(mcp_stack) -> None:
             ("half_open", "open"),
             ("half_open", "closed"),
         }, states
+
+
+async def test_access_rules_are_enforced_against_the_principal(mcp_stack) -> None:
+    client, _, _ = mcp_stack
+    await submit_when_listed(client, Plan(steps=[ToolStep(id="x", tool="demo.add", input={
+        "a": 1, "b": 2})]))  # fmt: skip
+    # the operator's client submits without a token: an anonymous principal
+    plan = Plan(steps=[ToolStep(id="b", tool="demo.bump", input={"label": "x"})])
+    accepted = await client.submit(RunRequest(plan=plan))
+    records = await client.wait(accepted.run_id, timeout=30)
+    issues = next(r for r in records if r.kind == "plan_rejected").event.issues
+    assert [(i.code, i.path) for i in issues] == [("tool_forbidden", "$.plan.steps[0].tool")]
+    assert "authenticated" in issues[0].message
+    # admin_only: the operator's identity may (it controls the stack anyway)
+    plan = Plan(steps=[ToolStep(id="t", tool="demo.has_token", input={})])
+    accepted = await client.submit(RunRequest(plan=plan))
+    records = await client.wait(accepted.run_id, timeout=30)
+    assert isinstance(records[-1].event, RunCompleted), records[-1]
+
+
+async def test_loom_tools_shows_sources_state_and_schemas(
+    mcp_stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _, stack = mcp_stack
+    await submit_when_listed(client, Plan(steps=[ToolStep(id="x", tool="time.get_current_time",
+        input={"timezone": "UTC"})]))  # fmt: skip
+    runner = CliRunner()
+    env = {"LOOM_NATS_URL": stack.url, "LOOM_NKEY_SEED_FILE": str(stack.seed_file("operator"))}
+    listing = await asyncio.to_thread(runner.invoke, app, ["tools", "-o", "json"], env=env)
+    assert listing.exit_code == 0, listing.output
+    specs = {s["name"]: s for s in json.loads(listing.output)}
+    assert specs["time.get_current_time"]["source"] == "mcp:time"
+    assert specs["echo"]["source"] == "builtin"
+    assert specs["demo.bump"]["requires_auth"] and not specs["demo.bump"]["idempotent"]
+    assert all(s.get("available", True) for n, s in specs.items() if n.startswith("time."))
+    text = await asyncio.to_thread(runner.invoke, app, ["tools"], env={**env, "COLUMNS": "200"})
+    assert text.exit_code == 0 and "mcp:time" in text.output and "demo.fragile" in text.output
+    shown = await asyncio.to_thread(
+        runner.invoke, app, ["tools", "show", "time.get_current_time"], env=env
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "input schema" in shown.output and '"timezone"' in shown.output
+    missing = await asyncio.to_thread(runner.invoke, app, ["tools", "show", "time.nope"], env=env)
+    assert missing.exit_code == 1 and "did you mean" in missing.output
