@@ -35,6 +35,7 @@ from loom_cli.common import (
 from loom_cli.control import register as register_control_commands
 from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
+from loom_cli.mcp import register as register_mcp_commands
 from loom_cli.render import (
     events_table,
     lineage_members,
@@ -335,6 +336,7 @@ register_creds_commands(app)
 register_debug_commands(app)
 register_trace_commands(app)
 register_tool_commands(app)
+register_mcp_commands(app)
 
 
 def main() -> None:
