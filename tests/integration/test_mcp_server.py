@@ -201,12 +201,12 @@ async def test_http_server_authenticates_and_scopes_runs(
     async with http_client(http_server, admin) as mcp:
         assert structured(await mcp.call_tool("get_run", {"run_id": run_id}))["status"]
 
-    # no token (this stack allows anonymous runs): anonymous sees none of alice's runs
-    async with http_client(http_server, None) as mcp:
-        assert "not_found" in error_text(await mcp.call_tool("get_run", {"run_id": run_id}))
-    # a forged or malformed token: 401 with the reason, before any MCP handling
+    # no token where tokens are required (LOOM_AUTH_ISSUER set, anonymous not allowed),
+    # a forged or a malformed one: 401 with the reason, before any MCP handling
     async with httpx.AsyncClient() as raw:
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        missing = await raw.post(http_server, json=body)
+        assert missing.status_code == 401 and missing.json()["error"] == "not_authenticated"
         forged = token(rsa.generate_private_key(public_exponent=65537, key_size=2048), "eve")
         bad = await raw.post(http_server, json=body, headers={"Authorization": f"Bearer {forged}"})
         assert bad.status_code == 401 and "signature" in bad.json()["message"]
