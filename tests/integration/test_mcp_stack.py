@@ -17,12 +17,15 @@ from tests.mcp_servers.fixtures import demo_stdio, time_stdio
 from typer.testing import CliRunner
 
 from loom_cli.app import app
+from loom_core import codec, subjects
 from loom_core.contracts import (
     Plan,
     RetryPolicy,
     RunCompleted,
     RunRequest,
     ToolCallFailed,
+    ToolCallRequested,
+    ToolResult,
     ToolStep,
 )
 from loom_infra.client import LoomClient
@@ -32,16 +35,19 @@ from loom_services.stack import LocalStack
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
+@pytest.fixture(params=[True], ids=["secure"])
 async def mcp_stack(
-    tmp_path: Path, sqlite_store_settings: StoreSettings, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    sqlite_store_settings: StoreSettings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[LoomClient, Path, LocalStack]]:
     flag = tmp_path / "fragile-fails"
     config = {
         "mcp_servers": {
             "demo": demo_stdio(
-                env={"DEMO_FAIL_FILE": str(flag)},
-                tools={"bump": {"requires_auth": True}, "has_token": {"admin_only": True}},
+                env={"DEMO_FAIL_FILE": str(flag), "DEMO_COUNTER_FILE": str(flag) + ".bumps"},
+                tools={"boom": {"requires_auth": True}, "has_token": {"admin_only": True}},
             ),
             "time": time_stdio(),
         },
@@ -51,7 +57,11 @@ async def mcp_stack(
     path.write_text(json.dumps(config))
     monkeypatch.setenv("LOOM_TOOLS_CONFIG", str(path))
     settings = make_settings(sqlite_store_settings)
-    async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
+    secure = request.param  # insecure only where a test forges messages on purpose
+    async with (
+        LocalStack(settings, nats_port=-1, secure=secure) as stack,
+        await stack.client() as client,
+    ):
         yield client, flag, stack
 
 
@@ -146,7 +156,7 @@ async def test_access_rules_are_enforced_against_the_principal(mcp_stack) -> Non
     await submit_when_listed(client, Plan(steps=[ToolStep(id="x", tool="demo.add", input={
         "a": 1, "b": 2})]))  # fmt: skip
     # the operator's client submits without a token: an anonymous principal
-    plan = Plan(steps=[ToolStep(id="b", tool="demo.bump", input={"label": "x"})])
+    plan = Plan(steps=[ToolStep(id="b", tool="demo.boom", input={"reason": "x"})])
     accepted = await client.submit(RunRequest(plan=plan))
     records = await client.wait(accepted.run_id, timeout=30)
     issues = next(r for r in records if r.kind == "plan_rejected").event.issues
@@ -172,7 +182,7 @@ async def test_loom_tools_shows_sources_state_and_schemas(
     specs = {s["name"]: s for s in json.loads(listing.output)}
     assert specs["time.get_current_time"]["source"] == "mcp:time"
     assert specs["echo"]["source"] == "builtin"
-    assert specs["demo.bump"]["requires_auth"] and not specs["demo.bump"]["idempotent"]
+    assert specs["demo.boom"]["requires_auth"] and not specs["demo.bump"]["idempotent"]
     assert all(s.get("available", True) for n, s in specs.items() if n.startswith("time."))
     text = await asyncio.to_thread(runner.invoke, app, ["tools"], env={**env, "COLUMNS": "200"})
     assert text.exit_code == 0 and "mcp:time" in text.output and "demo.fragile" in text.output
@@ -183,3 +193,32 @@ async def test_loom_tools_shows_sources_state_and_schemas(
     assert "input schema" in shown.output and '"timezone"' in shown.output
     missing = await asyncio.to_thread(runner.invoke, app, ["tools", "show", "time.nope"], env=env)
     assert missing.exit_code == 1 and "did you mean" in missing.output
+
+
+@pytest.mark.parametrize("mcp_stack", [False], ids=["insecure"], indirect=True)
+async def test_a_non_idempotent_mcp_tool_runs_once_per_key(mcp_stack) -> None:
+    """The tool-runner's ledger rules hold for MCP tools: `demo.bump` has no idempotent
+    hint, so a redelivered request (copies republished under new message ids) is
+    answered from the ledger and the server sees one call."""
+    client, flag, _ = mcp_stack
+    counter = Path(str(flag) + ".bumps")
+    await submit_when_listed(client, Plan(steps=[ToolStep(id="x", tool="demo.add",
+        input={"a": 1, "b": 2})]))  # fmt: skip
+    plan = Plan(steps=[ToolStep(id="b", tool="demo.bump", input={"label": "once"})])
+    accepted = await client.submit(RunRequest(plan=plan))
+    records = await client.wait(accepted.run_id, timeout=30)
+    assert isinstance(records[-1].event, RunCompleted), records[-1]
+    assert counter.read_text() == "once\n"
+    request = next(r for r in records if isinstance(r.event, ToolCallRequested))
+    answers = await client.nc.subscribe(subjects.inbox(accepted.run_id, "tool"))
+    for i in range(3):
+        await client.js.publish(
+            subjects.run_event(accepted.run_id, "tool_call_requested"),
+            codec.encode(request),
+            headers={subjects.MSG_ID: f"dup-{i}"},
+        )
+    for _ in range(3):  # every copy is answered, from the ledger
+        got = codec.decode((await answers.next_msg(timeout=10)).data, ToolResult)
+        assert got.ok and got.idempotency_key == request.event.idempotency_key
+    await answers.unsubscribe()
+    assert counter.read_text() == "once\n"
