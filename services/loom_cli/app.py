@@ -52,7 +52,7 @@ from loom_core import codec
 from loom_core.contracts import RunRequest
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.datalock import DataDirLocked
-from loom_infra.settings import settings_from_env
+from loom_infra.settings import SettingsError, settings_from_env
 
 app = typer.Typer(
     name="loom",
@@ -367,6 +367,8 @@ def explain(exc: BaseException) -> str:
             "(the CLI needs the operator key). Add --debug for details"
         )
     name = type(exc).__name__
+    if isinstance(exc, SettingsError):  # a configuration mistake, named with its place
+        return f"{exc}; fix it and start again"
     if "nats" in type(exc).__module__:
         return f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"
     return f"{name}: {exc}. This is a bug if it persists: rerun with --debug and report it"

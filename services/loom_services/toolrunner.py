@@ -132,7 +132,8 @@ class ToolRunnerService:
 
     async def close(self) -> None:
         await self.catalog.close()
-        await self.catalog_publisher.close()
+        if (publisher := getattr(self, "catalog_publisher", None)) is not None:
+            await publisher.close()  # absent when start() never ran
         await self.io.close()
         self.ledger.close()
 
