@@ -63,6 +63,11 @@ async def test_stdio_tools_join_the_catalog_and_answer(make_catalog, tmp_path: P
     assert out.ok and out.output["timezone"] == "UTC" and "datetime" in out.output
     out = await catalog.execute("demo.add", {"a": 2, "b": 40}, ctx(), None)
     assert out.ok and out.output == {"total": 42}
+    # no output schema: the text content, and the blocks
+    assert specs["demo.plain"].output_schema["required"] == ["text", "content"]
+    out = await catalog.execute("demo.plain", {"name": "ada"}, ctx(), None)
+    assert out.ok and out.output["text"] == "hello ada"
+    assert out.output["content"] == [{"type": "text", "text": "hello ada"}]
     # built-ins keep working beside MCP tools
     out = await catalog.execute("echo", {"message": "hi"}, ctx(), None)
     assert out.ok and out.output == {"message": "hi"}
@@ -217,3 +222,27 @@ async def test_breaker_opens_and_closes(make_catalog, tmp_path: Path) -> None:
     assert out.ok
     assert [t["to"] for t in transitions_of(out)] == ["half_open", "closed"]
     assert {s.name: s for s in catalog.specs()}["demo.fragile"].breaker == "closed"
+
+
+async def test_stdio_env_from_the_secret_source(make_catalog, caplog) -> None:
+    catalog = await make_catalog(
+        {
+            "mcp_servers": {
+                "demo": demo_stdio(env={"DEMO_TOKEN": "${secret:DEMO_TOKEN}"}),
+                "nosecret": demo_stdio(env={"DEMO_TOKEN": "${secret:NOT_DEFINED}"}),
+            }
+        },
+        {"DEMO_TOKEN": "s3cr3t-value-123"},
+    )
+    await up(catalog, "demo")
+    out = await catalog.execute("demo.has_token", {}, ctx(), None)
+    assert out.ok and out.output == {"result": True}  # a bool return has a wrapped schema
+
+    async def refused() -> bool:
+        return catalog.mcp.servers["nosecret"].state == "down"
+
+    await eventually(refused, "a server whose secret is missing marked down")
+    reason = catalog.mcp.servers["nosecret"].reason
+    assert "NOT_DEFINED" in reason and "not defined" in reason
+    assert "s3cr3t-value-123" not in caplog.text
+    assert all("s3cr3t" not in repr(s) for s in catalog.specs())

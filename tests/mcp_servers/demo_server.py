@@ -77,6 +77,11 @@ def fragile() -> str:
     return "ok"
 
 
+@app.tool(description="Answers plain text (no output schema).", structured_output=False)
+def plain(name: str = "world") -> str:
+    return f"hello {name}"
+
+
 @app.tool(description="Says whether the env var DEMO_TOKEN was set (never its value).")
 def has_token() -> bool:
     return bool(os.environ.get("DEMO_TOKEN"))
