@@ -328,6 +328,15 @@ class ToolSpec(Record, tag="tool_spec", tag_field="type"):
     output_schema: dict[str, JSON]
     idempotent: bool = True
     timeout_s: float = 30.0
+    # Catalog facts (issue 13); specs published before them read as a built-in tool.
+    # ``source``: ``builtin``, ``module:<python module>`` or ``mcp:<server>``.
+    source: str = "builtin"
+    category: str = ""
+    requires_auth: bool = False  # an anonymous principal may not use it
+    admin_only: bool = False  # only a principal with the ``admin`` role may use it
+    available: bool = True  # False while its MCP server is not connected
+    breaker: str = "closed"  # its circuit breaker: closed, open or half_open
+    unavailable_reason: str = ""
 
 
 # --------------------------------------------------------------------------- submit
@@ -501,6 +510,9 @@ class ToolCallCompleted(Record, tag="tool_call_completed", tag_field="type"):
     started_at: datetime
     finished_at: datetime
     suspend: SuspendRequest | None = None  # the tool asked for a person instead
+    # circuit-breaker transitions during the call (a failed call has them in its
+    # error's ``details.breaker``); older events have none
+    breaker: list[dict[str, JSON]] = []
 
 
 class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
@@ -804,6 +816,9 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     # digest of the tool_call_requested record this answers: a result computed for
     # another (forged) request under the same idempotency key is refused
     request_digest: str | None = None
+    # circuit-breaker transitions during this call (loom_services.tools.breakers):
+    # {"breaker", "from", "to", "at", "failures"}; copied into ToolCallCompleted
+    breaker: list[dict[str, JSON]] = []
 
 
 class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):

@@ -61,7 +61,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     },
     c.ToolCallCompleted: {
         "step_id": D, "attempt": D, "idempotency_key": D, "output": D, "started_at": D,
-        "finished_at": D, "suspend": D,
+        "finished_at": D, "suspend": D, "breaker": D,
     },
     c.ToolCallFailed: {
         "step_id": D, "attempt": D, "idempotency_key": D, "error": N, "started_at": D,

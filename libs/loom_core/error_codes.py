@@ -57,6 +57,7 @@ CODES: dict[str, Code] = {
     "fork_too_large": Code(_S, "the fork's reused results would exceed LOOM_MAX_PAYLOAD"),
     "bad_blob_reference": Code(_S, "a {\"$blob\": ...} value is malformed (the path names it)"),
     # ---- plan: issues of a rejected plan (every one is reported at once)
+    "tool_forbidden": Code(_P, "the run's principal may not use the tool (catalog access rules)"),
     "unknown_tool": Code(_P, "no tool of that name (the message names the closest)"),
     "dependency_cycle": Code(_P, "steps wait for each other (the cycle is spelled out)"),
     "missing_step": Code(_P, "depends_on or a template names no visible step"),
@@ -114,6 +115,8 @@ CODES: dict[str, Code] = {
     "blob_not_found": Code(_T, "a reference names no stored blob (expired or never uploaded)"),
     "blob_not_json": Code(_T, "a stored blob is not a JSON value"),
     "blob_corrupt": Code(_T, "a blob's bytes do not match its sha256; store the value again"),
+    "tool_unavailable": Code(_T, "the tool's source (an MCP server) is down; retried (retryable)"),
+    "circuit_open": Code(_T, "the tool's or server's breaker is open (details.retry_after_s)"),
     "blob_store_unavailable": Code(_T, "the blob bucket cannot be reached now; retry (retryable)"),
     "ambiguous_outcome": Code(_T, "a non-idempotent call may have run; the run needs review"),
     "cancelled": Code(_T, "the call or step was cancelled"),

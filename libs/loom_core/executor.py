@@ -1167,7 +1167,7 @@ class _Turn:
             self.emit(ToolCallCompleted(
                 step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
                 output=result.output, started_at=result.started_at, finished_at=result.finished_at,
-                suspend=result.suspend,
+                suspend=result.suspend, breaker=result.breaker,
             ))  # fmt: skip
             if result.suspend is not None:  # the tool asks a person first
                 request = result.suspend

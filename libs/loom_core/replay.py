@@ -108,6 +108,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 run_id=run_id, step_id=event.step_id, attempt=event.attempt,
                 idempotency_key=event.idempotency_key, ok=True, started_at=event.started_at,
                 finished_at=event.finished_at, output=event.output, suspend=event.suspend,
+                breaker=event.breaker,
             )  # fmt: skip
         case ToolCallFailed():
             return ToolResult(

@@ -957,6 +957,11 @@ class TraceBuilder:
             )
             self._under_add(iid, tool_id)
         end = finished_at or at
+        transitions = ev.breaker if isinstance(ev, ToolCallCompleted) else []
+        if error is not None and isinstance(error.details.get("breaker"), list):
+            transitions = error.details["breaker"]
+        if transitions:  # circuit-breaker state changes during this call
+            self._update(tool_id, events=_breaker_events(transitions, end))
         if error is None:
             self._update(tool_id, start=started_at, end=end, status="ok")
             self._update(attempt_id, end=at, status="ok")
@@ -1164,6 +1169,32 @@ class TraceBuilder:
 
 
 _MISSING = object()
+
+
+def _breaker_events(transitions: list[Any], default_at: datetime) -> list[SpanEvent]:
+    """Span events ``breaker.<state>`` from the transitions a tool call reported (their
+    ``at`` is the tool-runner's clock; an unreadable one falls back to the call's end)."""
+    events = []
+    for t in transitions[:16]:
+        if not isinstance(t, dict):
+            continue
+        try:
+            at = datetime.fromisoformat(str(t.get("at")))
+        except ValueError:
+            at = default_at
+        events.append(
+            SpanEvent(
+                name=f"breaker.{t.get('to', 'unknown')}",
+                at=at,
+                attributes={
+                    "loom.breaker.name": str(t.get("breaker", "")),
+                    "loom.breaker.from": str(t.get("from", "")),
+                    "loom.breaker.to": str(t.get("to", "")),
+                    "loom.breaker.failures": t.get("failures", 0),
+                },
+            )
+        )
+    return events
 
 
 def build_spans(

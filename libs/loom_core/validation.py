@@ -144,6 +144,13 @@ def validate_plan(
     return issues
 
 
+def tool_uses(plan: Plan, path: str = "$.plan") -> list[tuple[str, str]]:
+    """``(path of the step's tool field, tool name)`` for every tool step of ``plan``,
+    nested bodies and fallbacks included, in document order."""
+    facts = _Facts.of(plan, path)
+    return [(f"{occ.path}.tool", step.tool) for occ, step in _tool_occs(facts)]
+
+
 def dependencies(steps: Sequence[Step] | Plan) -> dict[str, tuple[str, ...]]:
     """Effective dependencies of each step of ONE scope (a ``Plan`` means its top-level
     steps): its ``depends_on``, then every step of this list that a template reads in the

@@ -70,6 +70,8 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # the tool catalog is read with kv.keys() (an ordered consumer) and kv.get()
     (routes.TOOL_CATALOG.name, "planner"): frozenset({"get", "browse"}),
     (routes.TOOL_CATALOG.name, "operator"): frozenset({"get", "browse"}),
+    # the tool-runner keeps the tools a down MCP server published before (kv.keys/get)
+    (routes.TOOL_CATALOG.name, "toolrunner"): frozenset({"get", "browse"}),
     # blobs: an object's metadata is a get_last_msg, its chunks an ordered consumer;
     # writers look an object up before writing it (stored once)
     (routes.BLOBS.name, "toolrunner"): frozenset({"get", "browse"}),

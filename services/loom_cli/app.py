@@ -43,6 +43,7 @@ from loom_cli.control import register as register_control_commands
 from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
 from loom_cli.examples import add_examples
+from loom_cli.mcp import register as register_mcp_commands
 from loom_cli.render import (
     events_table,
     lineage_members,
@@ -53,6 +54,7 @@ from loom_cli.render import (
     stderr,
     stdout,
 )
+from loom_cli.tools import register as register_tool_commands
 from loom_cli.traces import register as register_trace_commands
 from loom_core import codec, convert
 from loom_core.contracts import Plan, PlanIssue, RunRequest
@@ -61,7 +63,7 @@ from loom_core.statuses import RUN_STATUSES, unknown_status_message
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.datalock import DataDirLocked
 from loom_infra.natsserver import NatsServerError
-from loom_infra.settings import settings_from_env
+from loom_infra.settings import SettingsError, settings_from_env
 
 app = typer.Typer(
     name="loom",
@@ -527,6 +529,8 @@ register_control_commands(app)
 register_creds_commands(app)
 register_debug_commands(app)
 register_trace_commands(app)
+register_tool_commands(app)
+register_mcp_commands(app)
 add_examples(app)
 
 
@@ -560,6 +564,8 @@ def explain(exc: BaseException) -> tuple[int, str]:
             "(the CLI needs the operator key). Add --debug for details"
         )
     name = type(exc).__name__
+    if isinstance(exc, SettingsError):  # a configuration mistake, named with its place
+        return ExitCode.USAGE, f"{exc}; fix it and start again"
     if "nats" in type(exc).__module__:
         return ExitCode.UNAVAILABLE, (
             f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"

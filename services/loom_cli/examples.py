@@ -44,6 +44,8 @@ EXAMPLES: dict[str, list[str]] = {
         "loom blob get sha256:9f2c… --out value.json",
         "loom blob info sha256:9f2c…",
     ],
+    "mcp": ["loom mcp   # stdio: add it to an MCP client's servers", "loom mcp --http 8765"],
+    "tools": ["loom tools", "loom tools show time.get_current_time", "loom tools -o json"],
     "creds": ["loom creds generate --out deploy/creds", "loom creds matrix"],
 }
 

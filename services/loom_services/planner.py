@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from loom_core import codec, routes
 from loom_core.contracts import PlanIssue, PlanProposed, PlanRefused, RunRequested, ToolSpec
 from loom_core.executor import request_digest
+from loom_core.tool_access import check_tool_access
 from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
 from loom_infra.settings import Settings
@@ -81,9 +82,10 @@ class PlannerService:
     async def plan(self, run_id: str, event: RunRequested) -> PlanProposed | PlanRefused:
         if event.plan is None:
             return PlanRefused(run_id=run_id, issues=[self._no_model_issue()])
-        issues = validate_plan(
-            event.plan, await self.tool_catalog(), event.input, caps=event.caps, foreign=True
-        )
+        catalog = await self.tool_catalog()
+        issues = validate_plan(event.plan, catalog, event.input, caps=event.caps, foreign=True)
+        # catalog metadata against who the run acts for (loom_core.tool_access)
+        issues += check_tool_access(event.plan, catalog, event.principal)
         if issues:
             return PlanRefused(run_id=run_id, issues=issues)
         return PlanProposed(run_id=run_id, plan=event.plan, planner="explicit")

@@ -71,13 +71,19 @@ from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import ToolCallLedger, open_tool_ledger
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.tools.catalog import (
+    CatalogPublisher,
+    ToolCatalog,
+    transitions_of,
+    with_transitions,
+)
+from loom_services.tools.config import load_tools_config
 from loom_services.tools.registry import (
     ToolContext,
     ToolOutcome,
     ToolRegistry,
     ToolSettings,
     default_registry,
-    execute_tool,
 )
 
 log = logging.getLogger("loom.toolrunner")
@@ -103,12 +109,19 @@ class ToolRunnerService:
     ) -> None:
         self.settings = settings
         self.registry = registry or default_registry()
+        sources = {}
         for module in settings.tool_modules:
+            before = set(self.registry.names())
             load_tools(self.registry, module)
+            sources.update({n: f"module:{module}" for n in set(self.registry.names()) - before})
         self.ledger = ledger or open_tool_ledger(settings.store)
         self.io = Blocking("toolrunner-ledger")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.secret_source = SecretSource(settings.secrets)
+        # every tool source in layers, each call through its breakers (tools.catalog)
+        self.catalog = ToolCatalog(
+            self.registry, load_tools_config(), self.secret_source.get, sources
+        )
         self.tool_settings = ToolSettings(
             http_allow_private=tuple(settings.http_allow_private),
             # a big output is stored as a blob (by_reference): the largest blob bounds it
@@ -128,9 +141,10 @@ class ToolRunnerService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.blobs = BlobStore(ctx.js, self.settings.blobs)
-        kv = await bus.ensure_tools_bucket(ctx.js)
-        for spec in self.registry.specs():
-            await kv.put(spec.name, codec.encode(spec))
+        self.catalog_publisher = CatalogPublisher(await bus.ensure_tools_bucket(ctx.js))
+        self.catalog.on_change = lambda: self.catalog_publisher.publish(self.catalog)
+        await self.catalog_publisher.publish_now(self.catalog)
+        self.catalog.start()
         consumer = endpoints.durable(
             ctx.js,
             routes.RUN_EVENTS,
@@ -151,6 +165,9 @@ class ToolRunnerService:
 
     async def close(self) -> None:
         await self.backfill.flush()
+        await self.catalog.close()
+        if (publisher := getattr(self, "catalog_publisher", None)) is not None:
+            await publisher.close()  # absent when start() never ran
         await self.io.close()
         self.ledger.close()
 
@@ -238,8 +255,7 @@ class ToolRunnerService:
     ) -> ToolResult | None:
         """The result to send, or None when the run has it already."""
         key = ledger_key(run_id, request)
-        tool = self.registry.get(request.tool)
-        idempotent = tool is None or tool.idempotent  # unknown tools only yield an error
+        idempotent = self.catalog.idempotent(request.tool)  # unknown tools: only an error
         first = msg.metadata.num_delivered <= 1 if msg.metadata else False
         if first and idempotent:
             # no read, no commit before the answer: recorded after (see the module doc)
@@ -337,6 +353,7 @@ class ToolRunnerService:
             output=outcome.output,
             error=outcome.error,
             suspend=outcome.suspend,
+            breaker=transitions_of(outcome),
         )
         self.executed += 1
         return result
@@ -362,12 +379,12 @@ class ToolRunnerService:
             )
         except blobs.BlobRefError as exc:
             return ToolOutcome(ok=False, error=exc.error)
-        outcome = await execute_tool(
-            self.registry, request.tool, tool_input, ctx, request.timeout_s
-        )
+        outcome = await self.catalog.execute(request.tool, tool_input, ctx, request.timeout_s)
+        breaker = transitions_of(outcome)
         outcome = redact_outcome(outcome, secrets.scrub_forms(used))
         outcome = await by_reference(outcome, self.blobs, request.step_id)
-        return bounded_outcome(outcome, self.settings.size_limits, request.step_id)
+        outcome = bounded_outcome(outcome, self.settings.size_limits, request.step_id)
+        return with_transitions(outcome, breaker)
 
     async def _unless_stored(self, msg: Msg) -> ErrorInfo | None:
         """Secrets are resolved only for a request the executor stored: with NATS

@@ -59,7 +59,7 @@ async def run(registry: ToolRegistry, name: str, raw: dict, **kw) -> ToolOutcome
 
 def test_default_registry_has_every_builtin(registry: ToolRegistry) -> None:
     assert registry.names() == [
-        "concat", "echo", "flaky", "http_get", "math", "noop", "sleep", "text"
+        "concat", "echo", "flaky", "http_get", "http_request", "math", "noop", "sleep", "text"
     ]  # fmt: skip
 
 
@@ -424,7 +424,7 @@ def test_duplicate_registration_is_refused(registry: ToolRegistry) -> None:
     with pytest.raises(ValueError, match="already registered"):
         registry.register(make_tool(noop_fn, name="echo", description=""))
     assert registry.get("nope") is None
-    assert "echo" in registry and len(registry) == 8
+    assert "echo" in registry and len(registry) == 9
 
 
 # --------------------------------------------------------------------------- http_get
