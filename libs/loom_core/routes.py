@@ -161,6 +161,7 @@ RUN_EVENTS = Route(
     publishers=("executor",),  # the relay, from the store only (DESIGN decision 2)
     consumers=(
         Consumer("planner", durable="planner", events=(c.RunRequested,)),
+        Consumer("planner", durable="planner-models", events=(c.ModelCallRequested,)),
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
@@ -202,7 +203,8 @@ INBOX_EVENT = _inbox(
     "event", (c.ExternalEventArrived,), "executor", "An external event a wait matched"
 )
 INBOX_SUBRUN = _inbox("subrun", (c.SubRunFinished,), "executor", "A child run's end")
-INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN)
+INBOX_MODEL = _inbox("model", (c.ModelResult,), "planner", "A model turn's result")
+INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN, INBOX_MODEL)
 
 SIGNAL = Route(
     name="signal",

@@ -37,7 +37,7 @@ def run_events_of(run_id: str) -> str:
 # kind of fact (see loom_core.routes); the executor checks body against subject.
 INBOX_STREAM = "LOOM_INBOX"
 INBOX_ALL = f"{PREFIX}.inbox.>"
-INBOX_SOURCES = ("plan", "tool", "timer", "event", "subrun")
+INBOX_SOURCES = ("plan", "tool", "timer", "event", "subrun", "model")
 
 
 def inbox(run_id: str, source: str) -> str:
