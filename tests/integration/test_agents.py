@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from waiting import having, until  # type: ignore[import-not-found]
+from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from conftest import make_settings  # type: ignore[import-not-found]
+from loom_core import subjects
 from loom_core.contracts import (
     AgentStep,
     Budget,
@@ -37,8 +38,11 @@ from loom_core.contracts import (
     StepSuspended,
     ToolCallCompleted,
     ToolStep,
+    UsageQuery,
+    UsageReply,
 )
 from loom_core.replay import replay
+from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.fakemodel import Fail, FakeModelServer, Reply, ToolCall
 from loom_infra.settings import StoreSettings
@@ -169,6 +173,33 @@ async def test_agent_step_calls_two_tools_after_a_429_fallback_and_replays_offli
     second = of(records, ModelCallRequested)[1]
     assert [m.role for m in second.messages] == ["system", "user", "assistant", "tool", "tool"]
     assert '"LISBON"' in (second.messages[-1].content or "")
+
+    # the trace: a chat span per turn under the agent's attempt, GenAI attributes, cost;
+    # usage by model counts them (the tracing service's read model, no event to wait on)
+    async def chats() -> list[Any]:
+        spans = await agent_client.trace(run.run_id)
+        done = [s for s in spans if s.name.startswith("chat") and s.end is not None]
+        return done if len(done) == 2 else []
+
+    chat = (await eventually(chats, "two chat spans"))[0]
+    assert chat.name == "chat main" and chat.kind == "client"
+    attrs = chat.attributes
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.response.model"] == "backup"
+    assert attrs["gen_ai.usage.input_tokens"] == 10
+    assert attrs["gen_ai.response.finish_reasons"] == ["tool_calls"]
+    assert attrs["loom.cost_usd"] > 0 and attrs["loom.model.fallback"] is True
+    assert [e.attributes["error.type"] for e in chat.events] == ["rate_limited"]
+
+    async def by_model() -> list[Any]:
+        reply = await bus.request(
+            agent_client.nc, subjects.API_TRACES_USAGE, UsageQuery(by="model"), UsageReply, 10.0
+        )
+        return [r for r in reply.rows if r.key == "main" and r.calls == 2]
+
+    row = (await eventually(by_model, "usage by model"))[0]
+    assert row.input_tokens == 20 and row.output_tokens == 10 and row.cost_usd > 0
 
     seen = model_server.total
     report, _ = replay(records)
