@@ -862,7 +862,12 @@ class _Turn:
                     )
                     return
                 width = step.concurrency if isinstance(step, ForeachStep) else 1
+                owner = self.s.insts[iid]
                 for index in range(min(width, len(items))):
+                    # an element that ended at once (an empty body) lets the owner start
+                    # the next ones itself, and may end the whole step: never start twice
+                    if owner.status in DONE or owner.next_child > index:
+                        continue
                     self.start_child(iid, str(index))
             case LoopStep():
                 self.emit(StepStarted(step_id=iid, attempt=1))
