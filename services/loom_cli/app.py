@@ -143,9 +143,33 @@ def up(
         raise fail(exc.error.message) from None
 
 
+def request_from_text(text: str, inputs: list[str], input_json: str | None) -> RunRequest:
+    """``loom run --request TEXT``: a natural-language request the planner's model plans."""
+    run_input: dict[str, object] = {}
+    if input_json:
+        run_input.update(planfile.parse_json(input_json, "--input-json"))
+    for item in inputs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise fail(f"--input expects KEY=VALUE, got {item!r}")
+        run_input[key] = value
+    if not text.strip():
+        raise fail("--request needs the text of what to do")
+    doc = {"request": text, "input": run_input}
+    planfile.check(doc, "--request", *planfile.limits())
+    return msgspec.convert(doc, RunRequest)
+
+
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="run file (YAML/JSON): a plan, or plan + input"),
+    file: Path = typer.Argument(
+        None, help="run file (YAML/JSON): a plan, or plan + input (or give --request)"
+    ),
+    request_text: str = typer.Option(
+        None, "--request", "-r",
+        help="natural language instead of a file: the planner's model writes the plan "
+        "(needs LOOM_MODEL or LOOM_MODELS_FILE where the planner runs)",
+    ),
     input: list[str] = typer.Option([], "--input", "-i", help="KEY=VALUE run input"),
     input_json: str = typer.Option(None, "--input-json", help="run input as JSON"),
     run_id: str = typer.Option(None, "--run-id", help="choose the run id (idempotent)"),
@@ -154,7 +178,12 @@ def run(
     token: str = TokenOpt,
 ) -> None:
     """Submit a run, show each step live, print the output (exit 1 if the run fails)."""
-    request = load_run_request(file, input, input_json)
+    if (file is None) == (request_text is None):
+        raise fail("give a run file or --request TEXT (one of them)")
+    if request_text is not None:
+        request = request_from_text(request_text, input, input_json)
+    else:
+        request = load_run_request(file, input, input_json)
     if run_id:
         request = msgspec.structs.replace(request, run_id=run_id)
 
