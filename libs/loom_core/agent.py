@@ -199,7 +199,7 @@ def fold_resumed(state: RunState, event: StepResumed) -> None:
     raised = {k: v for k, v in event.data.items() if k in BUDGET_SCHEMA["properties"]}
     scope = susp.payload.get("scope") if isinstance(susp.payload, dict) else None
     if scope == "run":
-        base = state.budget or Budget()
+        base = state.budget or (state.plan.budget if state.plan else None) or Budget()
         state.budget = msgspec.structs.replace(base, **raised)
     else:
         agent = state.agents.get(event.step_id)
@@ -500,7 +500,9 @@ def _crossed(state: RunState, agent: AgentRun, step: AgentStep) -> dict[str, Any
                         "cost_usd": used.cost_usd,
                         "model_calls": used.calls,
                     },  # fmt: skip
-                    "budget": msgspec.to_builtins(budget),
+                    "budget": {
+                        k: v for k, v in msgspec.to_builtins(budget).items() if k != "type"
+                    },  # fmt: skip
                     "how": "resume with raised limits, e.g. --data "
                     f"'{{\"{limit}\": {_raise(cap)}}}', or cancel the run",
                 }
