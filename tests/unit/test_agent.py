@@ -122,10 +122,13 @@ class World:
             asked = [e for e in self.events if isinstance(e, ModelCallRequested)]
             answered = {(e.step_id, e.turn) for e in self.of(ModelCallCompleted | ModelCallFailed)}
             open_turns = [a for a in asked if (a.step_id, a.turn) not in answered]
-            calls = [e for e in self.of(ToolCallRequested)]
-            done_calls = {e.step_id for e in self.events if hasattr(e, "idempotency_key")
-                          and not isinstance(e, ToolCallRequested | ModelCallRequested)}  # fmt: skip
-            open_calls = [c for c in calls if c.step_id not in done_calls]
+            asked_calls = (ToolCallRequested, ModelCallRequested)
+            done_calls = {
+                e.step_id
+                for e in self.events
+                if hasattr(e, "idempotency_key") and not isinstance(e, asked_calls)
+            }
+            open_calls = [c for c in self.of(ToolCallRequested) if c.step_id not in done_calls]
             if open_calls:
                 c = open_calls[0]
                 self.send(ToolResult(
