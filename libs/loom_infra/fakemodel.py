@@ -112,7 +112,12 @@ class FakeModelServer:
             default = self.default
         if default is None:
             return Fail(500, f"no scripted reply for model {model!r}")
-        return default(body) if callable(default) else default
+        if not callable(default):
+            return default
+        try:
+            return default(body)
+        except Exception as exc:  # noqa: BLE001 (a broken script answers 500, never hangs)
+            return Fail(500, f"the scripted reply raised {exc!r}")
 
     # ------------------------------------------------------------------ lifecycle
 

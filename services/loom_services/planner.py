@@ -85,6 +85,22 @@ class PlannerService:
         specs = await asyncio.gather(*(self.kv.get(k) for k in keys))
         return {s.name: s for s in (codec.decode(e.value, ToolSpec) for e in specs if e.value)}
 
+    async def tool_specs(self, names: Sequence[str]) -> list[ToolSpec]:
+        """The specs of these tools, by direct gets (a model turn names a few tools; listing
+        the whole bucket per turn costs a consumer each and fails under load). A tool the
+        catalog does not hold is left out: the model cannot call it, and a call to it is
+        refused by the executor as ``unknown_tool`` anyway."""
+
+        async def one(name: str) -> ToolSpec | None:
+            try:
+                entry = await self.kv.get(name)
+            except Exception:  # noqa: BLE001 (nats-py raises KeyNotFoundError; absent is fine)
+                return None
+            return codec.decode(entry.value, ToolSpec) if entry.value else None
+
+        found = await asyncio.gather(*(one(n) for n in names))
+        return [spec for spec in found if spec is not None]
+
     async def on_requests(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
         return list(await asyncio.gather(*(self._one(m) for m in msgs)))
 
@@ -129,11 +145,7 @@ class PlannerService:
             record, event = bus.expect_event(msg, ModelCallRequested)
         except bus.Poison as poison:
             return poison
-        try:
-            catalog = await self.tool_catalog() if event.tools else {}
-        except CatalogUnavailable as exc:
-            return exc
-        specs = [catalog[name] for name in event.tools if name in catalog]
+        specs = await self.tool_specs(event.tools)
         started = datetime.now(UTC)
         answer = await _beating(msg, self.layer.complete(
             event.model, event.messages, specs, json_mode=event.output_schema is not None
