@@ -104,6 +104,8 @@ class AgentRun:
     request_digest: str | None = None  # of that turn's model_call_requested
     reply: ModelMessage | None = None  # the model's answer to it
     pending: list[str] = field(default_factory=list)  # tool calls in flight (paths)
+    # digest of each call's tool_call_requested: a result must name the stored request
+    digests: dict[str, str] = field(default_factory=dict)
     answers: dict[str, str] = field(default_factory=dict)  # call path -> tool message
     feedback: list[str] = field(default_factory=list)  # refusals of a final answer
     usage: Usage = field(default_factory=Usage)
@@ -139,6 +141,7 @@ def fold_event(state: RunState, event: Any) -> bool:
             agent.turn, agent.messages, agent.awaiting = event.turn, list(event.messages), True
             agent.request_digest = request_digest(state.run_id, event)
             agent.reply, agent.pending, agent.answers, agent.feedback = None, [], {}, []
+            agent.digests = {}
             return True
         case ModelCallCompleted(step_id=iid, usage=usage):
             agent = state.agents[iid]
@@ -164,7 +167,10 @@ def fold_event(state: RunState, event: Any) -> bool:
             agent = owner_of(state, sid)
             if agent is None:
                 return False
+            from loom_core.executor import request_digest
+
             agent.pending.append(sid)
+            agent.digests[sid] = request_digest(state.run_id, event)
             state.running += 1
             return True
         case ToolCallCompleted(step_id=sid) | ToolCallFailed(step_id=sid):
@@ -537,6 +543,9 @@ def unexpected_tool_result(state: RunState, message: ToolResult) -> str | None:
     key = ids.idempotency_key(state.run_id, message.step_id, 1)
     if message.attempt != 1 or message.idempotency_key != key:
         return f"the result of agent call '{message.step_id}' ({key})"
+    digest = agent.digests.get(message.step_id)
+    if digest is not None and message.request_digest != digest:
+        return f"the result of the stored request {key} (digest {digest})"
     return None
 
 

@@ -1074,6 +1074,18 @@ InboxMessage = (
 )
 
 
+class ModelChunk(Record, tag="model_chunk", tag_field="type"):
+    """Text of a model turn while it is generated, published by the planner on
+    ``loom.stream.{run_id}`` (plain NATS, not stored: the complete turn is the
+    ``model_call_completed`` event). ``seq`` orders the chunks of one turn."""
+
+    run_id: str
+    step_id: str
+    turn: int
+    seq: int
+    text: str
+
+
 class Wait(Record, tag="wait", tag_field="type"):
     """One thing a live run waits on (``loom_core.waits``): ``kind`` person (``ref`` the
     suspension id, ``label`` its label), timer (``ref`` the timer id, ``until`` when it

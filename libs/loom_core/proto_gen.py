@@ -192,6 +192,7 @@ _SUBJECT_NAMES = {
     "signal": "channel signal",
     "RESUME": "channel resume",
     "progress": "channel progress",
+    "model_stream": "channel modelStream",
     "TOOLS_BUCKET": "channel toolCatalog",
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",

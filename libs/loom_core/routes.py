@@ -261,6 +261,19 @@ PROGRESS = Route(
 )
 
 
+MODEL_STREAM = Route(
+    name="modelStream",
+    pattern=subjects.model_stream("{run_id}"),
+    kind="broadcast",
+    messages=(c.ModelChunk,),
+    publishers=("planner",),
+    consumers=(Consumer("operator"),),
+    description="Text of a model turn while it is generated (plain NATS, not stored; the "
+    "complete turn is the run's model_call_completed event). Sent when the models "
+    "file says `stream: true`; `loom run` shows it live.",
+)
+
+
 def _request(
     name: str,
     pattern: str,
@@ -375,6 +388,7 @@ ROUTES: tuple[Route, ...] = (
     RESUME,
     FORK,
     PROGRESS,
+    MODEL_STREAM,
     API_RUN_EVENTS,
     API_RUNS,
     API_TRACE,

@@ -75,6 +75,11 @@ def progress(run_id: str) -> str:
     return f"{PREFIX}.progress.{run_id}"
 
 
+# Tokens of a model turn while it is generated (ModelChunk, plain NATS, not stored)
+def model_stream(run_id: str) -> str:
+    return f"{PREFIX}.stream.{run_id}"
+
+
 # Request/reply APIs
 API_RUN_EVENTS = f"{PREFIX}.api.run.events"  # executor: RunEventsQuery -> RunEventsReply
 API_RUNS = f"{PREFIX}.api.runs"  # tracing: RunsQuery -> RunsReply

@@ -10,6 +10,7 @@ Configuration (``ModelConfig``): either ``LOOM_MODELS_FILE``, a YAML file::
     default: main                 # the model agent steps and planning use by default
     planner: main                 # the model that plans natural-language requests
     timeout_s: 60                 # per attempt
+    stream: true                  # agent turns' text live on loom.stream.{run_id}
     num_retries: 2                # the Router's retries per model before a fallback
     models:
       main:
@@ -39,7 +40,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class ModelConfig:
     planner: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     num_retries: int = DEFAULT_RETRIES
+    stream: bool = False  # stream agent turns' text to loom.stream.{run_id}
 
     @property
     def configured(self) -> bool:
@@ -158,6 +160,7 @@ class ModelConfig:
             planner=planner,
             timeout_s=float(raw.get("timeout_s", DEFAULT_TIMEOUT_S)),
             num_retries=int(raw.get("num_retries", DEFAULT_RETRIES)),
+            stream=bool(raw.get("stream", False)),
         )
 
     def resolve(self, name: str | None) -> str:
@@ -312,6 +315,32 @@ class ModelLayer:
         )
         return self._router
 
+    async def _streamed(
+        self, router: Any, request: dict[str, Any], on_text: Callable[[str], Awaitable[None]]
+    ) -> Any:
+        """Stream the answer, handing text on as it comes; the complete response rebuilt
+        from the chunks (``litellm.stream_chunk_builder``)."""
+        stream = await router.acompletion(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                await on_text(piece)
+        return self._litellm.stream_chunk_builder(chunks, messages=request["messages"])
+
+    def _price(self, name: str, tokens_in: int, tokens_out: int) -> float:
+        entry = self.config.models.get(name)
+        if entry is None:
+            return 0.0
+        return round(
+            tokens_in * (entry.input_cost_per_token or 0.0)
+            + tokens_out * (entry.output_cost_per_token or 0.0),
+            10,
+        )
+
     # ------------------------------------------------------------------ calls
 
     async def complete(
@@ -321,7 +350,13 @@ class ModelLayer:
         tools: list[ToolSpec] = (),  # type: ignore[assignment]
         json_schema: dict[str, Any] | None = None,
         json_mode: bool = False,
+        on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> Answer:
+        """One call. With ``on_text`` and ``stream: true`` in the configuration the
+        answer is streamed and each piece of text handed to ``on_text`` as it comes; the
+        Answer is the same either way."""
+        if self._router is None and self.config.models:
+            await asyncio.to_thread(self.load)  # the ~3 s import never blocks the loop
         try:
             chosen = self.config.resolve(name)
             router = self._ensure()
@@ -346,8 +381,12 @@ class ModelLayer:
             request["response_format"] = {"type": "json_object"}
         self.calls += 1
         t0 = time.perf_counter()
+        streamed = self.config.stream and on_text is not None
         try:
-            response = await router.acompletion(**request)
+            if streamed:
+                response = await self._streamed(router, request, on_text)  # type: ignore[arg-type]
+            else:
+                response = await router.acompletion(**request)
         except Exception as exc:  # noqa: BLE001 (every provider error becomes a typed one)
             await _settle()
             attempts = _IN_FLIGHT.pop(call, (self, []))[1]
@@ -361,11 +400,15 @@ class ModelLayer:
         attempts = _IN_FLIGHT.pop(call, (self, []))[1]
         hidden = getattr(response, "_hidden_params", {}) or {}
         headers = hidden.get("additional_headers") or {}
-        answered_by = str(headers.get("x-litellm-model-group") or chosen)
         usage_obj = getattr(response, "usage", None)
         tokens_in = int(getattr(usage_obj, "prompt_tokens", 0) or 0)
         tokens_out = int(getattr(usage_obj, "completion_tokens", 0) or 0)
         cost = float(hidden.get("response_cost") or 0.0)
+        answered_by = str(headers.get("x-litellm-model-group") or chosen)
+        if streamed:  # a rebuilt stream carries no headers: the attempts say who answered
+            ok = [a for a in attempts if a.error is None]
+            answered_by = ok[-1].model if ok else _last_tried(attempts, chosen)
+            cost = cost or self._price(answered_by, tokens_in, tokens_out)
         if not any(a.error is None for a in attempts):  # the success callback lags: add it
             attempts.append(ModelAttempt(
                 model=answered_by, provider=str(hidden.get("custom_llm_provider") or ""),
@@ -401,6 +444,12 @@ class ModelLayer:
                 input_tokens=tokens_in, output_tokens=tokens_out, cost_usd=cost, calls=1
             ),  # fmt: skip
         )
+
+
+def _last_tried(attempts: list[ModelAttempt], chosen: str) -> str:
+    """Who answered a stream whose success callback has not run yet: the model after
+    the last failed one in the fallback order (or the one asked)."""
+    return attempts[-1].model if attempts and attempts[-1].error is None else chosen
 
 
 async def _settle() -> None:

@@ -16,8 +16,10 @@ into the run's inbox as a ``ModelResult`` with every attempt, the usage and the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Awaitable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -27,6 +29,7 @@ from nats.aio.msg import Msg
 from loom_core import codec, routes
 from loom_core.contracts import (
     ModelCallRequested,
+    ModelChunk,
     ModelResult,
     PlanIssue,
     PlanProposed,
@@ -44,6 +47,7 @@ from loom_services.planning import plan_with_model
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.planner")
+ONCE_KEPT = 4096  # model answers kept for redeliveries of the same request
 
 
 class CatalogUnavailable(Exception):
@@ -57,6 +61,9 @@ class PlannerService:
         self.settings = settings
         self.kv: Any = None
         self.models = ModelConfig.from_settings(settings)
+        # model work by request digest: a redelivery while (or shortly after) it runs
+        # reuses it instead of paying for the model again (bounded, newest kept)
+        self._once: OrderedDict[str, asyncio.Task[Any]] = OrderedDict()
         self.layer = ModelLayer(self.models, SecretSource(settings.secrets))
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -85,6 +92,15 @@ class PlannerService:
         specs = await asyncio.gather(*(self.kv.get(k) for k in keys))
         return {s.name: s for s in (codec.decode(e.value, ToolSpec) for e in specs if e.value)}
 
+    async def once(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        task = self._once.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.ensure_future(work())
+            self._once[key] = task
+            while len(self._once) > ONCE_KEPT:
+                self._once.popitem(last=False)
+        return await asyncio.shield(task)
+
     async def tool_specs(self, names: Sequence[str]) -> list[ToolSpec]:
         """The specs of these tools, by direct gets (a model turn names a few tools; listing
         the whole bucket per turn costs a consumer each and fails under load). A tool the
@@ -110,7 +126,8 @@ class PlannerService:
         except bus.Poison as poison:
             return poison
         try:
-            verdict = await _beating(msg, self.plan(record.run_id, event))
+            key = f"plan:{request_digest(record.run_id, event)}"
+            verdict = await _beating(msg, self.once(key, lambda: self.plan(record.run_id, event)))
         except CatalogUnavailable as exc:
             return exc
         # The verdict names the request it answers (a verdict on a forged request is
@@ -147,9 +164,19 @@ class PlannerService:
             return poison
         specs = await self.tool_specs(event.tools)
         started = datetime.now(UTC)
-        answer = await _beating(msg, self.layer.complete(
-            event.model, event.messages, specs, json_mode=event.output_schema is not None
-        ))  # fmt: skip
+        pieces = itertools.count()
+        subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
+
+        async def on_text(text: str) -> None:  # live only: the complete turn is the event
+            chunk = ModelChunk(run_id=record.run_id, step_id=event.step_id, turn=event.turn,
+                               seq=next(pieces), text=text)  # fmt: skip
+            await self.ctx.nc.publish(subject, codec.encode(chunk))
+
+        key = f"turn:{request_digest(record.run_id, event)}"
+        answer = await _beating(msg, self.once(key, lambda: self.layer.complete(
+            event.model, event.messages, specs, json_mode=event.output_schema is not None,
+            on_text=on_text,
+        )))  # fmt: skip
         result = ModelResult(
             run_id=record.run_id, step_id=event.step_id, turn=event.turn,
             idempotency_key=event.idempotency_key, ok=answer.message is not None,

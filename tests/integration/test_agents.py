@@ -12,6 +12,7 @@ fakemodel``) that every model call reaches through litellm and a socket.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ import pytest
 from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from conftest import make_settings  # type: ignore[import-not-found]
-from loom_core import subjects
+from loom_core import codec, subjects
 from loom_core.contracts import (
     AgentStep,
     Budget,
     ForkRun,
     ModelCallCompleted,
     ModelCallRequested,
+    ModelChunk,
     ModelOutputRefused,
     Plan,
     PlanAccepted,
@@ -59,9 +61,10 @@ def model_server() -> Iterator[FakeModelServer]:
         yield server
 
 
-def write_models(path: Path, base_url: str) -> Path:
+def write_models(path: Path, base_url: str, stream: bool = False) -> Path:
     path.write_text(
         f"""
+stream: {str(stream).lower()}
 default: main
 planner: main
 num_retries: 0
@@ -88,6 +91,16 @@ async def agent_client(
     store_settings: StoreSettings, tmp_path: Path, model_server: FakeModelServer
 ) -> AsyncIterator[LoomClient]:
     models = write_models(tmp_path / "models.yaml", model_server.base_url)
+    settings = make_settings(store_settings, models_file=models)
+    async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
+        yield client
+
+
+@pytest.fixture
+async def streaming_client(
+    store_settings: StoreSettings, tmp_path: Path, model_server: FakeModelServer
+) -> AsyncIterator[LoomClient]:
+    models = write_models(tmp_path / "models.yaml", model_server.base_url, stream=True)
     settings = make_settings(store_settings, models_file=models)
     async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
         yield client
@@ -166,7 +179,7 @@ async def test_agent_step_calls_two_tools_after_a_429_fallback_and_replays_offli
     ]
     assert first.usage.input_tokens == 10 and first.usage.cost_usd > 0
     calls = of(records, ToolCallCompleted)
-    assert [(c.step_id, c.output) for c in calls if c.step_id != "say"] == [
+    assert sorted((c.step_id, c.output) for c in calls if c.step_id != "say") == [
         ("think/c1-0", {"message": "Lisbon"}), ("think/c1-1", {"result": "LISBON"}),
     ]  # fmt: skip
     # the second turn told the model both results, in order
@@ -271,3 +284,41 @@ async def test_hostile_model_output_is_refused_typed_and_the_stack_goes_on(
     other = await agent_client.submit(RunRequest(plan=agent_plan(), input={"question": "q"}))
     done = await agent_client.wait(other.run_id, timeout=BOUND_S)
     assert of(done, RunCompleted)[0].output == "fine"
+
+
+async def test_streamed_turns_reach_the_run_subject_live_and_only_whole_turns_are_stored(
+    streaming_client: LoomClient, model_server: FakeModelServer
+) -> None:
+    client = streaming_client
+    answer = "Lisbon is the capital of Portugal, on the Tagus."
+    model_server.script(
+        "main-model",
+        Reply(content="Let me check.", tool_calls=[ToolCall("echo", {"message": "Lisbon"})]),
+        Reply(content=answer),
+    )
+    run_id = "streamed-run"
+    chunks: list[ModelChunk] = []
+    got_all = asyncio.Event()
+
+    async def on_chunk(msg: Any) -> None:
+        chunks.append(codec.decode(msg.data, ModelChunk))
+        if "".join(c.text for c in chunks if c.turn == 2) == answer:
+            got_all.set()
+
+    sub = await client.nc.subscribe(subjects.model_stream(run_id), cb=on_chunk)
+    await client.submit(RunRequest(plan=agent_plan(), input={"question": "q"}, run_id=run_id))
+    records = await client.wait(run_id, timeout=BOUND_S)
+    assert of(records, RunCompleted)[0].output == answer, records[-1]
+    async with asyncio.timeout(BOUND_S):  # plain NATS: the last chunks may trail the events
+        await got_all.wait()
+    await sub.unsubscribe()
+    assert "".join(c.text for c in chunks if c.turn == 1) == "Let me check."
+    second = [c for c in chunks if c.turn == 2]
+    assert len(second) > 1 and [c.seq for c in second] == list(range(len(second)))
+    # the tool call was rebuilt from the stream and ran; only whole turns are events
+    turns = of(records, ModelCallCompleted)
+    assert turns[0].message.tool_calls[0].name == "echo"
+    assert turns[1].message.content == answer and turns[1].usage.output_tokens == 5
+    assert of(records, ToolCallCompleted)[0].output == {"message": "Lisbon"}
+    assert all(r.kind != "model_chunk" for r in records)
+    assert model_server.bodies[0]["stream"] is True

@@ -69,8 +69,6 @@ async def test_answers_tool_calls_and_usage_through_litellm(
     assert server.bodies[0]["messages"] == [{"role": "user", "content": "q"}]
 
 
-# litellm's stream wrapper reads a pydantic attribute pydantic 2.11 deprecates
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 async def test_streaming_sends_the_same_answer_as_server_sent_events(
     server: FakeModelServer, litellm: Any
 ) -> None:

@@ -331,6 +331,23 @@ def test_late_duplicate_and_forged_results_cause_nothing() -> None:
     assert w.send(stray) == []
 
 
+def test_an_agent_calls_result_must_name_the_stored_request() -> None:
+    w = World(plan_with(), [])
+    req = w.of(ModelCallRequested)[0]
+    w.send(w.model_result(req, **answer(None, call("echo", {"message": "x"}))(req)))
+    asked = w.of(ToolCallRequested)[0]
+    result = ToolResult(run_id="r1", step_id=asked.step_id, attempt=1,
+                        idempotency_key=asked.idempotency_key, ok=True, started_at=T0,
+                        finished_at=T0, output={"message": "x"})  # fmt: skip
+    forged = msgspec.structs.replace(result, request_digest="f" * 32)
+    error = unexpected(w.state, forged)
+    assert error is not None and "digest" in error.message
+    genuine = msgspec.structs.replace(
+        result, request_digest=w.state.agents["a"].digests[asked.step_id]
+    )
+    assert unexpected(w.state, genuine) is None
+
+
 def test_cancelling_the_run_cancels_the_agents_calls_in_flight() -> None:
     w = World(plan_with(), [answer(None, call("echo", {"message": "x"}), call("text", {}))])
     req = w.of(ModelCallRequested)[0]
