@@ -71,6 +71,7 @@ class FakeModelServer:
         self.default: Default = None
         self.requests: Counter[str] = Counter()  # "*" counts all
         self.bodies: list[dict[str, Any]] = []  # every request body, in order
+        self.keys: list[str] = []  # the bearer token of every chat request (auth checks)
         self.keep_bodies = True
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -177,6 +178,9 @@ def _handler(server: FakeModelServer) -> type[BaseHTTPRequestHandler]:
 
         def _chat(self, body: dict[str, Any]) -> None:
             model = str(body.get("model", ""))
+            auth = self.headers.get("Authorization") or ""
+            with server._lock:
+                server.keys.append(auth.removeprefix("Bearer "))
             answer = server._next(model, body)
             if isinstance(answer, Hang):
                 time.sleep(answer.seconds)

@@ -10,10 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from loom_core.contracts import ModelMessage, ToolSpec
 from loom_infra.fakemodel import Fail, FakeModelServer, Hang, Reply, ToolCall
+from loom_infra.secret_source import SecretSource
+from loom_infra.settings import SecretSettings
 from loom_services.models import ModelConfig, ModelLayer, ModelUnavailable
 
 pytestmark = pytest.mark.integration
@@ -146,6 +149,24 @@ async def test_a_call_takes_milliseconds_not_nagles_40(server: FakeModelServer) 
         await model.complete("main", USER)
         took.append(time.perf_counter() - started)
     assert statistics.median(took) < 0.035
+
+
+async def test_keys_come_from_the_secret_source_and_never_into_the_answer(
+    server: FakeModelServer,
+) -> None:
+    config = ModelConfig.from_mapping({"models": {"main": {
+        "model": "openai/m1", "api_base": server.base_url, "api_key_secret": "OPENAI",
+    }}})  # fmt: skip
+    server.script("m1", Fail(401, "bad key"))
+    secrets = SecretSource(SecretSettings(env={"OPENAI": "sk-canary-7f3e"}))
+    answer = await ModelLayer(config, secrets).complete(None, USER)
+    assert server.keys == ["sk-canary-7f3e"]
+    assert answer.error is not None and answer.error.code == "model_auth_failed"
+    assert "sk-canary-7f3e" not in msgspec.json.encode(answer.attempts).decode()
+    missing = await ModelLayer(config, SecretSource(SecretSettings())).complete(None, USER)
+    assert missing.error is not None and missing.error.code == "no_model_configured"
+    assert "LOOM_SECRET_OPENAI" in missing.error.message
+    assert server.total == 1
 
 
 def test_configuration_errors_say_what_to_set() -> None:
