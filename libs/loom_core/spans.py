@@ -493,15 +493,27 @@ class TraceBuilder:
                 self._event(self._ensure_inst(iid, at), "model_output_refused", at, attrs)
             case ToolCallRequested():
                 self._on_tool_requested(at, event)
+                if self._agent_call(event.step_id):
+                    self._update(self._step_id(event.step_id), name=f"call {event.tool}",
+                                 attrs={"loom.step.kind": "agent_call",
+                                        "loom.step.tool": event.tool})  # fmt: skip
             case ToolCallCompleted():
                 self._on_tool_result(at, event, event.started_at, event.finished_at, None)
                 if getattr(event, "suspend", None) is not None:
                     tool_id = self._tool_id(event.step_id, event.attempt)
                     self._update(tool_id, attrs={"loom.tool.suspend": event.suspend.label})
+                if self._agent_call(event.step_id):  # a call has no step events: it ends here
+                    self._end_inst(event.step_id, at, "completed", "ok")
             case ToolCallFailed():
                 self._on_tool_result(at, event, event.started_at, event.finished_at, event.error)
+                if self._agent_call(event.step_id):
+                    self._end_inst(event.step_id, at, "failed", "error",
+                                   message=event.error.message,
+                                   attrs={"error.type": event.error.code})  # fmt: skip
             case ToolCallCancelled():
                 self._on_tool_cancelled(at, event)
+                if self._agent_call(event.step_id):
+                    self._end_inst(event.step_id, at, "cancelled", "unset")
             case StepRetryScheduled():
                 self._on_retry_scheduled(at, event)
             case TimerStarted():
@@ -561,8 +573,10 @@ class TraceBuilder:
                     attrs["loom.step.output"] = capture_json(output, self.options.io_limit)
                 if getattr(event, "reused_from", None):
                     attrs["loom.step.reused_from"] = event.reused_from
+                self._end_agent_attempt(iid, at, None)
                 self._end_inst(iid, at, "completed", "ok", attrs=attrs)
             case StepFailed(step_id=iid, error=error):
+                self._end_agent_attempt(iid, at, error)
                 self._end_inst(
                     iid, at, "failed", "error", error.message, {"error.type": error.code}
                 )
@@ -883,6 +897,24 @@ class TraceBuilder:
         self._set_status(iid, "running")
 
     # ------------------------------------------------------------------ model turns
+
+    def _end_agent_attempt(self, iid: str, at: datetime, error: ErrorInfo | None) -> None:
+        """An agent step's one attempt ends with the step (its turns are inside it)."""
+        if self._kind.get(iid) != "agent":
+            return
+        attempt_id = self._attempt_id(iid, 1)
+        if attempt_id not in self._open:
+            return
+        if error is None:
+            self._update(attempt_id, end=at, status="ok")
+        else:
+            self._update(attempt_id, end=at, status="error", message=error.message,
+                         attrs={"error.type": error.code})  # fmt: skip
+
+    def _agent_call(self, iid: str) -> bool:
+        """A tool call an agent step's model asked for (``{agent}/c{turn}-{k}``)."""
+        head = iid.rpartition("/")[0]
+        return bool(head) and self._kind.get(head) == "agent"
 
     def _chat_id(self, iid: str, turn: int) -> str:
         return ids.span_id(self.run_id, "step", iid, "turn", str(turn), "chat")

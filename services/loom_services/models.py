@@ -403,7 +403,7 @@ class ModelLayer:
         usage_obj = getattr(response, "usage", None)
         tokens_in = int(getattr(usage_obj, "prompt_tokens", 0) or 0)
         tokens_out = int(getattr(usage_obj, "completion_tokens", 0) or 0)
-        cost = float(hidden.get("response_cost") or 0.0)
+        cost = round(float(hidden.get("response_cost") or 0.0), 10)
         answered_by = str(headers.get("x-litellm-model-group") or chosen)
         if streamed:  # a rebuilt stream carries no headers: the attempts say who answered
             ok = [a for a in attempts if a.error is None]

@@ -429,3 +429,35 @@ def test_whatever_the_model_says_the_step_ends_typed_and_replays(
             "max_turns_exceeded", "model_unavailable", "invalid_model_output",
         }  # fmt: skip
     check_replays(w)
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+def test_agent_runs_trace_chat_spans_and_calls_without_loose_ends() -> None:
+    from pathlib import Path
+
+    from loom_core import codec
+    from loom_core.spans import build_spans, span_category
+
+    golden = Path(__file__).resolve().parents[1] / "golden"
+    for name, chats in (("agent-research", 2), ("agent-hostile", 3)):
+        lines = (golden / f"{name}.jsonl").read_text().splitlines()
+        spans = build_spans([codec.decode_event(line.encode()) for line in lines])
+        assert all(s.end is not None for s in spans), name
+        assert not [s.name for s in spans if s.attributes.get("loom.incomplete")], name
+        models = [s for s in spans if span_category(s) == "model"]
+        assert len(models) == chats, name
+        by_id = {s.span_id: s for s in spans}
+        for chat in models:
+            assert chat.kind == "client" and chat.name.startswith("chat ")
+            assert by_id[chat.parent_span_id or ""].name == "attempt 1"
+            assert {"gen_ai.request.model", "gen_ai.usage.input_tokens", "loom.cost_usd"} <= set(
+                chat.attributes
+            )
+    research = [s for s in spans if s.name.startswith("call ")]
+    assert research == []  # the hostile agent's calls were all refused
+    ok = [s for s in models if s.status == "ok"]
+    assert ok[0].attributes["gen_ai.response.finish_reasons"] == ["tool_calls"]
+    failed = [s for s in models if s.status == "error"]
+    assert failed[0].attributes["error.type"] == "model_unavailable"
