@@ -396,6 +396,8 @@ class RunRequest(Inbound, tag="run_request", tag_field="type"):
     traceparent: str | None = None
     fork: ForkOrigin | None = None  # set by `loom fork`: outputs reused from another run
     parent: ParentLink | None = None  # set for a child run started by a sub_run step
+    # the run's model budget; wins over the plan's (a model-written plan cannot lift it)
+    budget: Budget | None = None
 
 
 class SubmitAccepted(Record, tag="submit_accepted", tag_field="type"):
@@ -513,6 +515,7 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # None only in runs stored before caps were recorded: they were decided without
     # caps, and replay keeps it so (loom_core.caps)
     caps: Caps | None = None
+    budget: Budget | None = None  # the submitter's model budget (wins over the plan's)
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):

@@ -50,6 +50,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
         "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D, "caps": D,
+        "budget": D,
     },
     c.PlanAccepted: {"plan": D, "planner": D, "planning": D},
     c.PlanRejected: {"issues": N, "planning": D},

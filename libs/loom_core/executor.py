@@ -372,6 +372,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.principal = event.principal
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
+            state.budget = event.budget
             state.request_digest = request_digest(state.run_id, event)
             state.plan_digest = plan_digest(event.plan) if event.plan is not None else None
             if fork is not None:
@@ -684,6 +685,7 @@ class _Turn:
                             redacted=redacted,
                             limits=limits,
                             caps=caps,
+                            budget=request.budget,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":

@@ -91,7 +91,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             request = RunRequest(
                 plan=event.plan, request=event.request, input=event.input,
                 thread_id=event.thread_id, labels=event.labels, traceparent=event.traceparent,
-                fork=event.fork, parent=event.parent, run_id=run_id,
+                fork=event.fork, parent=event.parent, run_id=run_id, budget=event.budget,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
             if event.principal or event.redacted or event.limits or event.caps:

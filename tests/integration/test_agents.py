@@ -45,7 +45,7 @@ from loom_core.contracts import (
 )
 from loom_core.replay import replay
 from loom_infra import bus
-from loom_infra.client import LoomClient
+from loom_infra.client import LoomClient, LoomError
 from loom_infra.fakemodel import Fail, FakeModelServer, Reply, ToolCall
 from loom_infra.settings import StoreSettings
 from loom_services.stack import LocalStack
@@ -279,6 +279,12 @@ async def test_hostile_model_output_is_refused_typed_and_the_stack_goes_on(
     assert "invalid_input" in answers[2]
     report, _ = replay(records)
     assert report.identical, report.divergence
+
+    # a submitter's budget is checked like the rest of the request
+    with pytest.raises(LoomError) as refused:
+        await agent_client.submit(RunRequest(request="go", budget=Budget(max_tokens=-5)))
+    assert refused.value.error.code == "invalid_budget"
+    assert refused.value.error.path == "$.budget.max_tokens"
 
     model_server.script("main-model", Reply(content="fine"))
     other = await agent_client.submit(RunRequest(plan=agent_plan(), input={"question": "q"}))

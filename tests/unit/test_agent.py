@@ -86,12 +86,18 @@ class World:
     """Runs a plan with an agent to the end: ``turns`` answer the model turns in order,
     tools answer with their input (``{"echo": input}``)."""
 
-    def __init__(self, plan: Plan, turns: list[Any], limits: SizeLimits | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        turns: list[Any],
+        limits: SizeLimits | None = None,
+        budget: Budget | None = None,
+    ) -> None:
         self.state = initial_state("r1")
         self.now = T0
         self.records: list[EventRecord] = []
         self.turns = list(turns)
-        request = RunRequest(plan=plan, input={"q": "what?"})
+        request = RunRequest(plan=plan, input={"q": "what?"}, budget=budget)
         self.send(Submission(request, limits=limits) if limits else request)
         self.send(PlanProposed(run_id="r1", plan=plan))
 
@@ -461,3 +467,16 @@ def test_agent_runs_trace_chat_spans_and_calls_without_loose_ends() -> None:
     assert ok[0].attributes["gen_ai.response.finish_reasons"] == ["tool_calls"]
     failed = [s for s in models if s.status == "error"]
     assert failed[0].attributes["error.type"] == "model_unavailable"
+
+
+def test_the_submitters_budget_wins_over_the_plans() -> None:
+    plan = plan_with()
+    plan = Plan(steps=plan.steps, budget=Budget(max_model_calls=100))
+    w = World(plan, [answer(None, call("echo", {"message": "x"}))],
+              budget=Budget(max_model_calls=1))  # fmt: skip
+    w.run()
+    assert w.state.budget == Budget(max_model_calls=1)
+    suspended = w.of(StepSuspended)[0]
+    assert suspended.payload["scope"] == "run"
+    assert suspended.payload["budget"] == {"max_model_calls": 1}
+    check_replays(w)
