@@ -287,8 +287,14 @@ async def fork(client: LoomClient) -> dict[str, str]:
 
 
 def research_model(body: dict[str, Any]) -> Reply:
-    """The model examples/agent-research.yaml meets: adds with `math`, then answers."""
+    """The model the agent examples meet: agent-intent-routing's classifies (a first
+    answer outside the schema, then a good one); agent-research's adds with `math`,
+    then answers."""
     last = body["messages"][-1]
+    if "Classify" in str(body["messages"][0]["content"]):
+        if last["role"] == "user" and "schema" not in str(last["content"]):
+            return Reply(content="tracking, I think")
+        return Reply(content=json.dumps({"intent": "tracking"}))
     if last["role"] == "user":
         return Reply(tool_calls=[
             ToolCall("math", {"op": "add", "a": 545923, "b": 231962}, id="call_add"),

@@ -74,6 +74,7 @@ EXPECTED: dict[str, tuple[str, Any]] = {
     "step-timeout.yaml": ("run_failed", "step_timeout"),
     # needs a model (tests/integration/test_agents.py runs agents): without one it says so
     "agent-research.yaml": ("run_failed", "no_model_configured"),
+    "agent-intent-routing.yaml": ("run_failed", "no_model_configured"),
     "run-timeout.yaml": ("run_failed", "run_timeout"),
     "nested.yaml": (
         "run_completed",
@@ -341,13 +342,16 @@ def check_step_timeout(records: list[EventRecord]) -> None:
     assert records[-1].at - records[0].at < timedelta(seconds=3)
 
 
-def check_agent_without_model(records: list[EventRecord]) -> None:
-    # the turn was asked as an event, the planner answered that no model is configured
-    # (naming what to set), the step failed and its dependent was skipped
-    failed = record_of(records, StepFailed, "research").event
-    assert failed.error.code == "no_model_configured"
-    assert "LOOM_MODEL" in failed.error.message
-    assert record_of(records, StepSkipped, "report")
+def check_agent_without_model(step: str, dependent: str) -> Callable[[list[EventRecord]], None]:
+    def check(records: list[EventRecord]) -> None:
+        # the turn was asked as an event, the planner answered that no model is
+        # configured (naming what to set), the step failed, its dependent was skipped
+        failed = record_of(records, StepFailed, step).event
+        assert failed.error.code == "no_model_configured"
+        assert "LOOM_MODEL" in failed.error.message
+        assert record_of(records, StepSkipped, dependent)
+
+    return check
 
 
 def check_run_timeout(records: list[EventRecord]) -> None:
@@ -411,7 +415,8 @@ CHECKS: dict[str, Callable[[list[EventRecord]], None]] = {
     "sleep.yaml": check_sleep,
     "step-timeout.yaml": check_step_timeout,
     "run-timeout.yaml": check_run_timeout,
-    "agent-research.yaml": check_agent_without_model,
+    "agent-research.yaml": check_agent_without_model("research", "report"),
+    "agent-intent-routing.yaml": check_agent_without_model("classify", "route"),
     "nested.yaml": check_nested,
 }
 
