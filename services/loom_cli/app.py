@@ -49,7 +49,7 @@ from loom_core import codec
 from loom_core.contracts import RunRequest
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.datalock import DataDirLocked
-from loom_infra.settings import settings_from_env
+from loom_infra.settings import SettingsError, settings_from_env
 
 app = typer.Typer(
     name="loom",
@@ -390,6 +390,8 @@ def explain(exc: BaseException) -> str:
             "(the CLI needs the operator key). Add --debug for details"
         )
     name = type(exc).__name__
+    if isinstance(exc, SettingsError):  # e.g. a models file the planner cannot read
+        return f"{exc}; fix {exc.variable} and retry"
     if "nats" in type(exc).__module__:
         return f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"
     return f"{name}: {exc}. This is a bug if it persists: rerun with --debug and report it"
