@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from waiting import eventually, having, until  # type: ignore[import-not-found]
 
@@ -47,12 +48,13 @@ from loom_core.replay import replay
 from loom_infra import bus
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.fakemodel import Fail, FakeModelServer, Reply, ToolCall
-from loom_infra.settings import StoreSettings
+from loom_infra.settings import SecretSettings, StoreSettings
 from loom_services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
 BOUND_S = 20.0
+CANARY = "sk-canary-agent-51c0"  # a secret the stack holds; no model may get at it
 
 
 @pytest.fixture
@@ -91,7 +93,8 @@ async def agent_client(
     store_settings: StoreSettings, tmp_path: Path, model_server: FakeModelServer
 ) -> AsyncIterator[LoomClient]:
     models = write_models(tmp_path / "models.yaml", model_server.base_url)
-    settings = make_settings(store_settings, models_file=models)
+    secrets = SecretSettings(env={"CANARY": CANARY})
+    settings = make_settings(store_settings, models_file=models, secrets=secrets)
     async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
         yield client
 
@@ -260,7 +263,8 @@ async def test_hostile_model_output_is_refused_typed_and_the_stack_goes_on(
     model_server.script(
         "main-model",
         Reply(tool_calls=[ToolCall("echo", "{not json"), ToolCall("rm_rf", {"path": "/"}),
-                          ToolCall("text", {"text": 5, "op": "explode"})]),
+                          ToolCall("text", {"text": 5, "op": "explode"}),
+                          ToolCall("echo", {"message": "{{ secrets.CANARY }}"})]),
         forever, forever,
     )  # fmt: skip
     run = await agent_client.submit(
@@ -277,6 +281,9 @@ async def test_hostile_model_output_is_refused_typed_and_the_stack_goes_on(
     answers = [m.content or "" for m in second.messages if m.role == "tool"]
     assert "invalid_tool_arguments" in answers[0] and "unknown_tool" in answers[1]
     assert "invalid_input" in answers[2]
+    # a secret reference a model writes is not the plan's: never resolved
+    assert CANARY not in answers[3]
+    assert CANARY not in msgspec.json.encode(records).decode()
     report, _ = replay(records)
     assert report.identical, report.divergence
 
