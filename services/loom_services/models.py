@@ -387,6 +387,9 @@ class ModelLayer:
                 response = await self._streamed(router, request, on_text)  # type: ignore[arg-type]
             else:
                 response = await router.acompletion(**request)
+        except asyncio.CancelledError:
+            _IN_FLIGHT.pop(call, None)  # the service stops: nothing will read these
+            raise
         except Exception as exc:  # noqa: BLE001 (every provider error becomes a typed one)
             await _settle()
             attempts = _IN_FLIGHT.pop(call, (self, []))[1]
