@@ -263,6 +263,41 @@ class SubRunStep(Inbound, tag="sub_run", tag_field="kind"):
     description: str = ""
 
 
+
+class Budget(Inbound, tag="budget", tag_field="type"):
+    """Limits on model use the engine enforces (per run on the plan, per agent step on
+    the step): total tokens (in + out), cost in USD, model calls. Crossing one suspends
+    the step with label ``budget`` (``loom resume RUN --label budget --data
+    '{"max_tokens": 20000}'`` raises it; cancel to stop). Unset: no limit."""
+
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_model_calls: int | None = None
+
+
+class AgentStep(Inbound, tag="agent", tag_field="kind"):
+    """A model working in turns (ReAct): each turn is requested as an event and
+    answered by the planner service; the tools the model calls (only those in
+    ``tools``) run as ordinary tool calls. ``instructions`` (the system prompt) and
+    ``input`` (the task, any JSON) are templates. With ``output_schema`` the final
+    answer must be JSON matching it (a violation is told to the model, within
+    ``max_turns``); without, the output is the answer's text. ``model``: a configured
+    model name (default: the planner's default model). Needs a model (LOOM_MODEL or
+    LOOM_MODELS_FILE)."""
+
+    id: str
+    instructions: str
+    input: JSON = None
+    model: str | None = None
+    tools: list[str] = []
+    output_schema: dict[str, JSON] | None = None
+    max_turns: int = 8
+    budget: Budget | None = None
+    depends_on: list[str] = []
+    on_error: Literal["fail", "continue"] = "fail"
+    description: str = ""
+
+
 Step = (
     ToolStep
     | ForeachStep
@@ -275,6 +310,7 @@ Step = (
     | ApprovalStep
     | SubRunStep
     | WaitEventStep
+    | AgentStep
 )
 
 
@@ -287,6 +323,7 @@ class Plan(Inbound, tag="plan", tag_field="type"):
     name: str = ""
     timeout_s: float | None = None
     version: Literal[1] = 1
+    budget: Budget | None = None  # model use of the whole run (agent steps)
 
 
 # --------------------------------------------------------------------------- blobs
@@ -400,6 +437,8 @@ class RunRequest(Inbound, tag="run_request", tag_field="type"):
     traceparent: str | None = None
     fork: ForkOrigin | None = None  # set by `loom fork`: outputs reused from another run
     parent: ParentLink | None = None  # set for a child run started by a sub_run step
+    # the run's model budget; wins over the plan's (a model-written plan cannot lift it)
+    budget: Budget | None = None
 
 
 class SubmitAccepted(Record, tag="submit_accepted", tag_field="type"):
@@ -412,6 +451,66 @@ class SubmitRejected(Record, tag="submit_rejected", tag_field="type"):
 
 
 SubmitReply = SubmitAccepted | SubmitRejected
+
+
+
+# --------------------------------------------------------------------------- models
+# What a model was asked and answered (loom_core.agent, the planner's model layer).
+# Model output is untrusted input: the executor checks it like any client's.
+
+
+class ModelToolCall(Record, tag="model_tool_call", tag_field="type"):
+    """One tool call a model asked for; ``arguments`` is its text as sent (JSON, maybe
+    malformed: the executor parses and checks it)."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+class ModelMessage(Record, tag="model_message", tag_field="type"):
+    """One chat message of a model conversation."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ModelToolCall] = []
+    tool_call_id: str | None = None
+
+
+class ModelUsage(Record, tag="model_usage", tag_field="type"):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    calls: int = 0
+
+
+class ModelAttempt(Record, tag="model_attempt", tag_field="type"):
+    """One HTTP call to a model provider (the litellm Router's retries and fallbacks
+    each make one). ``model``: the configured name; ``fallback``: it stood in for the
+    requested one; ``error`` set when the attempt failed."""
+
+    model: str
+    provider: str = ""
+    provider_model: str = ""
+    fallback: bool = False
+    latency_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class PlanningRecord(Record, tag="planning", tag_field="type"):
+    """How a model planned a natural-language request: which model, the prompt's
+    identity (``prompt_id``: a version and a digest of the prompt and tool catalog; the
+    text is not stored), each proposal's problems fed back (``repairs``), every
+    attempt, and the usage in total."""
+
+    model: str
+    prompt_id: str
+    attempts: list[ModelAttempt] = []
+    repairs: list[list[PlanIssue]] = []
+    usage: ModelUsage = ModelUsage()
 
 
 # --------------------------------------------------------------------------- run events
@@ -457,15 +556,18 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # None only in runs stored before caps were recorded: they were decided without
     # caps, and replay keeps it so (loom_core.caps)
     caps: Caps | None = None
+    budget: Budget | None = None  # the submitter's model budget (wins over the plan's)
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
     plan: Plan
     planner: str = "explicit"
+    planning: PlanningRecord | None = None  # set when a model wrote the plan
 
 
 class PlanRejected(Record, tag="plan_rejected", tag_field="type"):
     issues: list[PlanIssue]
+    planning: PlanningRecord | None = None  # set when a model tried to plan
 
 
 class StepScheduled(Record, tag="step_scheduled", tag_field="type"):
@@ -582,6 +684,61 @@ class SubRunEnded(Record, tag="sub_run_ended", tag_field="type"):
     status: str
     output: JSON = None
     error: ErrorInfo | None = None
+
+
+
+class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
+    """The command to the planner service: one turn of agent step ``step_id``.
+    ``messages`` is the conversation so far; ``tools`` names the registry tools the model
+    may call (the planner describes them from the catalog). ``idempotency_key`` is
+    ``{run_id}:{step_id}:turn{turn}``."""
+
+    step_id: str
+    turn: int
+    messages: list[ModelMessage]
+    idempotency_key: str
+    model: str | None = None
+    tools: list[str] = []
+    output_schema: dict[str, JSON] | None = None
+
+
+class ModelCallCompleted(Record, tag="model_call_completed", tag_field="type"):
+    """A model's answer to one turn: the assistant ``message`` (text and/or tool calls),
+    ``finish_reason``, the model that answered, each attempt and the usage."""
+
+    step_id: str
+    turn: int
+    idempotency_key: str
+    message: ModelMessage
+    started_at: datetime
+    finished_at: datetime
+    finish_reason: str = ""
+    model: str = ""
+    provider: str = ""
+    attempts: list[ModelAttempt] = []
+    usage: ModelUsage = ModelUsage()
+
+
+class ModelCallFailed(Record, tag="model_call_failed", tag_field="type"):
+    step_id: str
+    turn: int
+    idempotency_key: str
+    error: ErrorInfo
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: list[ModelAttempt] = []
+    usage: ModelUsage = ModelUsage()
+
+
+class ModelOutputRefused(Record, tag="model_output_refused", tag_field="type"):
+    """Part of a model's answer the engine would not act on (a tool call with malformed
+    JSON, an unknown tool, too many calls; a final answer that breaks the output
+    schema): the error is told to the model in the next turn."""
+
+    step_id: str
+    turn: int
+    error: ErrorInfo
+    call_id: str = ""
 
 
 class StepCompleted(Record, tag="step_completed", tag_field="type"):
@@ -749,6 +906,10 @@ RunEvent = (
     | SubRunEnded
     | EventWaitStarted
     | EventReceived
+    | ModelCallRequested
+    | ModelCallCompleted
+    | ModelCallFailed
+    | ModelOutputRefused
     | RunCancelRequested
     | RunPublishFailed
     | RunDiverged
@@ -788,6 +949,7 @@ class PlanProposed(Record, tag="plan_proposed", tag_field="type"):
     run_id: str
     plan: Plan
     planner: str = "explicit"
+    planning: PlanningRecord | None = None
     # digest of the run_requested record this answers (``loom_core.executor.
     # request_digest``): the executor believes only a verdict on the request it stored
     request_digest: str | None = None
@@ -796,6 +958,7 @@ class PlanProposed(Record, tag="plan_proposed", tag_field="type"):
 class PlanRefused(Record, tag="plan_refused", tag_field="type"):
     run_id: str
     issues: list[PlanIssue]
+    planning: PlanningRecord | None = None
     request_digest: str | None = None
 
 
@@ -819,6 +982,28 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     # circuit-breaker transitions during this call (loom_services.tools.breakers):
     # {"breaker", "from", "to", "at", "failures"}; copied into ToolCallCompleted
     breaker: list[dict[str, JSON]] = []
+
+
+
+class ModelResult(Record, tag="model_result", tag_field="type"):
+    """The planner service's answer to one ModelCallRequested (``ok``: ``message`` is
+    the model's answer; else ``error``). ``request_digest`` names the stored request."""
+
+    run_id: str
+    step_id: str
+    turn: int
+    idempotency_key: str
+    ok: bool
+    started_at: datetime
+    finished_at: datetime
+    message: ModelMessage | None = None
+    finish_reason: str = ""
+    model: str = ""
+    provider: str = ""
+    attempts: list[ModelAttempt] = []
+    usage: ModelUsage = ModelUsage()
+    error: ErrorInfo | None = None
+    request_digest: str | None = None
 
 
 class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):
@@ -933,8 +1118,26 @@ class ExternalEventArrived(Record, tag="external_event_arrived", tag_field="type
 
 
 InboxMessage = (
-    PlanProposed | PlanRefused | ToolResult | TimerElapsed | SubRunFinished | ExternalEventArrived
+    PlanProposed
+    | PlanRefused
+    | ToolResult
+    | TimerElapsed
+    | SubRunFinished
+    | ExternalEventArrived
+    | ModelResult
 )
+
+
+class ModelChunk(Record, tag="model_chunk", tag_field="type"):
+    """Text of a model turn while it is generated, published by the planner on
+    ``loom.stream.{run_id}`` (plain NATS, not stored: the complete turn is the
+    ``model_call_completed`` event). ``seq`` orders the chunks of one turn."""
+
+    run_id: str
+    step_id: str
+    turn: int
+    seq: int
+    text: str
 
 
 class Wait(Record, tag="wait", tag_field="type"):

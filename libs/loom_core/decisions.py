@@ -50,9 +50,25 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
         "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D, "caps": D,
+        "budget": D,
     },
-    c.PlanAccepted: {"plan": D, "planner": D},
-    c.PlanRejected: {"issues": N},
+    c.PlanAccepted: {"plan": D, "planner": D, "planning": D},
+    c.PlanRejected: {"issues": N, "planning": D},
+    # model turns: what the model answered is an input to the run (decision)
+    c.ModelCallRequested: {
+        "step_id": D, "turn": D, "messages": D, "idempotency_key": D, "model": D, "tools": D,
+        "output_schema": D,
+    },
+    c.ModelCallCompleted: {
+        "step_id": D, "turn": D, "idempotency_key": D, "message": D, "started_at": D,
+        "finished_at": D, "finish_reason": D, "model": D, "provider": D, "attempts": D,
+        "usage": D,
+    },
+    c.ModelCallFailed: {
+        "step_id": D, "turn": D, "idempotency_key": D, "error": N, "started_at": D,
+        "finished_at": D, "attempts": D, "usage": D,
+    },
+    c.ModelOutputRefused: {"step_id": D, "turn": D, "error": N, "call_id": D},
     c.StepScheduled: {"step_id": D},
     c.StepStarted: {"step_id": D, "attempt": D},
     c.ToolCallRequested: {

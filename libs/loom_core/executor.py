@@ -49,12 +49,15 @@ from typing import Any, Literal
 
 import msgspec
 
+from loom_core import agent as agent_step
 from loom_core import blobs, ids, secrets, sizes
 from loom_core.answers import problems
 from loom_core.caps import too_many
 from loom_core.contracts import (
+    AgentStep,
     ApprovalStep,
     BranchTaken,
+    Budget,
     Caps,
     ErrorInfo,
     EventMatch,
@@ -68,6 +71,7 @@ from loom_core.contracts import (
     InboxMessage,
     LoopIterationStarted,
     LoopStep,
+    ModelResult,
     ParallelStep,
     ParentLink,
     Plan,
@@ -272,6 +276,11 @@ class RunState:
     last_at: datetime | None = None
     limits: SizeLimits = sizes.DEFAULT_LIMITS  # from run_requested (sizes)
     caps: Caps | None = None  # from run_requested (loom_core.caps); None: no caps
+    # agent steps between turns, model use so far, the run's budget once a person
+    # raised it (loom_core.agent)
+    agents: dict[str, agent_step.AgentRun] = field(default_factory=dict)
+    model_usage: agent_step.Usage = field(default_factory=agent_step.Usage)
+    budget: Budget | None = None
     _body_deps: dict[
         tuple[str, str], tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
     ] = field(default_factory=dict, repr=False)
@@ -353,6 +362,8 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
     state.version += 1
     if at is not None:
         state.last_at = at
+    if isinstance(event, _AGENT_EVENTS) and agent_step.fold_event(state, event):
+        return state
     match event:
         case RunRequested(input=run_input, fork=fork):
             state.status = "planning"
@@ -361,12 +372,15 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.principal = event.principal
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
+            state.budget = event.budget
             state.request_digest = request_digest(state.run_id, event)
             state.plan_digest = plan_digest(event.plan) if event.plan is not None else None
             if fork is not None:
                 state.reused, state.forked_from = dict(fork.reused), fork.run_id
         case PlanAccepted(plan=plan):
             state.plan = plan
+            if event.planning is not None:
+                state.model_usage.add(event.planning.usage)
             state.status = "paused" if state.paused else "running"
             _new_scope(state, "", plan.steps, None, ("", ""))
         case PlanRejected():
@@ -407,12 +421,15 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.insts[iid].branch = branch
         case StepCompleted(step_id=iid, output=output):
             _on_done(state, iid, "succeeded", output=output)
+            agent_step.forget(state, iid)
         case StepFailed(step_id=iid, error=error):
             _on_done(state, iid, "failed", error=error)
+            agent_step.forget(state, iid)
         case StepSkipped(step_id=iid):
             _on_done(state, iid, "skipped")
         case StepCancelled(step_id=iid):
             _on_done(state, iid, "cancelled")
+            agent_step.forget(state, iid)
         case RunPaused():
             state.paused = True
             if state.status == "running":
@@ -437,6 +454,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case StepResumed(step_id=iid, suspension_id=sid):
             state.suspensions[sid].resumed = event
             state.insts[iid].status = "running"
+            agent_step.fold_resumed(state, event)
         case RunCancelRequested() | SubRunEnded() | RunPublishFailed():
             pass  # the outcome events follow
         case SubRunRequested(step_id=iid, child_run_id=child):
@@ -450,6 +468,18 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case RunCancelled():
             state.status = "cancelled"
     return state
+
+
+_AGENT_EVENTS = (
+    agent_step.ModelCallRequested,
+    agent_step.ModelCallCompleted,
+    agent_step.ModelCallFailed,
+    agent_step.ModelOutputRefused,
+    ToolCallRequested,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolCallCancelled,
+)
 
 
 def _on_scheduled(state: RunState, iid: str) -> None:
@@ -609,6 +639,10 @@ class _Turn:
         self.events.append(event)
         evolve(self.s, event, self.now)
 
+    def emit_completed(self, iid: str, output: Any) -> None:
+        self.emit(StepCompleted(step_id=iid, output=output))
+        self.after(iid)
+
     def bounded_input(self, value: Any, iid: str, path: str) -> Any:
         """``value`` (a rendered input), or _StepError ``input_too_large``."""
         error = sizes.check_input(value, self.s.limits, iid, path)
@@ -651,6 +685,7 @@ class _Turn:
                             redacted=redacted,
                             limits=limits,
                             caps=caps,
+                            budget=request.budget,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -658,16 +693,18 @@ class _Turn:
                 # structure because its own invariants depend on it.
                 issues = validate_plan(plan, None, s.input, caps=s.caps)
                 if issues:
-                    self.emit(PlanRejected(issues=issues))
+                    self.emit(PlanRejected(issues=issues, planning=message.planning))
                 else:
-                    self.emit(PlanAccepted(plan=plan, planner=planner))
+                    self.emit(PlanAccepted(plan=plan, planner=planner, planning=message.planning))
                     if plan.timeout_s:
                         self.timer(RUN_TIMER, plan.timeout_s, "run_timeout", None)
                     self.start_ready("")
             case PlanRefused(issues=issues) if s.status == "planning":
-                self.emit(PlanRejected(issues=issues))
+                self.emit(PlanRejected(issues=issues, planning=message.planning))
             case ToolResult() if not s.terminal:
                 self.on_tool_result(message)
+            case ModelResult() if not s.terminal:
+                agent_step.on_model_result(self, message)
             case TimerElapsed(timer_id=tid) if not s.terminal and tid in s.timers:
                 self.on_timer(tid)
             case RunControl() if not s.terminal and s.status != "new":
@@ -747,6 +784,8 @@ class _Turn:
     def _start(self, scope: Scope, step: Step, iid: str) -> None:
         ctx = self.context(scope.sid)
         match step:
+            case AgentStep():
+                agent_step.start(self, iid, step, ctx)
             case ToolStep():
                 if step.step_timeout_s:
                     self.timer(f"{iid}:timeout", step.step_timeout_s, "step_timeout", iid)
@@ -1144,6 +1183,9 @@ class _Turn:
 
     def on_tool_result(self, result: ToolResult) -> None:
         iid = result.step_id
+        if self.s.agents and agent_step.owner_of(self.s, iid) is not None:
+            agent_step.on_tool_result(self, result)
+            return
         inst = self.s.insts.get(iid)
         if (
             inst is None
@@ -1338,6 +1380,9 @@ class _Turn:
             step_id=iid, suspension_id=susp.suspension_id, data=data, by=by, request_id=request_id
         ))  # fmt: skip
         inst = self.s.insts[iid]
+        if isinstance(inst.step, AgentStep):  # a budget raised: the held-back turn goes on
+            agent_step.resumed(self, inst)
+            return
         if isinstance(inst.step, ToolStep):  # the tool asked: call it again with the answer
             try:
                 self.attempt(iid, inst.step, inst.attempt + 1, resume=data)
@@ -1405,6 +1450,8 @@ class _Turn:
                 self.child_done(inst.iid)
 
     def cancel_attempt(self, inst: Inst, reason: str) -> None:
+        if isinstance(inst.step, AgentStep):
+            agent_step.cancel_calls(self, inst.iid, reason)
         if inst.inflight:
             key = ids.idempotency_key(self.s.run_id, inst.iid, inst.attempt)
             self.emit(ToolCallCancelled(
@@ -1535,6 +1582,14 @@ def unexpected(
                     f"{got} with another plan",
                     "$.plan",
                 )
+        case ToolResult(step_id=sid) if agent_step.owner_of(state, sid) is not None:
+            expected = agent_step.unexpected_tool_result(state, message)
+            if expected is not None:
+                return _refuse(state, expected, got, "$.step_id")
+        case ModelResult():
+            expected = agent_step.unexpected_model_result(state, message)
+            if expected is not None:
+                return _refuse(state, expected, got, "$.turn")
         case ToolResult(step_id=sid):
             inst = state.insts.get(sid)
             if inst is None or inst.status != "running" or not isinstance(inst.step, ToolStep):
@@ -1593,6 +1648,9 @@ def _describe(message: InboxMessage) -> str:
             return f"the end of child run '{message.child_run_id}' for step '{message.step_id}'"
         case ExternalEventArrived():
             return f"event {message.name}/{message.key} for step '{message.step_id}'"
+        case ModelResult():
+            return (f"a model result for turn {message.turn} of step '{message.step_id}' "
+                    f"({message.idempotency_key})")  # fmt: skip
         case PlanProposed():
             return "a plan proposal"
         case PlanRefused():

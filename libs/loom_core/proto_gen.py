@@ -218,6 +218,7 @@ _SUBJECT_NAMES = {
     "signal": "channel signal",
     "RESUME": "channel resume",
     "progress": "channel progress",
+    "model_stream": "channel modelStream",
     "TOOLS_BUCKET": "channel toolCatalog",
     "BLOBS_BUCKET": "channel blobs",
     "MSG_ID": "headers",

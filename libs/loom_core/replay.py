@@ -28,6 +28,9 @@ from loom_core.contracts import (
     EventReceived,
     EventRecord,
     ExternalEventArrived,
+    ModelCallCompleted,
+    ModelCallFailed,
+    ModelResult,
     PlanAccepted,
     PlanProposed,
     PlanRefused,
@@ -88,7 +91,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             request = RunRequest(
                 plan=event.plan, request=event.request, input=event.input,
                 thread_id=event.thread_id, labels=event.labels, traceparent=event.traceparent,
-                fork=event.fork, parent=event.parent, run_id=run_id,
+                fork=event.fork, parent=event.parent, run_id=run_id, budget=event.budget,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
             if event.principal or event.redacted or event.limits or event.caps:
@@ -100,9 +103,25 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
         case RunPublishFailed():
             return event  # the relay's report is itself the message
         case PlanAccepted(plan=plan, planner=planner):
-            return PlanProposed(run_id=run_id, plan=plan, planner=planner)
+            return PlanProposed(run_id=run_id, plan=plan, planner=planner, planning=event.planning)
         case PlanRejected(issues=issues):
-            return PlanRefused(run_id=run_id, issues=issues)
+            return PlanRefused(run_id=run_id, issues=issues, planning=event.planning)
+        case ModelCallCompleted():
+            return ModelResult(
+                run_id=run_id, step_id=event.step_id, turn=event.turn,
+                idempotency_key=event.idempotency_key, ok=True, started_at=event.started_at,
+                finished_at=event.finished_at, message=event.message,
+                finish_reason=event.finish_reason, model=event.model, provider=event.provider,
+                attempts=event.attempts, usage=event.usage,
+            )  # fmt: skip
+        case ModelCallFailed():
+            return ModelResult(
+                run_id=run_id, step_id=event.step_id, turn=event.turn,
+                idempotency_key=event.idempotency_key, ok=False,
+                started_at=event.started_at or datetime.min,
+                finished_at=event.finished_at or datetime.min, error=event.error,
+                attempts=event.attempts, usage=event.usage,
+            )  # fmt: skip
         case ToolCallCompleted():
             return ToolResult(
                 run_id=run_id, step_id=event.step_id, attempt=event.attempt,

@@ -167,6 +167,7 @@ RUN_EVENTS = Route(
     publishers=("executor",),  # the relay, from the store only (docs/design.md decision 2)
     consumers=(
         Consumer("planner", durable="planner", events=(c.RunRequested,)),
+        Consumer("planner", durable="planner-models", events=(c.ModelCallRequested,)),
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
@@ -208,7 +209,8 @@ INBOX_EVENT = _inbox(
     "event", (c.ExternalEventArrived,), "executor", "An external event a wait matched"
 )
 INBOX_SUBRUN = _inbox("subrun", (c.SubRunFinished,), "executor", "A child run's end")
-INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN)
+INBOX_MODEL = _inbox("model", (c.ModelResult,), "planner", "A model turn's result")
+INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN, INBOX_MODEL)
 
 SIGNAL = Route(
     name="signal",
@@ -262,6 +264,19 @@ PROGRESS = Route(
     consumers=(Consumer("operator"),),
     description="Live progress of a run after each change (plain NATS, not stored; the "
     "run's events are the truth).",
+)
+
+
+MODEL_STREAM = Route(
+    name="modelStream",
+    pattern=subjects.model_stream("{run_id}"),
+    kind="broadcast",
+    messages=(c.ModelChunk,),
+    publishers=("planner",),
+    consumers=(Consumer("operator"),),
+    description="Text of a model turn while it is generated (plain NATS, not stored; the "
+    "complete turn is the run's model_call_completed event). Sent when the models "
+    "file says `stream: true`; `loom run` shows it live.",
 )
 
 
@@ -401,6 +416,7 @@ ROUTES: tuple[Route, ...] = (
     RESUME,
     FORK,
     PROGRESS,
+    MODEL_STREAM,
     API_RUN_EVENTS,
     API_RUNS,
     API_TRACE,

@@ -23,6 +23,8 @@ Tree (instance ids are paths, see ``loom_core.executor``)::
     ├── step {id}   (fetch)               span_id(run, "step", "fetch")
     │   ├── attempt {n}                   span_id(run, "step", iid, "attempt", n)
     │   │   └── execute_tool {tool}       span_id(run, "step", iid, "attempt", n, "tool")
+    │   │   └── chat {model}              span_id(run, "step", iid, "turn", n, "chat")
+    │   │                                 (an agent step: one per model turn)
     │   ├── wait retry                    span_id(run, "step", iid, "retry", n)
     │   ├── step {fallback id}            the fallback ``fetch/fallback``
     │   └── wait suspension               span_id(run, "step", iid, "suspension", susp_id)
@@ -84,9 +86,15 @@ from loom_core.contracts import (
     IfStep,
     LoopIterationStarted,
     LoopStep,
+    ModelAttempt,
+    ModelCallCompleted,
+    ModelCallFailed,
+    ModelCallRequested,
+    ModelOutputRefused,
     ParallelStep,
     Plan,
     PlanAccepted,
+    PlanningRecord,
     PlanRejected,
     ReduceStep,
     RunCancelled,
@@ -249,6 +257,34 @@ def span_category(span: SpanRecord) -> str:
 
 
 # ----------------------------------------------------------------------------- builder
+
+
+def _model_attrs(usage: Any, attempts: list[ModelAttempt]) -> dict[str, JSON]:
+    return {
+        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.output_tokens": usage.output_tokens,
+        "loom.cost_usd": usage.cost_usd,
+        "loom.model.attempts": len(attempts),
+        "loom.model.fallback": any(a.fallback and a.error is None for a in attempts),
+    }
+
+
+def _attempt_events(attempts: list[ModelAttempt], at: datetime) -> list[SpanEvent]:
+    """A span event per failed attempt (a 429 before the fallback answered)."""
+    return [
+        SpanEvent(
+            name="model_attempt_failed",
+            at=at,
+            attributes={
+                "gen_ai.request.model": a.model,
+                "gen_ai.provider.name": a.provider,
+                "error.type": a.error.code,
+                "loom.model.latency_ms": a.latency_ms,
+            },
+        )  # fmt: skip
+        for a in attempts
+        if a.error is not None
+    ]
 
 
 def _body(step: Step, key: str) -> list[Step] | None:
@@ -494,17 +530,38 @@ class TraceBuilder:
                 self._set_status(iid, "scheduled")
             case StepStarted(step_id=iid, attempt=n):
                 self._on_step_started(at, iid, n)
+            case ModelCallRequested():
+                self._on_model_requested(at, event)
+            case ModelCallCompleted() | ModelCallFailed():
+                self._on_model_result(at, event)
+            case ModelOutputRefused(step_id=iid, error=error, call_id=call):
+                attrs = {"error.type": error.code, "loom.model.turn": event.turn}
+                if call:
+                    attrs["loom.model.call"] = call
+                self._event(self._ensure_inst(iid, at), "model_output_refused", at, attrs)
             case ToolCallRequested():
                 self._on_tool_requested(at, event)
+                if self._agent_call(event.step_id):
+                    self._update(self._step_id(event.step_id), name=f"call {event.tool}",
+                                 attrs={"loom.step.kind": "agent_call",
+                                        "loom.step.tool": event.tool})  # fmt: skip
             case ToolCallCompleted():
                 self._on_tool_result(at, event, event.started_at, event.finished_at, None)
                 if event.suspend is not None:
                     tool_id = self._tool_id(event.step_id, event.attempt)
                     self._update(tool_id, attrs={"loom.tool.suspend": event.suspend.label})
+                if self._agent_call(event.step_id):  # a call has no step events: it ends here
+                    self._end_inst(event.step_id, at, "completed", "ok")
             case ToolCallFailed():
                 self._on_tool_result(at, event, event.started_at, event.finished_at, event.error)
+                if self._agent_call(event.step_id):
+                    self._end_inst(event.step_id, at, "failed", "error",
+                                   message=event.error.message,
+                                   attrs={"error.type": event.error.code})  # fmt: skip
             case ToolCallCancelled():
                 self._on_tool_cancelled(at, event)
+                if self._agent_call(event.step_id):
+                    self._end_inst(event.step_id, at, "cancelled", "unset")
             case StepRetryScheduled():
                 self._on_retry_scheduled(at, event)
             case TimerStarted():
@@ -513,7 +570,7 @@ class TraceBuilder:
                 self._on_timer_fired(at, tid)
             case ForeachStarted(step_id=iid, count=count, items=items):
                 span = self._ensure_inst(iid, at)
-                attrs: dict[str, JSON] = {"loom.foreach.count": count}
+                attrs = {"loom.foreach.count": count}
                 if self.options.capture_io:
                     attrs["loom.step.input"] = capture_json(items, self.options.io_limit)
                 self._update(span, attrs=attrs)
@@ -564,8 +621,10 @@ class TraceBuilder:
                     attrs["loom.step.output"] = capture_json(output, self.options.io_limit)
                 if getattr(event, "reused_from", None):
                     attrs["loom.step.reused_from"] = event.reused_from
+                self._end_agent_attempt(iid, at, None)
                 self._end_inst(iid, at, "completed", "ok", attrs=attrs)
             case StepFailed(step_id=iid, error=error):
+                self._end_agent_attempt(iid, at, error)
                 self._end_inst(
                     iid, at, "failed", "error", error.message, {"error.type": error.code}
                 )
@@ -654,6 +713,7 @@ class TraceBuilder:
         self._create(self._plan_id, "plan", at, self._root_id, {})
 
     def _on_plan_accepted(self, at: datetime, ev: PlanAccepted) -> None:
+        self._planning_span(at, ev.planning, ok=True)
         plan: Plan = ev.plan
         if plan.name:
             self._name = plan.name
@@ -669,6 +729,7 @@ class TraceBuilder:
         )
 
     def _on_plan_rejected(self, at: datetime, ev: PlanRejected) -> None:
+        self._planning_span(at, ev.planning, ok=False)
         issues = ev.issues
         first = f": {issues[0].path}: {issues[0].message}" if issues else ""
         message = f"plan rejected ({len(issues)} issue{'s' if len(issues) != 1 else ''}){first}"
@@ -883,9 +944,95 @@ class TraceBuilder:
     def _on_step_started(self, at: datetime, iid: str, n: int) -> None:
         self._ensure_inst(iid, at)
         self._end_retry_wait(iid, at)
-        if self._kind.get(iid) == "tool":
+        if self._kind.get(iid) in ("tool", "agent"):
             self._ensure_attempt(iid, n, at)
         self._set_status(iid, "running")
+
+    # ------------------------------------------------------------------ model turns
+
+    def _end_agent_attempt(self, iid: str, at: datetime, error: ErrorInfo | None) -> None:
+        """An agent step's one attempt ends with the step (its turns are inside it)."""
+        if self._kind.get(iid) != "agent":
+            return
+        attempt_id = self._attempt_id(iid, 1)
+        if attempt_id not in self._open:
+            return
+        if error is None:
+            self._update(attempt_id, end=at, status="ok")
+        else:
+            self._update(attempt_id, end=at, status="error", message=error.message,
+                         attrs={"error.type": error.code})  # fmt: skip
+
+    def _agent_call(self, iid: str) -> bool:
+        """A tool call an agent step's model asked for (``{agent}/c{turn}-{k}``)."""
+        head = iid.rpartition("/")[0]
+        return bool(head) and self._kind.get(head) == "agent"
+
+    def _chat_id(self, iid: str, turn: int) -> str:
+        return ids.span_id(self.run_id, "step", iid, "turn", str(turn), "chat")
+
+    def _on_model_requested(self, at: datetime, ev: ModelCallRequested) -> None:
+        iid = ev.step_id
+        attempt_id = self._ensure_attempt(iid, 1, at)
+        span_id = self._chat_id(iid, ev.turn)
+        if span_id in self._spans:
+            return
+        model = ev.model or "default"
+        attrs: dict[str, JSON] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": model,
+            "loom.model.turn": ev.turn,
+            "loom.idempotency_key": ev.idempotency_key,
+        }
+        self._create(span_id, f"chat {model}", at, attempt_id, attrs, kind="client")
+        self._under_add(iid, span_id)
+
+    def _on_model_result(self, at: datetime, ev: ModelCallCompleted | ModelCallFailed) -> None:
+        iid = ev.step_id
+        span_id = self._chat_id(iid, ev.turn)
+        if span_id not in self._spans:
+            self._create(span_id, "chat", ev.started_at or at, self._ensure_attempt(iid, 1, at),
+                         {"gen_ai.operation.name": "chat"}, kind="client")  # fmt: skip
+            self._under_add(iid, span_id)
+        requested = self._spans[span_id].attributes.get("gen_ai.request.model")
+        if requested == "default" and ev.attempts:  # the model the planner resolved it to
+            requested = ev.attempts[0].model
+        attrs = {**_model_attrs(ev.usage, ev.attempts), "gen_ai.request.model": requested}
+        events = _attempt_events(ev.attempts, ev.finished_at or at)
+        if isinstance(ev, ModelCallCompleted):
+            attrs.update({
+                "gen_ai.provider.name": ev.provider,
+                "gen_ai.response.model": ev.model,
+                "gen_ai.response.finish_reasons": [ev.finish_reason] if ev.finish_reason else [],
+                "loom.model.tool_calls": len(ev.message.tool_calls),
+            })  # fmt: skip
+            self._update(span_id, name=f"chat {requested}", start=ev.started_at,
+                         end=ev.finished_at, status="ok", attrs=attrs, events=events)  # fmt: skip
+        else:
+            attrs["error.type"] = ev.error.code
+            self._update(span_id, name=f"chat {requested}", start=ev.started_at,
+                         end=ev.finished_at or at, status="error", message=ev.error.message,
+                         attrs=attrs, events=events)  # fmt: skip
+
+    def _planning_span(self, at: datetime, planning: PlanningRecord | None, ok: bool) -> None:
+        """The model calls that planned the run: one ``chat`` span under ``plan``."""
+        if planning is None:
+            return
+        span_id = ids.span_id(self.run_id, "plan", "chat")
+        if span_id in self._spans:
+            return
+        start = self._spans[self._plan_id].start if self._plan_id in self._spans else at
+        attrs: dict[str, JSON] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": planning.model,
+            "gen_ai.response.model": planning.model,
+            "loom.prompt.id": planning.prompt_id,
+            "loom.plan.repairs": len(planning.repairs),
+            **_model_attrs(planning.usage, planning.attempts),
+        }
+        self._create(span_id, f"chat {planning.model}", start, self._plan_id, attrs, "client")
+        self._update(span_id, end=at, status="ok" if ok else "error",
+                     events=_attempt_events(planning.attempts, at))  # fmt: skip
 
     # ------------------------------------------------------------------ attempts
 

@@ -37,7 +37,7 @@ def run_events_of(run_id: str) -> str:
 # kind of fact (see loom_core.routes); the executor checks body against subject.
 INBOX_STREAM = "LOOM_INBOX"
 INBOX_ALL = f"{PREFIX}.inbox.>"
-INBOX_SOURCES = ("plan", "tool", "timer", "event", "subrun")
+INBOX_SOURCES = ("plan", "tool", "timer", "event", "subrun", "model")
 
 
 def inbox(run_id: str, source: str) -> str:
@@ -73,6 +73,11 @@ RESUME = f"{PREFIX}.resume"
 # Live progress of a run (RunProgress, plain NATS, not stored)
 def progress(run_id: str) -> str:
     return f"{PREFIX}.progress.{run_id}"
+
+
+# Tokens of a model turn while it is generated (ModelChunk, plain NATS, not stored)
+def model_stream(run_id: str) -> str:
+    return f"{PREFIX}.stream.{run_id}"
 
 
 # Request/reply APIs

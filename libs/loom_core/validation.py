@@ -50,9 +50,11 @@ from typing import Any
 
 import msgspec
 
+from loom_core import agent as agent_step
 from loom_core import predicates
 from loom_core.caps import too_many
 from loom_core.contracts import (
+    AgentStep,
     ApprovalStep,
     Caps,
     ErrorInfo,
@@ -297,6 +299,8 @@ def _parts(step: Step) -> list[_Part]:
             return [_Field("input", step.input), _Field("run_id", step.run_id)]
         case WaitEventStep():
             return [_Field("events", [{"key": m.key} for m in step.events])]
+        case AgentStep():
+            return [_Field("instructions", step.instructions), _Field("input", step.input)]
     raise TypeError(f"not a step: {step!r}")
 
 
@@ -530,6 +534,8 @@ def _check_plan_fields(facts: _Facts) -> Iterator[PlanIssue]:
             f"the plan's timeout_s must be a positive number of seconds (got "
             f"{plan.timeout_s}); omit it for no run deadline",
         )
+    if plan.budget is not None:
+        yield from agent_step.budget_issues(f"{facts.path}.budget", plan.budget)
     finals = [s for s in plan.steps if isinstance(s, FinalStep)]
     if plan.output is not None and finals:
         yield _issue(
@@ -569,6 +575,8 @@ def _check_structure(facts: _Facts) -> Iterator[PlanIssue]:
                 yield from _approval_issues(occ, step)
             case WaitEventStep():
                 yield from _wait_issues(occ, step)
+            case AgentStep():
+                yield from agent_step.step_issues(occ.path, step)
             case FinalStep() if occ.scope.parent is not None:
                 yield _issue(
                     "invalid_step",
@@ -1139,6 +1147,16 @@ def _tool_occs(facts: _Facts) -> Iterator[tuple[_Occ, ToolStep]]:
 
 def _check_tools(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanIssue]:
     names = sorted(tools)
+    for occ in facts.occs:
+        if isinstance(occ.step, AgentStep):
+            for i, name in enumerate(occ.step.tools):
+                if name not in tools:
+                    yield _issue(
+                        "unknown_tool",
+                        f"{occ.path}.tools[{i}]",
+                        f"agent step {occ.step.id!r} offers unknown tool {name!r}; "
+                        f"{_did_you_mean(name, names)}available tools: {', '.join(names)}",
+                    )
     for occ, step in _tool_occs(facts):
         if step.tool in tools:
             continue

@@ -34,6 +34,8 @@ Variables (all optional unless noted):
 - ``LOOM_HTTP_ALLOW_PRIVATE``: comma list of hosts or CIDRs the HTTP tool may reach even
   though they are private/loopback addresses; default empty (none).
 - ``LOOM_MODEL``: litellm model name; unset means no model (explicit plans only).
+- ``LOOM_MODELS_FILE``: a YAML file of named models with fallbacks, retries, timeouts
+  and prices (``loom_services.models``); wins over ``LOOM_MODEL``.
 - ``LOOM_SECRET_<NAME>`` and ``LOOM_SECRETS_DIR`` (a file per name): the secrets the
   tool-runner resolves for ``{{ secrets.NAME }}`` (``loom_infra.secret_source``).
 - ``LOOM_AUTH_*``: how the executor verifies the JWT a submitter sends (see
@@ -427,6 +429,8 @@ class Settings:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     http_allow_private: tuple[str, ...] = ()
     model: str | None = None
+    # LOOM_MODELS_FILE: named models, fallbacks, prices (loom_services.models)
+    models_file: Path | None = None
     # Python modules whose ``register(registry)`` adds tools (LOOM_TOOL_MODULES, commas)
     tool_modules: tuple[str, ...] = ()
     auth: AuthSettings = field(default_factory=AuthSettings)
@@ -563,6 +567,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         max_payload=max_payload,
         http_allow_private=tuple(item.strip() for item in allow.split(",") if item.strip()),
         model=_get(env, "LOOM_MODEL"),
+        models_file=_path(env, "LOOM_MODELS_FILE"),
         tool_modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
         auth=auth_settings_from_env(env),
         secrets=secret_settings_from_env(env),

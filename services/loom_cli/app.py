@@ -224,9 +224,33 @@ def up(
         raise fail(f"cannot start: {exc}", ExitCode.UNAVAILABLE) from None
 
 
+def request_from_text(text: str, inputs: list[str], input_json: str | None) -> RunRequest:
+    """``loom run --request TEXT``: a natural-language request the planner's model plans."""
+    run_input: dict[str, object] = {}
+    if input_json:
+        run_input.update(planfile.parse_json(input_json, "--input-json"))
+    for item in inputs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise fail(f"--input expects KEY=VALUE, got {item!r}")
+        run_input[key] = value
+    if not text.strip():
+        raise fail("--request needs the text of what to do")
+    doc = {"request": text, "input": run_input}
+    planfile.check(doc, "--request", *planfile.limits())
+    return msgspec.convert(doc, RunRequest)
+
+
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="run file (YAML/JSON): a plan, or plan + input"),
+    file: Path = typer.Argument(
+        None, help="run file (YAML/JSON): a plan, or plan + input (or give --request)"
+    ),
+    request_text: str = typer.Option(
+        None, "--request", "-r",
+        help="natural language instead of a file: the planner's model writes the plan "
+        "(needs LOOM_MODEL or LOOM_MODELS_FILE where the planner runs)",
+    ),
     input: list[str] = typer.Option([], "--input", "-i", help="KEY=VALUE run input"),
     input_json: str = typer.Option(None, "--input-json", help="run input as JSON"),
     run_id: str = typer.Option(
@@ -239,11 +263,17 @@ def run(
 ) -> None:
     """Submit a run, show each step live, print its output.
 
-    Exit 0 when the run completes, 1 when it fails, is cancelled or its plan is
-    rejected, 2 when the file is wrong (every problem is listed), 3 when the stack does
-    not answer. Ctrl-C stops following, not the run.
+    Give a run file, or `--request TEXT` for the planner's model to plan. Exit 0 when the
+    run completes, 1 when it fails, is cancelled or its plan is rejected, 2 when the file
+    is wrong (every problem is listed), 3 when the stack does not answer. Ctrl-C stops
+    following, not the run.
     """
-    request = load_run_request(file, input, input_json, plan_format)
+    if (file is None) == (request_text is None):
+        raise fail("give a run file or --request TEXT (one of them)", ExitCode.USAGE)
+    if request_text is not None:
+        request = request_from_text(request_text, input, input_json)
+    else:
+        request = load_run_request(file, input, input_json, plan_format)
     # an id chosen here, so a submission whose answer was lost can be repeated safely
     request = msgspec.structs.replace(request, run_id=run_id or new_run_id())
     following = Following(request.run_id)

@@ -16,12 +16,14 @@ import typer
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from rich.markup import escape
+from rich.text import Text
 
 from loom_cli.render import progress_line, stderr, stdout
-from loom_core import blobs
+from loom_core import blobs, codec, routes
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    ModelChunk,
     PlanRejected,
     RunCancelled,
     RunCompleted,
@@ -137,15 +139,49 @@ class Following:
         return typer.Exit(ExitCode.INTERRUPTED)
 
 
+class _LiveText:
+    """Model text streamed while a turn is generated (``loom.stream.{run_id}``), shown
+    dim between the event lines; the events stay the truth (a late viewer sees the
+    recorded turns as lines)."""
+
+    def __init__(self) -> None:
+        self.mid_line = False
+
+    async def on_chunk(self, msg: Any) -> None:
+        try:
+            chunk = codec.decode(msg.data, ModelChunk)
+        except Exception:  # noqa: BLE001 (a live view skips what it cannot read)
+            return
+        if not self.mid_line:
+            stderr.print(Text(f"  {chunk.step_id} turn {chunk.turn}: ", style="magenta"), end="")
+        stderr.print(Text(chunk.text, style="dim"), end="")
+        self.mid_line = True
+
+    def line(self, text: str) -> None:
+        if self.mid_line:
+            stderr.print()
+            self.mid_line = False
+        stderr.print(text)
+
+
 async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
     started: dict[str, datetime] = {}
     last: EventRecord | None = None
-    # no timeout: a run may wait days for a person or an event; Ctrl-C leaves it running
-    async for record in client.follow(run_id, timeout=None):
-        last = record
-        line = progress_line(record, started)
-        if line and not quiet:
-            stderr.print(line)
+    live = _LiveText()
+    sub = None
+    if not quiet:
+        subject = routes.MODEL_STREAM.subject(run_id=run_id)
+        sub = await client.nc.subscribe(subject, cb=live.on_chunk)
+    try:
+        # no timeout: a run may wait days for a person or an event; Ctrl-C leaves it running
+        async for record in client.follow(run_id, timeout=None):
+            last = record
+            line = progress_line(record, started)
+            if line and not quiet:
+                live.line(line)
+    finally:
+        if sub is not None:
+            await sub.unsubscribe()
     assert last is not None
     return last
 

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import msgspec
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -19,6 +20,10 @@ from loom_core.contracts import (
     EventRecord,
     EventWaitStarted,
     ForeachStarted,
+    ModelCallCompleted,
+    ModelCallFailed,
+    ModelOutputRefused,
+    ModelUsage,
     PlanAccepted,
     PlanRejected,
     RunCancelled,
@@ -44,6 +49,11 @@ from loom_core.contracts import (
 BAR_WIDTH = 30
 
 
+def _usage(usage: ModelUsage) -> str:
+    tokens = f"{usage.input_tokens}+{usage.output_tokens} tokens"
+    return f"{tokens}, ${usage.cost_usd:.6f}" if usage.cost_usd else tokens
+
+
 def _ms(start: datetime | None, end: datetime | None) -> str:
     if start is None or end is None:
         return "…"
@@ -56,8 +66,25 @@ def progress_line(record: EventRecord, started: dict[str, datetime]) -> str | No
     match e:
         case RunRequested():
             return f"[bold]run[/] {record.run_id} requested"
+        case PlanAccepted(plan=plan, planning=planning) if planning is not None:
+            return (f"plan accepted: {len(plan.steps)} steps, planned by "
+                    f"{escape(planning.model)} ({len(planning.repairs)} repairs, "
+                    f"{_usage(planning.usage)})")  # fmt: skip
         case PlanAccepted(plan=plan):
             return f"plan accepted: {len(plan.steps)} steps"
+        case ModelCallCompleted(step_id=sid, turn=n, message=message):
+            what = (f"{len(message.tool_calls)} tool call(s)" if message.tool_calls
+                    else "answered")  # fmt: skip
+            return f"  [magenta]◆[/] {sid} turn {n}: {escape(e.model)} {what} ({_usage(e.usage)})"
+        case ModelCallFailed(step_id=sid, turn=n, error=err):
+            return f"  [red]◆[/] {sid} turn {n}: {err.code}: {escape(err.message)}"
+        case ModelOutputRefused(step_id=sid, error=err):
+            return f"  [yellow]![/] {sid}: model output refused: {err.code}"
+        case StepSuspended(step_id=sid, label="budget", payload=payload):
+            exceeded = payload.get("exceeded", "?") if isinstance(payload, dict) else "?"
+            return (f"  [yellow]⏸[/] {sid}: budget used up ({exceeded}); raise it with "
+                    f"loom resume {record.run_id} --label budget --data '{{\"{exceeded}\": …}}' "
+                    "or cancel")  # fmt: skip
         case PlanRejected(issues=issues):
             lines = [f"[red]plan rejected[/] ({len(issues)} issues):"]
             lines += [f"  [red]✗[/] {i.code} at {i.path}: {i.message}" for i in issues]

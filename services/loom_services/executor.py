@@ -29,6 +29,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from loom_core import codec, ids, limits, message_limits, resubmit, routes, secrets, shape, subjects
+from loom_core.agent import budget_issues
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
     Caps,
@@ -973,6 +974,9 @@ def _check_request(request: RunRequest) -> ErrorInfo | None:
             message="give either `plan` or `request`, not both",
             path="$.request",
         )
+    if request.budget is not None:
+        for issue in budget_issues("$.budget", request.budget):
+            return ErrorInfo(code="invalid_budget", message=issue.message, path=issue.path)
     return None
 
 

@@ -3,30 +3,52 @@
 It consumes ``run_requested`` events and answers the run's inbox with ``PlanProposed``
 or ``PlanRefused``. An explicit plan is validated against the live tool catalog (the
 ``loom_tools`` KV bucket the tool-runner fills) and the run's input, reporting every
-problem at once. A natural-language request needs a model (LOOM_MODEL); without one it
-is refused with a message that says what to configure.
+problem at once. A natural-language request is planned by a model (``loom_services.
+planning``: catalog and plan language in the prompt, validation errors fed back for a
+bounded number of repairs); with no model configured it is refused with a message that
+says what to configure.
+
+It also answers every model turn of agent steps: ``model_call_requested`` events, one
+model call each through the model layer (``loom_services.models``, litellm), answered
+into the run's inbox as a ``ModelResult`` with every attempt, the usage and the cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
 
 from loom_core import codec, routes
-from loom_core.contracts import PlanIssue, PlanProposed, PlanRefused, RunRequested, ToolSpec
+from loom_core.contracts import (
+    ModelCallRequested,
+    ModelChunk,
+    ModelResult,
+    PlanIssue,
+    PlanProposed,
+    PlanRefused,
+    RunRequested,
+    ToolSpec,
+)
 from loom_core.executor import request_digest
 from loom_core.tool_access import check_tool_access
 from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
+from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings
+from loom_services.models import ModelConfig, ModelLayer
+from loom_services.planning import plan_with_model
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.planner")
+ONCE_KEPT = 4096  # model answers kept for redeliveries of the same request
 
 
 class CatalogUnavailable(Exception):
@@ -39,6 +61,11 @@ class PlannerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.kv: Any = None
+        self.models = ModelConfig.from_settings(settings)
+        # model work by request digest: a redelivery while (or shortly after) it runs
+        # reuses it instead of paying for the model again (bounded, newest kept)
+        self._once: OrderedDict[str, asyncio.Task[Any]] = OrderedDict()
+        self.layer = ModelLayer(self.models, SecretSource(settings.secrets))
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -47,6 +74,13 @@ class PlannerService:
             ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
         )
         ctx.spawn(consumer.run(ctx.stop), "planner-requests")
+        if self.models.configured:  # import litellm (~3 s) now, off the event loop
+            ctx.spawn(asyncio.to_thread(ModelLayer.load), "planner-warm-up")
+        turns = endpoints.durable(
+            ctx.js, routes.RUN_EVENTS, self.name, "planner-models",
+            message_handler=self.on_model_request, concurrency=64, batch=64,
+        )  # fmt: skip
+        ctx.spawn(turns.run(ctx.stop), "planner-models")
 
     async def close(self) -> None:
         return None
@@ -59,6 +93,31 @@ class PlannerService:
         specs = await asyncio.gather(*(self.kv.get(k) for k in keys))
         return {s.name: s for s in (codec.decode(e.value, ToolSpec) for e in specs if e.value)}
 
+    async def once(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        task = self._once.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.ensure_future(work())
+            self._once[key] = task
+            while len(self._once) > ONCE_KEPT:
+                self._once.popitem(last=False)
+        return await asyncio.shield(task)
+
+    async def tool_specs(self, names: Sequence[str]) -> list[ToolSpec]:
+        """The specs of these tools, by direct gets (a model turn names a few tools; listing
+        the whole bucket per turn costs a consumer each and fails under load). A tool the
+        catalog does not hold is left out: the model cannot call it, and a call to it is
+        refused by the executor as ``unknown_tool`` anyway."""
+
+        async def one(name: str) -> ToolSpec | None:
+            try:
+                entry = await self.kv.get(name)
+            except Exception:  # noqa: BLE001 (nats-py raises KeyNotFoundError; absent is fine)
+                return None
+            return codec.decode(entry.value, ToolSpec) if entry.value else None
+
+        found = await asyncio.gather(*(one(n) for n in names))
+        return [spec for spec in found if spec is not None]
+
     async def on_requests(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
         return list(await asyncio.gather(*(self._one(m) for m in msgs)))
 
@@ -68,7 +127,8 @@ class PlannerService:
         except bus.Poison as poison:
             return poison
         try:
-            verdict = await self.plan(record.run_id, event)
+            key = f"plan:{request_digest(record.run_id, event)}"
+            verdict = await _beating(msg, self.once(key, lambda: self.plan(record.run_id, event)))
         except CatalogUnavailable as exc:
             return exc
         # The verdict names the request it answers (a verdict on a forged request is
@@ -81,7 +141,15 @@ class PlannerService:
 
     async def plan(self, run_id: str, event: RunRequested) -> PlanProposed | PlanRefused:
         if event.plan is None:
-            return PlanRefused(run_id=run_id, issues=[self._no_model_issue()])
+            if not self.models.configured or not event.request:
+                return PlanRefused(run_id=run_id, issues=[self._no_model_issue()])
+            catalog = await self.tool_catalog()
+            plan, issues, record = await plan_with_model(
+                self.layer, self.models.planner, event, catalog
+            )
+            if plan is None:
+                return PlanRefused(run_id=run_id, issues=issues, planning=record)
+            return PlanProposed(run_id=run_id, plan=plan, planner="model", planning=record)
         catalog = await self.tool_catalog()
         issues = validate_plan(event.plan, catalog, event.input, caps=event.caps, foreign=True)
         # catalog metadata against who the run acts for (loom_core.tool_access)
@@ -90,19 +158,71 @@ class PlannerService:
             return PlanRefused(run_id=run_id, issues=issues)
         return PlanProposed(run_id=run_id, plan=event.plan, planner="explicit")
 
+    async def on_model_request(self, msg: Msg) -> bool | BaseException:
+        """One turn of an agent step: call the model, answer the run's inbox."""
+        try:
+            record, event = bus.expect_event(msg, ModelCallRequested)
+        except bus.Poison as poison:
+            return poison
+        specs = await self.tool_specs(event.tools)
+        started = datetime.now(UTC)
+        pieces = itertools.count()
+        subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
+
+        async def on_text(text: str) -> None:  # live only: the complete turn is the event
+            chunk = ModelChunk(run_id=record.run_id, step_id=event.step_id, turn=event.turn,
+                               seq=next(pieces), text=text)  # fmt: skip
+            await self.ctx.nc.publish(subject, codec.encode(chunk))
+
+        key = f"turn:{request_digest(record.run_id, event)}"
+        answer = await _beating(msg, self.once(key, lambda: self.layer.complete(
+            event.model, event.messages, specs, json_mode=event.output_schema is not None,
+            on_text=on_text,
+        )))  # fmt: skip
+        result = ModelResult(
+            run_id=record.run_id, step_id=event.step_id, turn=event.turn,
+            idempotency_key=event.idempotency_key, ok=answer.message is not None,
+            started_at=started, finished_at=datetime.now(UTC), message=answer.message,
+            finish_reason=answer.finish_reason, model=answer.model, provider=answer.provider,
+            attempts=answer.attempts, usage=answer.usage, error=answer.error,
+            request_digest=request_digest(record.run_id, event),
+        )  # fmt: skip
+        await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
+        return True
+
     def _no_model_issue(self) -> PlanIssue:
-        if self.settings.model:
-            message = (
-                f"model planning with LOOM_MODEL={self.settings.model} is not available in "
-                "this version: submit an explicit plan (see proto/README.md)"
-            )
+        if self.models.configured:
+            message = "a run needs either an explicit `plan` or a natural-language `request`"
         else:
             message = (
                 "a natural-language request needs a model, and none is configured: set "
                 "LOOM_MODEL to a litellm model name (e.g. openai/gpt-4o-mini) and that "
-                "provider's API key (e.g. OPENAI_API_KEY), or submit an explicit `plan`"
+                "provider's API key (e.g. OPENAI_API_KEY), or LOOM_MODELS_FILE to a models "
+                "file, or submit an explicit `plan`"
             )
         return PlanIssue(code="no_model_configured", path="$.request", message=message)
+
+
+T = TypeVar("T")
+
+
+async def _beating(msg: Msg, work: Awaitable[T]) -> T:
+    """``work``, telling JetStream the message is in progress while it runs (a model
+    call takes seconds; without this it would be redelivered after the ack wait)."""
+    beat = asyncio.create_task(_heartbeat(msg))
+    try:
+        return await work
+    finally:
+        beat.cancel()
+
+
+async def _heartbeat(msg: Msg) -> None:
+    while True:
+        await asyncio.sleep(bus.ACK_WAIT_S / 3)  # a timer, not synchronisation
+        try:
+            await msg.in_progress()
+        except Exception:  # noqa: BLE001 (a lost heartbeat means a redelivery at worst)
+            return
 
 
 def main() -> None:

@@ -13,12 +13,18 @@ them only for a deliberate, migrated change (then bump the schema version and ad
 upcaster in ``loom_core.codec``, so older files still replay).
 
 Each run is checked before it is written: it ended, and replaying it is identical.
+``--only NAME`` (repeatable) writes only those histories (the others are recorded but
+left as they are), so adding one scenario does not rewrite every file.
+
+Model calls (agent steps) go to a local fake OpenAI server (``loom_infra.fakemodel``)
+through litellm, answering as ``research_model`` and ``HOSTILE`` say.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -32,8 +38,10 @@ from loom_cli.app import load_run_request
 from loom_core import codec
 from loom_core.contracts import (
     TERMINAL_EVENTS,
+    AgentStep,
     ApprovalStep,
     EventRecord,
+    FinalStep,
     ForeachStep,
     ForkRun,
     ParallelStep,
@@ -44,6 +52,7 @@ from loom_core.contracts import (
 )
 from loom_core.replay import replay
 from loom_infra.client import LoomClient
+from loom_infra.fakemodel import Fail, FakeModelServer, Reply, ToolCall
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings, StoreSettings
 from loom_services.executor import ExecutorService
@@ -324,12 +333,69 @@ async def fork_nested(client: LoomClient) -> dict[str, str]:
     return {"fork-nested-origin": origin, "fork-nested": "golden-fork-nested"}
 
 
+def research_model(body: dict[str, Any]) -> Reply:
+    """The model the agent examples meet: agent-intent-routing's classifies (a first
+    answer outside the schema, then a good one); agent-research's adds with `math`,
+    then answers."""
+    last = body["messages"][-1]
+    if "Classify" in str(body["messages"][0]["content"]):
+        if last["role"] == "user" and "schema" not in str(last["content"]):
+            return Reply(content="tracking, I think")
+        return Reply(content=json.dumps({"intent": "tracking"}))
+    if last["role"] == "user":
+        return Reply(tool_calls=[
+            ToolCall("math", {"op": "add", "a": 545923, "b": 231962}, id="call_add"),
+            ToolCall("text", {"text": "lisbon and porto", "op": "title"}, id="call_title"),
+        ], input_tokens=120, output_tokens=30)  # fmt: skip
+    answer = {"summary": "Lisbon And Porto", "total": 777885}
+    return Reply(content=json.dumps(answer), input_tokens=200, output_tokens=20)
+
+
+# A model that sends what a careless or hostile one would: malformed tool-call JSON and
+# an unknown tool, then an answer breaking the output schema, then nothing (500s).
+HOSTILE = [
+    Reply(tool_calls=[ToolCall("echo", "{not json", id="bad"), ToolCall("rm", {}, id="rm")]),
+    Reply(content='{"total": "many"}'),
+    Fail(500, "model down"),
+]
+
+
+async def agent_hostile(client: LoomClient) -> dict[str, str]:
+    plan = Plan(
+        name="agent-hostile",
+        steps=[
+            AgentStep(
+                id="think", instructions="Answer with JSON {total: number}.", input="go",
+                model="hostile", tools=["echo"], max_turns=4, on_error="continue",
+                output_schema={"type": "object", "properties": {"total": {"type": "number"}},
+                               "required": ["total"]},
+            ),
+            FinalStep(id="done", output="the agent gave up"),
+        ],
+    )  # fmt: skip
+    run_id = "golden-agent-hostile"
+    await client.submit(RunRequest(plan=plan, run_id=run_id))
+    await client.wait(run_id, timeout=BOUND_S)
+    return {"agent-hostile": run_id}
+
+
+MODELS = """
+default: main
+num_retries: 0
+models:
+  main: {{model: openai/golden-model, api_base: "{url}",
+         input_cost_per_token: 0.000001, output_cost_per_token: 0.000002}}
+  hostile: {{model: openai/hostile-model, api_base: "{url}"}}
+"""
+
+
 def scenarios() -> list[Scenario]:
     found: list[Scenario] = [
         (lambda c, p=p: example(c, p)) for p in sorted(EXAMPLES.glob("*.yaml"))
     ]
     return [
         *found, approval_escalate, approval_many, tool_suspend, cancel, pause, fork, fork_nested,
+        agent_hostile,
     ]  # fmt: skip
 
 
@@ -342,10 +408,16 @@ def encode_jsonl(records: list[EventRecord]) -> str:
 
 
 async def record_all(out_dir: Path, only: set[str] | None = None) -> list[Path]:
-    with tempfile.TemporaryDirectory(prefix="loom-golden-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="loom-golden-") as tmp, FakeModelServer() as model:
+        model.script("hostile-model", *HOSTILE)
+        model.default = research_model
+        models = Path(tmp) / "models.yaml"
+        models.write_text(MODELS.format(url=model.base_url))
         server = EmbeddedNats(data_dir=Path(tmp) / "nats", port=-1).start()
         settings = Settings(
-            nats_url=server.url, store=StoreSettings(kind="sqlite", data_dir=Path(tmp) / "data")
+            nats_url=server.url,
+            store=StoreSettings(kind="sqlite", data_dir=Path(tmp) / "data"),
+            models_file=models,
         )
         stack = Stack(
             [
@@ -366,7 +438,7 @@ async def record_all(out_dir: Path, only: set[str] | None = None) -> list[Path]:
                     named.update(found)
                 written = []
                 for name, run_id in sorted(named.items()):
-                    if only is not None and name not in only:
+                    if only and name not in only:
                         continue
                     records = await client.events(run_id)
                     written.append(write(out_dir / f"{name}.jsonl", records))
@@ -392,13 +464,10 @@ def write(path: Path, records: list[EventRecord]) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=GOLDEN, help="directory to write to")
-    parser.add_argument(
-        "--only", default="", help="comma-separated names: write only these (a new scenario)"
-    )
+    parser.add_argument("--only", action="append", help="write only this history (repeatable)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    only = set(args.only.split(",")) if args.only else None
-    for path in asyncio.run(record_all(args.out, only)):
+    for path in asyncio.run(record_all(args.out, set(args.only or ()))):
         print(f"{path.name}: {sum(1 for _ in path.open())} events", file=sys.stderr)
     return 0
 

@@ -72,6 +72,9 @@ EXPECTED: dict[str, tuple[str, Any]] = {
     ),
     "sleep.yaml": ("run_completed", ["start: water the plants", "done: water the plants"]),
     "step-timeout.yaml": ("run_failed", "step_timeout"),
+    # needs a model (tests/integration/test_agents.py runs agents): without one it says so
+    "agent-research.yaml": ("run_failed", "no_model_configured"),
+    "agent-intent-routing.yaml": ("run_failed", "no_model_configured"),
     "run-timeout.yaml": ("run_failed", "run_timeout"),
     "nested.yaml": (
         "run_completed",
@@ -339,6 +342,18 @@ def check_step_timeout(records: list[EventRecord]) -> None:
     assert records[-1].at - records[0].at < timedelta(seconds=3)
 
 
+def check_agent_without_model(step: str, dependent: str) -> Callable[[list[EventRecord]], None]:
+    def check(records: list[EventRecord]) -> None:
+        # the turn was asked as an event, the planner answered that no model is
+        # configured (naming what to set), the step failed, its dependent was skipped
+        failed = record_of(records, StepFailed, step).event
+        assert failed.error.code == "no_model_configured"
+        assert "LOOM_MODEL" in failed.error.message
+        assert record_of(records, StepSkipped, dependent)
+
+    return check
+
+
 def check_run_timeout(records: list[EventRecord]) -> None:
     timer = next(r.event for r in records if isinstance(r.event, TimerStarted))
     assert (timer.purpose, timer.timer_id) == ("run_timeout", "run:timeout")
@@ -400,6 +415,8 @@ CHECKS: dict[str, Callable[[list[EventRecord]], None]] = {
     "sleep.yaml": check_sleep,
     "step-timeout.yaml": check_step_timeout,
     "run-timeout.yaml": check_run_timeout,
+    "agent-research.yaml": check_agent_without_model("research", "report"),
+    "agent-intent-routing.yaml": check_agent_without_model("classify", "route"),
     "nested.yaml": check_nested,
 }
 
@@ -418,7 +435,8 @@ def test_every_example_has_an_expectation_and_a_check() -> None:
             stack.extend(s for b in getattr(step, "branches", {}).values() for s in b)
     # every step kind of the plan language has an example
     assert kinds == {
-        "tool", "foreach", "loop", "parallel", "reduce", "if", "final", "sleep", "sub_run"
+        "tool", "foreach", "loop", "parallel", "reduce", "if", "final", "sleep", "sub_run",
+        "agent",
     }  # fmt: skip
 
 

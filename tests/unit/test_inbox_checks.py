@@ -23,6 +23,7 @@ from loom_core.contracts import (
     EventMatch,
     EventRecord,
     ExternalEventArrived,
+    ModelResult,
     Plan,
     PlanProposed,
     PlanRefused,
@@ -206,9 +207,16 @@ def test_a_sub_run_end_must_name_the_running_child() -> None:
 
 def _with_digests(state: RunState, message: Any) -> Any:
     """The rebuilt message as its service sent it: the digest of what it answered."""
+    if isinstance(message, ToolResult) and message.step_id not in state.insts:
+        agent = state.agents[message.step_id.rpartition("/")[0]]  # an agent's tool call
+        return msgspec.structs.replace(message, request_digest=agent.digests[message.step_id])
     if isinstance(message, ToolResult):
         return msgspec.structs.replace(
             message, request_digest=state.insts[message.step_id].request_digest
+        )
+    if isinstance(message, ModelResult):
+        return msgspec.structs.replace(
+            message, request_digest=state.agents[message.step_id].request_digest
         )
     if isinstance(message, PlanProposed | PlanRefused):
         return msgspec.structs.replace(message, request_digest=state.request_digest)
@@ -225,7 +233,7 @@ def test_every_recorded_message_is_one_the_run_was_waiting_for(path: Path) -> No
     for record in records:
         message = message_for(record.run_id, record.event)
         if isinstance(message, ToolResult | PlanProposed | PlanRefused | TimerElapsed
-                      | SubRunFinished | ExternalEventArrived):  # fmt: skip
+                      | SubRunFinished | ExternalEventArrived | ModelResult):  # fmt: skip
             message = _with_digests(state, message)
             assert unexpected(state, message, record.at) is None, (path.stem, record.seq)
             checked += 1
