@@ -77,7 +77,13 @@ class ToolRunnerService:
         ledger: ToolCallLedger | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or default_registry()
+        if registry is None:
+            registry = default_registry()
+            from loom_services.tools.memory_tools import MEMORY_TOOLS
+
+            for memory_tool in MEMORY_TOOLS:  # memory as tools (they call the memory service)
+                registry.register(memory_tool)
+        self.registry = registry
         for module in settings.tool_modules:
             load_tools(self.registry, module)
         self.ledger = ledger or open_tool_ledger(settings.store)
@@ -198,6 +204,7 @@ class ToolRunnerService:
             attempt=request.attempt,
             settings=self.tool_settings,
             resume=request.resume,
+            nc=self.ctx.nc,
         )
         call = asyncio.ensure_future(self._call(request, ctx, msg))
         self.inflight[key] = call
