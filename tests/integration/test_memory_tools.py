@@ -5,6 +5,8 @@ stored principal, from the verified JWT, never from the plan's text."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -182,3 +184,56 @@ async def test_knowledge_tools_and_the_operator_route(
             MemoryReply,
             timeout=1,
         )
+
+
+async def test_loom_memory_and_knowledge_on_the_command_line(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from loom_cli.app import app
+
+    monkeypatch.setenv("LOOM_NKEY_SEED_FILE", str(stack.seed_file("operator")))
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(app, [*args, "--nats", stack.url])
+
+    async def ok(*args: str) -> Any:
+        result = await asyncio.to_thread(cli, *args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    as_carol = ("--user", "carol", "--tenant", "acme")
+    added = await ok("memory", "add", "carol owns a red bike", "--category", "facts", *as_carol)
+    assert (await ok("memory", "search", "bike", *as_carol))[0]["id"] == added["id"]
+    assert (await ok("memory", "search", "bike", "--user", "dave", "--tenant", "acme")) == []
+    assert (await ok("memory", "show", added["id"], *as_carol))["text"] == "carol owns a red bike"
+    assert (await ok("memory", "stats", *as_carol))["categories"] == {"facts": 1}
+    dump = tmp_path / "carol.json"
+    result = await asyncio.to_thread(cli, "memory", "export", "--out", str(dump), *as_carol)
+    assert result.exit_code == 0, result.output
+    assert (await ok("memory", "import", str(dump), "--user", "erin", "--tenant", "acme")) == {
+        "imported": 1
+    }
+    listed = await ok("memory", "list", "--user", "erin", "--tenant", "acme")
+    assert [m["text"] for m in listed["memories"]] == ["carol owns a red bike"]
+    assert (await ok("memory", "inspect", "carol", "--tenant", "acme"))["stats"]["user"] == 1
+    v1 = await ok("memory", "working", "set", '{"todo": ["a"]}', "--expected-version", "0",
+                  *as_carol)  # fmt: skip
+    assert v1["version"] == 1
+    stale = await asyncio.to_thread(
+        cli, "memory", "working", "set", "{}", "--expected-version", "0", *as_carol
+    )
+    assert stale.exit_code == 1 and "conflict" in stale.output and "Traceback" not in stale.output
+    assert (await ok("memory", "working", "get", *as_carol))["doc"] == {"todo": ["a"]}
+
+    page = tmp_path / "guide.html"
+    page.write_text("<h1>Bikes</h1><p>Red bikes are fast.</p>")
+    assert (await ok("knowledge", "add", "guides", str(page), "--tenant", "acme"))["chunks"] == 1
+    assert (await ok("knowledge", "add", "guides", str(page), "--tenant", "acme"))["unchanged"]
+    hits = await ok("knowledge", "search", "guides", "fast bikes", "--tenant", "acme")
+    assert hits[0]["source"] == "guide.html"
+    assert await ok("knowledge", "list", "--tenant", "acme") == {"collections": {"guides": 1}}
+    assert await ok("knowledge", "delete", "guides", "--tenant", "acme") == {"deleted_chunks": 1}
+    missing = await asyncio.to_thread(cli, "knowledge", "search", "guides", "x", "--tenant", "acme")
+    assert missing.exit_code == 1 and "unknown_collection" in missing.output
