@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from loom_core import subjects
+from loom_core import codec, subjects
 from loom_core.contracts import (
     MemoryReply,
     MemoryRequest,
@@ -237,3 +237,48 @@ async def test_loom_memory_and_knowledge_on_the_command_line(
     assert await ok("knowledge", "delete", "guides", "--tenant", "acme") == {"deleted_chunks": 1}
     missing = await asyncio.to_thread(cli, "knowledge", "search", "guides", "x", "--tenant", "acme")
     assert missing.exit_code == 1 and "unknown_collection" in missing.output
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_hostile_memory_requests_get_typed_errors_and_the_service_stays_up(
+    client: LoomClient,
+) -> None:
+    bob = Principal(user_id="bob", via="operator", tenant="acme")
+    deep = (
+        '{"type":"memory_request","op":"store","args":{"text":"a","metadata":{"d":'
+        + ("[" * 5000 + "]" * 5000)
+        + "}}}"
+    )
+    cases: list[tuple[bytes | MemoryRequest, str]] = [
+        (deep.encode(), "invalid_message"),  # too deep to decode
+        (MemoryRequest(op="store", args={"text": "a", "user_id": "alice"}, principal=bob),
+         "invalid_input"),
+        (MemoryRequest(op="store", args={"text": "a", "metadata": {"d": nested(40)}},
+                       principal=bob), "too_deep"),
+        (MemoryRequest(op="knowledge_search", args={"collection": "ghost", "query": "x"},
+                       principal=bob), "unknown_collection"),
+        (MemoryRequest(op="working_set", args={"doc": 1}, principal=bob), "invalid_input"),
+        (b'{"type": "memory_request", "op": "drop_tables"}', "invalid_shape"),
+    ]  # fmt: skip
+    for request, code in cases:
+        if isinstance(request, bytes):
+            msg = await client.nc.request(subjects.API_MEMORY_OPERATOR, request, timeout=10)
+            reply = codec.decode(msg.data, MemoryReply)
+        else:
+            reply = await bus.request(
+                client.nc, subjects.API_MEMORY_OPERATOR, request, MemoryReply, timeout=10
+            )
+        assert reply.error is not None and reply.error.code == code, (code, reply)
+    ok = await bus.request(
+        client.nc,
+        subjects.API_MEMORY_OPERATOR,
+        MemoryRequest(op="store", args={"text": "still here"}, principal=bob),
+        MemoryReply,
+    )
+    assert ok.error is None and ok.result["text"] == "still here"
