@@ -16,6 +16,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from waiting import eventually  # type: ignore[import-not-found]
 
 from loom_core import codec, subjects
 from loom_core.contracts import (
@@ -282,3 +283,34 @@ async def test_hostile_memory_requests_get_typed_errors_and_the_service_stays_up
         MemoryReply,
     )
     assert ok.error is None and ok.result["text"] == "still here"
+
+
+async def test_runs_fill_their_users_threads_for_recall(
+    client: LoomClient, issuer_key: rsa.RSAPrivateKey
+) -> None:
+    alice = token(issuer_key, "alice", ["staff"])
+    for text in ("my dog is called Rex", "the weather is sunny", "book a table for two"):
+        plan = Plan(steps=[ToolStep(id="e", tool="echo", input={"message": "{{ input.q }}"})])
+        accepted = await client.submit(
+            RunRequest(plan=plan, input={"q": text}, thread_id="chat-1"), token=alice
+        )
+        await client.wait(accepted.run_id, timeout=60)
+    as_alice = Principal(user_id="alice", via="operator", tenant="acme")
+
+    async def history() -> Any:
+        reply = await bus.request(
+            client.nc, subjects.API_MEMORY_OPERATOR,
+            MemoryRequest(op="history", args={"thread_id": "chat-1"}, principal=as_alice),
+            MemoryReply,
+        )  # fmt: skip
+        return reply.result if reply.result and reply.result["total"] == 6 else None
+
+    assert len((await eventually(history, "six indexed messages"))["messages"]) == 6
+    recall = step("r", "thread_recall", query="dog named Rex", thread_id="chat-1", top_k=1)
+    out = await run_steps(client, alice, recall)
+    (hit,) = out["r"]
+    assert "Rex" in hit["text"] and len(hit["window"]) in (2, 3)
+    # bob's recall over all his threads finds nothing of alice's
+    bob = token(issuer_key, "bob", ["sales"])
+    out = await run_steps(client, bob, step("r", "thread_recall", query="dog named Rex"))
+    assert all("Rex" not in h["text"] for h in out["r"])
