@@ -212,10 +212,14 @@ class MemoryService:
     async def _index_message(
         self, record: EventRecord, thread_id: str, entry: ThreadEntry, principal: Principal
     ) -> None:
-        """The recall index of thread messages (idempotent by event id). Derived from the
-        durable thread above: if it cannot be written (no model, a busy Qdrant folder) the
+        """The recall index of thread messages (idempotent by event id), at the entry's
+        position in the durable thread (so replicas agree). Derived from the durable
+        thread above: if it cannot be written (no model, a busy Qdrant folder) the
         thread entry stays and the failure is logged, not retried forever."""
         try:
+            seq = await self.io(self.threads.position, thread_id, record.event_id)
+            if seq is None:
+                return
             text = content if isinstance(content := entry.content, str) else json.dumps(content)
             await self.writes(
                 lambda: self.open_store().append_message(
@@ -226,6 +230,7 @@ class MemoryService:
                     text,
                     source_id=record.event_id,
                     run_id=record.run_id,
+                    seq=seq,
                 )
             )
         except Exception as exc:

@@ -403,8 +403,11 @@ class MemoryStore:
         text: str,
         source_id: str,
         run_id: str = "",
+        seq: int | None = None,
     ) -> int:
-        """Idempotent by ``source_id``; returns the message's position in its thread."""
+        """Idempotent by ``source_id``; returns the message's position in its thread:
+        ``seq`` (the durable thread's position, which every replica agrees on) or, when
+        not given, the next one of this single writer."""
         text = text[: self.limits.max_text_chars]
         pid = point_id("message", tenant, source_id)
         existing = self.vectors.get(self.messages, [pid])
@@ -412,10 +415,8 @@ class MemoryStore:
             return int(existing[0].payload["seq"])
         vector = self._embed(text or "(empty)")
         with self.vectors.write_lock:  # seq assignment and write: one step
-            must = match(tenant=tenant, thread_id=thread_id)
-            seq = self.vectors.client.count(
-                self.messages, count_filter=models.Filter(must=must), exact=True
-            ).count
+            if seq is None:
+                seq = self._next_seq(tenant, thread_id)
             payload = {
                 "tenant": tenant,
                 "user_id": user_id,
@@ -433,27 +434,39 @@ class MemoryStore:
             )
         return seq
 
+    def _next_seq(self, tenant: str, thread_id: str) -> int:
+        last = self._last(match(tenant=tenant, thread_id=thread_id), None, 1)
+        return int(last[0].payload["seq"]) + 1 if last else 0
+
+    def _last(self, must: list, before: int | None, limit: int) -> list[Hit]:
+        """The thread's last ``limit`` messages matching ``must`` (before seq
+        ``before``), newest first. A thread id may be shared by several users' runs, so
+        one user's messages need not have consecutive positions."""
+        if before is not None:
+            must = [*must, self.vectors.seq_range("seq", None, before - 1)]
+        records, _ = self.vectors.client.scroll(
+            self.messages,
+            scroll_filter=models.Filter(must=must),
+            limit=limit,
+            order_by=models.OrderBy(key="seq", direction=models.Direction.DESC),
+            with_payload=True,
+        )
+        return [Hit(str(r.id), 1.0, r.payload or {}) for r in records]
+
     def _thread_must(self, p: Principal, thread_id: str | None) -> list:
         return match(tenant=p.tenant, user_id=p.user_id, thread_id=thread_id)
 
     def history(
         self, p: Principal, thread_id: str, last: int = 20, before: int | None = None
     ) -> dict[str, Any]:
-        last = self._page(last)
+        """The user's last ``last`` messages of the thread (before position ``before``),
+        oldest first."""
         must = self._thread_must(p, thread_id)
-        total = self.vectors.count(self.messages, must)
-        end = total if before is None else min(before, total)
-        start = max(0, end - last)
-        hits, _ = self.vectors.scroll(
-            self.messages,
-            [*must, self.vectors.seq_range("seq", start, end - 1)],
-            last,
-            order_by="seq",
-        )
+        hits = self._last(must, before, self._page(last))
         return {
             "thread_id": thread_id,
-            "total": total,
-            "messages": [_message(h) for h in hits],
+            "total": self.vectors.count(self.messages, must),
+            "messages": [_message(h) for h in reversed(hits)],
         }
 
     def recall(

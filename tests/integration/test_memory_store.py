@@ -277,3 +277,35 @@ def test_default_model_recalls_by_meaning(tmp_path: Path) -> None:
     finally:
         working.close()
         vectors.close()
+
+
+def test_a_thread_shared_by_two_users_keeps_durable_positions(store: MemoryStore) -> None:
+    for seq in range(6):
+        who = "alice" if seq % 2 == 0 else "bob"
+        store.append_message("acme", who, "shared", "user", f"{who} line {seq}", f"s{seq}", seq=seq)
+    assert [m["seq"] for m in store.history(ALICE, "shared", last=2)["messages"]] == [2, 4]
+    assert [m["seq"] for m in store.history(ALICE, "shared", before=4)["messages"]] == [0, 2]
+    assert [m["seq"] for m in store.history(BOB, "shared")["messages"]] == [1, 3, 5]
+    (hit,) = store.recall(ALICE, "alice line 2", thread_id="shared", top_k=1, window=2)
+    assert hit["seq"] == 2 and [m["seq"] for m in hit["window"]] == [0, 2, 4]
+    # without a durable position the one writer continues after the last one
+    assert store.append_message("acme", "alice", "shared", "user", "next", "s6") == 6
+
+
+def test_thread_store_positions(store_settings) -> None:
+    from datetime import UTC, datetime
+
+    from loom_core.contracts import ThreadEntry
+    from loom_infra.store import open_thread_store
+
+    threads = open_thread_store(store_settings)
+    try:
+        for i in range(3):
+            entry = ThreadEntry(role="user", content=f"m{i}", run_id="r", at=datetime.now(UTC),
+                                source_event_id=f"e{i}")  # fmt: skip
+            threads.append("t", entry)
+        threads.append("t", entry)  # a redelivery adds nothing
+        assert [threads.position("t", f"e{i}") for i in range(3)] == [0, 1, 2]
+        assert threads.position("t", "nope") is None
+    finally:
+        threads.close()
