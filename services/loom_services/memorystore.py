@@ -427,11 +427,7 @@ class MemoryStore:
                 "run_id": run_id,
                 "at": _now(),
             }
-            self.vectors.client.upsert(
-                self.messages,
-                points=[models.PointStruct(id=pid, vector=vector, payload=payload)],
-                wait=True,
-            )
+            self.vectors.upsert(self.messages, [(pid, vector, payload)])
         return seq
 
     def _next_seq(self, tenant: str, thread_id: str) -> int:
@@ -633,21 +629,15 @@ class MemoryStore:
         }
 
     def _drop_other_versions(self, same: list, digest: str) -> None:
-        with self.vectors.write_lock:
-            self.vectors.client.delete(
-                self.knowledge,
-                points_selector=models.FilterSelector(
-                    filter=models.Filter(
-                        must=same,
-                        must_not=[
-                            models.FieldCondition(
-                                key="doc_hash", match=models.MatchValue(value=digest)
-                            )
-                        ],
-                    )
-                ),
-                wait=True,
-            )
+        self.vectors.delete_filter(
+            self.knowledge,
+            models.Filter(
+                must=same,
+                must_not=[
+                    models.FieldCondition(key="doc_hash", match=models.MatchValue(value=digest))
+                ],
+            ),
+        )
 
     def _known_collection(self, p: Principal, collection: str) -> None:
         _collection_name(collection)
