@@ -111,7 +111,10 @@ class LocalIndex:
         q = np.asarray(vector, dtype=np.float32)
         norm = float(np.linalg.norm(q))
         q = q / norm if norm > 0 else q
-        scores = self.vectors[candidates] @ q
+        if candidates.size * 4 > n:  # most rows: score them all in place, no gather copy
+            scores = (self.vectors[:n] @ q)[candidates]
+        else:
+            scores = self.vectors[candidates] @ q
         if threshold is not None:
             keep = scores > threshold
             candidates, scores = candidates[keep], scores[keep]
