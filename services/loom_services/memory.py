@@ -71,6 +71,8 @@ class MemoryService:
             from loom_infra.workingmemory import WorkingMemoryStore
 
             store = self.settings.store
+            # the model first: if it is missing, no Qdrant folder is left locked
+            embedder = embedders.from_name()
             location = os.environ.get("LOOM_QDRANT") or str(store.data_dir / "qdrant")
             try:
                 vectors = VectorStore(location)
@@ -80,11 +82,15 @@ class MemoryService:
                     f"the Qdrant folder {location} is open in another process: run one "
                     "memory service per folder, or set LOOM_QDRANT to a Qdrant server URL",
                 ) from exc
-            if store.kind == "postgres":
-                working = WorkingMemoryStore(dsn=store.postgres_url)
-            else:
-                working = WorkingMemoryStore(store.data_dir / "working_memory.db")
-            self._store = MemoryStore(vectors, embedders.from_name(), working)
+            try:
+                if store.kind == "postgres":
+                    working = WorkingMemoryStore(dsn=store.postgres_url)
+                else:
+                    working = WorkingMemoryStore(store.data_dir / "working_memory.db")
+                self._store = MemoryStore(vectors, embedder, working)
+            except BaseException:
+                vectors.close()  # release the folder: the next request tries again
+                raise
         return self._store
 
     async def start(self, ctx: ServiceContext) -> None:

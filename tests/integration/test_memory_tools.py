@@ -314,3 +314,23 @@ async def test_runs_fill_their_users_threads_for_recall(
     bob = token(issuer_key, "bob", ["sales"])
     out = await run_steps(client, bob, step("r", "thread_recall", query="dog named Rex"))
     assert all("Rex" not in h["text"] for h in out["r"])
+
+
+async def test_a_missing_model_is_a_typed_error_that_says_what_to_do(
+    stack: LocalStack, client: LoomClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from loom_services.memory import MemoryService
+
+    memory = next(s for s in stack.stack.services if isinstance(s, MemoryService))
+    memory._store = None  # as on a fresh start
+    monkeypatch.setenv("LOOM_EMBEDDER", "minilm")
+    monkeypatch.setenv("LOOM_EMBED_MODEL_DIR", str(tmp_path / "no-model"))
+    from loom_infra import embedders
+
+    monkeypatch.setattr(embedders, "_cache", {})
+    request = MemoryRequest(op="stats", principal=Principal(user_id="a", via="operator"))
+    reply = await bus.request(client.nc, subjects.API_MEMORY_OPERATOR, request, MemoryReply)
+    assert reply.error is not None and "LOOM_EMBED_MODEL_DIR" in reply.error.message
+    monkeypatch.setenv("LOOM_EMBEDDER", "hash")  # fixed: the next request works
+    reply = await bus.request(client.nc, subjects.API_MEMORY_OPERATOR, request, MemoryReply)
+    assert reply.error is None and reply.result["user"] == 0
