@@ -1317,6 +1317,50 @@ class ThreadReply(Record, tag="thread_reply", tag_field="type"):
     error: ErrorInfo | None = None
 
 
+MemoryOp = Literal[
+    "store",
+    "search",
+    "get",
+    "update",
+    "delete",
+    "list",
+    "stats",
+    "bulk_delete",
+    "export",
+    "import",
+    "inspect",
+    "history",
+    "recall",
+    "working_get",
+    "working_set",
+    "working_history",
+    "knowledge_add",
+    "knowledge_search",
+    "knowledge_list",
+    "knowledge_delete",
+]
+
+
+class MemoryRequest(Inbound, tag="memory_request", tag_field="type"):
+    """One memory operation (``op``) with its arguments (``args``, checked by the memory
+    service per operation; a wrong one is an ``invalid_input`` naming its path).
+
+    Who acts is never in ``args``. On the tool route (``loom.api.memory.tool``, the
+    tool-runner only) it is the stored principal of run ``run_id``, read from the
+    executor; on the operator route (``loom.api.memory.operator``) it is ``principal``
+    (default: the operator itself, with the ``admin`` role, in tenant ``default``)."""
+
+    op: MemoryOp
+    args: dict[str, JSON] = {}
+    run_id: str | None = None
+    principal: Principal | None = None
+
+
+class MemoryReply(Record, tag="memory_reply", tag_field="type"):
+    result: JSON = None
+    error: ErrorInfo | None = None
+
+
 class Ping(Inbound, tag="ping", tag_field="type"):
     pass
 

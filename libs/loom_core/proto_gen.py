@@ -211,6 +211,8 @@ _SUBJECT_NAMES = {
     "API_TRACES_USAGE": "channel apiTracesUsage",
     "API_TRACES_REBUILD": "channel apiTracesRebuild",
     "API_THREAD": "channel apiThread",
+    "API_MEMORY_TOOL": "channel apiMemoryTool",
+    "API_MEMORY_OPERATOR": "channel apiMemoryOperator",
     "health": "channel health",
     "CONTROL": "channel control",
     "SIGNALS_STREAM": "x-jetstream-streams",

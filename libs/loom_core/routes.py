@@ -357,6 +357,19 @@ API_THREAD = _request(
     "apiThread", subjects.API_THREAD, c.ThreadQuery, (c.ThreadReply,), "memory", ("operator",),
     "A conversation thread's entries",
 )  # fmt: skip
+API_MEMORY_TOOL = _request(
+    "apiMemoryTool", subjects.API_MEMORY_TOOL, c.MemoryRequest, (c.MemoryReply,), "memory",
+    ("toolrunner",),
+    "A memory operation from a tool call (memory_* and knowledge_* tools): the memory "
+    "service acts as the stored principal of the run `run_id`, never as anyone the "
+    "request names",
+)  # fmt: skip
+API_MEMORY_OPERATOR = _request(
+    "apiMemoryOperator", subjects.API_MEMORY_OPERATOR, c.MemoryRequest, (c.MemoryReply,),
+    "memory", ("operator",),
+    "A memory operation from the operator (`loom memory`, `loom knowledge`), as the "
+    "principal it names (default: the operator, role admin, tenant default)",
+)  # fmt: skip
 
 HEALTH = Route(
     name="health",
@@ -425,6 +438,8 @@ ROUTES: tuple[Route, ...] = (
     API_TRACES_USAGE,
     API_TRACES_REBUILD,
     API_THREAD,
+    API_MEMORY_TOOL,
+    API_MEMORY_OPERATOR,
     HEALTH,
     TOOL_CATALOG,
     BLOBS,

@@ -89,6 +89,8 @@ API_TRACES_SLOWEST = f"{PREFIX}.api.traces.slowest"  # tracing: SlowestStepsQuer
 API_TRACES_USAGE = f"{PREFIX}.api.traces.usage"  # tracing: UsageQuery -> UsageReply
 API_TRACES_REBUILD = f"{PREFIX}.api.traces.rebuild"  # tracing: RebuildTracesQuery -> ...Reply
 API_THREAD = f"{PREFIX}.api.memory.thread"  # memory: ThreadQuery -> ThreadReply
+API_MEMORY_TOOL = f"{PREFIX}.api.memory.tool"  # memory, from tool calls: MemoryRequest
+API_MEMORY_OPERATOR = f"{PREFIX}.api.memory.operator"  # memory, from the CLI: MemoryRequest
 
 
 def health(service: str) -> str:

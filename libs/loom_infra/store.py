@@ -929,6 +929,15 @@ class ThreadStore(_Closable):
             retryable=True,
         )
 
+    def position(self, thread_id: str, source_event_id: str) -> int | None:
+        """The 0-based position in its thread of the entry appended for
+        ``source_event_id`` (None: no such entry). Positions are assigned by the
+        append's optimistic concurrency, so every reader and replica agrees on them."""
+        self._check_open("thread position")
+        with _translated("thread position", self._backend):
+            rows = self._recorder.select_events(_marker_id(thread_id, source_event_id), limit=1)
+        return int(rows[0].state.decode()) - 1 if rows else None
+
     def list(self, thread_id: str) -> list[ThreadEntry]:
         self._check_open("thread list")
         with _translated("thread list", self._backend):

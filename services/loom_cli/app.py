@@ -44,6 +44,7 @@ from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
 from loom_cli.examples import add_examples
 from loom_cli.mcp import register as register_mcp_commands
+from loom_cli.memory import register as register_memory_commands
 from loom_cli.render import (
     events_table,
     lineage_members,
@@ -555,6 +556,7 @@ async def _wait_trace(client: LoomClient, run_id: str, timeout: float = 10.0) ->
 
 
 register_blob_commands(app)
+register_memory_commands(app)
 register_control_commands(app)
 register_creds_commands(app)
 register_debug_commands(app)

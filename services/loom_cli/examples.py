@@ -46,6 +46,15 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "mcp": ["loom mcp   # stdio: add it to an MCP client's servers", "loom mcp --http 8765"],
     "tools": ["loom tools", "loom tools show time.get_current_time", "loom tools -o json"],
+    "memory": [
+        'loom memory add "I prefer window seats" --user alice --tenant acme',
+        'loom memory search "where do I sit on planes" --user alice --tenant acme',
+        "loom memory working get --user alice --tenant acme",
+    ],
+    "knowledge": [
+        "loom knowledge add handbook docs/handbook.md",
+        'loom knowledge search handbook "how do I deploy"',
+    ],
     "creds": ["loom creds generate --out deploy/creds", "loom creds matrix"],
 }
 

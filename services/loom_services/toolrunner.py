@@ -108,7 +108,13 @@ class ToolRunnerService:
         ledger: ToolCallLedger | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or default_registry()
+        if registry is None:
+            registry = default_registry()
+            from loom_services.tools.memory_tools import MEMORY_TOOLS
+
+            for memory_tool in MEMORY_TOOLS:  # memory as tools (they call the memory service)
+                registry.register(memory_tool)
+        self.registry = registry
         sources = {}
         for module in settings.tool_modules:
             before = set(self.registry.names())
@@ -325,6 +331,7 @@ class ToolRunnerService:
             attempt=request.attempt,
             settings=self.tool_settings,
             resume=request.resume,
+            nc=self.ctx.nc,
         )
         call = asyncio.ensure_future(self._call(request, ctx, msg))
         self.inflight[key] = call

@@ -107,19 +107,30 @@ async def test_an_undeclared_subscription_is_reported(
     assert "memory never subscribes to declared ('loom.ghost', 'memory')" in problems
 
 
-async def test_every_request_route_answers_bad_input_with_a_typed_error(client: Any) -> None:
+async def test_every_request_route_answers_bad_input_with_a_typed_error(
+    client: Any, stack: LocalStack
+) -> None:
     """One reply style: whatever arrives, the asker gets the route's reply with a typed
     error naming what is wrong (never silence, never an empty reply)."""
+    # a route the operator may not publish on is asked by one of its own publishers
+    askers = {"operator": client}
     for route in (r for r in routes.ROUTES if r.kind == "request"):
+        who = "operator" if "operator" in route.publishers else route.publishers[0]
+        if who not in askers:
+            askers[who] = await stack.client(who)
+        asker = askers[who]
         # {via}: the asker's own identity (operator), the only one it may publish on
         subject = route.subject(**{p: "operator" if p == "via" else "memory" for p in route.params})
         for payload in (b"not json", b'{"type": "ping", "surprise": 1}', b"[]"):
-            msg = await client.nc.request(subject, payload, timeout=5)
+            msg = await asker.nc.request(subject, payload, timeout=5)
             reply = codec.decode(msg.data, _reply_type(route))
             error = getattr(reply, "error", None)
             assert error is not None, f"{route.name} answered {payload!r} with {reply!r}"
             assert error.code in ("malformed_json", "invalid_shape"), (route.name, error)
             assert error.message
+    for who, asker in askers.items():
+        if who != "operator":
+            await asker.close()
 
 
 def _reply_type(route: routes.Route) -> Any:

@@ -292,6 +292,18 @@ def test_postgres_statefulset_matches_the_url_the_services_use(docs: list[Doc]) 
     assert postgres["spec"]["volumeClaimTemplates"]
 
 
+def test_qdrant_statefulset_is_what_the_memory_service_uses(docs: list[Doc]) -> None:
+    url = urlsplit(_one(docs, "ConfigMap", "loom-settings")["data"]["LOOM_QDRANT"])
+    qdrant = _one(docs, "StatefulSet", "qdrant")
+    (container,) = qdrant["spec"]["template"]["spec"]["containers"]
+    assert container["image"].startswith("qdrant/qdrant:v1.20.")  # qdrant-client 1.20
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/qdrant/storage" in mounts and qdrant["spec"]["volumeClaimTemplates"]
+    service = _one(docs, "Service", url.hostname or "")
+    assert url.port in {p["port"] for p in service["spec"]["ports"]}
+
+
 def _nats_conf(docs: list[Doc]) -> str:
     return _one(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
 

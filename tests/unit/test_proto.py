@@ -269,7 +269,7 @@ def test_request_reply_operations_reply_on_the_request_inbox() -> None:
     assert {a for a in replying if a.startswith(f"{subjects.PREFIX}.api.")} == {
         subjects.API_RUN_EVENTS, subjects.API_RUNS, subjects.API_TRACE, subjects.API_THREAD,
         subjects.API_TRACES, subjects.API_TRACES_SLOWEST, subjects.API_TRACES_USAGE,
-        subjects.API_TRACES_REBUILD,
+        subjects.API_TRACES_REBUILD, subjects.API_MEMORY_TOOL, subjects.API_MEMORY_OPERATOR,
     }  # fmt: skip
     assert {subjects.CONTROL, subjects.RESUME} <= set(replying)
 

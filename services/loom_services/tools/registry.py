@@ -98,6 +98,8 @@ class ToolContext:
     settings: Any = field(default_factory=ToolSettings)
     # A person's answer, when this tool asked to suspend on an earlier attempt.
     resume: JSON = None
+    # the tool-runner's NATS connection: tools that ask a service (memory) use it
+    nc: Any = None
 
 
 ToolFn = Callable[[Any, ToolContext], Awaitable[Any]]
