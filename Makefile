@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install demo test lint proto bench chaos clean
+.PHONY: install demo test unit lint proto bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,19 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/loom demo
 
-## README command 2: lint, proto freshness, unit + integration + end-to-end tests.
-test: install
-	$(VENV)/bin/ruff check libs services tests bench
+## README command 2: lint, format, types, proto freshness, unit + integration + end-to-end tests.
+test: install lint
 	$(PY) -m pytest
+
+## The checks that need no server: lint, format, types.
+lint: install
+	$(VENV)/bin/ruff check libs services tests bench
+	$(VENV)/bin/ruff format --check libs services tests bench
+	$(VENV)/bin/mypy
+
+## The unit tests: the pure core and what needs no long-lived stack (about 30 s).
+unit: install
+	$(PY) -m pytest tests/unit -q
 
 proto: install
 	$(PY) -m loom_core.proto_gen proto

@@ -457,9 +457,7 @@ async def chaos(cfg: Config) -> Report:
         "PYTHONPATH": pythonpath,
     }
     services = {  # each process holds its own key only, as a Kubernetes pod does
-        name: ServiceProcess(
-            name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, base
-        )
+        name: ServiceProcess(name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, base)
         for name in subjects.SERVICES
     }
     try:

@@ -263,7 +263,6 @@ class SubRunStep(Inbound, tag="sub_run", tag_field="kind"):
     description: str = ""
 
 
-
 class Budget(Inbound, tag="budget", tag_field="type"):
     """Limits on model use the engine enforces (per run on the plan, per agent step on
     the step): total tokens (in + out), cost in USD, model calls. Crossing one suspends
@@ -451,7 +450,6 @@ class SubmitRejected(Record, tag="submit_rejected", tag_field="type"):
 
 
 SubmitReply = SubmitAccepted | SubmitRejected
-
 
 
 # --------------------------------------------------------------------------- models
@@ -684,7 +682,6 @@ class SubRunEnded(Record, tag="sub_run_ended", tag_field="type"):
     status: str
     output: JSON = None
     error: ErrorInfo | None = None
-
 
 
 class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
@@ -982,7 +979,6 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     # circuit-breaker transitions during this call (loom_services.tools.breakers):
     # {"breaker", "from", "to", "at", "failures"}; copied into ToolCallCompleted
     breaker: list[dict[str, JSON]] = []
-
 
 
 class ModelResult(Record, tag="model_result", tag_field="type"):

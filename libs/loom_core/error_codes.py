@@ -56,7 +56,7 @@ CODES: dict[str, Code] = {
     "step_never_ran": Code(_S, "a fork names a step instance that never ran (what did run there)"),
     "invalid_budget": Code(_S, "a run budget that is negative or not a number"),
     "fork_too_large": Code(_S, "the fork's reused results would exceed LOOM_MAX_PAYLOAD"),
-    "bad_blob_reference": Code(_S, "a {\"$blob\": ...} value is malformed (the path names it)"),
+    "bad_blob_reference": Code(_S, 'a {"$blob": ...} value is malformed (the path names it)'),
     # ---- plan: issues of a rejected plan (every one is reported at once)
     "tool_forbidden": Code(_P, "the run's principal may not use the tool (catalog access rules)"),
     "unknown_tool": Code(_P, "no tool of that name (the message names the closest)"),

@@ -159,7 +159,6 @@ NEVER_RETRIED: frozenset[str] = frozenset(
 RUN_TIMER = "run:timeout"
 
 
-
 @dataclass(frozen=True)
 class Submission:
     """A run request as the engine accepted it, with who it acts for. Only the executor
@@ -627,9 +626,7 @@ class _Turn:
         # the run's limit it becomes the failure instead, so no site can forget it.
         match event:
             case StepCompleted(step_id=iid, output=output) if output is not None:
-                error = sizes.check_output(
-                    output, self.s.limits, iid, f"$.steps.{iid}.output"
-                )
+                error = sizes.check_output(output, self.s.limits, iid, f"$.steps.{iid}.output")
                 if error is not None:
                     event = StepFailed(step_id=iid, error=error)
             case RunCompleted(output=output) if output is not None:

@@ -657,8 +657,13 @@ def limits_document() -> Schema:
             "through its setting; over a bound, the request or step fails with the code."
         ),
         "limits": {
-            name: {"default": default, "unit": unit, "setting": setting, "code": code,
-                   "applies_to": about}
+            name: {
+                "default": default,
+                "unit": unit,
+                "setting": setting,
+                "code": code,
+                "applies_to": about,
+            }
             for name, default, unit, setting, code, about in rows
         },  # fmt: skip
     }

@@ -96,7 +96,10 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             # the principal and what was redacted came with the submission, not its body
             if event.principal or event.redacted or event.limits or event.caps:
                 return Submission(
-                    request, event.principal, tuple(event.redacted), limits=event.limits,
+                    request,
+                    event.principal,
+                    tuple(event.redacted),
+                    limits=event.limits,
                     caps=event.caps,
                 )
             return request

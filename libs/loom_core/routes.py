@@ -126,9 +126,7 @@ def _event_tag(cls: type[msgspec.Struct]) -> str:
 
 
 TERMINAL: tuple[type[msgspec.Struct], ...] = tuple(c.TERMINAL_EVENTS)
-RUN_EVENT_TYPES: tuple[type[msgspec.Struct], ...] = tuple(
-    c.RunEvent.__args__
-)
+RUN_EVENT_TYPES: tuple[type[msgspec.Struct], ...] = tuple(c.RunEvent.__args__)
 
 SUBMIT = Route(
     name="submit",

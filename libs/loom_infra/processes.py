@@ -86,7 +86,6 @@ class ServiceProcess:
                 return
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.name} (pid {self.proc.pid}) not healthy in {timeout}s\n"
-                    + self.tail()
+                    f"{self.name} (pid {self.proc.pid}) not healthy in {timeout}s\n" + self.tail()
                 )
             await asyncio.sleep(0.05)  # retry interval of a bounded readiness probe

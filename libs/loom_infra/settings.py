@@ -399,9 +399,7 @@ def blob_settings_from_env(env: Mapping[str, str] = os.environ) -> BlobSettings:
         raise SettingsError(
             blob_refs.THRESHOLD_SETTING, f"must be 1024-524288 bytes, got {threshold}"
         )
-    resolved = _whole(
-        env, blob_refs.MAX_RESOLVED_SETTING, blob_refs.DEFAULT_MAX_RESOLVED_BYTES
-    )
+    resolved = _whole(env, blob_refs.MAX_RESOLVED_SETTING, blob_refs.DEFAULT_MAX_RESOLVED_BYTES)
     biggest = _whole(env, "LOOM_BLOB_MAX_BYTES", BlobSettings.max_blob_bytes)
     bucket = _whole(env, "LOOM_BLOB_BUCKET_MAX_BYTES", BlobSettings.bucket_max_bytes)
     days = _whole(env, "LOOM_BLOB_MAX_AGE_DAYS", 30)

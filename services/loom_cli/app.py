@@ -248,7 +248,9 @@ def run(
         None, help="run file (YAML/JSON): a plan, or plan + input (or give --request)"
     ),
     request_text: str = typer.Option(
-        None, "--request", "-r",
+        None,
+        "--request",
+        "-r",
         help="natural language instead of a file: the planner's model writes the plan "
         "(needs LOOM_MODEL or LOOM_MODELS_FILE where the planner runs)",
     ),
@@ -368,9 +370,7 @@ def convert_cmd(
 
 @app.command()
 def runs(
-    status: str = typer.Option(
-        None, help="only runs with this status: " + ", ".join(RUN_STATUSES)
-    ),
+    status: str = typer.Option(None, help="only runs with this status: " + ", ".join(RUN_STATUSES)),
     suspended: bool = typer.Option(False, "--suspended", help="only runs waiting for people"),
     lineage: str = typer.Option(None, "--lineage", help="the fork tree RUN belongs to"),
     limit: int = typer.Option(50, min=1, help="runs to list (read page by page)"),

@@ -320,9 +320,7 @@ class ExecutorService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.relay = Relay(
-            self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable
-        )
+        self.relay = Relay(self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable)
         self.host.listeners.append(self.relay.offer)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")

@@ -67,4 +67,3 @@ class TimerService:
             return
         self.fired += 1
         await msg.ack()
-

@@ -238,9 +238,7 @@ class StoreContract:
         ]
         for batch in (small, large):
             done: list[list[int]] = []
-            worker = threading.Thread(
-                target=lambda b=batch, out=done: out.append(events.append(b))
-            )
+            worker = threading.Thread(target=lambda b=batch, out=done: out.append(events.append(b)))
             worker.daemon = True  # a hang must fail the test, not keep the process alive
             worker.start()
             worker.join(60)

@@ -15,8 +15,7 @@ from loom_services.stack import LocalStack
 pytestmark = pytest.mark.integration
 
 PLAN = (
-    b'{"plan": {"steps": [{"kind": "tool", "id": "a", "tool": "echo", '
-    b'"input": {"message": "x"}}]}'
+    b'{"plan": {"steps": [{"kind": "tool", "id": "a", "tool": "echo", "input": {"message": "x"}}]}'
 )
 
 

@@ -140,9 +140,7 @@ def test_many_suspensions_resume_independently_by_id() -> None:
     assert w.events[-1] == RunCompleted(output={"fe": [False, True, True]})
 
 
-def test_a_recorded_label_answer_is_reported_as_recorded_and_repeats_answer_nothing_else() -> (
-    None
-):
+def test_a_recorded_label_answer_is_reported_as_recorded_and_repeats_answer_nothing_else() -> None:
     """Issue 17, item 1: elements 2 and 1 answered by id, then the last by label: the
     label answer was recorded but reported as refused (the reply looked the label up
     again and picked another, already answered suspension)."""

@@ -314,7 +314,9 @@ def test_foreach_elements_that_end_at_once_each_run_once() -> None:
     w.run(echo)
     check_invariants(w)
     assert [e.step_id for e in w.of(StepScheduled) if e.step_id.count("/") == 1] == [
-        "out/0", "out/1", "out/2"
+        "out/0",
+        "out/1",
+        "out/2",
     ]
     assert w.events[-1] == RunCompleted(output={"out": [[], [], []]})
 
