@@ -1187,6 +1187,9 @@ class _Turn:
         if (
             inst is None
             or inst.status != "running"
+            # answered already: after an ambiguous outcome the step stays running at the
+            # same attempt (needs_review), and a redelivered result was recorded twice
+            or not inst.inflight
             or inst.attempt != result.attempt
             or result.idempotency_key != ids.idempotency_key(self.s.run_id, iid, result.attempt)
             or not isinstance(inst.step, ToolStep)

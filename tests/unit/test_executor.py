@@ -43,6 +43,7 @@ from loom_core.contracts import (
     TimerElapsed,
     TimerStarted,
     ToolCallCancelled,
+    ToolCallFailed,
     ToolCallRequested,
     ToolResult,
     ToolStep,
@@ -279,6 +280,21 @@ def test_ambiguous_outcome_parks_the_run_for_review() -> None:
     assert len(w.of(ToolCallRequested)) == 1
     assert isinstance(w.events[-1], RunNeedsReview)
     assert w.state.status == "needs_review"
+
+
+def test_a_redelivered_ambiguous_outcome_is_not_recorded_twice() -> None:
+    """Found by the chaos suite (seed 32): the inbox ack of an ambiguous outcome was lost
+    with a killed nats-server, the result came again, and tool_call_failed and
+    run_needs_review were recorded a second time for the same attempt."""
+    w = World(Plan(steps=[ToolStep(id="pay", tool="pay")]))
+    req = w.pending.pop(0)
+    ambiguous = ErrorInfo(code="ambiguous_outcome", message="runner died")
+    w.result(req, error=ambiguous)
+    recorded = len(w.events)
+    w.result(req, error=ambiguous)  # the redelivery
+    assert len(w.events) == recorded
+    assert len(w.of(ToolCallFailed)) == 1 and len(w.of(RunNeedsReview)) == 1
+    assert w.state.running == 0
 
 
 # ----------------------------------------------------------------------------- composites
