@@ -47,7 +47,6 @@ import msgspec
 
 from loom_core import blobs
 from loom_core.contracts import RunEvent, SizeLimits, ToolCallRequested, ToolResult
-from loom_core.executor import request_digest
 from loom_infra import bus
 from loom_services.tools.registry import ToolContext, ToolSettings, default_registry, execute_tool
 
@@ -104,7 +103,7 @@ class LocalTools:
     async def answer(self, run_id: str, request: ToolCallRequested) -> ToolResult | None:
         """The result the tool-runner would send for ``request``; None when the output
         must be stored by reference (the tool-runner's work: it gets the request)."""
-        from loom_services.toolrunner import bounded_outcome  # the same rule as there
+        from loom_services.toolrunner import bounded_outcome, tool_result  # as there
 
         ctx = ToolContext(
             idempotency_key=request.idempotency_key,
@@ -121,16 +120,4 @@ class LocalTools:
             return None
         outcome = bounded_outcome(outcome, self.limits, request.step_id)
         self.calls += 1
-        return ToolResult(
-            run_id=run_id,
-            step_id=request.step_id,
-            attempt=request.attempt,
-            idempotency_key=request.idempotency_key,
-            request_digest=request_digest(run_id, request),
-            ok=outcome.ok,
-            started_at=started,
-            finished_at=bus.now(),
-            output=outcome.output,
-            error=outcome.error,
-            suspend=outcome.suspend,
-        )
+        return tool_result(run_id, request, outcome, started)

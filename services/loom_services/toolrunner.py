@@ -46,6 +46,7 @@ import os
 import socket
 import uuid
 from collections import OrderedDict
+from datetime import datetime
 
 import msgspec
 from nats.aio.msg import Msg
@@ -348,20 +349,7 @@ class ToolRunnerService:
         finally:
             self.inflight.pop(key, None)
             self.cancelled.discard(key)
-        result = ToolResult(
-            run_id=run_id,
-            step_id=request.step_id,
-            attempt=request.attempt,
-            idempotency_key=request.idempotency_key,
-            request_digest=request_digest(run_id, request),
-            ok=outcome.ok,
-            started_at=started,
-            finished_at=bus.now(),
-            output=outcome.output,
-            error=outcome.error,
-            suspend=outcome.suspend,
-            breaker=transitions_of(outcome),
-        )
+        result = tool_result(run_id, request, outcome, started)
         self.executed += 1
         return result
 
@@ -482,6 +470,27 @@ async def by_reference(outcome: ToolOutcome, store: BlobStore, step_id: str) -> 
     except blobs.BlobRefError as exc:
         return ToolOutcome(ok=False, error=exc.error)
     return dataclasses.replace(outcome, output=ref.as_json())
+
+
+def tool_result(
+    run_id: str, request: ToolCallRequested, outcome: ToolOutcome, started: datetime
+) -> ToolResult:
+    """The inbox answer to ``request``: the same whether the tool-runner ran the tool or
+    the executor did (local calls), so a run's history cannot tell them apart."""
+    return ToolResult(
+        run_id=run_id,
+        step_id=request.step_id,
+        attempt=request.attempt,
+        idempotency_key=request.idempotency_key,
+        request_digest=request_digest(run_id, request),
+        ok=outcome.ok,
+        started_at=started,
+        finished_at=bus.now(),
+        output=outcome.output,
+        error=outcome.error,
+        suspend=outcome.suspend,
+        breaker=transitions_of(outcome),
+    )
 
 
 def bounded_outcome(outcome: ToolOutcome, limits: SizeLimits, step_id: str) -> ToolOutcome:
