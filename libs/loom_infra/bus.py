@@ -363,6 +363,13 @@ async def ensure_tools_bucket(js: JetStreamContext) -> Any:
         return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1)
 
 
+def tool_key(name: str) -> str:
+    """The tools bucket's key of a tool: its name, with an MCP tool's ``server.tool`` dot
+    as ``/`` (a dot would split the key into two subject tokens; readers use
+    ``spec.name``). Every get of one tool by name goes through this."""
+    return name.replace(".", "/")
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

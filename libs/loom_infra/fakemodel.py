@@ -13,6 +13,7 @@ When a model's queue is empty, ``default`` answers (a callable of the request bo
 Reply), else the server answers 500 ``no scripted reply``. Streaming (``stream: true``)
 sends the same reply as server-sent events, content split into chunks.
 
+Tool names outside OpenAI's function-name rule are refused with a 400, as OpenAI does.
 ``requests`` counts every request received (by model too), so a test can assert that a
 replay made zero model calls. TCP_NODELAY is set on every connection
 (``disable_nagle_algorithm``): without it each small answer waits ~40 ms for the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 import time
 from collections import Counter, deque
@@ -107,6 +109,9 @@ class FakeModelServer:
             self.requests[model] += 1
             if self.keep_bodies:
                 self.bodies.append(body)
+            refused = _bad_function_name(body)
+            if refused:  # as OpenAI answers it; the script is not consumed
+                return Fail(400, refused)
             queue = self.scripts.get(model)
             if queue:
                 return queue.popleft()
@@ -279,6 +284,21 @@ def _handler(server: FakeModelServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(payload)
 
     return Handler
+
+
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def _bad_function_name(body: dict[str, Any]) -> str | None:
+    """OpenAI's rule for tool (function) names, in the tools offered and in the
+    assistant's earlier calls: a name outside it is refused with a 400."""
+    names = [t.get("function", {}).get("name") for t in body.get("tools") or []]
+    for m in body.get("messages") or []:
+        names += [c.get("function", {}).get("name") for c in m.get("tool_calls") or []]
+    for name in names:
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            return f"Invalid 'tools': string does not match pattern '^[a-zA-Z0-9_-]+$': {name!r}"
+    return None
 
 
 def _vector(text: str, dims: int = 8) -> list[float]:

@@ -35,10 +35,12 @@ it makes (correlated by a per-call id in the request's metadata), so a fallback 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -365,13 +367,15 @@ class ModelLayer:
                                                        message=str(exc)))  # fmt: skip
         call = f"c{next(self._ids)}"
         _IN_FLIGHT[call] = (self, [])
+        # tool names as providers accept them (`demo.add` -> `demo__add`), and back
+        to_wire, from_wire = wire_names([spec.name for spec in tools])
         request: dict[str, Any] = {
             "model": chosen,
-            "messages": [_wire(m) for m in messages],
+            "messages": [_wire(m, to_wire) for m in messages],
             "metadata": {"loom_call": call, "loom_requested": chosen},
         }
         if tools:
-            request["tools"] = [_tool(spec) for spec in tools]
+            request["tools"] = [_tool(spec, to_wire[spec.name]) for spec in tools]
         if json_schema is not None:
             request["response_format"] = {
                 "type": "json_schema",
@@ -430,7 +434,7 @@ class ModelLayer:
         calls = [
             ModelToolCall(
                 id=str(tc.id or f"call_{i}"),
-                name=str(getattr(tc.function, "name", "") or ""),
+                name=_from_wire(str(getattr(tc.function, "name", "") or ""), from_wire),
                 arguments=_arguments(getattr(tc.function, "arguments", "")),
             )
             for i, tc in enumerate(raw.tool_calls or [])
@@ -470,22 +474,61 @@ def _usage(attempts: list[ModelAttempt], calls: int) -> ModelUsage:
     )
 
 
-def _wire(message: ModelMessage) -> dict[str, Any]:
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def wire_names(names: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Function names a provider accepts for our tool names, and the way back.
+
+    OpenAI (and providers copying its API) allow only ``^[a-zA-Z0-9_-]{1,64}$``; catalog
+    names are namespaced with dots (``demo.add`` from the MCP server ``demo``), which such
+    a provider refuses with a 400. A dot becomes ``__``, any other character ``_``; a name
+    that collides or is too long gets a short digest suffix, so the mapping stays one to
+    one. Only the wire sees these names: events keep the catalog name."""
+    to_wire: dict[str, str] = {}
+    for name in names:
+        if _FUNCTION_NAME.fullmatch(name) and name not in to_wire.values():
+            to_wire[name] = name
+            continue
+        wire = re.sub(r"[^A-Za-z0-9_-]", "_", name.replace(".", "__"))
+        if len(wire) > 64 or wire in to_wire.values() or wire in names:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+            wire = f"{wire[:55]}-{digest}"
+        to_wire[name] = wire
+    return to_wire, {wire: name for name, wire in to_wire.items()}
+
+
+def _from_wire(name: str, from_wire: dict[str, str]) -> str:
+    # a name the model made up stays as it came: the agent reports it as unknown_tool
+    return from_wire.get(name, name)
+
+
+def _history_name(name: str, to_wire: dict[str, str]) -> str:
+    # an earlier call to a tool not offered now (or one the model made up, refused as
+    # unknown_tool) must still pass the provider's name rule, or the whole turn is refused
+    if name in to_wire:
+        return to_wire[name]
+    return name if _FUNCTION_NAME.fullmatch(name) else (re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64]
+                                                        or "unnamed")  # fmt: skip
+
+
+def _wire(message: ModelMessage, to_wire: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            {"id": c.id, "type": "function",
+             "function": {"name": _history_name(c.name, to_wire), "arguments": c.arguments}}
             for c in message.tool_calls
-        ]
+        ]  # fmt: skip
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
 
 
-def _tool(spec: ToolSpec) -> dict[str, Any]:
+def _tool(spec: ToolSpec, wire_name: str) -> dict[str, Any]:
     schema = spec.input_schema or {"type": "object", "properties": {}}
     return {"type": "function", "function": {
-        "name": spec.name, "description": spec.description[:1024], "parameters": schema,
+        "name": wire_name, "description": spec.description[:1024], "parameters": schema,
     }}  # fmt: skip
 
 

@@ -110,7 +110,8 @@ class PlannerService:
 
         async def one(name: str) -> ToolSpec | None:
             try:
-                entry = await self.kv.get(name)
+                # the key, not the name: `demo.add` is stored as `demo/add`
+                entry = await self.kv.get(bus.tool_key(name))
             except Exception:  # noqa: BLE001 (nats-py raises KeyNotFoundError; absent is fine)
                 return None
             return codec.decode(entry.value, ToolSpec) if entry.value else None

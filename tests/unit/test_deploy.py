@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 import yaml
+from nats.js.api import PersistMode
 
 from loom_core import subjects
 
@@ -247,6 +248,8 @@ def test_settings_configmap(docs: list[Doc]) -> None:
     assert data["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
     assert urlsplit(data["OTEL_EXPORTER_OTLP_ENDPOINT"]).port == 4318  # http/protobuf's port
     assert data["LOOM_STORE"] == "postgres"
+    # a value the executor accepts (loom_infra.bus), stated where cluster settings live
+    assert PersistMode(data["LOOM_RUNS_PERSIST"]) in PersistMode
     nats_url = urlsplit(data["LOOM_NATS_URL"])
     service = _one(docs, "Service", nats_url.hostname or "")
     assert nats_url.port in {p["port"] for p in service["spec"]["ports"]}

@@ -28,6 +28,7 @@ from jsonschema.exceptions import SchemaError, best_match
 
 from loom_core import codec
 from loom_core.contracts import JSON, ErrorInfo, ToolSpec
+from loom_infra.bus import tool_key as catalog_key
 from loom_services.tools.breakers import Breakers, Transition, counts_as_failure
 from loom_services.tools.config import ToolMetaConfig, ToolsConfig
 from loom_services.tools.mcp_client import McpPool, McpServer
@@ -229,12 +230,6 @@ class BreakerOutcome(ToolOutcome):
 
 def transitions_of(outcome: ToolOutcome) -> list[dict[str, JSON]]:
     return list(getattr(outcome, "breaker", []) or [])
-
-
-def catalog_key(name: str) -> str:
-    """The KV key of a tool: its name, with an MCP tool's ``server.tool`` dot as ``/``
-    (a dot would split the key into two subject tokens; readers use ``spec.name``)."""
-    return name.replace(".", "/")
 
 
 def _pick(value: str | None, default: str) -> str:
