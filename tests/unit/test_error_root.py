@@ -142,3 +142,19 @@ def test_info_carries_path_retryable_and_details() -> None:
     setting = SettingsError("LOOM_X", "not a number").info
     assert setting.message == "LOOM_X: not a number"
     assert setting.details == {"variable": "LOOM_X"}
+
+
+def test_the_cli_explains_any_typed_error_by_its_code() -> None:
+    from loom_cli.app import explain
+    from loom_cli.common import ExitCode
+    from loom_services.models import ModelUnavailable
+    from loom_services.planner import CatalogUnavailable
+    from loom_services.runtime import ProvisioningError
+
+    assert explain(ModelUnavailable("no model is configured: set LOOM_MODEL")) == (
+        ExitCode.FAILED,
+        "no model is configured: set LOOM_MODEL (model_unavailable)",
+    )
+    assert explain(ProvisioningError("stream RUNS does not exist"))[0] == ExitCode.UNAVAILABLE
+    assert explain(CatalogUnavailable("no tools yet"))[0] == ExitCode.UNAVAILABLE
+    assert explain(KeyError("x"))[0] == ExitCode.BUG  # untyped: still a bug to report
