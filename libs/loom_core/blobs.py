@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from loom_core.contracts import ErrorInfo
+from loom_core.errors import LoomError
 from loom_core.limits import json_path
 
 __all__ = [
@@ -99,7 +100,7 @@ class BlobRef(msgspec.Struct, frozen=True, omit_defaults=True):
         return BlobRef(self.digest, self.bytes, self.media_type, (*self.path, segment))
 
 
-class BlobRefError(Exception):
+class BlobRefError(LoomError):
     """A reference that is malformed, unknown, unreadable or too large; ``error`` is the
     typed error with the JSON path of the reference."""
 

@@ -39,7 +39,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from loom_core.contracts import PlanIssue
+from loom_core.errors import LoomError
 from loom_core.expressions import ExpressionError, Path, parse_condition, parse_path
 from loom_core.templating import child_path, format_expr
 
@@ -65,12 +68,15 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _TEMPLATE = re.compile(r"\$\{([^{}]*)\}|\{\{([^{}]*)\}\}")
 
 
-class ConversionError(ValueError):
+class ConversionError(LoomError, ValueError):
     """Every problem found, as plan issues with JSON paths in the source document."""
+
+    code = "invalid_plan"
 
     def __init__(self, issues: list[PlanIssue]) -> None:
         super().__init__(f"{len(issues)} problem(s): " + "; ".join(i.message for i in issues[:3]))
         self.issues = issues
+        self.details = {"issues": msgspec.to_builtins(issues)}
 
 
 def looks_like_plan_execute(doc: Any) -> bool:

@@ -173,6 +173,7 @@ CODES: dict[str, Code] = {
     "not_applied": Code(_A, "the control action changed nothing (e.g. unpause of a running run)"),
     "reason_too_large": Code(_A, "a reason, by or label over LOOM_MAX_REASON_BYTES"),
     "data_too_large": Code(_A, "resume data over LOOM_MAX_RESUME_DATA_BYTES"),
+    "conflict": Code(_A, "working memory changed since it was read; read it again and retry"),
     # ---- query: read API replies
     "summary_too_large": Code(_Q, "one run's summary is more than a reply can carry; describe it"),
     "invalid_query": Code(_Q, "a query with bad bounds or filters"),
@@ -193,6 +194,13 @@ CODES: dict[str, Code] = {
     # ---- stack: starting a service
     "data_dir_locked": Code(_K, "another stack uses this data dir"),
     "data_dir_unusable": Code(_K, "the data dir cannot be created or written"),
+    "server_start_failed": Code(_K, "the NATS server could not start (the message says why)"),
+    "invalid_setting": Code(
+        _K, "an environment setting is missing or malformed (details.variable)"
+    ),
+    "invalid_credentials": Code(_K, "an nkey seed file is missing, unreadable or not a user seed"),
+    "embedder_unavailable": Code(_K, "the memory embedder cannot run (model files, configuration)"),
+    "stream_missing": Code(_K, "a stream a service needs does not exist yet; start the stack"),
 }
 
 

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from loom_core.errors import LoomError
+
 __all__ = [
     "MAX_DEPTH",
     "MAX_LENGTH",
@@ -51,7 +53,7 @@ Path = tuple[str | int, ...]  # ("sentiment", "score"), ("items", 0)
 Resolver = Callable[[Path, int], str]  # path, position -> native expression (no braces)
 
 
-class ExpressionError(ValueError):
+class ExpressionError(LoomError, ValueError):
     """``code``: ``invalid_expression``, ``expression_too_long``,
     ``expression_too_deep`` or ``unknown_variable``; ``position``: 0-based offset in the
     text where the problem is."""

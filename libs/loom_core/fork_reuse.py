@@ -65,6 +65,7 @@ from loom_core.contracts import (
     SubRunStep,
     ToolStep,
 )
+from loom_core.errors import LoomError
 from loom_core.validation import dependencies
 
 __all__ = [
@@ -77,7 +78,7 @@ _ORDERED = (ReduceStep, LoopStep)  # each child depends on the earlier ones (rul
 MAX_MATCHES = 5
 
 
-class ForkError(ValueError):
+class ForkError(LoomError, ValueError):
     """The fork cannot be made as asked. ``code`` types it (``invalid_fork``,
     ``unknown_step``, ``step_never_ran``, ``invalid_output``), ``path`` is where in the
     ForkRun request, ``details`` what a caller can act on (close matches, problems)."""

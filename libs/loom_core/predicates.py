@@ -32,6 +32,7 @@ import msgspec
 
 from loom_core import blobs
 from loom_core.contracts import PlanIssue
+from loom_core.errors import LoomError
 from loom_core.templating import (
     BlobValueError,
     Reference,
@@ -67,7 +68,7 @@ _ALIASES: dict[str, list[str]] = {
 }
 
 
-class PredicateError(Exception):
+class PredicateError(LoomError):
     """A predicate that is malformed, or whose operands have types its operator cannot
     compare. ``path`` is the JSON path of the offending part; ``message`` says how to fix."""
 

@@ -61,6 +61,7 @@ from urllib.parse import quote, quote_plus
 import msgspec
 
 from loom_core.contracts import ErrorInfo, RunRequest
+from loom_core.errors import LoomError
 from loom_core.templating import OPEN, SECRET_NAME, SECRETS_ROOT, child_path, scan_templates
 
 JSON = Any
@@ -418,7 +419,7 @@ def reference_sites(value: JSON) -> dict[str, list[str]]:
     return sites
 
 
-class SecretReferenceError(Exception):
+class SecretReferenceError(LoomError):
     """A reference the tool-runner cannot resolve; ``error`` is the typed refusal."""
 
     def __init__(self, error: ErrorInfo) -> None:

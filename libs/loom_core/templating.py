@@ -46,6 +46,7 @@ from typing import Any
 import msgspec
 
 from loom_core import blobs
+from loom_core.errors import LoomError
 
 JSON = Any
 
@@ -84,7 +85,7 @@ Segment = str | int
 # --------------------------------------------------------------------------- errors
 
 
-class TemplateError(Exception):
+class TemplateError(LoomError):
     """A template problem at ``path`` (JSON path inside the plan) in expression ``expr``."""
 
     code = "template_error"

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from loom_core import routes, subjects
 from loom_core.contracts import ErrorInfo, Principal
+from loom_core.errors import LoomError
 from loom_infra.settings import AuthSettings, SettingsError
 
 log = logging.getLogger("loom.auth")
@@ -56,7 +57,7 @@ _CLAIM_TYPE_ERRORS = {
 }
 
 
-class AuthError(Exception):
+class AuthError(LoomError):
     """A refused submission: ``error`` is the typed ErrorInfo sent back to the submitter.
     Codes: ``not_authenticated``, ``token_expired``, ``token_invalid``,
     ``not_authorized`` (a subject naming no identity that may submit), ``unavailable``."""

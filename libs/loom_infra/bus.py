@@ -39,6 +39,7 @@ from nats.js.errors import NotFoundError
 
 from loom_core import codec, routes, secrets, subjects
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
+from loom_core.errors import LoomError
 from loom_infra import metrics
 from loom_infra.settings import OpsSettings
 
@@ -471,7 +472,7 @@ def decode_error_info(exc: Exception, code: str = "invalid_message") -> ErrorInf
     return ErrorInfo(code=code, message=f"{type(exc).__name__}: {exc}")
 
 
-class Poison(Exception):
+class Poison(LoomError):
     """Raised by a handler for a message that can never succeed; it goes to the DLQ."""
 
     def __init__(self, error: ErrorInfo) -> None:

@@ -17,7 +17,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
-from loom_core import blobs, codec, routes, secrets, subjects
+from loom_core import blobs, codec, errors, routes, secrets, subjects
 from loom_core.blobs import BlobRef
 from loom_core.contracts import (
     TERMINAL_EVENTS,
@@ -76,13 +76,19 @@ def _stuck(what: str, run_id: str, cursor: str) -> ErrorInfo:
     )
 
 
-class LoomError(Exception):
-    """An error reply from a service: ``error`` is the typed ErrorInfo."""
+class ReplyError(errors.LoomError):
+    """An error reply from a service: ``error`` is the typed ErrorInfo (also ``info``).
+    ``loom_infra.client.LoomError`` is the old name of this class, kept for callers."""
 
     def __init__(self, error: ErrorInfo) -> None:
         where = f" at {error.path}" if error.path else ""
         super().__init__(f"{error.code}{where}: {error.message}")
         self.error = error
+
+
+# the public name this class had before the root existed: ``except LoomError`` on a
+# client call still catches exactly the error replies
+LoomError = ReplyError
 
 
 class LoomClient:

@@ -38,6 +38,7 @@ from typing import Literal
 import nkeys
 
 from loom_core import routes
+from loom_core.errors import LoomError
 from loom_core.routes import ROUTES, Route
 
 ADMIN = "admin"
@@ -81,8 +82,10 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
 }
 
 
-class CredentialsError(RuntimeError):
+class CredentialsError(LoomError, RuntimeError):
     """A seed file is missing, unreadable or not an nkey user seed."""
+
+    code = "invalid_credentials"
 
 
 def inbox_prefix(identity: str) -> str:

@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from loom_core.contracts import ErrorInfo
+from loom_core.errors import LoomError
 
 __all__ = ["LOCK_FILE", "DataDirLock", "DataDirLocked"]
 
 LOCK_FILE = ".lock"
 
 
-class DataDirLocked(Exception):
+class DataDirLocked(LoomError):
     """The data dir is held by another stack (``code`` ``data_dir_locked``), or cannot be
     used for the lock at all (``data_dir_unusable``). ``error`` is the typed form."""
 

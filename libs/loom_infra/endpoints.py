@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 
 from loom_core import codec
 from loom_core.contracts import ErrorInfo
+from loom_core.errors import LoomError
 from loom_core.routes import Consumer, Identity, Route
 from loom_infra import bus
 from loom_infra.store import StoreError
@@ -37,7 +38,7 @@ Q = TypeVar("Q")
 R = TypeVar("R")
 
 
-class ServiceError(Exception):
+class ServiceError(LoomError):
     """Raised by a handler to answer with this typed error instead of a result."""
 
     def __init__(self, error: ErrorInfo) -> None:
@@ -105,12 +106,10 @@ async def serve(
             return error_reply(route, error)
         try:
             return await handle(msg, request)
-        except ServiceError as exc:
-            return error_reply(route, exc.error)
-        except StoreError as exc:
-            log.warning("%s: store error on %s: %s", identity, msg.subject, exc)
-            error = ErrorInfo(code="store_error", message=str(exc), retryable=exc.retryable)
-            return error_reply(route, error)
+        except LoomError as exc:  # a typed failure (ServiceError, StoreError, ...): as is
+            if isinstance(exc, StoreError):
+                log.warning("%s: store error on %s: %s", identity, msg.subject, exc)
+            return error_reply(route, exc.info)
         except Exception as exc:
             log.exception("%s failed on %s", identity, msg.subject)
             retryable = bool(getattr(exc, "retryable", False))

@@ -19,13 +19,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loom_core.errors import LoomError
+
 _READY = "Server is ready"
 _PORT_IN_USE = "address already in use"
 _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 
 
-class NatsServerError(RuntimeError):
-    pass
+class NatsServerError(LoomError, RuntimeError):
+    """The NATS server could not start; the message says why."""
+
+    code = "server_start_failed"
 
 
 def _die_with_parent() -> None:

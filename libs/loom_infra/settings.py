@@ -66,6 +66,7 @@ from loom_core import blobs as blob_refs
 from loom_core import caps as fanout
 from loom_core import message_limits as msg_limits
 from loom_core.contracts import Caps, SizeLimits
+from loom_core.errors import LoomError
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
 from loom_core.sizes import DEFAULT_LIMITS, STEP_INPUT_SETTING, STEP_OUTPUT_SETTING
 
@@ -77,12 +78,15 @@ DEFAULT_MAX_PAYLOAD = 262_144
 POSTGRES_URL_FORM = "postgresql://user:password@host:port/dbname"
 
 
-class SettingsError(ValueError):
+class SettingsError(LoomError, ValueError):
     """A setting is missing or malformed. ``variable`` names the environment variable."""
+
+    code = "invalid_setting"
 
     def __init__(self, variable: str, message: str) -> None:
         super().__init__(f"{variable}: {message}")
         self.variable = variable
+        self.details = {"variable": variable}
 
 
 def redact_url(url: str | None) -> str | None:

@@ -60,6 +60,7 @@ from eventsourcing.sqlite import (
 
 from loom_core import codec
 from loom_core.contracts import EventRecord, ThreadEntry
+from loom_core.errors import LoomError
 from loom_infra.settings import StoreSettings, redact_url
 
 if TYPE_CHECKING:
@@ -114,9 +115,11 @@ Backend = Literal["sqlite", "postgres"]
 # --------------------------------------------------------------------------- errors
 
 
-class StoreError(Exception):
+class StoreError(LoomError):
     """A storage operation failed. ``retryable`` is True when trying again later may
     succeed (database unavailable, lock timeout, connection lost)."""
+
+    code = "store_error"
 
     def __init__(
         self, message: str, *, operation: str, backend: str, retryable: bool = False

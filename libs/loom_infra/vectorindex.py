@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 from qdrant_client import models
 
+from loom_core.errors import LoomError
 
-class Unsupported(Exception):
+
+class Unsupported(LoomError):
     """A filter this index does not evaluate: ask Qdrant."""
+
+    code = "invalid_query"
 
 
 class LocalIndex:

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loom_core.errors import LoomError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS working_memory (
     key TEXT NOT NULL,
@@ -32,7 +34,9 @@ CREATE TABLE IF NOT EXISTS working_memory (
 """
 
 
-class Conflict(Exception):
+class Conflict(LoomError):
+    code = "conflict"
+
     def __init__(self, key: str, expected: int, current: int) -> None:
         super().__init__(
             f"working memory {key!r} is at version {current}, not {expected}: read it again "

@@ -57,8 +57,9 @@ from loom_cli.render import (
 )
 from loom_cli.tools import register as register_tool_commands
 from loom_cli.traces import register as register_trace_commands
-from loom_core import codec, convert
+from loom_core import codec, convert, errors
 from loom_core.contracts import Plan, PlanIssue, RunRequest
+from loom_core.error_codes import CODES
 from loom_core.shape import shape_issues
 from loom_core.statuses import RUN_STATUSES, unknown_status_message
 from loom_infra.client import LoomClient, LoomError
@@ -598,6 +599,13 @@ def explain(exc: BaseException) -> tuple[int, str]:
     name = type(exc).__name__
     if isinstance(exc, SettingsError):  # a configuration mistake, named with its place
         return ExitCode.USAGE, f"{exc}; fix it and start again"
+    if isinstance(exc, errors.LoomError):  # typed: its code says which kind of failure
+        info = exc.info
+        area = CODES[info.code].area if info.code in CODES else ""
+        if info.retryable or area == "stack":
+            return ExitCode.UNAVAILABLE, f"{info.message} ({info.code})"
+        if info.code != "internal_error":
+            return ExitCode.FAILED, f"{info.message} ({info.code})"
     if "nats" in type(exc).__module__:
         return ExitCode.UNAVAILABLE, (
             f"NATS failed ({name}: {exc}); check LOOM_NATS_URL and that the stack is up"

@@ -30,6 +30,7 @@ from qdrant_client import models
 
 from loom_core.answers import problems
 from loom_core.contracts import Principal
+from loom_core.errors import LoomError
 from loom_infra.embedders import Embedder
 from loom_infra.vectors import Hit, VectorStore, match, point_id
 from loom_infra.workingmemory import Conflict, WorkingMemoryStore
@@ -54,7 +55,7 @@ class MemoryLimits:
     chunk_overlap: int = 150
 
 
-class MemoryFailure(Exception):
+class MemoryFailure(LoomError):
     """A typed, expected failure: becomes ``ErrorInfo(code, message, path)``."""
 
     def __init__(self, code: str, message: str, path: str | None = None, **details: Any) -> None:

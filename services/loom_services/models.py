@@ -57,6 +57,7 @@ from loom_core.contracts import (
     ModelUsage,
     ToolSpec,
 )
+from loom_core.errors import LoomError
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
 
@@ -67,8 +68,10 @@ DEFAULT_RETRIES = 2
 MAX_ANSWER_CHARS = 1_000_000  # an answer longer than this is refused before decoding
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(LoomError):
     """No model is configured (or the named one is not): the message says what to set."""
+
+    code = "model_unavailable"
 
 
 @dataclass(frozen=True)

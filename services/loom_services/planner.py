@@ -37,6 +37,7 @@ from loom_core.contracts import (
     RunRequested,
     ToolSpec,
 )
+from loom_core.errors import LoomError
 from loom_core.executor import request_digest
 from loom_core.tool_access import check_tool_access
 from loom_core.validation import validate_plan
@@ -51,8 +52,11 @@ log = logging.getLogger("loom.planner")
 ONCE_KEPT = 4096  # model answers kept for redeliveries of the same request
 
 
-class CatalogUnavailable(Exception):
+class CatalogUnavailable(LoomError):
     """No tool-runner has published its tools yet: retry later rather than reject."""
+
+    code = "unavailable"
+    retryable = True
 
 
 class PlannerService:

@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 
 from loom_core import routes
 from loom_core.contracts import Ping, Pong
+from loom_core.errors import LoomError
 from loom_infra import blobstore, bus, credentials, endpoints
 from loom_infra.httpserver import HealthServer
 from loom_infra.settings import (
@@ -181,8 +182,10 @@ def identity_of(service: Service) -> str:
     return getattr(service, "identity", service.name)
 
 
-class ProvisioningError(RuntimeError):
+class ProvisioningError(LoomError, RuntimeError):
     """A stream a service needs does not exist (or may not be looked at)."""
+
+    code = "stream_missing"
 
 
 async def wait_for_streams(

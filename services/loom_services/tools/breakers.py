@@ -32,6 +32,7 @@ from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import OpenedState
 
 from loom_core.contracts import JSON, ErrorInfo
+from loom_core.errors import LoomError
 
 # failures of the dependency, not of its caller (see the module doc)
 # a tool's breaker: its own failures (a crash or an MCP is_error, a hang, a lost server)
@@ -55,8 +56,10 @@ def counts_as_failure(error: ErrorInfo | None, breaker: str) -> bool:
     return error.code in (SERVER_FAILURES if breaker.startswith("mcp:") else TOOL_FAILURES)
 
 
-class CountedFailure(Exception):
+class CountedFailure(LoomError):
     """Raised inside a breaker's context for a failure it must count."""
+
+    code = "tool_error"
 
 
 @dataclass

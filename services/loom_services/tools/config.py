@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from loom_core.errors import LoomError
 from loom_infra.settings import SettingsError
 from loom_services.tools.breakers import BreakerSettings
 
@@ -222,7 +223,9 @@ def _number(value: Any, where: str, path: str, kind: type, minimum: float = 0.00
     return kind(value)
 
 
-class MissingSecret(Exception):
+class MissingSecret(LoomError):
+    code = "secret_not_found"
+
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name

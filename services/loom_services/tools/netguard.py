@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from loom_core.errors import LoomError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[..., Iterable[Any]]
 
@@ -41,7 +43,7 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 
 
-class UrlRefused(Exception):
+class UrlRefused(LoomError):
     """Base of every refusal; ``code`` is the ErrorInfo code a tool should report."""
 
     code = "address_not_allowed"

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from loom_core.contracts import JSON, ErrorInfo, SuspendRequest, ToolSpec
+from loom_core.errors import LoomError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class ToolOutput(msgspec.Struct, frozen=True):
     """Base for tool outputs (no extra behaviour; reads as intent)."""
 
 
-class ToolFailure(Exception):
+class ToolFailure(LoomError):
     """Raised by a tool for a typed, expected failure; becomes ``ErrorInfo`` as is.
 
     ``message`` should say how to fix; it must not contain secrets."""
@@ -66,13 +67,7 @@ class ToolFailure(Exception):
         self.details = details or {}
 
     def to_error(self) -> ErrorInfo:
-        return ErrorInfo(
-            code=self.code,
-            message=self.message,
-            path=self.path,
-            retryable=self.retryable,
-            details=self.details,
-        )
+        return self.info
 
 
 @dataclass(frozen=True)
