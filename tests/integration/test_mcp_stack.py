@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from tests.integration.conftest import make_settings
-from tests.integration.waiting import until
+from tests.integration.waiting import eventually, until
 from tests.mcp_servers.fixtures import demo_stdio, time_stdio
 from typer.testing import CliRunner
 
@@ -177,9 +177,15 @@ async def test_loom_tools_shows_sources_state_and_schemas(
         input={"timezone": "UTC"})]))  # fmt: skip
     runner = CliRunner()
     env = {"LOOM_NATS_URL": stack.url, "LOOM_NKEY_SEED_FILE": str(stack.seed_file("operator"))}
-    listing = await asyncio.to_thread(runner.invoke, app, ["tools", "-o", "json"], env=env)
-    assert listing.exit_code == 0, listing.output
-    specs = {s["name"]: s for s in json.loads(listing.output)}
+
+    async def both_servers_listed() -> dict[str, dict] | None:
+        # each MCP server joins the catalog on its own: wait for the second one too
+        listing = await asyncio.to_thread(runner.invoke, app, ["tools", "-o", "json"], env=env)
+        assert listing.exit_code == 0, listing.output
+        specs = {s["name"]: s for s in json.loads(listing.output)}
+        return specs if "demo.boom" in specs and "time.get_current_time" in specs else None
+
+    specs = await eventually(both_servers_listed, "both MCP servers' tools in `loom tools`")
     assert specs["time.get_current_time"]["source"] == "mcp:time"
     assert specs["echo"]["source"] == "builtin"
     assert specs["demo.boom"]["requires_auth"] and not specs["demo.bump"]["idempotent"]
