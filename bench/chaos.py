@@ -73,7 +73,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
-from loom_infra.processes import ServiceProcess
+from loom_infra.processes import ServiceProcess, wait_until
 from loom_services.runtime import provision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,17 +183,7 @@ class Watch:
 
     async def until(self, condition: Callable[[], bool], timeout: float) -> bool:
         """Wait for ``condition`` (re-checked on each new event) at most ``timeout`` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not condition():
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            self._changed.clear()
-            # re-check at least every 0.5 s: a condition may also change without an event
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
-        return True
+        return await wait_until(self._changed, condition, timeout)
 
     def affected_by(self, target: str, submitted: set[str]) -> set[str]:
         live = submitted - set(self.ended)

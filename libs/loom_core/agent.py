@@ -174,7 +174,11 @@ def fold_event(state: RunState, event: Any) -> bool:
             agent.digests[sid] = request_digest(state.run_id, event)
             state.running += 1
             return True
-        case ToolCallCompleted(step_id=sid) | ToolCallFailed(step_id=sid):
+        case (
+            ToolCallCompleted(step_id=sid)
+            | ToolCallFailed(step_id=sid)
+            | ToolCallCancelled(step_id=sid)
+        ):
             agent = owner_of(state, sid)
             if agent is None:
                 return False
@@ -183,16 +187,8 @@ def fold_event(state: RunState, event: Any) -> bool:
                 state.running -= 1
             if isinstance(event, ToolCallCompleted):
                 agent.answers[sid] = _json_text(event.output)
-            else:
+            elif isinstance(event, ToolCallFailed):
                 agent.answers[sid] = _error_text(event.error)
-            return True
-        case ToolCallCancelled(step_id=sid):
-            agent = owner_of(state, sid)
-            if agent is None:
-                return False
-            if sid in agent.pending:
-                agent.pending.remove(sid)
-                state.running -= 1
             return True
     return False
 

@@ -1600,6 +1600,9 @@ def unexpected(
             if message.attempt != inst.attempt or message.idempotency_key != key:
                 return _refuse(state, f"the result of attempt {inst.attempt} of step '{sid}' "
                                f"({key})", got, "$.attempt")  # fmt: skip
+            if not inst.inflight:  # e.g. a redelivered ambiguous outcome
+                return _refuse(state, f"nothing: attempt {inst.attempt} of step '{sid}' is "
+                               "answered already", got, "$.attempt")  # fmt: skip
             if inst.request_digest is not None and message.request_digest != inst.request_digest:
                 return _refuse(
                     state,

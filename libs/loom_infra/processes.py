@@ -5,11 +5,13 @@ chaos driver (``bench/chaos.py``) use to kill services the way a machine would."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,3 +91,21 @@ class ServiceProcess:
                     f"{self.name} (pid {self.proc.pid}) not healthy in {timeout}s\n" + self.tail()
                 )
             await asyncio.sleep(0.05)  # retry interval of a bounded readiness probe
+
+
+async def wait_until(
+    changed: asyncio.Event, condition: Callable[[], bool], timeout: float, recheck_s: float = 0.5
+) -> bool:
+    """Wait for ``condition``, re-checked each time ``changed`` is set (and at least every
+    ``recheck_s``: a condition may also change without an event), at most ``timeout`` s.
+    The watchers of the crash test and the chaos driver share it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), min(left, recheck_s))
+    return True

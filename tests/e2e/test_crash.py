@@ -79,7 +79,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
-from loom_infra.processes import ServiceProcess
+from loom_infra.processes import ServiceProcess, wait_until
 from loom_services.runtime import provision
 
 pytestmark = pytest.mark.e2e
@@ -241,18 +241,7 @@ class Watch:
 
     async def until(self, condition: Callable[[], bool], timeout: float) -> bool:
         """Wait for ``condition`` (re-checked on each new event) at most ``timeout`` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not condition():
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except TimeoutError:
-                return condition()
-        return True
+        return await wait_until(self._changed, condition, timeout)
 
 
 def effect_in_flight(path: Path) -> bool:

@@ -48,7 +48,15 @@ from loom_core.contracts import (
     ToolResult,
     ToolStep,
 )
-from loom_core.executor import RunState, advance, decide, fold, initial_state, retry_delay
+from loom_core.executor import (
+    RunState,
+    advance,
+    decide,
+    fold,
+    initial_state,
+    retry_delay,
+    unexpected,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 Answer = Callable[[ToolCallRequested], tuple[Any, ErrorInfo | None]]
@@ -291,6 +299,11 @@ def test_a_redelivered_ambiguous_outcome_is_not_recorded_twice() -> None:
     ambiguous = ErrorInfo(code="ambiguous_outcome", message="runner died")
     w.result(req, error=ambiguous)
     recorded = len(w.events)
+    again = ToolResult(run_id=w.run_id, step_id=req.step_id, attempt=req.attempt,
+                       idempotency_key=req.idempotency_key, ok=False, started_at=w.now,
+                       finished_at=w.now, error=ambiguous)  # fmt: skip
+    refusal = unexpected(w.state, again, w.now)  # the inbox says so, before deciding
+    assert refusal is not None and "answered already" in refusal.message
     w.result(req, error=ambiguous)  # the redelivery
     assert len(w.events) == recorded
     assert len(w.of(ToolCallFailed)) == 1 and len(w.of(RunNeedsReview)) == 1

@@ -21,12 +21,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math as _math
 import re
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -363,7 +364,7 @@ async def http_get(inp: HttpGetInput, ctx: ToolContext) -> HttpGetOutput:
             origin = (target.scheme, target.host, target.port)
             client.cookies.clear()  # no state carried between hops
             public_url, request = _pinned_request(client, target, headers)
-            try:
+            with transport_errors(target):
                 response = await client.send(request, stream=True)
                 try:
                     location = response.headers.get("location")
@@ -373,12 +374,6 @@ async def http_get(inp: HttpGetInput, ctx: ToolContext) -> HttpGetOutput:
                     body, truncated = await _read_body(response, inp.max_bytes)
                 finally:
                     await response.aclose()
-            except httpx.TimeoutException as exc:
-                raise _transport_failure("http_timeout", target, exc) from None
-            except httpx.ConnectError as exc:
-                raise _transport_failure("connection_failed", target, exc) from None
-            except httpx.RequestError as exc:  # transport, protocol or content decoding
-                raise _transport_failure("http_error", target, exc) from None
             return HttpGetOutput(
                 status=response.status_code,
                 headers=dict(response.headers.items()),
@@ -401,6 +396,20 @@ def _redirect_target(current: httpx.URL, location: str) -> str:
             "invalid_redirect",
             f"{netguard.redact_url(str(current))} redirected to an invalid URL: {exc}",
         ) from None
+
+
+@contextlib.contextmanager
+def transport_errors(target: netguard.ResolvedTarget) -> Iterator[None]:
+    """httpx's failures (transport, protocol or content decoding) as typed tool
+    failures naming the target: one mapping for every HTTP tool."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise _transport_failure("http_timeout", target, exc) from None
+    except httpx.ConnectError as exc:
+        raise _transport_failure("connection_failed", target, exc) from None
+    except httpx.RequestError as exc:
+        raise _transport_failure("http_error", target, exc) from None
 
 
 def _transport_failure(code: str, target: netguard.ResolvedTarget, exc: Exception) -> ToolFailure:

@@ -50,7 +50,7 @@ from loom_services.tools.builtins import (
     _read_body,
     _redirect_target,
     _ssl_context,
-    _transport_failure,
+    transport_errors,
 )
 from loom_services.tools.registry import ToolContext, ToolFailure, ToolInput, ToolOutput, tool
 
@@ -176,7 +176,7 @@ async def http_request(inp: HttpRequestInput, ctx: ToolContext) -> HttpRequestOu
             request = client.build_request(
                 method, get.url, headers=kept, content=content, extensions=get.extensions
             )
-            try:
+            with transport_errors(target):
                 response = await client.send(request, stream=True)
                 try:
                     location = response.headers.get("location")
@@ -190,12 +190,6 @@ async def http_request(inp: HttpRequestInput, ctx: ToolContext) -> HttpRequestOu
                     body, truncated = await _read_body(response, inp.max_bytes)
                 finally:
                     await response.aclose()
-            except httpx.TimeoutException as exc:
-                raise _transport_failure("http_timeout", target, exc) from None
-            except httpx.ConnectError as exc:
-                raise _transport_failure("connection_failed", target, exc) from None
-            except httpx.RequestError as exc:
-                raise _transport_failure("http_error", target, exc) from None
             return _answer(inp, response, body, truncated, str(public_url), validator, limit)
     raise ToolFailure(
         "too_many_redirects",
