@@ -1461,3 +1461,87 @@ class RebuildTracesReply(Record, tag="rebuild_traces_reply", tag_field="type"):
     changed: int = 0
     last_run_id: str | None = None
     error: ErrorInfo | None = None
+
+
+# --------------------------------------------------------------------------- schedules
+# Cron-like and one-shot schedules that submit runs (loom_core.schedules for the
+# grammar and fire times; loom_services.schedules fires them, in the executor).
+
+
+class ScheduleSpec(Inbound, tag="schedule_spec", tag_field="type"):
+    """When a schedule fires: exactly one of ``cron`` (five fields, read in ``tz``),
+    ``every`` (an interval: ``30s``, ``10m``, ``1h30m``) or ``at`` (one instant).
+    ``catch_up``: what happens to firings missed while nothing ran: ``none`` (skip them;
+    a firing at most the grace late still fires), ``latest`` (fire the latest one once)
+    or ``all`` (fire each, oldest first, bounded)."""
+
+    cron: str | None = None
+    every: str | None = None
+    at: datetime | None = None
+    tz: str = "UTC"
+    catch_up: Literal["none", "latest", "all"] = "latest"
+
+
+class ScheduleCreate(Inbound, tag="schedule_create", tag_field="type"):
+    """Create a schedule (on ``loom.schedule.{via}``). ``run`` is the run request each
+    firing submits, without ``run_id`` (each firing's is derived from the schedule and
+    its fire time). The runs act for whoever created the schedule: the principal of this
+    request (its ``Authorization`` header and subject), never a body field."""
+
+    name: str
+    when: ScheduleSpec
+    run: RunRequest
+    paused: bool = False
+
+
+class ScheduleControl(Inbound, tag="schedule_control", tag_field="type"):
+    """Act on one schedule of the caller's tenant: ``describe``, ``pause``, ``resume``,
+    ``delete``, or ``trigger`` (fire now, once, apart from its times)."""
+
+    name: str
+    action: Literal["describe", "pause", "resume", "delete", "trigger"]
+
+
+class SchedulesQuery(Inbound, tag="schedules_query", tag_field="type"):
+    """The caller's tenant's schedules by name, a page at a time after ``after``."""
+
+    limit: int = 100
+    after: str = ""
+
+
+class Schedule(Record, tag="schedule", tag_field="type"):
+    """A schedule as stored (JetStream key-value bucket ``loom_schedules``) and shown.
+    ``next_at``: its next fire time not yet submitted (None: a one-shot that fired).
+    ``principal``: who its runs act for. ``run`` is left out of listings."""
+
+    schedule_id: str
+    name: str
+    tenant: str
+    when: ScheduleSpec
+    created_at: datetime
+    anchor: datetime
+    principal: Principal | None = None
+    run: RunRequest | None = None
+    redacted: list[str] = []
+    next_at: datetime | None = None
+    paused: bool = False
+    fired: int = 0
+    last_fire_at: datetime | None = None
+    last_run_id: str = ""
+    dropped: int = 0  # catch-ups that left missed firings unfired (the policy)
+
+
+class ScheduleReply(Record, tag="schedule_reply", tag_field="type"):
+    """``schedule``: the one acted on (its state after the action); ``schedules``: a
+    listing's page (``next_after``: ask again with it as ``after``); ``run_id``: the run
+    a trigger submitted (``existing``: it was submitted before)."""
+
+    schedule: Schedule | None = None
+    schedules: list[Schedule] = []
+    next_after: str | None = None
+    run_id: str = ""
+    existing: bool = False
+    error: ErrorInfo | None = None
+
+
+ScheduleMessage = ScheduleCreate | ScheduleControl | SchedulesQuery

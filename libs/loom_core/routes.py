@@ -416,6 +416,43 @@ BLOBS = Route(
     "expire after LOOM_BLOB_MAX_AGE_DAYS.",
 )
 
+SCHEDULES_BUCKET = "loom_schedules"
+
+SCHEDULE = Route(
+    name="schedule",
+    pattern=f"{subjects.PREFIX}.schedule.{{via}}",
+    kind="request",
+    messages=(c.ScheduleCreate, c.ScheduleControl, c.SchedulesQuery),
+    replies=(c.ScheduleReply,),
+    publishers=("operator",),
+    # as on submit: {via} is the caller's own identity, and the Authorization header
+    # names the principal the schedule's runs act for
+    own_param="via",
+    consumers=(Consumer("executor", queue="executor"),),
+    description="Schedules that submit runs (request/reply on `loom.schedule.operator`): "
+    "create (cron, every or at; a catch-up policy), list, describe, pause, resume, "
+    "delete, trigger. A schedule belongs to the caller's tenant and its runs act for "
+    "the principal that created it (the `Authorization: Bearer <JWT>` header, as on "
+    "submit). Each firing's run id is derived from the schedule and its fire time, so a "
+    "firing is submitted once however many executors see it due; its runs carry the "
+    "label `schedule`. Refusals: `invalid_schedule`, `invalid_cron`, `invalid_timezone` "
+    "(with the path of the field), `schedule_exists`, `schedule_not_found`, "
+    "`too_many_schedules`, and every refusal of a run request",
+)
+
+SCHEDULE_STORE = Route(
+    name="scheduleStore",
+    pattern=f"$KV.{SCHEDULES_BUCKET}.{{tenant}}.{{name}}",
+    kind="kv",
+    stream=f"KV_{SCHEDULES_BUCKET}",
+    messages=(c.Schedule,),
+    publishers=("executor",),
+    consumers=(Consumer("executor", note="every replica watches it and fires what is due"),),
+    description=f"The schedules: JetStream key-value bucket `{SCHEDULES_BUCKET}`, one "
+    "Schedule per key `<tenant>.<name>` (`<tenant>`: a digest of the tenant's name). "
+    "Only the executor writes it, each change a compare-and-set on the key's revision.",
+)
+
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
@@ -441,6 +478,8 @@ ROUTES: tuple[Route, ...] = (
     HEALTH,
     TOOL_CATALOG,
     BLOBS,
+    SCHEDULE,
+    SCHEDULE_STORE,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}

@@ -79,6 +79,9 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     (routes.BLOBS.name, "operator"): frozenset({"get", "browse"}),
     (routes.BLOBS.name, "executor"): frozenset({"get"}),
     (routes.BLOBS.name, "client"): frozenset({"object_meta"}),
+    # schedules: every executor watches the bucket (an ordered consumer) and reads a
+    # key before each compare-and-set
+    (routes.SCHEDULE_STORE.name, "executor"): frozenset({"get", "browse"}),
 }
 
 

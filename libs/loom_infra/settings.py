@@ -425,6 +425,32 @@ def blob_settings_from_env(env: Mapping[str, str] = os.environ) -> BlobSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSettings:
+    """Schedules (loom_services.schedules): ``max_per_tenant`` schedules per tenant
+    (LOOM_SCHEDULES_MAX); a firing missed by at most ``grace_s`` still fires under
+    catch-up ``none`` (LOOM_SCHEDULE_GRACE_S); catch-up ``all`` fires at most
+    ``max_catch_up`` missed firings at once (LOOM_SCHEDULE_MAX_CATCH_UP)."""
+
+    max_per_tenant: int = 1000
+    grace_s: int = 60
+    max_catch_up: int = 100
+
+
+def schedule_settings_from_env(env: Mapping[str, str] = os.environ) -> ScheduleSettings:
+    values = {
+        "LOOM_SCHEDULES_MAX": _whole(env, "LOOM_SCHEDULES_MAX", ScheduleSettings.max_per_tenant),
+        "LOOM_SCHEDULE_GRACE_S": _whole(env, "LOOM_SCHEDULE_GRACE_S", ScheduleSettings.grace_s),
+        "LOOM_SCHEDULE_MAX_CATCH_UP": _whole(
+            env, "LOOM_SCHEDULE_MAX_CATCH_UP", ScheduleSettings.max_catch_up
+        ),
+    }
+    for name, value in values.items():
+        if not 1 <= value <= 100_000:
+            raise SettingsError(name, f"must be 1-100000, got {value}")
+    return ScheduleSettings(*values.values())
+
+
+@dataclass(frozen=True)
 class Settings:
     nats_url: str = field(repr=False)
     store: StoreSettings
@@ -449,6 +475,7 @@ class Settings:
     blobs: BlobSettings = field(default_factory=BlobSettings)  # big values by reference
     # reasons, resume data, signal payloads (loom_core.message_limits)
     message_limits: msg_limits.MessageLimits = msg_limits.DEFAULT_MESSAGE_LIMITS
+    schedules: ScheduleSettings = field(default_factory=ScheduleSettings)
 
     @property
     def credentials_dir(self) -> Path:
@@ -582,6 +609,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         caps=caps_from_env(env),
         blobs=blobs,
         message_limits=message_limits_from_env(env, max_payload, _depth(env)),
+        schedules=schedule_settings_from_env(env),
     )
 
 

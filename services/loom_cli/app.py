@@ -55,6 +55,7 @@ from loom_cli.render import (
     stderr,
     stdout,
 )
+from loom_cli.schedule import register as register_schedule_commands
 from loom_cli.tools import register as register_tool_commands
 from loom_cli.traces import register as register_trace_commands
 from loom_core import codec, convert, errors
@@ -564,6 +565,7 @@ register_debug_commands(app)
 register_trace_commands(app)
 register_tool_commands(app)
 register_mcp_commands(app)
+register_schedule_commands(app)
 add_examples(app)
 
 

@@ -56,6 +56,18 @@ EXAMPLES: dict[str, list[str]] = {
         'loom knowledge search handbook "how do I deploy"',
     ],
     "creds": ["loom creds generate --out deploy/creds", "loom creds matrix"],
+    "schedule": [
+        "loom schedule create nightly examples/hello-dag.yaml --cron '0 2 * * *' "
+        "--tz Europe/Lisbon -i name=Ada",
+        "loom schedule create poll examples/hello-dag.yaml --every 10m --catch-up none",
+        "loom schedule create once examples/hello-dag.yaml --at 2026-12-05T09:00Z",
+        "loom schedule list",
+        "loom schedule describe nightly -o json",
+        "loom schedule pause nightly; loom schedule resume nightly",
+        "loom schedule trigger nightly   # fire now, once",
+        "loom schedule delete nightly",
+        "loom runs   # a schedule's runs carry the label schedule=NAME",
+    ],
 }
 
 

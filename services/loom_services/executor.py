@@ -85,6 +85,7 @@ from loom_infra.store import (
 )
 from loom_services.local_tools import LocalTools
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.schedules import Scheduler
 from loom_services.signals import SignalRouter
 from loom_services.timers import TimerService
 
@@ -352,6 +353,14 @@ class ExecutorService:
             ctx.js, routes.INBOXES, handler=self.on_inbox, batch=256
         )
         ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
+        # schedules fire here: a firing acts for its creator, as only the engine may
+        self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
+                                   self._check_scheduled)  # fmt: skip
+        await self.scheduler.start(ctx)
+
+    async def _check_scheduled(self, request: RunRequest, data: bytes) -> ErrorInfo | None:
+        """A schedule's run request is refused at creation for what submit refuses."""
+        return _check_request(request) or await self._check_blobs(request, data)
 
     async def close(self) -> None:
         await self.io.close()

@@ -41,7 +41,7 @@ from loom_infra.settings import (
     ops_settings_from_env,
     settings_from_env,
 )
-from loom_services import observe
+from loom_services import observe, schedules
 
 log = logging.getLogger("loom.runtime")
 
@@ -234,6 +234,7 @@ async def provision(
         js = nc.jetstream()
         await bus.ensure_streams(js, ops)
         await bus.ensure_tools_bucket(js)
+        await schedules.ensure_bucket(js)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env())
     finally:
         await nc.close()
