@@ -201,6 +201,13 @@ CODES: dict[str, Code] = {
     "invalid_credentials": Code(_K, "an nkey seed file is missing, unreadable or not a user seed"),
     "embedder_unavailable": Code(_K, "the memory embedder cannot run (model files, configuration)"),
     "stream_missing": Code(_K, "a stream a service needs does not exist yet; start the stack"),
+    # ---- schedules (loom.schedule.*): a create refused (nothing stored), a control
+    "invalid_schedule": Code(_S, "a schedule's name, interval, time or rule is wrong (path)"),
+    "invalid_cron": Code(_S, "a cron expression is wrong or never fires (path names the field)"),
+    "invalid_timezone": Code(_S, "not an IANA time zone name (e.g. Europe/Lisbon)"),
+    "schedule_exists": Code(_S, "the tenant has a schedule of that name: delete it first"),
+    "too_many_schedules": Code(_S, "the tenant has LOOM_SCHEDULES_MAX schedules"),
+    "schedule_not_found": Code(_A, "the tenant has no schedule of that name"),
 }
 
 

@@ -394,6 +394,8 @@ def _parameters() -> dict[str, Schema]:
             "let each identity publish only its own.",
             "enum": ["client", "operator"],
         },
+        "tenant": {"description": "A digest of a tenant's name (16 hex characters)."},
+        "schedule": {"description": "A schedule's name (1-48 of `[A-Za-z0-9_-]`)."},
     }
 
 
@@ -408,6 +410,8 @@ def _message_headers(route: routes.Route) -> Schema | None:
         )
     if route is routes.SIGNAL:
         return _headers([], [subjects.MSG_ID])
+    if route is routes.SCHEDULE:  # the principal the schedule's runs act for
+        return _headers([], [subjects.AUTHORIZATION])
     if route in (routes.DEAD_LETTER, routes.REJECTED):  # one message type, same headers
         return _headers([subjects.DLQ_REASON], [subjects.TRACEPARENT])
     return None

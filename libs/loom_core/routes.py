@@ -442,14 +442,14 @@ SCHEDULE = Route(
 
 SCHEDULE_STORE = Route(
     name="scheduleStore",
-    pattern=f"$KV.{SCHEDULES_BUCKET}.{{tenant}}.{{name}}",
+    pattern=f"$KV.{SCHEDULES_BUCKET}.{{tenant}}.{{schedule}}",
     kind="kv",
     stream=f"KV_{SCHEDULES_BUCKET}",
     messages=(c.Schedule,),
     publishers=("executor",),
     consumers=(Consumer("executor", note="every replica watches it and fires what is due"),),
     description=f"The schedules: JetStream key-value bucket `{SCHEDULES_BUCKET}`, one "
-    "Schedule per key `<tenant>.<name>` (`<tenant>`: a digest of the tenant's name). "
+    "Schedule per key `<tenant>.<schedule name>` (`<tenant>`: a digest of the tenant's name). "
     "Only the executor writes it, each change a compare-and-set on the key's revision.",
 )
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the ways a code is written where an error is made
 _EMITTED = re.compile(
     r"""(?:\bcode\s*=\s*|\bPlanIssue\(\s*|\b_issue\(\s*|\bself\.issue\(\s*|\bAuthError\(\s*
-       |\bExpressionError\(\s*|\b_too_large\(\s*|\b_transport_failure\(\s*|\b_error\(\s*)
+       |\bExpressionError\(\s*|\bScheduleError\(\s*|\bScheduleRefused\(\s*|\b_too_large\(\s*|\b_transport_failure\(\s*|\b_error\(\s*)
        "([a-z][a-z0-9_]*)\"""",
     re.VERBOSE,
 )
