@@ -297,7 +297,7 @@ def _next_cron(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
     # ``_instant``), so the first one after ``after`` is the answer. Starting at the
     # wall-clock reading of ``after`` is safe: no earlier reading maps later than it.
     local = after.astimezone(tz).replace(tzinfo=None, second=0, microsecond=0)
-    limit = local.replace(year=local.year + _SEARCH_YEARS) if local.year < 9990 else local
+    limit = datetime(min(local.year + _SEARCH_YEARS, 9999), 1, 1)
     candidate = local
     while candidate < limit:
         candidate = _next_match(cron, candidate, limit)

@@ -391,6 +391,7 @@ class TraceBuilder:
         self._busy_tools = 0  # tool calls requested and not yet answered
         self._forked_from: str | None = None
         self._fork_facts: tuple[str, list[str], int] = ("", [], 0)  # from, edited, reused
+        self._labels: dict[str, str] = {}
         self._paused_since: datetime | None = None
         self._paused_ms = 0.0
         self._pauses = 0
@@ -470,6 +471,7 @@ class TraceBuilder:
             fork_from_step=self._fork_facts[0],
             fork_edited=list(self._fork_facts[1]),
             fork_reused=self._fork_facts[2],
+            labels=dict(self._labels),
             started_at=self._started_at,
             ended_at=self._ended_at,
             duration_ms=duration,
@@ -675,6 +677,7 @@ class TraceBuilder:
             self._fork_facts = (ev.fork.from_step, list(ev.fork.edited), len(ev.fork.reused))
         if ev.plan is not None and ev.plan.name:
             self._name = ev.plan.name
+        self._labels = dict(ev.labels)
         attrs: dict[str, JSON] = {
             "gen_ai.operation.name": "invoke_workflow",
             "loom.run.id": self.run_id,

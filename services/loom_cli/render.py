@@ -168,10 +168,13 @@ def runs_table(runs: Sequence[RunSummary]) -> Table:
     table.add_column("run", no_wrap=True)
     for name in ("status", "name", "steps", "started", "duration", "waiting for"):
         table.add_column(name)
+    labelled = any(run.labels for run in runs)  # a column only when some run has labels
+    if labelled:
+        table.add_column("labels")
     colours = {"completed": "green", "failed": "red", "rejected": "red", "running": "cyan"}
     for run in runs:
         c = colours.get(run.status, "white")
-        table.add_row(
+        row = [
             run.run_id,
             f"[{c}]{run.status}[/]",
             run.name,
@@ -179,7 +182,10 @@ def runs_table(runs: Sequence[RunSummary]) -> Table:
             run.started_at.strftime("%Y-%m-%d %H:%M:%S") if run.started_at else "",
             f"{run.duration_ms:.1f} ms" if run.duration_ms is not None else "",
             _waiting_for(run),
-        )
+        ]
+        if labelled:
+            row.append(escape(" ".join(f"{k}={v}" for k, v in sorted(run.labels.items()))))
+        table.add_row(*row)
     return table
 
 

@@ -143,6 +143,10 @@ async def test_every_second_fires_once_per_time_across_a_restart(
     # stop every service (NATS and the store stay), then start them again
     assert stack.stack is not None
     await stack.stack.close()
+    down_at = datetime.now(UTC)
+    # not a synchronisation: while nothing runs, two fire times pass unfired
+    await asyncio.sleep(2.2)
+    up_at = datetime.now(UTC)
     stack.stack = Stack(all_services(stack.settings), stack.settings)
     await stack.stack.start()
     after = (await fired(client, "tick", 2)).fired
@@ -162,11 +166,19 @@ async def test_every_second_fires_once_per_time_across_a_restart(
         assert event.principal == Principal(
             user_id="alice", via="executor", roles=["analyst"], tenant="acme", issuer=ISSUER
         )
+    # the times that passed while it was down were fired after the restart (catch-up)
+    missed = [t for t in times if down_at < t < up_at]
+    assert len(missed) >= 2
+    for t in missed:
+        records = await client.events(sched.run_id_for(last.schedule_id, t))
+        assert records[0].at >= up_at
     # and the tracing read model knows exactly these runs of the schedule
     prefix = f"sch-{last.schedule_id}-"
 
     async def listed() -> set[str] | None:
-        found = {r.run_id for r in await client.runs(limit=500) if r.run_id.startswith(prefix)}
+        mine = [r for r in await client.runs(limit=500) if r.run_id.startswith(prefix)]
+        assert all(r.labels == {"schedule": "tick"} for r in mine)  # as `loom runs` shows
+        found = {r.run_id for r in mine}
         return found if set(runs) <= found else None
 
     found = await eventually(listed, "the runs in the read model")
