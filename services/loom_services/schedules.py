@@ -39,7 +39,12 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 
 from loom_core import codec, limits, routes, secrets, shape, subjects, validation
 from loom_core import schedules as sched
@@ -66,6 +71,7 @@ log = logging.getLogger("loom.schedules")
 LABEL = "schedule"  # the label every run a schedule submits carries: its name
 MAX_IDLE_S = 30.0  # a due time is looked at again at least this often (clock jumps)
 MAX_PAGE = 200
+RESYNC_S = 300.0  # the index is checked against the bucket's keys this often
 FIRE_CONCURRENCY = 64  # schedules fired at once (each: a get, its runs, a compare-and-set)
 
 
@@ -207,9 +213,32 @@ class Scheduler:
 
     # ------------------------------------------------------------------ firing
 
+    async def resync(self) -> None:
+        """Bring the index back to the bucket's keys: the watcher is the fast path, this
+        makes a watcher that stopped (a long NATS outage) harmless."""
+        try:
+            keys = set(await self.kv.keys())
+        except NoKeysError:
+            keys = set()
+        for key in set(self.known) - keys:
+            self.known.pop(key, None)
+        for key in keys - set(self.known):
+            try:
+                entry = await self.kv.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                continue
+            self._learn(entry)
+
     async def _fire_loop(self, stop: asyncio.Event) -> None:
+        synced = asyncio.get_running_loop().time()
         while not stop.is_set():
             self.changed.clear()
+            if asyncio.get_running_loop().time() - synced > RESYNC_S:
+                synced = asyncio.get_running_loop().time()
+                try:
+                    await self.resync()
+                except Exception as exc:  # the bus is down: the next pass tries again
+                    log.warning("schedules not resynced: %r", exc)
             now = self.now()
             wait = MAX_IDLE_S
             due: list[str] = []

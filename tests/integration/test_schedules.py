@@ -221,6 +221,21 @@ async def test_racing_firers_and_a_crash_after_submit_fire_once(
     await control(client, "once", "delete")
 
 
+async def test_an_index_that_missed_changes_is_resynced_from_the_bucket(
+    stack: LocalStack, client: LoomClient
+) -> None:
+    made = await create(client, "seen", every="1h")
+    scheduler = executor_of(stack).scheduler
+    key = key_of("acme", "seen")
+    # as if the watcher had stopped: a schedule it never saw, one deleted behind its back
+    scheduler.known.pop(key)
+    scheduler.known["0000000000000000.ghost"] = (1, made)
+    await scheduler.resync()
+    assert scheduler.known[key][1] == made
+    assert "0000000000000000.ghost" not in scheduler.known
+    await control(client, "seen", "delete")
+
+
 async def test_pause_resume_delete_and_trigger(stack: LocalStack, client: LoomClient) -> None:
     await create(client, "witness", every="1s")
     await create(client, "paused", every="1s")
