@@ -1530,6 +1530,9 @@ class Schedule(Record, tag="schedule", tag_field="type"):
     last_fire_at: datetime | None = None
     last_run_id: str = ""
     dropped: int = 0  # catch-ups that left missed firings unfired (the policy)
+    # why the firer paused it (a rule that no longer compiles, e.g. a time zone the
+    # system's tz data dropped); None while it is healthy
+    error: ErrorInfo | None = None
 
 
 class ScheduleReply(Record, tag="schedule_reply", tag_field="type"):

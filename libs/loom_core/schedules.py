@@ -53,6 +53,7 @@ __all__ = [
 CatchUp = Literal["none", "latest", "all"]
 CATCH_UPS: tuple[CatchUp, ...] = ("none", "latest", "all")
 
+RUN_ID_PREFIX = "sch-"  # reserved: a client's run id may not start with it
 MAX_CRON_CHARS = 200
 MIN_EVERY = timedelta(seconds=1)
 MAX_EVERY = timedelta(days=366)
@@ -413,4 +414,4 @@ def run_id_for(schedule_id: str, fire_at: datetime) -> str:
     """The run id of one firing: the same for every firer that sees it (run ids are
     subject tokens: letters, digits, ``-``, ``_``)."""
     utc = fire_at.astimezone(UTC)
-    return f"sch-{schedule_id}-{utc:%Y%m%dT%H%M%S}{utc.microsecond // 1000:03d}Z"
+    return f"{RUN_ID_PREFIX}{schedule_id}-{utc:%Y%m%dT%H%M%S}{utc.microsecond // 1000:03d}Z"

@@ -123,6 +123,9 @@ def _one(reply: ScheduleReply, output: Output) -> None:
         stdout.print(f"  acts for {who.user_id} (tenant {who.tenant}); catch-up "
                      f"{schedule.when.catch_up}; runs are labelled schedule={schedule.name}",
                      markup=False)  # fmt: skip
+    if schedule.error is not None:
+        stdout.print(f"  paused by the firer: {schedule.error.message} ({schedule.error.code}); "
+                     "delete and create it again", markup=False)  # fmt: skip
     if reply.run_id:
         stdout.print(f"  run {reply.run_id}" + (" (existing)" if reply.existing else ""),
                      markup=False)  # fmt: skip

@@ -29,6 +29,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from loom_core import codec, ids, limits, message_limits, resubmit, routes, secrets, shape, subjects
+from loom_core import schedules as sched
 from loom_core.agent import budget_issues
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
@@ -931,6 +932,8 @@ INTERNAL_FIELDS = ("parent", "fork")
 # The form of the ids the engine derives for child runs (``ids.child_run_id``): a client
 # may not take one, or it could stand in for a sub-run that has not started yet.
 RESERVED_RUN_ID = "--"
+# the form of the ids of runs schedules submit (``loom_core.schedules.run_id_for``)
+SCHEDULED_RUN_PREFIX = sched.RUN_ID_PREFIX
 
 
 def check_run_id(run_id: str, path: str = "$.run_id") -> ErrorInfo | None:
@@ -947,6 +950,14 @@ def check_run_id(run_id: str, path: str = "$.run_id") -> ErrorInfo | None:
             code="invalid_run_id",
             message=f"run_id {run_id!r} contains {RESERVED_RUN_ID!r}, which is reserved for "
             "the ids of child runs the engine starts (`{parent}--{step}`)",
+            path=path,
+        )
+    if run_id.startswith(SCHEDULED_RUN_PREFIX):
+        # a client's run under a firing's id would stand in for that firing
+        return ErrorInfo(
+            code="invalid_run_id",
+            message=f"run_id {run_id!r} starts with {SCHEDULED_RUN_PREFIX!r}, which is "
+            "reserved for the runs schedules submit (`loom schedule`)",
             path=path,
         )
     return None

@@ -284,7 +284,15 @@ class Scheduler:
         if schedule.paused or schedule.next_at is None or schedule.next_at > now:
             self.known[key] = (entry.revision, schedule)
             return []
-        when = when_of(schedule.when, schedule.anchor)
+        try:
+            when = when_of(schedule.when, schedule.anchor)
+        except sched.ScheduleError as exc:
+            # it compiled when it was created: the tz data changed under it. Paused with
+            # the reason (describe shows it), never retried in a loop
+            log.error("schedule %s paused: %s", key, exc.info.message)
+            await self._put(key, msgspec.structs.replace(schedule, paused=True, error=exc.info),
+                            entry.revision)  # fmt: skip
+            return []
         due = sched.due(
             when, schedule.next_at, now, schedule.when.catch_up,
             grace=timedelta(seconds=self.limits.grace_s), max_catch_up=self.limits.max_catch_up,
@@ -504,7 +512,7 @@ class Scheduler:
         else:  # resume: what was missed while paused is not caught up
             when = when_of(schedule.when, schedule.anchor)
             changed = msgspec.structs.replace(
-                schedule, paused=False,
+                schedule, paused=False, error=None,
                 next_at=sched.next_fire(when, now) if schedule.next_at is not None else None,
             )  # fmt: skip
         if not await self._put(key, changed, entry.revision):

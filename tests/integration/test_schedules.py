@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -35,7 +36,7 @@ from loom_core.contracts import (
     SchedulesQuery,
     ToolStep,
 )
-from loom_infra.client import LoomClient
+from loom_infra.client import LoomClient, LoomError
 from loom_infra.settings import AuthSettings, ScheduleSettings, Settings, StoreSettings
 from loom_services.executor import ExecutorService
 from loom_services.runtime import Stack
@@ -236,6 +237,29 @@ async def test_an_index_that_missed_changes_is_resynced_from_the_bucket(
     await control(client, "seen", "delete")
 
 
+async def test_a_schedule_whose_rule_no_longer_compiles_is_paused_with_the_reason(
+    stack: LocalStack, client: LoomClient
+) -> None:
+    made = await create(client, "broken", every="1h")
+    scheduler = executor_of(stack).scheduler
+    key = key_of("acme", "broken")
+    entry = await scheduler.kv.get(key)
+    # as if the tz data had dropped its zone since it was created, and it is due
+    spoiled = msgspec.structs.replace(
+        made, when=ScheduleSpec(cron="0 * * * *", tz="Gone/Zone"), next_at=made.created_at
+    )
+    await scheduler.kv.update(key, codec.encode(spoiled), last=entry.revision)
+
+    async def paused() -> Schedule | None:
+        s = (await control(client, "broken", "describe")).schedule
+        return s if s is not None and s.paused else None
+
+    found = await eventually(paused, "the broken schedule paused")
+    assert found.error is not None and found.error.code == "invalid_timezone"
+    assert found.fired == 0
+    await control(client, "broken", "delete")
+
+
 async def test_pause_resume_delete_and_trigger(stack: LocalStack, client: LoomClient) -> None:
     await create(client, "witness", every="1s")
     await create(client, "paused", every="1s")
@@ -365,6 +389,10 @@ async def test_hostile_requests_are_refused_and_bounded(
     reply = await raw({**base, "run": {"plan": {"steps": [{"id": "a", "kind": "tool",
                        "tool": "noop", "depends_on": ["ghost"]}]}}})  # fmt: skip
     assert reply.error is not None and reply.error.path.startswith("$.run.plan.steps[0]")
+    # a firing's run id is the engine's: a client may not take one beforehand
+    with pytest.raises(LoomError) as taken:
+        await client.submit(RunRequest(plan=NOOP.plan, run_id="sch-0123456789ab-x"))
+    assert (taken.value.error.code, taken.value.error.path) == ("invalid_run_id", "$.run_id")
     # a huge plan, malformed JSON, a deep document
     huge = {**base, "run": {**base["run"], "input": {"blob": "x" * 70_000}}}
     assert (await raw(huge)).error.code == "payload_too_large"  # type: ignore[union-attr]
