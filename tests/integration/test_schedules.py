@@ -139,6 +139,11 @@ async def test_every_second_fires_once_per_time_across_a_restart(
 ) -> None:
     schedule = await create(client, "tick", every="1s", catch_up="all")
     assert schedule.next_at == schedule.anchor + timedelta(seconds=1)
+    first = grid(schedule, schedule.anchor + timedelta(seconds=2))
+    # each firing's run id is known in advance: wait on the runs' own events
+    for t in first:
+        records = await client.wait(sched.run_id_for(schedule.schedule_id, t), timeout=15)
+        assert isinstance(records[-1].event, RunCompleted)
     await fired(client, "tick", 2)
 
     # stop every service (NATS and the store stay), then start them again
@@ -150,8 +155,11 @@ async def test_every_second_fires_once_per_time_across_a_restart(
     up_at = datetime.now(UTC)
     stack.stack = Stack(all_services(stack.settings), stack.settings)
     await stack.stack.start()
-    after = (await fired(client, "tick", 2)).fired
-    last = await fired(client, "tick", after + 2)  # firings after the restart too
+    # the missed fire times, and two after the restart, each ran
+    for t in grid(schedule, up_at + timedelta(seconds=2)):
+        records = await client.wait(sched.run_id_for(schedule.schedule_id, t), timeout=15)
+        assert isinstance(records[-1].event, RunCompleted)
+    last = await fired(client, "tick", len(grid(schedule, up_at + timedelta(seconds=2))))
 
     assert last.last_fire_at is not None
     times = grid(last, last.last_fire_at)
