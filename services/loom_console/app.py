@@ -156,11 +156,24 @@ async def body(request: Request, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        where = text.rsplit("at `", 1)[1].rstrip("`") if "at `" in text else None
-        raise ApiError(400, "invalid_request", text, where) from None
+        raise ApiError(400, "invalid_request", str(exc), _where(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"the request body is not JSON: {exc}") from None
+
+
+_AT = re.compile(r"at `(\$[^`]*)`$")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def _where(message: str) -> str | None:
+    """The JSON path msgspec names in a validation error (``… - at `$.x` ``); an unknown
+    field is named in the message instead, under the object it was found in."""
+    at = _AT.search(message)
+    base = at.group(1) if at else "$"
+    unknown = _UNKNOWN.search(message)
+    if unknown:
+        return f"{base}.{unknown.group(1)}"
+    return base if at else None
 
 
 # ------------------------------------------------------------------ the console
@@ -206,11 +219,9 @@ class Console:
             if not sep or not key:
                 raise ApiError(400, "bad_parameter", "label must be KEY=VALUE", "label")
             want = (key.strip(), value.strip())
-        query = {
-            "since": time_param(request, "since", now), "until": time_param(request, "until", now),
-            "tool": text_param(request, "tool"), "model": text_param(request, "model"),
-            "error": text_param(request, "error"),
-        }  # fmt: skip
+        since, until = time_param(request, "since", now), time_param(request, "until", now)
+        tool, model = text_param(request, "tool"), text_param(request, "model")
+        error = text_param(request, "error")
         after: str | None = request.query_params.get("after", "")
         rows: list[api.RunRow] = []
         scanned = 0
@@ -218,7 +229,9 @@ class Console:
         for _ in range(10 if want else 1):
             if after is None:
                 break
-            found, after = await self.source.runs(limit - len(rows), after, status, **query)
+            found, after = await self.source.runs(
+                limit - len(rows), after, status, since, until, tool, model, error
+            )
             scanned += len(found)
             for summary in found:
                 labels = await self.source.labels(summary.run_id)

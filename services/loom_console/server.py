@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -13,6 +14,15 @@ from loom_console.app import DEFAULT_HOSTS, Console, build_app
 from loom_infra.client import LoomClient
 
 DEFAULT_PORT = 8484
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside someone else's process: the caller (``loom up``, ``loom console``,
+    a test) owns SIGINT and SIGTERM and stops the console itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ConsoleServer:
@@ -30,7 +40,7 @@ class ConsoleServer:
         hosts = DEFAULT_HOSTS | {host.lower()} | {h.lower() for h in allow_hosts}
         self.app, self.console = build_app(client, hosts=frozenset(hosts), by=by)
         self.host, self.port = host, port
-        self._server: uvicorn.Server | None = None
+        self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
 
@@ -56,8 +66,7 @@ class ConsoleServer:
             self.app, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=2,
         )  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = _Server(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:  # bounded by the task: it ends on a start failure
             if self._task.done():
