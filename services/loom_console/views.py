@@ -302,7 +302,7 @@ def timeline(records: Sequence[EventRecord]) -> list[api.StepRow]:
             for wait in s.waits:
                 wait.ended_at = wait.ended_at or at.isoformat()
     out = []
-    for s in steps.values():
+    for s in _grouped(steps):
         row = s.row
         start = row.started_at or row.scheduled_at
         if start and row.ended_at:
@@ -313,6 +313,22 @@ def timeline(records: Sequence[EventRecord]) -> list[api.StepRow]:
         row.waits = s.waits
         out.append(row)
     return out
+
+
+def _grouped(steps: dict[str, _Step]) -> list[_Step]:
+    """The steps with each group's rows together (a foreach element's, a branch's), in
+    the order each was first seen: concurrent elements interleave in the events."""
+    first: dict[str, int] = {}
+    for n, step_id in enumerate(steps):
+        parts = step_id.split("/")
+        for k in range(1, len(parts) + 1):
+            first.setdefault("/".join(parts[:k]), n)
+
+    def key(step_id: str) -> list[int]:
+        parts = step_id.split("/")
+        return [first["/".join(parts[:k])] for k in range(1, len(parts) + 1)]
+
+    return [steps[sid] for sid in sorted(steps, key=key)]
 
 
 # ------------------------------------------------------------------ tool calls and model turns

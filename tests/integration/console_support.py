@@ -64,8 +64,8 @@ class Console:
         return await self.http.post(path, json=body, headers=self.csrf)
 
 
-@pytest.fixture
-async def console(sqlite_store_settings: StoreSettings) -> AsyncIterator[Console]:
+@pytest.fixture(name="console")
+async def console_fixture(sqlite_store_settings: StoreSettings) -> AsyncIterator[Console]:
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=sqlite_store_settings)
     async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
         await client.wait_ready()

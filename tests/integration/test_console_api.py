@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 import yaml
-from console_support import APPROVAL, EXAMPLES, Console, console, fork_request  # noqa: F401
+from console_support import APPROVAL, EXAMPLES, Console, console_fixture, fork_request  # noqa: F401
 from waiting import having, until  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
@@ -298,8 +297,3 @@ async def test_unreachable_stack_is_a_503_that_says_what_to_do(console: Console)
     reply = await console.http.get("/api/runs")
     assert reply.status_code == 503
     assert "loom up" in reply.json()["error"]["message"]
-
-
-def test_module_is_a_fixture() -> None:
-    assert callable(console)
-    assert httpx is not None

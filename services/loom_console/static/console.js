@@ -180,6 +180,7 @@ function runRow(r) {
 
 // ------------------------------------------------------------------ one run
 
+const ENDED = ["completed", "failed", "rejected", "cancelled"];
 const TABS = ["Timeline", "Events", "State", "Trace", "Calls", "Stats"];
 
 async function runPage(runId, query) {
@@ -222,7 +223,7 @@ async function runPage(runId, query) {
   };
 
   const drawActions = () => {
-    const ended = ["completed", "failed", "rejected", "cancelled"].includes(view.status);
+    const ended = ENDED.includes(view.status);
     actions.replaceChildren(
       h("button", { type: "button", class: "danger", disabled: ended, onclick: () => {
         if (confirm(`Cancel run ${view.run_id}?`)) act("Cancel", "control", { action: "cancel", reason: "from the console" });
@@ -252,16 +253,23 @@ async function runPage(runId, query) {
     }, t)));
   };
 
+  // Each draw fills a box of its own; only the latest one requested is shown (a slow
+  // answer for a tab left meanwhile never replaces the tab chosen after it).
+  let drawn = 0;
   const drawPanel = async () => {
+    const mine = ++drawn;
+    const box = h("div");
+    const show = () => { if (mine === drawn) panel.replaceChildren(box); };
     panel.setAttribute("aria-labelledby", `tab-${tab}`);
     try {
-      if (tab === "Timeline") await timelinePanel(rid, panel);
-      else if (tab === "Events") await eventsPanel(rid, panel, eventsView, (seq) => { tab = "State"; drawTabs(); statePanel(rid, panel, seq, view.events); });
-      else if (tab === "State") await statePanel(rid, panel, view.events, view.events);
-      else if (tab === "Trace") await tracePanel(rid, panel);
-      else if (tab === "Calls") await callsPanel(rid, panel);
-      else panel.replaceChildren(h("h2", {}, "Statistics"), statsTable(view.stats));
-    } catch (e) { panel.replaceChildren(h("p", { class: "field-error" }, e.message)); }
+      if (tab === "Timeline") await timelinePanel(rid, box);
+      else if (tab === "Events") await eventsPanel(rid, box, eventsView, (seq) => { tab = "State"; drawTabs(); drawn++; statePanel(rid, box, seq, view.events); });
+      else if (tab === "State") await statePanel(rid, box, view.events, view.events);
+      else if (tab === "Trace") await tracePanel(rid, box);
+      else if (tab === "Calls") await callsPanel(rid, box);
+      else box.replaceChildren(h("h2", {}, "Statistics"), statsTable(view.stats));
+    } catch (e) { box.replaceChildren(h("p", { class: "field-error" }, e.message)); }
+    show();
   };
 
   const refresh = async () => {
@@ -276,6 +284,7 @@ async function runPage(runId, query) {
   await drawPanel();
 
   // live: every stored event arrives here; the header and the open view follow
+  if (ENDED.includes(view.status)) return;
   const live = new EventSource(`/api/runs/${rid}/live?after=${view.events}`);
   const redraw = debounce(() => refresh().catch((e) => notice(e.message, true)), 250);
   live.addEventListener("run_event", redraw);
