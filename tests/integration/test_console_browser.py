@@ -117,6 +117,8 @@ async def test_resume_through_the_generated_form(console: Console, page: Page) -
     form = page.locator("form[data-suspension]")
     await expect(form).to_contain_text("Waiting for a person: manager")
     await expect(form).to_contain_text("Pay this invoice?")
+    # what is absent is left out, never shown as the word "null"
+    await expect(page.locator('section[aria-label="Run"]')).not_to_contain_text("null")
 
     await form.get_by_label("approved (required)").check()
     await form.get_by_label("note").fill("x" * 300)  # the schema allows 200

@@ -22,6 +22,12 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// replaceChildren, leaving out the absent parts (null would become the text "null")
+function put(el, ...children) {
+  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
+
 function json(value) { return JSON.stringify(value, null, 2); }
 function pre(value) { return h("pre", { tabindex: 0 }, typeof value === "string" ? value : json(value)); }
 function badge(status) { return h("span", { class: `badge s-${status}`, "data-status": status }, status); }
@@ -43,7 +49,7 @@ function notice(text, bad) {
 
 function main(...children) {
   const m = document.getElementById("main");
-  m.replaceChildren(...children);
+  put(m, ...children);
   return m;
 }
 
@@ -149,10 +155,10 @@ async function runsPage(query) {
     after = page.next_after;
     more.hidden = !after;
     const rows = page.runs.map(runRow);
-    if (append) body.append(...rows); else body.replaceChildren(...rows);
+    if (append) body.append(...rows); else put(body, ...rows);
     if (!append) {
       const people = page.runs.filter((r) => r.status === "suspended");
-      waiting.replaceChildren(...(people.length ? [h("h2", {}, `Waiting for people (${people.length})`),
+      put(waiting, ...(people.length ? [h("h2", {}, `Waiting for people (${people.length})`),
         h("ul", {}, people.map((r) => h("li", {}, runLink(r.run_id), ` ${r.name || ""} — `, r.waiting.join("; "))))] : []));
     }
     if (!page.runs.length && !append) body.append(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No runs match.")));
@@ -196,7 +202,7 @@ async function runPage(runId, query) {
   const eventsView = { after: 0, follow: true, selected: null };
 
   const drawHeader = () => {
-    header.replaceChildren(
+    put(header, 
       h("h1", {}, view.name || "run", " ", h("span", { class: "mono muted" }, view.run_id), " ", badge(view.status)),
       h("div", { class: "facts" },
         fact("Started", when(view.started_at)), fact("Ended", when(view.ended_at)),
@@ -224,7 +230,7 @@ async function runPage(runId, query) {
 
   const drawActions = () => {
     const ended = ENDED.includes(view.status);
-    actions.replaceChildren(
+    put(actions, 
       h("button", { type: "button", class: "danger", disabled: ended, onclick: () => {
         if (confirm(`Cancel run ${view.run_id}?`)) act("Cancel", "control", { action: "cancel", reason: "from the console" });
       } }, "Cancel"),
@@ -237,11 +243,11 @@ async function runPage(runId, query) {
   };
 
   const drawSuspensions = () => {
-    suspensions.replaceChildren(...view.suspensions.map((s) => resumeForm(rid, s, refresh)));
+    put(suspensions, ...view.suspensions.map((s) => resumeForm(rid, s, refresh)));
   };
 
   const drawTabs = () => {
-    tablist.replaceChildren(...TABS.map((t) => h("button", {
+    put(tablist, ...TABS.map((t) => h("button", {
       role: "tab", type: "button", id: `tab-${t}`, "aria-selected": String(t === tab), "aria-controls": "panel",
       tabindex: t === tab ? 0 : -1,
       onclick: () => { tab = t; drawTabs(); drawPanel(); },
@@ -259,7 +265,7 @@ async function runPage(runId, query) {
   const drawPanel = async () => {
     const mine = ++drawn;
     const box = h("div");
-    const show = () => { if (mine === drawn) panel.replaceChildren(box); };
+    const show = () => { if (mine === drawn) put(panel, box); };
     panel.setAttribute("aria-labelledby", `tab-${tab}`);
     try {
       if (tab === "Timeline") await timelinePanel(rid, box);
@@ -267,8 +273,8 @@ async function runPage(runId, query) {
       else if (tab === "State") await statePanel(rid, box, view.events, view.events);
       else if (tab === "Trace") await tracePanel(rid, box);
       else if (tab === "Calls") await callsPanel(rid, box);
-      else box.replaceChildren(h("h2", {}, "Statistics"), statsTable(view.stats));
-    } catch (e) { box.replaceChildren(h("p", { class: "field-error" }, e.message)); }
+      else put(box, h("h2", {}, "Statistics"), statsTable(view.stats));
+    } catch (e) { put(box, h("p", { class: "field-error" }, e.message)); }
     show();
   };
 
@@ -336,7 +342,7 @@ async function timelinePanel(rid, panel, offset) {
       h("td", { class: "muted" }, detail.map((d) => h("div", {}, d)))));
   }
   const nav = pager(at, 200, t.total, (o) => timelinePanel(rid, panel, o));
-  panel.replaceChildren(h("h2", {}, `Steps (${t.total})`), h("div", { class: "scroll" }, h("table", { id: "timeline" },
+  put(panel, h("h2", {}, `Steps (${t.total})`), h("div", { class: "scroll" }, h("table", { id: "timeline" },
     h("thead", {}, h("tr", {}, ["Step", "Status", "Duration", "When", "Attempts, retries, waits"].map((x) => h("th", { scope: "col" }, x)))), body)), nav);
 }
 
@@ -363,7 +369,7 @@ async function eventsPanel(rid, panel, ev, toState) {
     h("td", {}, h("details", {}, h("summary", {}, "data"), pre(e.data))),
     h("td", {}, h("button", { type: "button", onclick: () => toState(e.seq), "aria-label": `State after event ${e.seq}` }, "State"))));
   const jump = h("input", { type: "number", min: 0, max: page.total, id: "ev-from", size: 6 });
-  panel.replaceChildren(
+  put(panel, 
     h("h2", {}, `Events (${page.total})`),
     h("div", { class: "row" },
       h("label", { class: "inline" }, h("input", { type: "checkbox", checked: ev.follow, onchange: (e) => { ev.follow = e.target.checked; eventsPanel(rid, panel, ev, toState); } }), "Follow the newest"),
@@ -384,12 +390,12 @@ async function statePanel(rid, panel, at, total) {
   const show = debounce(async (n) => {
     try {
       const s = await api(`/api/runs/${rid}/state?at=${n}`);
-      out.replaceChildren(h("p", { class: "muted" }, `State just after event ${s.at} of ${s.events}`), pre(s.state));
-    } catch (e) { out.replaceChildren(h("p", { class: "field-error" }, e.message)); }
+      put(out, h("p", { class: "muted" }, `State just after event ${s.at} of ${s.events}`), pre(s.state));
+    } catch (e) { put(out, h("p", { class: "field-error" }, e.message)); }
   }, 150);
   slider.addEventListener("input", () => { number.value = slider.value; slider.setAttribute("aria-valuetext", `after event ${slider.value}`); show(slider.value); });
   number.addEventListener("change", () => { slider.value = number.value; show(number.value); });
-  panel.replaceChildren(h("h2", {}, "State at an event"),
+  put(panel, h("h2", {}, "State at an event"),
     h("div", { class: "row" }, h("label", { for: "state-at" }, "After event", slider), number), out);
   show(at);
 }
@@ -409,13 +415,13 @@ async function tracePanel(rid, panel, offset) {
       h("td", {}, h("button", { type: "button", class: "mono", onclick: () => {
         panel.querySelectorAll("tr.selected").forEach((r) => r.classList.remove("selected"));
         row.classList.add("selected");
-        detail.replaceChildren(h("h3", {}, s.name), s.status_message ? h("p", {}, s.status_message) : null, pre(s.attributes));
+        put(detail, h("h3", {}, s.name), s.status_message ? h("p", {}, s.status_message) : null, pre(s.attributes));
       } }, "\u00a0\u00a0".repeat(s.depth) + s.name)),
       h("td", { class: "num" }, ms(s.duration_ms)),
       h("td", { class: "bar-cell", "aria-hidden": "true" }, h("div", { class: "bar" }, bar)));
     return row;
   });
-  panel.replaceChildren(h("h2", {}, `Trace (${ms(t.total_ms)})`),
+  put(panel, h("h2", {}, `Trace (${ms(t.total_ms)})`),
     h("p", { class: "muted" }, "Spans rebuilt from the run's events; choose one for its attributes."),
     h("div", { class: "scroll" }, h("table", { id: "trace" },
       h("thead", {}, h("tr", {}, ["Span", "Duration", "Waterfall"].map((x) => h("th", { scope: "col" }, x)))),
@@ -437,7 +443,7 @@ async function callsPanel(rid, panel, offset) {
       x.kind === "model" ? ` · ${x.name} · ${x.input_tokens}+${x.output_tokens} tokens · ${money(x.cost_usd)}` : ""),
     h("details", {}, h("summary", {}, x.kind === "model" ? "Messages" : "Input"), pre(x.input)),
     x.error ? h("div", {}, h("span", { class: "field-error" }, "Error"), pre(x.error)) : h("details", { open: true }, h("summary", {}, "Output"), pre(x.output))));
-  panel.replaceChildren(h("h2", {}, `Model turns and tool calls (${c.total})`),
+  put(panel, h("h2", {}, `Model turns and tool calls (${c.total})`),
     h("p", { class: "muted" }, "Inputs and outputs as recorded, with secrets redacted."),
     ...(cards.length ? cards : [h("p", { class: "muted" }, "No calls yet.")]),
     pager(at, 50, c.total, (o) => callsPanel(rid, panel, o)));
@@ -450,7 +456,7 @@ async function replayRun(rid, where) {
   try {
     const r = await api(`/api/runs/${rid}/replay`, { body: {} });
     notice("");
-    where.replaceChildren(h("div", { class: "card", id: "replay-result" }, r.identical
+    put(where, h("div", { class: "card", id: "replay-result" }, r.identical
       ? h("p", {}, `Replay identical: ${r.events} events re-decided, no tool or model called.`)
       : h("div", {}, h("p", { class: "field-error" }, `Diverged at event ${r.seq}: ${r.message}`),
         h("div", { class: "facts" }, h("div", {}, h("span", {}, "recorded"), pre(r.recorded)), h("div", {}, h("span", {}, "decided now"), pre(r.decided))))));
@@ -592,13 +598,13 @@ async function diffPage(query) {
   main(h("h1", {}, "Diff two runs"), form, out);
   if (!query.get("a") || !query.get("b")) return;
   const d = await api(`/api/diff?a=${encodeURIComponent(query.get("a"))}&b=${encodeURIComponent(query.get("b"))}`);
-  if (!d.steps.length) { out.replaceChildren(h("p", {}, "No step differs.")); return; }
+  if (!d.steps.length) { put(out, h("p", {}, "No step differs.")); return; }
   const rows = [];
   for (const s of d.steps) {
     s.changes.forEach((c, i) => rows.push(h("tr", { class: c.field === "duration_ms" ? "" : "changed", "data-step": s.step_id },
       h("td", { class: "mono" }, i === 0 ? s.step_id : ""), h("td", { class: "mono" }, c.field), h("td", {}, pre(c.a)), h("td", {}, pre(c.b)))));
   }
-  out.replaceChildren(h("div", { class: "scroll" }, h("table", { class: "diff", id: "diff" },
+  put(out, h("div", { class: "scroll" }, h("table", { class: "diff", id: "diff" },
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Step"), h("th", { scope: "col" }, "Field"),
       h("th", { scope: "col" }, "A: ", runLink(d.a)), h("th", { scope: "col" }, "B: ", runLink(d.b)))),
     h("tbody", {}, rows))));
@@ -619,7 +625,7 @@ function submitPage() {
     return body;
   };
   const show = (list, ok) => {
-    issues.replaceChildren(ok ? h("p", {}, ok) : h("div", {},
+    put(issues, ok ? h("p", {}, ok) : h("div", {},
       h("p", { class: "field-error" }, `${list.length} problem(s):`),
       h("ul", { class: "issues" }, list.map((i) => h("li", {}, h("code", {}, i.path), ` ${i.code}: ${i.message}`)))));
   };
