@@ -8,7 +8,7 @@ import signal
 
 import typer
 
-from loom_cli.common import ExitCode, UrlOpt, connect, fail
+from loom_cli.common import ExitCode, TokenOpt, UrlOpt, connect, fail
 from loom_cli.control import operator
 from loom_cli.render import stderr
 
@@ -36,16 +36,19 @@ def console(
     port: int = typer.Option(DEFAULT_PORT, "--port", "-p", help="HTTP port (0: any free one)"),
     host: str = HostOpt,
     allow_host: list[str] = AllowHostOpt,
+    token: str = TokenOpt,
     url: str = UrlOpt,
 ) -> None:
     """Serve the web console for runs: list, follow, resume, fork, diff, submit.
 
     It reads only through the same NATS routes as this CLI, with the operator key
-    (LOOM_NKEY_SEED_FILE, or the one `loom up` wrote), and prints the address to open."""
+    (LOOM_NKEY_SEED_FILE, or the one `loom up` wrote), and prints the address to open.
+    Runs submitted from it act for the user of LOOM_TOKEN, as `loom run` does."""
     from loom_console.server import ConsoleServer
 
     async def main() -> None:
         async with await connect(url) as client:
+            client.token = token or None  # the principal runs submitted here act for
             try:
                 server = ConsoleServer(client, host, port, tuple(allow_host), by=operator())
                 await server.start()

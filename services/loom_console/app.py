@@ -253,15 +253,7 @@ class Console:
 
     async def run(self, request: Request) -> Response:
         records = await self.records(request.path_params["run_id"])
-        view = await asyncio.to_thread(views.run_view, records)
-        usage = await self.source.usage_by_run(
-            datetime.fromisoformat(view.started_at) if view.started_at else None
-        )
-        u = usage.get(view.run_id)
-        if u:
-            view.input_tokens, view.output_tokens = u["input_tokens"], u["output_tokens"]
-            view.cost_usd = u["cost_usd"]
-        return reply(view)
+        return reply(await asyncio.to_thread(views.run_view, records))
 
     async def events(self, request: Request) -> Response:
         records = await self.records(request.path_params["run_id"])

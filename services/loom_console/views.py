@@ -137,8 +137,28 @@ def open_suspensions(records: Sequence[EventRecord]) -> list[api.Suspension]:
     return list(open_.values())
 
 
-def run_view(records: Sequence[EventRecord], usage: dict[str, float] | None = None) -> api.RunView:
-    """The run's header: status, timings, input and output, what a person can answer."""
+def model_usage(records: Sequence[EventRecord]) -> tuple[int, int, float]:
+    """(input tokens, output tokens, cost) of every model call the run recorded: its
+    agent turns and the planning of its plan."""
+    tokens_in = tokens_out = 0
+    cost = 0.0
+    for record in records:
+        e = record.event
+        usage = None
+        if isinstance(e, ModelCallCompleted | ModelCallFailed):
+            usage = e.usage
+        elif isinstance(e, PlanAccepted | PlanRejected) and e.planning is not None:
+            usage = e.planning.usage
+        if usage is not None:
+            tokens_in += usage.input_tokens
+            tokens_out += usage.output_tokens
+            cost += usage.cost_usd
+    return tokens_in, tokens_out, round(cost, 6)
+
+
+def run_view(records: Sequence[EventRecord]) -> api.RunView:
+    """The run's header: status, timings, input and output, what a person can answer,
+    tokens and cost."""
     stats = run_stats(records)
     first = records[0].event
     requested = first if isinstance(first, RunRequested) else None
@@ -163,7 +183,7 @@ def run_view(records: Sequence[EventRecord], usage: dict[str, float] | None = No
     stats_doc = {
         k: v for k, v in msgspec.to_builtins(stats).items() if k not in _STATS_SKIP
     }  # fmt: skip
-    usage = usage or {}
+    tokens_in, tokens_out, cost = model_usage(records)
     fork = requested.fork if requested else None
     return api.RunView(
         run_id=records[0].run_id,
@@ -181,9 +201,9 @@ def run_view(records: Sequence[EventRecord], usage: dict[str, float] | None = No
         suspensions=open_suspensions(records),
         top_steps=top,
         stats=stats_doc,
-        input_tokens=int(usage.get("input_tokens", 0)),
-        output_tokens=int(usage.get("output_tokens", 0)),
-        cost_usd=float(usage.get("cost_usd", 0.0)),
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cost_usd=cost,
         forked_from=fork.run_id if fork else None,
         fork_from_step=fork.from_step if fork else None,
     )

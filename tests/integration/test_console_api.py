@@ -4,8 +4,15 @@ hostile caller sends (bad parameters, bodies, hosts, origins, missing CSRF token
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from console_support import APPROVAL, EXAMPLES, Console, console_fixture, fork_request  # noqa: F401
@@ -297,3 +304,49 @@ async def test_unreachable_stack_is_a_503_that_says_what_to_do(console: Console)
     reply = await console.http.get("/api/runs")
     assert reply.status_code == 503
     assert "loom up" in reply.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- the CLI verb
+
+LOOM = str(Path(sys.executable).parent / "loom")
+
+
+def cli_env(c: Console) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    seed = c.stack.seed_file("operator")
+    assert seed is not None
+    return {**env, "LOOM_NATS_URL": c.stack.url, "LOOM_NKEY_SEED_FILE": str(seed)}
+
+
+async def test_loom_console_serves_until_ctrl_c(console: Console) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        LOOM, "console", "--port", "0", env=cli_env(console),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(30):  # the CLI's start, bounded
+            line = (await proc.stderr.readline()).decode()
+        url = line.split("console: ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient(base_url=url) as http:
+            reply = await http.get("/api/runs")
+            assert reply.status_code == 200 and reply.json()["runs"] == []
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            _, err = await proc.communicate()
+        assert proc.returncode == 0 and b"Traceback" not in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_loom_console_on_a_busy_port_says_so(console: Console) -> None:
+    busy = str(console.server.port)
+    done = await asyncio.to_thread(
+        subprocess.run, [LOOM, "console", "--port", busy], env=cli_env(console),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert f"port {busy}" in done.stderr and "Traceback" not in done.stderr

@@ -50,6 +50,12 @@ def test_every_golden_history_has_every_view() -> None:
         json.dumps(views.clean(state_view(state_at(records, len(records) // 2))))
 
 
+def test_tokens_and_cost_come_from_the_runs_own_model_calls() -> None:
+    view = views.run_view(load(GOLDEN / "agent-research.jsonl"))
+    assert view.input_tokens > 0 and view.output_tokens > 0
+    assert views.run_view(load(GOLDEN / "approval.jsonl")).input_tokens == 0
+
+
 def test_an_open_suspension_is_offered_until_answered() -> None:
     records = load(GOLDEN / "approval.jsonl")
     suspended = next(i for i, r in enumerate(records) if isinstance(r.event, StepSuspended))

@@ -87,6 +87,33 @@ function debounce(fn, wait) {
   return (...args) => { clearTimeout(t); t = setTimeout(() => fn(...args), wait); };
 }
 
+// One call at a time: a call asked for meanwhile runs once, after it.
+function serial(fn) {
+  let running = false;
+  let again = false;
+  const run = async () => {
+    if (running) { again = true; return; }
+    running = true;
+    try { await fn(); } finally {
+      running = false;
+      if (again) { again = false; run(); }
+    }
+  };
+  return run;
+}
+
+// At most one call per `wait` ms, the last one always made: a busy run keeps redrawing
+// (a debounce would wait for a quiet moment that may never come).
+function throttle(fn, wait) {
+  let last = 0;
+  let timer = null;
+  return () => {
+    if (timer) return;
+    const due = Math.max(0, last + wait - Date.now());
+    timer = setTimeout(() => { timer = null; last = Date.now(); fn(); }, due);
+  };
+}
+
 function params() {
   const hash = location.hash.slice(1) || "/runs";
   const [path, query] = hash.split("?");
@@ -165,7 +192,7 @@ async function runsPage(query) {
   };
   more.addEventListener("click", () => load(true).catch((e) => notice(e.message, true)));
   await load(false);
-  const reload = debounce(() => load(false).catch((e) => notice(e.message, true)), 400);
+  const reload = throttle(serial(() => load(false).catch((e) => notice(e.message, true))), 1000);
   state.listLive = new EventSource("/api/runs/live");
   state.listLive.addEventListener("progress", reload);
 }
@@ -292,7 +319,7 @@ async function runPage(runId, query) {
   // live: every stored event arrives here; the header and the open view follow
   if (ENDED.includes(view.status)) return;
   const live = new EventSource(`/api/runs/${rid}/live?after=${view.events}`);
-  const redraw = debounce(() => refresh().catch((e) => notice(e.message, true)), 250);
+  const redraw = throttle(serial(() => refresh().catch((e) => notice(e.message, true))), 500);
   live.addEventListener("run_event", redraw);
   live.addEventListener("end", () => { live.close(); redraw(); });
   state.live = live;
