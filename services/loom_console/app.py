@@ -15,10 +15,11 @@ import contextlib
 import hmac
 import re
 import secrets as pysecrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -54,6 +55,8 @@ PAGE_MAX = 1000  # the most rows one API page holds
 NUDGE_FALLBACK_S = 5.0  # progress is a plain NATS nudge: a missed one costs at most this
 
 T = TypeVar("T", bound=msgspec.Struct)
+R = TypeVar("R")
+DERIVED_KEPT = 64  # views of runs kept computed (timeline, calls, header), newest used
 Handler = Callable[[Request], Awaitable[Response]]
 
 _CSP = (
@@ -188,6 +191,22 @@ class Console:
         self.identity = identity
         self.by = by  # recorded as who resumed, cancelled, paused
         self.csrf = pysecrets.token_urlsafe(32)
+        self._derived: OrderedDict[tuple[str, str], tuple[int, object]] = OrderedDict()
+
+    async def derived(self, name: str, records: list[Any], make: Callable[[list[Any]], R]) -> R:
+        """``make(records)``, computed once per run and length (events only grow), off
+        the event loop: a 10,000-event run's timeline is not folded again per page."""
+        key = (name, records[0].run_id)
+        known = self._derived.get(key)
+        if known is not None and known[0] == len(records):
+            self._derived.move_to_end(key)
+            return cast(R, known[1])
+        snapshot = records[:]  # the cached list grows while a thread reads it
+        value = await asyncio.to_thread(make, snapshot)
+        self._derived[key] = (len(snapshot), value)
+        while len(self._derived) > DERIVED_KEPT:
+            self._derived.popitem(last=False)
+        return value
 
     async def records(self, run_id: str) -> list[Any]:
         if not run_id or len(run_id) > 256:
@@ -253,7 +272,7 @@ class Console:
 
     async def run(self, request: Request) -> Response:
         records = await self.records(request.path_params["run_id"])
-        return reply(await asyncio.to_thread(views.run_view, records))
+        return reply(await self.derived("run", records, views.run_view))
 
     async def events(self, request: Request) -> Response:
         records = await self.records(request.path_params["run_id"])
@@ -274,7 +293,7 @@ class Console:
         records = await self.records(request.path_params["run_id"])
         offset = int_param(request, "offset", 0, 0, 10**9)
         limit = int_param(request, "limit", 200, 1)
-        steps = await asyncio.to_thread(views.timeline, records)
+        steps = await self.derived("timeline", records, views.timeline)
         return reply(api.Timeline(
             run_id=records[0].run_id, steps=steps[offset : offset + limit], total=len(steps),
             offset=offset, origin=records[0].at.isoformat(),
@@ -284,7 +303,7 @@ class Console:
         records = await self.records(request.path_params["run_id"])
         offset = int_param(request, "offset", 0, 0, 10**9)
         limit = int_param(request, "limit", 50, 1)
-        found = await asyncio.to_thread(views.calls, records)
+        found = await self.derived("calls", records, views.calls)
         return reply(api.Calls(run_id=records[0].run_id, calls=found[offset : offset + limit],
                                total=len(found), offset=offset))  # fmt: skip
 
