@@ -113,7 +113,8 @@ async def test_watch_a_run_progress_live(console: Console, page: Page) -> None:
 async def test_resume_through_the_generated_form(console: Console, page: Page) -> None:
     run_id = await submit_example(console, "approval.yaml")
     await until(console.client, run_id, having("step_suspended"))
-    await page.goto(console.url + f"#/run/{run_id}")
+    await page.goto(console.url + "#/runs")  # what waits for people comes first
+    await page.locator("#waiting").get_by_role("link", name=run_id).click()
     form = page.locator("form[data-suspension]")
     await expect(form).to_contain_text("Waiting for a person: manager")
     await expect(form).to_contain_text("Pay this invoice?")
@@ -200,6 +201,11 @@ async def test_keyboard_and_a_narrow_window(console: Console, page: Page) -> Non
     await expect(page.get_by_role("tab", name="Events")).to_be_focused()
     await expect(page.get_by_role("tab", name="Events")).to_have_attribute("aria-selected", "true")
     await expect(page.locator("#events")).to_be_visible()
+    await page.get_by_label("Only events of kind").fill("tool_call_requested")
+    await page.get_by_label("Only events of kind").press("Enter")
+    kinds = page.locator("#events tbody tr td:nth-child(2)")
+    await expect(kinds).to_have_count(5)  # the five tool steps of parallel.yaml
+    assert set(await kinds.all_inner_texts()) == {"tool_call_requested"}
     # nothing wider than the window but the tables, which scroll inside their box
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 380, width

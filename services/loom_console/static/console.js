@@ -183,10 +183,11 @@ async function runsPage(query) {
     more.hidden = !after;
     const rows = page.runs.map(runRow);
     if (append) body.append(...rows); else put(body, ...rows);
-    if (!append) {
-      const people = page.runs.filter((r) => r.status === "suspended");
-      put(waiting, ...(people.length ? [h("h2", {}, `Waiting for people (${people.length})`),
-        h("ul", {}, people.map((r) => h("li", {}, runLink(r.run_id), ` ${r.name || ""} — `, r.waiting.join("; "))))] : []));
+    if (!append && !query.get("status")) {
+      // what waits for people comes first, whatever page of the list is shown
+      const people = (await api("/api/runs?status=suspended&limit=20")).runs;
+      put(waiting, people.length ? [h("h2", {}, `Waiting for people (${people.length}${people.length === 20 ? "+" : ""})`),
+        h("ul", { id: "waiting" }, people.map((r) => h("li", {}, runLink(r.run_id), ` ${r.name || ""} — `, r.waiting.join("; "))))] : null);
     }
     if (!page.runs.length && !append) body.append(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "No runs match.")));
   };
@@ -364,7 +365,7 @@ async function timelinePanel(rid, panel, offset) {
     body.append(h("tr", { "data-step": s.step_id },
       h("td", { class: "mono" }, "\u00a0\u00a0".repeat(s.depth), s.step_id, s.tool ? h("div", { class: "muted" }, `tool ${s.tool}`) : null),
       h("td", {}, badge(s.status)),
-      h("td", { class: "num" }, ms(s.duration_ms)),
+      h("td", { class: "num" }, ms(s.duration_ms), h("div", { class: "muted" }, `at +${ms(start - origin)}`)),
       h("td", { class: "bar-cell", "aria-hidden": "true" }, h("div", { class: "bar" }, bar)),
       h("td", { class: "muted" }, detail.map((d) => h("div", {}, d)))));
   }
@@ -385,8 +386,9 @@ function pager(offset, size, total, go) {
 
 async function eventsPanel(rid, panel, ev, toState) {
   const size = 100;
-  const page = await api(`/api/runs/${rid}/events?after=${ev.after}&limit=${size}`);
-  if (ev.follow && page.total > ev.after + size) {
+  const kindQuery = ev.kind ? `&kind=${encodeURIComponent(ev.kind)}` : "";
+  const page = await api(`/api/runs/${rid}/events?after=${ev.after}&limit=${size}${kindQuery}`);
+  if (ev.follow && !ev.kind && page.total > ev.after + size) {
     ev.after = Math.max(0, page.total - size);  // following: show the newest page
     return eventsPanel(rid, panel, ev, toState);
   }
@@ -396,16 +398,23 @@ async function eventsPanel(rid, panel, ev, toState) {
     h("td", {}, h("details", {}, h("summary", {}, "data"), pre(e.data))),
     h("td", {}, h("button", { type: "button", onclick: () => toState(e.seq), "aria-label": `State after event ${e.seq}` }, "State"))));
   const jump = h("input", { type: "number", min: 0, max: page.total, id: "ev-from", size: 6 });
+  const kind = h("input", { id: "ev-kind", value: ev.kind || "", placeholder: "e.g. tool_call_failed", size: 18 });
+  kind.addEventListener("change", () => { ev.kind = kind.value.trim(); ev.after = 0; ev.follow = !ev.kind; eventsPanel(rid, panel, ev, toState); });
   put(panel, 
     h("h2", {}, `Events (${page.total})`),
     h("div", { class: "row" },
       h("label", { class: "inline" }, h("input", { type: "checkbox", checked: ev.follow, onchange: (e) => { ev.follow = e.target.checked; eventsPanel(rid, panel, ev, toState); } }), "Follow the newest"),
+      h("label", { for: "ev-kind" }, "Only events of kind", kind),
       h("label", { for: "ev-from" }, "From event", jump),
       h("button", { type: "button", onclick: () => { ev.follow = false; ev.after = Math.max(0, Number(jump.value || 1) - 1); eventsPanel(rid, panel, ev, toState); } }, "Go")),
     h("div", { class: "scroll" }, h("table", { id: "events" },
       h("thead", {}, h("tr", {}, ["#", "Event", "Step", "What", "Data", ""].map((x) => h("th", { scope: "col" }, x)))),
       h("tbody", {}, rows))),
-    pager(ev.after, size, page.total, (o) => { ev.follow = false; ev.after = o; eventsPanel(rid, panel, ev, toState); }));
+    ev.kind  // a filtered list pages by the last event shown (its count is not known)
+      ? h("div", { class: "row" },
+        h("button", { type: "button", disabled: ev.after === 0, onclick: () => { ev.after = 0; eventsPanel(rid, panel, ev, toState); } }, "First"),
+        h("button", { type: "button", disabled: page.next_after === null, onclick: () => { ev.after = page.next_after; eventsPanel(rid, panel, ev, toState); } }, "Next"))
+      : pager(ev.after, size, page.total, (o) => { ev.follow = false; ev.after = o; eventsPanel(rid, panel, ev, toState); }));
 }
 
 // ------------------------------------------------------------------ state at an event
