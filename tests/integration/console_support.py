@@ -64,9 +64,10 @@ class Console:
         return await self.http.post(path, json=body, headers=self.csrf)
 
 
-@pytest.fixture(name="console")
-async def console_fixture(sqlite_store_settings: StoreSettings) -> AsyncIterator[Console]:
-    settings = Settings(nats_url="nats://127.0.0.1:4222", store=sqlite_store_settings)
+@contextlib.asynccontextmanager
+async def serving(store: StoreSettings) -> AsyncIterator[Console]:
+    """The stack on ``store`` and the console in front of it, on a free port."""
+    settings = Settings(nats_url="nats://127.0.0.1:4222", store=store)
     async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
         await client.wait_ready()
         console_client = await stack.client()
@@ -79,3 +80,9 @@ async def console_fixture(sqlite_store_settings: StoreSettings) -> AsyncIterator
         finally:
             with contextlib.suppress(ConnectionClosedError):  # a test may close it
                 await console_client.close()
+
+
+@pytest.fixture(name="console")
+async def console_fixture(sqlite_store_settings: StoreSettings) -> AsyncIterator[Console]:
+    async with serving(sqlite_store_settings) as console:
+        yield console

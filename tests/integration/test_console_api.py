@@ -15,10 +15,18 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from console_support import APPROVAL, EXAMPLES, Console, console_fixture, fork_request  # noqa: F401
+from console_support import (  # noqa: F401
+    APPROVAL,
+    EXAMPLES,
+    Console,
+    console_fixture,
+    fork_request,
+    serving,
+)
 from waiting import having, until  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
+from loom_infra.settings import StoreSettings
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +151,19 @@ async def test_pause_unpause_and_cancel(console: Console) -> None:
 
 
 async def test_fork_with_an_edit_then_diff(console: Console) -> None:
+    await fork_edit_and_diff(console)
+
+
+async def test_on_postgresql_too(pg_store_settings: StoreSettings) -> None:
+    """The console only reads through the routes: the store behind them is the
+    executor's business, and the same flow works on PostgreSQL."""
+    async with serving(pg_store_settings) as console:
+        await fork_edit_and_diff(console)
+        rows = (await console.http.get("/api/runs", params={"label": "team=blue"})).json()
+        assert len(rows["runs"]) == 2  # the run and its fork, which keeps its labels
+
+
+async def fork_edit_and_diff(console: Console) -> None:
     origin = (await console.client.submit(fork_request())).run_id
     await console.client.wait(origin, timeout=10)
     reply = await console.post(
