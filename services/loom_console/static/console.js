@@ -141,6 +141,7 @@ async function route() {
 
 const FILTERS = [
   ["since", "Started since", "1h, 2d or a date"],
+  ["until", "Started before", "1h, 2d or a date"],
   ["tool", "Tool", "e.g. echo"],
   ["model", "Model", ""],
   ["error", "Error code", ""],
