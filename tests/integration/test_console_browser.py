@@ -87,6 +87,7 @@ async def submit_example(c: Console, name: str) -> str:
 async def test_watch_a_run_progress_live(console: Console, page: Page) -> None:
     await page.goto(console.url + "#/runs")
     await expect(page.locator("h1")).to_have_text("Runs")
+    await expect(page.locator("#runs tbody")).to_contain_text("No runs match.")  # loaded
     run_id = await submit_example(console, "wait-event.yaml")
     # the list is live: the new run appears without a reload
     row = page.locator(f'tr[data-run="{run_id}"]')
