@@ -45,12 +45,15 @@ if not Path(CHROMIUM).exists():
 
 from playwright.async_api import ConsoleMessage, Page, async_playwright, expect  # noqa: E402
 
+expect.set_options(timeout=WAIT_MS)  # every wait on the page has this bound
+
 
 @pytest.fixture
 async def page() -> AsyncIterator[Page]:
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM)
         context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(WAIT_MS)
         tab = await context.new_page()
         errors: list[str] = []
         tab.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -222,6 +225,7 @@ async def test_keyboard_and_a_narrow_window(console: Console, page: Page) -> Non
     await shot(page, "run-narrow")
 
 
+@pytest.mark.timeout(300)  # 10,000 events to record first, on a shared machine
 async def test_a_run_of_10000_events_loads_a_page_at_a_time(console: Console, page: Page) -> None:
     items = 1428  # seven events per element and seven more: 10,003 events
     plan = Plan(name="ten-thousand", steps=[ForeachStep(
