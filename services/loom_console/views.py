@@ -242,7 +242,7 @@ def timeline(records: Sequence[EventRecord]) -> list[api.StepRow]:
     end, error, the retry delay that followed) and its waits (people, timers, external
     events, child runs). Foreach elements and branches carry their group."""
     steps: dict[str, _Step] = {}
-    timers: dict[str, str] = {}  # timer id -> step id
+    timers: dict[str, tuple[str, str]] = {}  # timer id -> (step id, wait kind)
 
     def get(step_id: str) -> _Step:
         if step_id not in steps:
@@ -254,7 +254,8 @@ def timeline(records: Sequence[EventRecord]) -> list[api.StepRow]:
         sid = step_of(record)
         if sid is None:
             if isinstance(e, TimerFired) and e.timer_id in timers:
-                get(timers.pop(e.timer_id)).close_wait("timer", at)
+                owner, kind = timers.pop(e.timer_id)
+                get(owner).close_wait(kind, at)
             continue
         s = get(sid)
         row = s.row
@@ -292,9 +293,11 @@ def timeline(records: Sequence[EventRecord]) -> list[api.StepRow]:
             row.status = "running"
             s.close_wait("person", at)
         elif isinstance(e, TimerStarted):
-            timers[e.timer_id] = sid
-            s.close_wait("retry", at)
-            s.waits.append(api.Wait(kind="timer", label=e.purpose, started_at=at.isoformat()))
+            open_retry = any(w.kind == "retry" and w.ended_at is None for w in s.waits)
+            kind = "retry" if e.purpose == "retry" and open_retry else "timer"
+            timers[e.timer_id] = (sid, kind)  # a retry's timer is the retry's wait
+            if kind == "timer":
+                s.waits.append(api.Wait(kind="timer", label=e.purpose, started_at=at.isoformat()))
         elif isinstance(e, EventWaitStarted):
             names = ", ".join(f"{m.name}/{m.key}" for m in e.matches)
             s.waits.append(api.Wait(kind="event", label=names, started_at=at.isoformat()))

@@ -50,6 +50,19 @@ def test_every_golden_history_has_every_view() -> None:
         json.dumps(views.clean(state_view(state_at(records, len(records) // 2))))
 
 
+def test_attempts_retries_and_waits_of_a_step() -> None:
+    (call,) = views.timeline(load(GOLDEN / "tool-retry.jsonl"))
+    assert [a.attempt for a in call.attempts] == [1, 2, 3]
+    assert [bool(a.error) for a in call.attempts] == [True, True, False]
+    assert [a.retry_delay_s for a in call.attempts] == [0.05, 0.1, None]
+    assert [w.kind for w in call.waits] == ["retry", "retry"]  # each until its timer fired
+    assert all(w.ended_at for w in call.waits) and call.status == "succeeded"
+    pause = {r.step_id: r for r in views.timeline(load(GOLDEN / "sleep.jsonl"))}["pause"]
+    assert [(w.kind, w.label) for w in pause.waits] == [("timer", "sleep")]
+    fork = {r.step_id: r.reused for r in views.timeline(load(GOLDEN / "fork.jsonl"))}
+    assert fork == {"a": True, "b": False, "c": True}
+
+
 def test_tokens_and_cost_come_from_the_runs_own_model_calls() -> None:
     view = views.run_view(load(GOLDEN / "agent-research.jsonl"))
     assert view.input_tokens > 0 and view.output_tokens > 0
