@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install demo test unit lint proto bench chaos clean
+.PHONY: install chromium demo test unit lint proto bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m loom_infra.embedders install-model  # the default embedder's weights
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed chromium
+
+## The console's browser tests drive Debian's `chromium` (Playwright never downloads a
+## browser here): installed with apt-get when missing and run as root; otherwise say how.
+chromium:
+	@if [ -n "$$LOOM_CHROMIUM" ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the console's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "note: no chromium: the console's browser tests will be skipped. Install it" \
+			"(sudo apt-get install chromium) or set LOOM_CHROMIUM to a Chromium binary."; \
+	fi
 
 ## README command 1: start the embedded stack, run the demo plan, print output and trace.
 demo: install

@@ -201,6 +201,15 @@ CODES: dict[str, Code] = {
     "invalid_credentials": Code(_K, "an nkey seed file is missing, unreadable or not a user seed"),
     "embedder_unavailable": Code(_K, "the memory embedder cannot run (model files, configuration)"),
     "stream_missing": Code(_K, "a stream a service needs does not exist yet; start the stack"),
+    # ---- the web console (services/loom_console): its HTTP guards and the plan it parses
+    "bad_host": Code(_X, "the console does not serve that Host header (--allow-host NAME)"),
+    "bad_origin": Code(_X, "a console action came from another origin"),
+    "bad_csrf": Code(_X, "a console action without the page's CSRF token: reload the page"),
+    "bad_content_type": Code(_X, "a console action whose body is not application/json"),
+    "too_large": Code(_X, "a body or value over its limit (the message names it)"),
+    "bad_setting": Code(_K, "a LOOM_* setting has a value that is not allowed (named)"),
+    "not_yaml": Code(_P, "the plan text is neither YAML nor JSON (line and column given)"),
+    "not_a_mapping": Code(_P, "the plan file is not a mapping with `plan:` or `steps:`"),
     # ---- schedules (loom.schedule.*): a create refused (nothing stored), a control
     "invalid_schedule": Code(_S, "a schedule's name, interval, time or rule is wrong (path)"),
     "invalid_cron": Code(_S, "a cron expression is wrong or never fires (path names the field)"),

@@ -39,6 +39,8 @@ from loom_cli.common import (
     follow_and_report,
     run_and_report,
 )
+from loom_cli.console import DEFAULT_PORT as CONSOLE_PORT
+from loom_cli.console import register as register_console_commands
 from loom_cli.control import register as register_control_commands
 from loom_cli.creds import register as register_creds_commands
 from loom_cli.debug import register as register_debug_commands
@@ -180,10 +182,13 @@ def up(
     insecure: bool = typer.Option(
         False, "--insecure", help="no NATS authentication (development only; LOOM_INSECURE=1)"
     ),
+    console: bool = typer.Option(True, "--console/--no-console", help="serve the web console"),
+    console_port: int = typer.Option(CONSOLE_PORT, help="the web console's port on 127.0.0.1"),
 ) -> None:
     """Start nats-server (JetStream), the store and all five services; Ctrl-C stops.
 
-    Each service connects with its own NATS key (generated in DATA_DIR/creds)."""
+    Each service connects with its own NATS key (generated in DATA_DIR/creds). The web
+    console (`loom console`) is served on 127.0.0.1 too; its address is printed."""
     from loom_services.runtime import configure_logging
     from loom_services.stack import LocalStack
 
@@ -217,7 +222,28 @@ def up(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            if not console:
+                await stop.wait()
+                return
+            from loom_console.server import ConsoleServer
+
+            async with await stack.client() as client:
+                try:
+                    server = ConsoleServer(client, port=console_port)
+                    await server.start()
+                except OSError as exc:  # the stack is up: a busy console port only warns
+                    stderr.print(
+                        f"[yellow]warning:[/] the web console did not start: port "
+                        f"{console_port}: {exc.strerror or exc}; use --console-port N "
+                        "(or `loom console --port N` later)", soft_wrap=True,
+                    )  # fmt: skip
+                    await stop.wait()
+                    return
+                stderr.print(f"console: {server.url}", markup=False, soft_wrap=True)
+                try:
+                    await stop.wait()
+                finally:
+                    await server.stop()
 
     try:
         asyncio.run(main())
@@ -566,6 +592,7 @@ register_trace_commands(app)
 register_tool_commands(app)
 register_mcp_commands(app)
 register_schedule_commands(app)
+register_console_commands(app)
 add_examples(app)
 
 

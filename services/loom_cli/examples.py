@@ -10,7 +10,15 @@ import typer
 __all__ = ["EXAMPLES", "add_examples"]
 
 EXAMPLES: dict[str, list[str]] = {
-    "up": ["loom up", "loom up --port 4333 --data-dir /tmp/loom-dev"],
+    "up": [
+        "loom up",
+        "loom up --port 4333 --data-dir /tmp/loom-dev",
+        "loom up --no-console   # no web console",
+    ],
+    "console": [
+        "loom console   # then open http://127.0.0.1:8484/",
+        "loom console --port 0 --nats nats://127.0.0.1:4333",
+    ],
     "run": [
         "loom run examples/hello-dag.yaml -i name=Ada",
         'loom run plan.yaml --input-json \'{"urls": ["https://example.com"]}\' -o json',
