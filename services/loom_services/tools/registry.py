@@ -220,14 +220,6 @@ class ToolRegistry:
         return len(self._tools)
 
 
-def default_registry() -> ToolRegistry:
-    """A new registry holding every built-in tool."""
-    from loom_services.tools.builtins import BUILTIN_TOOLS  # builtins imports this module
-    from loom_services.tools.http_request import http_request
-
-    return ToolRegistry((*BUILTIN_TOOLS, http_request))
-
-
 # --------------------------------------------------------------------------- execution
 
 
