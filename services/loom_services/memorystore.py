@@ -294,7 +294,7 @@ class MemoryStore:
         self.vectors.delete_ids(self.memories, [hit.id])
         return {"deleted": 1, "id": hit.id}
 
-    def list(
+    def list_memories(
         self,
         p: Principal,
         scope: str = "user",
@@ -303,6 +303,8 @@ class MemoryStore:
         cursor: str | None = None,
         user_id: str | None = None,
     ) -> dict[str, Any]:
+        must: list[models.Condition]
+        should: list[models.Condition]
         if user_id is not None and user_id != p.user_id:
             self._require(p, ADMIN_ROLES, "inspecting another user's memories")
             must, should = [self._user_filter(p, user_id)], []
