@@ -67,6 +67,7 @@ from loom_core.contracts import (
     PlanIssue,
     ReduceStep,
     RetryPolicy,
+    RunRequest,
     SleepStep,
     Step,
     SubRunStep,
@@ -144,6 +145,72 @@ def validate_plan(
     if run_input is not None:
         issues += _check_run_input(facts, run_input)
     return issues
+
+
+# Fields of a RunRequest only the engine sets: a fork's reused outputs are computed by
+# the executor from its own store (``loom.fork``), a child's parent link by the sub-run
+# step that starts it. From a client they would be claims nobody checked.
+INTERNAL_FIELDS = ("parent", "fork")
+# The form of the ids the engine derives for child runs (``ids.child_run_id``): a client
+# may not take one, or it could stand in for a sub-run that has not started yet.
+RESERVED_RUN_ID = "--"
+
+
+def check_run_id(run_id: str, path: str = "$.run_id") -> ErrorInfo | None:
+    """A run id a client chose: a subject token, and not of the engine's reserved form."""
+    if not is_token(run_id):
+        return ErrorInfo(
+            code="invalid_run_id",
+            message="run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' "
+            "(it becomes a NATS subject token)",
+            path=path,
+        )
+    if RESERVED_RUN_ID in run_id:
+        return ErrorInfo(
+            code="invalid_run_id",
+            message=f"run_id {run_id!r} contains {RESERVED_RUN_ID!r}, which is reserved for "
+            "the ids of child runs the engine starts (`{parent}--{step}`)",
+            path=path,
+        )
+    return None
+
+
+def check_run_request(request: RunRequest) -> ErrorInfo | None:
+    """The first thing wrong with a client's run request before any plan is looked at
+    (engine-only fields, the run id, plan vs request, the budget), or None. The plan
+    itself is ``validate_plan``'s, every problem at once."""
+    for name in INTERNAL_FIELDS:
+        if getattr(request, name) is not None:
+            how = (
+                "fork a run with a ForkRun request on loom.fork (loom fork)"
+                if name == "fork"
+                else "child runs are started by sub_run steps"
+            )
+            return ErrorInfo(
+                code="internal_field",
+                message=f"`{name}` is set only by the engine; {how}",
+                path=f"$.{name}",
+            )
+    if request.run_id is not None:
+        error = check_run_id(request.run_id)
+        if error is not None:
+            return error
+    if request.plan is None and not request.request:
+        return ErrorInfo(
+            code="missing_plan",
+            message="give either `plan` (explicit steps) or `request` (natural language)",
+            path="$",
+        )
+    if request.plan is not None and request.request:
+        return ErrorInfo(
+            code="ambiguous_request",
+            message="give either `plan` or `request`, not both",
+            path="$.request",
+        )
+    if request.budget is not None:
+        for issue in agent_step.budget_issues("$.budget", request.budget):
+            return ErrorInfo(code="invalid_budget", message=issue.message, path=issue.path)
+    return None
 
 
 def tool_uses(plan: Plan, path: str = "$.plan") -> list[tuple[str, str]]:
