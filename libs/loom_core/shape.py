@@ -15,7 +15,6 @@ depth and size (``loom_core.limits``).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import types
 import typing
@@ -24,29 +23,22 @@ from typing import Any
 import msgspec
 
 from loom_core.contracts import ErrorInfo, PlanIssue
+from loom_core.json_types import a_type, describe, did_you_mean, preview
 
 __all__ = ["MAX_ISSUES", "shape_issues", "with_issues"]
 
 MAX_ISSUES = 100  # a document that is all wrong needs no 10,000-line answer
 
-_JSON_NAMES = {
-    dict: "an object",
-    list: "an array",
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
+# a Python type's JSON name in prose, for "expected ..." (values are named by json_types)
+_TYPE_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
     type(None): "null",
 }
-
-
-def _json_name(value: Any) -> str:
-    return _JSON_NAMES.get(type(value), type(value).__name__)
-
-
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def _is_struct(tp: Any) -> bool:
@@ -128,7 +120,7 @@ def _check(
         msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:
         detail = str(exc).split(" - at ")[0]
-        issues.append(PlanIssue("invalid_shape", path, f"{detail}: {_preview(value)}"))
+        issues.append(PlanIssue("invalid_shape", path, f"{detail}: {preview(value)}"))
 
 
 def _union(
@@ -159,7 +151,7 @@ def _union(
         if chosen is None:
             issues.append(PlanIssue(
                 "invalid_shape", _key(field, path),
-                f"unknown {field} {tag!r}: {_did_you_mean(str(tag), list(by_tag))}"
+                f"unknown {field} {tag!r}: {did_you_mean(str(tag), list(by_tag))}"
                 f"one of {', '.join(by_tag)}",
             ))  # fmt: skip
             return
@@ -194,13 +186,13 @@ def _struct(
             if not tagged and config.tag is not None and item != config.tag:
                 issues.append(PlanIssue(
                     "invalid_shape", _key(name, path),
-                    f"expected {config.tag!r}, got {_preview(item)}",
+                    f"expected {config.tag!r}, got {preview(item)}",
                 ))  # fmt: skip
             continue
         field = fields.get(str(name))
         if field is None:
             if config.forbid_unknown_fields:
-                hint = _did_you_mean(str(name), list(fields))
+                hint = did_you_mean(str(name), list(fields))
                 issues.append(PlanIssue(
                     "unknown_field", _key(str(name), path),
                     f"unknown field {name!r} in {_a(cls)}: {hint}"
@@ -248,13 +240,9 @@ def _describe(tp: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if tp is Any or tp is typing.Any:
         return "any JSON value"
-    return _JSON_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+    name = _TYPE_NAMES.get(tp)
+    return a_type(name) if name else getattr(tp, "__name__", str(tp))
 
 
 def _wrong(path: str, value: Any, wanted: str) -> PlanIssue:
-    return PlanIssue("invalid_shape", path, f"expected {wanted}, got {_json_name(value)}")
-
-
-def _preview(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return PlanIssue("invalid_shape", path, f"expected {wanted}, got {describe(value)}")

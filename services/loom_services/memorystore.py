@@ -28,9 +28,9 @@ from typing import Any
 
 from qdrant_client import models
 
-from loom_core.answers import problems
 from loom_core.contracts import Principal
 from loom_core.errors import LoomError
+from loom_core.schemas import problems
 from loom_infra.embedders import Embedder
 from loom_infra.vectors import Hit, VectorStore, match, point_id
 from loom_infra.workingmemory import Conflict, WorkingMemoryStore
