@@ -15,6 +15,7 @@ depth and size (``loom_core.limits``).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import types
 import typing
@@ -142,18 +143,29 @@ def _union(
         by_tag = {str(m.__struct_config__.tag): m for m in structs}
         tag = value.get(field)
         if tag is None:
+            guess = _closest_member(value, structs)
+            looks = (
+                f"it looks like {_a(guess)}: add `{field}: {guess.__struct_config__.tag}`; "
+                if guess is not None
+                else ""
+            )
             issues.append(PlanIssue(
                 "invalid_shape", path,
-                f"missing `{field}`: one of {', '.join(by_tag)}",
+                f"missing `{field}`: {looks}one of {', '.join(by_tag)}",
             ))  # fmt: skip
+            if guess is not None:  # the rest of its problems too, read as the guess
+                _struct(value, guess, path, issues, todo, tagged=True)
             return
         chosen = by_tag.get(str(tag))
         if chosen is None:
+            hint = did_you_mean(str(tag), list(by_tag))
             issues.append(PlanIssue(
                 "invalid_shape", _key(field, path),
-                f"unknown {field} {tag!r}: {did_you_mean(str(tag), list(by_tag))}"
-                f"one of {', '.join(by_tag)}",
+                f"unknown {field} {tag!r}: {hint}one of {', '.join(by_tag)}",
             ))  # fmt: skip
+            close = difflib.get_close_matches(str(tag), list(by_tag), n=1)
+            if close:  # the rest of its problems too, read as the kind it was meant to be
+                _struct(value, by_tag[close[0]], path, issues, todo, tagged=True)
             return
         _struct(value, chosen, path, issues, todo, tagged=True)
         return
@@ -164,6 +176,20 @@ def _union(
             return
     wanted = [_describe(m) for m in members]
     issues.append(_wrong(path, value, " or ".join(dict.fromkeys(wanted))))
+
+
+def _closest_member(
+    value: dict[Any, Any], structs: list[type[msgspec.Struct]]
+) -> type[msgspec.Struct] | None:
+    """The one member whose fields name the most keys of ``value`` (an untagged step
+    with a ``tool`` field is a tool step); None on a tie."""
+    scores = sorted(
+        ((sum(str(k) in _fields(m) for k in value), i) for i, m in enumerate(structs)),
+        reverse=True,
+    )
+    if not scores or (len(scores) > 1 and scores[0][0] == scores[1][0]):
+        return None
+    return structs[scores[0][1]]
 
 
 def _struct(
