@@ -44,6 +44,7 @@ __all__ = [
     "alternatives",
     "defs_of",
     "expected",
+    "listed",
     "problems",
     "resolve",
     "schema_problem",
@@ -155,6 +156,13 @@ def problems(
     for error in errors:
         found.extend(_word(error, _Context(schema, path, templated)))
     return [(_path(path, t), m) for t, _, m in _in_document_order(found, value)[:MAX_PROBLEMS]]
+
+
+def listed(found: list[Problem], limit: int = 5) -> str:
+    """Problems as one line for a message: ``$.a: ...; $.b: ...`` (the first ``limit``;
+    ``details.problems`` carries them all)."""
+    more = f"; and {len(found) - limit} more" if len(found) > limit else ""
+    return "; ".join(f"{path}: {message}" for path, message in found[:limit]) + more
 
 
 def _path(base: str, trail: tuple[str | int, ...]) -> str:

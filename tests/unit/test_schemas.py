@@ -331,3 +331,11 @@ def test_a_plan_carrying_a_broken_schema_is_refused_by_the_planners_check() -> N
     assert "outside itself" in issues[1].message
     # the executor's re-check (no catalog) leaves it to the planner: recorded runs replay
     assert validate_plan(plan) == []
+
+
+def test_listed_puts_problems_on_one_line() -> None:
+    from loom_core.schemas import listed
+
+    found = [("$.a", "x"), ("$.b", "y"), ("$.c", "z")]
+    assert listed(found) == "$.a: x; $.b: y; $.c: z"
+    assert listed(found, limit=1) == "$.a: x; and 2 more"

@@ -183,7 +183,7 @@ class ToolCatalog:
         found = schemas.problems(schema, value)
         if not found:
             return None
-        text = "; ".join(f"{path}: {message}" for path, message in found[:5])
+        text = schemas.listed(found)
         return ErrorInfo(
             code="invalid_input",
             message=f"invalid input for tool {name!r}: {text}; "

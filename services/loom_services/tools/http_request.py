@@ -257,7 +257,7 @@ def _answer(
             )
         found = schemas.problems(response_schema, parsed)
         if found:
-            text = "; ".join(f"{path}: {message}" for path, message in found[:5])
+            text = schemas.listed(found)
             raise ToolFailure(
                 "invalid_response",
                 f"the response of {netguard.redact_url(url)} does not match response_schema: "

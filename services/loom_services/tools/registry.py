@@ -283,7 +283,7 @@ def _invalid_input(tool_: Tool, raw_input: Any, exc: msgspec.ValidationError) ->
     if not found:
         message, path = validation_path(str(exc))
         found = [(path, message)]
-    text = "; ".join(f"{path}: {message}" for path, message in found[:5])
+    text = schemas.listed(found)
     return _fail(
         "invalid_input",
         f"invalid input for tool {tool_.name!r}: {text}; "
