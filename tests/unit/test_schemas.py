@@ -339,3 +339,33 @@ def test_listed_puts_problems_on_one_line() -> None:
     found = [("$.a", "x"), ("$.b", "y"), ("$.c", "z")]
     assert listed(found) == "$.a: x; $.b: y; $.c: z"
     assert listed(found, limit=1) == "$.a: x; and 2 more"
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def test_a_history_worded_by_the_old_checker_still_replays() -> None:
+    # agent-hostile was recorded when an agent's invalid answer was refused with the
+    # subset's words ("expected number, got string") and told back to the model in
+    # those words; today's checker words it otherwise. Replay folds the recorded
+    # refusal (same decision, other prose), so the next model request still matches.
+    from pathlib import Path
+
+    import msgspec
+
+    from loom_core.contracts import EventRecord, ModelOutputRefused
+    from loom_core.replay import replay
+
+    path = Path(__file__).resolve().parents[1] / "golden" / "agent-hostile.jsonl"
+    decoder = msgspec.json.Decoder(EventRecord)
+    records = [decoder.decode(line) for line in path.read_text().splitlines() if line]
+    refused = [
+        r.event for r in records
+        if isinstance(r.event, ModelOutputRefused) and r.event.error.code == "invalid_model_output"
+    ]  # fmt: skip
+    assert refused[0].error.details["problems"] == [["$.total", "expected number, got string"]]
+    assert problems({"type": "number"}, "many", "$.total") != [
+        ("$.total", "expected number, got string")
+    ]
+    report, _ = replay(records)
+    assert report.identical, report.divergence
