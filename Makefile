@@ -46,7 +46,7 @@ unit: install
 	$(PY) -m pytest tests/unit -q
 
 proto: install
-	$(PY) -m loom_core.proto_gen proto
+	$(PY) -m loom_infra.proto_gen proto
 
 bench: install
 	$(PY) bench/steps.py --steps 200 --store sqlite

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from loom_core import ids, sizes
-from loom_core.answers import problems
 from loom_core.contracts import (
     AgentStep,
     Budget,
@@ -61,6 +60,7 @@ from loom_core.contracts import (
     ToolResult,
 )
 from loom_core.limits import DEFAULT_MAX_DEPTH, check_json
+from loom_core.schemas import problems
 
 if TYPE_CHECKING:  # the executor imports this module; only its types are needed here
     from loom_core.executor import Inst, RunState, _Turn

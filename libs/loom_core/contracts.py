@@ -3,7 +3,7 @@
 Design notes
 - Each Struct has an explicit, stable ``tag``: renaming a class never breaks a stored
   stream or a client in another language. ``proto/`` is generated from this module
-  (``python -m loom_core.proto_gen``) and a test fails when it is stale.
+  (``python -m loom_infra.proto_gen``) and a test fails when it is stale.
 - Inbound, user-written structures (run requests, plans, steps) forbid unknown fields so
   a typo (``depend_on``) is an error naming its path, not a silently ignored key.
 - Stored events allow unknown fields: a newer writer may add optional fields and older

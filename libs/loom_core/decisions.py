@@ -11,7 +11,9 @@ run event is classified here, once:
   *codes*, paths and details, retry delays, times, and every input the run received
   (plan, request, tool outputs, answers, external events), even when written in words.
 - ``PROSE``: text for people that no decision reads: error/skip/cancel/refusal
-  *messages* and free-text reasons. Replay blanks these before comparing.
+  *messages* and free-text reasons. Replay blanks these before comparing. So does it
+  the messages of an error's ``details.problems`` (``[path, message]`` pairs of a
+  schema check); their paths stay decisions.
 - ``NESTED``: a struct (or list of structs, or None) whose own fields are classified
   here too (``ErrorInfo``, ``PlanIssue``).
 
@@ -135,7 +137,22 @@ def _blank_flat(value: Any) -> Any:
     further nesting, so this goes one level down the *schema*, never into user data."""
     prose, nested = _PLAN.get(type(value), ((), ()))
     assert not nested, f"{type(value).__name__}: two levels of nesting are not handled"
-    return msgspec.structs.replace(value, **dict.fromkeys(prose, "")) if prose else value
+    changes: dict[str, Any] = dict.fromkeys(prose, "")
+    if isinstance(value, c.ErrorInfo) and isinstance(value.details, dict):
+        problems = value.details.get("problems")
+        if isinstance(problems, list):
+            changes["details"] = {**value.details, "problems": _blank_problems(problems)}
+    return msgspec.structs.replace(value, **changes) if changes else value
+
+
+def _blank_problems(problems: list[Any]) -> list[Any]:
+    """``details.problems`` of a schema check (``loom_core.schemas``): ``[path,
+    message]`` pairs. Where the value failed is a decision; how it is worded is prose
+    (issue 16 reworded every one of them)."""
+    return [
+        [p[0], ""] if isinstance(p, list) and len(p) == 2 and isinstance(p[1], str) else p
+        for p in problems
+    ]
 
 
 def decision(event: Any) -> Any:

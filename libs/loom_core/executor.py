@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import ChainMap
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -51,7 +51,6 @@ import msgspec
 
 from loom_core import agent as agent_step
 from loom_core import blobs, ids, secrets, sizes
-from loom_core.answers import problems
 from loom_core.caps import too_many
 from loom_core.contracts import (
     AgentStep,
@@ -124,7 +123,9 @@ from loom_core.contracts import (
     ToolStep,
     WaitEventStep,
 )
+from loom_core.decisions import same_decision
 from loom_core.predicates import PredicateError, evaluate
+from loom_core.schemas import problems
 from loom_core.templating import TemplateError, render
 from loom_core.validation import dependencies, validate_plan
 
@@ -601,19 +602,29 @@ def decide(state: RunState, message: Message, now: datetime) -> list[RunEvent]:
     return advance(copy.deepcopy(state), message, now)
 
 
-def advance(state: RunState, message: Message, now: datetime) -> list[RunEvent]:
+Recorded = Callable[[int], RunEvent | None]
+
+
+def advance(
+    state: RunState, message: Message, now: datetime, recorded: Recorded | None = None
+) -> list[RunEvent]:
     """Decide and fold: returns the new events, already applied to ``state``.
     Messages that no longer apply (duplicates, results for finished attempts, anything
-    after the run ended) cause no events: redelivery is normal and must be harmless."""
-    return _Turn(state, now).handle(message)
+    after the run ended) cause no events: redelivery is normal and must be harmless.
+    ``recorded(k)``: in a replay, the k-th event the history holds from this message on.
+    An event that decides what its recorded one decided is folded *as recorded*, so
+    prose the run really had (an error told back to a model, say) is what later
+    decisions read, not this code's rewording of it."""
+    return _Turn(state, now, recorded).handle(message)
 
 
 class _Turn:
     """One decision: emits events, folding each into the state at once."""
 
-    def __init__(self, state: RunState, now: datetime) -> None:
+    def __init__(self, state: RunState, now: datetime, recorded: Recorded | None = None) -> None:
         self.s = state
         self.now = now
+        self.recorded = recorded
         self.events: list[RunEvent] = []
         # re-entrancy guard: a child that ends synchronously inside its owner's
         # bookkeeping re-runs that bookkeeping in a loop instead of recursing deeper
@@ -634,6 +645,10 @@ class _Turn:
                 if error is not None:
                     event = RunFailed(error=error)
         self.events.append(event)
+        if self.recorded is not None:
+            was = self.recorded(len(self.events) - 1)
+            if was is not None and was != event and same_decision(was, event):
+                event = was
         evolve(self.s, event, self.now)
 
     def emit_completed(self, iid: str, output: Any) -> None:

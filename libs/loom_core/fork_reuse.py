@@ -47,7 +47,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom_core.answers import problems
 from loom_core.contracts import (
     ApprovalStep,
     EventRecord,
@@ -66,6 +65,7 @@ from loom_core.contracts import (
     ToolStep,
 )
 from loom_core.errors import LoomError
+from loom_core.schemas import problems
 from loom_core.validation import dependencies
 
 __all__ = [

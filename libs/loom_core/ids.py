@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import re
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# fullmatch, not ``^...$``: ``$`` also matches before a trailing newline, and "run\n"
+# is no subject token
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def is_token(value: str) -> bool:
-    return bool(_TOKEN.match(value))
+    return _TOKEN.fullmatch(value) is not None
 
 
 def event_id(run_id: str, seq: int) -> str:

@@ -33,6 +33,7 @@ import msgspec
 from loom_core import blobs
 from loom_core.contracts import PlanIssue
 from loom_core.errors import LoomError
+from loom_core.json_types import describe
 from loom_core.templating import (
     BlobValueError,
     Reference,
@@ -86,37 +87,13 @@ class PredicateError(LoomError):
 # --------------------------------------------------------------------------- structure
 
 
-def _preview(value: JSON, limit: int = 60) -> str:
-    try:
-        text = msgspec.json.encode(value).decode()
-    except (TypeError, msgspec.EncodeError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _kind(value: JSON) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return f"an array of {len(value)}"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
 def _shape(node: JSON, path: str) -> tuple[str, JSON]:
     """``(operator, argument)`` of one predicate node; children are not looked at.
     Raises ``PredicateError`` at the most precise path."""
     if not isinstance(node, Mapping):
         raise PredicateError(
             f"a predicate is an object with one operator, e.g. {_EXAMPLE}; "
-            f"got {_kind(node)} {_preview(node)}",
+            f"got {describe(node, 60)}",
             path=path,
         )
     if len(node) != 1:
@@ -143,19 +120,19 @@ def _shape(node: JSON, path: str) -> tuple[str, JSON]:
         order = {"in": "[needle, haystack]", "contains": "[haystack, needle]"}.get(op, "[a, b]")
         raise PredicateError(
             f"`{op}` takes a list of exactly 2 operands {order}, e.g. "
-            f'{{"{op}": ["{{{{ steps.a.output.n }}}}", 3]}}; got {_kind(arg)} {_preview(arg)}',
+            f'{{"{op}": ["{{{{ steps.a.output.n }}}}", 3]}}; got {describe(arg, 60)}',
             path=where,
         )
     if op in ("and", "or") and not (isinstance(arg, list | tuple) and arg):
         raise PredicateError(
             f"`{op}` takes a non-empty list of predicates, e.g. "
-            f'{{"{op}": [{_EXAMPLE}, ...]}}; got {_kind(arg)} {_preview(arg)}',
+            f'{{"{op}": [{_EXAMPLE}, ...]}}; got {describe(arg, 60)}',
             path=where,
         )
     if op == "exists" and not _names_one_value(arg):
         raise PredicateError(
             '`exists` takes one string that is exactly one template, e.g. {"exists": '
-            f'"{{{{ steps.a.output.x }}}}"}}; got {_kind(arg)} {_preview(arg)}',
+            f'"{{{{ steps.a.output.x }}}}"}}; got {describe(arg, 60)}',
             path=where,
         )
     return str(op), arg
@@ -245,8 +222,8 @@ def _order(op: str, a: JSON, b: JSON, path: str) -> bool:
     if (_is_number(a) and _is_number(b)) or (isinstance(a, str) and isinstance(b, str)):
         return _ORDER[op](a, b)
     raise PredicateError(
-        f"`{op}` compares two numbers or two strings; got {_kind(a)} {_preview(a)} and "
-        f"{_kind(b)} {_preview(b)}. Make both operands the same type (a template that is "
+        f"`{op}` compares two numbers or two strings; got {describe(a, 60)} and "
+        f"{describe(b, 60)}. Make both operands the same type (a template that is "
         f"the whole string keeps the value's type)",
         path=path,
     )
@@ -260,13 +237,13 @@ def _member(op: str, needle: JSON, haystack: JSON, path: str) -> bool:
             what = "a substring of a string" if isinstance(haystack, str) else "a key of an object"
             raise PredicateError(
                 f"`{op}` looks for {what}, so the needle must be a string; got "
-                f"{_kind(needle)} {_preview(needle)}",
+                f"{describe(needle, 60)}",
                 path=path,
             )
         return needle in haystack
     raise PredicateError(
         f"`{op}` searches an array, a string or an object's keys; the haystack is "
-        f"{_kind(haystack)} {_preview(haystack)}",
+        f"{describe(haystack, 60)}",
         path=path,
     )
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -57,7 +57,17 @@ from loom_core.contracts import (
 from loom_core.decisions import differing_fields, same_decision
 from loom_core.executor import Message, RunState, Submission, advance, evolve, initial_state
 
-Advance = Callable[[RunState, Message, datetime], list[RunEvent]]
+
+class Advance(Protocol):
+    """``executor.advance``'s signature (tests pass a stand-in)."""
+
+    def __call__(
+        self,
+        state: RunState,
+        message: Message,
+        now: datetime,
+        recorded: Callable[[int], RunEvent | None] | None = None,
+    ) -> list[RunEvent]: ...
 
 
 @dataclass(frozen=True)
@@ -191,7 +201,7 @@ def replay(
         if message is None:
             why = "this event does not start a decision: the current code did not decide it"
             return _diverged(run_id, i, record, None, why), state
-        decided = advance_fn(state, message, record.at)
+        decided = advance_fn(state, message, record.at, _history(records, i))
         for k, event in enumerate(decided):
             if i + k >= len(records):
                 why = "the current code decides more than was recorded"
@@ -206,6 +216,16 @@ def replay(
             return _diverged(run_id, i, record, None, why), state
         i += len(decided)
     return ReplayReport(run_id=run_id, events=i, divergence=None), state
+
+
+def _history(records: Sequence[EventRecord], start: int) -> Callable[[int], RunEvent | None]:
+    """The recorded events from ``start`` on, by offset (what ``advance`` folds in place
+    of a decided event that differs from it in prose only)."""
+
+    def at(k: int) -> RunEvent | None:
+        return records[start + k].event if start + k < len(records) else None
+
+    return at
 
 
 def _diverged(

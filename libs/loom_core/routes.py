@@ -7,7 +7,7 @@ it and which consume it (with the durable consumer and the event filter they use
 Everything about the edge is derived from this table and nothing else:
 - services subscribe, consume and publish through it (``Route.subject``,
   ``Consumer.filters``), so a subject string is never written twice;
-- ``proto/asyncapi.yaml`` is generated from it (``loom_core.proto_gen``);
+- ``proto/asyncapi.yaml`` is generated from it (``loom_infra.proto_gen``);
 - each identity's NATS permissions are generated from it (``loom_infra.credentials``);
 - a test starts the stack and checks that every subscription and durable consumer that
   exists is declared here, and every declaration is used.

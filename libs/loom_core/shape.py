@@ -24,29 +24,22 @@ from typing import Any
 import msgspec
 
 from loom_core.contracts import ErrorInfo, PlanIssue
+from loom_core.json_types import a_type, describe, did_you_mean, preview
 
 __all__ = ["MAX_ISSUES", "shape_issues", "with_issues"]
 
 MAX_ISSUES = 100  # a document that is all wrong needs no 10,000-line answer
 
-_JSON_NAMES = {
-    dict: "an object",
-    list: "an array",
-    str: "a string",
-    bool: "a boolean",
-    int: "an integer",
-    float: "a number",
+# a Python type's JSON name in prose, for "expected ..." (values are named by json_types)
+_TYPE_NAMES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
     type(None): "null",
 }
-
-
-def _json_name(value: Any) -> str:
-    return _JSON_NAMES.get(type(value), type(value).__name__)
-
-
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def _is_struct(tp: Any) -> bool:
@@ -128,7 +121,7 @@ def _check(
         msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:
         detail = str(exc).split(" - at ")[0]
-        issues.append(PlanIssue("invalid_shape", path, f"{detail}: {_preview(value)}"))
+        issues.append(PlanIssue("invalid_shape", path, f"{detail}: {preview(value)}"))
 
 
 def _union(
@@ -150,18 +143,29 @@ def _union(
         by_tag = {str(m.__struct_config__.tag): m for m in structs}
         tag = value.get(field)
         if tag is None:
+            guess = _closest_member(value, structs)
+            looks = (
+                f"it looks like {_a(guess)}: add `{field}: {guess.__struct_config__.tag}`; "
+                if guess is not None
+                else ""
+            )
             issues.append(PlanIssue(
                 "invalid_shape", path,
-                f"missing `{field}`: one of {', '.join(by_tag)}",
+                f"missing `{field}`: {looks}one of {', '.join(by_tag)}",
             ))  # fmt: skip
+            if guess is not None:  # the rest of its problems too, read as the guess
+                _struct(value, guess, path, issues, todo, tagged=True)
             return
         chosen = by_tag.get(str(tag))
         if chosen is None:
+            hint = did_you_mean(str(tag), list(by_tag))
             issues.append(PlanIssue(
                 "invalid_shape", _key(field, path),
-                f"unknown {field} {tag!r}: {_did_you_mean(str(tag), list(by_tag))}"
-                f"one of {', '.join(by_tag)}",
+                f"unknown {field} {tag!r}: {hint}one of {', '.join(by_tag)}",
             ))  # fmt: skip
+            close = difflib.get_close_matches(str(tag), list(by_tag), n=1)
+            if close:  # the rest of its problems too, read as the kind it was meant to be
+                _struct(value, by_tag[close[0]], path, issues, todo, tagged=True)
             return
         _struct(value, chosen, path, issues, todo, tagged=True)
         return
@@ -172,6 +176,20 @@ def _union(
             return
     wanted = [_describe(m) for m in members]
     issues.append(_wrong(path, value, " or ".join(dict.fromkeys(wanted))))
+
+
+def _closest_member(
+    value: dict[Any, Any], structs: list[type[msgspec.Struct]]
+) -> type[msgspec.Struct] | None:
+    """The one member whose fields name the most keys of ``value`` (an untagged step
+    with a ``tool`` field is a tool step); None on a tie."""
+    scores = sorted(
+        ((sum(str(k) in _fields(m) for k in value), i) for i, m in enumerate(structs)),
+        reverse=True,
+    )
+    if not scores or (len(scores) > 1 and scores[0][0] == scores[1][0]):
+        return None
+    return structs[scores[0][1]]
 
 
 def _struct(
@@ -194,13 +212,13 @@ def _struct(
             if not tagged and config.tag is not None and item != config.tag:
                 issues.append(PlanIssue(
                     "invalid_shape", _key(name, path),
-                    f"expected {config.tag!r}, got {_preview(item)}",
+                    f"expected {config.tag!r}, got {preview(item)}",
                 ))  # fmt: skip
             continue
         field = fields.get(str(name))
         if field is None:
             if config.forbid_unknown_fields:
-                hint = _did_you_mean(str(name), list(fields))
+                hint = did_you_mean(str(name), list(fields))
                 issues.append(PlanIssue(
                     "unknown_field", _key(str(name), path),
                     f"unknown field {name!r} in {_a(cls)}: {hint}"
@@ -248,13 +266,9 @@ def _describe(tp: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(tp))
     if tp is Any or tp is typing.Any:
         return "any JSON value"
-    return _JSON_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+    name = _TYPE_NAMES.get(tp)
+    return a_type(name) if name else getattr(tp, "__name__", str(tp))
 
 
 def _wrong(path: str, value: Any, wanted: str) -> PlanIssue:
-    return PlanIssue("invalid_shape", path, f"expected {wanted}, got {_json_name(value)}")
-
-
-def _preview(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return PlanIssue("invalid_shape", path, f"expected {wanted}, got {describe(value)}")

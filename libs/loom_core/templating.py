@@ -47,6 +47,7 @@ import msgspec
 
 from loom_core import blobs
 from loom_core.errors import LoomError
+from loom_core.json_types import keys_of, kind
 
 JSON = Any
 
@@ -428,32 +429,10 @@ def _blob_in(expr: str, prefix: str, value: JSON, where: str) -> _Lookup:
     )
 
 
-def _json_type(value: JSON) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return f"an array of length {len(value)}"
-    if isinstance(value, Mapping):
-        return f"an object with keys {_keys(value)}"
-    return type(value).__name__
-
-
-def _keys(obj: Mapping[Any, Any], limit: int = 20) -> str:
-    keys = sorted(str(k) for k in obj)
-    shown = repr(keys[:limit])
-    return shown if len(keys) <= limit else f"{shown[:-1]}, ... {len(keys) - limit} more]"
-
-
 def _lookup_step(expr: str, steps: JSON, step_id: Segment) -> JSON:
     if isinstance(steps, Mapping) and step_id in steps:
         return steps[step_id]
-    known = _keys(steps) if isinstance(steps, Mapping) else "[]"
+    known = keys_of(steps) if isinstance(steps, Mapping) else "[]"
     raise _Lookup(
         expr,
         f"`{expr}`: step {step_id!r} has no output (steps with output: {known}); a step "
@@ -468,19 +447,19 @@ def _step(expr: str, prefix: str, value: JSON, seg: Segment) -> JSON:
             if seg in value:
                 return value[seg]
             raise _Lookup(
-                expr, f"`{expr}`: key {seg!r} not found in object with keys {_keys(value)}"
+                expr, f"`{expr}`: key {seg!r} not found in an object with keys {keys_of(value)}"
             )
         hint = "; use an index like [0]" if isinstance(value, list | tuple) else ""
         raise _Lookup(
-            expr, f"`{expr}`: cannot read key {seg!r}: `{prefix}` is {_json_type(value)}{hint}"
+            expr, f"`{expr}`: cannot read key {seg!r}: `{prefix}` is {kind(value, keys=True)}{hint}"
         )
     if isinstance(value, list | tuple):
         if seg < len(value):
             return value[seg]
-        raise _Lookup(expr, f"`{expr}`: index {seg} out of range for array of length {len(value)}")
+        raise _Lookup(expr, f"`{expr}`: index {seg} is out of range for {kind(value)}")
     hint = f'; use ["{seg}"] for a key' if isinstance(value, Mapping) else ""
     raise _Lookup(
-        expr, f"`{expr}`: cannot read index [{seg}]: `{prefix}` is {_json_type(value)}{hint}"
+        expr, f"`{expr}`: cannot read index [{seg}]: `{prefix}` is {kind(value, keys=True)}{hint}"
     )
 
 

@@ -28,10 +28,15 @@ Design notes
   is constant, is already reported as ``predicate_references_nothing``.
 - Messages are written for whoever fixes the plan (often an LLM): each says what is
   wrong, what exists instead (tool names, step ids, fields) and the closest match.
-- Schema checks read JSON Schema as ``msgspec.json.schema`` writes it (``$ref`` into
-  ``$defs``, ``anyOf`` for unions) and only report what is certainly wrong: whatever a
-  schema leaves open is accepted. Templates are never type-checked (their type is only
-  known once rendered). The tool-runner validates inputs again at call time.
+- Literal tool inputs are checked against the tool's input schema by the one checker
+  (``loom_core.schemas``), template-aware: only what is certainly wrong is reported
+  (a template's type is only known once rendered). Output-field references walk the
+  output schema with the same readers (``$ref`` into ``$defs``, ``anyOf`` for unions).
+  The tool-runner checks inputs again at call time, with the same checker and words.
+- The schemas a plan carries (an approval's ``schema``, an agent's ``output_schema``)
+  must be valid JSON Schema whose references stay inside them: a broken one would
+  refuse every answer. Checked with the tool checks (the planner's), not by the
+  executor's re-check, so runs recorded before the check replay exactly.
 - Deterministic: issues come check by check, in document order within a check (a step,
   then its fallback, then its bodies, then the next step). Walks are iterative: nesting
   depth is bounded by the decoder, not by Python's recursion limit.
@@ -39,7 +44,6 @@ Design notes
 
 from __future__ import annotations
 
-import difflib
 import heapq
 import re
 from collections import deque
@@ -51,7 +55,7 @@ from typing import Any
 import msgspec
 
 from loom_core import agent as agent_step
-from loom_core import predicates
+from loom_core import predicates, schemas
 from loom_core.caps import too_many
 from loom_core.contracts import (
     AgentStep,
@@ -67,6 +71,7 @@ from loom_core.contracts import (
     PlanIssue,
     ReduceStep,
     RetryPolicy,
+    RunRequest,
     SleepStep,
     Step,
     SubRunStep,
@@ -76,6 +81,8 @@ from loom_core.contracts import (
 )
 from loom_core.foreign import foreign_syntax_issues
 from loom_core.ids import is_token
+from loom_core.json_types import did_you_mean, preview
+from loom_core.schedules import RUN_ID_PREFIX
 from loom_core.templating import (
     OPEN,
     SCOPE_ROOTS,
@@ -138,12 +145,89 @@ def validate_plan(
     if caps is not None:
         issues += _check_caps(facts, caps)
     if tools is not None:
+        issues += _check_carried_schemas(facts)
         issues += _check_tools(facts, tools)
         issues += _check_inputs(facts, tools)
         issues += _check_output_fields(facts, tools)
     if run_input is not None:
         issues += _check_run_input(facts, run_input)
     return issues
+
+
+# Fields of a RunRequest only the engine sets: a fork's reused outputs are computed by
+# the executor from its own store (``loom.fork``), a child's parent link by the sub-run
+# step that starts it. From a client they would be claims nobody checked.
+INTERNAL_FIELDS = ("parent", "fork")
+# The form of the ids the engine derives for child runs (``ids.child_run_id``): a client
+# may not take one, or it could stand in for a sub-run that has not started yet.
+RESERVED_RUN_ID = "--"
+# the form of the ids of runs schedules submit (``loom_core.schedules.run_id_for``)
+SCHEDULED_RUN_PREFIX = RUN_ID_PREFIX
+
+
+def check_run_id(run_id: str, path: str = "$.run_id") -> ErrorInfo | None:
+    """A run id a client chose: a subject token, and not of the engine's reserved form."""
+    if not is_token(run_id):
+        return ErrorInfo(
+            code="invalid_run_id",
+            message="run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' "
+            "(it becomes a NATS subject token)",
+            path=path,
+        )
+    if RESERVED_RUN_ID in run_id:
+        return ErrorInfo(
+            code="invalid_run_id",
+            message=f"run_id {run_id!r} contains {RESERVED_RUN_ID!r}, which is reserved for "
+            "the ids of child runs the engine starts (`{parent}--{step}`)",
+            path=path,
+        )
+    if run_id.startswith(SCHEDULED_RUN_PREFIX):
+        # a client's run under a firing's id would stand in for that firing
+        return ErrorInfo(
+            code="invalid_run_id",
+            message=f"run_id {run_id!r} starts with {SCHEDULED_RUN_PREFIX!r}, which is "
+            "reserved for the runs schedules submit (`loom schedule`)",
+            path=path,
+        )
+    return None
+
+
+def check_run_request(request: RunRequest) -> ErrorInfo | None:
+    """The first thing wrong with a client's run request before any plan is looked at
+    (engine-only fields, the run id, plan vs request, the budget), or None. The plan
+    itself is ``validate_plan``'s, every problem at once."""
+    for name in INTERNAL_FIELDS:
+        if getattr(request, name) is not None:
+            how = (
+                "fork a run with a ForkRun request on loom.fork (loom fork)"
+                if name == "fork"
+                else "child runs are started by sub_run steps"
+            )
+            return ErrorInfo(
+                code="internal_field",
+                message=f"`{name}` is set only by the engine; {how}",
+                path=f"$.{name}",
+            )
+    if request.run_id is not None:
+        error = check_run_id(request.run_id)
+        if error is not None:
+            return error
+    if request.plan is None and not request.request:
+        return ErrorInfo(
+            code="missing_plan",
+            message="give either `plan` (explicit steps) or `request` (natural language)",
+            path="$",
+        )
+    if request.plan is not None and request.request:
+        return ErrorInfo(
+            code="ambiguous_request",
+            message="give either `plan` or `request`, not both",
+            path="$.request",
+        )
+    if request.budget is not None:
+        for issue in agent_step.budget_issues("$.budget", request.budget):
+            return ErrorInfo(code="invalid_budget", message=issue.message, path=issue.path)
+    return None
 
 
 def tool_uses(plan: Plan, path: str = "$.plan") -> list[tuple[str, str]]:
@@ -502,16 +586,6 @@ def _issue(code: str, path: str, message: str) -> PlanIssue:
     return PlanIssue(code=code, path=path, message=message)
 
 
-def _did_you_mean(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
-
-
-def _preview(value: JSON, limit: int = 40) -> str:
-    text = msgspec.json.encode(value).decode()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _is_template(value: JSON) -> bool:
     return isinstance(value, str) and OPEN in value
 
@@ -663,7 +737,7 @@ def _items_issues(occ: _Occ, items: JSON) -> Iterator[PlanIssue]:
         f"{occ.path}.items",
         f"{_kind(step)} step {step.id!r}: `items` must be an array or a string that is "
         f'exactly one template naming one, e.g. "{{{{ steps.search.output.results }}}}"; '
-        f"got {_preview(items)}{why}",
+        f"got {preview(items)}{why}",
     )
 
 
@@ -940,7 +1014,7 @@ def _visible_ids(scopes: Iterator[_Scope]) -> list[str]:
 
 
 def _unknown_step_message(name: str, known: list[str], what: str = "visible here") -> str:
-    return f"no step has id {name!r}; {_did_you_mean(name, known)}step ids {what}: {known}"
+    return f"no step has id {name!r}; {did_you_mean(name, known)}step ids {what}: {known}"
 
 
 def _check_depends_on(facts: _Facts) -> Iterator[PlanIssue]:
@@ -1155,7 +1229,7 @@ def _check_tools(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanI
                         "unknown_tool",
                         f"{occ.path}.tools[{i}]",
                         f"agent step {occ.step.id!r} offers unknown tool {name!r}; "
-                        f"{_did_you_mean(name, names)}available tools: {', '.join(names)}",
+                        f"{did_you_mean(name, names)}available tools: {', '.join(names)}",
                     )
     for occ, step in _tool_occs(facts):
         if step.tool in tools:
@@ -1165,177 +1239,43 @@ def _check_tools(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanI
             "unknown_tool",
             f"{occ.path}.tool",
             f"step {step.id!r} uses unknown tool {step.tool!r}; "
-            f"{_did_you_mean(step.tool, names)}{available}",
+            f"{did_you_mean(step.tool, names)}{available}",
         )
 
 
 # --------------------------------------------------------------------------- schemas
 
 
-def _resolve(schema: Any, defs: Schema) -> Schema:
-    """Follow ``$ref`` into ``$defs``; an unresolvable reference allows anything."""
-    for _ in range(64):  # a guard against reference loops
-        if not isinstance(schema, Mapping):
-            return {}
-        ref = schema.get("$ref")
-        if not isinstance(ref, str):
-            return schema
-        name = ref.rsplit("/", 1)[-1]
-        schema = defs.get(name, {}) if ref.startswith(("#/$defs/", "#/definitions/")) else {}
-    return {}
-
-
-def _defs(schema: Schema) -> Schema:
-    return {**schema.get("definitions", {}), **schema.get("$defs", {})}
-
-
-def _types(schema: Schema) -> set[str] | None:
-    kind = schema.get("type")
-    if isinstance(kind, str):
-        return {kind}
-    if isinstance(kind, list):
-        return set(kind)
-    return None
-
-
-def _alternatives(schema: Schema) -> list[Any] | None:
-    alts = schema.get("anyOf", schema.get("oneOf"))
-    return alts if isinstance(alts, list) else None
-
-
-def _json_type(value: JSON) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "array"
-    if isinstance(value, Mapping):
-        return "object"
-    return type(value).__name__
-
-
-def _describe(schema: Schema, defs: Schema) -> str:
-    """A short human name for what a schema accepts: ``integer``, ``string or null``."""
-    alts = _alternatives(schema)
-    if alts is not None:
-        return " or ".join(_describe(_resolve(a, defs), defs) for a in alts)
-    if "enum" in schema:
-        return "one of " + ", ".join(msgspec.json.encode(v).decode() for v in schema["enum"])
-    types = _types(schema)
-    return " or ".join(sorted(types)) if types else "any value"
-
-
-def _a(description: str) -> str:
-    """``integer`` -> ``an integer``, for messages."""
-    if description.startswith(("one of", "any ")):
-        return description
-    return ("an " if description[0] in "aeiou" else "a ") + description
-
-
-def _accepts_type(value: JSON, schema: Schema, defs: Schema) -> bool:
-    """Does ``schema`` accept ``value`` at the level of JSON types (and enums)?"""
-    alts = _alternatives(schema)
-    if alts is not None:
-        return any(_accepts_type(value, _resolve(a, defs), defs) for a in alts)
-    if "enum" in schema:
-        kind = _json_type(value)
-        return any(_json_type(v) == kind and v == value for v in schema["enum"])
-    types = _types(schema)
-    if types is None:
-        return True
-    kind = _json_type(value)
-    return kind in types or (kind == "integer" and "number" in types)
-
-
-def _value_issues(value: JSON, schema: Any, defs: Schema, path: str, tool: str) -> list[PlanIssue]:
-    """Literal ``value`` against ``schema``: type, required and unknown fields, nested."""
-    schema = _resolve(schema, defs)
-    if _is_template(value):
-        return []  # its type is only known once rendered
-    alts = _alternatives(schema)
-    if alts is not None:
-        fitting = [s for s in (_resolve(a, defs) for a in alts) if _accepts_type(value, s, defs)]
-        if len(fitting) == 1:
-            return _value_issues(value, fitting[0], defs, path, tool)
-        if fitting:
-            return []  # several shapes fit: be lenient, the tool-runner checks again
-    if not _accepts_type(value, schema, defs):
-        return [
-            _issue(
-                "invalid_input",
-                path,
-                f"tool {tool!r} expects {_describe(schema, defs)} here, got "
-                f"{_json_type(value)} {_preview(value)}",
-            )
-        ]
-    if isinstance(value, Mapping):
-        return _object_issues(value, schema, defs, path, tool)
-    if isinstance(value, list | tuple):
-        return _array_issues(value, schema, defs, path, tool)
-    return []
-
-
-def _object_issues(
-    value: Mapping[str, JSON], schema: Schema, defs: Schema, path: str, tool: str
-) -> list[PlanIssue]:
-    props = schema.get("properties", {})
-    extra = schema.get("additionalProperties", True)
-    issues = []
-    for name in schema.get("required", []):
-        if name not in value:
-            issues.append(
-                _issue(
-                    "invalid_input",
-                    child_path(path, name),
-                    f"tool {tool!r} requires field {name!r} "
-                    f"({_describe(_resolve(props.get(name, {}), defs), defs)}); add it",
-                )
-            )
-    for key, item in value.items():
-        where = child_path(path, key)
-        if key in props:
-            issues += _value_issues(item, props[key], defs, where, tool)
-        elif extra is False:
-            issues.append(
-                _issue(
-                    "invalid_input",
-                    where,
-                    f"tool {tool!r} has no field {key!r}; {_did_you_mean(key, sorted(props))}"
-                    f"accepted fields: {sorted(props)}",
-                )
-            )
-        elif isinstance(extra, Mapping):
-            issues += _value_issues(item, extra, defs, where, tool)
-    return issues
-
-
-def _array_issues(
-    value: Sequence[JSON], schema: Schema, defs: Schema, path: str, tool: str
-) -> list[PlanIssue]:
-    prefix = schema.get("prefixItems", [])
-    items = schema.get("items")
-    issues = []
-    for i, item in enumerate(value):
-        item_schema = prefix[i] if i < len(prefix) else items
-        if isinstance(item_schema, Mapping):
-            issues += _value_issues(item, item_schema, defs, child_path(path, i), tool)
-    return issues
-
-
 def _check_inputs(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanIssue]:
+    """Each step's literal input against its tool's input schema (``loom_core.schemas``,
+    the one checker); a template's type is only known once rendered, so what a
+    template could still change is not reported."""
     for occ, step in _tool_occs(facts):
         spec = tools.get(step.tool)
         if spec is not None:
-            schema = spec.input_schema
             where = f"{occ.path}.input"
-            yield from _value_issues(step.input, schema, _defs(schema), where, step.tool)
+            for path, message in schemas.problems(
+                spec.input_schema, step.input, where, templated=_is_template
+            ):
+                yield _issue("invalid_input", path, f"tool {step.tool!r}: {message}")
+
+
+def _check_carried_schemas(facts: _Facts) -> Iterator[PlanIssue]:
+    for occ in facts.occs:
+        step = occ.step
+        if isinstance(step, ApprovalStep) and step.schema:
+            field, schema = "schema", step.schema
+        elif isinstance(step, AgentStep) and step.output_schema is not None:
+            field, schema = "output_schema", step.output_schema
+        else:
+            continue
+        problem = schemas.schema_problem(schema)
+        if problem is not None:
+            yield _issue(
+                "invalid_step",
+                f"{occ.path}.{field}",
+                f"{_kind(step)} step {step.id!r}: `{field}` cannot check anything: {problem}",
+            )
 
 
 # --------------------------------------------------------------------------- output fields
@@ -1350,9 +1290,9 @@ _OPEN = _Open()
 
 def _schema_step(schema: Schema, seg: Segment, defs: Schema, at: str) -> Schema | _Open | str:
     """The schema of ``value[seg]``, ``_OPEN``, or a message saying why it cannot exist."""
-    alts = _alternatives(schema)
+    alts = schemas.alternatives(schema)
     if alts is not None:
-        results = [_schema_step(_resolve(a, defs), seg, defs, at) for a in alts]
+        results = [_schema_step(schemas.resolve(a, defs), seg, defs, at) for a in alts]
         if any(r is _OPEN for r in results):
             return _OPEN
         found = [r for r in results if isinstance(r, Mapping)]
@@ -1361,10 +1301,12 @@ def _schema_step(schema: Schema, seg: Segment, defs: Schema, at: str) -> Schema 
         if found:
             return _OPEN  # several shapes fit: stop being clever
         non_null = [
-            r for r, a in zip(results, alts, strict=True) if _resolve(a, defs) != {"type": "null"}
+            r
+            for r, a in zip(results, alts, strict=True)
+            if schemas.resolve(a, defs) != {"type": "null"}
         ]
         return str((non_null or results)[0])
-    types = _types(schema)
+    types = schemas.types_of(schema)
     if isinstance(seg, str):
         props = schema.get("properties")
         if isinstance(props, Mapping):
@@ -1372,15 +1314,16 @@ def _schema_step(schema: Schema, seg: Segment, defs: Schema, at: str) -> Schema 
                 return props[seg]
             if schema.get("additionalProperties") is False:
                 return (
-                    f"`{at}` has no field {seg!r}; {_did_you_mean(seg, sorted(props))}"
+                    f"`{at}` has no field {seg!r}; {did_you_mean(seg, sorted(props))}"
                     f"fields: {sorted(props)}"
                 )
             return _OPEN
         if types is not None and "object" not in types:
-            return f"`{at}` is {_a(_describe(schema, defs))}, it has no field {seg!r}"
+            return f"`{at}` is {schemas.expected(schema, defs)}, it has no field {seg!r}"
         return _OPEN
     if types is not None and "array" not in types:
-        return f"`{at}` is {_a(_describe(schema, defs))}, not an array; it has no index [{seg}]"
+        what = schemas.expected(schema, defs)
+        return f"`{at}` is {what}, not an array; it has no index [{seg}]"
     prefix = schema.get("prefixItems")
     if isinstance(prefix, list) and seg < len(prefix):
         return prefix[seg]
@@ -1392,11 +1335,11 @@ def _schema_step(schema: Schema, seg: Segment, defs: Schema, at: str) -> Schema 
 
 
 def _output_field_problem(ref: Reference, spec: ToolSpec) -> str | None:
-    defs = _defs(spec.output_schema)
+    defs = schemas.defs_of(spec.output_schema)
     schema: Any = spec.output_schema
     at = f"steps{format_segment(ref.segments[0])}.output"
     for seg in ref.segments[2:]:
-        result = _schema_step(_resolve(schema, defs), seg, defs, at)
+        result = _schema_step(schemas.resolve(schema, defs), seg, defs, at)
         if isinstance(result, _Open):
             return None
         if isinstance(result, str):

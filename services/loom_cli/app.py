@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -104,6 +105,7 @@ def load_run_request(
     inputs: list[str],
     input_json: str | None,
     plan_format: PlanFormat = PlanFormat.native,
+    output: Output = Output.text,
 ) -> RunRequest:
     """A run file is a RunRequest (``plan:`` + ``input:``) or a bare plan (``steps:``).
     Every shape mistake is reported at once (``loom_core.shape``), not the first."""
@@ -111,7 +113,7 @@ def load_run_request(
     if not isinstance(doc, dict):
         raise fail(f"{path}: expected a mapping with `plan:` or `steps:`", ExitCode.USAGE)
     if plan_format is PlanFormat.plan_execute:
-        doc = {"plan": convert_file(path, doc), "input": doc.get("input") or {}}
+        doc = {"plan": convert_file(path, doc, output), "input": doc.get("input") or {}}
     elif "steps" in doc:
         doc = {"plan": doc}
     run_input = doc.get("input") or {}
@@ -132,15 +134,33 @@ def load_run_request(
     planfile.check(doc, str(path), *planfile.limits())
     issues = shape_issues(doc, RunRequest)
     if issues:
-        report_issues(path, issues, foreign_hint(doc) if plan_format is PlanFormat.native else "")
+        hint = foreign_hint(doc) if plan_format is PlanFormat.native else ""
+        report_issues(path, issues, hint, output)
     try:
         return msgspec.convert(doc, RunRequest)
     except msgspec.ValidationError as exc:  # what the shape walk did not foresee
         raise fail(f"{path}: {exc}", ExitCode.USAGE) from None
 
 
-def report_issues(path: Path, issues: Sequence[PlanIssue], hint: str = "") -> NoReturn:
-    """Every problem of a file, one per line on stderr; exits 2."""
+def report_issues(
+    path: Path, issues: Sequence[PlanIssue], hint: str = "", output: Output = Output.text
+) -> NoReturn:
+    """Every problem of a file, one per line on stderr; exits 2. With ``-o json`` or
+    ``jsonl`` the same document as for a plan the stack rejected goes to stdout, so a
+    script reads the problems the same way wherever they were found."""
+    if output is not Output.text:
+        body = {
+            "run_id": None,
+            "status": "rejected",
+            "output": None,
+            "error": {
+                "code": "invalid_shape",
+                "message": f"{path}: {len(issues)} problem(s); nothing was submitted",
+            },
+            "issues": msgspec.to_builtins(list(issues)),
+        }
+        sys.stdout.write(json.dumps(body, ensure_ascii=False, indent=None
+                                    if output is Output.jsonl else 2) + "\n")  # fmt: skip
     stderr.print(
         f"[red]error:[/] {escape(str(path))}: {len(issues)} problem(s); nothing was submitted",
         soft_wrap=True,
@@ -164,12 +184,12 @@ def foreign_hint(doc: dict[str, Any]) -> str:
     return ""
 
 
-def convert_file(path: Path, doc: Any) -> dict[str, Any]:
+def convert_file(path: Path, doc: Any, output: Output = Output.text) -> dict[str, Any]:
     """``doc`` (a plan-execute plan) as a native plan, or exit with every problem."""
     try:
         return convert.to_native(doc)
     except convert.ConversionError as exc:
-        report_issues(path, exc.issues)
+        report_issues(path, exc.issues, output=output)
 
 
 # ---------------------------------------------------------------------- commands
@@ -304,7 +324,7 @@ def run(
     if request_text is not None:
         request = request_from_text(request_text, input, input_json)
     else:
-        request = load_run_request(file, input, input_json, plan_format)
+        request = load_run_request(file, input, input_json, plan_format, output)
     # an id chosen here, so a submission whose answer was lost can be repeated safely
     request = msgspec.structs.replace(request, run_id=run_id or new_run_id())
     following = Following(request.run_id)
@@ -603,6 +623,7 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("LOOM_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    plain_warnings(debug)
     try:
         app(standalone_mode=True)
     except SystemExit:
@@ -615,6 +636,19 @@ def main() -> None:
         code, text = explain(exc)
         stderr.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)
         raise SystemExit(code) from None
+
+
+def plain_warnings(debug: bool) -> None:
+    """Warnings logged by the libraries reach a CLI user through logging's last-resort
+    handler (``loom up`` configures real logging, which replaces it): as ``warning:
+    ...`` lines. Without --debug, the one saying NATS is unreachable is dropped: the
+    error line says it, with what to do."""
+    handler = logging.lastResort
+    if handler is None:
+        return
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    if not debug:
+        handler.addFilter(lambda record: "NATS unreachable" not in record.getMessage())
 
 
 def explain(exc: BaseException) -> tuple[int, str]:

@@ -90,14 +90,17 @@ def add_examples(app: typer.Typer) -> None:
         examples = EXAMPLES.get(name)
         if not examples:
             continue
-        text = inspect.cleandoc(info.help or callback.__doc__ or "")
-        lines = "\n".join(f"    {e}" for e in examples)
-        info.help = f"{text}\n\n**Examples**\n\n{lines}\n"
+        info.help = _with_examples(info.help or callback.__doc__ or "", examples)
     for group in app.registered_groups:  # command groups (``loom blob``, ``loom creds``)
         examples = EXAMPLES.get(group.name or "")
         instance = group.typer_instance
         if not examples or instance is None:
             continue
-        text = inspect.cleandoc(str(instance.info.help or ""))
-        lines = "\n".join(f"    {e}" for e in examples)
-        instance.info.help = f"{text}\n\n**Examples**\n\n{lines}\n"
+        instance.info.help = _with_examples(str(instance.info.help or ""), examples)
+
+
+def _with_examples(help_text: str, examples: list[str]) -> str:
+    # A fenced block, not an indented one: typer dedents the paragraphs after the first,
+    # which turned the indented examples of a one-paragraph help into one flowed line.
+    lines = "\n".join(examples)
+    return f"{inspect.cleandoc(help_text)}\n\n**Examples**\n\n```\n{lines}\n```\n"

@@ -191,7 +191,7 @@ def list_(
     _show(found, output)
 
 
-def _control(action: str):  # type: ignore[no-untyped-def]
+def _control(action: str):
     def command(
         name: str = NameArg, output: Output = OutputOpt, url: str = UrlOpt, token: str = TokenOpt
     ) -> None:

@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loom_console import api, plans, views
 from loom_console.source import RunSource
-from loom_core import answers, codec, subjects
+from loom_core import codec, schemas, subjects
 from loom_core.contracts import (
     TERMINAL_EVENTS,
     ErrorInfo,
@@ -403,7 +403,7 @@ class Console:
         wanted = open_.get(answer.suspension_id)
         if wanted is not None and wanted.schema:
             # every field's problem at once; the executor checks again (and decides)
-            found = answers.problems(wanted.schema, answer.data)
+            found = schemas.problems(wanted.schema, answer.data)
             if found:
                 issues = [
                     PlanIssue(code="invalid_resume_data", path=p, message=m) for p, m in found

@@ -28,9 +28,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, ids, limits, message_limits, resubmit, routes, secrets, shape, subjects
-from loom_core import schedules as sched
-from loom_core.agent import budget_issues
+from loom_core import codec, limits, message_limits, resubmit, routes, secrets, shape, subjects
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
     Caps,
@@ -71,6 +69,7 @@ from loom_core.executor import (
 from loom_core.lineage import ForkError, fork_request
 from loom_core.replay import replay
 from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
+from loom_core.validation import check_run_id, check_run_request
 from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blobstore import BlobStore
@@ -361,7 +360,7 @@ class ExecutorService:
 
     async def _check_scheduled(self, request: RunRequest, data: bytes) -> ErrorInfo | None:
         """A schedule's run request is refused at creation for what submit refuses."""
-        return _check_request(request) or await self._check_blobs(request, data)
+        return check_run_request(request) or await self._check_blobs(request, data)
 
     async def close(self) -> None:
         await self.io.close()
@@ -419,7 +418,7 @@ class ExecutorService:
         header = (msg.headers or {}).get(subjects.TRACEPARENT)
         if header:
             request = msgspec.structs.replace(request, traceparent=header)
-        error = _check_request(request)
+        error = check_run_request(request)
         if error is None:
             error = await self._check_blobs(request, msg.data)
         if error is not None:
@@ -923,79 +922,6 @@ def _child_conflict(existing: RunState, event: SubRunRequested, link: ParentLink
             details={"child_run_id": event.child_run_id},
         ),
     )
-
-
-# Fields of a RunRequest only the engine sets: a fork's reused outputs are computed by
-# the executor from its own store (``loom.fork``), a child's parent link by the sub-run
-# step that starts it. From a client they would be claims nobody checked.
-INTERNAL_FIELDS = ("parent", "fork")
-# The form of the ids the engine derives for child runs (``ids.child_run_id``): a client
-# may not take one, or it could stand in for a sub-run that has not started yet.
-RESERVED_RUN_ID = "--"
-# the form of the ids of runs schedules submit (``loom_core.schedules.run_id_for``)
-SCHEDULED_RUN_PREFIX = sched.RUN_ID_PREFIX
-
-
-def check_run_id(run_id: str, path: str = "$.run_id") -> ErrorInfo | None:
-    """A run id a client chose: a subject token, and not of the engine's reserved form."""
-    if not ids.is_token(run_id):
-        return ErrorInfo(
-            code="invalid_run_id",
-            message="run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-' "
-            "(it becomes a NATS subject token)",
-            path=path,
-        )
-    if RESERVED_RUN_ID in run_id:
-        return ErrorInfo(
-            code="invalid_run_id",
-            message=f"run_id {run_id!r} contains {RESERVED_RUN_ID!r}, which is reserved for "
-            "the ids of child runs the engine starts (`{parent}--{step}`)",
-            path=path,
-        )
-    if run_id.startswith(SCHEDULED_RUN_PREFIX):
-        # a client's run under a firing's id would stand in for that firing
-        return ErrorInfo(
-            code="invalid_run_id",
-            message=f"run_id {run_id!r} starts with {SCHEDULED_RUN_PREFIX!r}, which is "
-            "reserved for the runs schedules submit (`loom schedule`)",
-            path=path,
-        )
-    return None
-
-
-def _check_request(request: RunRequest) -> ErrorInfo | None:
-    for name in INTERNAL_FIELDS:
-        if getattr(request, name) is not None:
-            return ErrorInfo(
-                code="internal_field",
-                message=f"`{name}` is set only by the engine; "
-                + (
-                    "fork a run with a ForkRun request on loom.fork (loom fork)"
-                    if name == "fork"
-                    else "child runs are started by sub_run steps"
-                ),
-                path=f"$.{name}",
-            )
-    if request.run_id is not None:
-        error = check_run_id(request.run_id)
-        if error is not None:
-            return error
-    if request.plan is None and not request.request:
-        return ErrorInfo(
-            code="missing_plan",
-            message="give either `plan` (explicit steps) or `request` (natural language)",
-            path="$",
-        )
-    if request.plan is not None and request.request:
-        return ErrorInfo(
-            code="ambiguous_request",
-            message="give either `plan` or `request`, not both",
-            path="$.request",
-        )
-    if request.budget is not None:
-        for issue in budget_issues("$.budget", request.budget):
-            return ErrorInfo(code="invalid_budget", message=issue.message, path=issue.path)
-    return None
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ import msgspec
 from loom_core import blobs
 from loom_core.contracts import RunEvent, SizeLimits, ToolCallRequested, ToolResult
 from loom_infra import bus
-from loom_services.tools.registry import ToolContext, ToolSettings, default_registry, execute_tool
+from loom_services.tools.library import default_registry
+from loom_services.tools.registry import ToolContext, ToolSettings, execute_tool
 
 # pure, bounded, no I/O: their output is a function of their input alone
 PURE_BUILTINS = ("noop", "echo", "text", "concat", "math")

@@ -136,7 +136,7 @@ class KnowledgeDeleteArgs(Args):
 def _inspect(s: MemoryStore, p: Principal, a: InspectArgs) -> JSON:
     return {
         "stats": s.stats(p, user_id=a.user_id),
-        **s.list(p, limit=a.limit, cursor=a.cursor, user_id=a.user_id),
+        **s.list_memories(p, limit=a.limit, cursor=a.cursor, user_id=a.user_id),
     }
 
 
@@ -155,7 +155,7 @@ OPS: dict[str, tuple[type[Args], Any]] = {
         lambda s, p, a: s.update(p, a.memory_id, a.text, a.category, a.metadata),
     ),
     "delete": (IdArgs, lambda s, p, a: s.delete(p, a.memory_id)),
-    "list": (ListArgs, lambda s, p, a: s.list(p, a.scope, a.category, a.limit, a.cursor)),
+    "list": (ListArgs, lambda s, p, a: s.list_memories(p, a.scope, a.category, a.limit, a.cursor)),
     "stats": (StatsArgs, lambda s, p, a: s.stats(p)),
     "bulk_delete": (BulkDeleteArgs, lambda s, p, a: s.bulk_delete(p, a.scope, a.category)),
     "export": (ExportArgs, lambda s, p, a: s.export(p, a.scope)),

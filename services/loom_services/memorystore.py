@@ -28,9 +28,9 @@ from typing import Any
 
 from qdrant_client import models
 
-from loom_core.answers import problems
 from loom_core.contracts import Principal
 from loom_core.errors import LoomError
+from loom_core.schemas import problems
 from loom_infra.embedders import Embedder
 from loom_infra.vectors import Hit, VectorStore, match, point_id
 from loom_infra.workingmemory import Conflict, WorkingMemoryStore
@@ -294,7 +294,7 @@ class MemoryStore:
         self.vectors.delete_ids(self.memories, [hit.id])
         return {"deleted": 1, "id": hit.id}
 
-    def list(
+    def list_memories(
         self,
         p: Principal,
         scope: str = "user",
@@ -303,6 +303,8 @@ class MemoryStore:
         cursor: str | None = None,
         user_id: str | None = None,
     ) -> dict[str, Any]:
+        must: list[models.Condition]
+        should: list[models.Condition]
         if user_id is not None and user_id != p.user_id:
             self._require(p, ADMIN_ROLES, "inspecting another user's memories")
             must, should = [self._user_filter(p, user_id)], []

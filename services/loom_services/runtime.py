@@ -121,6 +121,7 @@ class Stack:
             if seed is None:
                 await bus.ensure_streams(js, self.settings.ops)
                 await blobstore.ensure_bucket(js, self.settings.blobs)
+                await schedules.ensure_bucket(js)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)

@@ -79,12 +79,12 @@ from loom_services.tools.catalog import (
     with_transitions,
 )
 from loom_services.tools.config import load_tools_config
+from loom_services.tools.library import default_registry
 from loom_services.tools.registry import (
     ToolContext,
     ToolOutcome,
     ToolRegistry,
     ToolSettings,
-    default_registry,
 )
 
 log = logging.getLogger("loom.toolrunner")

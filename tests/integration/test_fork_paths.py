@@ -194,7 +194,7 @@ async def test_bad_fork_paths_are_refused_with_what_exists(client: LoomClient) -
     assert "each/2/ok" in errors[0].details["close_matches"]
     assert "each/0, each/1, each/2, each/3" in errors[1].message
     assert errors[2].details["problems"] == [['$.set_output["each/1/ok"].ok',
-                                              "expected boolean, got integer"]]  # fmt: skip
+                                              "expected a boolean, got an integer 1"]]  # fmt: skip
 
 
 async def test_a_fork_too_big_for_one_run_request_is_refused_before_it_starts(

@@ -58,7 +58,7 @@ def test_user_memories_are_private_per_operation(store: MemoryStore) -> None:
             assert err.value.code == "not_found"
     assert store.get(ALICE, a["id"])["text"] == "alice likes green tea"
     # list / stats / export
-    assert texts(store.list(BOB)["memories"]) == {"bob likes black coffee"}
+    assert texts(store.list_memories(BOB)["memories"]) == {"bob likes black coffee"}
     assert store.stats(BOB)["user"] == 1
     assert texts(store.export(BOB)["memories"]) == {"bob likes black coffee"}
     # bulk delete removes only one's own
@@ -66,15 +66,16 @@ def test_user_memories_are_private_per_operation(store: MemoryStore) -> None:
     assert store.get(ALICE, a["id"])
     # import lands in the importer's scope whatever the file says
     store.import_(BOB, [{"text": "imported", "user_id": "alice", "tenant": "acme"}])
-    assert "imported" not in texts(store.list(ALICE)["memories"])
-    assert texts(store.list(BOB)["memories"]) == {"imported"}
+    assert "imported" not in texts(store.list_memories(ALICE)["memories"])
+    assert texts(store.list_memories(BOB)["memories"]) == {"imported"}
     # inspect: admin only
     with pytest.raises(MemoryFailure) as err:
-        store.list(BOB, user_id="alice")
+        store.list_memories(BOB, user_id="alice")
     assert err.value.code == "forbidden"
     with pytest.raises(MemoryFailure):
         store.stats(BOB, user_id="alice")
-    assert texts(store.list(ADMIN, user_id="alice")["memories"]) == {"alice likes green tea"}
+    listed = store.list_memories(ADMIN, user_id="alice")["memories"]
+    assert texts(listed) == {"alice likes green tea"}
 
 
 def test_global_memories_follow_roles(store: MemoryStore) -> None:
@@ -91,7 +92,8 @@ def test_global_memories_follow_roles(store: MemoryStore) -> None:
         "company motto: tea for all"
     }
     assert texts(store.search(EVE, "tea", scope="all", limit=10)) == set()
-    assert texts(store.list(BOB, scope="global")["memories"]) == {"company motto: tea for all"}
+    listed = store.list_memories(BOB, scope="global")["memories"]
+    assert texts(listed) == {"company motto: tea for all"}
     assert store.stats(BOB)["global"] == 1 and store.stats(ALICE)["global"] == 2
     with pytest.raises(MemoryFailure) as err:
         store.get(BOB, staff["id"])
@@ -114,7 +116,7 @@ def test_search_threshold_category_scope_and_paging(store: MemoryStore) -> None:
     assert store.search(ALICE, "tea", threshold=0.999) == []
     seen, cursor = [], None
     while True:
-        page = store.list(ALICE, limit=7, cursor=cursor)
+        page = store.list_memories(ALICE, limit=7, cursor=cursor)
         seen += page["memories"]
         cursor = page["next_cursor"]
         if cursor is None:
@@ -134,7 +136,7 @@ def test_export_import_round_trip(store: MemoryStore) -> None:
     dumped = json.loads(json.dumps(store.export(ALICE)))
     store.bulk_delete(ALICE)
     assert store.import_(ALICE, dumped["memories"])["imported"] == 2
-    assert texts(store.list(ALICE)["memories"]) == {"one", "two"}
+    assert texts(store.list_memories(ALICE)["memories"]) == {"one", "two"}
 
 
 def test_threads_history_and_recall_with_windows(store: MemoryStore) -> None:
@@ -237,7 +239,7 @@ def test_hostile_input_gets_typed_errors(store: MemoryStore) -> None:
         (lambda: store.knowledge_add(ADMIN, "c", "s", "x", "pdf"), "invalid_input"),
         (lambda: store.get(ALICE, "not-a-uuid"), "not_found"),
         (lambda: store.search(ALICE, "q", scope="everyone"), "invalid_input"),
-        (lambda: store.list(ALICE, limit=0), "invalid_input"),
+        (lambda: store.list_memories(ALICE, limit=0), "invalid_input"),
     ]
     for call, code in cases:
         with pytest.raises(MemoryFailure) as err:

@@ -112,7 +112,7 @@ async def test_approval_refuses_a_mismatching_answer_and_continues_with_a_good_o
         "invalid_resume_data", "$.data.approved",
     )  # fmt: skip
     assert "$.data.approved" in wrong_type.error.message
-    assert "expected boolean, got string" in wrong_type.error.message
+    assert 'expected a boolean, got a string "yes"' in wrong_type.error.message
     assert "stays suspended" in wrong_type.error.message
     extra = await client.resume(run_id, {"approved": True, "by": "me"}, label="manager")
     assert extra.error is not None and extra.error.code == "invalid_resume_data"

@@ -180,6 +180,7 @@ def test_every_shape_mistake_is_reported_with_did_you_mean() -> None:
         ("unknown_field", "$.plan.steps[0].inputs"),
         ("unknown_field", "$.plan.steps[0].dependson"),
         ("invalid_shape", "$.plan.steps[1].kind"),
+        ("missing_field", "$.plan.steps[1].tool"),  # read as the `tool` it meant
         ("unknown_field", "$.plan.steps[2].itmes"),
         ("missing_field", "$.plan.steps[2].items"),
         ("missing_field", "$.plan.steps[2].do[0].tool"),
@@ -205,8 +206,8 @@ def test_the_cli_lists_every_problem_of_a_file(tmp_path: Path) -> None:
     )
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2 and result.stdout == ""
-    assert "3 problem(s); nothing was submitted" in result.stderr
-    assert result.stderr.count("✗") == 3 and "Traceback" not in result.stderr
+    assert "4 problem(s); nothing was submitted" in result.stderr  # `tol` read as `tool`
+    assert result.stderr.count("✗") == 4 and "Traceback" not in result.stderr
 
 
 def test_the_cli_points_a_foreign_plan_at_the_converter(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import pytest
 from test_executor import T0, World, check_invariants, echo, tool  # type: ignore[import-not-found]
 
 import loom_core.executor as executor
-from loom_core.answers import problems
 from loom_core.contracts import (
     ApprovalStep,
     ErrorInfo,
@@ -34,6 +33,7 @@ from loom_core.contracts import (
 from loom_core.executor import advance, explain_resume
 from loom_core.lineage import ForkError, diff_runs, fork_request
 from loom_core.replay import replay, state_at, state_view
+from loom_core.schemas import problems
 
 SCHEMA = {
     "type": "object",
@@ -81,9 +81,11 @@ def resume(
 def test_answer_problems_name_the_field() -> None:
     assert problems(SCHEMA, {"approved": True}) == []
     found = dict(problems(SCHEMA, {"approved": "yes", "extra": 1}, "$.data"))
-    assert found["$.data.approved"] == "expected boolean, got string"
-    assert "not an accepted field" in found["$.data.extra"]
-    assert problems(SCHEMA, {}) == [("$.approved", "is required")]
+    assert found["$.data.approved"] == 'expected a boolean, got a string "yes"'
+    assert found["$.data.extra"].startswith("unknown field 'extra'; accepted fields: ")
+    assert problems(SCHEMA, {}) == [
+        ("$.approved", "missing required field 'approved' (a boolean); add it")
+    ]
 
 
 # ----------------------------------------------------------------------------- suspend

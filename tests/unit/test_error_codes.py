@@ -8,7 +8,8 @@ import json
 import re
 from pathlib import Path
 
-from loom_core import error_codes, proto_gen
+from loom_core import error_codes
+from loom_infra import proto_gen
 
 ROOT = Path(__file__).resolve().parents[2]
 # the ways a code is written where an error is made

@@ -125,19 +125,23 @@ def test_same_is_json_equality() -> None:
         (
             {"gt": ["{{ input.n }}", "2"]},
             "$.p.gt",
-            '`gt` compares two numbers or two strings; got a number 3 and a string "2"',
+            '`gt` compares two numbers or two strings; got an integer 3 and a string "2"',
         ),
         (
             {"lte": ["{{ input.t }}", 0]},  # a boolean is not a number
             "$.p.lte",
-            "`lte` compares two numbers or two strings; got a boolean true and a number 0",
+            "`lte` compares two numbers or two strings; got a boolean true and an integer 0",
         ),
-        ({"lt": [None, 1]}, "$.p.lt", "`lt` compares two numbers or two strings; got null null"),
+        (
+            {"lt": [None, 1]},
+            "$.p.lt",
+            "`lt` compares two numbers or two strings; got null and an integer 1",
+        ),
         (
             {"in": [1, "{{ input.s }}"]},
             "$.p.in",
-            "`in` looks for a substring of a string, so the needle must be a string; got a "
-            "number 1",
+            "`in` looks for a substring of a string, so the needle must be a string; got an "
+            "integer 1",
         ),
         (
             {"contains": ["{{ steps.inner.output.obj }}", 1]},
@@ -147,7 +151,7 @@ def test_same_is_json_equality() -> None:
         (
             {"in": ["a", "{{ input.n }}"]},
             "$.p.in",
-            "`in` searches an array, a string or an object's keys; the haystack is a number 3",
+            "`in` searches an array, a string or an object's keys; the haystack is an integer 3",
         ),
         (
             {"and": [{"eq": [1, 1]}, {"not": {"gte": [{"a": 1}, 1]}}]},

@@ -14,7 +14,8 @@ import msgspec
 import pytest
 import yaml
 
-from loom_core import contracts, proto_gen, subjects
+from loom_core import contracts, subjects
+from loom_infra import proto_gen
 
 PROTO = Path(__file__).resolve().parents[2] / "proto"
 EXAMPLE = PROTO / "examples" / "run_request.json"

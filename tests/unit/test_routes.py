@@ -8,7 +8,8 @@ import typing
 
 import pytest
 
-from loom_core import contracts, proto_gen, routes, subjects
+from loom_core import contracts, routes, subjects
+from loom_infra import proto_gen
 
 
 def test_route_names_are_unique_and_match_asyncapi_channels() -> None:

@@ -141,7 +141,7 @@ def test_missing_key_error_names_the_segment_and_what_was_there() -> None:
     assert error.path == "$.steps[1].input.text"
     assert error.expr == "steps.fetch.output.titl"
     assert error.message == (
-        "`steps.fetch.output.titl`: key 'titl' not found in object with keys "
+        "`steps.fetch.output.titl`: key 'titl' not found in an object with keys "
         "['body', 'status', 'title']"
     )
     assert str(error) == f"{error.message} (at $.steps[1].input.text)"
@@ -153,7 +153,7 @@ def test_missing_key_error_names_the_segment_and_what_was_there() -> None:
     [
         (
             "{{ steps.list.output.items[5] }}",
-            "`steps.list.output.items[5]`: index 5 out of range for array of length 2",
+            "`steps.list.output.items[5]`: index 5 is out of range for an array of 2 items",
         ),
         (
             "{{ steps.fetch.output.title.x }}",
@@ -163,14 +163,14 @@ def test_missing_key_error_names_the_segment_and_what_was_there() -> None:
         (
             "{{ steps.list.output.items.first }}",
             "`steps.list.output.items.first`: cannot read key 'first': "
-            "`steps.list.output.items` is an array of length 2; use an index like [0]",
+            "`steps.list.output.items` is an array of 2 items; use an index like [0]",
         ),
         (
             "{{ input[0] }}",
             "`input[0]`: cannot read index [0]: `input` is an object with keys "
             "['city', 'first-name', 'n', 'none', 'ok', 'ratio']; use [\"0\"] for a key",
         ),
-        ("{{ input.n[1] }}", "`input.n[1]`: cannot read index [1]: `input.n` is a number"),
+        ("{{ input.n[1] }}", "`input.n[1]`: cannot read index [1]: `input.n` is an integer"),
         (
             "{{ steps.other.output }}",
             "`steps.other.output`: step 'other' has no output (steps with output: "

@@ -200,17 +200,18 @@ async def test_math_errors(registry: ToolRegistry, raw: dict, code: str, path) -
 @pytest.mark.parametrize(
     "name, raw, path, fragment",
     [
-        ("text", {"text": 3, "op": "upper"}, "$.text", "Expected `str`, got `int`"),
-        ("text", {"op": "upper"}, "$.text", "missing required field `text`"),
-        ("text", {"text": "x", "op": "shout"}, "$.op", "Invalid enum value 'shout'"),
-        ("text", {"text": "x", "op": "upper", "opp": 1}, "$.opp", "unknown field `opp`"),
-        ("concat", {"parts": ["a", 2]}, "$.parts[1]", "Expected `str`, got `int`"),
-        ("sleep", {"seconds": -1}, "$.seconds", "Expected `float` >= 0"),
+        ("text", {"text": 3, "op": "upper"}, "$.text", "expected a string, got an integer 3"),
+        ("text", {"op": "upper"}, "$.text", "missing required field 'text' (a string)"),
+        ("text", {"text": "x", "op": "shout"}, "$.op", 'got "shout"'),
+        ("text", {"text": "x", "op": "upper", "opp": 1}, "$.opp",
+         "unknown field 'opp'; did you mean 'op'?"),
+        ("concat", {"parts": ["a", 2]}, "$.parts[1]", "expected a string, got an integer 2"),
+        ("sleep", {"seconds": -1}, "$.seconds", "must be >= 0, got -1"),
         ("sleep", {"seconds": 99999}, "$.seconds", "<= 3600"),
-        ("echo", {}, "$.message", "missing required field `message`"),
-        ("noop", {"x": 1}, "$.x", "unknown field `x`"),
+        ("echo", {}, "$.message", "missing required field 'message'"),
+        ("noop", {"x": 1}, "$.x", "unknown field 'x'"),
     ],
-)
+)  # fmt: skip
 async def test_invalid_input_names_path_and_expectation(
     registry: ToolRegistry, name: str, raw: dict, path: str, fragment: str
 ) -> None:

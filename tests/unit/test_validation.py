@@ -308,11 +308,11 @@ def test_invalid_input_reports_each_field() -> None:
         ("invalid_input", "$.plan.steps[3].input.timeout"),
     ]
     messages = [i.message for i in issues]
-    assert messages[0] == "tool 'add' requires field 'b' (integer); add it"
-    assert messages[1] == "tool 'add' expects integer here, got string \"3\""
-    assert messages[2] == "tool 'add' has no field 'c'; accepted fields: ['a', 'b']"
-    assert messages[3] == 'tool \'fetch\' expects one of "fast", "slow" here, got string "fsat"'
-    assert messages[8] == "tool 'fetch' expects number or null here, got string \"soon\""
+    assert messages[0] == "tool 'add': missing required field 'b' (an integer); add it"
+    assert messages[1] == "tool 'add': expected an integer, got a string \"3\""
+    assert messages[2] == "tool 'add': unknown field 'c'; accepted fields: a, b"
+    assert messages[3] == 'tool \'fetch\': expected one of "fast", "slow", got "fsat"'
+    assert messages[8] == "tool 'fetch': expected a number or null, got a string \"soon\""
 
 
 def test_templates_and_numbers_are_accepted_where_they_may_fit() -> None:
@@ -456,10 +456,10 @@ def test_missing_input() -> None:
         ("missing_input", "$.plan.output[0]"),
     ]
     assert issues[0].message == (
-        "`input.cty`: key 'cty' not found in object with keys ['city', 'n', 'user']; pass "
+        "`input.cty`: key 'cty' not found in an object with keys ['city', 'n', 'user']; pass "
         "the value in the run's input (its keys: ['city', 'n', 'user']) or change the template"
     )
-    assert "index 1 out of range for array of length 1" in issues[1].message
+    assert "index 1 is out of range for an array of 1 item" in issues[1].message
     assert validate_plan(plan) == []  # no run input given: not checked
 
 

@@ -4,6 +4,7 @@ The service shell calls :func:`execute_tool` for each tool-call request; it neve
 for a tool's problem and returns a :class:`ToolOutcome` (output or typed ``ErrorInfo``).
 """
 
+from loom_services.tools.library import default_registry
 from loom_services.tools.netguard import AddressNotAllowed, ResolvedTarget, check_url
 from loom_services.tools.registry import (
     Tool,
@@ -15,7 +16,6 @@ from loom_services.tools.registry import (
     ToolRegistry,
     ToolSettings,
     ToolSuspend,
-    default_registry,
     execute_tool,
     make_tool,
     tool,

@@ -23,10 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
 
-from loom_core import codec
+from loom_core import codec, schemas
 from loom_core.contracts import JSON, ErrorInfo, ToolSpec
 from loom_infra.bus import tool_key as catalog_key
 from loom_services.tools.breakers import Breakers, Transition, counts_as_failure
@@ -65,7 +63,6 @@ class ToolCatalog:
         self.on_change: Callable[[], None] | None = None
         self.breakers = Breakers(self.config.breakers, on_change=self._breaker_changed)
         self.mcp = McpPool(self.config.mcp_servers, secret, on_change=self._server_changed)
-        self._validators: dict[str, Any] = {}
 
     def start(self) -> None:
         self.mcp.start()
@@ -78,7 +75,6 @@ class ToolCatalog:
             self.on_change()
 
     def _server_changed(self, _s: McpServer) -> None:
-        self._validators.clear()  # schemas may have changed with a new listing
         if self.on_change is not None:
             self.on_change()
 
@@ -182,25 +178,18 @@ class ToolCatalog:
     def _check_input(
         self, name: str, schema: dict[str, JSON], value: dict[str, JSON]
     ) -> ErrorInfo | None:
-        validator = self._validators.get(name)
-        if validator is None:
-            try:
-                Draft202012Validator.check_schema(schema)
-                validator = Draft202012Validator(schema)
-            except SchemaError:
-                validator = False  # the server's schema is broken: let the server judge
-            self._validators[name] = validator
-        if validator is False or validator is True:
+        if schemas.schema_problem(schema) is not None:
+            return None  # the server's schema is broken: let the server judge
+        found = schemas.problems(schema, value)
+        if not found:
             return None
-        error = best_match(validator.iter_errors(value))
-        if error is None:
-            return None
-        path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
+        text = schemas.listed(found)
         return ErrorInfo(
             code="invalid_input",
-            message=f"invalid input for tool {name!r} at {path}: {error.message[:300]}; "
+            message=f"invalid input for tool {name!r}: {text}; "
             f"see its input schema with `loom tools show {name}`",
-            path=path,
+            path=found[0][0],
+            details={"problems": [list(p) for p in found]},
         )
 
 

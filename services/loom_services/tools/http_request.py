@@ -32,9 +32,8 @@ from typing import Annotated, Literal
 
 import httpx
 import msgspec
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
 
+from loom_core import schemas
 from loom_core.contracts import JSON
 from loom_services.tools import netguard
 from loom_services.tools.builtins import (
@@ -119,18 +118,16 @@ def _content(inp: HttpRequestInput, headers: dict[str, str]) -> bytes | None:
     return data
 
 
-def _schema_validator(schema: dict[str, JSON] | None) -> Draft202012Validator | None:
+def _check_schema(schema: dict[str, JSON] | None) -> dict[str, JSON] | None:
     if schema is None:
         return None
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
+    problem = schemas.schema_problem(schema)
+    if problem is not None:
         raise ToolFailure(
-            "invalid_input",
-            f"response_schema is not a valid JSON Schema: {exc.message[:300]}",
+            "invalid_input", f"response_schema cannot check anything: {problem}",
             path="$.response_schema",
-        ) from None
-    return Draft202012Validator(schema)
+        )  # fmt: skip
+    return schema
 
 
 def _is_json(response: httpx.Response) -> bool:
@@ -152,7 +149,7 @@ async def http_request(inp: HttpRequestInput, ctx: ToolContext) -> HttpRequestOu
     resolver = getattr(settings, "resolver", None) or socket.getaddrinfo
     timeout = inp.timeout_s or getattr(settings, "http_timeout_s", 10.0)
     limit = int(getattr(settings, "max_output_bytes", DEFAULT_MAX_BYTES))
-    validator = _schema_validator(inp.response_schema)
+    response_schema = _check_schema(inp.response_schema)
     headers = {"User-Agent": USER_AGENT, **_headers(inp.headers)}
     content = _content(inp, headers)
     if inp.method not in _SAFE_METHODS and not any(k.lower() == "idempotency-key" for k in headers):
@@ -190,7 +187,7 @@ async def http_request(inp: HttpRequestInput, ctx: ToolContext) -> HttpRequestOu
                     body, truncated = await _read_body(response, inp.max_bytes)
                 finally:
                     await response.aclose()
-            return _answer(inp, response, body, truncated, str(public_url), validator, limit)
+            return _answer(inp, response, body, truncated, str(public_url), response_schema, limit)
     raise ToolFailure(
         "too_many_redirects",
         f"more than {MAX_REDIRECTS} redirects starting at {netguard.redact_url(inp.url)}",
@@ -232,7 +229,7 @@ def _answer(
     body: str,
     truncated: bool,
     url: str,
-    validator: Draft202012Validator | None,
+    response_schema: dict[str, JSON] | None,
     limit: int,
 ) -> HttpRequestOutput:
     status = response.status_code
@@ -249,7 +246,7 @@ def _answer(
             parsed = jsonlib.loads(body)
         except ValueError:
             parsed = msgspec.UNSET
-    if validator is not None:
+    if response_schema is not None:
         if parsed is msgspec.UNSET:
             raise ToolFailure(
                 "invalid_response",
@@ -258,15 +255,15 @@ def _answer(
                 + "; response_schema needs a JSON response",
                 details={"status": status},
             )
-        error = best_match(validator.iter_errors(parsed))
-        if error is not None:
-            path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
+        found = schemas.problems(response_schema, parsed)
+        if found:
+            text = schemas.listed(found)
             raise ToolFailure(
                 "invalid_response",
-                f"the response of {netguard.redact_url(url)} does not match response_schema "
-                f"at {path}: {error.message[:300]}",
-                path=path,
-                details={"status": status},
+                f"the response of {netguard.redact_url(url)} does not match response_schema: "
+                f"{text}",
+                path=found[0][0],
+                details={"status": status, "problems": [list(p) for p in found]},
             )
     out = HttpRequestOutput(
         status=status,

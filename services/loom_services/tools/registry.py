@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from loom_core import schemas
 from loom_core.contracts import JSON, ErrorInfo, SuspendRequest, ToolSpec
 from loom_core.errors import LoomError
 
@@ -220,14 +221,6 @@ class ToolRegistry:
         return len(self._tools)
 
 
-def default_registry() -> ToolRegistry:
-    """A new registry holding every built-in tool."""
-    from loom_services.tools.builtins import BUILTIN_TOOLS  # builtins imports this module
-    from loom_services.tools.http_request import http_request
-
-    return ToolRegistry((*BUILTIN_TOOLS, http_request))
-
-
 # --------------------------------------------------------------------------- execution
 
 
@@ -283,6 +276,23 @@ def describe_input(input_type: type[msgspec.Struct]) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def _invalid_input(tool_: Tool, raw_input: Any, exc: msgspec.ValidationError) -> ToolOutcome:
+    """Every problem of the input, worded as everywhere else (``loom_core.schemas``);
+    msgspec's first one when only msgspec knows the rule (the schema cannot say it)."""
+    found = schemas.problems(msgspec.json.schema(tool_.input_type), raw_input)
+    if not found:
+        message, path = validation_path(str(exc))
+        found = [(path, message)]
+    text = schemas.listed(found)
+    return _fail(
+        "invalid_input",
+        f"invalid input for tool {tool_.name!r}: {text}; "
+        f"expected {describe_input(tool_.input_type)}",
+        path=found[0][0],
+        details={"problems": [list(p) for p in found]},
+    )
+
+
 def _fail(code: str, message: str, **kw: Any) -> ToolOutcome:
     return ToolOutcome(ok=False, error=ErrorInfo(code=code, message=message, **kw))
 
@@ -308,13 +318,7 @@ async def execute_tool(
     try:
         inp = msgspec.convert(raw_input, tool_.input_type)
     except msgspec.ValidationError as exc:
-        message, path = validation_path(str(exc))
-        return _fail(
-            "invalid_input",
-            f"invalid input for tool {name!r} at {path}: {message}; "
-            f"expected {describe_input(tool_.input_type)}",
-            path=path,
-        )
+        return _invalid_input(tool_, raw_input, exc)
 
     limit = timeout_s if timeout_s is not None else tool_.timeout_s
     try:
