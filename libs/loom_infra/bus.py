@@ -78,13 +78,16 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
     newest."""
     ops = ops or OpsSettings()
     max_bytes = ops.stream_max_bytes
-    return (
+    replicas = ops.stream_replicas
+    streams = (
         StreamConfig(
             name=subjects.RUN_EVENTS_STREAM,
             # A copy of the store (the truth), republished from it by the relay: no fsync
             # per event (issue 10; the relay re-checks what the stream holds after a NATS
             # restart, loom_infra.relay). LOOM_RUNS_PERSIST=default fsyncs every event.
-            persist_mode=RUNS_PERSIST,
+            # Replicated, the replicas are its durability, and the server refuses async
+            # persistence on a replicated stream (nats-server 2.15: measured).
+            persist_mode=RUNS_PERSIST if replicas == 1 else PersistMode.DEFAULT,
             subjects=[subjects.RUN_EVENTS_ALL],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -136,6 +139,8 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
             discard=DiscardPolicy.OLD,
         ),
     )
+    # LOOM_STREAM_REPLICAS: 3 on a 3-node cluster, so losing a node loses no acked message
+    return tuple(dataclasses.replace(s, num_replicas=replicas) for s in streams)
 
 
 STREAMS = stream_configs()
@@ -357,11 +362,12 @@ async def ensure_streams(js: JetStreamContext, ops: OpsSettings | None = None) -
             await js.update_stream(merged)
 
 
-async def ensure_tools_bucket(js: JetStreamContext) -> Any:
+async def ensure_tools_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
+    """The tool catalog bucket; created (``replicas``: LOOM_STREAM_REPLICAS) if missing."""
     try:
         return await js.key_value(subjects.TOOLS_BUCKET)
     except Exception:  # bucket not found; nats-py raises BucketNotFoundError
-        return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1)
+        return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1, replicas=replicas)
 
 
 def tool_key(name: str) -> str:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,10 @@ from loom_core.errors import LoomError
 _READY = "Server is ready"
 _PORT_IN_USE = "address already in use"
 _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
+# what a clustered node logs once it knows the JetStream meta leader (itself or another)
+_META_LEADER = re.compile(
+    r"Self is new JetStream cluster metadata leader|JetStream cluster new metadata leader"
+)
 
 
 class NatsServerError(LoomError, RuntimeError):
@@ -68,8 +73,13 @@ class EmbeddedNats:
     # an ``authorization { users = [...] }`` block (loom_infra.credentials); None: no
     # authentication at all (development only)
     authorization: str | None = field(default=None, repr=False)
+    # a node of a cluster (``NatsCluster``): its unique name and its ``cluster { }`` block
+    server_name: str | None = None
+    cluster: str | None = None
     process: subprocess.Popen[str] | None = field(default=None, init=False)
     _log: list[str] = field(default_factory=list, init=False)
+    # set when this node has learnt who the JetStream meta leader is (cluster only)
+    meta_leader_known: threading.Event = field(default_factory=threading.Event, init=False)
 
     @property
     def url(self) -> str:
@@ -78,14 +88,19 @@ class EmbeddedNats:
     def config_text(self) -> str:
         store = self.data_dir / "jetstream"
         sync = "\n  sync_interval: always" if self.sync_always else ""
+        name = f"server_name: {self.server_name}\n" if self.server_name else ""
         return (
-            f"listen: {self.host}:{self.port}\n"
+            f"{name}listen: {self.host}:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n' + (self.authorization or "")
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n'
+            + (self.cluster or "")
+            + (self.authorization or "")
         )
 
     def start(self, timeout: float = 20.0) -> EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log.clear()
+        self.meta_leader_known.clear()
         conf = self.data_dir / "nats-server.conf"
         conf.write_text(self.config_text())
         conf.chmod(0o600)  # it may name the users (public keys only, but nobody else's business)
@@ -112,6 +127,8 @@ class EmbeddedNats:
                 if _READY in line:
                     up.set()
                     ready.set()
+                if _META_LEADER.search(line):
+                    self.meta_leader_known.set()
             ready.set()  # process ended: wake the waiter
 
         threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
@@ -155,6 +172,99 @@ class EmbeddedNats:
         self.process = None
 
     def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free right now (held open together while chosen). A
+    cluster's route ports must be known before any node starts, so ``port=-1`` (read back
+    from the log) cannot serve there."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class NatsCluster:
+    """``size`` nats-server processes with JetStream, routed to each other as one
+    cluster (``cluster { routes }``): what a 3-node Kubernetes StatefulSet runs
+    (deploy/k8s/nats/cluster), on this machine. Each node has its own store, client port
+    and name (``n0``, ``n1``, ...); ``kill(i)`` / ``restart(i)`` stop and bring back one."""
+
+    base_dir: Path
+    size: int = 3
+    name: str = "loom"
+    host: str = "127.0.0.1"
+    authorization: str | None = field(default=None, repr=False)
+    nodes: list[EmbeddedNats] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise NatsServerError(f"a cluster needs at least one node, got {self.size}")
+        routes_ports = free_ports(self.size, self.host)
+        routes = ", ".join(f"nats://{self.host}:{p}" for p in routes_ports)
+        for i, route_port in enumerate(routes_ports):
+            block = (
+                f"cluster {{\n  name: {self.name}\n  listen: {self.host}:{route_port}\n"
+                f"  routes: [{routes}]\n}}\n"
+            )
+            node = EmbeddedNats(
+                data_dir=self.base_dir / f"n{i}",
+                port=-1,
+                host=self.host,
+                authorization=self.authorization,
+                server_name=f"n{i}",
+                cluster=block,
+            )
+            self.nodes.append(node)
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        """Start every node, then wait (bounded, on their logs) until each knows the
+        JetStream meta leader: before that, JetStream API calls fail as unavailable."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self.wait_meta_leader(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_meta_leader(self, timeout: float = 30.0, nodes: list[int] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        for i in range(self.size) if nodes is None else nodes:
+            if not self.nodes[i].meta_leader_known.wait(max(0.0, deadline - time.monotonic())):
+                tail = "\n".join(self.nodes[i]._log[-20:])
+                raise NatsServerError(
+                    f"cluster node n{i} found no JetStream meta leader in {timeout}s:\n{tail}"
+                )
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i``, as a crashed machine would stop it."""
+        self.nodes[i].kill()
+
+    def restart(self, i: int, timeout: float = 30.0) -> None:
+        """Start node ``i`` again on its old ports and store; wait until it rejoined."""
+        self.nodes[i].start(timeout)
+        self.wait_meta_leader(timeout, [i])
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,202 @@
+"""A 3-node JetStream cluster on this machine (three nats-server processes with cluster
+routes, ``natsserver.NatsCluster``), as deploy/k8s/nats/cluster runs it on Kubernetes:
+the normal provisioning (``loom provision``, as ``admin``) makes every stream R3, and
+killing a node with SIGKILL while publishers wait for acks loses no acknowledged message
+and leaves the streams writable. The failover time is printed (``-s`` shows it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PersistMode
+from nats.js.errors import APIError, NoStreamResponseError
+
+from loom_core import codec, subjects
+from loom_core.contracts import EventRecord, RunRequested
+from loom_infra import bus
+from loom_infra.credentials import ADMIN, Credentials, ensure_credentials
+from loom_infra.natsserver import NatsCluster
+from loom_infra.settings import OpsSettings
+from loom_services.runtime import provision
+
+REPLICAS = 3
+PUBLISHERS = 4  # concurrent publishers: acks are in flight when the node dies
+PER_PUBLISHER = 150
+KILL_AFTER = 200  # acked messages before the kill
+BOUND_S = 30.0  # every wait below is bounded by this
+# what a publish may meet while the cluster elects a new stream leader: retried
+RETRIED = (ConnectionError, TimeoutError, APIError, NoStreamResponseError,
+           nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError)  # fmt: skip
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[NatsCluster, Credentials]]:
+    creds = ensure_credentials(tmp_path / "creds")
+    with NatsCluster(tmp_path / "nats", size=3, authorization=creds.authorization()) as c:
+        yield c, creds
+
+
+async def _connect(url: str, creds: Credentials, identity: str) -> NATS:
+    return await bus.connect(url, f"test-{identity}", seed=creds.seed_file(identity),
+                             identity=identity)  # fmt: skip
+
+
+async def _leader(js: JetStreamContext, stream: str) -> str:
+    info = await js.stream_info(stream)
+    assert info.cluster is not None and info.cluster.leader, f"{stream} has no leader"
+    return info.cluster.leader
+
+
+async def test_provisioning_makes_every_stream_r3_and_a_restart_keeps_it(
+    cluster: tuple[NatsCluster, Credentials],
+) -> None:
+    nodes, creds = cluster
+    admin_seed = creds.seed_file(ADMIN)
+    await provision(nodes.urls[0], admin_seed, OpsSettings(stream_replicas=REPLICAS))
+    # a later provisioning (or an insecure service) without LOOM_STREAM_REPLICAS: 1
+    await provision(nodes.urls[1], admin_seed, OpsSettings())
+    nc = await _connect(nodes.urls[2], creds, ADMIN)
+    try:
+        js = nc.jetstream()
+        names = [s.name for s in bus.STREAMS] + [
+            f"KV_{subjects.TOOLS_BUCKET}",
+            f"OBJ_{subjects.BLOBS_BUCKET}",
+        ]
+        for name in names:
+            info = await js.stream_info(name)
+            assert info.config.num_replicas == REPLICAS, name
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2, name
+        # replicated, LOOM_RUNS fsyncs (the server refuses async persistence at R3)
+        runs = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+        assert runs.config.persist_mode in (None, PersistMode.DEFAULT)
+    finally:
+        await nc.close()
+
+
+@dataclass
+class Publishing:
+    """What the publishers were told: message id -> stream sequence of its ack."""
+
+    acked: dict[str, int] = field(default_factory=dict)
+    enough: asyncio.Event = field(default_factory=asyncio.Event)
+    killed_at: float | None = None
+    first_ack_after_kill: float | None = None
+    retries: int = 0
+
+
+def _record(run: int) -> tuple[str, bytes]:
+    run_id = f"run-{run:05d}"
+    record = EventRecord(run_id=run_id, seq=1, at=datetime(2026, 12, 4, tzinfo=UTC),
+                         event=RunRequested(request=f"submission {run}"))  # fmt: skip
+    return run_id, codec.encode(record)
+
+
+async def _publish(js: JetStreamContext, first: int, done: Publishing) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 4 * BOUND_S
+    for run in range(first, first + PER_PUBLISHER):
+        run_id, data = _record(run)
+        msg_id = f"{run_id}/1"  # the relay's Nats-Msg-Id: a retried publish is deduplicated
+        while True:
+            assert loop.time() < deadline, f"{msg_id} never acknowledged"
+            try:
+                ack = await bus.publish_acked(
+                    js, subjects.run_event(run_id, "run_requested"), data,
+                    headers={"Nats-Msg-Id": msg_id}, timeout=2.0,
+                )  # fmt: skip
+                break
+            except RETRIED:
+                done.retries += 1
+                await asyncio.sleep(0.05)  # back-off while a new leader is elected
+        done.acked[msg_id] = ack.seq
+        if done.killed_at is not None and done.first_ack_after_kill is None:
+            done.first_ack_after_kill = time.monotonic()
+        if len(done.acked) >= KILL_AFTER:
+            done.enough.set()
+
+
+async def test_killing_the_stream_leader_loses_no_acknowledged_submission(
+    cluster: tuple[NatsCluster, Credentials],
+) -> None:
+    nodes, creds = cluster
+    await provision(nodes.urls[0], creds.seed_file(ADMIN), OpsSettings(stream_replicas=REPLICAS))
+    admin = await _connect(nodes.urls[0], creds, ADMIN)
+    leader = await _leader(admin.jetstream(), subjects.RUN_EVENTS_STREAM)
+    await admin.close()
+    victim = int(leader.removeprefix("n"))
+    survivor = (victim + 1) % 3
+    # the publishers are connected to the leader's own node: the worst case, the client
+    # loses its server and the stream its leader at once
+    publisher = await _connect(nodes.urls[victim], creds, "executor")
+    done = Publishing()
+    try:
+        tasks = [
+            asyncio.ensure_future(_publish(publisher.jetstream(), p * PER_PUBLISHER, done))
+            for p in range(PUBLISHERS)
+        ]
+        async with asyncio.timeout(BOUND_S):
+            await done.enough.wait()
+        acked_before = len(done.acked)
+        done.killed_at = time.monotonic()
+        nodes.kill(victim)
+        async with asyncio.timeout(4 * BOUND_S):
+            await asyncio.gather(*tasks)
+    finally:
+        await publisher.close()
+
+    reader = await _connect(nodes.urls[survivor], creds, ADMIN)
+    try:
+        js = reader.jetstream()
+        new_leader = await _leader(js, subjects.RUN_EVENTS_STREAM)
+        info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+        stored: dict[str, int] = {}
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(subjects.RUN_EVENTS_STREAM, seq)
+            record = codec.decode_event(msg.data or b"")
+            assert record.event_id not in stored, f"{record.event_id} stored twice"
+            stored[record.event_id] = seq
+    finally:
+        await reader.close()
+
+    total = PUBLISHERS * PER_PUBLISHER
+    assert acked_before < total, "the kill came after the last publish"
+    assert new_leader != leader
+    lost = sorted(set(done.acked) - set(stored))
+    assert not lost, f"{len(lost)} acknowledged messages lost, e.g. {lost[:5]}"
+    moved = {m: (done.acked[m], stored[m]) for m in done.acked if done.acked[m] != stored[m]}
+    assert not moved, f"acked at one sequence, stored at another: {list(moved.items())[:5]}"
+    assert len(stored) == total  # and nothing extra (duplicates are dropped by Msg-Id)
+    assert done.first_ack_after_kill is not None and done.killed_at is not None
+    failover = done.first_ack_after_kill - done.killed_at
+    print(
+        f"\n3-node JetStream: killed stream leader {leader} after {acked_before} acks; "
+        f"new leader {new_leader}; first ack after the kill in {failover * 1000:.0f} ms; "
+        f"{done.retries} publish retries; {len(stored)}/{total} stored, 0 lost"
+    )
+
+    # the killed node comes back, catches up, and the stream is whole on all three again
+    nodes.restart(victim)
+    reader = await _connect(nodes.urls[victim], creds, ADMIN)
+    try:
+        js = reader.jetstream()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BOUND_S
+        while True:
+            info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+            peers = info.cluster.replicas if info.cluster else None
+            if peers and len(peers) == 2 and all(p.current and not p.offline for p in peers):
+                break
+            assert loop.time() < deadline, f"n{victim} did not catch up: {peers}"
+            await asyncio.sleep(0.1)  # the polling interval of a bounded wait
+        assert info.state.messages == total
+    finally:
+        await reader.close()
