@@ -709,7 +709,32 @@ async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
+# How long a consumer task keeps trying to create its consumer while JetStream does not
+# answer (a cluster electing leaders after a lost node, a NATS rollout) before it gives up.
+CONSUMER_CREATE_S = float(os.environ.get("LOOM_CONSUMER_CREATE_S", "60"))
+
+
 async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:
+    """Create (or update) the durable consumer and bind to it. A JetStream API that does
+    not answer is retried up to ``CONSUMER_CREATE_S``: in a cluster, a service starting
+    while a node is lost would otherwise lose this consumer task for good (seen in
+    tests/integration/test_jetstream_cluster.py)."""
+    assert config.durable_name
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONSUMER_CREATE_S
+    while True:
+        try:
+            await _add_consumer(js, stream, config)
+            break
+        except (TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if loop.time() > deadline:
+                raise
+            log.warning("%s: consumer not created yet (%r); retrying", config.durable_name, exc)
+            await asyncio.sleep(0.5)  # the retry interval of a bounded wait for JetStream
+    return await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
+
+
+async def _add_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
     assert config.durable_name
     try:
         await js.add_consumer(stream, config)
@@ -717,7 +742,6 @@ async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConf
         # exists with another config (e.g. after an upgrade): replace it in place
         await js.delete_consumer(stream, config.durable_name)
         await js.add_consumer(stream, config)
-    return await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
 
 
 async def request(

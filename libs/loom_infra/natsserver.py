@@ -8,6 +8,7 @@ line ("Server is ready"), not guessed with a sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,18 +18,17 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loom_core.errors import LoomError
 
 _READY = "Server is ready"
 _PORT_IN_USE = "address already in use"
 _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
-# what a clustered node logs once it knows the JetStream meta leader (itself or another)
-_META_LEADER = re.compile(
-    r"Self is new JetStream cluster metadata leader|JetStream cluster new metadata leader"
-)
+_MONITOR_PORT = re.compile(r"Starting http monitor on [^\s]*:(\d+)")
 
 
 class NatsServerError(LoomError, RuntimeError):
@@ -78,8 +78,9 @@ class EmbeddedNats:
     cluster: str | None = None
     process: subprocess.Popen[str] | None = field(default=None, init=False)
     _log: list[str] = field(default_factory=list, init=False)
-    # set when this node has learnt who the JetStream meta leader is (cluster only)
-    meta_leader_known: threading.Event = field(default_factory=threading.Event, init=False)
+    # serve the monitoring endpoints (/jsz, /healthz) on a free port: ``monitor_port``
+    monitor: bool = False
+    monitor_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -89,6 +90,8 @@ class EmbeddedNats:
         store = self.data_dir / "jetstream"
         sync = "\n  sync_interval: always" if self.sync_always else ""
         name = f"server_name: {self.server_name}\n" if self.server_name else ""
+        if self.monitor:  # -1: a free port, read back from the log (kept for a restart)
+            name += f"http: {self.host}:{self.monitor_port or -1}\n"
         return (
             f"{name}listen: {self.host}:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
@@ -100,7 +103,6 @@ class EmbeddedNats:
     def start(self, timeout: float = 20.0) -> EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log.clear()
-        self.meta_leader_known.clear()
         conf = self.data_dir / "nats-server.conf"
         conf.write_text(self.config_text())
         conf.chmod(0o600)  # it may name the users (public keys only, but nobody else's business)
@@ -127,8 +129,9 @@ class EmbeddedNats:
                 if _READY in line:
                     up.set()
                     ready.set()
-                if _META_LEADER.search(line):
-                    self.meta_leader_known.set()
+                m = _MONITOR_PORT.search(line)
+                if m:
+                    self.monitor_port = int(m.group(1))
             ready.set()  # process ended: wake the waiter
 
         threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
@@ -223,6 +226,7 @@ class NatsCluster:
                 authorization=self.authorization,
                 server_name=f"n{i}",
                 cluster=block,
+                monitor=True,
             )
             self.nodes.append(node)
 
@@ -231,25 +235,48 @@ class NatsCluster:
         return [n.url for n in self.nodes]
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
-        """Start every node, then wait (bounded, on their logs) until each knows the
-        JetStream meta leader: before that, JetStream API calls fail as unavailable."""
+        """Start every node, then wait until the JetStream meta leader counts every node
+        as a current peer: before that, creating an R3 stream fails (``no suitable
+        peers for placement``)."""
         try:
             for node in self.nodes:
                 node.start(timeout)
-            self.wait_meta_leader(timeout)
+            self.wait_current(timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def wait_meta_leader(self, timeout: float = 30.0, nodes: list[int] | None = None) -> None:
+    def _meta(self, node: EmbeddedNats) -> dict[str, Any]:
+        try:
+            url = f"http://{node.host}:{node.monitor_port}/jsz"
+            with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - our own server
+                return json.load(reply).get("meta_cluster") or {}
+        except (OSError, ValueError):
+            return {}
+
+    def wait_current(self, timeout: float = 30.0) -> None:
+        """Bounded wait until the meta leader (read from a node's ``/jsz``) sees every
+        running node as current: the cluster can place replicas on all of them."""
         deadline = time.monotonic() + timeout
-        for i in range(self.size) if nodes is None else nodes:
-            if not self.nodes[i].meta_leader_known.wait(max(0.0, deadline - time.monotonic())):
-                tail = "\n".join(self.nodes[i]._log[-20:])
+        while True:
+            running = [n for n in self.nodes if n.process is not None]
+            for node in running:
+                meta = self._meta(node)
+                if meta.get("leader") != node.server_name:
+                    continue
+                current = {
+                    r["name"] for r in meta.get("replicas") or []
+                    if r.get("current") and not r.get("offline")
+                }  # fmt: skip
+                if {n.server_name for n in running} - {node.server_name} <= current:
+                    return
+            if time.monotonic() > deadline:
                 raise NatsServerError(
-                    f"cluster node n{i} found no JetStream meta leader in {timeout}s:\n{tail}"
+                    f"the {self.size}-node cluster {self.name} did not agree on its JetStream "
+                    f"peers in {timeout}s:\n" + "\n".join(n._log[-1] for n in running if n._log)
                 )
+            time.sleep(0.05)  # the polling interval of a bounded wait on /jsz
 
     def kill(self, i: int) -> None:
         """SIGKILL node ``i``, as a crashed machine would stop it."""
@@ -258,7 +285,7 @@ class NatsCluster:
     def restart(self, i: int, timeout: float = 30.0) -> None:
         """Start node ``i`` again on its old ports and store; wait until it rejoined."""
         self.nodes[i].start(timeout)
-        self.wait_meta_leader(timeout, [i])
+        self.wait_current(timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

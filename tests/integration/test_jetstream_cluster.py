@@ -7,27 +7,34 @@ and leaves the streams writable. The failover time is printed (``-s`` shows it).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PersistMode
 from nats.js.errors import APIError, NoStreamResponseError
 
+from loom_cli.app import load_run_request
 from loom_core import codec, subjects
-from loom_core.contracts import EventRecord, RunRequested
+from loom_core.contracts import EventRecord, RunCompleted, RunRequest, RunRequested
 from loom_infra import bus
+from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, Credentials, ensure_credentials
 from loom_infra.natsserver import NatsCluster
-from loom_infra.settings import OpsSettings
+from loom_infra.settings import OpsSettings, Settings, StoreSettings
 from loom_services.runtime import provision
+from loom_services.stack import LocalStack
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REPLICAS = 3
 PUBLISHERS = 4  # concurrent publishers: acks are in flight when the node dies
 PER_PUBLISHER = 150
@@ -191,12 +198,144 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_submission(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + BOUND_S
         while True:
-            info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
-            peers = info.cluster.replicas if info.cluster else None
+            try:  # unanswered while the node is catching up
+                info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+            except RETRIED:
+                info = None
+            peers = info.cluster.replicas if info and info.cluster else None
             if peers and len(peers) == 2 and all(p.current and not p.offline for p in peers):
                 break
             assert loop.time() < deadline, f"n{victim} did not catch up: {peers}"
             await asyncio.sleep(0.1)  # the polling interval of a bounded wait
-        assert info.state.messages == total
+        assert info is not None and info.state.messages == total
     finally:
         await reader.close()
+
+
+RUNS = 24
+KILL_AFTER_RUNS = 8
+
+
+async def _submit(client: LoomClient, request: RunRequest, run_id: str) -> int:
+    """Submit until accepted; an unanswered submission (the outage) is resent with the same
+    run id, which the executor deduplicates. Returns how many resends it took."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND_S
+    for resends in itertools.count():
+        try:
+            await client.submit(msgspec.structs.replace(request, run_id=run_id), timeout=2.0)
+            return resends
+        except RETRIED:
+            assert loop.time() < deadline, f"{run_id} never accepted"
+    raise AssertionError("unreachable")
+
+
+async def _followed(client: LoomClient, run_id: str) -> list[EventRecord]:
+    """The run's events until its end. While the cluster elects a new meta leader the
+    JetStream API does not answer (the consumer cannot be created): follow again."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND_S
+    while True:
+        try:
+            return await client.wait(run_id, timeout=BOUND_S)
+        except RETRIED:
+            assert loop.time() < deadline, f"{run_id} could not be followed"
+
+
+async def test_runs_complete_across_a_killed_node_with_the_whole_stack(
+    cluster: tuple[NatsCluster, Credentials],
+    sqlite_store_settings: StoreSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The five services and a client on the cluster, every tool call through the
+    tool-runner and LOOM_INBOX (no local shortcut). The node that leads LOOM_RUNS, which
+    every service is connected to, is killed after a third of the runs were accepted:
+    every accepted run completes with a gap-free history, and the rest are accepted."""
+    nodes, creds = cluster
+    monkeypatch.setenv("LOOM_LOCAL_TOOLS", "")  # every step crosses NATS twice
+    await provision(nodes.urls[0], creds.seed_file(ADMIN), OpsSettings(stream_replicas=REPLICAS))
+    admin = await _connect(nodes.urls[0], creds, ADMIN)
+    leader = await _leader(admin.jetstream(), subjects.RUN_EVENTS_STREAM)
+    await admin.close()
+    victim = int(leader.removeprefix("n"))
+    settings = Settings(
+        nats_url=nodes.urls[victim], store=sqlite_store_settings, creds_dir=creds.directory
+    )
+    request = load_run_request(EXAMPLES / "hello-dag.yaml", [], None)
+    run_ids = [f"cluster-run-{i:03d}" for i in range(RUNS)]
+    resends = 0
+    async with (
+        LocalStack(settings, embedded_nats=False) as stack,
+        await stack.client(persistent=True) as client,  # an application: reconnects
+    ):
+        for run_id in run_ids[:KILL_AFTER_RUNS]:
+            resends += await _submit(client, request, run_id)
+        killed_at = time.monotonic()
+        nodes.kill(victim)
+        resends += await _submit(client, request, run_ids[KILL_AFTER_RUNS])
+        accepted_after = time.monotonic() - killed_at
+        for run_id in run_ids[KILL_AFTER_RUNS + 1 :]:
+            resends += await _submit(client, request, run_id)
+        for run_id in run_ids:
+            records = await _followed(client, run_id)
+            assert isinstance(records[-1].event, RunCompleted), (run_id, records[-1].kind)
+            stored = await client.events(run_id)
+            assert [r.seq for r in stored] == list(range(1, len(stored) + 1)), run_id
+            assert stored[-1].event == records[-1].event
+        finished = time.monotonic() - killed_at
+    print(
+        f"\nwhole stack on 3-node JetStream: killed n{victim} (LOOM_RUNS leader, the "
+        f"services' server) after {KILL_AFTER_RUNS} runs; next submission accepted "
+        f"{accepted_after * 1000:.0f} ms after the kill ({resends} resends); all {RUNS} runs "
+        f"completed {finished:.1f} s after the kill"
+    )
+
+
+async def test_a_consumer_started_without_quorum_is_created_once_quorum_returns(
+    cluster: tuple[NatsCluster, Credentials], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service starting while the cluster cannot answer JetStream calls (two of three
+    nodes down) keeps trying to create its consumer instead of losing that task for
+    good; once a second node is back, it consumes."""
+    nodes, creds = cluster
+    await provision(nodes.urls[0], creds.seed_file(ADMIN), OpsSettings(stream_replicas=REPLICAS))
+    nodes.kill(1)
+    nodes.kill(2)
+    nc = await _connect(nodes.urls[0], creds, "toolrunner")
+    stop = asyncio.Event()
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def handle(msgs: Sequence[Msg]) -> list[bool]:
+        for msg in msgs:
+            seen.put_nowait(msg.subject)
+        return [True] * len(msgs)
+
+    consumer = bus.PullConsumer(
+        nc.jetstream(), "toolrunner", subjects.RUN_EVENTS_STREAM, "toolrunner",
+        [subjects.run_event("*", "tool_call_requested")], handler=handle,
+    )  # fmt: skip
+    task = asyncio.ensure_future(consumer.run(stop))
+    try:
+        async with asyncio.timeout(BOUND_S):  # it tried, and was not answered
+            while not any("consumer not created yet" in r.message for r in caplog.records):
+                await asyncio.sleep(0.05)  # the polling interval of a bounded wait
+        assert not task.done()
+        nodes.restart(1)  # quorum again
+        executor = await _connect(nodes.urls[1], creds, "executor")
+        try:
+            subject = subjects.run_event("run-q", "tool_call_requested")
+            async with asyncio.timeout(BOUND_S):
+                while True:
+                    try:
+                        await bus.publish_acked(executor.jetstream(), subject, b"{}", timeout=2.0)
+                        break
+                    except RETRIED:
+                        await asyncio.sleep(0.05)  # back-off while leaders are elected
+                assert await seen.get() == subject
+        finally:
+            await executor.close()
+    finally:
+        stop.set()
+        async with asyncio.timeout(BOUND_S):
+            await task
+        await nc.close()
