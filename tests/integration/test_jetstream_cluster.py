@@ -242,6 +242,21 @@ async def _followed(client: LoomClient, run_id: str) -> list[EventRecord]:
             assert loop.time() < deadline, f"{run_id} could not be followed"
 
 
+async def _stream_event_ids(url: str, creds: Credentials) -> list[str]:
+    reader = await _connect(url, creds, ADMIN)
+    try:
+        js = reader.jetstream()
+        info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+        return [
+            codec.decode_event(
+                (await js.get_msg(subjects.RUN_EVENTS_STREAM, seq)).data or b""
+            ).event_id
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)
+        ]
+    finally:
+        await reader.close()
+
+
 async def test_runs_complete_across_a_killed_node_with_the_whole_stack(
     cluster: tuple[NatsCluster, Credentials],
     sqlite_store_settings: StoreSettings,
@@ -250,7 +265,8 @@ async def test_runs_complete_across_a_killed_node_with_the_whole_stack(
     """The five services and a client on the cluster, every tool call through the
     tool-runner and LOOM_INBOX (no local shortcut). The node that leads LOOM_RUNS, which
     every service is connected to, is killed after a third of the runs were accepted:
-    every accepted run completes with a gap-free history, and the rest are accepted."""
+    the rest are accepted, every run completes with a gap-free history, and LOOM_RUNS
+    holds each stored event exactly once."""
     nodes, creds = cluster
     monkeypatch.setenv("LOOM_LOCAL_TOOLS", "")  # every step crosses NATS twice
     await provision(nodes.urls[0], creds.seed_file(ADMIN), OpsSettings(stream_replicas=REPLICAS))
@@ -276,13 +292,20 @@ async def test_runs_complete_across_a_killed_node_with_the_whole_stack(
         accepted_after = time.monotonic() - killed_at
         for run_id in run_ids[KILL_AFTER_RUNS + 1 :]:
             resends += await _submit(client, request, run_id)
+        in_store: list[str] = []
         for run_id in run_ids:
             records = await _followed(client, run_id)
             assert isinstance(records[-1].event, RunCompleted), (run_id, records[-1].kind)
             stored = await client.events(run_id)
             assert [r.seq for r in stored] == list(range(1, len(stored) + 1)), run_id
             assert stored[-1].event == records[-1].event
+            in_store += [r.event_id for r in stored]
         finished = time.monotonic() - killed_at
+    # the stream on the survivors: every stored event, each once (the relay republished
+    # across the failover; Nats-Msg-Id dropped the duplicates)
+    on_stream = await _stream_event_ids(nodes.urls[(victim + 1) % 3], creds)
+    assert len(on_stream) == len(set(on_stream)), "an event is on LOOM_RUNS twice"
+    assert sorted(on_stream) == sorted(in_store)
     print(
         f"\nwhole stack on 3-node JetStream: killed n{victim} (LOOM_RUNS leader, the "
         f"services' server) after {KILL_AFTER_RUNS} runs; next submission accepted "
