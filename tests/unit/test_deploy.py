@@ -415,8 +415,8 @@ def test_every_scaled_workload_has_a_disruption_budget_that_allows_a_drain(
                 assert spec["maxUnavailable"] >= 1, name
             else:
                 assert spec["minAvailable"] < floor, name
-        if name == "nats" and floor == 3:
-            assert budgets and budgets[0]["spec"] == {**budgets[0]["spec"], "maxUnavailable": 1}
+        if name == "nats" and floor == 3:  # 2 of 3 keep every stream's quorum
+            assert budgets and budgets[0]["spec"].get("maxUnavailable") == 1
     for budget in pdbs:  # and no budget guards nothing
         assert any(_selects(budget["spec"]["selector"], _pod_labels(d)) for d in _workloads(docs))
 
@@ -664,9 +664,8 @@ def test_production_nats_is_a_three_node_cluster(overlay: str) -> None:
     assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
     (container,) = pod["containers"]
     assert "ldm=" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
-    assert int(re.search(r"lame_duck_duration:\s*(\d+)s", _nats_conf(docs))[1]) < int(  # type: ignore[index]
-        pod["terminationGracePeriodSeconds"]
-    )
+    lame_duck = re.search(r"lame_duck_duration:\s*(\d+)s", _nats_conf(docs))
+    assert lame_duck and int(lame_duck[1]) < pod["terminationGracePeriodSeconds"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
