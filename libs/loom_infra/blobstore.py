@@ -72,9 +72,10 @@ def _nats_digest(sha: bytes) -> str:
     return "SHA-256=" + base64.urlsafe_b64encode(sha).decode()
 
 
-async def ensure_bucket(js: JetStreamContext, settings: BlobSettings) -> None:
-    """Create the bucket if it is missing (``admin``, or an insecure stack). An existing
-    one keeps what an operator set (size, age, replicas)."""
+async def ensure_bucket(js: JetStreamContext, settings: BlobSettings, replicas: int = 1) -> None:
+    """Create the bucket if it is missing (``admin``, or an insecure stack), with
+    ``replicas`` (LOOM_STREAM_REPLICAS). An existing one keeps what an operator set (size,
+    age, replicas)."""
     try:
         await js.stream_info(STREAM)
         return
@@ -87,6 +88,7 @@ async def ensure_bucket(js: JetStreamContext, settings: BlobSettings) -> None:
             ttl=settings.max_age_s,
             max_bytes=settings.bucket_max_bytes,
             storage=api.StorageType.FILE,
+            replicas=replicas,
         ),
     )
 

@@ -78,13 +78,16 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
     newest."""
     ops = ops or OpsSettings()
     max_bytes = ops.stream_max_bytes
-    return (
+    replicas = ops.stream_replicas
+    streams = (
         StreamConfig(
             name=subjects.RUN_EVENTS_STREAM,
             # A copy of the store (the truth), republished from it by the relay: no fsync
             # per event (issue 10; the relay re-checks what the stream holds after a NATS
             # restart, loom_infra.relay). LOOM_RUNS_PERSIST=default fsyncs every event.
-            persist_mode=RUNS_PERSIST,
+            # Replicated, the replicas are its durability, and the server refuses async
+            # persistence on a replicated stream (nats-server 2.15: measured).
+            persist_mode=RUNS_PERSIST if replicas == 1 else PersistMode.DEFAULT,
             subjects=[subjects.RUN_EVENTS_ALL],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -136,6 +139,8 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
             discard=DiscardPolicy.OLD,
         ),
     )
+    # LOOM_STREAM_REPLICAS: 3 on a 3-node cluster, so losing a node loses no acked message
+    return tuple(dataclasses.replace(s, num_replicas=replicas) for s in streams)
 
 
 STREAMS = stream_configs()
@@ -357,11 +362,12 @@ async def ensure_streams(js: JetStreamContext, ops: OpsSettings | None = None) -
             await js.update_stream(merged)
 
 
-async def ensure_tools_bucket(js: JetStreamContext) -> Any:
+async def ensure_tools_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
+    """The tool catalog bucket; created (``replicas``: LOOM_STREAM_REPLICAS) if missing."""
     try:
         return await js.key_value(subjects.TOOLS_BUCKET)
     except Exception:  # bucket not found; nats-py raises BucketNotFoundError
-        return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1)
+        return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1, replicas=replicas)
 
 
 def tool_key(name: str) -> str:
@@ -703,7 +709,32 @@ async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
+# How long a consumer task keeps trying to create its consumer while JetStream does not
+# answer (a cluster electing leaders after a lost node, a NATS rollout) before it gives up.
+CONSUMER_CREATE_S = float(os.environ.get("LOOM_CONSUMER_CREATE_S", "60"))
+
+
 async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:
+    """Create (or update) the durable consumer and bind to it. A JetStream API that does
+    not answer is retried up to ``CONSUMER_CREATE_S``: in a cluster, a service starting
+    while a node is lost would otherwise lose this consumer task for good (seen in
+    tests/integration/test_jetstream_cluster.py)."""
+    assert config.durable_name
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONSUMER_CREATE_S
+    while True:
+        try:
+            await _add_consumer(js, stream, config)
+            break
+        except (TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if loop.time() > deadline:
+                raise
+            log.warning("%s: consumer not created yet (%r); retrying", config.durable_name, exc)
+            await asyncio.sleep(0.5)  # the retry interval of a bounded wait for JetStream
+    return await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
+
+
+async def _add_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
     assert config.durable_name
     try:
         await js.add_consumer(stream, config)
@@ -711,7 +742,6 @@ async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConf
         # exists with another config (e.g. after an upgrade): replace it in place
         await js.delete_consumer(stream, config.durable_name)
         await js.add_consumer(stream, config)
-    return await js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
 
 
 async def request(

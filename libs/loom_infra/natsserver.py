@@ -8,22 +8,27 @@ line ("Server is ready"), not guessed with a sleep.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loom_core.errors import LoomError
 
 _READY = "Server is ready"
 _PORT_IN_USE = "address already in use"
 _CLIENT_PORT = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
+_MONITOR_PORT = re.compile(r"Starting http monitor on [^\s]*:(\d+)")
 
 
 class NatsServerError(LoomError, RuntimeError):
@@ -68,8 +73,14 @@ class EmbeddedNats:
     # an ``authorization { users = [...] }`` block (loom_infra.credentials); None: no
     # authentication at all (development only)
     authorization: str | None = field(default=None, repr=False)
+    # a node of a cluster (``NatsCluster``): its unique name and its ``cluster { }`` block
+    server_name: str | None = None
+    cluster: str | None = None
     process: subprocess.Popen[str] | None = field(default=None, init=False)
     _log: list[str] = field(default_factory=list, init=False)
+    # serve the monitoring endpoints (/jsz, /healthz) on a free port: ``monitor_port``
+    monitor: bool = False
+    monitor_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -78,14 +89,20 @@ class EmbeddedNats:
     def config_text(self) -> str:
         store = self.data_dir / "jetstream"
         sync = "\n  sync_interval: always" if self.sync_always else ""
+        name = f"server_name: {self.server_name}\n" if self.server_name else ""
+        if self.monitor:  # -1: a free port, read back from the log (kept for a restart)
+            name += f"http: {self.host}:{self.monitor_port or -1}\n"
         return (
-            f"listen: {self.host}:{self.port}\n"
+            f"{name}listen: {self.host}:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
-            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n' + (self.authorization or "")
+            f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n'
+            + (self.cluster or "")
+            + (self.authorization or "")
         )
 
     def start(self, timeout: float = 20.0) -> EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log.clear()
         conf = self.data_dir / "nats-server.conf"
         conf.write_text(self.config_text())
         conf.chmod(0o600)  # it may name the users (public keys only, but nobody else's business)
@@ -112,6 +129,9 @@ class EmbeddedNats:
                 if _READY in line:
                     up.set()
                     ready.set()
+                m = _MONITOR_PORT.search(line)
+                if m:
+                    self.monitor_port = int(m.group(1))
             ready.set()  # process ended: wake the waiter
 
         threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
@@ -155,6 +175,123 @@ class EmbeddedNats:
         self.process = None
 
     def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free right now (held open together while chosen). A
+    cluster's route ports must be known before any node starts, so ``port=-1`` (read back
+    from the log) cannot serve there."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class NatsCluster:
+    """``size`` nats-server processes with JetStream, routed to each other as one
+    cluster (``cluster { routes }``): what a 3-node Kubernetes StatefulSet runs
+    (deploy/k8s/nats/cluster), on this machine. Each node has its own store, client port
+    and name (``n0``, ``n1``, ...); ``kill(i)`` / ``restart(i)`` stop and bring back one."""
+
+    base_dir: Path
+    size: int = 3
+    name: str = "loom"
+    host: str = "127.0.0.1"
+    authorization: str | None = field(default=None, repr=False)
+    nodes: list[EmbeddedNats] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise NatsServerError(f"a cluster needs at least one node, got {self.size}")
+        routes_ports = free_ports(self.size, self.host)
+        routes = ", ".join(f"nats://{self.host}:{p}" for p in routes_ports)
+        for i, route_port in enumerate(routes_ports):
+            block = (
+                f"cluster {{\n  name: {self.name}\n  listen: {self.host}:{route_port}\n"
+                f"  routes: [{routes}]\n}}\n"
+            )
+            node = EmbeddedNats(
+                data_dir=self.base_dir / f"n{i}",
+                port=-1,
+                host=self.host,
+                authorization=self.authorization,
+                server_name=f"n{i}",
+                cluster=block,
+                monitor=True,
+            )
+            self.nodes.append(node)
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        """Start every node, then wait until the JetStream meta leader counts every node
+        as a current peer: before that, creating an R3 stream fails (``no suitable
+        peers for placement``)."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self.wait_current(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _meta(self, node: EmbeddedNats) -> dict[str, Any]:
+        try:
+            url = f"http://{node.host}:{node.monitor_port}/jsz"
+            with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - our own server
+                return json.load(reply).get("meta_cluster") or {}
+        except (OSError, ValueError):
+            return {}
+
+    def wait_current(self, timeout: float = 30.0) -> None:
+        """Bounded wait until the meta leader (read from a node's ``/jsz``) sees every
+        running node as current: the cluster can place replicas on all of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [n for n in self.nodes if n.process is not None]
+            for node in running:
+                meta = self._meta(node)
+                if meta.get("leader") != node.server_name:
+                    continue
+                current = {
+                    r["name"] for r in meta.get("replicas") or []
+                    if r.get("current") and not r.get("offline")
+                }  # fmt: skip
+                if {n.server_name for n in running} - {node.server_name} <= current:
+                    return
+            if time.monotonic() > deadline:
+                raise NatsServerError(
+                    f"the {self.size}-node cluster {self.name} did not agree on its JetStream "
+                    f"peers in {timeout}s:\n" + "\n".join(n._log[-1] for n in running if n._log)
+                )
+            time.sleep(0.05)  # the polling interval of a bounded wait on /jsz
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i``, as a crashed machine would stop it."""
+        self.nodes[i].kill()
+
+    def restart(self, i: int, timeout: float = 30.0) -> None:
+        """Start node ``i`` again on its old ports and store; wait until it rejoined."""
+        self.nodes[i].start(timeout)
+        self.wait_current(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -259,6 +259,10 @@ class OpsSettings:
       ``LOOM_REJECTS_MAX_MSGS`` (default 10000): retention of the streams provisioned.
     - ``LOOM_REJECTS_QUEUE``: rejections waiting to be recorded before new ones are dropped
       (counted and logged, never waited for), default 1000.
+    - ``LOOM_STREAM_REPLICAS``: replicas of every stream and bucket provisioned, 1 (the
+      default: one nats-server) to 5; 3 on a 3-node JetStream cluster. Provisioning only
+      ever raises an existing stream's replicas (``bus.merge_stream``), so a process
+      started without it never brings a stream back to 1.
     """
 
     http_port: int = 0
@@ -269,6 +273,13 @@ class OpsSettings:
     stream_max_bytes: int = 8 * 1024**3
     rejects_max_msgs: int = 10_000
     rejects_queue: int = 1000
+    stream_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stream_replicas <= 5:  # JetStream's own bounds
+            raise SettingsError(
+                "LOOM_STREAM_REPLICAS", f"must be 1 to 5, got {self.stream_replicas}"
+            )
 
 
 def ops_settings_from_env(env: Mapping[str, str] = os.environ) -> OpsSettings:
@@ -294,6 +305,7 @@ def ops_settings_from_env(env: Mapping[str, str] = os.environ) -> OpsSettings:
         stream_max_bytes=int(number("LOOM_STREAM_MAX_BYTES", 8 * 1024**3, 1024**2)),
         rejects_max_msgs=int(number("LOOM_REJECTS_MAX_MSGS", 10_000, 1)),
         rejects_queue=int(number("LOOM_REJECTS_QUEUE", 1000, 1)),
+        stream_replicas=_whole(env, "LOOM_STREAM_REPLICAS", 1),
     )
 
 

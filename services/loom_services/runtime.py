@@ -120,8 +120,10 @@ class Stack:
             js = nc.jetstream()
             if seed is None:
                 await bus.ensure_streams(js, self.settings.ops)
-                await blobstore.ensure_bucket(js, self.settings.blobs)
-                await schedules.ensure_bucket(js)
+                await blobstore.ensure_bucket(
+                    js, self.settings.blobs, self.settings.ops.stream_replicas
+                )
+                await schedules.ensure_bucket(js, self.settings.ops.stream_replicas)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -234,9 +236,9 @@ async def provision(
     try:
         js = nc.jetstream()
         await bus.ensure_streams(js, ops)
-        await bus.ensure_tools_bucket(js)
-        await schedules.ensure_bucket(js)
-        await blobstore.ensure_bucket(js, blobs or blob_settings_from_env())
+        await bus.ensure_tools_bucket(js, ops.stream_replicas)
+        await schedules.ensure_bucket(js, ops.stream_replicas)
+        await blobstore.ensure_bucket(js, blobs or blob_settings_from_env(), ops.stream_replicas)
     finally:
         await nc.close()
 

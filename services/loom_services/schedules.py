@@ -88,12 +88,15 @@ class ScheduleRefused(LoomError):
         self.details = details
 
 
-async def ensure_bucket(js: JetStreamContext) -> Any:
-    """The schedules bucket (created by provisioning, with the admin key)."""
+async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
+    """The schedules bucket (created by provisioning, with the admin key; ``replicas``:
+    LOOM_STREAM_REPLICAS)."""
     try:
         return await js.key_value(routes.SCHEDULES_BUCKET)
     except Exception:  # not found; nats-py raises BucketNotFoundError
-        return await js.create_key_value(bucket=routes.SCHEDULES_BUCKET, history=1)
+        return await js.create_key_value(
+            bucket=routes.SCHEDULES_BUCKET, history=1, replicas=replicas
+        )
 
 
 def tenant_token(tenant: str) -> str:
