@@ -5,7 +5,9 @@ Why HTTP: a Kubernetes ``httpGet`` probe costs the kubelet one request, where an
 probe started a Python process (0.23 CPU-s) per probe; and readiness can now say what is
 wrong, not only that a responder answered.
 
-- ``/livez``: 200 while the event loop answers at all (a wedged loop cannot).
+- ``/livez``: 200 while the event loop answers and no liveness check fails; 503 with
+  the reasons when one does (a service task that ended: only a restart brings it back,
+  so Kubernetes must restart the pod rather than leave it unready forever).
 - ``/readyz``: 200 when every readiness check passes; otherwise 503 with a JSON body
   ``{"ready": false, "reasons": [...]}`` naming each failing check.
 - ``/metrics``: the registry in the Prometheus text format; async collectors (JetStream
@@ -42,12 +44,17 @@ class HealthServer:
     host: str
     port: int
     checks: list[tuple[str, Check]] = field(default_factory=list)
+    live_checks: list[tuple[str, Check]] = field(default_factory=list)
     collectors: list[Collector] = field(default_factory=list)
     registry: metrics.Registry = metrics.REGISTRY
     _server: asyncio.Server | None = None
 
-    def add_check(self, name: str, check: Check) -> None:
+    def add_check(self, name: str, check: Check, *, live: bool = False) -> None:
+        """A readiness check; ``live``: also a liveness check (its failure is one a
+        restart cures and waiting does not)."""
         self.checks.append((name, check))
+        if live:
+            self.live_checks.append((name, check))
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
@@ -66,18 +73,13 @@ class HealthServer:
 
     async def readiness(self) -> list[str]:
         """The reasons this process is not ready (empty: ready)."""
-        reasons: list[str] = []
-        for name, check in self.checks:
-            try:
-                reason = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
-            except TimeoutError:
-                reason = f"no answer within {CHECK_TIMEOUT_S:.0f}s"
-            except Exception as exc:
-                reason = f"check failed: {type(exc).__name__}: {exc}"
-            if reason is not None:
-                reasons.append(f"{name}: {reason}")
+        reasons = await _failing(self.checks)
         metrics.READY.set(0 if reasons else 1)
         return reasons
+
+    async def liveness(self) -> list[str]:
+        """The reasons this process should be restarted (empty: live)."""
+        return await _failing(self.live_checks)
 
     async def render_metrics(self) -> str:
         for collect in self.collectors:
@@ -102,7 +104,9 @@ class HealthServer:
                 await _send(writer, 405, "text/plain", "GET only\n")
                 return
             if path == "/livez":
-                await _send(writer, 200, "application/json", '{"live": true}\n')
+                dead = await self.liveness()
+                body = json.dumps({"live": not dead, "reasons": dead}) + "\n"
+                await _send(writer, 503 if dead else 200, "application/json", body)
             elif path == "/readyz":
                 reasons = await self.readiness()
                 body = json.dumps({"ready": not reasons, "reasons": reasons}) + "\n"
@@ -118,6 +122,22 @@ class HealthServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+async def _failing(checks: list[tuple[str, Check]]) -> list[str]:
+    """Each failing check as ``name: reason``; a check that raises or does not answer in
+    CHECK_TIMEOUT_S fails with that as its reason."""
+    reasons: list[str] = []
+    for name, check in checks:
+        try:
+            reason = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+        except TimeoutError:
+            reason = f"no answer within {CHECK_TIMEOUT_S:.0f}s"
+        except Exception as exc:
+            reason = f"check failed: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            reasons.append(f"{name}: {reason}")
+    return reasons
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",

@@ -61,7 +61,9 @@ def watch_service(
         return f"task(s) ended: {', '.join(ended)}" if ended else None
 
     server.add_check(f"{name}.nats", connected)
-    server.add_check(f"{name}.tasks", running)
+    # a task that ended does not come back by waiting: liveness fails too, so the pod is
+    # restarted instead of sitting unready forever
+    server.add_check(f"{name}.tasks", running, live=True)
     durables = sorted(
         {(r.stream, c.durable) for r, c in routes.consumers_of(identity) if c.durable}  # type: ignore[arg-type]
     )

@@ -105,6 +105,10 @@ async def test_readiness_says_when_the_relay_stops(observed: LocalStack) -> None
         await client.submit(one_step())  # stored, never published
     reasons = json.loads(await until_status(port, "/readyz", 503))["reasons"]
     assert any("executor-relay" in r for r in reasons), reasons
+    # a task that ended is also a liveness failure: waiting will not bring it back
+    dead = json.loads(await until_status(port, "/livez", 503))["reasons"]
+    assert any("executor-relay" in r for r in dead), dead
+    assert not any("relay stuck" in r for r in dead), dead  # readiness-only checks stay out
     # and the stall, once the relay has sat on the unpublished run for LOOM_READY_STALL_S
     loop = asyncio.get_running_loop()
     deadline = loop.time() + BOUND_S
