@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from loom_core import ids, sizes
+from loom_core import agent_memory, ids, sizes
 from loom_core.answers import problems
 from loom_core.contracts import (
     AgentStep,
@@ -220,7 +220,24 @@ def forget(state: RunState, iid: str) -> None:
 
 
 def start(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> None:
-    """Render the task and ask the first turn."""
+    """Render the task; recall its memory (turn 0's tool calls) or ask the first turn."""
+    from loom_core.contracts import StepStarted
+
+    instructions, task = _rendered(t, iid, step, ctx)
+    recall = _memory_calls(t, iid, step, ctx, task)
+    t.emit(StepStarted(step_id=iid, attempt=1))  # its fold makes the AgentRun
+    if not recall:
+        request_turn(t, iid, step, _first_messages(instructions, task, []))
+        return
+    for k, (tool, args) in enumerate(recall):
+        path = call_path(iid, agent_memory.RECALL_TURN, k)
+        t.emit(ToolCallRequested(
+            step_id=path, attempt=1, tool=tool, input=args,
+            idempotency_key=ids.idempotency_key(t.s.run_id, path, 1),
+        ))  # fmt: skip
+
+
+def _rendered(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> tuple[Any, Any]:
     from loom_core.templating import render
 
     path = f"$.steps.{iid}"
@@ -228,14 +245,78 @@ def start(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> None:
         render(step.instructions, ctx, path=f"{path}.instructions"), iid, f"{path}.instructions"
     )
     task = t.bounded_input(render(step.input, ctx, path=f"{path}.input"), iid, f"{path}.input")
-    messages = [ModelMessage(role="system", content=_text(instructions))]
+    return instructions, task
+
+
+def _first_messages(
+    instructions: Any, task: Any, recalled: list[ModelMessage]
+) -> list[ModelMessage]:
+    messages = [ModelMessage(role="system", content=_text(instructions)), *recalled]
     if task is not None:
         messages.append(ModelMessage(role="user", content=_text(task)))
-    from loom_core.contracts import StepStarted
+    return messages
 
-    t.emit(StepStarted(step_id=iid, attempt=1))
-    t.s.agents[iid] = AgentRun(messages=messages)
-    request_turn(t, iid, step, messages)
+
+def _memory_calls(
+    t: _Turn, iid: str, step: AgentStep, ctx: Any, task: Any
+) -> list[tuple[str, dict[str, Any]]]:
+    """The recall calls of turn 0 (none without ``memory``); templates rendered here."""
+    if step.memory is None:
+        return []
+    from loom_core.templating import render
+
+    query = "" if task is None else _text(task)
+    recall = step.memory.semantic_recall
+    if recall is not None and recall.query is not None:
+        query = _text(render(recall.query, ctx, path=f"$.steps.{iid}.memory.semantic_recall.query"))
+    return agent_memory.calls(step.memory, _thread(t, iid, step, ctx), query)
+
+
+def _thread(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> str:
+    """The thread the step's memory reads: ``memory.thread_id`` or the run's."""
+    from loom_core.templating import render
+
+    given = step.memory.thread_id if step.memory is not None else None
+    if given is not None:
+        value = render(given, ctx, path=f"$.steps.{iid}.memory.thread_id")
+        if not isinstance(value, str) or not value.strip():
+            from loom_core.executor import _StepError
+
+            raise _StepError(ErrorInfo(
+                code="invalid_input", path=f"$.steps.{iid}.memory.thread_id",
+                message=f"memory.thread_id rendered to {_text(value)[:80]}, not a thread id",
+            ))  # fmt: skip
+        return value
+    return t.s.thread_id or t.s.run_id
+
+
+def _first_turn(t: _Turn, inst: Inst) -> None:
+    """Turn 1, with what turn 0 recalled (re-rendered: the same scope, the same text)."""
+    from loom_core.executor import _StepError
+    from loom_core.predicates import PredicateError
+    from loom_core.templating import TemplateError
+
+    step = inst.step
+    assert isinstance(step, AgentStep)
+    iid = inst.iid
+    agent = t.s.agents[iid]
+    ctx = t.context(inst.scope)
+    try:
+        instructions, task = _rendered(t, iid, step, ctx)
+        made = _memory_calls(t, iid, step, ctx, task)
+    except (TemplateError, PredicateError) as exc:
+        t.fail(iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+        return
+    except _StepError as exc:
+        t.fail(iid, exc.error)
+        return
+    recalled: list[ModelMessage] = []
+    if made:
+        answers = [
+            agent.answers.get(call_path(iid, agent_memory.RECALL_TURN, k)) for k in range(len(made))
+        ]
+        recalled = agent_memory.context(made, answers, t.s.run_id)
+    request_turn(t, iid, step, _first_messages(instructions, task, recalled))
 
 
 def request_turn(t: _Turn, iid: str, step: AgentStep, messages: list[ModelMessage]) -> None:
@@ -261,7 +342,7 @@ def request_turn(t: _Turn, iid: str, step: AgentStep, messages: list[ModelMessag
         return
     t.emit(ModelCallRequested(
         step_id=iid, turn=turn, messages=messages, idempotency_key=turn_key(t.s.run_id, iid, turn),
-        model=step.model, tools=list(step.tools), output_schema=step.output_schema,
+        model=step.model, tools=agent_memory.tools(step), output_schema=step.output_schema,
     ))  # fmt: skip
 
 
@@ -327,6 +408,9 @@ def _call_tools(
         if isinstance(error, ErrorInfo):
             t.emit(ModelOutputRefused(step_id=iid, turn=turn, call_id=path, error=error))
             continue
+        if step.memory is not None and call.name in agent_memory.WORKING_TOOLS:
+            thread = _thread(t, iid, step, t.context(inst.scope))
+            error = agent_memory.scoped_arguments(step, call.name, error, thread)
         t.emit(ToolCallRequested(
             step_id=path, attempt=1, tool=call.name, input=error,
             idempotency_key=ids.idempotency_key(t.s.run_id, path, 1),
@@ -343,8 +427,9 @@ def _call_problem(
         return ErrorInfo(code="too_many_tool_calls", path=where,
                          message=f"at most {MAX_TOOL_CALLS_PER_TURN} tool calls per turn; "
                          "this one was not run, ask again in the next turn")  # fmt: skip
-    if call.name not in step.tools:
-        allowed = ", ".join(step.tools) or "none"
+    allowed_tools = agent_memory.tools(step)
+    if call.name not in allowed_tools:
+        allowed = ", ".join(allowed_tools) or "none"
         return ErrorInfo(code="unknown_tool", path=f"{where}.name",
                          message=f"tool {call.name[:80]!r} is not available to this agent; "
                          f"available tools: {allowed}")  # fmt: skip
@@ -444,6 +529,9 @@ def _maybe_next_turn(t: _Turn, iid: str, step: AgentStep) -> None:
     agent = t.s.agents[iid]
     if agent.pending or agent.awaiting:
         return
+    if agent.turn == 0:  # the memory calls are answered
+        _first_turn(t, t.s.insts[iid])
+        return
     messages = list(agent.messages)
     if agent.reply is not None:
         messages.append(agent.reply)
@@ -461,7 +549,7 @@ def resumed(t: _Turn, inst: Inst) -> None:
     assert isinstance(step, AgentStep)
     agent = t.s.agents[inst.iid]
     if agent.turn == 0:
-        request_turn(t, inst.iid, step, agent.messages)
+        _first_turn(t, inst)
     else:
         _maybe_next_turn(t, inst.iid, step)
 
@@ -569,7 +657,7 @@ def step_issues(path: str, step: AgentStep) -> list[PlanIssue]:
         )
     if step.budget is not None:
         issues += budget_issues(f"{path}.budget", step.budget)
-    return issues
+    return issues + agent_memory.issues(path, step)
 
 
 def budget_issues(path: str, budget: Budget) -> list[PlanIssue]:

@@ -274,6 +274,34 @@ class Budget(Inbound, tag="budget", tag_field="type"):
     max_model_calls: int | None = None
 
 
+class SemanticRecall(Inbound, tag="semantic_recall", tag_field="type"):
+    """Messages like the task recalled from memory before an agent's first turn: the
+    ``top_k`` best hits, each with ``window`` neighbouring messages either side, from
+    the run's thread (``scope: thread``) or all of the run's user's threads
+    (``scope: resource``). ``query`` (a template) defaults to the step's rendered
+    ``input``."""
+
+    top_k: int = 3
+    window: int = 1
+    scope: Literal["thread", "resource"] = "thread"
+    threshold: float | None = None
+    query: str | None = None
+
+
+class AgentMemory(Inbound, tag="agent_memory", tag_field="type"):
+    """What an agent step recalls before its first turn (``loom_core.agent``), as tool
+    calls the run records, put in front of the model's conversation: the run's thread's
+    last ``last_messages`` messages, a semantic recall, the working memory document
+    (``working_memory``: the run's thread's, or the user's own), which the model may then
+    update by compare-and-set with the ``working_memory_set`` tool. ``thread_id`` (a
+    template) names the thread; default: the run's."""
+
+    last_messages: int = 0
+    semantic_recall: SemanticRecall | None = None
+    working_memory: Literal["thread", "user"] | None = None
+    thread_id: str | None = None
+
+
 class AgentStep(Inbound, tag="agent", tag_field="kind"):
     """A model working in turns (ReAct): each turn is requested as an event and
     answered by the planner service; the tools the model calls (only those in
@@ -295,6 +323,7 @@ class AgentStep(Inbound, tag="agent", tag_field="kind"):
     depends_on: list[str] = []
     on_error: Literal["fail", "continue"] = "fail"
     description: str = ""
+    memory: AgentMemory | None = None  # recalled into the context before the first turn
 
 
 Step = (

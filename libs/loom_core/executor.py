@@ -262,6 +262,7 @@ class RunState:
     forked_from: str | None = None
     parent: ParentLink | None = None  # set when a sub_run step started this run
     principal: Principal | None = None  # who the run acts for; sub-runs and forks inherit it
+    thread_id: str | None = None  # the conversation thread it asked for (None: its own id)
     # what answers must match (see ``unexpected``): the run_requested's digest, the
     # explicit plan's digest, and when each pending timer is due
     request_digest: str | None = None
@@ -369,6 +370,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.input = run_input
             state.parent = event.parent
             state.principal = event.principal
+            state.thread_id = event.thread_id
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
             state.budget = event.budget
@@ -389,6 +391,8 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case StepStarted(step_id=iid, attempt=attempt):
             inst = state.insts[iid]
             inst.status, inst.attempt = "running", attempt
+            if isinstance(inst.step, AgentStep):  # its memory calls fold into it
+                state.agents.setdefault(iid, agent_step.AgentRun())
         case ToolCallRequested(step_id=iid):
             state.insts[iid].inflight = True
             state.insts[iid].request_digest = request_digest(state.run_id, event)
@@ -1838,7 +1842,8 @@ SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
 # The state's shape: bumped when the same events fold into a different state, so an
 # older snapshot is not restored (the host then folds the history, the truth). 2: ended
 # child scopes are forgotten (``_forget``), a loop keeps its last iteration's outputs.
-SNAPSHOT_LAYOUT = 2
+# 3: the run's thread id; an agent's state from its step_started; lean turn requests.
+SNAPSHOT_LAYOUT = 3
 
 
 class _Snapshot(msgspec.Struct):

@@ -300,7 +300,14 @@ def _parts(step: Step) -> list[_Part]:
         case WaitEventStep():
             return [_Field("events", [{"key": m.key} for m in step.events])]
         case AgentStep():
-            return [_Field("instructions", step.instructions), _Field("input", step.input)]
+            fields = [_Field("instructions", step.instructions), _Field("input", step.input)]
+            if step.memory is not None:
+                recall = step.memory.semantic_recall
+                fields += [
+                    _Field("memory.thread_id", step.memory.thread_id),
+                    _Field("memory.semantic_recall.query", recall.query if recall else None),
+                ]
+            return fields
     raise TypeError(f"not a step: {step!r}")
 
 

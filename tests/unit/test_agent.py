@@ -92,12 +92,14 @@ class World:
         turns: list[Any],
         limits: SizeLimits | None = None,
         budget: Budget | None = None,
+        thread_id: str | None = None,
     ) -> None:
         self.state = initial_state("r1")
         self.now = T0
         self.records: list[EventRecord] = []
         self.turns = list(turns)
-        request = RunRequest(plan=plan, input={"q": "what?"}, budget=budget)
+        self.tool_output: Callable[[ToolCallRequested], Any] = lambda c: {"echo": c.input}
+        request = RunRequest(plan=plan, input={"q": "what?"}, budget=budget, thread_id=thread_id)
         self.send(Submission(request, limits=limits) if limits else request)
         self.send(PlanProposed(run_id="r1", plan=plan))
 
@@ -140,7 +142,7 @@ class World:
                 self.send(ToolResult(
                     run_id="r1", step_id=c.step_id, attempt=c.attempt,
                     idempotency_key=c.idempotency_key, ok=True, started_at=self.now,
-                    finished_at=self.now, output={"echo": c.input},
+                    finished_at=self.now, output=self.tool_output(c),
                 ))  # fmt: skip
             elif open_turns and self.turns and not self.state.terminal:
                 make = self.turns.pop(0)
