@@ -139,7 +139,8 @@ def fold_event(state: RunState, event: Any) -> bool:
             from loom_core.executor import request_digest
 
             agent = state.agents.setdefault(iid, AgentRun())
-            agent.turn, agent.messages, agent.awaiting = event.turn, list(event.messages), True
+            agent.turn, agent.awaiting = event.turn, True
+            agent.messages = extend(agent.messages, event)
             agent.request_digest = request_digest(state.run_id, event)
             agent.reply, agent.pending, agent.answers, agent.feedback = None, [], {}, []
             agent.digests = {}
@@ -191,6 +192,26 @@ def fold_event(state: RunState, event: Any) -> bool:
                 agent.answers[sid] = _error_text(event.error)
             return True
     return False
+
+
+def extend(before: list[ModelMessage], event: ModelCallRequested) -> list[ModelMessage]:
+    """The conversation ``event`` asks about, given the one its step's previous request
+    asked about (``before``): lean requests carry only what is new."""
+    return [*before, *event.messages] if event.appended else list(event.messages)
+
+
+def conversation(requests: list[ModelCallRequested], turn: int) -> list[ModelMessage] | None:
+    """The whole conversation of turn ``turn``, folded from one step's requests in turn
+    order (a step's history as stored); None when one it needs is missing."""
+    messages: list[ModelMessage] = []
+    expected = 1
+    for request in requests:
+        if request.turn > turn:
+            break
+        if request.turn != expected and request.appended:
+            return None
+        messages, expected = extend(messages, request), request.turn + 1
+    return messages if expected == turn + 1 else None
 
 
 def fold_resumed(state: RunState, event: StepResumed) -> None:
@@ -340,9 +361,12 @@ def request_turn(t: _Turn, iid: str, step: AgentStep, messages: list[ModelMessag
               f"limit ({too_large.message}); lower max_turns or ask for shorter tool "
               "outputs")  # fmt: skip
         return
+    # lean turns: only what is new since the last request (``messages`` extends it)
+    appended = t.s.turn_messages == "new" and agent.turn > 0
     t.emit(ModelCallRequested(
-        step_id=iid, turn=turn, messages=messages, idempotency_key=turn_key(t.s.run_id, iid, turn),
-        model=step.model, tools=agent_memory.tools(step), output_schema=step.output_schema,
+        step_id=iid, turn=turn, messages=messages[len(agent.messages):] if appended else messages,
+        idempotency_key=turn_key(t.s.run_id, iid, turn), model=step.model,
+        tools=agent_memory.tools(step), output_schema=step.output_schema, appended=appended,
     ))  # fmt: skip
 
 

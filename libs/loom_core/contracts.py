@@ -584,6 +584,10 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # caps, and replay keeps it so (loom_core.caps)
     caps: Caps | None = None
     budget: Budget | None = None  # the submitter's model budget (wins over the plan's)
+    # how its agent turns' model_call_requested hold the conversation: "new", only the
+    # messages new since the previous turn's request (``appended``); "whole" (runs stored
+    # before lean turns), each the whole conversation. Replay keeps the recorded one.
+    turn_messages: Literal["whole", "new"] = "whole"
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -715,9 +719,12 @@ class SubRunEnded(Record, tag="sub_run_ended", tag_field="type"):
 
 class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
     """The command to the planner service: one turn of agent step ``step_id``.
-    ``messages`` is the conversation so far; ``tools`` names the registry tools the model
-    may call (the planner describes them from the catalog). ``idempotency_key`` is
-    ``{run_id}:{step_id}:turn{turn}``."""
+    ``messages`` is the conversation so far, or with ``appended`` only what is new since
+    turn ``turn - 1``'s request (the model's answer, the tools' results, feedback): the
+    conversation is the fold of the step's requests (``loom_core.agent.conversation``),
+    so a long agent's history grows linearly, not quadratically. ``tools`` names the
+    registry tools the model may call (the planner describes them from the catalog).
+    ``idempotency_key`` is ``{run_id}:{step_id}:turn{turn}``."""
 
     step_id: str
     turn: int
@@ -726,6 +733,7 @@ class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
     model: str | None = None
     tools: list[str] = []
     output_schema: dict[str, JSON] | None = None
+    appended: bool = False
 
 
 class ModelCallCompleted(Record, tag="model_call_completed", tag_field="type"):

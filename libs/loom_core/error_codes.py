@@ -127,6 +127,10 @@ CODES: dict[str, Code] = {
     "too_many_tool_calls": Code(_T, "more tool calls in one turn than the step allows"),
     "max_turns_exceeded": Code(_T, "the agent used max_turns without a final answer"),
     "context_too_large": Code(_T, "the conversation grew over the step input limit"),
+    "conversation_unavailable": Code(
+        _T, "a lean turn's earlier requests are not in the stored history (the planner "
+        "cannot rebuild the conversation); the step fails"
+    ),
     "suspend_not_supported": Code(_T, "a tool asked to suspend inside an agent step"),
     "tool_unavailable": Code(_T, "the tool's source (an MCP server) is down; retried (retryable)"),
     "circuit_open": Code(_T, "the tool's or server's breaker is open (details.retry_after_s)"),

@@ -173,6 +173,9 @@ class Submission:
     limits: SizeLimits | None = None
     # the fan-out caps likewise (``loom_core.caps``), None: no caps
     caps: Caps | None = None
+    # how agent turns hold the conversation (``RunRequested.turn_messages``): new runs
+    # "new"; replay passes the recorded value, so runs stored before keep "whole"
+    turn_messages: Literal["whole", "new"] = "new"
 
 
 # ``RunPublishFailed``: the executor host's relay reporting an event it can never publish
@@ -263,6 +266,7 @@ class RunState:
     parent: ParentLink | None = None  # set when a sub_run step started this run
     principal: Principal | None = None  # who the run acts for; sub-runs and forks inherit it
     thread_id: str | None = None  # the conversation thread it asked for (None: its own id)
+    turn_messages: Literal["whole", "new"] = "new"  # from run_requested (loom_core.agent)
     # what answers must match (see ``unexpected``): the run_requested's digest, the
     # explicit plan's digest, and when each pending timer is due
     request_digest: str | None = None
@@ -371,6 +375,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.parent = event.parent
             state.principal = event.principal
             state.thread_id = event.thread_id
+            state.turn_messages = event.turn_messages
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
             state.budget = event.budget
@@ -666,11 +671,11 @@ class _Turn:
         match message:
             case RunRequest() | Submission():
                 if s.version == 0:
-                    request, principal, redacted, limits, caps = (
+                    request, principal, redacted, limits, caps, turn_messages = (
                         (message.request, message.principal, list(message.redacted),
-                         message.limits, message.caps)
+                         message.limits, message.caps, message.turn_messages)
                         if isinstance(message, Submission)
-                        else (message, None, [], None, None)
+                        else (message, None, [], None, None, "new")
                     )  # fmt: skip
                     self.emit(
                         RunRequested(
@@ -687,6 +692,7 @@ class _Turn:
                             limits=limits,
                             caps=caps,
                             budget=request.budget,
+                            turn_messages=turn_messages,
                         )
                     )
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":

@@ -94,13 +94,20 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 fork=event.fork, parent=event.parent, run_id=run_id, budget=event.budget,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
-            if event.principal or event.redacted or event.limits or event.caps:
+            if (
+                event.principal
+                or event.redacted
+                or event.limits
+                or event.caps
+                or event.turn_messages != "new"
+            ):
                 return Submission(
                     request,
                     event.principal,
                     tuple(event.redacted),
                     limits=event.limits,
                     caps=event.caps,
+                    turn_messages=event.turn_messages,
                 )
             return request
         case RunPublishFailed():

@@ -319,7 +319,7 @@ FORK = _request(
 )  # fmt: skip
 API_RUN_EVENTS = _request(
     "apiRunEvents", subjects.API_RUN_EVENTS, c.RunEventsQuery, (c.RunEventsReply,), "executor",
-    ("operator", "memory", "tracing", "toolrunner"),
+    ("operator", "memory", "tracing", "toolrunner", "planner"),
     "A run's stored events after `after_seq`, a page at a time",
 )  # fmt: skip
 API_RUNS = _request(

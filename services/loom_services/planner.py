@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     ModelCallRequested,
     ModelChunk,
@@ -34,6 +34,8 @@ from loom_core.contracts import (
     PlanIssue,
     PlanProposed,
     PlanRefused,
+    RunEventsQuery,
+    RunEventsReply,
     RunRequested,
     ToolSpec,
 )
@@ -44,7 +46,12 @@ from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings
-from loom_services.models import ModelConfig, ModelLayer
+from loom_services.conversations import (
+    ConversationMissing,
+    Conversations,
+    ConversationUnavailable,
+)
+from loom_services.models import Answer, ModelConfig, ModelLayer
 from loom_services.planning import plan_with_model
 from loom_services.runtime import ServiceContext, run_main
 
@@ -70,6 +77,7 @@ class PlannerService:
         # reuses it instead of paying for the model again (bounded, newest kept)
         self._once: OrderedDict[str, asyncio.Task[Any]] = OrderedDict()
         self.layer = ModelLayer(self.models, SecretSource(settings.secrets))
+        self.conversations = Conversations(self._run_events)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -169,6 +177,15 @@ class PlannerService:
             record, event = bus.expect_event(msg, ModelCallRequested)
         except bus.Poison as poison:
             return poison
+        try:  # a lean turn holds only what is new: the whole conversation, for the model
+            messages = await self.conversations.of(record.run_id, event)
+        except TimeoutError as exc:  # the executor did not answer: later
+            return ConversationUnavailable(f"run {record.run_id}: {exc!r}")
+        except ConversationUnavailable as exc:
+            return exc
+        except ConversationMissing as exc:
+            await self._answer(record.run_id, event, Answer(message=None, error=exc.info))
+            return True
         specs = await self.tool_specs(event.tools)
         started = datetime.now(UTC)
         pieces = itertools.count()
@@ -181,19 +198,34 @@ class PlannerService:
 
         key = f"turn:{request_digest(record.run_id, event)}"
         answer = await _beating(msg, self.once(key, lambda: self.layer.complete(
-            event.model, event.messages, specs, json_mode=event.output_schema is not None,
+            event.model, messages, specs, json_mode=event.output_schema is not None,
             on_text=on_text,
         )))  # fmt: skip
+        await self._answer(record.run_id, event, answer, started)
+        return True
+
+    async def _answer(
+        self,
+        run_id: str,
+        event: ModelCallRequested,
+        answer: Answer,
+        started: datetime | None = None,
+    ) -> None:
+        now = datetime.now(UTC)
         result = ModelResult(
-            run_id=record.run_id, step_id=event.step_id, turn=event.turn,
+            run_id=run_id, step_id=event.step_id, turn=event.turn,
             idempotency_key=event.idempotency_key, ok=answer.message is not None,
-            started_at=started, finished_at=datetime.now(UTC), message=answer.message,
+            started_at=started or now, finished_at=now, message=answer.message,
             finish_reason=answer.finish_reason, model=answer.model, provider=answer.provider,
             attempts=answer.attempts, usage=answer.usage, error=answer.error,
-            request_digest=request_digest(record.run_id, event),
+            request_digest=request_digest(run_id, event),
         )  # fmt: skip
         await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
-        return True
+
+    async def _run_events(self, query: RunEventsQuery) -> RunEventsReply:
+        return await bus.request(
+            self.ctx.nc, subjects.API_RUN_EVENTS, query, RunEventsReply, timeout=10.0
+        )
 
     def _no_model_issue(self) -> PlanIssue:
         if self.models.configured:
