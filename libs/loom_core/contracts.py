@@ -342,6 +342,16 @@ Step = (
 )
 
 
+class Replan(Inbound, tag="replan", tag_field="type"):
+    """Re-planning after a failed step (opt-in per plan): when a step's failure would
+    fail the run, the planner's model is asked, at most ``max`` times per run, for the
+    steps that remain given the failure; the steps that succeeded are kept with their
+    outputs. ``model``: a configured model name (default: the planner's). Needs a model."""
+
+    max: int = 1
+    model: str | None = None
+
+
 class Plan(Inbound, tag="plan", tag_field="type"):
     """A validated plan is a DAG of steps. ``output`` is a template rendered when every
     step is done; when absent the run's output maps each sink step to its output."""
@@ -352,6 +362,7 @@ class Plan(Inbound, tag="plan", tag_field="type"):
     timeout_s: float | None = None
     version: Literal[1] = 1
     budget: Budget | None = None  # model use of the whole run (agent steps)
+    replan: Replan | None = None  # ask the planner for the rest after a failed step
 
 
 # --------------------------------------------------------------------------- blobs
@@ -775,6 +786,42 @@ class ModelOutputRefused(Record, tag="model_output_refused", tag_field="type"):
     call_id: str = ""
 
 
+class ReplanRequested(Record, tag="replan_requested", tag_field="type"):
+    """The command to the planner: step ``step_id`` failed (``error``) and would fail the
+    run; write the steps that remain (re-planning ``attempt`` of ``Replan.max``).
+    ``plan``: the plan that failed; ``kept``: the top-level steps that succeeded (kept,
+    with their outputs, in the revised plan); ``outputs``: their outputs, each at most
+    ``loom_core.replanning.OUTPUT_TOLD_BYTES`` of JSON (a larger one is described)."""
+
+    attempt: int
+    step_id: str
+    error: ErrorInfo
+    plan: Plan
+    kept: list[str] = []
+    outputs: dict[str, JSON] = {}
+    model: str | None = None
+
+
+class PlanRevised(Record, tag="plan_revised", tag_field="type"):
+    """The planner's answer to re-planning ``attempt``, accepted: ``plan`` is the whole
+    revised plan (the kept steps, verbatim, then the new ones); the run goes on with it
+    and the kept steps are not run again."""
+
+    attempt: int
+    plan: Plan
+    kept: list[str] = []
+    planning: PlanningRecord | None = None
+
+
+class ReplanRefused(Record, tag="replan_refused", tag_field="type"):
+    """Re-planning ``attempt`` gave no valid plan (the model's problems, or no model):
+    the run fails with the step's failure."""
+
+    attempt: int
+    issues: list[PlanIssue]
+    planning: PlanningRecord | None = None
+
+
 class StepCompleted(Record, tag="step_completed", tag_field="type"):
     step_id: str
     output: JSON
@@ -944,6 +991,9 @@ RunEvent = (
     | ModelCallCompleted
     | ModelCallFailed
     | ModelOutputRefused
+    | ReplanRequested
+    | PlanRevised
+    | ReplanRefused
     | RunCancelRequested
     | RunPublishFailed
     | RunDiverged

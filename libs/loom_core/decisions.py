@@ -69,6 +69,11 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
         "finished_at": D, "attempts": D, "usage": D,
     },
     c.ModelOutputRefused: {"step_id": D, "turn": D, "error": N, "call_id": D},
+    c.ReplanRequested: {
+        "attempt": D, "step_id": D, "error": N, "plan": D, "kept": D, "outputs": D, "model": D,
+    },
+    c.PlanRevised: {"attempt": D, "plan": D, "kept": D, "planning": D},
+    c.ReplanRefused: {"attempt": D, "issues": N, "planning": D},
     c.StepScheduled: {"step_id": D},
     c.StepStarted: {"step_id": D, "attempt": D},
     c.ToolCallRequested: {

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import msgspec
 
 from loom_core import agent as agent_step
-from loom_core import blobs, ids, secrets, sizes
+from loom_core import blobs, ids, replanning, secrets, sizes
 from loom_core.answers import problems
 from loom_core.caps import too_many
 from loom_core.contracts import (
@@ -79,8 +79,11 @@ from loom_core.contracts import (
     PlanProposed,
     PlanRefused,
     PlanRejected,
+    PlanRevised,
     Principal,
     ReduceStep,
+    ReplanRefused,
+    ReplanRequested,
     ResumeReply,
     ResumeRun,
     RetryPolicy,
@@ -267,6 +270,11 @@ class RunState:
     principal: Principal | None = None  # who the run acts for; sub-runs and forks inherit it
     thread_id: str | None = None  # the conversation thread it asked for (None: its own id)
     turn_messages: Literal["whole", "new"] = "new"  # from run_requested (loom_core.agent)
+    # re-planning (loom_core.replanning): how many were asked, the one in flight (0:
+    # none) and its request's digest (the planner's answer must name it)
+    replans: int = 0
+    replanning: int = 0
+    replan_digest: str | None = None
     # what answers must match (see ``unexpected``): the run_requested's digest, the
     # explicit plan's digest, and when each pending timer is due
     request_digest: str | None = None
@@ -391,6 +399,13 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             _new_scope(state, "", plan.steps, None, ("", ""))
         case PlanRejected():
             state.status = "rejected"
+        case ReplanRequested(attempt=attempt):
+            state.status, state.replans, state.replanning = "planning", attempt, attempt
+            state.replan_digest = request_digest(state.run_id, event)
+        case PlanRevised():
+            _on_revised(state, event)
+        case ReplanRefused():
+            state.replanning, state.replan_digest = 0, None
         case StepScheduled(step_id=iid):
             _on_scheduled(state, iid)
         case StepStarted(step_id=iid, attempt=attempt):
@@ -488,6 +503,24 @@ _AGENT_EVENTS = (
     ToolCallFailed,
     ToolCallCancelled,
 )
+
+
+def _on_revised(state: RunState, event: PlanRevised) -> None:
+    """The run goes on with the revised plan: a new root scope whose kept steps are
+    done already, with the outputs they had (they are not run again)."""
+    old = state.scopes.get("")
+    outputs = dict(old.outputs) if old is not None else {}
+    state.plan, state.replanning, state.replan_digest = event.plan, 0, None
+    state.status = "paused" if state.paused else "running"
+    state.scopes, state.insts, state.agents = {}, {}, {}
+    state._body_deps.clear()
+    root = _new_scope(state, "", event.plan.steps, None, ("", ""))
+    for step_id in event.kept:
+        output = outputs.get(step_id, {}).get("output")
+        state.insts[step_id] = Inst(iid=step_id, scope="", step=root.by_id[step_id],
+                                    status="succeeded", output=output)  # fmt: skip
+        root.outputs[step_id] = {"output": output}
+        root.remaining -= 1
 
 
 def _on_scheduled(state: RunState, iid: str) -> None:
@@ -695,6 +728,8 @@ class _Turn:
                             turn_messages=turn_messages,
                         )
                     )
+            case PlanProposed() | PlanRefused() if s.status == "planning" and s.replanning:
+                self.on_replanned(message)
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
                 # The planner validated against the tool catalog; the executor re-checks
                 # structure because its own invariants depend on it.
@@ -1498,15 +1533,18 @@ class _Turn:
 
     def finish_run(self, root: Scope) -> None:
         s = self.s
-        if s.terminal or s.status == "needs_review":
+        if s.terminal or s.status == "needs_review" or s.replanning:
             return
         if root.failed is not None:
             failed = s.insts[root.failed]
             cause = failed.error or _error("step_failed", "step failed")
-            self.emit(RunFailed(error=ErrorInfo(
-                code=cause.code, message=f"step '{root.failed}' failed: {cause.message}",
-                path=cause.path, details={"step_id": root.failed},
-            )))  # fmt: skip
+            assert s.plan is not None
+            outputs = {k: v["output"] for k, v in root.outputs.items()}
+            ask = replanning.request(s.plan, s.replans, root.failed, cause, outputs)
+            if ask is not None:  # the plan opted in: the planner writes the rest
+                self.emit(ask)
+                return
+            self.fail_run(root.failed, cause)
             return
         try:
             output = self.run_output(root)
@@ -1514,6 +1552,45 @@ class _Turn:
             self.emit(RunFailed(error=ErrorInfo(code=exc.code, message=str(exc), path=exc.path)))
             return
         self.emit(RunCompleted(output=output))
+
+    def on_replanned(self, verdict: PlanProposed | PlanRefused) -> None:
+        """The planner's answer to the re-planning in flight: go on with the revised
+        plan, or fail the run with the step's failure."""
+        s = self.s
+        asked = self.replan_request()
+        issues = verdict.issues if isinstance(verdict, PlanRefused) else []
+        if isinstance(verdict, PlanProposed):
+            issues = validate_plan(verdict.plan, None, s.input, caps=s.caps)
+            issues = issues or replanning.kept_issues(asked, verdict.plan)
+            if not issues:
+                self.emit(PlanRevised(
+                    attempt=asked.attempt, plan=verdict.plan, kept=list(asked.kept),
+                    planning=verdict.planning,
+                ))  # fmt: skip
+                self.start_ready("")
+                return
+        self.emit(ReplanRefused(attempt=asked.attempt, issues=issues, planning=verdict.planning))
+        self.fail_run(asked.step_id, asked.error, {"replan_issues": [i.code for i in issues]})
+
+    def replan_request(self) -> ReplanRequested:
+        """The re-planning request in flight: the last one the run recorded. Kept out of
+        the state (it holds a plan); rebuilt from the scope it failed in."""
+        s = self.s
+        assert s.plan is not None
+        root = s.scopes[""]
+        failed = root.failed or ""
+        cause = s.insts[failed].error if failed in s.insts else None
+        outputs = {k: v["output"] for k, v in root.outputs.items()}
+        cause = cause or _error("step_failed", "step failed")
+        asked = replanning.request(s.plan, s.replans - 1, failed, cause, outputs)
+        assert asked is not None
+        return asked
+
+    def fail_run(self, step_id: str, cause: ErrorInfo, more: dict[str, Any] | None = None) -> None:
+        self.emit(RunFailed(error=ErrorInfo(
+            code=cause.code, message=f"step '{step_id}' failed: {cause.message}",
+            path=cause.path, details={"step_id": step_id, **(more or {})},
+        )))  # fmt: skip
 
     def run_output(self, root: Scope) -> Any:
         assert self.s.plan is not None
@@ -1571,6 +1648,15 @@ def unexpected(
     if state.terminal:
         return _refuse(state, f"nothing: the run is {state.status}", got)
     match message:
+        case PlanProposed() | PlanRefused() if state.replanning:
+            if message.request_digest != state.replan_digest:
+                return _refuse(
+                    state,
+                    f"the answer to its re-planning {state.replanning} (digest "
+                    f"{state.replan_digest})",
+                    f"{got} (digest {message.request_digest})",
+                    "$.request_digest",
+                )
         case PlanProposed() | PlanRefused():
             if state.status != "planning":
                 return _refuse(state, "no plan verdict: its plan is decided", got)

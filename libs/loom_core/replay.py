@@ -35,6 +35,8 @@ from loom_core.contracts import (
     PlanProposed,
     PlanRefused,
     PlanRejected,
+    PlanRevised,
+    ReplanRefused,
     ResumeRun,
     RunCancelRequested,
     RunControl,
@@ -115,6 +117,11 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
         case PlanAccepted(plan=plan, planner=planner):
             return PlanProposed(run_id=run_id, plan=plan, planner=planner, planning=event.planning)
         case PlanRejected(issues=issues):
+            return PlanRefused(run_id=run_id, issues=issues, planning=event.planning)
+        case PlanRevised(plan=plan):
+            return PlanProposed(run_id=run_id, plan=plan, planner="replan",
+                                planning=event.planning)  # fmt: skip
+        case ReplanRefused(issues=issues):
             return PlanRefused(run_id=run_id, issues=issues, planning=event.planning)
         case ModelCallCompleted():
             return ModelResult(

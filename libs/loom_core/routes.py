@@ -166,6 +166,7 @@ RUN_EVENTS = Route(
     consumers=(
         Consumer("planner", durable="planner", events=(c.RunRequested,)),
         Consumer("planner", durable="planner-models", events=(c.ModelCallRequested,)),
+        Consumer("planner", durable="planner-replans", events=(c.ReplanRequested,)),
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),

@@ -51,7 +51,7 @@ from typing import Any
 import msgspec
 
 from loom_core import agent as agent_step
-from loom_core import predicates
+from loom_core import predicates, replanning
 from loom_core.caps import too_many
 from loom_core.contracts import (
     AgentStep,
@@ -543,6 +543,7 @@ def _check_plan_fields(facts: _Facts) -> Iterator[PlanIssue]:
         )
     if plan.budget is not None:
         yield from agent_step.budget_issues(f"{facts.path}.budget", plan.budget)
+    yield from replanning.replan_issues(facts.path, plan)
     finals = [s for s in plan.steps if isinstance(s, FinalStep)]
     if plan.output is not None and finals:
         yield _issue(

@@ -34,6 +34,7 @@ from loom_core.contracts import (
     PlanIssue,
     PlanProposed,
     PlanRefused,
+    ReplanRequested,
     RunEventsQuery,
     RunEventsReply,
     RunRequested,
@@ -52,7 +53,7 @@ from loom_services.conversations import (
     ConversationUnavailable,
 )
 from loom_services.models import Answer, ModelConfig, ModelLayer
-from loom_services.planning import plan_with_model
+from loom_services.planning import plan_with_model, replan_with_model
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.planner")
@@ -93,6 +94,11 @@ class PlannerService:
             message_handler=self.on_model_request, concurrency=64, batch=64,
         )  # fmt: skip
         ctx.spawn(turns.run(ctx.stop), "planner-models")
+        replans = endpoints.durable(
+            ctx.js, routes.RUN_EVENTS, self.name, "planner-replans",
+            message_handler=self.on_replan_request, concurrency=8, batch=16,
+        )  # fmt: skip
+        ctx.spawn(replans.run(ctx.stop), "planner-replans")
 
     async def close(self) -> None:
         return None
@@ -170,6 +176,45 @@ class PlannerService:
         if issues:
             return PlanRefused(run_id=run_id, issues=issues)
         return PlanProposed(run_id=run_id, plan=event.plan, planner="explicit")
+
+    async def on_replan_request(self, msg: Msg) -> bool | BaseException:
+        """A step failed in a plan that opted into re-planning: ask the model for the
+        rest, answer the run's inbox with the revised plan or the problems."""
+        try:
+            record, event = bus.expect_event(msg, ReplanRequested)
+        except bus.Poison as poison:
+            return poison
+        digest = request_digest(record.run_id, event)
+        try:
+            verdict = await _beating(
+                msg, self.once(f"replan:{digest}", lambda: self.replan(record.run_id, event))
+            )
+        except (CatalogUnavailable, ConversationUnavailable) as exc:
+            return exc
+        except TimeoutError as exc:  # the executor did not give the run's request: later
+            return ConversationUnavailable(f"run {record.run_id}: {exc!r}")
+        verdict = msgspec.structs.replace(verdict, request_digest=digest)
+        await bus.publish_acked(self.ctx.js, routes.inbox_subject(verdict), codec.encode(verdict))
+        return True
+
+    async def replan(self, run_id: str, event: ReplanRequested) -> PlanProposed | PlanRefused:
+        if not self.models.configured:
+            issue = PlanIssue(code="no_model_configured", path="$.plan.replan",
+                              message="re-planning needs a model: set LOOM_MODEL or "
+                              "LOOM_MODELS_FILE, or remove replan from the plan")  # fmt: skip
+            return PlanRefused(run_id=run_id, issues=[issue])
+        reply = await self._run_events(RunEventsQuery(run_id=run_id, limit=1))
+        if reply.error is not None:
+            raise ConversationUnavailable(reply.error.message)
+        first = reply.events[0].event if reply.events else None
+        catalog = await self.tool_catalog()
+        plan, issues, planning = await replan_with_model(
+            self.layer, event.model or self.models.planner, event,
+            first if isinstance(first, RunRequested) else None, catalog,
+        )  # fmt: skip
+        if plan is None:
+            return PlanRefused(run_id=run_id, issues=issues, planning=planning)
+        return PlanProposed(run_id=run_id, plan=plan, planner="replan", planning=planning)
 
     async def on_model_request(self, msg: Msg) -> bool | BaseException:
         """One turn of an agent step: call the model, answer the run's inbox."""
