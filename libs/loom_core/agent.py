@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from loom_core import agent_memory, ids, sizes
+from loom_core import agent_delegates, agent_memory, ids, sizes
 from loom_core.answers import problems
 from loom_core.contracts import (
     AgentStep,
@@ -54,6 +54,9 @@ from loom_core.contracts import (
     ModelUsage,
     PlanIssue,
     StepResumed,
+    SubRunEnded,
+    SubRunFinished,
+    SubRunRequested,
     ToolCallCancelled,
     ToolCallCompleted,
     ToolCallFailed,
@@ -110,6 +113,7 @@ class AgentRun:
     feedback: list[str] = field(default_factory=list)  # refusals of a final answer
     usage: Usage = field(default_factory=Usage)
     budget: Budget | None = None  # the step's limits once a person raised them
+    children: dict[str, str] = field(default_factory=dict)  # delegate call -> child run
 
 
 def call_path(iid: str, turn: int, k: int) -> str:
@@ -174,6 +178,26 @@ def fold_event(state: RunState, event: Any) -> bool:
             agent.pending.append(sid)
             agent.digests[sid] = request_digest(state.run_id, event)
             state.running += 1
+            return True
+        case SubRunRequested(step_id=sid):
+            agent = owner_of(state, sid)
+            if agent is None:
+                return False
+            agent.pending.append(sid)
+            agent.children[sid] = event.child_run_id
+            return True
+        case SubRunEnded(step_id=sid):
+            agent = owner_of(state, sid)
+            if agent is None:
+                return False
+            if sid in agent.pending:
+                agent.pending.remove(sid)
+            if event.status == "completed" and event.error is None:
+                agent.answers[sid] = _json_text(event.output)
+            else:
+                agent.answers[sid] = _error_text(event.error or ErrorInfo(
+                    code=f"sub_run_{event.status}", message=f"the child run {event.status}",
+                ))  # fmt: skip
             return True
         case (
             ToolCallCompleted(step_id=sid)
@@ -367,6 +391,7 @@ def request_turn(t: _Turn, iid: str, step: AgentStep, messages: list[ModelMessag
         step_id=iid, turn=turn, messages=messages[len(agent.messages):] if appended else messages,
         idempotency_key=turn_key(t.s.run_id, iid, turn), model=step.model,
         tools=agent_memory.tools(step), output_schema=step.output_schema, appended=appended,
+        delegates=agent_delegates.specs(step),
     ))  # fmt: skip
 
 
@@ -432,6 +457,19 @@ def _call_tools(
         if isinstance(error, ErrorInfo):
             t.emit(ModelOutputRefused(step_id=iid, turn=turn, call_id=path, error=error))
             continue
+        delegate = step.delegates.get(call.name)
+        if delegate is not None:
+            refused = agent_delegates.argument_problem(
+                delegate, error, f"$.steps.{iid}.tool_calls[{k}].arguments"
+            )
+            if refused is not None:
+                t.emit(ModelOutputRefused(step_id=iid, turn=turn, call_id=path, error=refused))
+            else:
+                t.emit(SubRunRequested(
+                    step_id=path, child_run_id=ids.child_run_id(t.s.run_id, path),
+                    plan=delegate.plan, input=error,
+                ))  # fmt: skip
+            continue
         if step.memory is not None and call.name in agent_memory.WORKING_TOOLS:
             thread = _thread(t, iid, step, t.context(inst.scope))
             error = agent_memory.scoped_arguments(step, call.name, error, thread)
@@ -451,7 +489,7 @@ def _call_problem(
         return ErrorInfo(code="too_many_tool_calls", path=where,
                          message=f"at most {MAX_TOOL_CALLS_PER_TURN} tool calls per turn; "
                          "this one was not run, ask again in the next turn")  # fmt: skip
-    allowed_tools = agent_memory.tools(step)
+    allowed_tools = agent_memory.tools(step) + sorted(step.delegates)
     if call.name not in allowed_tools:
         allowed = ", ".join(allowed_tools) or "none"
         return ErrorInfo(code="unknown_tool", path=f"{where}.name",
@@ -549,6 +587,30 @@ def on_tool_result(t: _Turn, result: ToolResult) -> None:
     _maybe_next_turn(t, iid, inst.step)
 
 
+def on_sub_run(t: _Turn, done: SubRunFinished) -> None:
+    """A delegate's child run ended: its output (or failure) is the call's answer."""
+    agent = owner_of(t.s, done.step_id)
+    iid = done.step_id.rpartition("/")[0]
+    inst = t.s.insts.get(iid)
+    if (
+        agent is None
+        or inst is None
+        or inst.status != "running"
+        or not isinstance(inst.step, AgentStep)
+        or done.step_id not in agent.pending
+        or agent.children.get(done.step_id) != done.child_run_id
+    ):
+        return
+    output, error = done.output, done.error
+    if done.status == "completed" and error is None:
+        error = sizes.check_output(output, t.s.limits, done.step_id,
+                                   f"$.steps.{done.step_id}.output")  # fmt: skip
+        output = None if error is not None else output
+    t.emit(SubRunEnded(step_id=done.step_id, child_run_id=done.child_run_id,
+                       status=done.status, output=output, error=error))  # fmt: skip
+    _maybe_next_turn(t, iid, inst.step)
+
+
 def _maybe_next_turn(t: _Turn, iid: str, step: AgentStep) -> None:
     agent = t.s.agents[iid]
     if agent.pending or agent.awaiting:
@@ -583,6 +645,8 @@ def cancel_calls(t: _Turn, iid: str, reason: str) -> None:
     if agent is None:
         return
     for path in list(agent.pending):
+        if path in agent.children:  # a delegate's child run goes on; its end is ignored
+            continue
         t.emit(ToolCallCancelled(
             step_id=path, attempt=1, idempotency_key=ids.idempotency_key(t.s.run_id, path, 1),
             reason=reason,
@@ -645,6 +709,16 @@ def unexpected_model_result(state: RunState, message: ModelResult) -> str | None
     return None
 
 
+def unexpected_sub_run(state: RunState, message: SubRunFinished) -> str | None:
+    agent = owner_of(state, message.step_id)
+    if agent is None or message.step_id not in agent.pending:
+        return f"no sub-run end for agent call '{message.step_id}'"
+    child = agent.children.get(message.step_id)
+    if message.child_run_id != child:
+        return f"the end of child run '{child}'"
+    return None
+
+
 def unexpected_tool_result(state: RunState, message: ToolResult) -> str | None:
     agent = owner_of(state, message.step_id)
     if agent is None or message.step_id not in agent.pending:
@@ -681,7 +755,7 @@ def step_issues(path: str, step: AgentStep) -> list[PlanIssue]:
         )
     if step.budget is not None:
         issues += budget_issues(f"{path}.budget", step.budget)
-    return issues + agent_memory.issues(path, step)
+    return issues + agent_memory.issues(path, step) + agent_delegates.issues(path, step)
 
 
 def budget_issues(path: str, budget: Budget) -> list[PlanIssue]:

@@ -302,6 +302,18 @@ class AgentMemory(Inbound, tag="agent_memory", tag_field="type"):
     thread_id: str | None = None
 
 
+class AgentDelegate(Inbound, tag="agent_delegate", tag_field="type"):
+    """A plan an agent step's model may call as a tool, by its name in
+    ``AgentStep.delegates``: each call is an ordinary sub-run of ``plan`` whose input is
+    the call's arguments (checked against ``input_schema``), linked to the agent step
+    (``RunRequested.parent``); the child's output, or its failure, is the tool's answer.
+    Another agent as a tool is a plan with an agent step."""
+
+    description: str
+    plan: Plan
+    input_schema: dict[str, JSON] = msgspec.field(default_factory=lambda: {"type": "object"})
+
+
 class AgentStep(Inbound, tag="agent", tag_field="kind"):
     """A model working in turns (ReAct): each turn is requested as an event and
     answered by the planner service; the tools the model calls (only those in
@@ -324,6 +336,7 @@ class AgentStep(Inbound, tag="agent", tag_field="kind"):
     on_error: Literal["fail", "continue"] = "fail"
     description: str = ""
     memory: AgentMemory | None = None  # recalled into the context before the first turn
+    delegates: dict[str, AgentDelegate] = {}  # plans (other agents) called as tools
 
 
 Step = (
@@ -745,6 +758,9 @@ class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
     tools: list[str] = []
     output_schema: dict[str, JSON] | None = None
     appended: bool = False
+    # the step's delegates as the model sees them (name, description, input schema):
+    # they are not in the tool catalog
+    delegates: list[ToolSpec] = []
 
 
 class ModelCallCompleted(Record, tag="model_call_completed", tag_field="type"):

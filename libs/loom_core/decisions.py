@@ -57,7 +57,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     # model turns: what the model answered is an input to the run (decision)
     c.ModelCallRequested: {
         "step_id": D, "turn": D, "messages": D, "idempotency_key": D, "model": D, "tools": D,
-        "output_schema": D, "appended": D,
+        "output_schema": D, "appended": D, "delegates": D,
     },
     c.ModelCallCompleted: {
         "step_id": D, "turn": D, "idempotency_key": D, "message": D, "started_at": D,

@@ -494,6 +494,8 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
 
 
 _AGENT_EVENTS = (
+    agent_step.SubRunRequested,
+    agent_step.SubRunEnded,
     agent_step.ModelCallRequested,
     agent_step.ModelCallCompleted,
     agent_step.ModelCallFailed,
@@ -1362,6 +1364,9 @@ class _Turn:
     # ------------------------------------------------------------------ sub-runs
 
     def on_sub_run(self, done: SubRunFinished) -> None:
+        if self.s.agents and agent_step.owner_of(self.s, done.step_id) is not None:
+            agent_step.on_sub_run(self, done)  # a delegate called by an agent's model
+            return
         inst = self.s.insts.get(done.step_id)
         if inst is None or inst.status != "running" or inst.child_run_id != done.child_run_id:
             return
@@ -1714,6 +1719,10 @@ def unexpected(
             if now is not None and due is not None and now < due - _EARLY:
                 when = f"{got} at {now.isoformat()}, before it is due"
                 return _refuse(state, f"timer '{tid}' at {due.isoformat()}", when, "$.timer_id")
+        case SubRunFinished(step_id=sid) if agent_step.owner_of(state, sid) is not None:
+            expected = agent_step.unexpected_sub_run(state, message)
+            if expected is not None:
+                return _refuse(state, expected, got, "$.step_id")
         case SubRunFinished(step_id=sid):
             inst = state.insts.get(sid)
             if inst is None or inst.status != "running" or inst.child_run_id is None:

@@ -606,11 +606,18 @@ class TraceBuilder:
             case SubRunRequested(step_id=iid, child_run_id=child):
                 self._update(self._ensure_inst(iid, at), attrs={"loom.child_run.id": child})
                 self._children[iid] = child
+                if self._agent_call(iid):  # a delegate an agent's model called
+                    self._update(self._step_id(iid), name="call delegate",
+                                 attrs={"loom.step.kind": "agent_call"})  # fmt: skip
             case SubRunEnded(step_id=iid, status=child_status):
                 self._children.pop(iid, None)
                 self._update(
                     self._ensure_inst(iid, at), attrs={"loom.child_run.status": child_status}
                 )
+                if self._agent_call(iid):  # a call has no step events: it ends here
+                    ok = child_status == "completed" and event.error is None
+                    self._end_inst(iid, at, "completed" if ok else "failed",
+                                   "ok" if ok else "error")  # fmt: skip
             case StepSuspended():
                 self._on_suspended(at, event)
             case StepResumed():

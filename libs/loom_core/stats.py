@@ -413,7 +413,8 @@ class _Fold:
                     if not wait.pending:
                         self._close_wait("event", sid, at)
             case SubRunRequested(step_id=sid, child_run_id=child):
-                self._activate(sid, at)
+                owner = _AGENT_CALL.match(sid)  # a delegate an agent called: the agent works
+                self._activate(owner[1] if owner and owner[1] in self.instances else sid, at)
                 self._open_wait(_Waiting("sub_run", sid, child, at))
             case SubRunEnded(step_id=sid):
                 self._close_wait("sub_run", sid, at)

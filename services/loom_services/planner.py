@@ -231,7 +231,7 @@ class PlannerService:
         except ConversationMissing as exc:
             await self._answer(record.run_id, event, Answer(message=None, error=exc.info))
             return True
-        specs = await self.tool_specs(event.tools)
+        specs = await self.tool_specs(event.tools) + list(event.delegates)
         started = datetime.now(UTC)
         pieces = itertools.count()
         subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
