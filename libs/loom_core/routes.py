@@ -395,6 +395,21 @@ TOOL_CATALOG = Route(
     "address is the bucket's underlying subject. Only the tool-runner writes it.",
 )
 
+MODEL_ANSWERS = Route(
+    name="modelAnswers",
+    pattern=f"$KV.{subjects.MODEL_ANSWERS_BUCKET}.{{digest}}",
+    kind="kv",
+    stream=f"KV_{subjects.MODEL_ANSWERS_BUCKET}",
+    messages=(c.ModelResult,),
+    publishers=("planner",),
+    consumers=(Consumer("planner"),),
+    description=f"Model answers already paid for: JetStream key-value bucket "
+    f"`{subjects.MODEL_ANSWERS_BUCKET}`, one ModelResult per agent turn, keyed by the digest "
+    "of the model_call_requested it answers, kept a day. The planner stores an answer "
+    "before it sends it, and answers a redelivered request (after a restart) from here "
+    "instead of calling the model again. Only the planner reads and writes it.",
+)
+
 BLOBS = Route(
     name="blobs",
     pattern=f"$O.{subjects.BLOBS_BUCKET}.{{part}}.{{id}}",
@@ -442,6 +457,7 @@ ROUTES: tuple[Route, ...] = (
     HEALTH,
     TOOL_CATALOG,
     BLOBS,
+    MODEL_ANSWERS,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}

@@ -364,6 +364,18 @@ async def ensure_tools_bucket(js: JetStreamContext) -> Any:
         return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1)
 
 
+MODEL_ANSWERS_TTL_S = 86_400.0  # a redelivery comes within the ack wait; a day is ample
+
+
+async def ensure_model_answers_bucket(js: JetStreamContext) -> Any:
+    try:
+        return await js.key_value(subjects.MODEL_ANSWERS_BUCKET)
+    except Exception:  # bucket not found; nats-py raises BucketNotFoundError
+        return await js.create_key_value(
+            bucket=subjects.MODEL_ANSWERS_BUCKET, history=1, ttl=MODEL_ANSWERS_TTL_S
+        )
+
+
 def tool_key(name: str) -> str:
     """The tools bucket's key of a tool: its name, with an MCP tool's ``server.tool`` dot
     as ``/`` (a dot would split the key into two subject tokens; readers use

@@ -73,6 +73,8 @@ class PlannerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.kv: Any = None
+        self.answers: Any = None  # model answers already paid for, by request digest
+        self.reused = 0  # answers sent again from the bucket instead of the model
         self.models = ModelConfig.from_settings(settings)
         # model work by request digest: a redelivery while (or shortly after) it runs
         # reuses it instead of paying for the model again (bounded, newest kept)
@@ -83,6 +85,7 @@ class PlannerService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.kv = await bus.ensure_tools_bucket(ctx.js)
+        self.answers = await bus.ensure_model_answers_bucket(ctx.js)
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
         )
@@ -222,6 +225,12 @@ class PlannerService:
             record, event = bus.expect_event(msg, ModelCallRequested)
         except bus.Poison as poison:
             return poison
+        digest = request_digest(record.run_id, event)
+        paid = await self._paid_answer(record.run_id, digest)
+        if paid is not None:  # answered before a restart: send it again, do not pay again
+            self.reused += 1
+            await self.ctx.js.publish(routes.inbox_subject(paid), codec.encode(paid))
+            return True
         try:  # a lean turn holds only what is new: the whole conversation, for the model
             messages = await self.conversations.of(record.run_id, event)
         except TimeoutError as exc:  # the executor did not answer: later
@@ -265,7 +274,28 @@ class PlannerService:
             attempts=answer.attempts, usage=answer.usage, error=answer.error,
             request_digest=request_digest(run_id, event),
         )  # fmt: skip
-        await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
+        data = codec.encode(result)
+        try:  # kept before it is sent: a crash after the model call loses nothing
+            await self.answers.put(result.request_digest, data)
+        except Exception as exc:  # noqa: BLE001 (a lost copy costs a model call at worst)
+            log.warning("model answer %s not kept: %r", result.idempotency_key, exc)
+        await self.ctx.js.publish(routes.inbox_subject(result), data)
+
+    async def _paid_answer(self, run_id: str, digest: str) -> ModelResult | None:
+        """The answer this planner (or another replica) already sent for the turn
+        request with ``digest``, if it is kept."""
+        try:
+            entry = await self.answers.get(digest)
+        except Exception:  # noqa: BLE001 (nats-py raises KeyNotFoundError; absent is fine)
+            return None
+        try:
+            answer = codec.decode(entry.value, ModelResult) if entry.value else None
+        except Exception as exc:  # noqa: BLE001 (a damaged copy: ask the model again)
+            log.warning("kept model answer %s unreadable: %r", digest, exc)
+            return None
+        if answer is None or answer.run_id != run_id or answer.request_digest != digest:
+            return None
+        return answer
 
     async def _run_events(self, query: RunEventsQuery) -> RunEventsReply:
         return await bus.request(

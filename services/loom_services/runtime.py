@@ -234,6 +234,7 @@ async def provision(
         js = nc.jetstream()
         await bus.ensure_streams(js, ops)
         await bus.ensure_tools_bucket(js)
+        await bus.ensure_model_answers_bucket(js)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env())
     finally:
         await nc.close()

@@ -95,3 +95,29 @@ async def test_a_long_agent_sends_whole_conversations_from_lean_events(
     report, _ = replay(records)
     assert report.identical, report.divergence
     assert server.total == seen
+
+
+async def test_a_turn_redelivered_after_a_planner_restart_is_not_paid_for_twice(
+    stack: tuple[LocalStack, LoomClient, FakeModelServer],
+) -> None:
+    from nats.aio.msg import Msg
+
+    from loom_core import subjects
+
+    s, c, server = stack
+    planner = planner_of(s)
+    server.script("main-model", Reply(tool_calls=[ToolCall("echo", {"message": "a"})]),
+                  Reply(content="done"))  # fmt: skip
+    plan = Plan(steps=[AgentStep(id="a", instructions="Echo.", input="go", tools=["echo"])])
+    run = await c.submit(RunRequest(plan=plan))
+    records = await c.wait(run.run_id, timeout=BOUND_S)
+    assert of(records, RunCompleted)
+    paid = server.total
+    # a restart forgets everything in memory; JetStream redelivers the stored request
+    planner._once.clear()
+    planner.conversations._sent.clear()
+    for record in (r for r in records if isinstance(r.event, ModelCallRequested)):
+        redelivered = Msg(_client=c.nc, subject=subjects.run_event(run.run_id, record.kind),
+                          data=codec.encode(record))  # fmt: skip
+        assert await planner.on_model_request(redelivered) is True
+    assert server.total == paid and planner.reused == 2  # answered from the kept copies
