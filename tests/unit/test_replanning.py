@@ -173,3 +173,15 @@ def test_whatever_the_planner_answers_the_run_ends_and_replays(cut: int, ok: boo
         w.run(answer)
     assert w.state.terminal
     assert replay(records(w))[0].identical
+
+
+def test_a_fork_of_a_replanned_run_runs_the_revised_plan_reusing_the_kept_step() -> None:
+    from loom_core.lineage import fork_request
+
+    w = World(PLAN)
+    w.run(answer)
+    w.send(verdict(w, Plan(steps=[tool("parse2", ["fetch"])])))
+    w.run(answer)
+    fork = fork_request(records(w), "parse2")
+    assert fork.plan is not None and [s.id for s in fork.plan.steps] == ["fetch", "parse2"]
+    assert fork.fork is not None and set(fork.fork.reused) == {"fetch"}
