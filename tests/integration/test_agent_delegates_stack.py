@@ -96,3 +96,41 @@ async def test_the_lead_agent_calls_another_agent_as_a_tool(
     report, _ = replay(records)
     assert report.identical, report.divergence
     assert server.total == seen
+
+
+async def test_a_delegate_that_asks_a_person_is_resumed_through_the_parent(
+    client: tuple[LoomClient, FakeModelServer],
+) -> None:
+    from waiting import until  # type: ignore[import-not-found]
+
+    from loom_core.contracts import ApprovalStep
+
+    c, server = client
+    approver = AgentDelegate(
+        description="Asks a manager to approve an amount",
+        plan=Plan(
+            steps=[
+                ApprovalStep(
+                    id="ok",
+                    label="manager",
+                    payload="{{ input.amount }}",
+                    schema={"type": "object"},
+                )
+            ]
+        ),  # fmt: skip
+        input_schema={"type": "object", "properties": {"amount": {"type": "integer"}}},
+    )
+    server.script("main-model", Reply(tool_calls=[ToolCall("approve", {"amount": 12})]),
+                  Reply(content="approved"))  # fmt: skip
+    lead = AgentStep(id="lead", instructions="Get approval.", input="pay 12",
+                     delegates={"approve": approver})  # fmt: skip
+    run = await c.submit(RunRequest(plan=Plan(steps=[lead])))
+    seen = await until(c, run.run_id, lambda rs: any(
+        isinstance(r.event, SubRunRequested) for r in rs), BOUND_S)  # fmt: skip
+    child = next(r.event for r in seen if isinstance(r.event, SubRunRequested)).child_run_id
+    await until(c, child, lambda rs: any(r.kind == "step_suspended" for r in rs), BOUND_S)
+    reply = await c.resume(run.run_id, {"yes": True}, label="manager")  # the parent's id
+    assert reply.ok, reply.error
+    records = await c.wait(run.run_id, timeout=BOUND_S)
+    assert of(records, RunCompleted)[0].output == {"lead": "approved"}
+    assert of(records, SubRunEnded)[0].output == {"ok": {"yes": True}}

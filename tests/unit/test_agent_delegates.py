@@ -132,3 +132,11 @@ def test_validation_of_delegates() -> None:
             "$.plan.steps[0].delegates.list.input_schema"} <= issues  # fmt: skip
     assert validate_plan(plan_with()) == []
     assert validate_plan(Plan(steps=[ToolStep(id="t", tool="echo")])) == []
+
+
+def test_a_delegate_child_is_found_by_a_resume_through_the_parent() -> None:
+    from loom_core.resume_route import children_of
+
+    w = World(plan_with(), [answer(None, call("researcher", {"topic": "owls"})), answer("ok")])
+    w.run()
+    assert children_of(w.state) == [w.of(SubRunRequested)[0].child_run_id]
