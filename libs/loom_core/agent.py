@@ -226,10 +226,13 @@ def extend(before: list[ModelMessage], event: ModelCallRequested) -> list[ModelM
 
 def conversation(requests: list[ModelCallRequested], turn: int) -> list[ModelMessage] | None:
     """The whole conversation of turn ``turn``, folded from one step's requests in turn
-    order (a step's history as stored); None when one it needs is missing."""
+    order (a step's history as stored); None when one it needs is missing. A turn 1
+    starts the step again (a revised plan may reuse a failed step's id): the last one
+    counts."""
+    starts = [i for i, r in enumerate(requests) if r.turn == 1]
     messages: list[ModelMessage] = []
     expected = 1
-    for request in requests:
+    for request in requests[starts[-1] if starts else 0 :]:
         if request.turn > turn:
             break
         if request.turn != expected and request.appended:

@@ -82,3 +82,13 @@ def test_the_folded_state_and_a_snapshot_hold_the_whole_conversation() -> None:
     state = fold("r1", w.events)  # turn 3 asked, not answered
     assert state.agents["a"].turn == 3 and state.agents["a"].messages == w.said(3)
     assert restore(snapshot(state)).agents["a"].messages == w.said(3)
+
+
+def test_a_step_id_asked_again_from_turn_one_folds_its_last_conversation() -> None:
+    first = World(plan_with(), [answer(None, call("echo", {"message": "old"})), answer("a")])
+    second = World(plan_with(), [answer(None, call("echo", {"message": "new"})), answer("b")])
+    first.run()
+    second.run()
+    both = first.of(ModelCallRequested) + second.of(ModelCallRequested)
+    assert agent.conversation(both, 2) == second.said(2)
+    assert agent.conversation(both, 1) == second.said(1)
