@@ -816,6 +816,9 @@ class ReplanRequested(Record, tag="replan_requested", tag_field="type"):
     kept: list[str] = []
     outputs: dict[str, JSON] = {}
     model: str | None = None
+    # top-level ids the new steps must not take: steps of this run that did not succeed
+    # (their instance paths name idempotency keys and child runs already used)
+    retired: list[str] = []
 
 
 class PlanRevised(Record, tag="plan_revised", tag_field="type"):

@@ -71,6 +71,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.ModelOutputRefused: {"step_id": D, "turn": D, "error": N, "call_id": D},
     c.ReplanRequested: {
         "attempt": D, "step_id": D, "error": N, "plan": D, "kept": D, "outputs": D, "model": D,
+        "retired": D,
     },
     c.PlanRevised: {"attempt": D, "plan": D, "kept": D, "planning": D},
     c.ReplanRefused: {"attempt": D, "issues": N, "planning": D},

@@ -275,6 +275,7 @@ class RunState:
     replans: int = 0
     replanning: int = 0
     replan_digest: str | None = None
+    retired: list[str] = field(default_factory=list)  # top-level ids revisions dropped
     # what answers must match (see ``unexpected``): the run_requested's digest, the
     # explicit plan's digest, and when each pending timer is due
     request_digest: str | None = None
@@ -512,6 +513,8 @@ def _on_revised(state: RunState, event: PlanRevised) -> None:
     done already, with the outputs they had (they are not run again)."""
     old = state.scopes.get("")
     outputs = dict(old.outputs) if old is not None else {}
+    dropped = [s.id for s in state.plan.steps if s.id not in event.kept] if state.plan else []
+    state.retired = sorted({*state.retired, *dropped})
     state.plan, state.replanning, state.replan_digest = event.plan, 0, None
     state.status = "paused" if state.paused else "running"
     state.scopes, state.insts, state.agents = {}, {}, {}
@@ -1545,7 +1548,7 @@ class _Turn:
             cause = failed.error or _error("step_failed", "step failed")
             assert s.plan is not None
             outputs = {k: v["output"] for k, v in root.outputs.items()}
-            ask = replanning.request(s.plan, s.replans, root.failed, cause, outputs)
+            ask = replanning.request(s.plan, s.replans, root.failed, cause, outputs, s.retired)
             if ask is not None:  # the plan opted in: the planner writes the rest
                 self.emit(ask)
                 return
@@ -1587,7 +1590,7 @@ class _Turn:
         cause = s.insts[failed].error if failed in s.insts else None
         outputs = {k: v["output"] for k, v in root.outputs.items()}
         cause = cause or _error("step_failed", "step failed")
-        asked = replanning.request(s.plan, s.replans - 1, failed, cause, outputs)
+        asked = replanning.request(s.plan, s.replans - 1, failed, cause, outputs, s.retired)
         assert asked is not None
         return asked
 

@@ -26,16 +26,19 @@ MAX_REPLANS = 5  # the largest Replan.max a plan may ask for
 OUTPUT_TOLD_BYTES = 2048  # a kept step's output told to the planner, at most
 
 
-def request(plan: Plan, done: int, failed: str, error: ErrorInfo,
-            outputs: dict[str, Any]) -> ReplanRequested | None:  # fmt: skip
+def request(plan: Plan, done: int, failed: str, error: ErrorInfo, outputs: dict[str, Any],
+            retired: list[str]) -> ReplanRequested | None:  # fmt: skip
     """The re-planning request for a run whose step ``failed`` would fail it, or None
-    when the plan did not opt in or its re-plannings are used up (``done``)."""
+    when the plan did not opt in or its re-plannings are used up (``done``).
+    ``retired``: top-level ids of earlier plans' steps that were dropped."""
     if plan.replan is None or done >= plan.replan.max:
         return None
     kept = [s.id for s in plan.steps if s.id in outputs]
+    dropped = [s.id for s in plan.steps if s.id not in outputs]
     return ReplanRequested(
         attempt=done + 1, step_id=failed, error=error, plan=plan, kept=kept,
         outputs={k: told(outputs[k]) for k in kept}, model=plan.replan.model,
+        retired=sorted({*retired, *dropped}),
     )  # fmt: skip
 
 
@@ -60,12 +63,22 @@ def kept_issues(failed: ReplanRequested, proposed: Plan) -> list[PlanIssue]:
     so a proposal that rewrote one would claim an output it never produced."""
     by_id = {s.id: s for s in failed.plan.steps}
     head = proposed.steps[: len(failed.kept)]
-    if [s.id for s in head] == failed.kept and all(s == by_id[s.id] for s in head):
-        return []
-    return [PlanIssue(code="invalid_plan", path="$.plan.steps",
-                      message="a revised plan starts with the steps that succeeded, "
-                      f"unchanged ({', '.join(failed.kept) or 'none'}), then the new "
-                      "ones")]  # fmt: skip
+    if [s.id for s in head] != failed.kept or any(s != by_id[s.id] for s in head):
+        return [PlanIssue(code="invalid_plan", path="$.plan.steps",
+                          message="a revised plan starts with the steps that succeeded, "
+                          f"unchanged ({', '.join(failed.kept) or 'none'}), then the new "
+                          "ones")]  # fmt: skip
+    retired = set(failed.retired)
+    return [
+        PlanIssue(
+            code="duplicate_step_id",
+            path=f"$.plan.steps[{i}].id",
+            message=f"step id {step.id!r} was used in this run by a step that did not "
+            "succeed (its calls and child runs keep that id): choose a new id",
+        )  # fmt: skip
+        for i, step in enumerate(proposed.steps)
+        if i >= len(failed.kept) and step.id in retired
+    ]
 
 
 def replan_issues(path: str, plan: Plan) -> list[PlanIssue]:

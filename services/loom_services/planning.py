@@ -130,8 +130,8 @@ REPLAN_TASK = (
     "A step of this run's plan failed. Write a JSON plan with ONLY the steps that remain "
     "to do, avoiding what failed. The steps that succeeded are kept with their outputs: "
     "your steps may reference them ({{ steps.ID.output }}) and list them in depends_on, "
-    'but do not repeat them or reuse their ids. Give "output" if the run\'s output '
-    "should be another than the sink steps' outputs."
+    "but do not repeat them or reuse their ids, nor the ids in ids_not_to_reuse. Give "
+    '"output" if the run\'s output should be another than the sink steps\' outputs.'
 )
 
 
@@ -142,6 +142,7 @@ def replan_prompt(failed: ReplanRequested, first: RunRequested | None) -> str:
         "input": first.input if first else {},
         "plan": msgspec.to_builtins(failed.plan),
         "succeeded": failed.outputs,
+        "ids_not_to_reuse": failed.retired,
         "failed": {"step": failed.step_id, "error": {"code": failed.error.code,
                                                       "message": failed.error.message}},
     }  # fmt: skip
@@ -164,6 +165,7 @@ async def replan_with_model(
     def check(tail: Plan) -> tuple[Plan, list[PlanIssue]]:
         revised = replanning.revise(failed, tail)
         issues = validate_plan(revised, catalog, run_input, caps=caps)
+        issues = issues or replanning.kept_issues(failed, revised)
         return revised, issues or check_tool_access(revised, catalog, principal)
 
     system = system_prompt(catalog)

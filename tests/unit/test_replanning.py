@@ -107,9 +107,10 @@ def test_a_refused_replan_fails_the_run_with_the_step_failure() -> None:
 def test_replanning_is_bounded_by_max() -> None:
     w = World(PLAN)
     w.run(answer)
-    for _ in range(2):  # each revision fails again
-        w.send(verdict(w, Plan(steps=[failing("again", ["fetch"])])))
+    for k in range(2):  # each revision fails again
+        w.send(verdict(w, Plan(steps=[failing(f"again{k}", ["fetch"])])))
         w.run(answer)
+    assert w.of(ReplanRequested)[1].retired == ["again0", "parse", "report"]
     assert [a.attempt for a in w.of(ReplanRequested)] == [1, 2]
     assert len(w.of(PlanRevised)) == 2
     assert w.of(RunFailed)[0].error.code == "boom"
@@ -185,3 +186,17 @@ def test_a_fork_of_a_replanned_run_runs_the_revised_plan_reusing_the_kept_step()
     fork = fork_request(records(w), "parse2")
     assert fork.plan is not None and [s.id for s in fork.plan.steps] == ["fetch", "parse2"]
     assert fork.fork is not None and set(fork.fork.reused) == {"fetch"}
+
+
+def test_a_revision_may_not_reuse_the_id_of_a_step_that_did_not_succeed() -> None:
+    # its instance path names idempotency keys the tool-runner already answered
+    w = World(PLAN)
+    w.run(answer)
+    assert w.of(ReplanRequested)[0].retired == ["parse", "report"]
+    w.send(verdict(w, Plan(steps=[tool("parse", ["fetch"])])))
+    refused = w.of(ReplanRefused)[0]
+    assert [(i.code, i.path) for i in refused.issues] == [
+        ("duplicate_step_id", "$.plan.steps[1].id")
+    ]
+    assert w.of(RunFailed)
+    assert replay(records(w))[0].identical
