@@ -405,8 +405,12 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.replan_digest = request_digest(state.run_id, event)
         case PlanRevised():
             _on_revised(state, event)
+            if event.planning is not None:  # the run's budget counts re-planning too
+                state.model_usage.add(event.planning.usage)
         case ReplanRefused():
             state.replanning, state.replan_digest = 0, None
+            if event.planning is not None:
+                state.model_usage.add(event.planning.usage)
         case StepScheduled(step_id=iid):
             _on_scheduled(state, iid)
         case StepStarted(step_id=iid, attempt=attempt):

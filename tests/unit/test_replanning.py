@@ -200,3 +200,22 @@ def test_a_revision_may_not_reuse_the_id_of_a_step_that_did_not_succeed() -> Non
     ]
     assert w.of(RunFailed)
     assert replay(records(w))[0].identical
+
+
+def test_re_planning_usage_counts_in_the_run_budget_and_the_trace() -> None:
+    from loom_core.contracts import ModelUsage, PlanningRecord
+    from loom_core.spans import build_spans
+
+    w = World(PLAN)
+    w.run(answer)
+    planning = PlanningRecord(model="m", prompt_id="replan-v1:x",
+                              usage=ModelUsage(input_tokens=7, output_tokens=3, calls=1))  # fmt: skip
+    message = msgspec.structs.replace(verdict(w, Plan(steps=[tool("y", ["fetch"])])),
+                                      planning=planning)  # fmt: skip
+    w.send(message)
+    w.run(answer)
+    assert w.state.model_usage.tokens == 10 and w.state.model_usage.calls == 1
+    spans = {s.name: s for s in build_spans(records(w))}
+    assert spans["replan 1"].end is not None and spans["replan 1"].status == "ok"
+    chat = spans["chat m"]
+    assert chat.parent_span_id == spans["replan 1"].span_id
