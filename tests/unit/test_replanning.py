@@ -208,8 +208,8 @@ def test_re_planning_usage_counts_in_the_run_budget_and_the_trace() -> None:
 
     w = World(PLAN)
     w.run(answer)
-    planning = PlanningRecord(model="m", prompt_id="replan-v1:x",
-                              usage=ModelUsage(input_tokens=7, output_tokens=3, calls=1))  # fmt: skip
+    usage = ModelUsage(input_tokens=7, output_tokens=3, calls=1)
+    planning = PlanningRecord(model="m", prompt_id="replan-v1:x", usage=usage)
     message = msgspec.structs.replace(verdict(w, Plan(steps=[tool("y", ["fetch"])])),
                                       planning=planning)  # fmt: skip
     w.send(message)
