@@ -463,7 +463,8 @@ def _call_tools(
         delegate = step.delegates.get(call.name)
         if delegate is not None:
             refused = agent_delegates.argument_problem(
-                delegate, error, f"$.steps.{iid}.tool_calls[{k}].arguments"
+                delegate, error, f"$.steps.{iid}.tool_calls[{k}].arguments",
+                len(t.s.agents[iid].children),
             )
             if refused is not None:
                 t.emit(ModelOutputRefused(step_id=iid, turn=turn, call_id=path, error=refused))

@@ -12,11 +12,13 @@ answer in the next turn. Replay reads both from the history: no child is started
 
 from __future__ import annotations
 
+from loom_core import agent_memory
 from loom_core.answers import problems
 from loom_core.contracts import AgentDelegate, AgentStep, ErrorInfo, PlanIssue, ToolSpec
 from loom_core.ids import is_token
 
 MAX_DELEGATES = 16
+MAX_CHILD_RUNS = 64  # delegate calls one agent step may make in all (each is a whole run)
 
 
 def specs(step: AgentStep) -> list[ToolSpec]:
@@ -33,7 +35,15 @@ def specs(step: AgentStep) -> list[ToolSpec]:
     ]
 
 
-def argument_problem(delegate: AgentDelegate, args: dict, where: str) -> ErrorInfo | None:
+def argument_problem(
+    delegate: AgentDelegate, args: dict, where: str, started: int
+) -> ErrorInfo | None:
+    """Why a delegate call is refused (told to the model), or None. ``started``: child
+    runs the step started so far."""
+    if started >= MAX_CHILD_RUNS:
+        return ErrorInfo(code="too_many_delegate_calls", path=where,
+                         message=f"this agent step started {MAX_CHILD_RUNS} delegate runs, "
+                         "its limit; answer with what you have")  # fmt: skip
     found = problems(delegate.input_schema, args)
     if not found:
         return None
@@ -55,7 +65,7 @@ def issues(path: str, step: AgentStep) -> list[PlanIssue]:
             out.append(PlanIssue(code="invalid_step", path=where,
                                  message=f"delegate name {name[:80]!r}: 1-64 of A-Z, a-z, "
                                  "0-9, '_' or '-' (the model calls it by this name)"))  # fmt: skip
-        if name in step.tools:
+        if name in agent_memory.tools(step):
             out.append(PlanIssue(code="invalid_step", path=where,
                                  message=f"{name!r} is both a tool and a delegate of agent "
                                  f"step {step.id!r}: rename the delegate"))  # fmt: skip

@@ -140,3 +140,22 @@ def test_a_delegate_child_is_found_by_a_resume_through_the_parent() -> None:
     w = World(plan_with(), [answer(None, call("researcher", {"topic": "owls"})), answer("ok")])
     w.run()
     assert children_of(w.state) == [w.of(SubRunRequested)[0].child_run_id]
+
+
+def test_a_model_that_keeps_starting_delegates_is_bounded() -> None:
+    from loom_core import agent_delegates
+
+    many = [call("researcher", {"topic": str(i)}, f"c{i}") for i in range(16)]
+    turns = [answer(None, *many) for _ in range(6)]
+    w = World(plan_with(max_turns=8), [*turns, answer("enough")])
+    for _ in range(6):
+        w.run()
+        for req in [r for r in w.of(SubRunRequested) if r.step_id not in
+                    {e.step_id for e in w.of(SubRunEnded)}]:  # fmt: skip
+            w.send(ended(w, req, output="fact"))
+    w.run()
+    assert len(w.of(SubRunRequested)) == agent_delegates.MAX_CHILD_RUNS
+    refused = {e.error.code for e in w.of(ModelOutputRefused)}
+    assert refused == {"too_many_delegate_calls"}
+    assert w.of(RunCompleted)[0].output == "enough"
+    check_replays(w)
