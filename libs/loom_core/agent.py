@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from loom_core import ids, sizes
+from loom_core import agent_delegates, agent_memory, ids, sizes
 from loom_core.contracts import (
     AgentStep,
     Budget,
@@ -53,6 +53,9 @@ from loom_core.contracts import (
     ModelUsage,
     PlanIssue,
     StepResumed,
+    SubRunEnded,
+    SubRunFinished,
+    SubRunRequested,
     ToolCallCancelled,
     ToolCallCompleted,
     ToolCallFailed,
@@ -110,6 +113,7 @@ class AgentRun:
     feedback: list[str] = field(default_factory=list)  # refusals of a final answer
     usage: Usage = field(default_factory=Usage)
     budget: Budget | None = None  # the step's limits once a person raised them
+    children: dict[str, str] = field(default_factory=dict)  # delegate call -> child run
 
 
 def call_path(iid: str, turn: int, k: int) -> str:
@@ -139,7 +143,8 @@ def fold_event(state: RunState, event: Any) -> bool:
             from loom_core.executor import request_digest
 
             agent = state.agents.setdefault(iid, AgentRun())
-            agent.turn, agent.messages, agent.awaiting = event.turn, list(event.messages), True
+            agent.turn, agent.awaiting = event.turn, True
+            agent.messages = extend(agent.messages, event)
             agent.request_digest = request_digest(state.run_id, event)
             agent.reply, agent.pending, agent.answers, agent.feedback = None, [], {}, []
             agent.digests = {}
@@ -174,6 +179,26 @@ def fold_event(state: RunState, event: Any) -> bool:
             agent.digests[sid] = request_digest(state.run_id, event)
             state.running += 1
             return True
+        case SubRunRequested(step_id=sid):
+            agent = owner_of(state, sid)
+            if agent is None:
+                return False
+            agent.pending.append(sid)
+            agent.children[sid] = event.child_run_id
+            return True
+        case SubRunEnded(step_id=sid):
+            agent = owner_of(state, sid)
+            if agent is None:
+                return False
+            if sid in agent.pending:
+                agent.pending.remove(sid)
+            if event.status == "completed" and event.error is None:
+                agent.answers[sid] = _json_text(event.output)
+            else:
+                agent.answers[sid] = _error_text(event.error or ErrorInfo(
+                    code=f"sub_run_{event.status}", message=f"the child run {event.status}",
+                ))  # fmt: skip
+            return True
         case (
             ToolCallCompleted(step_id=sid)
             | ToolCallFailed(step_id=sid)
@@ -191,6 +216,29 @@ def fold_event(state: RunState, event: Any) -> bool:
                 agent.answers[sid] = _error_text(event.error)
             return True
     return False
+
+
+def extend(before: list[ModelMessage], event: ModelCallRequested) -> list[ModelMessage]:
+    """The conversation ``event`` asks about, given the one its step's previous request
+    asked about (``before``): lean requests carry only what is new."""
+    return [*before, *event.messages] if event.appended else list(event.messages)
+
+
+def conversation(requests: list[ModelCallRequested], turn: int) -> list[ModelMessage] | None:
+    """The whole conversation of turn ``turn``, folded from one step's requests in turn
+    order (a step's history as stored); None when one it needs is missing. A turn 1
+    starts the step again (a revised plan may reuse a failed step's id): the last one
+    counts."""
+    starts = [i for i, r in enumerate(requests) if r.turn == 1]
+    messages: list[ModelMessage] = []
+    expected = 1
+    for request in requests[starts[-1] if starts else 0 :]:
+        if request.turn > turn:
+            break
+        if request.turn != expected and request.appended:
+            return None
+        messages, expected = extend(messages, request), request.turn + 1
+    return messages if expected == turn + 1 else None
 
 
 def fold_resumed(state: RunState, event: StepResumed) -> None:
@@ -220,7 +268,24 @@ def forget(state: RunState, iid: str) -> None:
 
 
 def start(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> None:
-    """Render the task and ask the first turn."""
+    """Render the task; recall its memory (turn 0's tool calls) or ask the first turn."""
+    from loom_core.contracts import StepStarted
+
+    instructions, task = _rendered(t, iid, step, ctx)
+    recall = _memory_calls(t, iid, step, ctx, task)
+    t.emit(StepStarted(step_id=iid, attempt=1))  # its fold makes the AgentRun
+    if not recall:
+        request_turn(t, iid, step, _first_messages(instructions, task, []))
+        return
+    for k, (tool, args) in enumerate(recall):
+        path = call_path(iid, agent_memory.RECALL_TURN, k)
+        t.emit(ToolCallRequested(
+            step_id=path, attempt=1, tool=tool, input=args,
+            idempotency_key=ids.idempotency_key(t.s.run_id, path, 1),
+        ))  # fmt: skip
+
+
+def _rendered(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> tuple[Any, Any]:
     from loom_core.templating import render
 
     path = f"$.steps.{iid}"
@@ -228,14 +293,78 @@ def start(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> None:
         render(step.instructions, ctx, path=f"{path}.instructions"), iid, f"{path}.instructions"
     )
     task = t.bounded_input(render(step.input, ctx, path=f"{path}.input"), iid, f"{path}.input")
-    messages = [ModelMessage(role="system", content=_text(instructions))]
+    return instructions, task
+
+
+def _first_messages(
+    instructions: Any, task: Any, recalled: list[ModelMessage]
+) -> list[ModelMessage]:
+    messages = [ModelMessage(role="system", content=_text(instructions)), *recalled]
     if task is not None:
         messages.append(ModelMessage(role="user", content=_text(task)))
-    from loom_core.contracts import StepStarted
+    return messages
 
-    t.emit(StepStarted(step_id=iid, attempt=1))
-    t.s.agents[iid] = AgentRun(messages=messages)
-    request_turn(t, iid, step, messages)
+
+def _memory_calls(
+    t: _Turn, iid: str, step: AgentStep, ctx: Any, task: Any
+) -> list[tuple[str, dict[str, Any]]]:
+    """The recall calls of turn 0 (none without ``memory``); templates rendered here."""
+    if step.memory is None:
+        return []
+    from loom_core.templating import render
+
+    query = "" if task is None else _text(task)
+    recall = step.memory.semantic_recall
+    if recall is not None and recall.query is not None:
+        query = _text(render(recall.query, ctx, path=f"$.steps.{iid}.memory.semantic_recall.query"))
+    return agent_memory.calls(step.memory, _thread(t, iid, step, ctx), query)
+
+
+def _thread(t: _Turn, iid: str, step: AgentStep, ctx: Any) -> str:
+    """The thread the step's memory reads: ``memory.thread_id`` or the run's."""
+    from loom_core.templating import render
+
+    given = step.memory.thread_id if step.memory is not None else None
+    if given is not None:
+        value = render(given, ctx, path=f"$.steps.{iid}.memory.thread_id")
+        if not isinstance(value, str) or not value.strip():
+            from loom_core.executor import _StepError
+
+            raise _StepError(ErrorInfo(
+                code="invalid_input", path=f"$.steps.{iid}.memory.thread_id",
+                message=f"memory.thread_id rendered to {_text(value)[:80]}, not a thread id",
+            ))  # fmt: skip
+        return value
+    return t.s.thread_id or t.s.run_id
+
+
+def _first_turn(t: _Turn, inst: Inst) -> None:
+    """Turn 1, with what turn 0 recalled (re-rendered: the same scope, the same text)."""
+    from loom_core.executor import _StepError
+    from loom_core.predicates import PredicateError
+    from loom_core.templating import TemplateError
+
+    step = inst.step
+    assert isinstance(step, AgentStep)
+    iid = inst.iid
+    agent = t.s.agents[iid]
+    ctx = t.context(inst.scope)
+    try:
+        instructions, task = _rendered(t, iid, step, ctx)
+        made = _memory_calls(t, iid, step, ctx, task)
+    except (TemplateError, PredicateError) as exc:
+        t.fail(iid, ErrorInfo(code=exc.code, message=str(exc), path=exc.path))
+        return
+    except _StepError as exc:
+        t.fail(iid, exc.error)
+        return
+    recalled: list[ModelMessage] = []
+    if made:
+        answers = [
+            agent.answers.get(call_path(iid, agent_memory.RECALL_TURN, k)) for k in range(len(made))
+        ]
+        recalled = agent_memory.context(made, answers, t.s.run_id)
+    request_turn(t, iid, step, _first_messages(instructions, task, recalled))
 
 
 def request_turn(t: _Turn, iid: str, step: AgentStep, messages: list[ModelMessage]) -> None:
@@ -259,9 +388,13 @@ def request_turn(t: _Turn, iid: str, step: AgentStep, messages: list[ModelMessag
               f"limit ({too_large.message}); lower max_turns or ask for shorter tool "
               "outputs")  # fmt: skip
         return
+    # lean turns: only what is new since the last request (``messages`` extends it)
+    appended = t.s.turn_messages == "new" and agent.turn > 0
     t.emit(ModelCallRequested(
-        step_id=iid, turn=turn, messages=messages, idempotency_key=turn_key(t.s.run_id, iid, turn),
-        model=step.model, tools=list(step.tools), output_schema=step.output_schema,
+        step_id=iid, turn=turn, messages=messages[len(agent.messages):] if appended else messages,
+        idempotency_key=turn_key(t.s.run_id, iid, turn), model=step.model,
+        tools=agent_memory.tools(step), output_schema=step.output_schema, appended=appended,
+        delegates=agent_delegates.specs(step),
     ))  # fmt: skip
 
 
@@ -327,6 +460,25 @@ def _call_tools(
         if isinstance(error, ErrorInfo):
             t.emit(ModelOutputRefused(step_id=iid, turn=turn, call_id=path, error=error))
             continue
+        delegate = step.delegates.get(call.name)
+        if delegate is not None:
+            refused = agent_delegates.argument_problem(
+                delegate,
+                error,
+                f"$.steps.{iid}.tool_calls[{k}].arguments",
+                len(t.s.agents[iid].children),
+            )
+            if refused is not None:
+                t.emit(ModelOutputRefused(step_id=iid, turn=turn, call_id=path, error=refused))
+            else:
+                t.emit(SubRunRequested(
+                    step_id=path, child_run_id=ids.child_run_id(t.s.run_id, path),
+                    plan=delegate.plan, input=error,
+                ))  # fmt: skip
+            continue
+        if step.memory is not None and call.name in agent_memory.WORKING_TOOLS:
+            thread = _thread(t, iid, step, t.context(inst.scope))
+            error = agent_memory.scoped_arguments(step, call.name, error, thread)
         t.emit(ToolCallRequested(
             step_id=path, attempt=1, tool=call.name, input=error,
             idempotency_key=ids.idempotency_key(t.s.run_id, path, 1),
@@ -343,8 +495,9 @@ def _call_problem(
         return ErrorInfo(code="too_many_tool_calls", path=where,
                          message=f"at most {MAX_TOOL_CALLS_PER_TURN} tool calls per turn; "
                          "this one was not run, ask again in the next turn")  # fmt: skip
-    if call.name not in step.tools:
-        allowed = ", ".join(step.tools) or "none"
+    allowed_tools = agent_memory.tools(step) + sorted(step.delegates)
+    if call.name not in allowed_tools:
+        allowed = ", ".join(allowed_tools) or "none"
         return ErrorInfo(code="unknown_tool", path=f"{where}.name",
                          message=f"tool {call.name[:80]!r} is not available to this agent; "
                          f"available tools: {allowed}")  # fmt: skip
@@ -440,9 +593,36 @@ def on_tool_result(t: _Turn, result: ToolResult) -> None:
     _maybe_next_turn(t, iid, inst.step)
 
 
+def on_sub_run(t: _Turn, done: SubRunFinished) -> None:
+    """A delegate's child run ended: its output (or failure) is the call's answer."""
+    agent = owner_of(t.s, done.step_id)
+    iid = done.step_id.rpartition("/")[0]
+    inst = t.s.insts.get(iid)
+    if (
+        agent is None
+        or inst is None
+        or inst.status != "running"
+        or not isinstance(inst.step, AgentStep)
+        or done.step_id not in agent.pending
+        or agent.children.get(done.step_id) != done.child_run_id
+    ):
+        return
+    output, error = done.output, done.error
+    if done.status == "completed" and error is None:
+        error = sizes.check_output(output, t.s.limits, done.step_id,
+                                   f"$.steps.{done.step_id}.output")  # fmt: skip
+        output = None if error is not None else output
+    t.emit(SubRunEnded(step_id=done.step_id, child_run_id=done.child_run_id,
+                       status=done.status, output=output, error=error))  # fmt: skip
+    _maybe_next_turn(t, iid, inst.step)
+
+
 def _maybe_next_turn(t: _Turn, iid: str, step: AgentStep) -> None:
     agent = t.s.agents[iid]
     if agent.pending or agent.awaiting:
+        return
+    if agent.turn == 0:  # the memory calls are answered
+        _first_turn(t, t.s.insts[iid])
         return
     messages = list(agent.messages)
     if agent.reply is not None:
@@ -461,7 +641,7 @@ def resumed(t: _Turn, inst: Inst) -> None:
     assert isinstance(step, AgentStep)
     agent = t.s.agents[inst.iid]
     if agent.turn == 0:
-        request_turn(t, inst.iid, step, agent.messages)
+        _first_turn(t, inst)
     else:
         _maybe_next_turn(t, inst.iid, step)
 
@@ -471,6 +651,8 @@ def cancel_calls(t: _Turn, iid: str, reason: str) -> None:
     if agent is None:
         return
     for path in list(agent.pending):
+        if path in agent.children:  # a delegate's child run goes on; its end is ignored
+            continue
         t.emit(ToolCallCancelled(
             step_id=path, attempt=1, idempotency_key=ids.idempotency_key(t.s.run_id, path, 1),
             reason=reason,
@@ -533,6 +715,16 @@ def unexpected_model_result(state: RunState, message: ModelResult) -> str | None
     return None
 
 
+def unexpected_sub_run(state: RunState, message: SubRunFinished) -> str | None:
+    agent = owner_of(state, message.step_id)
+    if agent is None or message.step_id not in agent.pending:
+        return f"no sub-run end for agent call '{message.step_id}'"
+    child = agent.children.get(message.step_id)
+    if message.child_run_id != child:
+        return f"the end of child run '{child}'"
+    return None
+
+
 def unexpected_tool_result(state: RunState, message: ToolResult) -> str | None:
     agent = owner_of(state, message.step_id)
     if agent is None or message.step_id not in agent.pending:
@@ -569,7 +761,7 @@ def step_issues(path: str, step: AgentStep) -> list[PlanIssue]:
         )
     if step.budget is not None:
         issues += budget_issues(f"{path}.budget", step.budget)
-    return issues
+    return issues + agent_memory.issues(path, step) + agent_delegates.issues(path, step)
 
 
 def budget_issues(path: str, budget: Budget) -> list[PlanIssue]:

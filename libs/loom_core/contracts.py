@@ -274,6 +274,46 @@ class Budget(Inbound, tag="budget", tag_field="type"):
     max_model_calls: int | None = None
 
 
+class SemanticRecall(Inbound, tag="semantic_recall", tag_field="type"):
+    """Messages like the task recalled from memory before an agent's first turn: the
+    ``top_k`` best hits, each with ``window`` neighbouring messages either side, from
+    the run's thread (``scope: thread``) or all of the run's user's threads
+    (``scope: resource``). ``query`` (a template) defaults to the step's rendered
+    ``input``."""
+
+    top_k: int = 3
+    window: int = 1
+    scope: Literal["thread", "resource"] = "thread"
+    threshold: float | None = None
+    query: str | None = None
+
+
+class AgentMemory(Inbound, tag="agent_memory", tag_field="type"):
+    """What an agent step recalls before its first turn (``loom_core.agent``), as tool
+    calls the run records, put in front of the model's conversation: the run's thread's
+    last ``last_messages`` messages, a semantic recall, the working memory document
+    (``working_memory``: the run's thread's, or the user's own), which the model may then
+    update by compare-and-set with the ``working_memory_set`` tool. ``thread_id`` (a
+    template) names the thread; default: the run's."""
+
+    last_messages: int = 0
+    semantic_recall: SemanticRecall | None = None
+    working_memory: Literal["thread", "user"] | None = None
+    thread_id: str | None = None
+
+
+class AgentDelegate(Inbound, tag="agent_delegate", tag_field="type"):
+    """A plan an agent step's model may call as a tool, by its name in
+    ``AgentStep.delegates``: each call is an ordinary sub-run of ``plan`` whose input is
+    the call's arguments (checked against ``input_schema``), linked to the agent step
+    (``RunRequested.parent``); the child's output, or its failure, is the tool's answer.
+    Another agent as a tool is a plan with an agent step."""
+
+    description: str
+    plan: Plan
+    input_schema: dict[str, JSON] = msgspec.field(default_factory=lambda: {"type": "object"})
+
+
 class AgentStep(Inbound, tag="agent", tag_field="kind"):
     """A model working in turns (ReAct): each turn is requested as an event and
     answered by the planner service; the tools the model calls (only those in
@@ -295,6 +335,8 @@ class AgentStep(Inbound, tag="agent", tag_field="kind"):
     depends_on: list[str] = []
     on_error: Literal["fail", "continue"] = "fail"
     description: str = ""
+    memory: AgentMemory | None = None  # recalled into the context before the first turn
+    delegates: dict[str, AgentDelegate] = {}  # plans (other agents) called as tools
 
 
 Step = (
@@ -313,6 +355,16 @@ Step = (
 )
 
 
+class Replan(Inbound, tag="replan", tag_field="type"):
+    """Re-planning after a failed step (opt-in per plan): when a step's failure would
+    fail the run, the planner's model is asked, at most ``max`` times per run, for the
+    steps that remain given the failure; the steps that succeeded are kept with their
+    outputs. ``model``: a configured model name (default: the planner's). Needs a model."""
+
+    max: int = 1
+    model: str | None = None
+
+
 class Plan(Inbound, tag="plan", tag_field="type"):
     """A validated plan is a DAG of steps. ``output`` is a template rendered when every
     step is done; when absent the run's output maps each sink step to its output."""
@@ -323,6 +375,7 @@ class Plan(Inbound, tag="plan", tag_field="type"):
     timeout_s: float | None = None
     version: Literal[1] = 1
     budget: Budget | None = None  # model use of the whole run (agent steps)
+    replan: Replan | None = None  # ask the planner for the rest after a failed step
 
 
 # --------------------------------------------------------------------------- blobs
@@ -555,6 +608,10 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # caps, and replay keeps it so (loom_core.caps)
     caps: Caps | None = None
     budget: Budget | None = None  # the submitter's model budget (wins over the plan's)
+    # how its agent turns' model_call_requested hold the conversation: "new", only the
+    # messages new since the previous turn's request (``appended``); "whole" (runs stored
+    # before lean turns), each the whole conversation. Replay keeps the recorded one.
+    turn_messages: Literal["whole", "new"] = "whole"
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -686,9 +743,12 @@ class SubRunEnded(Record, tag="sub_run_ended", tag_field="type"):
 
 class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
     """The command to the planner service: one turn of agent step ``step_id``.
-    ``messages`` is the conversation so far; ``tools`` names the registry tools the model
-    may call (the planner describes them from the catalog). ``idempotency_key`` is
-    ``{run_id}:{step_id}:turn{turn}``."""
+    ``messages`` is the conversation so far, or with ``appended`` only what is new since
+    turn ``turn - 1``'s request (the model's answer, the tools' results, feedback): the
+    conversation is the fold of the step's requests (``loom_core.agent.conversation``),
+    so a long agent's history grows linearly, not quadratically. ``tools`` names the
+    registry tools the model may call (the planner describes them from the catalog).
+    ``idempotency_key`` is ``{run_id}:{step_id}:turn{turn}``."""
 
     step_id: str
     turn: int
@@ -697,6 +757,10 @@ class ModelCallRequested(Record, tag="model_call_requested", tag_field="type"):
     model: str | None = None
     tools: list[str] = []
     output_schema: dict[str, JSON] | None = None
+    appended: bool = False
+    # the step's delegates as the model sees them (name, description, input schema):
+    # they are not in the tool catalog
+    delegates: list[ToolSpec] = []
 
 
 class ModelCallCompleted(Record, tag="model_call_completed", tag_field="type"):
@@ -736,6 +800,45 @@ class ModelOutputRefused(Record, tag="model_output_refused", tag_field="type"):
     turn: int
     error: ErrorInfo
     call_id: str = ""
+
+
+class ReplanRequested(Record, tag="replan_requested", tag_field="type"):
+    """The command to the planner: step ``step_id`` failed (``error``) and would fail the
+    run; write the steps that remain (re-planning ``attempt`` of ``Replan.max``).
+    ``plan``: the plan that failed; ``kept``: the top-level steps that succeeded (kept,
+    with their outputs, in the revised plan); ``outputs``: their outputs, each at most
+    ``loom_core.replanning.OUTPUT_TOLD_BYTES`` of JSON (a larger one is described)."""
+
+    attempt: int
+    step_id: str
+    error: ErrorInfo
+    plan: Plan
+    kept: list[str] = []
+    outputs: dict[str, JSON] = {}
+    model: str | None = None
+    # top-level ids the new steps must not take: steps of this run that did not succeed
+    # (their instance paths name idempotency keys and child runs already used)
+    retired: list[str] = []
+
+
+class PlanRevised(Record, tag="plan_revised", tag_field="type"):
+    """The planner's answer to re-planning ``attempt``, accepted: ``plan`` is the whole
+    revised plan (the kept steps, verbatim, then the new ones); the run goes on with it
+    and the kept steps are not run again."""
+
+    attempt: int
+    plan: Plan
+    kept: list[str] = []
+    planning: PlanningRecord | None = None
+
+
+class ReplanRefused(Record, tag="replan_refused", tag_field="type"):
+    """Re-planning ``attempt`` gave no valid plan (the model's problems, or no model):
+    the run fails with the step's failure."""
+
+    attempt: int
+    issues: list[PlanIssue]
+    planning: PlanningRecord | None = None
 
 
 class StepCompleted(Record, tag="step_completed", tag_field="type"):
@@ -907,6 +1010,9 @@ RunEvent = (
     | ModelCallCompleted
     | ModelCallFailed
     | ModelOutputRefused
+    | ReplanRequested
+    | PlanRevised
+    | ReplanRefused
     | RunCancelRequested
     | RunPublishFailed
     | RunDiverged

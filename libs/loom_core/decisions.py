@@ -52,14 +52,14 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
         "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D, "caps": D,
-        "budget": D,
+        "budget": D, "turn_messages": D,
     },
     c.PlanAccepted: {"plan": D, "planner": D, "planning": D},
     c.PlanRejected: {"issues": N, "planning": D},
     # model turns: what the model answered is an input to the run (decision)
     c.ModelCallRequested: {
         "step_id": D, "turn": D, "messages": D, "idempotency_key": D, "model": D, "tools": D,
-        "output_schema": D,
+        "output_schema": D, "appended": D, "delegates": D,
     },
     c.ModelCallCompleted: {
         "step_id": D, "turn": D, "idempotency_key": D, "message": D, "started_at": D,
@@ -71,6 +71,12 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
         "finished_at": D, "attempts": D, "usage": D,
     },
     c.ModelOutputRefused: {"step_id": D, "turn": D, "error": N, "call_id": D},
+    c.ReplanRequested: {
+        "attempt": D, "step_id": D, "error": N, "plan": D, "kept": D, "outputs": D, "model": D,
+        "retired": D,
+    },
+    c.PlanRevised: {"attempt": D, "plan": D, "kept": D, "planning": D},
+    c.ReplanRefused: {"attempt": D, "issues": N, "planning": D},
     c.StepScheduled: {"step_id": D},
     c.StepStarted: {"step_id": D, "attempt": D},
     c.ToolCallRequested: {

@@ -127,6 +127,14 @@ CODES: dict[str, Code] = {
     "too_many_tool_calls": Code(_T, "more tool calls in one turn than the step allows"),
     "max_turns_exceeded": Code(_T, "the agent used max_turns without a final answer"),
     "context_too_large": Code(_T, "the conversation grew over the step input limit"),
+    "too_many_delegate_calls": Code(
+        _T, "an agent step's model called its delegates more times than the step allows"
+    ),
+    "conversation_unavailable": Code(
+        _T,
+        "a lean turn's earlier requests are not in the stored history (the planner "
+        "cannot rebuild the conversation); the step fails",
+    ),
     "suspend_not_supported": Code(_T, "a tool asked to suspend inside an agent step"),
     "tool_unavailable": Code(_T, "the tool's source (an MCP server) is down; retried (retryable)"),
     "circuit_open": Code(_T, "the tool's or server's breaker is open (details.retry_after_s)"),

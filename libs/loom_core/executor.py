@@ -50,7 +50,7 @@ from typing import Any, Literal
 import msgspec
 
 from loom_core import agent as agent_step
-from loom_core import blobs, ids, secrets, sizes
+from loom_core import blobs, ids, replanning, secrets, sizes
 from loom_core.caps import too_many
 from loom_core.contracts import (
     AgentStep,
@@ -78,8 +78,11 @@ from loom_core.contracts import (
     PlanProposed,
     PlanRefused,
     PlanRejected,
+    PlanRevised,
     Principal,
     ReduceStep,
+    ReplanRefused,
+    ReplanRequested,
     ResumeReply,
     ResumeRun,
     RetryPolicy,
@@ -174,6 +177,9 @@ class Submission:
     limits: SizeLimits | None = None
     # the fan-out caps likewise (``loom_core.caps``), None: no caps
     caps: Caps | None = None
+    # how agent turns hold the conversation (``RunRequested.turn_messages``): new runs
+    # "new"; replay passes the recorded value, so runs stored before keep "whole"
+    turn_messages: Literal["whole", "new"] = "new"
 
 
 # ``RunPublishFailed``: the executor host's relay reporting an event it can never publish
@@ -263,6 +269,14 @@ class RunState:
     forked_from: str | None = None
     parent: ParentLink | None = None  # set when a sub_run step started this run
     principal: Principal | None = None  # who the run acts for; sub-runs and forks inherit it
+    thread_id: str | None = None  # the conversation thread it asked for (None: its own id)
+    turn_messages: Literal["whole", "new"] = "new"  # from run_requested (loom_core.agent)
+    # re-planning (loom_core.replanning): how many were asked, the one in flight (0:
+    # none) and its request's digest (the planner's answer must name it)
+    replans: int = 0
+    replanning: int = 0
+    replan_digest: str | None = None
+    retired: list[str] = field(default_factory=list)  # top-level ids revisions dropped
     # what answers must match (see ``unexpected``): the run_requested's digest, the
     # explicit plan's digest, and when each pending timer is due
     request_digest: str | None = None
@@ -370,6 +384,8 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.input = run_input
             state.parent = event.parent
             state.principal = event.principal
+            state.thread_id = event.thread_id
+            state.turn_messages = event.turn_messages
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
             state.budget = event.budget
@@ -385,11 +401,24 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             _new_scope(state, "", plan.steps, None, ("", ""))
         case PlanRejected():
             state.status = "rejected"
+        case ReplanRequested(attempt=attempt):
+            state.status, state.replans, state.replanning = "planning", attempt, attempt
+            state.replan_digest = request_digest(state.run_id, event)
+        case PlanRevised():
+            _on_revised(state, event)
+            if event.planning is not None:  # the run's budget counts re-planning too
+                state.model_usage.add(event.planning.usage)
+        case ReplanRefused():
+            state.replanning, state.replan_digest = 0, None
+            if event.planning is not None:
+                state.model_usage.add(event.planning.usage)
         case StepScheduled(step_id=iid):
             _on_scheduled(state, iid)
         case StepStarted(step_id=iid, attempt=attempt):
             inst = state.insts[iid]
             inst.status, inst.attempt = "running", attempt
+            if isinstance(inst.step, AgentStep):  # its memory calls fold into it
+                state.agents.setdefault(iid, agent_step.AgentRun())
         case ToolCallRequested(step_id=iid):
             state.insts[iid].inflight = True
             state.insts[iid].request_digest = request_digest(state.run_id, event)
@@ -471,6 +500,8 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
 
 
 _AGENT_EVENTS = (
+    agent_step.SubRunRequested,
+    agent_step.SubRunEnded,
     agent_step.ModelCallRequested,
     agent_step.ModelCallCompleted,
     agent_step.ModelCallFailed,
@@ -480,6 +511,26 @@ _AGENT_EVENTS = (
     ToolCallFailed,
     ToolCallCancelled,
 )
+
+
+def _on_revised(state: RunState, event: PlanRevised) -> None:
+    """The run goes on with the revised plan: a new root scope whose kept steps are
+    done already, with the outputs they had (they are not run again)."""
+    old = state.scopes.get("")
+    outputs = dict(old.outputs) if old is not None else {}
+    dropped = [s.id for s in state.plan.steps if s.id not in event.kept] if state.plan else []
+    state.retired = sorted({*state.retired, *dropped})
+    state.plan, state.replanning, state.replan_digest = event.plan, 0, None
+    state.status = "paused" if state.paused else "running"
+    state.scopes, state.insts, state.agents = {}, {}, {}
+    state._body_deps.clear()
+    root = _new_scope(state, "", event.plan.steps, None, ("", ""))
+    for step_id in event.kept:
+        output = outputs.get(step_id, {}).get("output")
+        state.insts[step_id] = Inst(iid=step_id, scope="", step=root.by_id[step_id],
+                                    status="succeeded", output=output)  # fmt: skip
+        root.outputs[step_id] = {"output": output}
+        root.remaining -= 1
 
 
 def _on_scheduled(state: RunState, iid: str) -> None:
@@ -677,11 +728,11 @@ class _Turn:
         match message:
             case RunRequest() | Submission():
                 if s.version == 0:
-                    request, principal, redacted, limits, caps = (
+                    request, principal, redacted, limits, caps, turn_messages = (
                         (message.request, message.principal, list(message.redacted),
-                         message.limits, message.caps)
+                         message.limits, message.caps, message.turn_messages)
                         if isinstance(message, Submission)
-                        else (message, None, [], None, None)
+                        else (message, None, [], None, None, "new")
                     )  # fmt: skip
                     self.emit(
                         RunRequested(
@@ -698,8 +749,11 @@ class _Turn:
                             limits=limits,
                             caps=caps,
                             budget=request.budget,
+                            turn_messages=turn_messages,
                         )
                     )
+            case PlanProposed() | PlanRefused() if s.status == "planning" and s.replanning:
+                self.on_replanned(message)
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
                 # The planner validated against the tool catalog; the executor re-checks
                 # structure because its own invariants depend on it.
@@ -1332,6 +1386,9 @@ class _Turn:
     # ------------------------------------------------------------------ sub-runs
 
     def on_sub_run(self, done: SubRunFinished) -> None:
+        if self.s.agents and agent_step.owner_of(self.s, done.step_id) is not None:
+            agent_step.on_sub_run(self, done)  # a delegate called by an agent's model
+            return
         inst = self.s.insts.get(done.step_id)
         if inst is None or inst.status != "running" or inst.child_run_id != done.child_run_id:
             return
@@ -1503,15 +1560,18 @@ class _Turn:
 
     def finish_run(self, root: Scope) -> None:
         s = self.s
-        if s.terminal or s.status == "needs_review":
+        if s.terminal or s.status == "needs_review" or s.replanning:
             return
         if root.failed is not None:
             failed = s.insts[root.failed]
             cause = failed.error or _error("step_failed", "step failed")
-            self.emit(RunFailed(error=ErrorInfo(
-                code=cause.code, message=f"step '{root.failed}' failed: {cause.message}",
-                path=cause.path, details={"step_id": root.failed},
-            )))  # fmt: skip
+            assert s.plan is not None
+            outputs = {k: v["output"] for k, v in root.outputs.items()}
+            ask = replanning.request(s.plan, s.replans, root.failed, cause, outputs, s.retired)
+            if ask is not None:  # the plan opted in: the planner writes the rest
+                self.emit(ask)
+                return
+            self.fail_run(root.failed, cause)
             return
         try:
             output = self.run_output(root)
@@ -1519,6 +1579,45 @@ class _Turn:
             self.emit(RunFailed(error=ErrorInfo(code=exc.code, message=str(exc), path=exc.path)))
             return
         self.emit(RunCompleted(output=output))
+
+    def on_replanned(self, verdict: PlanProposed | PlanRefused) -> None:
+        """The planner's answer to the re-planning in flight: go on with the revised
+        plan, or fail the run with the step's failure."""
+        s = self.s
+        asked = self.replan_request()
+        issues = verdict.issues if isinstance(verdict, PlanRefused) else []
+        if isinstance(verdict, PlanProposed):
+            issues = validate_plan(verdict.plan, None, s.input, caps=s.caps)
+            issues = issues or replanning.kept_issues(asked, verdict.plan)
+            if not issues:
+                self.emit(PlanRevised(
+                    attempt=asked.attempt, plan=verdict.plan, kept=list(asked.kept),
+                    planning=verdict.planning,
+                ))  # fmt: skip
+                self.start_ready("")
+                return
+        self.emit(ReplanRefused(attempt=asked.attempt, issues=issues, planning=verdict.planning))
+        self.fail_run(asked.step_id, asked.error, {"replan_issues": [i.code for i in issues]})
+
+    def replan_request(self) -> ReplanRequested:
+        """The re-planning request in flight: the last one the run recorded. Kept out of
+        the state (it holds a plan); rebuilt from the scope it failed in."""
+        s = self.s
+        assert s.plan is not None
+        root = s.scopes[""]
+        failed = root.failed or ""
+        cause = s.insts[failed].error if failed in s.insts else None
+        outputs = {k: v["output"] for k, v in root.outputs.items()}
+        cause = cause or _error("step_failed", "step failed")
+        asked = replanning.request(s.plan, s.replans - 1, failed, cause, outputs, s.retired)
+        assert asked is not None
+        return asked
+
+    def fail_run(self, step_id: str, cause: ErrorInfo, more: dict[str, Any] | None = None) -> None:
+        self.emit(RunFailed(error=ErrorInfo(
+            code=cause.code, message=f"step '{step_id}' failed: {cause.message}",
+            path=cause.path, details={"step_id": step_id, **(more or {})},
+        )))  # fmt: skip
 
     def run_output(self, root: Scope) -> Any:
         assert self.s.plan is not None
@@ -1576,6 +1675,15 @@ def unexpected(
     if state.terminal:
         return _refuse(state, f"nothing: the run is {state.status}", got)
     match message:
+        case PlanProposed() | PlanRefused() if state.replanning:
+            if message.request_digest != state.replan_digest:
+                return _refuse(
+                    state,
+                    f"the answer to its re-planning {state.replanning} (digest "
+                    f"{state.replan_digest})",
+                    f"{got} (digest {message.request_digest})",
+                    "$.request_digest",
+                )
         case PlanProposed() | PlanRefused():
             if state.status != "planning":
                 return _refuse(state, "no plan verdict: its plan is decided", got)
@@ -1633,6 +1741,10 @@ def unexpected(
             if now is not None and due is not None and now < due - _EARLY:
                 when = f"{got} at {now.isoformat()}, before it is due"
                 return _refuse(state, f"timer '{tid}' at {due.isoformat()}", when, "$.timer_id")
+        case SubRunFinished(step_id=sid) if agent_step.owner_of(state, sid) is not None:
+            expected = agent_step.unexpected_sub_run(state, message)
+            if expected is not None:
+                return _refuse(state, expected, got, "$.step_id")
         case SubRunFinished(step_id=sid):
             inst = state.insts.get(sid)
             if inst is None or inst.status != "running" or inst.child_run_id is None:
@@ -1853,7 +1965,8 @@ SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
 # The state's shape: bumped when the same events fold into a different state, so an
 # older snapshot is not restored (the host then folds the history, the truth). 2: ended
 # child scopes are forgotten (``_forget``), a loop keeps its last iteration's outputs.
-SNAPSHOT_LAYOUT = 2
+# 3: the run's thread id; an agent's state from its step_started; lean turn requests.
+SNAPSHOT_LAYOUT = 3
 
 
 class _Snapshot(msgspec.Struct):

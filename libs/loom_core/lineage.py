@@ -20,6 +20,7 @@ from loom_core.contracts import (
     EventRecord,
     ForkOrigin,
     PlanAccepted,
+    PlanRevised,
     RunRequest,
     RunRequested,
     StepCancelled,
@@ -47,7 +48,9 @@ def fork_request(
     if not records or not isinstance(records[0].event, RunRequested):
         raise ForkError("the run has no run_requested event to fork from", "$.run_id")
     first = records[0].event
-    plan = next((r.event.plan for r in records if isinstance(r.event, PlanAccepted)), None)
+    # the plan the run ended with: a re-planned run's revised plan (loom_core.replanning)
+    plans = [r.event.plan for r in records if isinstance(r.event, PlanAccepted | PlanRevised)]
+    plan = plans[-1] if plans else None
     if plan is None:
         raise ForkError("the run never had an accepted plan: there is nothing to reuse", "$.run_id")
     recorded = Recorded.of(records)

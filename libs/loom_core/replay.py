@@ -35,6 +35,8 @@ from loom_core.contracts import (
     PlanProposed,
     PlanRefused,
     PlanRejected,
+    PlanRevised,
+    ReplanRefused,
     ResumeRun,
     RunCancelRequested,
     RunControl,
@@ -104,13 +106,20 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 fork=event.fork, parent=event.parent, run_id=run_id, budget=event.budget,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
-            if event.principal or event.redacted or event.limits or event.caps:
+            if (
+                event.principal
+                or event.redacted
+                or event.limits
+                or event.caps
+                or event.turn_messages != "new"
+            ):
                 return Submission(
                     request,
                     event.principal,
                     tuple(event.redacted),
                     limits=event.limits,
                     caps=event.caps,
+                    turn_messages=event.turn_messages,
                 )
             return request
         case RunPublishFailed():
@@ -118,6 +127,11 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
         case PlanAccepted(plan=plan, planner=planner):
             return PlanProposed(run_id=run_id, plan=plan, planner=planner, planning=event.planning)
         case PlanRejected(issues=issues):
+            return PlanRefused(run_id=run_id, issues=issues, planning=event.planning)
+        case PlanRevised(plan=plan):
+            return PlanProposed(run_id=run_id, plan=plan, planner="replan",
+                                planning=event.planning)  # fmt: skip
+        case ReplanRefused(issues=issues):
             return PlanRefused(run_id=run_id, issues=issues, planning=event.planning)
         case ModelCallCompleted():
             return ModelResult(

@@ -33,8 +33,11 @@ MAX_DEPTH = 8
 
 def children_of(state: RunState) -> list[str]:
     """Child run ids of ``state``'s sub_run steps (running or not), in step order: a
-    repeat of a request answered in a child that has since ended must still find it."""
-    return [i.child_run_id for i in state.insts.values() if i.child_run_id is not None]
+    repeat of a request answered in a child that has since ended must still find it;
+    then those of its running agents' delegate calls."""
+    steps = [i.child_run_id for i in state.insts.values() if i.child_run_id is not None]
+    # an agent's delegates (loom_core.agent_delegates) while the agent runs
+    return steps + [c for a in state.agents.values() for c in a.children.values()]
 
 
 def _matches(state: RunState, request: ResumeRun) -> list[Suspension]:

@@ -166,6 +166,7 @@ RUN_EVENTS = Route(
     consumers=(
         Consumer("planner", durable="planner", events=(c.RunRequested,)),
         Consumer("planner", durable="planner-models", events=(c.ModelCallRequested,)),
+        Consumer("planner", durable="planner-replans", events=(c.ReplanRequested,)),
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
@@ -319,7 +320,7 @@ FORK = _request(
 )  # fmt: skip
 API_RUN_EVENTS = _request(
     "apiRunEvents", subjects.API_RUN_EVENTS, c.RunEventsQuery, (c.RunEventsReply,), "executor",
-    ("operator", "memory", "tracing", "toolrunner"),
+    ("operator", "memory", "tracing", "toolrunner", "planner"),
     "A run's stored events after `after_seq`, a page at a time",
 )  # fmt: skip
 API_RUNS = _request(
@@ -392,6 +393,21 @@ TOOL_CATALOG = Route(
     description=f"The tool catalog: JetStream key-value bucket `{subjects.TOOLS_BUCKET}`, one "
     "ToolSpec per tool, keyed by tool name. Read it with a KV client (get/watch); the "
     "address is the bucket's underlying subject. Only the tool-runner writes it.",
+)
+
+MODEL_ANSWERS = Route(
+    name="modelAnswers",
+    pattern=f"$KV.{subjects.MODEL_ANSWERS_BUCKET}.{{digest}}",
+    kind="kv",
+    stream=f"KV_{subjects.MODEL_ANSWERS_BUCKET}",
+    messages=(c.ModelResult,),
+    publishers=("planner",),
+    consumers=(Consumer("planner"),),
+    description=f"Model answers already paid for: JetStream key-value bucket "
+    f"`{subjects.MODEL_ANSWERS_BUCKET}`, one ModelResult per agent turn, keyed by the digest "
+    "of the model_call_requested it answers, kept a day. The planner stores an answer "
+    "before it sends it, and answers a redelivered request (after a restart) from here "
+    "instead of calling the model again. Only the planner reads and writes it.",
 )
 
 BLOBS = Route(
@@ -480,6 +496,7 @@ ROUTES: tuple[Route, ...] = (
     BLOBS,
     SCHEDULE,
     SCHEDULE_STORE,
+    MODEL_ANSWERS,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}

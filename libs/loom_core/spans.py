@@ -96,7 +96,10 @@ from loom_core.contracts import (
     PlanAccepted,
     PlanningRecord,
     PlanRejected,
+    PlanRevised,
     ReduceStep,
+    ReplanRefused,
+    ReplanRequested,
     RunCancelled,
     RunCancelRequested,
     RunCompleted,
@@ -527,6 +530,11 @@ class TraceBuilder:
                 self._on_plan_accepted(at, event)
             case PlanRejected():
                 self._on_plan_rejected(at, event)
+            case ReplanRequested(attempt=n, step_id=sid, error=error):
+                self._create(self._replan_id(n), f"replan {n}", at, self._root_id,
+                             {"loom.replan.step": sid, "error.type": error.code})  # fmt: skip
+            case PlanRevised(attempt=n) | ReplanRefused(attempt=n):
+                self._on_replanned(at, event, n)
             case StepScheduled(step_id=iid):
                 self._ensure_inst(iid, at)
                 self._set_status(iid, "scheduled")
@@ -608,11 +616,18 @@ class TraceBuilder:
             case SubRunRequested(step_id=iid, child_run_id=child):
                 self._update(self._ensure_inst(iid, at), attrs={"loom.child_run.id": child})
                 self._children[iid] = child
+                if self._agent_call(iid):  # a delegate an agent's model called
+                    self._update(self._step_id(iid), name="call delegate",
+                                 attrs={"loom.step.kind": "agent_call"})  # fmt: skip
             case SubRunEnded(step_id=iid, status=child_status):
                 self._children.pop(iid, None)
                 self._update(
                     self._ensure_inst(iid, at), attrs={"loom.child_run.status": child_status}
                 )
+                if self._agent_call(iid):  # a call has no step events: it ends here
+                    ok = child_status == "completed" and event.error is None
+                    self._end_inst(iid, at, "completed" if ok else "failed",
+                                   "ok" if ok else "error")  # fmt: skip
             case StepSuspended():
                 self._on_suspended(at, event)
             case StepResumed():
@@ -730,6 +745,19 @@ class TraceBuilder:
             status="ok",
             attrs={"loom.plan.steps": len(plan.steps), "loom.planner": ev.planner},
         )
+
+    def _replan_id(self, attempt: int) -> str:
+        return ids.span_id(self.run_id, "replan", str(attempt))
+
+    def _on_replanned(self, at: datetime, ev: PlanRevised | ReplanRefused, n: int) -> None:
+        """Re-planning ``n`` ended: its model calls as a ``chat`` span under it; a revised
+        plan's new steps are described through it from now on."""
+        ok = isinstance(ev, PlanRevised)
+        self._planning_span(at, ev.planning, ok, parent=self._replan_id(n), key=f"replan{n}")
+        self._update(self._replan_id(n), end=at, status="ok" if ok else "error")
+        if isinstance(ev, PlanRevised):
+            self._top = {step.id: step for step in ev.plan.steps}
+            self._steps_total = len(ev.plan.steps)
 
     def _on_plan_rejected(self, at: datetime, ev: PlanRejected) -> None:
         self._planning_span(at, ev.planning, ok=False)
@@ -1017,14 +1045,23 @@ class TraceBuilder:
                          end=ev.finished_at or at, status="error", message=ev.error.message,
                          attrs=attrs, events=events)  # fmt: skip
 
-    def _planning_span(self, at: datetime, planning: PlanningRecord | None, ok: bool) -> None:
-        """The model calls that planned the run: one ``chat`` span under ``plan``."""
+    def _planning_span(
+        self,
+        at: datetime,
+        planning: PlanningRecord | None,
+        ok: bool,
+        parent: str | None = None,
+        key: str = "plan",
+    ) -> None:
+        """The model calls that planned the run: one ``chat`` span under ``plan`` (or
+        under a re-planning's span)."""
         if planning is None:
             return
-        span_id = ids.span_id(self.run_id, "plan", "chat")
+        parent = parent or self._plan_id
+        span_id = ids.span_id(self.run_id, key, "chat")
         if span_id in self._spans:
             return
-        start = self._spans[self._plan_id].start if self._plan_id in self._spans else at
+        start = self._spans[parent].start if parent in self._spans else at
         attrs: dict[str, JSON] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.request.model": planning.model,
@@ -1033,7 +1070,7 @@ class TraceBuilder:
             "loom.plan.repairs": len(planning.repairs),
             **_model_attrs(planning.usage, planning.attempts),
         }
-        self._create(span_id, f"chat {planning.model}", start, self._plan_id, attrs, "client")
+        self._create(span_id, f"chat {planning.model}", start, parent, attrs, "client")
         self._update(span_id, end=at, status="ok" if ok else "error",
                      events=_attempt_events(planning.attempts, at))  # fmt: skip
 

@@ -34,6 +34,7 @@ Design notes
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -100,6 +101,7 @@ RunStatus = Literal[
     "cancelled",
     "rejected",
 ]
+_AGENT_CALL = re.compile(r"^(.+)/c\d+-\d+$")
 StepOutcome = Literal["pending", "running", "succeeded", "failed", "skipped", "cancelled"]
 TERMINAL_RUN_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "rejected"})
 _FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "skipped", "cancelled"})
@@ -355,7 +357,10 @@ class _Fold:
             case BranchTaken(step_id=sid):
                 self._activate(sid, at)
             case ToolCallRequested(step_id=sid, attempt=n, tool=tool):
-                self._activate(sid, at)
+                # an agent's call (``{step}/c{turn}-{k}``) is the agent step at work,
+                # not an instance of its own: it has no step_* events to end it
+                owner = _AGENT_CALL.match(sid)
+                self._activate(owner[1] if owner and owner[1] in self.instances else sid, at)
                 self.attempts += 1
                 top = sid.split("/", 1)[0]
                 self.top_attempts[top] = self.top_attempts.get(top, 0) + 1
@@ -408,7 +413,8 @@ class _Fold:
                     if not wait.pending:
                         self._close_wait("event", sid, at)
             case SubRunRequested(step_id=sid, child_run_id=child):
-                self._activate(sid, at)
+                owner = _AGENT_CALL.match(sid)  # a delegate an agent called: the agent works
+                self._activate(owner[1] if owner and owner[1] in self.instances else sid, at)
                 self._open_wait(_Waiting("sub_run", sid, child, at))
             case SubRunEnded(step_id=sid):
                 self._close_wait("sub_run", sid, at)

@@ -101,6 +101,9 @@ def health(service: str) -> str:
 TOOLS_BUCKET = "loom_tools"
 # Blobs: big values by sha256 (loom_infra.blobstore), a JetStream Object Store bucket.
 BLOBS_BUCKET = "loom_blobs"
+# Model answers by the digest of the turn request they answer (the planner's, so a
+# redelivered request after a restart is answered again without paying the model twice)
+MODEL_ANSWERS_BUCKET = "loom_model_answers"
 
 # Headers
 MSG_ID = "Nats-Msg-Id"

@@ -55,7 +55,7 @@ from typing import Any
 import msgspec
 
 from loom_core import agent as agent_step
-from loom_core import predicates, schemas
+from loom_core import predicates, replanning, schemas
 from loom_core.caps import too_many
 from loom_core.contracts import (
     AgentStep,
@@ -384,7 +384,17 @@ def _parts(step: Step) -> list[_Part]:
         case WaitEventStep():
             return [_Field("events", [{"key": m.key} for m in step.events])]
         case AgentStep():
-            return [_Field("instructions", step.instructions), _Field("input", step.input)]
+            fields: list[_Field | _Body | _Fallback] = [
+                _Field("instructions", step.instructions),
+                _Field("input", step.input),
+            ]
+            if step.memory is not None:
+                recall = step.memory.semantic_recall
+                fields += [
+                    _Field("memory.thread_id", step.memory.thread_id),
+                    _Field("memory.semantic_recall.query", recall.query if recall else None),
+                ]
+            return fields
     raise TypeError(f"not a step: {step!r}")
 
 
@@ -610,6 +620,7 @@ def _check_plan_fields(facts: _Facts) -> Iterator[PlanIssue]:
         )
     if plan.budget is not None:
         yield from agent_step.budget_issues(f"{facts.path}.budget", plan.budget)
+    yield from replanning.replan_issues(facts.path, plan)
     finals = [s for s in plan.steps if isinstance(s, FinalStep)]
     if plan.output is not None and finals:
         yield _issue(

@@ -370,6 +370,23 @@ async def ensure_tools_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
         return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1, replicas=replicas)
 
 
+MODEL_ANSWERS_TTL_S = 86_400.0  # a redelivery comes within the ack wait; a day is ample
+
+
+async def ensure_model_answers_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
+    """The planner's model answers (created by provisioning; ``replicas``:
+    LOOM_STREAM_REPLICAS)."""
+    try:
+        return await js.key_value(subjects.MODEL_ANSWERS_BUCKET)
+    except Exception:  # bucket not found; nats-py raises BucketNotFoundError
+        return await js.create_key_value(
+            bucket=subjects.MODEL_ANSWERS_BUCKET,
+            history=1,
+            ttl=MODEL_ANSWERS_TTL_S,
+            replicas=replicas,
+        )
+
+
 def tool_key(name: str) -> str:
     """The tools bucket's key of a tool: its name, with an MCP tool's ``server.tool`` dot
     as ``/`` (a dot would split the key into two subject tokens; readers use

@@ -73,6 +73,8 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     (routes.TOOL_CATALOG.name, "operator"): frozenset({"get", "browse"}),
     # the tool-runner keeps the tools a down MCP server published before (kv.keys/get)
     (routes.TOOL_CATALOG.name, "toolrunner"): frozenset({"get", "browse"}),
+    # a model answer already paid for, by the turn request's digest (kv.get)
+    (routes.MODEL_ANSWERS.name, "planner"): frozenset({"get"}),
     # blobs: an object's metadata is a get_last_msg, its chunks an ordered consumer;
     # writers look an object up before writing it (stored once)
     (routes.BLOBS.name, "toolrunner"): frozenset({"get", "browse"}),

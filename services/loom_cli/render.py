@@ -26,6 +26,9 @@ from loom_core.contracts import (
     ModelUsage,
     PlanAccepted,
     PlanRejected,
+    PlanRevised,
+    ReplanRefused,
+    ReplanRequested,
     RunCancelled,
     RunCompleted,
     RunFailed,
@@ -85,6 +88,13 @@ def progress_line(record: EventRecord, started: dict[str, datetime]) -> str | No
             return (f"  [yellow]⏸[/] {sid}: budget used up ({exceeded}); raise it with "
                     f"loom resume {record.run_id} --label budget --data '{{\"{exceeded}\": …}}' "
                     "or cancel")  # fmt: skip
+        case ReplanRequested(step_id=sid, error=err, attempt=n):
+            return f"  [yellow]↻[/] {sid} failed ({err.code}): re-planning the rest ({n})"
+        case PlanRevised(plan=plan, kept=kept):
+            return f"plan revised: {len(plan.steps) - len(kept)} new steps, {len(kept)} kept"
+        case ReplanRefused(issues=issues):
+            codes = ", ".join(sorted({i.code for i in issues})) or "no plan"
+            return f"[red]re-planning refused[/] ({codes})"
         case PlanRejected(issues=issues):
             lines = [f"[red]plan rejected[/] ({len(issues)} issues):"]
             lines += [f"  [red]✗[/] {i.code} at {i.path}: {i.message}" for i in issues]

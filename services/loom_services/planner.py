@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     ModelCallRequested,
     ModelChunk,
@@ -34,6 +34,9 @@ from loom_core.contracts import (
     PlanIssue,
     PlanProposed,
     PlanRefused,
+    ReplanRequested,
+    RunEventsQuery,
+    RunEventsReply,
     RunRequested,
     ToolSpec,
 )
@@ -44,8 +47,13 @@ from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings
-from loom_services.models import ModelConfig, ModelLayer
-from loom_services.planning import plan_with_model
+from loom_services.conversations import (
+    ConversationMissing,
+    Conversations,
+    ConversationUnavailable,
+)
+from loom_services.models import Answer, ModelConfig, ModelLayer
+from loom_services.planning import plan_with_model, replan_with_model
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.planner")
@@ -65,15 +73,19 @@ class PlannerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.kv: Any = None
+        self.answers: Any = None  # model answers already paid for, by request digest
+        self.reused = 0  # answers sent again from the bucket instead of the model
         self.models = ModelConfig.from_settings(settings)
         # model work by request digest: a redelivery while (or shortly after) it runs
         # reuses it instead of paying for the model again (bounded, newest kept)
         self._once: OrderedDict[str, asyncio.Task[Any]] = OrderedDict()
         self.layer = ModelLayer(self.models, SecretSource(settings.secrets))
+        self.conversations = Conversations(self._run_events)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.kv = await bus.ensure_tools_bucket(ctx.js)
+        self.answers = await bus.ensure_model_answers_bucket(ctx.js)
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
         )
@@ -85,6 +97,11 @@ class PlannerService:
             message_handler=self.on_model_request, concurrency=64, batch=64,
         )  # fmt: skip
         ctx.spawn(turns.run(ctx.stop), "planner-models")
+        replans = endpoints.durable(
+            ctx.js, routes.RUN_EVENTS, self.name, "planner-replans",
+            message_handler=self.on_replan_request, concurrency=8, batch=16,
+        )  # fmt: skip
+        ctx.spawn(replans.run(ctx.stop), "planner-replans")
 
     async def close(self) -> None:
         return None
@@ -163,13 +180,67 @@ class PlannerService:
             return PlanRefused(run_id=run_id, issues=issues)
         return PlanProposed(run_id=run_id, plan=event.plan, planner="explicit")
 
+    async def on_replan_request(self, msg: Msg) -> bool | BaseException:
+        """A step failed in a plan that opted into re-planning: ask the model for the
+        rest, answer the run's inbox with the revised plan or the problems."""
+        try:
+            record, event = bus.expect_event(msg, ReplanRequested)
+        except bus.Poison as poison:
+            return poison
+        digest = request_digest(record.run_id, event)
+        try:
+            verdict = await _beating(
+                msg, self.once(f"replan:{digest}", lambda: self.replan(record.run_id, event))
+            )
+        except (CatalogUnavailable, ConversationUnavailable) as exc:
+            return exc
+        except TimeoutError as exc:  # the executor did not give the run's request: later
+            return ConversationUnavailable(f"run {record.run_id}: {exc!r}")
+        verdict = msgspec.structs.replace(verdict, request_digest=digest)
+        await bus.publish_acked(self.ctx.js, routes.inbox_subject(verdict), codec.encode(verdict))
+        return True
+
+    async def replan(self, run_id: str, event: ReplanRequested) -> PlanProposed | PlanRefused:
+        if not self.models.configured:
+            issue = PlanIssue(code="no_model_configured", path="$.plan.replan",
+                              message="re-planning needs a model: set LOOM_MODEL or "
+                              "LOOM_MODELS_FILE, or remove replan from the plan")  # fmt: skip
+            return PlanRefused(run_id=run_id, issues=[issue])
+        reply = await self._run_events(RunEventsQuery(run_id=run_id, limit=1))
+        if reply.error is not None:
+            raise ConversationUnavailable(reply.error.message)
+        first = reply.events[0].event if reply.events else None
+        catalog = await self.tool_catalog()
+        plan, issues, planning = await replan_with_model(
+            self.layer, event.model or self.models.planner, event,
+            first if isinstance(first, RunRequested) else None, catalog,
+        )  # fmt: skip
+        if plan is None:
+            return PlanRefused(run_id=run_id, issues=issues, planning=planning)
+        return PlanProposed(run_id=run_id, plan=plan, planner="replan", planning=planning)
+
     async def on_model_request(self, msg: Msg) -> bool | BaseException:
         """One turn of an agent step: call the model, answer the run's inbox."""
         try:
             record, event = bus.expect_event(msg, ModelCallRequested)
         except bus.Poison as poison:
             return poison
-        specs = await self.tool_specs(event.tools)
+        digest = request_digest(record.run_id, event)
+        paid = await self._paid_answer(record.run_id, digest)
+        if paid is not None:  # answered before a restart: send it again, do not pay again
+            self.reused += 1
+            await self.ctx.js.publish(routes.inbox_subject(paid), codec.encode(paid))
+            return True
+        try:  # a lean turn holds only what is new: the whole conversation, for the model
+            messages = await self.conversations.of(record.run_id, event)
+        except TimeoutError as exc:  # the executor did not answer: later
+            return ConversationUnavailable(f"run {record.run_id}: {exc!r}")
+        except ConversationUnavailable as exc:
+            return exc
+        except ConversationMissing as exc:
+            await self._answer(record.run_id, event, Answer(message=None, error=exc.info))
+            return True
+        specs = await self.tool_specs(event.tools) + list(event.delegates)
         started = datetime.now(UTC)
         pieces = itertools.count()
         subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
@@ -181,19 +252,55 @@ class PlannerService:
 
         key = f"turn:{request_digest(record.run_id, event)}"
         answer = await _beating(msg, self.once(key, lambda: self.layer.complete(
-            event.model, event.messages, specs, json_mode=event.output_schema is not None,
+            event.model, messages, specs, json_mode=event.output_schema is not None,
             on_text=on_text,
         )))  # fmt: skip
+        await self._answer(record.run_id, event, answer, started)
+        return True
+
+    async def _answer(
+        self,
+        run_id: str,
+        event: ModelCallRequested,
+        answer: Answer,
+        started: datetime | None = None,
+    ) -> None:
+        now = datetime.now(UTC)
         result = ModelResult(
-            run_id=record.run_id, step_id=event.step_id, turn=event.turn,
+            run_id=run_id, step_id=event.step_id, turn=event.turn,
             idempotency_key=event.idempotency_key, ok=answer.message is not None,
-            started_at=started, finished_at=datetime.now(UTC), message=answer.message,
+            started_at=started or now, finished_at=now, message=answer.message,
             finish_reason=answer.finish_reason, model=answer.model, provider=answer.provider,
             attempts=answer.attempts, usage=answer.usage, error=answer.error,
-            request_digest=request_digest(record.run_id, event),
+            request_digest=request_digest(run_id, event),
         )  # fmt: skip
-        await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
-        return True
+        data = codec.encode(result)
+        try:  # kept before it is sent: a crash after the model call loses nothing
+            await self.answers.put(result.request_digest, data)
+        except Exception as exc:  # noqa: BLE001 (a lost copy costs a model call at worst)
+            log.warning("model answer %s not kept: %r", result.idempotency_key, exc)
+        await self.ctx.js.publish(routes.inbox_subject(result), data)
+
+    async def _paid_answer(self, run_id: str, digest: str) -> ModelResult | None:
+        """The answer this planner (or another replica) already sent for the turn
+        request with ``digest``, if it is kept."""
+        try:
+            entry = await self.answers.get(digest)
+        except Exception:  # noqa: BLE001 (nats-py raises KeyNotFoundError; absent is fine)
+            return None
+        try:
+            answer = codec.decode(entry.value, ModelResult) if entry.value else None
+        except Exception as exc:  # noqa: BLE001 (a damaged copy: ask the model again)
+            log.warning("kept model answer %s unreadable: %r", digest, exc)
+            return None
+        if answer is None or answer.run_id != run_id or answer.request_digest != digest:
+            return None
+        return answer
+
+    async def _run_events(self, query: RunEventsQuery) -> RunEventsReply:
+        return await bus.request(
+            self.ctx.nc, subjects.API_RUN_EVENTS, query, RunEventsReply, timeout=10.0
+        )
 
     def _no_model_issue(self) -> PlanIssue:
         if self.models.configured:

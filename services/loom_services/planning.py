@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 
+from loom_core import replanning
 from loom_core.contracts import (
     ModelMessage,
     ModelUsage,
     Plan,
     PlanIssue,
     PlanningRecord,
+    ReplanRequested,
     RunRequested,
     ToolSpec,
 )
+from loom_core.tool_access import check_tool_access
 from loom_core.validation import plan_issue_from_decode_error, validate_plan
 from loom_services.models import ModelLayer
 
@@ -77,8 +80,8 @@ def system_prompt(catalog: Mapping[str, ToolSpec]) -> str:
     )
 
 
-def prompt_id(system: str) -> str:
-    return f"{PROMPT_VERSION}:{hashlib.sha256(system.encode()).hexdigest()[:16]}"
+def prompt_id(system: str, version: str = PROMPT_VERSION) -> str:
+    return f"{version}:{hashlib.sha256(system.encode()).hexdigest()[:16]}"
 
 
 def user_prompt(event: RunRequested) -> str:
@@ -114,10 +117,73 @@ async def plan_with_model(
     catalog: Mapping[str, ToolSpec],
 ) -> tuple[Plan | None, list[PlanIssue], PlanningRecord]:
     """A valid plan (issues empty) or the last problems, and what to record."""
+
+    def check(plan: Plan) -> tuple[Plan, list[PlanIssue]]:
+        return plan, validate_plan(plan, catalog, event.input, caps=event.caps)
+
     system = system_prompt(catalog)
+    return await _propose(layer, model, system, user_prompt(event), check, PROMPT_VERSION)
+
+
+REPLAN_VERSION = "replan-v1"
+REPLAN_TASK = (
+    "A step of this run's plan failed. Write a JSON plan with ONLY the steps that remain "
+    "to do, avoiding what failed. The steps that succeeded are kept with their outputs: "
+    "your steps may reference them ({{ steps.ID.output }}) and list them in depends_on, "
+    "but do not repeat them or reuse their ids, nor the ids in ids_not_to_reuse. Give "
+    "\"output\" if the run's output should be another than the sink steps' outputs."
+)
+
+
+def replan_prompt(failed: ReplanRequested, first: RunRequested | None) -> str:
+    told = {
+        "task": REPLAN_TASK,
+        "request": first.request if first else None,
+        "input": first.input if first else {},
+        "plan": msgspec.to_builtins(failed.plan),
+        "succeeded": failed.outputs,
+        "ids_not_to_reuse": failed.retired,
+        "failed": {"step": failed.step_id, "error": {"code": failed.error.code,
+                                                      "message": failed.error.message}},
+    }  # fmt: skip
+    return json.dumps(told, sort_keys=True, default=str)
+
+
+async def replan_with_model(
+    layer: ModelLayer,
+    model: str | None,
+    failed: ReplanRequested,
+    first: RunRequested | None,
+    catalog: Mapping[str, ToolSpec],
+) -> tuple[Plan | None, list[PlanIssue], PlanningRecord]:
+    """The whole revised plan (kept steps, then the model's) or the last problems. The
+    problems' paths count the kept steps first, as in the plan the run would get."""
+    run_input = first.input if first else {}
+    caps = first.caps if first else None
+    principal = first.principal if first else None
+
+    def check(tail: Plan) -> tuple[Plan, list[PlanIssue]]:
+        revised = replanning.revise(failed, tail)
+        issues = validate_plan(revised, catalog, run_input, caps=caps)
+        issues = issues or replanning.kept_issues(failed, revised)
+        return revised, issues or check_tool_access(revised, catalog, principal)
+
+    system = system_prompt(catalog)
+    return await _propose(layer, model, system, replan_prompt(failed, first), check, REPLAN_VERSION)
+
+
+async def _propose(
+    layer: ModelLayer,
+    model: str | None,
+    system: str,
+    user: str,
+    check: Callable[[Plan], tuple[Plan, list[PlanIssue]]],
+    version: str,
+) -> tuple[Plan | None, list[PlanIssue], PlanningRecord]:
+    """Ask, decode, check; tell the model the problems, at most ``MAX_REPAIRS`` times."""
     messages = [
         ModelMessage(role="system", content=system),
-        ModelMessage(role="user", content=user_prompt(event)),
+        ModelMessage(role="user", content=user),
     ]
     attempts: list[Any] = []
     repairs: list[list[PlanIssue]] = []
@@ -147,18 +213,18 @@ async def plan_with_model(
         if isinstance(decoded, PlanIssue):
             issues = [decoded]
         else:
-            issues = validate_plan(decoded, catalog, event.input, caps=event.caps)
+            checked, issues = check(decoded)
             if not issues:
                 record = PlanningRecord(
-                    model=used_model, prompt_id=prompt_id(system), attempts=attempts,
+                    model=used_model, prompt_id=prompt_id(system, version), attempts=attempts,
                     repairs=repairs, usage=usage,
                 )  # fmt: skip
-                return decoded, [], record
+                return checked, [], record
         repairs.append(issues[:MAX_ISSUES_TOLD])
         messages += [
             ModelMessage(role="assistant", content=answer.message.content),
             ModelMessage(role="user", content=repair_prompt(issues)),
         ]
-    record = PlanningRecord(model=used_model, prompt_id=prompt_id(system), attempts=attempts,
-                            repairs=repairs, usage=usage)  # fmt: skip
+    record = PlanningRecord(model=used_model, prompt_id=prompt_id(system, version),
+                            attempts=attempts, repairs=repairs, usage=usage)  # fmt: skip
     return None, issues, record

@@ -237,6 +237,7 @@ async def provision(
         js = nc.jetstream()
         await bus.ensure_streams(js, ops)
         await bus.ensure_tools_bucket(js, ops.stream_replicas)
+        await bus.ensure_model_answers_bucket(js, ops.stream_replicas)
         await schedules.ensure_bucket(js, ops.stream_replicas)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env(), ops.stream_replicas)
     finally:

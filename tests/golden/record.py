@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,7 @@ from loom_core.contracts import (
     ForkRun,
     ParallelStep,
     Plan,
+    Replan,
     RunRequest,
     SleepStep,
     ToolStep,
@@ -97,7 +99,11 @@ async def confirm_payment(inp: PaymentIn, ctx: ToolContext) -> PaymentOut:
 
 
 def registry() -> ToolRegistry:
+    from loom_services.tools.memory_tools import MEMORY_TOOLS
+
     reg = default_registry()
+    for memory_tool in MEMORY_TOOLS:  # agent-memory recalls through them
+        reg.register(memory_tool)
     reg.register(
         make_tool(
             confirm_payment,
@@ -338,6 +344,13 @@ def research_model(body: dict[str, Any]) -> Reply:
     answer outside the schema, then a good one); agent-research's adds with `math`,
     then answers."""
     last = body["messages"][-1]
+    if "plan failed" in str(body["messages"][1]["content"]):  # replan: the rest of it
+        return Reply(content=json.dumps(REPLAN_TAIL))
+    if "personal assistant" in str(body["messages"][0]["content"]):  # agent-memory
+        if last["role"] == "user":
+            remember = {"doc": {"cat": "Miso"}, "expected_version": 0}
+            return Reply(tool_calls=[ToolCall("working_memory_set", remember, id="call_wm")])
+        return Reply(content="Noted: your cat is called Miso.")
     if "Classify" in str(body["messages"][0]["content"]):
         if last["role"] == "user" and "schema" not in str(last["content"]):
             return Reply(content="tracking, I think")
@@ -349,6 +362,40 @@ def research_model(body: dict[str, Any]) -> Reply:
         ], input_tokens=120, output_tokens=30)  # fmt: skip
     answer = {"summary": "Lisbon And Porto", "total": 777885}
     return Reply(content=json.dumps(answer), input_tokens=200, output_tokens=20)
+
+
+REPLAN_TAIL = {
+    "steps": [{"kind": "tool", "id": "shout", "tool": "text",
+               "input": {"text": "{{ steps.fetch.output.message }}", "op": "upper"}}],
+    "output": "{{ steps.shout.output.result }}",
+}  # fmt: skip
+# A planner model that never gives a valid tail: malformed, then a kept step's id again
+REFUSER = [
+    Reply(content="not a plan"),
+    Reply(
+        content=json.dumps(
+            {"steps": [{"kind": "tool", "id": "a", "tool": "echo", "input": {"message": "again"}}]}
+        )
+    ),  # fmt: skip
+    Reply(content="{}"),
+]
+
+
+async def replan_refused(client: LoomClient) -> dict[str, str]:
+    plan = Plan(
+        name="replan-refused",
+        steps=[
+            ToolStep(id="a", tool="echo", input={"message": "kept"}),
+            ToolStep(
+                id="b", tool="flaky", input={"fail_times": 2, "code": "broken"}, depends_on=["a"]
+            ),  # fmt: skip
+        ],
+        replan=Replan(max=1, model="refuser"),
+    )
+    run_id = "golden-replan-refused"
+    await client.submit(RunRequest(plan=plan, run_id=run_id))
+    await client.wait(run_id, timeout=BOUND_S)
+    return {"replan-refused": run_id}
 
 
 # A model that sends what a careless or hostile one would: malformed tool-call JSON and
@@ -386,6 +433,7 @@ models:
   main: {{model: openai/golden-model, api_base: "{url}",
          input_cost_per_token: 0.000001, output_cost_per_token: 0.000002}}
   hostile: {{model: openai/hostile-model, api_base: "{url}"}}
+  refuser: {{model: openai/refuser-model, api_base: "{url}"}}
 """
 
 
@@ -395,7 +443,7 @@ def scenarios() -> list[Scenario]:
     ]
     return [
         *found, approval_escalate, approval_many, tool_suspend, cancel, pause, fork, fork_nested,
-        agent_hostile,
+        agent_hostile, replan_refused,
     ]  # fmt: skip
 
 
@@ -410,6 +458,8 @@ def encode_jsonl(records: list[EventRecord]) -> str:
 async def record_all(out_dir: Path, only: set[str] | None = None) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="loom-golden-") as tmp, FakeModelServer() as model:
         model.script("hostile-model", *HOSTILE)
+        model.script("refuser-model", *REFUSER)
+        os.environ.setdefault("LOOM_EMBEDDER", "hash")  # agent-memory: no model download
         model.default = research_model
         models = Path(tmp) / "models.yaml"
         models.write_text(MODELS.format(url=model.base_url))

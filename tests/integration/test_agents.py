@@ -23,6 +23,7 @@ from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from conftest import make_settings  # type: ignore[import-not-found]
 from loom_core import codec, subjects
+from loom_core.agent import conversation
 from loom_core.contracts import (
     AgentStep,
     Budget,
@@ -186,9 +187,10 @@ async def test_agent_step_calls_two_tools_after_a_429_fallback_and_replays_offli
         ("think/c1-0", {"message": "Lisbon"}), ("think/c1-1", {"result": "LISBON"}),
     ]  # fmt: skip
     # the second turn told the model both results, in order
-    second = of(records, ModelCallRequested)[1]
-    assert [m.role for m in second.messages] == ["system", "user", "assistant", "tool", "tool"]
-    assert '"LISBON"' in (second.messages[-1].content or "")
+    second = conversation(of(records, ModelCallRequested), 2)
+    assert second is not None
+    assert [m.role for m in second] == ["system", "user", "assistant", "tool", "tool"]
+    assert '"LISBON"' in (second[-1].content or "")
 
     # the trace: a chat span per turn under the agent's attempt, GenAI attributes, cost;
     # usage by model counts them (the tracing service's read model, no event to wait on)
@@ -277,8 +279,8 @@ async def test_hostile_model_output_is_refused_typed_and_the_stack_goes_on(
     assert failed.step_id == "think" and failed.error.code == "max_turns_exceeded"
     assert of(records, RunFailed)
     # the schema-violating call reached the tool-runner and came back a typed error
-    second = of(records, ModelCallRequested)[1]
-    answers = [m.content or "" for m in second.messages if m.role == "tool"]
+    second = conversation(of(records, ModelCallRequested), 2) or []
+    answers = [m.content or "" for m in second if m.role == "tool"]
     assert "invalid_tool_arguments" in answers[0] and "unknown_tool" in answers[1]
     assert "invalid_input" in answers[2]
     # a secret reference a model writes is not the plan's: never resolved

@@ -97,7 +97,7 @@ async def test_an_agent_step_calls_an_mcp_tool(mcp_agent_stack) -> None:
 
     # events keep the catalog name; only the wire carries the provider-safe one
     second = [r.event for r in records if isinstance(r.event, ModelCallRequested)][1]
-    assert second.messages[2].tool_calls[0].name == "demo.add"
+    assert second.appended and second.messages[0].tool_calls[0].name == "demo.add"
     first_body, second_body = model_server.bodies
     assert [t["function"]["name"] for t in first_body["tools"]] == ["demo__add"]
     assert first_body["tools"][0]["function"]["parameters"]["required"] == ["a", "b"]

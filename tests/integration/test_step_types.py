@@ -6,6 +6,7 @@ foreach order and concurrency, timeouts and cancellations)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -75,6 +76,9 @@ EXPECTED: dict[str, tuple[str, Any]] = {
     # needs a model (tests/integration/test_agents.py runs agents): without one it says so
     "agent-research.yaml": ("run_failed", "no_model_configured"),
     "agent-intent-routing.yaml": ("run_failed", "no_model_configured"),
+    "agent-memory.yaml": ("run_failed", "no_model_configured"),  # after its recall
+    # re-planning needs a model too: without one the step's own failure fails the run
+    "replan.yaml": ("run_failed", "parse_error"),
     "run-timeout.yaml": ("run_failed", "run_timeout"),
     "nested.yaml": (
         "run_completed",
@@ -136,8 +140,10 @@ def check_stream(records: list[EventRecord]) -> None:
         if isinstance(r.event, ToolCallRequested):
             e = r.event
             assert e.idempotency_key == f"{r.run_id}:{e.step_id}:{e.attempt}"
-            # each attempt is announced by its StepStarted, in the same decision
-            assert before.event == StepStarted(step_id=e.step_id, attempt=e.attempt)
+            # each attempt is announced by its StepStarted, in the same decision (an
+            # agent's calls, `{step}/c{turn}-{k}`, are announced by the agent's turn)
+            if not re.search(r"/c\d+-\d+$", e.step_id):
+                assert before.event == StepStarted(step_id=e.step_id, attempt=e.attempt)
     # attempts of one instance count 1, 2, 3, ... and each retry announces the next one
     by_step: dict[str, list[int]] = {}
     for sid, attempt in asked:
@@ -398,6 +404,23 @@ def check_sub_run(records: list[EventRecord]) -> None:
     assert all(e.child_run_id.startswith(records[0].run_id) for e in requested)
 
 
+def check_agent_memory(records: list[EventRecord]) -> None:
+    # the recall ran first (turn 0: history, semantic recall, working memory), then the
+    # turn was asked and refused for want of a model
+    recall = [e.tool for e in of(records, ToolCallRequested) if e.step_id.startswith("chat/c0-")]
+    assert recall == ["thread_history", "thread_recall", "working_memory_get"]
+    assert record_of(records, StepFailed, "chat").event.error.code == "no_model_configured"
+
+
+def check_replan(records: list[EventRecord]) -> None:
+    from loom_core.contracts import ReplanRefused, ReplanRequested
+
+    asked = of(records, ReplanRequested)
+    assert [(a.step_id, a.kept) for a in asked] == [("parse", ["fetch"])]
+    refused = of(records, ReplanRefused)[0]
+    assert [i.code for i in refused.issues] == ["no_model_configured"]
+
+
 CHECKS: dict[str, Callable[[list[EventRecord]], None]] = {
     "sub-run.yaml": check_sub_run,
     "hello-dag.yaml": check_hello_dag,
@@ -418,6 +441,8 @@ CHECKS: dict[str, Callable[[list[EventRecord]], None]] = {
     "agent-research.yaml": check_agent_without_model("research", "report"),
     "agent-intent-routing.yaml": check_agent_without_model("classify", "route"),
     "nested.yaml": check_nested,
+    "agent-memory.yaml": check_agent_memory,
+    "replan.yaml": check_replan,
 }
 
 

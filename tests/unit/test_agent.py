@@ -92,13 +92,19 @@ class World:
         turns: list[Any],
         limits: SizeLimits | None = None,
         budget: Budget | None = None,
+        thread_id: str | None = None,
+        turn_messages: str = "new",
     ) -> None:
         self.state = initial_state("r1")
         self.now = T0
         self.records: list[EventRecord] = []
         self.turns = list(turns)
-        request = RunRequest(plan=plan, input={"q": "what?"}, budget=budget)
-        self.send(Submission(request, limits=limits) if limits else request)
+        self.tool_output: Callable[[ToolCallRequested], Any] = lambda c: {"echo": c.input}
+        request = RunRequest(plan=plan, input={"q": "what?"}, budget=budget, thread_id=thread_id)
+        if limits or turn_messages != "new":
+            self.send(Submission(request, limits=limits, turn_messages=turn_messages))  # type: ignore[arg-type]
+        else:
+            self.send(request)
         self.send(PlanProposed(run_id="r1", plan=plan))
 
     @property
@@ -115,6 +121,13 @@ class World:
             self.records.append(EventRecord(run_id="r1", seq=len(self.records) + 1, at=self.now,
                                             event=e))  # fmt: skip
         return produced
+
+    def said(self, turn: int, step_id: str = "a") -> list[ModelMessage]:
+        """The whole conversation sent in ``turn``, folded from the lean requests."""
+        asked = [e for e in self.of(ModelCallRequested) if e.step_id == step_id]
+        messages = agent.conversation(asked, turn)
+        assert messages is not None
+        return messages
 
     def model_result(self, req: ModelCallRequested, **fields: Any) -> ModelResult:
         return ModelResult(
@@ -140,7 +153,7 @@ class World:
                 self.send(ToolResult(
                     run_id="r1", step_id=c.step_id, attempt=c.attempt,
                     idempotency_key=c.idempotency_key, ok=True, started_at=self.now,
-                    finished_at=self.now, output={"echo": c.input},
+                    finished_at=self.now, output=self.tool_output(c),
                 ))  # fmt: skip
             elif open_turns and self.turns and not self.state.terminal:
                 make = self.turns.pop(0)
@@ -180,10 +193,13 @@ def test_two_tool_calls_then_an_answer() -> None:
     ]  # fmt: skip
     second = w.of(ModelCallRequested)[1]
     assert second.idempotency_key == "r1:a:turn2"
-    assert [(m.role, m.tool_call_id) for m in second.messages] == [
+    # lean: the request holds only what is new; the conversation is their fold
+    assert second.appended and [m.role for m in second.messages] == ["assistant", "tool", "tool"]
+    assert [(m.role, m.tool_call_id) for m in w.said(2)] == [
         ("system", None), ("user", None), ("assistant", None), ("tool", "c1"), ("tool", "c2"),
     ]  # fmt: skip
-    assert json.loads(second.messages[3].content or "") == {"echo": {"message": "hi"}}
+    assert json.loads(w.said(2)[3].content or "") == {"echo": {"message": "hi"}}
+    assert w.said(2) == w.state.agents.get("a", agent.AgentRun(messages=w.said(2))).messages
     assert w.state.model_usage.calls == 2 and w.state.model_usage.tokens == 40
     assert w.state.agents == {}  # forgotten once the step ended
     check_replays(w)
@@ -202,7 +218,7 @@ def test_bad_tool_calls_are_refused_and_told_to_the_model() -> None:
         ("a/c1-2", "invalid_tool_arguments"), ("a/c1-3", "invalid_tool_arguments"),
     ]  # fmt: skip
     assert not w.of(ToolCallRequested)  # nothing ran
-    tools = [m for m in w.of(ModelCallRequested)[1].messages if m.role == "tool"]
+    tools = [m for m in w.said(2) if m.role == "tool"]
     assert [json.loads(m.content or "")["error"] for m in tools] == [
         "invalid_tool_arguments", "unknown_tool", "invalid_tool_arguments",
         "invalid_tool_arguments",
@@ -226,7 +242,7 @@ def test_output_schema_violations_are_fed_back_then_the_json_is_the_output() -> 
                                                 answer('{"n": 3}')])  # fmt: skip
     w.run()
     assert [e.error.code for e in w.of(ModelOutputRefused)] == ["invalid_model_output"] * 2
-    third = w.of(ModelCallRequested)[2].messages
+    third = w.said(3)
     assert third[-1].role == "user" and "$.n" in (third[-1].content or "")
     assert w.of(RunCompleted)[0].output == {"n": 3}
     check_replays(w)

@@ -33,7 +33,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(GOLDEN.glob("*.jsonl"))
 SCENARIOS = {
     "approval-escalate", "approval-many", "tool-suspend", "cancel", "pause", "fork",
-    "fork-origin", "fork-nested", "fork-nested-origin", "agent-hostile",
+    "fork-origin", "fork-nested", "fork-nested-origin", "agent-hostile", "replan-refused",
 }  # fmt: skip
 # Event kinds no recorded scenario produces: a diverged run is parked, never finished,
 # and needs_review takes a tool-runner crashing mid-call (tests/e2e/test_crash.py).

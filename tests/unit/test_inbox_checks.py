@@ -219,7 +219,8 @@ def _with_digests(state: RunState, message: Any) -> Any:
             message, request_digest=state.agents[message.step_id].request_digest
         )
     if isinstance(message, PlanProposed | PlanRefused):
-        return msgspec.structs.replace(message, request_digest=state.request_digest)
+        asked = state.replan_digest if state.replanning else state.request_digest
+        return msgspec.structs.replace(message, request_digest=asked)
     return message
 
 

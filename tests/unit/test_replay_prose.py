@@ -234,7 +234,8 @@ def test_the_rewording_changed_what_the_engine_writes(reworded_advance: Any) -> 
 # tool's or planner's error, recorded as received and fed back as it was)
 REWORDED = {
     "approval", "approval-escalate", "cancel", "conditional", "nested", "pause",
-    "run-timeout", "step-timeout", "tool-continue", "agent-intent-routing",
+    "run-timeout", "step-timeout", "tool-continue", "agent-intent-routing", "replan",
+    "replan-refused",
     # recorded before issue 16 reworded schema problems (`expected number, got string`);
     # the current code already says it otherwise, the rewording code too
     "agent-hostile",
