@@ -1228,6 +1228,7 @@ class RunSummary(Record, tag="run_summary", tag_field="type"):
     # people are listed here too (``Wait.run_id``) when the read model holds the child
     waits: list[Wait] = []
     tools_in_flight: int = 0  # tool calls requested and not answered (the run works)
+    tenant: str = "default"  # whose run it is (its principal's tenant); scopes queries
 
 
 class RunsQuery(Inbound, tag="runs_query", tag_field="type"):

@@ -377,6 +377,7 @@ class TraceBuilder:
         # summary
         self._status = "pending"
         self._name = ""
+        self._tenant = "default"  # the run's principal's: what scopes its queries
         self._started_at: datetime | None = None
         self._ended_at: datetime | None = None
         self._steps_total = 0
@@ -474,6 +475,7 @@ class TraceBuilder:
             ended_at=self._ended_at,
             duration_ms=duration,
             name=self._name,
+            tenant=self._tenant,
             steps_total=self._steps_total,
             steps_done=self._steps_done,
         )
@@ -684,6 +686,7 @@ class TraceBuilder:
         if ev.principal is not None:  # who the run acts for (never the token)
             attrs["enduser.id"] = ev.principal.user_id
             attrs["loom.tenant"] = ev.principal.tenant
+            self._tenant = ev.principal.tenant
         attrs["loom.run.status"] = self._status
         fork = getattr(ev, "fork", None)
         if fork is not None:

@@ -19,9 +19,10 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes, subjects, tenancy
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
@@ -41,6 +42,7 @@ from loom_infra.blocking import Blocking
 from loom_infra.client import is_stored
 from loom_infra.settings import Settings
 from loom_infra.store import ThreadStore, open_thread_store
+from loom_services import tenants
 from loom_services.memory_ops import run_op
 from loom_services.memorystore import MemoryFailure, MemoryStore
 from loom_services.runtime import ServiceContext, run_main
@@ -133,9 +135,20 @@ class MemoryService:
         return await self._run(principal, request)
 
     async def on_operator_request(self, msg: Msg, request: MemoryRequest) -> MemoryReply:
+        caller = tenants.caller(msg)  # a tenant's operator acts only within its tenant
         principal = request.principal or Principal(
-            user_id="operator", via="operator", roles=["admin"]
-        )
+            user_id="operator", via="operator", roles=["admin"],
+            tenant=caller or tenancy.DEFAULT_TENANT,
+        )  # fmt: skip
+        if caller is not None and principal.tenant == tenancy.DEFAULT_TENANT:
+            principal = msgspec.structs.replace(principal, tenant=caller)  # as on submit
+        if not tenancy.may_see(caller, principal.tenant):
+            return _failed(
+                "tenant_mismatch",
+                f"the operator of tenant {caller!r} acts only for its own tenant, not for "
+                f"{principal.tenant!r}",
+                "$.principal.tenant",
+            )
         return await self._run(principal, request)
 
     async def _run(self, principal: Principal, request: MemoryRequest) -> MemoryReply:
@@ -178,7 +191,9 @@ class MemoryService:
     async def remember(self, record: EventRecord) -> None:
         event = record.event
         if isinstance(event, RunRequested):
-            thread_id = event.thread_id or record.run_id
+            thread_id = tenancy.thread_key(
+                tenants.tenant_of(event.principal), event.thread_id or record.run_id
+            )
             self._note_thread(record.run_id, thread_id, event.principal)
             content = event.request if event.request is not None else {"input": event.input}
             entry = ThreadEntry(
@@ -269,11 +284,15 @@ class MemoryService:
             first.thread_id if isinstance(first, RunRequested) and first.thread_id else run_id
         )
         principal = first.principal if isinstance(first, RunRequested) else None
+        thread_id = tenancy.thread_key(tenants.tenant_of(principal), thread_id)
         self._note_thread(run_id, thread_id, principal)
         return thread_id
 
     async def on_thread_query(self, msg: Msg, query: ThreadQuery) -> ThreadReply:
-        entries = await self.io(self.threads.list, query.thread_id)
+        # a tenant reads its own thread of that name; the platform reads any by its key
+        caller = tenants.caller(msg)
+        key = query.thread_id if caller is None else tenancy.thread_key(caller, query.thread_id)
+        entries = await self.io(self.threads.list, key)
         return ThreadReply(thread_id=query.thread_id, entries=entries)
 
 
