@@ -438,6 +438,11 @@ class RunRequest(Inbound, tag="run_request", tag_field="type"):
     parent: ParentLink | None = None  # set for a child run started by a sub_run step
     # the run's model budget; wins over the plan's (a model-written plan cannot lift it)
     budget: Budget | None = None
+    # the tenant's queue the run waits in when its tenant or queue is at its concurrent
+    # run limit (loom_core.quotas; "" the tenant's default queue), and its priority
+    # there: waiting runs start highest priority first, then in submission order
+    queue: str = ""
+    priority: int = 0
 
 
 class SubmitAccepted(Record, tag="submit_accepted", tag_field="type"):
@@ -555,6 +560,12 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # caps, and replay keeps it so (loom_core.caps)
     caps: Caps | None = None
     budget: Budget | None = None  # the submitter's model budget (wins over the plan's)
+    queue: str = ""  # the request's queue and priority (loom_core.quotas)
+    priority: int = 0
+    # over its concurrent run limit when submitted: run_queued follows, and no step
+    # starts before run_admitted (the executor's admission decided it, recorded here so
+    # replay decides the same)
+    queued: bool = False
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -823,6 +834,21 @@ class RunUnpaused(Record, tag="run_unpaused", tag_field="type"):
     by: str
 
 
+class RunQueued(Record, tag="run_queued", tag_field="type"):
+    """The run's tenant or queue was at its concurrent run limit when it was submitted:
+    it waits (planned, no step started) until a slot frees (``run_admitted``). Waiting
+    runs start highest ``priority`` first, then in submission order; none is dropped."""
+
+    queue: str = ""
+    priority: int = 0
+
+
+class RunAdmitted(Record, tag="run_admitted", tag_field="type"):
+    """A slot of the run's tenant and queue freed: its steps start."""
+
+    queue: str = ""
+
+
 class RunNeedsReview(Record, tag="run_needs_review", tag_field="type"):
     """An effect's outcome is unknown (a non-idempotent tool's runner died mid-call): the
     run stops and waits for a person; it is never retried automatically."""
@@ -896,6 +922,8 @@ RunEvent = (
     | ToolCallCancelled
     | RunPaused
     | RunUnpaused
+    | RunQueued
+    | RunAdmitted
     | RunNeedsReview
     | StepSuspended
     | StepResumed

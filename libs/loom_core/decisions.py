@@ -50,7 +50,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
         "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D, "caps": D,
-        "budget": D,
+        "budget": D, "queue": D, "priority": D, "queued": D,
     },
     c.PlanAccepted: {"plan": D, "planner": D, "planning": D},
     c.PlanRejected: {"issues": N, "planning": D},
@@ -96,6 +96,8 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.ToolCallCancelled: {"step_id": D, "attempt": D, "idempotency_key": D, "reason": P},
     c.RunPaused: {"by": D, "reason": P},
     c.RunUnpaused: {"by": D},
+    c.RunQueued: {"queue": D, "priority": D},
+    c.RunAdmitted: {"queue": D},
     c.RunNeedsReview: {"step_id": D, "error": N},
     # the label is how a person finds the suspension (resume --label): an id
     c.StepSuspended: {

@@ -53,6 +53,8 @@ CODES: dict[str, Code] = {
     "tenant_mismatch": Code(
         _S, "the bearer token's tenant claim is not the tenant of the NATS user that sent it"
     ),
+    "invalid_quotas": Code(_K, "LOOM_QUOTAS_FILE is not valid (the path names the field)"),
+    "invalid_tenant": Code(_K, "a tenant name is not 1-40 of a-z 0-9 _ - (or is 'default')"),
     "run_id_taken": Code(_S, "the run id is used (by another tenant): choose another one"),
     "too_many_submissions": Code(
         _S, "over the tenant's submission rate; retry after details.retry_after_s (retryable)"

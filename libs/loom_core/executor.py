@@ -84,6 +84,7 @@ from loom_core.contracts import (
     ResumeReply,
     ResumeRun,
     RetryPolicy,
+    RunAdmitted,
     RunCancelled,
     RunCancelRequested,
     RunCompleted,
@@ -94,6 +95,7 @@ from loom_core.contracts import (
     RunNeedsReview,
     RunPaused,
     RunPublishFailed,
+    RunQueued,
     RunRequest,
     RunRequested,
     RunUnpaused,
@@ -129,7 +131,7 @@ from loom_core.templating import TemplateError, render
 from loom_core.validation import dependencies, validate_plan
 
 RunStatus = Literal[
-    "new", "planning", "running", "paused", "needs_review", "diverged",
+    "new", "planning", "running", "paused", "queued", "needs_review", "diverged",
     "completed", "failed", "rejected", "cancelled",
 ]  # fmt: skip
 InstStatus = Literal[
@@ -173,10 +175,20 @@ class Submission:
     limits: SizeLimits | None = None
     # the fan-out caps likewise (``loom_core.caps``), None: no caps
     caps: Caps | None = None
+    # the host's admission found the run's tenant or queue at its concurrent run limit:
+    # the run is recorded queued and starts no step before an ``Admit`` (loom_core.quotas)
+    queued: bool = False
+
+
+@dataclass(frozen=True)
+class Admit:
+    """The host's admission: a slot of the queued run's tenant and queue is free."""
 
 
 # ``RunPublishFailed``: the executor host's relay reporting an event it can never publish
-Message = RunRequest | Submission | InboxMessage | RunControl | ResumeRun | RunPublishFailed
+Message = (
+    RunRequest | Submission | InboxMessage | RunControl | ResumeRun | RunPublishFailed | Admit
+)
 
 
 # --------------------------------------------------------------------------- state
@@ -257,6 +269,10 @@ class RunState:
     timers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     running: int = 0  # tool attempts in flight
     paused: bool = False
+    # held by the admission (loom_core.quotas) until run_admitted; its queue and priority
+    queued: bool = False
+    queue: str = ""
+    priority: int = 0
     suspensions: dict[str, Suspension] = field(default_factory=dict)
     reused: dict[str, Any] = field(default_factory=dict)  # a fork's recorded outputs
     forked_from: str | None = None
@@ -369,6 +385,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.input = run_input
             state.parent = event.parent
             state.principal = event.principal
+            state.queue, state.priority = event.queue, event.priority
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
             state.budget = event.budget
@@ -380,7 +397,9 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.plan = plan
             if event.planning is not None:
                 state.model_usage.add(event.planning.usage)
-            state.status = "paused" if state.paused else "running"
+            state.status = (
+                "queued" if state.queued else "paused" if state.paused else "running"
+            )
             _new_scope(state, "", plan.steps, None, ("", ""))
         case PlanRejected():
             state.status = "rejected"
@@ -436,6 +455,13 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case RunUnpaused():
             state.paused = False
             if state.status == "paused":
+                state.status = "running"
+        case RunQueued():
+            # held like a pause (no step starts); its plan is still made meanwhile
+            state.queued = state.paused = True
+        case RunAdmitted():
+            state.queued = state.paused = False
+            if state.status == "queued":
                 state.status = "running"
         case RunNeedsReview(error=error):
             state.status, state.error = "needs_review", error
@@ -683,8 +709,16 @@ class _Turn:
                             limits=limits,
                             caps=caps,
                             budget=request.budget,
+                            queue=request.queue,
+                            priority=request.priority,
+                            queued=isinstance(message, Submission) and message.queued,
                         )
                     )
+                    if isinstance(message, Submission) and message.queued:
+                        self.emit(RunQueued(queue=request.queue, priority=request.priority))
+            case Admit() if s.queued and not s.terminal:
+                self.emit(RunAdmitted(queue=s.queue))
+                self.resume_all()
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
                 # The planner validated against the tool catalog; the executor re-checks
                 # structure because its own invariants depend on it.
@@ -1423,7 +1457,7 @@ class _Turn:
             self.emit(RunCancelled(by=control.by, reason=control.reason))
         elif control.action == "pause" and not s.paused:
             self.emit(RunPaused(by=control.by, reason=control.reason))
-        elif control.action == "unpause" and s.paused:
+        elif control.action == "unpause" and s.paused and not s.queued:  # the queue decides
             self.emit(RunUnpaused(by=control.by))
             self.resume_all()
 

@@ -36,6 +36,7 @@ from loom_core.contracts import (
     PlanRefused,
     PlanRejected,
     ResumeRun,
+    RunAdmitted,
     RunCancelRequested,
     RunControl,
     RunDiverged,
@@ -55,7 +56,15 @@ from loom_core.contracts import (
     ToolResult,
 )
 from loom_core.decisions import differing_fields, same_decision
-from loom_core.executor import Message, RunState, Submission, advance, evolve, initial_state
+from loom_core.executor import (
+    Admit,
+    Message,
+    RunState,
+    Submission,
+    advance,
+    evolve,
+    initial_state,
+)
 
 Advance = Callable[[RunState, Message, datetime], list[RunEvent]]
 
@@ -92,15 +101,17 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 plan=event.plan, request=event.request, input=event.input,
                 thread_id=event.thread_id, labels=event.labels, traceparent=event.traceparent,
                 fork=event.fork, parent=event.parent, run_id=run_id, budget=event.budget,
+                queue=event.queue, priority=event.priority,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
-            if event.principal or event.redacted or event.limits or event.caps:
+            if event.principal or event.redacted or event.limits or event.caps or event.queued:
                 return Submission(
                     request,
                     event.principal,
                     tuple(event.redacted),
                     limits=event.limits,
                     caps=event.caps,
+                    queued=event.queued,
                 )
             return request
         case RunPublishFailed():
@@ -155,6 +166,8 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             return RunControl(run_id=run_id, action="pause", by=by, reason=reason)
         case RunUnpaused(by=by):
             return RunControl(run_id=run_id, action="unpause", by=by)
+        case RunAdmitted():
+            return Admit()
         case RunCancelRequested(by=by, reason=reason):
             return RunControl(run_id=run_id, action="cancel", by=by, reason=reason)
         case StepResumed():

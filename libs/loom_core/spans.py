@@ -97,6 +97,7 @@ from loom_core.contracts import (
     PlanningRecord,
     PlanRejected,
     ReduceStep,
+    RunAdmitted,
     RunCancelled,
     RunCancelRequested,
     RunCompleted,
@@ -104,6 +105,7 @@ from loom_core.contracts import (
     RunFailed,
     RunNeedsReview,
     RunPaused,
+    RunQueued,
     RunRequested,
     RunSummary,
     RunUnpaused,
@@ -378,6 +380,8 @@ class TraceBuilder:
         self._status = "pending"
         self._name = ""
         self._tenant = "default"  # the run's principal's: what scopes its queries
+        self._queued = False  # waiting for a slot (run_queued until run_admitted)
+        self._plan_seen = False
         self._started_at: datetime | None = None
         self._ended_at: datetime | None = None
         self._steps_total = 0
@@ -641,6 +645,19 @@ class TraceBuilder:
                 self._on_paused(at, by, reason)
             case RunUnpaused(by=by):
                 self._on_unpaused(at, by)
+            case RunQueued(queue=queue, priority=priority):
+                self._queued = True
+                if self._status in ("planning", "running"):
+                    self._status = "queued"
+                self._update(self._root_id, attrs={"loom.run.status": self._status})
+                queued: dict[str, JSON] = {"loom.queue": queue, "loom.queue.priority": priority}
+                self._event(self._root_id, "queued", at, queued)
+            case RunAdmitted():
+                self._queued = False
+                if self._status == "queued":
+                    self._status = "running" if self._plan_seen else "planning"
+                    self._update(self._root_id, attrs={"loom.run.status": self._status})
+                self._event(self._root_id, "admitted", at, {})
             case RunNeedsReview(step_id=iid, error=error):
                 self._on_needs_review(at, iid, error)
             case RunCancelRequested(by=by, reason=reason):
@@ -722,7 +739,8 @@ class TraceBuilder:
             self._name = plan.name
         self._steps_total = len(plan.steps)
         self._top = {step.id: step for step in plan.steps}
-        self._status = "paused" if self._paused else "running"
+        self._plan_seen = True
+        self._status = "queued" if self._queued else "paused" if self._paused else "running"
         self._update(self._root_id, name=self._root_name(), attrs={"loom.run.status": self._status})
         self._update(
             self._plan_id,

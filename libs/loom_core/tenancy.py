@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 from loom_core import subjects
+from loom_core.errors import LoomError
 
 DEFAULT_TENANT = "default"
 PLATFORM = None  # the caller of a plain subject: sees every tenant
@@ -29,8 +30,10 @@ _TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
 _USER_SEP = "@"
 
 
-class TenantError(ValueError):
+class TenantError(LoomError, ValueError):
     """A tenant name or tenant user name that cannot be used (the message says why)."""
+
+    code = "invalid_tenant"
 
 
 def check_tenant(name: str) -> str:

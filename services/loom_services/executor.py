@@ -84,6 +84,7 @@ from loom_infra.store import (
     open_snapshot_store,
 )
 from loom_services import tenants
+from loom_services.admission import AdmissionControl, load_quotas
 from loom_services.local_tools import LocalTools
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.signals import SignalRouter
@@ -318,12 +319,19 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        # quotas per tenant and queue (loom_services.admission)
+        self.admission = AdmissionControl(load_quotas(settings.quotas_file), self.host.submit)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.relay = Relay(self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable)
         self.host.listeners.append(self.relay.offer)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
+        self.host.listeners.append(self.admission.on_commit)
+        # queued runs survive a restart: the book is rebuilt before any submission
+        self.admission.admit_now(
+            await self.io(self.admission.recover, self.store.read_notifications)
+        )
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
@@ -422,12 +430,22 @@ class ExecutorService:
             or resubmit.run_id_from_msg_id(msg_id, principal)
             or f"run-{uuid.uuid4().hex[:20]}"
         )
+        error = self.admission.refusal(principal, request)  # queue name, submission rate
+        if error is not None:
+            return await self._reject(msg, error)
+        booked = not self.admission.knows(run_id)
+        queued = self.admission.offer(run_id, principal, request)
+        produced: list[EventRecord] = []  # empty: not created here (it is unbooked)
         try:
-            produced = await self.host.submit(run_id, Submission(request, principal, redacted))
+            produced = await self.host.submit(
+                run_id, Submission(request, principal, redacted, queued=queued)
+            )
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
         except Exception as exc:
             log.exception("submit failed")
+            if booked:
+                self.admission.forget(run_id)
             return SubmitRejected(
                 error=ErrorInfo(
                     code="unavailable",
@@ -435,6 +453,8 @@ class ExecutorService:
                     retryable=True,
                 )
             )
+        if booked and not produced:
+            self.admission.forget(run_id)
         if not produced:  # a repeat: of the same request, or a reused id (refused)
             existing = await self.host.state_of(run_id)
             if tenants.hidden(msg, existing):  # says nothing of the other tenant's run
