@@ -624,6 +624,8 @@ class ToolCallCompleted(Record, tag="tool_call_completed", tag_field="type"):
     # circuit-breaker transitions during the call (a failed call has them in its
     # error's ``details.breaker``); older events have none
     breaker: list[dict[str, JSON]] = []
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
@@ -633,6 +635,8 @@ class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
     error: ErrorInfo
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class StepSuspended(Record, tag="step_suspended", tag_field="type"):
@@ -725,6 +729,8 @@ class ModelCallCompleted(Record, tag="model_call_completed", tag_field="type"):
     provider: str = ""
     attempts: list[ModelAttempt] = []
     usage: ModelUsage = ModelUsage()
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ModelCallFailed(Record, tag="model_call_failed", tag_field="type"):
@@ -736,6 +742,8 @@ class ModelCallFailed(Record, tag="model_call_failed", tag_field="type"):
     finished_at: datetime | None = None
     attempts: list[ModelAttempt] = []
     usage: ModelUsage = ModelUsage()
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ModelOutputRefused(Record, tag="model_output_refused", tag_field="type"):
@@ -1007,6 +1015,8 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     # circuit-breaker transitions during this call (loom_services.tools.breakers):
     # {"breaker", "from", "to", "at", "failures"}; copied into ToolCallCompleted
     breaker: list[dict[str, JSON]] = []
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ModelResult(Record, tag="model_result", tag_field="type"):
@@ -1028,6 +1038,8 @@ class ModelResult(Record, tag="model_result", tag_field="type"):
     usage: ModelUsage = ModelUsage()
     error: ErrorInfo | None = None
     request_digest: str | None = None
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):

@@ -62,11 +62,11 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.ModelCallCompleted: {
         "step_id": D, "turn": D, "idempotency_key": D, "message": D, "started_at": D,
         "finished_at": D, "finish_reason": D, "model": D, "provider": D, "attempts": D,
-        "usage": D,
+        "usage": D, "throttled_ms": D,
     },
     c.ModelCallFailed: {
         "step_id": D, "turn": D, "idempotency_key": D, "error": N, "started_at": D,
-        "finished_at": D, "attempts": D, "usage": D,
+        "finished_at": D, "attempts": D, "usage": D, "throttled_ms": D,
     },
     c.ModelOutputRefused: {"step_id": D, "turn": D, "error": N, "call_id": D},
     c.StepScheduled: {"step_id": D},
@@ -77,11 +77,11 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     },
     c.ToolCallCompleted: {
         "step_id": D, "attempt": D, "idempotency_key": D, "output": D, "started_at": D,
-        "finished_at": D, "suspend": D, "breaker": D,
+        "finished_at": D, "suspend": D, "breaker": D, "throttled_ms": D,
     },
     c.ToolCallFailed: {
         "step_id": D, "attempt": D, "idempotency_key": D, "error": N, "started_at": D,
-        "finished_at": D,
+        "finished_at": D, "throttled_ms": D,
     },
     c.StepCompleted: {"step_id": D, "output": D, "reused_from": D},
     c.StepFailed: {"step_id": D, "error": N},

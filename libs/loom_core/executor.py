@@ -1243,7 +1243,7 @@ class _Turn:
             self.emit(ToolCallCompleted(
                 step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
                 output=result.output, started_at=result.started_at, finished_at=result.finished_at,
-                suspend=result.suspend, breaker=result.breaker,
+                suspend=result.suspend, breaker=result.breaker, throttled_ms=result.throttled_ms,
             ))  # fmt: skip
             if result.suspend is not None:  # the tool asks a person first
                 request = result.suspend
@@ -1256,6 +1256,7 @@ class _Turn:
         self.emit(ToolCallFailed(
             step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
             error=error, started_at=result.started_at, finished_at=result.finished_at,
+            throttled_ms=result.throttled_ms,
         ))  # fmt: skip
         if error.code == "ambiguous_outcome":
             self.emit(RunNeedsReview(step_id=iid, error=error))

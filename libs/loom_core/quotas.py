@@ -156,11 +156,11 @@ class TokenBucket:
 
     rate: float
     burst: int
-    tokens: float = -1.0  # full at the first take
+    tokens: float | None = None  # full at the first take; negative: reserved ahead
     at: float = 0.0
 
     def take(self, now: float) -> float:
-        if self.tokens < 0:
+        if self.tokens is None:
             self.tokens, self.at = float(self.burst), now
         self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
         self.at = now
@@ -169,7 +169,8 @@ class TokenBucket:
 
     def give_back(self) -> None:
         """Undo a take whose caller will not wait (a refused submission)."""
-        self.tokens = min(float(self.burst), self.tokens + 1.0)
+        if self.tokens is not None:
+            self.tokens = min(float(self.burst), self.tokens + 1.0)
 
 
 def bucket(rate: float | None, burst: int | None) -> TokenBucket | None:

@@ -126,7 +126,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 idempotency_key=event.idempotency_key, ok=True, started_at=event.started_at,
                 finished_at=event.finished_at, message=event.message,
                 finish_reason=event.finish_reason, model=event.model, provider=event.provider,
-                attempts=event.attempts, usage=event.usage,
+                attempts=event.attempts, usage=event.usage, throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case ModelCallFailed():
             return ModelResult(
@@ -134,14 +134,14 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 idempotency_key=event.idempotency_key, ok=False,
                 started_at=event.started_at or datetime.min,
                 finished_at=event.finished_at or datetime.min, error=event.error,
-                attempts=event.attempts, usage=event.usage,
+                attempts=event.attempts, usage=event.usage, throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case ToolCallCompleted():
             return ToolResult(
                 run_id=run_id, step_id=event.step_id, attempt=event.attempt,
                 idempotency_key=event.idempotency_key, ok=True, started_at=event.started_at,
                 finished_at=event.finished_at, output=event.output, suspend=event.suspend,
-                breaker=event.breaker,
+                breaker=event.breaker, throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case ToolCallFailed():
             return ToolResult(
@@ -149,6 +149,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 idempotency_key=event.idempotency_key, ok=False,
                 started_at=event.started_at or datetime.min,
                 finished_at=event.finished_at or datetime.min, error=event.error,
+                throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case TimerFired(timer_id=tid):
             return TimerElapsed(run_id=run_id, timer_id=tid)

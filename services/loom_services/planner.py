@@ -39,14 +39,17 @@ from loom_core.contracts import (
 )
 from loom_core.errors import LoomError
 from loom_core.executor import request_digest
+from loom_core.quotas import NO_QUOTAS
 from loom_core.tool_access import check_tool_access
 from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings
+from loom_services.admission import load_quotas
 from loom_services.models import ModelConfig, ModelLayer
 from loom_services.planning import plan_with_model
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.throttle import CallThrottle, run_tenants
 
 log = logging.getLogger("loom.planner")
 ONCE_KEPT = 4096  # model answers kept for redeliveries of the same request
@@ -71,8 +74,14 @@ class PlannerService:
         self._once: OrderedDict[str, asyncio.Task[Any]] = OrderedDict()
         self.layer = ModelLayer(self.models, SecretSource(settings.secrets))
 
+    # the tenants' model call rates (loom_services.throttle); none until started
+    throttle = CallThrottle(NO_QUOTAS, "model")
+
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.throttle = CallThrottle(
+            load_quotas(self.settings.quotas_file), "model", run_tenants(ctx.nc)
+        )
         self.kv = await bus.ensure_tools_bucket(ctx.js)
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
@@ -170,6 +179,7 @@ class PlannerService:
         except bus.Poison as poison:
             return poison
         specs = await self.tool_specs(event.tools)
+        throttled_ms = await self.throttle.wait(record.run_id)  # the tenant's call rate
         started = datetime.now(UTC)
         pieces = itertools.count()
         subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
@@ -190,7 +200,7 @@ class PlannerService:
             started_at=started, finished_at=datetime.now(UTC), message=answer.message,
             finish_reason=answer.finish_reason, model=answer.model, provider=answer.provider,
             attempts=answer.attempts, usage=answer.usage, error=answer.error,
-            request_digest=request_digest(record.run_id, event),
+            request_digest=request_digest(record.run_id, event), throttled_ms=throttled_ms,
         )  # fmt: skip
         await self.ctx.js.publish(routes.inbox_subject(result), codec.encode(result))
         return True

@@ -152,3 +152,26 @@ async def test_submissions_over_the_rate_are_refused_with_a_retry_after(tmp_path
         with pytest.raises(LoomError) as refused:
             await op.submit(bad)
         assert refused.value.info.path == "$.queue"
+
+
+async def test_tool_calls_over_the_tenants_rate_wait_and_the_wait_is_recorded(
+    tmp_path: Path,
+) -> None:
+    from loom_core.contracts import Plan, ToolCallCompleted, ToolStep
+
+    limits = "tenants:\n  default:\n    tool_calls_per_s: 4\n"
+    naps = [ToolStep(id=f"nap{i}", tool="sleep", input={"seconds": 0}) for i in range(6)]
+    async with (
+        LocalStack(settings(tmp_path, limits), nats_port=-1) as stack,
+        await stack.client() as op,
+    ):
+        accepted = await op.submit(RunRequest(plan=Plan(name="burst", steps=naps)))
+        records = await op.wait(accepted.run_id, timeout=BOUND_S)
+        assert isinstance(records[-1].event, RunCompleted)  # none failed for it
+        calls = [r.event for r in records if isinstance(r.event, ToolCallCompleted)]
+        assert len(calls) == 6 and any(c.throttled_ms > 0 for c in calls)
+        # the token bucket's promise, whatever the arrival times: after a burst of 4,
+        # call k starts no sooner than (k - 3) / 4 s after the first
+        starts = sorted(c.started_at for c in calls if c.started_at is not None)
+        for k in (4, 5):
+            assert (starts[k] - starts[0]).total_seconds() >= (k - 3) / 4 - 0.05, starts
