@@ -428,3 +428,41 @@ async def test_a_default_stack_still_answers_plain_subjects(tmp_path: Path) -> N
         listed = await eventually(lambda: operator.runs(limit=10), "the run listed")
         assert listed[0].tenant == "default"
         assert await asyncio.wait_for(operator.ping("executor"), 5)
+
+
+async def test_the_cli_acts_in_the_tenant_loom_tenant_names(tmp_path: Path) -> None:
+    """``LOOM_TENANT=acme loom ...`` connects as operator@acme (its seed from the
+    credentials directory): it runs and follows its own runs, lists only them, and
+    another tenant's run is "not found" to it. Separate OS processes, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme", "globex"),
+    )
+    loom = str(Path(sys.executable).parent / "loom")
+    async with LocalStack(settings, nats_port=-1) as stack:
+        async with await stack.client(tenant="globex") as globex:
+            theirs = await globex.submit(load_run_request(EXAMPLES / "hello-dag.yaml", [], None))
+            await globex.wait(theirs.run_id, timeout=30)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        env.update(LOOM_NATS_URL=stack.url, LOOM_TENANT="acme", LOOM_LOG_LEVEL="WARNING",
+                   LOOM_CREDS_DIR=str(stack.settings.credentials_dir))  # fmt: skip
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([loom, *args], env=env, capture_output=True, text=True,
+                                  timeout=60, cwd=EXAMPLES.parent)  # fmt: skip
+            assert "Traceback" not in done.stderr + done.stdout, done.stderr
+            return done
+
+        ran = await asyncio.to_thread(cli, "run", "examples/hello-dag.yaml", "-o", "json")
+        assert ran.returncode == 0, ran.stderr
+        listed = await asyncio.to_thread(cli, "runs", "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert theirs.run_id not in listed.stdout and '"tenant": "acme"' in listed.stdout
+        for command in (("describe", theirs.run_id), ("cancel", theirs.run_id)):
+            refused = await asyncio.to_thread(cli, *command)
+            assert refused.returncode != 0 and "no run" in refused.stderr.lower(), refused

@@ -123,3 +123,21 @@ def test_a_tenants_submission_is_bound_to_its_tenant(tmp_path: Path) -> None:
     # the platform's plain subject: the token's tenant, as before tenants
     plain = tenants.submitter(r, _Msg(subjects.submit("client"), other))  # type: ignore[arg-type]
     assert plain.tenant == "globex"
+
+
+def test_loom_creds_generate_issues_a_tenants_client_and_operator(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loom_cli.app import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["creds", "generate", "--out", str(tmp_path), "--tenant", "acme"])
+    assert done.exit_code == 0, done.output
+    for name in ("client@acme.nk", "operator@acme.nk", "operator.nk", "executor.nk"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    conf = (tmp_path / "nats-auth.conf").read_text()
+    assert "# operator@acme" in conf and '"loom.t.acme.submit.client"' in conf
+    # a tenant's seeds are handed to the tenant, never mounted into the services' pods
+    assert "acme" not in (tmp_path / "secrets.yaml").read_text().replace("nats.conf", "")
+    bad = runner.invoke(app, ["creds", "generate", "--out", str(tmp_path), "--tenant", "A.B"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
