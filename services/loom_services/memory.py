@@ -191,9 +191,7 @@ class MemoryService:
     async def remember(self, record: EventRecord) -> None:
         event = record.event
         if isinstance(event, RunRequested):
-            thread_id = tenancy.thread_key(
-                tenants.tenant_of(event.principal), event.thread_id or record.run_id
-            )
+            thread_id = event.thread_id or record.run_id
             self._note_thread(record.run_id, thread_id, event.principal)
             content = event.request if event.request is not None else {"input": event.input}
             entry = ThreadEntry(
@@ -225,20 +223,28 @@ class MemoryService:
                     path="$.event",
                 )
             )
-        await self.io(self.threads.append, thread_id, entry)
         principal = await self._principal_for(record.run_id)
+        # the durable thread is the tenant's own of that name (the recall index is
+        # filtered by tenant already)
+        key = tenancy.thread_key(tenants.tenant_of(principal), thread_id)
+        await self.io(self.threads.append, key, entry)
         if principal is not None:
-            await self._index_message(record, thread_id, entry, principal)
+            await self._index_message(record, thread_id, key, entry, principal)
 
     async def _index_message(
-        self, record: EventRecord, thread_id: str, entry: ThreadEntry, principal: Principal
+        self,
+        record: EventRecord,
+        thread_id: str,
+        key: str,
+        entry: ThreadEntry,
+        principal: Principal,
     ) -> None:
         """The recall index of thread messages (idempotent by event id), at the entry's
         position in the durable thread (so replicas agree). Derived from the durable
         thread above: if it cannot be written (no model, a busy Qdrant folder) the
         thread entry stays and the failure is logged, not retried forever."""
         try:
-            seq = await self.io(self.threads.position, thread_id, record.event_id)
+            seq = await self.io(self.threads.position, key, record.event_id)
             if seq is None:
                 return
             text = content if isinstance(content := entry.content, str) else json.dumps(content)
@@ -284,7 +290,6 @@ class MemoryService:
             first.thread_id if isinstance(first, RunRequested) and first.thread_id else run_id
         )
         principal = first.principal if isinstance(first, RunRequested) else None
-        thread_id = tenancy.thread_key(tenants.tenant_of(principal), thread_id)
         self._note_thread(run_id, thread_id, principal)
         return thread_id
 
