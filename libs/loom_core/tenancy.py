@@ -93,9 +93,3 @@ def may_see(caller: str | None, owner: str) -> bool:
     """Whether a caller of tenant ``caller`` (None: the platform) may read or act on a
     thing of tenant ``owner``."""
     return caller is None or caller == owner
-
-
-def thread_key(tenant: str, thread_id: str) -> str:
-    """Where a conversation thread is kept: two tenants' threads of one name are two
-    threads (the default tenant keeps its names unchanged)."""
-    return thread_id if tenant == DEFAULT_TENANT else f"{tenant}/{thread_id}"

@@ -223,28 +223,20 @@ class MemoryService:
                     path="$.event",
                 )
             )
+        await self.io(self.threads.append, thread_id, entry)
         principal = await self._principal_for(record.run_id)
-        # the durable thread is the tenant's own of that name (the recall index is
-        # filtered by tenant already)
-        key = tenancy.thread_key(tenants.tenant_of(principal), thread_id)
-        await self.io(self.threads.append, key, entry)
         if principal is not None:
-            await self._index_message(record, thread_id, key, entry, principal)
+            await self._index_message(record, thread_id, entry, principal)
 
     async def _index_message(
-        self,
-        record: EventRecord,
-        thread_id: str,
-        key: str,
-        entry: ThreadEntry,
-        principal: Principal,
+        self, record: EventRecord, thread_id: str, entry: ThreadEntry, principal: Principal
     ) -> None:
         """The recall index of thread messages (idempotent by event id), at the entry's
         position in the durable thread (so replicas agree). Derived from the durable
         thread above: if it cannot be written (no model, a busy Qdrant folder) the
         thread entry stays and the failure is logged, not retried forever."""
         try:
-            seq = await self.io(self.threads.position, key, record.event_id)
+            seq = await self.io(self.threads.position, thread_id, record.event_id)
             if seq is None:
                 return
             text = content if isinstance(content := entry.content, str) else json.dumps(content)
@@ -294,10 +286,15 @@ class MemoryService:
         return thread_id
 
     async def on_thread_query(self, msg: Msg, query: ThreadQuery) -> ThreadReply:
-        # a tenant reads its own thread of that name; the platform reads any by its key
+        entries = await self.io(self.threads.list, query.thread_id)
         caller = tenants.caller(msg)
-        key = query.thread_id if caller is None else tenancy.thread_key(caller, query.thread_id)
-        entries = await self.io(self.threads.list, key)
+        if caller is not None:  # a tenant sees the entries of its own runs only
+            kept = []
+            for entry in entries:
+                owner = tenants.tenant_of(await self._principal_for(entry.run_id))
+                if owner == caller:
+                    kept.append(entry)
+            entries = kept
         return ThreadReply(thread_id=query.thread_id, entries=entries)
 
 
