@@ -415,6 +415,10 @@ class Principal(Record, tag="principal", tag_field="type"):
     anonymous: bool = False
     issuer: str | None = None
     token_id: str | None = None
+    # the tenant is the NATS identity's (submitted by a tenant's user on its tenant's
+    # subject, loom_core.tenancy), not only a token's claim: only such a run is that
+    # tenant's for isolation, quotas and routing; sub-runs and forks inherit it
+    tenant_verified: bool = False
 
 
 class RunRequest(Inbound, tag="run_request", tag_field="type"):

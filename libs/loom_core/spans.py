@@ -73,7 +73,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
-from loom_core import ids, secrets
+from loom_core import ids, secrets, tenancy
 from loom_core.contracts import (
     JSON,
     BranchTaken,
@@ -703,7 +703,7 @@ class TraceBuilder:
         if ev.principal is not None:  # who the run acts for (never the token)
             attrs["enduser.id"] = ev.principal.user_id
             attrs["loom.tenant"] = ev.principal.tenant
-            self._tenant = ev.principal.tenant
+            self._tenant = tenancy.run_tenant(ev.principal)
         attrs["loom.run.status"] = self._status
         fork = getattr(ev, "fork", None)
         if fork is not None:

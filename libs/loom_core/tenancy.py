@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 from loom_core import subjects
+from loom_core.contracts import Principal
 from loom_core.errors import LoomError
 
 DEFAULT_TENANT = "default"
@@ -87,6 +88,16 @@ def split(subject: str) -> tuple[str | None, str]:
     if len(parts) == 4 and parts[0] == subjects.PREFIX and parts[1] == TWIN_TOKEN:
         return parts[2], f"{subjects.PREFIX}.{parts[3]}"
     return None, subject
+
+
+def run_tenant(principal: Principal | None) -> str:
+    """Whose a run is for isolation, quotas and routing: its principal's tenant when the
+    NATS identity that submitted it vouched for it, else the default tenant (the
+    platform's runs, whatever tenant claim their token made: that claim still scopes
+    their memory, as before tenants)."""
+    if principal is not None and principal.tenant_verified:
+        return principal.tenant
+    return DEFAULT_TENANT
 
 
 def may_see(caller: str | None, owner: str) -> bool:

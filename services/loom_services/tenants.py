@@ -24,8 +24,9 @@ def caller(msg: Msg) -> str | None:
 
 
 def tenant_of(principal: Principal | None) -> str:
-    """A run's tenant; a run stored before principals is the default tenant's."""
-    return principal.tenant if principal is not None else tenancy.DEFAULT_TENANT
+    """A run's tenant (``tenancy.run_tenant``); a run stored before principals, or
+    submitted by the platform, is the default tenant's."""
+    return tenancy.run_tenant(principal)
 
 
 def run_tenant(state: RunState) -> str:
@@ -51,7 +52,7 @@ def submitter(resolver: auth.PrincipalResolver, msg: Msg) -> Principal:
             f"the bearer token is for tenant {principal.tenant!r} but was sent with the "
             f"credentials of tenant {tenant!r}: use that tenant's credentials or token",
         )
-    return msgspec.structs.replace(principal, tenant=tenant)
+    return msgspec.structs.replace(principal, tenant=tenant, tenant_verified=True)
 
 
 def hidden_history(msg: Msg, records: list[EventRecord]) -> bool:
