@@ -83,10 +83,8 @@ class AdmissionControl:
         self.buckets: dict[str, TokenBucket | None] = {}
         self.order = 0  # submission order; recovery starts it after the store's last
         self._pending: set[asyncio.Future[Any]] = set()
+        self.limits_runs = quota.limits_runs  # once: on_commit runs after every commit
 
-    @property
-    def limits_runs(self) -> bool:
-        return self.quotas.limits_runs
 
     # ------------------------------------------------------------------ submit
 
