@@ -26,12 +26,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BOUND_S = 30
 
 
-def settings(tmp_path: Path, quotas: str) -> Settings:
+def settings(tmp_path: Path, quotas: str, store: StoreSettings | None = None) -> Settings:
     path = tmp_path / "quotas.yaml"
     path.write_text(quotas)
     return Settings(
         nats_url="nats://127.0.0.1:4222",
-        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        store=store or StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
         quotas_file=path,
     )
 
@@ -95,9 +95,12 @@ async def _is(status: object, wanted: str) -> bool:
     return (await status) == wanted  # type: ignore[misc]
 
 
-async def test_a_queued_run_survives_an_executor_restart(tmp_path: Path) -> None:
+async def test_a_queued_run_survives_an_executor_restart(
+    tmp_path: Path, store_settings: StoreSettings
+) -> None:
+    """On SQLite and PostgreSQL: the book is rebuilt from the store's notification log."""
     limits = "tenants:\n  '*':\n    max_concurrent_runs: 1\n"
-    config = settings(tmp_path, limits)
+    config = settings(tmp_path, limits, store_settings)
     async with LocalStack(config, nats_port=-1) as stack, await stack.client() as op:
         holder = (await op.submit(approval())).run_id
         await until(op, holder, having("step_suspended"), BOUND_S)
