@@ -1279,6 +1279,8 @@ class TraceBuilder:
         attrs: dict[str, JSON],
         kind: str = "internal",
     ) -> None:
+        if self._tenant != "default":  # a tenant's span says whose it is (OTLP backends)
+            attrs = {**attrs, "loom.tenant": self._tenant}
         span = SpanRecord(
             trace_id=self.trace_id,
             span_id=span_id,

@@ -238,7 +238,8 @@ async def api_runs(w: World) -> None:
 
 
 async def api_trace(w: World) -> None:
-    assert await w.acme.trace(w.done)
+    spans = await w.acme.trace(w.done)
+    assert spans and all(s.attributes.get("loom.tenant") == "acme" for s in spans)
     await _not_found_alike(w, lambda run_id: w.globex.trace(run_id, rebuild=True))
 
 
