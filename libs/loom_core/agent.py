@@ -427,7 +427,7 @@ def on_model_result(t: _Turn, result: ModelResult) -> None:
         t.emit(ModelCallFailed(
             step_id=iid, turn=result.turn, idempotency_key=result.idempotency_key, error=error,
             started_at=result.started_at, finished_at=result.finished_at,
-            attempts=result.attempts, usage=result.usage,
+            attempts=result.attempts, usage=result.usage, throttled_ms=result.throttled_ms,
         ))  # fmt: skip
         t.fail(iid, error)
         return
@@ -436,7 +436,7 @@ def on_model_result(t: _Turn, result: ModelResult) -> None:
         step_id=iid, turn=result.turn, idempotency_key=result.idempotency_key, message=message,
         started_at=result.started_at, finished_at=result.finished_at,
         finish_reason=result.finish_reason, model=result.model, provider=result.provider,
-        attempts=result.attempts, usage=result.usage,
+        attempts=result.attempts, usage=result.usage, throttled_ms=result.throttled_ms,
     ))  # fmt: skip
     if message.tool_calls:
         _call_tools(t, inst, step, message.tool_calls, result.turn)

@@ -468,6 +468,10 @@ class Principal(Record, tag="principal", tag_field="type"):
     anonymous: bool = False
     issuer: str | None = None
     token_id: str | None = None
+    # the tenant is the NATS identity's (submitted by a tenant's user on its tenant's
+    # subject, loom_core.tenancy), not only a token's claim: only such a run is that
+    # tenant's for isolation, quotas and routing; sub-runs and forks inherit it
+    tenant_verified: bool = False
 
 
 class RunRequest(Inbound, tag="run_request", tag_field="type"):
@@ -491,6 +495,11 @@ class RunRequest(Inbound, tag="run_request", tag_field="type"):
     parent: ParentLink | None = None  # set for a child run started by a sub_run step
     # the run's model budget; wins over the plan's (a model-written plan cannot lift it)
     budget: Budget | None = None
+    # the tenant's queue the run waits in when its tenant or queue is at its concurrent
+    # run limit (loom_core.quotas; "" the tenant's default queue), and its priority
+    # there: waiting runs start highest priority first, then in submission order
+    queue: str = ""
+    priority: int = 0
 
 
 class SubmitAccepted(Record, tag="submit_accepted", tag_field="type"):
@@ -612,6 +621,12 @@ class RunRequested(Record, tag="run_requested", tag_field="type"):
     # messages new since the previous turn's request (``appended``); "whole" (runs stored
     # before lean turns), each the whole conversation. Replay keeps the recorded one.
     turn_messages: Literal["whole", "new"] = "whole"
+    queue: str = ""  # the request's queue and priority (loom_core.quotas)
+    priority: int = 0
+    # over its concurrent run limit when submitted: run_queued follows, and no step
+    # starts before run_admitted (the executor's admission decided it, recorded here so
+    # replay decides the same)
+    queued: bool = False
 
 
 class PlanAccepted(Record, tag="plan_accepted", tag_field="type"):
@@ -670,6 +685,8 @@ class ToolCallCompleted(Record, tag="tool_call_completed", tag_field="type"):
     # circuit-breaker transitions during the call (a failed call has them in its
     # error's ``details.breaker``); older events have none
     breaker: list[dict[str, JSON]] = []
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
@@ -679,6 +696,8 @@ class ToolCallFailed(Record, tag="tool_call_failed", tag_field="type"):
     error: ErrorInfo
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class StepSuspended(Record, tag="step_suspended", tag_field="type"):
@@ -778,6 +797,8 @@ class ModelCallCompleted(Record, tag="model_call_completed", tag_field="type"):
     provider: str = ""
     attempts: list[ModelAttempt] = []
     usage: ModelUsage = ModelUsage()
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ModelCallFailed(Record, tag="model_call_failed", tag_field="type"):
@@ -789,6 +810,8 @@ class ModelCallFailed(Record, tag="model_call_failed", tag_field="type"):
     finished_at: datetime | None = None
     attempts: list[ModelAttempt] = []
     usage: ModelUsage = ModelUsage()
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ModelOutputRefused(Record, tag="model_output_refused", tag_field="type"):
@@ -926,6 +949,21 @@ class RunUnpaused(Record, tag="run_unpaused", tag_field="type"):
     by: str
 
 
+class RunQueued(Record, tag="run_queued", tag_field="type"):
+    """The run's tenant or queue was at its concurrent run limit when it was submitted:
+    it waits (planned, no step started) until a slot frees (``run_admitted``). Waiting
+    runs start highest ``priority`` first, then in submission order; none is dropped."""
+
+    queue: str = ""
+    priority: int = 0
+
+
+class RunAdmitted(Record, tag="run_admitted", tag_field="type"):
+    """A slot of the run's tenant and queue freed: its steps start."""
+
+    queue: str = ""
+
+
 class RunNeedsReview(Record, tag="run_needs_review", tag_field="type"):
     """An effect's outcome is unknown (a non-idempotent tool's runner died mid-call): the
     run stops and waits for a person; it is never retried automatically."""
@@ -999,6 +1037,8 @@ RunEvent = (
     | ToolCallCancelled
     | RunPaused
     | RunUnpaused
+    | RunQueued
+    | RunAdmitted
     | RunNeedsReview
     | StepSuspended
     | StepResumed
@@ -1085,6 +1125,8 @@ class ToolResult(Record, tag="tool_result", tag_field="type"):
     # circuit-breaker transitions during this call (loom_services.tools.breakers):
     # {"breaker", "from", "to", "at", "failures"}; copied into ToolCallCompleted
     breaker: list[dict[str, JSON]] = []
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class ModelResult(Record, tag="model_result", tag_field="type"):
@@ -1106,6 +1148,8 @@ class ModelResult(Record, tag="model_result", tag_field="type"):
     usage: ModelUsage = ModelUsage()
     error: ErrorInfo | None = None
     request_digest: str | None = None
+    # how long the call waited for its tenant's call rate (LOOM_QUOTAS_FILE)
+    throttled_ms: float = 0.0
 
 
 class TimerElapsed(Record, tag="timer_elapsed", tag_field="type"):
@@ -1335,6 +1379,7 @@ class RunSummary(Record, tag="run_summary", tag_field="type"):
     waits: list[Wait] = []
     tools_in_flight: int = 0  # tool calls requested and not answered (the run works)
     labels: dict[str, str] = {}  # the run request's (a schedule's runs: schedule=NAME)
+    tenant: str = "default"  # whose run it is (its principal's tenant); scopes queries
 
 
 class RunsQuery(Inbound, tag="runs_query", tag_field="type"):

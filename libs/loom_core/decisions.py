@@ -52,7 +52,7 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.RunRequested: {
         "plan": D, "request": D, "input": D, "thread_id": D, "labels": D, "traceparent": D,
         "fork": D, "parent": D, "principal": D, "redacted": D, "limits": D, "caps": D,
-        "budget": D, "turn_messages": D,
+        "budget": D, "turn_messages": D, "queue": D, "priority": D, "queued": D,
     },
     c.PlanAccepted: {"plan": D, "planner": D, "planning": D},
     c.PlanRejected: {"issues": N, "planning": D},
@@ -64,11 +64,11 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.ModelCallCompleted: {
         "step_id": D, "turn": D, "idempotency_key": D, "message": D, "started_at": D,
         "finished_at": D, "finish_reason": D, "model": D, "provider": D, "attempts": D,
-        "usage": D,
+        "usage": D, "throttled_ms": D,
     },
     c.ModelCallFailed: {
         "step_id": D, "turn": D, "idempotency_key": D, "error": N, "started_at": D,
-        "finished_at": D, "attempts": D, "usage": D,
+        "finished_at": D, "attempts": D, "usage": D, "throttled_ms": D,
     },
     c.ModelOutputRefused: {"step_id": D, "turn": D, "error": N, "call_id": D},
     c.ReplanRequested: {
@@ -85,11 +85,11 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     },
     c.ToolCallCompleted: {
         "step_id": D, "attempt": D, "idempotency_key": D, "output": D, "started_at": D,
-        "finished_at": D, "suspend": D, "breaker": D,
+        "finished_at": D, "suspend": D, "breaker": D, "throttled_ms": D,
     },
     c.ToolCallFailed: {
         "step_id": D, "attempt": D, "idempotency_key": D, "error": N, "started_at": D,
-        "finished_at": D,
+        "finished_at": D, "throttled_ms": D,
     },
     c.StepCompleted: {"step_id": D, "output": D, "reused_from": D},
     c.StepFailed: {"step_id": D, "error": N},
@@ -104,6 +104,8 @@ FIELDS: Final[dict[type[msgspec.Struct], dict[str, Kind]]] = {
     c.ToolCallCancelled: {"step_id": D, "attempt": D, "idempotency_key": D, "reason": P},
     c.RunPaused: {"by": D, "reason": P},
     c.RunUnpaused: {"by": D},
+    c.RunQueued: {"queue": D, "priority": D},
+    c.RunAdmitted: {"queue": D},
     c.RunNeedsReview: {"step_id": D, "error": N},
     # the label is how a person finds the suspension (resume --label): an id
     c.StepSuspended: {

@@ -50,6 +50,15 @@ CODES: dict[str, Code] = {
     "token_expired": Code(_S, "the bearer token has expired"),
     "token_invalid": Code(_S, "the bearer token was refused (the message says why)"),
     "not_authorized": Code(_S, "the principal lacks the permission"),
+    "tenant_mismatch": Code(
+        _S, "the bearer token's tenant claim is not the tenant of the NATS user that sent it"
+    ),
+    "invalid_quotas": Code(_K, "LOOM_QUOTAS_FILE is not valid (the path names the field)"),
+    "invalid_tenant": Code(_K, "a tenant name is not 1-40 of a-z 0-9 _ - (or is 'default')"),
+    "run_id_taken": Code(_S, "the run id is used (by another tenant): choose another one"),
+    "too_many_submissions": Code(
+        _S, "over the tenant's submission rate; retry after details.retry_after_s (retryable)"
+    ),
     "unavailable": Code(_S, "the stack could not store or check it now; retry (retryable)"),
     "invalid_fork": Code(_S, "a fork request names no such run or step, or a bad new id"),
     "unknown_step": Code(_S, "a fork names no step instance of the run (details.close_matches)"),

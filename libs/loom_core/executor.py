@@ -86,6 +86,7 @@ from loom_core.contracts import (
     ResumeReply,
     ResumeRun,
     RetryPolicy,
+    RunAdmitted,
     RunCancelled,
     RunCancelRequested,
     RunCompleted,
@@ -96,6 +97,7 @@ from loom_core.contracts import (
     RunNeedsReview,
     RunPaused,
     RunPublishFailed,
+    RunQueued,
     RunRequest,
     RunRequested,
     RunUnpaused,
@@ -133,7 +135,7 @@ from loom_core.templating import TemplateError, render
 from loom_core.validation import dependencies, validate_plan
 
 RunStatus = Literal[
-    "new", "planning", "running", "paused", "needs_review", "diverged",
+    "new", "planning", "running", "paused", "queued", "needs_review", "diverged",
     "completed", "failed", "rejected", "cancelled",
 ]  # fmt: skip
 InstStatus = Literal[
@@ -180,10 +182,18 @@ class Submission:
     # how agent turns hold the conversation (``RunRequested.turn_messages``): new runs
     # "new"; replay passes the recorded value, so runs stored before keep "whole"
     turn_messages: Literal["whole", "new"] = "new"
+    # the host's admission found the run's tenant or queue at its concurrent run limit:
+    # the run is recorded queued and starts no step before an ``Admit`` (loom_core.quotas)
+    queued: bool = False
+
+
+@dataclass(frozen=True)
+class Admit:
+    """The host's admission: a slot of the queued run's tenant and queue is free."""
 
 
 # ``RunPublishFailed``: the executor host's relay reporting an event it can never publish
-Message = RunRequest | Submission | InboxMessage | RunControl | ResumeRun | RunPublishFailed
+Message = RunRequest | Submission | InboxMessage | RunControl | ResumeRun | RunPublishFailed | Admit
 
 
 # --------------------------------------------------------------------------- state
@@ -264,6 +274,10 @@ class RunState:
     timers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     running: int = 0  # tool attempts in flight
     paused: bool = False
+    # held by the admission (loom_core.quotas) until run_admitted; its queue and priority
+    queued: bool = False
+    queue: str = ""
+    priority: int = 0
     suspensions: dict[str, Suspension] = field(default_factory=dict)
     reused: dict[str, Any] = field(default_factory=dict)  # a fork's recorded outputs
     forked_from: str | None = None
@@ -386,6 +400,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.principal = event.principal
             state.thread_id = event.thread_id
             state.turn_messages = event.turn_messages
+            state.queue, state.priority = event.queue, event.priority
             state.limits = event.limits or sizes.DEFAULT_LIMITS
             state.caps = event.caps
             state.budget = event.budget
@@ -397,7 +412,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             state.plan = plan
             if event.planning is not None:
                 state.model_usage.add(event.planning.usage)
-            state.status = "paused" if state.paused else "running"
+            state.status = "queued" if state.queued else "paused" if state.paused else "running"
             _new_scope(state, "", plan.steps, None, ("", ""))
         case PlanRejected():
             state.status = "rejected"
@@ -466,6 +481,13 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case RunUnpaused():
             state.paused = False
             if state.status == "paused":
+                state.status = "running"
+        case RunQueued():
+            # held like a pause (no step starts); its plan is still made meanwhile
+            state.queued = state.paused = True
+        case RunAdmitted():
+            state.queued = state.paused = False
+            if state.status == "queued":
                 state.status = "running"
         case RunNeedsReview(error=error):
             state.status, state.error = "needs_review", error
@@ -750,8 +772,16 @@ class _Turn:
                             caps=caps,
                             budget=request.budget,
                             turn_messages=turn_messages,
+                            queue=request.queue,
+                            priority=request.priority,
+                            queued=isinstance(message, Submission) and message.queued,
                         )
                     )
+                    if isinstance(message, Submission) and message.queued:
+                        self.emit(RunQueued(queue=request.queue, priority=request.priority))
+            case Admit() if s.queued and not s.terminal:
+                self.emit(RunAdmitted(queue=s.queue))
+                self.resume_all()
             case PlanProposed() | PlanRefused() if s.status == "planning" and s.replanning:
                 self.on_replanned(message)
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -1278,7 +1308,7 @@ class _Turn:
             self.emit(ToolCallCompleted(
                 step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
                 output=result.output, started_at=result.started_at, finished_at=result.finished_at,
-                suspend=result.suspend, breaker=result.breaker,
+                suspend=result.suspend, breaker=result.breaker, throttled_ms=result.throttled_ms,
             ))  # fmt: skip
             if result.suspend is not None:  # the tool asks a person first
                 request = result.suspend
@@ -1291,6 +1321,7 @@ class _Turn:
         self.emit(ToolCallFailed(
             step_id=iid, attempt=result.attempt, idempotency_key=result.idempotency_key,
             error=error, started_at=result.started_at, finished_at=result.finished_at,
+            throttled_ms=result.throttled_ms,
         ))  # fmt: skip
         if error.code == "ambiguous_outcome":
             self.emit(RunNeedsReview(step_id=iid, error=error))
@@ -1495,7 +1526,7 @@ class _Turn:
             self.emit(RunCancelled(by=control.by, reason=control.reason))
         elif control.action == "pause" and not s.paused:
             self.emit(RunPaused(by=control.by, reason=control.reason))
-        elif control.action == "unpause" and s.paused:
+        elif control.action == "unpause" and s.paused and not s.queued:  # the queue decides
             self.emit(RunUnpaused(by=control.by))
             self.resume_all()
 

@@ -38,6 +38,7 @@ from loom_core.contracts import (
     PlanRevised,
     ReplanRefused,
     ResumeRun,
+    RunAdmitted,
     RunCancelRequested,
     RunControl,
     RunDiverged,
@@ -57,7 +58,15 @@ from loom_core.contracts import (
     ToolResult,
 )
 from loom_core.decisions import differing_fields, same_decision
-from loom_core.executor import Message, RunState, Submission, advance, evolve, initial_state
+from loom_core.executor import (
+    Admit,
+    Message,
+    RunState,
+    Submission,
+    advance,
+    evolve,
+    initial_state,
+)
 
 
 class Advance(Protocol):
@@ -104,6 +113,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 plan=event.plan, request=event.request, input=event.input,
                 thread_id=event.thread_id, labels=event.labels, traceparent=event.traceparent,
                 fork=event.fork, parent=event.parent, run_id=run_id, budget=event.budget,
+                queue=event.queue, priority=event.priority,
             )  # fmt: skip
             # the principal and what was redacted came with the submission, not its body
             if (
@@ -112,6 +122,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 or event.limits
                 or event.caps
                 or event.turn_messages != "new"
+                or event.queued
             ):
                 return Submission(
                     request,
@@ -120,6 +131,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                     limits=event.limits,
                     caps=event.caps,
                     turn_messages=event.turn_messages,
+                    queued=event.queued,
                 )
             return request
         case RunPublishFailed():
@@ -139,7 +151,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 idempotency_key=event.idempotency_key, ok=True, started_at=event.started_at,
                 finished_at=event.finished_at, message=event.message,
                 finish_reason=event.finish_reason, model=event.model, provider=event.provider,
-                attempts=event.attempts, usage=event.usage,
+                attempts=event.attempts, usage=event.usage, throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case ModelCallFailed():
             return ModelResult(
@@ -147,14 +159,14 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 idempotency_key=event.idempotency_key, ok=False,
                 started_at=event.started_at or datetime.min,
                 finished_at=event.finished_at or datetime.min, error=event.error,
-                attempts=event.attempts, usage=event.usage,
+                attempts=event.attempts, usage=event.usage, throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case ToolCallCompleted():
             return ToolResult(
                 run_id=run_id, step_id=event.step_id, attempt=event.attempt,
                 idempotency_key=event.idempotency_key, ok=True, started_at=event.started_at,
                 finished_at=event.finished_at, output=event.output, suspend=event.suspend,
-                breaker=event.breaker,
+                breaker=event.breaker, throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case ToolCallFailed():
             return ToolResult(
@@ -162,6 +174,7 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
                 idempotency_key=event.idempotency_key, ok=False,
                 started_at=event.started_at or datetime.min,
                 finished_at=event.finished_at or datetime.min, error=event.error,
+                throttled_ms=event.throttled_ms,
             )  # fmt: skip
         case TimerFired(timer_id=tid):
             return TimerElapsed(run_id=run_id, timer_id=tid)
@@ -179,6 +192,8 @@ def message_for(run_id: str, event: RunEvent) -> Message | None:
             return RunControl(run_id=run_id, action="pause", by=by, reason=reason)
         case RunUnpaused(by=by):
             return RunControl(run_id=run_id, action="unpause", by=by)
+        case RunAdmitted():
+            return Admit()
         case RunCancelRequested(by=by, reason=reason):
             return RunControl(run_id=run_id, action="cancel", by=by, reason=reason)
         case StepResumed():

@@ -27,7 +27,7 @@ from typing import Literal
 import msgspec
 
 from loom_core import contracts as c
-from loom_core import subjects
+from loom_core import subjects, tenancy
 
 Identity = Literal["executor", "planner", "toolrunner", "memory", "tracing", "client", "operator"]
 SERVICES: tuple[Identity, ...] = ("executor", "planner", "toolrunner", "memory", "tracing")
@@ -41,6 +41,11 @@ bucket's underlying subject; ``object``: a JetStream Object Store bucket's under
 subjects (chunks and metadata)."""
 
 _PARAM = re.compile(r"\{(\w+)\}")
+# how the description of a tenant-scoped route says where tenants use it
+_TWIN_NOTE = (
+    " A tenant's users use it on `loom.t.<tenant>.` + the rest of the subject "
+    "(loom_core.tenancy); it covers only that tenant's runs."
+)
 
 
 def tag_of(cls: type[msgspec.Struct]) -> str:
@@ -77,6 +82,9 @@ class Route:
     stream: str | None = None
     # publishers may only fill these parameters with their own identity (dead letters)
     own_param: str | None = None
+    # a tenant other than default uses this route on its twin subject
+    # (``loom.t.<tenant>.…``, loom_core.tenancy); services serve both
+    tenant_scoped: bool = False
     params: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +118,10 @@ class Route:
         own = self.pattern
         if self.kind == "request":
             own = own.replace("{service}", consumer.identity)
-        return [_PARAM.sub("*", own)]
+        plain = _PARAM.sub("*", own)
+        if self.tenant_scoped and consumer.identity in SERVICES:
+            return [plain, tenancy.twin(plain, "*")]  # every tenant's twin too
+        return [plain]
 
     def publisher_subjects(self, identity: Identity) -> list[str]:
         """What ``identity`` may publish on this route (for its NATS permissions)."""
@@ -118,7 +129,22 @@ class Route:
             return []
         if self.own_param:
             return [_PARAM.sub("*", self.pattern.replace("{" + self.own_param + "}", identity))]
+        if self.tenant_scoped and identity in SERVICES:
+            return [self.wildcard, tenancy.twin(self.wildcard, "*")]
         return [self.wildcard]
+
+    def tenant_publish(self, role: Identity, tenant: str) -> list[str]:
+        """What ``role`` (client or operator) of ``tenant`` may publish: only its own
+        tenant's twin of what the plain ``role`` may publish."""
+        if not self.tenant_scoped:
+            return []
+        return [tenancy.twin(s, tenant) for s in self.publisher_subjects(role)]
+
+    def tenant_filters(self, consumer: Consumer, tenant: str) -> list[str]:
+        """What ``consumer`` (a client or operator) of ``tenant`` may listen on."""
+        if not self.tenant_scoped or consumer.identity in SERVICES:
+            return []
+        return [tenancy.twin(s, tenant) for s in self.filters(consumer)]
 
 
 def _event_tag(cls: type[msgspec.Struct]) -> str:
@@ -131,6 +157,7 @@ RUN_EVENT_TYPES: tuple[type[msgspec.Struct], ...] = tuple(c.RunEvent.__args__)
 SUBMIT = Route(
     name="submit",
     pattern=subjects.SUBMIT,
+    tenant_scoped=True,
     kind="request",
     messages=(c.RunRequest,),
     replies=(c.SubmitAccepted, c.SubmitRejected),
@@ -153,7 +180,7 @@ SUBMIT = Route(
     "An `Authorization: Bearer <JWT>` header names the principal the run acts for "
     "(verified against the configured issuer keys, never stored); without one the run is "
     "anonymous if the stack allows it, else refused `not_authenticated`. A bad token is "
-    "refused `token_expired` or `token_invalid`.",
+    "refused `token_expired` or `token_invalid`." + _TWIN_NOTE,
 )
 
 RUN_EVENTS = Route(
@@ -214,6 +241,7 @@ INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN, INBOX
 SIGNAL = Route(
     name="signal",
     pattern=subjects.signal("{name}", "{key}"),
+    tenant_scoped=True,
     kind="stream",
     stream=subjects.SIGNALS_STREAM,
     messages=(c.Signal,),
@@ -221,7 +249,8 @@ SIGNAL = Route(
     consumers=(Consumer("executor", note="live signals, plus the stream's latest per subject"),),
     description="External events for `wait_event` steps (publish with JetStream; stream "
     f"{subjects.SIGNALS_STREAM} keeps the latest per name and key, so a wait that starts "
-    "later still sees it). The executor's router delivers each to the runs waiting on it.",
+    "later still sees it). The executor's router delivers each to the runs waiting on it."
+    + _TWIN_NOTE,
 )
 
 DEAD_LETTER = Route(
@@ -257,12 +286,13 @@ REJECTED = Route(
 PROGRESS = Route(
     name="progress",
     pattern=subjects.progress("{run_id}"),
+    tenant_scoped=True,
     kind="broadcast",
     messages=(c.RunProgress,),
     publishers=("executor",),
     consumers=(Consumer("operator"),),
     description="Live progress of a run after each change (plain NATS, not stored; the "
-    "run's events are the truth).",
+    "run's events are the truth)." + _TWIN_NOTE,
 )
 
 
@@ -287,6 +317,7 @@ def _request(
     server: Identity,
     callers: tuple[Identity, ...],
     description: str,
+    tenant_scoped: bool = True,
 ) -> Route:
     return Route(
         name=name,
@@ -296,7 +327,9 @@ def _request(
         replies=replies,
         publishers=callers,
         consumers=(Consumer(server, queue=server),),
-        description=f"{description} (request/reply, answered by the {server}).",
+        description=f"{description} (request/reply, answered by the {server})."
+        + (_TWIN_NOTE if tenant_scoped else ""),
+        tenant_scoped=tenant_scoped,
     )
 
 
@@ -350,7 +383,8 @@ API_TRACES_REBUILD = _request(
     "apiTracesRebuild", subjects.API_TRACES_REBUILD, c.RebuildTracesQuery,
     (c.RebuildTracesReply,), "tracing", ("operator",),
     "Recompute runs' spans from their events and export them again, a page of runs per "
-    "request",
+    "request (the platform's only)",
+    tenant_scoped=False,
 )  # fmt: skip
 API_THREAD = _request(
     "apiThread", subjects.API_THREAD, c.ThreadQuery, (c.ThreadReply,), "memory", ("operator",),
@@ -362,6 +396,7 @@ API_MEMORY_TOOL = _request(
     "A memory operation from a tool call (memory_* and knowledge_* tools): the memory "
     "service acts as the stored principal of the run `run_id`, never as anyone the "
     "request names",
+    tenant_scoped=False,
 )  # fmt: skip
 API_MEMORY_OPERATOR = _request(
     "apiMemoryOperator", subjects.API_MEMORY_OPERATOR, c.MemoryRequest, (c.MemoryReply,),

@@ -73,7 +73,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
-from loom_core import ids, secrets
+from loom_core import ids, secrets, tenancy
 from loom_core.contracts import (
     JSON,
     BranchTaken,
@@ -100,6 +100,7 @@ from loom_core.contracts import (
     ReduceStep,
     ReplanRefused,
     ReplanRequested,
+    RunAdmitted,
     RunCancelled,
     RunCancelRequested,
     RunCompleted,
@@ -107,6 +108,7 @@ from loom_core.contracts import (
     RunFailed,
     RunNeedsReview,
     RunPaused,
+    RunQueued,
     RunRequested,
     RunSummary,
     RunUnpaused,
@@ -380,6 +382,9 @@ class TraceBuilder:
         # summary
         self._status = "pending"
         self._name = ""
+        self._tenant = "default"  # the run's principal's: what scopes its queries
+        self._queued = False  # waiting for a slot (run_queued until run_admitted)
+        self._plan_seen = False
         self._started_at: datetime | None = None
         self._ended_at: datetime | None = None
         self._steps_total = 0
@@ -479,6 +484,7 @@ class TraceBuilder:
             ended_at=self._ended_at,
             duration_ms=duration,
             name=self._name,
+            tenant=self._tenant,
             steps_total=self._steps_total,
             steps_done=self._steps_done,
         )
@@ -656,6 +662,19 @@ class TraceBuilder:
                 self._on_paused(at, by, reason)
             case RunUnpaused(by=by):
                 self._on_unpaused(at, by)
+            case RunQueued(queue=queue, priority=priority):
+                self._queued = True
+                if self._status in ("planning", "running"):
+                    self._status = "queued"
+                self._update(self._root_id, attrs={"loom.run.status": self._status})
+                queued: dict[str, JSON] = {"loom.queue": queue, "loom.queue.priority": priority}
+                self._event(self._root_id, "queued", at, queued)
+            case RunAdmitted():
+                self._queued = False
+                if self._status == "queued":
+                    self._status = "running" if self._plan_seen else "planning"
+                    self._update(self._root_id, attrs={"loom.run.status": self._status})
+                self._event(self._root_id, "admitted", at, {})
             case RunNeedsReview(step_id=iid, error=error):
                 self._on_needs_review(at, iid, error)
             case RunCancelRequested(by=by, reason=reason):
@@ -702,6 +721,7 @@ class TraceBuilder:
         if ev.principal is not None:  # who the run acts for (never the token)
             attrs["enduser.id"] = ev.principal.user_id
             attrs["loom.tenant"] = ev.principal.tenant
+            self._tenant = tenancy.run_tenant(ev.principal)
         attrs["loom.run.status"] = self._status
         fork = getattr(ev, "fork", None)
         if fork is not None:
@@ -737,7 +757,8 @@ class TraceBuilder:
             self._name = plan.name
         self._steps_total = len(plan.steps)
         self._top = {step.id: step for step in plan.steps}
-        self._status = "paused" if self._paused else "running"
+        self._plan_seen = True
+        self._status = "queued" if self._queued else "paused" if self._paused else "running"
         self._update(self._root_id, name=self._root_name(), attrs={"loom.run.status": self._status})
         self._update(
             self._plan_id,
@@ -1298,6 +1319,8 @@ class TraceBuilder:
         attrs: dict[str, JSON],
         kind: str = "internal",
     ) -> None:
+        if self._tenant != "default":  # a tenant's span says whose it is (OTLP backends)
+            attrs = {**attrs, "loom.tenant": self._tenant}
         span = SpanRecord(
             trace_id=self.trace_id,
             span_id=span_id,

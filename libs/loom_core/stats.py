@@ -50,11 +50,13 @@ from loom_core.contracts import (
     PlanAccepted,
     PlanIssue,
     PlanRejected,
+    RunAdmitted,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunNeedsReview,
     RunPaused,
+    RunQueued,
     RunRequested,
     RunUnpaused,
     StepCancelled,
@@ -92,6 +94,7 @@ __all__ = [
 
 RunStatus = Literal[
     "planning",
+    "queued",
     "running",
     "suspended",
     "paused",
@@ -427,6 +430,12 @@ class _Fold:
                 self._close_pause(at)
                 if self.status == "paused":
                     self.status = "running"
+            case RunQueued():
+                if not self._ended and self.status in ("planning", "running"):
+                    self.status = "queued"
+            case RunAdmitted():
+                if self.status == "queued":
+                    self.status = "running" if self.plan_accepted else "planning"
             case RunNeedsReview(step_id=sid, error=error):
                 if not self._ended:
                     self.review = (sid, f"{error.code}: {error.message}", at)

@@ -20,6 +20,7 @@ RUN_STATUSES: dict[str, str] = {
     "running": "steps are running or due (timers, retries, external events included)",
     "suspended": "waiting only for a person (an approval, a tool that asked)",
     "paused": "paused by an operator (`loom unpause` resumes)",
+    "queued": "waiting for a slot: its tenant or queue is at its concurrent run limit",
     "needs_review": "stopped: a non-idempotent tool call may or may not have happened",
     "diverged": "replaying its history decided differently: parked for a person",
     "completed": "ended with its output",

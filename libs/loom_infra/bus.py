@@ -37,7 +37,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from loom_core import codec, routes, secrets, subjects
+from loom_core import codec, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 from loom_core.errors import LoomError
 from loom_infra import metrics
@@ -111,7 +111,8 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
         ),
         StreamConfig(
             name=subjects.SIGNALS_STREAM,
-            subjects=[subjects.SIGNALS_ALL],
+            # tenants' signals too (loom.t.<tenant>.signal.>: loom_core.tenancy)
+            subjects=[subjects.SIGNALS_ALL, tenancy.twin(subjects.SIGNALS_ALL, "*")],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             max_msgs_per_subject=1,  # the latest event per name and key is what waits see

@@ -17,7 +17,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
-from loom_core import blobs, codec, errors, routes, secrets, subjects
+from loom_core import blobs, codec, errors, routes, secrets, subjects, tenancy
 from loom_core.blobs import BlobRef
 from loom_core.contracts import (
     TERMINAL_EVENTS,
@@ -54,6 +54,11 @@ from loom_infra.settings import BlobSettings, blob_settings_from_env
 
 T = TypeVar("T")
 log = logging.getLogger("loom.client")
+
+# request subjects a tenant's user asks on its tenant's twin (loom_core.tenancy)
+_TENANT_SUBJECTS = frozenset(
+    r.pattern for r in routes.ROUTES if r.tenant_scoped and r.kind == "request" and not r.params
+)
 
 
 async def is_stored(nc: NATS, record: EventRecord, timeout: float = 5.0) -> bool:
@@ -106,17 +111,35 @@ class LoomClient:
         seed: str | os.PathLike[str] | None = None,
         identity: str = "operator",
         on_error: Callable[[Exception], None] | None = None,
+        tenant: str | None = None,
     ) -> LoomClient:
         """Connect as ``identity`` (``operator``: the CLI; ``client``: submit only)
-        with its nkey ``seed`` (a file or the value; None: no credentials)."""
+        with its nkey ``seed`` (a file or the value; None: no credentials). With a
+        ``tenant`` (not ``default``), as that tenant's user of that role: every request
+        goes on the tenant's twin subjects and sees only the tenant's runs."""
+        if tenant == tenancy.DEFAULT_TENANT:
+            tenant = None
+        user = identity if tenant is None else tenancy.user(identity, tenant)
         nc = await bus.connect(
-            url, name, persistent=persistent, seed=seed, identity=identity, on_error=on_error
+            url, name, persistent=persistent, seed=seed, identity=user, on_error=on_error
         )
         client = cls(nc)
         client.blob_settings = blob_settings_from_env()
+        client.tenant = tenant
         if identity in ("client", "operator"):
             client.via = identity  # the submit subject it may publish on
         return client
+
+    # the tenant this client acts in (None: the platform's own client/operator)
+    tenant: str | None = None
+
+    def scoped(self, subject: str) -> str:
+        """Where this client sends what is addressed to the plain ``subject``."""
+        return tenancy.scoped(subject, self.tenant)
+
+    async def ask(self, subject: str, message: object, reply_type: type[T], timeout: float) -> T:
+        """A request on a route (its tenant twin for a tenant's client)."""
+        return await self._ask(subject, message, reply_type, timeout)
 
     async def close(self) -> None:
         try:
@@ -131,6 +154,8 @@ class LoomClient:
         await self.close()
 
     async def _ask(self, subject: str, message: object, reply_type: type[T], timeout: float) -> T:
+        if subject in _TENANT_SUBJECTS:
+            subject = self.scoped(subject)
         return await bus.request(self.nc, subject, message, reply_type, timeout)
 
     # The NATS identity this client submits as: the executor reads it from the subject
@@ -156,7 +181,7 @@ class LoomClient:
         token = token or self.token
         headers = {subjects.AUTHORIZATION: f"Bearer {token}"} if token else None
         msg = await self.nc.request(
-            subjects.submit(self.via), payload, timeout=timeout, headers=headers
+            self.scoped(subjects.submit(self.via)), payload, timeout=timeout, headers=headers
         )
         return codec.decode(msg.data, SubmitReply)  # type: ignore[arg-type]
 
@@ -179,6 +204,10 @@ class LoomClient:
         message that is not the run's next event (garbage, another run's, a repeat, one
         far ahead) is skipped, and the terminal event, which decides what the caller is
         told, is believed only if the executor stored it."""
+        if self.tenant is not None:  # no stream access: from the store, woken by progress
+            async for record in self._follow_stored(run_id, timeout):
+                yield record
+            return
         sub = await self.js.subscribe(
             subjects.run_events_of(run_id),
             ordered_consumer=True,
@@ -211,6 +240,34 @@ class LoomClient:
                 yield record
                 if terminal:
                     return
+        finally:
+            await sub.unsubscribe()
+
+    async def _follow_stored(
+        self, run_id: str, timeout: float | None
+    ) -> AsyncIterator[EventRecord]:
+        """A tenant's ``follow``: the run's stored events, read again each time its
+        progress (the tenant's twin subject, sent after every commit) says it changed.
+        A tenant's user reads no stream (its runs cannot be told apart by subject there)."""
+        changed = asyncio.Event()
+
+        async def woken(_msg: object) -> None:
+            changed.set()
+
+        sub = await self.nc.subscribe(self.scoped(subjects.progress(run_id)), cb=woken)
+        last = 0
+        try:
+            while True:
+                changed.clear()  # before reading: a commit after the read wakes us
+                async for record in self.iter_events(run_id, after_seq=last):
+                    last = record.seq
+                    yield record
+                    if isinstance(record.event, TERMINAL_EVENTS):
+                        return
+                try:
+                    await asyncio.wait_for(changed.wait(), timeout)
+                except TimeoutError:
+                    raise TimeoutError(f"run {run_id} showed no progress in {timeout}s") from None
         finally:
             await sub.unsubscribe()
 
@@ -353,7 +410,8 @@ class LoomClient:
         that starts later still sees the latest one)."""
         body = Signal(name=name, key=key, payload=payload, signal_id=signal_id)
         headers = {subjects.MSG_ID: signal_id} if signal_id else None
-        await self.js.publish(subjects.signal(name, key), codec.encode(body), headers=headers)
+        subject = self.scoped(subjects.signal(name, key))
+        await self.js.publish(subject, codec.encode(body), headers=headers)
 
     # ------------------------------------------------------------------ blobs
 

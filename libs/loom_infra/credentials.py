@@ -37,7 +37,7 @@ from typing import Literal
 
 import nkeys
 
-from loom_core import routes
+from loom_core import routes, tenancy
 from loom_core.errors import LoomError
 from loom_core.routes import ROUTES, Route
 
@@ -192,8 +192,36 @@ def streams_of(identity: str) -> tuple[str, ...]:
     return tuple(sorted(set(found)))
 
 
+def tenant_identities(tenants: Iterable[str]) -> tuple[str, ...]:
+    """The NATS users of ``tenants`` (``client@<tenant>``, ``operator@<tenant>``)."""
+    return tuple(tenancy.user(role, t) for t in tenants for role in tenancy.ROLES)
+
+
+def tenant_permissions(identity: str) -> Permissions:
+    """A tenant user's allow lists: the twins (``loom.t.<tenant>.…``) of what the plain
+    ``client``/``operator`` may do on tenant-scoped routes, health pings, and its own
+    reply inbox; no JetStream API at all (a stream read cannot be limited to one tenant's
+    runs by subject, so a tenant reads through the services, which scope every answer)."""
+    parsed = tenancy.parse_user(identity)
+    assert parsed is not None, identity
+    role, tenant = parsed
+    tenancy.user(role, tenant)  # refuses a bad role or tenant name
+    publish: list[str] = []
+    subscribe: list[str] = [f"{inbox_prefix(identity)}.>"]
+    for route in ROUTES:
+        publish += route.tenant_publish(role, tenant)  # type: ignore[arg-type]
+        for consumer in route.consumers:
+            if consumer.identity == role:
+                subscribe += route.tenant_filters(consumer, tenant)
+    # liveness only: a pong names no tenant's data
+    publish += routes.HEALTH.publisher_subjects(role)  # type: ignore[arg-type]
+    return Permissions(identity, _unique(publish), _unique(subscribe))
+
+
 def permissions(identity: str) -> Permissions:
     """The allow lists of ``identity``, from the route registry only."""
+    if tenancy.parse_user(identity) is not None:
+        return tenant_permissions(identity)
     if identity == ADMIN:
         # provisioning: the whole JetStream API (streams, the KV bucket), nothing else
         return Permissions(ADMIN, (f"{JS_API}.>",), (f"{inbox_prefix(ADMIN)}.>",))

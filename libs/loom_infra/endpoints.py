@@ -123,8 +123,12 @@ async def serve(
                 ),
             )
 
-    (subject,) = route.filters(consumer)
-    return await nc.subscribe(subject, queue=consumer.queue or "", cb=answer, **subscribe)
+    # the plain subject and, on a tenant-scoped route, every tenant's twin
+    subs = [
+        await nc.subscribe(subject, queue=consumer.queue or "", cb=answer, **subscribe)
+        for subject in route.filters(consumer)
+    ]
+    return subs[0] if len(subs) == 1 else subs
 
 
 def durable(
@@ -188,5 +192,8 @@ async def listen(
     """Subscribe ``cb`` to a request route as declared (its subject and queue group), for
     handlers that decode and answer themselves (submit, control, resume)."""
     consumer = _declared(route, identity)
-    (subject,) = route.filters(consumer)
-    return await nc.subscribe(subject, queue=consumer.queue or "", cb=cb)
+    subs = [
+        await nc.subscribe(subject, queue=consumer.queue or "", cb=cb)
+        for subject in route.filters(consumer)
+    ]
+    return subs[0] if len(subs) == 1 else subs

@@ -46,6 +46,14 @@ Variables (all optional unless noted):
   else no credentials (only an insecure server accepts that).
 - ``LOOM_CREDS_DIR``: directory of per-identity seeds ``<identity>.nk`` that ``loom up``
   generates and its services use, default ``{LOOM_DATA_DIR}/creds``.
+- ``LOOM_TENANTS``: comma list of tenants (besides ``default``) whose NATS users
+  (``client@<tenant>``, ``operator@<tenant>``) ``loom up`` generates and admits
+  (``loom_core.tenancy``); default none: one tenant, as before.
+- ``LOOM_TENANT``: the tenant this CLI or client acts in (it connects as
+  ``operator@<tenant>`` with ``{LOOM_CREDS_DIR}/operator@<tenant>.nk`` unless
+  ``LOOM_NKEY_SEED_FILE`` names the seed); default: the platform's own operator.
+- ``LOOM_QUOTAS_FILE``: YAML of per-tenant and per-queue limits (concurrent runs,
+  submission rate, tool/model call rate; ``loom_core.quotas``); default: no limits.
 - ``LOOM_INSECURE``: ``1``/``true`` runs ``loom up`` with no NATS authentication at all
   (development only; loudly logged) and makes every process connect without credentials.
 
@@ -65,6 +73,7 @@ from urllib.parse import urlsplit, urlunsplit
 from loom_core import blobs as blob_refs
 from loom_core import caps as fanout
 from loom_core import message_limits as msg_limits
+from loom_core import tenancy
 from loom_core.contracts import Caps, SizeLimits
 from loom_core.errors import LoomError
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
@@ -488,6 +497,11 @@ class Settings:
     # reasons, resume data, signal payloads (loom_core.message_limits)
     message_limits: msg_limits.MessageLimits = msg_limits.DEFAULT_MESSAGE_LIMITS
     schedules: ScheduleSettings = field(default_factory=ScheduleSettings)
+    # tenants (loom_core.tenancy): those whose users this stack admits, and the one this
+    # process acts in (None: the platform's own identities)
+    tenants: tuple[str, ...] = ()
+    tenant: str | None = None
+    quotas_file: Path | None = None  # LOOM_QUOTAS_FILE (loom_core.quotas)
 
     @property
     def credentials_dir(self) -> Path:
@@ -622,7 +636,28 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         blobs=blobs,
         message_limits=message_limits_from_env(env, max_payload, _depth(env)),
         schedules=schedule_settings_from_env(env),
+        tenants=_tenants(env),
+        tenant=_tenant(env),
+        quotas_file=_path(env, "LOOM_QUOTAS_FILE"),
     )
+
+
+def _tenants(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = [t.strip() for t in (_get(env, "LOOM_TENANTS") or "").split(",") if t.strip()]
+    try:
+        return tuple(dict.fromkeys(tenancy.check_tenant(t) for t in names))
+    except tenancy.TenantError as exc:
+        raise SettingsError("LOOM_TENANTS", str(exc)) from None
+
+
+def _tenant(env: Mapping[str, str]) -> str | None:
+    name = _get(env, "LOOM_TENANT")
+    if name is None or name == tenancy.DEFAULT_TENANT:
+        return None
+    try:
+        return tenancy.check_tenant(name)
+    except tenancy.TenantError as exc:
+        raise SettingsError("LOOM_TENANT", str(exc)) from None
 
 
 def _depth(env: Mapping[str, str]) -> int:

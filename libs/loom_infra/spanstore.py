@@ -181,6 +181,7 @@ CREATE INDEX IF NOT EXISTS loom_trace_spans_error ON loom_trace_spans (error_typ
 CREATE INDEX IF NOT EXISTS loom_trace_runs_started ON loom_trace_runs (started_us, run_id);
 CREATE INDEX IF NOT EXISTS loom_trace_runs_status
     ON loom_trace_runs (status, started_us, run_id);
+CREATE INDEX IF NOT EXISTS loom_trace_runs_tenant ON loom_trace_runs (tenant, started_us, run_id);
 """
 
 _SPAN_COLUMNS = ("span_id", "run_id", "trace_id", "start_us", "ended", "data", *_DERIVED_NAMES)
@@ -194,10 +195,17 @@ WHERE loom_trace_spans.data <> excluded.data
 """  # noqa: S608 - column names are constants of this module
 
 _UPSERT_RUN = """
-INSERT INTO loom_trace_runs (run_id, status, started_us, data) VALUES (?, ?, ?, ?)
+INSERT INTO loom_trace_runs (run_id, status, started_us, data, tenant) VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (run_id) DO UPDATE SET
-    status = excluded.status, started_us = excluded.started_us, data = excluded.data
+    status = excluded.status, started_us = excluded.started_us, data = excluded.data,
+    tenant = excluded.tenant
 """
+# A store written before tenants: every run in it is the default tenant's (a rebuild
+# recomputes each summary, tenant included, from the run's events).
+_ADD_RUN_TENANT = "ALTER TABLE loom_trace_runs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'"
+_RUN_TENANT = "SELECT tenant FROM loom_trace_runs WHERE run_id = ?"
+# the spans of one tenant's runs (slowest steps, usage)
+_OF_TENANT = "run_id IN (SELECT run_id FROM loom_trace_runs WHERE tenant = ?)"
 
 _INSERT_EVENT = """
 INSERT INTO loom_trace_events (run_id, seq, data) VALUES (?, ?, ?)
@@ -431,11 +439,12 @@ class SpanStore(ABC):
         limit: int = 50,
         status: str | Sequence[str] | None = None,
         after: tuple[int, str] | None = None,
+        tenant: str | None = None,
     ) -> list[RunSummary]:
         """Run summaries, newest first (by start time, then run id descending),
         optionally only with one status (or any of several), only those after the key
         ``after`` (see :func:`run_key`): a page of a stable listing."""
-        return self.traces(status=status, limit=limit, after=after)
+        return self.traces(status=status, limit=limit, after=after, tenant=tenant)
 
     def run_ids(
         self,
@@ -466,6 +475,7 @@ class SpanStore(ABC):
         error: str | None = None,
         limit: int = 50,
         after: tuple[int, str] | None = None,
+        tenant: str | None = None,
     ) -> list[RunSummary]:
         """Runs newest first (by start, then run id descending), filtered: started in
         [since, until), with this status (or one of these), with a span naming ``tool``
@@ -475,6 +485,8 @@ class SpanStore(ABC):
         however many runs start meanwhile."""
         where = _Where()
         where.time("started_us", since, until)
+        if tenant is not None:  # None: every tenant's (the platform)
+            where.add("tenant = ?", tenant)
         if isinstance(status, str):
             where.add("status = ?", status)
         elif status is not None:
@@ -503,6 +515,7 @@ class SpanStore(ABC):
         until: datetime | None = None,
         tool: str | None = None,
         limit: int = 10,
+        tenant: str | None = None,
     ) -> list[SpanRecord]:
         """The ``limit`` longest ended step spans that started in [since, until),
         optionally only steps calling ``tool``; longest first."""
@@ -512,6 +525,8 @@ class SpanStore(ABC):
         where.time("start_us", since, until)
         if tool is not None:
             where.add("tool = ?", tool[:_TEXT_MAX])
+        if tenant is not None:
+            where.add(_OF_TENANT, tenant)
         sql = (
             f"SELECT data FROM loom_trace_spans{where.sql()} "  # noqa: S608
             "ORDER BY dur_us DESC, span_id LIMIT ?"
@@ -526,6 +541,7 @@ class SpanStore(ABC):
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = 1000,
+        tenant: str | None = None,
     ) -> list[UsageRow]:
         """Ended tool and model calls (spans of category ``tool`` / ``model``) that
         started in [since, until), grouped by tool, model, run, or UTC time bucket:
@@ -541,6 +557,8 @@ class SpanStore(ABC):
         if by not in _BUCKETS:
             where.add(f"{key} IS NOT NULL")
         where.time("start_us", since, until)
+        if tenant is not None:
+            where.add(_OF_TENANT, tenant)
         order = "k" if by in _BUCKETS else "COUNT(*) DESC, k"
         sql = (
             f"SELECT {key} AS k, COUNT(*), "  # noqa: S608 - key is one of USAGE_KEYS
@@ -568,6 +586,11 @@ class SpanStore(ABC):
                 )
             )
         return out
+
+    def run_tenant(self, run_id: str) -> str | None:
+        """The tenant of a run the read model holds (None: it holds no such run)."""
+        rows = self._call("run_tenant", self._rows, _RUN_TENANT, (run_id,))
+        return str(rows[0][0]) if rows else None
 
     # -- events
     def record_events(self, run_id: str, records: Sequence[EventRecord]) -> None:
@@ -736,7 +759,10 @@ def _event_rows(run_id: str, records: Sequence[EventRecord]) -> list[tuple[Any, 
 
 
 def _run_row(summary: RunSummary) -> tuple[Any, ...]:
-    return (summary.run_id, summary.status, _us(summary.started_at), codec.encode(summary))
+    return (
+        summary.run_id, summary.status, _us(summary.started_at), codec.encode(summary),
+        summary.tenant,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- SQLite
@@ -769,6 +795,11 @@ class SQLiteSpanStore(SpanStore):
                         row[1] for row in self._conn.execute("PRAGMA table_info(loom_trace_spans)")
                     }
                     _migrate(columns, self._conn.execute, self._query)
+                    run_columns = {
+                        row[1] for row in self._conn.execute("PRAGMA table_info(loom_trace_runs)")
+                    }
+                    if "tenant" not in run_columns:
+                        self._conn.execute(_ADD_RUN_TENANT)
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
@@ -823,6 +854,7 @@ _PG_COLUMNS = (
     "SELECT column_name FROM information_schema.columns "
     "WHERE table_schema = current_schema() AND table_name = 'loom_trace_spans'"
 )
+_PG_RUN_COLUMNS = _PG_COLUMNS.replace("loom_trace_spans", "loom_trace_runs")
 
 
 class PostgresSpanStore(SpanStore):
@@ -843,6 +875,9 @@ class PostgresSpanStore(SpanStore):
                             self._conn.execute(statement)
                     columns = {row[0] for row in self._conn.execute(_PG_COLUMNS).fetchall()}
                     _migrate(columns, self._execute, self._query)
+                    run_columns = {row[0] for row in self._conn.execute(_PG_RUN_COLUMNS)}
+                    if "tenant" not in run_columns:
+                        self._conn.execute(_ADD_RUN_TENANT)
                     for statement in _INDEXES.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from loom_cli.render import progress_line, stderr, stdout
-from loom_core import blobs, codec, routes
+from loom_core import blobs, codec, routes, tenancy
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
@@ -86,17 +86,22 @@ async def connect(url: str | None) -> LoomClient:
     settings = settings_from_env()
     if url:
         settings = dataclasses.replace(settings, nats_url=url)
-    # the operator's key: LOOM_NKEY_SEED_FILE, else the one `loom up` wrote
-    seed = settings.seed_file_for("operator")
+    # the operator's key: LOOM_NKEY_SEED_FILE, else the one `loom up` wrote (of the
+    # tenant LOOM_TENANT names, if any: then everything is scoped to that tenant)
+    tenant = settings.tenant
+    user = "operator" if tenant is None else tenancy.user("operator", tenant)
+    seed = settings.seed_file_for(user)
     try:
-        return await LoomClient.connect(settings.nats_url, seed=seed, identity="operator")
+        return await LoomClient.connect(
+            settings.nats_url, seed=seed, identity="operator", tenant=tenant
+        )
     except FileNotFoundError as exc:
         raise fail(str(exc), ExitCode.USAGE) from None
     except Exception as exc:
         if "authorization" in str(exc).lower():
             raise fail(
                 f"NATS at {settings.nats_url} refused "
-                + (f"the operator key {seed}" if seed else "a connection without credentials")
+                + (f"the key {seed} of {user}" if seed else "a connection without credentials")
                 + ": set LOOM_NKEY_SEED_FILE to the operator seed (`loom up` prints where it "
                 "is; by default {LOOM_DATA_DIR}/creds/operator.nk)",
                 ExitCode.UNAVAILABLE,

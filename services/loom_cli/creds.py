@@ -27,11 +27,11 @@ from pathlib import Path
 import typer
 import yaml
 
-from loom_cli.common import UrlOpt, fail
+from loom_cli.common import ExitCode, UrlOpt, fail
 from loom_cli.render import stderr
-from loom_core import routes
+from loom_core import routes, tenancy
 from loom_infra import credentials
-from loom_infra.credentials import ADMIN, Credentials, ensure_credentials
+from loom_infra.credentials import ADMIN, Credentials, ensure_credentials, tenant_identities
 from loom_infra.settings import settings_from_env
 
 NAMESPACE = "agentloom"
@@ -84,8 +84,8 @@ def kubernetes_files(creds: Credentials, namespace: str = NAMESPACE) -> dict[str
     }
 
 
-def generate(out: Path, namespace: str = NAMESPACE) -> Credentials:
-    creds = ensure_credentials(out)
+def generate(out: Path, namespace: str = NAMESPACE, tenants: tuple[str, ...] = ()) -> Credentials:
+    creds = ensure_credentials(out, (*credentials.IDENTITIES, *tenant_identities(tenants)))
     for name, text in kubernetes_files(creds, namespace).items():
         path = out / name
         path.write_text(text, encoding="utf-8")
@@ -96,12 +96,22 @@ def generate(out: Path, namespace: str = NAMESPACE) -> Credentials:
 def creds_generate(
     out: Path = typer.Option(..., "--out", help="directory for the seeds and files"),
     namespace: str = typer.Option(NAMESPACE, help="Kubernetes namespace of the Secrets"),
+    tenant: list[str] = typer.Option(
+        [],
+        "--tenant",
+        help="also a tenant's client and operator users (repeatable; default: LOOM_TENANTS)",
+    ),
 ) -> None:
     """Write NATS keys, the server's authorization block and Kubernetes Secrets.
 
-    Seeds are kept when present. Install into a cluster with `kubectl apply -k OUT`."""
+    Seeds are kept when present. Install into a cluster with `kubectl apply -k OUT`.
+    With --tenant, each tenant gets `client@<tenant>.nk` and `operator@<tenant>.nk`,
+    whose permissions reach only that tenant's runs: hand them to that tenant."""
     try:
-        creds = generate(out, namespace)
+        tenants = tuple(tenancy.check_tenant(t) for t in tenant) or settings_from_env().tenants
+        creds = generate(out, namespace, tenants)
+    except tenancy.TenantError as exc:
+        raise fail(f"--tenant: {exc}", ExitCode.USAGE) from None
     except (OSError, credentials.CredentialsError) as exc:
         raise fail(str(exc)) from None
     stderr.print(f"[green]wrote[/] seeds and NATS/Kubernetes files to {out}")
@@ -109,6 +119,11 @@ def creds_generate(
     stderr.print(f"  client (submit only, for applications): {creds.seed_file('client')}")
     stderr.print(f"  operator (the loom CLI: LOOM_NKEY_SEED_FILE): {creds.seed_file('operator')}")
     stderr.print(f"  admin (provisioning only): {creds.seed_file(ADMIN)}")
+    for name in tenants:
+        stderr.print(
+            f"  tenant {name}: {creds.seed_file(tenancy.user('client', name))}, "
+            f"{creds.seed_file(tenancy.user('operator', name))} (the CLI: LOOM_TENANT={name})"
+        )
     stderr.print(f"install into a cluster: kubectl apply -k {out}  (see deploy/README.md)")
 
 

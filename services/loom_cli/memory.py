@@ -18,7 +18,6 @@ import typer
 from loom_cli.common import UrlOpt, connect, fail
 from loom_core import subjects
 from loom_core.contracts import MemoryReply, MemoryRequest, Principal
-from loom_infra import bus
 
 UserOpt = typer.Option(None, "--user", help="act as this user (default: the operator)")
 TenantOpt = typer.Option("default", "--tenant", help="the user's tenant")
@@ -47,9 +46,7 @@ def call(op: str, args: dict[str, Any], url: str | None, principal: Principal | 
     async def main() -> MemoryReply:
         async with await connect(url) as client:
             request = MemoryRequest(op=op, args=args, principal=principal)  # type: ignore[arg-type]
-            return await bus.request(
-                client.nc, subjects.API_MEMORY_OPERATOR, request, MemoryReply, timeout=timeout
-            )
+            return await client.ask(subjects.API_MEMORY_OPERATOR, request, MemoryReply, timeout)
 
     try:
         reply = asyncio.run(main())

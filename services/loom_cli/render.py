@@ -29,11 +29,13 @@ from loom_core.contracts import (
     PlanRevised,
     ReplanRefused,
     ReplanRequested,
+    RunAdmitted,
     RunCancelled,
     RunCompleted,
     RunFailed,
     RunNeedsReview,
     RunPaused,
+    RunQueued,
     RunRequested,
     RunSummary,
     RunUnpaused,
@@ -137,6 +139,11 @@ def progress_line(record: EventRecord, started: dict[str, datetime]) -> str | No
             return f"[yellow]run paused[/] by {by}"
         case RunUnpaused(by=by):
             return f"[green]run unpaused[/] by {by}"
+        case RunQueued(queue=queue, priority=priority):
+            where = f"queue {queue!r}" if queue else "its tenant's queue"
+            return f"[yellow]run queued[/] in {where} (priority {priority}): at its run limit"
+        case RunAdmitted():
+            return "[green]run admitted[/]: a slot freed"
         case RunNeedsReview(step_id=sid, error=err):
             return f"[red]run needs review[/]: step {sid}: {err.message}"
         case RunCompleted():

@@ -48,7 +48,6 @@ from loom_core.contracts import (
     UsageReply,
     UsageRow,
 )
-from loom_infra import bus
 from loom_infra.client import LoomClient
 
 __all__ = [
@@ -138,7 +137,7 @@ def _ask(url: str | None, subject: str, query: object, reply_type: type[R], time
     async def main() -> R:
         async with await _connect(url) as client:
             try:
-                return await bus.request(client.nc, subject, query, reply_type, timeout)
+                return await client.ask(subject, query, reply_type, timeout)
             except NatsError as exc:
                 raise _unreachable(exc) from None
 

@@ -83,6 +83,8 @@ from loom_infra.store import (
     open_event_store,
     open_snapshot_store,
 )
+from loom_services import tenants
+from loom_services.admission import AdmissionControl, load_quotas
 from loom_services.local_tools import LocalTools
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.schedules import Scheduler
@@ -318,12 +320,19 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        # quotas per tenant and queue (loom_services.admission)
+        self.admission = AdmissionControl(load_quotas(settings.quotas_file), self.host.submit)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.relay = Relay(self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable)
         self.host.listeners.append(self.relay.offer)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
+        self.host.listeners.append(self.admission.on_commit)
+        # queued runs survive a restart: the book is rebuilt before any submission
+        self.admission.admit_now(
+            await self.io(self.admission.recover, self.store.read_notifications)
+        )
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
@@ -396,7 +405,7 @@ class ExecutorService:
                 ),
             )
         try:  # who the run acts for: the subject's identity and the token, never the body
-            principal = self.principals.resolve(msg.subject, msg.headers)
+            principal = tenants.submitter(self.principals, msg)  # bound to its tenant
         except auth.AuthError as exc:
             return await self._reject(msg, exc.error)
         depth = self.settings.max_json_depth
@@ -430,12 +439,22 @@ class ExecutorService:
             or resubmit.run_id_from_msg_id(msg_id, principal)
             or f"run-{uuid.uuid4().hex[:20]}"
         )
+        error = self.admission.refusal(principal, request)  # queue name, submission rate
+        if error is not None:
+            return await self._reject(msg, error)
+        booked = not self.admission.knows(run_id)
+        queued = self.admission.offer(run_id, principal, request)
+        produced: list[EventRecord] = []  # empty: not created here (it is unbooked)
         try:
-            produced = await self.host.submit(run_id, Submission(request, principal, redacted))
+            produced = await self.host.submit(
+                run_id, Submission(request, principal, redacted, queued=queued)
+            )
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
         except Exception as exc:
             log.exception("submit failed")
+            if booked:
+                self.admission.forget(run_id)
             return SubmitRejected(
                 error=ErrorInfo(
                     code="unavailable",
@@ -443,8 +462,13 @@ class ExecutorService:
                     retryable=True,
                 )
             )
+        if booked and not produced:
+            self.admission.forget(run_id)
         if not produced:  # a repeat: of the same request, or a reused id (refused)
-            differs = resubmit.differences(await self.host.state_of(run_id), request)
+            existing = await self.host.state_of(run_id)
+            if tenants.hidden(msg, existing):  # says nothing of the other tenant's run
+                return await self._reject(msg, tenants.id_taken(run_id))
+            differs = resubmit.differences(existing, request)
             if differs:
                 return await self._reject(msg, resubmit.conflict(run_id, differs))
         return SubmitAccepted(run_id=run_id, existing=not produced)
@@ -633,7 +657,7 @@ class ExecutorService:
         if too_large is not None:  # before anything is loaded or stored
             return RunControlReply(run_id=control.run_id, ok=False, error=too_large)
         state = await self.host.state_of(control.run_id)
-        if state.version == 0:
+        if state.version == 0 or tenants.hidden(msg, state):
             return self._refuse(control, "not_found", f"no run '{control.run_id}'")
         if state.terminal:
             return self._refuse(
@@ -655,7 +679,7 @@ class ExecutorService:
             if error is not None:
                 return ForkReply(error=error)
         records = await self.io(self.store.load, request.run_id)
-        if not records:
+        if not records or tenants.hidden_history(msg, records):
             error = ErrorInfo(
                 code="not_found", message=f"no run '{request.run_id}'", path="$.run_id"
             )
@@ -715,7 +739,7 @@ class ExecutorService:
         if not request.request_id:
             request = msgspec.structs.replace(request, request_id=uuid.uuid4().hex)
         state = await self.host.state_of(request.run_id)
-        if state.version == 0:
+        if state.version == 0 or tenants.hidden(msg, state):
             error = ErrorInfo(
                 code="not_found", message=f"no run '{request.run_id}'", path="$.run_id"
             )
@@ -807,9 +831,8 @@ class ExecutorService:
                 at=records[-1].at,
                 waits=waits,
             )
-            task = asyncio.ensure_future(
-                self._publish(subjects.progress(run_id), codec.encode(progress))
-            )
+            subject = tenants.progress_subject(state)
+            task = asyncio.ensure_future(self._publish(subject, codec.encode(progress)))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
@@ -826,6 +849,9 @@ class ExecutorService:
         under this connection's max_payload, so the reply can always be sent;
         ``next_after_seq`` says where the next page starts. The store is read a chunk at
         a time, so a page of big events does not load thousands of them."""
+        # another tenant's run reads as no run (the platform's services read any run)
+        if tenants.caller(msg) and tenants.hidden(msg, await self.host.state_of(query.run_id)):
+            return RunEventsReply(run_id=query.run_id, events=[])
         limit = max(1, min(query.limit, 5000))
         max_payload = (self.ctx.nc.max_payload if self.ctx else 0) or self.settings.max_payload
         chunk = min(limit + 1, 256)

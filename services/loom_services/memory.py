@@ -19,9 +19,10 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes, subjects, tenancy
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
@@ -41,6 +42,7 @@ from loom_infra.blocking import Blocking
 from loom_infra.client import is_stored
 from loom_infra.settings import Settings
 from loom_infra.store import ThreadStore, open_thread_store
+from loom_services import tenants
 from loom_services.memory_ops import run_op
 from loom_services.memorystore import MemoryFailure, MemoryStore
 from loom_services.runtime import ServiceContext, run_main
@@ -133,9 +135,20 @@ class MemoryService:
         return await self._run(principal, request)
 
     async def on_operator_request(self, msg: Msg, request: MemoryRequest) -> MemoryReply:
+        caller = tenants.caller(msg)  # a tenant's operator acts only within its tenant
         principal = request.principal or Principal(
-            user_id="operator", via="operator", roles=["admin"]
-        )
+            user_id="operator", via="operator", roles=["admin"],
+            tenant=caller or tenancy.DEFAULT_TENANT,
+        )  # fmt: skip
+        if caller is not None and principal.tenant == tenancy.DEFAULT_TENANT:
+            principal = msgspec.structs.replace(principal, tenant=caller)  # as on submit
+        if not tenancy.may_see(caller, principal.tenant):
+            return _failed(
+                "tenant_mismatch",
+                f"the operator of tenant {caller!r} acts only for its own tenant, not for "
+                f"{principal.tenant!r}",
+                "$.principal.tenant",
+            )
         return await self._run(principal, request)
 
     async def _run(self, principal: Principal, request: MemoryRequest) -> MemoryReply:
@@ -274,6 +287,14 @@ class MemoryService:
 
     async def on_thread_query(self, msg: Msg, query: ThreadQuery) -> ThreadReply:
         entries = await self.io(self.threads.list, query.thread_id)
+        caller = tenants.caller(msg)
+        if caller is not None:  # a tenant sees the entries of its own runs only
+            kept = []
+            for entry in entries:
+                owner = tenants.tenant_of(await self._principal_for(entry.run_id))
+                if owner == caller:
+                    kept.append(entry)
+            entries = kept
         return ThreadReply(thread_id=query.thread_id, entries=entries)
 
 

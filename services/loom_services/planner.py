@@ -42,11 +42,13 @@ from loom_core.contracts import (
 )
 from loom_core.errors import LoomError
 from loom_core.executor import request_digest
+from loom_core.quotas import NO_QUOTAS
 from loom_core.tool_access import check_tool_access
 from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings
+from loom_services.admission import load_quotas
 from loom_services.conversations import (
     ConversationMissing,
     Conversations,
@@ -55,6 +57,7 @@ from loom_services.conversations import (
 from loom_services.models import Answer, ModelConfig, ModelLayer
 from loom_services.planning import plan_with_model, replan_with_model
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.throttle import CallThrottle, run_tenants
 
 log = logging.getLogger("loom.planner")
 ONCE_KEPT = 4096  # model answers kept for redeliveries of the same request
@@ -82,8 +85,14 @@ class PlannerService:
         self.layer = ModelLayer(self.models, SecretSource(settings.secrets))
         self.conversations = Conversations(self._run_events)
 
+    # the tenants' model call rates (loom_services.throttle); none until started
+    throttle = CallThrottle(NO_QUOTAS, "model")
+
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.throttle = CallThrottle(
+            load_quotas(self.settings.quotas_file), "model", run_tenants(ctx.nc)
+        )
         self.kv = await bus.ensure_tools_bucket(ctx.js)
         self.answers = await bus.ensure_model_answers_bucket(ctx.js)
         consumer = endpoints.durable(
@@ -241,6 +250,7 @@ class PlannerService:
             await self._answer(record.run_id, event, Answer(message=None, error=exc.info))
             return True
         specs = await self.tool_specs(event.tools) + list(event.delegates)
+        throttled_ms = await self.throttle.wait(record.run_id)  # the tenant's call rate
         started = datetime.now(UTC)
         pieces = itertools.count()
         subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
@@ -255,7 +265,7 @@ class PlannerService:
             event.model, messages, specs, json_mode=event.output_schema is not None,
             on_text=on_text,
         )))  # fmt: skip
-        await self._answer(record.run_id, event, answer, started)
+        await self._answer(record.run_id, event, answer, started, throttled_ms)
         return True
 
     async def _answer(
@@ -264,6 +274,7 @@ class PlannerService:
         event: ModelCallRequested,
         answer: Answer,
         started: datetime | None = None,
+        throttled_ms: float = 0.0,
     ) -> None:
         now = datetime.now(UTC)
         result = ModelResult(
@@ -272,7 +283,7 @@ class PlannerService:
             started_at=started or now, finished_at=now, message=answer.message,
             finish_reason=answer.finish_reason, model=answer.model, provider=answer.provider,
             attempts=answer.attempts, usage=answer.usage, error=answer.error,
-            request_digest=request_digest(run_id, event),
+            request_digest=request_digest(run_id, event), throttled_ms=throttled_ms,
         )  # fmt: skip
         data = codec.encode(result)
         try:  # kept before it is sent: a crash after the model call loses nothing

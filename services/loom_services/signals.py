@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes, subjects, tenancy
 from loom_core.contracts import (
     ErrorInfo,
     EventWaitStarted,
@@ -37,6 +37,7 @@ from loom_core.contracts import (
 from loom_core.executor import RunState
 from loom_core.message_limits import DEFAULT_MESSAGE_LIMITS, MessageLimits, check_signal_payload
 from loom_infra import bus, endpoints
+from loom_services.tenants import run_tenant
 
 log = logging.getLogger("loom.signals")
 
@@ -98,7 +99,8 @@ class SignalRouter:
         )
         target = (record.run_id, wait.step_id)
         for match in wait.matches:
-            subject = subjects.signal(match.name, match.key)
+            # a run hears only its own tenant's signals (loom.t.<tenant>.signal.…)
+            subject = tenancy.scoped(subjects.signal(match.name, match.key), run_tenant(state))
             if not still or match.name in inst.received:  # type: ignore[union-attr]
                 # one event per name is taken: resending would only be refused
                 self.waiting.get(subject, set()).discard(target)
@@ -147,7 +149,7 @@ class SignalRouter:
             error = bus.decode_error_info(exc)
             await bus.dead_letter(self.js, self.service, subject, error, data)
             return
-        name, key = subject.split(".")[2:4]
+        name, key = tenancy.split(subject)[1].split(".")[2:4]
         if (signal.name, signal.key) != (name, key):
             return  # the subject is the address; a mismatching body is ignored
         too_large = check_signal_payload(signal.payload, self.limits)

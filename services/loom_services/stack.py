@@ -13,8 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loom_core import tenancy
 from loom_infra.client import LoomClient
-from loom_infra.credentials import ADMIN, Credentials, ensure_credentials
+from loom_infra.credentials import (
+    ADMIN,
+    IDENTITIES,
+    Credentials,
+    ensure_credentials,
+    tenant_identities,
+)
 from loom_infra.datalock import DataDirLock
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings
@@ -67,10 +74,12 @@ class LocalStack:
         )
         self.credentials: Credentials | None = None
         if self.secure:
+            # the platform's identities and each tenant's users (LOOM_TENANTS)
+            identities = (*IDENTITIES, *tenant_identities(settings.tenants))
             if embedded_nats:
-                self.credentials = ensure_credentials(self.settings.credentials_dir)
+                self.credentials = ensure_credentials(self.settings.credentials_dir, identities)
             else:  # someone else's server: its keys must already be here
-                self.credentials = Credentials(self.settings.credentials_dir)
+                self.credentials = Credentials(self.settings.credentials_dir, identities)
         # one embedded stack per data dir: a second would share its SQLite files and
         # JetStream store with another nats-server
         self.lock = DataDirLock(Path(settings.store.data_dir)) if embedded_nats else None
@@ -134,9 +143,13 @@ class LocalStack:
         """The seed file of ``identity`` (None when running without credentials)."""
         return self.credentials.seed_file(identity) if self.credentials else None
 
-    async def client(self, identity: str = "operator", **options: Any) -> LoomClient:
+    async def client(
+        self, identity: str = "operator", tenant: str | None = None, **options: Any
+    ) -> LoomClient:
         """A ``LoomClient`` connected as ``identity`` (``operator`` by default; e.g.
-        ``client`` for the submit-only user)."""
+        ``client`` for the submit-only user), of ``tenant`` if given (one of
+        ``settings.tenants``)."""
+        user = identity if tenant is None else tenancy.user(identity, tenant)
         return await LoomClient.connect(
-            self.url, seed=self.seed_file(identity), identity=identity, **options
+            self.url, seed=self.seed_file(user), identity=identity, tenant=tenant, **options
         )

@@ -64,6 +64,7 @@ from loom_core.contracts import (
     ToolResult,
 )
 from loom_core.executor import request_digest
+from loom_core.quotas import NO_QUOTAS
 from loom_infra import bus, endpoints
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
@@ -71,7 +72,9 @@ from loom_infra.client import is_stored
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import ToolCallLedger, open_tool_ledger
+from loom_services.admission import load_quotas
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.throttle import CallThrottle, run_tenants
 from loom_services.tools.catalog import (
     CatalogPublisher,
     ToolCatalog,
@@ -145,8 +148,14 @@ class ToolRunnerService:
         self.executed = 0
         self.backfill = LedgerBackfill(self.ledger, self.io)
 
+    # the tenants' tool call rates (loom_services.throttle); none until started
+    throttle = CallThrottle(NO_QUOTAS, "tool")
+
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self.throttle = CallThrottle(
+            load_quotas(self.settings.quotas_file), "tool", run_tenants(ctx.nc)
+        )
         self.blobs = BlobStore(ctx.js, self.settings.blobs)
         self.catalog_publisher = CatalogPublisher(await bus.ensure_tools_bucket(ctx.js))
         self.catalog.on_change = lambda: self.catalog_publisher.publish(self.catalog)
@@ -334,6 +343,7 @@ class ToolRunnerService:
             resume=request.resume,
             nc=self.ctx.nc,
         )
+        throttled_ms = await self.throttle.wait(run_id)  # the tenant's call rate
         call = asyncio.ensure_future(self._call(request, ctx, msg))
         self.inflight[key] = call
         started = bus.now()
@@ -350,6 +360,8 @@ class ToolRunnerService:
             self.inflight.pop(key, None)
             self.cancelled.discard(key)
         result = tool_result(run_id, request, outcome, started)
+        if throttled_ms:
+            result = msgspec.structs.replace(result, throttled_ms=throttled_ms)
         self.executed += 1
         return result
 

@@ -69,6 +69,7 @@ from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, from_env
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.spanstore import SpanStore, micros, open_span_store, run_key
+from loom_services import tenants
 from loom_services.runtime import ServiceContext, run_main
 
 log = logging.getLogger("loom.tracing")
@@ -495,7 +496,7 @@ class TracingService:
         statuses: list[str] | None = None if query.status is None else [query.status]
         if query.status in ("suspended", "running"):
             statuses = ["suspended", "running"]
-        rows = await self.io(self.store.runs, limit + 1, statuses, after)
+        rows = await self.io(self.store.runs, limit + 1, statuses, after, tenants.caller(msg))
         more, rows = len(rows) > limit, rows[:limit]
         lifted = {r.run_id: r for r in await lift_runs(rows, self._own_summary, None, len(rows))}
         kept = [
@@ -562,6 +563,13 @@ class TracingService:
         reading (spans are only added or updated, never reordered). Only the page's
         rows are read from the store (a keyset range, a chunk at a time), never the
         whole trace."""
+        caller = tenants.caller(msg)
+        if caller is not None and await self.io(self.store.run_tenant, query.run_id) != caller:
+            # another tenant's run is answered as no run, before anything is rebuilt
+            return TraceReply(
+                run_id=query.run_id,
+                error=ErrorInfo(code="not_found", message=f"no trace for run '{query.run_id}'"),
+            )
         if query.rebuild and not query.after:  # the first page rebuilds, the rest read it
             records = await self._executor_history(query.run_id)
             await self.rebuild_run(query.run_id, records or None)
@@ -641,6 +649,7 @@ class TracingService:
                 error=q.error,
                 limit=limit + 1,
                 after=after,
+                tenant=tenants.caller(msg),
             )
         )
         more, runs = len(runs) > limit, runs[:limit]
@@ -650,14 +659,18 @@ class TracingService:
     async def on_slowest_query(self, msg: Msg, q: SlowestStepsQuery) -> SlowestStepsReply:
         limit = _limit(q.limit)
         spans = await self.io(
-            lambda: self.store.slowest_steps(since=q.since, until=q.until, tool=q.tool, limit=limit)
+            lambda: self.store.slowest_steps(
+                since=q.since, until=q.until, tool=q.tool, limit=limit, tenant=tenants.caller(msg)
+            )
         )
         return SlowestStepsReply(spans=spans)
 
     async def on_usage_query(self, msg: Msg, q: UsageQuery) -> UsageReply:
         limit = _limit(q.limit)
         rows = await self.io(
-            lambda: self.store.usage(q.by, since=q.since, until=q.until, limit=limit)
+            lambda: self.store.usage(
+                q.by, since=q.since, until=q.until, limit=limit, tenant=tenants.caller(msg)
+            )
         )
         return UsageReply(by=q.by, rows=rows)
 

@@ -263,6 +263,23 @@ async def pause(client: LoomClient) -> dict[str, str]:
     return {"pause": run_id}
 
 
+async def queue(client: LoomClient) -> dict[str, str]:
+    """A run over its queue's concurrent run limit (QUOTAS: queue `golden`, one run at
+    a time) is recorded queued and admitted when the run ahead of it ends."""
+    ahead = Plan(name="queue-ahead", steps=[ToolStep(id="a", tool="sleep", input={"seconds": 0.3})])
+    behind = Plan(name="queue", steps=[ToolStep(id="b", tool="echo", input={"message": "my turn"})])
+    await client.submit(RunRequest(plan=ahead, run_id="golden-queue-ahead", queue="golden"))
+    await until(client, "golden-queue-ahead", "tool_call_requested")
+    run_id = "golden-queue"
+    await client.submit(RunRequest(plan=behind, run_id=run_id, queue="golden", priority=1))
+    await client.wait(run_id, timeout=BOUND_S)
+    return {"queue": run_id}
+
+
+# the recorder's quotas: only the `queue` scenario's queue is limited
+QUOTAS = "tenants:\n  default:\n    queues:\n      golden: {max_concurrent_runs: 1}\n"
+
+
 FORK_PLAN = Plan(
     name="fork",
     steps=[
@@ -443,7 +460,7 @@ def scenarios() -> list[Scenario]:
     ]
     return [
         *found, approval_escalate, approval_many, tool_suspend, cancel, pause, fork, fork_nested,
-        agent_hostile, replan_refused,
+        agent_hostile, replan_refused, queue,
     ]  # fmt: skip
 
 
@@ -463,11 +480,14 @@ async def record_all(out_dir: Path, only: set[str] | None = None) -> list[Path]:
         model.default = research_model
         models = Path(tmp) / "models.yaml"
         models.write_text(MODELS.format(url=model.base_url))
+        quotas = Path(tmp) / "quotas.yaml"
+        quotas.write_text(QUOTAS)
         server = EmbeddedNats(data_dir=Path(tmp) / "nats", port=-1).start()
         settings = Settings(
             nats_url=server.url,
             store=StoreSettings(kind="sqlite", data_dir=Path(tmp) / "data"),
             models_file=models,
+            quotas_file=quotas,
         )
         stack = Stack(
             [

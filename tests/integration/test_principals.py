@@ -221,3 +221,26 @@ async def test_an_open_stack_runs_anonymous_submissions(
         with pytest.raises(LoomError) as caught:
             await client.submit(RunRequest(plan=NOOP), token="a.b.c")
         assert caught.value.error.code == "token_invalid"
+
+
+async def test_a_token_tenant_on_the_platforms_subject_routes_as_before(
+    client: LoomClient, issuer_key: rsa.RSAPrivateKey
+) -> None:
+    """Tenants (loom_core.tenancy) change nothing for a single-tenant stack whose tokens
+    name tenants: the run keeps the token's tenant in its principal (memory scoping),
+    but it is the platform's run (not vouched for by a tenant's NATS user), so its
+    wait hears the plain signal subject and it is listed as the default tenant's."""
+    from loom_cli.app import load_run_request
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    request = load_run_request(examples / "wait-event.yaml", [], None)
+    accepted = await client.submit(request, token=token(issuer_key))
+    requested = await first_event(client, accepted.run_id)
+    assert requested.principal is not None
+    assert (requested.principal.tenant, requested.principal.tenant_verified) == ("acme", False)
+    async for record in client.follow(accepted.run_id, timeout=30):
+        if record.kind == "event_wait_started":
+            break
+    await client.signal("payment", "A-17", {"amount": 5})
+    records = await client.wait(accepted.run_id, timeout=30)
+    assert records[-1].event == RunCompleted(output="order A-17 paid 5")

@@ -32,7 +32,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(GOLDEN.glob("*.jsonl"))
 SCENARIOS = {
-    "approval-escalate", "approval-many", "tool-suspend", "cancel", "pause", "fork",
+    "approval-escalate", "approval-many", "tool-suspend", "cancel", "pause", "queue", "fork",
     "fork-origin", "fork-nested", "fork-nested-origin", "agent-hostile", "replan-refused",
 }  # fmt: skip
 # Event kinds no recorded scenario produces: a diverged run is parked, never finished,

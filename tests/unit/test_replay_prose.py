@@ -174,7 +174,7 @@ def reworded_advance(tmp_path_factory: pytest.TempPathFactory) -> Any:
     # The copy brings new functions only: the state and message classes stay the
     # originals (replay and message_for build those), and it validates plans with the
     # reworded validator.
-    for name in ("Submission", "Scope", "Suspension", "Inst", "RunState"):
+    for name in ("Submission", "Admit", "Scope", "Suspension", "Inst", "RunState"):
         setattr(new_executor, name, getattr(executor, name))
     new_executor.validate_plan = new_validation.validate_plan
     new_executor.dependencies = new_validation.dependencies

@@ -1,0 +1,469 @@
+"""Tenants on a real stack: two tenants (acme, globex) with their own NATS users, and
+globex trying every route of ``loom_core.routes`` against acme's runs, threads and
+memory. Each route has its check in ``ATTACKS`` (a test fails when a route has none, so
+a new route cannot be forgotten); each check shows that globex reads nothing of acme's
+and writes nothing into it, either because the NATS server refuses the subject
+(permissions generated for tenant users) or because the service answers as if acme's
+thing did not exist. Acme's own use of the same routes works (positive controls), and
+acme's stored runs are unchanged by everything globex tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+from test_permissions import Conn, connect  # type: ignore[import-not-found]
+from waiting import eventually, having, until  # type: ignore[import-not-found]
+
+from loom_cli.app import load_run_request
+from loom_core import codec, routes, subjects, tenancy
+from loom_core.contracts import (
+    ForkRun,
+    MemoryReply,
+    MemoryRequest,
+    Principal,
+    RunCompleted,
+    RunProgress,
+    RunRequest,
+    SlowestStepsQuery,
+    SlowestStepsReply,
+    SubmitRejected,
+    TracesQuery,
+    TracesReply,
+    UsageQuery,
+    UsageReply,
+)
+from loom_core.routes import ROUTES
+from loom_infra.client import LoomClient, LoomError
+from loom_infra.settings import Settings, StoreSettings
+from loom_services.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DENIED = "permissions violation"
+
+
+@dataclass
+class World:
+    stack: LocalStack
+    acme: LoomClient  # operator@acme
+    globex: LoomClient  # operator@globex
+    globex_client: LoomClient  # client@globex (submit only)
+    raw: dict[str, Conn]  # globex's users as bare connections (refusals are seen)
+    done: str  # acme's completed run (thread "t1")
+    waiting: str  # acme's run suspended on an approval (label manager)
+    signal_wait: str  # acme's run waiting for the event payment/A-17
+    own: str  # globex's own completed run
+
+    async def refused_publish(self, who: str, subject: str) -> None:
+        conn = self.raw[who]
+        since = len(conn.errors)
+        assert conn.nc is not None
+        await conn.nc.publish(subject, b"{}")
+        assert await conn.refused(f'publish to "{subject.lower()}"', since), subject
+
+    async def refused_subscribe(self, who: str, subject: str) -> None:
+        conn = self.raw[who]
+        since = len(conn.errors)
+        assert conn.nc is not None
+        sub = await conn.nc.subscribe(subject)
+        assert await conn.refused(f'subscription to "{subject.lower()}"', since), subject
+        await sub.unsubscribe()
+
+    async def refused_stream(self, stream: str) -> None:
+        """No JetStream API at all for a tenant user: a denied call is a timeout."""
+        conn = self.raw["operator"]
+        assert conn.nc is not None
+        since = len(conn.errors)
+        with pytest.raises(TimeoutError):
+            await conn.nc.jetstream(timeout=0.5).stream_info(stream)
+        assert await conn.wait_refused(DENIED, since)
+
+    async def acme_history(self) -> dict[str, bytes]:
+        runs = (self.done, self.waiting, self.signal_wait)
+        return {r: b"".join(codec.encode(e) for e in await self.acme.events(r)) for r in runs}
+
+
+Attack = Callable[[World], Awaitable[None]]
+
+
+def _route(route: routes.Route, **values: str) -> str:
+    fill = {"run_id": "R1", "name": "payment", "key": "A-17", "service": "executor",
+            "via": "operator", "tool": "echo", "part": "C", "id": "x",
+            "event": "run_completed"}  # fmt: skip
+    fill.update(values)
+    return route.subject(**{p: fill[p] for p in route.params})
+
+
+async def _not_found_alike(world: World, call: Callable[[str], Awaitable[object]]) -> None:
+    """Acme's run and a run that exists nowhere get the same typed refusal."""
+    answers = []
+    for run_id in (world.waiting, "no-such-run-anywhere"):
+        with pytest.raises(LoomError) as refused:
+            await call(run_id)
+        info = refused.value.info
+        answers.append((info.code, info.message.replace(run_id, "<id>"), info.path))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == "not_found"
+
+
+# ----------------------------------------------------------------------------- attacks
+
+
+async def submit(w: World) -> None:
+    # acme's run id: refused without a word about acme's run, nothing written into it
+    request = load_run_request(EXAMPLES / "hello-dag.yaml", [], None)
+    reply = await w.globex_client.submit_raw(
+        codec.encode(msgspec.structs.replace(request, run_id=w.done))
+    )
+    assert isinstance(reply, SubmitRejected) and reply.error.code == "run_id_taken"
+    assert w.done not in reply.error.message.replace(f"'{w.done}'", "")  # named, no more
+    assert "differs" not in (reply.error.details or {})
+    # only its own tenant's submit subject, and only its own identity's
+    for subject in ("loom.submit.client", "loom.t.acme.submit.client",
+                    "loom.t.globex.submit.operator"):  # fmt: skip
+        await w.refused_publish("client", subject)
+    # a run globex submits is globex's
+    accepted = await w.globex_client.submit(request)
+    records = await w.globex.wait(accepted.run_id, timeout=30)
+    assert records[0].event.principal.tenant == "globex"  # type: ignore[union-attr]
+    assert accepted.run_id not in {r.run_id for r in await w.acme.runs(limit=1000)}
+
+
+async def run_event(w: World) -> None:
+    await w.refused_subscribe("operator", "loom.run.*.>")
+    await w.refused_subscribe("operator", subjects.run_events_of(w.done))
+    await w.refused_stream(subjects.RUN_EVENTS_STREAM)
+
+
+async def inbox(w: World) -> None:
+    for route in routes.INBOXES:
+        await w.refused_publish("operator", _route(route, run_id=w.waiting))
+        await w.refused_publish("operator", tenancy.twin(_route(route, run_id=w.waiting), "globex"))
+
+
+async def signal(w: World) -> None:
+    await w.refused_publish("operator", subjects.signal("payment", "A-17"))
+    await w.refused_publish("operator", tenancy.twin(subjects.signal("payment", "A-17"), "acme"))
+    # globex's own signal of that name and key is globex's: acme's run does not take it
+    await w.globex.signal("payment", "A-17", {"amount": 999}, signal_id="globex-1")
+    await w.acme.signal("payment", "A-17", {"amount": 12}, signal_id="acme-1")
+    records = await w.acme.wait(w.signal_wait, timeout=30)
+    assert records[-1].event == RunCompleted(output="order A-17 paid 12")
+
+
+async def dead_letter(w: World) -> None:
+    await w.refused_subscribe("operator", _route(routes.DEAD_LETTER, service="executor"))
+    await w.refused_stream(subjects.DLQ_STREAM)
+
+
+async def rejected(w: World) -> None:
+    await w.refused_subscribe("operator", _route(routes.REJECTED, service="executor"))
+    await w.refused_stream(routes.REJECTED.stream or "")
+
+
+async def control(w: World) -> None:
+    await _not_found_alike(w, lambda run_id: w.globex.control(run_id, "cancel"))
+    await w.refused_publish("operator", subjects.CONTROL)
+    await w.refused_publish("operator", tenancy.twin(subjects.CONTROL, "acme"))
+
+
+async def resume(w: World) -> None:
+    async def answer(run_id: str) -> None:
+        reply = await w.globex.resume(run_id, {"approved": True}, label="manager")
+        assert not reply.ok and reply.error is not None
+        raise LoomError(reply.error)
+
+    await _not_found_alike(w, answer)
+    await w.refused_publish("operator", tenancy.twin(subjects.RESUME, "acme"))
+
+
+async def fork(w: World) -> None:
+    await _not_found_alike(
+        w, lambda run_id: w.globex.fork(ForkRun(run_id=run_id, from_step="quote"))
+    )
+    await w.refused_publish("operator", routes.FORK.subject())
+
+
+async def progress(w: World) -> None:
+    await w.refused_subscribe("operator", "loom.progress.*")
+    await w.refused_subscribe("operator", tenancy.twin("loom.progress.*", "acme"))
+    # globex's own progress subject hears globex's runs only, while acme's run moves
+    heard: list[str] = []
+
+    async def got(msg: object) -> None:
+        heard.append(codec.decode(msg.data, RunProgress).run_id)  # type: ignore[attr-defined]
+
+    sub = await w.globex.nc.subscribe(w.globex.scoped("loom.progress.*"), cb=got)
+    await w.globex.nc.flush()
+    reply = await w.acme.resume(w.waiting, {"approved": True}, label="manager")
+    assert reply.ok, reply.error
+    await w.acme.wait(w.waiting, timeout=30)
+    mine = await w.globex.submit(load_run_request(EXAMPLES / "hello-dag.yaml", [], None))
+    await w.globex.wait(mine.run_id, timeout=30)
+    await eventually(lambda: _async(mine.run_id in heard), "globex hears its own progress")
+    await sub.unsubscribe()
+    assert w.waiting not in heard and set(heard) <= {mine.run_id}
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+async def model_stream(w: World) -> None:
+    await w.refused_subscribe("operator", "loom.stream.*")
+    await w.refused_subscribe("operator", tenancy.twin("loom.stream.*", "acme"))
+
+
+async def api_run_events(w: World) -> None:
+    assert await w.globex.events(w.done) == []
+    assert await w.globex.events("no-such-run-anywhere") == []
+    assert len(await w.acme.events(w.done)) > 3
+    await w.refused_publish("operator", subjects.API_RUN_EVENTS)
+
+
+async def api_runs(w: World) -> None:
+    acme_ids = {r.run_id for r in await w.acme.runs(limit=1000)}
+    globex_ids = {r.run_id for r in await w.globex.runs(limit=1000)}
+    assert {w.done, w.waiting, w.signal_wait} <= acme_ids
+    assert w.own in globex_ids
+    assert not acme_ids & globex_ids
+    assert all(r.tenant == "globex" for r in await w.globex.runs(limit=1000))
+
+
+async def api_trace(w: World) -> None:
+    spans = await w.acme.trace(w.done)
+    assert spans and all(s.attributes.get("loom.tenant") == "acme" for s in spans)
+    await _not_found_alike(w, lambda run_id: w.globex.trace(run_id, rebuild=True))
+
+
+async def api_traces(w: World) -> None:
+    reply = await w.globex.ask(subjects.API_TRACES, TracesQuery(limit=1000), TracesReply, 10)
+    assert {r.run_id for r in reply.runs} and all(r.tenant == "globex" for r in reply.runs)
+    mine = await w.acme.ask(subjects.API_TRACES, TracesQuery(limit=1000), TracesReply, 10)
+    assert w.done in {r.run_id for r in mine.runs}
+
+
+async def api_traces_slowest(w: World) -> None:
+    query = SlowestStepsQuery(limit=1000)
+    theirs = await w.globex.ask(subjects.API_TRACES_SLOWEST, query, SlowestStepsReply, 10)
+    globex_runs = {r.run_id for r in await w.globex.runs(limit=1000)}
+    assert theirs.spans and {s.run_id for s in theirs.spans} <= globex_runs
+    mine = await w.acme.ask(subjects.API_TRACES_SLOWEST, query, SlowestStepsReply, 10)
+    assert w.done in {s.run_id for s in mine.spans}
+
+
+async def api_traces_usage(w: World) -> None:
+    query = UsageQuery(by="run")
+    theirs = await w.globex.ask(subjects.API_TRACES_USAGE, query, UsageReply, 10)
+    globex_runs = {r.run_id for r in await w.globex.runs(limit=1000)}
+    assert theirs.rows and {row.key for row in theirs.rows} <= globex_runs
+    mine = await w.acme.ask(subjects.API_TRACES_USAGE, query, UsageReply, 10)
+    assert w.done in {row.key for row in mine.rows}
+
+
+async def api_traces_rebuild(w: World) -> None:
+    await w.refused_publish("operator", subjects.API_TRACES_REBUILD)
+    await w.refused_publish("operator", tenancy.twin(subjects.API_TRACES_REBUILD, "globex"))
+
+
+async def api_thread(w: World) -> None:
+    # both have a thread named t1: each reads its own
+    mine = await eventually(lambda: w.acme.thread("t1"), "acme's thread t1")
+    assert {e.run_id for e in mine} == {w.done}
+    theirs = await eventually(lambda: w.globex.thread("t1"), "globex's thread t1")
+    assert {e.run_id for e in theirs} == {w.own}
+    assert await w.globex.thread("only-acme-has-this") == []
+
+
+async def api_memory_tool(w: World) -> None:
+    await w.refused_publish("operator", subjects.API_MEMORY_TOOL)
+    await w.refused_publish("operator", tenancy.twin(subjects.API_MEMORY_TOOL, "globex"))
+
+
+async def api_memory_operator(w: World) -> None:
+    alice = Principal(user_id="alice", via="operator")
+
+    async def memory(client: LoomClient, op: str, args: dict, who: Principal) -> MemoryReply:
+        request = MemoryRequest(op=op, args=args, principal=who)
+        return await client.ask(subjects.API_MEMORY_OPERATOR, request, MemoryReply, 30)
+
+    stored = await memory(
+        w.acme, "working_set", {"doc": {"secret": "acme"}, "expected_version": 0}, alice
+    )
+    assert stored.error is None, stored.error
+    theirs = await memory(w.globex, "working_get", {}, alice)  # their alice, not acme's
+    assert "acme" not in msgspec.json.encode(theirs.result).decode()
+    acme_alice = msgspec.structs.replace(alice, tenant="acme")
+    refused = await memory(w.globex, "working_get", {}, acme_alice)
+    assert refused.error is not None and refused.error.code == "tenant_mismatch"
+    mine = await memory(w.acme, "working_get", {}, alice)
+    assert "acme" in msgspec.json.encode(mine.result).decode()
+
+
+async def health(w: World) -> None:
+    pong = await w.globex.ping("executor")  # liveness only: nothing of any tenant
+    assert set(msgspec.to_builtins(pong)) <= {"type", "service", "instance", "error"}
+
+
+async def tool_catalog(w: World) -> None:
+    await w.refused_publish("operator", _route(routes.TOOL_CATALOG))
+    await w.refused_stream(routes.TOOL_CATALOG.stream or "")
+
+
+async def blobs(w: World) -> None:
+    await w.refused_publish("client", _route(routes.BLOBS))
+    await w.refused_stream(routes.BLOBS.stream or "")
+
+
+ATTACKS: dict[str, Attack] = {
+    "submit": submit,
+    "runEvent": run_event,
+    **{route.name: inbox for route in routes.INBOXES},
+    "signal": signal,
+    "deadLetter": dead_letter,
+    "rejected": rejected,
+    "control": control,
+    "resume": resume,
+    "fork": fork,
+    "progress": progress,
+    "modelStream": model_stream,
+    "apiRunEvents": api_run_events,
+    "apiRuns": api_runs,
+    "apiTrace": api_trace,
+    "apiTraces": api_traces,
+    "apiTracesSlowest": api_traces_slowest,
+    "apiTracesUsage": api_traces_usage,
+    "apiTracesRebuild": api_traces_rebuild,
+    "apiThread": api_thread,
+    "apiMemoryTool": api_memory_tool,
+    "apiMemoryOperator": api_memory_operator,
+    "health": health,
+    "toolCatalog": tool_catalog,
+    "blobs": blobs,
+}
+# routes whose check changes acme's runs on purpose (acme's own signal and resume)
+ACME_ACTS = ("signal", "progress")
+
+
+def test_every_route_has_a_cross_tenant_check() -> None:
+    assert set(ATTACKS) == {route.name for route in ROUTES}
+
+
+async def test_no_route_reads_or_writes_across_tenants(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOM_EMBEDDER", "hash")  # memory without loading a model
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme", "globex"),
+    )
+    async with LocalStack(settings, nats_port=-1) as stack:
+        acme = await stack.client(tenant="acme")
+        globex = await stack.client(tenant="globex")
+        globex_client = await stack.client("client", tenant="globex")
+        assert stack.credentials is not None
+        raw = {
+            role: await connect(stack.url, stack.credentials, tenancy.user(role, "globex"))
+            for role in tenancy.ROLES
+        }
+        hello = load_run_request(EXAMPLES / "hello-dag.yaml", [], None)
+        done = (await acme.submit(msgspec.structs.replace(hello, thread_id="t1"))).run_id
+        approval = load_run_request(EXAMPLES / "approval.yaml", [], None)
+        waiting = (await acme.submit(approval)).run_id
+        wait_event = load_run_request(EXAMPLES / "wait-event.yaml", [], None)
+        signal_wait = (await acme.submit(wait_event)).run_id
+        own = (await globex.submit(msgspec.structs.replace(hello, thread_id="t1"))).run_id
+        assert isinstance((await acme.wait(done, timeout=30))[-1].event, RunCompleted)
+        await until(acme, waiting, having("step_suspended"), 30)
+        await until(acme, signal_wait, having("event_wait_started"), 30)
+        await globex.wait(own, timeout=30)
+        # the read model has every run before the queries run
+        for client, run_id in ((acme, done), (acme, waiting), (globex, own)):
+            await eventually(lambda c=client, r=run_id: _has_run(c, r), f"{run_id} listed")
+        world = World(stack, acme, globex, globex_client, raw, done, waiting, signal_wait, own)
+        try:
+            before = await world.acme_history()
+            for route in ROUTES:
+                if ATTACKS[route.name] in [ATTACKS[n] for n in ACME_ACTS]:
+                    continue
+                await ATTACKS[route.name](world)
+            assert await world.acme_history() == before  # nothing written into acme's runs
+            for name in ACME_ACTS:
+                await ATTACKS[name](world)
+            # every run acme has is acme's
+            for summary in await acme.runs(limit=1000):
+                first = (await acme.events(summary.run_id))[0].event
+                assert first.principal.tenant == "acme"  # type: ignore[union-attr]
+        finally:
+            for conn in raw.values():
+                assert conn.nc is not None
+                await conn.nc.close()
+            for client in (acme, globex, globex_client):
+                await client.close()
+
+
+async def _has_run(client: LoomClient, run_id: str) -> bool:
+    return run_id in {r.run_id for r in await client.runs(limit=1000)}
+
+
+async def test_a_default_stack_still_answers_plain_subjects(tmp_path: Path) -> None:
+    """No tenants configured: the platform's operator submits, follows and lists as
+    before; its runs are the default tenant's."""
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+    )
+    async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as operator:
+        request = load_run_request(EXAMPLES / "hello-dag.yaml", [], None)
+        accepted = await operator.submit(RunRequest(plan=request.plan, input=request.input))
+        records = await operator.wait(accepted.run_id, timeout=30)
+        assert records[0].event.principal.tenant == "default"  # type: ignore[union-attr]
+        listed = await eventually(lambda: operator.runs(limit=10), "the run listed")
+        assert listed[0].tenant == "default"
+        assert await asyncio.wait_for(operator.ping("executor"), 5)
+
+
+async def test_the_cli_acts_in_the_tenant_loom_tenant_names(tmp_path: Path) -> None:
+    """``LOOM_TENANT=acme loom ...`` connects as operator@acme (its seed from the
+    credentials directory): it runs and follows its own runs, lists only them, and
+    another tenant's run is "not found" to it. Separate OS processes, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme", "globex"),
+    )
+    loom = str(Path(sys.executable).parent / "loom")
+    async with LocalStack(settings, nats_port=-1) as stack:
+        async with await stack.client(tenant="globex") as globex:
+            theirs = await globex.submit(load_run_request(EXAMPLES / "hello-dag.yaml", [], None))
+            await globex.wait(theirs.run_id, timeout=30)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        env.update(LOOM_NATS_URL=stack.url, LOOM_TENANT="acme", LOOM_LOG_LEVEL="WARNING",
+                   LOOM_CREDS_DIR=str(stack.settings.credentials_dir))  # fmt: skip
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([loom, *args], env=env, capture_output=True, text=True,
+                                  timeout=60, cwd=EXAMPLES.parent)  # fmt: skip
+            assert "Traceback" not in done.stderr + done.stdout, done.stderr
+            return done
+
+        ran = await asyncio.to_thread(cli, "run", "examples/hello-dag.yaml", "-o", "json")
+        assert ran.returncode == 0, ran.stderr
+        listed = await asyncio.to_thread(cli, "runs", "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert theirs.run_id not in listed.stdout and '"tenant": "acme"' in listed.stdout
+        for command in (("describe", theirs.run_id), ("cancel", theirs.run_id)):
+            refused = await asyncio.to_thread(cli, *command)
+            assert refused.returncode != 0 and "no run" in refused.stderr.lower(), refused
