@@ -216,7 +216,11 @@ async def test_the_submit_contract_for_other_languages(live: Live) -> None:
                                             "inputs": {}}]}, "inptu": {}})  # fmt: skip
     assert isinstance(bad, SubmitRejected) and bad.error.code == "invalid_shape"
     paths = {i["path"] for i in bad.error.details["issues"]}
-    assert paths == {"$.inptu", "$.plan.steps[0].kind", "$.plan.steps[1].inputs"}
+    # a step of an unknown kind is read as the kind its fields point to: its missing
+    # `tool` is reported too
+    assert paths == {
+        "$.inptu", "$.plan.steps[0].kind", "$.plan.steps[0].tool", "$.plan.steps[1].inputs"
+    }
     assert "did you mean 'input'" in json.dumps(bad.error.details)
 
 

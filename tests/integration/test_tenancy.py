@@ -96,7 +96,8 @@ Attack = Callable[[World], Awaitable[None]]
 def _route(route: routes.Route, **values: str) -> str:
     fill = {"run_id": "R1", "name": "payment", "key": "A-17", "service": "executor",
             "via": "operator", "tool": "echo", "part": "C", "id": "x",
-            "event": "run_completed"}  # fmt: skip
+            "event": "run_completed", "tenant": "acme", "schedule": "s",
+            "digest": "d0"}  # fmt: skip
     fill.update(values)
     return route.subject(**{p: fill[p] for p in route.params})
 
@@ -322,6 +323,22 @@ async def blobs(w: World) -> None:
     await w.refused_stream(routes.BLOBS.stream or "")
 
 
+async def schedule(w: World) -> None:
+    # schedules are not served to tenant users yet (docs/schedules.md): refused outright
+    await w.refused_publish("operator", _route(routes.SCHEDULE))
+    await w.refused_publish("operator", tenancy.twin(_route(routes.SCHEDULE), "globex"))
+
+
+async def schedule_store(w: World) -> None:
+    await w.refused_publish("operator", _route(routes.SCHEDULE_STORE))
+    await w.refused_stream(routes.SCHEDULE_STORE.stream or "")
+
+
+async def model_answers(w: World) -> None:
+    await w.refused_publish("operator", _route(routes.MODEL_ANSWERS))
+    await w.refused_stream(routes.MODEL_ANSWERS.stream or "")
+
+
 ATTACKS: dict[str, Attack] = {
     "submit": submit,
     "runEvent": run_event,
@@ -347,6 +364,9 @@ ATTACKS: dict[str, Attack] = {
     "health": health,
     "toolCatalog": tool_catalog,
     "blobs": blobs,
+    "schedule": schedule,
+    "scheduleStore": schedule_store,
+    "modelAnswers": model_answers,
 }
 # routes whose check changes acme's runs on purpose (acme's own signal and resume)
 ACME_ACTS = ("signal", "progress")
