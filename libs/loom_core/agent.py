@@ -552,20 +552,31 @@ def _final_answer(t: _Turn, iid: str, step: AgentStep, content: str, turn: int) 
     _maybe_next_turn(t, iid, step)
 
 
-def on_tool_result(t: _Turn, result: ToolResult) -> None:
-    agent = owner_of(t.s, result.step_id)
-    iid = result.step_id.rpartition("/")[0]
-    inst = t.s.insts.get(iid)
+def _waiting_agent(t: _Turn, call_id: str) -> tuple[AgentRun, Inst, AgentStep] | None:
+    """The running agent step that waits for the answer to its call ``call_id``, or None
+    (a late, repeated or foreign answer: nothing to do)."""
+    agent = owner_of(t.s, call_id)
+    inst = t.s.insts.get(call_id.rpartition("/")[0])
     if (
         agent is None
         or inst is None
         or inst.status != "running"
         or not isinstance(inst.step, AgentStep)
-        or result.step_id not in agent.pending
+        or call_id not in agent.pending
+    ):
+        return None
+    return agent, inst, inst.step
+
+
+def on_tool_result(t: _Turn, result: ToolResult) -> None:
+    waiting = _waiting_agent(t, result.step_id)
+    if (
+        waiting is None
         or result.attempt != 1
         or result.idempotency_key != ids.idempotency_key(t.s.run_id, result.step_id, 1)
     ):
         return
+    _, inst, step = waiting
     if result.ok:
         too_large = sizes.check_output(
             [result.output, result.suspend], t.s.limits, result.step_id,
@@ -590,23 +601,15 @@ def on_tool_result(t: _Turn, result: ToolResult) -> None:
             error=result.error or ErrorInfo(code="tool_error", message="tool failed"),
             started_at=result.started_at, finished_at=result.finished_at,
         ))  # fmt: skip
-    _maybe_next_turn(t, iid, inst.step)
+    _maybe_next_turn(t, inst.iid, step)
 
 
 def on_sub_run(t: _Turn, done: SubRunFinished) -> None:
     """A delegate's child run ended: its output (or failure) is the call's answer."""
-    agent = owner_of(t.s, done.step_id)
-    iid = done.step_id.rpartition("/")[0]
-    inst = t.s.insts.get(iid)
-    if (
-        agent is None
-        or inst is None
-        or inst.status != "running"
-        or not isinstance(inst.step, AgentStep)
-        or done.step_id not in agent.pending
-        or agent.children.get(done.step_id) != done.child_run_id
-    ):
+    waiting = _waiting_agent(t, done.step_id)
+    if waiting is None or waiting[0].children.get(done.step_id) != done.child_run_id:
         return
+    _, inst, step = waiting
     output, error = done.output, done.error
     if done.status == "completed" and error is None:
         error = sizes.check_output(output, t.s.limits, done.step_id,
@@ -614,7 +617,7 @@ def on_sub_run(t: _Turn, done: SubRunFinished) -> None:
         output = None if error is not None else output
     t.emit(SubRunEnded(step_id=done.step_id, child_run_id=done.child_run_id,
                        status=done.status, output=output, error=error))  # fmt: skip
-    _maybe_next_turn(t, iid, inst.step)
+    _maybe_next_turn(t, inst.iid, step)
 
 
 def _maybe_next_turn(t: _Turn, iid: str, step: AgentStep) -> None:

@@ -273,7 +273,8 @@ class RunState:
     insts: dict[str, Inst] = field(default_factory=dict)
     timers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     running: int = 0  # tool attempts in flight
-    paused: bool = False
+    paused: bool = False  # no step starts: an operator's pause, or the queue's hold
+    operator_paused: bool = False  # a pause an operator asked for (outlives the queue)
     # held by the admission (loom_core.quotas) until run_admitted; its queue and priority
     queued: bool = False
     queue: str = ""
@@ -475,20 +476,22 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             _on_done(state, iid, "cancelled")
             agent_step.forget(state, iid)
         case RunPaused():
-            state.paused = True
+            state.paused = state.operator_paused = True
             if state.status == "running":
                 state.status = "paused"
         case RunUnpaused():
-            state.paused = False
+            state.operator_paused = False
+            state.paused = state.queued
             if state.status == "paused":
                 state.status = "running"
         case RunQueued():
             # held like a pause (no step starts); its plan is still made meanwhile
             state.queued = state.paused = True
         case RunAdmitted():
-            state.queued = state.paused = False
+            # an operator's pause sent while the run waited in the queue still holds
+            state.queued, state.paused = False, state.operator_paused
             if state.status == "queued":
-                state.status = "running"
+                state.status = "paused" if state.operator_paused else "running"
         case RunNeedsReview(error=error):
             state.status, state.error = "needs_review", error
         case RunCompleted(output=output):
@@ -781,7 +784,8 @@ class _Turn:
                         self.emit(RunQueued(queue=request.queue, priority=request.priority))
             case Admit() if s.queued and not s.terminal:
                 self.emit(RunAdmitted(queue=s.queue))
-                self.resume_all()
+                if not s.operator_paused:
+                    self.resume_all()
             case PlanProposed() | PlanRefused() if s.status == "planning" and s.replanning:
                 self.on_replanned(message)
             case PlanProposed(plan=plan, planner=planner) if s.status == "planning":
@@ -1524,11 +1528,12 @@ class _Turn:
                 f"run cancelled by {control.by}" + (f": {control.reason}" if control.reason else "")
             )
             self.emit(RunCancelled(by=control.by, reason=control.reason))
-        elif control.action == "pause" and not s.paused:
+        elif control.action == "pause" and not s.operator_paused:
             self.emit(RunPaused(by=control.by, reason=control.reason))
-        elif control.action == "unpause" and s.paused and not s.queued:  # the queue decides
+        elif control.action == "unpause" and s.operator_paused:
             self.emit(RunUnpaused(by=control.by))
-            self.resume_all()
+            if not s.queued:  # a queued run starts when the queue admits it
+                self.resume_all()
 
     def resume_all(self) -> None:
         """After an unpause: start every ready step, retry every retry whose wait is
@@ -1997,7 +2002,8 @@ SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
 # older snapshot is not restored (the host then folds the history, the truth). 2: ended
 # child scopes are forgotten (``_forget``), a loop keeps its last iteration's outputs.
 # 3: the run's thread id; an agent's state from its step_started; lean turn requests.
-SNAPSHOT_LAYOUT = 3
+# 4: an operator's pause kept apart from the queue's hold (``operator_paused``).
+SNAPSHOT_LAYOUT = 4
 
 
 class _Snapshot(msgspec.Struct):

@@ -308,6 +308,12 @@ def run(
         None, "--run-id", help="choose the run id: submitting it again never starts it twice"
     ),
     plan_format: PlanFormat = FormatOpt,
+    queue: str = typer.Option(
+        None, "--queue", help="the tenant's queue to wait in when at its limit (LOOM_QUOTAS_FILE)"
+    ),
+    priority: int = typer.Option(
+        None, "--priority", help="higher starts first among runs waiting in the queue"
+    ),
     output: Output = OutputOpt,
     url: str = UrlOpt,
     token: str = TokenOpt,
@@ -327,6 +333,10 @@ def run(
         request = load_run_request(file, input, input_json, plan_format, output)
     # an id chosen here, so a submission whose answer was lost can be repeated safely
     request = msgspec.structs.replace(request, run_id=run_id or new_run_id())
+    if queue is not None:  # over the run file's `queue:`; the executor checks the name
+        request = msgspec.structs.replace(request, queue=queue)
+    if priority is not None:
+        request = msgspec.structs.replace(request, priority=priority)
     following = Following(request.run_id)
 
     async def main() -> int:

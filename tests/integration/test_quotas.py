@@ -178,3 +178,44 @@ async def test_tool_calls_over_the_tenants_rate_wait_and_the_wait_is_recorded(
         starts = sorted(c.started_at for c in calls if c.started_at is not None)
         for k in (4, 5):
             assert (starts[k] - starts[0]).total_seconds() >= (k - 3) / 4 - 0.05, starts
+
+
+async def test_loom_run_puts_its_queue_and_priority_on_the_run(tmp_path: Path) -> None:
+    """``loom run --queue batch --priority 3`` (a separate OS process, as a user runs it):
+    the run is recorded in that queue with that priority; a bad queue name is refused
+    with the field named and no traceback."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from loom_core.contracts import RunRequested
+
+    limits = "tenants:\n  default:\n    queues:\n      batch: {max_concurrent_runs: 2}\n"
+    loom = str(Path(sys.executable).parent / "loom")
+    async with (
+        LocalStack(settings(tmp_path, limits), nats_port=-1) as stack,
+        await stack.client() as op,
+    ):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        env.update(LOOM_NATS_URL=stack.url, LOOM_LOG_LEVEL="WARNING",
+                   LOOM_CREDS_DIR=str(stack.settings.credentials_dir))  # fmt: skip
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([loom, *args], env=env, capture_output=True, text=True,
+                                  timeout=60, cwd=EXAMPLES.parent)  # fmt: skip
+            assert "Traceback" not in done.stderr + done.stdout, done.stderr
+            return done
+
+        ran = await asyncio.to_thread(
+            cli, "run", "examples/hello-dag.yaml", "--run-id", "cli-q1",
+            "--queue", "batch", "--priority", "3", "-o", "json",
+        )  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        first = (await op.events("cli-q1"))[0].event
+        assert isinstance(first, RunRequested)
+        assert (first.queue, first.priority) == ("batch", 3)
+        bad = await asyncio.to_thread(
+            cli, "run", "examples/hello-dag.yaml", "--queue", "no.dots", "-o", "json"
+        )
+        assert bad.returncode != 0 and "queue" in (bad.stdout + bad.stderr), bad

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
+from waiting import eventually  # type: ignore[import-not-found]
 
 from loom_cli.render import lineage_tree
 from loom_core.contracts import (
@@ -19,16 +18,6 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 
 pytestmark = pytest.mark.integration
-
-
-async def eventually(check, timeout: float = 10.0):
-    """The tracing read model lags the events a little: wait for it (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (value := await check()):
-        assert loop.time() < deadline, "read model never caught up"
-        await asyncio.sleep(0.02)
-    return value
 
 
 async def test_suspended_runs_are_listed_with_their_labels_and_forks_with_lineage(
@@ -49,7 +38,7 @@ async def test_suspended_runs_are_listed_with_their_labels_and_forks_with_lineag
         runs = await client.runs(status="suspended")
         return [r for r in runs if r.run_id == accepted.run_id]
 
-    (waiting,) = await eventually(listed)
+    (waiting,) = await eventually(listed, "the suspended run listed")
     assert waiting.waiting == {"ok#1": "manager"}
     assert (await client.resume(accepted.run_id, True, label="manager", request_id="x")).ok
     original = await client.wait(accepted.run_id, timeout=30)
@@ -59,7 +48,7 @@ async def test_suspended_runs_are_listed_with_their_labels_and_forks_with_lineag
         runs = await client.runs(status="suspended")
         return all(r.run_id != accepted.run_id for r in runs)
 
-    await eventually(gone)
+    await eventually(gone, "the resumed run gone from the list")
 
     fork = ForkRun(run_id=accepted.run_id, from_step="ok", new_run_id="fork-of-approval")
     assert (await client.fork(fork)).run_id == "fork-of-approval"
@@ -69,7 +58,7 @@ async def test_suspended_runs_are_listed_with_their_labels_and_forks_with_lineag
         mine = [r for r in runs if r.run_id == "fork-of-approval"]
         return runs if mine and mine[0].forked_from == accepted.run_id else None
 
-    runs = await eventually(forked)
+    runs = await eventually(forked, "the fork in the lineage")
     tree = lineage_tree(runs, "fork-of-approval")
     assert tree.label.startswith(accepted.run_id)  # type: ignore[union-attr]
     assert tree.children[0].label.startswith("fork-of-approval")  # type: ignore[union-attr]

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from nats.js.api import DeliverPolicy
+from waiting import eventually  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
 from loom_core import codec, routes, subjects
@@ -33,19 +34,6 @@ from loom_services.stack import LocalStack
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-async def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Await an async predicate until it returns a truthy value (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def dead_letters(
@@ -84,7 +72,7 @@ async def test_hello_dag_completes_with_output_memory_and_trace(client: LoomClie
         entries = await client.thread(accepted.run_id)
         return entries if len(entries) == 2 else None
 
-    entries = await wait_for(thread, what="memory thread")
+    entries = await eventually(thread, "memory thread")
     assert [e.role for e in entries] == ["user", "assistant"]
     assert entries[1].content == final.output
 
@@ -93,7 +81,7 @@ async def test_hello_dag_completes_with_output_memory_and_trace(client: LoomClie
         done = [r for r in runs if r.run_id == accepted.run_id and r.status == "completed"]
         return await client.trace(accepted.run_id) if done else None
 
-    spans = await wait_for(finished_trace, what="trace")
+    spans = await eventually(finished_trace, "trace")
     names = [s.name for s in spans]
     assert sum(n.startswith("execute_tool") for n in names) == 4
     assert len({s.trace_id for s in spans}) == 1

@@ -621,3 +621,44 @@ def test_decide_is_pure_and_equals_advance() -> None:
     assert advance(w.state, message, T0) == pure
     assert [type(e) for e in pure][:3] == [type(pure[0]), StepCompleted, StepScheduled]
     assert isinstance(pure[-1], ToolCallRequested) and isinstance(pure[-2], StepStarted)
+
+
+def test_a_pause_sent_while_the_run_is_queued_holds_after_admission() -> None:
+    from loom_core.contracts import RunAdmitted, RunPaused, RunUnpaused
+    from loom_core.executor import Admit, Submission
+
+    plan = Plan(steps=[tool("a")])
+    state = initial_state("r1")
+    events: list[RunEvent] = []
+    for message in (
+        Submission(RunRequest(plan=plan), queued=True),
+        PlanProposed(run_id="r1", plan=plan),
+        RunControl(run_id="r1", action="pause", by="ada"),
+    ):
+        events += advance(state, message, T0)
+    assert state.status == "queued" and [type(e) for e in events].count(RunPaused) == 1
+    events += advance(state, Admit(), T0)
+    assert isinstance(events[-1], RunAdmitted)
+    assert state.status == "paused"  # the pause was not lost with the queue's hold
+    assert not any(isinstance(e, ToolCallRequested) for e in events)
+    after = advance(state, RunControl(run_id="r1", action="unpause", by="ada"), T0)
+    assert isinstance(after[0], RunUnpaused) and isinstance(after[-1], ToolCallRequested)
+
+
+def test_an_unpause_while_queued_does_not_jump_the_queue() -> None:
+    from loom_core.executor import Admit, Submission
+
+    plan = Plan(steps=[tool("a")])
+    state = initial_state("r1")
+    events: list[RunEvent] = []
+    for message in (
+        Submission(RunRequest(plan=plan), queued=True),
+        PlanProposed(run_id="r1", plan=plan),
+        RunControl(run_id="r1", action="pause", by="ada"),
+        RunControl(run_id="r1", action="unpause", by="ada"),
+    ):
+        events += advance(state, message, T0)
+    assert state.status == "queued"
+    assert not any(isinstance(e, ToolCallRequested) for e in events)
+    events += advance(state, Admit(), T0)
+    assert isinstance(events[-1], ToolCallRequested) and state.status == "running"
