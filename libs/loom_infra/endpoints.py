@@ -190,3 +190,22 @@ async def listen(
     consumer = _declared(route, identity)
     (subject,) = route.filters(consumer)
     return await nc.subscribe(subject, queue=consumer.queue or "", cb=cb)
+
+
+async def stream_copies(
+    nc: NATS,
+    route: Route,
+    identity: Identity,
+    durable: str,
+    cb: Callable[[Msg], Awaitable[None]],
+    queue: str = "",
+) -> list[Any]:
+    """Plain subscriptions on the filter subjects of ``identity``'s durable consumer
+    ``durable`` on ``route``: each publish as it reaches the server, before the stream has
+    stored it and before the pull consumer hands it over (issue 10: a latency shortcut).
+    The durable consumer still delivers every message: it stays the fallback that
+    survives crashes, and ``cb`` must make the two deliveries one. The permission is the
+    durable's own (its filter as a plain subscription). ``cb`` runs on the connection's
+    delivery task: it must not wait for long."""
+    consumer = _declared(route, identity, durable)
+    return [await nc.subscribe(s, queue=queue, cb=cb) for s in route.filters(consumer)]

@@ -48,6 +48,10 @@ Variables (all optional unless noted):
   generates and its services use, default ``{LOOM_DATA_DIR}/creds``.
 - ``LOOM_INSECURE``: ``1``/``true`` runs ``loom up`` with no NATS authentication at all
   (development only; loudly logged) and makes every process connect without credentials.
+- ``LOOM_DIRECT_DISPATCH``: ``true`` (default) lets the tool-runner start a call from the
+  relay's publish and the executor take a result from the tool-runner's publish, before
+  their streams deliver them; the stream copies stay the durable fallback. ``false``:
+  streams only.
 
 Secrets: the password of ``LOOM_POSTGRES_URL`` (and any in ``LOOM_NATS_URL``) never
 appears in ``repr``/``str`` of these objects; use :func:`redact_url` when logging a URL.
@@ -449,6 +453,9 @@ class Settings:
     blobs: BlobSettings = field(default_factory=BlobSettings)  # big values by reference
     # reasons, resume data, signal payloads (loom_core.message_limits)
     message_limits: msg_limits.MessageLimits = msg_limits.DEFAULT_MESSAGE_LIMITS
+    # LOOM_DIRECT_DISPATCH (default true): tool requests and results are also taken from
+    # the publish itself, before their stream delivers them (docs/notes/perf2.md)
+    direct_dispatch: bool = True
 
     @property
     def credentials_dir(self) -> Path:
@@ -582,6 +589,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         caps=caps_from_env(env),
         blobs=blobs,
         message_limits=message_limits_from_env(env, max_payload, _depth(env)),
+        direct_dispatch=_flag(env, "LOOM_DIRECT_DISPATCH", default="true"),
     )
 
 
@@ -597,8 +605,8 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = (_get(env, name) or "false").lower()
+def _flag(env: Mapping[str, str], name: str, default: str = "false") -> bool:
+    value = (_get(env, name) or default).lower()
     if value not in ("1", "true", "yes", "0", "false", "no"):
         raise SettingsError(name, f"must be 1/true/yes or 0/false/no, got {value!r}")
     return value in ("1", "true", "yes")

@@ -49,6 +49,7 @@ from collections import OrderedDict
 from datetime import datetime
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from loom_core import blobs, codec, routes, secrets, sizes, subjects
@@ -68,6 +69,7 @@ from loom_infra import bus, endpoints
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
 from loom_infra.client import is_stored
+from loom_infra.relay import AGAIN
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import ToolCallLedger, open_tool_ledger
@@ -97,6 +99,12 @@ ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "1"))
 ANSWERED_MAX = 50_000
 # Tool calls one runner process runs at once (each acked when it ends).
 MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
+# A request taken from its publish (``on_request_copy``): its stream copy settles as it.
+PUBLISH = "publish"
+DIRECT_QUEUE = "toolrunner"  # one runner of the group takes a publish
+# A publish of a request decided longer ago than this is a republish (a relay catching up
+# after a restart): left to the stream copy, which meets the ledger.
+PUBLISH_MAX_AGE_S = 5.0
 
 
 class ToolRunnerService:
@@ -137,13 +145,18 @@ class ToolRunnerService:
         self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
         # ledger key -> the handling of its request in this process: a redelivery that
         # arrives meanwhile waits for it instead of acking a call that may yet be lost
-        self.handling: dict[str, tuple[int | None, asyncio.Future[bool | BaseException]]] = {}
+        self.handling: dict[str, tuple[int | str | None, asyncio.Future[bool | BaseException]]] = {}
         self.cancelled: set[str] = set()
         # ledger key -> stream sequence of the request this process answered (bounded)
-        self.answered: OrderedDict[str, int | None] = OrderedDict()
+        self.answered: OrderedDict[str, int | str | None] = OrderedDict()
         self.recording: dict[str, asyncio.Future[None]] = {}
         self.executed = 0
         self.backfill = LedgerBackfill(self.ledger, self.io)
+        # ledger keys whose publish was seen and left to the stream copy (bounded)
+        self.declined: OrderedDict[str, None] = OrderedDict()
+        self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
+        self.copies_since: datetime | None = None  # when this runner began taking publishes
+        self.from_publish = 0  # calls started from the publish (tests, metrics)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -164,6 +177,12 @@ class ToolRunnerService:
         )
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
         ctx.spawn(self.backfill.run(ctx.stop), "toolrunner-ledger-backfill")
+        if self.settings.direct_dispatch:
+            self.copies_since = bus.now()
+            await endpoints.stream_copies(
+                ctx.nc, routes.RUN_EVENTS, self.name, "toolrunner", self.on_request_copy,
+                queue=DIRECT_QUEUE,
+            )  # fmt: skip
         # Every replica hears cancellations (no queue group): only the one running the
         # call has something to stop.
         await endpoints.subscribe(
@@ -171,6 +190,8 @@ class ToolRunnerService:
         )
 
     async def close(self) -> None:
+        for task in list(self.direct_tasks):  # their stream copies are redelivered
+            task.cancel()
         await self.backfill.flush()
         await self.catalog.close()
         if (publisher := getattr(self, "catalog_publisher", None)) is not None:
@@ -186,22 +207,42 @@ class ToolRunnerService:
         except bus.Poison as poison:
             return poison
         key = ledger_key(record.run_id, request)
-        seq = msg.metadata.sequence.stream if msg.metadata else None
+        meta = stream_metadata(msg)
+        seq = meta.sequence.stream if meta else None
         while (running := self.handling.get(key)) is not None:
             # This process is handling it. The same message redelivered (a stall longer
-            # than the ack wait) is settled as that handling is, once it ends; a copy is
-            # answered after it, from the ledger like any copy.
+            # than the ack wait), or the stream copy of the publish it is handling, is
+            # settled as that handling is, once it ends; another copy is answered after
+            # it, from the ledger like any copy.
             outcome = await asyncio.shield(running[1])
-            if seq is not None and running[0] == seq:
+            if seq is not None and running[0] in (seq, PUBLISH):
                 return outcome
-        if seq is not None and self.answered.get(key) == seq:
-            # answered by this process, the ack lost (NATS restarted): the result is in
-            # the inbox stream already, nothing to run or send again
+        if seq is not None and self.answered.get(key) in (seq, PUBLISH):
+            # answered by this process (from this message, or from its publish), the ack
+            # lost or not given yet: the result is in the inbox stream already
+            self.answered[key] = seq
             return True
+        if self._elsewhere(key, request, msg):
+            return False  # redelivered in a moment (NAK_DELAY_S), see ``_elsewhere``
+        return await self._handle(record.run_id, request, msg, key, seq)
+
+    def _register(self, key: str, seq: int | str | None) -> asyncio.Future[bool | BaseException]:
         handling = asyncio.get_running_loop().create_future()
         self.handling[key] = (seq, handling)
+        return handling
+
+    async def _handle(
+        self,
+        run_id: str,
+        request: ToolCallRequested,
+        msg: Msg,
+        key: str,
+        seq: int | str | None,
+        handling: asyncio.Future[bool | BaseException] | None = None,
+    ) -> bool | BaseException:
+        handling = handling or self._register(key, seq)
         try:
-            outcome = await self._answer(record.run_id, request, msg, key)
+            outcome = await self._answer(run_id, request, msg, key)
         except BaseException as exc:
             handling.set_result(exc if isinstance(exc, Exception) else False)
             raise
@@ -210,6 +251,72 @@ class ToolRunnerService:
         finally:
             self.handling.pop(key, None)
         return outcome
+
+    async def on_request_copy(self, msg: Msg) -> None:
+        """A tool request as the relay publishes it, before LOOM_RUNS has stored it and
+        the durable consumer handed it over (issue 10): an idempotent call starts at
+        once, as a first delivery; its stream copy, which always follows (to this
+        runner or another), is then settled as this handling is (``_one``). Left to the
+        stream copy: a request answered in the executor, one the relay sent before (a
+        republish: JetStream keeps only the first), a non-idempotent tool (its
+        claim and the ambiguous-outcome rule need the durable delivery), one this
+        process handles or answered already, one decided long ago (a republish after a
+        restart), and any when the runner is full. Registered synchronously, so the
+        stream copy, delivered after it, finds it."""
+        if msg.headers and (msg.headers.get(subjects.ANSWERED) or msg.headers.get(AGAIN)):
+            return  # answered in the executor; or sent before (its stream copy was)
+        try:
+            record, request = bus.expect_event(msg, ToolCallRequested)
+        except bus.Poison:
+            return  # the stream copy is dead-lettered with the reason
+        key = ledger_key(record.run_id, request)
+        if key in self.handling or key in self.answered:
+            return
+        if (
+            not self.catalog.idempotent(request.tool)
+            or len(self.handling) >= MAX_CONCURRENT_CALLS
+            or (bus.now() - record.at).total_seconds() > PUBLISH_MAX_AGE_S
+        ):
+            self.declined[key] = None  # its stream copy is not waited for
+            while len(self.declined) > ANSWERED_MAX:
+                self.declined.popitem(last=False)
+            return
+        handling = self._register(key, PUBLISH)  # now: its stream copy may come next
+        self.from_publish += 1
+        # not awaited here: the connection's delivery task must go on to the next publish
+        task = asyncio.ensure_future(
+            self._handle(record.run_id, request, msg, key, PUBLISH, handling)
+        )
+        self.direct_tasks.add(task)
+        task.add_done_callback(self.direct_tasks.discard)
+
+    def _elsewhere(self, key: str, request: ToolCallRequested, msg: Msg) -> bool:
+        """Is this stream copy's publish probably being handled by another replica (the
+        publish goes to one runner of the queue group, its stream copy to any)? Then the
+        first delivery is put back for NAK_DELAY_S, so that one does not run the call a
+        second time: the redelivery meets that runner's ledger entry or the run's
+        result. Only for requests this runner would have taken from the publish, and
+        published since it takes them (after a restart, the publishes it missed were
+        taken by a runner that is gone, or by none: answered at once)."""
+        if self.copies_since is None or key in self.declined:
+            return False
+        meta = stream_metadata(msg)
+        if meta is None or meta.num_delivered > 1 or meta.timestamp < self.copies_since:
+            return False
+        return self.catalog.idempotent(request.tool)
+
+    def _first(self, key: str, msg: Msg) -> bool:
+        """Can no runner have handled this request before (so it runs without a ledger
+        read)? The publish itself: yes (a republish is marked ``AGAIN`` and not taken).
+        A stream copy's first delivery: without direct dispatch, yes; with it, only if
+        this runner saw the publish and left it (``declined``): any other publish may
+        have been taken by another runner, or by this one's previous process."""
+        meta = stream_metadata(msg)
+        if meta is None:
+            return True
+        if meta.num_delivered > 1:
+            return False
+        return self.copies_since is None or key in self.declined
 
     async def _answer(
         self, run_id: str, request: ToolCallRequested, msg: Msg, key: str
@@ -231,7 +338,8 @@ class ToolRunnerService:
             # (this wait is off the step's path), and a redelivery after the ack was
             # lost finds it there instead of running the call again
             await recording
-        self.answered[key] = msg.metadata.sequence.stream if msg.metadata else None
+        meta = stream_metadata(msg)
+        self.answered[key] = meta.sequence.stream if meta else PUBLISH
         if len(self.answered) > ANSWERED_MAX:
             self.answered.popitem(last=False)
         return True
@@ -263,7 +371,7 @@ class ToolRunnerService:
         """The result to send, or None when the run has it already."""
         key = ledger_key(run_id, request)
         idempotent = self.catalog.idempotent(request.tool)  # unknown tools: only an error
-        first = msg.metadata.num_delivered <= 1 if msg.metadata else False
+        first = self._first(key, msg)
         if first and idempotent:
             # no read, no commit before the answer: recorded after (see the module doc)
             result = await self._execute(run_id, request, msg)
@@ -296,6 +404,10 @@ class ToolRunnerService:
             entry = await self.io(self.ledger.get, key)
         assert entry is not None
         if entry.status == "finished" and entry.result is not None:
+            if idempotent and self.copies_since and await self._recorded_by_run(msg, request):
+                # the run has it: sent by the runner that took the publish (another
+                # replica), or before a lost ack; a second copy would only be refused
+                return None
             return codec.decode(entry.result, ToolResult)
         # Claimed but never finished: whoever claimed it stopped mid-call.
         if idempotent:
@@ -422,6 +534,14 @@ class ToolRunnerService:
             if key.startswith(event.idempotency_key + "#") and not call.done():
                 self.cancelled.add(key)
                 call.cancel()
+
+
+def stream_metadata(msg: Msg) -> Msg.Metadata | None:
+    """The stream delivery's metadata; None for a publish taken as it was sent."""
+    try:
+        return msg.metadata
+    except nats.errors.NotJSMessageError:
+        return None
 
 
 def ledger_key(run_id: str, request: ToolCallRequested) -> str:
