@@ -39,6 +39,7 @@ from loom_infra.settings import (
     OpsSettings,
     Settings,
     blob_settings_from_env,
+    log_level_from_env,
     ops_settings_from_env,
     settings_from_env,
 )
@@ -255,7 +256,7 @@ async def provision(
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("LOOM_LOG_LEVEL", "INFO"),
+        level=log_level_from_env(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

@@ -64,7 +64,9 @@ from loom_core.contracts import (
     ToolCallRequested,
     ToolResult,
 )
+from loom_core.errors import LoomError
 from loom_core.executor import request_digest
+from loom_core.ledger_decision import EntryState, Known, Step, next_step
 from loom_infra import bus, endpoints
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
@@ -72,7 +74,7 @@ from loom_infra.client import is_stored
 from loom_infra.relay import AGAIN
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
-from loom_infra.store import ToolCallLedger, open_tool_ledger
+from loom_infra.store import LedgerEntry, ToolCallLedger, open_tool_ledger
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.tools.catalog import (
     CatalogPublisher,
@@ -91,14 +93,9 @@ from loom_services.tools.registry import (
 
 log = logging.getLogger("loom.toolrunner")
 
-# How long a call may go without a heartbeat before JetStream re-dispatches it to another
-# runner (a runner that died mid-call is detected this way). Heartbeats go every third.
-ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "1"))
 # Requests answered by this process remembered, so that one redelivered after its ack
 # was lost (NATS restarted) is acked without running it again.
 ANSWERED_MAX = 50_000
-# Tool calls one runner process runs at once (each acked when it ends).
-MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
 # A request taken from its publish (``on_request_copy``): its stream copy settles as it.
 PUBLISH = "publish"
 DIRECT_QUEUE = "toolrunner"  # one runner of the group takes a publish
@@ -171,9 +168,12 @@ class ToolRunnerService:
             self.name,
             "toolrunner",
             message_handler=self._one,
-            concurrency=MAX_CONCURRENT_CALLS,
+            # tool calls one runner process runs at once (each acked when it ends)
+            concurrency=self.settings.delivery.tool_concurrency,
             batch=64,
-            ack_wait_s=ACK_WAIT_S,
+            # how long a call may go without a heartbeat before JetStream re-dispatches
+            # it to another runner (a runner that died mid-call is detected this way)
+            ack_wait_s=self.settings.delivery.tool_ack_wait_s,
         )
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
         ctx.spawn(self.backfill.run(ctx.stop), "toolrunner-ledger-backfill")
@@ -274,7 +274,7 @@ class ToolRunnerService:
             return
         if (
             not self.catalog.idempotent(request.tool)
-            or len(self.handling) >= MAX_CONCURRENT_CALLS
+            or len(self.handling) >= self.settings.delivery.tool_concurrency
             or (bus.now() - record.at).total_seconds() > PUBLISH_MAX_AGE_S
         ):
             self.declined[key] = None  # its stream copy is not waited for
@@ -368,72 +368,58 @@ class ToolRunnerService:
     async def _result_for(
         self, run_id: str, request: ToolCallRequested, msg: Msg
     ) -> ToolResult | None:
-        """The result to send, or None when the run has it already."""
+        """The result to send, or None when the run has it already. What to do is
+        decided by ``loom_core.ledger_decision.next_step`` (pure); this does each step's
+        I/O and tells it what was learnt, until the step is final."""
         key = ledger_key(run_id, request)
         idempotent = self.catalog.idempotent(request.tool)  # unknown tools: only an error
-        first = self._first(key, msg)
-        if first and idempotent:
-            # no read, no commit before the answer: recorded after (see the module doc)
-            result = await self._execute(run_id, request, msg)
-            self.recording[key] = self.backfill.offer(key, self.owner, result)
-            return result
-        # the claim is the read: only a lost claim needs the entry
-        if first and await self.io(self.ledger.claim, key, self.owner, bus.now()):
-            result = await self._execute(run_id, request, msg)
-            await self.io(self.ledger.finish, key, codec.encode(result))
-            return result
-        entry = await self.io(self.ledger.get, key)
-        if entry is None and idempotent and await self._recorded_by_run(msg, request):
-            return None  # answered before a crash and the ledger write lost with it
-        if entry is None and idempotent:
-            # Running twice is harmless: skip the claim, record claim + result at once.
-            result = await self._execute(run_id, request, msg)
-            if await self.io(
-                self.ledger.record, key, self.owner, result.started_at, codec.encode(result)
-            ):
+        known = Known(
+            first=self._first(key, msg), idempotent=idempotent,
+            ask_before_resend=self.copies_since is not None,
+        )  # fmt: skip
+        entry: LedgerEntry | None = None
+        own: ToolResult | None = None
+        for _ in range(MAX_LEDGER_STEPS):
+            step = next_step(known)
+            if step is Step.CLAIM:
+                claimed = await self.io(self.ledger.claim, key, self.owner, bus.now())
+                known = dataclasses.replace(known, claimed=claimed, entry=None)
+            elif step is Step.READ:
+                entry = await self.io(self.ledger.get, key)
+                known = dataclasses.replace(known, entry=entry_state(entry))
+            elif step is Step.ASK_RUN:
+                has = await self._recorded_by_run(msg, request)
+                known = dataclasses.replace(known, run_has_result=has)
+            elif step is Step.RUN_RECORD_NOW:  # running twice is harmless: no claim first
+                own = await self._execute(run_id, request, msg)
+                recorded = await self.io(
+                    self.ledger.record, key, self.owner, own.started_at, codec.encode(own)
+                )
+                known = dataclasses.replace(known, ran=True, recorded=recorded, entry=None)
+            elif step is Step.RUN_RECORD_LATER:  # no read, no commit before the answer
+                result = await self._execute(run_id, request, msg)
+                self.recording[key] = self.backfill.offer(key, self.owner, result)
                 return result
-            entry = await self.io(self.ledger.get, key)
-            if entry is None or entry.result is None:
-                return result  # the other claimant has not finished; ours is as good
-        elif entry is None:
-            claimed = await self.io(self.ledger.claim, key, self.owner, bus.now())
-            if claimed:
+            elif step is Step.RUN_FINISH:
                 result = await self._execute(run_id, request, msg)
                 await self.io(self.ledger.finish, key, codec.encode(result))
                 return result
-            entry = await self.io(self.ledger.get, key)
-        assert entry is not None
-        if entry.status == "finished" and entry.result is not None:
-            if idempotent and self.copies_since and await self._recorded_by_run(msg, request):
-                # the run has it: sent by the runner that took the publish (another
-                # replica), or before a lost ack; a second copy would only be refused
-                return None
-            return codec.decode(entry.result, ToolResult)
-        # Claimed but never finished: whoever claimed it stopped mid-call.
-        if idempotent:
-            result = await self._execute(run_id, request, msg)
-            await self.io(self.ledger.finish, key, codec.encode(result))
-            return result
-        now = bus.now()
-        result = ToolResult(
-            run_id=run_id,
-            step_id=request.step_id,
-            attempt=request.attempt,
-            idempotency_key=request.idempotency_key,
-            request_digest=request_digest(run_id, request),
-            ok=False,
-            started_at=entry.claimed_at,
-            finished_at=now,
-            error=ErrorInfo(
-                code="ambiguous_outcome",
-                message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
-                "stopped before recording a result; the tool is not idempotent, so it was "
-                "not run again. Check its effect by hand.",
-                details={"owner": entry.owner},
-            ),
-        )
-        await self.io(self.ledger.finish, key, codec.encode(result))
-        return result
+            elif step is Step.SEND_OWN:
+                assert own is not None
+                return own
+            elif step is Step.RESEND:
+                assert entry is not None and entry.result is not None
+                return codec.decode(entry.result, ToolResult)
+            elif step is Step.NOTHING:
+                return None  # the run has it: another copy would only be refused
+            elif step is Step.AMBIGUOUS:
+                assert entry is not None
+                result = ambiguous_result(run_id, request, entry)
+                await self.io(self.ledger.finish, key, codec.encode(result))
+                return result
+            else:
+                break
+        raise LedgerContradiction(f"the ledger entry of {key} contradicts itself; retried")
 
     async def _execute(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
         key = ledger_key(run_id, request)
@@ -542,6 +528,43 @@ def stream_metadata(msg: Msg) -> Msg.Metadata | None:
         return msg.metadata
     except nats.errors.NotJSMessageError:
         return None
+
+
+class LedgerContradiction(LoomError):
+    """A lost claim found no entry (it was deleted meanwhile): the message is retried."""
+
+    code = "unavailable"
+    retryable = True
+
+
+MAX_LEDGER_STEPS = 8  # the longest path of next_step is 5 steps
+
+
+def entry_state(entry: LedgerEntry | None) -> EntryState:
+    if entry is None:
+        return "absent"
+    return "finished" if entry.status == "finished" and entry.result is not None else "unfinished"
+
+
+def ambiguous_result(run_id: str, request: ToolCallRequested, entry: LedgerEntry) -> ToolResult:
+    """The answer for a non-idempotent call whose claimant stopped mid-call."""
+    return ToolResult(
+        run_id=run_id,
+        step_id=request.step_id,
+        attempt=request.attempt,
+        idempotency_key=request.idempotency_key,
+        request_digest=request_digest(run_id, request),
+        ok=False,
+        started_at=entry.claimed_at,
+        finished_at=bus.now(),
+        error=ErrorInfo(
+            code="ambiguous_outcome",
+            message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
+            "stopped before recording a result; the tool is not idempotent, so it was "
+            "not run again. Check its effect by hand.",
+            details={"owner": entry.owner},
+        ),
+    )
 
 
 def ledger_key(run_id: str, request: ToolCallRequested) -> str:
