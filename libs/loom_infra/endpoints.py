@@ -196,16 +196,23 @@ async def stream_copies(
     nc: NATS,
     route: Route,
     identity: Identity,
-    durable: str,
     cb: Callable[[Msg], Awaitable[None]],
-    queue: str = "",
+    events: tuple[type[msgspec.Struct], ...] = (),
 ) -> list[Any]:
-    """Plain subscriptions on the filter subjects of ``identity``'s durable consumer
-    ``durable`` on ``route``: each publish as it reaches the server, before the stream has
-    stored it and before the pull consumer hands it over (issue 10: a latency shortcut).
-    The durable consumer still delivers every message: it stays the fallback that
-    survives crashes, and ``cb`` must make the two deliveries one. The permission is the
-    durable's own (its filter as a plain subscription). ``cb`` runs on the connection's
-    delivery task: it must not wait for long."""
-    consumer = _declared(route, identity, durable)
-    return [await nc.subscribe(s, queue=queue, cb=cb) for s in route.filters(consumer)]
+    """The plain subscription ``identity`` declares on a stream route beside its durable
+    consumer (in its declared queue group): each publish as it reaches the server, before
+    the stream has stored it and before the pull consumer hands it over (issue 10: a
+    latency shortcut, ``LOOM_DIRECT_DISPATCH``). The durable consumer still delivers
+    every message: it stays the fallback that survives crashes, and ``cb`` must make
+    the two deliveries one. ``cb`` runs on the connection's delivery task: it must not
+    wait for long."""
+    consumer = next(
+        (c for c in route.consumers if c.identity == identity and not c.durable
+         and (not events or c.events == events)),
+        None,
+    )  # fmt: skip
+    if consumer is None or route.stream is None:
+        raise LookupError(f"{identity} declares no plain subscription on stream {route.name}")
+    return [
+        await nc.subscribe(s, queue=consumer.queue or "", cb=cb) for s in route.filters(consumer)
+    ]

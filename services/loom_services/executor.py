@@ -365,9 +365,7 @@ class ExecutorService:
         )
         ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
         if self.settings.direct_dispatch:
-            await endpoints.stream_copies(
-                ctx.nc, routes.INBOX_TOOL, self.name, "executor", self.on_result_copy
-            )
+            await endpoints.stream_copies(ctx.nc, routes.INBOX_TOOL, self.name, self.on_result_copy)
 
     async def close(self) -> None:
         await self.io.close()

@@ -98,7 +98,6 @@ log = logging.getLogger("loom.toolrunner")
 ANSWERED_MAX = 50_000
 # A request taken from its publish (``on_request_copy``): its stream copy settles as it.
 PUBLISH = "publish"
-DIRECT_QUEUE = "toolrunner"  # one runner of the group takes a publish
 # A publish of a request decided longer ago than this is a republish (a relay catching up
 # after a restart): left to the stream copy, which meets the ledger.
 PUBLISH_MAX_AGE_S = 5.0
@@ -180,9 +179,8 @@ class ToolRunnerService:
         if self.settings.direct_dispatch:
             self.copies_since = bus.now()
             await endpoints.stream_copies(
-                ctx.nc, routes.RUN_EVENTS, self.name, "toolrunner", self.on_request_copy,
-                queue=DIRECT_QUEUE,
-            )  # fmt: skip
+                ctx.nc, routes.RUN_EVENTS, self.name, self.on_request_copy, (ToolCallRequested,)
+            )
         # Every replica hears cancellations (no queue group): only the one running the
         # call has something to stop.
         await endpoints.subscribe(
