@@ -74,6 +74,7 @@ def helper_processes() -> dict[str, list[int]]:
         todo.extend(tree.get(pid, []))
         name = _comm(pid)
         key = "nats" if "nats" in name else "postgres" if "postgres" in name else name
+        key = "runner" if key.startswith("python") else key  # --runner-process
         found.setdefault(key, []).append(pid)
     return found
 
@@ -92,7 +93,7 @@ class CpuMeter:
         # helpers started since (a PostgreSQL backend) count from zero
         now = helper_processes()
         for key, pids in now.items():
-            if key in ("nats", "postgres"):
+            if key in ("nats", "postgres", "runner"):
                 cpu[key] = sum(_proc_cpu(p) for p in pids) - self.h0.get(key, 0.0)
         return cpu
 

@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from loom_core.contracts import (
@@ -52,6 +56,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.localpg import start_local_postgres
 from loom_infra.settings import Settings, StoreSettings
+from loom_services import stack as stack_module
 from loom_services.stack import LocalStack
 
 try:
@@ -213,6 +218,38 @@ async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def runner_elsewhere(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The embedded stack without its tool-runner; the caller starts one in another
+    process (``start_runner``) once NATS is up: the issue's hop is to another process."""
+    original = stack_module.all_services
+    stack_module.all_services = lambda s: [x for x in original(s) if x.name != "toolrunner"]
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        stack_module.all_services = original
+        for proc in started:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+
+def start_runner(stack: LocalStack, settings: Settings, direct: bool) -> subprocess.Popen[bytes]:
+    store = settings.store
+    env = {
+        **os.environ,
+        "LOOM_NATS_URL": stack.url,
+        "LOOM_STORE": store.kind,
+        "LOOM_DATA_DIR": str(store.data_dir),
+        "LOOM_POSTGRES_URL": store.postgres_url or "",
+        "LOOM_NKEY_SEED_FILE": str(stack.seed_file("toolrunner") or ""),
+        "LOOM_DIRECT_DISPATCH": "true" if direct else "false",
+        "LOOM_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.Popen([sys.executable, "-m", "loom_services.toolrunner"], env=env)
+
+
 async def bench(
     store: str,
     steps: int,
@@ -224,6 +261,8 @@ async def bench(
     insecure: bool = False,
     breakdown_steps: int = 0,
     profile: bool = False,
+    direct: bool = True,
+    runner_process: bool = False,
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
     stop_pg = None
@@ -233,12 +272,47 @@ async def bench(
     else:
         store_settings = StoreSettings(kind="sqlite", data_dir=base / "data")
     # per-service NATS credentials by default; --insecure measures the stack without them
-    settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings, insecure=insecure)
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222", store=store_settings, insecure=insecure,
+        direct_dispatch=direct,
+    )  # fmt: skip
+    elsewhere = runner_elsewhere(settings) if runner_process else contextlib.nullcontext([])
     try:
-        async with (
-            LocalStack(settings, nats_port=-1) as stack,
-            await stack.client() as client,
-        ):
+        with elsewhere as runners:
+            await _bench(store, settings, steps, runs, run_steps, chains, items, concurrency,
+                         breakdown_steps, profile, runners, direct)  # fmt: skip
+    finally:
+        if stop_pg is not None:
+            stop_pg()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _bench(
+    store: str,
+    settings: Settings,
+    steps: int,
+    runs: int,
+    run_steps: int,
+    chains: list[int],
+    items: int,
+    concurrency: int,
+    breakdown_steps: int,
+    profile: bool,
+    runners: list[subprocess.Popen[bytes]],
+    direct: bool,
+) -> None:
+    started = stack_module.Stack.start
+
+    async def start_then_runner(self: stack_module.Stack) -> None:
+        await started(self)  # NATS is up and provisioned: the runner can connect
+        if not any(s.name == "toolrunner" for s in self.services) and not runners:
+            runners.append(start_runner(current, settings, direct))
+
+    # with --runner-process the stack has no tool-runner: one starts beside it
+    stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
+    current = LocalStack(settings, nats_port=-1)
+    try:
+        async with current as stack, await stack.client() as client:
             await sequential(client, 20)  # warm up
             # each line as soon as measured: a long part should not hide the others
             if steps:
@@ -266,9 +340,7 @@ async def bench(
             if items:
                 print(f"{store:8s} {await foreach_rate(client, items, concurrency)}", flush=True)
     finally:
-        if stop_pg is not None:
-            stop_pg()
-        shutil.rmtree(base, ignore_errors=True)
+        stack_module.Stack.start = started  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -293,6 +365,14 @@ def main() -> None:
         "--hop", action="store_true",
         help="no local calls (LOOM_LOCAL_TOOLS=''): every noop goes to the tool-runner",
     )  # fmt: skip
+    parser.add_argument(
+        "--runner-process", action="store_true",
+        help="the tool-runner in its own process (its CPU is not in 'python')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-direct", action="store_true",
+        help="LOOM_DIRECT_DISPATCH=false: requests and results only through their streams",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.hop:
@@ -311,6 +391,8 @@ def main() -> None:
                 args.insecure,
                 args.steps if args.breakdown or args.profile else 0,
                 args.profile,
+                not args.no_direct,
+                args.runner_process,
             )
         )
 

@@ -197,6 +197,14 @@ RUN_EVENTS = Route(
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
+        # the relay's publish itself, before the stream delivers it (LOOM_DIRECT_DISPATCH):
+        # one runner of the group starts the call; the durable above is the fallback
+        Consumer(
+            "toolrunner",
+            events=(c.ToolCallRequested,),
+            queue="toolrunner",
+            note="direct dispatch: the publish, before the stream",
+        ),
         Consumer("memory", durable="memory", events=(c.RunRequested, c.RunCompleted)),
         Consumer("tracing", durable="tracing"),
         Consumer("executor", durable="subruns-start", events=(c.SubRunRequested,)),
@@ -213,7 +221,10 @@ RUN_EVENTS = Route(
 
 
 def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Identity,
-           what: str) -> Route:  # fmt: skip
+           what: str, direct: bool = False) -> Route:  # fmt: skip
+    # ``direct``: the executor also takes the owner's publish itself, before the stream
+    # stores and delivers it (LOOM_DIRECT_DISPATCH); the durable is the fallback
+    plain = (Consumer("executor", note="direct dispatch: the publish, before the stream"),)
     return Route(
         name=f"inbox.{source}",
         pattern=subjects.inbox("{run_id}", source),
@@ -221,7 +232,7 @@ def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Ident
         stream=subjects.INBOX_STREAM,
         messages=messages,
         publishers=(owner,),
-        consumers=(Consumer("executor", durable="executor"),),
+        consumers=(Consumer("executor", durable="executor"), *(plain if direct else ())),
         description=f"{what}, to one run's inbox (stream {subjects.INBOX_STREAM}). Only the "
         f"{owner} publishes here; the executor records it as a run event when the run is "
         "waiting for it (its `run_id` must be the subject's).",
@@ -229,7 +240,7 @@ def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Ident
 
 
 INBOX_PLAN = _inbox("plan", (c.PlanProposed, c.PlanRefused), "planner", "The planner's verdict")
-INBOX_TOOL = _inbox("tool", (c.ToolResult,), "toolrunner", "A tool call's result")
+INBOX_TOOL = _inbox("tool", (c.ToolResult,), "toolrunner", "A tool call's result", direct=True)
 INBOX_TIMER = _inbox("timer", (c.TimerElapsed,), "executor", "A durable timer that is due")
 INBOX_EVENT = _inbox(
     "event", (c.ExternalEventArrived,), "executor", "An external event a wait matched"

@@ -41,7 +41,7 @@ from loom_core import codec, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 from loom_core.errors import LoomError
 from loom_infra import metrics
-from loom_infra.settings import OpsSettings
+from loom_infra.settings import OpsSettings, delivery_settings_from_env
 
 log = logging.getLogger("loom.bus")
 T = TypeVar("T")
@@ -52,10 +52,13 @@ MAX_DELIVER = 5
 # message being handled is kept by ``in_progress`` heartbeats every third of it
 # (``PullConsumer``), so a handler may take as long as it needs while it lives: only a
 # dead (or frozen for two heartbeats) process loses its messages to another.
-ACK_WAIT_S = float(os.environ.get("LOOM_ACK_WAIT_S", "1"))
+# Read once, here, through the settings module (typed errors, one place for every
+# variable): the planner and every consumer share these (LOOM_ACK_WAIT_S, ...).
+_DELIVERY = delivery_settings_from_env()
+ACK_WAIT_S = _DELIVERY.ack_wait_s
 # Messages a handler *holds* (timers, open waits: ``held_events``) are naked with a
 # delay; their ack wait only bounds a crash between a fetch and the nak.
-HELD_ACK_WAIT_S = float(os.environ.get("LOOM_HELD_ACK_WAIT_S", "5"))
+HELD_ACK_WAIT_S = _DELIVERY.held_ack_wait_s
 NAK_DELAY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
@@ -63,7 +66,7 @@ DAY_S = 24 * 3600.0
 # LOOM_RUNS' persistence: "async" (acked before it is on disk; R1 streams, nats-server
 # >= 2.12) or "default" (fsynced per message when the server syncs always). A cluster
 # stream with replicas is made durable by its replicas: use "default" there.
-RUNS_PERSIST = PersistMode(os.environ.get("LOOM_RUNS_PERSIST", "async"))
+RUNS_PERSIST = PersistMode(_DELIVERY.runs_persist)
 REJECTS_STREAM = routes.REJECTED.stream or "LOOM_REJECTS"
 REJECT_PAYLOAD_LIMIT = 4 * 1024  # a client's typo is shown, not archived
 

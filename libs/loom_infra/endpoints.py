@@ -197,3 +197,29 @@ async def listen(
         for subject in route.filters(consumer)
     ]
     return subs[0] if len(subs) == 1 else subs
+
+
+async def stream_copies(
+    nc: NATS,
+    route: Route,
+    identity: Identity,
+    cb: Callable[[Msg], Awaitable[None]],
+    events: tuple[type[msgspec.Struct], ...] = (),
+) -> list[Any]:
+    """The plain subscription ``identity`` declares on a stream route beside its durable
+    consumer (in its declared queue group): each publish as it reaches the server, before
+    the stream has stored it and before the pull consumer hands it over (issue 10: a
+    latency shortcut, ``LOOM_DIRECT_DISPATCH``). The durable consumer still delivers
+    every message: it stays the fallback that survives crashes, and ``cb`` must make
+    the two deliveries one. ``cb`` runs on the connection's delivery task: it must not
+    wait for long."""
+    consumer = next(
+        (c for c in route.consumers if c.identity == identity and not c.durable
+         and (not events or c.events == events)),
+        None,
+    )  # fmt: skip
+    if consumer is None or route.stream is None:
+        raise LookupError(f"{identity} declares no plain subscription on stream {route.name}")
+    return [
+        await nc.subscribe(s, queue=consumer.queue or "", cb=cb) for s in route.filters(consumer)
+    ]

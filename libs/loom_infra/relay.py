@@ -79,6 +79,11 @@ Unpublishable = Callable[[EventRecord, ErrorInfo], Awaitable[None]]
 # have held unwritten (it writes within milliseconds; it fsyncs LOOM_RUNS lazily).
 RECENT_MAX = 4096
 RECONNECT_CHECK_S = 0.1
+# On an event published before (a retried batch, a rewind after a reconnect, a restart
+# that found the stream behind): JetStream drops such a copy as a duplicate, so its
+# stream consumers never see it twice, but a plain subscriber does. Tool-runners taking
+# requests from the publish (``loom_services.toolrunner``) leave these alone.
+AGAIN = "Loom-Again"
 
 
 def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
@@ -149,6 +154,7 @@ class Relay:
         # (notification id, stream seq, msg id) of the latest publishes, oldest first
         self._recent: deque[tuple[int, int, str]] = deque(maxlen=RECENT_MAX)
         self._reconnects_seen = 0
+        self._sent_up_to = 0  # the highest notification id ever sent (AGAIN below it)
 
     def wake(self) -> None:
         self._wake.set()
@@ -273,6 +279,8 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         self._reconnects_seen = self._reconnects()
         self.position = self.tracked = await self.start_position()
+        # what a previous process may have sent: at least up to its tracking record
+        self._sent_up_to = max(self.position, await self.io(self.store.position, self.name))
         while not stop.is_set():
             self._wake.clear()
             try:
@@ -344,6 +352,8 @@ class Relay:
                 (record.run_id, event.idempotency_key) in answered
             ):
                 headers[subjects.ANSWERED] = "1"
+            if notification_id <= self._sent_up_to:
+                headers[AGAIN] = "1"
             too_large = self._too_large(record, data, headers)
             if too_large is not None:
                 skipped.append((record, too_large))
@@ -356,6 +366,7 @@ class Relay:
                 skipped.append((record, forced))
                 continue
             sent.append((record, subject, data, headers, ack))
+            self._sent_up_to = max(self._sent_up_to, notification_id)
         # A publish whose ack never comes must not hang the relay: fail the batch and
         # retry it (Nats-Msg-Id makes the retry harmless).
         acks = await self._acks([ack for *_, ack in sent])

@@ -56,6 +56,10 @@ Variables (all optional unless noted):
   submission rate, tool/model call rate; ``loom_core.quotas``); default: no limits.
 - ``LOOM_INSECURE``: ``1``/``true`` runs ``loom up`` with no NATS authentication at all
   (development only; loudly logged) and makes every process connect without credentials.
+- ``LOOM_DIRECT_DISPATCH``: ``true`` (default) lets the tool-runner start a call from the
+  relay's publish and the executor take a result from the tool-runner's publish, before
+  their streams deliver them; the stream copies stay the durable fallback. ``false``:
+  streams only.
 
 Secrets: the password of ``LOOM_POSTGRES_URL`` (and any in ``LOOM_NATS_URL``) never
 appears in ``repr``/``str`` of these objects; use :func:`redact_url` when logging a URL.
@@ -323,6 +327,77 @@ def ops_settings_from_env(env: Mapping[str, str] = os.environ) -> OpsSettings:
 
 # --- size limits of step inputs and outputs (loom_core.sizes): recorded in each run's
 # run_requested by the executor, so a run keeps the limits it started with (replay).
+@dataclass(frozen=True)
+class DeliverySettings:
+    """How messages are delivered and handled (issue 10; read here, nowhere else):
+
+    - ``LOOM_ACK_WAIT_S`` (1): a fetched, unacked message goes to another consumer
+      instance after this; live handlers keep theirs by heartbeats every third of it.
+    - ``LOOM_HELD_ACK_WAIT_S`` (5): the same for held messages (timers, open waits).
+    - ``LOOM_TOOL_ACK_WAIT_S`` (1): the tool-runner's requests.
+    - ``LOOM_TOOL_CONCURRENCY`` (64): tool calls one runner process runs at once.
+    - ``LOOM_RELAY_BATCH`` (512): events the standalone relay publishes per batch.
+    - ``LOOM_LOCAL_TOOLS`` (unset: every pure built-in; empty: none) and
+      ``LOOM_LOCAL_BUDGET`` (16): built-ins the executor answers in its batch
+      (``loom_services.local_tools``).
+    - ``LOOM_RUNS_PERSIST`` (``async``): LOOM_RUNS' persistence when it is created;
+      ``default`` fsyncs every event (a clustered stream with replicas).
+    - ``LOOM_LOG_LEVEL`` (``INFO``)."""
+
+    ack_wait_s: float = 1.0
+    held_ack_wait_s: float = 5.0
+    tool_ack_wait_s: float = 1.0
+    tool_concurrency: int = 64
+    relay_batch: int = 512
+    local_tools: tuple[str, ...] | None = None
+    local_budget: int = 16
+    runs_persist: str = "async"
+    log_level: str = "INFO"
+
+
+def delivery_settings_from_env(env: Mapping[str, str] = os.environ) -> DeliverySettings:
+    def seconds(name: str, default: float) -> float:
+        raw = _get(env, name)
+        try:
+            value = default if raw is None else float(raw)
+        except ValueError:
+            raise SettingsError(name, f"must be seconds, got {raw!r}") from None
+        if not 0.01 <= value <= 3600:
+            raise SettingsError(name, f"must be 0.01-3600 s, got {raw}")
+        return value
+
+    def count(name: str, default: int) -> int:
+        value = _whole(env, name, default)
+        if value < 1:
+            raise SettingsError(name, f"must be >= 1, got {value}")
+        return value
+
+    persist = (_get(env, "LOOM_RUNS_PERSIST") or "async").lower()
+    if persist not in ("async", "default"):
+        raise SettingsError("LOOM_RUNS_PERSIST", f"must be 'async' or 'default', got {persist!r}")
+    raw_local = env.get("LOOM_LOCAL_TOOLS")  # set but empty means none: not _get
+    local = None if raw_local is None else tuple(
+        name.strip() for name in raw_local.split(",") if name.strip()
+    )  # fmt: skip
+    return DeliverySettings(
+        ack_wait_s=seconds("LOOM_ACK_WAIT_S", 1.0),
+        held_ack_wait_s=seconds("LOOM_HELD_ACK_WAIT_S", 5.0),
+        tool_ack_wait_s=seconds("LOOM_TOOL_ACK_WAIT_S", 1.0),
+        tool_concurrency=count("LOOM_TOOL_CONCURRENCY", 64),
+        relay_batch=count("LOOM_RELAY_BATCH", 512),
+        local_tools=local,
+        local_budget=_whole(env, "LOOM_LOCAL_BUDGET", 16),
+        runs_persist=persist,
+        log_level=(_get(env, "LOOM_LOG_LEVEL") or "INFO").upper(),
+    )
+
+
+def log_level_from_env(env: Mapping[str, str] = os.environ) -> str:
+    """``LOOM_LOG_LEVEL`` alone: logging is set up before the other settings are read
+    (so that their errors are logged)."""
+    return (_get(env, "LOOM_LOG_LEVEL") or "INFO").upper()
+
+
 def size_limits_from_env(env: Mapping[str, str], max_payload: int) -> SizeLimits:
     """``LOOM_MAX_STEP_INPUT_BYTES`` / ``LOOM_MAX_STEP_OUTPUT_BYTES`` (default 128 KiB
     each): 1 KiB up to half the broker's max_payload (``max(1 MiB, 2 x
@@ -502,6 +577,12 @@ class Settings:
     tenants: tuple[str, ...] = ()
     tenant: str | None = None
     quotas_file: Path | None = None  # LOOM_QUOTAS_FILE (loom_core.quotas)
+    # LOOM_DIRECT_DISPATCH (default true): tool requests and results are also taken from
+    # the publish itself, before their stream delivers them (docs/notes/perf2.md)
+    direct_dispatch: bool = True
+    # ack waits, concurrency, local calls (a Settings made in code reads these from the
+    # environment too: they always were environment settings)
+    delivery: DeliverySettings = field(default_factory=lambda: delivery_settings_from_env())
 
     @property
     def credentials_dir(self) -> Path:
@@ -639,6 +720,8 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         tenants=_tenants(env),
         tenant=_tenant(env),
         quotas_file=_path(env, "LOOM_QUOTAS_FILE"),
+        direct_dispatch=_flag(env, "LOOM_DIRECT_DISPATCH", default="true"),
+        delivery=delivery_settings_from_env(env),
     )
 
 
@@ -672,8 +755,8 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = (_get(env, name) or "false").lower()
+def _flag(env: Mapping[str, str], name: str, default: str = "false") -> bool:
+    value = (_get(env, name) or default).lower()
     if value not in ("1", "true", "yes", "0", "false", "no"):
         raise SettingsError(name, f"must be 1/true/yes or 0/false/no, got {value!r}")
     return value in ("1", "true", "yes")

@@ -48,12 +48,12 @@ import msgspec
 from loom_core import blobs
 from loom_core.contracts import RunEvent, SizeLimits, ToolCallRequested, ToolResult
 from loom_infra import bus
+from loom_infra.settings import delivery_settings_from_env
 from loom_services.tools.library import default_registry
 from loom_services.tools.registry import ToolContext, ToolSettings, execute_tool
 
 # pure, bounded, no I/O: their output is a function of their input alone
 PURE_BUILTINS = ("noop", "echo", "text", "concat", "math")
-DEFAULT_BUDGET = 16
 
 
 class LocalTools:
@@ -85,12 +85,9 @@ class LocalTools:
         env: Mapping[str, str] = os.environ,
         blob_threshold: int = blobs.DEFAULT_THRESHOLD_BYTES,
     ) -> LocalTools:
-        raw = env.get("LOOM_LOCAL_TOOLS")
-        names = (
-            PURE_BUILTINS if raw is None else tuple(n.strip() for n in raw.split(",") if n.strip())
-        )
-        budget = int(env.get("LOOM_LOCAL_BUDGET", DEFAULT_BUDGET))
-        return cls(names, limits, budget, blob_threshold)
+        delivery = delivery_settings_from_env(env)  # LOOM_LOCAL_TOOLS, LOOM_LOCAL_BUDGET
+        names = PURE_BUILTINS if delivery.local_tools is None else delivery.local_tools
+        return cls(names, limits, delivery.local_budget, blob_threshold)
 
     def takes(self, event: RunEvent) -> bool:
         return (

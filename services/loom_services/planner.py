@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from loom_core.contracts import (
     ModelCallRequested,
     ModelChunk,
     ModelResult,
+    Plan,
     PlanIssue,
     PlanProposed,
     PlanRefused,
@@ -46,6 +47,7 @@ from loom_core.quotas import NO_QUOTAS
 from loom_core.tool_access import check_tool_access
 from loom_core.validation import validate_plan
 from loom_infra import bus, endpoints
+from loom_infra.catalog_cache import CatalogCache
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings
 from loom_services.admission import load_quotas
@@ -95,6 +97,7 @@ class PlannerService:
         )
         self.kv = await bus.ensure_tools_bucket(ctx.js)
         self.answers = await bus.ensure_model_answers_bucket(ctx.js)
+        self.catalog = CatalogCache(self._read_catalog)  # one bucket read per second, not per run
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
         )
@@ -115,7 +118,10 @@ class PlannerService:
     async def close(self) -> None:
         return None
 
-    async def tool_catalog(self) -> dict[str, ToolSpec]:
+    async def tool_catalog(self, fresh: bool = False) -> Mapping[str, ToolSpec]:
+        return await self.catalog.get(fresh)
+
+    async def _read_catalog(self) -> dict[str, ToolSpec]:
         try:
             keys = await self.kv.keys()
         except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
@@ -181,10 +187,9 @@ class PlannerService:
             if plan is None:
                 return PlanRefused(run_id=run_id, issues=issues, planning=record)
             return PlanProposed(run_id=run_id, plan=plan, planner="model", planning=record)
-        catalog = await self.tool_catalog()
-        issues = validate_plan(event.plan, catalog, event.input, caps=event.caps, foreign=True)
-        # catalog metadata against who the run acts for (loom_core.tool_access)
-        issues += check_tool_access(event.plan, catalog, event.principal)
+        issues = self._check(event.plan, event, await self.tool_catalog())
+        if any(issue.code == "unknown_tool" for issue in issues):  # registered since?
+            issues = self._check(event.plan, event, await self.tool_catalog(fresh=True))
         if issues:
             return PlanRefused(run_id=run_id, issues=issues)
         return PlanProposed(run_id=run_id, plan=event.plan, planner="explicit")
@@ -227,6 +232,12 @@ class PlannerService:
         if plan is None:
             return PlanRefused(run_id=run_id, issues=issues, planning=planning)
         return PlanProposed(run_id=run_id, plan=plan, planner="replan", planning=planning)
+
+    @staticmethod
+    def _check(plan: Plan, event: RunRequested, catalog: Mapping[str, ToolSpec]) -> list[PlanIssue]:
+        issues = validate_plan(plan, catalog, event.input, caps=event.caps, foreign=True)
+        # catalog metadata against who the run acts for (loom_core.tool_access)
+        return issues + check_tool_access(plan, catalog, event.principal)
 
     async def on_model_request(self, msg: Msg) -> bool | BaseException:
         """One turn of an agent step: call the model, answer the run's inbox."""

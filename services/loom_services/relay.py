@@ -7,8 +7,6 @@ crash tests. ``LOOM_RELAY_BATCH`` sets how many events go out per batch.
 
 from __future__ import annotations
 
-import os
-
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
 from loom_infra.store import open_event_store
@@ -21,7 +19,7 @@ class RelayService:
 
     def __init__(self, settings: Settings) -> None:
         self.store = open_event_store(settings.store)
-        self.batch = int(os.environ.get("LOOM_RELAY_BATCH", "512"))
+        self.batch = settings.delivery.relay_batch
 
     async def start(self, ctx: ServiceContext) -> None:
         self.relay = Relay(self.store, ctx.js, batch=self.batch)

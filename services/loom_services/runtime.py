@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from loom_infra.settings import (
     OpsSettings,
     Settings,
     blob_settings_from_env,
+    log_level_from_env,
     ops_settings_from_env,
     settings_from_env,
 )
@@ -139,6 +141,7 @@ class Stack:
                 observe.watch_internals(self.health, service.name, service, self.settings.ops)
             self.contexts.append(ctx)
             log.info("%s started", service.name)
+        freeze_startup_objects()
         self.started = True
 
     async def close(self) -> None:
@@ -170,6 +173,18 @@ class Stack:
 
 
 CLOSE_STEP_S = 10.0
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive after the start (modules, classes, functions: ~200k objects
+    once MCP, Qdrant, NumPy and pydantic are imported) out of the garbage collector's
+    sight. They live as long as the process, yet every full collection walked them:
+    145 ms each, a stall of every run and 0.1-0.2 ms of CPU per step at 50 runs. Frozen,
+    a full collection walks only what the runs create (3 ms). Objects created later are
+    collected as usual; a cycle among frozen objects is never freed (they are the
+    process's own, kept anyway)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _bounded(step: Awaitable[None], what: str) -> None:
@@ -246,7 +261,7 @@ async def provision(
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("LOOM_LOG_LEVEL", "INFO"),
+        level=log_level_from_env(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

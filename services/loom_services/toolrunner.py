@@ -49,6 +49,7 @@ from collections import OrderedDict
 from datetime import datetime
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from loom_core import blobs, codec, routes, secrets, sizes, subjects
@@ -63,15 +64,18 @@ from loom_core.contracts import (
     ToolCallRequested,
     ToolResult,
 )
+from loom_core.errors import LoomError
 from loom_core.executor import request_digest
+from loom_core.ledger_decision import EntryState, Known, Step, next_step
 from loom_core.quotas import NO_QUOTAS
 from loom_infra import bus, endpoints
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
 from loom_infra.client import is_stored
+from loom_infra.relay import AGAIN
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
-from loom_infra.store import ToolCallLedger, open_tool_ledger
+from loom_infra.store import LedgerEntry, ToolCallLedger, open_tool_ledger
 from loom_services.admission import load_quotas
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.throttle import CallThrottle, run_tenants
@@ -92,14 +96,14 @@ from loom_services.tools.registry import (
 
 log = logging.getLogger("loom.toolrunner")
 
-# How long a call may go without a heartbeat before JetStream re-dispatches it to another
-# runner (a runner that died mid-call is detected this way). Heartbeats go every third.
-ACK_WAIT_S = float(os.environ.get("LOOM_TOOL_ACK_WAIT_S", "1"))
 # Requests answered by this process remembered, so that one redelivered after its ack
 # was lost (NATS restarted) is acked without running it again.
 ANSWERED_MAX = 50_000
-# Tool calls one runner process runs at once (each acked when it ends).
-MAX_CONCURRENT_CALLS = int(os.environ.get("LOOM_TOOL_CONCURRENCY", "64"))
+# A request taken from its publish (``on_request_copy``): its stream copy settles as it.
+PUBLISH = "publish"
+# A publish of a request decided longer ago than this is a republish (a relay catching up
+# after a restart): left to the stream copy, which meets the ledger.
+PUBLISH_MAX_AGE_S = 5.0
 
 
 class ToolRunnerService:
@@ -140,13 +144,18 @@ class ToolRunnerService:
         self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
         # ledger key -> the handling of its request in this process: a redelivery that
         # arrives meanwhile waits for it instead of acking a call that may yet be lost
-        self.handling: dict[str, tuple[int | None, asyncio.Future[bool | BaseException]]] = {}
+        self.handling: dict[str, tuple[int | str | None, asyncio.Future[bool | BaseException]]] = {}
         self.cancelled: set[str] = set()
         # ledger key -> stream sequence of the request this process answered (bounded)
-        self.answered: OrderedDict[str, int | None] = OrderedDict()
+        self.answered: OrderedDict[str, int | str | None] = OrderedDict()
         self.recording: dict[str, asyncio.Future[None]] = {}
         self.executed = 0
         self.backfill = LedgerBackfill(self.ledger, self.io)
+        # ledger keys whose publish was seen and left to the stream copy (bounded)
+        self.declined: OrderedDict[str, None] = OrderedDict()
+        self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
+        self.copies_since: datetime | None = None  # when this runner began taking publishes
+        self.from_publish = 0  # calls started from the publish (tests, metrics)
 
     # the tenants' tool call rates (loom_services.throttle); none until started
     throttle = CallThrottle(NO_QUOTAS, "tool")
@@ -167,12 +176,20 @@ class ToolRunnerService:
             self.name,
             "toolrunner",
             message_handler=self._one,
-            concurrency=MAX_CONCURRENT_CALLS,
+            # tool calls one runner process runs at once (each acked when it ends)
+            concurrency=self.settings.delivery.tool_concurrency,
             batch=64,
-            ack_wait_s=ACK_WAIT_S,
+            # how long a call may go without a heartbeat before JetStream re-dispatches
+            # it to another runner (a runner that died mid-call is detected this way)
+            ack_wait_s=self.settings.delivery.tool_ack_wait_s,
         )
         ctx.spawn(consumer.run(ctx.stop), "toolrunner-requests")
         ctx.spawn(self.backfill.run(ctx.stop), "toolrunner-ledger-backfill")
+        if self.settings.direct_dispatch:
+            self.copies_since = bus.now()
+            await endpoints.stream_copies(
+                ctx.nc, routes.RUN_EVENTS, self.name, self.on_request_copy, (ToolCallRequested,)
+            )
         # Every replica hears cancellations (no queue group): only the one running the
         # call has something to stop.
         await endpoints.subscribe(
@@ -180,6 +197,8 @@ class ToolRunnerService:
         )
 
     async def close(self) -> None:
+        for task in list(self.direct_tasks):  # their stream copies are redelivered
+            task.cancel()
         await self.backfill.flush()
         await self.catalog.close()
         if (publisher := getattr(self, "catalog_publisher", None)) is not None:
@@ -195,22 +214,42 @@ class ToolRunnerService:
         except bus.Poison as poison:
             return poison
         key = ledger_key(record.run_id, request)
-        seq = msg.metadata.sequence.stream if msg.metadata else None
+        meta = stream_metadata(msg)
+        seq = meta.sequence.stream if meta else None
         while (running := self.handling.get(key)) is not None:
             # This process is handling it. The same message redelivered (a stall longer
-            # than the ack wait) is settled as that handling is, once it ends; a copy is
-            # answered after it, from the ledger like any copy.
+            # than the ack wait), or the stream copy of the publish it is handling, is
+            # settled as that handling is, once it ends; another copy is answered after
+            # it, from the ledger like any copy.
             outcome = await asyncio.shield(running[1])
-            if seq is not None and running[0] == seq:
+            if seq is not None and running[0] in (seq, PUBLISH):
                 return outcome
-        if seq is not None and self.answered.get(key) == seq:
-            # answered by this process, the ack lost (NATS restarted): the result is in
-            # the inbox stream already, nothing to run or send again
+        if seq is not None and self.answered.get(key) in (seq, PUBLISH):
+            # answered by this process (from this message, or from its publish), the ack
+            # lost or not given yet: the result is in the inbox stream already
+            self.answered[key] = seq
             return True
+        if self._elsewhere(key, request, msg):
+            return False  # redelivered in a moment (NAK_DELAY_S), see ``_elsewhere``
+        return await self._handle(record.run_id, request, msg, key, seq)
+
+    def _register(self, key: str, seq: int | str | None) -> asyncio.Future[bool | BaseException]:
         handling = asyncio.get_running_loop().create_future()
         self.handling[key] = (seq, handling)
+        return handling
+
+    async def _handle(
+        self,
+        run_id: str,
+        request: ToolCallRequested,
+        msg: Msg,
+        key: str,
+        seq: int | str | None,
+        handling: asyncio.Future[bool | BaseException] | None = None,
+    ) -> bool | BaseException:
+        handling = handling or self._register(key, seq)
         try:
-            outcome = await self._answer(record.run_id, request, msg, key)
+            outcome = await self._answer(run_id, request, msg, key)
         except BaseException as exc:
             handling.set_result(exc if isinstance(exc, Exception) else False)
             raise
@@ -219,6 +258,72 @@ class ToolRunnerService:
         finally:
             self.handling.pop(key, None)
         return outcome
+
+    async def on_request_copy(self, msg: Msg) -> None:
+        """A tool request as the relay publishes it, before LOOM_RUNS has stored it and
+        the durable consumer handed it over (issue 10): an idempotent call starts at
+        once, as a first delivery; its stream copy, which always follows (to this
+        runner or another), is then settled as this handling is (``_one``). Left to the
+        stream copy: a request answered in the executor, one the relay sent before (a
+        republish: JetStream keeps only the first), a non-idempotent tool (its
+        claim and the ambiguous-outcome rule need the durable delivery), one this
+        process handles or answered already, one decided long ago (a republish after a
+        restart), and any when the runner is full. Registered synchronously, so the
+        stream copy, delivered after it, finds it."""
+        if msg.headers and (msg.headers.get(subjects.ANSWERED) or msg.headers.get(AGAIN)):
+            return  # answered in the executor; or sent before (its stream copy was)
+        try:
+            record, request = bus.expect_event(msg, ToolCallRequested)
+        except bus.Poison:
+            return  # the stream copy is dead-lettered with the reason
+        key = ledger_key(record.run_id, request)
+        if key in self.handling or key in self.answered:
+            return
+        if (
+            not self.catalog.idempotent(request.tool)
+            or len(self.handling) >= self.settings.delivery.tool_concurrency
+            or (bus.now() - record.at).total_seconds() > PUBLISH_MAX_AGE_S
+        ):
+            self.declined[key] = None  # its stream copy is not waited for
+            while len(self.declined) > ANSWERED_MAX:
+                self.declined.popitem(last=False)
+            return
+        handling = self._register(key, PUBLISH)  # now: its stream copy may come next
+        self.from_publish += 1
+        # not awaited here: the connection's delivery task must go on to the next publish
+        task = asyncio.ensure_future(
+            self._handle(record.run_id, request, msg, key, PUBLISH, handling)
+        )
+        self.direct_tasks.add(task)
+        task.add_done_callback(self.direct_tasks.discard)
+
+    def _elsewhere(self, key: str, request: ToolCallRequested, msg: Msg) -> bool:
+        """Is this stream copy's publish probably being handled by another replica (the
+        publish goes to one runner of the queue group, its stream copy to any)? Then the
+        first delivery is put back for NAK_DELAY_S, so that one does not run the call a
+        second time: the redelivery meets that runner's ledger entry or the run's
+        result. Only for requests this runner would have taken from the publish, and
+        published since it takes them (after a restart, the publishes it missed were
+        taken by a runner that is gone, or by none: answered at once)."""
+        if self.copies_since is None or key in self.declined:
+            return False
+        meta = stream_metadata(msg)
+        if meta is None or meta.num_delivered > 1 or meta.timestamp < self.copies_since:
+            return False
+        return self.catalog.idempotent(request.tool)
+
+    def _first(self, key: str, msg: Msg) -> bool:
+        """Can no runner have handled this request before (so it runs without a ledger
+        read)? The publish itself: yes (a republish is marked ``AGAIN`` and not taken).
+        A stream copy's first delivery: without direct dispatch, yes; with it, only if
+        this runner saw the publish and left it (``declined``): any other publish may
+        have been taken by another runner, or by this one's previous process."""
+        meta = stream_metadata(msg)
+        if meta is None:
+            return True
+        if meta.num_delivered > 1:
+            return False
+        return self.copies_since is None or key in self.declined
 
     async def _answer(
         self, run_id: str, request: ToolCallRequested, msg: Msg, key: str
@@ -240,7 +345,8 @@ class ToolRunnerService:
             # (this wait is off the step's path), and a redelivery after the ack was
             # lost finds it there instead of running the call again
             await recording
-        self.answered[key] = msg.metadata.sequence.stream if msg.metadata else None
+        meta = stream_metadata(msg)
+        self.answered[key] = meta.sequence.stream if meta else PUBLISH
         if len(self.answered) > ANSWERED_MAX:
             self.answered.popitem(last=False)
         return True
@@ -269,68 +375,58 @@ class ToolRunnerService:
     async def _result_for(
         self, run_id: str, request: ToolCallRequested, msg: Msg
     ) -> ToolResult | None:
-        """The result to send, or None when the run has it already."""
+        """The result to send, or None when the run has it already. What to do is
+        decided by ``loom_core.ledger_decision.next_step`` (pure); this does each step's
+        I/O and tells it what was learnt, until the step is final."""
         key = ledger_key(run_id, request)
         idempotent = self.catalog.idempotent(request.tool)  # unknown tools: only an error
-        first = msg.metadata.num_delivered <= 1 if msg.metadata else False
-        if first and idempotent:
-            # no read, no commit before the answer: recorded after (see the module doc)
-            result = await self._execute(run_id, request, msg)
-            self.recording[key] = self.backfill.offer(key, self.owner, result)
-            return result
-        # the claim is the read: only a lost claim needs the entry
-        if first and await self.io(self.ledger.claim, key, self.owner, bus.now()):
-            result = await self._execute(run_id, request, msg)
-            await self.io(self.ledger.finish, key, codec.encode(result))
-            return result
-        entry = await self.io(self.ledger.get, key)
-        if entry is None and idempotent and await self._recorded_by_run(msg, request):
-            return None  # answered before a crash and the ledger write lost with it
-        if entry is None and idempotent:
-            # Running twice is harmless: skip the claim, record claim + result at once.
-            result = await self._execute(run_id, request, msg)
-            if await self.io(
-                self.ledger.record, key, self.owner, result.started_at, codec.encode(result)
-            ):
+        known = Known(
+            first=self._first(key, msg), idempotent=idempotent,
+            ask_before_resend=self.copies_since is not None,
+        )  # fmt: skip
+        entry: LedgerEntry | None = None
+        own: ToolResult | None = None
+        for _ in range(MAX_LEDGER_STEPS):
+            step = next_step(known)
+            if step is Step.CLAIM:
+                claimed = await self.io(self.ledger.claim, key, self.owner, bus.now())
+                known = dataclasses.replace(known, claimed=claimed, entry=None)
+            elif step is Step.READ:
+                entry = await self.io(self.ledger.get, key)
+                known = dataclasses.replace(known, entry=entry_state(entry))
+            elif step is Step.ASK_RUN:
+                has = await self._recorded_by_run(msg, request)
+                known = dataclasses.replace(known, run_has_result=has)
+            elif step is Step.RUN_RECORD_NOW:  # running twice is harmless: no claim first
+                own = await self._execute(run_id, request, msg)
+                recorded = await self.io(
+                    self.ledger.record, key, self.owner, own.started_at, codec.encode(own)
+                )
+                known = dataclasses.replace(known, ran=True, recorded=recorded, entry=None)
+            elif step is Step.RUN_RECORD_LATER:  # no read, no commit before the answer
+                result = await self._execute(run_id, request, msg)
+                self.recording[key] = self.backfill.offer(key, self.owner, result)
                 return result
-            entry = await self.io(self.ledger.get, key)
-            if entry is None or entry.result is None:
-                return result  # the other claimant has not finished; ours is as good
-        elif entry is None:
-            claimed = await self.io(self.ledger.claim, key, self.owner, bus.now())
-            if claimed:
+            elif step is Step.RUN_FINISH:
                 result = await self._execute(run_id, request, msg)
                 await self.io(self.ledger.finish, key, codec.encode(result))
                 return result
-            entry = await self.io(self.ledger.get, key)
-        assert entry is not None
-        if entry.status == "finished" and entry.result is not None:
-            return codec.decode(entry.result, ToolResult)
-        # Claimed but never finished: whoever claimed it stopped mid-call.
-        if idempotent:
-            result = await self._execute(run_id, request, msg)
-            await self.io(self.ledger.finish, key, codec.encode(result))
-            return result
-        now = bus.now()
-        result = ToolResult(
-            run_id=run_id,
-            step_id=request.step_id,
-            attempt=request.attempt,
-            idempotency_key=request.idempotency_key,
-            request_digest=request_digest(run_id, request),
-            ok=False,
-            started_at=entry.claimed_at,
-            finished_at=now,
-            error=ErrorInfo(
-                code="ambiguous_outcome",
-                message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
-                "stopped before recording a result; the tool is not idempotent, so it was "
-                "not run again. Check its effect by hand.",
-                details={"owner": entry.owner},
-            ),
-        )
-        await self.io(self.ledger.finish, key, codec.encode(result))
-        return result
+            elif step is Step.SEND_OWN:
+                assert own is not None
+                return own
+            elif step is Step.RESEND:
+                assert entry is not None and entry.result is not None
+                return codec.decode(entry.result, ToolResult)
+            elif step is Step.NOTHING:
+                return None  # the run has it: another copy would only be refused
+            elif step is Step.AMBIGUOUS:
+                assert entry is not None
+                result = ambiguous_result(run_id, request, entry)
+                await self.io(self.ledger.finish, key, codec.encode(result))
+                return result
+            else:
+                break
+        raise LedgerContradiction(f"the ledger entry of {key} contradicts itself; retried")
 
     async def _execute(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
         key = ledger_key(run_id, request)
@@ -434,6 +530,51 @@ class ToolRunnerService:
             if key.startswith(event.idempotency_key + "#") and not call.done():
                 self.cancelled.add(key)
                 call.cancel()
+
+
+def stream_metadata(msg: Msg) -> Msg.Metadata | None:
+    """The stream delivery's metadata; None for a publish taken as it was sent."""
+    try:
+        return msg.metadata
+    except nats.errors.NotJSMessageError:
+        return None
+
+
+class LedgerContradiction(LoomError):
+    """A lost claim found no entry (it was deleted meanwhile): the message is retried."""
+
+    code = "unavailable"
+    retryable = True
+
+
+MAX_LEDGER_STEPS = 8  # the longest path of next_step is 5 steps
+
+
+def entry_state(entry: LedgerEntry | None) -> EntryState:
+    if entry is None:
+        return "absent"
+    return "finished" if entry.status == "finished" and entry.result is not None else "unfinished"
+
+
+def ambiguous_result(run_id: str, request: ToolCallRequested, entry: LedgerEntry) -> ToolResult:
+    """The answer for a non-idempotent call whose claimant stopped mid-call."""
+    return ToolResult(
+        run_id=run_id,
+        step_id=request.step_id,
+        attempt=request.attempt,
+        idempotency_key=request.idempotency_key,
+        request_digest=request_digest(run_id, request),
+        ok=False,
+        started_at=entry.claimed_at,
+        finished_at=bus.now(),
+        error=ErrorInfo(
+            code="ambiguous_outcome",
+            message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
+            "stopped before recording a result; the tool is not idempotent, so it was "
+            "not run again. Check its effect by hand.",
+            details={"owner": entry.owner},
+        ),
+    )
 
 
 def ledger_key(run_id: str, request: ToolCallRequested) -> str:

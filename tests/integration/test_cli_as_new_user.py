@@ -219,7 +219,10 @@ async def test_the_submit_contract_for_other_languages(live: Live) -> None:
     # a step of an unknown kind is read as the kind its fields point to: its missing
     # `tool` is reported too
     assert paths == {
-        "$.inptu", "$.plan.steps[0].kind", "$.plan.steps[0].tool", "$.plan.steps[1].inputs"
+        "$.inptu",
+        "$.plan.steps[0].kind",
+        "$.plan.steps[0].tool",
+        "$.plan.steps[1].inputs",
     }
     assert "did you mean 'input'" in json.dumps(bad.error.details)
 
