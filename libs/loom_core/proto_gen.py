@@ -222,6 +222,7 @@ _SUBJECT_NAMES = {
     "progress": "channel progress",
     "model_stream": "channel modelStream",
     "TOOLS_BUCKET": "channel toolCatalog",
+    "PARTITIONS_BUCKET": "channel partitionLeases",
     "BLOBS_BUCKET": "channel blobs",
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",
@@ -389,6 +390,11 @@ def _parameters() -> dict[str, Schema]:
         "id": {"description": "A chunk set's nuid, or the base64url object name."},
         "name": {"description": "An external event's name (a subject token)."},
         "key": {"description": "An external event's correlation key (a subject token)."},
+        "partition": {
+            "description": "An executor partition: FNV-1a (32 bit) of the run id modulo "
+            "LOOM_PARTITIONS (nats-server's `partition()` mapping).",
+            "examples": ["3"],
+        },
         "via": {
             "description": "The submitting identity (client or operator); NATS permissions "
             "let each identity publish only its own.",

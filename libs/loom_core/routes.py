@@ -27,7 +27,7 @@ from typing import Literal
 import msgspec
 
 from loom_core import contracts as c
-from loom_core import subjects
+from loom_core import partitions, subjects
 
 Identity = Literal["executor", "planner", "toolrunner", "memory", "tracing", "client", "operator"]
 SERVICES: tuple[Identity, ...] = ("executor", "planner", "toolrunner", "memory", "tracing")
@@ -184,6 +184,10 @@ RUN_EVENTS = Route(
 )
 
 
+# The executor's inbox consumer of one partition (``{partition}``: 0 .. LOOM_PARTITIONS-1)
+PARTITION_DURABLE = "executor-p{partition}"
+
+
 def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Identity,
            what: str) -> Route:  # fmt: skip
     return Route(
@@ -193,10 +197,13 @@ def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Ident
         stream=subjects.INBOX_STREAM,
         messages=messages,
         publishers=(owner,),
-        consumers=(Consumer("executor", durable="executor"),),
+        # one durable per partition, consumed by the replica that owns it (the stream
+        # stores the subject with the run's partition: loom_core.partitions)
+        consumers=(Consumer("executor", durable=PARTITION_DURABLE),),
         description=f"{what}, to one run's inbox (stream {subjects.INBOX_STREAM}). Only the "
         f"{owner} publishes here; the executor records it as a run event when the run is "
-        "waiting for it (its `run_id` must be the subject's).",
+        "waiting for it (its `run_id` must be the subject's). The stream stores it as "
+        "`loom.inbox.{partition}.{run_id}.{source}` (the server computes the partition).",
     )
 
 
@@ -416,6 +423,36 @@ BLOBS = Route(
     "expire after LOOM_BLOB_MAX_AGE_DAYS.",
 )
 
+FORWARD = Route(
+    name="forward",
+    pattern=f"{subjects.PREFIX}.fwd.{{partition}}",
+    # every replica hears it and only the partition's owner answers (no queue group: a
+    # member of one would often not be the owner)
+    kind="broadcast",
+    messages=(c.RunRequest, c.RunControl, c.ResumeRun, c.ForkRun, c.EventRecord),
+    replies=(c.SubmitAccepted, c.SubmitRejected, c.RunControlReply, c.ResumeReply, c.ForkReply),
+    publishers=("executor",),
+    consumers=(Consumer("executor", note="every replica; the partition's owner answers"),),
+    description="Between executor replicas only: a request (submit, control, resume, fork) or "
+    "a run event (sub-run start) that reached a replica not owning the run's partition, "
+    "passed to the owner of `{partition}` with its original subject in the `Loom-Subject` "
+    "header; the owner's answer goes back to the original asker.",
+)
+
+PARTITION_LEASES = Route(
+    name="partitionLeases",
+    pattern=f"$KV.{subjects.PARTITIONS_BUCKET}.{{key}}",
+    kind="kv",
+    stream=f"KV_{subjects.PARTITIONS_BUCKET}",
+    messages=(c.PartitionLease,),
+    publishers=("executor",),
+    consumers=(Consumer("executor"), Consumer("operator")),
+    description=f"Which executor replica owns which partition: key-value bucket "
+    f"`{subjects.PARTITIONS_BUCKET}`, keys `p-{{n}}` (the owner of partition n) and "
+    "`member-{replica}` (a live replica), each written by compare-and-set with a TTL and "
+    "renewed by its owner. Only executors write it; read it to see the assignment.",
+)
+
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
@@ -441,6 +478,8 @@ ROUTES: tuple[Route, ...] = (
     HEALTH,
     TOOL_CATALOG,
     BLOBS,
+    FORWARD,
+    PARTITION_LEASES,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}
@@ -492,16 +531,29 @@ def declared_subscriptions(identity: Identity) -> set[tuple[str, str]]:
     return out
 
 
-def declared_durables() -> dict[tuple[str, str], tuple[Identity, set[str]]]:
-    """``(stream, durable) -> (owner, filter subjects)`` of every durable consumer."""
+def declared_durables(
+    count: int | None = partitions.DEFAULT_COUNT,
+) -> dict[tuple[str, str], tuple[Identity, set[str]]]:
+    """``(stream, durable) -> (owner, filter subjects)`` of every durable consumer. A
+    partitioned one (``{partition}`` in its name) is listed once per partition of
+    ``count``, with the filters as the stream stores them; ``count=None`` lists it once,
+    as declared (permissions grant it whatever the count)."""
     out: dict[tuple[str, str], tuple[Identity, set[str]]] = {}
     for route in ROUTES:
         for consumer in route.consumers:
             if consumer.durable is None:
                 continue
             assert route.stream is not None, route.name
-            key = (route.stream, consumer.durable)
-            owner, filters = out.setdefault(key, (consumer.identity, set()))
-            assert owner == consumer.identity, f"durable {key} declared for two identities"
-            filters.update(route.filters(consumer))
+            named = [(consumer.durable, route.filters(consumer))]
+            if "{partition}" in consumer.durable and count is not None:
+                named = [
+                    (consumer.durable.format(partition=p),
+                     [partitions.stored_filter(f, p) for f in route.filters(consumer)])
+                    for p in range(count)
+                ]  # fmt: skip
+            for durable, subjects_ in named:
+                key = (route.stream, durable)
+                owner, filters = out.setdefault(key, (consumer.identity, set()))
+                assert owner == consumer.identity, f"durable {key} declared for two identities"
+                filters.update(subjects_)
     return out

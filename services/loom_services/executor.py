@@ -28,7 +28,18 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, ids, limits, message_limits, resubmit, routes, secrets, shape, subjects
+from loom_core import (
+    codec,
+    ids,
+    limits,
+    message_limits,
+    partitions,
+    resubmit,
+    routes,
+    secrets,
+    shape,
+    subjects,
+)
 from loom_core.agent import budget_issues
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
@@ -74,6 +85,7 @@ from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
+from loom_infra.ownership import NotOwner
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
 from loom_infra.store import (
@@ -84,6 +96,7 @@ from loom_infra.store import (
     open_snapshot_store,
 )
 from loom_services.local_tools import LocalTools
+from loom_services.partitioned import Partitioned
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.signals import SignalRouter
 from loom_services.timers import TimerService
@@ -134,6 +147,10 @@ class RunHost:
         self._saving: set[asyncio.Future[None]] = set()  # snapshot writes under way
         # run after each commit with (notification ids, records), in commit order
         self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
+        # partitions (loom_services.partitioned): whether this replica writes a run now,
+        # and the error for one it does not; None: it writes every run
+        self.owns: Callable[[str], bool] | None = None
+        self.owner_error: Callable[[str], Exception] = lambda run_id: NotOwner(run_id, 0, None)
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
         if isinstance(message, Submission) and message.limits is None:
@@ -149,6 +166,10 @@ class RunHost:
         if state is not None:
             self.actors.move_to_end(run_id)
             return state
+        if self.owns is not None and not self.owns(run_id):
+            # another replica writes it: read what is stored now, keep no copy that
+            # would go stale
+            return await self._load(run_id, keep=False)
         # One load per run at a time: two readers must share one actor object.
         loading = self.loading.get(run_id)
         if loading is None:
@@ -156,7 +177,7 @@ class RunHost:
             loading.add_done_callback(lambda _: self.loading.pop(run_id, None))
         return await asyncio.shield(loading)
 
-    async def _load(self, run_id: str) -> RunState:
+    async def _load(self, run_id: str, keep: bool = True) -> RunState:
         # From the latest snapshot (if any): the cost is the events after it, not the
         # whole history.
         taken = await self.io(self.snapshots.latest, run_id) if self.snapshots else None
@@ -175,13 +196,15 @@ class RunHost:
         state = restore(taken[1]) if taken else initial_state(run_id)
         for record in records:
             evolve(state, record.event, record.at)
-        if records and self.verify_on_load and state.status != "diverged":
+        if records and keep and self.verify_on_load and state.status != "diverged":
             # The code may have changed since these events were decided (a deploy):
             # re-decide the history; if it differs, park the run with the report.
             report, _ = replay(records, start=base)
             if report.divergence is not None:
                 log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
                 state.divergence = report.divergence.as_event()
+        if not keep:
+            return state
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
@@ -255,6 +278,11 @@ class RunHost:
         touched: set[str] = set()
         try:
             for work in batch:
+                if self.owns is not None and not self.owns(work.run_id):
+                    # only the partition's owner writes a run (the caller forwards it)
+                    work.done.set_exception(self.owner_error(work.run_id))
+                    per_work.append([])
+                    continue
                 state = await self.state_of(work.run_id)
                 touched.add(work.run_id)
                 if work.checked:
@@ -317,9 +345,22 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self.partitions: Partitioned | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        # partitions this replica owns (leases in JetStream KV); requests for the others
+        # are passed to their owners (loom_services.partitioned)
+        self.partitions = parts = Partitioned(self, ctx)
+        self.on_submit_routed = parts.routed(self.on_submit, lambda e: SubmitRejected(error=e))
+        self.on_control_routed = parts.routed(
+            self.on_control, lambda e: RunControlReply(run_id="", ok=False, error=e)
+        )
+        self.on_resume_routed = parts.routed(
+            self.on_resume, lambda e: ResumeReply(run_id="", ok=False, error=e)
+        )
+        self.on_fork_routed = parts.served(self.on_fork, ForkReply, lambda e: ForkReply(error=e))
+        self.on_sub_run_requested_routed = parts.routed_event(self.on_sub_run_requested)
         self.relay = Relay(self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable)
         self.host.listeners.append(self.relay.offer)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
@@ -333,7 +374,7 @@ class ExecutorService:
             ctx.spawn(task, "executor-signals")
         # Sub-runs: the command event starts the child; the child's end answers the parent.
         for durable, handler in (
-            ("subruns-start", self.on_sub_run_requested),
+            ("subruns-start", self.on_sub_run_requested_routed),
             ("subruns-end", self.on_run_ended),
         ):
             consumer = endpoints.durable(
@@ -341,19 +382,19 @@ class ExecutorService:
                 message_handler=handler, concurrency=32,
             )  # fmt: skip
             ctx.spawn(consumer.run(ctx.stop), f"executor-{durable}")
-        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit)
-        await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control)
-        await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume)
-        await endpoints.serve(ctx.nc, ctx.rejects, routes.FORK, self.name, self.on_fork)
+        await parts.start()  # owns its first partitions before it answers anything
+        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit_routed)
+        await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control_routed)
+        await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume_routed)
+        await endpoints.serve(ctx.nc, ctx.rejects, routes.FORK, self.name, self.on_fork_routed)
         await endpoints.serve(
             ctx.nc, ctx.rejects, routes.API_RUN_EVENTS, self.name, self.on_events_query
         )
-        consumer = endpoints.inbox_consumer(
-            ctx.js, routes.INBOXES, handler=self.on_inbox, batch=256
-        )
-        ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
+        # the inbox: one consumer per owned partition, started by ``parts``
 
     async def close(self) -> None:
+        if self.partitions is not None:
+            await self.partitions.close()  # survivors take its partitions at once
         await self.io.close()
         self.store.close()
         self.snapshots.close()
@@ -362,6 +403,8 @@ class ExecutorService:
         """The relay skipped one of ``record``'s run's events for good: the run ends
         failed with the reason (loom_infra.relay)."""
         details = error.details or {}
+        if self.host.owns is not None and not self.host.owns(record.run_id):
+            return  # every replica's relay meets it; the run's owner records it
         await self.host.submit(record.run_id, RunPublishFailed(
             seq=record.seq, event_type=record.kind, code=error.code,
             size=int(details.get("size") or 0), limit=int(details.get("limit") or 0),
@@ -419,12 +462,14 @@ class ExecutorService:
         run_id = (
             request.run_id
             or resubmit.run_id_from_msg_id(msg_id, principal)
-            or f"run-{uuid.uuid4().hex[:20]}"
+            or self.new_run_id()
         )
         try:
             produced = await self.host.submit(run_id, Submission(request, principal, redacted))
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
+        except NotOwner:
+            raise  # passed to the partition's owner (loom_services.partitioned)
         except Exception as exc:
             log.exception("submit failed")
             return SubmitRejected(
@@ -478,6 +523,7 @@ class ExecutorService:
         works: list[Work | BaseException] = []
         for msg in msgs:
             try:
+                msg = self._unpartitioned(msg)
                 message = self._inbox_message(msg)
             except bus.Poison as poison:
                 works.append(poison)
@@ -501,6 +547,24 @@ class ExecutorService:
             else:
                 results.append(True)
         return results
+
+    def _unpartitioned(self, msg: Msg) -> Msg:
+        """The inbox message with the subject it was published on (the stream stores it
+        with the run's partition); Poison if that partition is not the run's."""
+        stored = partitions.stored_inbox(msg.subject)
+        count = self.partitions.settings.count if self.partitions else 0
+        if stored is None or partitions.partition_of(stored.run_id, count) != stored.partition:
+            raise bus.Poison(ErrorInfo(
+                code="wrong_subject",
+                message=f"{msg.subject} is not an inbox subject of run partition "
+                f"(loom.inbox.{{partition}}.{{run_id}}.{{source}}, {count} partitions)",
+                details={"received": msg.subject},
+            ))  # fmt: skip
+        return Msg(_client=msg._client, subject=stored.subject, reply=msg.reply, data=msg.data,
+                   headers=msg.headers)  # fmt: skip
+
+    def new_run_id(self) -> str:
+        return self.partitions.new_run_id() if self.partitions else f"run-{uuid.uuid4().hex[:20]}"
 
     def _inbox_message(self, msg: Msg) -> InboxMessage:
         """The message, if its shape, route and run are right; else Poison. (Its size is
@@ -632,6 +696,8 @@ class ExecutorService:
             )
         try:
             await self.host.submit(control.run_id, control)
+        except NotOwner:
+            raise  # passed to the partition's owner
         except Exception as exc:
             return self._refuse(control, "unavailable", f"not stored ({type(exc).__name__}); retry")
         status = (await self.host.state_of(control.run_id)).status
@@ -676,7 +742,7 @@ class ExecutorService:
         )
         if error is not None:
             return ForkReply(error=error)
-        run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
+        run_id = fork.run_id or self.new_run_id()
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)
         fork, redacted = secrets.redact_request(fork)  # a new input may hold secrets
@@ -718,6 +784,8 @@ class ExecutorService:
         addressed = msgspec.structs.replace(request, run_id=target)
         try:
             await self.host.submit(target, addressed)
+        except NotOwner:
+            raise  # passed to the partition's owner
         except Exception as exc:
             error = ErrorInfo(
                 code="unavailable",

@@ -31,7 +31,7 @@ from nats.js.errors import NotFoundError
 from loom_core import routes
 from loom_core.contracts import Ping, Pong
 from loom_core.errors import LoomError
-from loom_infra import blobstore, bus, credentials, endpoints
+from loom_infra import blobstore, bus, credentials, endpoints, ownership
 from loom_infra.httpserver import HealthServer
 from loom_infra.settings import (
     BlobSettings,
@@ -121,6 +121,7 @@ class Stack:
             if seed is None:
                 await bus.ensure_streams(js, self.settings.ops)
                 await blobstore.ensure_bucket(js, self.settings.blobs)
+                await ownership.ensure_bucket(js)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -235,6 +236,7 @@ async def provision(
         await bus.ensure_streams(js, ops)
         await bus.ensure_tools_bucket(js)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env())
+        await ownership.ensure_bucket(js)
     finally:
         await nc.close()
 
