@@ -549,8 +549,9 @@ class ExecutorService:
         return results
 
     def _unpartitioned(self, msg: Msg) -> Msg:
-        """The inbox message with the subject it was published on (the stream stores it
-        with the run's partition); Poison if that partition is not the run's."""
+        """The inbox message, its subject set back to the one it was published on (the
+        stream stores it with the run's partition); Poison if that partition is not the
+        run's."""
         stored = partitions.stored_inbox(msg.subject)
         count = self.partitions.settings.count if self.partitions else 0
         if stored is None or partitions.partition_of(stored.run_id, count) != stored.partition:
@@ -560,8 +561,8 @@ class ExecutorService:
                 f"(loom.inbox.{{partition}}.{{run_id}}.{{source}}, {count} partitions)",
                 details={"received": msg.subject},
             ))  # fmt: skip
-        return Msg(_client=msg._client, subject=stored.subject, reply=msg.reply, data=msg.data,
-                   headers=msg.headers)  # fmt: skip
+        msg.subject = stored.subject  # (also what a dead letter names as its origin)
+        return msg
 
     def new_run_id(self) -> str:
         return self.partitions.new_run_id() if self.partitions else f"run-{uuid.uuid4().hex[:20]}"
