@@ -8,13 +8,15 @@ once (explicit run ids, so a submission lands on any replica and is passed to th
 owner when it is not it) and measure
 
 - throughput: steps completed / wall time from the first submission to the last run's end;
-- p50 / p99 step latency: time between consecutive step completions within a run;
+- p50 / p99 step latency: per run, the time from its request to its last step's
+  completion divided by its steps (the median and 99th percentile over the runs);
 - CPU seconds per step of every process (executors summed, planner, tool-runner,
   nats-server, PostgreSQL), read from /proc: on a shared 2-core machine the wall
   numbers are noisy, the CPU per step is what predicts the gain per replica.
 
     python bench/scale_bench.py                        # 1, 2, 3 replicas; 50 runs x 20 steps
     python bench/scale_bench.py --replicas 1 3 --runs 100 --steps 20
+    python bench/scale_bench.py --hop       # each step a tool-runner round trip
 """
 
 from __future__ import annotations
@@ -82,9 +84,12 @@ def chain(n: int) -> Plan:
     )
 
 
-def gaps_ms(records: list[EventRecord]) -> list[float]:
+def step_ms(records: list[EventRecord]) -> float:
+    """A run's mean step latency: from its request to its last step's completion, per
+    step (steps answered in one batch share a timestamp, so gaps between consecutive
+    completions say little)."""
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
-    return [(b - a).total_seconds() * 1000 for a, b in zip(done, done[1:], strict=False)]
+    return (done[-1] - records[0].at).total_seconds() * 1000 / max(1, len(done))
 
 
 async def split(client: LoomClient, replicas: int, timeout: float = 60.0) -> None:
@@ -108,7 +113,7 @@ async def split(client: LoomClient, replicas: int, timeout: float = 60.0) -> Non
 
 
 async def one(
-    base: Path, pg_url: str, replicas: int, runs: int, steps: int, warmup: int
+    base: Path, pg_url: str, replicas: int, runs: int, steps: int, warmup: int, hop: bool
 ) -> dict[str, float]:
     here = base / f"r{replicas}"
     creds = ensure_credentials(here / "creds")
@@ -127,7 +132,10 @@ async def one(
         "LOOM_POSTGRES_URL": url,
         "LOOM_DATA_DIR": str(here / "data"),
         "LOOM_LOG_LEVEL": "WARNING",
+        "LOOM_EMBEDDER": "hash",
     }
+    if hop:  # every noop through the tool-runner and the run's inbox partition
+        env["LOOM_LOCAL_TOOLS"] = ""
     procs: list[ServiceProcess] = []
     try:
         await provision(server.url, creds.seed_file(ADMIN))
@@ -164,7 +172,7 @@ async def one(
                 "executors": [p.proc.pid for p in procs[:replicas] if p.proc],
                 "planner": [procs[replicas].proc.pid] if procs[replicas].proc else [],
                 "toolrunner": [procs[-1].proc.pid] if procs[-1].proc else [],
-                "nats": [server.pid] if getattr(server, "pid", None) else [],
+                "nats": [server.process.pid] if server.process else [],
                 "postgres": postgres_pids(),
             }
             before = {k: sum(cpu_s(p) for p in v) for k, v in pids.items()}
@@ -175,11 +183,11 @@ async def one(
         for records in done:
             assert isinstance(records[-1].event, RunCompleted), records[-1]
         total = runs * steps
-        gaps = [g for records in done for g in gaps_ms(records)]
+        per_run = sorted(step_ms(records) for records in done)
         out: dict[str, float] = {
             "steps_per_s": total / wall,
-            "p50_ms": statistics.median(gaps),
-            "p99_ms": sorted(gaps)[int(0.99 * (len(gaps) - 1))],
+            "p50_ms": statistics.median(per_run),
+            "p99_ms": per_run[int(0.99 * (len(per_run) - 1))],
         }
         for k in before:
             out[f"{k}_ms_per_step"] = (after[k] - before[k]) * 1000 / total
@@ -195,12 +203,13 @@ async def main_async(args: argparse.Namespace) -> None:
     pg_url, stop_pg = start_local_postgres(base / "pg")
     try:
         cores = os.cpu_count()
-        print(f"{args.runs} runs x {args.steps} noop steps at once; "
+        where = "via the tool-runner" if args.hop else "answered in the executor"
+        print(f"{args.runs} runs x {args.steps} noop steps ({where}) at once; "
               f"{partitions.DEFAULT_COUNT} partitions; {cores} cores", flush=True)  # fmt: skip
         print("replicas  steps/s   p50 ms   p99 ms | CPU ms/step: executors planner "
               "toolrunner nats postgres  total", flush=True)  # fmt: skip
         for n in args.replicas:
-            r = await one(base, pg_url, n, args.runs, args.steps, args.warmup)
+            r = await one(base, pg_url, n, args.runs, args.steps, args.warmup, args.hop)
             cpu = [r[f"{k}_ms_per_step"] for k in
                    ("executors", "planner", "toolrunner", "nats", "postgres")]  # fmt: skip
             print(
@@ -220,6 +229,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10, help="runs before measuring")
+    parser.add_argument(
+        "--hop",
+        action="store_true",
+        help="noop through the tool-runner (default: answered in the executor's batch)",
+    )
     args = parser.parse_args()
     if not sys.platform.startswith("linux"):
         raise SystemExit("reads CPU times from /proc: Linux only")

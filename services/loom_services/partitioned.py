@@ -74,6 +74,7 @@ class Partitioned:
         await endpoints.subscribe(self.ctx.nc, routes.FORWARD, "executor", self._on_forward)
         await self.ownership.start()
         self.ctx.spawn(self.ownership.run(self.ctx.stop), "executor-ownership")
+        self.ctx.spawn(drain_legacy_inbox(self.ctx.js, self.ctx.stop), "executor-legacy-inbox")
 
     async def close(self) -> None:
         await self.ownership.close()
@@ -276,6 +277,41 @@ class Partitioned:
         else:
             outcome, data = "retry", repr(result).encode()[:1000]
         await self.ctx.nc.publish(msg.reply, data, headers={RESULT: outcome})
+
+
+LEGACY_DURABLE = "executor"  # the one inbox consumer of versions before partitions
+
+
+async def drain_legacy_inbox(js: Any, stop: asyncio.Event) -> int:
+    """Upgrade from a single-executor version: inbox messages stored before the stream
+    had its partition transform sit on ``loom.inbox.{run_id}.{source}``, where no
+    partition consumer reads. Republish what the old durable still holds (the server
+    now stamps the partition), ack it, and delete the old durable once it is empty.
+    Nothing to do (0) on a system that never had it."""
+    try:
+        await js.consumer_info(subjects.INBOX_STREAM, LEGACY_DURABLE)
+    except Exception:  # not found (a new system, or drained already)
+        return 0
+    sub = await js.pull_subscribe_bind(durable=LEGACY_DURABLE, stream=subjects.INBOX_STREAM)
+    moved = 0
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(256, timeout=1.0)
+        except (TimeoutError, NatsTimeout):
+            info = await js.consumer_info(subjects.INBOX_STREAM, LEGACY_DURABLE)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                break
+            continue
+        for msg in msgs:
+            headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+            await js.publish(msg.subject, msg.data, headers=headers or None)
+            await msg.ack()
+            moved += 1
+    if not stop.is_set():
+        with contextlib.suppress(Exception):  # another replica deleted it first
+            await js.delete_consumer(subjects.INBOX_STREAM, LEGACY_DURABLE)
+        log.info("legacy inbox drained: %d message(s) moved to their partitions", moved)
+    return moved
 
 
 class _Retry(Exception):

@@ -6,13 +6,16 @@ the loser, who re-reads and goes on from the winner's events."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
 
-from loom_core import partitions, subjects
+from loom_core import partitions, routes, subjects
 from loom_core.contracts import Plan, RunControl, RunRequest, SleepStep
 from loom_core.executor import Submission
 from loom_infra import bus
@@ -23,6 +26,7 @@ from loom_infra.processes import wait_until
 from loom_infra.settings import StoreSettings
 from loom_infra.store import ConcurrencyConflict, open_event_store
 from loom_services.executor import RunHost
+from loom_services.partitioned import LEGACY_DURABLE, drain_legacy_inbox
 
 pytestmark = pytest.mark.integration
 
@@ -62,6 +66,35 @@ async def test_a_different_partition_count_is_refused(
     monkeypatch.setenv("LOOM_PARTITIONS", "0")
     with pytest.raises(Exception, match="LOOM_PARTITIONS"):
         bus.partition_count()
+
+
+async def test_inbox_messages_of_the_single_executor_version_move_to_their_partitions(
+    nats_server: EmbeddedNats,
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        # the stream and the one inbox durable as the version before partitions made them
+        (inbox,) = [c for c in bus.stream_configs() if c.name == subjects.INBOX_STREAM]
+        await js.add_stream(dataclasses.replace(inbox, subject_transform=None))
+        await js.add_consumer(subjects.INBOX_STREAM, ConsumerConfig(
+            durable_name=LEGACY_DURABLE, ack_policy=AckPolicy.EXPLICIT,
+            filter_subjects=[r.wildcard for r in routes.INBOXES],
+        ))  # fmt: skip
+        for i in range(3):
+            await js.publish(subjects.inbox("old-run", "tool"), f'{{"n": {i}}}'.encode())
+        await bus.ensure_streams(js)  # the upgrade adds the partition transform
+        await js.publish(subjects.inbox("old-run", "tool"), b'{"n": 3}')
+        assert await drain_legacy_inbox(js, asyncio.Event()) == 3
+        with pytest.raises(NotFoundError):
+            await js.consumer_info(subjects.INBOX_STREAM, LEGACY_DURABLE)
+        p = partitions.partition_of("old-run", partitions.DEFAULT_COUNT)
+        sub = await js.pull_subscribe(f"loom.inbox.{p}.old-run.tool", stream=subjects.INBOX_STREAM)
+        got = sorted(m.data for m in await sub.fetch(10, timeout=2))
+        assert got == [f'{{"n": {i}}}'.encode() for i in range(4)]
+        assert await drain_legacy_inbox(js, asyncio.Event()) == 0  # nothing left to do
+    finally:
+        await nc.close()
 
 
 class Replica:
