@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -124,7 +125,7 @@ async def one(
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {dbname}")
         conn.execute(f"CREATE DATABASE {dbname}")
-    url = pg_url.rsplit("/", 1)[0] + f"/{dbname}" if "?" not in pg_url else pg_url
+    url = urlunsplit(urlsplit(pg_url)._replace(path=f"/{dbname}"))
     env = {
         **os.environ,
         "LOOM_NATS_URL": server.url,
@@ -220,7 +221,10 @@ async def main_async(args: argparse.Namespace) -> None:
             )
     finally:
         stop_pg()
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"logs and data kept in {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:
@@ -229,6 +233,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10, help="runs before measuring")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and data")
     parser.add_argument(
         "--hop",
         action="store_true",

@@ -299,14 +299,24 @@ class Ownership:
             except _Lost:
                 log.warning("partition %d was taken by another replica: dropped", p)
                 await self._drop(p)
-        # adopt what a previous process of this replica left (start only)
-        if not self._started:
-            for p, owner in self.table().items():
-                if owner == self.settings.replica and p not in self.owned:
-                    entry = self._entries[f"p-{p}"]
-                    with contextlib.suppress(_Lost):
-                        await self._gain(p, await self._write(f"p-{p}", self._lease(),
-                                                              entry.revision))  # fmt: skip
+            except Exception as exc:  # slow or away: the fence decides, the next tick retries
+                log.warning("partition %d not renewed: %r", p, exc)
+        await self._fence()
+        # Keys with this replica's name that it does not hold (now): left by its previous
+        # process (adopted at start only: later, the same name is a twin), or given up by
+        # the fence while the lease still stood. A CAS on the revision seen proves nobody
+        # wrote it since: taking it back then is safe.
+        for p in range(self.count):
+            entry = self._entries.get(f"p-{p}")
+            lease = entry.lease if entry is not None else None
+            if entry is None or lease is None or p in self.owned:
+                continue
+            if lease.replica != self.settings.replica:
+                continue
+            if lease.nonce != self.nonce and self._started:
+                continue
+            with contextlib.suppress(_Lost):
+                await self._gain(p, await self._write(f"p-{p}", self._lease(), entry.revision))
 
     async def _acquire(self, p: int) -> None:
         entry = self._entries.get(f"p-{p}")

@@ -98,10 +98,10 @@ async def test_inbox_messages_of_the_single_executor_version_move_to_their_parti
 
 
 class Replica:
-    def __init__(self, js: Any, name: str) -> None:
+    def __init__(self, js: Any, name: str, changed: asyncio.Event | None = None) -> None:
         self.gained: list[int] = []
         self.lost: list[int] = []
-        self.changed = asyncio.Event()
+        self.changed = changed or asyncio.Event()  # set on every gain or loss
         settings = PartitionSettings(count=8, lease_s=LEASE_S, replica=name)
         self.ownership = Ownership(js, settings, on_gain=self._gain, on_loss=self._loss)
         self.stop = asyncio.Event()
@@ -131,22 +131,10 @@ class Replica:
 
 
 async def test_leases_split_move_on_a_clean_stop_and_expire_after_a_crash(js: Any) -> None:
-    a = await Replica(js, "a").start()
-    assert a.owned() == set(range(8))  # alone: every partition at once
-    b = await Replica(js, "b").start()
     changed = asyncio.Event()
-
-    async def relay_changes() -> None:
-        while True:
-            await asyncio.wait(
-                [asyncio.ensure_future(r.changed.wait()) for r in (a, b)],
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for r in (a, b):
-                r.changed.clear()
-            changed.set()
-
-    watching = asyncio.ensure_future(relay_changes())
+    a = await Replica(js, "a", changed).start()
+    assert a.owned() == set(range(8))  # alone: every partition at once
+    b = await Replica(js, "b", changed).start()
     try:
         assert await wait_until(changed, lambda: len(a.owned()) == len(b.owned()) == 4, 10), (
             a.owned(),
@@ -163,8 +151,7 @@ async def test_leases_split_move_on_a_clean_stop_and_expire_after_a_crash(js: An
         print(f"\nclean handover {loop.time() - started:.2f}s")
 
         # a crash: the leases expire after LEASE_S; the expiry markers wake the survivor
-        c = await Replica(js, "c").start()
-        c_changed = asyncio.ensure_future(_forward(c.changed, changed))
+        c = await Replica(js, "c", changed).start()
         assert await wait_until(changed, lambda: len(c.owned()) == 4, 10), c.owned()
         held = c.owned()
         started = loop.time()
@@ -173,18 +160,9 @@ async def test_leases_split_move_on_a_clean_stop_and_expire_after_a_crash(js: An
         took = loop.time() - started
         print(f"crash failover of {sorted(held)}: {took:.2f}s (lease {LEASE_S}s)")
         assert took >= LEASE_S * 0.5  # not before the dead owner's lease could expire
-        c_changed.cancel()
     finally:
-        watching.cancel()
         b.stop.set()
         await b.ownership.close()
-
-
-async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
-    while True:
-        await source.wait()
-        source.clear()
-        target.set()
 
 
 async def test_a_replica_with_the_same_name_adopts_its_leases_at_once(js: Any) -> None:
