@@ -153,10 +153,14 @@ async def one(
                     name, {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name))}, here
                 )  # fmt: skip
             )
-        for proc in procs:
+        for proc in procs[:1] + procs[replicas:]:
             proc.start()
         seed = str(creds.seed_file("operator"))
         async with await LoomClient.connect(server.url, seed=seed) as client:
+            # the first creates the tables (concurrent first-time CREATE TABLEs collide)
+            await procs[0].wait_healthy(client, timeout=60)
+            for proc in procs[1:replicas]:
+                proc.start()
             await client.wait_ready(("executor", "planner", "toolrunner"), timeout=60)
             await split(client, replicas)
 

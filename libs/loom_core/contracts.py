@@ -1367,6 +1367,14 @@ class Pong(Record, tag="pong", tag_field="type"):
     error: ErrorInfo | None = None
 
 
+class RelayWake(Record, tag="relay_wake", tag_field="type"):
+    """An executor replica stored events (up to ``notification_id``): the relay, which
+    runs on the owner of partition 0 only, reads the store now rather than at its next
+    idle poll."""
+
+    notification_id: int = 0
+
+
 class PartitionLease(Record, tag="partition_lease", tag_field="type"):
     """A key of the partition leases bucket (``loom_partitions``): ``p-{n}`` says which
     executor replica owns partition n, ``member-{replica}`` that a replica is alive.

@@ -439,6 +439,18 @@ FORWARD = Route(
     "header; the owner's answer goes back to the original asker.",
 )
 
+RELAY_WAKE = Route(
+    name="relayWake",
+    pattern=f"{subjects.PREFIX}.relay.wake",
+    kind="broadcast",
+    messages=(c.RelayWake,),
+    publishers=("executor",),
+    consumers=(Consumer("executor", note="the replica running the relay"),),
+    description="Between executor replicas only: events were stored; the one relay (on the "
+    "owner of partition 0) publishes them now (plain NATS; a lost wake only delays them to "
+    "the relay's idle poll).",
+)
+
 PARTITION_LEASES = Route(
     name="partitionLeases",
     pattern=f"$KV.{subjects.PARTITIONS_BUCKET}.{{key}}",
@@ -479,6 +491,7 @@ ROUTES: tuple[Route, ...] = (
     TOOL_CATALOG,
     BLOBS,
     FORWARD,
+    RELAY_WAKE,
     PARTITION_LEASES,
 )
 

@@ -75,6 +75,14 @@ class PartitionCountChanged(LoomError):
     code = "partition_count_changed"
 
     def __init__(self, have: int, wanted: int) -> None:
+        if have == 0:  # provisioned by a version before partitions
+            super().__init__(
+                f"stream {subjects.INBOX_STREAM} has no partition transform: provision the "
+                "streams with this version first (`loom up`, `loom creds provision` or the "
+                "provisioning Job); inbox messages stored before are moved to their "
+                "partitions by the executors"
+            )
+            return
         super().__init__(
             f"LOOM_PARTITIONS is {wanted} but this system's runs are partitioned in {have} "
             f"(stream {subjects.INBOX_STREAM}): a run's partition must not change while it "

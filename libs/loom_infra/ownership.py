@@ -245,6 +245,8 @@ class Ownership:
                 continue
             if entry is None:
                 continue
+            if not hasattr(entry, "key"):  # the watcher was stopped (close)
+                return
             before = self._entries.get(entry.key)
             self._apply(entry)
             after = self._entries.get(entry.key)

@@ -362,10 +362,11 @@ class ExecutorService:
         self.on_fork_routed = parts.served(self.on_fork, ForkReply, lambda e: ForkReply(error=e))
         self.on_sub_run_requested_routed = parts.routed_event(self.on_sub_run_requested)
         self.relay = Relay(self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable)
-        self.host.listeners.append(self.relay.offer)
+        # one relay for all replicas: it runs on the owner of partition 0; the others
+        # wake it after each commit (loom_services.partitioned)
+        self.host.listeners.append(parts.on_commit)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
-        ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
         router = SignalRouter(
             ctx.js, self.host.state_of, limits=self.settings.message_limits, rejects=ctx.rejects
@@ -404,7 +405,10 @@ class ExecutorService:
         failed with the reason (loom_infra.relay)."""
         details = error.details or {}
         if self.host.owns is not None and not self.host.owns(record.run_id):
-            return  # every replica's relay meets it; the run's owner records it
+            # the relay runs on one replica; the event is dead-lettered with the reason
+            log.error("run %s of another replica has an unpublishable event %s: %s",
+                      record.run_id, record.event_id, error.message)  # fmt: skip
+            return
         await self.host.submit(record.run_id, RunPublishFailed(
             seq=record.seq, event_type=record.kind, code=error.code,
             size=int(details.get("size") or 0), limit=int(details.get("limit") or 0),

@@ -36,7 +36,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from loom_core import codec, partitions, routes, subjects
-from loom_core.contracts import ErrorInfo
+from loom_core.contracts import ErrorInfo, RelayWake
 from loom_infra import bus, endpoints
 from loom_infra.ownership import NotOwner, Ownership, PartitionSettings, moving
 
@@ -50,6 +50,7 @@ SUBJECT = "Loom-Subject"  # the forwarded request's own subject
 HOPS = "Loom-Hops"  # how often it was forwarded already
 RESULT = "Loom-Result"  # a forwarded run event's outcome: ok | poison | retry
 MAX_HOPS = 2
+RELAY_PARTITION = 0  # its owner runs the one relay
 REQUEST_TIMEOUT_S = 5.0
 
 Refuse = Callable[[ErrorInfo], msgspec.Struct]
@@ -63,6 +64,8 @@ class Partitioned:
         self.settings = settings or PartitionSettings.from_env()
         self.ownership = Ownership(ctx.js, self.settings, on_gain=self._gain, on_loss=self._loss)
         self.consumers: dict[int, tuple[asyncio.Event, asyncio.Future[None]]] = {}
+        self._relay: tuple[asyncio.Event, asyncio.Future[None]] | None = None
+        self._waking: set[asyncio.Future[None]] = set()
         self.forwarded = 0  # requests passed to another replica (for tests and metrics)
 
     # ------------------------------------------------------------ life
@@ -72,12 +75,14 @@ class Partitioned:
         self.service.host.owns = self.ownership.owns
         self.service.host.owner_error = self.not_owner
         await endpoints.subscribe(self.ctx.nc, routes.FORWARD, "executor", self._on_forward)
+        await endpoints.subscribe(self.ctx.nc, routes.RELAY_WAKE, "executor", self._on_wake)
         await self.ownership.start()
         self.ctx.spawn(self.ownership.run(self.ctx.stop), "executor-ownership")
         self.ctx.spawn(drain_legacy_inbox(self.ctx.js, self.ctx.stop), "executor-legacy-inbox")
 
     async def close(self) -> None:
         await self.ownership.close()
+        await self._stop_relay()
         for stop, task in self.consumers.values():
             stop.set()
             task.cancel()
@@ -92,6 +97,8 @@ class Partitioned:
             raise bus.PartitionCountChanged(have, self.settings.count)
 
     async def _gain(self, p: int) -> None:
+        if p == RELAY_PARTITION:
+            self._start_relay()
         stop = asyncio.Event()
         consumer = endpoints.inbox_consumer(
             self.ctx.js, routes.INBOXES, p, handler=self.service.on_inbox, batch=256
@@ -111,6 +118,55 @@ class Partitioned:
         host = self.service.host
         for run_id in [r for r in host.actors if partitions.partition_of(r, count) == p]:
             host.actors.pop(run_id, None)
+        if p == RELAY_PARTITION:
+            await self._stop_relay()
+
+    # ------------------------------------------------------------ the relay
+
+    def _start_relay(self) -> None:
+        """The relay runs on the owner of partition 0 only: one publisher of the store's
+        notification log for every replica keeps the stream in notification order and
+        costs one publish per event (a relay per replica cost each replica a read and a
+        publish of every replica's events). It starts where the last one stopped
+        (``Relay.start_position``: its tracking record, or the stream's last event)."""
+        relay = self.service.relay
+        if relay is None or self._relay is not None:
+            return
+        relay._pending.clear()  # offered while another replica ran the relay: stale
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(relay.run(stop))
+        task.add_done_callback(_log_crash)
+        self._relay = (stop, task)
+
+    async def _stop_relay(self) -> None:
+        if self._relay is None:
+            return
+        stop, task = self._relay
+        self._relay = None
+        stop.set()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 5.0)
+
+    def on_commit(self, notification_ids: list[int], records: list[Any]) -> None:
+        """After each commit: the relay publishes it (here, or woken over NATS)."""
+        relay = self.service.relay
+        if self._relay is not None and relay is not None:
+            relay.offer(notification_ids, records)
+            return
+        wake = RelayWake(notification_id=notification_ids[-1] if notification_ids else 0)
+        task = asyncio.ensure_future(self._wake(codec.encode(wake)))
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
+
+    async def _wake(self, data: bytes) -> None:
+        try:
+            await self.ctx.nc.publish(routes.RELAY_WAKE.subject(), data)
+        except Exception as exc:  # the relay's idle poll publishes them anyway
+            log.debug("relay wake not sent: %r", exc)
+
+    async def _on_wake(self, msg: Msg) -> None:
+        if self._relay is not None and self.service.relay is not None:
+            self.service.relay.wake()
 
     # ------------------------------------------------------------ questions
 
