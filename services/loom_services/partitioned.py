@@ -72,13 +72,17 @@ class Partitioned:
 
     async def start(self) -> None:
         await self._check_count()
+        if self.service.relay is not None:
+            self.service.relay.active = False  # type: ignore[attr-defined]  # until partition 0
         self.service.host.owns = self.ownership.owns
         self.service.host.owner_error = self.not_owner
         await endpoints.subscribe(self.ctx.nc, routes.FORWARD, "executor", self._on_forward)
         await endpoints.subscribe(self.ctx.nc, routes.RELAY_WAKE, "executor", self._on_wake)
         await self.ownership.start()
         self.ctx.spawn(self.ownership.run(self.ctx.stop), "executor-ownership")
-        self.ctx.spawn(drain_legacy_inbox(self.ctx.js, self.ctx.stop), "executor-legacy-inbox")
+        # not a ctx task: it ends when done, which readiness would report as a failure
+        self._drain = asyncio.ensure_future(drain_legacy_inbox(self.ctx.js, self.ctx.stop))
+        self._drain.add_done_callback(_log_crash)
 
     async def close(self) -> None:
         await self.ownership.close()
@@ -103,9 +107,7 @@ class Partitioned:
         consumer = endpoints.inbox_consumer(
             self.ctx.js, routes.INBOXES, p, handler=self.service.on_inbox, batch=256
         )
-        task = asyncio.ensure_future(consumer.run(stop))
-        task.add_done_callback(_log_crash)
-        self.consumers[p] = (stop, task)
+        self.consumers[p] = (stop, self._spawn(consumer.run(stop), f"executor-inbox-p{p}"))
 
     async def _loss(self, p: int) -> None:
         # the writer already refuses p's runs (owned no longer lists p)
@@ -114,6 +116,7 @@ class Partitioned:
             stop.set()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), 2.0)  # one fetch, one batch
+            self._unspawn(task)
         count = self.settings.count
         host = self.service.host
         for run_id in [r for r in host.actors if partitions.partition_of(r, count) == p]:
@@ -133,19 +136,21 @@ class Partitioned:
         if relay is None or self._relay is not None:
             return
         relay._pending.clear()  # offered while another replica ran the relay: stale
+        relay.active = True  # type: ignore[attr-defined]  # its readiness check counts now
         stop = asyncio.Event()
-        task = asyncio.ensure_future(relay.run(stop))
-        task.add_done_callback(_log_crash)
-        self._relay = (stop, task)
+        self._relay = (stop, self._spawn(relay.run(stop), "executor-relay"))
 
     async def _stop_relay(self) -> None:
         if self._relay is None:
             return
         stop, task = self._relay
         self._relay = None
+        if self.service.relay is not None:
+            self.service.relay.active = False  # type: ignore[attr-defined]
         stop.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(task), 5.0)
+        self._unspawn(task)
 
     def on_commit(self, notification_ids: list[int], records: list[Any]) -> None:
         """After each commit: the relay publishes it (here, or woken over NATS)."""
@@ -167,6 +172,19 @@ class Partitioned:
     async def _on_wake(self, msg: Msg) -> None:
         if self._relay is not None and self.service.relay is not None:
             self.service.relay.wake()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Future[None]:
+        """A task readiness watches (``ServiceContext.tasks``: one that ends is a failure)
+        while this replica owns what it serves."""
+        self.ctx.spawn(coro, name)
+        task = self.ctx.tasks[-1]
+        task.add_done_callback(_log_crash)
+        return task
+
+    def _unspawn(self, task: asyncio.Future[None]) -> None:
+        """Stopped on purpose (the partition moved): no longer watched."""
+        with contextlib.suppress(ValueError):
+            self.ctx.tasks.remove(task)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ questions
 

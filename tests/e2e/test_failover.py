@@ -68,7 +68,7 @@ def plan() -> Plan:
     for i in range(1, 6):
         chain.append(effect(f"s{i}", f"{{{{ steps.s{i - 1}.output.label }}}}.{i}"))
         if i == 3:  # a durable timer in the middle: its inbox message crosses replicas
-            chain.append(SleepStep(id="nap", seconds=0.3, depends_on=["s3"]))
+            chain.append(SleepStep(id="nap", seconds=2.0, depends_on=["s3"]))
     chain[-1] = effect("s5", "{{ steps.s4.output.label }}.5", deps=["nap"])
     child = Plan(steps=[
         effect("c0", "child"), effect("c1", "{{ steps.c0.output.label }}!"),
@@ -282,6 +282,7 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
         assert ended, f"runs not ended: {sorted(set(names) - set(runs.ended))}\n{deployment.logs()}"
         assert runs.ended["fo-zz"] == "run_cancelled"
         resumed = [runs.first_after[n] - killed_at for n in in_moved if n in runs.first_after]
+        assert resumed, f"no run of {victim}'s partitions {sorted(moved)} was in flight"
 
         # every run completed with its output, its versions 1..n, each fact once
         store = open_event_store(deployment.store)
