@@ -12,7 +12,8 @@ What must hold:
 - the store holds each run's events at versions 1..n, each fact once (no step completed
   twice, one run_completed), and LOOM_RUNS holds each event id once;
 - submissions with explicit run ids land on any replica (queue group) and are passed to
-  the owner; a cancel (control) too.
+  the owner; so do a cancel (control) and a resume after the kill, and a signal
+  reaches the run waiting for it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from nats.js.api import DeliverPolicy
 
 from loom_core import codec, partitions, subjects
 from loom_core.contracts import (
+    ApprovalStep,
+    EventMatch,
     FinalStep,
     PartitionLease,
     Plan,
@@ -40,6 +43,7 @@ from loom_core.contracts import (
     StepCompleted,
     SubRunStep,
     ToolStep,
+    WaitEventStep,
 )
 from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, ensure_credentials
@@ -247,9 +251,20 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
         await asyncio.gather(
             *(client.submit(RunRequest(plan=plan(), input={"name": n}, run_id=n)) for n in names)
         )
-        # a long run to cancel after the kill: the control request is passed to its owner
+        # runs that wait on people and events, answered after the kill (resume, signal),
+        # and a long one to cancel (control): each request lands on any replica
         sleeper = RunRequest(plan=Plan(steps=[SleepStep(id="zz", seconds=600)]), run_id="fo-zz")
-        await client.submit(sleeper)
+        ask = Plan(steps=[
+            ApprovalStep(id="ok", label="boss", schema={"type": "boolean"}),
+            FinalStep(id="out", output="{{ steps.ok.output }}"),
+        ])  # fmt: skip
+        wait = Plan(steps=[
+            WaitEventStep(id="w", events=[EventMatch(name="paid", key="k1")]),
+            FinalStep(id="out", output="{{ steps.w.output.paid }}"),
+        ])  # fmt: skip
+        for request in (sleeper, RunRequest(plan=ask, run_id="fo-ask"),
+                        RunRequest(plan=wait, run_id="fo-sig")):  # fmt: skip
+            await client.submit(request)
 
         # kill the owner of partition 0, which also runs the one relay, once runs are
         # under way everywhere: its partitions and the relay must move
@@ -272,15 +287,20 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
 
         cancelled = await client.control("fo-zz", "cancel", reason="failover test")
         assert cancelled.ok
+        resumed_reply = await client.resume("fo-ask", True, label="boss")
+        assert resumed_reply.ok, resumed_reply.error
+        await client.signal("paid", "k1", "yes")
+        extra = ["fo-zz", "fo-ask", "fo-sig"]
 
         def all_ended() -> bool:
-            return all(n in runs.ended for n in [*names, "fo-zz"])
+            return all(n in runs.ended for n in [*names, *extra])
 
         ended = await wait_until(runs.changed, all_ended, timeout=120)
         await live.unsubscribe()
         following.cancel()
         assert ended, f"runs not ended: {sorted(set(names) - set(runs.ended))}\n{deployment.logs()}"
         assert runs.ended["fo-zz"] == "run_cancelled"
+        assert runs.ended["fo-ask"] == runs.ended["fo-sig"] == "run_completed"
         resumed = [runs.first_after[n] - killed_at for n in in_moved if n in runs.first_after]
         assert resumed, f"no run of {victim}'s partitions {sorted(moved)} was in flight"
 
