@@ -65,7 +65,7 @@ class Partitioned:
         self.ownership = Ownership(ctx.js, self.settings, on_gain=self._gain, on_loss=self._loss)
         self.consumers: dict[int, tuple[asyncio.Event, asyncio.Future[None]]] = {}
         self._relay: tuple[asyncio.Event, asyncio.Future[None]] | None = None
-        self._waking: set[asyncio.Future[None]] = set()
+        self._waking: set[asyncio.Future[None]] = set()  # wakes and forwarded requests
         self.forwarded = 0  # requests passed to another replica (for tests and metrics)
 
     # ------------------------------------------------------------ life
@@ -316,7 +316,12 @@ class Partitioned:
         if handler is None:
             log.warning("forwarded request on an unknown subject %r ignored", original)
             return
-        await handler(inner)
+        # its own task: a slow one (a commit) must not hold up the next, and a request
+        # this one forwards again must not wait behind it (two replicas forwarding to
+        # each other would otherwise wait for each other's timeout)
+        task = asyncio.ensure_future(handler(inner))
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
 
     def _handler_of(self, subject: str) -> Callable[[Msg], Awaitable[None]] | None:
         service = self.service

@@ -196,6 +196,7 @@ class Runs:
         self.last_event: dict[str, float] = {}
         self.first_after: dict[str, float] = {}
         self.killed_at: float | None = None
+        self.kinds: dict[str, set[str]] = {}  # the event kinds seen per run
         self.changed = asyncio.Event()
 
     async def on_msg(self, msg: Any) -> None:
@@ -206,6 +207,7 @@ class Runs:
             self.first_after[run_id] = now
         if kind in STOPPED:
             self.ended[run_id] = kind
+        self.kinds.setdefault(run_id, set()).add(kind)
         self.changed.set()
 
 
@@ -287,6 +289,12 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
 
         cancelled = await client.control("fo-zz", "cancel", reason="failover test")
         assert cancelled.ok
+        # a resume answers a suspension that exists: wait for it (bounded), wherever
+        # its run lives now
+        suspended = await wait_until(
+            runs.changed, lambda: "step_suspended" in runs.kinds.get("fo-ask", ()), timeout=30
+        )
+        assert suspended, f"fo-ask never suspended: {runs.kinds.get('fo-ask')}"
         resumed_reply = await client.resume("fo-ask", True, label="boss")
         assert resumed_reply.ok, resumed_reply.error
         await client.signal("paid", "k1", "yes")
