@@ -28,18 +28,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import (
-    codec,
-    ids,
-    limits,
-    message_limits,
-    partitions,
-    resubmit,
-    routes,
-    secrets,
-    shape,
-    subjects,
-)
+from loom_core import codec, ids, limits, message_limits, resubmit, routes, secrets, shape, subjects
 from loom_core.agent import budget_issues
 from loom_core.blobs import BlobRefError
 from loom_core.contracts import (
@@ -203,8 +192,8 @@ class RunHost:
             if report.divergence is not None:
                 log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
                 state.divergence = report.divergence.as_event()
-        if not keep:
-            return state
+        if not keep or (self.owns is not None and not self.owns(run_id)):
+            return state  # (its partition may have moved while it loaded)
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
@@ -527,7 +516,8 @@ class ExecutorService:
         works: list[Work | BaseException] = []
         for msg in msgs:
             try:
-                msg = self._unpartitioned(msg)
+                if self.partitions is not None:  # the subject as published
+                    msg = self.partitions.unpartitioned(msg)
                 message = self._inbox_message(msg)
             except bus.Poison as poison:
                 works.append(poison)
@@ -551,22 +541,6 @@ class ExecutorService:
             else:
                 results.append(True)
         return results
-
-    def _unpartitioned(self, msg: Msg) -> Msg:
-        """The inbox message, its subject set back to the one it was published on (the
-        stream stores it with the run's partition); Poison if that partition is not the
-        run's."""
-        stored = partitions.stored_inbox(msg.subject)
-        count = self.partitions.settings.count if self.partitions else 0
-        if stored is None or partitions.partition_of(stored.run_id, count) != stored.partition:
-            raise bus.Poison(ErrorInfo(
-                code="wrong_subject",
-                message=f"{msg.subject} is not an inbox subject of run partition "
-                f"(loom.inbox.{{partition}}.{{run_id}}.{{source}}, {count} partitions)",
-                details={"received": msg.subject},
-            ))  # fmt: skip
-        msg.subject = stored.subject  # (also what a dead letter names as its origin)
-        return msg
 
     def new_run_id(self) -> str:
         return self.partitions.new_run_id() if self.partitions else f"run-{uuid.uuid4().hex[:20]}"

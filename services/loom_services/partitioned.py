@@ -192,6 +192,22 @@ class Partitioned:
         p = self.ownership.partition(run_id)
         return NotOwner(run_id, p, self.ownership.owner_of(p))
 
+    def unpartitioned(self, msg: Msg) -> Msg:
+        """An inbox message with its subject set back to the one it was published on (the
+        stream stores it with the run's partition), which is also what a dead letter
+        names as its origin; Poison if the stamped partition is not the run's."""
+        stored = partitions.stored_inbox(msg.subject)
+        count = self.settings.count
+        if stored is None or partitions.partition_of(stored.run_id, count) != stored.partition:
+            raise bus.Poison(ErrorInfo(
+                code="wrong_subject",
+                message=f"{msg.subject} is not an inbox subject of a run's partition "
+                f"(loom.inbox.{{partition}}.{{run_id}}.{{source}}, {count} partitions)",
+                details={"received": msg.subject},
+            ))  # fmt: skip
+        msg.subject = stored.subject
+        return msg
+
     def new_run_id(self, prefix: str = "run-") -> str:
         """A fresh run id in one of this replica's partitions (any id if it owns none)."""
         owned = self.ownership.frozen_owned
