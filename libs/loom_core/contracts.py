@@ -1519,6 +1519,26 @@ class Pong(Record, tag="pong", tag_field="type"):
     error: ErrorInfo | None = None
 
 
+class RelayWake(Record, tag="relay_wake", tag_field="type"):
+    """An executor replica stored events (up to ``notification_id``): the relay, which
+    runs on the owner of partition 0 only, reads the store now rather than at its next
+    idle poll."""
+
+    notification_id: int = 0
+
+
+class PartitionLease(Record, tag="partition_lease", tag_field="type"):
+    """A key of the partition leases bucket (``loom_partitions``): ``p-{n}`` says which
+    executor replica owns partition n, ``member-{replica}`` that a replica is alive.
+    Every write is a compare-and-set with a per-key TTL: a replica that stops renewing
+    loses its keys when they expire (loom_infra.ownership). ``nonce``: the process
+    that wrote it (a restarted replica keeps its name, not its nonce)."""
+
+    replica: str
+    nonce: str
+    partitions: int = 0
+
+
 # --------------------------------------------------------------------------- trace queries
 # Request/reply APIs of the tracing service on ``loom.api.traces*`` (issue 5). Time
 # filters apply to a run's or a span's start: ``since`` inclusive, ``until`` exclusive.

@@ -218,6 +218,10 @@ CODES: dict[str, Code] = {
     "invalid_credentials": Code(_K, "an nkey seed file is missing, unreadable or not a user seed"),
     "embedder_unavailable": Code(_K, "the memory embedder cannot run (model files, configuration)"),
     "stream_missing": Code(_K, "a stream a service needs does not exist yet; start the stack"),
+    # ---- executor replicas (loom_core.partitions, loom_infra.ownership)
+    "not_owner": Code(_X, "this executor replica does not own the run's partition: retry"),
+    "partition_moving": Code(_X, "nobody answered for the run's partition (it moves): retry"),
+    "partition_count_changed": Code(_K, "LOOM_PARTITIONS is not the stack's count: drain first"),
     # ---- the web console (services/loom_console): its HTTP guards and the plan it parses
     "bad_host": Code(_X, "the console does not serve that Host header (--allow-host NAME)"),
     "bad_origin": Code(_X, "a console action came from another origin"),

@@ -27,7 +27,7 @@ from typing import Literal
 import msgspec
 
 from loom_core import contracts as c
-from loom_core import subjects, tenancy
+from loom_core import partitions, subjects, tenancy
 
 Identity = Literal["executor", "planner", "toolrunner", "memory", "tracing", "client", "operator"]
 SERVICES: tuple[Identity, ...] = ("executor", "planner", "toolrunner", "memory", "tracing")
@@ -220,6 +220,10 @@ RUN_EVENTS = Route(
 )
 
 
+# The executor's inbox consumer of one partition (``{partition}``: 0 .. LOOM_PARTITIONS-1)
+PARTITION_DURABLE = "executor-p{partition}"
+
+
 def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Identity,
            what: str, direct: bool = False) -> Route:  # fmt: skip
     # ``direct``: the executor also takes the owner's publish itself, before the stream
@@ -232,10 +236,13 @@ def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Ident
         stream=subjects.INBOX_STREAM,
         messages=messages,
         publishers=(owner,),
-        consumers=(Consumer("executor", durable="executor"), *(plain if direct else ())),
+        # one durable per partition, consumed by the replica that owns it (the stream
+        # stores the subject with the run's partition: loom_core.partitions)
+        consumers=(Consumer("executor", durable=PARTITION_DURABLE), *(plain if direct else ())),
         description=f"{what}, to one run's inbox (stream {subjects.INBOX_STREAM}). Only the "
         f"{owner} publishes here; the executor records it as a run event when the run is "
-        "waiting for it (its `run_id` must be the subject's).",
+        "waiting for it (its `run_id` must be the subject's). The stream stores it as "
+        "`loom.inbox.{partition}.{run_id}.{source}` (the server computes the partition).",
     )
 
 
@@ -509,10 +516,57 @@ SCHEDULE_STORE = Route(
     stream=f"KV_{SCHEDULES_BUCKET}",
     messages=(c.Schedule,),
     publishers=("executor",),
-    consumers=(Consumer("executor", note="every replica watches it and fires what is due"),),
+    consumers=(
+        Consumer(
+            "executor",
+            note="every replica watches it; the owner of a firing's partition submits it",
+        ),
+    ),
     description=f"The schedules: JetStream key-value bucket `{SCHEDULES_BUCKET}`, one "
     "Schedule per key `<tenant>.<schedule name>` (`<tenant>`: a digest of the tenant's name). "
     "Only the executor writes it, each change a compare-and-set on the key's revision.",
+)
+
+FORWARD = Route(
+    name="forward",
+    pattern=f"{subjects.PREFIX}.fwd.{{partition}}",
+    # every replica hears it and only the partition's owner answers (no queue group: a
+    # member of one would often not be the owner)
+    kind="broadcast",
+    messages=(c.RunRequest, c.RunControl, c.ResumeRun, c.ForkRun, c.EventRecord),
+    replies=(c.SubmitAccepted, c.SubmitRejected, c.RunControlReply, c.ResumeReply, c.ForkReply),
+    publishers=("executor",),
+    consumers=(Consumer("executor", note="every replica; the partition's owner answers"),),
+    description="Between executor replicas only: a request (submit, control, resume, fork) or "
+    "a run event (sub-run start) that reached a replica not owning the run's partition, "
+    "passed to the owner of `{partition}` with its original subject in the `Loom-Subject` "
+    "header; the owner's answer goes back to the original asker.",
+)
+
+RELAY_WAKE = Route(
+    name="relayWake",
+    pattern=f"{subjects.PREFIX}.relay.wake",
+    kind="broadcast",
+    messages=(c.RelayWake,),
+    publishers=("executor",),
+    consumers=(Consumer("executor", note="the replica running the relay"),),
+    description="Between executor replicas only: events were stored; the one relay (on the "
+    "owner of partition 0) publishes them now (plain NATS; a lost wake only delays them to "
+    "the relay's idle poll).",
+)
+
+PARTITION_LEASES = Route(
+    name="partitionLeases",
+    pattern=f"$KV.{subjects.PARTITIONS_BUCKET}.{{key}}",
+    kind="kv",
+    stream=f"KV_{subjects.PARTITIONS_BUCKET}",
+    messages=(c.PartitionLease,),
+    publishers=("executor",),
+    consumers=(Consumer("executor"), Consumer("operator")),
+    description=f"Which executor replica owns which partition: key-value bucket "
+    f"`{subjects.PARTITIONS_BUCKET}`, keys `p-{{n}}` (the owner of partition n) and "
+    "`member-{replica}` (a live replica), each written by compare-and-set with a TTL and "
+    "renewed by its owner. Only executors write it; read it to see the assignment.",
 )
 
 ROUTES: tuple[Route, ...] = (
@@ -543,6 +597,9 @@ ROUTES: tuple[Route, ...] = (
     SCHEDULE,
     SCHEDULE_STORE,
     MODEL_ANSWERS,
+    FORWARD,
+    RELAY_WAKE,
+    PARTITION_LEASES,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}
@@ -594,16 +651,29 @@ def declared_subscriptions(identity: Identity) -> set[tuple[str, str]]:
     return out
 
 
-def declared_durables() -> dict[tuple[str, str], tuple[Identity, set[str]]]:
-    """``(stream, durable) -> (owner, filter subjects)`` of every durable consumer."""
+def declared_durables(
+    count: int | None = partitions.DEFAULT_COUNT,
+) -> dict[tuple[str, str], tuple[Identity, set[str]]]:
+    """``(stream, durable) -> (owner, filter subjects)`` of every durable consumer. A
+    partitioned one (``{partition}`` in its name) is listed once per partition of
+    ``count``, with the filters as the stream stores them; ``count=None`` lists it once,
+    as declared (permissions grant it whatever the count)."""
     out: dict[tuple[str, str], tuple[Identity, set[str]]] = {}
     for route in ROUTES:
         for consumer in route.consumers:
             if consumer.durable is None:
                 continue
             assert route.stream is not None, route.name
-            key = (route.stream, consumer.durable)
-            owner, filters = out.setdefault(key, (consumer.identity, set()))
-            assert owner == consumer.identity, f"durable {key} declared for two identities"
-            filters.update(route.filters(consumer))
+            named = [(consumer.durable, route.filters(consumer))]
+            if "{partition}" in consumer.durable and count is not None:
+                named = [
+                    (consumer.durable.format(partition=p),
+                     [partitions.stored_filter(f, p) for f in route.filters(consumer)])
+                    for p in range(count)
+                ]  # fmt: skip
+            for durable, subjects_ in named:
+                key = (route.stream, durable)
+                owner, filters = out.setdefault(key, (consumer.identity, set()))
+                assert owner == consumer.identity, f"durable {key} declared for two identities"
+                filters.update(subjects_)
     return out

@@ -99,6 +99,8 @@ def health(service: str) -> str:
 
 # Tool catalog: the tool-runner puts one ToolSpec per tool; the planner reads them.
 TOOLS_BUCKET = "loom_tools"
+# Executor replicas' partition leases (loom_infra.ownership)
+PARTITIONS_BUCKET = "loom_partitions"
 # Blobs: big values by sha256 (loom_infra.blobstore), a JetStream Object Store bucket.
 BLOBS_BUCKET = "loom_blobs"
 # Model answers by the digest of the turn request they answer (the planner's, so a

@@ -34,14 +34,15 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import NotFoundError
 
-from loom_core import codec, routes, secrets, subjects, tenancy
+from loom_core import codec, partitions, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 from loom_core.errors import LoomError
 from loom_infra import metrics
-from loom_infra.settings import OpsSettings, delivery_settings_from_env
+from loom_infra.settings import OpsSettings, SettingsError, delivery_settings_from_env
 
 log = logging.getLogger("loom.bus")
 T = TypeVar("T")
@@ -69,6 +70,38 @@ DAY_S = 24 * 3600.0
 RUNS_PERSIST = PersistMode(_DELIVERY.runs_persist)
 REJECTS_STREAM = routes.REJECTED.stream or "LOOM_REJECTS"
 REJECT_PAYLOAD_LIMIT = 4 * 1024  # a client's typo is shown, not archived
+
+
+class PartitionCountChanged(LoomError):
+    """LOOM_PARTITIONS differs from the count the inbox stream was made with."""
+
+    code = "partition_count_changed"
+
+    def __init__(self, have: int, wanted: int) -> None:
+        if have == 0:  # provisioned by a version before partitions
+            super().__init__(
+                f"stream {subjects.INBOX_STREAM} has no partition transform: provision the "
+                "streams with this version first (`loom up`, `loom creds provision` or the "
+                "provisioning Job); inbox messages stored before are moved to their "
+                "partitions by the executors"
+            )
+            return
+        super().__init__(
+            f"LOOM_PARTITIONS is {wanted} but this system's runs are partitioned in {have} "
+            f"(stream {subjects.INBOX_STREAM}): a run's partition must not change while it "
+            f"runs. Set LOOM_PARTITIONS={have}, or change the count only on a drained system "
+            "(docs/partitions.md: changing the partition count)"
+        )
+
+
+def partition_count() -> int:
+    """LOOM_PARTITIONS (default ``partitions.DEFAULT_COUNT``)."""
+    raw = os.environ.get("LOOM_PARTITIONS", "").strip()
+    count = int(raw) if raw.isdigit() else partitions.DEFAULT_COUNT if not raw else -1
+    problem = partitions.check_count(count)
+    if problem is not None:
+        raise SettingsError("LOOM_PARTITIONS", f"{problem} (got {raw!r})")
+    return count
 
 
 def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
@@ -105,6 +138,9 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
         StreamConfig(
             name=subjects.INBOX_STREAM,
             subjects=[subjects.INBOX_ALL],
+            # the server stamps each run's partition into the stored subject, so each
+            # executor replica consumes only its own partitions (loom_core.partitions)
+            subject_transform=SubjectTransform(*partitions.inbox_transform(partition_count())),
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             duplicate_window=600.0,
@@ -193,9 +229,28 @@ def merge_stream(existing: StreamConfig, wanted: StreamConfig) -> StreamConfig |
     window = changes.get("duplicate_window", existing.duplicate_window)
     if not _unset(max_age) and window and window > max_age:
         changes["duplicate_window"] = max_age
+    transform = _merged_transform(existing, wanted)
+    if transform is not None:
+        changes["subject_transform"] = transform
     if not changes:
         return None
     return dataclasses.replace(existing, **changes)
+
+
+def _merged_transform(existing: StreamConfig, wanted: StreamConfig) -> SubjectTransform | None:
+    """The partition transform to add to an existing stream (None: nothing to do). A
+    stream partitioned with another count is never re-partitioned here: refused."""
+    ours = wanted.subject_transform
+    if ours is None:
+        return None
+    theirs = existing.subject_transform
+    if theirs is None or not theirs.dest:
+        return ours
+    have = partitions.count_of_transform(theirs.dest)
+    want = partitions.count_of_transform(ours.dest)
+    if have is not None and want is not None and have != want:
+        raise PartitionCountChanged(have, want)
+    return None
 
 
 _CONNECTION_ERRORS = (

@@ -71,6 +71,9 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # the tool catalog is read with kv.keys() (an ordered consumer) and kv.get()
     (routes.TOOL_CATALOG.name, "planner"): frozenset({"get", "browse"}),
     (routes.TOOL_CATALOG.name, "operator"): frozenset({"get", "browse"}),
+    # partition leases: a watch (an ordered consumer) and the last value of a key
+    (routes.PARTITION_LEASES.name, "executor"): frozenset({"get", "browse"}),
+    (routes.PARTITION_LEASES.name, "operator"): frozenset({"get", "browse"}),
     # the tool-runner keeps the tools a down MCP server published before (kv.keys/get)
     (routes.TOOL_CATALOG.name, "toolrunner"): frozenset({"get", "browse"}),
     # a model answer already paid for, by the turn request's digest (kv.get)
@@ -242,9 +245,11 @@ def permissions(identity: str) -> Permissions:
     if streams:
         publish.append(f"{JS_API}.INFO")
         publish += [f"{JS_API}.STREAM.INFO.{s}" for s in streams]
-    for (stream, durable), (owner, _filters) in sorted(routes.declared_durables().items()):
+    for (stream, durable), (owner, _filters) in sorted(routes.declared_durables(None).items()):
         if owner == identity:
-            publish += _durable_api(stream, durable)
+            # a consumer per partition: any name on that stream (its owner is the
+            # stream's only consumer), so the grant holds for every LOOM_PARTITIONS
+            publish += _durable_api(stream, "*" if "{partition}" in durable else durable)
     for (route_name, who), reads in sorted(READS.items()):
         if who == identity:
             read_stream = routes.BY_NAME[route_name].stream

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from loom_core import codec
+from loom_core import codec, partitions
 from loom_core.contracts import ErrorInfo
 from loom_core.errors import LoomError
 from loom_core.routes import Consumer, Identity, Route
@@ -152,18 +152,20 @@ def durable(
 
 
 def inbox_consumer(
-    js: JetStreamContext, routes: tuple[Route, ...], **options: Any
+    js: JetStreamContext, routes: tuple[Route, ...], partition: int, **options: Any
 ) -> bus.PullConsumer:
-    """The executor's one durable consumer over every inbox route (each its own filter)."""
+    """The executor's durable consumer of one partition of every inbox route (each route
+    its own filter, as the stream stores it: ``loom.inbox.{partition}.*.{source}``)."""
     names = {r.consumer("executor").durable for r in routes}
     streams = {r.stream for r in routes}
     assert len(names) == 1 and len(streams) == 1, (names, streams)
+    durable = (names.pop() or "").format(partition=partition)
     return bus.PullConsumer(
         js=js,
         service="executor",
         stream=streams.pop() or "",
-        durable=names.pop() or "",
-        filter_subjects=[r.wildcard for r in routes],
+        durable=durable,
+        filter_subjects=[partitions.stored_filter(r.wildcard, partition) for r in routes],
         **options,
     )
 

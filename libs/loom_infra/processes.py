@@ -34,10 +34,11 @@ class ServiceProcess:
     logs: Path
     proc: subprocess.Popen[bytes] | None = None
     killed: list[int] = field(default_factory=list)
+    label: str = ""  # one of several replicas of a service (its log file's name)
 
     @property
     def log_path(self) -> Path:
-        return self.logs / f"{self.name}.log"
+        return self.logs / f"{self.label or self.name}.log"
 
     def start(self) -> int:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
@@ -71,7 +72,8 @@ class ServiceProcess:
 
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return f"--- {self.name} log (last {lines} lines)\n" + "\n".join(text.splitlines()[-lines:])
+        title = f"--- {self.label or self.name} log (last {lines} lines)\n"
+        return title + "\n".join(text.splitlines()[-lines:])
 
     async def wait_healthy(self, client: LoomClient, timeout: float = 30.0) -> None:
         """Until *this* process (its pid in the Pong) answers its health subject; raises

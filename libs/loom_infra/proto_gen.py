@@ -223,6 +223,7 @@ _SUBJECT_NAMES = {
     "progress": "channel progress",
     "model_stream": "channel modelStream",
     "TOOLS_BUCKET": "channel toolCatalog",
+    "PARTITIONS_BUCKET": "channel partitionLeases",
     "BLOBS_BUCKET": "channel blobs",
     "MODEL_ANSWERS_BUCKET": "channel modelAnswers",
     "MSG_ID": "headers",
@@ -392,6 +393,11 @@ def _parameters() -> dict[str, Schema]:
         "id": {"description": "A chunk set's nuid, or the base64url object name."},
         "name": {"description": "An external event's name (a subject token)."},
         "key": {"description": "An external event's correlation key (a subject token)."},
+        "partition": {
+            "description": "An executor partition: FNV-1a (32 bit) of the run id modulo "
+            "LOOM_PARTITIONS (nats-server's `partition()` mapping).",
+            "examples": ["3"],
+        },
         "via": {
             "description": "The submitting identity (client or operator); NATS permissions "
             "let each identity publish only its own.",
@@ -422,12 +428,16 @@ def _message_headers(route: routes.Route) -> Schema | None:
 
 def _messages() -> dict[str, Schema]:
     """One component message per message type carried by a route (run events wrapped in
-    their EventRecord), with the headers its route defines."""
+    their EventRecord), with the headers its route defines. A type carried by several
+    routes (a RunRequest on submit, and forwarded between executor replicas) is
+    described by the first route that carries it: the public one."""
     out: dict[str, Schema] = {}
     for route in routes.ROUTES:
         if route is routes.RUN_EVENTS:
             continue
         for cls in (*route.messages, *route.replies):
+            if cls.__name__ in out:
+                continue
             headers = _message_headers(route) if cls in route.messages else None
             out[cls.__name__] = _struct_message(cls, headers)
     out.update(_run_event_messages())

@@ -75,6 +75,7 @@ from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
+from loom_infra.ownership import NotOwner
 from loom_infra.relay import Relay
 from loom_infra.settings import Settings
 from loom_infra.store import (
@@ -87,6 +88,7 @@ from loom_infra.store import (
 from loom_services import tenants
 from loom_services.admission import AdmissionControl, load_quotas
 from loom_services.local_tools import LocalTools
+from loom_services.partitioned import Partitioned
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.schedules import Scheduler
 from loom_services.signals import SignalRouter
@@ -138,6 +140,10 @@ class RunHost:
         self._saving: set[asyncio.Future[None]] = set()  # snapshot writes under way
         # run after each commit with (notification ids, records), in commit order
         self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
+        # partitions (loom_services.partitioned): whether this replica writes a run now,
+        # and the error for one it does not; None: it writes every run
+        self.owns: Callable[[str], bool] | None = None
+        self.owner_error: Callable[[str], Exception] = lambda run_id: NotOwner(run_id, 0, None)
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
         if isinstance(message, Submission) and message.limits is None:
@@ -153,6 +159,10 @@ class RunHost:
         if state is not None:
             self.actors.move_to_end(run_id)
             return state
+        if self.owns is not None and not self.owns(run_id):
+            # another replica writes it: read what is stored now, keep no copy that
+            # would go stale
+            return await self._load(run_id, keep=False)
         # One load per run at a time: two readers must share one actor object.
         loading = self.loading.get(run_id)
         if loading is None:
@@ -160,7 +170,7 @@ class RunHost:
             loading.add_done_callback(lambda _: self.loading.pop(run_id, None))
         return await asyncio.shield(loading)
 
-    async def _load(self, run_id: str) -> RunState:
+    async def _load(self, run_id: str, keep: bool = True) -> RunState:
         # From the latest snapshot (if any): the cost is the events after it, not the
         # whole history.
         taken = await self.io(self.snapshots.latest, run_id) if self.snapshots else None
@@ -179,13 +189,15 @@ class RunHost:
         state = restore(taken[1]) if taken else initial_state(run_id)
         for record in records:
             evolve(state, record.event, record.at)
-        if records and self.verify_on_load and state.status != "diverged":
+        if records and keep and self.verify_on_load and state.status != "diverged":
             # The code may have changed since these events were decided (a deploy):
             # re-decide the history; if it differs, park the run with the report.
             report, _ = replay(records, start=base)
             if report.divergence is not None:
                 log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
                 state.divergence = report.divergence.as_event()
+        if not keep or (self.owns is not None and not self.owns(run_id)):
+            return state  # (its partition may have moved while it loaded)
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
@@ -259,6 +271,11 @@ class RunHost:
         touched: set[str] = set()
         try:
             for work in batch:
+                if self.owns is not None and not self.owns(work.run_id):
+                    # only the partition's owner writes a run (the caller forwards it)
+                    work.done.set_exception(self.owner_error(work.run_id))
+                    per_work.append([])
+                    continue
                 state = await self.state_of(work.run_id)
                 touched.add(work.run_id)
                 if work.checked:
@@ -334,11 +351,26 @@ class ExecutorService:
         # tool results taken from the tool-runner's publish, by copy (``on_result_copy``)
         self.taken: OrderedDict[bytes, Work] = OrderedDict()
         self.results_from_publish = 0  # (tests, metrics)
+        self.partitions: Partitioned | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        # partitions this replica owns (leases in JetStream KV); requests for the others
+        # are passed to their owners (loom_services.partitioned)
+        self.partitions = parts = Partitioned(self, ctx)
+        self.on_submit_routed = parts.routed(self.on_submit, lambda e: SubmitRejected(error=e))
+        self.on_control_routed = parts.routed(
+            self.on_control, lambda e: RunControlReply(run_id="", ok=False, error=e)
+        )
+        self.on_resume_routed = parts.routed(
+            self.on_resume, lambda e: ResumeReply(run_id="", ok=False, error=e)
+        )
+        self.on_fork_routed = parts.served(self.on_fork, ForkReply, lambda e: ForkReply(error=e))
+        self.on_sub_run_requested_routed = parts.routed_event(self.on_sub_run_requested)
         self.relay = Relay(self.store, ctx.js, io=self.io, on_unpublishable=self.on_unpublishable)
-        self.host.listeners.append(self.relay.offer)
+        # one relay for all replicas: it runs on the owner of partition 0; the others
+        # wake it after each commit (loom_services.partitioned)
+        self.host.listeners.append(parts.on_commit)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
         self.host.listeners.append(self.admission.on_commit)
         # queued runs survive a restart: the book is rebuilt before any submission
@@ -346,7 +378,6 @@ class ExecutorService:
             await self.io(self.admission.recover, self.store.read_notifications)
         )
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
-        ctx.spawn(self.relay.run(ctx.stop), "executor-relay")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
         router = SignalRouter(
             ctx.js, self.host.state_of, limits=self.settings.message_limits, rejects=ctx.rejects
@@ -355,7 +386,7 @@ class ExecutorService:
             ctx.spawn(task, "executor-signals")
         # Sub-runs: the command event starts the child; the child's end answers the parent.
         for durable, handler in (
-            ("subruns-start", self.on_sub_run_requested),
+            ("subruns-start", self.on_sub_run_requested_routed),
             ("subruns-end", self.on_run_ended),
         ):
             consumer = endpoints.durable(
@@ -363,29 +394,33 @@ class ExecutorService:
                 message_handler=handler, concurrency=32,
             )  # fmt: skip
             ctx.spawn(consumer.run(ctx.stop), f"executor-{durable}")
-        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit)
-        await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control)
-        await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume)
-        await endpoints.serve(ctx.nc, ctx.rejects, routes.FORK, self.name, self.on_fork)
+        await parts.start()  # owns its first partitions before it answers anything
+        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit_routed)
+        await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control_routed)
+        await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume_routed)
+        await endpoints.serve(ctx.nc, ctx.rejects, routes.FORK, self.name, self.on_fork_routed)
         await endpoints.serve(
             ctx.nc, ctx.rejects, routes.API_RUN_EVENTS, self.name, self.on_events_query
         )
-        consumer = endpoints.inbox_consumer(
-            ctx.js, routes.INBOXES, handler=self.on_inbox, batch=256
-        )
-        ctx.spawn(consumer.run(ctx.stop), "executor-inbox")
+        # the inbox: one consumer per owned partition, started by ``parts``
         if self.settings.direct_dispatch:
             await endpoints.stream_copies(ctx.nc, routes.INBOX_TOOL, self.name, self.on_result_copy)
         # schedules fire here: a firing acts for its creator, as only the engine may
         self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
-                                   self._check_scheduled)  # fmt: skip
+                                   self._check_scheduled, exists=self._run_exists)  # fmt: skip
         await self.scheduler.start(ctx)
+
+    async def _run_exists(self, run_id: str) -> bool:
+        """Whether ``run_id`` is stored, whichever replica owns it (the shared store)."""
+        return bool(await self.io(self.store.last_seq, run_id))
 
     async def _check_scheduled(self, request: RunRequest, data: bytes) -> ErrorInfo | None:
         """A schedule's run request is refused at creation for what submit refuses."""
         return check_run_request(request) or await self._check_blobs(request, data)
 
     async def close(self) -> None:
+        if self.partitions is not None:
+            await self.partitions.close()  # survivors take its partitions at once
         await self.io.close()
         self.store.close()
         self.snapshots.close()
@@ -394,6 +429,11 @@ class ExecutorService:
         """The relay skipped one of ``record``'s run's events for good: the run ends
         failed with the reason (loom_infra.relay)."""
         details = error.details or {}
+        if self.host.owns is not None and not self.host.owns(record.run_id):
+            # the relay runs on one replica; the event is dead-lettered with the reason
+            log.error("run %s of another replica has an unpublishable event %s: %s",
+                      record.run_id, record.event_id, error.message)  # fmt: skip
+            return
         await self.host.submit(record.run_id, RunPublishFailed(
             seq=record.seq, event_type=record.kind, code=error.code,
             size=int(details.get("size") or 0), limit=int(details.get("limit") or 0),
@@ -449,9 +489,7 @@ class ExecutorService:
         # the run id is the dedupe key; a Nats-Msg-Id header stands for one (resubmit)
         msg_id = (msg.headers or {}).get(subjects.MSG_ID)
         run_id = (
-            request.run_id
-            or resubmit.run_id_from_msg_id(msg_id, principal)
-            or f"run-{uuid.uuid4().hex[:20]}"
+            request.run_id or resubmit.run_id_from_msg_id(msg_id, principal) or self.new_run_id()
         )
         error = self.admission.refusal(principal, request)  # queue name, submission rate
         if error is not None:
@@ -465,6 +503,8 @@ class ExecutorService:
             )
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
+        except NotOwner:
+            raise  # passed to the partition's owner (loom_services.partitioned)
         except Exception as exc:
             log.exception("submit failed")
             if booked:
@@ -556,7 +596,13 @@ class ExecutorService:
         redelivered (``Poison``); it is never recorded and blocks nothing."""
         works: list[Work | BaseException] = []
         for msg in msgs:
-            if self.taken:
+            try:
+                if self.partitions is not None:  # the subject as published
+                    msg = self.partitions.unpartitioned(msg)
+            except bus.Poison as poison:
+                works.append(poison)
+                continue
+            if self.taken:  # keyed by the subject as published: set it back first
                 taken = self.taken.pop(_copy_key(msg), None)
                 if taken is not None:  # its publish was taken: settled as that is
                     works.append(taken)
@@ -585,6 +631,9 @@ class ExecutorService:
             else:
                 results.append(True)
         return results
+
+    def new_run_id(self) -> str:
+        return self.partitions.new_run_id() if self.partitions else f"run-{uuid.uuid4().hex[:20]}"
 
     def _inbox_message(self, msg: Msg) -> InboxMessage:
         """The message, if its shape, route and run are right; else Poison. (Its size is
@@ -716,6 +765,8 @@ class ExecutorService:
             )
         try:
             await self.host.submit(control.run_id, control)
+        except NotOwner:
+            raise  # passed to the partition's owner
         except Exception as exc:
             return self._refuse(control, "unavailable", f"not stored ({type(exc).__name__}); retry")
         status = (await self.host.state_of(control.run_id)).status
@@ -760,7 +811,7 @@ class ExecutorService:
         )
         if error is not None:
             return ForkReply(error=error)
-        run_id = fork.run_id or f"run-{uuid.uuid4().hex[:20]}"
+        run_id = fork.run_id or self.new_run_id()
         origin = await self.host.state_of(request.run_id)
         fork = msgspec.structs.replace(fork, run_id=run_id)
         fork, redacted = secrets.redact_request(fork)  # a new input may hold secrets
@@ -802,6 +853,8 @@ class ExecutorService:
         addressed = msgspec.structs.replace(request, run_id=target)
         try:
             await self.host.submit(target, addressed)
+        except NotOwner:
+            raise  # passed to the partition's owner
         except Exception as exc:
             error = ErrorInfo(
                 code="unavailable",

@@ -110,6 +110,8 @@ class RelayWatch:
         return max(0, self.head - self.relay.position)
 
     async def check(self) -> str | None:
+        if not getattr(self.relay, "active", True):
+            return None  # another executor replica runs the relay (loom_services.partitioned)
         await self.sample()
         now, lag, position = asyncio.get_running_loop().time(), self.lag, self.relay.position
         if lag == 0:

@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError
 from loom_core import routes
 from loom_core.contracts import Ping, Pong
 from loom_core.errors import LoomError
-from loom_infra import blobstore, bus, credentials, endpoints
+from loom_infra import blobstore, bus, credentials, endpoints, ownership
 from loom_infra.httpserver import HealthServer
 from loom_infra.settings import (
     BlobSettings,
@@ -126,6 +126,7 @@ class Stack:
                     js, self.settings.blobs, self.settings.ops.stream_replicas
                 )
                 await schedules.ensure_bucket(js, self.settings.ops.stream_replicas)
+                await ownership.ensure_bucket(js, replicas=self.settings.ops.stream_replicas)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -255,6 +256,7 @@ async def provision(
         await bus.ensure_model_answers_bucket(js, ops.stream_replicas)
         await schedules.ensure_bucket(js, ops.stream_replicas)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env(), ops.stream_replicas)
+        await ownership.ensure_bucket(js, replicas=ops.stream_replicas)
     finally:
         await nc.close()
 

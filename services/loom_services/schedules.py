@@ -63,6 +63,7 @@ from loom_core.contracts import (
 from loom_core.errors import LoomError
 from loom_core.executor import Submission
 from loom_infra import auth, bus, endpoints
+from loom_infra.ownership import NotOwner
 from loom_infra.settings import Settings
 from loom_infra.store import ConcurrencyConflict
 
@@ -148,6 +149,17 @@ class Firing:
     existing: bool
 
 
+ELSEWHERE_RECHECK_S = 0.2  # how soon a firing left to another replica is looked at again
+
+
+class FiringElsewhere(LoomError):
+    """A due firing belongs to a partition another executor replica owns and is not
+    stored yet: that replica submits it; this one looks again shortly."""
+
+    code = "partition_moving"
+    retryable = True
+
+
 class Scheduler:
     """The schedules of one executor process: the bucket's watcher, the firer, and the
     request handler. ``submit(run_id, submission)`` is the run host's (it returns the
@@ -161,6 +173,7 @@ class Scheduler:
         principals: auth.PrincipalResolver,
         check: Callable[[RunRequest, bytes], Awaitable[ErrorInfo | None]],
         clock: Callable[[], datetime] = bus.now,
+        exists: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.schedules
@@ -168,6 +181,9 @@ class Scheduler:
         self.principals = principals
         self.check = check
         self.now = clock
+        # whether a run is stored (the shared store, any partition); with executor
+        # replicas, a firing outside this replica's partitions is submitted by its owner
+        self.exists = exists
         self.known: dict[str, tuple[int, Schedule]] = {}  # key -> (revision, schedule)
         self.changed = asyncio.Event()
         self.fired = 0  # firings this process submitted (new or existing runs)
@@ -259,7 +275,10 @@ class Scheduler:
                 results = await asyncio.gather(*(self.fire_due(k) for k in chunk),
                                                return_exceptions=True)  # fmt: skip
                 for key, result in zip(chunk, results, strict=True):
-                    if isinstance(result, BaseException):  # the bus or store is down
+                    if isinstance(result, FiringElsewhere):
+                        log.debug("schedule %s: %s", key, result)
+                        wait = min(wait, ELSEWHERE_RECHECK_S)
+                    elif isinstance(result, BaseException):  # the bus or store is down
                         log.warning("schedule %s not fired yet: %r", key, result)
                         wait = min(wait, 1.0)
             if stop.is_set():
@@ -300,7 +319,11 @@ class Scheduler:
             when, schedule.next_at, now, schedule.when.catch_up,
             grace=timedelta(seconds=self.limits.grace_s), max_catch_up=self.limits.max_catch_up,
         )  # fmt: skip
-        firings = [await self._submit(schedule, at) for at in due.fires]
+        submitted = [await self._submit(schedule, at) for at in due.fires]
+        firings = [f for f in submitted if f is not None]
+        if len(firings) < len(submitted):  # the others' owners submit them; moved then
+            self.known[key] = (entry.revision, schedule)
+            raise FiringElsewhere(f"{len(submitted) - len(firings)} firing(s) of {key}")
         moved = msgspec.structs.replace(
             schedule,
             next_at=due.next_at,
@@ -320,7 +343,9 @@ class Scheduler:
         self.known[key] = (new, schedule)
         return True
 
-    async def _submit(self, schedule: Schedule, fire_at: datetime) -> Firing:
+    async def _submit(self, schedule: Schedule, fire_at: datetime) -> Firing | None:
+        """The firing at ``fire_at`` submitted (or found stored); None when another
+        replica owns its run's partition and has not stored it yet."""
         request = firing_request(schedule, fire_at)
         assert request.run_id is not None
         # the creator's user, roles and tenant, submitted by the engine
@@ -329,6 +354,12 @@ class Scheduler:
             produced = await self.submit(request.run_id, submission)
         except ConcurrencyConflict:
             produced = []  # another replica stored this firing at the same moment
+        except NotOwner:
+            # every replica watches every schedule; the owner of this run's partition
+            # submits it (its run id is the same everywhere)
+            if self.exists is None or not await self.exists(request.run_id):
+                return None
+            return Firing(request.run_id, existing=True)
         self.fired += 1
         if produced:
             log.info("schedule %s fired run %s (%s)", schedule.name, request.run_id, fire_at)
@@ -504,6 +535,12 @@ class Scheduler:
             return ScheduleReply(schedule=schedule)
         if action == "trigger":
             firing = await self._submit(schedule, self.now())
+            if firing is None:  # its run's partition is another executor replica's
+                raise ScheduleRefused(
+                    "partition_moving",
+                    "another executor replica owns this firing's partition: trigger again",
+                    retryable=True,
+                )
             moved = msgspec.structs.replace(
                 schedule, fired=schedule.fired + 1, last_run_id=firing.run_id
             )

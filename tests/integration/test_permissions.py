@@ -85,7 +85,8 @@ def subject_for(route: Route, identity: str) -> str:
     """A concrete subject of ``route``; an own parameter filled with ``identity`` when it
     publishes there (else with a publisher's: an attempt to speak for someone else)."""
     values = {"run_id": "R1", "name": "n", "key": "k", "tool": "echo", "service": "executor",
-              "part": "C", "id": "x", "tenant": "t", "schedule": "s", "digest": "d0"}  # fmt: skip
+              "part": "C", "id": "x", "tenant": "t", "schedule": "s", "digest": "d0",
+              "partition": "3"}  # fmt: skip
     if "event" in route.params:
         values["event"] = routes.tag_of(route.messages[0])
     if route.own_param:

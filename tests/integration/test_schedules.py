@@ -421,3 +421,57 @@ async def test_hostile_requests_are_refused_and_bounded(
     await control(client, "s0", "delete")
     again = await ask(client, ScheduleCreate(name="s1", when=spec, run=NOOP))
     assert again.error is not None and again.error.code == "schedule_exists"
+
+
+async def test_with_executor_replicas_each_firing_is_submitted_by_its_owner_once(
+    stack: LocalStack, client: LoomClient
+) -> None:
+    """Two replicas' firers, each owning half of the due firings' runs (a write outside
+    a replica's partitions raises NotOwner, as the run host does): each submits only its
+    own, the schedule moves on once every firing is stored, and none is stored twice."""
+    from loom_infra.ownership import NotOwner
+    from loom_services.schedules import FiringElsewhere
+
+    made = await create(client, "fan", every="1h", catch_up="all")
+    executor = executor_of(stack)
+    late = made.anchor + timedelta(hours=4, seconds=1)
+    due = grid(made, late)
+    assert len(due) == 4
+    run_ids = [sched.run_id_for(made.schedule_id, t) for t in due]
+    owner = {run_id: k % 2 for k, run_id in enumerate(run_ids)}  # alternate replicas
+    submitted: list[str] = []
+
+    def replica(mine: int) -> Scheduler:
+        async def submit(run_id: str, submission: Any) -> list[Any]:
+            if owner.get(run_id, 0) != mine:
+                raise NotOwner(run_id, 1 - mine, f"replica-{1 - mine}")
+            submitted.append(run_id)
+            return await executor.host.submit(run_id, submission)
+
+        firer = Scheduler(stack.settings, submit, executor.principals,
+                          executor._check_scheduled, clock=lambda: late,
+                          exists=executor._run_exists)  # fmt: skip
+        firer.kv = executor.scheduler.kv
+        return firer
+
+    a, b = replica(0), replica(1)
+    key = key_of("acme", "fan")
+    elsewhere = 0
+    for _ in range(4):  # bounded: each round stores at least one replica's firings
+        results = await asyncio.gather(a.fire_due(key), b.fire_due(key), return_exceptions=True)
+        elsewhere += sum(isinstance(r, FiringElsewhere) for r in results)
+        assert not [r for r in results if isinstance(r, BaseException)
+                    and not isinstance(r, FiringElsewhere)], results  # fmt: skip
+        moved = (await control(client, "fan", "describe")).schedule
+        assert moved is not None
+        if moved.next_at is not None and moved.next_at > late:
+            break
+    assert elsewhere >= 1  # the path was taken: a replica left firings to the other
+    assert moved.fired == 4 and moved.last_run_id == run_ids[-1]
+    assert set(submitted) == set(run_ids)  # each by its owner (a repeat answers existing)
+    for run_id in run_ids:
+        records = await client.events(run_id)
+        assert isinstance(records[0].event, RunRequested)  # stored once: one request
+        assert sum(isinstance(r.event, RunRequested) for r in records) == 1
+        assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    await control(client, "fan", "delete")

@@ -71,10 +71,13 @@ def test_health_is_served_on_each_services_own_subject() -> None:
 
 def test_a_durable_belongs_to_one_identity() -> None:
     durables = routes.declared_durables()
-    assert durables[(subjects.INBOX_STREAM, "executor")] == (
+    # the inbox: one durable per partition, filtered as the stream stores the subjects
+    assert durables[(subjects.INBOX_STREAM, "executor-p3")] == (
         "executor",
-        {r.wildcard for r in routes.INBOXES},
+        {r.wildcard.replace("loom.inbox.", "loom.inbox.3.") for r in routes.INBOXES},
     )
+    assert (subjects.INBOX_STREAM, "executor-p8") not in durables  # default: 8 partitions
+    assert (subjects.INBOX_STREAM, "executor-p{partition}") in routes.declared_durables(None)
     assert durables[(subjects.RUN_EVENTS_STREAM, "tracing")] == ("tracing", {"loom.run.*.*"})
 
 
