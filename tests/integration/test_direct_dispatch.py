@@ -124,14 +124,15 @@ async def settled(client: LoomClient) -> None:
     """Every stream copy acked (none waiting or to be redelivered), and no dead letter."""
 
     async def quiet() -> bool:
-        for stream, durable in (
-            (subjects.RUN_EVENTS_STREAM, "toolrunner"),
-            (subjects.INBOX_STREAM, "executor"),
-        ):
-            info = await client.js.consumer_info(stream, durable)
-            if info.num_ack_pending or info.num_pending:
-                return False
-        return True
+        # the tool-runner's durable, and the executor's one per partition it owns
+        infos = [await client.js.consumer_info(subjects.RUN_EVENTS_STREAM, "toolrunner")]
+        infos += [
+            info
+            for info in await client.js.consumers_info(subjects.INBOX_STREAM)
+            if (info.name or "").startswith("executor-p")
+        ]
+        assert len(infos) > 1, "no executor partition consumer"
+        return not any(info.num_ack_pending or info.num_pending for info in infos)
 
     await eventually(quiet, "the tool-runner's and the executor's consumers to settle")
     dlq = await client.js.stream_info(subjects.DLQ_STREAM)
