@@ -25,8 +25,8 @@ from loom_infra.ownership import NotOwner, Ownership, PartitionSettings
 from loom_infra.processes import wait_until
 from loom_infra.settings import StoreSettings
 from loom_infra.store import ConcurrencyConflict, open_event_store
-from loom_services.executor import RunHost
 from loom_services.partitioned import LEGACY_DURABLE, drain_legacy_inbox
+from loom_services.runhost import RunHost
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,313 @@
+"""The run host: the executor's actor cache and its one writer loop.
+
+Every change to a run goes through ``RunHost.run``: it takes all work waiting
+(submissions and inbox messages of many runs), lets each run's pure ``decide`` produce
+events, folds them into the in-memory actor with ``evolve``, and appends the whole batch
+in ONE store transaction. Only then are submitters answered and inbox messages acked,
+and the listeners (the relay, progress, admission) told. A step therefore costs one
+commit however many runs share it (docs/design.md: performance budget).
+
+Actors stay in memory; a run is loaded from the store only on a cache miss (restart,
+eviction, or a run written by another replica). A concurrency conflict (another replica
+wrote the run) evicts the run and the messages are redelivered, which is safe because
+``decide`` ignores what no longer applies. The executor service (``executor.py``) feeds
+it from the bus; this module has no NATS in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from loom_core.contracts import (
+    Caps,
+    ErrorInfo,
+    EventRecord,
+    InboxMessage,
+    ParentLink,
+    SizeLimits,
+    SubRunFinished,
+)
+from loom_core.executor import (
+    SNAPSHOT_EVERY,
+    Message,
+    RunState,
+    Submission,
+    advance,
+    evolve,
+    initial_state,
+    restore,
+    snapshot,
+    unexpected,
+)
+from loom_core.replay import replay
+from loom_infra import bus
+from loom_infra.blocking import Blocking
+from loom_infra.ownership import NotOwner
+from loom_infra.store import (
+    ConcurrencyConflict,
+    EventStore,
+    SnapshotStore,
+)
+from loom_services.local_tools import LocalTools
+
+log = logging.getLogger("loom.executor")
+
+MAX_BATCH = 512
+MAX_ACTORS = 10_000
+
+
+@dataclass
+class Work:
+    run_id: str
+    message: Message
+    done: asyncio.Future[list[EventRecord]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    # a message from the bus: believed only if the run is waiting for it (``refusal``)
+    checked: bool = False
+    refused: ErrorInfo | None = None
+
+
+class RunHost:
+    """Actors in memory + the single writer loop."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        io: Blocking,
+        snapshots: SnapshotStore | None = None,
+        verify_on_load: bool = True,
+        limits: SizeLimits | None = None,
+        caps: Caps | None = None,
+        local: LocalTools | None = None,
+    ) -> None:
+        self.local = local  # pure built-ins answered in the batch (loom_services.local_tools)
+        self.limits = limits  # recorded in each new run's run_requested (loom_core.sizes)
+        self.caps = caps  # likewise (loom_core.caps)
+        self.store = store
+        self.io = io
+        self.snapshots = snapshots
+        self.verify_on_load = verify_on_load
+        self.actors: OrderedDict[str, RunState] = OrderedDict()
+        self.queue: asyncio.Queue[Work] = asyncio.Queue()
+        self.loading: dict[str, asyncio.Future[RunState]] = {}
+        self._saving: set[asyncio.Future[None]] = set()  # snapshot writes under way
+        # run after each commit with (notification ids, records), in commit order
+        self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
+        # partitions (loom_services.partitioned): whether this replica writes a run now,
+        # and the error for one it does not; None: it writes every run
+        self.owns: Callable[[str], bool] | None = None
+        self.owner_error: Callable[[str], Exception] = lambda run_id: NotOwner(run_id, 0, None)
+
+    async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
+        if isinstance(message, Submission) and message.limits is None:
+            message = dataclasses.replace(message, limits=self.limits)
+        if isinstance(message, Submission) and message.caps is None:
+            message = dataclasses.replace(message, caps=self.caps)
+        work = Work(run_id, message)
+        self.queue.put_nowait(work)
+        return await work.done
+
+    async def state_of(self, run_id: str) -> RunState:
+        state = self.actors.get(run_id)
+        if state is not None:
+            self.actors.move_to_end(run_id)
+            return state
+        if self.owns is not None and not self.owns(run_id):
+            # another replica writes it: read what is stored now, keep no copy that
+            # would go stale
+            return await self._load(run_id, keep=False)
+        # One load per run at a time: two readers must share one actor object.
+        loading = self.loading.get(run_id)
+        if loading is None:
+            loading = self.loading[run_id] = asyncio.ensure_future(self._load(run_id))
+            loading.add_done_callback(lambda _: self.loading.pop(run_id, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, run_id: str, keep: bool = True) -> RunState:
+        # From the latest snapshot (if any): the cost is the events after it, not the
+        # whole history.
+        taken = await self.io(self.snapshots.latest, run_id) if self.snapshots else None
+        base = None
+        if taken is not None:
+            try:
+                base = restore(taken[1])
+            except Exception as exc:
+                # A snapshot is a cache: one that no longer restores (the state's shape
+                # changed in a deploy, or it is damaged) must not stop the run; the
+                # whole history is the truth.
+                log.warning("snapshot of %s at %d not restored (%r); folding its history",
+                            run_id, taken[0], exc)  # fmt: skip
+                taken = None
+        records = await self.io(self.store.load, run_id, taken[0] if taken else 0)
+        state = restore(taken[1]) if taken else initial_state(run_id)
+        for record in records:
+            evolve(state, record.event, record.at)
+        if records and keep and self.verify_on_load and state.status != "diverged":
+            # The code may have changed since these events were decided (a deploy):
+            # re-decide the history; if it differs, park the run with the report.
+            report, _ = replay(records, start=base)
+            if report.divergence is not None:
+                log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
+                state.divergence = report.divergence.as_event()
+        if not keep or (self.owns is not None and not self.owns(run_id)):
+            return state  # (its partition may have moved while it loaded)
+        self.actors[run_id] = state
+        if len(self.actors) > MAX_ACTORS:
+            self.actors.popitem(last=False)
+        return state
+
+    async def refusal(self, state: RunState, message: Message, now: datetime) -> ErrorInfo | None:
+        """Why ``state``'s run does not take ``message`` from the bus (None: it does).
+        The pure ``unexpected`` plus what only the host can see: its clock (a timer that
+        is not yet due) and the child run a sub-run's end claims to report."""
+        if not isinstance(message, InboxMessage):
+            return None
+        error = unexpected(state, message, now)
+        if error is None and isinstance(message, SubRunFinished):
+            error = child_mismatch(await self.state_of(message.child_run_id), message)
+        return error
+
+    async def _answer_locally(
+        self, state: RunState, run_id: str, produced: list[EventRecord], at: datetime
+    ) -> list[EventRecord]:
+        """Answer the local tool calls ``produced`` asks for (and those their results
+        ask for, up to the budget) in this batch: the events they add."""
+        assert self.local is not None
+        added: list[EventRecord] = []
+        todo = [r.event for r in produced if self.local.takes(r.event)]
+        budget = self.local.budget
+        while todo and budget > 0:
+            budget -= 1
+            result = await self.local.answer(run_id, todo.pop(0))  # type: ignore[arg-type]
+            if result is None:  # big output: the tool-runner stores it by reference
+                continue
+            more = _advanced(state, run_id, result, at)
+            added += more
+            todo += [r.event for r in more if self.local.takes(r.event)]
+        return added
+
+    async def _snapshot(self, records: list[EventRecord]) -> None:
+        """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY. The
+        state is encoded here (it changes with the next batch); the write goes on in the
+        background, off the writer loop (issue 10: a large snapshot's INSERT stalled
+        every run for 20-35 ms on PostgreSQL)."""
+        assert self.snapshots is not None
+        crossed = {r.run_id for r in records if r.seq % SNAPSHOT_EVERY == 0}
+        for run_id in crossed:
+            state = self.actors.get(run_id)
+            if state is None:
+                continue
+            data = snapshot(state)
+            saving = asyncio.ensure_future(self._save_snapshot(run_id, state.version, data))
+            self._saving.add(saving)
+            saving.add_done_callback(self._saving.discard)
+
+    async def _save_snapshot(self, run_id: str, version: int, data: bytes) -> None:
+        assert self.snapshots is not None
+        try:
+            await self.io(self.snapshots.save, run_id, version, data)
+        except Exception as exc:  # a snapshot is a cache: the run is fine without it
+            log.warning("snapshot of %s not saved: %r", run_id, exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            first = await self.queue.get()
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._process(batch)
+
+    async def _process(self, batch: list[Work]) -> None:
+        at = bus.now()
+        records: list[EventRecord] = []
+        per_work: list[list[EventRecord]] = []
+        touched: set[str] = set()
+        try:
+            for work in batch:
+                if self.owns is not None and not self.owns(work.run_id):
+                    # only the partition's owner writes a run (the caller forwards it)
+                    work.done.set_exception(self.owner_error(work.run_id))
+                    per_work.append([])
+                    continue
+                state = await self.state_of(work.run_id)
+                touched.add(work.run_id)
+                if work.checked:
+                    # checked against the state as it is now, in the writer: of a forged
+                    # and a genuine answer, only the first that fits is recorded
+                    work.refused = await self.refusal(state, work.message, at)
+                    if work.refused is not None:
+                        per_work.append([])
+                        continue
+                produced = _advanced(state, work.run_id, work.message, at)
+                if self.local is not None:
+                    produced += await self._answer_locally(state, work.run_id, produced, at)
+                per_work.append(produced)
+                records.extend(produced)
+            if records:
+                notification_ids = await self.io(self.store.append, records)
+        except Exception as exc:
+            # The in-memory actors may now be ahead of the store: forget them; they are
+            # reloaded from the store when next needed.
+            for run_id in touched:
+                self.actors.pop(run_id, None)
+            if not isinstance(exc, ConcurrencyConflict):
+                log.exception("executor batch failed")
+            for work in batch:
+                if not work.done.done():
+                    work.done.set_exception(exc)
+            return
+        for work, produced in zip(batch, per_work, strict=True):
+            if not work.done.done():
+                work.done.set_result(produced)
+        if self.snapshots is not None:
+            await self._snapshot(records)
+        if records:
+            for listener in self.listeners:
+                listener(notification_ids, records)
+
+
+def _advanced(state: RunState, run_id: str, message: Message, at: datetime) -> list[EventRecord]:
+    base = state.version
+    return [
+        EventRecord(run_id=run_id, seq=base + i, at=at, event=event)
+        for i, event in enumerate(advance(state, message, at), start=1)
+    ]
+
+
+def child_status(child: RunState) -> str | None:
+    """How a child run ended, as its parent's inbox says it (None: it has not)."""
+    ended = child.status in ("completed", "failed", "cancelled", "rejected")
+    return child.status if ended else None
+
+
+def child_mismatch(child: RunState, finished: SubRunFinished) -> ErrorInfo | None:
+    """A sub-run's end is believed only if the child run in this executor's own store
+    says the same: started by that parent step, ended, with that status and output."""
+    link = ParentLink(run_id=finished.run_id, step_id=finished.step_id)
+    status = child_status(child)
+    if (
+        child.parent == link
+        and status == finished.status
+        and (status != "completed" or child.output == finished.output)
+    ):
+        return None
+    stored = (
+        "no such run" if child.version == 0
+        else f"status {child.status}, started by "
+        + (f"{child.parent.run_id}/{child.parent.step_id}" if child.parent else "a client")
+    )  # fmt: skip
+    return ErrorInfo(
+        code="unexpected_message",
+        message=f"run '{finished.run_id}' expects the end of child run "
+        f"'{finished.child_run_id}' as stored ({stored}); got status {finished.status} "
+        "with another outcome",
+        path="$.child_run_id",
+        details={"expected": stored, "received": finished.status},
+    )
