@@ -90,6 +90,11 @@ async def client(stack: LocalStack, issuer_key: rsa.RSAPrivateKey) -> AsyncItera
         yield c
 
 
+def acme_key(name: str) -> str:
+    """The bucket key of alice's schedule ``name`` (the platform's caller, claim acme)."""
+    return key_of(Principal(user_id="alice", via="operator", tenant="acme"), name)
+
+
 async def create(client: LoomClient, name: str, **when: Any) -> Schedule:
     reply = await ask(client, ScheduleCreate(name=name, when=ScheduleSpec(**when), run=NOOP))
     assert reply.error is None and reply.schedule is not None, reply.error
@@ -214,7 +219,7 @@ async def test_racing_firers_and_a_crash_after_submit_fire_once(
         other.kv = executor.scheduler.kv
         return other
 
-    key = key_of("acme", "once")
+    key = acme_key("once")
     # a firer that crashed after submitting, before moving the schedule on
     entry = await executor.scheduler.kv.get(key)
     crashed = await firer()._submit(codec.decode(entry.value, Schedule), at)
@@ -235,7 +240,7 @@ async def test_an_index_that_missed_changes_is_resynced_from_the_bucket(
 ) -> None:
     made = await create(client, "seen", every="1h")
     scheduler = executor_of(stack).scheduler
-    key = key_of("acme", "seen")
+    key = acme_key("seen")
     # as if the watcher had stopped: a schedule it never saw, one deleted behind its back
     scheduler.known.pop(key)
     scheduler.known["0000000000000000.ghost"] = (1, made)
@@ -250,7 +255,7 @@ async def test_a_schedule_whose_rule_no_longer_compiles_is_paused_with_the_reaso
 ) -> None:
     made = await create(client, "broken", every="1h")
     scheduler = executor_of(stack).scheduler
-    key = key_of("acme", "broken")
+    key = acme_key("broken")
     entry = await scheduler.kv.get(key)
     # as if the tz data had dropped its zone since it was created, and it is due
     spoiled = msgspec.structs.replace(
@@ -455,7 +460,7 @@ async def test_with_executor_replicas_each_firing_is_submitted_by_its_owner_once
         return firer
 
     a, b = replica(0), replica(1)
-    key = key_of("acme", "fan")
+    key = acme_key("fan")
     elsewhere = 0
     for _ in range(4):  # bounded: each round stores at least one replica's firings
         results = await asyncio.gather(a.fire_due(key), b.fire_due(key), return_exceptions=True)
