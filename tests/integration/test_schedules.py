@@ -343,6 +343,60 @@ async def test_schedules_belong_to_their_tenant(
     assert anonymous.error is not None and anonymous.error.code == "not_authenticated"
 
 
+async def test_a_tenant_users_schedules_are_that_tenants_own(
+    tmp_path: Path, sqlite_store_settings: StoreSettings, issuer_key: rsa.RSAPrivateKey
+) -> None:
+    """operator@acme's schedules are acme's, verified (the subject's tenant, bound as on
+    submit); a token naming another tenant is refused ``tenant_mismatch``; the platform's
+    schedules made with a token claiming acme are another scope: neither sees the other's."""
+    key_file = tmp_path / "issuer.pem"
+    key_file.write_bytes(
+        issuer_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=sqlite_store_settings,
+        auth=AuthSettings(issuer=ISSUER, audience=AUDIENCE, public_key_file=key_file),
+        tenants=("acme",),
+    )
+    async with (
+        LocalStack(settings, nats_port=-1) as stack,
+        await stack.client(tenant="acme") as acme,
+        await stack.client() as platform,
+    ):
+        acme.token = platform.token = token(issuer_key)  # alice, claiming acme
+        spec = ScheduleSpec(every="1h")
+        made = await ask(acme, ScheduleCreate(name="nightly", when=spec, run=NOOP))
+        assert made.error is None and made.schedule is not None, made.error
+        assert made.schedule.tenant == "acme"
+        assert made.schedule.principal == Principal(
+            user_id="alice", via="operator", roles=["analyst"], tenant="acme", issuer=ISSUER,
+            tenant_verified=True,
+        )  # fmt: skip
+        # its firing is acme's run, as if operator@acme had submitted it
+        fired = await ask(acme, ScheduleControl(name="nightly", action="trigger"))
+        assert fired.run_id is not None
+        first = (await acme.wait(fired.run_id, timeout=30))[0].event
+        assert isinstance(first, RunRequested) and first.principal is not None
+        assert first.principal.tenant_verified and first.principal.via == "executor"
+        # a token of another tenant on acme's credentials: refused, nothing stored
+        wrong = token(issuer_key, sub="bob", tenant="globex")
+        refused = await ask(acme, ScheduleCreate(name="x", when=spec, run=NOOP), token=wrong)
+        assert refused.error is not None and refused.error.code == "tenant_mismatch"
+        listed = await ask(acme, SchedulesQuery(), token=wrong)
+        assert listed.error is not None and listed.error.code == "tenant_mismatch"
+        # the platform's schedules for a token claiming acme are not the tenant's
+        assert (await ask(platform, SchedulesQuery())).schedules == []
+        theirs = await ask(platform, ScheduleCreate(name="nightly", when=spec, run=NOOP))
+        assert theirs.error is None and theirs.schedule is not None
+        assert theirs.schedule.principal is not None
+        assert not theirs.schedule.principal.tenant_verified
+        mine = (await ask(acme, SchedulesQuery())).schedules
+        assert [s.schedule_id for s in mine] == [made.schedule.schedule_id]
+
+
 HOSTILE: dict[str, tuple[dict[str, Any], str, str]] = {
     "impossible cron": ({"cron": "0 0 31 2 *"}, "invalid_cron", "$.when.cron.day_of_month"),
     "bad cron field": ({"cron": "61 * * * *"}, "invalid_cron", "$.when.cron.minute"),
