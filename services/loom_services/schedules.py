@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -70,6 +70,9 @@ from loom_infra.ownership import NotOwner
 from loom_infra.settings import Settings
 from loom_infra.store import ConcurrencyConflict
 from loom_services import tenants
+
+if TYPE_CHECKING:
+    from loom_services.admission import AdmissionControl
 
 log = logging.getLogger("loom.schedules")
 
@@ -194,6 +197,7 @@ class Scheduler:
         check: Callable[[RunRequest, bytes], Awaitable[ErrorInfo | None]],
         clock: Callable[[], datetime] = bus.now,
         exists: Callable[[str], Awaitable[bool]] | None = None,
+        admission: AdmissionControl | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.schedules
@@ -204,6 +208,9 @@ class Scheduler:
         # whether a run is stored (the shared store, any partition); with executor
         # replicas, a firing outside this replica's partitions is submitted by its owner
         self.exists = exists
+        # the executor's quotas: a firing takes a slot of its tenant's concurrent runs
+        # (stored queued when there is none), as a submission does
+        self.admission = admission
         self.known: dict[str, tuple[int, Schedule]] = {}  # key -> (revision, schedule)
         self.changed = asyncio.Event()
         self.fired = 0  # firings this process submitted (new or existing runs)
@@ -368,22 +375,40 @@ class Scheduler:
         replica owns its run's partition and has not stored it yet."""
         request = firing_request(schedule, fire_at)
         assert request.run_id is not None
-        # the creator's user, roles and tenant, submitted by the engine
-        submission = Submission(request, auth.inherit(schedule.principal), tuple(schedule.redacted))
+        # the creator's user, roles and tenant (verified or not), submitted by the engine
+        principal = auth.inherit(schedule.principal)
+        run_id = request.run_id
+        booked = queued = False
+        if self.admission is not None:  # booked as on submit; undone if not created here
+            booked = not self.admission.knows(run_id)
+            queued = self.admission.offer(run_id, principal, request)
+        submission = Submission(request, principal, tuple(schedule.redacted), queued=queued)
         try:
-            produced = await self.submit(request.run_id, submission)
+            produced = await self.submit(run_id, submission)
         except ConcurrencyConflict:
             produced = []  # another replica stored this firing at the same moment
         except NotOwner:
+            if booked:
+                self._unbook(run_id)
             # every replica watches every schedule; the owner of this run's partition
             # submits it (its run id is the same everywhere)
-            if self.exists is None or not await self.exists(request.run_id):
+            if self.exists is None or not await self.exists(run_id):
                 return None
-            return Firing(request.run_id, existing=True)
+            return Firing(run_id, existing=True)
+        except BaseException:
+            if booked:
+                self._unbook(run_id)
+            raise
+        if booked and not produced:
+            self._unbook(run_id)
         self.fired += 1
         if produced:
             log.info("schedule %s fired run %s (%s)", schedule.name, request.run_id, fire_at)
         return Firing(request.run_id, existing=not produced)
+
+    def _unbook(self, run_id: str) -> None:
+        assert self.admission is not None
+        self.admission.forget(run_id)
 
     # ------------------------------------------------------------------ requests
 

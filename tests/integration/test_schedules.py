@@ -17,14 +17,16 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.integration.waiting import eventually
+from tests.integration.waiting import eventually, having, until
 
+from loom_cli.app import load_run_request
 from loom_cli.schedule import ask
 from loom_core import codec, routes
 from loom_core import schedules as sched
 from loom_core.contracts import (
     Plan,
     Principal,
+    RunAdmitted,
     RunCompleted,
     RunRequest,
     RunRequested,
@@ -395,6 +397,41 @@ async def test_a_tenant_users_schedules_are_that_tenants_own(
         assert not theirs.schedule.principal.tenant_verified
         mine = (await ask(acme, SchedulesQuery())).schedules
         assert [s.schedule_id for s in mine] == [made.schedule.schedule_id]
+
+
+async def test_a_tenants_firings_take_its_concurrent_run_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A firing is held to its tenant's quotas as a submission is: at acme's concurrent
+    run limit, a firing is stored queued and starts when acme's running run ends."""
+    monkeypatch.setenv("LOOM_EMBEDDER", "hash")  # memory without loading a model
+    quotas = tmp_path / "quotas.yaml"
+    quotas.write_text("tenants:\n  acme:\n    max_concurrent_runs: 1\n")
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme",),
+        quotas_file=quotas,
+    )
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    async with (
+        LocalStack(settings, nats_port=-1) as stack,
+        await stack.client(tenant="acme") as acme,
+    ):
+        holder = await acme.submit(load_run_request(examples / "approval.yaml", [], None))
+        await until(acme, holder.run_id, having("step_suspended"), 30)
+        made = await ask(acme, ScheduleCreate(name="q", when=ScheduleSpec(every="1h"), run=NOOP))
+        assert made.error is None, made.error
+        fired = await ask(acme, ScheduleControl(name="q", action="trigger"))
+        assert fired.run_id is not None and not fired.existing
+        records = await until(acme, fired.run_id, having("run_queued"), 30)
+        assert records[0].event.queued  # type: ignore[union-attr]
+        # the holder ends: the firing's run is admitted and completes
+        reply = await acme.resume(holder.run_id, {"approved": True}, label="manager")
+        assert reply.ok, reply.error
+        done = await acme.wait(fired.run_id, timeout=30)
+        assert isinstance(done[-1].event, RunCompleted)
+        assert any(isinstance(r.event, RunAdmitted) for r in done)
 
 
 HOSTILE: dict[str, tuple[dict[str, Any], str, str]] = {
