@@ -490,6 +490,7 @@ SCHEDULES_BUCKET = "loom_schedules"
 SCHEDULE = Route(
     name="schedule",
     pattern=f"{subjects.PREFIX}.schedule.{{via}}",
+    tenant_scoped=True,
     kind="request",
     messages=(c.ScheduleCreate, c.ScheduleControl, c.SchedulesQuery),
     replies=(c.ScheduleReply,),
@@ -506,7 +507,9 @@ SCHEDULE = Route(
     "firing is submitted once however many executors see it due; its runs carry the "
     "label `schedule`. Refusals: `invalid_schedule`, `invalid_cron`, `invalid_timezone` "
     "(with the path of the field), `schedule_exists`, `schedule_not_found`, "
-    "`too_many_schedules`, and every refusal of a run request",
+    "`too_many_schedules`, and every refusal of a run request. A tenant's operator uses "
+    "`loom.t.<tenant>.schedule.operator`: its schedules are that tenant's only, and their "
+    "runs are the tenant's runs",
 )
 
 SCHEDULE_STORE = Route(
@@ -523,7 +526,8 @@ SCHEDULE_STORE = Route(
         ),
     ),
     description=f"The schedules: JetStream key-value bucket `{SCHEDULES_BUCKET}`, one "
-    "Schedule per key `<tenant>.<schedule name>` (`<tenant>`: a digest of the tenant's name). "
+    "Schedule per key `<tenant>.<schedule name>` (`<tenant>`: `t-<tenant>` for a tenant's "
+    "own users' schedules, else a digest of the token's tenant claim). "
     "Only the executor writes it, each change a compare-and-set on the key's revision.",
 )
 

@@ -2,7 +2,8 @@
 
 ``register(app)`` adds the group. The schedule's runs act for whoever creates it (the
 ``--token`` / ``LOOM_TOKEN`` user, else anonymous where the stack allows it), as ``loom
-run`` would. Like ``loom_cli.control``, this module never imports ``loom_cli.app`` at
+run`` would; with ``LOOM_TENANT`` everything is that tenant's (its operator's twin
+subject). Like ``loom_cli.control``, this module never imports ``loom_cli.app`` at
 import time (``app`` imports it to register the group).
 """
 
@@ -40,12 +41,13 @@ NameArg = typer.Argument(..., metavar="NAME", help="the schedule's name (letters
 async def ask(
     client: LoomClient, message: ScheduleMessage, token: str | None = None, timeout: float = 10.0
 ) -> ScheduleReply:
-    """Send one schedule request as the operator, the token's user acting."""
+    """Send one schedule request as the operator (of the client's tenant: its twin
+    subject), the token's user acting."""
     token = token or client.token
     headers = {subjects.AUTHORIZATION: f"Bearer {token}"} if token else None
     msg = await client.nc.request(
-        routes.SCHEDULE.subject(via="operator"), codec.encode(message), timeout=timeout,
-        headers=headers,
+        client.scoped(routes.SCHEDULE.subject(via="operator")), codec.encode(message),
+        timeout=timeout, headers=headers,
     )  # fmt: skip
     return codec.decode(msg.data, ScheduleReply)
 

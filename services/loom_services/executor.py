@@ -166,7 +166,8 @@ class ExecutorService:
             await endpoints.stream_copies(ctx.nc, routes.INBOX_TOOL, self.name, self.on_result_copy)
         # schedules fire here: a firing acts for its creator, as only the engine may
         self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
-                                   self._check_scheduled, exists=self._run_exists)  # fmt: skip
+                                   self._check_scheduled, exists=self._run_exists,
+                                   admission=self.admission)  # fmt: skip
         await self.scheduler.start(ctx)
 
     async def _run_exists(self, run_id: str) -> bool:

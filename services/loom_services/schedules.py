@@ -1,7 +1,7 @@
 """Schedules that submit runs, fired by the executor.
 
 The schedules live in the JetStream key-value bucket ``loom_schedules`` (one key per
-schedule, ``<tenant digest>.<name>``): the bucket is the truth, so a restart, or another
+schedule, ``<scope>.<name>``, ``scope_of``): the bucket is the truth, so a restart, or another
 executor replica, picks up exactly where the last one was. Every replica watches the
 bucket, and when a schedule is due it
 
@@ -18,9 +18,12 @@ only the executor may make a run act for a principal without a token at hand (as
 for sub-runs and forks, ``auth.inherit``). A request over the bus would need a body field
 naming the principal, which no client may ever fill.
 
-Requests (``loom.schedule.{via}``) are answered here too; the caller's principal comes
-from the subject and the ``Authorization`` header exactly as on submit, and a schedule is
-seen and changed only within the caller's tenant.
+Requests (``loom.schedule.{via}``, and a tenant's twin ``loom.t.<tenant>.schedule.{via}``)
+are answered here too; the caller's principal comes from the subject and the
+``Authorization`` header exactly as on submit (``tenants.bind``: a tenant user's is its
+tenant's, verified), and a schedule is seen and changed only within the caller's scope.
+A firing keeps its creator's principal, ``tenant_verified`` included, so a tenant's
+schedule submits that tenant's runs.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -46,7 +49,7 @@ from nats.js.errors import (
     NoKeysError,
 )
 
-from loom_core import codec, limits, routes, secrets, shape, subjects, validation
+from loom_core import codec, limits, routes, secrets, shape, subjects, tenancy, validation
 from loom_core import schedules as sched
 from loom_core.contracts import (
     ErrorInfo,
@@ -66,6 +69,10 @@ from loom_infra import auth, bus, endpoints
 from loom_infra.ownership import NotOwner
 from loom_infra.settings import Settings
 from loom_infra.store import ConcurrencyConflict
+from loom_services import tenants
+
+if TYPE_CHECKING:
+    from loom_services.admission import AdmissionControl
 
 log = logging.getLogger("loom.schedules")
 
@@ -100,13 +107,29 @@ async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
         )
 
 
+VERIFIED_SCOPE = "t-"  # a tenant user's scope: never the start of a hex digest
+
+
 def tenant_token(tenant: str) -> str:
-    """A tenant's key prefix: its name may hold any character, a key token may not."""
+    """A token claim's key prefix: a claim may hold any character, a key token may not."""
     return hashlib.sha256(tenant.encode()).hexdigest()[:16]
 
 
-def key_of(tenant: str, name: str) -> str:
-    return f"{tenant_token(tenant)}.{name}"
+def scope_of(principal: Principal) -> str:
+    """The key prefix of the schedules ``principal`` sees and makes.
+
+    A tenant's users (a verified tenant, ``tenancy.run_tenant``) have ``t-<tenant>`` (a
+    tenant name is a valid key token). The platform's callers have, as before tenants,
+    the digest of their token's tenant claim: those schedules submit platform runs, so a
+    tenant must neither see nor trigger them, even one whose name the claim repeats. The
+    two never meet: 16 hex digits never start with ``t-``."""
+    if principal.tenant_verified:
+        return VERIFIED_SCOPE + tenancy.check_tenant(principal.tenant)
+    return tenant_token(principal.tenant)
+
+
+def key_of(principal: Principal, name: str) -> str:
+    return f"{scope_of(principal)}.{name}"
 
 
 def when_of(spec: ScheduleSpec, anchor: datetime, path: str = "$.when") -> sched.When:
@@ -174,6 +197,7 @@ class Scheduler:
         check: Callable[[RunRequest, bytes], Awaitable[ErrorInfo | None]],
         clock: Callable[[], datetime] = bus.now,
         exists: Callable[[str], Awaitable[bool]] | None = None,
+        admission: AdmissionControl | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.schedules
@@ -184,6 +208,9 @@ class Scheduler:
         # whether a run is stored (the shared store, any partition); with executor
         # replicas, a firing outside this replica's partitions is submitted by its owner
         self.exists = exists
+        # the executor's quotas: a firing takes a slot of its tenant's concurrent runs
+        # (stored queued when there is none), as a submission does
+        self.admission = admission
         self.known: dict[str, tuple[int, Schedule]] = {}  # key -> (revision, schedule)
         self.changed = asyncio.Event()
         self.fired = 0  # firings this process submitted (new or existing runs)
@@ -348,22 +375,40 @@ class Scheduler:
         replica owns its run's partition and has not stored it yet."""
         request = firing_request(schedule, fire_at)
         assert request.run_id is not None
-        # the creator's user, roles and tenant, submitted by the engine
-        submission = Submission(request, auth.inherit(schedule.principal), tuple(schedule.redacted))
+        # the creator's user, roles and tenant (verified or not), submitted by the engine
+        principal = auth.inherit(schedule.principal)
+        run_id = request.run_id
+        booked = queued = False
+        if self.admission is not None:  # booked as on submit; undone if not created here
+            booked = not self.admission.knows(run_id)
+            queued = self.admission.offer(run_id, principal, request)
+        submission = Submission(request, principal, tuple(schedule.redacted), queued=queued)
         try:
-            produced = await self.submit(request.run_id, submission)
+            produced = await self.submit(run_id, submission)
         except ConcurrencyConflict:
             produced = []  # another replica stored this firing at the same moment
         except NotOwner:
+            if booked:
+                self._unbook(run_id)
             # every replica watches every schedule; the owner of this run's partition
             # submits it (its run id is the same everywhere)
-            if self.exists is None or not await self.exists(request.run_id):
+            if self.exists is None or not await self.exists(run_id):
                 return None
-            return Firing(request.run_id, existing=True)
+            return Firing(run_id, existing=True)
+        except BaseException:
+            if booked:
+                self._unbook(run_id)
+            raise
+        if booked and not produced:
+            self._unbook(run_id)
         self.fired += 1
         if produced:
             log.info("schedule %s fired run %s (%s)", schedule.name, request.run_id, fire_at)
         return Firing(request.run_id, existing=not produced)
+
+    def _unbook(self, run_id: str) -> None:
+        assert self.admission is not None
+        self.admission.forget(run_id)
 
     # ------------------------------------------------------------------ requests
 
@@ -399,15 +444,17 @@ class Scheduler:
         return await self.control(request, principal)
 
     def _principal(self, msg: Msg) -> Principal:
-        via = msg.subject.rpartition(".")[2]
-        if msg.subject != routes.SCHEDULE.subject(via=via) or via not in routes.SCHEDULE.publishers:
+        # the tenant, as submit reads it: the server let only its users publish here
+        tenant, plain = tenancy.split(msg.subject)
+        via = plain.rpartition(".")[2]
+        if plain != routes.SCHEDULE.subject(via=via) or via not in routes.SCHEDULE.publishers:
             raise ScheduleRefused(
                 "not_authorized",
                 f"schedules are managed on {routes.SCHEDULE.subject(via='operator')} "
-                "(the operator's identity)",
+                "(the operator's identity, or its tenant's twin)",
             )
-        # the same rules as a submission's (the subject's identity and the token)
-        return self.principals.resolve(subjects.submit(via), msg.headers)
+        # the same rules as a submission's (the subject's identity and tenant, the token)
+        return tenants.bind(self.principals.resolve(subjects.submit(via), msg.headers), tenant)
 
     def _decode(self, data: bytes) -> ScheduleMessage:
         depth = self.settings.max_json_depth
@@ -464,8 +511,8 @@ class Scheduler:
                     issues=[msgspec.to_builtins(i) for i in issues[:50]],
                 )  # fmt: skip
         tenant = principal.tenant
-        token = tenant_token(tenant)
-        count = sum(1 for key in self.known if key.startswith(token + "."))
+        scope = scope_of(principal)
+        count = sum(1 for key in self.known if key.startswith(scope + "."))
         if count >= self.limits.max_per_tenant:
             raise ScheduleRefused(
                 "too_many_schedules",
@@ -487,7 +534,7 @@ class Scheduler:
             next_at=sched.next_fire(when, now),
             paused=request.paused,
         )
-        key = key_of(tenant, name)
+        key = key_of(principal, name)
         try:
             revision = await self.kv.create(key, codec.encode(schedule))
         except KeyWrongLastSequenceError:
@@ -503,9 +550,9 @@ class Scheduler:
     def listing(self, query: SchedulesQuery, principal: Principal) -> ScheduleReply:
         if not 1 <= query.limit <= 10_000:
             raise ScheduleRefused("invalid_query", "limit must be 1-10000", "$.limit")
-        token = tenant_token(principal.tenant) + "."
+        scope = scope_of(principal) + "."
         mine = sorted(
-            (s for key, (_, s) in self.known.items() if key.startswith(token)),
+            (s for key, (_, s) in self.known.items() if key.startswith(scope)),
             key=lambda s: s.name,
         )
         page = [s for s in mine if s.name > query.after][: min(query.limit, MAX_PAGE)]
@@ -517,7 +564,7 @@ class Scheduler:
 
     async def control(self, request: ScheduleControl, principal: Principal) -> ScheduleReply:
         name = sched.check_name(request.name)
-        key = key_of(principal.tenant, name)
+        key = key_of(principal, name)
         try:
             entry = await self.kv.get(key)
         except (KeyNotFoundError, KeyDeletedError):

@@ -43,7 +43,13 @@ def submitter(resolver: auth.PrincipalResolver, msg: Msg) -> Principal:
     bound to the subject's tenant. A token naming another tenant is refused
     (``tenant_mismatch``); one naming none (or ``default``) takes the subject's."""
     tenant, plain = tenancy.split(msg.subject)
-    principal = resolver.resolve(plain, msg.headers)
+    return bind(resolver.resolve(plain, msg.headers), tenant)
+
+
+def bind(principal: Principal, tenant: str | None) -> Principal:
+    """``principal`` (resolved from a token) bound to ``tenant``, the tenant of the
+    subject it came on (None: the platform, unchanged): shared by submit and every other
+    request whose principal a tenant's user names (schedules)."""
     if tenant is None:
         return principal
     if principal.tenant not in (tenancy.DEFAULT_TENANT, tenant):

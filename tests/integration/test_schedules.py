@@ -17,14 +17,16 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.integration.waiting import eventually
+from tests.integration.waiting import eventually, having, until
 
+from loom_cli.app import load_run_request
 from loom_cli.schedule import ask
 from loom_core import codec, routes
 from loom_core import schedules as sched
 from loom_core.contracts import (
     Plan,
     Principal,
+    RunAdmitted,
     RunCompleted,
     RunRequest,
     RunRequested,
@@ -88,6 +90,11 @@ async def client(stack: LocalStack, issuer_key: rsa.RSAPrivateKey) -> AsyncItera
     async with await stack.client() as c:
         c.token = token(issuer_key)  # alice of acme
         yield c
+
+
+def acme_key(name: str) -> str:
+    """The bucket key of alice's schedule ``name`` (the platform's caller, claim acme)."""
+    return key_of(Principal(user_id="alice", via="operator", tenant="acme"), name)
 
 
 async def create(client: LoomClient, name: str, **when: Any) -> Schedule:
@@ -214,7 +221,7 @@ async def test_racing_firers_and_a_crash_after_submit_fire_once(
         other.kv = executor.scheduler.kv
         return other
 
-    key = key_of("acme", "once")
+    key = acme_key("once")
     # a firer that crashed after submitting, before moving the schedule on
     entry = await executor.scheduler.kv.get(key)
     crashed = await firer()._submit(codec.decode(entry.value, Schedule), at)
@@ -235,7 +242,7 @@ async def test_an_index_that_missed_changes_is_resynced_from_the_bucket(
 ) -> None:
     made = await create(client, "seen", every="1h")
     scheduler = executor_of(stack).scheduler
-    key = key_of("acme", "seen")
+    key = acme_key("seen")
     # as if the watcher had stopped: a schedule it never saw, one deleted behind its back
     scheduler.known.pop(key)
     scheduler.known["0000000000000000.ghost"] = (1, made)
@@ -250,7 +257,7 @@ async def test_a_schedule_whose_rule_no_longer_compiles_is_paused_with_the_reaso
 ) -> None:
     made = await create(client, "broken", every="1h")
     scheduler = executor_of(stack).scheduler
-    key = key_of("acme", "broken")
+    key = acme_key("broken")
     entry = await scheduler.kv.get(key)
     # as if the tz data had dropped its zone since it was created, and it is due
     spoiled = msgspec.structs.replace(
@@ -336,6 +343,95 @@ async def test_schedules_belong_to_their_tenant(
     client.token = None
     anonymous = await ask(client, SchedulesQuery())
     assert anonymous.error is not None and anonymous.error.code == "not_authenticated"
+
+
+async def test_a_tenant_users_schedules_are_that_tenants_own(
+    tmp_path: Path, sqlite_store_settings: StoreSettings, issuer_key: rsa.RSAPrivateKey
+) -> None:
+    """operator@acme's schedules are acme's, verified (the subject's tenant, bound as on
+    submit); a token naming another tenant is refused ``tenant_mismatch``; the platform's
+    schedules made with a token claiming acme are another scope: neither sees the other's."""
+    key_file = tmp_path / "issuer.pem"
+    key_file.write_bytes(
+        issuer_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=sqlite_store_settings,
+        auth=AuthSettings(issuer=ISSUER, audience=AUDIENCE, public_key_file=key_file),
+        tenants=("acme",),
+    )
+    async with (
+        LocalStack(settings, nats_port=-1) as stack,
+        await stack.client(tenant="acme") as acme,
+        await stack.client() as platform,
+    ):
+        acme.token = platform.token = token(issuer_key)  # alice, claiming acme
+        spec = ScheduleSpec(every="1h")
+        made = await ask(acme, ScheduleCreate(name="nightly", when=spec, run=NOOP))
+        assert made.error is None and made.schedule is not None, made.error
+        assert made.schedule.tenant == "acme"
+        assert made.schedule.principal == Principal(
+            user_id="alice", via="operator", roles=["analyst"], tenant="acme", issuer=ISSUER,
+            tenant_verified=True,
+        )  # fmt: skip
+        # its firing is acme's run, as if operator@acme had submitted it
+        fired = await ask(acme, ScheduleControl(name="nightly", action="trigger"))
+        assert fired.run_id is not None
+        first = (await acme.wait(fired.run_id, timeout=30))[0].event
+        assert isinstance(first, RunRequested) and first.principal is not None
+        assert first.principal.tenant_verified and first.principal.via == "executor"
+        # a token of another tenant on acme's credentials: refused, nothing stored
+        wrong = token(issuer_key, sub="bob", tenant="globex")
+        refused = await ask(acme, ScheduleCreate(name="x", when=spec, run=NOOP), token=wrong)
+        assert refused.error is not None and refused.error.code == "tenant_mismatch"
+        listed = await ask(acme, SchedulesQuery(), token=wrong)
+        assert listed.error is not None and listed.error.code == "tenant_mismatch"
+        # the platform's schedules for a token claiming acme are not the tenant's
+        assert (await ask(platform, SchedulesQuery())).schedules == []
+        theirs = await ask(platform, ScheduleCreate(name="nightly", when=spec, run=NOOP))
+        assert theirs.error is None and theirs.schedule is not None
+        assert theirs.schedule.principal is not None
+        assert not theirs.schedule.principal.tenant_verified
+        mine = (await ask(acme, SchedulesQuery())).schedules
+        assert [s.schedule_id for s in mine] == [made.schedule.schedule_id]
+
+
+async def test_a_tenants_firings_take_its_concurrent_run_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A firing is held to its tenant's quotas as a submission is: at acme's concurrent
+    run limit, a firing is stored queued and starts when acme's running run ends."""
+    monkeypatch.setenv("LOOM_EMBEDDER", "hash")  # memory without loading a model
+    quotas = tmp_path / "quotas.yaml"
+    quotas.write_text("tenants:\n  acme:\n    max_concurrent_runs: 1\n")
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme",),
+        quotas_file=quotas,
+    )
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    async with (
+        LocalStack(settings, nats_port=-1) as stack,
+        await stack.client(tenant="acme") as acme,
+    ):
+        holder = await acme.submit(load_run_request(examples / "approval.yaml", [], None))
+        await until(acme, holder.run_id, having("step_suspended"), 30)
+        made = await ask(acme, ScheduleCreate(name="q", when=ScheduleSpec(every="1h"), run=NOOP))
+        assert made.error is None, made.error
+        fired = await ask(acme, ScheduleControl(name="q", action="trigger"))
+        assert fired.run_id is not None and not fired.existing
+        records = await until(acme, fired.run_id, having("run_queued"), 30)
+        assert records[0].event.queued  # type: ignore[union-attr]
+        # the holder ends: the firing's run is admitted and completes
+        reply = await acme.resume(holder.run_id, {"approved": True}, label="manager")
+        assert reply.ok, reply.error
+        done = await acme.wait(fired.run_id, timeout=30)
+        assert isinstance(done[-1].event, RunCompleted)
+        assert any(isinstance(r.event, RunAdmitted) for r in done)
 
 
 HOSTILE: dict[str, tuple[dict[str, Any], str, str]] = {
@@ -455,7 +551,7 @@ async def test_with_executor_replicas_each_firing_is_submitted_by_its_owner_once
         return firer
 
     a, b = replica(0), replica(1)
-    key = key_of("acme", "fan")
+    key = acme_key("fan")
     elsewhere = 0
     for _ in range(4):  # bounded: each round stores at least one replica's firings
         results = await asyncio.gather(a.fire_due(key), b.fire_due(key), return_exceptions=True)

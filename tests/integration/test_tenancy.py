@@ -21,6 +21,7 @@ from test_permissions import Conn, connect  # type: ignore[import-not-found]
 from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
+from loom_cli.schedule import ask as ask_schedule
 from loom_core import codec, routes, subjects, tenancy
 from loom_core.contracts import (
     ForkRun,
@@ -30,6 +31,12 @@ from loom_core.contracts import (
     RunCompleted,
     RunProgress,
     RunRequest,
+    Schedule,
+    ScheduleControl,
+    ScheduleCreate,
+    ScheduleReply,
+    ScheduleSpec,
+    SchedulesQuery,
     SlowestStepsQuery,
     SlowestStepsReply,
     SubmitRejected,
@@ -97,7 +104,7 @@ def _route(route: routes.Route, **values: str) -> str:
     fill = {"run_id": "R1", "name": "payment", "key": "A-17", "service": "executor",
             "via": "operator", "tool": "echo", "part": "C", "id": "x",
             "event": "run_completed", "tenant": "acme", "schedule": "s",
-            "digest": "d0"}  # fmt: skip
+            "digest": "d0", "partition": "0"}  # fmt: skip
     fill.update(values)
     return route.subject(**{p: fill[p] for p in route.params})
 
@@ -323,10 +330,84 @@ async def blobs(w: World) -> None:
     await w.refused_stream(routes.BLOBS.stream or "")
 
 
+async def _scheduled(client: LoomClient, message: object) -> ScheduleReply:
+    return await ask_schedule(client, message)  # type: ignore[arg-type]
+
+
+async def _schedule_refusal(w: World, name: str, action: str) -> tuple[object, ...]:
+    reply = await _scheduled(w.globex, ScheduleControl(name=name, action=action))  # type: ignore[arg-type]
+    assert reply.error is not None, (name, action)
+    error = reply.error
+    return error.code, error.message.replace(name, "<name>"), error.path, error.details
+
+
 async def schedule(w: World) -> None:
-    # schedules are not served to tenant users yet (docs/schedules.md): refused outright
+    hello = load_run_request(EXAMPLES / "hello-dag.yaml", [], None)
+    made = await _scheduled(w.acme, ScheduleCreate(
+        name="nightly", when=ScheduleSpec(every="1s"), run=hello))  # fmt: skip
+    assert made.error is None and made.schedule is not None, made.error
+    # a firing of acme's schedule is a run of acme's, verified, as if acme submitted it
+    fired = await eventually(lambda: _fired(w.acme, "nightly"), "acme's schedule fired")
+    await _done(w.acme, "nightly", "pause")
+    first = (await w.acme.wait(fired.last_run_id, timeout=30))[0].event
+    assert first.principal.tenant == "acme" and first.principal.tenant_verified  # type: ignore[union-attr]
+    assert first.labels == {"schedule": "nightly"}  # type: ignore[union-attr]
+    assert await w.globex.events(fired.last_run_id) == []
+    # globex sees none of acme's schedules, and acme's schedule is, to every control of
+    # globex's, exactly a schedule that does not exist
+    listed = await _scheduled(w.globex, SchedulesQuery())
+    assert listed.error is None and "nightly" not in {s.name for s in listed.schedules}
+    before = await _scheduled(w.acme, ScheduleControl(name="nightly", action="describe"))
+    for action in ("describe", "pause", "resume", "trigger", "delete"):
+        theirs = await _schedule_refusal(w, "nightly", action)
+        assert theirs == await _schedule_refusal(w, "no-such-schedule", action), action
+        assert theirs[0] == "schedule_not_found"
+    after = await _scheduled(w.acme, ScheduleControl(name="nightly", action="describe"))
+    assert after.schedule == before.schedule  # nothing globex did touched it
+    # globex's own schedule of that name is another one, with globex's runs
+    own = await _scheduled(w.globex, ScheduleCreate(
+        name="nightly", when=ScheduleSpec(every="1h"), run=hello))  # fmt: skip
+    assert own.error is None and own.schedule is not None, own.error
+    assert own.schedule.schedule_id != made.schedule.schedule_id
+    triggered = await _scheduled(w.globex, ScheduleControl(name="nightly", action="trigger"))
+    assert triggered.run_id and triggered.run_id != fired.last_run_id
+    theirs_first = (await w.globex.wait(triggered.run_id, timeout=30))[0].event
+    assert theirs_first.principal.tenant == "globex"  # type: ignore[union-attr]
+    assert await w.acme.events(triggered.run_id) == []
+    mine = {s.name: s for s in (await _scheduled(w.acme, SchedulesQuery())).schedules}
+    assert mine["nightly"].schedule_id == made.schedule.schedule_id
+    # acme's own controls work on its own schedule
+    for action in ("trigger", "resume", "delete"):
+        await _done(w.acme, "nightly", action)
+    assert "nightly" not in {s.name for s in (await _scheduled(w.acme, SchedulesQuery())).schedules}
+    assert (
+        await _scheduled(w.globex, ScheduleControl(name="nightly", action="delete"))
+    ).error is None
+    # only its own tenant's twin, and only the operator's
     await w.refused_publish("operator", _route(routes.SCHEDULE))
-    await w.refused_publish("operator", tenancy.twin(_route(routes.SCHEDULE), "globex"))
+    await w.refused_publish("operator", tenancy.twin(_route(routes.SCHEDULE), "acme"))
+    await w.refused_publish("client", tenancy.twin(_route(routes.SCHEDULE), "globex"))
+    await w.refused_publish("client", tenancy.twin(_route(routes.SCHEDULE, via="client"), "globex"))
+
+
+async def _done(client: LoomClient, name: str, action: str) -> ScheduleReply:
+    """``action`` done, retried while it is refused as retryable (a 1s schedule's firing
+    moved it in between: the compare-and-set says retry)."""
+
+    async def attempt() -> ScheduleReply | None:
+        reply = await _scheduled(client, ScheduleControl(name=name, action=action))  # type: ignore[arg-type]
+        if reply.error is not None and reply.error.retryable:
+            return None
+        assert reply.error is None, (action, reply.error)
+        return reply
+
+    return await eventually(attempt, f"{action} {name}")
+
+
+async def _fired(client: LoomClient, name: str) -> Schedule | None:
+    reply = await _scheduled(client, ScheduleControl(name=name, action="describe"))
+    schedule = reply.schedule
+    return schedule if schedule is not None and schedule.last_run_id else None
 
 
 async def schedule_store(w: World) -> None:
@@ -337,6 +418,23 @@ async def schedule_store(w: World) -> None:
 async def model_answers(w: World) -> None:
     await w.refused_publish("operator", _route(routes.MODEL_ANSWERS))
     await w.refused_stream(routes.MODEL_ANSWERS.stream or "")
+
+
+async def forward(w: World) -> None:
+    # between executor replicas only: a tenant can neither pose as one nor overhear one
+    await w.refused_publish("operator", _route(routes.FORWARD))
+    await w.refused_subscribe("operator", routes.FORWARD.wildcard)
+    await w.refused_publish("client", tenancy.twin(_route(routes.FORWARD), "globex"))
+
+
+async def relay_wake(w: World) -> None:
+    await w.refused_publish("operator", _route(routes.RELAY_WAKE))
+    await w.refused_subscribe("operator", routes.RELAY_WAKE.wildcard)
+
+
+async def partition_leases(w: World) -> None:
+    await w.refused_publish("operator", _route(routes.PARTITION_LEASES))
+    await w.refused_stream(routes.PARTITION_LEASES.stream or "")
 
 
 ATTACKS: dict[str, Attack] = {
@@ -367,6 +465,9 @@ ATTACKS: dict[str, Attack] = {
     "schedule": schedule,
     "scheduleStore": schedule_store,
     "modelAnswers": model_answers,
+    "forward": forward,
+    "relayWake": relay_wake,
+    "partitionLeases": partition_leases,
 }
 # routes whose check changes acme's runs on purpose (acme's own signal and resume)
 ACME_ACTS = ("signal", "progress")
@@ -487,3 +588,58 @@ async def test_the_cli_acts_in_the_tenant_loom_tenant_names(tmp_path: Path) -> N
         for command in (("describe", theirs.run_id), ("cancel", theirs.run_id)):
             refused = await asyncio.to_thread(cli, *command)
             assert refused.returncode != 0 and "no run" in refused.stderr.lower(), refused
+
+
+async def test_the_cli_manages_only_the_schedules_of_the_tenant_loom_tenant_names(
+    tmp_path: Path,
+) -> None:
+    """``LOOM_TENANT=acme loom schedule create`` makes acme's schedule; ``loom schedule
+    list``, a separate OS process, lists it and not globex's; globex's is "no schedule"
+    to acme's CLI. No traceback."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme", "globex"),
+    )
+    loom = str(Path(sys.executable).parent / "loom")
+    async with LocalStack(settings, nats_port=-1) as stack:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        env.update(LOOM_NATS_URL=stack.url, LOOM_TENANT="acme", LOOM_LOG_LEVEL="WARNING",
+                   LOOM_CREDS_DIR=str(stack.settings.credentials_dir))  # fmt: skip
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([loom, "schedule", *args], env=env, capture_output=True,
+                                  text=True, timeout=60, cwd=EXAMPLES.parent)  # fmt: skip
+            assert "Traceback" not in done.stderr + done.stdout, done.stderr
+            return done
+
+        made = await asyncio.to_thread(
+            cli, "create", "nightly", "examples/hello-dag.yaml", "--every", "1h", "-o", "json"
+        )
+        assert made.returncode == 0, made.stderr
+        created = msgspec.json.decode(made.stdout)["schedule"]
+        assert created["tenant"] == "acme" and created["principal"]["tenant_verified"]
+        async with await stack.client(tenant="globex") as globex:
+            hello = load_run_request(EXAMPLES / "hello-dag.yaml", [], None)
+            theirs = await ask_schedule(globex, ScheduleCreate(
+                name="theirs", when=ScheduleSpec(every="1h"), run=hello))  # fmt: skip
+            assert theirs.error is None, theirs.error
+            listed = await ask_schedule(globex, SchedulesQuery())
+            assert [s.name for s in listed.schedules] == ["theirs"]
+        listed = await asyncio.to_thread(cli, "list", "-o", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert [s["name"] for s in msgspec.json.decode(listed.stdout)] == ["nightly"]
+        for action in ("describe", "trigger", "delete"):
+            refused = await asyncio.to_thread(cli, action, "theirs")
+            assert refused.returncode != 0, refused
+            assert "schedule_not_found" in refused.stderr and "no schedule named" in refused.stderr
+        triggered = await asyncio.to_thread(cli, "trigger", "nightly", "-o", "json")
+        assert triggered.returncode == 0, triggered.stderr
+        run_id = msgspec.json.decode(triggered.stdout)["run_id"]
+        async with await stack.client(tenant="acme") as acme:
+            first = (await acme.wait(run_id, timeout=30))[0].event
+            assert first.principal.tenant == "acme" and first.principal.tenant_verified  # type: ignore[union-attr]
