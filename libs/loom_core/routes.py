@@ -227,7 +227,8 @@ RUN_GAP = Route(
     stream=subjects.RUN_EVENTS_STREAM,
     messages=(c.StreamFiller,),
     publishers=("executor",),  # the relay, after nats-server lost the stream's tail
-    consumers=(),
+    # no service reads them; an operator reading the whole stream meets them
+    consumers=(Consumer("operator", note="reading the whole stream: skip them"),),
     description=f"Fillers on {subjects.RUN_EVENTS_STREAM}: they only take up sequence "
     "numbers. After nats-server lost the stream's newest messages, the relay publishes them "
     "up to the furthest durable consumer's position before publishing the lost events "
