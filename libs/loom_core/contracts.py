@@ -1720,3 +1720,17 @@ class ScheduleReply(Record, tag="schedule_reply", tag_field="type"):
 
 
 ScheduleMessage = ScheduleCreate | ScheduleControl | SchedulesQuery
+
+
+# --------------------------------------------------------------------------- stream upkeep
+
+
+class StreamFiller(Record, tag="stream_filler", tag_field="type"):
+    """A message that only takes up a sequence number of LOOM_RUNS (``loom.run.gap``).
+    After nats-server lost the stream's newest messages (asynchronous persistence) its
+    durable consumers may stand past the stream's new end; the relay publishes fillers up
+    to the furthest of them so that the events it publishes again get sequences every
+    consumer will still deliver. No consumer's filter matches it."""
+
+    after_seq: int  # the last stream sequence before these fillers (0: none)
+    up_to_seq: int  # the consumer position the fillers cover

@@ -220,6 +220,22 @@ RUN_EVENTS = Route(
 )
 
 
+RUN_GAP = Route(
+    name="runGap",
+    pattern=subjects.RUN_GAP,
+    kind="stream",
+    stream=subjects.RUN_EVENTS_STREAM,
+    messages=(c.StreamFiller,),
+    publishers=("executor",),  # the relay, after nats-server lost the stream's tail
+    # no service reads them; an operator reading the whole stream meets them
+    consumers=(Consumer("operator", note="reading the whole stream: skip them"),),
+    description=f"Fillers on {subjects.RUN_EVENTS_STREAM}: they only take up sequence "
+    "numbers. After nats-server lost the stream's newest messages, the relay publishes them "
+    "up to the furthest durable consumer's position before publishing the lost events "
+    "again, so every consumer delivers those. No consumer reads them; skip them when "
+    "reading the whole stream.",
+)
+
 # The executor's inbox consumer of one partition (``{partition}``: 0 .. LOOM_PARTITIONS-1)
 PARTITION_DURABLE = "executor-p{partition}"
 
@@ -576,6 +592,7 @@ PARTITION_LEASES = Route(
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
+    RUN_GAP,
     *INBOXES,
     SIGNAL,
     DEAD_LETTER,

@@ -22,6 +22,9 @@ def submit(via: str) -> str:
 RUN_EVENTS_STREAM = "LOOM_RUNS"
 RUN_EVENTS_ALL = f"{PREFIX}.run.>"
 RUN_EVENTS_PATTERN = PREFIX + ".run.{run_id}.{event}"
+# Fillers on LOOM_RUNS (loom_infra.relay): three tokens, so no run-event filter
+# (loom.run.*.*, loom.run.{run_id}.>) matches them
+RUN_GAP = f"{PREFIX}.run.gap"
 
 
 def run_event(run_id: str, event_tag: str) -> str:

@@ -48,11 +48,13 @@ SEED_SUFFIX = ".nk"
 
 JS_API = "$JS.API"
 
-Read = Literal["get", "browse", "object_meta"]
+Read = Literal["get", "browse", "object_meta", "upkeep"]
 """``get``: read single messages (``stream_info`` + ``get_msg``/``get_last_msg``, direct
 gets); ``browse``: ephemeral ordered consumers (following a run, a KV ``keys()``/watch);
 ``object_meta``: only an Object Store object's metadata, by a direct get of its meta
-subject (a writer checks whether an object is stored without being able to read any)."""
+subject (a writer checks whether an object is stored without being able to read any);
+``upkeep``: list the stream's consumers and delete single messages (the relay, after
+nats-server lost the stream's tail: ``loom_infra.relay``)."""
 
 # JetStream reads the routes do not spell out: who reads a stream other than through
 # its own durable consumers, and why. Every key is a (route, identity) pair the registry
@@ -60,7 +62,7 @@ subject (a writer checks whether an object is stored without being able to read 
 # table cannot hand anyone a stream the registry does not already give them.
 READS: dict[tuple[str, str], frozenset[Read]] = {
     # the relay resumes after the last event it published (stream_info + get_msg)
-    (routes.RUN_EVENTS.name, "executor"): frozenset({"get"}),
+    (routes.RUN_EVENTS.name, "executor"): frozenset({"get", "upkeep"}),
     # a wait that starts after its signal still sees the latest one (get_last_msg)
     (routes.SIGNAL.name, "executor"): frozenset({"get"}),
     # `loom follow`, `loom run`: an ordered consumer over one run's events
@@ -162,6 +164,11 @@ def _read_api(stream: str, reads: Iterable[Read]) -> list[str]:
             f"{JS_API}.STREAM.MSG.GET.{stream}",
             f"{JS_API}.DIRECT.GET.{stream}",
             f"{JS_API}.DIRECT.GET.{stream}.>",
+        ]
+    if "upkeep" in reads:
+        out += [
+            f"{JS_API}.CONSUMER.LIST.{stream}",  # positions only (consumers_info)
+            f"{JS_API}.STREAM.MSG.DELETE.{stream}",
         ]
     if "object_meta" in reads:
         bucket = stream.removeprefix("OBJ_")

@@ -196,6 +196,7 @@ _SUBJECT_NAMES = {
     "RUN_EVENTS_ALL": "x-jetstream-streams",
     "run_event": "channel runEvent",
     "RUN_EVENTS_PATTERN": "channel runEvent",
+    "RUN_GAP": "channel runGap",
     "INBOX_SOURCES": "channels inbox.*",
     "run_events_of": "channel runEvent (filter)",
     "INBOX_STREAM": "x-jetstream-streams",

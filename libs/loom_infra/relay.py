@@ -58,6 +58,7 @@ from loom_core import codec, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    StreamFiller,
     ToolCallCompleted,
     ToolCallFailed,
     ToolCallRequested,
@@ -84,6 +85,13 @@ RECONNECT_CHECK_S = 0.1
 # stream consumers never see it twice, but a plain subscriber does. Tool-runners taking
 # requests from the publish (``loom_services.toolrunner``) leave these alone.
 AGAIN = "Loom-Again"
+# A message delete that found nothing to delete: "sequence not found" (10043; after a
+# restart, a sequence the recovered stream never held), "no message found" (10057)
+NOT_THERE_ERR_CODES = frozenset({10043, 10057})
+# Fillers go out in chunks of this many publishes (each chunk's acks awaited)
+FILL_CHUNK = 512
+# How many fillers in a row ``_last_published`` steps back over (a fill per crash)
+FILL_HOPS = 8
 
 
 def msg_id(record: EventRecord, subject: str, data: bytes) -> str:
@@ -155,6 +163,13 @@ class Relay:
         self._recent: deque[tuple[int, int, str]] = deque(maxlen=RECENT_MAX)
         self._reconnects_seen = 0
         self._sent_up_to = 0  # the highest notification id ever sent (AGAIN below it)
+        # the durable consumers' positions are checked against the stream's end before
+        # the next publish (at a start, after every reconnect): ``_cover_consumers``
+        self._consumers_checked = False
+        # after a reconnect that lost events: notification ids (first, last) published
+        # again under fresh message ids (``_fresh_token``), see ``_check_after_reconnect``
+        self._fresh: tuple[int, int] = (0, -1)
+        self._fresh_token = ""
 
     def wake(self) -> None:
         self._wake.set()
@@ -185,7 +200,16 @@ class Relay:
             if not info.state.last_seq:
                 return 0
             msg = await self.js.get_msg(subjects.RUN_EVENTS_STREAM, info.state.last_seq)
-        except NotFoundError:
+            # fillers at the end (a crash between a fill and the republish after it):
+            # the event before them tells where publishing stopped
+            for _ in range(FILL_HOPS):
+                if msg.subject != subjects.RUN_GAP:
+                    break
+                after = msgspec.json.decode(msg.data or b"", type=StreamFiller).after_seq
+                if after <= 0:
+                    return 0
+                msg = await self.js.get_msg(subjects.RUN_EVENTS_STREAM, after)
+        except (NotFoundError, msgspec.DecodeError):
             return 0
         value = (msg.headers or {}).get(subjects.NOTIFICATION_ID)
         if not value:
@@ -244,6 +268,7 @@ class Relay:
         seen = self._reconnects()
         if seen == self._reconnects_seen:
             return
+        self._consumers_checked = False  # a restarted server may have lost the tail
         recent = list(self._recent)
         lost: int | None = None
         # What a crash loses is a suffix of what the old server acked, and no batch is
@@ -260,6 +285,10 @@ class Relay:
                 else:
                     hi = mid
             lost = recent[lo][0]
+            # publishes sent while the connection was down reach the new server when it
+            # reconnects, before this check: they may sit at reused sequences, from
+            # the first lost one on, that consumers already passed
+            await self._drop_reused(recent[lo - 1][1] + 1 if lo else recent[0][1])
         self._recent = deque(maxlen=RECENT_MAX)
         self._reconnects_seen = seen  # checked: a failure above retries the check
         if lost is None:
@@ -273,6 +302,11 @@ class Relay:
         )  # fmt: skip
         self.position = min(self.position, lost - 1)
         self.tracked = min(self.tracked, self.position)
+        # Publishing them again under their own ids would meet the copies the reconnect
+        # flushed (``_drop_reused`` deleted them, but JetStream remembers their ids):
+        # dropped as duplicates, never delivered. Fresh ids for everything sent before.
+        self._fresh = (self.position + 1, self._sent_up_to)
+        self._fresh_token = uuid.uuid4().hex[:16]
         self._pending.clear()  # re-read from the store
         self._more_in_store = True
 
@@ -321,9 +355,57 @@ class Relay:
             waker.cancel()
             stopper.cancel()
 
+    async def _drop_reused(self, first_lost_seq: int) -> None:
+        """Delete what the stream holds from ``first_lost_seq`` on (after a reconnect that
+        lost it; what is there now came from the reconnect's flush): copies of events the
+        relay publishes again, under fresh ids. The stream keeps one copy of each."""
+        info = await self.js.stream_info(subjects.RUN_EVENTS_STREAM)
+        for seq in range(max(first_lost_seq, info.state.first_seq), info.state.last_seq + 1):
+            try:
+                await self.js.delete_msg(subjects.RUN_EVENTS_STREAM, seq)
+            except NotFoundError:
+                pass  # not there (lost, or deleted by an earlier try)
+            except APIError as exc:
+                if exc.err_code not in NOT_THERE_ERR_CODES:
+                    raise
+
+    async def _cover_consumers(self) -> None:
+        """After nats-server lost the stream's newest messages (LOOM_RUNS persists
+        asynchronously), the stream's end can be behind a durable consumer's position
+        (stored separately, and kept): the next publishes would take sequence numbers that
+        consumer already passed, and it would never deliver them (a run stuck at
+        ``tool_call_requested``). Fillers on ``loom.run.gap``, which no consumer's filter
+        matches, first take the stream past the furthest consumer."""
+        info = await self.js.stream_info(subjects.RUN_EVENTS_STREAM)
+        last = info.state.last_seq
+        furthest = 0
+        for consumer in await self.js.consumers_info(subjects.RUN_EVENTS_STREAM):
+            furthest = max(
+                furthest, consumer.delivered.stream_seq or 0, consumer.ack_floor.stream_seq or 0
+            )
+        if furthest <= last:
+            return
+        log.warning(
+            "relay: stream %s ends at sequence %d but a consumer stands at %d (nats-server "
+            "lost the stream's newest messages): publishing %d fillers before publishing again",
+            subjects.RUN_EVENTS_STREAM, last, furthest, furthest - last,
+        )  # fmt: skip
+        data = msgspec.json.encode(StreamFiller(after_seq=last, up_to_seq=furthest))
+        left = furthest - last
+        while left > 0:
+            chunk = min(left, FILL_CHUNK)
+            futures = [await self.js.publish_async(subjects.RUN_GAP, data) for _ in range(chunk)]
+            for ack in await self._acks(futures):
+                if isinstance(ack, BaseException):
+                    raise ack
+            left -= chunk
+
     async def publish_once(self) -> int:
         """Publish the next batch; returns how many events went out."""
         await self._check_after_reconnect()
+        if not self._consumers_checked:
+            await self._cover_consumers()
+            self._consumers_checked = True
         rows = self._take_pending()
         if rows is None:
             rows = await self.io(self.store.read_notifications, self.position, self.batch)
@@ -342,8 +424,11 @@ class Relay:
             except Exception as exc:  # the stored event cannot be said on the wire
                 skipped.append((record, _unpublishable(record, f"cannot be encoded: {exc!r}")))
                 continue
+            mid = msg_id(record, subject, data)
+            if self._fresh[0] <= notification_id <= self._fresh[1]:
+                mid = f"{mid}-{self._fresh_token}"  # still {run_id}/{seq}/{digest...}
             headers = {
-                subjects.MSG_ID: msg_id(record, subject, data),
+                subjects.MSG_ID: mid,
                 subjects.NOTIFICATION_ID: str(notification_id),
                 subjects.EVENT_TYPE: record.kind,
             }

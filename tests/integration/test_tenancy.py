@@ -150,6 +150,12 @@ async def run_event(w: World) -> None:
     await w.refused_stream(subjects.RUN_EVENTS_STREAM)
 
 
+async def run_gap(w: World) -> None:
+    # fillers carry no tenant's data, but a tenant may neither read nor write the stream
+    await w.refused_subscribe("operator", subjects.RUN_GAP)
+    await w.refused_publish("operator", subjects.RUN_GAP)
+
+
 async def inbox(w: World) -> None:
     for route in routes.INBOXES:
         await w.refused_publish("operator", _route(route, run_id=w.waiting))
@@ -440,6 +446,7 @@ async def partition_leases(w: World) -> None:
 ATTACKS: dict[str, Attack] = {
     "submit": submit,
     "runEvent": run_event,
+    "runGap": run_gap,
     **{route.name: inbox for route in routes.INBOXES},
     "signal": signal,
     "deadLetter": dead_letter,
