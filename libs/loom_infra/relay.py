@@ -380,9 +380,9 @@ class Relay:
         last = info.state.last_seq
         furthest = 0
         for consumer in await self.js.consumers_info(subjects.RUN_EVENTS_STREAM):
-            furthest = max(
-                furthest, consumer.delivered.stream_seq or 0, consumer.ack_floor.stream_seq or 0
-            )
+            for position in (consumer.delivered, consumer.ack_floor):
+                if position is not None:
+                    furthest = max(furthest, position.stream_seq or 0)
         if furthest <= last:
             return
         log.warning(
