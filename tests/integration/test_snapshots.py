@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import loom_services.executor as executor_service
+import loom_services.runhost as run_host
 from loom_core.contracts import (
     ApprovalStep,
     Plan,
@@ -23,16 +23,16 @@ pytestmark = pytest.mark.integration
 async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
     stack: LocalStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(executor_service, "SNAPSHOT_EVERY", 10)
+    monkeypatch.setattr(run_host, "SNAPSHOT_EVERY", 10)
     restored: list[int] = []
-    real_restore = executor_service.restore
+    real_restore = run_host.restore
 
     def spy(data: bytes) -> object:  # the executor rebuilt the run from a snapshot
         state = real_restore(data)
         restored.append(state.version)
         return state
 
-    monkeypatch.setattr(executor_service, "restore", spy)
+    monkeypatch.setattr(run_host, "restore", spy)
     steps = [
         ToolStep(id=f"s{i}", tool="noop", depends_on=[f"s{i - 1}"] if i else []) for i in range(6)
     ]
@@ -72,7 +72,7 @@ async def test_a_snapshot_that_no_longer_restores_falls_back_to_the_history(
 ) -> None:
     """A deploy that changes the state's shape (or a damaged snapshot) used to make every
     run with a snapshot unloadable."""
-    monkeypatch.setattr(executor_service, "SNAPSHOT_EVERY", 5)
+    monkeypatch.setattr(run_host, "SNAPSHOT_EVERY", 5)
     steps = [
         ToolStep(id=f"s{i}", tool="noop", depends_on=[f"s{i - 1}"] if i else []) for i in range(4)
     ]
