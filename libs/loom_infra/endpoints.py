@@ -178,6 +178,13 @@ async def subscribe(
     events: tuple[type[msgspec.Struct], ...] = (),
 ) -> list[Any]:
     """Plain subscriptions ``identity`` declared on ``route`` (one per event filter)."""
+    consumer = _plain(route, identity, events)
+    return [await nc.subscribe(subject, cb=cb) for subject in route.filters(consumer)]
+
+
+def _plain(route: Route, identity: Identity, events: tuple[type[msgspec.Struct], ...]) -> Consumer:
+    """The plain (not durable) subscription ``identity`` declares on ``route`` (with
+    ``events``: the one taking exactly those event types)."""
     consumer = next(
         (c for c in route.consumers if c.identity == identity and not c.durable
          and (not events or c.events == events)),
@@ -185,7 +192,7 @@ async def subscribe(
     )  # fmt: skip
     if consumer is None:
         raise LookupError(f"{identity} has no plain subscription declared on {route.name}")
-    return [await nc.subscribe(subject, cb=cb) for subject in route.filters(consumer)]
+    return consumer
 
 
 async def listen(
@@ -215,13 +222,9 @@ async def stream_copies(
     every message: it stays the fallback that survives crashes, and ``cb`` must make
     the two deliveries one. ``cb`` runs on the connection's delivery task: it must not
     wait for long."""
-    consumer = next(
-        (c for c in route.consumers if c.identity == identity and not c.durable
-         and (not events or c.events == events)),
-        None,
-    )  # fmt: skip
-    if consumer is None or route.stream is None:
-        raise LookupError(f"{identity} declares no plain subscription on stream {route.name}")
+    if route.stream is None:
+        raise LookupError(f"{route.name} is not a stream route: it has no stream copies")
+    consumer = _plain(route, identity, events)
     return [
         await nc.subscribe(s, queue=consumer.queue or "", cb=cb) for s in route.filters(consumer)
     ]
