@@ -558,23 +558,14 @@ def entry_state(entry: LedgerEntry | None) -> EntryState:
 
 def ambiguous_result(run_id: str, request: ToolCallRequested, entry: LedgerEntry) -> ToolResult:
     """The answer for a non-idempotent call whose claimant stopped mid-call."""
-    return ToolResult(
-        run_id=run_id,
-        step_id=request.step_id,
-        attempt=request.attempt,
-        idempotency_key=request.idempotency_key,
-        request_digest=request_digest(run_id, request),
-        ok=False,
-        started_at=entry.claimed_at,
-        finished_at=bus.now(),
-        error=ErrorInfo(
-            code="ambiguous_outcome",
-            message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
-            "stopped before recording a result; the tool is not idempotent, so it was "
-            "not run again. Check its effect by hand.",
-            details={"owner": entry.owner},
-        ),
+    error = ErrorInfo(
+        code="ambiguous_outcome",
+        message=f"the tool-runner that started '{request.tool}' ({entry.owner}) "
+        "stopped before recording a result; the tool is not idempotent, so it was "
+        "not run again. Check its effect by hand.",
+        details={"owner": entry.owner},
     )
+    return tool_result(run_id, request, ToolOutcome(ok=False, error=error), entry.claimed_at)
 
 
 def ledger_key(run_id: str, request: ToolCallRequested) -> str:

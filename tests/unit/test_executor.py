@@ -623,19 +623,27 @@ def test_decide_is_pure_and_equals_advance() -> None:
     assert isinstance(pure[-1], ToolCallRequested) and isinstance(pure[-2], StepStarted)
 
 
-def test_a_pause_sent_while_the_run_is_queued_holds_after_admission() -> None:
-    from loom_core.contracts import RunAdmitted, RunPaused, RunUnpaused
-    from loom_core.executor import Admit, Submission
+def queued_run(*controls: str) -> tuple[RunState, list[RunEvent]]:
+    """A one-step run submitted over its queue's limit and planned, then the operator's
+    ``controls`` (pause, unpause) sent while it waits in the queue."""
+    from loom_core.executor import Submission
 
     plan = Plan(steps=[tool("a")])
     state = initial_state("r1")
     events: list[RunEvent] = []
-    for message in (
-        Submission(RunRequest(plan=plan), queued=True),
-        PlanProposed(run_id="r1", plan=plan),
-        RunControl(run_id="r1", action="pause", by="ada"),
-    ):
+    messages: list[Any] = [Submission(RunRequest(plan=plan), queued=True),
+                           PlanProposed(run_id="r1", plan=plan)]  # fmt: skip
+    messages += [RunControl(run_id="r1", action=c, by="ada") for c in controls]  # type: ignore[arg-type]
+    for message in messages:
         events += advance(state, message, T0)
+    return state, events
+
+
+def test_a_pause_sent_while_the_run_is_queued_holds_after_admission() -> None:
+    from loom_core.contracts import RunAdmitted, RunPaused, RunUnpaused
+    from loom_core.executor import Admit
+
+    state, events = queued_run("pause")
     assert state.status == "queued" and [type(e) for e in events].count(RunPaused) == 1
     events += advance(state, Admit(), T0)
     assert isinstance(events[-1], RunAdmitted)
@@ -646,18 +654,9 @@ def test_a_pause_sent_while_the_run_is_queued_holds_after_admission() -> None:
 
 
 def test_an_unpause_while_queued_does_not_jump_the_queue() -> None:
-    from loom_core.executor import Admit, Submission
+    from loom_core.executor import Admit
 
-    plan = Plan(steps=[tool("a")])
-    state = initial_state("r1")
-    events: list[RunEvent] = []
-    for message in (
-        Submission(RunRequest(plan=plan), queued=True),
-        PlanProposed(run_id="r1", plan=plan),
-        RunControl(run_id="r1", action="pause", by="ada"),
-        RunControl(run_id="r1", action="unpause", by="ada"),
-    ):
-        events += advance(state, message, T0)
+    state, events = queued_run("pause", "unpause")
     assert state.status == "queued"
     assert not any(isinstance(e, ToolCallRequested) for e in events)
     events += advance(state, Admit(), T0)
