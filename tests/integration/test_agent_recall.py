@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agents import BOUND_S, of, write_models  # type: ignore[import-not-found]
+from test_agents import BOUND_S, model_stack, of  # type: ignore[import-not-found]
 from waiting import eventually  # type: ignore[import-not-found]
 
-from conftest import make_settings  # type: ignore[import-not-found]
 from loom_core import subjects
 from loom_core.contracts import (
     AgentMemory,
@@ -39,7 +38,6 @@ from loom_infra.auth import ANONYMOUS_USER
 from loom_infra.client import LoomClient
 from loom_infra.fakemodel import FakeModelServer, Reply, ToolCall
 from loom_infra.settings import StoreSettings
-from loom_services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
@@ -54,11 +52,8 @@ async def client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[LoomClient, FakeModelServer]]:
     monkeypatch.setenv("LOOM_EMBEDDER", "hash")  # speed; the real model has its own test
-    with FakeModelServer() as server:
-        models = write_models(tmp_path / "models.yaml", server.base_url)
-        settings = make_settings(store_settings, models_file=models)
-        async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as c:
-            yield c, server
+    async with model_stack(store_settings, tmp_path) as (stack, c, server):
+        yield c, server
 
 
 def remembering_plan() -> Plan:

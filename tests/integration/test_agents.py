@@ -13,6 +13,7 @@ fakemodel``) that every model call reaches through litellm and a socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,19 @@ CANARY = "sk-canary-agent-51c0"  # a secret the stack holds; no model may get at
 def model_server() -> Iterator[FakeModelServer]:
     with FakeModelServer() as server:
         yield server
+
+
+@contextlib.asynccontextmanager
+async def model_stack(
+    store_settings: StoreSettings, tmp_path: Path
+) -> AsyncIterator[tuple[LocalStack, LoomClient, FakeModelServer]]:
+    """A whole stack whose models are served by a fake OpenAI server (through litellm),
+    with an operator client: the agent test files' common setup."""
+    with FakeModelServer() as server:
+        models = write_models(tmp_path / "models.yaml", server.base_url)
+        settings = make_settings(store_settings, models_file=models)
+        async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
+            yield stack, client, server
 
 
 def write_models(path: Path, base_url: str, stream: bool = False) -> Path:

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agents import BOUND_S, of, write_models  # type: ignore[import-not-found]
+from test_agents import BOUND_S, model_stack, of  # type: ignore[import-not-found]
 
-from conftest import make_settings  # type: ignore[import-not-found]
 from loom_core import codec
 from loom_core.agent import conversation
 from loom_core.contracts import (
@@ -39,11 +38,8 @@ TURNS = 20
 async def stack(
     sqlite_store_settings: StoreSettings, tmp_path: Path
 ) -> AsyncIterator[tuple[LocalStack, LoomClient, FakeModelServer]]:
-    with FakeModelServer() as server:
-        models = write_models(tmp_path / "models.yaml", server.base_url)
-        settings = make_settings(sqlite_store_settings, models_file=models)
-        async with LocalStack(settings, nats_port=-1) as s, await s.client() as c:
-            yield s, c, server
+    async with model_stack(sqlite_store_settings, tmp_path) as (s, c, server):
+        yield s, c, server
 
 
 def planner_of(stack: LocalStack) -> PlannerService:

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agents import BOUND_S, of, write_models  # type: ignore[import-not-found]
+from test_agents import BOUND_S, model_stack, of  # type: ignore[import-not-found]
 
-from conftest import make_settings  # type: ignore[import-not-found]
 from loom_core.contracts import (
     Plan,
     PlanRevised,
@@ -32,7 +31,6 @@ from loom_core.replay import replay
 from loom_infra.client import LoomClient
 from loom_infra.fakemodel import FakeModelServer, Reply
 from loom_infra.settings import StoreSettings
-from loom_services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +39,8 @@ pytestmark = pytest.mark.integration
 async def client(
     store_settings: StoreSettings, tmp_path: Path
 ) -> AsyncIterator[tuple[LoomClient, FakeModelServer]]:
-    with FakeModelServer() as server:
-        models = write_models(tmp_path / "models.yaml", server.base_url)
-        settings = make_settings(store_settings, models_file=models)
-        async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as c:
-            yield c, server
+    async with model_stack(store_settings, tmp_path) as (stack, c, server):
+        yield c, server
 
 
 PLAN = Plan(
