@@ -1447,6 +1447,72 @@ class TraceReply(Record, tag="trace_reply", tag_field="type"):
     next_after: str | None = None
 
 
+class ToolsQuery(Inbound, tag="tools_query", tag_field="type"):
+    """The tool catalog by name, a page at a time after ``after`` (the same catalog for
+    every tenant: tools are the platform's)."""
+
+    limit: int = 100
+    after: str = ""
+
+
+class ToolsReply(Record, tag="tools_reply", tag_field="type"):
+    """``next_after``: more tools follow; ask again with it as ``after``."""
+
+    tools: list[ToolSpec] = []
+    next_after: str | None = None
+    error: ErrorInfo | None = None
+
+
+class BlobQuery(Inbound, tag="blob_query", tag_field="type"):
+    """Bytes ``[offset, offset + limit)`` of the blob ``digest`` (``sha256:<hex>``), which
+    an event of the run ``run_id`` refers to: a tenant reads only its own runs' blobs.
+    ``limit`` 0 asks only for the size."""
+
+    run_id: str
+    digest: str
+    offset: int = 0
+    limit: int = 256 * 1024
+
+
+class BlobReply(Record, tag="blob_reply", tag_field="type"):
+    """``data``: the bytes asked for (base64 in JSON); ``size``: the whole blob's;
+    ``next_offset``: more bytes follow (None: ``data`` ends the blob). Check the
+    assembled bytes against the digest (the server checks only a read to the end)."""
+
+    digest: str = ""
+    size: int = 0
+    offset: int = 0
+    data: bytes = b""
+    next_offset: int | None = None
+    error: ErrorInfo | None = None
+
+
+class DeadLettersQuery(Inbound, tag="dead_letters_query", tag_field="type"):
+    """Dead letters (``rejects``: the rejected requests instead) after stream sequence
+    ``after_seq``; a tenant gets only its own (sent on its subjects, or about its runs)."""
+
+    after_seq: int = 0
+    limit: int = 50
+    rejects: bool = False
+
+
+class StoredDeadLetter(Record, tag="stored_dead_letter", tag_field="type"):
+    """A dead letter and its sequence in its stream (the cursor of a listing)."""
+
+    seq: int
+    letter: DeadLetter
+
+
+class DeadLettersReply(Record, tag="dead_letters_reply", tag_field="type"):
+    """``next_after_seq``: the stream goes on past what this page looked at; ask again
+    with it as ``after_seq`` (a page may be short, even empty, and not be the end).
+    None: nothing more is stored now."""
+
+    letters: list[StoredDeadLetter] = []
+    next_after_seq: int | None = None
+    error: ErrorInfo | None = None
+
+
 class ThreadEntry(Record, tag="thread_entry", tag_field="type"):
     role: Literal["user", "assistant", "system"]
     content: JSON
@@ -1672,6 +1738,8 @@ class ScheduleControl(Inbound, tag="schedule_control", tag_field="type"):
 
     name: str
     action: Literal["describe", "pause", "resume", "delete", "trigger"]
+    # the platform's operator only, to describe a tenant's schedule (``t-<tenant>`` scope)
+    tenant: str = ""
 
 
 class SchedulesQuery(Inbound, tag="schedules_query", tag_field="type"):
@@ -1679,6 +1747,9 @@ class SchedulesQuery(Inbound, tag="schedules_query", tag_field="type"):
 
     limit: int = 100
     after: str = ""
+    # the platform's operator only: every tenant's schedules, ordered by tenant then name
+    # (``after`` is then ``<tenant>/<name>``)
+    every_tenant: bool = False
 
 
 class Schedule(Record, tag="schedule", tag_field="type"):

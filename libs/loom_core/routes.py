@@ -333,13 +333,15 @@ PROGRESS = Route(
 MODEL_STREAM = Route(
     name="modelStream",
     pattern=subjects.model_stream("{run_id}"),
+    tenant_scoped=True,
     kind="broadcast",
     messages=(c.ModelChunk,),
     publishers=("planner",),
     consumers=(Consumer("operator"),),
     description="Text of a model turn while it is generated (plain NATS, not stored; the "
     "complete turn is the run's model_call_completed event). Sent when the models "
-    "file says `stream: true`; `loom run` shows it live.",
+    "file says `stream: true`; `loom run` shows it live. A tenant's run's text goes only "
+    "to its tenant's twin." + _TWIN_NOTE,
 )
 
 
@@ -439,6 +441,29 @@ API_MEMORY_OPERATOR = _request(
     "principal it names (default: the operator, role admin, tenant default)",
 )  # fmt: skip
 
+# Reads a tenant's operator makes through a service, where the platform reads JetStream
+# (a stream read cannot be limited to one tenant by subject): answered by the planner,
+# which already reads the catalog and may read blobs and dead letters (credentials.READS)
+API_TOOLS = _request(
+    "apiTools", subjects.API_TOOLS, c.ToolsQuery, (c.ToolsReply,), "planner", ("operator",),
+    "The tool catalog, a page of ToolSpecs by name at a time. One catalog for every "
+    "tenant: tools are the platform's (a tool's access rules, `requires_auth` and "
+    "`admin_only`, decide who may call it)",
+)  # fmt: skip
+API_BLOB = _request(
+    "apiBlob", subjects.API_BLOB, c.BlobQuery, (c.BlobReply,), "planner", ("operator",),
+    "A page of a blob's bytes, read through a run whose events refer to it: the caller "
+    "must be able to see the run (a tenant: its own runs only). Another tenant's run, a "
+    "blob the run does not refer to and one not stored are all `blob_not_found`, alike",
+)  # fmt: skip
+API_DEAD_LETTERS = _request(
+    "apiDeadLetters", subjects.API_DEAD_LETTERS, c.DeadLettersQuery, (c.DeadLettersReply,),
+    "planner", ("operator",),
+    "Dead letters (or rejected requests) a page at a time by stream sequence. A tenant "
+    "gets only those it sent (its twin subjects) or about its own runs; the platform's "
+    "operator every one (secrets in payloads are redacted when the letter is written)",
+)  # fmt: skip
+
 HEALTH = Route(
     name="health",
     pattern=subjects.health("{service}"),
@@ -491,6 +516,7 @@ BLOBS = Route(
         Consumer("toolrunner", note="resolves references in a tool's input"),
         Consumer("executor", note="checks that a submitted reference is stored"),
         Consumer("operator", note="`loom blob get`"),
+        Consumer("planner", note="serves apiBlob: a page of a run's blob"),
     ),
     description=f"Big values by reference: JetStream Object Store bucket "
     f"`{subjects.BLOBS_BUCKET}` (chunks `$O.{subjects.BLOBS_BUCKET}.C.<nuid>`, metadata "
@@ -612,6 +638,9 @@ ROUTES: tuple[Route, ...] = (
     API_THREAD,
     API_MEMORY_TOOL,
     API_MEMORY_OPERATOR,
+    API_TOOLS,
+    API_BLOB,
+    API_DEAD_LETTERS,
     HEALTH,
     TOOL_CATALOG,
     BLOBS,

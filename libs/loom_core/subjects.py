@@ -94,6 +94,10 @@ API_TRACES_REBUILD = f"{PREFIX}.api.traces.rebuild"  # tracing: RebuildTracesQue
 API_THREAD = f"{PREFIX}.api.memory.thread"  # memory: ThreadQuery -> ThreadReply
 API_MEMORY_TOOL = f"{PREFIX}.api.memory.tool"  # memory, from tool calls: MemoryRequest
 API_MEMORY_OPERATOR = f"{PREFIX}.api.memory.operator"  # memory, from the CLI: MemoryRequest
+# read APIs a tenant's operator uses where the platform reads JetStream (planner)
+API_TOOLS = f"{PREFIX}.api.tools"  # ToolsQuery -> ToolsReply
+API_BLOB = f"{PREFIX}.api.blob"  # BlobQuery -> BlobReply
+API_DEAD_LETTERS = f"{PREFIX}.api.dead_letters"  # DeadLettersQuery -> DeadLettersReply
 
 
 def health(service: str) -> str:

@@ -104,3 +104,23 @@ def may_see(caller: str | None, owner: str) -> bool:
     """Whether a caller of tenant ``caller`` (None: the platform) may read or act on a
     thing of tenant ``owner``."""
     return caller is None or caller == owner
+
+
+def letter_owner(subject: str) -> tuple[str | None, str | None]:
+    """Whose a dead letter is, from the subject its message came on: ``(tenant, None)``
+    for a tenant's twin subject (what its users sent), ``(None, run_id)`` for a run's
+    event or inbox subject (the run's tenant's: look the run up), ``(None, None)`` for
+    anything else (the platform's only)."""
+    tenant, plain = split(subject)
+    if tenant is not None:
+        return tenant, None
+    parts = plain.split(".")
+    if len(parts) < 4 or parts[0] != subjects.PREFIX or not all(parts):
+        return None, None
+    if parts[1] == "run" and len(parts) == 4:  # loom.run.<run>.<event>
+        return None, parts[2]
+    if parts[1] == "inbox" and len(parts) == 4:  # loom.inbox.<run>.<source>, as published
+        return None, parts[2]
+    if parts[1] == "inbox" and len(parts) == 5 and parts[2].isdigit():  # as stored
+        return None, parts[3]
+    return None, None

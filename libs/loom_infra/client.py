@@ -7,6 +7,7 @@ Anything here can be done from another language with the subjects and schemas in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -21,6 +22,10 @@ from loom_core import blobs, codec, errors, routes, secrets, subjects, tenancy
 from loom_core.blobs import BlobRef
 from loom_core.contracts import (
     TERMINAL_EVENTS,
+    BlobQuery,
+    BlobReply,
+    DeadLettersQuery,
+    DeadLettersReply,
     ErrorInfo,
     EventRecord,
     ForkReply,
@@ -45,6 +50,9 @@ from loom_core.contracts import (
     ThreadEntry,
     ThreadQuery,
     ThreadReply,
+    ToolSpec,
+    ToolsQuery,
+    ToolsReply,
     TraceQuery,
     TraceReply,
 )
@@ -480,6 +488,70 @@ class LoomClient:
             return blobs.select(msgspec.json.decode(data), parsed, "REF")
         except blobs.BlobRefError as exc:
             raise LoomError(exc.error) from None
+
+    async def run_blob_chunks(
+        self, run_id: str, digest: str, page: int = 256 * 1024, timeout: float = 30.0
+    ) -> AsyncIterator[bytes]:
+        """The bytes of blob ``digest`` (``sha256:<hex>``) read through run ``run_id``,
+        whose events refer to it (``apiBlob``: how a tenant's user reads its runs' blobs;
+        the platform may too), a page per request; the sha256 of the whole is checked at
+        the end (``blob_corrupt``)."""
+        sha = hashlib.sha256()
+        offset: int | None = 0
+        while offset is not None:
+            query = BlobQuery(run_id=run_id, digest=digest, offset=offset, limit=page)
+            reply = await self._ask(subjects.API_BLOB, query, BlobReply, timeout)
+            if reply.error is not None:
+                raise LoomError(reply.error)
+            if reply.next_offset is not None and reply.next_offset <= offset:
+                raise LoomError(_stuck("blob", run_id, str(offset)))
+            sha.update(reply.data)
+            yield reply.data
+            offset = reply.next_offset
+        if "sha256:" + sha.hexdigest() != digest.lower():
+            raise LoomError(
+                ErrorInfo(
+                    code="blob_corrupt",
+                    message=f"the bytes read of blob {digest} do not match its sha256: "
+                    "read it again; if it persists, the stored blob is damaged",
+                )
+            )
+
+    async def run_blob_size(self, run_id: str, digest: str, timeout: float = 10.0) -> int:
+        """The size of blob ``digest`` of run ``run_id`` (``blob_not_found`` raised as
+        LoomError when the run is not the caller's or does not refer to it)."""
+        query = BlobQuery(run_id=run_id, digest=digest, limit=0)
+        reply = await self._ask(subjects.API_BLOB, query, BlobReply, timeout)
+        if reply.error is not None:
+            raise LoomError(reply.error)
+        return reply.size
+
+    async def tools(self, timeout: float = 10.0) -> list[ToolSpec]:
+        """The tool catalog (``apiTools``), page by page, by name."""
+        found: list[ToolSpec] = []
+        after: str | None = ""
+        while after is not None:
+            reply = await self._ask(
+                subjects.API_TOOLS, ToolsQuery(limit=1000, after=after), ToolsReply, timeout
+            )
+            if reply.error is not None:
+                raise LoomError(reply.error)
+            found.extend(reply.tools)
+            if reply.next_after is not None and reply.next_after <= after:
+                raise LoomError(_stuck("tool catalog", "-", after))
+            after = reply.next_after
+        return found
+
+    async def dead_letters(
+        self, after_seq: int = 0, limit: int = 50, rejects: bool = False, timeout: float = 30.0
+    ) -> DeadLettersReply:
+        """One page of the dead letters (``rejects``: rejected requests) the caller may
+        see, after stream sequence ``after_seq`` (``apiDeadLetters``)."""
+        query = DeadLettersQuery(after_seq=after_seq, limit=limit, rejects=rejects)
+        reply = await self._ask(subjects.API_DEAD_LETTERS, query, DeadLettersReply, timeout)
+        if reply.error is not None:
+            raise LoomError(reply.error)
+        return reply
 
     async def ping(self, service: str, timeout: float = 1.0) -> Pong:
         return await self._ask(subjects.health(service), Ping(), Pong, timeout)

@@ -85,6 +85,12 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     (routes.BLOBS.name, "toolrunner"): frozenset({"get", "browse"}),
     (routes.BLOBS.name, "operator"): frozenset({"get", "browse"}),
     (routes.BLOBS.name, "executor"): frozenset({"get"}),
+    # the planner serves a run's blob to whoever may see the run (apiBlob)
+    (routes.BLOBS.name, "planner"): frozenset({"get", "browse"}),
+    # ... and the dead letters and rejects a caller may see (apiDeadLetters), by
+    # sequence (get_msg next_by_subj)
+    (routes.DEAD_LETTER.name, "planner"): frozenset({"get"}),
+    (routes.REJECTED.name, "planner"): frozenset({"get"}),
     (routes.BLOBS.name, "client"): frozenset({"object_meta"}),
     # schedules: every executor watches the bucket (an ordered consumer) and reads a
     # key before each compare-and-set

@@ -44,6 +44,7 @@ from loom_cli.console import DEFAULT_PORT as CONSOLE_PORT
 from loom_cli.console import register as register_console_commands
 from loom_cli.control import register as register_control_commands
 from loom_cli.creds import register as register_creds_commands
+from loom_cli.deadletters import register as register_dead_letter_commands
 from loom_cli.debug import register as register_debug_commands
 from loom_cli.examples import add_examples
 from loom_cli.mcp import register as register_mcp_commands
@@ -622,6 +623,7 @@ register_trace_commands(app)
 register_tool_commands(app)
 register_mcp_commands(app)
 register_schedule_commands(app)
+register_dead_letter_commands(app)
 register_console_commands(app)
 add_examples(app)
 

@@ -5,6 +5,11 @@ input); ``loom blob get REF`` streams a stored value to stdout (or ``--out FILE`
 chunk by chunk, with ``--offset``/``--length`` to page through a large one; ``loom blob
 info REF`` says whether it is stored and how big it is. REF is a reference as JSON or
 just its digest ``sha256:<hex>``, as ``loom show`` prints it.
+
+``--run RUN`` reads the blob through a run whose events refer to it (the planner's
+``apiBlob``): how a tenant's operator (``LOOM_TENANT``) reads its runs' blobs, since it
+has no access to the blob bucket itself. A tenant cannot upload (``put``): its large
+inputs stay inline.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,6 +27,10 @@ from loom_cli.common import UrlOpt, connect, fail
 from loom_cli.render import stderr, stdout
 from loom_core import blobs
 from loom_infra.client import LoomClient, LoomError
+
+RunOpt = typer.Option(
+    None, "--run", help="read it through this run, whose events refer to it (a tenant must)"
+)
 
 
 def _ref_arg(text: str) -> dict[str, Any] | str:
@@ -48,6 +58,11 @@ def blob_put(
 
     async def main() -> dict[str, Any]:
         async with await connect(url) as client:
+            if client.tenant is not None:
+                raise fail(
+                    f"tenant {client.tenant}'s operator cannot upload blobs: pass the value "
+                    "inline in the run's input (it is stored with the run)"
+                )
             return await client.put_blob(value)
 
     try:
@@ -69,6 +84,7 @@ def blob_get(
     out: Path = typer.Option(None, "--out", "-O", help="write to this file, not stdout"),
     offset: int = typer.Option(0, "--offset", min=0, help="skip this many bytes"),
     length: int = typer.Option(None, "--length", min=0, help="write at most this many bytes"),
+    run: str = RunOpt,
     url: str = UrlOpt,
 ) -> None:
     """Write a stored value's bytes (its canonical JSON), streamed chunk by chunk; a
@@ -77,7 +93,7 @@ def blob_get(
 
     async def main(sink: BinaryIO) -> int:
         async with await connect(url) as client:
-            return await write_range(client, _ref_arg(ref), sink, offset, length)
+            return await write_range(client, _ref_arg(ref), sink, offset, length, run)
 
     try:
         if out is None:
@@ -93,18 +109,40 @@ def blob_get(
     stderr.print(f"{written} bytes", highlight=False)
 
 
+def _digest(ref: dict[str, Any] | str) -> str:
+    return str(ref.get(blobs.BLOB_KEY, "")) if isinstance(ref, dict) else ref
+
+
+def _chunks(client: LoomClient, ref: dict[str, Any] | str, run: str | None) -> AsyncIterator[bytes]:
+    """The blob's bytes: through ``run`` when given, else from the bucket (the
+    platform's operator only)."""
+    if run is not None:
+        return client.run_blob_chunks(run, _digest(ref))
+    if client.tenant is not None:
+        raise fail(_NEEDS_RUN.format(tenant=client.tenant))
+    return client.blob_chunks(ref)
+
+
+_NEEDS_RUN = (
+    "tenant {tenant}'s operator reads a blob through its run: add --run RUN_ID (the run "
+    "whose output or events hold the reference; `loom run` prints the command)"
+)
+
+
 async def write_range(
     client: LoomClient,
     ref: dict[str, Any] | str,
     sink: BinaryIO,
     offset: int = 0,
     length: int | None = None,
+    run: str | None = None,
 ) -> int:
-    """Write bytes ``[offset, offset + length)`` of the blob to ``sink``; the whole blob
-    is still read so its digest is checked. Returns the bytes written."""
+    """Write bytes ``[offset, offset + length)`` of the blob to ``sink`` (read through
+    ``run`` when given); the whole blob is still read so its digest is checked. Returns
+    the bytes written."""
     end = None if length is None else offset + length
     position = written = 0
-    async for chunk in client.blob_chunks(ref):
+    async for chunk in _chunks(client, ref, run):
         lo = max(offset - position, 0)
         hi = len(chunk) if end is None else min(end - position, len(chunk))
         if hi > lo:
@@ -116,13 +154,24 @@ async def write_range(
 
 def blob_info(
     ref: str = typer.Argument(..., help='a reference (JSON) or its digest "sha256:<hex>"'),
+    run: str = RunOpt,
     url: str = UrlOpt,
 ) -> None:
     """Is the blob stored, and how big is it."""
 
     async def main() -> blobs.BlobRef:
         async with await connect(url) as client:
-            return await client.blob_ref(_ref_arg(ref))
+            given = _ref_arg(ref)
+            if run is not None:
+                digest = _digest(given)
+                try:
+                    blobs.parse_ref({blobs.BLOB_KEY: digest, "bytes": 0}, "REF")
+                except blobs.BlobRefError as exc:
+                    raise LoomError(exc.error) from None
+                return blobs.BlobRef(digest, await client.run_blob_size(run, digest))
+            if client.tenant is not None:
+                raise fail(_NEEDS_RUN.format(tenant=client.tenant))
+            return await client.blob_ref(given)
 
     try:
         found = asyncio.run(main())

@@ -175,7 +175,8 @@ async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
     live = _LiveText()
     sub = None
     if not quiet:
-        subject = routes.MODEL_STREAM.subject(run_id=run_id)
+        # a tenant's run's text comes on its tenant's twin, which only its users hear
+        subject = client.scoped(routes.MODEL_STREAM.subject(run_id=run_id))
         sub = await client.nc.subscribe(subject, cb=live.on_chunk)
     try:
         # no timeout: a run may wait days for a person or an event; Ctrl-C leaves it running
@@ -262,7 +263,9 @@ def report_end(run_id: str, last: EventRecord, output: Output) -> int:
             except blobs.BlobRefError:
                 found = []
             for _, ref in found:
-                stderr.print(f"fetch {blobs.describe(ref)} with: loom blob get {ref.digest}")
+                stderr.print(
+                    f"fetch {blobs.describe(ref)} with: loom blob get {ref.digest} --run {run_id}"
+                )
         return ExitCode.OK if ok else ExitCode.FAILED
     error = getattr(event, "error", None)
     body: dict[str, Any] = {

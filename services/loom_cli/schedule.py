@@ -94,7 +94,16 @@ def _time(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value else "—"
 
 
-def _show(schedules: list[Schedule], output: Output) -> None:
+def _tenant(schedule: Schedule) -> str:
+    """Whose runs a schedule submits: a tenant's (its own users made it) or the
+    platform's (a token's tenant claim is shown, but its runs are the platform's)."""
+    who = schedule.principal
+    if who is not None and who.tenant_verified:
+        return schedule.tenant
+    return "platform" + (f" (claims {schedule.tenant})" if schedule.tenant != "default" else "")
+
+
+def _show(schedules: list[Schedule], output: Output, tenants: bool = False) -> None:
     if output is Output.json:
         stdout.print_json(dump(schedules))
         return
@@ -102,11 +111,12 @@ def _show(schedules: list[Schedule], output: Output) -> None:
         for s in schedules:
             stdout.print(codec.encode(s).decode(), markup=False, soft_wrap=True)
         return
-    table = Table("name", "when", "next", "state", "fired", "last run", box=None)
+    table = Table(*(["tenant"] if tenants else []), "name", "when", "next", "state", "fired",
+                  "last run", box=None)  # fmt: skip
     for s in schedules:
         state = "paused" if s.paused else ("done" if s.next_at is None else "active")
-        table.add_row(s.name, _when(s), _time(s.next_at), state, str(s.fired),
-                      s.last_run_id or "—")  # fmt: skip
+        table.add_row(*([_tenant(s)] if tenants else []), s.name, _when(s), _time(s.next_at),
+                      state, str(s.fired), s.last_run_id or "—")  # fmt: skip
     stdout.print(table)
 
 
@@ -177,20 +187,26 @@ def create(
 
 def list_(
     limit: int = typer.Option(100, "--limit", help="at most this many"),
+    every_tenant: bool = typer.Option(
+        False, "--every-tenant", help="every tenant's, with the tenant (the platform's operator)"
+    ),
     output: Output = OutputOpt,
     url: str = UrlOpt,
     token: str = TokenOpt,
 ) -> None:
-    """Your tenant's schedules by name, with their next fire time."""
+    """Your tenant's schedules by name, with their next fire time. The platform's
+    operator lists every tenant's with --every-tenant (and describes one with
+    `loom schedule describe NAME --tenant T`)."""
     found: list[Schedule] = []
     after = ""
     while len(found) < limit:
-        reply = _request(SchedulesQuery(limit=limit - len(found), after=after), url, token)
+        query = SchedulesQuery(limit=limit - len(found), after=after, every_tenant=every_tenant)
+        reply = _request(query, url, token)
         found += reply.schedules
         if reply.next_after is None:
             break
         after = reply.next_after
-    _show(found, output)
+    _show(found, output, tenants=every_tenant)
 
 
 def _control(action: str):
@@ -199,6 +215,21 @@ def _control(action: str):
     ) -> None:
         message = ScheduleControl(name=name, action=action)  # type: ignore[arg-type]
         _one(_request(message, url, token), output)
+
+    def describe(
+        name: str = NameArg,
+        tenant: str = typer.Option(
+            "", "--tenant", help="a tenant's schedule (the platform's operator only)"
+        ),
+        output: Output = OutputOpt,
+        url: str = UrlOpt,
+        token: str = TokenOpt,
+    ) -> None:
+        message = ScheduleControl(name=name, action="describe", tenant=tenant)
+        _one(_request(message, url, token), output)
+
+    if action == "describe":
+        command = describe  # type: ignore[assignment]
 
     command.__doc__ = {
         "describe": "One schedule: when it fires, its next time, what it fired, who it acts for.",

@@ -26,6 +26,8 @@ MAX_TOOLS = 10_000  # a catalog is small; this bounds a hostile one
 
 
 async def read_catalog(client: LoomClient) -> list[ToolSpec]:
+    if client.tenant is not None:  # a tenant's user reads no bucket: the planner answers
+        return sorted(await client.tools(), key=lambda s: s.name)
     kv = await bus.ensure_tools_bucket(client.js)
     try:
         keys = await kv.keys()

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.aio.msg import Msg
 
-from loom_core import codec, routes, subjects
+from loom_core import codec, routes, subjects, tenancy
 from loom_core.contracts import (
     ModelCallRequested,
     ModelChunk,
@@ -59,6 +59,7 @@ from loom_services.conversations import (
 from loom_services.models import Answer, ModelConfig, ModelLayer
 from loom_services.planning import plan_with_model, replan_with_model
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.tenant_reads import TenantReads
 from loom_services.throttle import CallThrottle, run_tenants
 
 log = logging.getLogger("loom.planner")
@@ -92,12 +93,16 @@ class PlannerService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        # the tenant of a run, asked once: for its call rate and its streamed text
+        self.tenant_runs = run_tenants(ctx.nc)
         self.throttle = CallThrottle(
-            load_quotas(self.settings.quotas_file), "model", run_tenants(ctx.nc)
+            load_quotas(self.settings.quotas_file), "model", self.tenant_runs
         )
         self.kv = await bus.ensure_tools_bucket(ctx.js)
         self.answers = await bus.ensure_model_answers_bucket(ctx.js)
         self.catalog = CatalogCache(self._read_catalog)  # one bucket read per second, not per run
+        # a tenant's reads of the catalog, its runs' blobs and its dead letters
+        await TenantReads(ctx, self.tool_catalog, self.tenant_runs).start()
         consumer = endpoints.durable(
             ctx.js, routes.RUN_EVENTS, self.name, "planner", handler=self.on_requests, batch=64
         )
@@ -264,12 +269,15 @@ class PlannerService:
         throttled_ms = await self.throttle.wait(record.run_id)  # the tenant's call rate
         started = datetime.now(UTC)
         pieces = itertools.count()
-        subject = routes.MODEL_STREAM.subject(run_id=record.run_id)
+        streamed: list[str] = []  # the subject, looked up at the first piece of text
 
         async def on_text(text: str) -> None:  # live only: the complete turn is the event
+            if not streamed:  # a tenant's run's text goes only to its tenant's twin
+                plain = routes.MODEL_STREAM.subject(run_id=record.run_id)
+                streamed.append(tenancy.scoped(plain, await self.tenant_runs(record.run_id)))
             chunk = ModelChunk(run_id=record.run_id, step_id=event.step_id, turn=event.turn,
                                seq=next(pieces), text=text)  # fmt: skip
-            await self.ctx.nc.publish(subject, codec.encode(chunk))
+            await self.ctx.nc.publish(streamed[0], codec.encode(chunk))
 
         key = f"turn:{request_digest(record.run_id, event)}"
         answer = await _beating(msg, self.once(key, lambda: self.layer.complete(

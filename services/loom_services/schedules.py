@@ -439,8 +439,13 @@ class Scheduler:
         request = self._decode(msg.data)
         if isinstance(request, ScheduleCreate):
             return await self.create(request, principal, msg.data)
+        platform = tenancy.split(msg.subject)[0] is None
         if isinstance(request, SchedulesQuery):
+            if request.every_tenant:
+                return self.every_listing(request, platform)
             return self.listing(request, principal)
+        if request.tenant:
+            return await self.describe_of(request, principal, platform)
         return await self.control(request, principal)
 
     def _principal(self, msg: Msg) -> Principal:
@@ -561,6 +566,62 @@ class Scheduler:
             schedules=[msgspec.structs.replace(s, run=None) for s in page],
             next_after=page[-1].name if more else None,
         )
+
+    def every_listing(self, query: SchedulesQuery, platform: bool) -> ScheduleReply:
+        """Every scope's schedules (the platform's operator only), by tenant then name;
+        ``after`` and ``next_after`` are ``<tenant>/<name>``. Each shows its tenant
+        (``Schedule.tenant``; a platform schedule's is its token's claim, with
+        ``principal.tenant_verified`` false)."""
+        if not platform:
+            raise ScheduleRefused(
+                "not_authorized", "only the platform's operator lists every tenant's "
+                "schedules; a tenant's operator lists its own (leave every_tenant out)",
+                "$.every_tenant",
+            )  # fmt: skip
+        if not 1 <= query.limit <= 10_000:
+            raise ScheduleRefused("invalid_query", "limit must be 1-10000", "$.limit")
+
+        def place(s: Schedule) -> str:
+            return f"{s.tenant}/{s.name}"
+
+        every = sorted((s for _, s in self.known.values()), key=place)
+        page = [s for s in every if place(s) > query.after][: min(query.limit, MAX_PAGE)]
+        more = bool(page) and place(page[-1]) != place(every[-1])
+        more = more and len(page) == min(query.limit, MAX_PAGE)
+        return ScheduleReply(
+            schedules=[msgspec.structs.replace(s, run=None) for s in page],
+            next_after=place(page[-1]) if more else None,
+        )
+
+    async def describe_of(
+        self, request: ScheduleControl, principal: Principal, platform: bool
+    ) -> ScheduleReply:
+        """A tenant's schedule described by the platform's operator (``tenant`` named);
+        changing it takes that tenant's credentials (a tenant's schedules are its own).
+        A tenant's operator may name only its own tenant (as if it named none)."""
+        tenant = tenancy.check_tenant(request.tenant)
+        if not platform:
+            if principal.tenant_verified and principal.tenant == tenant:
+                return await self.control(request, principal)
+            raise ScheduleRefused(
+                "not_authorized", "a tenant's operator acts only on its own schedules: "
+                "leave `tenant` out", "$.tenant",
+            )  # fmt: skip
+        if request.action != "describe":
+            raise ScheduleRefused(
+                "not_authorized", f"the platform's operator may describe tenant {tenant!r}'s "
+                f"schedules, not {request.action} them: use that tenant's credentials "
+                f"(LOOM_TENANT={tenant})", "$.action",
+            )  # fmt: skip
+        name = sched.check_name(request.name)
+        try:
+            entry = await self.kv.get(f"{VERIFIED_SCOPE}{tenant}.{name}")
+        except (KeyNotFoundError, KeyDeletedError):
+            raise ScheduleRefused(
+                "schedule_not_found", f"no schedule named {name!r} of tenant {tenant!r} "
+                "(loom schedule list --every-tenant)", "$.name",
+            ) from None  # fmt: skip
+        return ScheduleReply(schedule=codec.decode(entry.value, Schedule))
 
     async def control(self, request: ScheduleControl, principal: Principal) -> ScheduleReply:
         name = sched.check_name(request.name)

@@ -271,6 +271,7 @@ def test_request_reply_operations_reply_on_the_request_inbox() -> None:
         subjects.API_RUN_EVENTS, subjects.API_RUNS, subjects.API_TRACE, subjects.API_THREAD,
         subjects.API_TRACES, subjects.API_TRACES_SLOWEST, subjects.API_TRACES_USAGE,
         subjects.API_TRACES_REBUILD, subjects.API_MEMORY_TOOL, subjects.API_MEMORY_OPERATOR,
+        subjects.API_TOOLS, subjects.API_BLOB, subjects.API_DEAD_LETTERS,
     }  # fmt: skip
     assert {subjects.CONTROL, subjects.RESUME} <= set(replying)
 

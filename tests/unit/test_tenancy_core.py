@@ -141,3 +141,43 @@ def test_loom_creds_generate_issues_a_tenants_client_and_operator(tmp_path: Path
     assert "acme" not in (tmp_path / "secrets.yaml").read_text().replace("nats.conf", "")
     bad = runner.invoke(app, ["creds", "generate", "--out", str(tmp_path), "--tenant", "A.B"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+RUN_ID = st.from_regex(r"[A-Za-z0-9_-]{1,40}", fullmatch=True)
+
+
+@given(TENANT, PLAIN)
+def test_a_letter_sent_on_a_tenants_twin_is_that_tenants(tenant: str, plain: str) -> None:
+    assert tenancy.letter_owner(tenancy.twin(plain, tenant)) == (tenant, None)
+
+
+@given(RUN_ID, st.sampled_from(["tool", "plan", "model", "timer"]), st.integers(0, 1023))
+def test_a_letter_about_a_run_names_the_run(run_id: str, source: str, partition: int) -> None:
+    # the run's tenant is then looked up: a letter is its run's tenant's
+    assert tenancy.letter_owner(subjects.inbox(run_id, source)) == (None, run_id)
+    stored = f"{subjects.PREFIX}.inbox.{partition}.{run_id}.{source}"
+    assert tenancy.letter_owner(stored) == (None, run_id)
+    assert tenancy.letter_owner(subjects.run_events_of(run_id).replace(">", "run_completed")) == (
+        None, run_id,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["loom.submit.client", "loom.control", "loom.signal.payment.A-17", "loom.run..x",
+     "loom.inbox.R1", "other.run.R1.x", "loom.stream.R1", "", "loom.inbox.x.R1.tool"],
+)  # fmt: skip
+def test_a_platform_letter_is_nobodys_but_the_platforms(subject: str) -> None:
+    assert tenancy.letter_owner(subject) == (None, None)
+
+
+def test_a_tenant_operator_reads_tools_blobs_and_dead_letters_only_on_its_twins() -> None:
+    acme = permissions("operator@acme")
+    for plain in (subjects.API_TOOLS, subjects.API_BLOB, subjects.API_DEAD_LETTERS):
+        assert acme.may_publish(tenancy.twin(plain, "acme"))
+        assert not acme.may_publish(plain) and not acme.may_publish(tenancy.twin(plain, "globex"))
+        assert not permissions("client@acme").may_publish(tenancy.twin(plain, "acme"))
+    # its runs' streamed model text: its own twin only
+    assert acme.may_subscribe("loom.t.acme.stream.R1")
+    assert not acme.may_subscribe("loom.stream.R1") and not acme.may_subscribe("loom.t.*.stream.R1")
+    assert permissions("planner").may_publish("loom.t.acme.stream.R1")
