@@ -22,8 +22,13 @@ from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
 from loom_cli.schedule import ask as ask_schedule
-from loom_core import codec, routes, subjects, tenancy
+from loom_cli.tools import read_catalog
+from loom_core import blobs, codec, routes, subjects, tenancy
 from loom_core.contracts import (
+    BlobQuery,
+    BlobReply,
+    DeadLettersQuery,
+    DeadLettersReply,
     ForkRun,
     MemoryReply,
     MemoryRequest,
@@ -39,7 +44,10 @@ from loom_core.contracts import (
     SchedulesQuery,
     SlowestStepsQuery,
     SlowestStepsReply,
+    StoredDeadLetter,
     SubmitRejected,
+    ToolsQuery,
+    ToolsReply,
     TracesQuery,
     TracesReply,
     UsageQuery,
@@ -47,7 +55,7 @@ from loom_core.contracts import (
 )
 from loom_core.routes import ROUTES
 from loom_infra.client import LoomClient, LoomError
-from loom_infra.settings import Settings, StoreSettings
+from loom_infra.settings import BlobSettings, Settings, StoreSettings
 from loom_services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
@@ -67,6 +75,11 @@ class World:
     waiting: str  # acme's run suspended on an approval (label manager)
     signal_wait: str  # acme's run waiting for the event payment/A-17
     own: str  # globex's own completed run
+    platform: LoomClient  # the platform's operator (plain subjects)
+    blob_run: str  # acme's completed run whose output is a blob
+    blob: str  # that blob's digest
+    own_blob_run: str  # globex's, likewise
+    own_blob: str
 
     async def refused_publish(self, who: str, subject: str) -> None:
         conn = self.raw[who]
@@ -321,6 +334,166 @@ async def api_memory_operator(w: World) -> None:
     assert "acme" in msgspec.json.encode(mine.result).decode()
 
 
+FORGED = "sha256:" + "ab" * 32
+
+
+async def _blob_refusal(w: World, run_id: str, digest: str) -> tuple[object, ...]:
+    with pytest.raises(LoomError) as refused:
+        b"".join([c async for c in w.globex.run_blob_chunks(run_id, digest)])
+    info = refused.value.info
+    shown = info.message.replace(run_id, "<run>").replace(digest, "<blob>")
+    return info.code, shown, info.path, msgspec.json.encode(info.details)
+
+
+async def api_blob(w: World) -> None:
+    # acme reads its run's blob through the run, and only the bytes stored
+    mine = b"".join([c async for c in w.acme.run_blob_chunks(w.blob_run, w.blob)])
+    assert blobs.digest_of(mine) == w.blob
+    assert await w.acme.run_blob_size(w.blob_run, w.blob) == len(mine) > 1024
+    # globex: acme's run, acme's blob through its own run, a run that exists nowhere,
+    # a blob never stored: one answer, which tells nothing of acme's run or blob
+    answers = {
+        await _blob_refusal(w, w.blob_run, w.blob),
+        await _blob_refusal(w, w.own_blob_run, w.blob),
+        await _blob_refusal(w, "no-such-run-anywhere", w.blob),
+        await _blob_refusal(w, w.own_blob_run, FORGED),
+        await _blob_refusal(w, w.blob_run, FORGED),
+    }
+    assert len(answers) == 1 and next(iter(answers))[0] == "blob_not_found", answers
+    # its own run's blob it reads
+    theirs = b"".join([c async for c in w.globex.run_blob_chunks(w.own_blob_run, w.own_blob)])
+    assert blobs.digest_of(theirs) == w.own_blob
+    # hostile queries: typed errors naming the field, nothing read
+    for run_id in ("*", ">", "a.b", "loom.t.acme", " ", "x" * 300, ""):
+        reply = await w.globex.ask(
+            subjects.API_BLOB, BlobQuery(run_id=run_id, digest=w.blob), BlobReply, 10
+        )
+        assert reply.error is not None and reply.error.code == "invalid_run_id", run_id
+        assert reply.error.path == "$.run_id" and not reply.data
+    for digest in ("sha256:*", "sha256:" + "zz" * 32, "../" + w.blob, w.blob + ".x", ""):
+        reply = await w.globex.ask(
+            subjects.API_BLOB, BlobQuery(run_id=w.own_blob_run, digest=digest), BlobReply, 10
+        )
+        assert reply.error is not None and reply.error.code == "bad_blob_reference", digest
+    for query in (
+        BlobQuery(run_id=w.own_blob_run, digest=w.own_blob, offset=-1),
+        BlobQuery(run_id=w.own_blob_run, digest=w.own_blob, limit=-5),
+    ):
+        reply = await w.globex.ask(subjects.API_BLOB, query, BlobReply, 10)
+        assert reply.error is not None and reply.error.code == "invalid_query"
+    # a huge page asked for is cut to what one reply carries; a malformed request is
+    # a typed refusal
+    huge = BlobQuery(run_id=w.own_blob_run, digest=w.own_blob, limit=10**12)
+    page = await w.globex.ask(subjects.API_BLOB, huge, BlobReply, 10)
+    assert page.error is None and page.data == theirs[: len(page.data)]
+    raw = await w.globex.nc.request(w.globex.scoped(subjects.API_BLOB), b'{"run_id": 1}', 10)
+    assert codec.decode(raw.data, BlobReply).error.code == "invalid_shape"  # type: ignore[union-attr]
+    # the platform reads every tenant's run's blob
+    assert blobs.digest_of(
+        b"".join([c async for c in w.platform.run_blob_chunks(w.blob_run, w.blob)])
+    ) == w.blob  # fmt: skip
+    await w.refused_publish("operator", subjects.API_BLOB)
+    await w.refused_publish("operator", tenancy.twin(subjects.API_BLOB, "acme"))
+    await w.refused_publish("client", tenancy.twin(subjects.API_BLOB, "globex"))
+
+
+async def api_tools(w: World) -> None:
+    theirs = await w.globex.tools()
+    names = [t.name for t in theirs]
+    assert "echo" in names and names == sorted(names)
+    # one catalog for every tenant: the platform's, as the bucket holds it
+    assert [t.name for t in await w.acme.tools()] == names
+    assert [t.name for t in await read_catalog(w.platform)] == names
+    for limit in (0, -1, 10**6):
+        reply = await w.globex.ask(subjects.API_TOOLS, ToolsQuery(limit=limit), ToolsReply, 10)
+        assert reply.error is not None and reply.error.code == "invalid_query"
+    paged = await w.globex.ask(subjects.API_TOOLS, ToolsQuery(limit=2), ToolsReply, 10)
+    assert [t.name for t in paged.tools] == names[:2] and paged.next_after == names[1]
+    await w.refused_publish("operator", subjects.API_TOOLS)
+    await w.refused_publish("operator", tenancy.twin(subjects.API_TOOLS, "acme"))
+
+
+SECRET = "hunter2-do-not-show"  # noqa: S105 - a canary, not a secret
+
+
+async def _letters(client: LoomClient, rejects: bool) -> list[StoredDeadLetter]:
+    found: list[StoredDeadLetter] = []
+    after: int | None = 0
+    while after is not None:
+        page = await client.dead_letters(after, 500, rejects)
+        found += page.letters
+        after = page.next_after_seq
+    return found
+
+
+async def api_dead_letters(w: World) -> None:
+    # acme's user sends a malformed control request (a secret in it) on its twin; a
+    # toolrunner sends garbage to acme's run's inbox; globex sends a malformed submit
+    acme_raw = await connect(w.stack.url, w.stack.credentials, tenancy.user("operator", "acme"))
+    runner = await connect(w.stack.url, w.stack.credentials, "toolrunner")
+    try:
+        bad = {"type": "runs_query", "limit": 5, "password": SECRET}
+        await acme_raw.nc.request(  # type: ignore[union-attr]
+            tenancy.twin(subjects.API_RUNS, "acme"), msgspec.json.encode(bad), timeout=10
+        )
+        garbage = {"type": "tool_result", "api_key": SECRET, "run_id": w.done}
+        await runner.nc.publish(  # type: ignore[union-attr]
+            routes.INBOX_TOOL.subject(run_id=w.done), msgspec.json.encode(garbage)
+        )
+        await runner.nc.flush()  # type: ignore[union-attr]
+    finally:
+        await acme_raw.nc.close()  # type: ignore[union-attr]
+        await runner.nc.close()  # type: ignore[union-attr]
+    reply = await w.globex_client.submit_raw(b'{"plan": 12, "token": "' + SECRET.encode() + b'"}')
+    assert isinstance(reply, SubmitRejected)
+
+    def about(letters: list[StoredDeadLetter], needle: str) -> list[StoredDeadLetter]:
+        return [x for x in letters if needle in x.letter.origin_subject]
+
+    async def seen(client: LoomClient, rejects: bool, needle: str) -> list[StoredDeadLetter]:
+        return about(await _letters(client, rejects), needle)
+
+    # the platform sees every letter; each tenant only its own
+    await eventually(lambda: seen(w.platform, True, "loom.t.acme.api.runs"), "acme's reject")
+    await eventually(lambda: seen(w.platform, True, "loom.t.globex.submit"), "globex's reject")
+    await eventually(lambda: seen(w.platform, False, f"inbox.{w.done}."), "the run's letter")
+    acme_rejects = await _letters(w.acme, rejects=True)
+    acme_letters = await _letters(w.acme, rejects=False)
+    globex_rejects = await _letters(w.globex, rejects=True)
+    globex_letters = await _letters(w.globex, rejects=False)
+    assert about(acme_rejects, "loom.t.acme.api.runs") and about(acme_letters, w.done)
+    assert all(tenancy.letter_owner(x.letter.origin_subject)[0] in ("acme", None)
+               for x in acme_rejects + acme_letters)  # fmt: skip
+    assert about(globex_rejects, "loom.t.globex.submit.client")
+    assert not about(globex_rejects + globex_letters, "acme")
+    assert not about(globex_letters, w.done)
+    assert not about(acme_rejects, "globex")
+    every = acme_rejects + acme_letters + globex_rejects + globex_letters
+    every += await _letters(w.platform, True) + await _letters(w.platform, False)
+    assert SECRET not in codec.encode(every).decode()  # redacted when written
+    # paging by sequence: a page and the rest are the whole, in order
+    first = await w.acme.dead_letters(0, 1, rejects=True)
+    assert len(first.letters) == 1 and first.next_after_seq is not None
+    rest = await _letters_after(w.acme, first.next_after_seq)
+    assert [x.seq for x in first.letters + rest] == [x.seq for x in acme_rejects]
+    for query in (DeadLettersQuery(limit=0), DeadLettersQuery(limit=10**6),
+                  DeadLettersQuery(after_seq=-1)):  # fmt: skip
+        refused = await w.globex.ask(subjects.API_DEAD_LETTERS, query, DeadLettersReply, 10)
+        assert refused.error is not None and refused.error.code == "invalid_query", query
+    await w.refused_publish("operator", subjects.API_DEAD_LETTERS)
+    await w.refused_publish("operator", tenancy.twin(subjects.API_DEAD_LETTERS, "acme"))
+
+
+async def _letters_after(client: LoomClient, after: int) -> list[StoredDeadLetter]:
+    found: list[StoredDeadLetter] = []
+    cursor: int | None = after
+    while cursor is not None:
+        page = await client.dead_letters(cursor, 500, rejects=True)
+        found += page.letters
+        cursor = page.next_after_seq
+    return found
+
+
 async def health(w: World) -> None:
     pong = await w.globex.ping("executor")  # liveness only: nothing of any tenant
     assert set(msgspec.to_builtins(pong)) <= {"type", "service", "instance", "error"}
@@ -331,7 +504,7 @@ async def tool_catalog(w: World) -> None:
     await w.refused_stream(routes.TOOL_CATALOG.stream or "")
 
 
-async def blobs(w: World) -> None:
+async def blob_store(w: World) -> None:
     await w.refused_publish("client", _route(routes.BLOBS))
     await w.refused_stream(routes.BLOBS.stream or "")
 
@@ -370,6 +543,7 @@ async def schedule(w: World) -> None:
         assert theirs[0] == "schedule_not_found"
     after = await _scheduled(w.acme, ScheduleControl(name="nightly", action="describe"))
     assert after.schedule == before.schedule  # nothing globex did touched it
+    await _every_tenants_schedules(w, before.schedule)
     # globex's own schedule of that name is another one, with globex's runs
     own = await _scheduled(w.globex, ScheduleCreate(
         name="nightly", when=ScheduleSpec(every="1h"), run=hello))  # fmt: skip
@@ -394,6 +568,56 @@ async def schedule(w: World) -> None:
     await w.refused_publish("operator", tenancy.twin(_route(routes.SCHEDULE), "acme"))
     await w.refused_publish("client", tenancy.twin(_route(routes.SCHEDULE), "globex"))
     await w.refused_publish("client", tenancy.twin(_route(routes.SCHEDULE, via="client"), "globex"))
+
+
+async def _every_tenants_schedules(w: World, acmes: Schedule | None) -> None:
+    """The platform's operator lists and describes every tenant's schedules (each with
+    its tenant), but changes none (that takes the tenant's credentials); a tenant asks
+    for neither, and learns nothing of another's schedule names by trying."""
+    assert acmes is not None
+    every = await _scheduled(w.platform, SchedulesQuery(every_tenant=True))
+    assert every.error is None, every.error
+    shown = {(s.tenant, s.name) for s in every.schedules}
+    assert ("acme", "nightly") in shown
+    assert all(s.run is None for s in every.schedules)  # a listing leaves the run out
+    paged = await _scheduled(w.platform, SchedulesQuery(every_tenant=True, limit=1))
+    first = paged.schedules[0]
+    more = f"{first.tenant}/{first.name}" if len(every.schedules) > 1 else None
+    assert len(paged.schedules) == 1 and paged.next_after == more
+    described = await _scheduled(
+        w.platform, ScheduleControl(name="nightly", action="describe", tenant="acme")
+    )
+    assert described.error is None and described.schedule is not None, described.error
+    assert described.schedule.schedule_id == acmes.schedule_id
+    assert described.schedule.tenant == "acme"
+    missing = await _scheduled(
+        w.platform, ScheduleControl(name="nightly", action="describe", tenant="globex")
+    )
+    assert missing.error is not None and missing.error.code == "schedule_not_found"
+    for action in ("pause", "delete", "trigger"):
+        refused = await _scheduled(
+            w.platform,
+            ScheduleControl(name="nightly", action=action, tenant="acme"),  # type: ignore[arg-type]
+        )
+        assert refused.error is not None and refused.error.code == "not_authorized", action
+    for bad in ("a.b", "*", ">", "default", "ACME", "x" * 41):
+        refused = await _scheduled(
+            w.platform, ScheduleControl(name="nightly", action="describe", tenant=bad)
+        )
+        assert refused.error is not None and refused.error.code == "invalid_tenant", bad
+    # a tenant: not every tenant's, and naming another tenant is refused alike whether
+    # that tenant has the schedule or not
+    theirs = await _scheduled(w.globex, SchedulesQuery(every_tenant=True))
+    assert theirs.error is not None and theirs.error.code == "not_authorized"
+    assert not theirs.schedules
+    refusals = set()
+    for name in ("nightly", "no-such-schedule"):
+        reply = await _scheduled(
+            w.globex, ScheduleControl(name=name, action="describe", tenant="acme")
+        )
+        assert reply.error is not None and reply.schedule is None
+        refusals.add((reply.error.code, reply.error.message, reply.error.path))
+    assert len(refusals) == 1 and next(iter(refusals))[0] == "not_authorized"
 
 
 async def _done(client: LoomClient, name: str, action: str) -> ScheduleReply:
@@ -466,9 +690,12 @@ ATTACKS: dict[str, Attack] = {
     "apiThread": api_thread,
     "apiMemoryTool": api_memory_tool,
     "apiMemoryOperator": api_memory_operator,
+    "apiTools": api_tools,
+    "apiBlob": api_blob,
+    "apiDeadLetters": api_dead_letters,
     "health": health,
     "toolCatalog": tool_catalog,
-    "blobs": blobs,
+    "blobs": blob_store,
     "schedule": schedule,
     "scheduleStore": schedule_store,
     "modelAnswers": model_answers,
@@ -492,11 +719,14 @@ async def test_no_route_reads_or_writes_across_tenants(
         nats_url="nats://127.0.0.1:4222",
         store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
         tenants=("acme", "globex"),
+        # a step output over 1 KiB is stored as a blob (the runs' blob outputs)
+        blobs=BlobSettings(threshold_bytes=1024),
     )
     async with LocalStack(settings, nats_port=-1) as stack:
         acme = await stack.client(tenant="acme")
         globex = await stack.client(tenant="globex")
         globex_client = await stack.client("client", tenant="globex")
+        platform = await stack.client()
         assert stack.credentials is not None
         raw = {
             role: await connect(stack.url, stack.credentials, tenancy.user(role, "globex"))
@@ -509,6 +739,8 @@ async def test_no_route_reads_or_writes_across_tenants(
         wait_event = load_run_request(EXAMPLES / "wait-event.yaml", [], None)
         signal_wait = (await acme.submit(wait_event)).run_id
         own = (await globex.submit(msgspec.structs.replace(hello, thread_id="t1"))).run_id
+        blob_run, blob = await _blob_output(acme, "acme's big output ")
+        own_blob_run, own_blob = await _blob_output(globex, "globex's big output ")
         assert isinstance((await acme.wait(done, timeout=30))[-1].event, RunCompleted)
         await until(acme, waiting, having("step_suspended"), 30)
         await until(acme, signal_wait, having("event_wait_started"), 30)
@@ -516,7 +748,8 @@ async def test_no_route_reads_or_writes_across_tenants(
         # the read model has every run before the queries run
         for client, run_id in ((acme, done), (acme, waiting), (globex, own)):
             await eventually(lambda c=client, r=run_id: _has_run(c, r), f"{run_id} listed")
-        world = World(stack, acme, globex, globex_client, raw, done, waiting, signal_wait, own)
+        world = World(stack, acme, globex, globex_client, raw, done, waiting, signal_wait, own,
+                      platform, blob_run, blob, own_blob_run, own_blob)  # fmt: skip
         try:
             before = await world.acme_history()
             for route in ROUTES:
@@ -534,8 +767,22 @@ async def test_no_route_reads_or_writes_across_tenants(
             for conn in raw.values():
                 assert conn.nc is not None
                 await conn.nc.close()
-            for client in (acme, globex, globex_client):
+            for client in (acme, globex, globex_client, platform):
                 await client.close()
+
+
+async def _blob_output(client: LoomClient, text: str) -> tuple[str, str]:
+    """A completed run of ``client``'s whose output (a tool's, over the 1 KiB blob
+    threshold) is a blob: its run id and the blob's digest."""
+    plan = {"steps": [{"kind": "tool", "id": "big", "tool": "echo",
+                       "input": {"message": "{{ input.text }}"}}],
+            "output": "{{ steps.big.output }}"}  # fmt: skip
+    request = msgspec.convert({"plan": plan, "input": {"text": text * 200}}, RunRequest)
+    run_id = (await client.submit(request)).run_id
+    last = (await client.wait(run_id, timeout=30))[-1].event
+    assert isinstance(last, RunCompleted), last
+    ((_, ref),) = blobs.find_refs(msgspec.to_builtins(last.output))
+    return run_id, ref.digest
 
 
 async def _has_run(client: LoomClient, run_id: str) -> bool:
