@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -36,6 +37,7 @@ from loom_core.contracts import (
     RunCompleted,
     RunProgress,
     RunRequest,
+    RunsReply,
     Schedule,
     ScheduleControl,
     ScheduleCreate,
@@ -897,3 +899,213 @@ async def test_the_cli_manages_only_the_schedules_of_the_tenant_loom_tenant_name
         async with await stack.client(tenant="acme") as acme:
             first = (await acme.wait(run_id, timeout=30))[0].event
             assert first.principal.tenant == "acme" and first.principal.tenant_verified  # type: ignore[union-attr]
+        # the platform's operator (no LOOM_TENANT) lists every tenant's, with the tenant,
+        # and describes one; acme's CLI may not
+        platform_env = {k: v for k, v in env.items() if k != "LOOM_TENANT"}
+
+        def platform_cli(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([loom, "schedule", *args], env=platform_env,
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert "Traceback" not in done.stderr + done.stdout, done.stderr
+            return done
+
+        every = await asyncio.to_thread(platform_cli, "list", "--every-tenant", "-o", "json")
+        assert every.returncode == 0, every.stderr
+        assert {(s["tenant"], s["name"]) for s in msgspec.json.decode(every.stdout)} == {
+            ("acme", "nightly"), ("globex", "theirs"),
+        }  # fmt: skip
+        table = await asyncio.to_thread(platform_cli, "list", "--every-tenant")
+        assert "tenant" in table.stdout and "globex" in table.stdout, table.stdout
+        one = await asyncio.to_thread(platform_cli, "describe", "theirs", "--tenant", "globex")
+        assert one.returncode == 0 and "tenant globex" in one.stdout, one
+        mine = await asyncio.to_thread(platform_cli, "list", "-o", "json")
+        assert msgspec.json.decode(mine.stdout) == []  # the platform's own: none
+        refused = await asyncio.to_thread(cli, "list", "--every-tenant")
+        assert refused.returncode != 0 and "not_authorized" in refused.stderr, refused
+        other = await asyncio.to_thread(cli, "describe", "theirs", "--tenant", "globex")
+        assert other.returncode != 0 and "not_authorized" in other.stderr, other
+
+
+async def test_a_tenants_streamed_model_text_reaches_only_its_own_operator(
+    tmp_path: Path,
+) -> None:
+    """The planner sends a tenant's run's streamed model text on that tenant's twin
+    (``loom.t.<tenant>.stream.<run>``): its operator hears every piece, in order; another
+    tenant's operator and the platform's plain subject hear nothing of it. ``LOOM_TENANT=acme
+    loom run`` (a separate OS process) shows the text live."""
+    import os
+    import subprocess
+    import sys
+
+    from test_agents import agent_plan, write_models  # type: ignore[import-not-found]
+
+    from loom_core.contracts import ModelChunk
+    from loom_infra.fakemodel import FakeModelServer, Reply, ToolCall
+
+    answer = "Lisbon is the capital of Portugal, on the Tagus."
+    with FakeModelServer() as server:
+        settings = Settings(
+            nats_url="nats://127.0.0.1:4222",
+            store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+            tenants=("acme", "globex"),
+            models_file=write_models(tmp_path / "models.yaml", server.base_url, stream=True),
+        )
+        async with LocalStack(settings, nats_port=-1) as stack:
+            acme = await stack.client(tenant="acme")
+            globex = await stack.client(tenant="globex")
+            platform = await stack.client()
+            heard: dict[str, list[ModelChunk]] = {"acme": [], "globex": [], "platform": []}
+            got_all = asyncio.Event()
+
+            def hear(who: str) -> Callable[[Any], Awaitable[None]]:
+                async def on_chunk(msg: Any) -> None:
+                    heard[who].append(codec.decode(msg.data, ModelChunk))
+                    if "".join(c.text for c in heard["acme"] if c.turn == 2) == answer:
+                        got_all.set()
+
+                return on_chunk
+
+            run_id = "acme-streamed"
+            subs = [
+                await acme.nc.subscribe(
+                    acme.scoped(subjects.model_stream(run_id)), cb=hear("acme")
+                ),
+                await globex.nc.subscribe(globex.scoped("loom.stream.*"), cb=hear("globex")),
+                await platform.nc.subscribe("loom.stream.*", cb=hear("platform")),
+            ]
+            for client in (acme, globex, platform):
+                await client.nc.flush()
+            server.script(
+                "main-model",
+                Reply(content="Let me check.", tool_calls=[ToolCall("echo", {"message": "x"})]),
+                Reply(content=answer),
+            )
+            request = RunRequest(plan=agent_plan(), input={"question": "q"}, run_id=run_id)
+            await acme.submit(request)
+            records = await acme.wait(run_id, timeout=30)
+            assert isinstance(records[-1].event, RunCompleted), records[-1]
+            async with asyncio.timeout(30):  # plain NATS: the last pieces may trail the events
+                await got_all.wait()
+            first = [c for c in heard["acme"] if c.turn == 1]
+            assert "".join(c.text for c in first) == "Let me check."
+            assert all(c.run_id == run_id for c in heard["acme"])
+            # the platform's own run still streams on the plain subject (its operator
+            # follows the stream there); nothing of acme's reached it or globex
+            server.script("main-model", Reply(content="platform's answer"))
+            mine = RunRequest(plan=agent_plan(), input={"question": "q"}, run_id="plain-run")
+            await platform.submit(mine)
+            await platform.wait("plain-run", timeout=30)
+            await eventually(
+                lambda: _async(any(c.run_id == "plain-run" for c in heard["platform"])),
+                "the platform's run's text on the plain subject",
+            )
+            assert all(c.run_id == "plain-run" for c in heard["platform"])
+            assert heard["globex"] == []
+            for sub in subs:
+                await sub.unsubscribe()
+            # the CLI of acme's tenant shows its run's text live
+            env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+            env.update(LOOM_NATS_URL=stack.url, LOOM_TENANT="acme", LOOM_LOG_LEVEL="WARNING",
+                       LOOM_CREDS_DIR=str(stack.settings.credentials_dir))  # fmt: skip
+            plan_file = tmp_path / "agent.json"
+            plan_file.write_text(
+                msgspec.json.encode({"plan": agent_plan(), "input": {"question": "q"}}).decode()
+            )
+            server.script(
+                "main-model",
+                Reply(content="Let me check.", tool_calls=[ToolCall("echo", {"message": "x"})]),
+                Reply(content=answer),
+            )
+            loom = str(Path(sys.executable).parent / "loom")
+            ran = await asyncio.to_thread(
+                subprocess.run, [loom, "run", str(plan_file)], env=env, capture_output=True,
+                text=True, timeout=60,
+            )  # fmt: skip
+            assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+            assert "think turn 2: " + answer in ran.stderr.replace("\n", ""), ran.stderr
+            for client in (acme, globex, platform):
+                await client.close()
+
+
+async def test_the_cli_reads_tools_blobs_and_dead_letters_of_the_tenant_loom_tenant_names(
+    tmp_path: Path,
+) -> None:
+    """``LOOM_TENANT=acme loom tools / blob get --run / blob info --run / dead-letters``,
+    separate OS processes with acme's operator key: the catalog, acme's run's blob, and
+    acme's own rejected requests; globex's blob is "not found" to it; what a tenant cannot
+    do (read a blob without its run, upload) says what to do instead. No traceback."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+        tenants=("acme", "globex"),
+        blobs=BlobSettings(threshold_bytes=1024),
+    )
+    loom = str(Path(sys.executable).parent / "loom")
+    async with LocalStack(settings, nats_port=-1) as stack:
+        async with await stack.client(tenant="globex") as globex:
+            their_run, their_blob = await _blob_output(globex, "globex's own ")
+            bad = await globex.nc.request(globex.scoped(subjects.API_RUNS), b"[1]", timeout=10)
+            assert codec.decode(bad.data, RunsReply).error is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+        env.update(LOOM_NATS_URL=stack.url, LOOM_TENANT="acme", LOOM_LOG_LEVEL="WARNING",
+                   LOOM_CREDS_DIR=str(stack.settings.credentials_dir))  # fmt: skip
+
+        def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+            done = subprocess.run([loom, *args], env=env, capture_output=True, timeout=60,
+                                  cwd=tmp_path)  # fmt: skip
+            assert b"Traceback" not in done.stderr + done.stdout, done.stderr
+            return done
+
+        plan = {"steps": [{"kind": "tool", "id": "big", "tool": "echo",
+                           "input": {"message": "{{ input.text }}"}}],
+                "output": "{{ steps.big.output }}"}  # fmt: skip
+        (tmp_path / "big.json").write_text(
+            msgspec.json.encode({"plan": plan, "input": {"text": "acme's " * 400}}).decode()
+        )
+        ran = await asyncio.to_thread(cli, "run", "big.json", "-o", "json")
+        assert ran.returncode == 0, ran.stderr
+        body = msgspec.json.decode(ran.stdout)
+        ((_, ref),) = blobs.find_refs(body["output"])
+        run_id = body["run_id"]
+        shown = await asyncio.to_thread(cli, "run", "big.json")  # the text form: the command
+        assert f"loom blob get {ref.digest} --run " in shown.stderr.decode(), shown.stderr
+        got = await asyncio.to_thread(cli, "blob", "get", ref.digest, "--run", run_id)
+        assert got.returncode == 0, got.stderr
+        assert blobs.digest_of(got.stdout) == ref.digest and b"acme's" in got.stdout
+        info = await asyncio.to_thread(cli, "blob", "info", ref.digest, "--run", run_id)
+        assert info.returncode == 0 and b"2.8 KB" in info.stdout, info
+        for command in (("blob", "get", their_blob, "--run", their_run),
+                        ("blob", "get", their_blob, "--run", run_id),
+                        ("blob", "info", their_blob, "--run", their_run)):  # fmt: skip
+            refused = await asyncio.to_thread(cli, *command)
+            assert refused.returncode == 1 and b"blob_not_found" in refused.stderr, refused
+        bare = await asyncio.to_thread(cli, "blob", "get", ref.digest)
+        assert bare.returncode != 0 and b"--run" in bare.stderr, bare.stderr
+        (tmp_path / "v.json").write_text('{"x": 1}')
+        upload = await asyncio.to_thread(cli, "blob", "put", "v.json")
+        assert upload.returncode != 0 and b"inline" in upload.stderr, upload.stderr
+        tools = await asyncio.to_thread(cli, "tools", "-o", "json")
+        assert tools.returncode == 0, tools.stderr
+        assert "echo" in {t["name"] for t in msgspec.json.decode(tools.stdout)}
+        shown_tool = await asyncio.to_thread(cli, "tools", "show", "echo")
+        assert shown_tool.returncode == 0 and b"input schema" in shown_tool.stdout
+        # acme's own mistake is in its rejects; globex's is not
+        async with await stack.client(tenant="acme") as acme:
+            bad = await acme.nc.request(acme.scoped(subjects.API_RUNS), b"[2]", timeout=10)
+            assert codec.decode(bad.data, RunsReply).error is not None
+
+        async def rejects() -> list[dict[str, Any]] | None:
+            listed = await asyncio.to_thread(cli, "dead-letters", "--rejects", "-o", "json")
+            assert listed.returncode == 0, listed.stderr
+            letters = msgspec.json.decode(listed.stdout)["letters"]
+            return letters or None
+
+        letters = await eventually(rejects, "acme's rejected request listed")
+        subjects_seen = {x["letter"]["origin_subject"] for x in letters}
+        assert subjects_seen == {tenancy.twin(subjects.API_RUNS, "acme")}, subjects_seen
+        text = await asyncio.to_thread(cli, "dead-letters")
+        assert text.returncode == 0, text.stderr
