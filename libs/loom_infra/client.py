@@ -176,7 +176,9 @@ class LoomClient:
         self, request: RunRequest, timeout: float = 10.0, token: str | None = None
     ) -> SubmitAccepted:
         payload = codec.encode(request)
-        if len(payload) > self.blob_settings.threshold_bytes:
+        # a tenant's user cannot upload blobs (no JetStream access): its input stays
+        # inline, bounded by the broker's max_payload
+        if len(payload) > self.blob_settings.threshold_bytes and self.tenant is None:
             payload = codec.encode(await self.inputs_by_reference(request))
         reply = await self.submit_raw(payload, timeout, token)
         if isinstance(reply, SubmitRejected):

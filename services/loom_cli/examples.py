@@ -51,6 +51,7 @@ EXAMPLES: dict[str, list[str]] = {
         "loom blob put value.json",
         "loom blob get sha256:9f2c… --out value.json",
         "loom blob info sha256:9f2c…",
+        "LOOM_TENANT=acme loom blob get sha256:9f2c… --run RUN_ID   # through its run",
     ],
     "mcp": ["loom mcp   # stdio: add it to an MCP client's servers", "loom mcp --http 8765"],
     "tools": ["loom tools", "loom tools show time.get_current_time", "loom tools -o json"],
@@ -64,6 +65,12 @@ EXAMPLES: dict[str, list[str]] = {
         'loom knowledge search handbook "how do I deploy"',
     ],
     "creds": ["loom creds generate --out deploy/creds", "loom creds matrix"],
+    "dead-letters": [
+        "loom dead-letters",
+        "loom dead-letters --rejects -o json",
+        "loom dead-letters --after 120 --limit 20",
+        "LOOM_TENANT=acme loom dead-letters   # acme's own only",
+    ],
     "schedule": [
         "loom schedule create nightly examples/hello-dag.yaml --cron '0 2 * * *' "
         "--tz Europe/Lisbon -i name=Ada",
@@ -71,6 +78,8 @@ EXAMPLES: dict[str, list[str]] = {
         "loom schedule create once examples/hello-dag.yaml --at 2026-12-05T09:00Z",
         "loom schedule list",
         "loom schedule describe nightly -o json",
+        "loom schedule list --every-tenant   # the platform's operator: every tenant's",
+        "loom schedule describe nightly --tenant acme",
         "loom schedule pause nightly; loom schedule resume nightly",
         "loom schedule trigger nightly   # fire now, once",
         "loom schedule delete nightly",
