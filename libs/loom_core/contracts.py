@@ -1466,24 +1466,29 @@ class ToolsReply(Record, tag="tools_reply", tag_field="type"):
 class BlobQuery(Inbound, tag="blob_query", tag_field="type"):
     """Bytes ``[offset, offset + limit)`` of the blob ``digest`` (``sha256:<hex>``), which
     an event of the run ``run_id`` refers to: a tenant reads only its own runs' blobs.
-    ``limit`` 0 asks only for the size."""
+    ``limit`` 0 asks only for the size. ``after``: the previous page's ``next_after``
+    (opaque; where the stored object goes on, so a page does not read the blob from its
+    start), with ``offset`` its ``next_offset``."""
 
     run_id: str
     digest: str
     offset: int = 0
     limit: int = 256 * 1024
+    after: str = ""
 
 
 class BlobReply(Record, tag="blob_reply", tag_field="type"):
     """``data``: the bytes asked for (base64 in JSON); ``size``: the whole blob's;
-    ``next_offset``: more bytes follow (None: ``data`` ends the blob). Check the
-    assembled bytes against the digest (the server checks only a read to the end)."""
+    ``next_offset``: more bytes follow (None: ``data`` ends the blob): ask again with it
+    as ``offset`` and ``next_after`` as ``after``. Check the assembled bytes against the
+    digest: the reader does, a page carries no checksum."""
 
     digest: str = ""
     size: int = 0
     offset: int = 0
     data: bytes = b""
     next_offset: int | None = None
+    next_after: str | None = None
     error: ErrorInfo | None = None
 
 

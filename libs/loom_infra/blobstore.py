@@ -36,6 +36,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,6 +96,15 @@ async def ensure_bucket(js: JetStreamContext, settings: BlobSettings, replicas: 
 
 def _error(code: str, message: str, path: str | None = None, **details: Any) -> BlobRefError:
     return BlobRefError(ErrorInfo(code=code, message=message, path=path, details=details))
+
+
+@dataclass(frozen=True)
+class ChunkCursor:
+    """Where a page of an object starts reading: the stream sequence of a chunk (0: its
+    first chunk) and the byte offset that chunk starts at."""
+
+    seq: int = 0
+    start: int = 0
 
 
 class BlobStore:
@@ -258,6 +268,55 @@ class BlobStore:
                 await sub.unsubscribe()
         if got != size or "sha256:" + sha.hexdigest() != ref.digest:
             raise _corrupt(ref, where, "its content does not match its sha256")
+
+    async def page(
+        self, info: api.ObjectInfo, digest: str, offset: int, want: int, cursor: ChunkCursor
+    ) -> tuple[bytes, ChunkCursor | None]:
+        """Bytes ``[offset, offset + want)`` of the stored object ``info``, read from the
+        chunk ``cursor`` names (a previous page's next cursor: its stream sequence and the
+        byte offset it starts at), so paging through a blob reads each chunk about once
+        instead of every chunk before the page. Only this object's chunks are read
+        whatever the cursor says (the consumer filters on its chunk subject); a cursor
+        that lies about where its chunk starts only misplaces the bytes, which the
+        reader's sha256 check of the whole catches. Returns the bytes and the cursor to
+        go on from (None: the object ends in this page)."""
+        size = info.size or 0
+        if want <= 0 or offset >= size:
+            return b"", None
+        config = None
+        if cursor.seq:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=cursor.seq
+            )
+        sub = await self.js.subscribe(
+            _chunk_subject(info.nuid), stream=STREAM, ordered_consumer=True, config=config
+        )
+        out = bytearray()
+        position = cursor.start
+        ref = BlobRef(digest, size)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=10)
+                except NatsTimeout:
+                    raise _corrupt(ref, "$.digest", f"its chunks stopped at {position}") from None
+                data = msg.data
+                lo = max(offset - position, 0)
+                hi = min(offset + want - position, len(data))
+                if hi > lo:
+                    out += data[lo:hi]
+                seq = msg.metadata.sequence.stream
+                end = position + len(data)
+                last = msg.metadata.num_pending == 0 or end >= size
+                if len(out) >= want:
+                    if end > offset + want:  # the page ends inside this chunk
+                        return bytes(out), ChunkCursor(seq, position)
+                    return bytes(out), None if last else ChunkCursor(seq + 1, end)
+                if last:
+                    return bytes(out), None
+                position = end
+        finally:
+            await sub.unsubscribe()
 
     async def read(self, ref: BlobRef, where: str = "$", limit: int | None = None) -> bytes:
         parts = [chunk async for chunk in self.chunks(ref, where, limit)]

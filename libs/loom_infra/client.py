@@ -492,7 +492,7 @@ class LoomClient:
             raise LoomError(exc.error) from None
 
     async def run_blob_chunks(
-        self, run_id: str, digest: str, page: int = 256 * 1024, timeout: float = 30.0
+        self, run_id: str, digest: str, page: int = 512 * 1024, timeout: float = 30.0
     ) -> AsyncIterator[bytes]:
         """The bytes of blob ``digest`` (``sha256:<hex>``) read through run ``run_id``,
         whose events refer to it (``apiBlob``: how a tenant's user reads its runs' blobs;
@@ -500,8 +500,9 @@ class LoomClient:
         the end (``blob_corrupt``)."""
         sha = hashlib.sha256()
         offset: int | None = 0
+        after = ""
         while offset is not None:
-            query = BlobQuery(run_id=run_id, digest=digest, offset=offset, limit=page)
+            query = BlobQuery(run_id=run_id, digest=digest, offset=offset, limit=page, after=after)
             reply = await self._ask(subjects.API_BLOB, query, BlobReply, timeout)
             if reply.error is not None:
                 raise LoomError(reply.error)
@@ -509,7 +510,7 @@ class LoomClient:
                 raise LoomError(_stuck("blob", run_id, str(offset)))
             sha.update(reply.data)
             yield reply.data
-            offset = reply.next_offset
+            offset, after = reply.next_offset, reply.next_after or ""
         if "sha256:" + sha.hexdigest() != digest.lower():
             raise LoomError(
                 ErrorInfo(

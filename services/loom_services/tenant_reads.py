@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -47,7 +47,7 @@ from loom_core.contracts import (
 )
 from loom_core.errors import LoomError
 from loom_infra import bus, endpoints, paging
-from loom_infra.blobstore import BlobStore
+from loom_infra.blobstore import BlobStore, ChunkCursor
 from loom_infra.settings import Settings
 from loom_services import tenants
 from loom_services.runtime import ServiceContext
@@ -83,6 +83,25 @@ def _not_found(query: BlobQuery) -> endpoints.ServiceError:
             path="$.digest",
         )
     )
+
+
+def _cursor(query: BlobQuery) -> ChunkCursor:
+    """Where a page starts reading the object: the previous page's ``next_after``
+    (a chunk's stream sequence and its byte offset, which must not lie past ``offset``),
+    or the first chunk."""
+    if not query.after:
+        return ChunkCursor()
+    try:
+        seq, start = paging.parse_keyset_cursor(query.after)
+        cursor = ChunkCursor(seq, int(start))
+    except ValueError:
+        cursor = ChunkCursor(-1, -1)
+    if cursor.seq < 1 or not 0 <= cursor.start <= query.offset:
+        raise _refused(
+            "bad_cursor", "`after` is not a cursor this page can go on from: pass the "
+            "previous page's next_after with its next_offset (or neither)", "$.after",
+        )  # fmt: skip
+    return cursor
 
 
 @dataclass
@@ -161,6 +180,7 @@ class TenantReads:
             raise endpoints.ServiceError(exc.error) from None
         if query.offset < 0 or query.limit < 0:
             raise _refused("invalid_query", "offset and limit must be 0 or more", "$.offset")
+        cursor = _cursor(query)
         if not await self._refers(tenants.caller(msg), query.run_id, ref.digest):
             raise _not_found(query)
         store = BlobStore(self.ctx.js, self.settings.blobs)
@@ -169,36 +189,18 @@ class TenantReads:
             raise _not_found(query)
         size = info.size or 0
         room = paging.budget(self.max_payload) * 3 // 4  # bytes travel as base64
-        want = min(query.limit, MAX_BLOB_PAGE, room, max(size - query.offset, 0))
-        data = b""
-        if want:
-            data = await self._read(store, blobs.BlobRef(ref.digest, size), query.offset, want)
-        end = query.offset + len(data)
-        return BlobReply(
-            digest=ref.digest, size=size, offset=query.offset, data=data,
-            next_offset=end if end < size and query.limit else None,
-        )  # fmt: skip
-
-    async def _read(self, store: BlobStore, ref: blobs.BlobRef, offset: int, want: int) -> bytes:
-        """Bytes ``[offset, offset + want)``: the chunks before are read and dropped (an
-        Object Store has no seek); a read to the end checks the whole blob's sha256."""
-        out = bytearray()
-        position = 0
-        chunks: AsyncIterator[bytes] = store.chunks(ref, "$.digest")
+        want = min(query.limit, MAX_BLOB_PAGE, room)
         try:
-            async for chunk in chunks:
-                lo = max(offset - position, 0)
-                hi = min(offset + want - position, len(chunk))
-                if hi > lo:
-                    out += chunk[lo:hi]
-                position += len(chunk)
-                if len(out) >= want and position < ref.bytes:
-                    break
+            data, after = await store.page(info, ref.digest, query.offset, want, cursor)
         except blobs.BlobRefError as exc:
             raise endpoints.ServiceError(exc.error) from None
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        return bytes(out)
+        if after is None or query.limit == 0:
+            return BlobReply(digest=ref.digest, size=size, offset=query.offset, data=data)
+        return BlobReply(
+            digest=ref.digest, size=size, offset=query.offset, data=data,
+            next_offset=query.offset + len(data),
+            next_after=paging.keyset_cursor(after.seq, str(after.start)),
+        )  # fmt: skip
 
     async def _refers(self, caller: str | None, run_id: str, digest: str) -> bool:
         """Whether ``caller`` may see run ``run_id`` and one of its events refers to

@@ -56,6 +56,8 @@ from loom_core.contracts import (
     UsageReply,
 )
 from loom_core.routes import ROUTES
+from loom_infra import paging
+from loom_infra.blobstore import CHUNK_BYTES
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.settings import BlobSettings, Settings, StoreSettings
 from loom_services.stack import LocalStack
@@ -385,6 +387,15 @@ async def api_blob(w: World) -> None:
         assert reply.error is not None and reply.error.code == "invalid_query"
     # a huge page asked for is cut to what one reply carries; a malformed request is
     # a typed refusal
+    for after in ("garbage", paging.keyset_cursor(0, "0"), paging.keyset_cursor(5, "9"),
+                  paging.keyset_cursor(5, "x"), "k1." + "A" * 5000):  # fmt: skip
+        query = BlobQuery(run_id=w.own_blob_run, digest=w.own_blob, offset=3, after=after)
+        reply = await w.globex.ask(subjects.API_BLOB, query, BlobReply, 10)
+        assert reply.error is not None and reply.error.code == "bad_cursor", after
+        assert reply.error.path == "$.after" and not reply.data
+    # small pages: each goes on from the previous one's cursor
+    paged = [c async for c in w.globex.run_blob_chunks(w.own_blob_run, w.own_blob, page=1000)]
+    assert len(paged) > 2 and b"".join(paged) == theirs
     huge = BlobQuery(run_id=w.own_blob_run, digest=w.own_blob, limit=10**12)
     page = await w.globex.ask(subjects.API_BLOB, huge, BlobReply, 10)
     assert page.error is None and page.data == theirs[: len(page.data)]
@@ -1060,11 +1071,15 @@ async def test_the_cli_reads_tools_blobs_and_dead_letters_of_the_tenant_loom_ten
             assert b"Traceback" not in done.stderr + done.stdout, done.stderr
             return done
 
+        async with await stack.client() as platform:
+            big_input = await platform.put_blob("acme's " * 45_000)
         plan = {"steps": [{"kind": "tool", "id": "big", "tool": "echo",
                            "input": {"message": "{{ input.text }}"}}],
                 "output": "{{ steps.big.output }}"}  # fmt: skip
         (tmp_path / "big.json").write_text(
-            msgspec.json.encode({"plan": plan, "input": {"text": "acme's " * 400}}).decode()
+            # ~2.5 chunks of the blob store (a blob read in several pages); the platform
+            # hands acme the input by reference (a tenant cannot upload)
+            msgspec.json.encode({"plan": plan, "input": {"text": big_input}}).decode()
         )
         ran = await asyncio.to_thread(cli, "run", "big.json", "-o", "json")
         assert ran.returncode == 0, ran.stderr
@@ -1073,11 +1088,17 @@ async def test_the_cli_reads_tools_blobs_and_dead_letters_of_the_tenant_loom_ten
         run_id = body["run_id"]
         shown = await asyncio.to_thread(cli, "run", "big.json")  # the text form: the command
         assert f"loom blob get {ref.digest} --run " in shown.stderr.decode(), shown.stderr
+        async with await stack.client(tenant="acme") as acme:  # pages across its chunks
+            for page in (100_000, CHUNK_BYTES, 3 * CHUNK_BYTES - 1):
+                read = [c async for c in acme.run_blob_chunks(run_id, ref.digest, page=page)]
+                assert blobs.digest_of(b"".join(read)) == ref.digest, page
+                assert len(read) == -(-ref.bytes // min(page, 512 * 1024)), page
         got = await asyncio.to_thread(cli, "blob", "get", ref.digest, "--run", run_id)
         assert got.returncode == 0, got.stderr
         assert blobs.digest_of(got.stdout) == ref.digest and b"acme's" in got.stdout
         info = await asyncio.to_thread(cli, "blob", "info", ref.digest, "--run", run_id)
-        assert info.returncode == 0 and b"2.8 KB" in info.stdout, info
+        described = blobs.describe(blobs.BlobRef(ref.digest, ref.bytes)).encode()
+        assert info.returncode == 0 and described in info.stdout, info
         for command in (("blob", "get", their_blob, "--run", their_run),
                         ("blob", "get", their_blob, "--run", run_id),
                         ("blob", "info", their_blob, "--run", their_run)):  # fmt: skip
