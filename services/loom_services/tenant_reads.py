@@ -114,6 +114,15 @@ class RunRefs:
     digests: set[str] = field(default_factory=set)
 
 
+def _for_tenants(spec: ToolSpec) -> ToolSpec:
+    """A tool as a tenant sees it: why it is unavailable is the platform's (an MCP
+    server's connection error names its hosts); that it is, and until when, is not."""
+    if not spec.unavailable_reason:
+        return spec
+    hidden = "its server is not connected now (the platform's operator sees why)"
+    return msgspec.structs.replace(spec, unavailable_reason=hidden)
+
+
 def _refs_of(record: EventRecord) -> set[str]:
     try:
         found = blobs.find_refs(msgspec.to_builtins(record.event))
@@ -164,7 +173,10 @@ class TenantReads:
             limit=query.limit, max_payload=self.max_payload,
         )  # fmt: skip
         more = page.more and bool(page.items)
-        return ToolsReply(tools=page.items, next_after=page.items[-1].name if more else None)
+        tools = page.items
+        if tenants.caller(msg) is not None:
+            tools = [_for_tenants(t) for t in tools]
+        return ToolsReply(tools=tools, next_after=page.items[-1].name if more else None)
 
     # ------------------------------------------------------------------ blobs
 

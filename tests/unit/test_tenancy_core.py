@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -181,3 +182,17 @@ def test_a_tenant_operator_reads_tools_blobs_and_dead_letters_only_on_its_twins(
     assert acme.may_subscribe("loom.t.acme.stream.R1")
     assert not acme.may_subscribe("loom.stream.R1") and not acme.may_subscribe("loom.t.*.stream.R1")
     assert permissions("planner").may_publish("loom.t.acme.stream.R1")
+
+
+def test_a_tenant_sees_that_a_tool_is_unavailable_but_not_the_platforms_reason() -> None:
+    from loom_core.contracts import ToolSpec
+    from loom_services.tenant_reads import _for_tenants
+
+    reason = "connect to http://10.0.0.7:9000 failed"
+    down = ToolSpec(name="time.now", description="", input_schema={}, output_schema={},
+                    available=False, unavailable_reason=reason)  # fmt: skip
+    shown = _for_tenants(down)
+    assert not shown.available and "10.0.0.7" not in shown.unavailable_reason
+    assert shown.unavailable_reason and shown.name == down.name
+    up = msgspec.structs.replace(down, available=True, unavailable_reason="")
+    assert _for_tenants(up) is up
