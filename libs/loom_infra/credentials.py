@@ -234,6 +234,20 @@ def tenant_permissions(identity: str) -> Permissions:
     return Permissions(identity, _unique(publish), _unique(subscribe))
 
 
+def _every_tenants_broadcasts() -> list[str]:
+    """The platform's operator hears every tenant's twin of the tenant-scoped broadcasts
+    it hears (a tenant's runs' progress and streamed model text): it is the cluster's
+    admin and reads every tenant's run events from the stream anyway."""
+    return [
+        tenancy.twin(subject, "*")
+        for route in ROUTES
+        if route.tenant_scoped and route.kind == "broadcast"
+        for consumer in route.consumers
+        if consumer.identity == "operator"
+        for subject in route.filters(consumer)
+    ]
+
+
 def permissions(identity: str) -> Permissions:
     """The allow lists of ``identity``, from the route registry only."""
     if tenancy.parse_user(identity) is not None:
@@ -263,6 +277,8 @@ def permissions(identity: str) -> Permissions:
             # a consumer per partition: any name on that stream (its owner is the
             # stream's only consumer), so the grant holds for every LOOM_PARTITIONS
             publish += _durable_api(stream, "*" if "{partition}" in durable else durable)
+    if identity == "operator":
+        subscribe += _every_tenants_broadcasts()
     for (route_name, who), reads in sorted(READS.items()):
         if who == identity:
             read_stream = routes.BY_NAME[route_name].stream

@@ -173,11 +173,13 @@ async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
     started: dict[str, datetime] = {}
     last: EventRecord | None = None
     live = _LiveText()
-    sub = None
+    subs = []
     if not quiet:
-        # a tenant's run's text comes on its tenant's twin, which only its users hear
-        subject = client.scoped(routes.MODEL_STREAM.subject(run_id=run_id))
-        sub = await client.nc.subscribe(subject, cb=live.on_chunk)
+        # a tenant's run's text comes on its tenant's twin, which only its users (and
+        # the platform's operator, who does not know the run's tenant here) hear
+        plain = routes.MODEL_STREAM.subject(run_id=run_id)
+        wanted = [client.scoped(plain)] if client.tenant else [plain, tenancy.twin(plain, "*")]
+        subs = [await client.nc.subscribe(s, cb=live.on_chunk) for s in wanted]
     try:
         # no timeout: a run may wait days for a person or an event; Ctrl-C leaves it running
         async for record in client.follow(run_id, timeout=None):
@@ -186,7 +188,7 @@ async def _follow(client: LoomClient, run_id: str, quiet: bool) -> EventRecord:
             if line and not quiet:
                 live.line(line)
     finally:
-        if sub is not None:
+        for sub in subs:
             await sub.unsubscribe()
     assert last is not None
     return last

@@ -965,7 +965,9 @@ async def test_a_tenants_streamed_model_text_reaches_only_its_own_operator(
             acme = await stack.client(tenant="acme")
             globex = await stack.client(tenant="globex")
             platform = await stack.client()
-            heard: dict[str, list[ModelChunk]] = {"acme": [], "globex": [], "platform": []}
+            heard: dict[str, list[ModelChunk]] = {
+                "acme": [], "globex": [], "platform": [], "platform-twins": [],
+            }  # fmt: skip
             got_all = asyncio.Event()
 
             def hear(who: str) -> Callable[[Any], Awaitable[None]]:
@@ -983,6 +985,8 @@ async def test_a_tenants_streamed_model_text_reaches_only_its_own_operator(
                 ),
                 await globex.nc.subscribe(globex.scoped("loom.stream.*"), cb=hear("globex")),
                 await platform.nc.subscribe("loom.stream.*", cb=hear("platform")),
+                # the platform's operator may hear every tenant's (the cluster's admin)
+                await platform.nc.subscribe("loom.t.*.stream.*", cb=hear("platform-twins")),
             ]
             for client in (acme, globex, platform):
                 await client.nc.flush()
@@ -1012,6 +1016,7 @@ async def test_a_tenants_streamed_model_text_reaches_only_its_own_operator(
             )
             assert all(c.run_id == "plain-run" for c in heard["platform"])
             assert heard["globex"] == []
+            assert {c.run_id for c in heard["platform-twins"]} == {run_id}
             for sub in subs:
                 await sub.unsubscribe()
             # the CLI of acme's tenant shows its run's text live

@@ -182,6 +182,13 @@ def test_a_tenant_operator_reads_tools_blobs_and_dead_letters_only_on_its_twins(
     assert acme.may_subscribe("loom.t.acme.stream.R1")
     assert not acme.may_subscribe("loom.stream.R1") and not acme.may_subscribe("loom.t.*.stream.R1")
     assert permissions("planner").may_publish("loom.t.acme.stream.R1")
+    # the platform's operator (the cluster's admin) hears every tenant's, as it reads
+    # every tenant's run events; it publishes on no twin
+    platform = permissions("operator")
+    assert platform.may_subscribe("loom.t.acme.stream.R1")
+    assert platform.may_subscribe("loom.t.globex.progress.R1")
+    assert not platform.may_publish("loom.t.acme.stream.R1")
+    assert not platform.may_subscribe("loom.t.acme.api.runs")
 
 
 def test_a_tenant_sees_that_a_tool_is_unavailable_but_not_the_platforms_reason() -> None:
