@@ -270,6 +270,9 @@ class ModelLayer:
     def load() -> Any:
         """Import litellm (once per process; ~3 s). Safe to call from a thread, so a
         service can warm it up without blocking its event loop."""
+        # Not a loom setting: this configures litellm itself, which reads it at import
+        # (else it downloads a price map); setdefault keeps an operator's own value.
+        # Allowed by name in tests/unit/test_settings_only.py.
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm  # lazy: ~3 s and ~350 MB, only where models are called
 

@@ -61,7 +61,7 @@ class Partitioned:
                  settings: PartitionSettings | None = None) -> None:  # fmt: skip
         self.service = service
         self.ctx = ctx
-        self.settings = settings or PartitionSettings.from_env()
+        self.settings = settings or service.settings.partitions
         self.ownership = Ownership(ctx.js, self.settings, on_gain=self._gain, on_loss=self._loss)
         self.consumers: dict[int, tuple[asyncio.Event, asyncio.Future[None]]] = {}
         self._relay: tuple[asyncio.Event, asyncio.Future[None]] | None = None

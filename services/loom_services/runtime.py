@@ -102,6 +102,9 @@ class Stack:
         return None if self.started else "starting (connecting, waiting for streams)"
 
     async def start(self) -> None:
+        # ack waits and consumer creation for every consumer the services make (read
+        # at start by the settings module; bus reads nothing itself)
+        bus.configure(self.settings.delivery)
         if self.health is not None:
             # up first: /livez answers and /readyz says why not while the start waits
             self.health.add_check("stack", self._starting)

@@ -46,7 +46,8 @@ from loom_core.contracts import (
     ToolStep,
 )
 from loom_core.spans import build_spans
-from loom_infra.otlp import GRPC_PACKAGE, ExportResult, OtlpConfigError, OtlpExporter, from_env
+from loom_infra.otlp import GRPC_PACKAGE, ExportResult, OtlpConfigError, OtlpExporter, exporter_for
+from loom_infra.settings import otlp_settings_from_env
 
 pytestmark = pytest.mark.integration
 
@@ -204,6 +205,11 @@ def ns(t: datetime) -> int:
 
 
 # --------------------------------------------------------------------------- tests
+
+
+def from_env(env: dict[str, str], timeout: float = 10.0) -> OtlpExporter | None:
+    """The exporter a tracing service started with ``env`` would use."""
+    return exporter_for(otlp_settings_from_env(env), timeout=timeout)
 
 
 def test_export_sends_our_ids_nesting_times_and_attributes(receiver: Receiver) -> None:

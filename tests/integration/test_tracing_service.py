@@ -58,13 +58,13 @@ from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.otlp import OtlpExporter
-from loom_infra.settings import Settings, StoreSettings
+from loom_infra.settings import Settings, StoreSettings, trace_options_from_env
 from loom_services.executor import ExecutorService
 from loom_services.planner import PlannerService
 from loom_services.runtime import Stack
 from loom_services.stack import LocalStack
 from loom_services.toolrunner import ToolRunnerService
-from loom_services.tracing import TracingService, options_from_env
+from loom_services.tracing import TracingService
 
 pytestmark = pytest.mark.integration
 
@@ -568,19 +568,19 @@ async def test_down_collector_gets_every_span_later_and_a_refused_one_is_given_u
 
 
 def test_capture_options_come_from_the_environment() -> None:
-    assert options_from_env({}) == TraceOptions()
-    assert options_from_env({"LOOM_TRACE_CAPTURE_IO": "1", "LOOM_TRACE_IO_LIMIT": "64"}) == (
+    assert trace_options_from_env({}) == TraceOptions()
+    assert trace_options_from_env({"LOOM_TRACE_CAPTURE_IO": "1", "LOOM_TRACE_IO_LIMIT": "64"}) == (
         TraceOptions(capture_io=True, io_limit=64)
     )
-    assert options_from_env({"LOOM_TRACE_CAPTURE_IO": "true"}).capture_io is True
-    assert options_from_env({"LOOM_TRACE_CAPTURE_IO": "off"}).capture_io is False
+    assert trace_options_from_env({"LOOM_TRACE_CAPTURE_IO": "true"}).capture_io is True
+    assert trace_options_from_env({"LOOM_TRACE_CAPTURE_IO": "off"}).capture_io is False
     for env, variable in (
         ({"LOOM_TRACE_CAPTURE_IO": "maybe"}, "LOOM_TRACE_CAPTURE_IO"),
         ({"LOOM_TRACE_IO_LIMIT": "-1"}, "LOOM_TRACE_IO_LIMIT"),
         ({"LOOM_TRACE_IO_LIMIT": "lots"}, "LOOM_TRACE_IO_LIMIT"),
     ):
         with pytest.raises(ValueError) as info:
-            options_from_env(env)
+            trace_options_from_env(env)
         assert getattr(info.value, "variable", None) == variable
 
 
