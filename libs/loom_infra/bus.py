@@ -390,7 +390,7 @@ async def wait_acks(
     never ack, so without this the caller waits out the whole timeout (the relay's 10 s
     stall after a nats-server kill, seen in the chaos suite) before publishing again."""
     gathered = asyncio.gather(*acks, return_exceptions=True)
-    events = _EVENTS.get(getattr(js, "_nc", None))  # type: ignore[arg-type]
+    events = _EVENTS.get(getattr(js, "_nc", None))  # type: ignore[arg-type]  # None finds nothing
     if events is None:  # a connection not made by ``connect``: the timeout only
         return await asyncio.wait_for(gathered, timeout)
     lost = asyncio.ensure_future(events.lost.wait())

