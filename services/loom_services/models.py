@@ -1,5 +1,5 @@
 """The model layer of the planner service: every model call of the system goes here,
-through litellm (DESIGN decision 8), and nowhere else.
+through litellm (docs/design.md decision 8), and nowhere else.
 
 litellm is imported lazily, on the first call (it costs ~3 s and ~350 MB): a stack
 without a model configured never imports it, and ``LITELLM_LOCAL_MODEL_COST_MAP`` is set
