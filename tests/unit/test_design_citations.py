@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # a reader meets in the tree is checked
 PLACES = ("libs", "services", "tests", "bench", "deploy", "docs", "examples", "Makefile")
 SKIP = {"docs/decisions.md", "tests/unit/test_design_citations.py"}
+SKIP_UNDER = "docs/notes/"  # branches' notes for the lead, merged into decisions.md
 CITATION = re.compile(r"docs/design\.md decision (\d+)")
 OUTSIDE = re.compile(r"\bDESIGN\b")
 
@@ -21,9 +22,12 @@ def files() -> list[Path]:
     for place in PLACES:
         path = ROOT / place
         found += [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return [
-        p for p in found if str(p.relative_to(ROOT)) not in SKIP and "__pycache__" not in p.parts
-    ]
+
+    def checked(path: Path) -> bool:
+        where = str(path.relative_to(ROOT))
+        return where not in SKIP and not where.startswith(SKIP_UNDER)
+
+    return [p for p in found if checked(p) and "__pycache__" not in p.parts]
 
 
 def test_design_decisions_are_cited_in_docs_and_exist() -> None:
