@@ -406,14 +406,22 @@ def delivery_settings_from_env(env: Mapping[str, str] = os.environ) -> DeliveryS
         local_tools=local,
         local_budget=_whole(env, "LOOM_LOCAL_BUDGET", 16),
         consumer_create_s=seconds("LOOM_CONSUMER_CREATE_S", 60.0),
-        log_level=(_get(env, "LOOM_LOG_LEVEL") or "INFO").upper(),
+        log_level=log_level_from_env(env),
     )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def log_level_from_env(env: Mapping[str, str] = os.environ) -> str:
     """``LOOM_LOG_LEVEL`` alone: logging is set up before the other settings are read
-    (so that their errors are logged)."""
-    return (_get(env, "LOOM_LOG_LEVEL") or "INFO").upper()
+    (so that their errors are logged). One of ``LOG_LEVELS``, any case."""
+    level = (_get(env, "LOOM_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(
+            "LOOM_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    return level
 
 
 def size_limits_from_env(env: Mapping[str, str], max_payload: int) -> SizeLimits:

@@ -38,6 +38,7 @@ from loom_infra.settings import (
     BlobSettings,
     OpsSettings,
     Settings,
+    SettingsError,
     blob_settings_from_env,
     log_level_from_env,
     ops_settings_from_env,
@@ -272,9 +273,15 @@ def configure_logging() -> None:
 
 
 def run_main(factory: Callable[[Settings], Sequence[Service]]) -> None:
-    """Entry point of ``python -m loom_services.<name>``: run until SIGINT/SIGTERM."""
-    configure_logging()
-    settings = settings_from_env()
+    """Entry point of ``python -m loom_services.<name>``: run until SIGINT/SIGTERM. A
+    setting with a bad value is one logged line naming it, exit 2 (no traceback)."""
+    try:
+        configure_logging()
+        settings = settings_from_env()
+    except SettingsError as exc:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.error("cannot start: %s; fix it and start again", exc)
+        raise SystemExit(2) from None
     if settings.insecure:
         log.warning("LOOM_INSECURE is set: connecting to NATS without credentials")
 

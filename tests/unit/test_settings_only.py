@@ -164,6 +164,12 @@ def test_modules_import_with_bad_values_and_the_cli_names_the_variable(tmp_path:
         assert run.returncode == 2, (name, run.stdout, run.stderr)
         assert "Traceback" not in run.stderr
         assert f"{name}:" in run.stderr and "fix it and start again" in run.stderr
+    # a service: one logged line, exit 2
+    one = {**os.environ, "LOOM_LOG_LEVEL": "chatty", "LOOM_DATA_DIR": str(tmp_path)}
+    service = subprocess.run([sys.executable, "-m", "loom_services.planner"], env=one,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert service.returncode == 2 and "Traceback" not in service.stderr, service.stderr
+    assert "cannot start: LOOM_LOG_LEVEL: must be one of DEBUG" in service.stderr
 
 
 @pytest.mark.parametrize(
@@ -184,6 +190,7 @@ def test_modules_import_with_bad_values_and_the_cli_names_the_variable(tmp_path:
         ("LOOM_MAX_PAYLOAD", "0", "positive"),
         ("LOOM_MAX_JSON_DEPTH", "500", "1-200"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "http/protobuf"),
+        ("LOOM_LOG_LEVEL", "chatty", "DEBUG, INFO"),
     ],
 )
 def test_a_bad_value_stops_the_start_naming_the_variable(name: str, value: str, says: str) -> None:
