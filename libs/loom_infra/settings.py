@@ -393,6 +393,9 @@ def delivery_settings_from_env(env: Mapping[str, str] = os.environ) -> DeliveryS
             raise SettingsError(name, f"must be >= 1, got {value}")
         return value
 
+    budget = _whole(env, "LOOM_LOCAL_BUDGET", 16)
+    if not 0 <= budget <= 10_000:  # 0: no local call (each crosses NATS)
+        raise SettingsError("LOOM_LOCAL_BUDGET", f"must be 0-10000, got {budget}")
     raw_local = env.get("LOOM_LOCAL_TOOLS")  # set but empty means none: not _get
     local = None if raw_local is None else tuple(
         name.strip() for name in raw_local.split(",") if name.strip()
@@ -404,7 +407,7 @@ def delivery_settings_from_env(env: Mapping[str, str] = os.environ) -> DeliveryS
         tool_concurrency=count("LOOM_TOOL_CONCURRENCY", 64),
         relay_batch=count("LOOM_RELAY_BATCH", 512),
         local_tools=local,
-        local_budget=_whole(env, "LOOM_LOCAL_BUDGET", 16),
+        local_budget=budget,
         consumer_create_s=seconds("LOOM_CONSUMER_CREATE_S", 60.0),
         log_level=log_level_from_env(env),
     )

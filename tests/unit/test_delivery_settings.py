@@ -44,6 +44,7 @@ def test_defaults_and_overrides() -> None:
         ("LOOM_TOOL_CONCURRENCY", "0", ">= 1"),
         ("LOOM_RELAY_BATCH", "many", "whole number"),
         ("LOOM_CONSUMER_CREATE_S", "0", "0.01-3600"),
+        ("LOOM_LOCAL_BUDGET", "-1", "0-10000"),
     ],
 )
 def test_a_bad_value_is_a_typed_error_naming_the_variable(name: str, value: str, says: str) -> None:
