@@ -698,9 +698,13 @@ OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 
 @dataclass(frozen=True)
 class OtlpSettings:
-    """Where the tracing service exports spans (``loom_infra.otlp``); None in
-    ``Settings.otlp`` when no endpoint is set. ``headers`` may carry a collector's API
-    key: never in repr."""
+    """Where the tracing service exports spans (``loom_infra.otlp``). ``headers`` may
+    carry a collector's API key: never in repr.
+
+    Read by the tracing service when it starts, not by ``settings_from_env``: the
+    ``OTEL_*`` variables are shared with other software in a user's environment (e.g.
+    ``OTEL_EXPORTER_OTLP_PROTOCOL=http/json``, which we do not support), and the CLI
+    and the other services export nothing, so they must not refuse to start over them."""
 
     endpoint: str
     protocol: str = "http/protobuf"
@@ -874,7 +878,6 @@ class Settings:
     # LOOM_QDRANT: a Qdrant server URL or a local folder; None: {data dir}/qdrant
     qdrant: str | None = field(default_factory=lambda: _get(os.environ, "LOOM_QDRANT"))
     trace: TraceOptions = field(default_factory=lambda: trace_options_from_env())
-    otlp: OtlpSettings | None = field(default_factory=lambda: otlp_settings_from_env())
     tools_config: Path | None = field(default_factory=lambda: tools_config_from_env())
 
     @property
@@ -1009,7 +1012,6 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         embedder=embedder_settings_from_env(env),
         qdrant=_get(env, "LOOM_QDRANT"),
         trace=trace_options_from_env(env),
-        otlp=otlp_settings_from_env(env),
         tools_config=tools_config_from_env(env),
     )
 

@@ -313,4 +313,8 @@ def run_main(factory: Callable[[Settings], Sequence[Service]]) -> None:
         await stack.stop.wait()
         await stack.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SettingsError as exc:  # one read when a service is built (OTEL_* for tracing)
+        log.error("cannot start: %s; fix it and start again", exc)
+        raise SystemExit(2) from None

@@ -66,7 +66,7 @@ from loom_infra import bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, exporter_for
-from loom_infra.settings import Settings
+from loom_infra.settings import Settings, otlp_settings_from_env
 from loom_infra.spanstore import SpanStore, micros, open_span_store, run_key
 from loom_services import tenants
 from loom_services.runtime import ServiceContext, run_main
@@ -132,7 +132,9 @@ class TracingService:
         self.settings = settings
         self.options = options if options is not None else settings.trace
         self.store = store or open_span_store(settings.store)
-        self.exporter = exporter if exporter is not None else exporter_for(settings.otlp)
+        if exporter is None:  # OTEL_EXPORTER_OTLP_*: read at this service's start only
+            exporter = exporter_for(otlp_settings_from_env())
+        self.exporter = exporter
         self.io = Blocking("tracing-store")
         self.export_retry_s = EXPORT_RETRY_S
         self.export_batch = EXPORT_BATCH

@@ -22,8 +22,10 @@ from loom_infra import settings as settings_module
 from loom_infra.settings import (
     EmbedderSettings,
     OpsSettings,
+    OtlpConfigError,
     PartitionSettings,
     SettingsError,
+    otlp_settings_from_env,
     settings_from_env,
 )
 
@@ -189,7 +191,6 @@ def test_modules_import_with_bad_values_and_the_cli_names_the_variable(tmp_path:
         ("LOOM_TRACE_IO_LIMIT", "-1", ">= 0"),
         ("LOOM_MAX_PAYLOAD", "0", "positive"),
         ("LOOM_MAX_JSON_DEPTH", "500", "1-200"),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "http/protobuf"),
         ("LOOM_LOG_LEVEL", "chatty", "DEBUG, INFO"),
     ],
 )
@@ -216,11 +217,26 @@ def test_what_was_read_where_it_was_used_is_now_in_the_settings() -> None:
     assert settings.qdrant == "http://qdrant:6333" and settings.trace.capture_io
     assert settings.tools_config == Path("tools.yaml")
     assert settings.delivery.consumer_create_s == 5.0
-    assert settings.otlp is not None and settings.otlp.endpoint == "http://c:4318/v1/traces"
-    assert "s3cr3t" not in repr(settings.otlp)  # a collector's API key is never shown
     defaults = settings_from_env({})
-    assert defaults.ops == OpsSettings() and defaults.otlp is None
+    assert defaults.ops == OpsSettings()
     assert defaults.embedder == EmbedderSettings() and defaults.tools_config is None
+
+
+def test_otel_variables_are_the_tracing_services_alone() -> None:
+    """The OTEL_* variables are shared with other software: a value we do not support
+    (http/json) stops the tracing service at its start, never the CLI or another
+    service, which export nothing."""
+    foreign = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+               "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}  # fmt: skip
+    settings_from_env(foreign)  # no error
+    with pytest.raises(OtlpConfigError) as raised:
+        otlp_settings_from_env(foreign)
+    assert raised.value.variable == "OTEL_EXPORTER_OTLP_PROTOCOL"
+    assert otlp_settings_from_env({}) is None
+    otlp = otlp_settings_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                                   "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=s3cr3t"})  # fmt: skip
+    assert otlp is not None and otlp.endpoint == "http://c:4318/v1/traces"
+    assert "s3cr3t" not in repr(otlp)  # a collector's API key is never shown
 
 
 # --------------------------------------------------------------------------- the table
@@ -245,7 +261,8 @@ class _Spy(dict[str, str]):
 def variables_read() -> set[str]:
     spy = _Spy({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})  # reads the rest too
     settings_from_env(spy)
-    for reader in ("log_level_from_env", "debug_from_env", "columns_from_env"):
+    readers = ("log_level_from_env", "debug_from_env", "columns_from_env", "otlp_settings_from_env")
+    for reader in readers:
         getattr(settings_module, reader)(spy)
     return spy.asked
 
