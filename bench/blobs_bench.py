@@ -1,4 +1,4 @@
-"""A 10 MB value through three tool steps, by reference (issue 9, DESIGN decision 12):
+"""A 10 MB value through three tool steps, by reference (issue 9, docs/design.md decision 12):
 the embedded stack in this process (real nats-server, the blob bucket an Object Store),
 on SQLite and on PostgreSQL.
 

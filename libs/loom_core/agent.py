@@ -9,7 +9,7 @@ every call of a turn has its result, the next turn is requested with the results
 final answer (no tool calls) ends the step: its text, or, with ``output_schema``, the
 JSON it holds.
 
-Model output is untrusted input (DESIGN decision 11), checked here like a client's:
+Model output is untrusted input (docs/design.md decision 11), checked here like a client's:
 - a tool call with arguments that are not a JSON object (malformed, too deep, too
   large), for a tool the step does not allow, or beyond the per-turn cap is refused
   (``model_output_refused``) and the refusal is the tool's answer in the next turn;

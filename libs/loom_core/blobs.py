@@ -1,4 +1,4 @@
-"""Big values travel by reference (issue 9, DESIGN decision 12). Pure: no I/O.
+"""Big values travel by reference (issue 9, docs/design.md decision 12). Pure: no I/O.
 
 A value whose canonical JSON is over the blob threshold is stored once, in the blob store
 (``loom_infra.blobstore``: a NATS JetStream Object Store bucket), under the sha256 of

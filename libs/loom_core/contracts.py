@@ -1081,7 +1081,7 @@ class EventRecord(Record, tag="event_record", tag_field="type"):
 
     @property
     def kind(self) -> str:
-        return type(self.event).__struct_config__.tag  # type: ignore[return-value]
+        return type(self.event).__struct_config__.tag  # type: ignore[return-value]  # every event tag is a str
 
 
 # --------------------------------------------------------------------------- inbox

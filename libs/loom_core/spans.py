@@ -916,7 +916,7 @@ class TraceBuilder:
                 step = None
         if step is None:  # no plan yet (a truncated stream) or a path it does not name
             return "tool", f"step {parts[-1]}", {"loom.step.id": iid, "loom.step.kind": "tool"}
-        kind: str = step.__struct_config__.tag  # type: ignore[assignment]
+        kind: str = step.__struct_config__.tag  # type: ignore[assignment]  # a contract tag is always a str
         attrs = {"loom.step.id": iid, "loom.step.kind": kind}
         if isinstance(step, ToolStep):
             attrs["loom.step.tool"] = step.tool
@@ -1328,7 +1328,7 @@ class TraceBuilder:
             name=name,
             start=start,
             parent_span_id=parent,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,  # type: ignore[arg-type]  # a step kind tag, a str to mypy; the Literal lists them
             attributes=attrs,
         )
         self._order[span_id] = len(self._order)

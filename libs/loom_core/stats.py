@@ -343,7 +343,7 @@ class _Fold:
                 self.name = plan.name or self.name
                 for step in plan.steps:
                     tool = step.tool if isinstance(step, ToolStep) else ""
-                    self.plan_steps[step.id] = (step.__struct_config__.tag, tool)  # type: ignore[assignment]
+                    self.plan_steps[step.id] = (step.__struct_config__.tag, tool)  # type: ignore[assignment]  # msgspec types a tag str | int | None; every contract tag is a str
                 self.plan_accepted = True
                 if self.status == "planning":
                     self.status = "paused" if self.paused_since is not None else "running"
@@ -550,7 +550,7 @@ class _Fold:
         counts = _count(self.instances.values())
         return RunStats(
             run_id=self.run_id,
-            status=run_status(self.status, waits, busy),  # type: ignore[arg-type]
+            status=run_status(self.status, waits, busy),  # type: ignore[arg-type]  # run_status returns a RUN_STATUSES word, a str to mypy
             started_at=self.started_at,
             ended_at=self.ended_at,
             duration_ms=_ms(self.started_at, self.ended_at) if self.ended_at else None,
@@ -727,7 +727,7 @@ def lift_stats(stats: RunStats, children: Mapping[str, RunStats]) -> RunStats:
         for p in people:
             owner = _owner(p, item.ref)
             work.append(replace(p, run_id=owner, text=f"child run {owner}: {p.text}"))
-    return replace(stats, status=status, waits=tuple(waits), pending_work=tuple(work))  # type: ignore[arg-type]
+    return replace(stats, status=status, waits=tuple(waits), pending_work=tuple(work))  # type: ignore[arg-type]  # status is a RUN_STATUSES word, a str to mypy
 
 
 def _owner(person: PendingWork, child: str | None) -> str:

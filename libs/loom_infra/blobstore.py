@@ -1,5 +1,5 @@
 """The blob store: big values stored once, by the sha256 of their canonical bytes, in a
-NATS JetStream Object Store bucket (issue 9, DESIGN decision 12; references and the pure
+NATS JetStream Object Store bucket (issue 9, docs/design.md decision 12; references and the pure
 parts are in ``loom_core.blobs``).
 
 Why the Object Store and not a table in the run store: the tool-runner, which makes most

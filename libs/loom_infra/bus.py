@@ -42,7 +42,7 @@ from loom_core import codec, partitions, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 from loom_core.errors import LoomError
 from loom_infra import metrics
-from loom_infra.settings import OpsSettings, SettingsError, delivery_settings_from_env
+from loom_infra.settings import DeliverySettings, OpsSettings
 
 log = logging.getLogger("loom.bus")
 T = TypeVar("T")
@@ -53,21 +53,19 @@ MAX_DELIVER = 5
 # message being handled is kept by ``in_progress`` heartbeats every third of it
 # (``PullConsumer``), so a handler may take as long as it needs while it lives: only a
 # dead (or frozen for two heartbeats) process loses its messages to another.
-# Read once, here, through the settings module (typed errors, one place for every
-# variable): the planner and every consumer share these (LOOM_ACK_WAIT_S, ...).
-_DELIVERY = delivery_settings_from_env()
-ACK_WAIT_S = _DELIVERY.ack_wait_s
+# Read by the settings module when a process starts (LOOM_ACK_WAIT_S, ...) and installed
+# here by the service runtime (``configure``): consumers are made deep inside every
+# service. Nothing is read at import: a bad value is a SettingsError at start, not an
+# import failure. Until ``configure``, the defaults.
+_delivery = DeliverySettings()
+ACK_WAIT_S = _delivery.ack_wait_s  # the default; ``delivery()`` is what is in force
 # Messages a handler *holds* (timers, open waits: ``held_events``) are naked with a
 # delay; their ack wait only bounds a crash between a fetch and the nak.
-HELD_ACK_WAIT_S = _DELIVERY.held_ack_wait_s
+HELD_ACK_WAIT_S = _delivery.held_ack_wait_s  # the default, as ACK_WAIT_S
 NAK_DELAY_S = 0.5
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
 DAY_S = 24 * 3600.0
-# LOOM_RUNS' persistence: "async" (acked before it is on disk; R1 streams, nats-server
-# >= 2.12) or "default" (fsynced per message when the server syncs always). A cluster
-# stream with replicas is made durable by its replicas: use "default" there.
-RUNS_PERSIST = PersistMode(_DELIVERY.runs_persist)
 REJECTS_STREAM = routes.REJECTED.stream or "LOOM_REJECTS"
 REJECT_PAYLOAD_LIMIT = 4 * 1024  # a client's typo is shown, not archived
 
@@ -94,14 +92,15 @@ class PartitionCountChanged(LoomError):
         )
 
 
-def partition_count() -> int:
-    """LOOM_PARTITIONS (default ``partitions.DEFAULT_COUNT``)."""
-    raw = os.environ.get("LOOM_PARTITIONS", "").strip()
-    count = int(raw) if raw.isdigit() else partitions.DEFAULT_COUNT if not raw else -1
-    problem = partitions.check_count(count)
-    if problem is not None:
-        raise SettingsError("LOOM_PARTITIONS", f"{problem} (got {raw!r})")
-    return count
+def configure(delivery: DeliverySettings) -> None:
+    """Install the delivery settings this process read at start (``Stack.start``)."""
+    global _delivery
+    _delivery = delivery
+
+
+def delivery() -> DeliverySettings:
+    """The delivery settings in force (``configure``; the defaults before it)."""
+    return _delivery
 
 
 def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
@@ -123,7 +122,10 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
             # restart, loom_infra.relay). LOOM_RUNS_PERSIST=default fsyncs every event.
             # Replicated, the replicas are its durability, and the server refuses async
             # persistence on a replicated stream (nats-server 2.15: measured).
-            persist_mode=RUNS_PERSIST if replicas == 1 else PersistMode.DEFAULT,
+            # LOOM_RUNS_PERSIST: "async" (acked before it is on disk; R1 streams,
+            # nats-server >= 2.12) or "default" (fsynced per message when the server
+            # syncs always)
+            persist_mode=PersistMode(ops.runs_persist) if replicas == 1 else PersistMode.DEFAULT,
             subjects=[subjects.RUN_EVENTS_ALL],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -140,7 +142,7 @@ def stream_configs(ops: OpsSettings | None = None) -> tuple[StreamConfig, ...]:
             subjects=[subjects.INBOX_ALL],
             # the server stamps each run's partition into the stored subject, so each
             # executor replica consumes only its own partitions (loom_core.partitions)
-            subject_transform=SubjectTransform(*partitions.inbox_transform(partition_count())),
+            subject_transform=SubjectTransform(*partitions.inbox_transform(ops.partitions)),
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             duplicate_window=600.0,
@@ -388,7 +390,7 @@ async def wait_acks(
     never ack, so without this the caller waits out the whole timeout (the relay's 10 s
     stall after a nats-server kill, seen in the chaos suite) before publishing again."""
     gathered = asyncio.gather(*acks, return_exceptions=True)
-    events = _EVENTS.get(getattr(js, "_nc", None))  # type: ignore[arg-type]
+    events = _EVENTS.get(getattr(js, "_nc", None))  # type: ignore[arg-type]  # None finds nothing
     if events is None:  # a connection not made by ``connect``: the timeout only
         return await asyncio.wait_for(gathered, timeout)
     lost = asyncio.ensure_future(events.lost.wait())
@@ -602,10 +604,14 @@ class PullConsumer:
     filter_subjects: Sequence[str]
     handler: BatchHandler | None = None
     batch: int = 128
-    ack_wait_s: float = ACK_WAIT_S
+    ack_wait_s: float = 0.0  # 0: the configured LOOM_ACK_WAIT_S (``delivery()``)
     max_ack_pending: int = 1024
     message_handler: MessageHandler | None = None
     concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ack_wait_s:
+            self.ack_wait_s = _delivery.ack_wait_s
 
     async def run(self, stop: asyncio.Event) -> None:
         config = ConsumerConfig(
@@ -758,7 +764,7 @@ async def held_events(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=filter_subject,
-        ack_wait=HELD_ACK_WAIT_S,
+        ack_wait=_delivery.held_ack_wait_s,
         max_deliver=-1,  # redelivered as often as it takes
         max_ack_pending=100_000,  # every held message is an unacked one
     )
@@ -785,19 +791,14 @@ async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
     return True
 
 
-# How long a consumer task keeps trying to create its consumer while JetStream does not
-# answer (a cluster electing leaders after a lost node, a NATS rollout) before it gives up.
-CONSUMER_CREATE_S = float(os.environ.get("LOOM_CONSUMER_CREATE_S", "60"))
-
-
 async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:
     """Create (or update) the durable consumer and bind to it. A JetStream API that does
-    not answer is retried up to ``CONSUMER_CREATE_S``: in a cluster, a service starting
-    while a node is lost would otherwise lose this consumer task for good (seen in
-    tests/integration/test_jetstream_cluster.py)."""
+    not answer is retried up to LOOM_CONSUMER_CREATE_S (``DeliverySettings``): in a
+    cluster, a service starting while a node is lost would otherwise lose this consumer
+    task for good (seen in tests/integration/test_jetstream_cluster.py)."""
     assert config.durable_name
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + CONSUMER_CREATE_S
+    deadline = loop.time() + _delivery.consumer_create_s
     while True:
         try:
             await _add_consumer(js, stream, config)

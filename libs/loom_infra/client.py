@@ -193,7 +193,7 @@ class LoomClient:
         msg = await self.nc.request(
             self.scoped(subjects.submit(self.via)), payload, timeout=timeout, headers=headers
         )
-        return codec.decode(msg.data, SubmitReply)  # type: ignore[arg-type]
+        return codec.decode(msg.data, SubmitReply)  # type: ignore[arg-type]  # a union alias is no type[T] to mypy; msgspec decodes it
 
     async def fork(self, request: ForkRun, timeout: float = 10.0) -> ForkReply:
         """Fork a recorded run; the executor computes what is reused from its store.
@@ -390,7 +390,7 @@ class LoomClient:
         self, run_id: str, action: str, by: str = "operator", reason: str = ""
     ) -> RunControlReply:
         """Cancel, pause or unpause a run; raises LoomError when refused."""
-        request = RunControl(run_id=run_id, action=action, by=by, reason=reason)  # type: ignore[arg-type]
+        request = RunControl(run_id=run_id, action=action, by=by, reason=reason)  # type: ignore[arg-type]  # callers pass a RunControl action; the executor refuses others
         reply = await self._ask(subjects.CONTROL, request, RunControlReply, 10.0)
         if not reply.ok and reply.error is not None:
             raise LoomError(reply.error)

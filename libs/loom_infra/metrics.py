@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -57,6 +58,9 @@ class _Metric:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
         lines += [f"{series} {_number(value)}" for series, value in self.samples()]
         return lines
+
+
+M = TypeVar("M", bound="_Metric")  # a metric kind: _add gives back the kind it was given
 
 
 class Gauge(_Metric):
@@ -137,22 +141,23 @@ class Registry:
     def __init__(self) -> None:
         self.metrics: dict[str, _Metric] = {}
 
-    def _add(self, metric: _Metric) -> _Metric:
+    def _add(self, metric: M) -> M:
         existing = self.metrics.get(metric.name)
         if existing is not None:
-            assert type(existing) is type(metric), metric.name
+            # one name, one kind (isinstance tells mypy it is the kind asked for)
+            assert type(existing) is type(metric) and isinstance(existing, type(metric))
             return existing
         self.metrics[metric.name] = metric
         return metric
 
     def counter(self, name: str, help: str) -> Counter:
-        return self._add(Counter(name, help))  # type: ignore[return-value]
+        return self._add(Counter(name, help))
 
     def gauge(self, name: str, help: str) -> Gauge:
-        return self._add(Gauge(name, help))  # type: ignore[return-value]
+        return self._add(Gauge(name, help))
 
     def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
-        return self._add(Histogram(name, help, buckets))  # type: ignore[return-value]
+        return self._add(Histogram(name, help, buckets))
 
     def render(self) -> str:
         lines: list[str] = []

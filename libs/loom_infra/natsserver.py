@@ -111,6 +111,8 @@ class EmbeddedNats:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # passed through whole to the server process, not read: a child's environment
+            # (allowed in tests/unit/test_settings_only.py)
             env={**os.environ},
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
         )

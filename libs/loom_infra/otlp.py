@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
 import ssl
 import threading
@@ -56,11 +55,12 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.util.re import parse_env_headers
 
 from loom_core import ids
 from loom_core.contracts import SpanRecord
-from loom_infra.settings import SettingsError
+
+# defined with the reading of the OTEL_EXPORTER_OTLP_* variables, at start
+from loom_infra.settings import OTLP_PROTOCOLS, OtlpConfigError, OtlpSettings
 
 __all__ = [
     "GRPC_PACKAGE",
@@ -68,14 +68,14 @@ __all__ = [
     "OtlpConfigError",
     "OtlpExporter",
     "attribute_value",
-    "from_env",
+    "exporter_for",
     "to_readable_span",
 ]
 
 log = logging.getLogger("loom.otlp")
 
 GRPC_PACKAGE = "grpcio"
-PROTOCOLS = ("http/protobuf", "grpc")
+PROTOCOLS = OTLP_PROTOCOLS
 DEFAULT_TIMEOUT_S = 10.0
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -89,11 +89,6 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 _HTTP_RETRY_4XX = frozenset({401, 403, 404, 405, 407, 408, 429})
 
 Outcome = Literal["ok", "retry", "rejected"]
-
-
-class OtlpConfigError(SettingsError):
-    """An ``OTEL_EXPORTER_OTLP_*`` variable is malformed or asks for what is not installed.
-    ``variable`` names it."""
 
 
 @dataclass(frozen=True)
@@ -383,84 +378,24 @@ def _log_partial_success(response: bytes | ExportTraceServiceResponse) -> None:
 # ----------------------------------------------------------------------------- configuration
 
 
-def from_env(
-    env: Mapping[str, str] = os.environ, *, timeout: float = DEFAULT_TIMEOUT_S
+def exporter_for(
+    settings: OtlpSettings | None, *, timeout: float = DEFAULT_TIMEOUT_S
 ) -> OtlpExporter | None:
-    """An exporter configured by the standard variables, or None when no endpoint is set.
-
-    - ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``: the traces URL, used as is; otherwise
-      ``OTEL_EXPORTER_OTLP_ENDPOINT`` (base URL; ``/v1/traces`` is appended for HTTP).
-    - ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
-    - ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``: ``key=value,key2=value2`` (URL-encoded).
-    - ``OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION``: ``gzip`` or ``none``.
-    - ``OTEL_EXPORTER_OTLP_[TRACES_]INSECURE``: ``true`` for plaintext gRPC to an endpoint
-      without a scheme (an ``http://`` endpoint is plaintext anyway).
-    - ``OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE``, ``..._CLIENT_CERTIFICATE``,
-      ``..._CLIENT_KEY``: PEM files for TLS (trusted CA; mutual TLS).
-    The signal-specific variable wins over the general one."""
-
-    def get(name: str) -> tuple[str, str | None]:
-        for var in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
-            value = (env.get(var) or "").strip()
-            if value:
-                return var, value
-        return f"OTEL_EXPORTER_OTLP_{name}", None
-
-    protocol_var, protocol = get("PROTOCOL")
-    protocol = (protocol or "http/protobuf").lower()
-    if protocol not in PROTOCOLS:
-        raise OtlpConfigError(
-            protocol_var,
-            f"unsupported protocol {protocol!r}; use one of {', '.join(PROTOCOLS)} "
-            "(http/json is not supported)",
-        )
-
-    traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or "").strip()
-    base = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
-    if traces:
-        endpoint_var, endpoint = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces
-    elif base:
-        endpoint_var = "OTEL_EXPORTER_OTLP_ENDPOINT"
-        endpoint = base if protocol == "grpc" else f"{base.rstrip('/')}/v1/traces"
-    else:
+    """The exporter ``settings`` describe (read at start from the standard
+    ``OTEL_EXPORTER_OTLP_*`` variables by ``loom_infra.settings.otlp_settings_from_env``),
+    or None when no endpoint is set."""
+    if settings is None:
         return None
-    if protocol == "http/protobuf" and not endpoint.startswith(("http://", "https://")):
-        raise OtlpConfigError(
-            endpoint_var,
-            f"must be an http:// or https:// URL, got {endpoint!r} "
-            "(e.g. http://otel-collector:4318)",
-        )
-
-    _, raw_headers = get("HEADERS")
-    headers = dict(parse_env_headers(raw_headers or "", liberal=True))
-
-    compression_var, compression = get("COMPRESSION")
-    compression = (compression or "none").lower()
-    if compression not in ("none", "gzip"):
-        raise OtlpConfigError(compression_var, f"must be 'gzip' or 'none', got {compression!r}")
-
-    insecure_var, raw_insecure = get("INSECURE")
-    insecure: bool | None = None
-    if raw_insecure is not None:
-        if raw_insecure.lower() not in ("true", "false"):
-            raise OtlpConfigError(insecure_var, f"must be 'true' or 'false', got {raw_insecure!r}")
-        insecure = raw_insecure.lower() == "true"
-
-    files = {}
-    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
-        var, path = get(name)
-        if path is not None and not Path(path).is_file():
-            raise OtlpConfigError(var, f"no such file: {path!r}")
-        files[name.lower()] = path
-
     return OtlpExporter(
-        endpoint,
-        protocol=protocol,
-        headers=headers,
+        settings.endpoint,
+        protocol=settings.protocol,
+        headers=dict(settings.headers),
         timeout=timeout,
-        compression=compression,
-        insecure=insecure,
-        **files,
+        compression=settings.compression,
+        insecure=settings.insecure,
+        certificate=settings.certificate,
+        client_certificate=settings.client_certificate,
+        client_key=settings.client_key,
     )
 
 

@@ -27,9 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,42 +40,17 @@ from nats.js.errors import APIError, NotFoundError
 from loom_core import codec, partitions, subjects
 from loom_core.contracts import ErrorInfo, PartitionLease
 from loom_core.errors import LoomError
-from loom_infra.bus import partition_count, wait_or_timeout
-from loom_infra.settings import SettingsError
+from loom_infra.bus import wait_or_timeout
+
+# read from LOOM_PARTITIONS, LOOM_PARTITION_LEASE_S, LOOM_REPLICA_ID by the settings module
+from loom_infra.settings import DEFAULT_LEASE_S, PartitionSettings
 
 log = logging.getLogger("loom.ownership")
 
 BUCKET = subjects.PARTITIONS_BUCKET
 STREAM = f"KV_{BUCKET}"
-DEFAULT_LEASE_S = 3.0
 FENCE = 0.8  # of the lease: unrenewed this long, a partition is given up locally
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed compare-and-set
-_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
-
-
-@dataclass(frozen=True)
-class PartitionSettings:
-    count: int = partitions.DEFAULT_COUNT
-    lease_s: float = DEFAULT_LEASE_S
-    replica: str = "executor"
-
-    @staticmethod
-    def from_env(env: dict[str, str] | None = None) -> PartitionSettings:
-        env = dict(os.environ if env is None else env)
-        raw = env.get("LOOM_PARTITION_LEASE_S", "").strip()
-        try:
-            lease = float(raw) if raw else DEFAULT_LEASE_S
-        except ValueError:
-            lease = -1.0
-        if not 1.0 <= lease <= 300.0:
-            raise SettingsError(
-                "LOOM_PARTITION_LEASE_S",
-                f"must be a number of seconds between 1 and 300, got {raw!r}",
-            )
-        replica = env.get("LOOM_REPLICA_ID", "").strip() or socket.gethostname()
-        return PartitionSettings(
-            count=partition_count(), lease_s=lease, replica=_TOKEN.sub("_", replica)[:64]
-        )
 
 
 class NotOwner(LoomError):

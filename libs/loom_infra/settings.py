@@ -1,6 +1,8 @@
 """Service settings, read once from the environment.
 
-Variables (all optional unless noted):
+This module is the only one that reads the environment (tests/unit/test_settings_only.py),
+when a process starts, never at import. Every variable, in one table:
+docs/configuration.md. The main ones (all optional unless noted):
 
 - ``LOOM_NATS_URL``: NATS server, default ``nats://127.0.0.1:4222``.
 - ``LOOM_STORE``: ``sqlite`` (default, embedded) or ``postgres``.
@@ -68,6 +70,8 @@ appears in ``repr``/``str`` of these objects; use :func:`redact_url` when loggin
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,11 +81,12 @@ from urllib.parse import urlsplit, urlunsplit
 from loom_core import blobs as blob_refs
 from loom_core import caps as fanout
 from loom_core import message_limits as msg_limits
-from loom_core import tenancy
+from loom_core import partitions, tenancy
 from loom_core.contracts import Caps, SizeLimits
 from loom_core.errors import LoomError
 from loom_core.limits import DEFAULT_MAX_DEPTH, MAX_DEPTH_SETTING, depth_limit
 from loom_core.sizes import DEFAULT_LIMITS, STEP_INPUT_SETTING, STEP_OUTPUT_SETTING
+from loom_core.spans import DEFAULT_IO_LIMIT, TraceOptions
 
 StoreKind = Literal["sqlite", "postgres"]
 
@@ -276,6 +281,10 @@ class OpsSettings:
       default: one nats-server) to 5; 3 on a 3-node JetStream cluster. Provisioning only
       ever raises an existing stream's replicas (``bus.merge_stream``), so a process
       started without it never brings a stream back to 1.
+    - ``LOOM_PARTITIONS``: the partitions LOOM_INBOX's subject transform spreads runs
+      over (``partition_count_from_env``).
+    - ``LOOM_RUNS_PERSIST`` (``async``): LOOM_RUNS' persistence when it is created;
+      ``default`` fsyncs every event (a clustered stream with replicas).
     """
 
     http_port: int = 0
@@ -287,8 +296,14 @@ class OpsSettings:
     rejects_max_msgs: int = 10_000
     rejects_queue: int = 1000
     stream_replicas: int = 1
+    partitions: int = partitions.DEFAULT_COUNT
+    runs_persist: str = "async"
 
     def __post_init__(self) -> None:
+        if self.runs_persist not in ("async", "default"):
+            raise SettingsError(
+                "LOOM_RUNS_PERSIST", f"must be 'async' or 'default', got {self.runs_persist!r}"
+            )
         if not 1 <= self.stream_replicas <= 5:  # JetStream's own bounds
             raise SettingsError(
                 "LOOM_STREAM_REPLICAS", f"must be 1 to 5, got {self.stream_replicas}"
@@ -319,6 +334,8 @@ def ops_settings_from_env(env: Mapping[str, str] = os.environ) -> OpsSettings:
         rejects_max_msgs=int(number("LOOM_REJECTS_MAX_MSGS", 10_000, 1)),
         rejects_queue=int(number("LOOM_REJECTS_QUEUE", 1000, 1)),
         stream_replicas=_whole(env, "LOOM_STREAM_REPLICAS", 1),
+        partitions=partition_count_from_env(env),
+        runs_persist=(_get(env, "LOOM_RUNS_PERSIST") or "async").lower(),
     )
 
 
@@ -340,9 +357,13 @@ class DeliverySettings:
     - ``LOOM_LOCAL_TOOLS`` (unset: every pure built-in; empty: none) and
       ``LOOM_LOCAL_BUDGET`` (16): built-ins the executor answers in its batch
       (``loom_services.local_tools``).
-    - ``LOOM_RUNS_PERSIST`` (``async``): LOOM_RUNS' persistence when it is created;
-      ``default`` fsyncs every event (a clustered stream with replicas).
-    - ``LOOM_LOG_LEVEL`` (``INFO``)."""
+    - ``LOOM_CONSUMER_CREATE_S`` (60): how long a consumer task keeps trying to
+      create its consumer while JetStream does not answer (a cluster electing leaders
+      after a lost node, a NATS rollout) before it gives up.
+    - ``LOOM_LOG_LEVEL`` (``INFO``).
+
+    The service runtime installs these in ``loom_infra.bus`` at start (``bus.configure``):
+    consumers are made deep inside every service."""
 
     ack_wait_s: float = 1.0
     held_ack_wait_s: float = 5.0
@@ -351,7 +372,7 @@ class DeliverySettings:
     relay_batch: int = 512
     local_tools: tuple[str, ...] | None = None
     local_budget: int = 16
-    runs_persist: str = "async"
+    consumer_create_s: float = 60.0
     log_level: str = "INFO"
 
 
@@ -372,9 +393,9 @@ def delivery_settings_from_env(env: Mapping[str, str] = os.environ) -> DeliveryS
             raise SettingsError(name, f"must be >= 1, got {value}")
         return value
 
-    persist = (_get(env, "LOOM_RUNS_PERSIST") or "async").lower()
-    if persist not in ("async", "default"):
-        raise SettingsError("LOOM_RUNS_PERSIST", f"must be 'async' or 'default', got {persist!r}")
+    budget = _whole(env, "LOOM_LOCAL_BUDGET", 16)
+    if not 0 <= budget <= 10_000:  # 0: no local call (each crosses NATS)
+        raise SettingsError("LOOM_LOCAL_BUDGET", f"must be 0-10000, got {budget}")
     raw_local = env.get("LOOM_LOCAL_TOOLS")  # set but empty means none: not _get
     local = None if raw_local is None else tuple(
         name.strip() for name in raw_local.split(",") if name.strip()
@@ -386,16 +407,24 @@ def delivery_settings_from_env(env: Mapping[str, str] = os.environ) -> DeliveryS
         tool_concurrency=count("LOOM_TOOL_CONCURRENCY", 64),
         relay_batch=count("LOOM_RELAY_BATCH", 512),
         local_tools=local,
-        local_budget=_whole(env, "LOOM_LOCAL_BUDGET", 16),
-        runs_persist=persist,
-        log_level=(_get(env, "LOOM_LOG_LEVEL") or "INFO").upper(),
+        local_budget=budget,
+        consumer_create_s=seconds("LOOM_CONSUMER_CREATE_S", 60.0),
+        log_level=log_level_from_env(env),
     )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def log_level_from_env(env: Mapping[str, str] = os.environ) -> str:
     """``LOOM_LOG_LEVEL`` alone: logging is set up before the other settings are read
-    (so that their errors are logged)."""
-    return (_get(env, "LOOM_LOG_LEVEL") or "INFO").upper()
+    (so that their errors are logged). One of ``LOG_LEVELS``, any case."""
+    level = (_get(env, "LOOM_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(
+            "LOOM_LOG_LEVEL", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    return level
 
 
 def size_limits_from_env(env: Mapping[str, str], max_payload: int) -> SizeLimits:
@@ -546,6 +575,266 @@ def schedule_settings_from_env(env: Mapping[str, str] = os.environ) -> ScheduleS
     return ScheduleSettings(*values.values())
 
 
+# --- settings once read where they were used (issue 16: every variable is read in this
+# module, when a process starts, and passed to the code that needs it; a bad value stops
+# the start with a SettingsError naming the variable, never a later request or an import)
+
+
+def partition_count_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """``LOOM_PARTITIONS``: how many partitions the runs are spread over (default
+    ``loom_core.partitions.DEFAULT_COUNT``, 1 to ``MAX_COUNT``). Every executor replica
+    and the provisioner must agree (``bus.PartitionCountChanged``)."""
+    raw = _get(env, "LOOM_PARTITIONS")
+    count = partitions.DEFAULT_COUNT if raw is None else int(raw) if raw.isdigit() else -1
+    problem = partitions.check_count(count)
+    if problem is not None:
+        raise SettingsError("LOOM_PARTITIONS", f"{problem} (got {raw!r})")
+    return count
+
+
+DEFAULT_LEASE_S = 3.0
+_REPLICA_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    """Executor replicas (``loom_infra.ownership``): ``count`` (LOOM_PARTITIONS),
+    ``lease_s`` a replica's hold on a partition without renewing it
+    (LOOM_PARTITION_LEASE_S, 1-300 s, default 3), ``replica`` this replica's name in the
+    leases (LOOM_REPLICA_ID, default the host name; a subject token, at most 64)."""
+
+    count: int = partitions.DEFAULT_COUNT
+    lease_s: float = DEFAULT_LEASE_S
+    replica: str = "executor"
+
+
+def partition_settings_from_env(env: Mapping[str, str] = os.environ) -> PartitionSettings:
+    raw = _get(env, "LOOM_PARTITION_LEASE_S")
+    try:
+        lease = DEFAULT_LEASE_S if raw is None else float(raw)
+    except ValueError:
+        lease = -1.0
+    if not 1.0 <= lease <= 300.0:
+        raise SettingsError(
+            "LOOM_PARTITION_LEASE_S", f"must be a number of seconds between 1 and 300, got {raw!r}"
+        )
+    replica = _get(env, "LOOM_REPLICA_ID") or socket.gethostname()
+    return PartitionSettings(
+        count=partition_count_from_env(env),
+        lease_s=lease,
+        replica=_REPLICA_TOKEN.sub("_", replica)[:64],
+    )
+
+
+EMBEDDER_FORMS = "minilm (offline default), hash[:dim] or litellm:<model>:<dimensions>"
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """The memory service's embedder (``loom_infra.embedders``): ``spec`` (LOOM_EMBEDDER:
+    ``minilm``, ``hash``, ``hash:<dim>``, ``litellm:<model>:<dim>``), ``model_dir``
+    (LOOM_EMBED_MODEL_DIR: a folder with the MiniLM files; default the installed wheel),
+    ``threads`` (LOOM_EMBED_THREADS, 1-256, default 1: BLAS threads for MiniLM)."""
+
+    spec: str = "minilm"
+    model_dir: Path | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= 256:
+            raise SettingsError("LOOM_EMBED_THREADS", f"must be 1-256, got {self.threads}")
+        kind, _, rest = self.spec.partition(":")
+        if kind == "minilm" and not rest:
+            return
+        if kind == "hash" and (not rest or (rest.isdigit() and 1 <= int(rest) <= 4096)):
+            return
+        model, _, dim = rest.rpartition(":")
+        if kind == "litellm" and model and dim.isdigit() and 1 <= int(dim) <= 65_536:
+            return
+        raise SettingsError(
+            "LOOM_EMBEDDER",
+            f"{self.spec!r} is not an embedder: use {EMBEDDER_FORMS}, "
+            "e.g. litellm:text-embedding-3-small:1536",
+        )
+
+
+def embedder_settings_from_env(env: Mapping[str, str] = os.environ) -> EmbedderSettings:
+    return EmbedderSettings(
+        spec=_get(env, "LOOM_EMBEDDER") or "minilm",
+        model_dir=_path(env, "LOOM_EMBED_MODEL_DIR"),
+        threads=_whole(env, "LOOM_EMBED_THREADS", 1),
+    )
+
+
+_TRACE_TRUE = ("1", "true", "yes", "on")
+_TRACE_FALSE = ("0", "false", "no", "off")
+
+
+def trace_options_from_env(env: Mapping[str, str] = os.environ) -> TraceOptions:
+    """The tracing service's span options: ``LOOM_TRACE_CAPTURE_IO`` (1/true/yes/on or
+    0/false/no/off, default off: step inputs and outputs as span attributes, secrets
+    redacted) and ``LOOM_TRACE_IO_LIMIT`` (bytes kept of each, >= 0, default 4096)."""
+    raw = (_get(env, "LOOM_TRACE_CAPTURE_IO") or "0").lower()
+    if raw not in _TRACE_TRUE + _TRACE_FALSE:
+        raise SettingsError("LOOM_TRACE_CAPTURE_IO", f"must be 1 or 0 (true/false), got {raw!r}")
+    raw_limit = _get(env, "LOOM_TRACE_IO_LIMIT")
+    limit = DEFAULT_IO_LIMIT
+    if raw_limit is not None:
+        limit = int(raw_limit) if raw_limit.isdigit() else -1
+        if limit < 0:
+            raise SettingsError(
+                "LOOM_TRACE_IO_LIMIT", f"must be a number of bytes >= 0, got {raw_limit!r}"
+            )
+    return TraceOptions(capture_io=raw in _TRACE_TRUE, io_limit=limit)
+
+
+class OtlpConfigError(SettingsError):
+    """An ``OTEL_EXPORTER_OTLP_*`` variable is malformed or asks for what is not installed.
+    ``variable`` names it."""
+
+
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+
+
+@dataclass(frozen=True)
+class OtlpSettings:
+    """Where the tracing service exports spans (``loom_infra.otlp``). ``headers`` may
+    carry a collector's API key: never in repr.
+
+    Read by the tracing service when it starts, not by ``settings_from_env``: the
+    ``OTEL_*`` variables are shared with other software in a user's environment (e.g.
+    ``OTEL_EXPORTER_OTLP_PROTOCOL=http/json``, which we do not support), and the CLI
+    and the other services export nothing, so they must not refuse to start over them."""
+
+    endpoint: str
+    protocol: str = "http/protobuf"
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    compression: str = "none"
+    insecure: bool | None = None
+    certificate: str | None = None
+    client_certificate: str | None = None
+    client_key: str | None = None
+
+
+def otlp_settings_from_env(env: Mapping[str, str] = os.environ) -> OtlpSettings | None:
+    """The standard OpenTelemetry variables, or None when no endpoint is set.
+
+    - ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``: the traces URL, used as is; otherwise
+      ``OTEL_EXPORTER_OTLP_ENDPOINT`` (base URL; ``/v1/traces`` is appended for HTTP).
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``: ``http/protobuf`` (default) or ``grpc``.
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``: ``key=value,key2=value2`` (URL-encoded).
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION``: ``gzip`` or ``none``.
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]INSECURE``: ``true`` for plaintext gRPC to an endpoint
+      without a scheme (an ``http://`` endpoint is plaintext anyway).
+    - ``OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE``, ``..._CLIENT_CERTIFICATE``,
+      ``..._CLIENT_KEY``: PEM files for TLS (trusted CA; mutual TLS).
+    The signal-specific variable wins over the general one."""
+    from opentelemetry.util.re import parse_env_headers  # the SDK's own header syntax
+
+    def get(name: str) -> tuple[str, str | None]:
+        for var in (f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+            value = _get(env, var)
+            if value:
+                return var, value
+        return f"OTEL_EXPORTER_OTLP_{name}", None
+
+    protocol_var, protocol = get("PROTOCOL")
+    protocol = (protocol or "http/protobuf").lower()
+    if protocol not in OTLP_PROTOCOLS:
+        raise OtlpConfigError(
+            protocol_var,
+            f"unsupported protocol {protocol!r}; use one of {', '.join(OTLP_PROTOCOLS)} "
+            "(http/json is not supported)",
+        )
+    traces = _get(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base = _get(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+    if traces:
+        endpoint_var, endpoint = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces
+    elif base:
+        endpoint_var = "OTEL_EXPORTER_OTLP_ENDPOINT"
+        endpoint = base if protocol == "grpc" else f"{base.rstrip('/')}/v1/traces"
+    else:
+        return None
+    if protocol == "http/protobuf" and not endpoint.startswith(("http://", "https://")):
+        raise OtlpConfigError(
+            endpoint_var,
+            f"must be an http:// or https:// URL, got {endpoint!r} "
+            "(e.g. http://otel-collector:4318)",
+        )
+    _, raw_headers = get("HEADERS")
+    headers = dict(parse_env_headers(raw_headers or "", liberal=True))
+    compression_var, compression = get("COMPRESSION")
+    compression = (compression or "none").lower()
+    if compression not in ("none", "gzip"):
+        raise OtlpConfigError(compression_var, f"must be 'gzip' or 'none', got {compression!r}")
+    insecure_var, raw_insecure = get("INSECURE")
+    insecure: bool | None = None
+    if raw_insecure is not None:
+        if raw_insecure.lower() not in ("true", "false"):
+            raise OtlpConfigError(insecure_var, f"must be 'true' or 'false', got {raw_insecure!r}")
+        insecure = raw_insecure.lower() == "true"
+    files: dict[str, str | None] = {}
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+        var, path = get(name)
+        if path is not None and not Path(path).is_file():
+            raise OtlpConfigError(var, f"no such file: {path!r}")
+        files[name.lower()] = path
+    return OtlpSettings(
+        endpoint,
+        protocol=protocol,
+        headers=headers,
+        compression=compression,
+        insecure=insecure,
+        certificate=files["certificate"],
+        client_certificate=files["client_certificate"],
+        client_key=files["client_key"],
+    )
+
+
+def tools_config_from_env(env: Mapping[str, str] = os.environ) -> Path | None:
+    """``LOOM_TOOLS_CONFIG``: the tool-runner's YAML/JSON of MCP servers, tool metadata
+    and breakers (``loom_services.tools.config``); unset: none. The file itself is read
+    and checked when the tool-runner starts."""
+    return _path(env, "LOOM_TOOLS_CONFIG")
+
+
+def debug_from_env(env: Mapping[str, str] = os.environ) -> bool:
+    """``LOOM_DEBUG=1``: the CLI shows tracebacks, as ``--debug`` does. Anything else
+    (unset, 0) is off: a typo must not turn a user's terminal into stack dumps."""
+    return _get(env, "LOOM_DEBUG") == "1"
+
+
+def columns_from_env(env: Mapping[str, str] = os.environ) -> int | None:
+    """``COLUMNS`` (the terminal convention, which rich reads too): when set, the CLI's
+    tables use that width even when piped; otherwise piped tables are never cut."""
+    raw = _get(env, "COLUMNS")
+    return int(raw) if raw is not None and raw.isdigit() and int(raw) > 0 else None
+
+
+def payload_limit_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """``LOOM_MAX_PAYLOAD``: the largest message in bytes (default 262144)."""
+    raw = _get(env, "LOOM_MAX_PAYLOAD")
+    if raw is None:
+        return DEFAULT_MAX_PAYLOAD
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(
+            "LOOM_MAX_PAYLOAD", f"must be a whole number of bytes, got {raw!r}"
+        ) from None
+    if value <= 0:
+        raise SettingsError("LOOM_MAX_PAYLOAD", f"must be positive, got {value}")
+    return value
+
+
+def json_depth_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """``LOOM_MAX_JSON_DEPTH`` (1-200, default 64): the deepest JSON accepted."""
+    return _depth(env)
+
+
+# --- end of settings once read where they were used
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(repr=False)
@@ -583,6 +872,13 @@ class Settings:
     # ack waits, concurrency, local calls (a Settings made in code reads these from the
     # environment too: they always were environment settings)
     delivery: DeliverySettings = field(default_factory=lambda: delivery_settings_from_env())
+    # the same holds for these (issue 16 moved their reads here from where they were used)
+    partitions: PartitionSettings = field(default_factory=lambda: partition_settings_from_env())
+    embedder: EmbedderSettings = field(default_factory=lambda: embedder_settings_from_env())
+    # LOOM_QDRANT: a Qdrant server URL or a local folder; None: {data dir}/qdrant
+    qdrant: str | None = field(default_factory=lambda: _get(os.environ, "LOOM_QDRANT"))
+    trace: TraceOptions = field(default_factory=lambda: trace_options_from_env())
+    tools_config: Path | None = field(default_factory=lambda: tools_config_from_env())
 
     @property
     def credentials_dir(self) -> Path:
@@ -672,17 +968,7 @@ def auth_settings_from_env(env: Mapping[str, str] = os.environ) -> AuthSettings:
 
 
 def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
-    raw_payload = _get(env, "LOOM_MAX_PAYLOAD")
-    max_payload = DEFAULT_MAX_PAYLOAD
-    if raw_payload is not None:
-        try:
-            max_payload = int(raw_payload)
-        except ValueError:
-            raise SettingsError(
-                "LOOM_MAX_PAYLOAD", f"must be a whole number of bytes, got {raw_payload!r}"
-            ) from None
-        if max_payload <= 0:
-            raise SettingsError("LOOM_MAX_PAYLOAD", f"must be positive, got {max_payload}")
+    max_payload = payload_limit_from_env(env)
     allow = _get(env, "LOOM_HTTP_ALLOW_PRIVATE") or ""
     modules = _get(env, "LOOM_TOOL_MODULES") or ""
     size_limits = size_limits_from_env(env, max_payload)
@@ -722,6 +1008,11 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         quotas_file=_path(env, "LOOM_QUOTAS_FILE"),
         direct_dispatch=_flag(env, "LOOM_DIRECT_DISPATCH", default="true"),
         delivery=delivery_settings_from_env(env),
+        partitions=partition_settings_from_env(env),
+        embedder=embedder_settings_from_env(env),
+        qdrant=_get(env, "LOOM_QDRANT"),
+        trace=trace_options_from_env(env),
+        tools_config=tools_config_from_env(env),
     )
 
 
@@ -746,8 +1037,9 @@ def _tenant(env: Mapping[str, str]) -> str | None:
 def _depth(env: Mapping[str, str]) -> int:
     try:
         return depth_limit(env)
-    except ValueError as exc:
-        raise SettingsError(MAX_DEPTH_SETTING, str(exc)) from None
+    except ValueError as exc:  # its message starts with the name, which ours adds
+        message = str(exc).removeprefix(f"{MAX_DEPTH_SETTING} ")
+        raise SettingsError(MAX_DEPTH_SETTING, message) from None
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

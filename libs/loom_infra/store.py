@@ -719,7 +719,7 @@ class SnapshotStore(_Closable):
         """Store the snapshot of ``run_id`` at ``seq`` (a second save at the same seq is a
         no-op) and delete the run's snapshots older than the newest ``keep``."""
         self._check_open("save snapshot")
-        datastore = self._recorder.datastore  # type: ignore[attr-defined]
+        datastore = self._recorder.datastore  # type: ignore[attr-defined]  # both recorders have it; their base does not declare it
         insert, prune = self._save_sql
         with (
             _translated("save snapshot", self._backend),
@@ -737,7 +737,7 @@ class SnapshotStore(_Closable):
     def taken(self, run_id: str) -> list[int]:
         """The seqs of the run's stored snapshots, ascending (their bodies are not read)."""
         self._check_open("list snapshots")
-        datastore = self._recorder.datastore  # type: ignore[attr-defined]
+        datastore = self._recorder.datastore  # type: ignore[attr-defined]  # both recorders have it; their base does not declare it
         with (
             _translated("list snapshots", self._backend),
             datastore.transaction(commit=False) as curs,

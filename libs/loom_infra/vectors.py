@@ -104,7 +104,7 @@ class VectorStore:
                 collection, limit=1024, offset=offset, with_payload=True, with_vectors=True
             )
             for r in records:
-                index.upsert(str(r.id), list(r.vector), r.payload or {})  # type: ignore[arg-type]
+                index.upsert(str(r.id), list(r.vector), r.payload or {})  # type: ignore[arg-type]  # qdrant types vectors loosely; ours are one dense list
             if offset is None:
                 return index
 

@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import uuid
@@ -70,7 +69,7 @@ from loom_core.statuses import RUN_STATUSES, unknown_status_message
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.datalock import DataDirLocked
 from loom_infra.natsserver import NatsServerError
-from loom_infra.settings import SettingsError, settings_from_env
+from loom_infra.settings import SettingsError, debug_from_env, settings_from_env
 
 app = typer.Typer(
     name="loom",
@@ -250,7 +249,10 @@ def up(
 
             async with await stack.client() as client:
                 try:
-                    server = ConsoleServer(client, port=console_port)
+                    server = ConsoleServer(
+                        client, port=console_port, max_json_depth=settings.max_json_depth,
+                        max_payload=settings.max_payload,
+                    )  # fmt: skip
                     await server.start()
                 except OSError as exc:  # the stack is up: a busy console port only warns
                     stderr.print(
@@ -632,7 +634,7 @@ def main() -> None:
     """Run the CLI. No traceback reaches a user unless they ask for it (``--debug`` or
     ``LOOM_DEBUG=1``): an unexpected failure is one line saying what to do, and the exit
     code says which kind (``ExitCode``, docs/cli.md)."""
-    debug = "--debug" in sys.argv or os.environ.get("LOOM_DEBUG") == "1"
+    debug = "--debug" in sys.argv or debug_from_env()
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     plain_warnings(debug)

@@ -11,6 +11,7 @@ import typer
 from loom_cli.common import ExitCode, TokenOpt, UrlOpt, connect, fail
 from loom_cli.control import operator
 from loom_cli.render import stderr
+from loom_infra.settings import json_depth_from_env, payload_limit_from_env
 
 DEFAULT_PORT = 8484  # loom_console.server.DEFAULT_PORT, without importing the web stack
 
@@ -50,7 +51,10 @@ def console(
         async with await connect(url) as client:
             client.token = token or None  # the principal runs submitted here act for
             try:
-                server = ConsoleServer(client, host, port, tuple(allow_host), by=operator())
+                server = ConsoleServer(
+                    client, host, port, tuple(allow_host), by=operator(),
+                    max_json_depth=json_depth_from_env(), max_payload=payload_limit_from_env(),
+                )  # fmt: skip
                 await server.start()
             except OSError as exc:
                 raise console_port_busy(port, exc) from None

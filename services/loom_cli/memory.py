@@ -45,7 +45,7 @@ def call(op: str, args: dict[str, Any], url: str | None, principal: Principal | 
          timeout: float = 30.0) -> Any:  # fmt: skip
     async def main() -> MemoryReply:
         async with await connect(url) as client:
-            request = MemoryRequest(op=op, args=args, principal=principal)  # type: ignore[arg-type]
+            request = MemoryRequest(op=op, args=args, principal=principal)  # type: ignore[arg-type]  # op is one of this CLI's verbs; the service refuses others
             return await client.ask(subjects.API_MEMORY_OPERATOR, request, MemoryReply, timeout)
 
     try:

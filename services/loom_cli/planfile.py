@@ -15,15 +15,14 @@ raises it (``LOOM_MAX_JSON_DEPTH``, ``LOOM_MAX_PAYLOAD``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loom_cli.common import fail
-from loom_core.limits import MAX_DEPTH_SETTING, check_json, depth_limit, json_path, too_deep
-from loom_infra.settings import DEFAULT_MAX_PAYLOAD
+from loom_cli.common import ExitCode, fail
+from loom_core.limits import MAX_DEPTH_SETTING, check_json, json_path, too_deep
+from loom_infra.settings import SettingsError, json_depth_from_env, payload_limit_from_env
 
 MAX_PAYLOAD_SETTING = "LOOM_MAX_PAYLOAD"
 # libyaml's parser when present (faster), else PyYAML's own; both are iterative
@@ -31,14 +30,12 @@ _EVENT_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def limits() -> tuple[int, int]:
-    """(depth, bytes) limits from the environment."""
+    """(depth, bytes): LOOM_MAX_JSON_DEPTH and LOOM_MAX_PAYLOAD, read by the settings
+    module; a bad value is a usage error naming the variable (exit 2)."""
     try:
-        depth = depth_limit(os.environ)
-        raw = os.environ.get(MAX_PAYLOAD_SETTING, "").strip()
-        size = int(raw) if raw else DEFAULT_MAX_PAYLOAD
-    except ValueError as exc:
-        raise fail(str(exc)) from None
-    return depth, size
+        return json_depth_from_env(), payload_limit_from_env()
+    except SettingsError as exc:
+        raise fail(f"{exc}; fix it and start again", ExitCode.USAGE) from None
 
 
 def too_deep_in_yaml(text: str, max_depth: int) -> tuple[str, int, int] | None:

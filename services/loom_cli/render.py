@@ -3,7 +3,6 @@ Progress goes to stderr, data to stdout (so ``loom run x.yaml > out.json`` works
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -50,6 +49,7 @@ from loom_core.contracts import (
     TimerStarted,
     ToolCallRequested,
 )
+from loom_infra.settings import columns_from_env
 
 BAR_WIDTH = 30
 
@@ -322,7 +322,7 @@ class _Console(Console):
     @property
     def size(self) -> ConsoleDimensions:
         size = super().size
-        if self.is_terminal or os.environ.get("COLUMNS") or self._width is not None:
+        if self.is_terminal or columns_from_env() or self._width is not None:
             return size
         return ConsoleDimensions(PIPE_WIDTH, size.height)
 

@@ -213,7 +213,7 @@ def _control(action: str):
     def command(
         name: str = NameArg, output: Output = OutputOpt, url: str = UrlOpt, token: str = TokenOpt
     ) -> None:
-        message = ScheduleControl(name=name, action=action)  # type: ignore[arg-type]
+        message = ScheduleControl(name=name, action=action)  # type: ignore[arg-type]  # action is one of the verbs registered below
         _one(_request(message, url, token), output)
 
     def describe(

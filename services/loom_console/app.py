@@ -43,10 +43,12 @@ from loom_core.contracts import (
     PlanIssue,
     RunProgress,
 )
+from loom_core.limits import DEFAULT_MAX_DEPTH
 from loom_core.lineage import diff_runs
 from loom_core.replay import replay, state_at, state_view
 from loom_core.statuses import RUN_STATUSES
 from loom_infra.client import LoomClient, LoomError
+from loom_infra.settings import DEFAULT_MAX_PAYLOAD
 
 STATIC = Path(__file__).parent / "static"
 CSRF_HEADER = "x-loom-csrf"
@@ -185,8 +187,17 @@ def _where(message: str) -> str | None:
 class Console:
     """The handlers, around one operator connection and its run cache."""
 
-    def __init__(self, client: LoomClient, identity: str = "operator", by: str = "console") -> None:
+    def __init__(
+        self,
+        client: LoomClient,
+        identity: str = "operator",
+        by: str = "console",
+        max_json_depth: int = DEFAULT_MAX_DEPTH,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
         self.client = client
+        # LOOM_MAX_JSON_DEPTH and LOOM_MAX_PAYLOAD, read at start: a plan's bounds
+        self.max_json_depth, self.max_payload = max_json_depth, max_payload
         self.source = RunSource(client)
         self.identity = identity
         self.by = by  # recorded as who resumed, cancelled, paused
@@ -489,7 +500,9 @@ class Console:
 
     async def _checked(self, order: api.PlanBody) -> tuple[Any, list[Any]]:
         fmt = order.format if order.format in ("native", "plan-execute") else "native"
-        run, issues = plans.parse(order.text, order.input, fmt)
+        run, issues = plans.parse(
+            order.text, order.input, fmt, self.max_json_depth, self.max_payload
+        )
         if run is None:
             return None, issues
         from loom_cli.tools import read_catalog  # the catalog as `loom tools` reads it
@@ -626,10 +639,15 @@ class Guard:
 
 
 def build_app(
-    client: LoomClient, *, hosts: frozenset[str] = DEFAULT_HOSTS, by: str = "console"
+    client: LoomClient,
+    *,
+    hosts: frozenset[str] = DEFAULT_HOSTS,
+    by: str = "console",
+    max_json_depth: int = DEFAULT_MAX_DEPTH,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
 ) -> tuple[Starlette, Console]:
     """The console's ASGI app around a connected operator client."""
-    c = Console(client, by=by)
+    c = Console(client, by=by, max_json_depth=max_json_depth, max_payload=max_payload)
     r = "/api/runs/{run_id:str}"
     routes = [
         Route("/", c.index),

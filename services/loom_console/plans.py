@@ -4,7 +4,6 @@ every problem at its JSON path. Pure except for the catalog the caller passes.""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +13,7 @@ import yaml
 from loom_cli.planfile import too_deep_in_yaml
 from loom_core import convert
 from loom_core.contracts import PlanIssue, RunRequest, ToolSpec
-from loom_core.limits import check_json, depth_limit
+from loom_core.limits import DEFAULT_MAX_DEPTH, check_json
 from loom_core.shape import shape_issues
 from loom_core.validation import validate_plan
 from loom_infra.settings import DEFAULT_MAX_PAYLOAD
@@ -27,18 +26,19 @@ def _issue(code: str, path: str, message: str) -> PlanIssue:
 
 
 def parse(
-    text: str, input_override: Mapping[str, Any] | None = None, plan_format: str = "native"
+    text: str,
+    input_override: Mapping[str, Any] | None = None,
+    plan_format: str = "native",
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD,
 ) -> tuple[RunRequest | None, list[PlanIssue]]:
     """The run request ``text`` describes (a run file: ``plan:`` + ``input:``, or a bare
-    plan with ``steps:``), or every problem found before validation."""
+    plan with ``steps:``), or every problem found before validation. ``max_depth`` and
+    ``max_bytes``: the console's LOOM_MAX_JSON_DEPTH and LOOM_MAX_PAYLOAD, read at start."""
     if len(text) > MAX_TEXT:
         return None, [
             _issue("too_large", "$", f"the plan is {len(text)} characters; at most {MAX_TEXT}")
         ]
-    try:
-        max_depth = depth_limit(os.environ)
-    except ValueError as exc:
-        return None, [_issue("bad_setting", "$", str(exc))]
     try:
         deep = too_deep_in_yaml(text, max_depth)
         if deep is not None:
@@ -48,7 +48,9 @@ def parse(
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         return None, [_issue("not_yaml", "$", " ".join(str(exc).split()))]
-    error = check_json(doc, max_depth=max_depth, max_bytes=DEFAULT_MAX_PAYLOAD)
+    error = check_json(
+        doc, max_depth=max_depth, max_bytes=max_bytes, bytes_setting="LOOM_MAX_PAYLOAD"
+    )
     if error is not None:
         return None, [_issue(error.code, error.path or "$", error.message)]
     if not isinstance(doc, dict):

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 import uvicorn
 
 from loom_console.app import DEFAULT_HOSTS, Console, build_app
+from loom_core.limits import DEFAULT_MAX_DEPTH
 from loom_infra.client import LoomClient
+from loom_infra.settings import DEFAULT_MAX_PAYLOAD
 
 DEFAULT_PORT = 8484
 
@@ -36,9 +38,14 @@ class ConsoleServer:
         port: int = DEFAULT_PORT,
         allow_hosts: tuple[str, ...] = (),
         by: str = "console",
+        max_json_depth: int = DEFAULT_MAX_DEPTH,  # LOOM_MAX_JSON_DEPTH (Settings)
+        max_payload: int = DEFAULT_MAX_PAYLOAD,  # LOOM_MAX_PAYLOAD (Settings)
     ) -> None:
         hosts = DEFAULT_HOSTS | {host.lower()} | {h.lower() for h in allow_hosts}
-        self.app, self.console = build_app(client, hosts=frozenset(hosts), by=by)
+        self.app, self.console = build_app(
+            client, hosts=frozenset(hosts), by=by,
+            max_json_depth=max_json_depth, max_payload=max_payload,
+        )  # fmt: skip
         self.host, self.port = host, port
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None

@@ -99,8 +99,8 @@ class ExecutorService:
         self.principals = auth.PrincipalResolver(settings.auth)
         self.host = RunHost(
             self.store, self.io, self.snapshots, limits=settings.size_limits, caps=settings.caps,
-            local=LocalTools.from_env(
-                settings.size_limits, blob_threshold=settings.blobs.threshold_bytes
+            local=LocalTools.from_settings(
+                settings.size_limits, settings.delivery, settings.blobs.threshold_bytes
             ),
         )  # fmt: skip
         self.relay: Relay | None = None

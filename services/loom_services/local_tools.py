@@ -40,15 +40,12 @@ a request past the budget goes to the tool-runner like any other).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
 import msgspec
 
 from loom_core import blobs
 from loom_core.contracts import RunEvent, SizeLimits, ToolCallRequested, ToolResult
 from loom_infra import bus
-from loom_infra.settings import delivery_settings_from_env
+from loom_infra.settings import DeliverySettings
 from loom_services.tools.library import default_registry
 from loom_services.tools.registry import ToolContext, ToolSettings, execute_tool
 
@@ -79,13 +76,14 @@ class LocalTools:
         self.calls = 0
 
     @classmethod
-    def from_env(
+    def from_settings(
         cls,
         limits: SizeLimits,
-        env: Mapping[str, str] = os.environ,
+        delivery: DeliverySettings,
         blob_threshold: int = blobs.DEFAULT_THRESHOLD_BYTES,
     ) -> LocalTools:
-        delivery = delivery_settings_from_env(env)  # LOOM_LOCAL_TOOLS, LOOM_LOCAL_BUDGET
+        """LOOM_LOCAL_TOOLS (unset: every pure built-in) and LOOM_LOCAL_BUDGET, as the
+        settings module read them at start."""
         names = PURE_BUILTINS if delivery.local_tools is None else delivery.local_tools
         return cls(names, limits, delivery.local_budget, blob_threshold)
 

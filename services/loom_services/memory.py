@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -74,8 +73,8 @@ class MemoryService:
 
             store = self.settings.store
             # the model first: if it is missing, no Qdrant folder is left locked
-            embedder = embedders.from_name()
-            location = os.environ.get("LOOM_QDRANT") or str(store.data_dir / "qdrant")
+            embedder = embedders.from_settings(self.settings.embedder)
+            location = self.settings.qdrant or str(store.data_dir / "qdrant")
             try:
                 vectors = VectorStore(location)
             except RuntimeError as exc:  # local mode: another process holds the folder

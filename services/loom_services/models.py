@@ -1,5 +1,5 @@
 """The model layer of the planner service: every model call of the system goes here,
-through litellm (DESIGN decision 8), and nowhere else.
+through litellm (docs/design.md decision 8), and nowhere else.
 
 litellm is imported lazily, on the first call (it costs ~3 s and ~350 MB): a stack
 without a model configured never imports it, and ``LITELLM_LOCAL_MODEL_COST_MAP`` is set
@@ -270,6 +270,9 @@ class ModelLayer:
     def load() -> Any:
         """Import litellm (once per process; ~3 s). Safe to call from a thread, so a
         service can warm it up without blocking its event loop."""
+        # Not a loom setting: this configures litellm itself, which reads it at import
+        # (else it downloads a price map); setdefault keeps an operator's own value.
+        # Allowed by name in tests/unit/test_settings_only.py.
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm  # lazy: ~3 s and ~350 MB, only where models are called
 
@@ -352,7 +355,7 @@ class ModelLayer:
         self,
         name: str | None,
         messages: list[ModelMessage],
-        tools: list[ToolSpec] = (),  # type: ignore[assignment]
+        tools: list[ToolSpec] = (),  # type: ignore[assignment]  # an immutable empty default; only read
         json_schema: dict[str, Any] | None = None,
         json_mode: bool = False,
         on_text: Callable[[str], Awaitable[None]] | None = None,
@@ -391,7 +394,7 @@ class ModelLayer:
         streamed = self.config.stream and on_text is not None
         try:
             if streamed:
-                response = await self._streamed(router, request, on_text)  # type: ignore[arg-type]
+                response = await self._streamed(router, request, on_text)  # type: ignore[arg-type]  # streamed implies on_text is not None
             else:
                 response = await router.acompletion(**request)
         except asyncio.CancelledError:

@@ -65,7 +65,7 @@ def watch_service(
     # restarted instead of sitting unready forever
     server.add_check(f"{name}.tasks", running, live=True)
     durables = sorted(
-        {(r.stream, c.durable) for r, c in routes.consumers_of(identity) if c.durable}  # type: ignore[arg-type]
+        {(r.stream, c.durable) for r, c in routes.consumers_of(identity) if c.durable}  # type: ignore[arg-type]  # identity is a service name, checked by routes
     )
 
     async def consumer_lag() -> None:

@@ -61,7 +61,7 @@ class Partitioned:
                  settings: PartitionSettings | None = None) -> None:  # fmt: skip
         self.service = service
         self.ctx = ctx
-        self.settings = settings or PartitionSettings.from_env()
+        self.settings = settings or service.settings.partitions
         self.ownership = Ownership(ctx.js, self.settings, on_gain=self._gain, on_loss=self._loss)
         self.consumers: dict[int, tuple[asyncio.Event, asyncio.Future[None]]] = {}
         self._relay: tuple[asyncio.Event, asyncio.Future[None]] | None = None
@@ -146,7 +146,7 @@ class Partitioned:
         stop, task = self._relay
         self._relay = None
         if self.service.relay is not None:
-            self.service.relay.active = False  # type: ignore[attr-defined]
+            self.service.relay.active = False  # type: ignore[attr-defined]  # a flag Relay does not declare; observe reads it by getattr
         stop.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(task), 5.0)
@@ -184,7 +184,7 @@ class Partitioned:
     def _unspawn(self, task: asyncio.Future[None]) -> None:
         """Stopped on purpose (the partition moved): no longer watched."""
         with contextlib.suppress(ValueError):
-            self.ctx.tasks.remove(task)  # type: ignore[arg-type]
+            self.ctx.tasks.remove(task)  # type: ignore[arg-type]  # a Task given as the Future that spawn returned
 
     # ------------------------------------------------------------ questions
 
@@ -311,7 +311,7 @@ class Partitioned:
                 else:
                     self.forwarded += 1
                     if (reply.headers or {}).get(RESULT):
-                        return reply  # type: ignore[return-value]
+                        return reply  # type: ignore[return-value]  # the forwarded reply itself, passed on with its headers
                     return reply.data
             self.ownership.changed.clear()
             await bus.wait_or_timeout(self.ownership.changed, min(max(left, 0.01), 0.25))

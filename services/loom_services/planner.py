@@ -360,7 +360,7 @@ async def _beating(msg: Msg, work: Awaitable[T]) -> T:
 
 async def _heartbeat(msg: Msg) -> None:
     while True:
-        await asyncio.sleep(bus.ACK_WAIT_S / 3)  # a timer, not synchronisation
+        await asyncio.sleep(bus.delivery().ack_wait_s / 3)  # a timer, not synchronisation
         try:
             await msg.in_progress()
         except Exception:  # noqa: BLE001 (a lost heartbeat means a redelivery at worst)

@@ -185,7 +185,7 @@ class RunHost:
         budget = self.local.budget
         while todo and budget > 0:
             budget -= 1
-            result = await self.local.answer(run_id, todo.pop(0))  # type: ignore[arg-type]
+            result = await self.local.answer(run_id, todo.pop(0))  # type: ignore[arg-type]  # takes() admits ToolCallRequested only
             if result is None:  # big output: the tool-runner stores it by reference
                 continue
             more = _advanced(state, run_id, result, at)

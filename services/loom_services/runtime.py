@@ -38,6 +38,7 @@ from loom_infra.settings import (
     BlobSettings,
     OpsSettings,
     Settings,
+    SettingsError,
     blob_settings_from_env,
     log_level_from_env,
     ops_settings_from_env,
@@ -81,7 +82,7 @@ async def serve_health(ctx: ServiceContext, service: str) -> None:
     async def answer(msg: Msg, ping: Ping) -> Pong:
         return Pong(service=service, instance=instance)
 
-    await endpoints.serve(ctx.nc, None, routes.HEALTH, service, answer)  # type: ignore[arg-type]
+    await endpoints.serve(ctx.nc, None, routes.HEALTH, service, answer)  # type: ignore[arg-type]  # service is a str; HEALTH accepts every identity
 
 
 class Stack:
@@ -102,6 +103,9 @@ class Stack:
         return None if self.started else "starting (connecting, waiting for streams)"
 
     async def start(self) -> None:
+        # ack waits and consumer creation for every consumer the services make (read
+        # at start by the settings module; bus reads nothing itself)
+        bus.configure(self.settings.delivery)
         if self.health is not None:
             # up first: /livez answers and /readyz says why not while the start waits
             self.health.add_check("stack", self._starting)
@@ -269,9 +273,15 @@ def configure_logging() -> None:
 
 
 def run_main(factory: Callable[[Settings], Sequence[Service]]) -> None:
-    """Entry point of ``python -m loom_services.<name>``: run until SIGINT/SIGTERM."""
-    configure_logging()
-    settings = settings_from_env()
+    """Entry point of ``python -m loom_services.<name>``: run until SIGINT/SIGTERM. A
+    setting with a bad value is one logged line naming it, exit 2 (no traceback)."""
+    try:
+        configure_logging()
+        settings = settings_from_env()
+    except SettingsError as exc:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.error("cannot start: %s; fix it and start again", exc)
+        raise SystemExit(2) from None
     if settings.insecure:
         log.warning("LOOM_INSECURE is set: connecting to NATS without credentials")
 
@@ -303,4 +313,8 @@ def run_main(factory: Callable[[Settings], Sequence[Service]]) -> None:
         await stack.stop.wait()
         await stack.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SettingsError as exc:  # one read when a service is built (OTEL_* for tracing)
+        log.error("cannot start: %s; fix it and start again", exc)
+        raise SystemExit(2) from None

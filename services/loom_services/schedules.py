@@ -468,7 +468,7 @@ class Scheduler:
             document = msgspec.json.decode(data)
             error = limits.check_json(document, max_depth=depth)
             if error is None:
-                return codec.decode(data, ScheduleMessage)  # type: ignore[arg-type]
+                return codec.decode(data, ScheduleMessage)  # type: ignore[arg-type]  # a union alias is no type[T] to mypy; msgspec decodes it
         except RecursionError:
             error = limits.too_deep("$", max_depth=depth)
         except Exception as exc:

@@ -70,7 +70,7 @@ class SignalRouter:
         self.waiting: dict[str, set[tuple[str, str]]] = {}  # subject -> {(run, step)}
 
     async def start(self, nc: object, stop: asyncio.Event) -> list[Awaitable[None]]:
-        await endpoints.subscribe(nc, routes.SIGNAL, "executor", self.on_signal)  # type: ignore[arg-type]
+        await endpoints.subscribe(nc, routes.SIGNAL, "executor", self.on_signal)  # type: ignore[arg-type]  # nc typed object here to keep nats out of the signature
         return [self.index_waits(stop)]
 
     # ------------------------------------------------------------------ waits
@@ -101,7 +101,7 @@ class SignalRouter:
         for match in wait.matches:
             # a run hears only its own tenant's signals (loom.t.<tenant>.signal.…)
             subject = tenancy.scoped(subjects.signal(match.name, match.key), run_tenant(state))
-            if not still or match.name in inst.received:  # type: ignore[union-attr]
+            if not still or match.name in inst.received:  # type: ignore[union-attr]  # not still covers inst is None (short-circuit)
                 # one event per name is taken: resending would only be refused
                 self.waiting.get(subject, set()).discard(target)
                 continue

@@ -133,9 +133,8 @@ class ToolRunnerService:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.secret_source = SecretSource(settings.secrets)
         # every tool source in layers, each call through its breakers (tools.catalog)
-        self.catalog = ToolCatalog(
-            self.registry, load_tools_config(), self.secret_source.get, sources
-        )
+        tools_config = load_tools_config(settings.tools_config)  # LOOM_TOOLS_CONFIG
+        self.catalog = ToolCatalog(self.registry, tools_config, self.secret_source.get, sources)
         self.tool_settings = ToolSettings(
             http_allow_private=tuple(settings.http_allow_private),
             # a big output is stored as a blob (by_reference): the largest blob bounds it

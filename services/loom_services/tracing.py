@@ -6,7 +6,7 @@ refolds a run instead of losing it, and a rebuild (one run, or every run in a ti
 range) needs nothing but its own store. Span ids derive from the run, so a rebuild gives
 the same spans and a backend that dedupes by id never sees duplicates.
 
-Options (environment)
+Options (read at start by ``loom_infra.settings.trace_options_from_env``)
 - ``LOOM_TRACE_CAPTURE_IO=1``: step inputs and outputs become span attributes
   (``loom.step.input`` / ``loom.step.output``), secrets redacted, truncated to
   ``LOOM_TRACE_IO_LIMIT`` bytes (default 4096). Rebuilds use the same options, so a
@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -61,13 +60,13 @@ from loom_core.contracts import (
     UsageQuery,
     UsageReply,
 )
-from loom_core.spans import DEFAULT_IO_LIMIT, TraceBuilder, TraceOptions
+from loom_core.spans import TraceBuilder, TraceOptions
 from loom_core.waits import lift_runs
 from loom_infra import bus, endpoints, paging
 from loom_infra.blocking import Blocking
 from loom_infra.endpoints import ServiceError
-from loom_infra.otlp import OtlpExporter, from_env
-from loom_infra.settings import Settings, SettingsError
+from loom_infra.otlp import OtlpExporter, exporter_for
+from loom_infra.settings import Settings, otlp_settings_from_env
 from loom_infra.spanstore import SpanStore, micros, open_span_store, run_key
 from loom_services import tenants
 from loom_services.runtime import ServiceContext, run_main
@@ -86,9 +85,6 @@ DLQ_ORIGIN = "otlp-export"
 
 Q = TypeVar("Q")
 R = TypeVar("R")
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 
 def _bad_cursor(cursor: str, what: str) -> ServiceError:
@@ -123,26 +119,6 @@ def _run_cursor_key(cursor: str) -> tuple[int, str] | None:
         raise _bad_cursor(cursor, "runs") from None
 
 
-def options_from_env(env: Mapping[str, str] = os.environ) -> TraceOptions:
-    """``TraceOptions`` from ``LOOM_TRACE_CAPTURE_IO`` (1/true/yes/on or 0/false/no/off)
-    and ``LOOM_TRACE_IO_LIMIT`` (bytes, >= 0, default 4096)."""
-    raw = env.get("LOOM_TRACE_CAPTURE_IO", "").strip().lower()
-    if raw not in _TRUE + _FALSE:
-        raise SettingsError("LOOM_TRACE_CAPTURE_IO", f"must be 1 or 0 (true/false), got {raw!r}")
-    raw_limit = env.get("LOOM_TRACE_IO_LIMIT", "").strip()
-    limit = DEFAULT_IO_LIMIT
-    if raw_limit:
-        try:
-            limit = int(raw_limit)
-        except ValueError:
-            limit = -1
-        if limit < 0:
-            raise SettingsError(
-                "LOOM_TRACE_IO_LIMIT", f"must be a number of bytes >= 0, got {raw_limit!r}"
-            )
-    return TraceOptions(capture_io=raw in _TRUE, io_limit=limit)
-
-
 class TracingService:
     name: routes.Identity = "tracing"
 
@@ -154,9 +130,11 @@ class TracingService:
         options: TraceOptions | None = None,
     ) -> None:
         self.settings = settings
-        self.options = options if options is not None else options_from_env()
+        self.options = options if options is not None else settings.trace
         self.store = store or open_span_store(settings.store)
-        self.exporter = exporter if exporter is not None else from_env()
+        if exporter is None:  # OTEL_EXPORTER_OTLP_*: read at this service's start only
+            exporter = exporter_for(otlp_settings_from_env())
+        self.exporter = exporter
         self.io = Blocking("tracing-store")
         self.export_retry_s = EXPORT_RETRY_S
         self.export_batch = EXPORT_BATCH

@@ -1,4 +1,4 @@
-"""Big data travels by reference (issue 9, DESIGN decision 12), on a real stack: real
+"""Big data travels by reference (issue 9, docs/design.md decision 12), on a real stack: real
 nats-server with JetStream (the blob bucket is an Object Store), SQLite and PostgreSQL.
 
 A 10 MB value passes through three tool steps and out as the run's output, and no event

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 
 from loom_core import codec, subjects
 from loom_core.contracts import (
@@ -43,13 +43,8 @@ BOUND_S = 10.0  # no wait below may take longer than this
 async def wait_for_event(
     client: LoomClient, run_id: str, match: Callable[[EventRecord], bool]
 ) -> EventRecord:
-    """Follow the run's events from the first until one matches (bounded)."""
-    async with asyncio.timeout(BOUND_S):
-        async with aclosing(client.follow(run_id, timeout=BOUND_S)) as stream:
-            async for record in stream:
-                if match(record):
-                    return record
-    raise AssertionError(f"run {run_id} ended without the awaited event")
+    """The run's first event that matches (the shared bounded wait)."""
+    return await waiting.first(client, run_id, match, BOUND_S)
 
 
 def is_request(step_id: str) -> Callable[[EventRecord], bool]:

@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from tests.integration.conftest import make_settings
 
 from loom_core import codec, routes
@@ -55,14 +56,14 @@ async def observed(sqlite_store_settings: StoreSettings) -> AsyncIterator[LocalS
 
 
 async def until_status(port: int, path: str, status: int) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND_S
-    while True:
+    """The body of ``path`` once it answers ``status`` (the shared bounded wait)."""
+
+    async def answer() -> tuple[str] | None:
         code, body = await get(port, path)
-        if code == status:
-            return body
-        assert loop.time() < deadline, f"{path} stayed {code}: {body}"
-        await asyncio.sleep(0.1)
+        return (body,) if code == status else None  # a tuple: an empty body is an answer
+
+    (body,) = await waiting.eventually(answer, f"{path} answering {status}", BOUND_S, 0.1)
+    return body
 
 
 def one_step() -> RunRequest:
@@ -109,13 +110,13 @@ async def test_readiness_says_when_the_relay_stops(observed: LocalStack) -> None
     dead = json.loads(await until_status(port, "/livez", 503))["reasons"]
     assert any("executor-relay" in r for r in dead), dead
     assert not any("relay stuck" in r for r in dead), dead  # readiness-only checks stay out
+
     # and the stall, once the relay has sat on the unpublished run for LOOM_READY_STALL_S
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND_S
-    while not any("relay stuck at position" in r for r in reasons):
-        assert loop.time() < deadline, reasons
-        await asyncio.sleep(0.2)
+    async def stuck() -> bool:
         reasons = json.loads((await get(port, "/readyz"))[1])["reasons"]
+        return any("relay stuck at position" in r for r in reasons)
+
+    await waiting.eventually(stuck, "readyz naming the stuck relay", BOUND_S, 0.2)
     assert "loom_ready 0" in (await get(port, "/metrics"))[1]
 
 
@@ -152,10 +153,10 @@ async def test_a_burst_of_bad_submissions_never_holds_up_good_ones(
             info = await client.js.stream_info(bus.REJECTS_STREAM)
             return info.state.messages
 
-        deadline = loop.time() + BOUND_S
-        while await recorded() < 100:
-            assert loop.time() < deadline, await recorded()
-            await asyncio.sleep(0.1)
+        async def all_recorded() -> bool:
+            return await recorded() >= 100
+
+        await waiting.eventually(all_recorded, "100 rejections recorded", BOUND_S, 0.1)
         info = await client.js.stream_info(bus.REJECTS_STREAM)
         assert info.config.max_msgs == 100 and info.state.messages == 100
         last = await client.js.get_last_msg(

@@ -142,17 +142,10 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
 
 
 async def until(client: LoomClient, run_id: str, kind: type) -> list[EventRecord]:
-    """The run's events up to the first of ``kind`` (bounded)."""
-    seen: list[EventRecord] = []
-
-    async def follow() -> list[EventRecord]:
-        async for record in client.follow(run_id, timeout=BOUND_S):
-            seen.append(record)
-            if isinstance(record.event, kind):
-                return seen
-        raise AssertionError(f"{run_id} ended without {kind.__name__}: {seen[-1].kind}")
-
-    return await asyncio.wait_for(follow(), BOUND_S)
+    """The run's events up to the first of ``kind`` (the shared bounded wait)."""
+    return await waiting.until(
+        client, run_id, lambda seen: isinstance(seen[-1].event, kind), BOUND_S
+    )
 
 
 async def letters(

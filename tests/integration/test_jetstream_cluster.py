@@ -13,10 +13,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -195,18 +197,17 @@ async def test_killing_the_stream_leader_loses_no_acknowledged_submission(
     reader = await _connect(nodes.urls[victim], creds, ADMIN)
     try:
         js = reader.jetstream()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BOUND_S
-        while True:
+
+        async def caught_up() -> Any:
             try:  # unanswered while the node is catching up
                 info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
             except RETRIED:
-                info = None
-            peers = info.cluster.replicas if info and info.cluster else None
-            if peers and len(peers) == 2 and all(p.current and not p.offline for p in peers):
-                break
-            assert loop.time() < deadline, f"n{victim} did not catch up: {peers}"
-            await asyncio.sleep(0.1)  # the polling interval of a bounded wait
+                return None
+            peers = info.cluster.replicas if info.cluster else None
+            whole = peers and len(peers) == 2 and all(p.current and not p.offline for p in peers)
+            return info if whole else None
+
+        info = await waiting.eventually(caught_up, f"n{victim} caught up", BOUND_S, 0.1)
         assert info is not None and info.state.messages == total
     finally:
         await reader.close()
@@ -339,9 +340,12 @@ async def test_a_consumer_started_without_quorum_is_created_once_quorum_returns(
     )  # fmt: skip
     task = asyncio.ensure_future(consumer.run(stop))
     try:
-        async with asyncio.timeout(BOUND_S):  # it tried, and was not answered
-            while not any("consumer not created yet" in r.message for r in caplog.records):
-                await asyncio.sleep(0.05)  # the polling interval of a bounded wait
+        await waiting.eventually(  # it tried, and was not answered
+            lambda: any("consumer not created yet" in r.message for r in caplog.records),
+            "a failed consumer creation logged",
+            BOUND_S,
+            0.05,
+        )
         assert not task.done()
         nodes.restart(1)  # quorum again
         executor = await _connect(nodes.urls[1], creds, "executor")

@@ -23,6 +23,7 @@ from loom_core.sizes import DEFAULT_LIMITS
 from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
+from loom_infra.settings import delivery_settings_from_env
 from loom_services.local_tools import PURE_BUILTINS, LocalTools
 from loom_services.stack import LocalStack
 from loom_services.toolrunner import ToolRunnerService
@@ -81,14 +82,14 @@ async def test_a_tool_with_effects_still_goes_to_the_runner(
 
 
 def test_only_pure_builtins_can_be_local() -> None:
-    limits = DEFAULT_LIMITS
-    assert LocalTools.from_env(limits, {}).names == frozenset(PURE_BUILTINS)
-    assert LocalTools.from_env(limits, {"LOOM_LOCAL_TOOLS": ""}).names == frozenset()
-    assert LocalTools.from_env(limits, {"LOOM_LOCAL_TOOLS": "noop, echo"}).names == {
-        "noop", "echo",
-    }  # fmt: skip
+    def local(env: dict[str, str]) -> LocalTools:
+        return LocalTools.from_settings(DEFAULT_LIMITS, delivery_settings_from_env(env))
+
+    assert local({}).names == frozenset(PURE_BUILTINS)
+    assert local({"LOOM_LOCAL_TOOLS": ""}).names == frozenset()
+    assert local({"LOOM_LOCAL_TOOLS": "noop, echo"}).names == {"noop", "echo"}
     with pytest.raises(ValueError, match="http_get"):
-        LocalTools.from_env(limits, {"LOOM_LOCAL_TOOLS": "noop,http_get"})
+        local({"LOOM_LOCAL_TOOLS": "noop,http_get"})
 
 
 async def test_a_handler_longer_than_the_ack_wait_is_not_redelivered(

@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from loom_core.contracts import (
 )
 from loom_infra import bus
 from loom_infra.client import LoomClient
-from loom_infra.settings import AuthSettings, Settings, StoreSettings
+from loom_infra.settings import AuthSettings, EmbedderSettings, Settings, StoreSettings
 from loom_services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
@@ -323,14 +324,15 @@ async def test_a_missing_model_is_a_typed_error_that_says_what_to_do(
 
     memory = next(s for s in stack.stack.services if isinstance(s, MemoryService))
     memory._store = None  # as on a fresh start
-    monkeypatch.setenv("LOOM_EMBEDDER", "minilm")
-    monkeypatch.setenv("LOOM_EMBED_MODEL_DIR", str(tmp_path / "no-model"))
-    from loom_infra import embedders
-
-    monkeypatch.setattr(embedders, "_cache", {})
+    # the settings the service was started with: the model where there is none
+    missing = EmbedderSettings(spec="minilm", model_dir=tmp_path / "no-model")
+    monkeypatch.setattr(memory, "settings", replace(memory.settings, embedder=missing))
     request = MemoryRequest(op="stats", principal=Principal(user_id="a", via="operator"))
     reply = await bus.request(client.nc, subjects.API_MEMORY_OPERATOR, request, MemoryReply)
     assert reply.error is not None and "LOOM_EMBED_MODEL_DIR" in reply.error.message
-    monkeypatch.setenv("LOOM_EMBEDDER", "hash")  # fixed: the next request works
+    # fixed (a restart with LOOM_EMBEDDER=hash): the next request works
+    monkeypatch.setattr(
+        memory, "settings", replace(memory.settings, embedder=EmbedderSettings("hash"))
+    )
     reply = await bus.request(client.nc, subjects.API_MEMORY_OPERATOR, request, MemoryReply)
     assert reply.error is None and reply.result["user"] == 0

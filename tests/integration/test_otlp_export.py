@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import msgspec
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
@@ -46,7 +47,8 @@ from loom_core.contracts import (
     ToolStep,
 )
 from loom_core.spans import build_spans
-from loom_infra.otlp import GRPC_PACKAGE, ExportResult, OtlpConfigError, OtlpExporter, from_env
+from loom_infra.otlp import GRPC_PACKAGE, ExportResult, OtlpConfigError, OtlpExporter, exporter_for
+from loom_infra.settings import otlp_settings_from_env
 
 pytestmark = pytest.mark.integration
 
@@ -204,6 +206,11 @@ def ns(t: datetime) -> int:
 
 
 # --------------------------------------------------------------------------- tests
+
+
+def from_env(env: dict[str, str], timeout: float = 10.0) -> OtlpExporter | None:
+    """The exporter a tracing service started with ``env`` would use."""
+    return exporter_for(otlp_settings_from_env(env), timeout=timeout)
 
 
 def test_export_sends_our_ids_nesting_times_and_attributes(receiver: Receiver) -> None:
@@ -441,7 +448,6 @@ async def test_tracing_service_delivers_every_span_after_the_collector_comes_bac
 ) -> None:
     """The collector is down during the run; spans wait in the store and all arrive,
     with the run's own ids, once it is back."""
-    import asyncio
     from pathlib import Path
 
     from loom_cli.app import load_run_request
@@ -472,16 +478,15 @@ async def test_tracing_service_delivers_every_span_after_the_collector_comes_bac
             records = await client.wait(accepted.run_id, timeout=30)
             assert isinstance(records[-1].event, RunCompleted)
             expected = {s.span_id for s in build_spans(records)}
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
-            while tracing.export_failures == 0:  # it did try while the collector was down
-                assert loop.time() < deadline, "no export was attempted"
-                await asyncio.sleep(0.02)
+            # it did try while the collector was down
+            await waiting.eventually(lambda: tracing.export_failures, "an export attempt", 20)
             receiver.start()  # the collector comes back
-            deadline = loop.time() + 20
-            while {span.span_id.hex() for _, span, _ in receiver.spans()} != expected:
-                assert loop.time() < deadline, "not every span reached the collector"
-                await asyncio.sleep(0.05)
+            await waiting.eventually(
+                lambda: {span.span_id.hex() for _, span, _ in receiver.spans()} == expected,
+                "every span at the collector",
+                20,
+                0.05,
+            )
             trace_ids = {span.trace_id.hex() for _, span, _ in receiver.spans()}
             assert trace_ids == {ids.trace_id(accepted.run_id)}
             names = {span.name for _, span, _ in receiver.spans()}

@@ -23,7 +23,7 @@ from loom_infra.blocking import Blocking
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.ownership import NotOwner, Ownership, PartitionSettings
 from loom_infra.processes import wait_until
-from loom_infra.settings import StoreSettings
+from loom_infra.settings import SettingsError, StoreSettings, ops_settings_from_env
 from loom_infra.store import ConcurrencyConflict, open_event_store
 from loom_services.partitioned import LEGACY_DURABLE, drain_legacy_inbox
 from loom_services.runhost import RunHost
@@ -55,17 +55,13 @@ async def test_the_server_stamps_the_partition_our_hash_computes(js: Any) -> Non
         assert stored.partition == partitions.partition_of(run_id, partitions.DEFAULT_COUNT)
 
 
-async def test_a_different_partition_count_is_refused(
-    js: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LOOM_PARTITIONS", "16")
+async def test_a_different_partition_count_is_refused(js: Any) -> None:
     with pytest.raises(bus.PartitionCountChanged) as caught:
-        await bus.ensure_streams(js)
+        await bus.ensure_streams(js, ops_settings_from_env({"LOOM_PARTITIONS": "16"}))
     assert caught.value.info.code == "partition_count_changed"
     assert "LOOM_PARTITIONS=8" in caught.value.info.message
-    monkeypatch.setenv("LOOM_PARTITIONS", "0")
-    with pytest.raises(Exception, match="LOOM_PARTITIONS"):
-        bus.partition_count()
+    with pytest.raises(SettingsError, match="LOOM_PARTITIONS"):
+        ops_settings_from_env({"LOOM_PARTITIONS": "0"})
 
 
 async def test_inbox_messages_of_the_single_executor_version_move_to_their_partitions(

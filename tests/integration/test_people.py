@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 from nats.aio.msg import Msg
-from waiting import having, until  # type: ignore[import-not-found]
+from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from loom_core import codec, subjects
 from loom_core.contracts import (
@@ -44,12 +44,12 @@ async def runs_until(
     client: LoomClient, status: str | None, done: Callable[[dict[str, RunSummary]], bool]
 ) -> dict[str, RunSummary]:
     """``loom runs`` (the tracing read model, updated asynchronously) until ``done``."""
-    async with asyncio.timeout(BOUND_S):
-        while True:
-            found = {r.run_id: r for r in await client.runs(limit=100, status=status)}
-            if done(found):
-                return found
-            await asyncio.sleep(0.05)  # a poll of a read model, bounded above
+
+    async def listed() -> dict[str, RunSummary] | None:
+        found = {r.run_id: r for r in await client.runs(limit=100, status=status)}
+        return found if done(found) else None
+
+    return await eventually(listed, f"runs {status or ''} as expected", BOUND_S, 0.05)
 
 
 def asking(label: str) -> Plan:

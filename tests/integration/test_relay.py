@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from nats.js.api import DeliverPolicy
 
 from loom_core import subjects
@@ -64,12 +65,11 @@ async def published_ids(js, expected: int) -> list[str]:
 
 
 async def wait_count(js, at_least: int, timeout: float = 60.0) -> int:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (n := await stream_count(js)) < at_least:
-        assert loop.time() < deadline, f"stream has {n} < {at_least} messages"
-        await asyncio.sleep(0.005)
-    return n
+    async def counted() -> int | None:
+        n = await stream_count(js)
+        return n if n >= at_least else None
+
+    return await waiting.eventually(counted, f"{at_least} messages", timeout, 0.005)
 
 
 async def js_ready(js, timeout: float = 30.0) -> None:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 
 from loom_core import subjects
 from loom_core.contracts import EventRecord, StepScheduled
@@ -35,11 +36,10 @@ ACK_TIMEOUT_S = 10.0  # the relay's default: what a stall costs
 
 
 async def _bounded(check, what: str, bound_s: float) -> float:  # noqa: ANN001
-    """Seconds until ``check()`` holds (fails past ``bound_s``)."""
+    """Seconds until ``check()`` holds (fails past ``bound_s``): measured around the
+    shared bounded wait."""
     start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < bound_s, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)  # polling interval of a bounded wait
+    await waiting.eventually(check, what, bound_s, 0.01)
     return time.monotonic() - start
 
 

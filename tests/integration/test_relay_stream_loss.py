@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 import msgspec
 import nats
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from tests.integration.test_relay import T0
@@ -127,9 +128,11 @@ async def running(relay: Relay) -> AsyncIterator[Relay]:
 
 
 async def wait_stream(js: JetStreamContext, at_least: int, bound_s: float = 30.0) -> None:
-    async with asyncio.timeout(bound_s):
-        while (await js.stream_info(subjects.RUN_EVENTS_STREAM)).state.messages < at_least:
-            await asyncio.sleep(0.005)  # the polling interval of a bounded wait
+    async def stored() -> bool:
+        info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+        return info.state.messages >= at_least
+
+    await waiting.eventually(stored, f"{at_least} messages in the stream", bound_s, 0.005)
 
 
 PART = 10  # events per run

@@ -5,10 +5,10 @@ fails here (and, with credentials on, is refused by the server too)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 
 from loom_core import codec, routes
 from loom_services.stack import LocalStack
@@ -67,11 +67,12 @@ async def _observe(stack: LocalStack) -> tuple[dict[str, set[tuple[str, str]]], 
     async with await stack.client("admin") as admin:  # listing consumers: admin's right
         js = admin.js
         expected = set(routes.declared_durables())
-        deadline = asyncio.get_running_loop().time() + 15
-        durables = await _durables(js)
-        while not expected <= set(durables) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)  # polling a server-side listing, bounded by the deadline
+
+        async def all_created() -> Any:
             durables = await _durables(js)
+            return durables if expected <= set(durables) else None
+
+        durables = await waiting.eventually(all_created, "every declared durable", 15, 0.05)
     actual = {
         service.name: _plain_subscriptions(ctx.nc)
         for service, ctx in zip(stack.stack.services, stack.stack.contexts, strict=True)

@@ -12,7 +12,6 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 import typer
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -58,13 +58,13 @@ from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.otlp import OtlpExporter
-from loom_infra.settings import Settings, StoreSettings
+from loom_infra.settings import Settings, StoreSettings, trace_options_from_env
 from loom_services.executor import ExecutorService
 from loom_services.planner import PlannerService
 from loom_services.runtime import Stack
 from loom_services.stack import LocalStack
 from loom_services.toolrunner import ToolRunnerService
-from loom_services.tracing import TracingService, options_from_env
+from loom_services.tracing import TracingService
 
 pytestmark = pytest.mark.integration
 
@@ -77,19 +77,10 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- helpers
 
 
-async def until(check: Callable[[], Any], what: str, falsy: bool = False) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy (or falsy),
-    within BOUND_S."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOUND_S
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if bool(value) != falsy:
-            return value
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)  # poll interval of a bounded wait on a read model
+async def until(check: Callable[[], Any], what: str) -> Any:
+    """``check`` (sync or async) until it returns something truthy (the shared bounded
+    wait, within BOUND_S)."""
+    return await waiting.eventually(check, what, BOUND_S)
 
 
 async def ask(client: LoomClient, subject: str, query: object, reply_type: type[T]) -> T:
@@ -122,12 +113,7 @@ async def submit(client: LoomClient, request: RunRequest, traceparent: str | Non
 async def wait_for_event(
     client: LoomClient, run_id: str, match: Callable[[EventRecord], bool]
 ) -> EventRecord:
-    async with asyncio.timeout(BOUND_S):
-        async with aclosing(client.follow(run_id, timeout=BOUND_S)) as stream:
-            async for record in stream:
-                if match(record):
-                    return record
-    raise AssertionError(f"run {run_id} ended without the awaited event")
+    return await waiting.first(client, run_id, match, BOUND_S)
 
 
 def children(spans: list[SpanRecord], parent: SpanRecord) -> list[SpanRecord]:
@@ -517,9 +503,11 @@ async def test_down_collector_gets_every_span_later_and_a_refused_one_is_given_u
     await until(lambda: tracing.export_failures > 0, "an export attempt while it is down")
     collector.start()  # back, but it refuses one span for good
     await until(lambda: tracing.export_given_up == 1, "the refused span to be given up")
-    await until(
-        lambda: asyncio.to_thread(tracing.store.unexported), "nothing left to export", falsy=True
-    )
+
+    async def nothing_unexported() -> bool:
+        return not await asyncio.to_thread(tracing.store.unexported)
+
+    await until(nothing_unexported, "nothing left to export")
     assert set(collector.count()) == expected
     assert collector.refusals >= tracing.export_max_attempts
     failed = await asyncio.to_thread(tracing.store.export_failed)
@@ -568,19 +556,19 @@ async def test_down_collector_gets_every_span_later_and_a_refused_one_is_given_u
 
 
 def test_capture_options_come_from_the_environment() -> None:
-    assert options_from_env({}) == TraceOptions()
-    assert options_from_env({"LOOM_TRACE_CAPTURE_IO": "1", "LOOM_TRACE_IO_LIMIT": "64"}) == (
+    assert trace_options_from_env({}) == TraceOptions()
+    assert trace_options_from_env({"LOOM_TRACE_CAPTURE_IO": "1", "LOOM_TRACE_IO_LIMIT": "64"}) == (
         TraceOptions(capture_io=True, io_limit=64)
     )
-    assert options_from_env({"LOOM_TRACE_CAPTURE_IO": "true"}).capture_io is True
-    assert options_from_env({"LOOM_TRACE_CAPTURE_IO": "off"}).capture_io is False
+    assert trace_options_from_env({"LOOM_TRACE_CAPTURE_IO": "true"}).capture_io is True
+    assert trace_options_from_env({"LOOM_TRACE_CAPTURE_IO": "off"}).capture_io is False
     for env, variable in (
         ({"LOOM_TRACE_CAPTURE_IO": "maybe"}, "LOOM_TRACE_CAPTURE_IO"),
         ({"LOOM_TRACE_IO_LIMIT": "-1"}, "LOOM_TRACE_IO_LIMIT"),
         ({"LOOM_TRACE_IO_LIMIT": "lots"}, "LOOM_TRACE_IO_LIMIT"),
     ):
         with pytest.raises(ValueError) as info:
-            options_from_env(env)
+            trace_options_from_env(env)
         assert getattr(info.value, "variable", None) == variable
 
 

@@ -4,6 +4,7 @@ any/all, timeouts, events that race ahead of the wait, and waits that survive re
 from __future__ import annotations
 
 import pytest
+import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
 from test_step_types import EXAMPLES  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
@@ -25,9 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 async def until_waiting(client: LoomClient, run_id: str) -> None:
-    async for record in client.follow(run_id, timeout=30):
-        if isinstance(record.event, EventWaitStarted):
-            return
+    await waiting.first(client, run_id, lambda r: isinstance(r.event, EventWaitStarted), 30)
 
 
 async def test_an_event_published_after_the_wait_completes_it(client: LoomClient) -> None:

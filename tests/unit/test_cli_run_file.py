@@ -127,8 +127,8 @@ def test_the_setting_raises_the_limit(tmp_path: Path, monkeypatch: pytest.Monkey
     assert isinstance(request, RunRequest)
     monkeypatch.setenv("LOOM_MAX_JSON_DEPTH", "1000")  # the code it protects recurses
     code, stderr = run_file(path)
-    assert code == 1
-    assert_one_line_refusal(stderr, "LOOM_MAX_JSON_DEPTH must be 1-200")
+    assert code == 2  # a setting given wrong is a usage mistake (docs/cli.md)
+    assert_one_line_refusal(stderr, "LOOM_MAX_JSON_DEPTH: must be 1-200", "fix it")
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)

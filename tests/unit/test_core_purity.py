@@ -1,4 +1,4 @@
-"""The pure core (``loom_core``) has no I/O, clock or randomness (DESIGN decision 4): its
+"""The pure core (``loom_core``) has no I/O, clock or randomness (docs/design.md decision 4): its
 decisions must replay exactly. Read from the source, so a new import of the file
 system, the clock, the network or a service layer into the core fails here, function-
 level imports included. (``proto_gen``, which writes files, moved to ``loom_infra``.)"""

@@ -1,4 +1,4 @@
-"""Delivery settings (ack waits, concurrency, local calls, LOOM_RUNS persistence, log
+"""Delivery settings (ack waits, concurrency, local calls, consumer creation, log
 level) are read in one place, loom_infra.settings, with typed errors naming the
 variable; the services take them from there."""
 
@@ -23,11 +23,11 @@ def test_defaults_and_overrides() -> None:
     custom = delivery_settings_from_env({
         "LOOM_ACK_WAIT_S": "0.15", "LOOM_TOOL_ACK_WAIT_S": "0.15", "LOOM_HELD_ACK_WAIT_S": "2",
         "LOOM_TOOL_CONCURRENCY": "8", "LOOM_RELAY_BATCH": "20", "LOOM_LOCAL_TOOLS": "noop, echo",
-        "LOOM_LOCAL_BUDGET": "4", "LOOM_RUNS_PERSIST": "Default", "LOOM_LOG_LEVEL": "debug",
+        "LOOM_LOCAL_BUDGET": "4", "LOOM_CONSUMER_CREATE_S": "5", "LOOM_LOG_LEVEL": "debug",
     })  # fmt: skip
     assert custom == DeliverySettings(
         ack_wait_s=0.15, held_ack_wait_s=2.0, tool_ack_wait_s=0.15, tool_concurrency=8,
-        relay_batch=20, local_tools=("noop", "echo"), local_budget=4, runs_persist="default",
+        relay_batch=20, local_tools=("noop", "echo"), local_budget=4, consumer_create_s=5.0,
         log_level="DEBUG",
     )  # fmt: skip
     # set but empty: no local tools (unset: every pure built-in)
@@ -43,7 +43,8 @@ def test_defaults_and_overrides() -> None:
         ("LOOM_TOOL_ACK_WAIT_S", "-1", "0.01-3600"),
         ("LOOM_TOOL_CONCURRENCY", "0", ">= 1"),
         ("LOOM_RELAY_BATCH", "many", "whole number"),
-        ("LOOM_RUNS_PERSIST", "sometimes", "'async' or 'default'"),
+        ("LOOM_CONSUMER_CREATE_S", "0", "0.01-3600"),
+        ("LOOM_LOCAL_BUDGET", "-1", "0-10000"),
     ],
 )
 def test_a_bad_value_is_a_typed_error_naming_the_variable(name: str, value: str, says: str) -> None:
@@ -54,8 +55,10 @@ def test_a_bad_value_is_a_typed_error_naming_the_variable(name: str, value: str,
 
 def test_services_take_them_from_the_settings(tmp_path: Path) -> None:
     limits = settings_from_env({}).size_limits
-    assert LocalTools.from_env(limits, {}).names == frozenset(PURE_BUILTINS)
-    assert LocalTools.from_env(limits, {"LOOM_LOCAL_BUDGET": "3"}).budget == 3
+    local = LocalTools.from_settings(limits, delivery_settings_from_env({}))
+    assert local.names == frozenset(PURE_BUILTINS)
+    budget = delivery_settings_from_env({"LOOM_LOCAL_BUDGET": "3"})
+    assert LocalTools.from_settings(limits, budget).budget == 3
     settings = settings_from_env({"LOOM_RELAY_BATCH": "9", "LOOM_DATA_DIR": str(tmp_path)})
     relay = RelayService(settings)
     try:

@@ -35,7 +35,10 @@ def test_every_stream_gets_the_replicas_and_replicated_runs_are_fsynced() -> Non
                if c.name == subjects.RUN_EVENTS_STREAM]  # fmt: skip
     assert runs.persist_mode == PersistMode.DEFAULT
     (single,) = [c for c in bus.stream_configs() if c.name == subjects.RUN_EVENTS_STREAM]
-    assert single.persist_mode == bus.RUNS_PERSIST  # LOOM_RUNS_PERSIST decides at R1
+    assert single.persist_mode == PersistMode.ASYNC  # LOOM_RUNS_PERSIST decides at R1
+    (fsynced,) = [c for c in bus.stream_configs(OpsSettings(runs_persist="default"))
+                  if c.name == subjects.RUN_EVENTS_STREAM]  # fmt: skip
+    assert fsynced.persist_mode == PersistMode.DEFAULT
 
 
 @pytest.mark.parametrize("index", range(len(bus.STREAMS)))

@@ -25,7 +25,6 @@ or log. Every mistake is a :class:`SettingsError` naming its path in the file.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,13 +82,11 @@ class ToolsConfig:
     breakers: BreakerSettings = field(default_factory=BreakerSettings)
 
 
-def load_tools_config(env: Mapping[str, str] | None = None) -> ToolsConfig:
-    """The configuration named by ``LOOM_TOOLS_CONFIG``; an empty one when unset."""
-    env = os.environ if env is None else env
-    where = (env.get(ENV_VAR) or "").strip()
-    if not where:
+def load_tools_config(path: Path | None) -> ToolsConfig:
+    """The configuration in ``path`` (``Settings.tools_config``: LOOM_TOOLS_CONFIG); an
+    empty one when None."""
+    if path is None:
         return ToolsConfig()
-    path = Path(where)
     try:
         data = path.read_bytes()
     except OSError as exc:

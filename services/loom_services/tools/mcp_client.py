@@ -192,6 +192,8 @@ class McpServer:
             params = StdioServerParameters(
                 command=c.command,
                 args=list(c.args),
+                # the child's PATH, passed through and nothing else of ours (no secret of
+                # this process leaks into a server's environment; test_settings_only.py)
                 env={"PATH": os.environ.get("PATH", ""), **env},
                 cwd=c.cwd,
             )

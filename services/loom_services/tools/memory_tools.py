@@ -32,7 +32,7 @@ def _memory_tool(
                 f"{name} runs in the tool-runner service, which reaches the memory service "
                 "over NATS; this context has no connection",
             )
-        request = MemoryRequest(op=op, args=msgspec.to_builtins(inp), run_id=ctx.run_id)  # type: ignore[arg-type]
+        request = MemoryRequest(op=op, args=msgspec.to_builtins(inp), run_id=ctx.run_id)  # type: ignore[arg-type]  # op is this tool's own name; the service refuses others
         try:
             reply = await bus.request(
                 nc, subjects.API_MEMORY_TOOL, request, MemoryReply, timeout=timeout_s
