@@ -229,7 +229,7 @@ def _control(action: str):
         _one(_request(message, url, token), output)
 
     if action == "describe":
-        command = describe  # type: ignore[assignment]
+        command = describe  # type: ignore[assignment]  # describe takes one more option (--tenant); typer reads its signature
 
     command.__doc__ = {
         "describe": "One schedule: when it fires, its next time, what it fired, who it acts for.",
