@@ -589,6 +589,22 @@ PARTITION_LEASES = Route(
     "renewed by its owner. Only executors write it; read it to see the assignment.",
 )
 
+ADMISSION_BOOK = Route(
+    name="admissionBook",
+    pattern=f"$KV.{subjects.ADMISSION_BUCKET}.{{key}}",
+    kind="kv",
+    stream=f"KV_{subjects.ADMISSION_BUCKET}",
+    messages=(c.AdmissionBook,),
+    publishers=("executor",),
+    consumers=(
+        Consumer("executor", note="every replica watches it; a run's owner records its admission"),
+    ),
+    description=f"Each tenant's admission book: key-value bucket "
+    f"`{subjects.ADMISSION_BUCKET}`, key `t-{{tenant}}`, the runs that hold a slot of the "
+    "tenant's concurrent run limits and those that wait, in order. Written only by "
+    "executors, by compare-and-set; present only when LOOM_QUOTAS_FILE sets run limits.",
+)
+
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
@@ -621,6 +637,7 @@ ROUTES: tuple[Route, ...] = (
     FORWARD,
     RELAY_WAKE,
     PARTITION_LEASES,
+    ADMISSION_BOOK,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}

@@ -89,6 +89,9 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # schedules: every executor watches the bucket (an ordered consumer) and reads a
     # key before each compare-and-set
     (routes.SCHEDULE_STORE.name, "executor"): frozenset({"get", "browse"}),
+    # admission books: every executor watches the bucket and reads a key before each
+    # compare-and-set
+    (routes.ADMISSION_BOOK.name, "executor"): frozenset({"get", "browse"}),
 }
 
 

@@ -43,7 +43,7 @@ from loom_infra.settings import (
     ops_settings_from_env,
     settings_from_env,
 )
-from loom_services import observe, schedules
+from loom_services import observe, schedules, shared_admission
 
 log = logging.getLogger("loom.runtime")
 
@@ -127,6 +127,7 @@ class Stack:
                 )
                 await schedules.ensure_bucket(js, self.settings.ops.stream_replicas)
                 await ownership.ensure_bucket(js, replicas=self.settings.ops.stream_replicas)
+                await shared_admission.ensure_bucket(js, self.settings.ops.stream_replicas)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -257,6 +258,7 @@ async def provision(
         await schedules.ensure_bucket(js, ops.stream_replicas)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env(), ops.stream_replicas)
         await ownership.ensure_bucket(js, replicas=ops.stream_replicas)
+        await shared_admission.ensure_bucket(js, ops.stream_replicas)
     finally:
         await nc.close()
 
