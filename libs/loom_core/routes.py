@@ -598,6 +598,7 @@ ADMISSION_BOOK = Route(
     publishers=("executor",),
     consumers=(
         Consumer("executor", note="every replica watches it; a run's owner records its admission"),
+        Consumer("operator", note="read only: who runs and who waits, per tenant"),
     ),
     description=f"Each tenant's admission book: key-value bucket "
     f"`{subjects.ADMISSION_BUCKET}`, key `t-{{tenant}}`, the runs that hold a slot of the "

@@ -92,6 +92,7 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # admission books: every executor watches the bucket and reads a key before each
     # compare-and-set
     (routes.ADMISSION_BOOK.name, "executor"): frozenset({"get", "browse"}),
+    (routes.ADMISSION_BOOK.name, "operator"): frozenset({"get", "browse"}),
 }
 
 
