@@ -268,7 +268,7 @@ class ExecutorService:
             try:
                 queued = await self.admission.book(run_id, principal, request)
             except LoomError as exc:  # too many waiting, the book kept moving
-                return await self._reject(msg, exc.info())
+                return await self._reject(msg, exc.info)
             booked = True
         produced: list[EventRecord] = []  # empty: not created here (it is unbooked)
         try:
