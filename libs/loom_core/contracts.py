@@ -1565,6 +1565,18 @@ class AdmissionBook(Record, tag="admission_book", tag_field="type"):
     next_order: int = 0
 
 
+
+class RateBucket(Record, tag="rate_bucket", tag_field="type"):
+    """A key of the rates bucket (``loom_rates``): one tenant's token bucket for one kind
+    of action (``submit``, ``tool``, ``model``), shared by every replica of every service
+    that takes from it, changed only by compare-and-set (loom_services.shared_rates).
+    ``tokens`` left (negative: reserved ahead by waiting calls) at wall-clock second
+    ``at``; the rate and burst are the quotas file's, the same in every replica."""
+
+    tokens: float
+    at: float
+
+
 # --------------------------------------------------------------------------- trace queries
 # Request/reply APIs of the tracing service on ``loom.api.traces*`` (issue 5). Time
 # filters apply to a run's or a span's start: ``since`` inclusive, ``until`` exclusive.

@@ -606,6 +606,21 @@ ADMISSION_BOOK = Route(
     "executors, by compare-and-set; present only when LOOM_QUOTAS_FILE sets run limits.",
 )
 
+RATE_BUCKETS = Route(
+    name="rateBuckets",
+    pattern=f"$KV.{subjects.RATES_BUCKET}.{{key}}",
+    kind="kv",
+    stream=f"KV_{subjects.RATES_BUCKET}",
+    messages=(c.RateBucket,),
+    publishers=("executor", "planner", "toolrunner"),
+    consumers=(Consumer("executor"), Consumer("planner"), Consumer("toolrunner")),
+    description=f"The tenants' rate limits as token buckets: key-value bucket "
+    f"`{subjects.RATES_BUCKET}`, key `{{kind}}.t-{{tenant}}` (kind: submit, tool, model), "
+    "taken by compare-and-set by every replica (submissions in the executor, tool calls "
+    "in the tool-runner, model calls in the planner), so a rate holds whatever the "
+    "number of replicas; present only when LOOM_QUOTAS_FILE sets rates.",
+)
+
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
@@ -639,6 +654,7 @@ ROUTES: tuple[Route, ...] = (
     RELAY_WAKE,
     PARTITION_LEASES,
     ADMISSION_BOOK,
+    RATE_BUCKETS,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}

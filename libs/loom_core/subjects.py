@@ -112,6 +112,9 @@ MODEL_ANSWERS_BUCKET = "loom_model_answers"
 # Each tenant's admission book (who holds a slot, who waits), shared by the executor
 # replicas (loom_services.shared_admission); only with run limits in LOOM_QUOTAS_FILE
 ADMISSION_BUCKET = "loom_admission"
+# Token buckets of the rates in LOOM_QUOTAS_FILE, shared by all replicas
+# (loom_services.shared_rates)
+RATES_BUCKET = "loom_rates"
 
 # Headers
 MSG_ID = "Nats-Msg-Id"

@@ -93,6 +93,10 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # compare-and-set
     (routes.ADMISSION_BOOK.name, "executor"): frozenset({"get", "browse"}),
     (routes.ADMISSION_BOOK.name, "operator"): frozenset({"get", "browse"}),
+    # rate buckets: a key is read before each compare-and-set (kv.get)
+    (routes.RATE_BUCKETS.name, "executor"): frozenset({"get"}),
+    (routes.RATE_BUCKETS.name, "planner"): frozenset({"get"}),
+    (routes.RATE_BUCKETS.name, "toolrunner"): frozenset({"get"}),
 }
 
 

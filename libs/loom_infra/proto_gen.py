@@ -228,6 +228,7 @@ _SUBJECT_NAMES = {
     "BLOBS_BUCKET": "channel blobs",
     "MODEL_ANSWERS_BUCKET": "channel modelAnswers",
     "ADMISSION_BUCKET": "channel admissionBook",
+    "RATES_BUCKET": "channel rateBuckets",
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",
     "EVENT_TYPE": "headers",

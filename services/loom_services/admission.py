@@ -54,6 +54,7 @@ from loom_core.quotas import Quotas, TokenBucket
 from loom_infra.ownership import NotOwner
 from loom_infra.settings import SettingsError
 from loom_services.shared_admission import SharedBooks, ensure_bucket
+from loom_services.shared_rates import SharedRates
 from loom_services.tenants import run_tenant, tenant_of
 
 log = logging.getLogger("loom.admission")
@@ -110,6 +111,9 @@ class AdmissionControl:
         self._pending: set[asyncio.Future[Any]] = set()
         self.limits_runs = quota.limits_runs  # once: on_commit runs after every commit
         self.books: SharedBooks | None = None
+        self.rates: SharedRates | None = None
+        # whether any quota applies to a submission (else submit does no quota work)
+        self.active = quota != quotas.NO_QUOTAS
         self._gained: set[int] = set()  # partitions taken and not reconciled yet
         self._reconcile: asyncio.Event = asyncio.Event()
         self._checking: set[str] = set()  # runs whose admission is being looked at
@@ -122,6 +126,7 @@ class AdmissionControl:
                     spawn: Callable[[Any, str], None], replicas: int = 1) -> None:  # fmt: skip
         """Join the shared books (only with a run limit configured): watch them, and
         reconcile the partitions this replica owns (``gained``) with the store."""
+        self.rates = SharedRates(js)  # used only by a tenant with a submission rate
         if not self.limits_runs:
             return
         self.host, self.ownership, self.read, self.io = host, ownership, read, io
@@ -165,9 +170,11 @@ class AdmissionControl:
 
     # ------------------------------------------------------------------ submit
 
-    def refusal(self, principal: Principal | None, request: RunRequest) -> ErrorInfo | None:
+    async def refusal(self, principal: Principal | None, request: RunRequest
+                      ) -> ErrorInfo | None:  # fmt: skip
         """Why this submission is refused now (a bad queue name, over the tenant's
-        submission rate), or None."""
+        submission rate), or None. The rate's bucket is shared by the replicas
+        (``loom_services.shared_rates``); this process's own only when it is away."""
         error = quotas.check_queue(request.queue)
         if error is not None or not _limited(request):
             return error
@@ -176,11 +183,15 @@ class AdmissionControl:
             limits = self.quotas.of(tenant)
             self.buckets[tenant] = quotas.bucket(limits.submissions_per_s, limits.submission_burst)
         bucket = self.buckets[tenant]
-        wait = bucket.take(self.clock()) if bucket is not None else 0.0
+        if bucket is None:
+            return None
+        wait = await self._shared_take(tenant, bucket)
+        if wait is None:  # the shared bucket is away: this process's own
+            wait = bucket.take(self.clock())
+            if wait > 0:
+                bucket.give_back()
         if wait <= 0:
             return None
-        assert bucket is not None
-        bucket.give_back()
         return ErrorInfo(
             code="too_many_submissions",
             message=f"tenant {tenant!r} submits more than {bucket.rate:g} runs a second "
@@ -188,6 +199,17 @@ class AdmissionControl:
             retryable=True,
             details={"retry_after_s": round(wait, 3), "tenant": tenant},
         )
+
+    async def _shared_take(self, tenant: str, bucket: TokenBucket) -> float | None:
+        if self.rates is None:
+            return None
+        try:
+            return await self.rates.take("submit", tenant, bucket.rate, bucket.burst,
+                                         reserve=False)  # fmt: skip
+        except Exception as exc:
+            log.warning("shared submission rate of %s not reached (%r): local bucket",
+                        tenant, exc)  # fmt: skip
+            return None
 
     def applies(self, request: RunRequest) -> bool:
         return self.limits_runs and _limited(request)

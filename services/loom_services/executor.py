@@ -258,13 +258,13 @@ class ExecutorService:
         run_id = (
             request.run_id or resubmit.run_id_from_msg_id(msg_id, principal) or self.new_run_id()
         )
-        error = self.admission.refusal(principal, request)  # queue name, submission rate
+        if self.admission.active and self.host.owns is not None and not self.host.owns(run_id):
+            raise self.host.owner_error(run_id)  # counted and booked by the run's owner
+        error = await self.admission.refusal(principal, request)  # queue name, submission rate
         if error is not None:
             return await self._reject(msg, error)
         queued = booked = False
         if self.admission.applies(request):  # a slot in the tenant's shared book
-            if self.host.owns is not None and not self.host.owns(run_id):
-                raise self.host.owner_error(run_id)  # booked by the run's owner
             try:
                 queued = await self.admission.book(run_id, principal, request)
             except LoomError as exc:  # too many waiting, the book kept moving

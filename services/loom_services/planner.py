@@ -59,6 +59,7 @@ from loom_services.conversations import (
 from loom_services.models import Answer, ModelConfig, ModelLayer
 from loom_services.planning import plan_with_model, replan_with_model
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.shared_rates import SharedRates
 from loom_services.throttle import CallThrottle, run_tenants
 
 log = logging.getLogger("loom.planner")
@@ -93,7 +94,8 @@ class PlannerService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.throttle = CallThrottle(
-            load_quotas(self.settings.quotas_file), "model", run_tenants(ctx.nc)
+            load_quotas(self.settings.quotas_file), "model", run_tenants(ctx.nc),
+            shared=SharedRates(ctx.js),  # one rate across replicas (loom_services.shared_rates)
         )
         self.kv = await bus.ensure_tools_bucket(ctx.js)
         self.answers = await bus.ensure_model_answers_bucket(ctx.js)

@@ -43,7 +43,7 @@ from loom_infra.settings import (
     ops_settings_from_env,
     settings_from_env,
 )
-from loom_services import observe, schedules, shared_admission
+from loom_services import observe, schedules, shared_admission, shared_rates
 
 log = logging.getLogger("loom.runtime")
 
@@ -128,6 +128,7 @@ class Stack:
                 await schedules.ensure_bucket(js, self.settings.ops.stream_replicas)
                 await ownership.ensure_bucket(js, replicas=self.settings.ops.stream_replicas)
                 await shared_admission.ensure_bucket(js, self.settings.ops.stream_replicas)
+                await shared_rates.ensure_bucket(js, self.settings.ops.stream_replicas)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -259,6 +260,7 @@ async def provision(
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env(), ops.stream_replicas)
         await ownership.ensure_bucket(js, replicas=ops.stream_replicas)
         await shared_admission.ensure_bucket(js, ops.stream_replicas)
+        await shared_rates.ensure_bucket(js, ops.stream_replicas)
     finally:
         await nc.close()
 
