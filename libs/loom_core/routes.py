@@ -615,7 +615,7 @@ RATE_BUCKETS = Route(
     publishers=("executor", "planner", "toolrunner"),
     consumers=(Consumer("executor"), Consumer("planner"), Consumer("toolrunner")),
     description=f"The tenants' rate limits as token buckets: key-value bucket "
-    f"`{subjects.RATES_BUCKET}`, key `{{kind}}.t-{{tenant}}` (kind: submit, tool, model), "
+    f"`{subjects.RATES_BUCKET}`, key `{{kind}}-{{tenant}}` (kind: submit, tool, model), "
     "taken by compare-and-set by every replica (submissions in the executor, tool calls "
     "in the tool-runner, model calls in the planner), so a rate holds whatever the "
     "number of replicas; present only when LOOM_QUOTAS_FILE sets rates.",

@@ -37,6 +37,7 @@ from loom_core.quotas import TokenBucket
 log = logging.getLogger("loom.rates")
 
 BUCKET = subjects.RATES_BUCKET
+AWAY_S = 5.0
 CAS_ATTEMPTS = 64  # replicas racing on one key (a process's own takes queue on a lock)
 Kind = Literal["submit", "tool", "model"]
 
@@ -50,7 +51,7 @@ async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
 
 
 def key_of(kind: Kind, tenant: str) -> str:
-    return f"{kind}.t-{tenant}"
+    return f"{kind}-{tenant}"  # one subject token: kinds have no "-", tenants no "."
 
 
 class RatesBusy(Exception):
@@ -67,16 +68,24 @@ class SharedRates:
         self.takes = 0  # written takes (tests, metrics)
         # one take per key at a time in this process: only replicas race on a key
         self._locks: dict[str, asyncio.Lock] = {}
+        self.away_until = 0.0  # after a failure, callers use their own bucket a while
 
     async def take(self, kind: Kind, tenant: str, rate: float, burst: int,
                    reserve: bool) -> float:  # fmt: skip
         """Seconds to wait for a token of ``tenant``'s ``kind`` (0: now). Raises
         RatesBusy or a NATS error when the shared bucket cannot be reached."""
-        if self.kv is None:
-            self.kv = await self.js.key_value(BUCKET)
+        if time.monotonic() < self.away_until:
+            raise RatesBusy("the shared rates bucket failed a moment ago")
         key = key_of(kind, tenant)
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            return await self._take(key, rate, burst, reserve)
+        try:
+            if self.kv is None:
+                self.kv = await self.js.key_value(BUCKET)
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                return await self._take(key, rate, burst, reserve)
+        except Exception:
+            # NATS away or refusing (a refusal arrives as a timeout): not on every call
+            self.away_until = time.monotonic() + AWAY_S
+            raise
 
     async def _take(self, key: str, rate: float, burst: int, reserve: bool) -> float:
         for _ in range(CAS_ATTEMPTS):

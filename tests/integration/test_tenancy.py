@@ -443,7 +443,6 @@ async def partition_leases(w: World) -> None:
     await w.refused_stream(routes.PARTITION_LEASES.stream or "")
 
 
-
 async def admission_book(w: World) -> None:
     # every tenant's queue is in one bucket: a tenant may neither read nor write it
     await w.refused_publish("operator", _route(routes.ADMISSION_BOOK))
@@ -453,6 +452,7 @@ async def admission_book(w: World) -> None:
 async def rate_buckets(w: World) -> None:
     await w.refused_publish("operator", _route(routes.RATE_BUCKETS))
     await w.refused_stream(routes.RATE_BUCKETS.stream or "")
+
 
 ATTACKS: dict[str, Attack] = {
     "submit": submit,
