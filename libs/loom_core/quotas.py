@@ -15,9 +15,11 @@ The quotas file (``LOOM_QUOTAS_FILE``, YAML or JSON)::
           batch: {max_concurrent_runs: 1}   # RunRequest.queue "batch" of acme
 
 Everything here is pure (no clock, no I/O): the time is an argument. ``Admission`` is
-the bookkeeping of who runs and who waits; the executor host owns one
-(``loom_services.admission``) and records its decisions as events (``run_queued``,
-``run_admitted``), so replay never consults it.
+the bookkeeping of who runs and who waits; ``book_offer`` / ``book_release`` /
+``book_repair`` apply it to one tenant's shared book (an ``AdmissionBook``, a key of
+the KV bucket ``loom_admission`` that every executor replica changes by
+compare-and-set: ``loom_services.shared_admission``). The executor records the
+decisions as events (``run_queued``, ``run_admitted``), so replay never consults it.
 """
 
 from __future__ import annotations
