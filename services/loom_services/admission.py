@@ -117,7 +117,8 @@ class AdmissionControl:
         self._gained: set[int] = set()  # partitions taken and not reconciled yet
         self._reconcile: asyncio.Event = asyncio.Event()
         self._checking: set[str] = set()  # runs whose admission is being looked at
-        self._confirmed: set[str] = set()  # runs holding a slot that the store shows started
+        # runs holding a slot that the store shows started (pruned as the books change)
+        self._confirmed: set[str] = set()
 
     # ------------------------------------------------------------------ life
 
@@ -214,16 +215,20 @@ class AdmissionControl:
     def applies(self, request: RunRequest) -> bool:
         return self.limits_runs and _limited(request)
 
-    async def book(self, run_id: str, principal: Principal | None, request: RunRequest) -> bool:
-        """Book the new run ``run_id`` in its tenant's shared book: whether it must wait
-        for a slot. ``unbook`` undoes it if the run was not created. Raises QueueFull
-        (too many waiting) or AdmissionBusy, both typed and retryable."""
+    async def book(self, run_id: str, principal: Principal | None, request: RunRequest
+                   ) -> tuple[bool, bool]:  # fmt: skip
+        """Book the run ``run_id`` in its tenant's shared book: (whether it must wait for
+        a slot, whether this booked it: False for a run booked already, a repeated
+        submission, which must not be unbooked). ``unbook`` undoes a new booking if the
+        run was not created. Raises QueueFull (too many waiting) or AdmissionBusy, both
+        typed and retryable."""
         assert self.books is not None
         now = self.wall()
 
-        def step(book: AdmissionBook) -> tuple[AdmissionBook, bool]:
-            return quotas.book_offer(self.quotas, book, run_id, request.queue,
-                                     request.priority, now)  # fmt: skip
+        def step(book: AdmissionBook) -> tuple[AdmissionBook, tuple[bool, bool]]:
+            new, waits = quotas.book_offer(self.quotas, book, run_id, request.queue,
+                                           request.priority, now)  # fmt: skip
+            return new, (waits, new is not book)
 
         return await self.books.change(tenant_of(principal), step)
 
@@ -287,7 +292,10 @@ class AdmissionControl:
         for slot in book.running:
             if slot.run_id not in self._confirmed and self.owns(slot.run_id):
                 self._spawn(self._check(slot.run_id))
-        self._confirmed.difference_update(s.run_id for s in book.waiting)
+        if len(self._confirmed) > 4 * quotas.MAX_WAITING:  # runs freed by other replicas
+            assert self.books is not None
+            holding = {s.run_id for b in self.books.books.values() for s in b.running}
+            self._confirmed &= holding
 
     async def _check(self, run_id: str) -> None:
         """``run_id`` holds a slot: record its admission if it is stored queued."""

@@ -266,10 +266,9 @@ class ExecutorService:
         queued = booked = False
         if self.admission.applies(request):  # a slot in the tenant's shared book
             try:
-                queued = await self.admission.book(run_id, principal, request)
+                queued, booked = await self.admission.book(run_id, principal, request)
             except LoomError as exc:  # too many waiting, the book kept moving
                 return await self._reject(msg, exc.info)
-            booked = True
         produced: list[EventRecord] = []  # empty: not created here (it is unbooked)
         try:
             produced = await self.host.submit(
@@ -278,6 +277,8 @@ class ExecutorService:
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
         except NotOwner:
+            if booked:  # the partition moved meanwhile: its new owner books it
+                await self.admission.unbook(run_id, principal)
             raise  # passed to the partition's owner (loom_services.partitioned)
         except Exception as exc:
             log.exception("submit failed")

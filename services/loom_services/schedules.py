@@ -386,8 +386,7 @@ class Scheduler:
                 if self.exists is None or not await self.exists(run_id):
                     return None
                 return Firing(run_id, existing=True)
-            queued = await admission.book(run_id, principal, request)
-            booked = True
+            queued, booked = await admission.book(run_id, principal, request)
         submission = Submission(request, principal, tuple(schedule.redacted), queued=queued)
         try:
             produced = await self.submit(run_id, submission)

@@ -149,3 +149,22 @@ def msgspec_replace_run_id(request: object, run_id: str) -> object:
     import msgspec
 
     return msgspec.structs.replace(request, run_id=run_id)  # type: ignore[type-var]
+
+
+async def test_a_repeated_submission_keeps_the_runs_slot(tmp_path: Path) -> None:
+    """A client retrying its submission (same run id) gets the run it has; the run's
+    slot stays held (a repeat is not a new booking to undo)."""
+    async with (
+        LocalStack(settings(tmp_path, ONE), nats_port=-1) as stack,
+        await stack.client() as op,
+    ):
+        holder = msgspec_replace_run_id(approval(), "holder")
+        await op.submit(holder)
+        await until(op, "holder", having("step_suspended"), BOUND_S)
+        again = await op.submit(holder)
+        assert again.existing
+        found = await book(op)
+        assert found is not None and [s.run_id for s in found.running] == ["holder"]
+        late = (await op.submit(quick())).run_id
+        records = await until(op, late, having("run_queued"), BOUND_S)
+        assert records[0].event.queued  # type: ignore[union-attr]
