@@ -168,3 +168,38 @@ async def test_a_repeated_submission_keeps_the_runs_slot(tmp_path: Path) -> None
         late = (await op.submit(quick())).run_id
         records = await until(op, late, having("run_queued"), BOUND_S)
         assert records[0].event.queued  # type: ignore[union-attr]
+
+
+async def test_a_lost_book_is_rebuilt_from_the_partitions_a_replica_takes(
+    tmp_path: Path,
+) -> None:
+    """The bucket lost the book while the stack was down (a KV purge, a new NATS): the
+    executor taking its partitions at start books their live runs again from the store
+    (the holder's slot, the queued run's place), so the queue goes on."""
+    config = settings(tmp_path, ONE)
+    async with LocalStack(config, nats_port=-1) as stack, await stack.client() as op:
+        holder = (await op.submit(approval())).run_id
+        await until(op, holder, having("step_suspended"), BOUND_S)
+        waiting = (await op.submit(quick())).run_id
+        await until(op, waiting, having("run_queued"), BOUND_S)
+    async with LocalStack(config, nats_port=-1) as stack, await stack.client() as op:
+        nc = await as_executor(stack)
+        try:
+            kv = await nc.jetstream().key_value(subjects.ADMISSION_BUCKET)  # type: ignore[attr-defined]
+            await kv.purge(KEY)
+        finally:
+            await nc.close()  # type: ignore[attr-defined]
+    # a third start finds no book at all: only the store says who runs and who waits
+    async with LocalStack(config, nats_port=-1) as stack, await stack.client() as op:
+
+        async def rebooked() -> bool:
+            found = await book(op)
+            return found is not None and (
+                [s.run_id for s in found.running],
+                [s.run_id for s in found.waiting],
+            ) == ([holder], [waiting])
+
+        await eventually(rebooked, "the live runs booked again", BOUND_S)
+        await op.resume(holder, {"approved": True}, label="manager")
+        records = await op.wait(waiting, timeout=BOUND_S)
+        assert isinstance(records[-1].event, RunCompleted)
