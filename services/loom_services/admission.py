@@ -55,7 +55,7 @@ from loom_infra.ownership import NotOwner
 from loom_infra.settings import SettingsError
 from loom_services.shared_admission import SharedBooks, ensure_bucket
 from loom_services.shared_rates import SharedRates
-from loom_services.tenants import run_tenant, tenant_of
+from loom_services.tenants import tenant_of
 
 log = logging.getLogger("loom.admission")
 
@@ -212,8 +212,16 @@ class AdmissionControl:
                         tenant, exc)  # fmt: skip
             return None
 
-    def applies(self, request: RunRequest) -> bool:
-        return self.limits_runs and _limited(request)
+    def applies(self, principal: Principal | None, request: RunRequest) -> bool:
+        """Whether the run takes a slot: a client's run of a tenant or queue with a
+        concurrent run limit (the others are not booked at all)."""
+        if not self.limits_runs or not _limited(request):
+            return False
+        tenant = tenant_of(principal)
+        limited = self.quotas.of(tenant).max_concurrent_runs is not None
+        return (
+            limited or self.quotas.of_queue(tenant, request.queue).max_concurrent_runs is not None
+        )
 
     async def book(self, run_id: str, principal: Principal | None, request: RunRequest
                    ) -> tuple[bool, bool]:  # fmt: skip
@@ -251,19 +259,11 @@ class AdmissionControl:
             return
         for record in records:
             if isinstance(record.event, TERMINAL_EVENTS):
-                state = self.host.actors.get(record.run_id)
-                tenant = (
-                    run_tenant(state) if state is not None else self._tenant_in_books(record.run_id)
-                )
+                # only a booked run frees anything (this replica booked its own runs,
+                # and sees the others' through the watch); a leftover is the sweep's
+                tenant = self.books.where.get(record.run_id)
                 if tenant is not None:
                     self._spawn(self.release(tenant, [record.run_id]))
-
-    def _tenant_in_books(self, run_id: str) -> str | None:
-        assert self.books is not None
-        for tenant, book in self.books.books.items():
-            if any(s.run_id == run_id for s in (*book.running, *book.waiting)):
-                return tenant
-        return None
 
     async def release(self, tenant: str, run_ids: list[str]) -> None:
         """Free the slots (or places) of ``run_ids``; the runs picked to take them start
@@ -320,9 +320,9 @@ class AdmissionControl:
         """Whether the latest books give ``run_id`` a slot (once given, a slot stays
         until the run ends, so a stale book never shows one that was not given)."""
         assert self.books is not None
-        return any(
-            any(s.run_id == run_id for s in book.running) for book in self.books.books.values()
-        )
+        tenant = self.books.where.get(run_id)
+        book = self.books.books.get(tenant) if tenant is not None else None
+        return book is not None and any(s.run_id == run_id for s in book.running)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -264,7 +264,7 @@ class ExecutorService:
         if error is not None:
             return await self._reject(msg, error)
         queued = booked = False
-        if self.admission.applies(request):  # a slot in the tenant's shared book
+        if self.admission.applies(principal, request):  # a slot in the tenant's shared book
             try:
                 queued, booked = await self.admission.book(run_id, principal, request)
             except LoomError as exc:  # too many waiting, the book kept moving

@@ -380,7 +380,7 @@ class Scheduler:
         run_id = request.run_id
         booked = queued = False
         admission = self.admission
-        if admission is not None and admission.applies(request):
+        if admission is not None and admission.applies(principal, request):
             # booked as on submit (by the partition's owner); undone if not created here
             if not admission.owns(run_id):
                 if self.exists is None or not await self.exists(run_id):

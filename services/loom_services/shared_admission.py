@@ -104,6 +104,7 @@ class SharedBooks:
         self.rebuild = rebuild  # a tenant's book from the store (for a corrupt value)
         self.report = report  # where a corrupt value is recorded (rejects)
         self.books: dict[str, AdmissionBook] = {}  # tenant -> latest seen (watch)
+        self.where: dict[str, str] = {}  # run id -> tenant, of every run in the books
         self.on_change: Callable[[AdmissionBook], None] = lambda book: None
         self.on_corrupt: Callable[[str], None] = lambda tenant: None
         self._watcher: Any = None
@@ -136,7 +137,7 @@ class SharedBooks:
                 await self._write(tenant, new, found.revision)
             except KeyWrongLastSequenceError:
                 continue  # another replica wrote first: again, on its book
-            self.books[tenant] = new
+            self._remember(tenant, new)
             return result
         raise AdmissionBusy(
             f"the admission book of tenant {tenant!r} changed under {CAS_ATTEMPTS} attempts "
@@ -193,11 +194,20 @@ class SharedBooks:
     def _apply(self, entry: Any) -> AdmissionBook | None:
         tenant = entry.key.removeprefix("t-")
         if entry.operation is not None or not entry.value:
-            self.books.pop(tenant, None)
+            self._remember(tenant, None)
             return None
         found = decode(tenant, entry.value, entry.revision)
         if found.book is None:
             self.on_corrupt(tenant)  # repaired from the store at once
             return None
-        self.books[tenant] = found.book
+        self._remember(tenant, found.book)
         return found.book
+
+    def _remember(self, tenant: str, book: AdmissionBook | None) -> None:
+        old = self.books.pop(tenant, None)
+        if old is not None:
+            for slot in (*old.running, *old.waiting):
+                self.where.pop(slot.run_id, None)
+        if book is not None:
+            self.books[tenant] = book
+            self.where.update((s.run_id, tenant) for s in (*book.running, *book.waiting))
