@@ -1610,6 +1610,42 @@ class PartitionLease(Record, tag="partition_lease", tag_field="type"):
     partitions: int = 0
 
 
+class AdmissionSlot(Record, array_like=True):
+    """One run in a tenant's admission book: ``order`` is its place in the tenant's
+    submission order, ``booked_at`` the wall-clock second it was booked (a booking whose
+    run was never stored is dropped after a grace: its replica died in between)."""
+
+    run_id: str
+    queue: str = ""
+    priority: int = 0
+    order: int = 0
+    booked_at: float = 0.0
+
+
+class AdmissionBook(Record, tag="admission_book", tag_field="type"):
+    """A key of the admission bucket (``loom_admission``, one key per tenant): the
+    tenant's runs that hold a slot (``running``) and those that wait (``waiting``), shared
+    by every executor replica and changed only by compare-and-set, so a tenant's
+    concurrent run limits and its queue order hold across replicas
+    (loom_services.shared_admission). ``next_order``: the tenant's submission counter."""
+
+    tenant: str
+    running: list[AdmissionSlot] = []
+    waiting: list[AdmissionSlot] = []
+    next_order: int = 0
+
+
+class RateBucket(Record, tag="rate_bucket", tag_field="type"):
+    """A key of the rates bucket (``loom_rates``): one tenant's token bucket for one kind
+    of action (``submit``, ``tool``, ``model``), shared by every replica of every service
+    that takes from it, changed only by compare-and-set (loom_services.shared_rates).
+    ``tokens`` left (negative: reserved ahead by waiting calls) at wall-clock second
+    ``at``; the rate and burst are the quotas file's, the same in every replica."""
+
+    tokens: float
+    at: float
+
+
 # --------------------------------------------------------------------------- trace queries
 # Request/reply APIs of the tracing service on ``loom.api.traces*`` (issue 5). Time
 # filters apply to a run's or a span's start: ``since`` inclusive, ``until`` exclusive.

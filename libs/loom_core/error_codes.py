@@ -59,6 +59,8 @@ CODES: dict[str, Code] = {
     "too_many_submissions": Code(
         _S, "over the tenant's submission rate; retry after details.retry_after_s (retryable)"
     ),
+    "queue_full": Code(_S, "the tenant has the most runs waiting a queue holds; retry later"),
+    "admission_busy": Code(_S, "the tenant's admission book kept changing; retry (retryable)"),
     "unavailable": Code(_S, "the stack could not store or check it now; retry (retryable)"),
     "invalid_fork": Code(_S, "a fork request names no such run or step, or a bad new id"),
     "unknown_step": Code(_S, "a fork names no step instance of the run (details.close_matches)"),
@@ -222,6 +224,7 @@ CODES: dict[str, Code] = {
     "not_owner": Code(_X, "this executor replica does not own the run's partition: retry"),
     "partition_moving": Code(_X, "nobody answered for the run's partition (it moves): retry"),
     "partition_count_changed": Code(_K, "LOOM_PARTITIONS is not the stack's count: drain first"),
+    "admission_book_corrupt": Code(_X, "an admission book was not ours: rebuilt from the store"),
     # ---- the web console (services/loom_console): its HTTP guards and the plan it parses
     "bad_host": Code(_X, "the console does not serve that Host header (--allow-host NAME)"),
     "bad_origin": Code(_X, "a console action came from another origin"),

@@ -15,9 +15,11 @@ The quotas file (``LOOM_QUOTAS_FILE``, YAML or JSON)::
           batch: {max_concurrent_runs: 1}   # RunRequest.queue "batch" of acme
 
 Everything here is pure (no clock, no I/O): the time is an argument. ``Admission`` is
-the bookkeeping of who runs and who waits; the executor host owns one
-(``loom_services.admission``) and records its decisions as events (``run_queued``,
-``run_admitted``), so replay never consults it.
+the bookkeeping of who runs and who waits; ``book_offer`` / ``book_release`` /
+``book_repair`` apply it to one tenant's shared book (an ``AdmissionBook``, a key of
+the KV bucket ``loom_admission`` that every executor replica changes by
+compare-and-set: ``loom_services.shared_admission``). The executor records the
+decisions as events (``run_queued``, ``run_admitted``), so replay never consults it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom_core.contracts import ErrorInfo
+from loom_core.contracts import AdmissionBook, AdmissionSlot, ErrorInfo
 from loom_core.errors import LoomError
 
 ANY_TENANT = "*"
@@ -284,3 +286,129 @@ class Admission:
         for entry in skipped:
             heapq.heappush(heap, entry)
         return admitted
+
+
+# ----------------------------------------------------------------------------- the shared book
+
+# A tenant's book is one key of the admission bucket, rewritten whole at each change: its
+# size is bounded so a change stays one small write (~40 bytes a slot) far below the
+# broker's max_payload. A submission that would wait beyond it is refused ``queue_full``
+# (retryable), so nothing accepted is ever dropped.
+MAX_WAITING = 2000
+MAX_RUNNING = 10_000  # a book holding more is not one this code wrote
+
+
+class QueueFull(LoomError):
+    """A tenant already has ``MAX_WAITING`` runs waiting: the submission is refused
+    (nothing stored); retry once some have started."""
+
+    code = "queue_full"
+    retryable = True
+
+    def __init__(self, tenant: str, waiting: int) -> None:
+        self.details = {"tenant": tenant, "waiting": waiting, "limit": MAX_WAITING}
+        super().__init__(
+            f"tenant {tenant!r} has {waiting} runs waiting for a slot, the most a queue "
+            f"holds ({MAX_WAITING}): retry once some have started, or raise its "
+            "max_concurrent_runs in LOOM_QUOTAS_FILE"
+        )
+
+
+def book_problem(book: AdmissionBook, tenant: str) -> str | None:
+    """Why a decoded book cannot be trusted (another writer, a careless hand), or None."""
+    if book.tenant != tenant:
+        return f"holds tenant {book.tenant!r}, not {tenant!r}"
+    if len(book.running) > MAX_RUNNING or len(book.waiting) > MAX_WAITING:
+        return (f"holds {len(book.running)} running and {len(book.waiting)} waiting runs "
+                f"(at most {MAX_RUNNING} and {MAX_WAITING})")  # fmt: skip
+    ids = [s.run_id for s in (*book.running, *book.waiting)]
+    if len(set(ids)) != len(ids):
+        return "names a run twice"
+    if any(not s.run_id or s.order < 0 or s.order > book.next_order for s in book.waiting):
+        return "has a waiting run with no id or an order past next_order"
+    return None
+
+
+def _ticket(tenant: str, slot: AdmissionSlot) -> Ticket:
+    return Ticket(slot.run_id, tenant, slot.queue, slot.priority, slot.order)
+
+
+def _loaded(quota: Quotas, book: AdmissionBook) -> tuple[Admission, dict[str, float]]:
+    admission = Admission(quota)
+    for slot in book.running:
+        admission.hold(_ticket(book.tenant, slot))
+    for slot in book.waiting:
+        admission.wait(_ticket(book.tenant, slot))
+    booked_at = {s.run_id: s.booked_at for s in (*book.running, *book.waiting)}
+    return admission, booked_at
+
+
+def _dumped(admission: Admission, book: AdmissionBook, booked_at: Mapping[str, float],
+            next_order: int) -> AdmissionBook:  # fmt: skip
+    def slot(t: Ticket) -> AdmissionSlot:
+        return AdmissionSlot(t.run_id, t.queue, t.priority, t.order, booked_at.get(t.run_id, 0))
+
+    running = sorted(admission.running.values(), key=lambda t: t.order)
+    waiting = sorted(admission.waiting.values(), key=lambda t: (-t.priority, t.order))
+    return AdmissionBook(tenant=book.tenant, running=[slot(t) for t in running],
+                         waiting=[slot(t) for t in waiting], next_order=next_order)  # fmt: skip
+
+
+def book_offer(quota: Quotas, book: AdmissionBook, run_id: str, queue: str, priority: int,
+               now: float) -> tuple[AdmissionBook, bool]:  # fmt: skip
+    """The book with ``run_id`` booked (holding a slot, or waiting behind its tenant's
+    queue) and whether it waits. A run booked already keeps its place. QueueFull when it
+    would wait behind ``MAX_WAITING`` others."""
+    admission, booked_at = _loaded(quota, book)
+    if run_id in admission.running:
+        return book, False
+    if run_id in admission.waiting:
+        return book, True
+    order = book.next_order + 1
+    ticket = Ticket(run_id, book.tenant, queue, priority, order)
+    admitted = admission.offer(ticket)
+    if not admitted and len(book.waiting) >= MAX_WAITING:
+        raise QueueFull(book.tenant, len(book.waiting))
+    booked_at = {**booked_at, run_id: now}
+    return _dumped(admission, book, booked_at, order), not admitted
+
+
+def book_release(quota: Quotas, book: AdmissionBook, run_ids: Iterable[str]
+                 ) -> tuple[AdmissionBook, list[str]]:  # fmt: skip
+    """The book without ``run_ids`` (ended, or never created), and the waiting runs
+    that take the freed slots (best first): they now hold them."""
+    admission, booked_at = _loaded(quota, book)
+    for run_id in run_ids:
+        admission.forget(run_id)
+    admitted = [t.run_id for t in admission.admit_waiting(book.tenant)]
+    return _dumped(admission, book, booked_at, book.next_order), admitted
+
+
+def book_repair(quota: Quotas, book: AdmissionBook, *, drop: Iterable[str] = (),
+                running: Iterable[tuple[str, str, int]] = (),
+                waiting: Iterable[tuple[str, str, int]] = (),
+                now: float = 0.0) -> tuple[AdmissionBook, list[str]]:  # fmt: skip
+    """The book made to agree with the store (the truth) for some runs: ``drop`` the
+    ones that ended or were never stored, book the stored ones it lacks (``running``:
+    admitted runs, ``waiting``: queued runs, each ``(run_id, queue, priority)``, placed
+    after every run booked already), then admit whatever has room. A waiting run the
+    store shows admitted holds a slot even past the limit: the store's decision stands."""
+    admission, booked_at = _loaded(quota, book)
+    booked_at = dict(booked_at)
+    for run_id in drop:
+        admission.forget(run_id)
+    order = book.next_order
+    for run_id, queue, priority in running:
+        admission.waiting.pop(run_id, None)
+        if run_id not in admission.running:
+            order += 1
+            admission.hold(Ticket(run_id, book.tenant, queue, priority, order))
+            booked_at[run_id] = now
+    for run_id, queue, priority in waiting:
+        if run_id in admission.running or run_id in admission.waiting:
+            continue
+        order += 1
+        admission.wait(Ticket(run_id, book.tenant, queue, priority, order))
+        booked_at[run_id] = now
+    admitted = [t.run_id for t in admission.admit_waiting(book.tenant)]
+    return _dumped(admission, book, booked_at, order), admitted

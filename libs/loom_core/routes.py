@@ -615,6 +615,38 @@ PARTITION_LEASES = Route(
     "renewed by its owner. Only executors write it; read it to see the assignment.",
 )
 
+ADMISSION_BOOK = Route(
+    name="admissionBook",
+    pattern=f"$KV.{subjects.ADMISSION_BUCKET}.{{key}}",
+    kind="kv",
+    stream=f"KV_{subjects.ADMISSION_BUCKET}",
+    messages=(c.AdmissionBook,),
+    publishers=("executor",),
+    consumers=(
+        Consumer("executor", note="every replica watches it; a run's owner records its admission"),
+        Consumer("operator", note="read only: who runs and who waits, per tenant"),
+    ),
+    description=f"Each tenant's admission book: key-value bucket "
+    f"`{subjects.ADMISSION_BUCKET}`, key `t-{{tenant}}`, the runs that hold a slot of the "
+    "tenant's concurrent run limits and those that wait, in order. Written only by "
+    "executors, by compare-and-set; present only when LOOM_QUOTAS_FILE sets run limits.",
+)
+
+RATE_BUCKETS = Route(
+    name="rateBuckets",
+    pattern=f"$KV.{subjects.RATES_BUCKET}.{{key}}",
+    kind="kv",
+    stream=f"KV_{subjects.RATES_BUCKET}",
+    messages=(c.RateBucket,),
+    publishers=("executor", "planner", "toolrunner"),
+    consumers=(Consumer("executor"), Consumer("planner"), Consumer("toolrunner")),
+    description=f"The tenants' rate limits as token buckets: key-value bucket "
+    f"`{subjects.RATES_BUCKET}`, key `{{kind}}-{{tenant}}` (kind: submit, tool, model), "
+    "taken by compare-and-set by every replica (submissions in the executor, tool calls "
+    "in the tool-runner, model calls in the planner), so a rate holds whatever the "
+    "number of replicas; present only when LOOM_QUOTAS_FILE sets rates.",
+)
+
 ROUTES: tuple[Route, ...] = (
     SUBMIT,
     RUN_EVENTS,
@@ -650,6 +682,8 @@ ROUTES: tuple[Route, ...] = (
     FORWARD,
     RELAY_WAKE,
     PARTITION_LEASES,
+    ADMISSION_BOOK,
+    RATE_BUCKETS,
 )
 
 BY_NAME = {route.name: route for route in ROUTES}

@@ -113,6 +113,12 @@ BLOBS_BUCKET = "loom_blobs"
 # Model answers by the digest of the turn request they answer (the planner's, so a
 # redelivered request after a restart is answered again without paying the model twice)
 MODEL_ANSWERS_BUCKET = "loom_model_answers"
+# Each tenant's admission book (who holds a slot, who waits), shared by the executor
+# replicas (loom_services.shared_admission); only with run limits in LOOM_QUOTAS_FILE
+ADMISSION_BUCKET = "loom_admission"
+# Token buckets of the rates in LOOM_QUOTAS_FILE, shared by all replicas
+# (loom_services.shared_rates)
+RATES_BUCKET = "loom_rates"
 
 # Headers
 MSG_ID = "Nats-Msg-Id"

@@ -95,6 +95,14 @@ READS: dict[tuple[str, str], frozenset[Read]] = {
     # schedules: every executor watches the bucket (an ordered consumer) and reads a
     # key before each compare-and-set
     (routes.SCHEDULE_STORE.name, "executor"): frozenset({"get", "browse"}),
+    # admission books: every executor watches the bucket and reads a key before each
+    # compare-and-set
+    (routes.ADMISSION_BOOK.name, "executor"): frozenset({"get", "browse"}),
+    (routes.ADMISSION_BOOK.name, "operator"): frozenset({"get", "browse"}),
+    # rate buckets: a key is read before each compare-and-set (kv.get)
+    (routes.RATE_BUCKETS.name, "executor"): frozenset({"get"}),
+    (routes.RATE_BUCKETS.name, "planner"): frozenset({"get"}),
+    (routes.RATE_BUCKETS.name, "toolrunner"): frozenset({"get"}),
 }
 
 

@@ -230,6 +230,8 @@ _SUBJECT_NAMES = {
     "PARTITIONS_BUCKET": "channel partitionLeases",
     "BLOBS_BUCKET": "channel blobs",
     "MODEL_ANSWERS_BUCKET": "channel modelAnswers",
+    "ADMISSION_BUCKET": "channel admissionBook",
+    "RATES_BUCKET": "channel rateBuckets",
     "MSG_ID": "headers",
     "NOTIFICATION_ID": "headers",
     "EVENT_TYPE": "headers",

@@ -43,6 +43,7 @@ from loom_core.contracts import (
     SubRunFinished,
     SubRunRequested,
 )
+from loom_core.errors import LoomError
 from loom_core.executor import (
     RunState,
     Submission,
@@ -132,10 +133,6 @@ class ExecutorService:
         self.host.listeners.append(parts.on_commit)
         self.host.listeners.append(lambda _, records: self.publish_progress(records))
         self.host.listeners.append(self.admission.on_commit)
-        # queued runs survive a restart: the book is rebuilt before any submission
-        self.admission.admit_now(
-            await self.io(self.admission.recover, self.store.read_notifications)
-        )
         ctx.spawn(self.host.run(ctx.stop), "executor-writer")
         ctx.spawn(TimerService(ctx.js).run(ctx.stop), "executor-timers")
         router = SignalRouter(
@@ -154,6 +151,11 @@ class ExecutorService:
             )  # fmt: skip
             ctx.spawn(consumer.run(ctx.stop), f"executor-{durable}")
         await parts.start()  # owns its first partitions before it answers anything
+        # the tenants' admission books, shared by the replicas (only with run limits)
+        await self.admission.start(
+            ctx.js, self.host, parts.ownership, self.store.read_notifications, self.io,
+            self._report, ctx.stop, ctx.spawn, self.settings.ops.stream_replicas,
+        )  # fmt: skip
         await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit_routed)
         await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control_routed)
         await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume_routed)
@@ -178,7 +180,12 @@ class ExecutorService:
         """A schedule's run request is refused at creation for what submit refuses."""
         return check_run_request(request) or await self._check_blobs(request, data)
 
+    def _report(self, subject: str, error: ErrorInfo, data: bytes) -> None:
+        if self.ctx.rejects is not None:
+            self.ctx.rejects.offer(subject, error, data)
+
     async def close(self) -> None:
+        await self.admission.close()
         if self.partitions is not None:
             await self.partitions.close()  # survivors take its partitions at once
         await self.io.close()
@@ -251,11 +258,17 @@ class ExecutorService:
         run_id = (
             request.run_id or resubmit.run_id_from_msg_id(msg_id, principal) or self.new_run_id()
         )
-        error = self.admission.refusal(principal, request)  # queue name, submission rate
+        if self.admission.active and self.host.owns is not None and not self.host.owns(run_id):
+            raise self.host.owner_error(run_id)  # counted and booked by the run's owner
+        error = await self.admission.refusal(principal, request)  # queue name, submission rate
         if error is not None:
             return await self._reject(msg, error)
-        booked = not self.admission.knows(run_id)
-        queued = self.admission.offer(run_id, principal, request)
+        queued = booked = False
+        if self.admission.applies(principal, request):  # a slot in the tenant's shared book
+            try:
+                queued, booked = await self.admission.book(run_id, principal, request)
+            except LoomError as exc:  # too many waiting, the book kept moving
+                return await self._reject(msg, exc.info)
         produced: list[EventRecord] = []  # empty: not created here (it is unbooked)
         try:
             produced = await self.host.submit(
@@ -264,11 +277,13 @@ class ExecutorService:
         except ConcurrencyConflict:
             produced = []  # another replica created it at the same moment
         except NotOwner:
+            if booked:  # the partition moved meanwhile: its new owner books it
+                await self.admission.unbook(run_id, principal)
             raise  # passed to the partition's owner (loom_services.partitioned)
         except Exception as exc:
             log.exception("submit failed")
             if booked:
-                self.admission.forget(run_id)
+                await self.admission.unbook(run_id, principal)
             return SubmitRejected(
                 error=ErrorInfo(
                     code="unavailable",
@@ -277,7 +292,9 @@ class ExecutorService:
                 )
             )
         if booked and not produced:
-            self.admission.forget(run_id)
+            await self.admission.unbook(run_id, principal)
+        elif queued:
+            await self.admission.after_stored(run_id)  # a slot may have freed meanwhile
         if not produced:  # a repeat: of the same request, or a reused id (refused)
             existing = await self.host.state_of(run_id)
             if tenants.hidden(msg, existing):  # says nothing of the other tenant's run

@@ -108,6 +108,7 @@ class Partitioned:
             self.ctx.js, routes.INBOXES, p, handler=self.service.on_inbox, batch=256
         )
         self.consumers[p] = (stop, self._spawn(consumer.run(stop), f"executor-inbox-p{p}"))
+        self.service.admission.gained(p)  # its runs' slots checked against the store
 
     async def _loss(self, p: int) -> None:
         # the writer already refuses p's runs (owned no longer lists p)

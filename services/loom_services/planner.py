@@ -59,6 +59,7 @@ from loom_services.conversations import (
 from loom_services.models import Answer, ModelConfig, ModelLayer
 from loom_services.planning import plan_with_model, replan_with_model
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.shared_rates import SharedRates
 from loom_services.tenant_reads import TenantReads
 from loom_services.throttle import CallThrottle, run_tenants
 
@@ -96,7 +97,10 @@ class PlannerService:
         # the tenant of a run, asked once: for its call rate and its streamed text
         self.tenant_runs = run_tenants(ctx.nc)
         self.throttle = CallThrottle(
-            load_quotas(self.settings.quotas_file), "model", self.tenant_runs
+            load_quotas(self.settings.quotas_file),
+            "model",
+            self.tenant_runs,
+            shared=SharedRates(ctx.js),  # one rate across replicas (loom_services.shared_rates)
         )
         self.kv = await bus.ensure_tools_bucket(ctx.js)
         self.answers = await bus.ensure_model_answers_bucket(ctx.js)

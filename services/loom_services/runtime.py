@@ -44,7 +44,7 @@ from loom_infra.settings import (
     ops_settings_from_env,
     settings_from_env,
 )
-from loom_services import observe, schedules
+from loom_services import observe, schedules, shared_admission, shared_rates
 
 log = logging.getLogger("loom.runtime")
 
@@ -131,6 +131,8 @@ class Stack:
                 )
                 await schedules.ensure_bucket(js, self.settings.ops.stream_replicas)
                 await ownership.ensure_bucket(js, replicas=self.settings.ops.stream_replicas)
+                await shared_admission.ensure_bucket(js, self.settings.ops.stream_replicas)
+                await shared_rates.ensure_bucket(js, self.settings.ops.stream_replicas)
             else:
                 await wait_for_streams(js, credentials.streams_of(identity), identity)
             ctx = ServiceContext(nc=nc, js=js, settings=self.settings, stop=self.stop)
@@ -261,6 +263,8 @@ async def provision(
         await schedules.ensure_bucket(js, ops.stream_replicas)
         await blobstore.ensure_bucket(js, blobs or blob_settings_from_env(), ops.stream_replicas)
         await ownership.ensure_bucket(js, replicas=ops.stream_replicas)
+        await shared_admission.ensure_bucket(js, ops.stream_replicas)
+        await shared_rates.ensure_bucket(js, ops.stream_replicas)
     finally:
         await nc.close()
 

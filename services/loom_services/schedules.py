@@ -379,9 +379,14 @@ class Scheduler:
         principal = auth.inherit(schedule.principal)
         run_id = request.run_id
         booked = queued = False
-        if self.admission is not None:  # booked as on submit; undone if not created here
-            booked = not self.admission.knows(run_id)
-            queued = self.admission.offer(run_id, principal, request)
+        admission = self.admission
+        if admission is not None and admission.applies(principal, request):
+            # booked as on submit (by the partition's owner); undone if not created here
+            if not admission.owns(run_id):
+                if self.exists is None or not await self.exists(run_id):
+                    return None
+                return Firing(run_id, existing=True)
+            queued, booked = await admission.book(run_id, principal, request)
         submission = Submission(request, principal, tuple(schedule.redacted), queued=queued)
         try:
             produced = await self.submit(run_id, submission)
@@ -389,7 +394,7 @@ class Scheduler:
             produced = []  # another replica stored this firing at the same moment
         except NotOwner:
             if booked:
-                self._unbook(run_id)
+                await self._unbook(run_id, principal)
             # every replica watches every schedule; the owner of this run's partition
             # submits it (its run id is the same everywhere)
             if self.exists is None or not await self.exists(run_id):
@@ -397,18 +402,20 @@ class Scheduler:
             return Firing(run_id, existing=True)
         except BaseException:
             if booked:
-                self._unbook(run_id)
+                await self._unbook(run_id, principal)
             raise
         if booked and not produced:
-            self._unbook(run_id)
+            await self._unbook(run_id, principal)
+        elif queued:
+            await admission.after_stored(run_id)  # type: ignore[union-attr]  # queued is set only by admission.book, so admission is not None here
         self.fired += 1
         if produced:
             log.info("schedule %s fired run %s (%s)", schedule.name, request.run_id, fire_at)
         return Firing(request.run_id, existing=not produced)
 
-    def _unbook(self, run_id: str) -> None:
+    async def _unbook(self, run_id: str, principal: Any) -> None:
         assert self.admission is not None
-        self.admission.forget(run_id)
+        await self.admission.unbook(run_id, principal)
 
     # ------------------------------------------------------------------ requests
 

@@ -78,6 +78,7 @@ from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import LedgerEntry, ToolCallLedger, open_tool_ledger
 from loom_services.admission import load_quotas
 from loom_services.runtime import ServiceContext, run_main
+from loom_services.shared_rates import SharedRates
 from loom_services.throttle import CallThrottle, run_tenants
 from loom_services.tools.catalog import (
     CatalogPublisher,
@@ -162,7 +163,10 @@ class ToolRunnerService:
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.throttle = CallThrottle(
-            load_quotas(self.settings.quotas_file), "tool", run_tenants(ctx.nc)
+            load_quotas(self.settings.quotas_file),
+            "tool",
+            run_tenants(ctx.nc),
+            shared=SharedRates(ctx.js),  # one rate across replicas (loom_services.shared_rates)
         )
         self.blobs = BlobStore(ctx.js, self.settings.blobs)
         self.catalog_publisher = CatalogPublisher(await bus.ensure_tools_bucket(ctx.js))

@@ -680,6 +680,17 @@ async def partition_leases(w: World) -> None:
     await w.refused_stream(routes.PARTITION_LEASES.stream or "")
 
 
+async def admission_book(w: World) -> None:
+    # every tenant's queue is in one bucket: a tenant may neither read nor write it
+    await w.refused_publish("operator", _route(routes.ADMISSION_BOOK))
+    await w.refused_stream(routes.ADMISSION_BOOK.stream or "")
+
+
+async def rate_buckets(w: World) -> None:
+    await w.refused_publish("operator", _route(routes.RATE_BUCKETS))
+    await w.refused_stream(routes.RATE_BUCKETS.stream or "")
+
+
 ATTACKS: dict[str, Attack] = {
     "submit": submit,
     "runEvent": run_event,
@@ -715,6 +726,8 @@ ATTACKS: dict[str, Attack] = {
     "forward": forward,
     "relayWake": relay_wake,
     "partitionLeases": partition_leases,
+    "admissionBook": admission_book,
+    "rateBuckets": rate_buckets,
 }
 # routes whose check changes acme's runs on purpose (acme's own signal and resume)
 ACME_ACTS = ("signal", "progress")
