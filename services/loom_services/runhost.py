@@ -271,14 +271,16 @@ class RunHost:
                 if not work.done.done():
                     work.done.set_exception(exc)
             return
+        if records:
+            # first: what they schedule (the relay's publish of the step's command) then
+            # runs before the answers and acks below (issue 10, perf3)
+            for listener in self.listeners:
+                listener(notification_ids, records)
         for work, produced in zip(batch, per_work, strict=True):
             if not work.done.done():
                 work.done.set_result(produced)
         if self.snapshots is not None:
             await self._snapshot(records)
-        if records:
-            for listener in self.listeners:
-                listener(notification_ids, records)
 
 
 def _advanced(state: RunState, run_id: str, message: Message, at: datetime) -> list[EventRecord]:
