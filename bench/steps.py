@@ -40,7 +40,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from loom_core import subjects
 from loom_core.contracts import (
     EventRecord,
     ForeachStep,
@@ -92,11 +94,42 @@ def foreach(items: int, concurrency: int) -> Plan:
     )
 
 
-async def run_to_end(client: LoomClient, plan: Plan) -> list[EventRecord]:
+# How the bench's client waits for a run: by following every event of it over JetStream
+# (``--follow``: 5 more deliveries and decodes per step in this process, which also runs
+# the services), or, as a client wanting only the result does, by its ``run_completed``
+# (the default); the events are then read from the store, outside the measured time.
+FOLLOW = {"every_event": False}
+
+
+async def finished(client: LoomClient, run_id: str) -> list[EventRecord]:
+    """Wait for the run's end; its events (the measured part ends before they are read)."""
+    if FOLLOW["every_event"]:
+        return await client.wait(run_id, timeout=600)
+    sub = await client.js.subscribe(
+        subjects.run_event(run_id, "run_completed"), ordered_consumer=True
+    )
+    try:
+        await sub.next_msg(timeout=600)
+    finally:
+        await sub.unsubscribe()
+    return []
+
+
+async def events_of(
+    client: LoomClient, run_id: str, records: list[EventRecord]
+) -> list[EventRecord]:
+    return records or await client.events(run_id, timeout=60)
+
+
+async def run_to_end(
+    client: LoomClient, plan: Plan, meter: stepcost.CpuMeter | None = None
+) -> tuple[list[EventRecord], dict[str, float]]:
     accepted = await client.submit(RunRequest(plan=plan))
-    records = await client.wait(accepted.run_id, timeout=600)
+    records = await finished(client, accepted.run_id)
+    cpu = meter.stop() if meter is not None else {}
+    records = await events_of(client, accepted.run_id, records)
     assert isinstance(records[-1].event, RunCompleted), records[-1]
-    return records
+    return records, cpu
 
 
 def completion_gaps(records: list[EventRecord]) -> list[float]:
@@ -110,8 +143,7 @@ def completion_gaps(records: list[EventRecord]) -> list[float]:
 async def sequential(client: LoomClient, n: int) -> dict[str, float]:
     meter = stepcost.CpuMeter()
     meter.start()
-    records = await run_to_end(client, chain(n))
-    cpu = meter.stop()
+    records, cpu = await run_to_end(client, chain(n), meter)
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
     gaps = completion_gaps(records)
     total = (done[-1] - done[0]).total_seconds() or 1e-9
@@ -159,7 +191,7 @@ async def breakdown(client: LoomClient, n: int, profile: bool) -> None:
         await run_to_end(client, chain(n))
     counts.counter.update(fsyncs.stop())
     print(stepcost.format_counts(counts.counter, n), flush=True)
-    print(segments(await run_to_end(client, chain(n))), flush=True)
+    print(segments((await run_to_end(client, chain(n)))[0]), flush=True)
     if profile:
         with stepcost.profiling() as out:
             await run_to_end(client, chain(n))
@@ -172,9 +204,10 @@ async def concurrent(client: LoomClient, runs: int, steps: int) -> tuple[float, 
     meter.start()
     t0 = time.perf_counter()
     accepted = await asyncio.gather(*(client.submit(RunRequest(plan=plan)) for _ in range(runs)))
-    results = await asyncio.gather(*(client.wait(a.run_id, timeout=600) for a in accepted))
+    results = await asyncio.gather(*(finished(client, a.run_id) for a in accepted))
     elapsed = time.perf_counter() - t0
     cpu = meter.stop()
+    results = [await events_of(client, a.run_id, r) for a, r in zip(accepted, results, strict=True)]
     assert all(isinstance(r[-1].event, RunCompleted) for r in results)
     return runs * steps / elapsed, stepcost.format_cpu(cpu, runs * steps)
 
@@ -183,7 +216,7 @@ async def chain_costs(client: LoomClient, n: int) -> str:
     """One run of ``n`` chained steps: steps/s, ms/step around step 10 and step n.
     Local calls (``loom_services.local_tools``) finish up to LOOM_LOCAL_BUDGET steps in
     one commit, so a step's cost is taken over a window of 64 steps (several commits)."""
-    records = await run_to_end(client, chain(n))
+    records, _ = await run_to_end(client, chain(n))
     done = [
         r.at for r in records if isinstance(r.event, StepCompleted) and "/" not in r.event.step_id
     ]
@@ -208,7 +241,7 @@ async def chain_costs(client: LoomClient, n: int) -> str:
 
 async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:
     t0 = time.perf_counter()
-    records = await run_to_end(client, foreach(items, concurrency))
+    records, _ = await run_to_end(client, foreach(items, concurrency))
     wall = time.perf_counter() - t0
     start = next(r.at for r in records if isinstance(r.event, PlanAccepted))
     span = (records[-1].at - start).total_seconds()
@@ -373,7 +406,25 @@ def main() -> None:
         "--no-direct", action="store_true",
         help="LOOM_DIRECT_DISPATCH=false: requests and results only through their streams",
     )  # fmt: skip
+    parser.add_argument(
+        "--follow", action="store_true",
+        help="the client follows every event of its runs (as before perf3), not run_completed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--without", action="append", default=[], metavar="SERVICE",
+        help="leave a service out of the stack (ablation: what it costs per step)",
+    )  # fmt: skip
     args = parser.parse_args()
+    FOLLOW["every_event"] = args.follow
+    if args.without:
+        original = stack_module.all_services
+        stack_module.all_services = lambda s: [x for x in original(s) if x.name not in args.without]
+        ready = LoomClient.wait_ready
+
+        def wait_ready(self: LoomClient, services: Any = subjects.SERVICES, timeout: float = 30.0):  # noqa: ANN202
+            return ready(self, [s for s in services if s not in args.without], timeout)
+
+        LoomClient.wait_ready = wait_ready  # type: ignore[method-assign]
     logging.basicConfig(level=logging.WARNING)
     if args.hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""

@@ -36,7 +36,7 @@ from nats.js.api import (
     StreamConfig,
     SubjectTransform,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from loom_core import codec, partitions, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
@@ -369,8 +369,10 @@ async def publish_acked(
     """``js.publish`` (wait for the stream's ack), but ConnectionError at once when the
     connection drops while the ack is pending, instead of waiting out ``timeout`` for
     an ack a killed server will never send (see :func:`wait_acks`)."""
-    sent = asyncio.ensure_future(js.publish(subject, data, headers=headers, timeout=timeout))
-    (ack,) = await wait_acks(js, [sent], timeout + 1.0)
+    # sent from this task, now (``publish_async``; a ``js.publish`` task went out a loop
+    # turn later, through a request of its own: issue 10, perf3); the same ack or error
+    sent = await js.publish_async(subject, data, headers=headers)
+    (ack,) = await wait_acks(js, [sent], timeout)
     if isinstance(ack, BaseException):
         raise ack
     return ack
@@ -587,6 +589,87 @@ BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[bool | BaseException
 MessageHandler = Callable[[Msg], Awaitable[bool | BaseException]]
 
 
+# How long one pull request stays open (``OpenPull``): as nats-py's fetch(timeout=1.0)
+PULL_EXPIRES_S = 1.0
+# an open request this close to its expiry is renewed before waiting on it
+PULL_RENEW_S = 0.05
+
+
+class OpenPull:
+    """The fetches of a pull consumer served by one open pull request instead of two per
+    fetch (issue 10, perf3). nats-py's ``fetch`` sends a ``no_wait`` probe, takes its
+    404 and sends a lingering request on every call, and waits for each message with a
+    task, a ``wait_for`` and a ``uuid4``: a consumer taking one message per step (the
+    executor's inbox, the tool-runner's requests) paid two requests per message. Here a
+    request for ``batch`` messages stays open until used up, expired (``PULL_EXPIRES_S``),
+    ended by the server (a 408/409 status) or lost with the connection (a reconnect), and
+    each fetch takes what the subscription's queue holds.
+
+    What a message delivered under the open request while the handler runs waits for is
+    the next fetch: as with nats-py's lingering request, its ack wait runs meanwhile."""
+
+    def __init__(self, psub: Any) -> None:
+        self.psub = psub
+        self.sub = psub._sub  # the deliver subject's subscription (nats-py internals)
+        self.queue: asyncio.Queue[Msg] = self.sub._pending_queue
+        self.left = 0  # messages the open request may still deliver
+        self.until = 0.0  # when it expires (loop time)
+        self.reconnects = _reconnects(psub._nc)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        msgs = self._drain(batch)
+        while not msgs:
+            now = loop.time()
+            if now >= deadline:
+                raise TimeoutError
+            seen = _reconnects(self.psub._nc)
+            if self.left <= 0 or now >= self.until - PULL_RENEW_S or seen != self.reconnects:
+                self.reconnects = seen
+                await self._request(batch, now)
+            try:
+                msg = await asyncio.wait_for(
+                    self.queue.get(), max(0.0, min(deadline, self.until) - now)
+                )
+            except TimeoutError:
+                continue
+            self._take(msg, msgs)
+            msgs += self._drain(batch - len(msgs))
+        return msgs
+
+    async def _request(self, batch: int, now: float) -> None:
+        self.left, self.until = batch, now + PULL_EXPIRES_S
+        request = msgspec.json.encode(
+            {"batch": batch, "expires": int((PULL_EXPIRES_S - 0.001) * 1_000_000_000)}
+        )
+        await self.psub._nc.publish(self.psub._nms, request, self.psub._deliver)
+
+    def _drain(self, room: int) -> list[Msg]:
+        msgs: list[Msg] = []
+        while len(msgs) < room and not self.queue.empty():
+            self._take(self.queue.get_nowait(), msgs)
+        return msgs
+
+    def _take(self, msg: Msg, msgs: list[Msg]) -> None:
+        self.sub._pending_size -= len(msg.data)
+        status = JetStreamContext.is_status_msg(msg)
+        if not status:
+            self.left -= 1
+            msgs.append(msg)
+        elif JetStreamContext._is_temporary_error(status):  # 404/408/409: it ended
+            self.left = 0
+        elif status != "100":  # not a heartbeat: a refusal (e.g. 503, no consumer)
+            self.left = 0
+            if not msgs:
+                APIError.from_msg(msg)  # raises
+
+
+def _reconnects(nc: Any) -> int:
+    stats = getattr(nc, "stats", None)
+    return int(stats.get("reconnects", 0)) if isinstance(stats, dict) else 0
+
+
 @dataclass
 class PullConsumer:
     """A durable pull consumer whose handler receives a whole fetched batch (so the
@@ -608,6 +691,10 @@ class PullConsumer:
     max_ack_pending: int = 1024
     message_handler: MessageHandler | None = None
     concurrency: int = 0
+    # after a batch smaller than ``batch``, wait this long before the next fetch, so a
+    # consumer off the step's path (tracing) takes many steps' messages per fetch and
+    # per handling, instead of one step's at a time (issue 10, perf3)
+    linger_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.ack_wait_s:
@@ -624,7 +711,7 @@ class PullConsumer:
             filter_subjects=list(self.filter_subjects) if len(self.filter_subjects) > 1 else None,
             filter_subject=self.filter_subjects[0] if len(self.filter_subjects) == 1 else None,
         )
-        sub = await pull_subscribe(self.js, self.stream, config)
+        sub = OpenPull(await pull_subscribe(self.js, self.stream, config))
         if self.concurrency:
             await self._run_concurrently(sub, stop)
             return
@@ -640,6 +727,8 @@ class PullConsumer:
                 await wait_or_timeout(stop, 0.5)
                 continue
             await self._dispatch(msgs)
+            if self.linger_s and len(msgs) < self.batch:
+                await wait_or_timeout(stop, self.linger_s)
 
     async def _run_concurrently(self, sub: Any, stop: asyncio.Event) -> None:
         assert self.message_handler is not None

@@ -155,6 +155,10 @@ class Relay:
         self.idle_poll_s = idle_poll_s
         self.position = 0
         self._wake = asyncio.Event()
+        # the idle relay's wait: resolved by a wake (the executor's commit) or a stop, so
+        # the relay runs on the loop's next turn (an Event waited through asyncio.wait
+        # took three turns: issue 10, perf3)
+        self._waiter: asyncio.Future[None] | None = None
         # (notification id, record) the executor just committed: published from memory
         # when they follow the position exactly, saving a read of the store per step.
         self._pending: deque[tuple[int, EventRecord]] = deque()
@@ -173,11 +177,16 @@ class Relay:
 
     def wake(self) -> None:
         self._wake.set()
+        self._resolve_waiter()
+
+    def _resolve_waiter(self, *_: object) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def offer(self, notification_ids: Sequence[int], records: Sequence[EventRecord]) -> None:
         """Committed events, in commit order (the executor's writer calls this)."""
         self._pending.extend(zip(notification_ids, records, strict=True))
-        self._wake.set()
+        self.wake()
 
     def _take_pending(self) -> list[tuple[int, EventRecord]] | None:
         """The pending events that continue the position with no gap, or None when the
@@ -311,6 +320,14 @@ class Relay:
         self._more_in_store = True
 
     async def run(self, stop: asyncio.Event) -> None:
+        stopper = asyncio.ensure_future(stop.wait())
+        stopper.add_done_callback(self._resolve_waiter)
+        try:
+            await self._run(stop)
+        finally:
+            stopper.cancel()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         self._reconnects_seen = self._reconnects()
         self.position = self.tracked = await self.start_position()
         # what a previous process may have sent: at least up to its tracking record
@@ -338,22 +355,21 @@ class Relay:
         last (the safety-net read of the store, for writers in other processes)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.idle_poll_s
-        waker = asyncio.ensure_future(self._wake.wait())
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            while True:
-                left = deadline - loop.time()
-                if left <= 0:
-                    return True
-                done, _ = await asyncio.wait(
-                    {waker, stopper}, timeout=min(left, RECONNECT_CHECK_S),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )  # fmt: skip
-                if done or self._reconnects() != self._reconnects_seen:
-                    return False
-        finally:
-            waker.cancel()
-            stopper.cancel()
+        while True:
+            if self._wake.is_set() or stop.is_set():
+                return False
+            left = deadline - loop.time()
+            if left <= 0:
+                return True
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(min(left, RECONNECT_CHECK_S), self._resolve_waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if self._reconnects() != self._reconnects_seen:
+                return False
 
     async def _drop_reused(self, first_lost_seq: int) -> None:
         """Delete what the stream holds from ``first_lost_seq`` on (after a reconnect that
