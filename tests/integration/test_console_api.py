@@ -23,7 +23,7 @@ from console_support import (  # noqa: F401
     fork_request,
     serving,
 )
-from waiting import having, until  # type: ignore[import-not-found]
+from waiting import eventually, having, until  # type: ignore[import-not-found]
 
 from loom_cli.app import load_run_request
 from loom_infra.settings import StoreSettings
@@ -93,7 +93,14 @@ async def test_the_run_list_filters_and_shows_people_first(console: Console) -> 
     await console.client.wait(done, timeout=10)
     http = console.http
 
-    rows = {r["run_id"]: r for r in (await http.get("/api/runs")).json()["runs"]}
+    async def listed() -> dict[str, dict] | None:
+        # the run list is tracing's read model: it follows the events (folding several
+        # steps per fetch), so it is waited for, not assumed current
+        rows = {r["run_id"]: r for r in (await http.get("/api/runs")).json()["runs"]}
+        seen = rows.get(waiting, {}).get("status") == "suspended" and done in rows
+        return rows if seen else None
+
+    rows = await eventually(listed, "the run list to show the waiting run suspended")
     assert rows[waiting]["status"] == "suspended"
     assert rows[waiting]["waiting"] == ["person: manager"]
     assert rows[done]["labels"] == {"team": "blue"} and rows[done]["name"] == "forkable"
