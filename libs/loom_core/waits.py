@@ -93,9 +93,9 @@ def state_waits(state: RunState) -> list[Wait]:
     if state.status in TERMINAL_RUN:
         return []
     out: list[Wait] = []
-    for iid in state._suspended:
-        inst = state.insts[iid]
-        susp = state.suspensions.get(f"{iid}#{inst.suspensions}")
+    for step_id in state._suspended:
+        inst = state.insts[step_id]
+        susp = state.suspensions.get(f"{step_id}#{inst.suspensions}")
         if susp is not None and is_open(state, susp):
             out.append(
                 Wait(
