@@ -216,7 +216,10 @@ async def chain_costs(client: LoomClient, n: int) -> str:
     """One run of ``n`` chained steps: steps/s, ms/step around step 10 and step n.
     Local calls (``loom_services.local_tools``) finish up to LOOM_LOCAL_BUDGET steps in
     one commit, so a step's cost is taken over a window of 64 steps (several commits)."""
+    meter = stepcost.CpuMeter()
+    meter.start()
     records, _ = await run_to_end(client, chain(n))
+    cpu = stepcost.format_cpu(meter.stop(), n)  # a whole run's CPU per step: flat or not
     done = [
         r.at for r in records if isinstance(r.event, StepCompleted) and "/" not in r.event.step_id
     ]
@@ -236,7 +239,7 @@ async def chain_costs(client: LoomClient, n: int) -> str:
         line += f"  steps 5-{4 + window} {early:.3f} ms/step  last {window} {late:.3f} ({ratio})"
     else:
         line += f"  {total * 1000 / max(1, len(done) - 1):.3f} ms/step"
-    return line
+    return f"{line}\n         {cpu}"
 
 
 async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:

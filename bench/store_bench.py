@@ -77,8 +77,27 @@ def bench(store: EventStore, label: str, iterations: int) -> None:
         seq += 5
 
     timed(append_batch, 20)  # warm up connections and statement caches
+    cpu = time.process_time()
     samples = timed(append_batch, iterations)
-    print(f"append 5-event batch    : {percentiles(samples)}  ({iterations} commits)")
+    cpu_ms = (time.process_time() - cpu) * 1000 / iterations
+    print(
+        f"append 5-event batch    : {percentiles(samples)}  ({iterations} commits; "
+        f"CPU {cpu_ms:.3f} ms each)"
+    )
+    runs = [0] * 50
+
+    def append_wide() -> None:  # one step of 50 runs in one transaction (the writer's batch)
+        batch = []
+        for r, last in enumerate(runs):
+            batch += events(f"wide-{r}", last + 1, 5)
+            runs[r] = last + 5
+        store.append(batch)
+
+    timed(append_wide, 5)
+    cpu = time.process_time()
+    samples = timed(append_wide, max(20, iterations // 5))
+    cpu_ms = (time.process_time() - cpu) * 1000 / max(20, iterations // 5)
+    print(f"append 250 events/50 runs: {percentiles(samples)}  (CPU {cpu_ms:.3f} ms each)")
 
     samples = timed(lambda: store.last_seq("bench-run"), iterations)
     print(f"last_seq                : {percentiles(samples)}")

@@ -313,6 +313,13 @@ class RunState:
     _body_deps: dict[
         tuple[str, str], tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
     ] = field(default_factory=dict, repr=False)
+    # The instances that may be waited on now, so a run's waits (progress, after every
+    # commit: ``loom_core.waits.state_waits``) cost O(waits), not O(instances ever
+    # run): those suspended (in the order of their latest suspension) and those with an
+    # event wait or a child run that have not ended (in the order they began waiting).
+    # Kept by ``evolve``; derived, so not in snapshots (``restore`` rebuilds them).
+    _suspended: dict[str, None] = field(default_factory=dict, repr=False)
+    _awaiting: dict[str, None] = field(default_factory=dict, repr=False)
 
     @property
     def terminal(self) -> bool:
@@ -433,6 +440,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case StepStarted(step_id=iid, attempt=attempt):
             inst = state.insts[iid]
             inst.status, inst.attempt = "running", attempt
+            state._suspended.pop(iid, None)
             if isinstance(inst.step, AgentStep):  # its memory calls fold into it
                 state.agents.setdefault(iid, agent_step.AgentRun())
         case ToolCallRequested(step_id=iid):
@@ -449,6 +457,7 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case StepRetryScheduled(step_id=iid, attempt=attempt):
             inst = state.insts[iid]
             inst.status, inst.attempt = "retry_wait", attempt - 1
+            state._suspended.pop(iid, None)
         case TimerStarted(timer_id=tid, purpose=purpose, step_id=sid):
             state.timers[tid] = (purpose, sid)
             state.timer_due[tid] = event.fire_at
@@ -502,19 +511,24 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             inst = state.insts[iid]
             inst.status = "suspended"
             inst.suspensions += 1
+            state._suspended.pop(iid, None)  # to the end: the order of latest suspension
+            state._suspended[iid] = None
             state.suspensions[sid] = Suspension(
                 sid, iid, label, schema, event.payload, event.expires_at
             )
         case StepResumed(step_id=iid, suspension_id=sid):
             state.suspensions[sid].resumed = event
             state.insts[iid].status = "running"
+            state._suspended.pop(iid, None)
             agent_step.fold_resumed(state, event)
         case RunCancelRequested() | SubRunEnded() | RunPublishFailed():
             pass  # the outcome events follow
         case SubRunRequested(step_id=iid, child_run_id=child):
             state.insts[iid].child_run_id = child
+            _awaits(state, iid)
         case EventWaitStarted(step_id=iid, matches=matches):
             state.insts[iid].matches = list(matches)
+            _awaits(state, iid)
         case EventReceived(step_id=iid, name=name, payload=payload):
             state.insts[iid].received[name] = payload
         case RunDiverged():
@@ -522,6 +536,35 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
         case RunCancelled():
             state.status = "cancelled"
     return state
+
+
+def _awaits(state: RunState, iid: str) -> None:
+    if state.insts[iid].status not in DONE:
+        state._awaiting[iid] = None
+
+
+def _new_inst(state: RunState, inst: Inst) -> Inst:
+    """``inst`` in place of any instance of its id (a new one waits on nothing)."""
+    state.insts[inst.iid] = inst
+    state._suspended.pop(inst.iid, None)
+    state._awaiting.pop(inst.iid, None)
+    return inst
+
+
+def _waiting_index(state: RunState) -> None:
+    """``_suspended`` and ``_awaiting`` from the instances (a restored snapshot)."""
+    people: dict[str, None] = {}
+    for susp in state.suspensions.values():  # each step at its latest suspension
+        people.pop(susp.step_id, None)
+        people[susp.step_id] = None
+    state._suspended = {
+        iid: None for iid in people if (i := state.insts.get(iid)) and i.status == "suspended"
+    }
+    state._awaiting = {
+        iid: None
+        for iid, i in state.insts.items()
+        if (i.matches or i.child_run_id is not None) and i.status not in DONE
+    }
 
 
 _AGENT_EVENTS = (
@@ -548,6 +591,7 @@ def _on_revised(state: RunState, event: PlanRevised) -> None:
     state.plan, state.replanning, state.replan_digest = event.plan, 0, None
     state.status = "paused" if state.paused else "running"
     state.scopes, state.insts, state.agents = {}, {}, {}
+    state._suspended, state._awaiting = {}, {}
     state._body_deps.clear()
     root = _new_scope(state, "", event.plan.steps, None, ("", ""))
     for step_id in event.kept:
@@ -561,21 +605,21 @@ def _on_revised(state: RunState, event: PlanRevised) -> None:
 def _on_scheduled(state: RunState, iid: str) -> None:
     head, last = _parent_path(iid)
     if not head:  # a top-level step
-        state.insts[iid] = Inst(iid=iid, scope="", step=state.scopes[""].by_id[last])
+        _new_inst(state, Inst(iid=iid, scope="", step=state.scopes[""].by_id[last]))
         return
     if head in state.scopes:  # a step inside a running child scope
-        state.insts[iid] = Inst(iid=iid, scope=head, step=state.scopes[head].by_id[last])
+        _new_inst(state, Inst(iid=iid, scope=head, step=state.scopes[head].by_id[last]))
         return
     owner = state.insts[head]
     if last == "fallback":
         assert isinstance(owner.step, ToolStep) and owner.step.fallback is not None
-        state.insts[iid] = Inst(
-            iid=iid, scope=owner.scope, step=owner.step.fallback, fallback_of=head
+        _new_inst(
+            state, Inst(iid=iid, scope=owner.scope, step=owner.step.fallback, fallback_of=head)
         )
         return
     # a child scope of a composite step
     assert owner.step is not None
-    state.insts[iid] = Inst(iid=iid, scope=owner.scope, step=None, status="running")
+    _new_inst(state, Inst(iid=iid, scope=owner.scope, step=None, status="running"))
     owner.running_children += 1
     indexed = isinstance(owner.step, ForeachStep | ReduceStep | LoopStep)
     if indexed:
@@ -610,6 +654,8 @@ def _on_done(
         inst = state.insts[iid] = Inst(iid=iid, scope=head, step=waiting_in.by_id[last])
     inst.status = status
     inst.output, inst.error = output, error
+    state._suspended.pop(iid, None)
+    state._awaiting.pop(iid, None)
     if inst.fallback_of is not None:
         return  # its owner's own outcome event follows
     if inst.step is None:  # a child scope ended: tell its owner
@@ -654,16 +700,17 @@ def _forget(state: RunState, sid: str, ended: Scope | None) -> None:
     event is ignored; a cancel skips it). Kept: a sub_run step's instance, through
     which a resume finds a child that has ended (``resume_route.children_of``); a
     sub-run costs a whole run, so one instance each adds no order of cost."""
-    state.insts.pop(sid, None)
-    if ended is None:
-        return
-    for step_id in ended.by_id:
-        iid = ended.iid(step_id)
-        inst = state.insts.get(iid)
-        if inst is not None and inst.child_run_id is not None:
-            continue
+    gone = [sid]
+    if ended is not None:
+        for step_id in ended.by_id:
+            iid = ended.iid(step_id)
+            inst = state.insts.get(iid)
+            if inst is None or inst.child_run_id is None:
+                gone += [iid, f"{iid}/fallback"]
+    for iid in gone:
         state.insts.pop(iid, None)
-        state.insts.pop(f"{iid}/fallback", None)
+        state._suspended.pop(iid, None)
+        state._awaiting.pop(iid, None)
 
 
 def _on_error(step: Step) -> str:
@@ -2006,6 +2053,9 @@ SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
 SNAPSHOT_LAYOUT = 4
 
 
+_DERIVED = frozenset({"_body_deps", "_suspended", "_awaiting"})  # rebuilt, not saved
+
+
 class _Snapshot(msgspec.Struct):
     layout: int
     state: RunState
@@ -2013,7 +2063,7 @@ class _Snapshot(msgspec.Struct):
 
 def snapshot(state: RunState) -> bytes:
     """The folded state as JSON, to resume folding from (a cache of the fold)."""
-    body = {f.name: getattr(state, f.name) for f in fields(RunState) if f.name != "_body_deps"}
+    body = {f.name: getattr(state, f.name) for f in fields(RunState) if f.name not in _DERIVED}
     return msgspec.json.encode({"layout": SNAPSHOT_LAYOUT, "state": body})
 
 
@@ -2023,4 +2073,5 @@ def restore(data: bytes) -> RunState:
     taken = msgspec.json.decode(data, type=_Snapshot)
     if taken.layout != SNAPSHOT_LAYOUT:
         raise ValueError(f"snapshot layout {taken.layout}, this code reads {SNAPSHOT_LAYOUT}")
+    _waiting_index(taken.state)
     return taken.state

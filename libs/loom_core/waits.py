@@ -81,14 +81,22 @@ def _owned(wait: Wait, run_id: str) -> Wait:
 
 def state_waits(state: RunState) -> list[Wait]:
     """The waits of a live run from the executor's state (for ``RunProgress``), in the
-    order: people, timers, external events, children. Empty once the run ended."""
+    order: people (by their latest suspension), timers, external events, children
+    (each in the order its step began waiting: the order of ``loom runs``,
+    ``loom_core.spans``). Empty once the run ended.
+
+    Read after every commit, so it visits only what may wait now (the state's
+    ``_suspended`` and ``_awaiting``, kept by ``evolve``), never every instance the run
+    has had: a step's cost must not grow with the run's length (issue 10)."""
     from loom_core.executor import TERMINAL_RUN, is_open  # read-only helpers
 
     if state.status in TERMINAL_RUN:
         return []
     out: list[Wait] = []
-    for susp in state.suspensions.values():
-        if is_open(state, susp):
+    for step_id in state._suspended:
+        inst = state.insts[step_id]
+        susp = state.suspensions.get(f"{step_id}#{inst.suspensions}")
+        if susp is not None and is_open(state, susp):
             out.append(
                 Wait(
                     kind="person",
@@ -102,12 +110,12 @@ def state_waits(state: RunState) -> list[Wait]:
         if purpose in WAIT_TIMER_PURPOSES:
             until = state.timer_due.get(timer_id)
             out.append(Wait(kind="timer", step_id=iid or "", ref=timer_id, until=until))
-    for inst in state.insts.values():
-        if inst.status != "running":
-            continue
+    awaiting = [i for i in map(state.insts.__getitem__, state._awaiting) if i.status == "running"]
+    for inst in awaiting:
         for match in inst.matches:
             if match.name not in inst.received:
                 out.append(Wait(kind="event", step_id=inst.iid, ref=f"{match.name}:{match.key}"))
+    for inst in awaiting:
         if inst.child_run_id is not None:
             out.append(Wait(kind="sub_run", step_id=inst.iid, ref=inst.child_run_id))
     return out

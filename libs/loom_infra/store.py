@@ -504,25 +504,72 @@ def open_stores(settings: StoreSettings) -> Stores:
 
 
 def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | None:
-    """Insert with the recorder's own statements. On PostgreSQL, NOT in pipeline mode:
-    the library's ``insert_events`` pipelines the insert, and a batch of a few hundred
-    KB (2,000 events of 300 bytes; four of 200 KB) deadlocks the client and the server
-    while the server holds the EXCLUSIVE lock on the events table, stopping every
-    executor (psycopg issue #685). One plain execute of the same INSERT ... unnest ...
-    RETURNING never does; the lock and the order of ids are the library's. No NOTIFY
-    (issue 10): nothing LISTENs (the relay is woken by the executor, and polls for other
-    writers), and a NOTIFY costs a round trip and takes a global lock at every commit."""
+    """Insert with the recorder's own table lock, in the library's order of ids. On
+    PostgreSQL, NOT in pipeline mode: the library's ``insert_events`` pipelines the
+    insert, and a batch of a few hundred KB (2,000 events of 300 bytes; four of 200 KB)
+    deadlocks the client and the server while the server holds the EXCLUSIVE lock on
+    the events table, stopping every executor (psycopg issue #685). One plain execute
+    never does. No NOTIFY (issue 10): nothing LISTENs (the relay is woken by the
+    executor, and polls for other writers), and a NOTIFY costs a round trip and takes a
+    global lock at every commit.
+
+    The rows go as four parallel arrays, the bytes in binary (``_pg_insert``), not as
+    the library's array of a composite type: psycopg dumps a composite as text, one
+    regex escape per field, 60 % of the CPU of a 50-run batch's append (issue 10,
+    perf4). Same table, columns, lock and transaction: only the parameters' encoding."""
     if type(recorder).__module__ != "eventsourcing.postgres":
         return recorder.insert_events(stored)
-    rows = [
-        recorder.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
-        for e in stored
-    ]
-    with recorder.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
-        for statement in recorder.lock_table_statements:
-            curs.execute(statement, prepare=True)
-        curs.execute(recorder.insert_events_statement, (rows,))
-        return [row["notification_id"] for row in curs.fetchall()]
+    columns = (
+        [e.originator_id for e in stored],
+        [e.originator_version for e in stored],
+        [e.topic for e in stored],
+        [e.state for e in stored],
+    )
+    # The library's connections are in autocommit mode: the transaction is ours to
+    # open, in the same round trip as the lock, and to end (ROLLBACK on any error, so
+    # the pool never gets a connection inside a transaction).
+    with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
+        try:
+            curs.execute(b"BEGIN; " + _pg_lock(recorder, conn))
+            curs.execute(_pg_insert(recorder), columns, prepare=True)
+            ids = [row["notification_id"] for row in curs.fetchall()]
+        except BaseException:
+            with suppress(Exception):  # a broken connection: the pool drops it
+                curs.execute(b"ROLLBACK")
+            raise
+        curs.execute(b"COMMIT")  # only after the insert succeeded: never a silent rollback
+        return ids
+
+
+def _pg_lock(recorder: Any, conn: Any) -> bytes:
+    """The recorder's lock statements (``SET LOCAL lock_timeout``, ``LOCK TABLE ... IN
+    EXCLUSIVE MODE``) as one query string: sent with the BEGIN in one round trip (a
+    query without parameters may hold several statements), not one each: BEGIN, SET,
+    LOCK, INSERT, COMMIT were five round trips, now three (issue 10, perf4)."""
+    joined = getattr(recorder, "_loom_lock", None)
+    if joined is None:
+        joined = b"; ".join(s.as_bytes(conn) for s in recorder.lock_table_statements)
+        recorder._loom_lock = joined
+    return joined
+
+
+def _pg_insert(recorder: Any) -> Any:
+    """The recorder's INSERT with one array per column (built once per recorder)."""
+    statement = getattr(recorder, "_loom_insert", None)
+    if statement is None:
+        from psycopg.sql import SQL, Identifier
+
+        statement = SQL(
+            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %b::bytea[]) "
+            "RETURNING notification_id"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            table=Identifier(recorder.events_table_name),
+            id_type=Identifier(recorder.datastore.originator_id_type),
+        )
+        recorder._loom_insert = statement
+    return statement
 
 
 class EventStore(_Closable):

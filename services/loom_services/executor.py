@@ -697,6 +697,7 @@ class ExecutorService:
                     break
                 changed.setdefault(state.parent.run_id, None)
                 state = self.host.actors.get(state.parent.run_id)
+        out: list[tuple[str, bytes]] = []
         for run_id in changed:
             state = self.host.actors.get(run_id)
             if state is None:
@@ -712,16 +713,18 @@ class ExecutorService:
                 at=records[-1].at,
                 waits=waits,
             )
-            subject = tenants.progress_subject(state)
-            task = asyncio.ensure_future(self._publish(subject, codec.encode(progress)))
+            out.append((tenants.progress_subject(state), codec.encode(progress)))
+        if out:  # one task per commit, not one per run (issue 10, perf4)
+            task = asyncio.ensure_future(self._publish(out))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
-    async def _publish(self, subject: str, data: bytes) -> None:
-        try:
-            await self.ctx.nc.publish(subject, data)
-        except Exception as exc:  # progress is a convenience; the events are the truth
-            log.debug("progress not published: %r", exc)
+    async def _publish(self, messages: list[tuple[str, bytes]]) -> None:
+        for subject, data in messages:
+            try:
+                await self.ctx.nc.publish(subject, data)
+            except Exception as exc:  # progress is a convenience; the events are the truth
+                log.debug("progress not published: %r", exc)
 
     # ------------------------------------------------------------------ queries
 
