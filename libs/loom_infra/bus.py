@@ -279,6 +279,12 @@ class _ConnectionEvents:
         # set at each disconnect, then replaced: whoever waits for replies the lost
         # server will never send takes the current one (see wait_acks)
         self.lost = asyncio.Event()
+        # set at each reconnect, then replaced: whoever backs off after a failure the
+        # outage caused takes the current one and goes on at once (see ``back_or_stop``)
+        self.back = asyncio.Event()
+        # open pull requests on this connection: a restarted server forgot them, so each
+        # is woken at a reconnect to ask again (else it waits out PULL_EXPIRES_S)
+        self.pulls: weakref.WeakSet[OpenPull] = weakref.WeakSet()
 
     async def disconnected(self) -> None:
         self.lost.set()
@@ -300,6 +306,10 @@ class _ConnectionEvents:
         if self.down:
             log.info("%s: reconnected to NATS", self.who)
         self.down = False
+        self.back.set()
+        self.back = asyncio.Event()
+        for pull in list(self.pulls):
+            pull.wake()
 
     async def quiet(self) -> None:
         return None
@@ -593,6 +603,8 @@ MessageHandler = Callable[[Msg], Awaitable[bool | BaseException]]
 PULL_EXPIRES_S = 1.0
 # an open request this close to its expiry is renewed before waiting on it
 PULL_RENEW_S = 0.05
+# put on a pull's queue at a reconnect (``OpenPull.wake``); taken and dropped
+_WAKE: Any = object()
 
 
 class OpenPull:
@@ -606,7 +618,12 @@ class OpenPull:
     each fetch takes what the subscription's queue holds.
 
     What a message delivered under the open request while the handler runs waits for is
-    the next fetch: as with nats-py's lingering request, its ack wait runs meanwhile."""
+    the next fetch: as with nats-py's lingering request, its ack wait runs meanwhile.
+
+    A reconnect wakes a waiting fetch (``wake``), which asks again at once: a restarted
+    nats-server forgot the open request, and waiting for it to expire delayed every
+    consumer's first message after the restart by up to PULL_EXPIRES_S (issue 10, perf5:
+    the chaos suite's nats recovery, max 1.2 s)."""
 
     def __init__(self, psub: Any) -> None:
         self.psub = psub
@@ -615,6 +632,13 @@ class OpenPull:
         self.left = 0  # messages the open request may still deliver
         self.until = 0.0  # when it expires (loop time)
         self.reconnects = _reconnects(psub._nc)
+        events = _EVENTS.get(psub._nc)
+        if events is not None:  # a connection made by ``connect``
+            events.pulls.add(self)
+
+    def wake(self) -> None:
+        """Wake a fetch waiting on the queue, so it sees the reconnect and asks again."""
+        self.queue.put_nowait(_WAKE)  # type: ignore[arg-type]  # a marker, never a Msg
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         loop = asyncio.get_running_loop()
@@ -652,6 +676,8 @@ class OpenPull:
         return msgs
 
     def _take(self, msg: Msg, msgs: list[Msg]) -> None:
+        if msg is _WAKE:
+            return
         self.sub._pending_size -= len(msg.data)
         status = JetStreamContext.is_status_msg(msg)
         if not status:
@@ -724,7 +750,7 @@ class PullConsumer:
                 return
             except Exception as exc:  # connection hiccup: the next fetch retries
                 log.warning("%s fetch failed: %s", self.durable, exc)
-                await wait_or_timeout(stop, 0.5)
+                await back_or_stop(self.js._nc, stop, 0.5)
                 continue
             await self._dispatch(msgs)
             if self.linger_s and len(msgs) < self.batch:
@@ -749,7 +775,7 @@ class PullConsumer:
                     return
                 except Exception as exc:
                     log.warning("%s fetch failed: %s", self.durable, exc)
-                    await wait_or_timeout(stop, 0.5)
+                    await back_or_stop(self.js._nc, stop, 0.5)
                     continue
                 for msg in msgs:
                     task = asyncio.ensure_future(self._handle_one(msg))
@@ -878,6 +904,22 @@ async def wait_or_timeout(event: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def back_or_stop(nc: Any, stop: asyncio.Event, timeout: float) -> None:
+    """Back off after a failure: until ``stop``, ``nc``'s next reconnect (what failed
+    for want of the server may work now: go on at once) or ``timeout``. On a connection
+    not made by ``connect``, ``stop`` or the timeout only."""
+    events = _EVENTS.get(nc)
+    if events is None:
+        await wait_or_timeout(stop, timeout)
+        return
+    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(events.back.wait())}
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def pull_subscribe(js: JetStreamContext, stream: str, config: ConsumerConfig) -> Any:

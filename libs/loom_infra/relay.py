@@ -65,7 +65,7 @@ from loom_core.contracts import (
 )
 from loom_infra import metrics
 from loom_infra.blocking import Blocking
-from loom_infra.bus import dead_letter, wait_or_timeout
+from loom_infra.bus import back_or_stop, dead_letter
 from loom_infra.store import EventStore
 
 log = logging.getLogger("loom.relay")
@@ -80,6 +80,8 @@ Unpublishable = Callable[[EventRecord, ErrorInfo], Awaitable[None]]
 # have held unwritten (it writes within milliseconds; it fsyncs LOOM_RUNS lazily).
 RECENT_MAX = 4096
 RECONNECT_CHECK_S = 0.1
+# the back-off after a failed publish (NATS down, a store hiccup)
+RETRY_S = 0.5
 # On an event published before (a retried batch, a rewind after a reconnect, a restart
 # that found the stream behind): JetStream drops such a copy as a duplicate, so its
 # stream consumers never see it twice, but a plain subscriber does. Tool-runners taking
@@ -334,12 +336,18 @@ class Relay:
         self._sent_up_to = max(self.position, await self.io(self.store.position, self.name))
         while not stop.is_set():
             self._wake.clear()
+            before = self._reconnects()
             try:
                 moved = await self.publish_once()
                 metrics.EVENTS_PUBLISHED.inc(moved)
             except Exception as exc:  # NATS down or store hiccup: try again shortly
                 log.warning("relay publish failed at %s: %r", self.position, exc)
-                await wait_or_timeout(stop, 0.5)
+                if self._reconnects() == before:
+                    # at most RETRY_S, less if NATS comes back meanwhile: after a
+                    # nats-server restart every run waits for this relay (issue 10, perf5)
+                    await back_or_stop(getattr(self.js, "_nc", None), stop, RETRY_S)
+                # else a reconnect came during the attempt (its acks were given up for
+                # it): again at once, once per reconnect, so never a hot loop
                 continue
             if moved and (self._pending or self._more_in_store):
                 continue  # there may be more: drain before sleeping

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import waiting  # type: ignore[import-not-found]  # tests/integration on sys.path
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from loom_core import subjects
 from loom_core.contracts import EventRecord, StepScheduled
@@ -127,6 +128,64 @@ async def test_a_pending_publish_fails_at_once_when_the_server_dies(tmp_path: Pa
         # (seq 1 again when the kill took the first: LOOM_RUNS persists asynchronously,
         # the relay republishes from the store what a restart lost)
         assert ack.stream == "LOOM_RUNS" and ack.seq >= 1
+    finally:
+        await nc.close()
+        server.stop()
+
+
+async def test_a_waiting_fetch_asks_again_as_soon_as_the_server_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted nats-server forgot every open pull request; the consumers waited for
+    theirs to expire (``PULL_EXPIRES_S``) before asking again, up to 1 s after the
+    restart in the chaos suite (issue 10, perf5). A reconnect wakes the waiting fetch,
+    which asks again at once. Proved with a pull request that would stay open for 60 s:
+    the message published after the restart arrives within the bound."""
+    monkeypatch.setattr(bus, "PULL_EXPIRES_S", 60.0)
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()  # fsyncs every write
+    port = server.port
+    nc = await bus.connect(server.url, "pull-test", persistent=True)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="PULLTEST", subjects=["pulltest.>"]))
+    config = ConsumerConfig(durable_name="pull-test", ack_policy=AckPolicy.EXPLICIT)
+    pull = bus.OpenPull(await bus.pull_subscribe(js, "PULLTEST", config))
+    try:
+        fetching = asyncio.ensure_future(pull.fetch(1, timeout=30))  # its request stays open
+        done, _ = await asyncio.wait({fetching}, timeout=0.3)
+        assert not done
+        server.kill()
+        server.port = port
+        await asyncio.to_thread(server.start)
+        await waiting.eventually(lambda: nc.is_connected, "the client reconnected", 10, 0.01)
+        start = time.monotonic()
+        await bus.publish_acked(js, "pulltest.a", b"after the restart")
+        (msg,) = await asyncio.wait_for(fetching, 10)
+        assert msg.data == b"after the restart"
+        assert time.monotonic() - start < 5.0  # not the 60 s the forgotten request had
+        await msg.ack()
+    finally:
+        await nc.close()
+        server.stop()
+
+
+async def test_a_failed_publish_is_retried_at_the_reconnect_not_after_its_back_off(
+    tmp_path: Path,
+) -> None:
+    """``back_or_stop``: the relay's back-off after a failed publish (and a consumer's
+    after a failed fetch) ends at the connection's next reconnect, not after its whole
+    timeout (60 s here)."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    port = server.port
+    nc = await bus.connect(server.url, "backoff-test", persistent=True)
+    stop = asyncio.Event()
+    try:
+        server.kill()
+        await waiting.eventually(lambda: not nc.is_connected, "the kill noticed", 10, 0.01)
+        backing_off = asyncio.ensure_future(bus.back_or_stop(nc, stop, 60.0))
+        server.port = port
+        await asyncio.to_thread(server.start)
+        await asyncio.wait_for(backing_off, 10)  # the reconnect ended it
+        assert nc.is_connected
     finally:
         await nc.close()
         server.stop()
