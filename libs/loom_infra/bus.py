@@ -63,6 +63,10 @@ ACK_WAIT_S = _delivery.ack_wait_s  # the default; ``delivery()`` is what is in f
 # delay; their ack wait only bounds a crash between a fetch and the nak.
 HELD_ACK_WAIT_S = _delivery.held_ack_wait_s  # the default, as ACK_WAIT_S
 NAK_DELAY_S = 0.5
+# the redelivery delay (per delivery) of a message whose handling failed for want of the
+# NATS connection (a result publish cut by a nats-server restart): the reconnect is what
+# it waited for, so again nearly at once; still a delay, so a flapping link cannot spin
+OUTAGE_NAK_DELAY_S = 0.05
 DLQ_PAYLOAD_LIMIT = 64 * 1024
 
 DAY_S = 24 * 3600.0
@@ -262,6 +266,16 @@ _CONNECTION_ERRORS = (
     nats.errors.StaleConnectionError,
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
+)
+
+# what a handler fails with when the connection dropped under it (``publish_acked``'s
+# ConnectionError, nats-py's own): not the message's fault (see OUTAGE_NAK_DELAY_S)
+_OUTAGE_ERRORS = (
+    ConnectionError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
 )
 
 
@@ -829,7 +843,8 @@ class PullConsumer:
             return
         if isinstance(result, BaseException):
             log.warning("%s will retry %s: %r", self.durable, msg.subject, result)
-        await msg.nak(delay=NAK_DELAY_S * deliveries)
+        delay = OUTAGE_NAK_DELAY_S if isinstance(result, _OUTAGE_ERRORS) else NAK_DELAY_S
+        await msg.nak(delay=delay * deliveries)
 
 
 class Heartbeat:

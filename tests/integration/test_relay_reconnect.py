@@ -189,3 +189,43 @@ async def test_a_failed_publish_is_retried_at_the_reconnect_not_after_its_back_o
     finally:
         await nc.close()
         server.stop()
+
+
+async def test_a_message_failed_by_the_outage_comes_back_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result publish cut by a nats-server restart (``publish_acked``'s
+    ConnectionError) was nak'ed with NAK_DELAY_S (0.5 s x deliveries): the chaos
+    suite's nats recovery waited for it. Such a failure is the connection's, not the
+    message's: redelivered after OUTAGE_NAK_DELAY_S. A handler's own failure keeps the
+    longer delay (60 s here, so the bound below would catch a mix-up)."""
+    monkeypatch.setattr(bus, "NAK_DELAY_S", 60.0)
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    nc = await bus.connect(server.url, "nak-test", persistent=True)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="NAKTEST", subjects=["naktest.>"]))
+    deliveries: list[bytes] = []
+    again = asyncio.Event()
+
+    async def handle(msg):  # noqa: ANN001, ANN202
+        deliveries.append(msg.data)
+        if len(deliveries) == 1:
+            return ConnectionError("the NATS connection dropped while publish acks were pending")
+        again.set()
+        return True
+
+    consumer = bus.PullConsumer(
+        js=js, service="test", stream="NAKTEST", durable="nak-test",
+        filter_subjects=["naktest.>"], message_handler=handle, concurrency=4,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(consumer.run(stop))
+    try:
+        await bus.publish_acked(js, "naktest.a", b"cut by the outage")
+        await asyncio.wait_for(again.wait(), 10)  # not the 60 s of a handler's failure
+        assert deliveries == [b"cut by the outage"] * 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await nc.close()
+        server.stop()
