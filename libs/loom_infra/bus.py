@@ -652,7 +652,7 @@ class OpenPull:
 
     def wake(self) -> None:
         """Wake a fetch waiting on the queue, so it sees the reconnect and asks again."""
-        self.queue.put_nowait(_WAKE)  # type: ignore[arg-type]  # a marker, never a Msg
+        self.queue.put_nowait(_WAKE)  # a marker, never handed to a caller
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         loop = asyncio.get_running_loop()
