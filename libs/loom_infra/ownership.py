@@ -170,6 +170,10 @@ class Ownership:
 
     async def start(self) -> None:
         """Join: read the table, announce this replica, take a first share."""
+        await self._read_table()
+        await self._first_share()
+
+    async def _read_table(self) -> None:
         self.kv = await ensure_bucket(self.js, self.settings.lease_s)
         self._watcher = await self.kv.watchall()
         while True:  # the current values first, then None
@@ -178,8 +182,23 @@ class Ownership:
                 break
             self._apply(entry)
         self._watch_task = asyncio.ensure_future(self._watch())
-        await self.tick()
-        self._started = True
+
+    async def _first_share(self) -> None:
+        # A restart must not end the service: the table it read may already be stale
+        # (its previous process's last renewal landing late, a lease expiring meanwhile,
+        # nats-server busy). A tick that fails is tried again here, then by ``run``;
+        # until one succeeds this replica still adopts the leases of its previous process.
+        for attempt in range(3):
+            try:
+                await self.tick()
+            except Exception as exc:
+                log.warning("partition leases not taken at start (attempt %d): %r",
+                            attempt + 1, exc)  # fmt: skip
+                self.changed.clear()  # the watcher may bring what was missing
+                await wait_or_timeout(self.changed, self.settings.lease_s / 10)
+                continue
+            self._started = True
+            return
 
     async def run(self, stop: asyncio.Event) -> None:
         every = self.settings.lease_s / 3
@@ -190,6 +209,7 @@ class Ownership:
                 break
             try:
                 await self.tick()
+                self._started = True
             except Exception as exc:  # NATS away: the fence decides, the next tick retries
                 log.warning("partition leases not renewed: %r", exc)
                 await self._fence()
@@ -260,19 +280,23 @@ class Ownership:
     async def _renew_member(self) -> None:
         key = f"member-{self.settings.replica}"
         lease = self._lease()
-        if self._member_rev:
-            try:
-                self._member_rev = await self._write(key, lease, self._member_rev)
-                return
-            except _Lost:
-                log.error(
-                    "replica name %s is used by another process too: set a distinct "
-                    "LOOM_REPLICA_ID per executor replica",
-                    self.settings.replica,
-                )
-        entry = self._entries.get(key)
-        self._member_rev = await self._write_fresh(key, lease, entry.revision if entry else 0)
-        self._member_at = time.monotonic()
+        try:
+            if self._member_rev:
+                self._member_rev = await self._claim(key, lease, self._member_rev)
+            else:
+                entry = self._entries.get(key)
+                self._member_rev = await self._claim(key, lease, entry.revision if entry else 0)
+                self._member_at = time.monotonic()
+        except _Lost:
+            # a live member key with this name written by another process after this one
+            # started: a twin. The later process keeps the name; this one goes on without
+            # announcing itself (its partitions' renewals fail and it drops them).
+            self._member_rev = 0
+            log.error(
+                "replica name %s is used by another process too: set a distinct "
+                "LOOM_REPLICA_ID per executor replica",
+                self.settings.replica,
+            )
 
     async def _renew(self) -> None:
         for p, revision in list(self.owned.items()):
@@ -280,6 +304,8 @@ class Ownership:
                 self.owned[p] = await self._write(f"p-{p}", self._lease(), revision)
                 self._renewed[p] = time.monotonic()
             except _Lost:
+                if await self._still_mine(p):
+                    continue
                 log.warning("partition %d was taken by another replica: dropped", p)
                 await self._drop(p)
             except Exception as exc:  # slow or away: the fence decides, the next tick retries
@@ -299,14 +325,35 @@ class Ownership:
             if lease.nonce != self.nonce and self._started:
                 continue
             with contextlib.suppress(_Lost):
-                await self._gain(p, await self._write(f"p-{p}", self._lease(), entry.revision))
+                await self._gain(p, await self._claim(f"p-{p}", self._lease(), entry.revision))
+
+    async def _still_mine(self, p: int) -> bool:
+        """A renewal of ``p`` failed its CAS. If the key's latest value is this process's
+        own lease (a write whose reply was lost: it landed, and nobody wrote since), the
+        partition never left: renew on that revision. Anything else (another owner, or
+        the key gone: expired, or lost by the server) drops it; the table is corrected
+        from the server, so a key that is gone is free to take again in this tick."""
+        key = f"p-{p}"
+        try:
+            seq, lease = await self._latest(key)
+        except Exception as exc:  # cannot tell: the safe side is to stop writing it
+            log.warning("partition %d: its lease could not be read: %r", p, exc)
+            return False
+        self._entries[key] = _Entry(seq, lease)
+        if lease is None or lease.replica != self.settings.replica or lease.nonce != self.nonce:
+            return False
+        try:
+            self.owned[p] = await self._write(key, self._lease(), seq)
+        except _Lost:
+            return False
+        self._renewed[p] = time.monotonic()
+        log.info("partition %d: renewed on revision %d, a write of ours we had not seen", p, seq)
+        return True
 
     async def _acquire(self, p: int) -> None:
         entry = self._entries.get(f"p-{p}")
         try:
-            revision = await self._write_fresh(
-                f"p-{p}", self._lease(), entry.revision if entry else 0
-            )
+            revision = await self._claim(f"p-{p}", self._lease(), entry.revision if entry else 0)
         except _Lost:
             return  # another replica was faster: the watcher tells us who
         await self._gain(p, revision)
@@ -374,25 +421,47 @@ class Ownership:
         self._entries[key] = _Entry(ack.seq, lease)
         return ack.seq
 
-    async def _write_fresh(self, key: str, lease: PartitionLease, last: int) -> int:
-        """Create ``key`` over a free slot whose last revision we believe is ``last``; an
-        expiry marker may itself have expired since (then the subject is empty)."""
+    async def _claim(self, key: str, lease: PartitionLease, believed: int) -> int:
+        """Write ``lease`` to ``key`` by CAS on the revision ``believed`` current. When
+        that is stale, the server's latest value decides (never the watcher's copy, which
+        may lag or, after nats-server lost a stream's tail, never arrive): a key that is
+        free (deleted, an expiry marker, or gone) or this replica's own (its lease, or at
+        start its previous process's) is written on its real revision. Raises _Lost if
+        another replica holds it. Bounded: an expiry marker may land between the read
+        and the write."""
         try:
-            return await self._write(key, lease, last)
+            return await self._write(key, lease, believed)
         except _Lost:
+            pass
+        for _ in range(3):
+            seq, latest = await self._latest(key)
+            self._entries[key] = _Entry(seq, latest)
+            if latest is not None and not self._mine(latest):
+                break
             try:
-                latest = await self.js.get_last_msg(STREAM, f"$KV.{BUCKET}.{key}")
-            except NotFoundError:
-                return await self._write(key, lease, 0)
-            headers = latest.headers or {}
-            live = (
-                latest.data
-                and not headers.get("KV-Operation")
-                and not headers.get("Nats-Marker-Reason")
-            )
-            if live:
-                raise
-            return await self._write(key, lease, latest.seq or 0)
+                return await self._write(key, lease, seq)
+            except _Lost:
+                continue
+        raise _Lost(key)
+
+    def _mine(self, lease: PartitionLease) -> bool:
+        if lease.replica != self.settings.replica:
+            return False
+        return lease.nonce == self.nonce or not self._started
+
+    async def _latest(self, key: str) -> tuple[int, PartitionLease | None]:
+        """The key's last revision on the server and its lease (None: free)."""
+        try:
+            msg = await self.js.get_last_msg(STREAM, f"$KV.{BUCKET}.{key}")
+        except NotFoundError:
+            return 0, None
+        headers = msg.headers or {}
+        if not msg.data or headers.get("KV-Operation") or headers.get("Nats-Marker-Reason"):
+            return msg.seq or 0, None
+        try:
+            return msg.seq or 0, codec.decode(msg.data, PartitionLease)
+        except Exception:  # a foreign write to the bucket: treated as taken
+            return msg.seq or 0, PartitionLease(replica="?", nonce="?")
 
 
 class _Lost(Exception):

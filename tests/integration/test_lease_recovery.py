@@ -1,0 +1,167 @@
+"""Partition leases recover from a table that is not what this replica believes, on a
+real nats-server (JetStream KV): a restart whose first read of the table is already
+stale, a lease write whose reply was lost, and keys the server lost. In each case the
+replica goes on (no exception out of its renewal or its start) and every partition keeps
+exactly one owner.
+
+The reported failure (bench/chaos.py, an executor restarted with the same name) was the
+renewal raising ``_Lost: member-vm``: the compare-and-set used the revision this replica
+last saw, the key had moved on to a value of its own name, and that value was taken for
+another replica's."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+
+from loom_core import codec
+from loom_core.contracts import PartitionLease
+from loom_infra import bus
+from loom_infra.natsserver import EmbeddedNats
+from loom_infra.ownership import BUCKET, STREAM, Ownership, PartitionSettings
+
+pytestmark = pytest.mark.integration
+
+COUNT = 8
+LEASE_S = 3.0  # long enough that nothing expires on its own during a test
+
+
+@pytest.fixture
+async def js(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    yield js
+    await nc.close()
+
+
+class Replica:
+    """An Ownership whose ticks the test drives itself (no renewal loop)."""
+
+    def __init__(self, js: Any, name: str) -> None:
+        self.gained: list[int] = []
+        self.lost: list[int] = []
+        settings = PartitionSettings(count=COUNT, lease_s=LEASE_S, replica=name)
+        self.ownership = Ownership(js, settings, on_gain=self._gain, on_loss=self._loss)
+
+    async def _gain(self, p: int) -> None:
+        self.gained.append(p)
+
+    async def _loss(self, p: int) -> None:
+        self.lost.append(p)
+
+    def owned(self) -> set[int]:
+        return set(self.ownership.frozen_owned)
+
+    def stop_watching(self) -> None:
+        """The watcher lags (or, after nats-server lost a stream's tail, never tells):
+        what this replica believes is only what it wrote itself."""
+        assert self.ownership._watch_task is not None
+        self.ownership._watch_task.cancel()
+
+
+async def put(js: Any, key: str, lease: PartitionLease) -> int:
+    """A write to the bucket that the replica under test did not make (no CAS)."""
+    ack = await js.publish(f"$KV.{BUCKET}.{key}", codec.encode(lease), msg_ttl=LEASE_S)
+    return int(ack.seq)
+
+
+async def latest(js: Any, key: str) -> PartitionLease | None:
+    msg = await js.get_last_msg(STREAM, f"$KV.{BUCKET}.{key}")
+    return codec.decode(msg.data, PartitionLease) if msg.data else None
+
+
+async def test_a_restart_whose_first_read_is_stale_adopts_its_leases(js: Any) -> None:
+    """The previous process's last renewals land after the restarted process read the
+    table (kill -9 with writes in flight): the restart adopts them all the same."""
+    old = Replica(js, "vm")
+    await old.ownership.start()
+    assert old.owned() == set(range(COUNT))
+    old.stop_watching()  # then killed: it writes nothing more of its own accord
+
+    new = Replica(js, "vm")
+    await new.ownership._read_table()
+    new.stop_watching()  # its watcher has not delivered them yet when the first tick runs
+    # the old process's renewals, written after the new one's read
+    await old.ownership._renew_member()
+    await old.ownership._renew()
+    await new.ownership._first_share()  # raised _Lost: member-vm before the fix
+
+    assert new.ownership._started
+    assert new.owned() == set(range(COUNT))
+    member = await latest(js, "member-vm")
+    assert member is not None and member.nonce == new.ownership.nonce
+    for p in range(COUNT):
+        lease = await latest(js, f"p-{p}")
+        assert lease is not None and lease.nonce == new.ownership.nonce, p
+    # the old process, were it still alive, could not renew any of them any more
+    await old.ownership._renew()
+    assert old.owned() == set()
+
+
+async def test_a_lease_write_whose_reply_was_lost_is_renewed_not_dropped(js: Any) -> None:
+    """The replica's own write landed but its reply did not arrive (nats-server slow or
+    restarting): the key is at a revision it never saw, holding its own lease."""
+    a = Replica(js, "vm")
+    await a.ownership.start()
+    a.stop_watching()
+    mine = a.ownership._lease()
+    await put(js, "member-vm", mine)
+    await put(js, "p-3", mine)
+
+    await a.ownership.tick()  # raised _Lost: member-vm before the fix
+
+    assert a.owned() == set(range(COUNT)) and a.lost == []  # p-3 never left
+    for key in ("member-vm", "p-3"):
+        lease = await latest(js, key)
+        assert lease is not None and lease.nonce == a.ownership.nonce
+    await a.ownership.tick()  # and the next renewals go on from there
+    assert a.owned() == set(range(COUNT))
+
+
+async def test_keys_the_server_lost_are_written_again(js: Any) -> None:
+    """nats-server restarted and lost the stream's tail: the member key and a partition
+    key are gone, with no delete marker for a watcher to see. The member key is written
+    again, and the partition, dropped when its renewal failed, is taken again at once
+    (it would otherwise stay ownerless: nothing would ever announce it free)."""
+    a = Replica(js, "vm")
+    await a.ownership.start()
+    a.stop_watching()  # a purge may leave a marker; a lost tail leaves nothing to see
+    for key in ("member-vm", "p-5"):
+        await js.purge_stream(STREAM, subject=f"$KV.{BUCKET}.{key}")
+
+    await a.ownership.tick()
+
+    assert a.owned() == set(range(COUNT))
+    assert a.lost == [5] and a.gained.count(5) == 2  # stopped, then taken again
+    for key in ("member-vm", "p-5"):
+        lease = await latest(js, key)
+        assert lease is not None and lease.nonce == a.ownership.nonce
+
+
+async def test_a_twin_after_start_logs_an_error_and_does_not_crash(
+    js: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two live processes with one name (a misconfiguration): the later one takes over,
+    the other logs an error and drops what it can no longer renew, and its renewal
+    does not raise."""
+    first = Replica(js, "vm")
+    await first.ownership.start()
+    first.stop_watching()
+    twin = Replica(js, "vm")
+    await twin.ownership.start()
+    assert twin.owned() == set(range(COUNT))
+    twin.stop_watching()
+
+    with caplog.at_level(logging.ERROR, logger="loom.ownership"):
+        await first.ownership.tick()
+    assert "used by another process too" in caplog.text
+    assert first.owned() == set() and sorted(first.lost) == list(range(COUNT))
+    await twin.ownership.tick()
+    assert twin.owned() == set(range(COUNT)) and twin.lost == []
+    member = await latest(js, "member-vm")
+    assert member is not None and member.nonce == twin.ownership.nonce
