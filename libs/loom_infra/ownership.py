@@ -270,12 +270,18 @@ class Ownership:
         async with self._lock:
             await self._renew_member()
             await self._renew()
-            moves = partitions.plan_moves(self.count, self.settings.replica, self.members(),
-                                          self.table())  # fmt: skip
-            for p in moves.release:
-                await self._release(p)
-            for p in moves.acquire:
-                await self._acquire(p)
+            # Plan again at once when another replica won a race for a free partition
+            # (its CAS refreshed our table from the server): survivors of a crash that
+            # picked the same one would otherwise wait a renewal round (lease/3) to take
+            # the next. Bounded: each round either takes or learns one partition's owner.
+            for _ in range(self.count):
+                moves = partitions.plan_moves(self.count, self.settings.replica,
+                                              self.members(), self.table())  # fmt: skip
+                for p in moves.release:
+                    await self._release(p)
+                raced = [p for p in moves.acquire if not await self._acquire(p)]
+                if not raced:
+                    break
 
     async def _renew_member(self) -> None:
         key = f"member-{self.settings.replica}"
@@ -350,13 +356,16 @@ class Ownership:
         log.info("partition %d: renewed on revision %d, a write of ours we had not seen", p, seq)
         return True
 
-    async def _acquire(self, p: int) -> None:
+    async def _acquire(self, p: int) -> bool:
+        """Take free partition ``p``; False if another replica was faster (the table
+        now names it)."""
         entry = self._entries.get(f"p-{p}")
         try:
             revision = await self._claim(f"p-{p}", self._lease(), entry.revision if entry else 0)
         except _Lost:
-            return  # another replica was faster: the watcher tells us who
+            return False
         await self._gain(p, revision)
+        return True
 
     async def _gain(self, p: int, revision: int) -> None:
         self.owned[p] = revision

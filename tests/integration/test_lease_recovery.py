@@ -23,6 +23,7 @@ from loom_core.contracts import PartitionLease
 from loom_infra import bus
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.ownership import BUCKET, STREAM, Ownership, PartitionSettings
+from loom_infra.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +166,30 @@ async def test_a_twin_after_start_logs_an_error_and_does_not_crash(
     assert twin.owned() == set(range(COUNT)) and twin.lost == []
     member = await latest(js, "member-vm")
     assert member is not None and member.nonce == twin.ownership.nonce
+
+
+async def test_a_replica_that_loses_a_race_for_a_free_partition_takes_another_at_once(
+    js: Any,
+) -> None:
+    """Two survivors see the same partitions freed (a crash, or a release) and both
+    pick one of them: the loser learns the winner from the server and takes another
+    free one in the same round, instead of a renewal round (lease/3) later."""
+    a, b, c = Replica(js, "a"), Replica(js, "b"), Replica(js, "c")
+    await a.ownership.start()
+    await b.ownership.start()
+    await c.ownership.start()
+    assert a.owned() == set(range(COUNT))  # b and c found nothing free yet
+    await a.ownership.tick()  # its share of three: five given back
+    assert a.owned() == {0, 1, 2}
+
+    def sees_free(r: Replica) -> bool:
+        return all(r.ownership.owner_of(p) is None for p in range(3, COUNT))
+
+    for r in (b, c):
+        assert await wait_until(r.ownership.changed, lambda r=r: sees_free(r), 5)
+        r.stop_watching()  # from here on, each knows only what it asks the server
+    await b.ownership.tick()
+    assert b.owned() == {3, 4, 5}
+    await c.ownership.tick()  # its stale table still shows 5 free: it loses that race
+    assert c.owned() == {6, 7}, c.owned()
+    assert not (a.owned() & b.owned()) and not (b.owned() & c.owned())
