@@ -215,7 +215,11 @@ class Ownership:
                 await self._fence()
 
     async def close(self) -> None:
-        """Give every partition back (a clean stop: survivors take them at once)."""
+        """Give every partition back (a clean stop: survivors take them at once). Once:
+        a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         if self._watch_task is not None:
             self._watch_task.cancel()
         async with self._lock:
@@ -227,6 +231,7 @@ class Ownership:
             await self._watcher.stop()
 
     _watch_task: asyncio.Future[None] | None = None
+    closed: bool = False
 
     async def _watch(self) -> None:
         while True:
@@ -290,8 +295,7 @@ class Ownership:
             if self._member_rev:
                 self._member_rev = await self._claim(key, lease, self._member_rev)
             else:
-                entry = self._entries.get(key)
-                self._member_rev = await self._claim(key, lease, entry.revision if entry else 0)
+                self._member_rev = await self._claim(key, lease, self._believed(key))
                 self._member_at = time.monotonic()
         except _Lost:
             # a live member key with this name written by another process after this one
@@ -331,7 +335,9 @@ class Ownership:
             if lease.nonce != self.nonce and self._started:
                 continue
             with contextlib.suppress(_Lost):
-                await self._gain(p, await self._claim(f"p-{p}", self._lease(), entry.revision))
+                await self._gain(
+                    p, await self._claim(f"p-{p}", self._lease(), self._believed(f"p-{p}"))
+                )
 
     async def _still_mine(self, p: int) -> bool:
         """A renewal of ``p`` failed its CAS. If the key's latest value is this process's
@@ -359,13 +365,23 @@ class Ownership:
     async def _acquire(self, p: int) -> bool:
         """Take free partition ``p``; False if another replica was faster (the table
         now names it)."""
-        entry = self._entries.get(f"p-{p}")
         try:
-            revision = await self._claim(f"p-{p}", self._lease(), entry.revision if entry else 0)
+            revision = await self._claim(f"p-{p}", self._lease(), self._believed(f"p-{p}"))
         except _Lost:
             return False
         await self._gain(p, revision)
         return True
+
+    def _believed(self, key: str) -> int:
+        """The revision to take ``key`` from: the one seen, if what was seen there is free
+        or this replica's. The plan was made from the table a moment ago; the watcher
+        may since have brought another replica's fresh lease, and a CAS on that
+        revision would succeed and overwrite it (two owners until its next renewal).
+        0 fails against any existing key, and the server's latest value decides."""
+        entry = self._entries.get(key)
+        if entry is None or (entry.lease is not None and not self._mine(entry.lease)):
+            return 0
+        return entry.revision
 
     async def _gain(self, p: int, revision: int) -> None:
         self.owned[p] = revision

@@ -11,6 +11,7 @@ another replica's."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -193,3 +194,68 @@ async def test_a_replica_that_loses_a_race_for_a_free_partition_takes_another_at
     await c.ownership.tick()  # its stale table still shows 5 free: it loses that race
     assert c.owned() == {6, 7}, c.owned()
     assert not (a.owned() & b.owned()) and not (b.owned() & c.owned())
+
+
+class Live(Replica):
+    """A replica with its renewal loop running, that checks on every partition it takes
+    that no other replica holds it at that moment."""
+
+    def __init__(self, js: Any, name: str, others: list[Live], changed: asyncio.Event) -> None:
+        super().__init__(js, name)
+        self.others, self.changed = others, changed
+        self.overlaps: list[tuple[int, str]] = []
+        self.stop = asyncio.Event()
+
+    async def _gain(self, p: int) -> None:
+        await super()._gain(p)
+        for other in self.others:
+            if other is not self and p in other.ownership.owned:
+                self.overlaps.append((p, other.ownership.settings.replica))
+        self.changed.set()
+
+    async def _loss(self, p: int) -> None:
+        await super()._loss(p)
+        self.changed.set()
+
+
+async def test_replicas_starting_at_once_never_own_a_partition_twice(nats_server: Any) -> None:
+    """Three replicas start at the same moment (a Deployment's pods) and converge to
+    3/3/2. A plan is made from the table a moment before its CAS; a lease another
+    replica wrote meanwhile must not be overwritten (that made two owners until the
+    loser's next renewal: seen as 'partition 0 was taken by another replica' right
+    after a start)."""
+    connections = [await nats.connect(nats_server.url) for _ in range(3)]
+    try:
+        first = connections[0].jetstream()
+        await bus.ensure_streams(first)
+        changed = asyncio.Event()
+        replicas: list[Live] = []
+        for name, nc in zip(("ex-a", "ex-b", "ex-c"), connections, strict=True):
+            replicas.append(Live(nc.jetstream(), name, replicas, changed))
+        await asyncio.gather(*(r.ownership.start() for r in replicas))
+        tasks = [asyncio.ensure_future(r.ownership.run(r.stop)) for r in replicas]
+
+        def split() -> bool:
+            return sorted(len(r.owned()) for r in replicas) == [2, 3, 3]
+
+        assert await wait_until(changed, split, 10), [r.owned() for r in replicas]
+        assert [r.overlaps for r in replicas] == [[], [], []]
+        # and it stays split over two more leases (renewals, no further moves)
+        moves = sum(len(r.gained) + len(r.lost) for r in replicas)
+        assert not await wait_until(
+            changed,
+            lambda: sum(len(r.gained) + len(r.lost) for r in replicas) != moves,
+            2 * LEASE_S,
+        )
+        assert [r.overlaps for r in replicas] == [[], [], []]
+        owners = [p for r in replicas for p in r.owned()]
+        assert sorted(owners) == list(range(COUNT))
+        for r in replicas:
+            r.stop.set()
+        for task in tasks:
+            task.cancel()
+        for r in replicas:
+            await r.ownership.close()
+    finally:
+        for nc in connections:
+            await nc.close()
