@@ -309,10 +309,18 @@ class Ownership:
             )
 
     async def _renew(self) -> None:
+        await self._renew_owned()
+        await self._adopt()
+
+    async def _renew_owned(self) -> None:
         for p, revision in list(self.owned.items()):
+            if p not in self.owned:  # dropped meanwhile (a nested renewal's loss)
+                continue
             try:
-                self.owned[p] = await self._write(f"p-{p}", self._lease(), revision)
-                self._renewed[p] = time.monotonic()
+                renewed = await self._write(f"p-{p}", self._lease(), revision)
+                if p in self.owned:
+                    self.owned[p] = renewed
+                    self._renewed[p] = time.monotonic()
             except _Lost:
                 if await self._still_mine(p):
                     continue
@@ -321,6 +329,8 @@ class Ownership:
             except Exception as exc:  # slow or away: the fence decides, the next tick retries
                 log.warning("partition %d not renewed: %r", p, exc)
         await self._fence()
+
+    async def _adopt(self) -> None:
         # Keys with this replica's name that it does not hold (now): left by its previous
         # process (adopted at start only: later, the same name is a twin), or given up by
         # the fence while the lease still stood. A CAS on the revision seen proves nobody
@@ -388,7 +398,7 @@ class Ownership:
         self._renewed[p] = time.monotonic()
         self._publish_owned()
         log.info("replica %s took partition %d", self.settings.replica, p)
-        await self.on_gain(p)
+        await self._while_renewing(self.on_gain(p))
 
     async def _release(self, p: int) -> None:
         revision = self.owned.get(p)
@@ -405,9 +415,31 @@ class Ownership:
         self._publish_owned()
         log.info("replica %s gave up partition %d", self.settings.replica, p)
         try:
-            await self.on_loss(p)
+            await self._while_renewing(self.on_loss(p))
         except Exception:
             log.exception("stopping partition %d failed", p)
+
+    async def _while_renewing(self, work: Awaitable[None]) -> None:
+        """Run a gain or loss callback, renewing the other leases while it lasts. Stopping
+        a partition waits for its consumer's fetch and the relay's batch (seconds), and
+        a tick releasing several used to hold every renewal for as long: the leases
+        expired under a replica that still wrote them, and another took them (two
+        owners until the next renewal failed)."""
+        task = asyncio.ensure_future(work)
+        every = self.settings.lease_s / 3
+        while True:
+            try:
+                done, _ = await asyncio.wait({task}, timeout=every)
+            except asyncio.CancelledError:
+                task.cancel()  # as when it was awaited in place
+                raise
+            if done:
+                return task.result()
+            try:
+                await self._renew_member()
+                await self._renew_owned()
+            except Exception as exc:  # NATS away: the fence decides
+                log.warning("partition leases not renewed: %r", exc)
 
     async def _fence(self) -> None:
         limit = self.settings.lease_s * FENCE

@@ -259,3 +259,64 @@ async def test_replicas_starting_at_once_never_own_a_partition_twice(nats_server
     finally:
         for nc in connections:
             await nc.close()
+
+
+async def test_a_slow_partition_stop_does_not_let_the_other_leases_expire(
+    nats_server: Any,
+) -> None:
+    """Giving a partition up waits for its consumer's fetch and the relay's batch; while
+    a replica releases (here: one stop held for twice the lease), it still renews the
+    partitions it keeps, so nobody else takes them while it writes them."""
+    lease_s = 1.0
+    connections = [await nats.connect(nats_server.url) for _ in range(2)]
+    gate = asyncio.Event()
+    replicas: list[Live] = []
+    tasks: list[asyncio.Future[None]] = []
+    try:
+        await bus.ensure_streams(connections[0].jetstream())
+        changed = asyncio.Event()
+        a = Live(connections[0].jetstream(), "a", replicas, changed)
+        b = Live(connections[1].jetstream(), "b", replicas, changed)
+        replicas += [a, b]
+        for r in replicas:
+            name = r.ownership.settings.replica
+            r.ownership.settings = PartitionSettings(count=COUNT, lease_s=lease_s, replica=name)
+        slow_losses: list[int] = []
+
+        async def slow_loss(p: int) -> None:  # a consumer whose fetch does not end
+            slow_losses.append(p)
+            changed.set()
+            await asyncio.wait_for(gate.wait(), 10)
+            await Live._loss(a, p)
+
+        a.ownership.on_loss = slow_loss
+        await a.ownership.start()
+        tasks.append(asyncio.ensure_future(a.ownership.run(a.stop)))
+        await b.ownership.start()  # a member more: a gives four back, the first one slowly
+        tasks.append(asyncio.ensure_future(b.ownership.run(b.stop)))
+        assert await wait_until(changed, lambda: bool(slow_losses), 5)
+        kept = a.owned()
+
+        def overlap() -> bool:
+            return bool(a.overlaps or b.overlaps or (a.owned() & b.owned()))
+
+        # two leases with the release stuck: a's other leases must stay a's
+        assert not await wait_until(changed, overlap, 2 * lease_s), (a.owned(), b.owned())
+        assert kept <= a.owned() | set(slow_losses)
+        gate.set()
+
+        def split() -> bool:
+            return len(a.owned()) == len(b.owned()) == COUNT // 2
+
+        assert await wait_until(changed, split, 10), (a.owned(), b.owned())
+        assert not overlap()
+    finally:
+        gate.set()
+        for r in replicas:
+            r.stop.set()
+        for task in tasks:
+            task.cancel()
+        for r in replicas:
+            await asyncio.wait_for(r.ownership.close(), 10)
+        for nc in connections:
+            await nc.close()
