@@ -120,6 +120,7 @@ class Ownership:
     _renewed: dict[int, float] = field(default_factory=dict)  # partition -> monotonic
     _member_rev: int = 0
     _member_at: float = 0.0
+    _renewed_at: float = 0.0  # monotonic: the last renewal round began
     _started: bool = False
     _watcher: Any = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -313,6 +314,7 @@ class Ownership:
         await self._adopt()
 
     async def _renew_owned(self) -> None:
+        self._renewed_at = time.monotonic()
         for p, revision in list(self.owned.items()):
             if p not in self.owned:  # dropped meanwhile (a nested renewal's loss)
                 continue
@@ -420,16 +422,17 @@ class Ownership:
             log.exception("stopping partition %d failed", p)
 
     async def _while_renewing(self, work: Awaitable[None]) -> None:
-        """Run a gain or loss callback, renewing the other leases while it lasts. Stopping
-        a partition waits for its consumer's fetch and the relay's batch (seconds), and
-        a tick releasing several used to hold every renewal for as long: the leases
-        expired under a replica that still wrote them, and another took them (two
-        owners until the next renewal failed)."""
+        """Run a gain or loss callback, renewing the leases whenever a renewal round is
+        due while it lasts. Stopping a partition waits for its consumer's fetch and the
+        relay's batch (about a second each), and a tick releasing several used to hold
+        every renewal for as long: the leases expired under a replica that still wrote
+        them, and another took them (two owners until its next renewal failed)."""
         task = asyncio.ensure_future(work)
         every = self.settings.lease_s / 3
         while True:
+            wait = max(0.0, self._renewed_at + every - time.monotonic())
             try:
-                done, _ = await asyncio.wait({task}, timeout=every)
+                done, _ = await asyncio.wait({task}, timeout=wait)
             except asyncio.CancelledError:
                 task.cancel()  # as when it was awaited in place
                 raise
