@@ -224,8 +224,17 @@ class Ownership:
         if self._watch_task is not None:
             self._watch_task.cancel()
         async with self._lock:
-            for p in sorted(self.owned):
-                await self._release(p)
+            # all refused at once, stopped together, then given back: one stop's wait
+            # (a consumer's fetch, the relay's batch) instead of one per partition, so
+            # the survivors take them within the lease (else they would expire first)
+            held = dict(self.owned)
+            self.owned.clear()
+            self._renewed.clear()
+            self._publish_owned()
+            await asyncio.gather(*(self._stopped(p) for p in held), return_exceptions=True)
+            for p, revision in sorted(held.items()):
+                with contextlib.suppress(Exception):  # else it expires on its own
+                    await self._write(f"p-{p}", None, revision)
             with contextlib.suppress(Exception):
                 await self._write(f"member-{self.settings.replica}", None, self._member_rev)
         with contextlib.suppress(Exception):
@@ -415,9 +424,12 @@ class Ownership:
             return
         self._renewed.pop(p, None)
         self._publish_owned()
+        await self._while_renewing(self._stopped(p))
+
+    async def _stopped(self, p: int) -> None:
         log.info("replica %s gave up partition %d", self.settings.replica, p)
         try:
-            await self._while_renewing(self.on_loss(p))
+            await self.on_loss(p)
         except Exception:
             log.exception("stopping partition %d failed", p)
 
