@@ -139,6 +139,11 @@ class Partitioned:
         stop, task = self.consumers.pop(p, (None, None))
         if stop is not None and task is not None:
             stop.set()
+            if self.ctx.stop.is_set():
+                # the process is stopping: the runtime cancels it anyway, and its lease
+                # is handed over only once it has stopped. What it fetched and did not
+                # ack is redelivered to the next owner (ack wait), as after a crash.
+                task.cancel()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), 2.0)  # one fetch, one batch
             self._unspawn(task)
@@ -173,6 +178,8 @@ class Partitioned:
         if self.service.relay is not None:
             self.service.relay.active = False  # type: ignore[attr-defined]  # a flag Relay does not declare; observe reads it by getattr
         stop.set()
+        if self.ctx.stop.is_set():  # stopping: the next relay republishes (deduped)
+            task.cancel()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(task), 5.0)
         self._unspawn(task)
