@@ -120,6 +120,7 @@ class Ownership:
     _renewed: dict[int, float] = field(default_factory=dict)  # partition -> monotonic
     _member_rev: int = 0
     _member_at: float = 0.0
+    _renewed_at: float = 0.0  # monotonic: the last renewal round began
     _started: bool = False
     _watcher: Any = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -170,6 +171,10 @@ class Ownership:
 
     async def start(self) -> None:
         """Join: read the table, announce this replica, take a first share."""
+        await self._read_table()
+        await self._first_share()
+
+    async def _read_table(self) -> None:
         self.kv = await ensure_bucket(self.js, self.settings.lease_s)
         self._watcher = await self.kv.watchall()
         while True:  # the current values first, then None
@@ -178,8 +183,23 @@ class Ownership:
                 break
             self._apply(entry)
         self._watch_task = asyncio.ensure_future(self._watch())
-        await self.tick()
-        self._started = True
+
+    async def _first_share(self) -> None:
+        # A restart must not end the service: the table it read may already be stale
+        # (its previous process's last renewal landing late, a lease expiring meanwhile,
+        # nats-server busy). A tick that fails is tried again here, then by ``run``;
+        # until one succeeds this replica still adopts the leases of its previous process.
+        for attempt in range(3):
+            try:
+                await self.tick()
+            except Exception as exc:
+                log.warning("partition leases not taken at start (attempt %d): %r",
+                            attempt + 1, exc)  # fmt: skip
+                self.changed.clear()  # the watcher may bring what was missing
+                await wait_or_timeout(self.changed, self.settings.lease_s / 10)
+                continue
+            self._started = True
+            return
 
     async def run(self, stop: asyncio.Event) -> None:
         every = self.settings.lease_s / 3
@@ -190,23 +210,38 @@ class Ownership:
                 break
             try:
                 await self.tick()
+                self._started = True
             except Exception as exc:  # NATS away: the fence decides, the next tick retries
                 log.warning("partition leases not renewed: %r", exc)
                 await self._fence()
 
     async def close(self) -> None:
-        """Give every partition back (a clean stop: survivors take them at once)."""
+        """Give every partition back (a clean stop: survivors take them at once). Once:
+        a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         if self._watch_task is not None:
             self._watch_task.cancel()
         async with self._lock:
-            for p in sorted(self.owned):
-                await self._release(p)
+            # all refused at once, stopped together, then given back: one stop's wait
+            # (a consumer's fetch, the relay's batch) instead of one per partition, so
+            # the survivors take them within the lease (else they would expire first)
+            held = dict(self.owned)
+            self.owned.clear()
+            self._renewed.clear()
+            self._publish_owned()
+            await asyncio.gather(*(self._stopped(p) for p in held), return_exceptions=True)
+            for p, revision in sorted(held.items()):
+                with contextlib.suppress(Exception):  # else it expires on its own
+                    await self._write(f"p-{p}", None, revision)
             with contextlib.suppress(Exception):
                 await self._write(f"member-{self.settings.replica}", None, self._member_rev)
         with contextlib.suppress(Exception):
             await self._watcher.stop()
 
     _watch_task: asyncio.Future[None] | None = None
+    closed: bool = False
 
     async def _watch(self) -> None:
         while True:
@@ -250,41 +285,63 @@ class Ownership:
         async with self._lock:
             await self._renew_member()
             await self._renew()
-            moves = partitions.plan_moves(self.count, self.settings.replica, self.members(),
-                                          self.table())  # fmt: skip
-            for p in moves.release:
-                await self._release(p)
-            for p in moves.acquire:
-                await self._acquire(p)
+            # Plan again at once when another replica won a race for a free partition
+            # (its CAS refreshed our table from the server): survivors of a crash that
+            # picked the same one would otherwise wait a renewal round (lease/3) to take
+            # the next. Bounded: each round either takes or learns one partition's owner.
+            for _ in range(self.count):
+                moves = partitions.plan_moves(self.count, self.settings.replica,
+                                              self.members(), self.table())  # fmt: skip
+                for p in moves.release:
+                    await self._release(p)
+                raced = [p for p in moves.acquire if not await self._acquire(p)]
+                if not raced:
+                    break
 
     async def _renew_member(self) -> None:
         key = f"member-{self.settings.replica}"
         lease = self._lease()
-        if self._member_rev:
-            try:
-                self._member_rev = await self._write(key, lease, self._member_rev)
-                return
-            except _Lost:
-                log.error(
-                    "replica name %s is used by another process too: set a distinct "
-                    "LOOM_REPLICA_ID per executor replica",
-                    self.settings.replica,
-                )
-        entry = self._entries.get(key)
-        self._member_rev = await self._write_fresh(key, lease, entry.revision if entry else 0)
-        self._member_at = time.monotonic()
+        try:
+            if self._member_rev:
+                self._member_rev = await self._claim(key, lease, self._member_rev)
+            else:
+                self._member_rev = await self._claim(key, lease, self._believed(key))
+                self._member_at = time.monotonic()
+        except _Lost:
+            # a live member key with this name written by another process after this one
+            # started: a twin. The later process keeps the name; this one goes on without
+            # announcing itself (its partitions' renewals fail and it drops them).
+            self._member_rev = 0
+            log.error(
+                "replica name %s is used by another process too: set a distinct "
+                "LOOM_REPLICA_ID per executor replica",
+                self.settings.replica,
+            )
 
     async def _renew(self) -> None:
+        await self._renew_owned()
+        await self._adopt()
+
+    async def _renew_owned(self) -> None:
+        self._renewed_at = time.monotonic()
         for p, revision in list(self.owned.items()):
+            if p not in self.owned:  # dropped meanwhile (a nested renewal's loss)
+                continue
             try:
-                self.owned[p] = await self._write(f"p-{p}", self._lease(), revision)
-                self._renewed[p] = time.monotonic()
+                renewed = await self._write(f"p-{p}", self._lease(), revision)
+                if p in self.owned:
+                    self.owned[p] = renewed
+                    self._renewed[p] = time.monotonic()
             except _Lost:
+                if await self._still_mine(p):
+                    continue
                 log.warning("partition %d was taken by another replica: dropped", p)
                 await self._drop(p)
             except Exception as exc:  # slow or away: the fence decides, the next tick retries
                 log.warning("partition %d not renewed: %r", p, exc)
         await self._fence()
+
+    async def _adopt(self) -> None:
         # Keys with this replica's name that it does not hold (now): left by its previous
         # process (adopted at start only: later, the same name is a twin), or given up by
         # the fence while the lease still stood. A CAS on the revision seen proves nobody
@@ -299,24 +356,60 @@ class Ownership:
             if lease.nonce != self.nonce and self._started:
                 continue
             with contextlib.suppress(_Lost):
-                await self._gain(p, await self._write(f"p-{p}", self._lease(), entry.revision))
+                await self._gain(
+                    p, await self._claim(f"p-{p}", self._lease(), self._believed(f"p-{p}"))
+                )
 
-    async def _acquire(self, p: int) -> None:
-        entry = self._entries.get(f"p-{p}")
+    async def _still_mine(self, p: int) -> bool:
+        """A renewal of ``p`` failed its CAS. If the key's latest value is this process's
+        own lease (a write whose reply was lost: it landed, and nobody wrote since), the
+        partition never left: renew on that revision. Anything else (another owner, or
+        the key gone: expired, or lost by the server) drops it; the table is corrected
+        from the server, so a key that is gone is free to take again in this tick."""
+        key = f"p-{p}"
         try:
-            revision = await self._write_fresh(
-                f"p-{p}", self._lease(), entry.revision if entry else 0
-            )
+            seq, lease = await self._latest(key)
+        except Exception as exc:  # cannot tell: the safe side is to stop writing it
+            log.warning("partition %d: its lease could not be read: %r", p, exc)
+            return False
+        self._entries[key] = _Entry(seq, lease)
+        if lease is None or lease.replica != self.settings.replica or lease.nonce != self.nonce:
+            return False
+        try:
+            self.owned[p] = await self._write(key, self._lease(), seq)
         except _Lost:
-            return  # another replica was faster: the watcher tells us who
+            return False
+        self._renewed[p] = time.monotonic()
+        log.info("partition %d: renewed on revision %d, a write of ours we had not seen", p, seq)
+        return True
+
+    async def _acquire(self, p: int) -> bool:
+        """Take free partition ``p``; False if another replica was faster (the table
+        now names it)."""
+        try:
+            revision = await self._claim(f"p-{p}", self._lease(), self._believed(f"p-{p}"))
+        except _Lost:
+            return False
         await self._gain(p, revision)
+        return True
+
+    def _believed(self, key: str) -> int:
+        """The revision to take ``key`` from: the one seen, if what was seen there is free
+        or this replica's. The plan was made from the table a moment ago; the watcher
+        may since have brought another replica's fresh lease, and a CAS on that
+        revision would succeed and overwrite it (two owners until its next renewal).
+        0 fails against any existing key, and the server's latest value decides."""
+        entry = self._entries.get(key)
+        if entry is None or (entry.lease is not None and not self._mine(entry.lease)):
+            return 0
+        return entry.revision
 
     async def _gain(self, p: int, revision: int) -> None:
         self.owned[p] = revision
         self._renewed[p] = time.monotonic()
         self._publish_owned()
         log.info("replica %s took partition %d", self.settings.replica, p)
-        await self.on_gain(p)
+        await self._while_renewing(self.on_gain(p))
 
     async def _release(self, p: int) -> None:
         revision = self.owned.get(p)
@@ -331,11 +424,37 @@ class Ownership:
             return
         self._renewed.pop(p, None)
         self._publish_owned()
+        await self._while_renewing(self._stopped(p))
+
+    async def _stopped(self, p: int) -> None:
         log.info("replica %s gave up partition %d", self.settings.replica, p)
         try:
             await self.on_loss(p)
         except Exception:
             log.exception("stopping partition %d failed", p)
+
+    async def _while_renewing(self, work: Awaitable[None]) -> None:
+        """Run a gain or loss callback, renewing the leases whenever a renewal round is
+        due while it lasts. Stopping a partition waits for its consumer's fetch and the
+        relay's batch (about a second each), and a tick releasing several used to hold
+        every renewal for as long: the leases expired under a replica that still wrote
+        them, and another took them (two owners until its next renewal failed)."""
+        task = asyncio.ensure_future(work)
+        every = self.settings.lease_s / 3
+        while True:
+            wait = max(0.0, self._renewed_at + every - time.monotonic())
+            try:
+                done, _ = await asyncio.wait({task}, timeout=wait)
+            except asyncio.CancelledError:
+                task.cancel()  # as when it was awaited in place
+                raise
+            if done:
+                return task.result()
+            try:
+                await self._renew_member()
+                await self._renew_owned()
+            except Exception as exc:  # NATS away: the fence decides
+                log.warning("partition leases not renewed: %r", exc)
 
     async def _fence(self) -> None:
         limit = self.settings.lease_s * FENCE
@@ -374,25 +493,47 @@ class Ownership:
         self._entries[key] = _Entry(ack.seq, lease)
         return ack.seq
 
-    async def _write_fresh(self, key: str, lease: PartitionLease, last: int) -> int:
-        """Create ``key`` over a free slot whose last revision we believe is ``last``; an
-        expiry marker may itself have expired since (then the subject is empty)."""
+    async def _claim(self, key: str, lease: PartitionLease, believed: int) -> int:
+        """Write ``lease`` to ``key`` by CAS on the revision ``believed`` current. When
+        that is stale, the server's latest value decides (never the watcher's copy, which
+        may lag or, after nats-server lost a stream's tail, never arrive): a key that is
+        free (deleted, an expiry marker, or gone) or this replica's own (its lease, or at
+        start its previous process's) is written on its real revision. Raises _Lost if
+        another replica holds it. Bounded: an expiry marker may land between the read
+        and the write."""
         try:
-            return await self._write(key, lease, last)
+            return await self._write(key, lease, believed)
         except _Lost:
+            pass
+        for _ in range(3):
+            seq, latest = await self._latest(key)
+            self._entries[key] = _Entry(seq, latest)
+            if latest is not None and not self._mine(latest):
+                break
             try:
-                latest = await self.js.get_last_msg(STREAM, f"$KV.{BUCKET}.{key}")
-            except NotFoundError:
-                return await self._write(key, lease, 0)
-            headers = latest.headers or {}
-            live = (
-                latest.data
-                and not headers.get("KV-Operation")
-                and not headers.get("Nats-Marker-Reason")
-            )
-            if live:
-                raise
-            return await self._write(key, lease, latest.seq or 0)
+                return await self._write(key, lease, seq)
+            except _Lost:
+                continue
+        raise _Lost(key)
+
+    def _mine(self, lease: PartitionLease) -> bool:
+        if lease.replica != self.settings.replica:
+            return False
+        return lease.nonce == self.nonce or not self._started
+
+    async def _latest(self, key: str) -> tuple[int, PartitionLease | None]:
+        """The key's last revision on the server and its lease (None: free)."""
+        try:
+            msg = await self.js.get_last_msg(STREAM, f"$KV.{BUCKET}.{key}")
+        except NotFoundError:
+            return 0, None
+        headers = msg.headers or {}
+        if not msg.data or headers.get("KV-Operation") or headers.get("Nats-Marker-Reason"):
+            return msg.seq or 0, None
+        try:
+            return msg.seq or 0, codec.decode(msg.data, PartitionLease)
+        except Exception:  # a foreign write to the bucket: treated as taken
+            return msg.seq or 0, PartitionLease(replica="?", nonce="?")
 
 
 class _Lost(Exception):

@@ -229,17 +229,49 @@ class _Closable:
         self.close()
 
 
+SCHEMA_LOCK = 0x6C6F6F6D  # "loom": the advisory lock key held while tables are created
+SCHEMA_LOCK_WAIT_S = 60
+
+
 def _create_tables(recorder: Any) -> None:
-    # Two processes opening a fresh database at once can both try to create a table,
-    # type or the tracking migration row; the loser sees a unique violation, and a
-    # second attempt finds everything in place.
-    for attempt in range(3):
+    # PostgreSQL: several executors starting at once on an empty database would each run
+    # the library's CREATE TYPE / CREATE TABLE statements, and the catalog refuses the
+    # concurrent ones ("tuple concurrently updated", not a unique violation): one start
+    # failed. A session advisory lock, on a connection of its own (the library runs its
+    # statements over its pool, in several transactions), makes them take turns; the
+    # later ones find everything in place. Closing that connection releases the lock
+    # whatever happens. SQLite: two processes opening a fresh file can both try to
+    # create a table or the tracking migration row; the loser sees a unique violation,
+    # and a second attempt finds everything in place.
+    with _schema_lock(recorder):
+        for attempt in range(3):
+            try:
+                recorder.create_table()
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+
+@contextmanager
+def _schema_lock(recorder: Any) -> Iterator[None]:
+    pool = getattr(getattr(recorder, "datastore", None), "pool", None)
+    if pool is None or not hasattr(pool, "kwargs"):  # SQLite: its own file lock serializes
+        yield
+        return
+    import psycopg
+
+    params = {k: v for k, v in dict(pool.kwargs).items() if k != "row_factory"}
+    with psycopg.connect(**{"connect_timeout": PG_CONNECT_TIMEOUT_S, **params},
+                         autocommit=True) as conn:  # fmt: skip
+        # bounded: a holder stuck for a minute ends this start with the server's error
+        conn.execute(f"SET lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
+        conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
         try:
-            recorder.create_table()
-            return
-        except IntegrityError:
-            if attempt == 2:
-                raise
+            yield
+        finally:
+            with suppress(psycopg.Error):  # closing the connection releases it too
+                conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
 
 def _ensure_wal(path: Path) -> None:

@@ -67,6 +67,7 @@ class Partitioned:
         self._relay: tuple[asyncio.Event, asyncio.Future[None]] | None = None
         self._waking: set[asyncio.Future[None]] = set()  # wakes and forwarded requests
         self.forwarded = 0  # requests passed to another replica (for tests and metrics)
+        self._release_on_stop: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ life
 
@@ -83,9 +84,32 @@ class Partitioned:
         # not a ctx task: it ends when done, which readiness would report as a failure
         self._drain = asyncio.ensure_future(drain_legacy_inbox(self.ctx.js, self.ctx.stop))
         self._drain.add_done_callback(_log_crash)
+        # not a ctx task either: the runtime cancels those first thing on a stop
+        self._release_on_stop = asyncio.ensure_future(self._hand_over_on_stop())
+        self._release_on_stop.add_done_callback(_log_crash)
+
+    async def _hand_over_on_stop(self) -> None:
+        """A clean stop (SIGTERM: a rolling restart, a scale-down) gives the leases back
+        at once. The runtime first cancels every task (renewals included) and waits for
+        them, then closes the services; that can take seconds (a commit, a fetch, a
+        thread to finish), and a lease left to expire meanwhile is a lease with no event
+        published for anyone, when this replica runs the relay. Released here, in the
+        usual order (the writer refuses, the consumers and the relay stop, the runs are
+        forgotten, then the keys are deleted), the survivors take the partitions within
+        milliseconds. A write already past the writer's check when its partition moves
+        is settled by the store's optimistic concurrency, as for any overlap."""
+        await self.ctx.stop.wait()
+        await self.ownership.close()
 
     async def close(self) -> None:
-        await self.ownership.close()
+        early = self._release_on_stop
+        if early is not None and not early.done():
+            if self.ctx.stop.is_set():  # handing over now: let it finish
+                with contextlib.suppress(Exception):
+                    await early
+            else:  # closed with no stop signal: released below
+                early.cancel()
+        await self.ownership.close()  # nothing left to do after a hand-over
         await self._stop_relay()
         for stop, task in self.consumers.values():
             stop.set()
@@ -115,6 +139,11 @@ class Partitioned:
         stop, task = self.consumers.pop(p, (None, None))
         if stop is not None and task is not None:
             stop.set()
+            if self.ctx.stop.is_set():
+                # the process is stopping: the runtime cancels it anyway, and its lease
+                # is handed over only once it has stopped. What it fetched and did not
+                # ack is redelivered to the next owner (ack wait), as after a crash.
+                task.cancel()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), 2.0)  # one fetch, one batch
             self._unspawn(task)
@@ -149,6 +178,8 @@ class Partitioned:
         if self.service.relay is not None:
             self.service.relay.active = False  # type: ignore[attr-defined]  # a flag Relay does not declare; observe reads it by getattr
         stop.set()
+        if self.ctx.stop.is_set():  # stopping: the next relay republishes (deduped)
+            task.cancel()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(task), 5.0)
         self._unspawn(task)
