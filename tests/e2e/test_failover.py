@@ -286,6 +286,15 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
         assert victim is not None
         moved = leases.held(victim)
         in_moved = [n for n in names if partitions.partition_of(n, count) in moved]
+
+        def victim_busy() -> bool:
+            # a run of the victim's partitions started and not ended: the kill cuts it
+            # (half the runs having begun does not say the victim's have)
+            return any(n in runs.last_event and n not in runs.ended for n in in_moved)
+
+        assert await wait_until(runs.changed, victim_busy, timeout=30), (
+            f"no run of {victim}'s partitions {sorted(moved)} in flight to cut"
+        )
         runs.killed_at = killed_at = time.monotonic()
         deployment.executors[victim].kill()
 
