@@ -30,6 +30,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     PersistMode,
     RetentionPolicy,
     StorageType,
@@ -449,12 +450,21 @@ async def ensure_streams(js: JetStreamContext, ops: OpsSettings | None = None) -
             await js.update_stream(merged)
 
 
+async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1, **config: Any) -> Any:
+    """A KV bucket of one value per key (history 1), created if missing with ``replicas``
+    (LOOM_STREAM_REPLICAS) and any other ``KeyValueConfig`` field (a TTL, a marker TTL).
+    Every bucket of the stack is opened through this, so they are all made alike."""
+    try:
+        return await js.key_value(bucket)
+    except Exception:  # bucket not found; nats-py raises BucketNotFoundError
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, replicas=replicas, **config)
+        )
+
+
 async def ensure_tools_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
     """The tool catalog bucket; created (``replicas``: LOOM_STREAM_REPLICAS) if missing."""
-    try:
-        return await js.key_value(subjects.TOOLS_BUCKET)
-    except Exception:  # bucket not found; nats-py raises BucketNotFoundError
-        return await js.create_key_value(bucket=subjects.TOOLS_BUCKET, history=1, replicas=replicas)
+    return await ensure_kv(js, subjects.TOOLS_BUCKET, replicas)
 
 
 MODEL_ANSWERS_TTL_S = 86_400.0  # a redelivery comes within the ack wait; a day is ample
@@ -463,15 +473,7 @@ MODEL_ANSWERS_TTL_S = 86_400.0  # a redelivery comes within the ack wait; a day 
 async def ensure_model_answers_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
     """The planner's model answers (created by provisioning; ``replicas``:
     LOOM_STREAM_REPLICAS)."""
-    try:
-        return await js.key_value(subjects.MODEL_ANSWERS_BUCKET)
-    except Exception:  # bucket not found; nats-py raises BucketNotFoundError
-        return await js.create_key_value(
-            bucket=subjects.MODEL_ANSWERS_BUCKET,
-            history=1,
-            ttl=MODEL_ANSWERS_TTL_S,
-            replicas=replicas,
-        )
+    return await ensure_kv(js, subjects.MODEL_ANSWERS_BUCKET, replicas, ttl=MODEL_ANSWERS_TTL_S)
 
 
 def tool_key(name: str) -> str:

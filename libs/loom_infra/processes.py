@@ -111,3 +111,41 @@ async def wait_until(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), min(left, recheck_s))
     return True
+
+
+def replicated_services(
+    env: dict[str, str],
+    seed_file: Callable[[str], Path],
+    logs: Path,
+    replicas: tuple[str, ...] | list[str],
+    others: tuple[str, ...] = ("planner", "toolrunner"),
+) -> tuple[dict[str, ServiceProcess], list[ServiceProcess]]:
+    """A partitioned deployment as processes (not started): one executor per replica
+    name (``LOOM_REPLICA_ID``) and one of each of ``others``, each with its own identity's
+    seed (``seed_file(name)``); the others log at WARNING."""
+    executors = {
+        replica: ServiceProcess(
+            "executor",
+            {**env, "LOOM_REPLICA_ID": replica, "LOOM_NKEY_SEED_FILE": str(seed_file("executor"))},
+            logs,
+            label=replica,
+        )
+        for replica in replicas
+    }
+    rest = [
+        ServiceProcess(
+            name,
+            {**env, "LOOM_NKEY_SEED_FILE": str(seed_file(name)), "LOOM_LOG_LEVEL": "WARNING"},
+            logs,
+        )
+        for name in others
+    ]
+    return executors, rest
+
+
+async def wait_healthy_at(
+    url: str, seed: str, service: ServiceProcess, timeout: float = 60
+) -> None:
+    """Connect as ``seed``'s identity and wait (bounded) until ``service`` reports healthy."""
+    async with await LoomClient.connect(url, seed=seed) as client:
+        await service.wait_healthy(client, timeout=timeout)

@@ -99,12 +99,7 @@ class ScheduleRefused(LoomError):
 async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
     """The schedules bucket (created by provisioning, with the admin key; ``replicas``:
     LOOM_STREAM_REPLICAS)."""
-    try:
-        return await js.key_value(routes.SCHEDULES_BUCKET)
-    except Exception:  # not found; nats-py raises BucketNotFoundError
-        return await js.create_key_value(
-            bucket=routes.SCHEDULES_BUCKET, history=1, replicas=replicas
-        )
+    return await bus.ensure_kv(js, routes.SCHEDULES_BUCKET, replicas)
 
 
 VERIFIED_SCOPE = "t-"  # a tenant user's scope: never the start of a hex digest

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from loom_core import codec, subjects
 from loom_core.contracts import AdmissionBook, ErrorInfo
 from loom_core.errors import LoomError
 from loom_core.quotas import book_problem
+from loom_infra import bus
 
 log = logging.getLogger("loom.admission")
 
@@ -64,11 +64,7 @@ def corrupt(tenant: str, why: str) -> ErrorInfo:
 
 
 async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
-    try:
-        return await js.key_value(BUCKET)
-    except Exception:  # not found: nats-py raises BucketNotFoundError
-        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
-                                                        replicas=replicas))  # fmt: skip
+    return await bus.ensure_kv(js, BUCKET, replicas)
 
 
 @dataclass

@@ -27,13 +27,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from loom_core import codec, subjects
 from loom_core.contracts import RateBucket
 from loom_core.errors import LoomError
 from loom_core.quotas import TokenBucket
+from loom_infra import bus
 
 log = logging.getLogger("loom.rates")
 
@@ -44,11 +44,7 @@ Kind = Literal["submit", "tool", "model"]
 
 
 async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
-    try:
-        return await js.key_value(BUCKET)
-    except Exception:  # not found: nats-py raises BucketNotFoundError
-        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1,
-                                                        replicas=replicas))  # fmt: skip
+    return await bus.ensure_kv(js, BUCKET, replicas)
 
 
 def key_of(kind: Kind, tenant: str) -> str:

@@ -54,7 +54,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
-from loom_infra.processes import ServiceProcess, wait_until
+from loom_infra.processes import ServiceProcess, replicated_services, wait_healthy_at, wait_until
 from loom_infra.settings import StoreSettings
 from loom_infra.store import open_event_store
 from loom_services.runtime import provision
@@ -125,44 +125,19 @@ def deployment(tmp_path: Path, pg_store_settings: StoreSettings) -> Iterator[Dep
         "PYTHONPATH": pythonpath,
         "LOOM_NKEY_SEED_FILE": str(creds.seed_file("operator")),  # the test's own client
     }
-    executors = {
-        replica: ServiceProcess(
-            "executor",
-            {
-                **env,
-                "LOOM_NKEY_SEED_FILE": str(creds.seed_file("executor")),
-                "LOOM_REPLICA_ID": replica,
-            },
-            tmp_path,
-            label=replica,
-        )  # fmt: skip
-        for replica in REPLICAS
-    }
-    others = [
-        ServiceProcess(
-            name,
-            {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name)), "LOOM_LOG_LEVEL": "WARNING"},
-            tmp_path,
-        )  # fmt: skip
-        for name in ("planner", "toolrunner")
-    ]
+    executors, others = replicated_services(env, creds.seed_file, tmp_path, REPLICAS)
     try:
         # every replica at once on an empty database, as a Kubernetes Deployment starts
         # them: the store creates its tables under an advisory lock, so none fails
         for service in [*executors.values(), *others]:
             service.start()
         for replica in executors.values():
-            asyncio.run(_healthy(server.url, env["LOOM_NKEY_SEED_FILE"], replica))
+            asyncio.run(wait_healthy_at(server.url, env["LOOM_NKEY_SEED_FILE"], replica))
         yield Deployment(server.url, env, pg_store_settings, executors, others)
     finally:
         for service in [*executors.values(), *others]:
             service.stop()
         server.stop()
-
-
-async def _healthy(url: str, seed: str, service: ServiceProcess) -> None:
-    async with await LoomClient.connect(url, seed=seed) as client:
-        await service.wait_healthy(client, timeout=60)
 
 
 class Leases:

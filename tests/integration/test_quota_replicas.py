@@ -35,7 +35,7 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.credentials import ADMIN, ensure_credentials
 from loom_infra.natsserver import EmbeddedNats
-from loom_infra.processes import ServiceProcess
+from loom_infra.processes import ServiceProcess, replicated_services, wait_healthy_at
 from loom_infra.settings import StoreSettings
 from loom_services.runtime import provision
 
@@ -97,44 +97,19 @@ def stack(tmp_path: Path, pg_store_settings: StoreSettings) -> Iterator[Stack]:
         "LOOM_PARTITION_LEASE_S": str(LEASE_S),
         "LOOM_NKEY_SEED_FILE": str(creds.seed_file("operator")),  # the test's own client
     }
-    executors = {
-        replica: ServiceProcess(
-            "executor",
-            {
-                **env,
-                "LOOM_REPLICA_ID": replica,
-                "LOOM_NKEY_SEED_FILE": str(creds.seed_file("executor")),
-            },
-            tmp_path,
-            label=replica,
-        )  # fmt: skip
-        for replica in REPLICAS
-    }
-    others = [
-        ServiceProcess(
-            name,
-            {**env, "LOOM_NKEY_SEED_FILE": str(creds.seed_file(name)), "LOOM_LOG_LEVEL": "WARNING"},
-            tmp_path,
-        )  # fmt: skip
-        for name in ("planner", "toolrunner")
-    ]
+    executors, others = replicated_services(env, creds.seed_file, tmp_path, REPLICAS)
     try:
         first, second = executors.values()
         first.start()  # creates the store's tables alone (see test_failover)
         for service in others:
             service.start()
-        asyncio.run(_healthy(server.url, env["LOOM_NKEY_SEED_FILE"], first))
+        asyncio.run(wait_healthy_at(server.url, env["LOOM_NKEY_SEED_FILE"], first))
         second.start()
         yield Stack(server.url, env, executors, others)
     finally:
         for service in [*executors.values(), *others]:
             service.stop()
         server.stop()
-
-
-async def _healthy(url: str, seed: str, service: ServiceProcess) -> None:
-    async with await LoomClient.connect(url, seed=seed) as client:
-        await service.wait_healthy(client, timeout=60)
 
 
 async def owners(client: LoomClient) -> dict[int, str]:
