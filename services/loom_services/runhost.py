@@ -275,7 +275,10 @@ class RunHost:
             # first: what they schedule (the relay's publish of the step's command) then
             # runs before the answers and acks below (issue 10, perf3)
             for listener in self.listeners:
-                listener(notification_ids, records)
+                try:
+                    listener(notification_ids, records)
+                except Exception:  # the commit stands: its answers below must still go
+                    log.exception("a commit listener failed; the commit stands")
         for work, produced in zip(batch, per_work, strict=True):
             if not work.done.done():
                 work.done.set_result(produced)

@@ -230,3 +230,20 @@ async def test_a_host_writes_no_run_outside_its_partitions(
     assert a.store.load("elsewhere") == []
     await a.submit("here", nap("here"))  # its own runs go on
     assert len(a.store.load("here")) > 0
+
+
+async def test_a_failing_commit_listener_neither_hangs_nor_undoes_the_commit(
+    two_hosts: tuple[RunHost, RunHost],
+) -> None:
+    """Listeners run before the batch's answers (so the relay publishes first): one
+    that raises must not leave the submitter waiting, and the others still hear."""
+    host, _ = two_hosts
+    heard: list[int] = []
+
+    def broken(_ids: list[int], _records: list[Any]) -> None:
+        raise RuntimeError("a listener's bug")
+
+    host.listeners.extend([broken, lambda ids, _records: heard.extend(ids)])
+    produced = await asyncio.wait_for(host.submit("listen-1", nap("listen-1")), 10)
+    assert produced and heard  # answered, and the listener after the broken one heard
+    assert (await host.state_of("listen-1")).version == len(produced)
