@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import typer
+from nats.js.errors import NoKeysError
 from rich.markup import escape
 from rich.table import Table
 
@@ -29,10 +30,19 @@ async def read_catalog(client: LoomClient) -> list[ToolSpec]:
     if client.tenant is not None:  # a tenant's user reads no bucket: the planner answers
         return sorted(await client.tools(), key=lambda s: s.name)
     kv = await bus.ensure_tools_bucket(client.js)
-    try:
-        keys = await kv.keys()
-    except Exception:  # nats-py raises NoKeysError on an empty bucket
-        return []
+    keys: list[str] = []
+    for attempt in (1, 2):
+        # A listing is a short-lived watcher: under load it can come back empty or fail
+        # although the tool-runner keeps the built-ins there. One more try before an
+        # empty catalog (which turns the unknown-tool check off) or the error is believed.
+        try:
+            keys = await kv.keys()
+            break
+        except NoKeysError:  # an empty bucket (nats-py's way of saying so)
+            keys = []
+        except Exception:
+            if attempt == 2:
+                raise  # the console answers 503 "retry"; the CLI a one-line error
     specs = []
     for key in keys[:MAX_TOOLS]:
         entry = await kv.get(key)

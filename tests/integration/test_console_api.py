@@ -166,8 +166,14 @@ async def test_on_postgresql_too(pg_store_settings: StoreSettings) -> None:
     executor's business, and the same flow works on PostgreSQL."""
     async with serving(pg_store_settings) as console:
         await fork_edit_and_diff(console)
-        rows = (await console.http.get("/api/runs", params={"label": "team=blue"})).json()
-        assert len(rows["runs"]) == 2  # the run and its fork, which keeps its labels
+
+        async def both() -> list[dict] | None:
+            # tracing's read model follows the events: waited for, not assumed current
+            got = (await console.http.get("/api/runs", params={"label": "team=blue"})).json()
+            return got["runs"] if len(got["runs"]) >= 2 else None
+
+        runs = await eventually(both, "the run and its fork in the run list")
+        assert len(runs) == 2  # the run and its fork, which keeps its labels
 
 
 async def fork_edit_and_diff(console: Console) -> None:
