@@ -462,6 +462,16 @@ async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1, **conf
         )
 
 
+async def watch_from_now(kv: Any, apply: Callable[[Any], object], timeout: float = 5.0) -> Any:
+    """A watcher on every key of ``kv``, after ``apply`` has seen each current value (the
+    watcher sends None once it has delivered them): the caller's view is complete before
+    it acts, and the returned watcher goes on with every later change."""
+    watcher = await kv.watchall()
+    while (entry := await watcher.updates(timeout=timeout)) is not None:
+        apply(entry)
+    return watcher
+
+
 async def ensure_tools_bucket(js: JetStreamContext, replicas: int = 1) -> Any:
     """The tool catalog bucket; created (``replicas``: LOOM_STREAM_REPLICAS) if missing."""
     return await ensure_kv(js, subjects.TOOLS_BUCKET, replicas)

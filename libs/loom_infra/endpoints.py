@@ -177,9 +177,12 @@ async def subscribe(
     cb: Callable[[Msg], Awaitable[None]],
     events: tuple[type[msgspec.Struct], ...] = (),
 ) -> list[Any]:
-    """Plain subscriptions ``identity`` declared on ``route`` (one per event filter)."""
+    """Plain subscriptions ``identity`` declared on ``route`` (one per event filter), in
+    the declared queue group if any."""
     consumer = _plain(route, identity, events)
-    return [await nc.subscribe(subject, cb=cb) for subject in route.filters(consumer)]
+    return [
+        await nc.subscribe(s, queue=consumer.queue or "", cb=cb) for s in route.filters(consumer)
+    ]
 
 
 def _plain(route: Route, identity: Identity, events: tuple[type[msgspec.Struct], ...]) -> Consumer:
@@ -224,7 +227,4 @@ async def stream_copies(
     wait for long."""
     if route.stream is None:
         raise LookupError(f"{route.name} is not a stream route: it has no stream copies")
-    consumer = _plain(route, identity, events)
-    return [
-        await nc.subscribe(s, queue=consumer.queue or "", cb=cb) for s in route.filters(consumer)
-    ]
+    return await subscribe(nc, route, identity, cb, events)

@@ -40,7 +40,7 @@ from nats.js.errors import APIError, NotFoundError
 from loom_core import codec, partitions, subjects
 from loom_core.contracts import ErrorInfo, PartitionLease
 from loom_core.errors import LoomError
-from loom_infra.bus import wait_or_timeout
+from loom_infra.bus import wait_or_timeout, watch_from_now
 
 # read from LOOM_PARTITIONS, LOOM_PARTITION_LEASE_S, LOOM_REPLICA_ID by the settings module
 from loom_infra.settings import DEFAULT_LEASE_S, PartitionSettings
@@ -176,12 +176,7 @@ class Ownership:
 
     async def _read_table(self) -> None:
         self.kv = await ensure_bucket(self.js, self.settings.lease_s)
-        self._watcher = await self.kv.watchall()
-        while True:  # the current values first, then None
-            entry = await self._watcher.updates(timeout=5.0)
-            if entry is None:
-                break
-            self._apply(entry)
+        self._watcher = await watch_from_now(self.kv, self._apply)
         self._watch_task = asyncio.ensure_future(self._watch())
 
     async def _first_share(self) -> None:

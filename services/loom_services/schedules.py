@@ -213,11 +213,8 @@ class Scheduler:
     async def start(self, ctx: Any) -> None:
         self.js = ctx.js
         self.kv = await self.js.key_value(routes.SCHEDULES_BUCKET)
-        watcher = await self.kv.watchall()
-        # the bucket as it is now, before anything is fired: the watcher sends None
-        # once it has delivered every current key
-        while (entry := await watcher.updates(timeout=30.0)) is not None:
-            self._learn(entry)
+        # the bucket as it is now, before anything is fired
+        watcher = await bus.watch_from_now(self.kv, self._learn, timeout=30.0)
         ctx.spawn(self._watch(watcher, ctx.stop), "executor-schedules-watch")
         ctx.spawn(self._fire_loop(ctx.stop), "executor-schedules")
         await endpoints.listen(ctx.nc, routes.SCHEDULE, "executor", self.on_request)

@@ -150,12 +150,7 @@ class SharedBooks:
 
     async def start(self) -> None:
         """The current books, then every change as it is written."""
-        self._watcher = await self.kv.watchall()
-        while True:  # the current values first, then None
-            entry = await self._watcher.updates(timeout=5.0)
-            if entry is None:
-                break
-            self._apply(entry)
+        self._watcher = await bus.watch_from_now(self.kv, self._apply)
         self._task = asyncio.ensure_future(self._watch())
 
     async def close(self) -> None:

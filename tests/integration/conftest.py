@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
 
+from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings, StoreSettings
@@ -19,6 +22,16 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def js(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
+    """A JetStream context on ``nats_server`` with the stack's streams created."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js)
+    yield js
+    await nc.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

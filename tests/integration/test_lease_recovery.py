@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -23,7 +22,6 @@ import pytest
 from loom_core import codec
 from loom_core.contracts import PartitionLease
 from loom_infra import bus
-from loom_infra.natsserver import EmbeddedNats
 from loom_infra.ownership import BUCKET, STREAM, Ownership, PartitionSettings
 from loom_infra.processes import wait_until
 
@@ -31,15 +29,6 @@ pytestmark = pytest.mark.integration
 
 COUNT = 8
 LEASE_S = 3.0  # long enough that nothing expires on its own during a test
-
-
-@pytest.fixture
-async def js(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await bus.ensure_streams(js)
-    yield js
-    await nc.close()
 
 
 class Replica:

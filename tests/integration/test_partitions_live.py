@@ -33,15 +33,6 @@ pytestmark = pytest.mark.integration
 LEASE_S = 1.0
 
 
-@pytest.fixture
-async def js(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await bus.ensure_streams(js)
-    yield js
-    await nc.close()
-
-
 async def test_the_server_stamps_the_partition_our_hash_computes(js: Any) -> None:
     run_ids = [f"run-{i:03d}-x" for i in range(64)] + ["a", "Z_9-q", "run-" + "f" * 60]
     for run_id in run_ids:

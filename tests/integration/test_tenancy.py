@@ -653,16 +653,6 @@ async def _fired(client: LoomClient, name: str) -> Schedule | None:
     return schedule if schedule is not None and schedule.last_run_id else None
 
 
-async def schedule_store(w: World) -> None:
-    await w.refused_publish("operator", _route(routes.SCHEDULE_STORE))
-    await w.refused_stream(routes.SCHEDULE_STORE.stream or "")
-
-
-async def model_answers(w: World) -> None:
-    await w.refused_publish("operator", _route(routes.MODEL_ANSWERS))
-    await w.refused_stream(routes.MODEL_ANSWERS.stream or "")
-
-
 async def forward(w: World) -> None:
     # between executor replicas only: a tenant can neither pose as one nor overhear one
     await w.refused_publish("operator", _route(routes.FORWARD))
@@ -675,20 +665,15 @@ async def relay_wake(w: World) -> None:
     await w.refused_subscribe("operator", routes.RELAY_WAKE.wildcard)
 
 
-async def partition_leases(w: World) -> None:
-    await w.refused_publish("operator", _route(routes.PARTITION_LEASES))
-    await w.refused_stream(routes.PARTITION_LEASES.stream or "")
+def internal_bucket(route: routes.Route) -> Attack:
+    """A bucket only services use (schedules, model answers, leases, admission books,
+    rates; each holds every tenant's entries): a tenant may neither write nor read it."""
 
+    async def attack(w: World) -> None:
+        await w.refused_publish("operator", _route(route))
+        await w.refused_stream(route.stream or "")
 
-async def admission_book(w: World) -> None:
-    # every tenant's queue is in one bucket: a tenant may neither read nor write it
-    await w.refused_publish("operator", _route(routes.ADMISSION_BOOK))
-    await w.refused_stream(routes.ADMISSION_BOOK.stream or "")
-
-
-async def rate_buckets(w: World) -> None:
-    await w.refused_publish("operator", _route(routes.RATE_BUCKETS))
-    await w.refused_stream(routes.RATE_BUCKETS.stream or "")
+    return attack
 
 
 ATTACKS: dict[str, Attack] = {
@@ -721,13 +706,13 @@ ATTACKS: dict[str, Attack] = {
     "toolCatalog": tool_catalog,
     "blobs": blob_store,
     "schedule": schedule,
-    "scheduleStore": schedule_store,
-    "modelAnswers": model_answers,
+    "scheduleStore": internal_bucket(routes.SCHEDULE_STORE),
+    "modelAnswers": internal_bucket(routes.MODEL_ANSWERS),
     "forward": forward,
     "relayWake": relay_wake,
-    "partitionLeases": partition_leases,
-    "admissionBook": admission_book,
-    "rateBuckets": rate_buckets,
+    "partitionLeases": internal_bucket(routes.PARTITION_LEASES),
+    "admissionBook": internal_bucket(routes.ADMISSION_BOOK),
+    "rateBuckets": internal_bucket(routes.RATE_BUCKETS),
 }
 # routes whose check changes acme's runs on purpose (acme's own signal and resume)
 ACME_ACTS = ("signal", "progress")
