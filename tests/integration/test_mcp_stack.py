@@ -179,11 +179,13 @@ async def test_loom_tools_shows_sources_state_and_schemas(
     env = {"LOOM_NATS_URL": stack.url, "LOOM_NKEY_SEED_FILE": str(stack.seed_file("operator"))}
 
     async def both_servers_listed() -> dict[str, dict] | None:
-        # each MCP server joins the catalog on its own: wait for the second one too
+        # each MCP server joins the catalog on its own, and its tools one key at a time:
+        # wait for every tool read below
         listing = await asyncio.to_thread(runner.invoke, app, ["tools", "-o", "json"], env=env)
         assert listing.exit_code == 0, listing.output
         specs = {s["name"]: s for s in json.loads(listing.output)}
-        return specs if "demo.boom" in specs and "time.get_current_time" in specs else None
+        wanted = ("demo.boom", "demo.bump", "demo.fragile", "time.get_current_time")
+        return specs if all(name in specs for name in wanted) else None
 
     specs = await eventually(both_servers_listed, "both MCP servers' tools in `loom tools`")
     assert specs["time.get_current_time"]["source"] == "mcp:time"
