@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from loom_core import ids
+from loom_core import codec, ids
 from loom_core.contracts import (
     EventRecord,
     Plan,
@@ -42,6 +42,7 @@ from loom_core.contracts import (
     RunCompleted,
     RunEvent,
     RunRequested,
+    SpanRecord,
     StepCompleted,
     StepScheduled,
     StepStarted,
@@ -176,6 +177,38 @@ def store_queries(name: str, store: SpanStore, target_spans: int, passes: int) -
     )
 
 
+def fold_cost(store: SpanStore, steps: int, batch_steps: int, label: str) -> None:
+    """What the tracing service's live fold costs per step (CPU of this thread, so a
+    noisy machine moves it little): each batch of ``batch_steps`` steps' events is
+    decoded from its wire bytes, folded, and saved in one transaction, as
+    ``TracingService._fold_run`` does with what one fetch brought (the service lingers
+    ``FOLD_LINGER_S`` so a fetch holds ~10 steps of a sequential run)."""
+    records, _ = synthetic_run(steps)
+    wire = [codec.encode(r) for r in records]
+    per_batch = 5 * batch_steps
+    builder = TraceBuilder(RUN)
+    cost = {"decode": 0.0, "apply": 0.0, "save": 0.0}
+    clock = time.thread_time
+    for at in range(0, len(wire), per_batch):
+        t0 = clock()
+        fresh = [codec.decode_event(data) for data in wire[at : at + per_batch]]
+        t1 = clock()
+        changed: dict[str, SpanRecord] = {}
+        for record in fresh:
+            for span in builder.apply(record):
+                changed[span.span_id] = span
+        summary = builder.summary
+        t2 = clock()
+        store.save(RUN, fresh, list(changed.values()), summary)
+        t3 = clock()
+        cost["decode"] += t1 - t0
+        cost["apply"] += t2 - t1
+        cost["save"] += t3 - t2
+    parts = "  ".join(f"{k} {v * 1000 / steps:.4f}" for k, v in cost.items())
+    total = sum(cost.values()) * 1000 / steps
+    print(f"{label} fold, {batch_steps} steps a batch: {total:.4f} ms CPU/step ({parts})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -184,7 +217,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both", "none"], default="both")
     parser.add_argument("--postgres-url", default=os.environ.get("LOOM_POSTGRES_URL"))
+    parser.add_argument(
+        "--fold-steps", type=int, default=3000,
+        help="steps of the live-fold cost measure (0: skip)",
+    )  # fmt: skip
+    parser.add_argument("--fold-batch", type=int, default=11, help="steps per folded batch")
     args = parser.parse_args()
+    if args.fold_steps:
+        with sqlite_settings() as settings, open_span_store(settings) as store:
+            fold_cost(store, args.fold_steps, args.fold_batch, "sqlite")
     rebuild(args.steps, args.passes)
     if args.backend in ("sqlite", "both"):
         with sqlite_settings() as settings, open_span_store(settings) as store:

@@ -354,8 +354,11 @@ class TraceBuilder:
             self.trace_id, self._root_parent = trace, span
         else:
             self.trace_id, self._root_parent = ids.trace_id(run_id), None
-        self._root_id = ids.span_id(run_id, "run")
-        self._plan_id = ids.span_id(run_id, "plan")
+        # span id by path: a step's ids are asked for ~12 times over its 5 events, each
+        # a sha256 (issue 10: a quarter of apply's cost); bounded by the spans held
+        self._ids: dict[tuple[str, ...], str] = {}
+        self._root_id = self._sid("run")
+        self._plan_id = self._sid("plan")
 
         self._spans: dict[str, SpanRecord] = {}
         self._order: dict[str, int] = {}  # span id -> creation index (stable tie-break)
@@ -403,6 +406,13 @@ class TraceBuilder:
         self._paused_since: datetime | None = None
         self._paused_ms = 0.0
         self._pauses = 0
+
+    def _sid(self, *path: str) -> str:
+        """``ids.span_id(run, *path)``, computed once per path."""
+        span_id = self._ids.get(path)
+        if span_id is None:
+            span_id = self._ids[path] = ids.span_id(self.run_id, *path)
+        return span_id
 
     # ------------------------------------------------------------------ public API
 
@@ -496,6 +506,10 @@ class TraceBuilder:
         the child is known: the trace query (tracing service), as ``loom runs``."""
         if self._status != "running" or self._root_id not in self._spans:
             return
+        if not self._people and not self._children:  # nothing to lift: shown as is
+            if self._spans[self._root_id].attributes.get("loom.run.status") != "running":
+                self._update(self._root_id, attrs={"loom.run.status": "running"})
+            return
         probe = [*islice(self._people.values(), 1)]
         probe += [Wait(kind="sub_run", ref=c) for c in islice(self._children.values(), 1)]
         shown = run_status(self._status, probe, self._busy_tools > 0)
@@ -530,31 +544,13 @@ class TraceBuilder:
 
     def _dispatch(self, at: datetime, event: Any) -> None:
         match event:
-            case RunRequested():
-                self._on_requested(at, event)
-            case PlanAccepted():
-                self._on_plan_accepted(at, event)
-            case PlanRejected():
-                self._on_plan_rejected(at, event)
-            case ReplanRequested(attempt=n, step_id=sid, error=error):
-                self._create(self._replan_id(n), f"replan {n}", at, self._root_id,
-                             {"loom.replan.step": sid, "error.type": error.code})  # fmt: skip
-            case PlanRevised(attempt=n) | ReplanRefused(attempt=n):
-                self._on_replanned(at, event, n)
+            # the events of every tool step first (the match tries cases in order; no
+            # event class derives from another, so the order changes nothing else)
             case StepScheduled(step_id=iid):
                 self._ensure_inst(iid, at)
                 self._set_status(iid, "scheduled")
             case StepStarted(step_id=iid, attempt=n):
                 self._on_step_started(at, iid, n)
-            case ModelCallRequested():
-                self._on_model_requested(at, event)
-            case ModelCallCompleted() | ModelCallFailed():
-                self._on_model_result(at, event)
-            case ModelOutputRefused(step_id=iid, error=error, call_id=call):
-                attrs = {"error.type": error.code, "loom.model.turn": event.turn}
-                if call:
-                    attrs["loom.model.call"] = call
-                self._event(self._ensure_inst(iid, at), "model_output_refused", at, attrs)
             case ToolCallRequested():
                 self._on_tool_requested(at, event)
                 if self._agent_call(event.step_id):
@@ -568,6 +564,34 @@ class TraceBuilder:
                     self._update(tool_id, attrs={"loom.tool.suspend": event.suspend.label})
                 if self._agent_call(event.step_id):  # a call has no step events: it ends here
                     self._end_inst(event.step_id, at, "completed", "ok")
+            case StepCompleted(step_id=iid, output=output):
+                attrs: dict[str, JSON] = {}
+                if self.options.capture_io:
+                    attrs["loom.step.output"] = capture_json(output, self.options.io_limit)
+                if getattr(event, "reused_from", None):
+                    attrs["loom.step.reused_from"] = event.reused_from
+                self._end_agent_attempt(iid, at, None)
+                self._end_inst(iid, at, "completed", "ok", attrs=attrs)
+            case RunRequested():
+                self._on_requested(at, event)
+            case PlanAccepted():
+                self._on_plan_accepted(at, event)
+            case PlanRejected():
+                self._on_plan_rejected(at, event)
+            case ReplanRequested(attempt=n, step_id=sid, error=error):
+                self._create(self._replan_id(n), f"replan {n}", at, self._root_id,
+                             {"loom.replan.step": sid, "error.type": error.code})  # fmt: skip
+            case PlanRevised(attempt=n) | ReplanRefused(attempt=n):
+                self._on_replanned(at, event, n)
+            case ModelCallRequested():
+                self._on_model_requested(at, event)
+            case ModelCallCompleted() | ModelCallFailed():
+                self._on_model_result(at, event)
+            case ModelOutputRefused(step_id=iid, error=error, call_id=call):
+                attrs = {"error.type": error.code, "loom.model.turn": event.turn}
+                if call:
+                    attrs["loom.model.call"] = call
+                self._event(self._ensure_inst(iid, at), "model_output_refused", at, attrs)
             case ToolCallFailed():
                 self._on_tool_result(at, event, event.started_at, event.finished_at, event.error)
                 if self._agent_call(event.step_id):
@@ -595,7 +619,7 @@ class TraceBuilder:
             case BranchTaken(step_id=iid, branch=branch):
                 self._update(self._ensure_inst(iid, at), attrs={"loom.branch": branch})
             case EventWaitStarted(step_id=iid, matches=matches, mode=mode):
-                span_id = ids.span_id(self.run_id, "step", iid, "wait_event")
+                span_id = self._sid("step", iid, "wait_event")
                 if span_id not in self._spans:
                     attrs = {
                         "loom.step.id": iid,
@@ -638,14 +662,6 @@ class TraceBuilder:
                 self._on_suspended(at, event)
             case StepResumed():
                 self._on_resumed(at, event)
-            case StepCompleted(step_id=iid, output=output):
-                attrs = {}
-                if self.options.capture_io:
-                    attrs["loom.step.output"] = capture_json(output, self.options.io_limit)
-                if getattr(event, "reused_from", None):
-                    attrs["loom.step.reused_from"] = event.reused_from
-                self._end_agent_attempt(iid, at, None)
-                self._end_inst(iid, at, "completed", "ok", attrs=attrs)
             case StepFailed(step_id=iid, error=error):
                 self._end_agent_attempt(iid, at, error)
                 self._end_inst(
@@ -768,7 +784,7 @@ class TraceBuilder:
         )
 
     def _replan_id(self, attempt: int) -> str:
-        return ids.span_id(self.run_id, "replan", str(attempt))
+        return self._sid("replan", str(attempt))
 
     def _on_replanned(self, at: datetime, ev: PlanRevised | ReplanRefused, n: int) -> None:
         """Re-planning ``n`` ended: its model calls as a ``chat`` span under it; a revised
@@ -886,7 +902,7 @@ class TraceBuilder:
     # ------------------------------------------------------------------ instances
 
     def _step_id(self, iid: str) -> str:
-        return ids.span_id(self.run_id, "step", iid)
+        return self._sid("step", iid)
 
     def _describe(self, iid: str) -> tuple[str, str, dict[str, JSON]]:
         """(kind, span name, attributes) of instance ``iid``, resolved through the plan:
@@ -1021,7 +1037,7 @@ class TraceBuilder:
         return bool(head) and self._kind.get(head) == "agent"
 
     def _chat_id(self, iid: str, turn: int) -> str:
-        return ids.span_id(self.run_id, "step", iid, "turn", str(turn), "chat")
+        return self._sid("step", iid, "turn", str(turn), "chat")
 
     def _on_model_requested(self, at: datetime, ev: ModelCallRequested) -> None:
         iid = ev.step_id
@@ -1079,7 +1095,7 @@ class TraceBuilder:
         if planning is None:
             return
         parent = parent or self._plan_id
-        span_id = ids.span_id(self.run_id, key, "chat")
+        span_id = self._sid(key, "chat")
         if span_id in self._spans:
             return
         start = self._spans[parent].start if parent in self._spans else at
@@ -1098,10 +1114,10 @@ class TraceBuilder:
     # ------------------------------------------------------------------ attempts
 
     def _attempt_id(self, iid: str, n: int) -> str:
-        return ids.span_id(self.run_id, "step", iid, "attempt", str(n))
+        return self._sid("step", iid, "attempt", str(n))
 
     def _tool_id(self, iid: str, n: int) -> str:
-        return ids.span_id(self.run_id, "step", iid, "attempt", str(n), "tool")
+        return self._sid("step", iid, "attempt", str(n), "tool")
 
     def _ensure_attempt(self, iid: str, n: int, at: datetime) -> str:
         step_span = self._ensure_inst(iid, at)
@@ -1198,7 +1214,7 @@ class TraceBuilder:
         iid = ev.step_id
         step_span = self._ensure_inst(iid, at)
         self._end_retry_wait(iid, at)
-        span_id = ids.span_id(self.run_id, "step", iid, "retry", str(ev.attempt))
+        span_id = self._sid("step", iid, "retry", str(ev.attempt))
         if span_id not in self._spans:
             attrs: dict[str, JSON] = {
                 "loom.step.id": iid,
@@ -1227,7 +1243,7 @@ class TraceBuilder:
                 )
         elif purpose == "sleep" and iid is not None:
             step_span = self._ensure_inst(iid, at)
-            span_id = ids.span_id(self.run_id, "step", iid, "sleep")
+            span_id = self._sid("step", iid, "sleep")
             if span_id not in self._spans:
                 attrs: dict[str, JSON] = {
                     "loom.step.id": iid,
@@ -1274,7 +1290,7 @@ class TraceBuilder:
     def _on_suspended(self, at: datetime, ev: StepSuspended) -> None:
         iid = ev.step_id
         step_span = self._ensure_inst(iid, at)
-        span_id = ids.span_id(self.run_id, "step", iid, "suspension", ev.suspension_id)
+        span_id = self._sid("step", iid, "suspension", ev.suspension_id)
         if span_id not in self._spans:
             attrs: dict[str, JSON] = {
                 "loom.step.id": iid,
