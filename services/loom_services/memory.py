@@ -17,6 +17,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 from nats.aio.msg import Msg
@@ -46,7 +47,12 @@ from loom_services.memory_ops import run_op
 from loom_services.memorystore import MemoryFailure, MemoryStore
 from loom_services.runtime import ServiceContext, run_main
 
+if TYPE_CHECKING:  # the embedders module loads NumPy: only when memory is first used
+    from loom_infra.embedders import Embedder
+
 log = logging.getLogger("loom.memory")
+# MiniLM in a child process (False: in this one's writer thread, as before issue 10)
+EMBED_IN_CHILD = True
 
 
 class MemoryService:
@@ -67,17 +73,17 @@ class MemoryService:
         (the run store's database). Opened on first use: a stack that never remembers
         anything never loads a model."""
         if self._store is None:
-            from loom_infra import embedders
             from loom_infra.vectors import VectorStore
             from loom_infra.workingmemory import WorkingMemoryStore
 
             store = self.settings.store
             # the model first: if it is missing, no Qdrant folder is left locked
-            embedder = embedders.from_settings(self.settings.embedder)
+            embedder = self._open_embedder()
             location = self.settings.qdrant or str(store.data_dir / "qdrant")
             try:
                 vectors = VectorStore(location)
             except RuntimeError as exc:  # local mode: another process holds the folder
+                _close_embedder(embedder)
                 raise MemoryFailure(
                     "store_busy",
                     f"the Qdrant folder {location} is open in another process: run one "
@@ -91,8 +97,21 @@ class MemoryService:
                 self._store = MemoryStore(vectors, embedder, working)
             except BaseException:
                 vectors.close()  # release the folder: the next request tries again
+                _close_embedder(embedder)
                 raise
         return self._store
+
+    def _open_embedder(self) -> Embedder:
+        """MiniLM runs in a child process (``loom_services.embedworker``: its CPU-bound
+        forward pass held the GIL of the process that runs the steps); the others (hash,
+        a hosted model) here."""
+        from loom_infra import embedders
+
+        if self.settings.embedder.spec == "minilm" and EMBED_IN_CHILD:
+            from loom_services.embedworker import ProcessEmbedder
+
+            return ProcessEmbedder(self.settings.embedder)
+        return embedders.from_settings(self.settings.embedder)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -117,6 +136,7 @@ class MemoryService:
         if self._store is not None:
             self._store.working.close()
             self._store.vectors.close()
+            _close_embedder(self._store.embedder)
 
     async def on_tool_request(self, msg: Msg, request: MemoryRequest) -> MemoryReply:
         if not request.run_id:
@@ -295,6 +315,12 @@ class MemoryService:
                     kept.append(entry)
             entries = kept
         return ThreadReply(thread_id=query.thread_id, entries=entries)
+
+
+def _close_embedder(embedder: Embedder) -> None:
+    close = getattr(embedder, "close", None)  # the child process of ProcessEmbedder
+    if close is not None:
+        close()
 
 
 def _failed(code: str, message: str, path: str | None = None) -> MemoryReply:
