@@ -152,10 +152,10 @@ class MemoryStore:
         if len(text) > CACHED_TEXT_CHARS:
             return self.embedder.embed([text])[0]
         with self._vectors_lock:
-            vector = self._vectors.get(text)
-            if vector is not None:
+            kept = self._vectors.get(text)
+            if kept is not None:
                 self._vectors.move_to_end(text)
-                return list(vector)
+                return list(kept)
         vector = self.embedder.embed([text])[0]
         with self._vectors_lock:
             self._vectors[text] = tuple(vector)
