@@ -80,9 +80,11 @@ EXPORT_BATCH = 512  # spans per OTLP request
 # Events folded per fetch, and how long the consumer waits after a smaller batch before
 # fetching again: spans lag the run by up to that (a read model), and each fetch, fold
 # and SQLite transaction serves many steps instead of one (issue 10, perf3: tracing was
-# ~0.8 ms of CPU per hop step, on the same cores as the step's path).
+# ~0.8 ms of CPU per hop step, on the same cores as the step's path). 50 ms, not 20:
+# a sequential run's batch grows from ~11 steps to ~30, and each fetch, thread hop and
+# commit (~0.3 ms of CPU) is shared by that many steps (docs/notes/tracecost.md).
 FOLD_BATCH = 256
-FOLD_LINGER_S = 0.02
+FOLD_LINGER_S = 0.05
 EXPORT_MAX_ATTEMPTS = 3  # refusals of one span before it is given up
 HISTORY_PAGE = 1000  # events per request to the executor
 MAX_QUERY_LIMIT = 10_000

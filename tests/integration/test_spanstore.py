@@ -30,7 +30,7 @@ from loom_core.contracts import (
     ToolCallRequested,
     ToolStep,
 )
-from loom_core.spans import TraceBuilder
+from loom_core.spans import TraceBuilder, build_spans
 from loom_infra.settings import StoreSettings
 from loom_infra.spanstore import SpanStore, open_span_store
 from loom_infra.store import StoreError
@@ -671,3 +671,40 @@ def test_a_store_written_before_the_query_columns_is_upgraded(
         assert [(r.key, r.calls) for r in store.usage("tool")] == [("http_get", 1)]
     with open_span_store(span_settings) as again:  # opening twice is harmless
         assert len(again.trace("old")) == len(old)
+
+
+def test_the_unused_trace_id_index_of_an_older_store_is_dropped(
+    span_settings: StoreSettings,
+) -> None:
+    """It served no query and cost every span write (issue 10): a store that has it loses
+    it when opened, and keeps its spans."""
+    with open_span_store(span_settings) as store:
+        store.save("r1", run_events("r1"), build_spans(run_events("r1")))
+    create = "CREATE INDEX loom_trace_spans_trace ON loom_trace_spans (trace_id)"
+    if span_settings.kind == "sqlite":
+        import sqlite3
+
+        path = span_settings.data_dir / "traces.db"
+        with sqlite3.connect(path) as conn:
+            conn.execute(create)
+
+        def indexes() -> set[str]:
+            with sqlite3.connect(path) as conn:
+                return {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    else:
+        import psycopg
+
+        assert span_settings.postgres_url
+        url = span_settings.postgres_url
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(create)
+
+        def indexes() -> set[str]:
+            with psycopg.connect(url, autocommit=True) as conn:
+                return {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes")}
+
+    assert "loom_trace_spans_trace" in indexes()
+    with open_span_store(span_settings) as store:
+        assert len(store.trace("r1")) == len(build_spans(run_events("r1")))
+    assert "loom_trace_spans_trace" not in indexes()
+    assert "loom_trace_spans_run" in indexes()
