@@ -85,7 +85,7 @@ class ProcessEmbedder:
         _write(proc.stdin, texts)
         reply = _read(proc.stdout, CALL_TIMEOUT_S)
         if reply is None:
-            self._stop()
+            self._stop(kill=True)
             raise EmbedderError(f"the embedder process answered nothing in {CALL_TIMEOUT_S:.0f} s")
         if "e" in reply:
             raise EmbedderError(str(reply["e"]))
@@ -104,10 +104,12 @@ class ProcessEmbedder:
         self._proc = proc
         return proc
 
-    def _stop(self) -> None:
+    def _stop(self, kill: bool = False) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if kill:  # stuck: what it would answer is no longer awaited
+            proc.kill()
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 with contextlib.suppress(OSError):

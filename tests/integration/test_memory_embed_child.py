@@ -144,3 +144,22 @@ async def test_the_stack_recalls_a_runs_message_embedded_in_the_child(
     await eventually(recalled, "the run's message recalled by meaning")
     memory = next(s for s in stack.stack.services if isinstance(s, MemoryService))
     assert memory._store is not None and isinstance(memory._store.embedder, ProcessEmbedder)
+
+
+def test_a_child_that_answers_nothing_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from loom_services import embedworker
+
+    embedder = ProcessEmbedder(EmbedderSettings())
+    try:
+        stuck = embedder._proc
+        assert stuck is not None
+        stuck.send_signal(signal.SIGSTOP)  # alive, answering nothing
+        monkeypatch.setattr(embedworker, "CALL_TIMEOUT_S", 0.3)
+        with pytest.raises(EmbedderError, match="answered nothing"):
+            embedder.embed(["hello"])
+        assert stuck.poll() is not None  # killed, not left behind
+        assert len(embedder.embed(["hello"])[0]) == embedder.dim  # a new child
+    finally:
+        embedder.close()
