@@ -121,6 +121,22 @@ class ProcessEmbedder:
             proc.wait(5)
 
 
+_shared: dict[EmbedderSettings, ProcessEmbedder] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(settings: EmbedderSettings) -> ProcessEmbedder:
+    """One child per settings for this whole process (as ``embedders.from_settings``
+    loads a model once): every memory service started here uses it, and it ends with
+    this process (its input closes). A failure to start is not kept: the next call tries
+    again."""
+    with _shared_lock:
+        embedder = _shared.get(settings)
+        if embedder is None:
+            embedder = _shared[settings] = ProcessEmbedder(settings)
+        return embedder
+
+
 def _write(pipe: IO[bytes], value: Any) -> None:
     body = msgspec.msgpack.encode(value)
     data = memoryview(_HEADER.pack(len(body)) + body)

@@ -83,7 +83,6 @@ class MemoryService:
             try:
                 vectors = VectorStore(location)
             except RuntimeError as exc:  # local mode: another process holds the folder
-                _close_embedder(embedder)
                 raise MemoryFailure(
                     "store_busy",
                     f"the Qdrant folder {location} is open in another process: run one "
@@ -97,20 +96,19 @@ class MemoryService:
                 self._store = MemoryStore(vectors, embedder, working)
             except BaseException:
                 vectors.close()  # release the folder: the next request tries again
-                _close_embedder(embedder)
                 raise
         return self._store
 
     def _open_embedder(self) -> Embedder:
         """MiniLM runs in a child process (``loom_services.embedworker``: its CPU-bound
-        forward pass held the GIL of the process that runs the steps); the others (hash,
-        a hosted model) here."""
+        forward pass held the GIL of the process that runs the steps), one per process
+        like the model it replaces; the others (hash, a hosted model) here."""
         from loom_infra import embedders
 
         if self.settings.embedder.spec == "minilm" and EMBED_IN_CHILD:
-            from loom_services.embedworker import ProcessEmbedder
+            from loom_services import embedworker
 
-            return ProcessEmbedder(self.settings.embedder)
+            return embedworker.shared(self.settings.embedder)
         return embedders.from_settings(self.settings.embedder)
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -136,7 +134,6 @@ class MemoryService:
         if self._store is not None:
             self._store.working.close()
             self._store.vectors.close()
-            _close_embedder(self._store.embedder)
 
     async def on_tool_request(self, msg: Msg, request: MemoryRequest) -> MemoryReply:
         if not request.run_id:
@@ -315,12 +312,6 @@ class MemoryService:
                     kept.append(entry)
             entries = kept
         return ThreadReply(thread_id=query.thread_id, entries=entries)
-
-
-def _close_embedder(embedder: Embedder) -> None:
-    close = getattr(embedder, "close", None)  # the child process of ProcessEmbedder
-    if close is not None:
-        close()
 
 
 def _failed(code: str, message: str, path: str | None = None) -> MemoryReply:

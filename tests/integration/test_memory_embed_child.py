@@ -30,6 +30,7 @@ from loom_infra.embedders import EmbedderError, HashEmbedder, MiniLMEmbedder
 from loom_infra.settings import EmbedderSettings, Settings, StoreSettings
 from loom_infra.vectors import VectorStore
 from loom_infra.workingmemory import WorkingMemoryStore
+from loom_services import embedworker
 from loom_services.embedworker import ProcessEmbedder
 from loom_services.memory import MemoryService
 from loom_services.memorystore import CACHED_TEXT_CHARS, CACHED_VECTORS, MemoryStore
@@ -143,7 +144,8 @@ async def test_the_stack_recalls_a_runs_message_embedded_in_the_child(
 
     await eventually(recalled, "the run's message recalled by meaning")
     memory = next(s for s in stack.stack.services if isinstance(s, MemoryService))
-    assert memory._store is not None and isinstance(memory._store.embedder, ProcessEmbedder)
+    assert memory._store is not None
+    assert memory._store.embedder is embedworker.shared(memory.settings.embedder)
 
 
 def test_a_child_that_answers_nothing_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,6 +162,16 @@ def test_a_child_that_answers_nothing_is_replaced(monkeypatch: pytest.MonkeyPatc
         with pytest.raises(EmbedderError, match="answered nothing"):
             embedder.embed(["hello"])
         assert stuck.poll() is not None  # killed, not left behind
-        assert len(embedder.embed(["hello"])[0]) == embedder.dim  # a new child
+        monkeypatch.undo()  # a new child loads its model: the usual bound
+        assert len(embedder.embed(["hello"])[0]) == embedder.dim
     finally:
         embedder.close()
+
+
+def test_one_child_serves_every_memory_service_of_a_process() -> None:
+    from loom_services import embedworker
+
+    settings = EmbedderSettings()
+    first = embedworker.shared(settings)
+    assert embedworker.shared(EmbedderSettings()) is first  # equal settings, one child
+    assert first._proc is not None and first._proc.poll() is None
