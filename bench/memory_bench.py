@@ -10,7 +10,8 @@
    users in 2 tenants; a query filters on tenant+user like every memory search), in
    Qdrant local mode (which filters in Python: the figure a laptop stack sees).
 3. Embed throughput of the default embedder: texts per second in batches of 64 and the
-   latency of one query.
+   latency of one query; and this process's CPU per text embedded here vs in the memory
+   service's child process (``loom_services.embedworker``, issue 10).
 
 Wall and process CPU time are printed side by side (the machine is shared).
 
@@ -207,6 +208,27 @@ def embed_throughput(model: MiniLMEmbedder) -> dict[str, float]:
     }
 
 
+def child_cost(model: MiniLMEmbedder, texts: int = 40) -> dict[str, float]:
+    """CPU this process spends per text (run start/end messages: one text per call),
+    embedding in this process vs in the memory service's child (embedworker): what a run's
+    messages take from the process that runs the steps."""
+    from loom_infra.settings import EmbedderSettings
+    from loom_services.embedworker import ProcessEmbedder
+
+    child = ProcessEmbedder(EmbedderSettings())
+    try:
+        out: dict[str, float] = {}
+        for name, embedder in (("here", model), ("child", child)):
+            w, c = time.perf_counter(), time.process_time()
+            for i in range(texts):
+                embedder.embed([f"run {i}: summarise the invoices of week {i % 52}"])
+            out[f"{name}_cpu_ms"] = (time.process_time() - c) / texts * 1000
+            out[f"{name}_wall_ms"] = (time.perf_counter() - w) / texts * 1000
+        return out
+    finally:
+        child.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
@@ -222,6 +244,10 @@ def main() -> None:
             r5, mrr, took = recall_at_5(embedder, folder)
             print(f"recall@5 {embedder.name}: {r5:.3f} (MRR {mrr:.3f}; 300 memories, "
                   f"60 queries, {took / 60 * 1000:.1f} ms per search incl. embedding)")  # fmt: skip
+        k = child_cost(model)
+        print(f"one text per call: {k['here_cpu_ms']:.2f} ms CPU of this process embedding "
+              f"here ({k['here_wall_ms']:.2f} ms wall), {k['child_cpu_ms']:.3f} ms in the "
+              f"child ({k['child_wall_ms']:.2f} ms wall)")  # fmt: skip
         t = embed_throughput(model)
         print(f"embed: {t['texts_per_s']:.0f} texts/s in batches of 64 "
               f"({t['cpu_ms_per_text']:.1f} ms CPU per text); one query "
