@@ -81,7 +81,7 @@ EXPORT_BATCH = 512  # spans per OTLP request
 # fetching again: spans lag the run by up to that (a read model), and each fetch, fold
 # and SQLite transaction serves many steps instead of one (issue 10, perf3: tracing was
 # ~0.8 ms of CPU per hop step, on the same cores as the step's path). 50 ms, not 20:
-# a sequential run's batch grows from ~11 steps to ~30, and each fetch, thread hop and
+# a sequential run's batch grows from ~16 steps to ~28, and each fetch, thread hop and
 # commit (~0.3 ms of CPU) is shared by that many steps (docs/notes/tracecost.md).
 FOLD_BATCH = 256
 FOLD_LINGER_S = 0.05
