@@ -63,7 +63,11 @@ class ProcessEmbedder:
         self._settings = {"model_dir": str(folder), "threads": settings.threads}
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
-        self.embed(["warm up"])  # loads the model now: a broken model fails here
+        try:
+            self.embed(["warm up"])  # loads the model now: a broken model fails here
+        except BaseException:
+            self.close()  # no child is left behind by a constructor that failed
+            raise
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
@@ -71,9 +75,16 @@ class ProcessEmbedder:
         with self._lock:
             try:
                 return self._call(texts)
-            except (BrokenPipeError, EOFError, ConnectionError):
+            except (EOFError, ConnectionError):
                 self._stop()  # the child died (killed, out of memory): a new one, once
+            try:
                 return self._call(texts)
+            except (EOFError, ConnectionError) as exc:
+                self._stop()
+                raise EmbedderError(
+                    f"the embedder process stopped twice in a row ({exc!r}); its error is in "
+                    "this service's log (stderr). Check memory limits and the model files"
+                ) from exc
 
     def close(self) -> None:
         with self._lock:

@@ -175,3 +175,26 @@ def test_one_child_serves_every_memory_service_of_a_process() -> None:
     first = embedworker.shared(settings)
     assert embedworker.shared(EmbedderSettings()) is first  # equal settings, one child
     assert first._proc is not None and first._proc.poll() is None
+
+
+def test_a_model_that_cannot_load_is_a_typed_error_and_leaves_no_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    (broken / "tokenizer.json").write_text("{}")
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def recording(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = popen(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    with pytest.raises(EmbedderError, match="could not load"):
+        ProcessEmbedder(EmbedderSettings(model_dir=broken))
+    assert started and all(p.poll() is not None for p in started)
