@@ -403,6 +403,30 @@ async def publish_acked(
     return ack
 
 
+async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
+    """A plain publish that is on the socket when this returns, not at the connection's
+    flusher's next turn: the caller is about to block the loop (the SQLite commit, issue
+    10) and the message must travel meanwhile. Returns False when it could not be written
+    now (not connected, or a write error): it is then dropped, so only for messages with a
+    durable fallback. Writes what the connection had pending, in order, as its flusher
+    does (nats-py 2.16's ``_pending``/``_transport``: the version is pinned; the direct
+    dispatch tests fail first if an upgrade changes them)."""
+    if not nc.is_connected:
+        return False
+    try:
+        await nc.publish(subject, data)
+        transport = nc._transport
+        if transport is None or not nc._pending:
+            return transport is not None
+        transport.writelines(nc._pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0
+    except Exception as exc:  # the stream copy is the command; this is only a shortcut
+        log.debug("publish_now on %s failed: %r", subject, exc)
+        return False
+    return True
+
+
 # the callbacks of each connection made by ``connect`` (wait_acks reads its disconnects)
 _EVENTS: weakref.WeakKeyDictionary[NATS, _ConnectionEvents] = weakref.WeakKeyDictionary()
 

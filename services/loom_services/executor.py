@@ -42,6 +42,9 @@ from loom_core.contracts import (
     SubmitRejected,
     SubRunFinished,
     SubRunRequested,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolCallRequested,
 )
 from loom_core.errors import LoomError
 from loom_core.executor import (
@@ -166,6 +169,7 @@ class ExecutorService:
         # the inbox: one consumer per owned partition, started by ``parts``
         if self.settings.direct_dispatch:
             await endpoints.stream_copies(ctx.nc, routes.INBOX_TOOL, self.name, self.on_result_copy)
+            self.host.before_commit = self.dispatch_early
         # schedules fire here: a firing acts for its creator, as only the engine may
         self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
                                    self._check_scheduled, exists=self._run_exists,
@@ -333,6 +337,30 @@ class ExecutorService:
         return SubmitRejected(error=error)
 
     # ------------------------------------------------------------------ inbox
+
+    async def dispatch_early(self, records: list[EventRecord]) -> None:
+        """Send the batch's tool requests to the tool-runners before the batch is
+        committed (``RunHost.before_commit``, issue 10): the call and the commit overlap,
+        where the relay's publish came only after the commit. Safe to send uncommitted:
+        only idempotent calls are started from it (others wait for the stream copy); a
+        result is recorded only for a request the run has stored, checked by the writer
+        after this commit; and if this commit fails, the run is re-decided and the same
+        request (same key) sent again, which the tool-runner answers from its ledger
+        (``ToolRunnerService.on_request_copy``). Requests answered here (local calls) are
+        not sent. Best effort: the relay's publish stays the command (docs/decisions.md,
+        "The hop and the commit overlap")."""
+        answered = {
+            (r.run_id, r.event.idempotency_key)
+            for r in records
+            if isinstance(r.event, ToolCallCompleted | ToolCallFailed)
+        }
+        for record in records:
+            event = record.event
+            if isinstance(event, ToolCallRequested) and (
+                (record.run_id, event.idempotency_key) not in answered
+            ):
+                subject = routes.TOOL_DISPATCH.subject(run_id=record.run_id)
+                await bus.publish_now(self.ctx.nc, subject, codec.encode(record))
 
     async def on_result_copy(self, msg: Msg) -> None:
         """A tool result as the tool-runner publishes it, before LOOM_INBOX has stored
