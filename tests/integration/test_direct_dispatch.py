@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from waiting import eventually  # type: ignore[import-not-found]
 
-from loom_core import subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
+    EventRecord,
     Plan,
     RunCompleted,
     RunRequest,
     ToolCallCompleted,
+    ToolCallRequested,
+    ToolResult,
     ToolStep,
 )
+from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings, StoreSettings
@@ -167,3 +172,92 @@ async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
     keys = [c.idempotency_key for c in completed]
     assert sorted(RAN) == sorted(keys)
     assert sum(r.from_publish for r in two_runners.runners) == STEPS
+
+
+@pytest.fixture
+async def direct_runner(
+    tmp_path: Path, sqlite_store_settings: StoreSettings
+) -> AsyncIterator[Running]:
+    async for running in stack_of(tmp_path, sqlite_store_settings, 1, True):
+        yield running
+
+
+@pytest.mark.parametrize("redispatch", ["sent", "lost"])
+async def test_a_dispatched_request_whose_commit_failed_is_answered_once_stored(
+    direct_runner: Running, redispatch: str
+) -> None:
+    """The executor dispatches a request before its commit; here that commit fails once
+    (injected), after the runner got the dispatch. The runner answers it, the run refuses
+    that result (it never stored the request), the executor decides the request again and
+    stores it. Whether that second dispatch reaches the runner (it is answered from the
+    ledger, after asking the run) or is lost (the stream copy of the stored request is
+    not the event first dispatched, so it is answered the same way, not acked as done),
+    the run gets its result: every step recorded once, nothing stuck."""
+    executor = direct_runner.executor
+    store = executor.host.store
+    append, dispatch = store.append, executor.host.before_commit
+    assert dispatch is not None
+    failed: list[str] = []
+
+    def failing_append(records: list) -> list[int]:  # type: ignore[type-arg]
+        steps = {r.event.step_id for r in records if type(r.event).__name__ == "ToolCallRequested"}
+        if "s3" in steps and not failed:
+            failed.append("s3")
+            raise RuntimeError("injected: the commit of s3's request failed")
+        return append(records)
+
+    async def dispatch_unless_lost(records: list) -> None:  # type: ignore[type-arg]
+        if failed and redispatch == "lost":
+            return
+        await dispatch(records)
+
+    store.append = failing_append  # type: ignore[method-assign]
+    executor.host.before_commit = dispatch_unless_lost
+    async with await LoomClient.connect(direct_runner.url) as client:
+        completed = await run_chain(client)
+        await eventually(lambda: not executor.taken, "the executor's stream copies to settle")
+    assert failed == ["s3"]
+    steps = [c.step_id for c in completed]
+    assert sorted(steps) == sorted(f"s{i}" for i in range(STEPS))  # each recorded once
+    keys = {c.step_id: c.idempotency_key for c in completed}
+    assert RAN.count(keys["s3"]) in (1, 2)  # idempotent: a second run is allowed, no more
+    assert all(RAN.count(keys[s]) == 1 for s in steps if s != "s3")
+
+
+async def test_a_request_decided_again_is_answered_from_the_ledger(direct_runner: Running) -> None:
+    """What the runner does when the event it answered from a dispatch is not the event
+    stored: the executor dispatched a decision (decided at t1) whose commit failed, then
+    decided and stored the same request again (at t2). Both the second dispatch and the
+    stream copy of the stored event are answered again, from the ledger (the tool does
+    not run again), because the run may have refused the first answer; the stream copy
+    of the very event dispatched is acked as answered. Driven by hand on a run the
+    executor does not know, so only the runner's rules are at work."""
+    (runner,) = direct_runner.runners
+    run_id = "run-redecided0000000001"
+    key = f"{run_id}:s0:1"
+    request = ToolCallRequested(
+        step_id="s0", attempt=1, tool="tick", input={"n": 1}, idempotency_key=key
+    )
+    t1 = bus.now()
+    first = EventRecord(run_id=run_id, seq=3, at=t1, event=request)
+    again = EventRecord(run_id=run_id, seq=3, at=t1 + timedelta(milliseconds=2), event=request)
+    async with await LoomClient.connect(direct_runner.url) as client:
+        results = await client.nc.subscribe(subjects.inbox(run_id, "tool"))
+
+        async def result() -> ToolResult:
+            return codec.decode((await results.next_msg(timeout=10)).data, ToolResult)
+
+        dispatch = routes.TOOL_DISPATCH.subject(run_id=run_id)
+        stored = subjects.run_event(run_id, "tool_call_requested")
+        await client.nc.publish(dispatch, codec.encode(first))
+        assert (await result()).idempotency_key == key  # ran once, from the dispatch
+        await eventually(lambda: bool(runner.answered), "the runner to remember its answer")
+        # the stored event is another decision: answered again, from the ledger
+        await client.js.publish(stored, codec.encode(again), headers={subjects.MSG_ID: "a"})
+        resent = await result()
+        # a second dispatch of the first decision's key: answered again too
+        await client.nc.publish(dispatch, codec.encode(again))
+        resent_again = await result()
+        assert resent.output == resent_again.output == {"n": 2}
+        assert RAN.count(key) == 1  # the tool ran once; the answers came from the ledger
+        await results.unsubscribe()
