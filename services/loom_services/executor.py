@@ -344,11 +344,12 @@ class ExecutorService:
         where the relay's publish came only after the commit. Safe to send uncommitted:
         only idempotent calls are started from it (others wait for the stream copy); a
         result is recorded only for a request the run has stored, checked by the writer
-        after this commit; and if this commit fails, the run is re-decided and the same
-        request (same key) sent again, which the tool-runner answers from its ledger
-        (``ToolRunnerService.on_request_copy``). Requests answered here (local calls) are
-        not sent. Best effort: the relay's publish stays the command (docs/decisions.md,
-        "The hop and the commit overlap")."""
+        after this commit; a request with secret references is not sent (its secrets are
+        resolved only once the executor confirms it stored it); and if this commit
+        fails, the run is re-decided and the same request (same key) sent again, which
+        the tool-runner answers from its ledger (``ToolRunnerService.on_request_copy``).
+        Requests answered here (local calls) are not sent. Best effort: the relay's
+        publish stays the command (docs/decisions.md, "The hop and the commit overlap")."""
         answered = {
             (r.run_id, r.event.idempotency_key)
             for r in records
@@ -356,8 +357,10 @@ class ExecutorService:
         }
         for record in records:
             event = record.event
-            if isinstance(event, ToolCallRequested) and (
-                (record.run_id, event.idempotency_key) not in answered
+            if (
+                isinstance(event, ToolCallRequested)
+                and not event.secret_refs  # resolved only for a stored request: the stream
+                and (record.run_id, event.idempotency_key) not in answered
             ):
                 subject = routes.TOOL_DISPATCH.subject(run_id=record.run_id)
                 await bus.publish_now(self.ctx.nc, subject, codec.encode(record))

@@ -280,7 +280,8 @@ class ToolRunnerService:
         which always follows (to this runner or another), is then settled as this
         handling is (``_one``), if it is the very event dispatched (``early_mark``).
         Left to the stream copy: a non-idempotent tool (its claim and the
-        ambiguous-outcome rule need the durable, stored command), one this process is
+        ambiguous-outcome rule need the durable, stored command), a request with secret
+        references (resolved only for a request the executor stored), one this process is
         handling, one decided long ago, and any when the runner is full. A dispatch of a
         key this process answered already is the executor deciding it again (its first
         decision was not stored): answered from the ledger after asking the run
@@ -295,6 +296,7 @@ class ToolRunnerService:
             return
         if (
             not self.catalog.idempotent(request.tool)
+            or request.secret_refs  # resolved only for a stored request (``_unless_stored``)
             or len(self.handling) >= self.settings.delivery.tool_concurrency
             or (bus.now() - record.at).total_seconds() > PUBLISH_MAX_AGE_S
         ):

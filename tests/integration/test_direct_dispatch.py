@@ -255,6 +255,7 @@ async def test_a_request_decided_again_is_answered_from_the_ledger(direct_runner
         # the stored event is another decision: answered again, from the ledger
         await client.js.publish(stored, codec.encode(again), headers={subjects.MSG_ID: "a"})
         resent = await result()
+        await eventually(lambda: not runner.handling, "the runner to finish that answer")
         # a second dispatch of the first decision's key: answered again too
         await client.nc.publish(dispatch, codec.encode(again))
         resent_again = await result()
