@@ -1302,8 +1302,10 @@ class Wait(Record, tag="wait", tag_field="type"):
 
 
 class RunProgress(Record, tag="run_progress", tag_field="type"):
-    """Published on ``loom.progress.{run_id}`` after each change of a run (not stored:
-    a convenience for live views; the events are the truth). ``status`` is
+    """Published on ``loom.progress.{run_id}`` after a run changes (not stored: a
+    convenience for live views; the events are the truth). While a run keeps its
+    status, at most one per 50 ms: the first change at once, the latest state at the
+    interval's end; a change of status at once; the last state is always said. ``status`` is
     ``suspended`` by the rule of ``loom_core.waits.run_status``; ``waits`` lists what
     the run waits on."""
 

@@ -35,7 +35,6 @@ from loom_core.contracts import (
     RunControlReply,
     RunEventsQuery,
     RunEventsReply,
-    RunProgress,
     RunPublishFailed,
     RunRequest,
     SubmitAccepted,
@@ -55,7 +54,6 @@ from loom_core.executor import (
 from loom_core.lineage import ForkError, fork_request
 from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
 from loom_core.validation import check_run_id, check_run_request
-from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
@@ -72,6 +70,7 @@ from loom_services import tenants
 from loom_services.admission import AdmissionControl, load_quotas
 from loom_services.local_tools import LocalTools
 from loom_services.partitioned import Partitioned
+from loom_services.progress import ProgressPublisher
 from loom_services.runhost import RunHost, Work, child_status
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.schedules import Scheduler
@@ -109,6 +108,7 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self.progress = ProgressPublisher(self.host.actors.get, self._send_progress)
         # quotas per tenant and queue (loom_services.admission)
         self.admission = AdmissionControl(load_quotas(settings.quotas_file), self.host.submit)
         # tool results taken from the tool-runner's publish, by copy (``on_result_copy``)
@@ -717,9 +717,10 @@ class ExecutorService:
         return RunControlReply(run_id=control.run_id, ok=False, error=error)
 
     def publish_progress(self, records: list[EventRecord]) -> None:
-        """Live progress per run changed by a commit (plain NATS; best effort). A
-        child's change is its parent's too (the parent is suspended once the child
-        waits on a person), so the parent in memory is published again."""
+        """Live progress of each run changed by a commit (plain NATS; best effort;
+        coalesced per run: ``loom_services.progress``). A child's change is its
+        parent's too (the parent is suspended once the child waits on a person), so the
+        parent in memory is published again."""
         changed = dict.fromkeys(r.run_id for r in records)
         for run_id in list(changed):  # every ancestor in memory, to the 8 levels lifted
             state = self.host.actors.get(run_id)
@@ -728,27 +729,13 @@ class ExecutorService:
                     break
                 changed.setdefault(state.parent.run_id, None)
                 state = self.host.actors.get(state.parent.run_id)
-        out: list[tuple[str, bytes]] = []
-        for run_id in changed:
-            state = self.host.actors.get(run_id)
-            if state is None:
-                continue
-            # children in memory say whether they wait on people (to any depth)
-            status, waits = lifted_state(state, self.host.actors.get)
-            progress = RunProgress(
-                run_id=run_id,
-                status=status,
-                steps_total=state.steps_total,
-                steps_done=state.steps_done,
-                steps_running=state.running,
-                at=records[-1].at,
-                waits=waits,
-            )
-            out.append((tenants.progress_subject(state), codec.encode(progress)))
-        if out:  # one task per commit, not one per run (issue 10, perf4)
-            task = asyncio.ensure_future(self._publish(out))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+        self.progress.changed(list(changed), records[-1].at)
+
+    def _send_progress(self, messages: list[tuple[str, bytes]]) -> None:
+        # one task per publish round, not one per run (issue 10, perf4)
+        task = asyncio.ensure_future(self._publish(messages))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _publish(self, messages: list[tuple[str, bytes]]) -> None:
         for subject, data in messages:
