@@ -1592,6 +1592,16 @@ class Pong(Record, tag="pong", tag_field="type"):
     error: ErrorInfo | None = None
 
 
+class InboxReceipt(Record, tag="inbox_receipt", tag_field="type"):
+    """The executor's answer to a result sent to it directly (route ``toolResult``):
+    ``recorded`` once the run's stored events hold it (its commit is done); otherwise
+    ``error`` says why not, and the sender publishes the result to the run's inbox
+    stream instead, where a refusal is dead-lettered with that reason."""
+
+    recorded: bool = False
+    error: ErrorInfo | None = None
+
+
 class RelayWake(Record, tag="relay_wake", tag_field="type"):
     """An executor replica stored events (up to ``notification_id``): the relay, which
     runs on the owner of partition 0 only, reads the store now rather than at its next

@@ -598,6 +598,24 @@ TOOL_DISPATCH = Route(
     "crashes, and a result is recorded only for a request the run has stored.",
 )
 
+TOOL_RESULT = Route(
+    name="toolResult",
+    pattern=subjects.tool_result("{run_id}"),
+    # every executor replica hears it and only the run's writer answers (no queue group:
+    # a member of one would often not be the writer); no answer: the sender falls back
+    kind="broadcast",
+    messages=(c.ToolResult,),
+    replies=(c.InboxReceipt,),
+    publishers=("toolrunner",),
+    consumers=(Consumer("executor", note="every replica; the run's writer answers"),),
+    description="Between services only (LOOM_DIRECT_DISPATCH): a tool call's result, sent "
+    "by the tool-runner to the executor as a request. The run's writer checks it as an "
+    "inbox message and answers `recorded` once the run's events hold it (stored), so the "
+    "result needs no write to the inbox stream; otherwise the answer says why not and "
+    "the tool-runner publishes the result to `inbox.tool` (the durable path) instead, as "
+    "it does when no answer comes.",
+)
+
 RELAY_WAKE = Route(
     name="relayWake",
     pattern=f"{subjects.PREFIX}.relay.wake",
@@ -690,6 +708,7 @@ ROUTES: tuple[Route, ...] = (
     MODEL_ANSWERS,
     FORWARD,
     TOOL_DISPATCH,
+    TOOL_RESULT,
     RELAY_WAKE,
     PARTITION_LEASES,
     ADMISSION_BOOK,

@@ -227,6 +227,7 @@ _SUBJECT_NAMES = {
     "progress": "channel progress",
     "model_stream": "channel modelStream",
     "tool_dispatch": "channel toolDispatch",
+    "tool_result": "channel toolResult",
     "TOOLS_BUCKET": "channel toolCatalog",
     "PARTITIONS_BUCKET": "channel partitionLeases",
     "BLOBS_BUCKET": "channel blobs",

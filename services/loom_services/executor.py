@@ -10,6 +10,7 @@ Replies and acks go out only once the batch is stored; the relay then publishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -28,6 +29,7 @@ from loom_core.contracts import (
     ForkReply,
     ForkRun,
     InboxMessage,
+    InboxReceipt,
     ParentLink,
     ResumeReply,
     ResumeRun,
@@ -44,6 +46,7 @@ from loom_core.contracts import (
     ToolCallCompleted,
     ToolCallFailed,
     ToolCallRequested,
+    ToolResult,
 )
 from loom_core.errors import LoomError
 from loom_core.executor import (
@@ -84,6 +87,26 @@ _FAMILY_MAX = 256
 
 
 TAKEN_MAX = 10_000  # results taken from their publish whose stream copy has not come yet
+
+
+def _result_mismatch(message: InboxMessage, run_id: str) -> ErrorInfo | None:
+    """Why a message sent on ``loom.result.{run_id}.tool`` is not that run's tool result."""
+    if not isinstance(message, ToolResult):
+        tag = routes.tag_of(type(message))
+        return ErrorInfo(
+            code="wrong_subject",
+            message=f"a {tag} is not accepted on {routes.TOOL_RESULT.pattern}",
+            path="$.type",
+        )
+    if message.run_id != run_id:
+        return ErrorInfo(
+            code="wrong_subject",
+            message=f"{routes.TOOL_RESULT.subject(run_id=run_id)} is run '{run_id}''s; the "
+            f"tool_result names run '{message.run_id}'",
+            path="$.run_id",
+            details={"expected": run_id, "received": message.run_id},
+        )
+    return None
 
 
 def _copy_key(msg: Msg) -> bytes:
@@ -170,6 +193,7 @@ class ExecutorService:
         if self.settings.direct_dispatch:
             await endpoints.stream_copies(ctx.nc, routes.INBOX_TOOL, self.name, self.on_result_copy)
             self.host.before_commit = self.dispatch_early
+            await endpoints.subscribe(ctx.nc, routes.TOOL_RESULT, self.name, self.on_result)
         # schedules fire here: a firing acts for its creator, as only the engine may
         self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
                                    self._check_scheduled, exists=self._run_exists,
@@ -392,6 +416,45 @@ class ExecutorService:
             self.taken.popitem(last=False)
         work.done.add_done_callback(lambda done: self._taken_done(copy, work, done))
         self.host.queue.put_nowait(work)
+
+    async def on_result(self, msg: Msg) -> None:
+        """A tool result sent straight here by the tool-runner (``routes.TOOL_RESULT``,
+        issue 10), answered once recorded: the run's writer checks it exactly as an
+        inbox message (route, run, then against the state: is the run waiting for it)
+        and answers ``recorded`` after the commit that stored it; a refusal is answered
+        with its reason (the runner then publishes the result to the inbox stream,
+        which dead-letters it with that reason). Replicas that do not write the run say
+        nothing (the runner falls back when no answer comes). Never waits: it runs on
+        the connection's delivery task."""
+        run_id = msg.subject.split(".")[2]  # the subscription's filter: loom.result.*.tool
+        if self.host.owns is not None and not self.host.owns(run_id):
+            return
+        task = asyncio.ensure_future(self._record_result(msg, run_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record_result(self, msg: Msg, run_id: str) -> None:
+        error: ErrorInfo | None
+        try:
+            message = codec.decode_inbox(msg.data)
+        except Exception as exc:
+            error = bus.decode_error_info(exc)
+        else:
+            error = _result_mismatch(message, run_id)
+        if error is None:
+            work = Work(run_id, message, checked=True)
+            self.results_from_publish += 1
+            self.host.queue.put_nowait(work)
+            try:
+                await work.done
+                error = work.refused
+            except Exception as exc:  # not stored: the runner sends it to the stream
+                error = ErrorInfo(
+                    code="unavailable", message=f"not recorded: {exc!r}", retryable=True
+                )
+        if msg.reply:
+            with contextlib.suppress(Exception):  # no answer: the runner falls back
+                await msg.respond(codec.encode(InboxReceipt(recorded=error is None, error=error)))
 
     def _taken_done(self, copy: bytes, work: Work, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None or work.refused is not None:

@@ -56,6 +56,7 @@ from loom_core import blobs, codec, routes, secrets, sizes, subjects
 from loom_core.contracts import (
     ErrorInfo,
     EventRecord,
+    InboxReceipt,
     RunEventsQuery,
     RunEventsReply,
     SizeLimits,
@@ -103,6 +104,9 @@ ANSWERED_MAX = 50_000
 # A request taken from its direct dispatch (``on_request_copy``) is remembered by its
 # ``early_mark``: its stream copy settles as it only if it is the same stored event.
 PUBLISH = "publish"
+# How long a result sent straight to the executor waits for its receipt (it comes after
+# the commit that stores it) before it goes to the inbox stream instead
+RESULT_RECEIPT_S = 1.0
 # A dispatch of a request decided longer ago than this is stale (a delayed message):
 # left to the stream copy, which meets the ledger.
 PUBLISH_MAX_AGE_S = 5.0
@@ -356,7 +360,7 @@ class ToolRunnerService:
             result = await self._result_for(run_id, request, msg)
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
-            if result is not None:
+            if result is not None and not await self._recorded_directly(result):
                 subject = routes.inbox_subject(result)
                 await bus.publish_acked(self.ctx.js, subject, codec.encode(result))
         except Exception as exc:
@@ -373,6 +377,33 @@ class ToolRunnerService:
         if len(self.answered) > ANSWERED_MAX:
             self.answered.popitem(last=False)
         return True
+
+    async def _recorded_directly(self, result: ToolResult) -> bool:
+        """Send the result straight to the run's writer (``routes.TOOL_RESULT``), which
+        answers once the run's events hold it: then it is stored, and no inbox stream
+        write is needed (issue 10: one JetStream write and fsync, one delivery and one
+        ack less per call). False (the caller publishes to the inbox stream, the durable
+        path) when direct dispatch is off, when no writer answers in time, or when the
+        run refused it (the stream copy is then dead-lettered with the reason)."""
+        if self.copies_since is None:
+            return False
+        subject = routes.TOOL_RESULT.subject(run_id=result.run_id)
+        try:
+            receipt = await bus.request(
+                self.ctx.nc, subject, result, InboxReceipt, RESULT_RECEIPT_S
+            )
+        except Exception as exc:  # no writer, a timeout, a lost connection
+            log.debug(
+                "result of %s not taken directly (%r): to the inbox", result.idempotency_key, exc
+            )
+            return False
+        if receipt.error is not None:
+            log.info(
+                "result of %s not recorded directly (%s): to the inbox stream",
+                result.idempotency_key,
+                receipt.error.message,
+            )
+        return receipt.recorded
 
     async def _recorded_by_run(self, msg: Msg, request: ToolCallRequested) -> bool:
         """Has the run recorded a result for this request already? Asked of the executor
