@@ -19,7 +19,9 @@ from waiting import eventually  # type: ignore[import-not-found]
 from loom_core import codec, routes, subjects
 from loom_core.contracts import (
     EventRecord,
+    InboxReceipt,
     Plan,
+    PlanProposed,
     RunCompleted,
     RunRequest,
     ToolCallCompleted,
@@ -163,6 +165,11 @@ async def test_each_call_runs_and_is_recorded_once(one_runner: Running) -> None:
     assert runner.from_publish == (STEPS if direct else 0)
     assert one_runner.executor.results_from_publish == (STEPS if direct else 0)
     assert not one_runner.executor.taken  # every stream copy came and was settled
+    # with direct dispatch the results were stored by the executor before it answered
+    # the runner: none was written to the inbox stream
+    async with await LoomClient.connect(one_runner.url) as client:
+        info = await client.js.stream_info(subjects.INBOX_STREAM, "loom.inbox.*.*.tool")
+    assert sum((info.state.subjects or {}).values()) == (0 if direct else STEPS)
 
 
 async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
@@ -262,3 +269,41 @@ async def test_a_request_decided_again_is_answered_from_the_ledger(direct_runner
         assert resent.output == resent_again.output == {"n": 2}
         assert RAN.count(key) == 1  # the tool ran once; the answers came from the ledger
         await results.unsubscribe()
+
+
+async def test_a_result_sent_straight_is_checked_like_an_inbox_message(
+    direct_runner: Running,
+) -> None:
+    """What a careless or hostile sender gets on the direct result route: a typed
+    receipt saying why nothing was recorded (the tool-runner would then publish to the
+    inbox stream, where a refusal is dead-lettered); the run is not touched."""
+    async with await LoomClient.connect(direct_runner.url) as client:
+        accepted = await client.submit(RunRequest(plan=chain()))
+        run_id = accepted.run_id
+        await client.wait(run_id, timeout=60)
+
+        async def receipt(data: bytes, run: str = run_id) -> InboxReceipt:
+            reply = await client.nc.request(
+                routes.TOOL_RESULT.subject(run_id=run), data, timeout=10
+            )
+            return codec.decode(reply.data, InboxReceipt)
+
+        now = bus.now()
+        result = ToolResult(
+            run_id=run_id, step_id="s0", attempt=1, idempotency_key=f"{run_id}:s0:1",
+            ok=True, output={"n": 1}, started_at=now, finished_at=now,
+        )  # fmt: skip
+        cases = {
+            b"{not json": "malformed_json",
+            codec.encode(PlanProposed(run_id=run_id, plan=chain())): "wrong_subject",
+            codec.encode(result): "unexpected_message",  # the run is over: not waited for
+        }
+        for data, code in cases.items():
+            got = await receipt(data)
+            assert not got.recorded and got.error is not None, got
+            assert got.error.code == code, got.error
+        other = await receipt(codec.encode(result), run="run-someone0000000000else")
+        assert other.error is not None and other.error.code == "wrong_subject"
+        assert other.error.path == "$.run_id"
+        before = await client.events(run_id)
+        assert [r.seq for r in await client.events(run_id)] == [r.seq for r in before]
