@@ -628,6 +628,18 @@ class Poison(LoomError):
         self.error = error
 
 
+class Later(LoomError):
+    """A handler's answer for a message it leaves for now: deliver it again in
+    ``delay_s`` (a nak with that delay, counted as a delivery)."""
+
+    code = "unavailable"
+    retryable = True
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"put back for {delay_s:.3f}s")
+        self.delay_s = delay_s
+
+
 E = TypeVar("E")
 
 
@@ -878,6 +890,9 @@ class PullConsumer:
             )
             await dead_letter(self.js, self.service, msg.subject, error, msg.data, deliveries)
             await msg.term()
+            return
+        if isinstance(result, Later):
+            await msg.nak(delay=result.delay_s)
             return
         if isinstance(result, BaseException):
             log.warning("%s will retry %s: %r", self.durable, msg.subject, result)

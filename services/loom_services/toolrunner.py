@@ -164,7 +164,8 @@ class ToolRunnerService:
         self.redecided: OrderedDict[str, None] = OrderedDict()
         self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
         self.copies_since: datetime | None = None  # when this runner began taking publishes
-        self.from_publish = 0  # calls started from the publish (tests, metrics)
+        self.from_publish = 0  # calls started from the dispatch (tests, metrics)
+        self.put_back = 0  # stream copies put back for another replica (``_elsewhere``)
 
     # the tenants' tool call rates (loom_services.throttle); none until started
     throttle = CallThrottle(NO_QUOTAS, "tool")
@@ -248,7 +249,10 @@ class ToolRunnerService:
             # so this one is answered from the ledger after asking the run, at once
             self._note(self.redecided, key)
         elif self._elsewhere(key, request, msg):
-            return False  # redelivered in a moment (NAK_DELAY_S), see ``_elsewhere``
+            # redelivered in a moment, see ``_elsewhere``: half the ack wait, the time a
+            # replica that took the dispatch has to show it is alive
+            self.put_back += 1
+            return bus.Later(self.settings.delivery.tool_ack_wait_s / 2)
         return await self._handle(record.run_id, request, msg, key, seq)
 
     def _register(self, key: str, seq: int | str | None) -> asyncio.Future[bool | BaseException]:
@@ -317,15 +321,15 @@ class ToolRunnerService:
         task.add_done_callback(self.direct_tasks.discard)
 
     def _elsewhere(self, key: str, request: ToolCallRequested, msg: Msg) -> bool:
-        """Is this stream copy's publish probably being handled by another replica (the
-        publish goes to one runner of the queue group, its stream copy to any)? Then the
-        first delivery is put back for NAK_DELAY_S, so that one does not run the call a
-        second time: the redelivery meets that runner's ledger entry or the run's
-        result. Only for requests this runner would have taken from the publish, and
-        published since it takes them (after a restart, the publishes it missed were
-        taken by a runner that is gone, or by none: answered at once)."""
-        if self.copies_since is None or key in self.declined:
-            return False
+        """Is this stream copy's request probably being handled by another replica (the
+        dispatch goes to one runner of the queue group, the stream copy to any)? Then
+        the first delivery is put back for half the ack wait, so that this one does not
+        run the call a second time: the redelivery meets that runner's ledger entry or
+        the run's result. Only for requests this runner would have taken from a
+        dispatch, and stored since it takes them (after a restart, the dispatches it
+        missed were taken by a runner that is gone, or by none: answered at once)."""
+        if self.copies_since is None or key in self.declined or request.secret_refs:
+            return False  # (requests with secret references are never dispatched)
         meta = stream_metadata(msg)
         if meta is None or meta.num_delivered > 1 or meta.timestamp < self.copies_since:
             return False

@@ -163,6 +163,7 @@ async def test_each_call_runs_and_is_recorded_once(one_runner: Running) -> None:
     direct = runner.settings.direct_dispatch
     # with direct dispatch every request and result was taken from its publish
     assert runner.from_publish == (STEPS if direct else 0)
+    assert runner.put_back == 0  # it saw every dispatch: no stream copy waited
     assert one_runner.executor.results_from_publish == (STEPS if direct else 0)
     assert not one_runner.executor.taken  # every stream copy came and was settled
     # with direct dispatch the results were stored by the executor before it answered
