@@ -875,10 +875,10 @@ class PullConsumer:
             await self._settle(msg, result)
 
     async def _settle(self, msg: Msg, result: bool | BaseException) -> None:
-        deliveries = msg.metadata.num_delivered if msg.metadata else 1
-        if result is True:
+        if result is True:  # nearly all: the delivery count is not parsed for an ack
             await msg.ack()
             return
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
         if isinstance(result, Poison) or deliveries >= MAX_DELIVER:
             error = (
                 result.error
