@@ -17,8 +17,10 @@ Per system and round, one process: a warm-up run, then
   event from the stream, as a client that wants the result does);
 - R runs of K steps at once: steps per second.
 agentloom's numbers include its nats-server (CPU also printed apart) and, with
-``-hop``, a tool-runner hop per step (``LOOM_LOCAL_TOOLS=''``); without it ``noop`` is a
-local call answered in the executor (``loom_services.local_tools``). Database servers'
+``-hop``, a tool-runner hop per step (``LOOM_LOCAL_TOOLS=''``), to a tool-runner in the
+same process, or with ``-hopproc`` in a process of its own (the issue's hop; its CPU
+printed apart); without either ``noop`` is a local call answered in the executor
+(``loom_services.local_tools``). Database servers'
 CPU is not counted for anyone. The machine is shared: read the CPU columns with the
 wall ones.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -53,8 +56,10 @@ PEERS = (
 SYSTEMS = (
     "agentloom-sqlite",
     "agentloom-sqlite-hop",
+    "agentloom-sqlite-hopproc",
     "agentloom-postgres",
     "agentloom-postgres-hop",
+    "agentloom-postgres-hopproc",
     "langgraph-sqlite",
     "langgraph-sqlite-sync",
     "langgraph-postgres",
@@ -88,18 +93,16 @@ def _cpu() -> float:
     return time.process_time()
 
 
-async def _agentloom(store: str, hop: bool, pg_url: str, args: argparse.Namespace) -> dict:
+async def _agentloom(
+    store: str, hop: bool, pg_url: str, args: argparse.Namespace, runner_process: bool = False
+) -> dict:
     if hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""
     sys.path.insert(0, str(ROOT / "bench"))
-    from nats.js.api import DeliverPolicy  # noqa: PLC0415
-
-    import stepcost  # noqa: PLC0415
-    from loom_core import codec, subjects  # noqa: PLC0415
-    from loom_core.contracts import RunCompleted, RunRequest  # noqa: PLC0415
+    import loom_services.stack as stack_module  # noqa: PLC0415
     from loom_infra.settings import Settings, StoreSettings  # noqa: PLC0415
     from loom_services.stack import LocalStack  # noqa: PLC0415
-    from steps import chain  # noqa: PLC0415
+    from steps import runner_elsewhere, start_runner  # noqa: PLC0415
 
     base = Path(tempfile.mkdtemp(prefix="peers-loom-"))
     if store == "postgres":
@@ -107,38 +110,63 @@ async def _agentloom(store: str, hop: bool, pg_url: str, args: argparse.Namespac
     else:
         store_settings = StoreSettings(kind="sqlite", data_dir=base)
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings)
+    # -hopproc: the tool-runner in a process of its own (the issue's hop), as steps.py does
+    elsewhere = runner_elsewhere(settings) if runner_process else contextlib.nullcontext([])
+    started = stack_module.Stack.start
+
+    async def start_then_runner(self: stack_module.Stack) -> None:
+        await started(self)
+        if runner_process and not runners:
+            runners.append(start_runner(current, settings, direct=True))
+
+    stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
     try:
-        async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as client:
-
-            async def one(n: int) -> None:
-                # submit, then wait for the run's result as a client that wants only
-                # the result does: its run_completed event, not every event
-                accepted = await client.submit(RunRequest(plan=chain(n)))
-                sub = await client.js.subscribe(
-                    subjects.run_event(accepted.run_id, "run_completed"),
-                    ordered_consumer=True,
-                    deliver_policy=DeliverPolicy.ALL,
-                )
-                try:
-                    msg = await sub.next_msg(timeout=600)
-                finally:
-                    await sub.unsubscribe()
-                assert isinstance(codec.decode_event(msg.data).event, RunCompleted)
-
-            await one(20)
-            meter = stepcost.CpuMeter()
-            meter.start()
-            await one(args.steps)
-            cpu = meter.stop()
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(args.run_steps) for _ in range(args.runs)))
-            conc = args.runs * args.run_steps / (time.perf_counter() - t0)
+        with elsewhere as runners:
+            current = LocalStack(settings, nats_port=-1)
+            return await _agentloom_measured(current, args)
     finally:
+        stack_module.Stack.start = started  # type: ignore[method-assign]
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def _agentloom_measured(local: Any, args: argparse.Namespace) -> dict:
+    from nats.js.api import DeliverPolicy  # noqa: PLC0415
+
+    import stepcost  # noqa: PLC0415
+    from loom_core import codec, subjects  # noqa: PLC0415
+    from loom_core.contracts import RunCompleted, RunRequest  # noqa: PLC0415
+    from steps import chain  # noqa: PLC0415
+
+    async with local as stack, await stack.client() as client:
+
+        async def one(n: int) -> None:
+            # submit, then wait for the run's result as a client that wants only the
+            # result does: its run_completed event, not every event
+            accepted = await client.submit(RunRequest(plan=chain(n)))
+            sub = await client.js.subscribe(
+                subjects.run_event(accepted.run_id, "run_completed"),
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+            try:
+                msg = await sub.next_msg(timeout=600)
+            finally:
+                await sub.unsubscribe()
+            assert isinstance(codec.decode_event(msg.data).event, RunCompleted)
+
+        await one(20)
+        meter = stepcost.CpuMeter()
+        meter.start()
+        await one(args.steps)
+        cpu = meter.stop()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(args.run_steps) for _ in range(args.runs)))
+        conc = args.runs * args.run_steps / (time.perf_counter() - t0)
     return {
         "ms_per_step": cpu["wall"] * 1000 / args.steps,
         "cpu_ms_per_step": cpu["python"] * 1000 / args.steps,
         "nats_cpu_ms_per_step": cpu.get("nats", 0.0) * 1000 / args.steps,
+        "runner_cpu_ms_per_step": cpu.get("runner", 0.0) * 1000 / args.steps,
         "steps_per_s": conc,
     }
 
@@ -255,7 +283,8 @@ def _dbos(store: str, pg_url: str, args: argparse.Namespace) -> dict:
 def worker(system: str, pg_url: str, args: argparse.Namespace) -> dict:
     kind, store, *rest = system.split("-")
     if kind == "agentloom":
-        return asyncio.run(_agentloom(store, "hop" in rest, pg_url, args))
+        hop = bool({"hop", "hopproc"} & set(rest))
+        return asyncio.run(_agentloom(store, hop, pg_url, args, runner_process="hopproc" in rest))
     if kind == "langgraph":
         return asyncio.run(_langgraph(store, "sync" if "sync" in rest else None, pg_url, args))
     return _dbos(store, pg_url, args)
@@ -361,6 +390,8 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
     for system, m in med.items():
         base = ref(system)
         cpu = f"{m['cpu_ms_per_step']:.3f}"
+        if m.get("runner_cpu_ms_per_step"):
+            cpu += f" (+ runner {m['runner_cpu_ms_per_step']:.3f})"
         if "nats_cpu_ms_per_step" in m:
             cpu += f" (+ nats {m['nats_cpu_ms_per_step']:.3f})"
         ratio_ms = f"{m['ms_per_step'] / base['ms_per_step']:.2f}" if base else "-"

@@ -1302,8 +1302,10 @@ class Wait(Record, tag="wait", tag_field="type"):
 
 
 class RunProgress(Record, tag="run_progress", tag_field="type"):
-    """Published on ``loom.progress.{run_id}`` after each change of a run (not stored:
-    a convenience for live views; the events are the truth). ``status`` is
+    """Published on ``loom.progress.{run_id}`` after a run changes (not stored: a
+    convenience for live views; the events are the truth). While a run keeps its
+    status, at most one per 50 ms: the first change at once, the latest state at the
+    interval's end; a change of status at once; the last state is always said. ``status`` is
     ``suspended`` by the rule of ``loom_core.waits.run_status``; ``waits`` lists what
     the run waits on."""
 
@@ -1587,6 +1589,16 @@ class Ping(Inbound, tag="ping", tag_field="type"):
 class Pong(Record, tag="pong", tag_field="type"):
     service: str = ""
     instance: str = ""
+    error: ErrorInfo | None = None
+
+
+class InboxReceipt(Record, tag="inbox_receipt", tag_field="type"):
+    """The executor's answer to a result sent to it directly (route ``toolResult``):
+    ``recorded`` once the run's stored events hold it (its commit is done); otherwise
+    ``error`` says why not, and the sender publishes the result to the run's inbox
+    stream instead, where a refusal is dead-lettered with that reason."""
+
+    recorded: bool = False
     error: ErrorInfo | None = None
 
 

@@ -197,14 +197,6 @@ RUN_EVENTS = Route(
         Consumer("toolrunner", durable="toolrunner", events=(c.ToolCallRequested,)),
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
-        # the relay's publish itself, before the stream delivers it (LOOM_DIRECT_DISPATCH):
-        # one runner of the group starts the call; the durable above is the fallback
-        Consumer(
-            "toolrunner",
-            events=(c.ToolCallRequested,),
-            queue="toolrunner",
-            note="direct dispatch: the publish, before the stream",
-        ),
         Consumer("memory", durable="memory", events=(c.RunRequested, c.RunCompleted)),
         Consumer("tracing", durable="tracing"),
         Consumer("executor", durable="subruns-start", events=(c.SubRunRequested,)),
@@ -589,6 +581,41 @@ FORWARD = Route(
     "header; the owner's answer goes back to the original asker.",
 )
 
+TOOL_DISPATCH = Route(
+    name="toolDispatch",
+    pattern=subjects.tool_dispatch("{run_id}"),
+    kind="broadcast",
+    messages=(c.ToolCallRequested,),
+    publishers=("executor",),
+    # one runner of the group starts the call; the durable on runEvent is the fallback
+    consumers=(
+        Consumer("toolrunner", queue="toolrunner", note="direct dispatch, before the commit"),
+    ),
+    description="Between services only (LOOM_DIRECT_DISPATCH): a tool request (an "
+    "EventRecord of `tool_call_requested`) sent to one tool-runner as the executor decides "
+    "it, before its commit, so the call and the commit overlap. Plain NATS, not stored: the "
+    "relay's publish of the stored event on runEvent stays the command that survives "
+    "crashes, and a result is recorded only for a request the run has stored.",
+)
+
+TOOL_RESULT = Route(
+    name="toolResult",
+    pattern=subjects.tool_result("{run_id}"),
+    # every executor replica hears it and only the run's writer answers (no queue group:
+    # a member of one would often not be the writer); no answer: the sender falls back
+    kind="broadcast",
+    messages=(c.ToolResult,),
+    replies=(c.InboxReceipt,),
+    publishers=("toolrunner",),
+    consumers=(Consumer("executor", note="every replica; the run's writer answers"),),
+    description="Between services only (LOOM_DIRECT_DISPATCH): a tool call's result, sent "
+    "by the tool-runner to the executor as a request. The run's writer checks it as an "
+    "inbox message and answers `recorded` once the run's events hold it (stored), so the "
+    "result needs no write to the inbox stream; otherwise the answer says why not and "
+    "the tool-runner publishes the result to `inbox.tool` (the durable path) instead, as "
+    "it does when no answer comes.",
+)
+
 RELAY_WAKE = Route(
     name="relayWake",
     pattern=f"{subjects.PREFIX}.relay.wake",
@@ -680,6 +707,8 @@ ROUTES: tuple[Route, ...] = (
     SCHEDULE_STORE,
     MODEL_ANSWERS,
     FORWARD,
+    TOOL_DISPATCH,
+    TOOL_RESULT,
     RELAY_WAKE,
     PARTITION_LEASES,
     ADMISSION_BOOK,

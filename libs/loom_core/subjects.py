@@ -78,6 +78,20 @@ def progress(run_id: str) -> str:
     return f"{PREFIX}.progress.{run_id}"
 
 
+# A tool request sent to the tool-runners as it is decided, before its commit (an
+# EventRecord of a ToolCallRequested, plain NATS, not stored; issue 10: the hop and the
+# commit overlap). The relay's publish of the stored event stays the durable command.
+def tool_dispatch(run_id: str) -> str:
+    return f"{PREFIX}.dispatch.{run_id}.tool"
+
+
+# A tool call's result sent by the tool-runner straight to the executor (ToolResult ->
+# InboxReceipt, plain NATS request/reply): answered once the run stored it, so the
+# result needs no inbox stream write; the inbox stream is the fallback (issue 10).
+def tool_result(run_id: str) -> str:
+    return f"{PREFIX}.result.{run_id}.tool"
+
+
 # Tokens of a model turn while it is generated (ModelChunk, plain NATS, not stored)
 def model_stream(run_id: str) -> str:
     return f"{PREFIX}.stream.{run_id}"

@@ -42,10 +42,12 @@ from nats.js.errors import APIError, NotFoundError
 from loom_core import codec, partitions, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 from loom_core.errors import LoomError
-from loom_infra import metrics
+from loom_infra import metrics, nats_headers
 from loom_infra.settings import DeliverySettings, OpsSettings
 
 log = logging.getLogger("loom.bus")
+
+nats_headers.install()  # every connection of this process parses headers faster (issue 10)
 T = TypeVar("T")
 
 MAX_DELIVER = 5
@@ -403,6 +405,30 @@ async def publish_acked(
     return ack
 
 
+async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
+    """A plain publish that is on the socket when this returns, not at the connection's
+    flusher's next turn: the caller is about to block the loop (the SQLite commit, issue
+    10) and the message must travel meanwhile. Returns False when it could not be written
+    now (not connected, or a write error): it is then dropped, so only for messages with a
+    durable fallback. Writes what the connection had pending, in order, as its flusher
+    does (nats-py 2.16's ``_pending``/``_transport``: the version is pinned; the direct
+    dispatch tests fail first if an upgrade changes them)."""
+    if not nc.is_connected:
+        return False
+    try:
+        await nc.publish(subject, data)
+        transport = nc._transport
+        if transport is None or not nc._pending:
+            return transport is not None
+        transport.writelines(nc._pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0
+    except Exception as exc:  # the stream copy is the command; this is only a shortcut
+        log.debug("publish_now on %s failed: %r", subject, exc)
+        return False
+    return True
+
+
 # the callbacks of each connection made by ``connect`` (wait_acks reads its disconnects)
 _EVENTS: weakref.WeakKeyDictionary[NATS, _ConnectionEvents] = weakref.WeakKeyDictionary()
 
@@ -600,6 +626,18 @@ class Poison(LoomError):
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class Later(LoomError):
+    """A handler's answer for a message it leaves for now: deliver it again in
+    ``delay_s`` (a nak with that delay, counted as a delivery)."""
+
+    code = "unavailable"
+    retryable = True
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(f"put back for {delay_s:.3f}s")
+        self.delay_s = delay_s
 
 
 E = TypeVar("E")
@@ -837,10 +875,10 @@ class PullConsumer:
             await self._settle(msg, result)
 
     async def _settle(self, msg: Msg, result: bool | BaseException) -> None:
-        deliveries = msg.metadata.num_delivered if msg.metadata else 1
-        if result is True:
+        if result is True:  # nearly all: the delivery count is not parsed for an ack
             await msg.ack()
             return
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
         if isinstance(result, Poison) or deliveries >= MAX_DELIVER:
             error = (
                 result.error
@@ -852,6 +890,9 @@ class PullConsumer:
             )
             await dead_letter(self.js, self.service, msg.subject, error, msg.data, deliveries)
             await msg.term()
+            return
+        if isinstance(result, Later):
+            await msg.nak(delay=result.delay_s)
             return
         if isinstance(result, BaseException):
             log.warning("%s will retry %s: %r", self.durable, msg.subject, result)

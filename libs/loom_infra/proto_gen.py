@@ -226,6 +226,8 @@ _SUBJECT_NAMES = {
     "RESUME": "channel resume",
     "progress": "channel progress",
     "model_stream": "channel modelStream",
+    "tool_dispatch": "channel toolDispatch",
+    "tool_result": "channel toolResult",
     "TOOLS_BUCKET": "channel toolCatalog",
     "PARTITIONS_BUCKET": "channel partitionLeases",
     "BLOBS_BUCKET": "channel blobs",

@@ -151,16 +151,24 @@ class _LiveText:
 
     def __init__(self) -> None:
         self.mid_line = False
+        self.turn: tuple[str, int] | None = None  # whose text the open line shows
 
     async def on_chunk(self, msg: Any) -> None:
         try:
             chunk = codec.decode(msg.data, ModelChunk)
         except Exception:  # noqa: BLE001 (a live view skips what it cannot read)
             return
+        turn = (chunk.step_id, chunk.turn)
+        if self.mid_line and turn != self.turn:
+            # another turn's text came before the events that end this one (the text is
+            # plain NATS, the events come through the stream): a line of its own
+            stderr.print()
+            self.mid_line = False
         if not self.mid_line:
             stderr.print(Text(f"  {chunk.step_id} turn {chunk.turn}: ", style="magenta"), end="")
         stderr.print(Text(chunk.text, style="dim"), end="")
         self.mid_line = True
+        self.turn = turn
 
     def line(self, text: str) -> None:
         if self.mid_line:

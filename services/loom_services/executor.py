@@ -10,6 +10,7 @@ Replies and acks go out only once the batch is stored; the relay then publishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -28,6 +29,7 @@ from loom_core.contracts import (
     ForkReply,
     ForkRun,
     InboxMessage,
+    InboxReceipt,
     ParentLink,
     ResumeReply,
     ResumeRun,
@@ -35,13 +37,16 @@ from loom_core.contracts import (
     RunControlReply,
     RunEventsQuery,
     RunEventsReply,
-    RunProgress,
     RunPublishFailed,
     RunRequest,
     SubmitAccepted,
     SubmitRejected,
     SubRunFinished,
     SubRunRequested,
+    ToolCallCompleted,
+    ToolCallFailed,
+    ToolCallRequested,
+    ToolResult,
 )
 from loom_core.errors import LoomError
 from loom_core.executor import (
@@ -52,7 +57,6 @@ from loom_core.executor import (
 from loom_core.lineage import ForkError, fork_request
 from loom_core.resume_route import MAX_DEPTH, children_of, route_resume
 from loom_core.validation import check_run_id, check_run_request
-from loom_core.waits import lifted_state
 from loom_infra import auth, bus, endpoints, paging
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
@@ -69,6 +73,7 @@ from loom_services import tenants
 from loom_services.admission import AdmissionControl, load_quotas
 from loom_services.local_tools import LocalTools
 from loom_services.partitioned import Partitioned
+from loom_services.progress import ProgressPublisher
 from loom_services.runhost import RunHost, Work, child_status
 from loom_services.runtime import ServiceContext, run_main
 from loom_services.schedules import Scheduler
@@ -82,6 +87,26 @@ _FAMILY_MAX = 256
 
 
 TAKEN_MAX = 10_000  # results taken from their publish whose stream copy has not come yet
+
+
+def _result_mismatch(message: InboxMessage, run_id: str) -> ErrorInfo | None:
+    """Why a message sent on ``loom.result.{run_id}.tool`` is not that run's tool result."""
+    if not isinstance(message, ToolResult):
+        tag = routes.tag_of(type(message))
+        return ErrorInfo(
+            code="wrong_subject",
+            message=f"a {tag} is not accepted on {routes.TOOL_RESULT.pattern}",
+            path="$.type",
+        )
+    if message.run_id != run_id:
+        return ErrorInfo(
+            code="wrong_subject",
+            message=f"{routes.TOOL_RESULT.subject(run_id=run_id)} is run '{run_id}''s; the "
+            f"tool_result names run '{message.run_id}'",
+            path="$.run_id",
+            details={"expected": run_id, "received": message.run_id},
+        )
+    return None
 
 
 def _copy_key(msg: Msg) -> bytes:
@@ -106,6 +131,7 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self.progress = ProgressPublisher(self.host.actors.get, self._send_progress)
         # quotas per tenant and queue (loom_services.admission)
         self.admission = AdmissionControl(load_quotas(settings.quotas_file), self.host.submit)
         # tool results taken from the tool-runner's publish, by copy (``on_result_copy``)
@@ -166,6 +192,8 @@ class ExecutorService:
         # the inbox: one consumer per owned partition, started by ``parts``
         if self.settings.direct_dispatch:
             await endpoints.stream_copies(ctx.nc, routes.INBOX_TOOL, self.name, self.on_result_copy)
+            self.host.before_commit = self.dispatch_early
+            await endpoints.subscribe(ctx.nc, routes.TOOL_RESULT, self.name, self.on_result)
         # schedules fire here: a firing acts for its creator, as only the engine may
         self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
                                    self._check_scheduled, exists=self._run_exists,
@@ -334,6 +362,33 @@ class ExecutorService:
 
     # ------------------------------------------------------------------ inbox
 
+    async def dispatch_early(self, records: list[EventRecord]) -> None:
+        """Send the batch's tool requests to the tool-runners before the batch is
+        committed (``RunHost.before_commit``, issue 10): the call and the commit overlap,
+        where the relay's publish came only after the commit. Safe to send uncommitted:
+        only idempotent calls are started from it (others wait for the stream copy); a
+        result is recorded only for a request the run has stored, checked by the writer
+        after this commit; a request with secret references is not sent (its secrets are
+        resolved only once the executor confirms it stored it); and if this commit
+        fails, the run is re-decided and the same request (same key) sent again, which
+        the tool-runner answers from its ledger (``ToolRunnerService.on_request_copy``).
+        Requests answered here (local calls) are not sent. Best effort: the relay's
+        publish stays the command (docs/decisions.md, "The hop and the commit overlap")."""
+        answered = {
+            (r.run_id, r.event.idempotency_key)
+            for r in records
+            if isinstance(r.event, ToolCallCompleted | ToolCallFailed)
+        }
+        for record in records:
+            event = record.event
+            if (
+                isinstance(event, ToolCallRequested)
+                and not event.secret_refs  # resolved only for a stored request: the stream
+                and (record.run_id, event.idempotency_key) not in answered
+            ):
+                subject = routes.TOOL_DISPATCH.subject(run_id=record.run_id)
+                await bus.publish_now(self.ctx.nc, subject, codec.encode(record))
+
     async def on_result_copy(self, msg: Msg) -> None:
         """A tool result as the tool-runner publishes it, before LOOM_INBOX has stored
         (and fsynced) it and its consumer handed it over (issue 10: ~1 ms of a step).
@@ -361,6 +416,45 @@ class ExecutorService:
             self.taken.popitem(last=False)
         work.done.add_done_callback(lambda done: self._taken_done(copy, work, done))
         self.host.queue.put_nowait(work)
+
+    async def on_result(self, msg: Msg) -> None:
+        """A tool result sent straight here by the tool-runner (``routes.TOOL_RESULT``,
+        issue 10), answered once recorded: the run's writer checks it exactly as an
+        inbox message (route, run, then against the state: is the run waiting for it)
+        and answers ``recorded`` after the commit that stored it; a refusal is answered
+        with its reason (the runner then publishes the result to the inbox stream,
+        which dead-letters it with that reason). Replicas that do not write the run say
+        nothing (the runner falls back when no answer comes). Never waits: it runs on
+        the connection's delivery task."""
+        run_id = msg.subject.split(".")[2]  # the subscription's filter: loom.result.*.tool
+        if self.host.owns is not None and not self.host.owns(run_id):
+            return
+        task = asyncio.ensure_future(self._record_result(msg, run_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record_result(self, msg: Msg, run_id: str) -> None:
+        error: ErrorInfo | None
+        try:
+            message = codec.decode_inbox(msg.data)
+        except Exception as exc:
+            error = bus.decode_error_info(exc)
+        else:
+            error = _result_mismatch(message, run_id)
+        if error is None:
+            work = Work(run_id, message, checked=True)
+            self.results_from_publish += 1
+            self.host.queue.put_nowait(work)
+            try:
+                await work.done
+                error = work.refused
+            except Exception as exc:  # not stored: the runner sends it to the stream
+                error = ErrorInfo(
+                    code="unavailable", message=f"not recorded: {exc!r}", retryable=True
+                )
+        if msg.reply:
+            with contextlib.suppress(Exception):  # no answer: the runner falls back
+                await msg.respond(codec.encode(InboxReceipt(recorded=error is None, error=error)))
 
     def _taken_done(self, copy: bytes, work: Work, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None or work.refused is not None:
@@ -686,9 +780,10 @@ class ExecutorService:
         return RunControlReply(run_id=control.run_id, ok=False, error=error)
 
     def publish_progress(self, records: list[EventRecord]) -> None:
-        """Live progress per run changed by a commit (plain NATS; best effort). A
-        child's change is its parent's too (the parent is suspended once the child
-        waits on a person), so the parent in memory is published again."""
+        """Live progress of each run changed by a commit (plain NATS; best effort;
+        coalesced per run: ``loom_services.progress``). A child's change is its
+        parent's too (the parent is suspended once the child waits on a person), so the
+        parent in memory is published again."""
         changed = dict.fromkeys(r.run_id for r in records)
         for run_id in list(changed):  # every ancestor in memory, to the 8 levels lifted
             state = self.host.actors.get(run_id)
@@ -697,27 +792,13 @@ class ExecutorService:
                     break
                 changed.setdefault(state.parent.run_id, None)
                 state = self.host.actors.get(state.parent.run_id)
-        out: list[tuple[str, bytes]] = []
-        for run_id in changed:
-            state = self.host.actors.get(run_id)
-            if state is None:
-                continue
-            # children in memory say whether they wait on people (to any depth)
-            status, waits = lifted_state(state, self.host.actors.get)
-            progress = RunProgress(
-                run_id=run_id,
-                status=status,
-                steps_total=state.steps_total,
-                steps_done=state.steps_done,
-                steps_running=state.running,
-                at=records[-1].at,
-                waits=waits,
-            )
-            out.append((tenants.progress_subject(state), codec.encode(progress)))
-        if out:  # one task per commit, not one per run (issue 10, perf4)
-            task = asyncio.ensure_future(self._publish(out))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+        self.progress.changed(list(changed), records[-1].at)
+
+    def _send_progress(self, messages: list[tuple[str, bytes]]) -> None:
+        # one task per publish round, not one per run (issue 10, perf4)
+        task = asyncio.ensure_future(self._publish(messages))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _publish(self, messages: list[tuple[str, bytes]]) -> None:
         for subject, data in messages:

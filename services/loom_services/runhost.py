@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -100,6 +100,10 @@ class RunHost:
         self._saving: set[asyncio.Future[None]] = set()  # snapshot writes under way
         # run after each commit with (notification ids, records), in commit order
         self.listeners: list[Callable[[list[int], list[EventRecord]], None]] = []
+        # told each batch's records just before their commit (the executor's direct
+        # dispatch of tool requests: the call and the commit overlap); what it sends must
+        # not count on the commit, which may still fail
+        self.before_commit: Callable[[list[EventRecord]], Awaitable[None]] | None = None
         # partitions (loom_services.partitioned): whether this replica writes a run now,
         # and the error for one it does not; None: it writes every run
         self.owns: Callable[[str], bool] | None = None
@@ -193,6 +197,13 @@ class RunHost:
             todo += [r.event for r in more if self.local.takes(r.event)]
         return added
 
+    async def _before_commit(self, records: list[EventRecord]) -> None:
+        assert self.before_commit is not None
+        try:
+            await self.before_commit(records)
+        except Exception:  # a shortcut only: the commit and its relay do not depend on it
+            log.exception("the before-commit hook failed; the batch is committed anyway")
+
     async def _snapshot(self, records: list[EventRecord]) -> None:
         """Snapshot runs whose history just crossed a multiple of SNAPSHOT_EVERY. The
         state is encoded here (it changes with the next batch); the write goes on in the
@@ -251,6 +262,8 @@ class RunHost:
                 per_work.append(produced)
                 records.extend(produced)
             if records:
+                if self.before_commit is not None:
+                    await self._before_commit(records)
                 if self.store.backend == "sqlite":
                     # On the loop, not in the pool (issue 10, perf3): a local commit
                     # (~0.3 ms) costs less than handing it to a thread and back (its

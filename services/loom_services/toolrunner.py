@@ -46,7 +46,7 @@ import os
 import socket
 import uuid
 from collections import OrderedDict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import nats.errors
@@ -55,6 +55,8 @@ from nats.aio.msg import Msg
 from loom_core import blobs, codec, routes, secrets, sizes, subjects
 from loom_core.contracts import (
     ErrorInfo,
+    EventRecord,
+    InboxReceipt,
     RunEventsQuery,
     RunEventsReply,
     SizeLimits,
@@ -72,7 +74,6 @@ from loom_infra import bus, endpoints
 from loom_infra.blobstore import BlobStore
 from loom_infra.blocking import Blocking
 from loom_infra.client import is_stored
-from loom_infra.relay import AGAIN
 from loom_infra.secret_source import SecretSource
 from loom_infra.settings import Settings, SettingsError
 from loom_infra.store import LedgerEntry, ToolCallLedger, open_tool_ledger
@@ -100,10 +101,14 @@ log = logging.getLogger("loom.toolrunner")
 # Requests answered by this process remembered, so that one redelivered after its ack
 # was lost (NATS restarted) is acked without running it again.
 ANSWERED_MAX = 50_000
-# A request taken from its publish (``on_request_copy``): its stream copy settles as it.
+# A request taken from its direct dispatch (``on_request_copy``) is remembered by its
+# ``early_mark``: its stream copy settles as it only if it is the same stored event.
 PUBLISH = "publish"
-# A publish of a request decided longer ago than this is a republish (a relay catching up
-# after a restart): left to the stream copy, which meets the ledger.
+# How long a result sent straight to the executor waits for its receipt (it comes after
+# the commit that stores it) before it goes to the inbox stream instead
+RESULT_RECEIPT_S = 1.0
+# A dispatch of a request decided longer ago than this is stale (a delayed message):
+# left to the stream copy, which meets the ledger.
 PUBLISH_MAX_AGE_S = 5.0
 
 
@@ -153,9 +158,14 @@ class ToolRunnerService:
         self.backfill = LedgerBackfill(self.ledger, self.io)
         # ledger keys whose publish was seen and left to the stream copy (bounded)
         self.declined: OrderedDict[str, None] = OrderedDict()
+        # ledger keys dispatched again after this runner answered them: the executor
+        # decided the request again (its first decision was never committed), so the
+        # run may lack the result: answered from the ledger, after asking the run
+        self.redecided: OrderedDict[str, None] = OrderedDict()
         self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
         self.copies_since: datetime | None = None  # when this runner began taking publishes
-        self.from_publish = 0  # calls started from the publish (tests, metrics)
+        self.from_publish = 0  # calls started from the dispatch (tests, metrics)
+        self.put_back = 0  # stream copies put back for another replica (``_elsewhere``)
 
     # the tenants' tool call rates (loom_services.throttle); none until started
     throttle = CallThrottle(NO_QUOTAS, "tool")
@@ -190,9 +200,8 @@ class ToolRunnerService:
         ctx.spawn(self.backfill.run(ctx.stop), "toolrunner-ledger-backfill")
         if self.settings.direct_dispatch:
             self.copies_since = bus.now()
-            await endpoints.stream_copies(
-                ctx.nc, routes.RUN_EVENTS, self.name, self.on_request_copy, (ToolCallRequested,)
-            )
+            # the executor's dispatch of each request, sent before its commit
+            await endpoints.subscribe(ctx.nc, routes.TOOL_DISPATCH, self.name, self.on_request_copy)
         # Every replica hears cancellations (no queue group): only the one running the
         # call has something to stop.
         await endpoints.subscribe(
@@ -219,21 +228,31 @@ class ToolRunnerService:
         key = ledger_key(record.run_id, request)
         meta = stream_metadata(msg)
         seq = meta.sequence.stream if meta else None
+        mark = early_mark(record)  # this stored event's, as its dispatch was marked
         while (running := self.handling.get(key)) is not None:
             # This process is handling it. The same message redelivered (a stall longer
-            # than the ack wait), or the stream copy of the publish it is handling, is
+            # than the ack wait), or the stream copy of the dispatch it is handling, is
             # settled as that handling is, once it ends; another copy is answered after
             # it, from the ledger like any copy.
             outcome = await asyncio.shield(running[1])
-            if seq is not None and running[0] in (seq, PUBLISH):
+            if seq is not None and running[0] in (seq, mark):
                 return outcome
-        if seq is not None and self.answered.get(key) in (seq, PUBLISH):
-            # answered by this process (from this message, or from its publish), the ack
-            # lost or not given yet: the result is in the inbox stream already
+        answered = self.answered.get(key)
+        if seq is not None and answered in (seq, mark):
+            # answered by this process (from this message, or from its dispatch: the very
+            # event stored), the ack lost or not given yet: the result is in the inbox
             self.answered[key] = seq
             return True
-        if self._elsewhere(key, request, msg):
-            return False  # redelivered in a moment (NAK_DELAY_S), see ``_elsewhere``
+        if isinstance(answered, str) and answered.startswith(PUBLISH):
+            # answered from a dispatch of an earlier decision that was never stored (a
+            # failed commit, an executor restart): the run may have refused that result,
+            # so this one is answered from the ledger after asking the run, at once
+            self._note(self.redecided, key)
+        elif self._elsewhere(key, request, msg):
+            # redelivered in a moment, see ``_elsewhere``: half the ack wait, the time a
+            # replica that took the dispatch has to show it is alive
+            self.put_back += 1
+            return bus.Later(self.settings.delivery.tool_ack_wait_s / 2)
         return await self._handle(record.run_id, request, msg, key, seq)
 
     def _register(self, key: str, seq: int | str | None) -> asyncio.Future[bool | BaseException]:
@@ -252,7 +271,7 @@ class ToolRunnerService:
     ) -> bool | BaseException:
         handling = handling or self._register(key, seq)
         try:
-            outcome = await self._answer(run_id, request, msg, key)
+            outcome = await self._answer(run_id, request, msg, key, seq)
         except BaseException as exc:
             handling.set_result(exc if isinstance(exc, Exception) else False)
             raise
@@ -263,64 +282,74 @@ class ToolRunnerService:
         return outcome
 
     async def on_request_copy(self, msg: Msg) -> None:
-        """A tool request as the relay publishes it, before LOOM_RUNS has stored it and
-        the durable consumer handed it over (issue 10): an idempotent call starts at
-        once, as a first delivery; its stream copy, which always follows (to this
-        runner or another), is then settled as this handling is (``_one``). Left to the
-        stream copy: a request answered in the executor, one the relay sent before (a
-        republish: JetStream keeps only the first), a non-idempotent tool (its
-        claim and the ambiguous-outcome rule need the durable delivery), one this
-        process handles or answered already, one decided long ago (a republish after a
-        restart), and any when the runner is full. Registered synchronously, so the
-        stream copy, delivered after it, finds it."""
-        if msg.headers and (msg.headers.get(subjects.ANSWERED) or msg.headers.get(AGAIN)):
-            return  # answered in the executor; or sent before (its stream copy was)
+        """A tool request as the executor dispatches it (``routes.TOOL_DISPATCH``), just
+        before its commit, so the call and the commit overlap (issue 10): an idempotent
+        call starts at once, as a first delivery; the stream copy of the stored event,
+        which always follows (to this runner or another), is then settled as this
+        handling is (``_one``), if it is the very event dispatched (``early_mark``).
+        Left to the stream copy: a non-idempotent tool (its claim and the
+        ambiguous-outcome rule need the durable, stored command), a request with secret
+        references (resolved only for a request the executor stored), one this process is
+        handling, one decided long ago, and any when the runner is full. A dispatch of a
+        key this process answered already is the executor deciding it again (its first
+        decision was not stored): answered from the ledger after asking the run
+        (``redecided``), so a result the run refused is sent again. Registered
+        synchronously, so the stream copy, delivered after it, finds it."""
         try:
             record, request = bus.expect_event(msg, ToolCallRequested)
         except bus.Poison:
             return  # the stream copy is dead-lettered with the reason
         key = ledger_key(record.run_id, request)
-        if key in self.handling or key in self.answered:
+        if key in self.handling:
             return
         if (
             not self.catalog.idempotent(request.tool)
+            or request.secret_refs  # resolved only for a stored request (``_unless_stored``)
             or len(self.handling) >= self.settings.delivery.tool_concurrency
             or (bus.now() - record.at).total_seconds() > PUBLISH_MAX_AGE_S
         ):
-            self.declined[key] = None  # its stream copy is not waited for
-            while len(self.declined) > ANSWERED_MAX:
-                self.declined.popitem(last=False)
+            self._note(self.declined, key)  # its stream copy is not waited for
             return
-        handling = self._register(key, PUBLISH)  # now: its stream copy may come next
+        if self.answered.pop(key, None) is not None:
+            self._note(self.redecided, key)
+        mark = early_mark(record)
+        handling = self._register(key, mark)  # now: its stream copy may come next
         self.from_publish += 1
-        # not awaited here: the connection's delivery task must go on to the next publish
-        task = asyncio.ensure_future(
-            self._handle(record.run_id, request, msg, key, PUBLISH, handling)
-        )
+        # not awaited here: the connection's delivery task must go on to the next message
+        task = asyncio.ensure_future(self._handle(record.run_id, request, msg, key, mark, handling))
         self.direct_tasks.add(task)
         task.add_done_callback(self.direct_tasks.discard)
 
     def _elsewhere(self, key: str, request: ToolCallRequested, msg: Msg) -> bool:
-        """Is this stream copy's publish probably being handled by another replica (the
-        publish goes to one runner of the queue group, its stream copy to any)? Then the
-        first delivery is put back for NAK_DELAY_S, so that one does not run the call a
-        second time: the redelivery meets that runner's ledger entry or the run's
-        result. Only for requests this runner would have taken from the publish, and
-        published since it takes them (after a restart, the publishes it missed were
-        taken by a runner that is gone, or by none: answered at once)."""
-        if self.copies_since is None or key in self.declined:
-            return False
+        """Is this stream copy's request probably being handled by another replica (the
+        dispatch goes to one runner of the queue group, the stream copy to any)? Then
+        the first delivery is put back for half the ack wait, so that this one does not
+        run the call a second time: the redelivery meets that runner's ledger entry or
+        the run's result. Only for requests this runner would have taken from a
+        dispatch, and stored since it takes them (after a restart, the dispatches it
+        missed were taken by a runner that is gone, or by none: answered at once)."""
+        if self.copies_since is None or key in self.declined or request.secret_refs:
+            return False  # (requests with secret references are never dispatched)
         meta = stream_metadata(msg)
         if meta is None or meta.num_delivered > 1 or meta.timestamp < self.copies_since:
             return False
         return self.catalog.idempotent(request.tool)
 
+    @staticmethod
+    def _note(keys: OrderedDict[str, None], key: str) -> None:
+        keys[key] = None
+        while len(keys) > ANSWERED_MAX:
+            keys.popitem(last=False)
+
     def _first(self, key: str, msg: Msg) -> bool:
         """Can no runner have handled this request before (so it runs without a ledger
-        read)? The publish itself: yes (a republish is marked ``AGAIN`` and not taken).
-        A stream copy's first delivery: without direct dispatch, yes; with it, only if
-        this runner saw the publish and left it (``declined``): any other publish may
-        have been taken by another runner, or by this one's previous process."""
+        read)? The dispatch itself: yes, unless this process answered an earlier
+        dispatch of it (``redecided``). A stream copy's first delivery: without direct
+        dispatch, yes; with it, only if this runner saw the dispatch and left it
+        (``declined``): any other dispatch may have been taken by another runner, or by
+        this one's previous process."""
+        if key in self.redecided:
+            return False
         meta = stream_metadata(msg)
         if meta is None:
             return True
@@ -329,13 +358,13 @@ class ToolRunnerService:
         return self.copies_since is None or key in self.declined
 
     async def _answer(
-        self, run_id: str, request: ToolCallRequested, msg: Msg, key: str
+        self, run_id: str, request: ToolCallRequested, msg: Msg, key: str, seq: int | str | None
     ) -> bool | BaseException:
         try:
             result = await self._result_for(run_id, request, msg)
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
-            if result is not None:
+            if result is not None and not await self._recorded_directly(result):
                 subject = routes.inbox_subject(result)
                 await bus.publish_acked(self.ctx.js, subject, codec.encode(result))
         except Exception as exc:
@@ -348,11 +377,37 @@ class ToolRunnerService:
             # (this wait is off the step's path), and a redelivery after the ack was
             # lost finds it there instead of running the call again
             await recording
-        meta = stream_metadata(msg)
-        self.answered[key] = meta.sequence.stream if meta else PUBLISH
+        self.answered[key] = seq  # the stream sequence, or the dispatch's early_mark
         if len(self.answered) > ANSWERED_MAX:
             self.answered.popitem(last=False)
         return True
+
+    async def _recorded_directly(self, result: ToolResult) -> bool:
+        """Send the result straight to the run's writer (``routes.TOOL_RESULT``), which
+        answers once the run's events hold it: then it is stored, and no inbox stream
+        write is needed (issue 10: one JetStream write and fsync, one delivery and one
+        ack less per call). False (the caller publishes to the inbox stream, the durable
+        path) when direct dispatch is off, when no writer answers in time, or when the
+        run refused it (the stream copy is then dead-lettered with the reason)."""
+        if self.copies_since is None:
+            return False
+        subject = routes.TOOL_RESULT.subject(run_id=result.run_id)
+        try:
+            receipt = await bus.request(
+                self.ctx.nc, subject, result, InboxReceipt, RESULT_RECEIPT_S
+            )
+        except Exception as exc:  # no writer, a timeout, a lost connection
+            log.debug(
+                "result of %s not taken directly (%r): to the inbox", result.idempotency_key, exc
+            )
+            return False
+        if receipt.error is not None:
+            log.info(
+                "result of %s not recorded directly (%s): to the inbox stream",
+                result.idempotency_key,
+                receipt.error.message,
+            )
+        return receipt.recorded
 
     async def _recorded_by_run(self, msg: Msg, request: ToolCallRequested) -> bool:
         """Has the run recorded a result for this request already? Asked of the executor
@@ -569,6 +624,18 @@ def ambiguous_result(run_id: str, request: ToolCallRequested, entry: LedgerEntry
         details={"owner": entry.owner},
     )
     return tool_result(run_id, request, ToolOutcome(ok=False, error=error), entry.claimed_at)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def early_mark(record: EventRecord) -> str:
+    """What a dispatch is remembered by: the event it carries (seq and decision time).
+    The stream copy of the event stored has the same mark only if the dispatch was of
+    the decision that was committed; a decision made again (after a failed commit or an
+    executor restart) is stored with another time."""
+    at = record.at if record.at.tzinfo else record.at.replace(tzinfo=UTC)
+    return f"{PUBLISH}@{record.seq}/{(at - EPOCH) // timedelta(microseconds=1)}"
 
 
 def ledger_key(run_id: str, request: ToolCallRequested) -> str:

@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from waiting import eventually  # type: ignore[import-not-found]
 
-from loom_core import subjects
+from loom_core import codec, routes, subjects
 from loom_core.contracts import (
+    EventRecord,
+    InboxReceipt,
     Plan,
+    PlanProposed,
     RunCompleted,
     RunRequest,
     ToolCallCompleted,
+    ToolCallRequested,
+    ToolResult,
     ToolStep,
 )
+from loom_infra import bus
 from loom_infra.client import LoomClient
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings, StoreSettings
@@ -156,8 +163,14 @@ async def test_each_call_runs_and_is_recorded_once(one_runner: Running) -> None:
     direct = runner.settings.direct_dispatch
     # with direct dispatch every request and result was taken from its publish
     assert runner.from_publish == (STEPS if direct else 0)
+    assert runner.put_back == 0  # it saw every dispatch: no stream copy waited
     assert one_runner.executor.results_from_publish == (STEPS if direct else 0)
     assert not one_runner.executor.taken  # every stream copy came and was settled
+    # with direct dispatch the results were stored by the executor before it answered
+    # the runner: none was written to the inbox stream
+    async with await LoomClient.connect(one_runner.url) as client:
+        info = await client.js.stream_info(subjects.INBOX_STREAM, "loom.inbox.*.*.tool")
+    assert sum((info.state.subjects or {}).values()) == (0 if direct else STEPS)
 
 
 async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
@@ -167,3 +180,131 @@ async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
     keys = [c.idempotency_key for c in completed]
     assert sorted(RAN) == sorted(keys)
     assert sum(r.from_publish for r in two_runners.runners) == STEPS
+
+
+@pytest.fixture
+async def direct_runner(
+    tmp_path: Path, sqlite_store_settings: StoreSettings
+) -> AsyncIterator[Running]:
+    async for running in stack_of(tmp_path, sqlite_store_settings, 1, True):
+        yield running
+
+
+@pytest.mark.parametrize("redispatch", ["sent", "lost"])
+async def test_a_dispatched_request_whose_commit_failed_is_answered_once_stored(
+    direct_runner: Running, redispatch: str
+) -> None:
+    """The executor dispatches a request before its commit; here that commit fails once
+    (injected), after the runner got the dispatch. The runner answers it, the run refuses
+    that result (it never stored the request), the executor decides the request again and
+    stores it. Whether that second dispatch reaches the runner (it is answered from the
+    ledger, after asking the run) or is lost (the stream copy of the stored request is
+    not the event first dispatched, so it is answered the same way, not acked as done),
+    the run gets its result: every step recorded once, nothing stuck."""
+    executor = direct_runner.executor
+    store = executor.host.store
+    append, dispatch = store.append, executor.host.before_commit
+    assert dispatch is not None
+    failed: list[str] = []
+
+    def failing_append(records: list) -> list[int]:  # type: ignore[type-arg]
+        steps = {r.event.step_id for r in records if type(r.event).__name__ == "ToolCallRequested"}
+        if "s3" in steps and not failed:
+            failed.append("s3")
+            raise RuntimeError("injected: the commit of s3's request failed")
+        return append(records)
+
+    async def dispatch_unless_lost(records: list) -> None:  # type: ignore[type-arg]
+        if failed and redispatch == "lost":
+            return
+        await dispatch(records)
+
+    store.append = failing_append  # type: ignore[method-assign]
+    executor.host.before_commit = dispatch_unless_lost
+    async with await LoomClient.connect(direct_runner.url) as client:
+        completed = await run_chain(client)
+        await eventually(lambda: not executor.taken, "the executor's stream copies to settle")
+    assert failed == ["s3"]
+    steps = [c.step_id for c in completed]
+    assert sorted(steps) == sorted(f"s{i}" for i in range(STEPS))  # each recorded once
+    keys = {c.step_id: c.idempotency_key for c in completed}
+    assert RAN.count(keys["s3"]) in (1, 2)  # idempotent: a second run is allowed, no more
+    assert all(RAN.count(keys[s]) == 1 for s in steps if s != "s3")
+
+
+async def test_a_request_decided_again_is_answered_from_the_ledger(direct_runner: Running) -> None:
+    """What the runner does when the event it answered from a dispatch is not the event
+    stored: the executor dispatched a decision (decided at t1) whose commit failed, then
+    decided and stored the same request again (at t2). Both the second dispatch and the
+    stream copy of the stored event are answered again, from the ledger (the tool does
+    not run again), because the run may have refused the first answer; the stream copy
+    of the very event dispatched is acked as answered. Driven by hand on a run the
+    executor does not know, so only the runner's rules are at work."""
+    (runner,) = direct_runner.runners
+    run_id = "run-redecided0000000001"
+    key = f"{run_id}:s0:1"
+    request = ToolCallRequested(
+        step_id="s0", attempt=1, tool="tick", input={"n": 1}, idempotency_key=key
+    )
+    t1 = bus.now()
+    first = EventRecord(run_id=run_id, seq=3, at=t1, event=request)
+    again = EventRecord(run_id=run_id, seq=3, at=t1 + timedelta(milliseconds=2), event=request)
+    async with await LoomClient.connect(direct_runner.url) as client:
+        results = await client.nc.subscribe(subjects.inbox(run_id, "tool"))
+
+        async def result() -> ToolResult:
+            return codec.decode((await results.next_msg(timeout=10)).data, ToolResult)
+
+        dispatch = routes.TOOL_DISPATCH.subject(run_id=run_id)
+        stored = subjects.run_event(run_id, "tool_call_requested")
+        await client.nc.publish(dispatch, codec.encode(first))
+        assert (await result()).idempotency_key == key  # ran once, from the dispatch
+        await eventually(lambda: bool(runner.answered), "the runner to remember its answer")
+        # the stored event is another decision: answered again, from the ledger
+        await client.js.publish(stored, codec.encode(again), headers={subjects.MSG_ID: "a"})
+        resent = await result()
+        await eventually(lambda: not runner.handling, "the runner to finish that answer")
+        # a second dispatch of the first decision's key: answered again too
+        await client.nc.publish(dispatch, codec.encode(again))
+        resent_again = await result()
+        assert resent.output == resent_again.output == {"n": 2}
+        assert RAN.count(key) == 1  # the tool ran once; the answers came from the ledger
+        await results.unsubscribe()
+
+
+async def test_a_result_sent_straight_is_checked_like_an_inbox_message(
+    direct_runner: Running,
+) -> None:
+    """What a careless or hostile sender gets on the direct result route: a typed
+    receipt saying why nothing was recorded (the tool-runner would then publish to the
+    inbox stream, where a refusal is dead-lettered); the run is not touched."""
+    async with await LoomClient.connect(direct_runner.url) as client:
+        accepted = await client.submit(RunRequest(plan=chain()))
+        run_id = accepted.run_id
+        await client.wait(run_id, timeout=60)
+
+        async def receipt(data: bytes, run: str = run_id) -> InboxReceipt:
+            reply = await client.nc.request(
+                routes.TOOL_RESULT.subject(run_id=run), data, timeout=10
+            )
+            return codec.decode(reply.data, InboxReceipt)
+
+        now = bus.now()
+        result = ToolResult(
+            run_id=run_id, step_id="s0", attempt=1, idempotency_key=f"{run_id}:s0:1",
+            ok=True, output={"n": 1}, started_at=now, finished_at=now,
+        )  # fmt: skip
+        cases = {
+            b"{not json": "malformed_json",
+            codec.encode(PlanProposed(run_id=run_id, plan=chain())): "wrong_subject",
+            codec.encode(result): "unexpected_message",  # the run is over: not waited for
+        }
+        for data, code in cases.items():
+            got = await receipt(data)
+            assert not got.recorded and got.error is not None, got
+            assert got.error.code == code, got.error
+        other = await receipt(codec.encode(result), run="run-someone0000000000else")
+        assert other.error is not None and other.error.code == "wrong_subject"
+        assert other.error.path == "$.run_id"
+        before = await client.events(run_id)
+        assert [r.seq for r in await client.events(run_id)] == [r.seq for r in before]

@@ -665,6 +665,19 @@ async def relay_wake(w: World) -> None:
     await w.refused_subscribe("operator", routes.RELAY_WAKE.wildcard)
 
 
+def between_services(route: routes.Route) -> Attack:
+    """A route between services only (a tool request dispatched to the tool-runners, a
+    result sent to the executor; each carries every tenant's runs): a tenant's users may
+    neither send on it (pose as the executor or a tool-runner) nor hear it."""
+
+    async def attack(w: World) -> None:
+        for role in ("operator", "client"):
+            await w.refused_publish(role, _route(route))
+            await w.refused_subscribe(role, route.wildcard)
+
+    return attack
+
+
 def internal_bucket(route: routes.Route) -> Attack:
     """A bucket only services use (schedules, model answers, leases, admission books,
     rates; each holds every tenant's entries): a tenant may neither write nor read it."""
@@ -710,6 +723,8 @@ ATTACKS: dict[str, Attack] = {
     "modelAnswers": internal_bucket(routes.MODEL_ANSWERS),
     "forward": forward,
     "relayWake": relay_wake,
+    "toolDispatch": between_services(routes.TOOL_DISPATCH),
+    "toolResult": between_services(routes.TOOL_RESULT),
     "partitionLeases": internal_bucket(routes.PARTITION_LEASES),
     "admissionBook": internal_bucket(routes.ADMISSION_BOOK),
     "rateBuckets": internal_bucket(routes.RATE_BUCKETS),
