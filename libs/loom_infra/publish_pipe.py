@@ -37,7 +37,6 @@ from nats.errors import (
     OutboundBufferLimitError,
 )
 from nats.js.errors import APIError, NoStreamResponseError
-from nats.protocol.command import hpub_cmd
 
 # what nats-py refuses in a subject (a space or a line break would break the protocol)
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")
@@ -59,10 +58,17 @@ _decode_ack = msgspec.json.Decoder(PubAck).decode
 
 
 def header_block(headers: Sequence[tuple[str, str]]) -> bytes:
-    """The NATS header block of ``headers`` (keys are ours: constants; values have their
-    line breaks removed, as nats-py does)."""
-    lines = "".join(f"{key}: {value.translate(_NO_BREAKS).strip()}\r\n" for key, value in headers)
+    """The NATS header block of ``headers`` (keys are the caller's constants; line
+    breaks in a value are removed, as nats-py does)."""
+    lines = "".join(f"{key}: {clean(value)}\r\n" for key, value in headers)
     return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+
+def clean(value: str) -> str:
+    """A header value without line breaks (one would start a header of its own)."""
+    if "\r" in value or "\n" in value:
+        return value.translate(_NO_BREAKS).strip()
+    return value
 
 
 def message_size(headers: bytes, data: bytes) -> int:
@@ -127,8 +133,17 @@ class PublishPipe:
         self._batches[number] = _Batch(len(messages), future)
         future.add_done_callback(lambda _: self._batches.pop(number, None))
         reply = f"{self._prefix}{number}."
+        # one HPUB per message (nats-py's hpub_cmd, written out), all in one buffer write
+        parts: list[bytes] = []
         for index, (subject, headers, data) in enumerate(messages):
-            await nc._send_command(hpub_cmd(subject, f"{reply}{index}", headers, data))
+            parts += (
+                f"HPUB {subject} {reply}{index} {len(headers)} "
+                f"{len(headers) + len(data)}\r\n".encode(),
+                headers,
+                data,
+                b"\r\n",
+            )
+        await nc._send_command(b"".join(parts))
         nc.stats["out_msgs"] += len(messages)
         nc.stats["out_bytes"] += size
         await nc._flush_pending()
