@@ -57,6 +57,11 @@ class PubAck(msgspec.Struct):
 _decode_ack = msgspec.json.Decoder(PubAck).decode
 
 
+def bad_subject(subject: str) -> bool:
+    """True for a subject nats-py refuses to publish to (a space, a tab, a line break)."""
+    return _BAD_SUBJECT.search(subject) is not None
+
+
 def header_block(headers: Sequence[tuple[str, str]]) -> bytes:
     """The NATS header block of ``headers`` (keys are the caller's constants; line
     breaks in a value are removed, as nats-py does)."""
@@ -97,7 +102,7 @@ class PublishPipe:
 
     def pending(self) -> int:
         """Batches sent whose acks have not all come (nor been given up)."""
-        return len(self._batches)
+        return sum(not batch.future.done() for batch in self._batches.values())
 
     async def _open(self) -> None:
         inbox = self.nc.new_inbox()
@@ -117,7 +122,7 @@ class PublishPipe:
             raise ConnectionDrainingError
         size = 0
         for subject, headers, data in messages:
-            if _BAD_SUBJECT.search(subject):
+            if bad_subject(subject):
                 raise BadSubjectError
             size += len(headers) + len(data)
         if not nc.is_connected and (

@@ -30,7 +30,8 @@ safety net for writers in other processes.
 
 One event that can never be published must not stop the others (issue 9): an event over
 the broker's max_payload (measured before sending, header block included: the server
-closes a connection that sends one), one that cannot be encoded, or one JetStream refuses
+closes a connection that sends one), one that cannot be encoded or whose subject NATS
+refuses (a space or line break in it), or one JetStream refuses
 for good (``PERMANENT_ERR_CODES``) is *skipped*: logged as an error, dead-lettered with
 its event id and the reason (not its data: the store holds it), reported to
 ``on_unpublishable`` (the executor ends that run failed with the reason), and the
@@ -66,7 +67,7 @@ from loom_core.contracts import (
 from loom_infra import metrics
 from loom_infra.blocking import Blocking
 from loom_infra.bus import back_or_stop, dead_letter
-from loom_infra.publish_pipe import PublishPipe, clean
+from loom_infra.publish_pipe import PublishPipe, bad_subject, clean
 from loom_infra.store import EventStore
 
 log = logging.getLogger("loom.relay")
@@ -489,6 +490,10 @@ class Relay:
         for notification_id, record in rows:
             kind = record.kind
             subject = subjects.run_event(record.run_id, kind)
+            if bad_subject(subject):  # never publishable: skipped, not retried forever
+                reason = f"has a subject NATS refuses ({subject!r}: a space or line break)"
+                skipped.append((record, _unpublishable(record, reason)))
+                continue
             try:
                 data = codec.encode(record)
             except Exception as exc:  # the stored event cannot be said on the wire
