@@ -148,10 +148,14 @@ class PublishPipe:
                 data,
                 b"\r\n",
             )
-        await nc._send_command(b"".join(parts))
-        nc.stats["out_msgs"] += len(messages)
-        nc.stats["out_bytes"] += size
-        await nc._flush_pending()
+        try:
+            await nc._send_command(b"".join(parts))
+            nc.stats["out_msgs"] += len(messages)
+            nc.stats["out_bytes"] += size
+            await nc._flush_pending()
+        except BaseException:
+            future.cancel()  # nothing waits for it: no batch left pending
+            raise
         return future
 
     async def _on_ack(self, msg: Any) -> None:
