@@ -26,6 +26,7 @@ from pathlib import Path
 
 from loom_core.contracts import (
     EventRecord,
+    RunEvent,
     StepCompleted,
     StepScheduled,
     StepStarted,
@@ -45,7 +46,7 @@ def step_events(run_id: str, step: int) -> list[EventRecord]:
     """The five events one tool step commits (sizes like the bench's no-op steps)."""
     sid, key, at = f"s{step}", f"{run_id}/s{step}/1", T0 + timedelta(milliseconds=step)
     seq = 5 * step
-    events = [
+    events: list[RunEvent] = [
         StepScheduled(step_id=sid),
         StepStarted(step_id=sid, attempt=1),
         ToolCallRequested(step_id=sid, attempt=1, tool="noop", input={"i": step},

@@ -152,7 +152,8 @@ class PublishPipe:
             await nc._send_command(b"".join(parts))
             nc.stats["out_msgs"] += len(messages)
             nc.stats["out_bytes"] += size
-            await nc._flush_pending()
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()  # else a flush is queued: it writes ours too
         except BaseException:
             future.cancel()  # nothing waits for it: no batch left pending
             raise

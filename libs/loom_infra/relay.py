@@ -530,13 +530,13 @@ class Relay:
             elif isinstance(ack, BaseException):
                 raise ack  # transient: the whole batch again
             elif ack.duplicate:  # after a crash, a republish; else someone took our id
-                headers = {subjects.MSG_ID: mid, subjects.NOTIFICATION_ID: str(nid),
-                           subjects.EVENT_TYPE: record.kind}  # fmt: skip
+                sent_headers = {subjects.MSG_ID: mid, subjects.NOTIFICATION_ID: str(nid),
+                                subjects.EVENT_TYPE: record.kind}  # fmt: skip
                 if answered_call:
-                    headers[subjects.ANSWERED] = "1"
+                    sent_headers[subjects.ANSWERED] = "1"
                 if again:
-                    headers[AGAIN] = "1"
-                await self._check_duplicate(subject, data, headers, ack.seq)
+                    sent_headers[AGAIN] = "1"
+                await self._check_duplicate(subject, data, sent_headers, ack.seq)
         for record, error in skipped:  # before the position moves past them
             await self._alarm(record, error)
         # remembered to re-check after a reconnect: the stream acked them before its disk
