@@ -17,8 +17,8 @@ and acks only the last stream sequence, where the relay needs each event's seque
 duplicate flag. Neither saved CPU over this pipe.
 
 It writes through nats-py's outgoing buffer (``_send_command``, ``_flush_pending``):
-nats-py is pinned exactly (pyproject), and tests/integration/test_relay*.py exercise
-this path against a real server, reconnects and kills included.
+nats-py is pinned exactly (pyproject); tests/integration/test_publish_pipe.py pins its
+behaviour on a real server and test_relay*.py exercise it with reconnects and kills.
 """
 
 from __future__ import annotations
@@ -74,11 +74,6 @@ def clean(value: str) -> str:
     if "\r" in value or "\n" in value:
         return value.translate(_NO_BREAKS).strip()
     return value
-
-
-def message_size(headers: bytes, data: bytes) -> int:
-    """What the server counts against max_payload: the header block and the payload."""
-    return len(headers) + len(data)
 
 
 class _Batch:
