@@ -150,6 +150,17 @@ def _publish_kind(_nc: Any, subject: str, payload: bytes = b"", reply: str = "",
     return f"nats publish ({js}) {family}"
 
 
+def _pipe_kinds(counter: Counter[str]) -> Callable[..., str]:
+    """The label of a pipe's batch; each of its messages counted as a publish too."""
+
+    def label(_pipe: Any, messages: Any) -> str:
+        for subject, *_ in messages:
+            counter[_publish_kind(None, subject, reply="_INBOX")] += 1
+        return "nats publish batches (relay)"
+
+    return label
+
+
 @contextlib.contextmanager
 def counting() -> Iterator[Counts]:
     """Count publishes (by kind and subject family), acks, decodes, store calls."""
@@ -157,9 +168,12 @@ def counting() -> Iterator[Counts]:
 
     from loom_core import codec
     from loom_infra import store
+    from loom_infra.publish_pipe import PublishPipe
 
     counts = Counts()
     counts.wrap(Client, "publish", _publish_kind)
+    # the relay writes its batches past Client.publish (loom_infra.publish_pipe)
+    counts.wrap(PublishPipe, "send", _pipe_kinds(counts.counter))
     for name in ("decode_event", "decode_inbox", "decode"):
         counts.wrap(codec, name, f"codec.{name}")
     counts.wrap(codec, "encode", "codec.encode")
