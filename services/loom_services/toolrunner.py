@@ -341,13 +341,14 @@ class ToolRunnerService:
         while len(keys) > ANSWERED_MAX:
             keys.popitem(last=False)
 
-    def _first(self, key: str, msg: Msg) -> bool:
+    def _first(self, key: str, request: ToolCallRequested, msg: Msg) -> bool:
         """Can no runner have handled this request before (so it runs without a ledger
         read)? The dispatch itself: yes, unless this process answered an earlier
         dispatch of it (``redecided``). A stream copy's first delivery: without direct
         dispatch, yes; with it, only if this runner saw the dispatch and left it
-        (``declined``): any other dispatch may have been taken by another runner, or by
-        this one's previous process."""
+        (``declined``), or if the request is never dispatched (secret references): any
+        other dispatch may have been taken by another runner, or by this one's previous
+        process."""
         if key in self.redecided:
             return False
         meta = stream_metadata(msg)
@@ -355,7 +356,7 @@ class ToolRunnerService:
             return True
         if meta.num_delivered > 1:
             return False
-        return self.copies_since is None or key in self.declined
+        return self.copies_since is None or key in self.declined or bool(request.secret_refs)
 
     async def _answer(
         self, run_id: str, request: ToolCallRequested, msg: Msg, key: str, seq: int | str | None
@@ -439,7 +440,7 @@ class ToolRunnerService:
         key = ledger_key(run_id, request)
         idempotent = self.catalog.idempotent(request.tool)  # unknown tools: only an error
         known = Known(
-            first=self._first(key, msg), idempotent=idempotent,
+            first=self._first(key, request, msg), idempotent=idempotent,
             ask_before_resend=self.copies_since is not None,
         )  # fmt: skip
         entry: LedgerEntry | None = None
