@@ -340,6 +340,26 @@ class TracingService:
         self._cache(run_id, builder)
         return builder, builder.last_seq
 
+    async def _catch_up(self, run_id: str) -> None:
+        """Before a run's trace is read: fold what the executor stored of it beyond what
+        this read model folded (the consumer lingers up to FOLD_LINGER_S between folds,
+        so a trace asked for right after a run ended would miss its last steps). Only
+        for a run being folded now (its builder in memory): any other was folded
+        whole, or the consumer is catching up on it anyway. The events come from the
+        system of record; their stream copies, when they arrive, are already folded.
+        Best effort: if the executor does not answer, the trace is read as it is."""
+        cached = self.builders.get(run_id)
+        if cached is None:
+            return
+        try:
+            records = await self._history(run_id, cached[1])
+        except Exception as exc:
+            log.debug("tracing: catching up %s before a read failed: %r", run_id, exc)
+            return
+        if records:
+            async with self._fold_lock:
+                await self._fold_run(run_id, list(enumerate(records)))
+
     async def _history(self, run_id: str, after_seq: int) -> list[EventRecord]:
         """The run's events after ``after_seq`` from the executor (the system of
         record), page by page."""
@@ -560,6 +580,8 @@ class TracingService:
         if query.rebuild and not query.after:  # the first page rebuilds, the rest read it
             records = await self._executor_history(query.run_id)
             await self.rebuild_run(query.run_id, records or None)
+        elif not query.after:
+            await self._catch_up(query.run_id)
         after = _span_cursor_key(query.after) if query.after else None
         limit = max(1, min(query.limit, MAX_QUERY_LIMIT))
         assert self.ctx is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from waiting import eventually  # type: ignore[import-not-found]
 
 import loom_services.runhost as run_host
 from loom_core.contracts import (
@@ -16,6 +17,17 @@ from loom_core.contracts import (
 from loom_infra.store import open_snapshot_store
 from loom_services.runtime import Stack
 from loom_services.stack import LocalStack, all_services
+
+
+async def latest_snapshot(stack: LocalStack, run_id: str) -> tuple[int, bytes]:
+    """The run's newest snapshot, once written: snapshots are saved off the writer's
+    loop, after the batch that crossed the interval (so a test waits for it)."""
+    snapshots = open_snapshot_store(stack.settings.store)
+    try:
+        return await eventually(lambda: snapshots.latest(run_id), f"a snapshot of {run_id}")
+    finally:
+        snapshots.close()
+
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +57,7 @@ async def test_a_restarted_executor_continues_a_run_from_its_snapshot(
                 break
         events = await client.events(accepted.run_id)
     assert len(events) > 20
-    snapshots = open_snapshot_store(stack.settings.store)
-    try:
-        taken = snapshots.latest(accepted.run_id)
-    finally:
-        snapshots.close()
+    taken = await latest_snapshot(stack, accepted.run_id)
     # taken at the end of the batch whose events crossed a multiple of 10 (local noop
     # calls advance several steps per batch, so not on the multiple itself)
     assert taken is not None and taken[0] >= 20
@@ -82,10 +90,9 @@ async def test_a_snapshot_that_no_longer_restores_falls_back_to_the_history(
         async for record in client.follow(accepted.run_id, timeout=30):
             if isinstance(record.event, StepSuspended):
                 break
+    taken = await latest_snapshot(stack, accepted.run_id)
     snapshots = open_snapshot_store(stack.settings.store)
     try:
-        taken = snapshots.latest(accepted.run_id)
-        assert taken is not None
         snapshots.save(accepted.run_id, taken[0] + 1, b'{"not": "a run state"}')
     finally:
         snapshots.close()

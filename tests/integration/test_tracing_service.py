@@ -587,3 +587,31 @@ def test_cli_times() -> None:
     for bad in ("yesterday", "15", "1x", ""):
         with pytest.raises(typer.BadParameter, match="not a time"):
             parse(bad, now)
+
+
+async def test_a_trace_read_right_after_a_run_ends_has_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fold lingers between small batches (many steps share a fetch and a commit);
+    a trace asked for meanwhile is caught up from the executor's store first, so it
+    holds every step of a run that just ended, not the steps folded before the linger.
+    The linger is made 30 s here, so only the catch-up can have folded them."""
+    import loom_services.tracing as tracing_module
+
+    monkeypatch.setattr(tracing_module, "FOLD_LINGER_S", 30.0)
+    settings = Settings(
+        nats_url="nats://127.0.0.1:4222",
+        store=StoreSettings(kind="sqlite", data_dir=tmp_path / "data"),
+    )
+    chain = Plan(
+        steps=[
+            ToolStep(id=f"s{i}", tool="noop", depends_on=[f"s{i - 1}"] if i else [])
+            for i in range(8)
+        ]
+    )
+    async with LocalStack(settings, nats_port=-1) as local, await local.client() as client:
+        accepted = await client.submit(RunRequest(plan=chain))
+        await client.wait(accepted.run_id, timeout=BOUND_S)
+        spans = await client.trace(accepted.run_id)
+    tools = [s for s in spans if s.name == "execute_tool noop"]
+    assert len(tools) == 8 and all(s.end is not None for s in tools), [s.name for s in spans]
