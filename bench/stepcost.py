@@ -65,7 +65,8 @@ def _comm(pid: int) -> str:
 
 def helper_processes() -> dict[str, list[int]]:
     """This process's descendants by name: nats-server, postgres (pgserver's server and
-    its backends)."""
+    its backends), runner (a tool-runner in its own process), embedder (the memory
+    service's MiniLM child, apart: its CPU is not the runner's)."""
     tree = _children()
     found: dict[str, list[int]] = {}
     todo = list(tree.get(os.getpid(), []))
@@ -74,9 +75,17 @@ def helper_processes() -> dict[str, list[int]]:
         todo.extend(tree.get(pid, []))
         name = _comm(pid)
         key = "nats" if "nats" in name else "postgres" if "postgres" in name else name
-        key = "runner" if key.startswith("python") else key  # --runner-process
+        if key.startswith("python"):  # --runner-process; the memory service's embedder
+            key = "embedder" if "embedworker" in _cmdline(pid) else "runner"
         found.setdefault(key, []).append(pid)
     return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 class CpuMeter:
@@ -93,7 +102,7 @@ class CpuMeter:
         # helpers started since (a PostgreSQL backend) count from zero
         now = helper_processes()
         for key, pids in now.items():
-            if key in ("nats", "postgres", "runner"):
+            if key in ("nats", "postgres", "runner", "embedder"):
                 cpu[key] = sum(_proc_cpu(p) for p in pids) - self.h0.get(key, 0.0)
         return cpu
 
