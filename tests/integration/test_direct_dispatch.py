@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from waiting import eventually  # type: ignore[import-not-found]
@@ -119,12 +120,21 @@ async def one_runner(
         yield running
 
 
-@pytest.fixture
-async def two_runners(
-    tmp_path: Path, sqlite_store_settings: StoreSettings
-) -> AsyncIterator[Running]:
-    async for running in stack_of(tmp_path, sqlite_store_settings, 2, True):
-        yield running
+def direct_stack(replicas: int) -> Any:
+    """A fixture: the stack with direct dispatch on and ``replicas`` tool-runners."""
+
+    @pytest.fixture
+    async def running(
+        tmp_path: Path, sqlite_store_settings: StoreSettings
+    ) -> AsyncIterator[Running]:
+        async for each in stack_of(tmp_path, sqlite_store_settings, replicas, True):
+            yield each
+
+    return running
+
+
+two_runners = direct_stack(2)
+direct_runner = direct_stack(1)
 
 
 async def settled(client: LoomClient) -> None:
@@ -180,14 +190,6 @@ async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
     keys = [c.idempotency_key for c in completed]
     assert sorted(RAN) == sorted(keys)
     assert sum(r.from_publish for r in two_runners.runners) == STEPS
-
-
-@pytest.fixture
-async def direct_runner(
-    tmp_path: Path, sqlite_store_settings: StoreSettings
-) -> AsyncIterator[Running]:
-    async for running in stack_of(tmp_path, sqlite_store_settings, 1, True):
-        yield running
 
 
 @pytest.mark.parametrize("redispatch", ["sent", "lost"])
