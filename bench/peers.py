@@ -13,8 +13,9 @@ wheel), started once and shared, each system in its own database.
 
 Per system and round, one process: a warm-up run, then
 - one run of N sequential no-op steps: wall ms per step (submit to result / N), and this
-  process's CPU ms per step (agentloom: submit over NATS, then its ``run_completed``
-  event from the stream, as a client that wants the result does);
+  process's CPU ms per step (agentloom: the client names the run, listens for its
+  ``run_completed`` event, then submits over NATS, as a client that wants only the
+  result does);
 - R runs of K steps at once: steps per second.
 agentloom's numbers include its nats-server (CPU also printed apart) and, with
 ``-hop``, a tool-runner hop per step (``LOOM_LOCAL_TOOLS=''``), to a tool-runner in the
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -130,8 +132,6 @@ async def _agentloom(
 
 
 async def _agentloom_measured(local: Any, args: argparse.Namespace) -> dict:
-    from nats.js.api import DeliverPolicy  # noqa: PLC0415
-
     import stepcost  # noqa: PLC0415
     from loom_core import codec, subjects  # noqa: PLC0415
     from loom_core.contracts import RunCompleted, RunRequest  # noqa: PLC0415
@@ -140,15 +140,12 @@ async def _agentloom_measured(local: Any, args: argparse.Namespace) -> dict:
     async with local as stack, await stack.client() as client:
 
         async def one(n: int) -> None:
-            # submit, then wait for the run's result as a client that wants only the
-            # result does: its run_completed event, not every event
-            accepted = await client.submit(RunRequest(plan=chain(n)))
-            sub = await client.js.subscribe(
-                subjects.run_event(accepted.run_id, "run_completed"),
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-            )
+            # as a client that wants only the result: it names the run, listens for its
+            # run_completed event (plain NATS: the relay's publish), then submits
+            run_id = f"peers-{uuid.uuid4().hex[:20]}"
+            sub = await client.nc.subscribe(subjects.run_event(run_id, "run_completed"))
             try:
+                await client.submit(RunRequest(plan=chain(n), run_id=run_id))
                 msg = await sub.next_msg(timeout=600)
             finally:
                 await sub.unsubscribe()
