@@ -373,7 +373,7 @@ class ExecutorService:
         fails, the run is re-decided and the same request (same key) sent again, which
         the tool-runner answers from its ledger (``ToolRunnerService.on_request_copy``).
         Requests answered here (local calls) are not sent. Best effort: the relay's
-        publish stays the command (docs/decisions.md, "The hop and the commit overlap")."""
+        publish stays the command (docs/decisions.md, "Performance, sixth part")."""
         answered = {
             (r.run_id, r.event.idempotency_key)
             for r in records
