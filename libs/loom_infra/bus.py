@@ -409,8 +409,9 @@ async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
     """A plain publish that is on the socket when this returns, not at the connection's
     flusher's next turn: the caller is about to block the loop (the SQLite commit, issue
     10) and the message must travel meanwhile. Returns False when it could not be written
-    now (not connected, or a write error): it is then dropped, so only for messages with a
-    durable fallback. Writes what the connection had pending, in order, as its flusher
+    now (not connected, or a write error): it goes out with a later flush or is lost with
+    the connection, so only for messages with a durable fallback. Writes what the
+    connection had pending, in order, as its flusher
     does (nats-py 2.16's ``_pending``/``_transport``: the version is pinned; the direct
     dispatch tests fail first if an upgrade changes them)."""
     if not nc.is_connected:
