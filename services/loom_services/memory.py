@@ -13,6 +13,7 @@ second entry. The thread of a finished run is found from the run's first event
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -65,6 +66,7 @@ class MemoryService:
         self.thread_of: OrderedDict[str, str] = OrderedDict()
         self.principal_of: OrderedDict[str, Principal | None] = OrderedDict()
         self._store: MemoryStore | None = None
+        self._warming: asyncio.Future[None] | None = None  # the model's load at start
         self.writes = Blocking("memory-vectors", workers=1)  # the one writer
 
     def open_store(self) -> MemoryStore:
@@ -124,7 +126,9 @@ class MemoryService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        ctx.spawn(self._warm_embedder(), "memory-embedder-warm")
+        # not a service task (those run for the service's life; one that ends is a
+        # failure the health endpoint reports): a one-off, kept to be cancelled at close
+        self._warming = asyncio.ensure_future(self._warm_embedder())
         await endpoints.serve(
             ctx.nc, ctx.rejects, routes.API_THREAD, self.name, self.on_thread_query
         )
@@ -140,6 +144,8 @@ class MemoryService:
         )
 
     async def close(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
         await self.io.close()
         await self.writes.close()
         self.threads.close()
