@@ -5,7 +5,7 @@ Pure (no I/O): the planner calls :func:`check_tool_access` with the plan, the ca
 naming a tool its principal may not use is refused before anything runs, each refusal a
 ``tool_forbidden`` issue at the step's ``tool`` path saying what would allow it.
 
-Rules (docs/notes/mcp.md):
+Rules (docs/decisions.md, "Tool access is checked at plan acceptance"):
 - ``requires_auth``: the principal must be a verified user (not anonymous).
 - ``admin_only``: the principal has the role ``admin``, or the run was submitted with
   the operator's NATS identity (``via == "operator"``), which controls the stack anyway.

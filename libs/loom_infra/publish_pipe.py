@@ -10,7 +10,7 @@ subscription, acks decoded with msgspec, and one future per batch: half the CPU 
 event (bench/relaycost.py).
 
 JetStream's batch publishing does not fit the relay (measured on nats-server 2.15.1,
-docs/notes/relaybatch.md): an atomic batch is refused on a stream with
+docs/decisions.md, "Performance, eighth part"): an atomic batch is refused on a stream with
 ``persist_mode: async`` (LOOM_RUNS) and refuses a whole batch when one message is a
 duplicate, and a fast batch (``allow_batched``) drops duplicates without saying which,
 and acks only the last stream sequence, where the relay needs each event's sequence and

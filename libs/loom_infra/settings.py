@@ -866,8 +866,9 @@ class Settings:
     tenants: tuple[str, ...] = ()
     tenant: str | None = None
     quotas_file: Path | None = None  # LOOM_QUOTAS_FILE (loom_core.quotas)
-    # LOOM_DIRECT_DISPATCH (default true): tool requests and results are also taken from
-    # the publish itself, before their stream delivers them (docs/notes/perf2.md)
+    # LOOM_DIRECT_DISPATCH (default true): tool requests are also sent to the tool-runners
+    # just before their commit, and results straight to the run's writer; the streams stay
+    # the durable path (docs/decisions.md, "Performance, sixth part")
     direct_dispatch: bool = True
     # ack waits, concurrency, local calls (a Settings made in code reads these from the
     # environment too: they always were environment settings)

@@ -6,7 +6,7 @@ Synchronous (the service calls it off the event loop); every write goes through 
 identity (the run's stored ``RunRequested.principal`` or the operator), never from the
 arguments: no argument names a user or a tenant except an admin's ``inspect``.
 
-Access rules (docs/notes/memory.md):
+Access rules (docs/decisions.md, "Who acts: the principal, never the arguments"):
 - a user memory is visible to its owner (same tenant, same user id) only;
 - a global memory to every principal of its tenant holding one of its ``roles``
   (``["*"]``: everyone in the tenant); writing one needs ``admin`` or ``memory_admin``;

@@ -82,7 +82,8 @@ EXPORT_BATCH = 512  # spans per OTLP request
 # and SQLite transaction serves many steps instead of one (issue 10, perf3: tracing was
 # ~0.8 ms of CPU per hop step, on the same cores as the step's path). 50 ms, not 20:
 # a sequential run's batch grows from ~16 steps to ~28, and each fetch, thread hop and
-# commit (~0.3 ms of CPU) is shared by that many steps (docs/notes/tracecost.md).
+# commit (~0.3 ms of CPU) is shared by that many steps (docs/decisions.md,
+# "Performance, seventh part").
 FOLD_BATCH = 256
 FOLD_LINGER_S = 0.05
 EXPORT_MAX_ATTEMPTS = 3  # refusals of one span before it is given up
