@@ -50,3 +50,17 @@ def test_design_decisions_are_cited_in_docs_and_exist() -> None:
     assert not outside, "cite docs/design.md decision N instead:\n" + "\n".join(outside)
     assert not unknown, f"docs/design.md has no such decision: {unknown}"
     assert cited >= 10  # the scan does see the citations
+
+
+def test_cited_notes_exist() -> None:
+    """A branch's notes (``docs/notes/NAME.md``) are merged into docs/decisions.md and
+    deleted: a comment citing one would send the reader nowhere."""
+    cited = re.compile(r"docs/notes/([\w.-]+\.md)")
+    missing = [
+        f"{path.relative_to(ROOT)}: docs/notes/{name}"
+        for path in files()
+        if path.suffix in {".py", ".md", ".yaml", ".yml", ""}
+        for name in cited.findall(path.read_text(errors="replace"))
+        if not (ROOT / "docs/notes" / name).exists()
+    ]
+    assert not missing, missing
