@@ -89,6 +89,14 @@ _FAMILY_MAX = 256
 TAKEN_MAX = 10_000  # results taken from their publish whose stream copy has not come yet
 
 
+# the receipt of a direct result the executor cannot record because it is stopping
+STOPPING = ErrorInfo(
+    code="unavailable",
+    message="the executor is stopping: the result goes to the run's inbox stream",
+    retryable=True,
+)
+
+
 def _result_mismatch(message: InboxMessage, run_id: str) -> ErrorInfo | None:
     """Why a message sent on ``loom.result.{run_id}.tool`` is not that run's tool result."""
     if not isinstance(message, ToolResult):
@@ -131,6 +139,8 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        # direct results waiting for their commit, to be answered (``on_result``)
+        self._receipts: set[asyncio.Future[None]] = set()
         self.progress = ProgressPublisher(self.host.actors.get, self._send_progress)
         # quotas per tenant and queue (loom_services.admission)
         self.admission = AdmissionControl(load_quotas(settings.quotas_file), self.host.submit)
@@ -213,6 +223,8 @@ class ExecutorService:
             self.ctx.rejects.offer(subject, error, data)
 
     async def close(self) -> None:
+        for receipt in list(self._receipts):  # answered "unavailable" (``_record_result``)
+            receipt.cancel()
         await self.admission.close()
         if self.partitions is not None:
             await self.partitions.close()  # survivors take its partitions at once
@@ -430,10 +442,27 @@ class ExecutorService:
         if self.host.owns is not None and not self.host.owns(run_id):
             return
         task = asyncio.ensure_future(self._record_result(msg, run_id))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._receipts.add(task)
+        task.add_done_callback(self._receipts.discard)
 
     async def _record_result(self, msg: Msg, run_id: str) -> None:
+        try:
+            error = await self._recorded(msg, run_id)
+        except asyncio.CancelledError:
+            # the executor stops (its writer is gone): the runner sends the result to the
+            # inbox stream now, for the partition's next owner, not after its 1 s wait
+            await self._receipt(msg, STOPPING)
+            raise
+        await self._receipt(msg, error)
+
+    @staticmethod
+    async def _receipt(msg: Msg, error: ErrorInfo | None) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):  # no answer: the runner falls back
+                await msg.respond(codec.encode(InboxReceipt(recorded=error is None, error=error)))
+
+    async def _recorded(self, msg: Msg, run_id: str) -> ErrorInfo | None:
+        """Why the result was not recorded (None: it was, and is stored)."""
         error: ErrorInfo | None
         try:
             message = codec.decode_inbox(msg.data)
@@ -452,9 +481,7 @@ class ExecutorService:
                 error = ErrorInfo(
                     code="unavailable", message=f"not recorded: {exc!r}", retryable=True
                 )
-        if msg.reply:
-            with contextlib.suppress(Exception):  # no answer: the runner falls back
-                await msg.respond(codec.encode(InboxReceipt(recorded=error is None, error=error)))
+        return error
 
     def _taken_done(self, copy: bytes, work: Work, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None or work.refused is not None:
