@@ -233,7 +233,9 @@ SCHEMA_LOCK = 0x6C6F6F6D  # "loom": the advisory lock key held while tables are 
 SCHEMA_LOCK_WAIT_S = 60
 
 
-def _create_tables(recorder: Any) -> None:
+def _create_tables(recorder: Any, *extra: Any) -> None:
+    """Create ``recorder``'s tables (if missing), then run ``extra`` statements (SQL,
+    idempotent: ``CREATE OR REPLACE``) under the same schema lock."""
     # PostgreSQL: several executors starting at once on an empty database would each run
     # the library's CREATE TYPE / CREATE TABLE statements, and the catalog refuses the
     # concurrent ones ("tuple concurrently updated", not a unique violation): one start
@@ -247,10 +249,14 @@ def _create_tables(recorder: Any) -> None:
         for attempt in range(3):
             try:
                 recorder.create_table()
-                return
+                break
             except IntegrityError:
                 if attempt == 2:
                     raise
+        if extra:
+            with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
+                for statement in extra:
+                    curs.execute(statement)
 
 
 @contextmanager
@@ -399,7 +405,7 @@ def open_event_store(settings: StoreSettings) -> EventStore:
         with _closing_on_error(pg_ds):
             app = PostgresApplicationRecorder(pg_ds, events_table_name=EVENTS_TABLE)
             tracking = PostgresTrackingRecorder(pg_ds, tracking_table_name=EVENTS_TRACKING_TABLE)
-            _create_tables(app)
+            _create_tables(app, _pg_append_function(app))
             _create_tables(tracking)
         return EventStore(app, tracking, backend="postgres", close=pg_ds.close)
 
@@ -536,19 +542,24 @@ def open_stores(settings: StoreSettings) -> Stores:
 
 
 def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | None:
-    """Insert with the recorder's own table lock, in the library's order of ids. On
-    PostgreSQL, NOT in pipeline mode: the library's ``insert_events`` pipelines the
-    insert, and a batch of a few hundred KB (2,000 events of 300 bytes; four of 200 KB)
-    deadlocks the client and the server while the server holds the EXCLUSIVE lock on
-    the events table, stopping every executor (psycopg issue #685). One plain execute
-    never does. No NOTIFY (issue 10): nothing LISTENs (the relay is woken by the
-    executor, and polls for other writers), and a NOTIFY costs a round trip and takes a
-    global lock at every commit.
+    """Insert with the recorder's own table lock, in the library's order of ids.
 
-    The rows go as four parallel arrays, the bytes in binary (``_pg_insert``), not as
-    the library's array of a composite type: psycopg dumps a composite as text, one
-    regex escape per field, 60 % of the CPU of a 50-run batch's append (issue 10,
-    perf4). Same table, columns, lock and transaction: only the parameters' encoding."""
+    PostgreSQL: one round trip, a call of our function (``_pg_append_function``) that
+    sets the lock timeout, takes the lock, inserts and returns the ids, as one statement
+    in autocommit mode: its implicit transaction commits (``synchronous_commit`` on)
+    before the server answers. It was three (``BEGIN; SET LOCAL; LOCK``, the INSERT,
+    ``COMMIT``) and five before that (issue 10). An error rolls the statement's
+    transaction back on the server: no ROLLBACK to send, no connection left inside a
+    transaction, never a silent rollback of a COMMIT.
+
+    NOT the library's ``insert_events``: it pipelines the insert, and a batch of a few
+    hundred KB deadlocks the client and the server while the server holds the EXCLUSIVE
+    lock on the events table, stopping every executor (psycopg issue #685); one plain
+    execute never does. No NOTIFY: nothing LISTENs (the relay is woken by the executor,
+    and polls for other writers), and a NOTIFY costs a global lock at every commit. The
+    rows go as four parallel arrays, the bytes in binary, not as the library's array of
+    a composite type, which psycopg dumps as text, one regex escape per field (60 % of
+    the CPU of a 50-run batch's append, issue 10, perf4)."""
     if type(recorder).__module__ != "eventsourcing.postgres":
         return recorder.insert_events(stored)
     columns = (
@@ -557,50 +568,58 @@ def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | 
         [e.topic for e in stored],
         [e.state for e in stored],
     )
-    # The library's connections are in autocommit mode: the transaction is ours to
-    # open, in the same round trip as the lock, and to end (ROLLBACK on any error, so
-    # the pool never gets a connection inside a transaction).
     with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
-        try:
-            curs.execute(b"BEGIN; " + _pg_lock(recorder, conn))
-            curs.execute(_pg_insert(recorder), columns, prepare=True)
-            ids = [row["notification_id"] for row in curs.fetchall()]
-        except BaseException:
-            with suppress(Exception):  # a broken connection: the pool drops it
-                curs.execute(b"ROLLBACK")
-            raise
-        curs.execute(b"COMMIT")  # only after the insert succeeded: never a silent rollback
-        return ids
+        curs.execute(_pg_append(recorder), columns, prepare=True)
+        return [row["ids"] for row in curs.fetchall()]
 
 
-def _pg_lock(recorder: Any, conn: Any) -> bytes:
-    """The recorder's lock statements (``SET LOCAL lock_timeout``, ``LOCK TABLE ... IN
-    EXCLUSIVE MODE``) as one query string: sent with the BEGIN in one round trip (a
-    query without parameters may hold several statements), not one each: BEGIN, SET,
-    LOCK, INSERT, COMMIT were five round trips, now three (issue 10, perf4)."""
-    joined = getattr(recorder, "_loom_lock", None)
-    if joined is None:
-        joined = b"; ".join(s.as_bytes(conn) for s in recorder.lock_table_statements)
-        recorder._loom_lock = joined
-    return joined
+def _pg_append_name(recorder: Any) -> str:
+    return f"loom_append_{recorder.events_table_name}"
 
 
-def _pg_insert(recorder: Any) -> Any:
-    """The recorder's INSERT with one array per column (built once per recorder)."""
-    statement = getattr(recorder, "_loom_insert", None)
+def _pg_append_function(recorder: Any) -> Any:
+    """The function ``_insert_events`` calls: the recorder's own lock statements (``SET
+    LOCAL lock_timeout``, ``LOCK TABLE ... IN EXCLUSIVE MODE``: the lock a writer of an
+    older version also takes, which keeps notification ids commit-ordered for the
+    relay's tailing reader), then the INSERT of four column arrays. ``CREATE OR
+    REPLACE`` at every open, under the schema lock: an upgrade replaces it."""
+    from psycopg.sql import SQL, Identifier
+
+    lock = SQL("; ").join(recorder.lock_table_statements)
+    return SQL(
+        "CREATE OR REPLACE FUNCTION {schema}.{function}("
+        "p_ids {id_type}[], p_versions bigint[], p_topics text[], p_states bytea[]) "
+        "RETURNS TABLE (ids bigint) LANGUAGE plpgsql AS $BODY$ BEGIN "
+        "{lock}; "
+        "RETURN QUERY INSERT INTO {schema}.{table} AS t "
+        "(originator_id, originator_version, topic, state) "
+        "SELECT * FROM unnest(p_ids, p_versions, p_topics, p_states) "
+        "RETURNING t.notification_id; "
+        "END; $BODY$"
+    ).format(
+        schema=Identifier(recorder.datastore.schema),
+        function=Identifier(_pg_append_name(recorder)),
+        id_type=Identifier(recorder.datastore.originator_id_type),
+        table=Identifier(recorder.events_table_name),
+        lock=lock,
+    )
+
+
+def _pg_append(recorder: Any) -> Any:
+    """The call of the append function (built once per recorder)."""
+    statement = getattr(recorder, "_loom_append", None)
     if statement is None:
         from psycopg.sql import SQL, Identifier
 
         statement = SQL(
-            "INSERT INTO {schema}.{table} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%s::{id_type}[], %s::bigint[], %s::text[], %b::bytea[]) "
-            "RETURNING notification_id"
+            "SELECT ids FROM {schema}.{function}(%s::{id_type}[], %s::bigint[], "
+            "%s::text[], %b::bytea[])"
         ).format(
             schema=Identifier(recorder.datastore.schema),
-            table=Identifier(recorder.events_table_name),
+            function=Identifier(_pg_append_name(recorder)),
             id_type=Identifier(recorder.datastore.originator_id_type),
         )
-        recorder._loom_insert = statement
+        recorder._loom_append = statement
     return statement
 
 

@@ -1,8 +1,9 @@
-"""The lean PostgreSQL append (issue 10, perf4): BEGIN, lock timeout and the table's
-EXCLUSIVE lock in one round trip, the rows as column arrays, COMMIT only after the
-insert. What it must keep: the lock (ids issued in commit order, so a reader tailing
-the notification log never passes a row that commits later), nothing stored of a
-conflicting batch, and no pooled connection left inside a transaction."""
+"""The lean PostgreSQL append (issue 10): one call of the store's function, which sets
+the lock timeout, takes the table's EXCLUSIVE lock and inserts the rows as column arrays,
+in one statement (its own transaction). What it must keep: the lock (ids issued in
+commit order, so a reader tailing the notification log never passes a row that commits
+later), nothing stored of a conflicting batch, and no pooled connection left inside a
+transaction."""
 
 from __future__ import annotations
 
