@@ -105,7 +105,8 @@ ANSWERED_MAX = 50_000
 # ``early_mark``: its stream copy settles as it only if it is the same stored event.
 PUBLISH = "publish"
 # How long a result sent straight to the executor waits for its receipt (it comes after
-# the commit that stores it) before it goes to the inbox stream instead
+# the commit that stores it) before it goes to the inbox stream instead: at most this,
+# and no longer than the executor's ack wait (``_receipt_wait``)
 RESULT_RECEIPT_S = 1.0
 # A dispatch of a request decided longer ago than this is stale (a delayed message):
 # left to the stream copy, which meets the ledger.
@@ -395,7 +396,7 @@ class ToolRunnerService:
         subject = routes.TOOL_RESULT.subject(run_id=result.run_id)
         try:
             receipt = await bus.request(
-                self.ctx.nc, subject, result, InboxReceipt, RESULT_RECEIPT_S
+                self.ctx.nc, subject, result, InboxReceipt, self._receipt_wait()
             )
         except Exception as exc:  # no writer, a timeout, a lost connection
             log.debug(
@@ -409,6 +410,16 @@ class ToolRunnerService:
                 receipt.error.message,
             )
         return receipt.recorded
+
+    def _receipt_wait(self) -> float:
+        """A writer killed after it took a direct result never answers: the result waits
+        this long before it goes to the inbox stream for the restarted (or next)
+        executor. Bounded by the executor's ack wait, the time the deployment accepts
+        for noticing a dead process: with the documented 100 ms settings
+        (``LOOM_ACK_WAIT_S=0.15``) a fixed 1 s was the slowest part of an executor's
+        recovery (0.55 s in ``bench/chaos.py --seed 12``). Too short costs only a
+        duplicate: the writer refuses a result it recorded already."""
+        return min(RESULT_RECEIPT_S, self.settings.delivery.ack_wait_s)
 
     async def _recorded_by_run(self, msg: Msg, request: ToolCallRequested) -> bool:
         """Has the run recorded a result for this request already? Asked of the executor

@@ -9,6 +9,7 @@ With the setting off, the streams alone carry them, as before."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -310,3 +311,38 @@ async def test_a_result_sent_straight_is_checked_like_an_inbox_message(
         assert other.error.path == "$.run_id"
         before = await client.events(run_id)
         assert [r.seq for r in await client.events(run_id)] == [r.seq for r in before]
+
+
+async def test_a_result_whose_writer_never_answers_goes_to_the_inbox_within_the_ack_wait(
+    tmp_path: Path, sqlite_store_settings: StoreSettings
+) -> None:
+    """A writer killed after it took a direct result never sends the receipt. The
+    tool-runner then publishes the result to the inbox stream after waiting no longer
+    than the executor's ack wait (0.15 s with the documented 100 ms settings; it was a
+    fixed 1 s, the slowest part of such an executor's recovery)."""
+    server = EmbeddedNats(data_dir=tmp_path / "nats", port=-1).start()
+    base = Settings(nats_url=server.url, store=sqlite_store_settings, direct_dispatch=True)
+    settings = dataclasses.replace(
+        base, delivery=dataclasses.replace(base.delivery, ack_wait_s=0.15)
+    )
+    runner = ToolRunnerService(settings, registry=registry())
+    stack = Stack([runner], settings)
+    await stack.start()
+    try:
+        async with await LoomClient.connect(server.url) as client:
+            run_id = "run-writerkilled000000000"
+            taken = await client.nc.subscribe(routes.TOOL_RESULT.subject(run_id=run_id))
+            await client.nc.flush()  # the server knows the writer before the result goes
+            now = bus.now()
+            result = ToolResult(
+                run_id=run_id, step_id="s0", attempt=1, idempotency_key=f"{run_id}:s0:1",
+                ok=True, output={"n": 1}, started_at=now, finished_at=now,
+            )  # fmt: skip
+            t0 = time.monotonic()
+            assert not await runner._recorded_directly(result)  # the inbox stream takes it
+            waited = time.monotonic() - t0
+            assert (await taken.next_msg(timeout=5)).data  # the writer did take it
+            assert 0.1 <= waited < 0.9, waited  # its ack wait, not the 1 s cap
+    finally:
+        await stack.close()
+        server.stop()
