@@ -29,8 +29,10 @@ from loom_core.contracts import (
 )
 from loom_core.executor import SNAPSHOT_EVERY, advance, evolve, initial_state, restore, snapshot
 from loom_core.replay import replay
+from loom_infra import collector
 from loom_infra.settings import StoreSettings
 from loom_infra.store import open_event_store, open_snapshot_store
+from loom_services.runhost import _rebuild
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -99,21 +101,27 @@ def main() -> None:
             replay_s = time.perf_counter() - t
             assert report.identical, report.divergence
 
+            # what the executor host does (``RunHost._load``): the latest snapshot, the
+            # events after it, folded and verified by replay, the collector paused
             t = time.perf_counter()
             taken = snaps_store.latest(run_id)
-            start = restore(taken[1]) if taken else initial_state(run_id)
             tail = events.load(run_id, taken[0] if taken else 0)
-            state = restore(taken[1]) if taken else initial_state(run_id)
-            for r in tail:
-                evolve(state, r.event, r.at)
-            if tail:
-                replay(tail, start=start)
+            _rebuild(run_id, taken[1] if taken else None, tail, True)
             snap_s = time.perf_counter() - t
+            t = time.perf_counter()
+            with collector.paused():
+                restore(taken[1]) if taken else None
+            decode_s = time.perf_counter() - t
+            t = time.perf_counter()
+            restore(taken[1]) if taken else None
+            decode_gc_s = time.perf_counter() - t
             n = len(records)
             print(
                 f"{n:>7} events: full load {1000 * (fold_s + replay_s):8.1f} ms "
                 f"(read+fold {1000 * fold_s:.1f}, verify {1000 * replay_s:.1f}); "
-                f"from snapshot {1000 * snap_s:6.1f} ms ({len(tail)} events after it); "
+                f"from snapshot {1000 * snap_s:6.1f} ms ({len(tail)} events after it; "
+                f"snapshot {len(taken[1]) / 1e6 if taken else 0:.1f} MB, decoded in "
+                f"{1000 * decode_s:.1f} ms, {1000 * decode_gc_s:.1f} with the collector on); "
                 f"replay {n / replay_s:,.0f} events/s; decide {n / decide_s:,.0f} events/s"
             )
     finally:

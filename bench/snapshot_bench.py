@@ -35,11 +35,11 @@ from loom_core.contracts import (
     ToolResult,
     ToolStep,
 )
-from loom_core.executor import SNAPSHOT_EVERY, advance, evolve, initial_state, restore, snapshot
-from loom_core.replay import replay
+from loom_core.executor import SNAPSHOT_EVERY, advance, evolve, initial_state, snapshot
 from loom_infra.localpg import start_local_postgres
 from loom_infra.settings import StoreSettings
 from loom_infra.store import EventStore, SnapshotStore, open_event_store, open_snapshot_store
+from loom_services.runhost import _rebuild
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 KEEP_ALL = 10**9  # "keep every snapshot": the behaviour before pruning
@@ -146,17 +146,13 @@ def record(
 
 
 def load(events: EventStore, snaps: SnapshotStore, run_id: str) -> tuple[float, int]:
-    """What RunHost._load does: latest snapshot, the events after it, fold, verify."""
+    """What RunHost._load does: latest snapshot, the events after it, then its rebuild
+    (``runhost._rebuild``: decode, re-decide the tail, the collector paused)."""
     t = time.perf_counter()
     taken = snaps.latest(run_id)
-    base = restore(taken[1]) if taken else None
     tail = events.load(run_id, taken[0] if taken else 0)
-    state = restore(taken[1]) if taken else initial_state(run_id)
-    for r in tail:
-        evolve(state, r.event, r.at)
-    if tail:
-        report, _ = replay(tail, start=base)
-        assert report.identical, report.divergence
+    state = _rebuild(run_id, taken[1] if taken else None, tail, True)
+    assert state.divergence is None, state.divergence
     return time.perf_counter() - t, len(tail)
 
 

@@ -228,6 +228,7 @@ class ExecutorService:
         await self.admission.close()
         if self.partitions is not None:
             await self.partitions.close()  # survivors take its partitions at once
+        await self.host.loader.close()
         await self.io.close()
         self.store.close()
         self.snapshots.close()

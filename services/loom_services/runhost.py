@@ -46,7 +46,7 @@ from loom_core.executor import (
     unexpected,
 )
 from loom_core.replay import replay
-from loom_infra import bus
+from loom_infra import bus, collector
 from loom_infra.blocking import Blocking
 from loom_infra.ownership import NotOwner
 from loom_infra.store import (
@@ -60,6 +60,52 @@ log = logging.getLogger("loom.executor")
 
 MAX_BATCH = 512
 MAX_ACTORS = 10_000
+# a run loaded without a snapshot and with at most this many events is rebuilt on the
+# loop (``RunHost._rebuilt``)
+INLINE_LOAD_EVENTS = 200
+
+
+class _Unrestorable(Exception):
+    """The run's snapshot does not restore (its cause says why)."""
+
+
+def _rebuild(
+    run_id: str, snapshot: bytes | None, records: list[EventRecord], verify: bool
+) -> RunState:
+    """Restore ``snapshot`` (or start empty) and fold ``records`` into it. With
+    ``verify``, re-decide them first (the code may have changed since they were decided,
+    a deploy): a replay that decides every one of them the same folds them as recorded,
+    so the state it reaches is the fold, and the snapshot is decoded once (it was
+    decoded twice, a start for the replay and one for the fold, and the events folded
+    twice). A replay that stops early (the run parked on a recorded ``run_diverged``, or
+    this code deciding differently) is rare: the history is then folded from a fresh
+    restore, and a new divergence recorded on the state. Pure but for the collector,
+    paused meanwhile (``loom_infra.collector``)."""
+    with collector.paused():
+        state = _restored(run_id, snapshot)
+        if not (records and verify):
+            for record in records:
+                evolve(state, record.event, record.at)
+            return state
+        report, replayed = replay(records, start=state)
+        if report.divergence is None and report.events == len(records):
+            return replayed
+        state = _restored(run_id, snapshot)
+        for record in records:
+            evolve(state, record.event, record.at)
+        if report.divergence is not None and state.status != "diverged":
+            log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
+            state.divergence = report.divergence.as_event()
+    return state
+
+
+def _restored(run_id: str, snapshot: bytes | None) -> RunState:
+    if snapshot is None:
+        return initial_state(run_id)
+    try:
+        return restore(snapshot)
+    except Exception as exc:
+        raise _Unrestorable() from exc
 
 
 @dataclass
@@ -92,6 +138,9 @@ class RunHost:
         self.caps = caps  # likewise (loom_core.caps)
         self.store = store
         self.io = io
+        # long rebuilds (``_rebuilt``) apart from the store calls: they hold the GIL, and
+        # two at once would gain nothing over one
+        self.loader = Blocking("run-loader", workers=1)
         self.snapshots = snapshots
         self.verify_on_load = verify_on_load
         self.actors: OrderedDict[str, RunState] = OrderedDict()
@@ -138,34 +187,38 @@ class RunHost:
         # From the latest snapshot (if any): the cost is the events after it, not the
         # whole history.
         taken = await self.io(self.snapshots.latest, run_id) if self.snapshots else None
-        base = None
-        if taken is not None:
-            try:
-                base = restore(taken[1])
-            except Exception as exc:
-                # A snapshot is a cache: one that no longer restores (the state's shape
-                # changed in a deploy, or it is damaged) must not stop the run; the
-                # whole history is the truth.
-                log.warning("snapshot of %s at %d not restored (%r); folding its history",
-                            run_id, taken[0], exc)  # fmt: skip
-                taken = None
         records = await self.io(self.store.load, run_id, taken[0] if taken else 0)
-        state = restore(taken[1]) if taken else initial_state(run_id)
-        for record in records:
-            evolve(state, record.event, record.at)
-        if records and keep and self.verify_on_load and state.status != "diverged":
-            # The code may have changed since these events were decided (a deploy):
-            # re-decide the history; if it differs, park the run with the report.
-            report, _ = replay(records, start=base)
-            if report.divergence is not None:
-                log.error("run %s diverged on replay: %s", run_id, report.divergence.message)
-                state.divergence = report.divergence.as_event()
+        verify = keep and self.verify_on_load
+        try:
+            state = await self._rebuilt(run_id, taken[1] if taken else None, records, verify)
+        except _Unrestorable as exc:
+            # A snapshot is a cache: one that no longer restores (the state's shape
+            # changed in a deploy, or it is damaged) must not stop the run; the whole
+            # history is the truth.
+            assert taken is not None
+            log.warning("snapshot of %s at %d not restored (%r); folding its history",
+                        run_id, taken[0], exc.__cause__)  # fmt: skip
+            records = await self.io(self.store.load, run_id, 0)
+            state = await self._rebuilt(run_id, None, records, verify)
         if not keep or (self.owns is not None and not self.owns(run_id)):
             return state  # (its partition may have moved while it loaded)
         self.actors[run_id] = state
         if len(self.actors) > MAX_ACTORS:
             self.actors.popitem(last=False)
         return state
+
+    async def _rebuilt(
+        self, run_id: str, snapshot: bytes | None, records: list[EventRecord], verify: bool
+    ) -> RunState:
+        """The run's state from its snapshot and the events after it. A large one is
+        rebuilt in the loader's own thread (a 20,000-step chain's snapshot takes ~0.1 s
+        to decode): the loop, which runs every other run's steps, keeps getting the GIL
+        at each switch interval instead of waiting for the whole rebuild, and the store
+        pool stays free for appends. A small one (most loads: a new run, a short one) is
+        rebuilt here, where the hand-off to a thread would cost more than the work."""
+        if snapshot is None and len(records) <= INLINE_LOAD_EVENTS:
+            return _rebuild(run_id, snapshot, records, verify)
+        return await self.loader(_rebuild, run_id, snapshot, records, verify)
 
     async def refusal(self, state: RunState, message: Message, now: datetime) -> ErrorInfo | None:
         """Why ``state``'s run does not take ``message`` from the bus (None: it does).

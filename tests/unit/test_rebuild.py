@@ -1,0 +1,133 @@
+"""How the executor host rebuilds a run it loads (``runhost._rebuild``, issue 10): the
+snapshot decoded once, the events after it re-decided, and the state the replay reached
+used as the fold. These tests hold that to the fold it replaces, at every point of every
+golden history, and check the rarer paths: a divergence, a parked run, a snapshot that
+does not restore; and that the collector comes back as it was."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import loom_core.executor as executor
+from loom_core import codec
+from loom_core.contracts import EventRecord, RunDiverged, StepRetryScheduled
+from loom_core.executor import evolve, initial_state, restore, snapshot
+from loom_core.replay import replay
+from loom_infra import collector
+from loom_services.runhost import _rebuild, _Unrestorable
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+FILES = sorted(GOLDEN.glob("*.jsonl"))
+
+
+def read(path: Path) -> list[EventRecord]:
+    return [codec.decode_event(line.encode()) for line in path.read_text().splitlines() if line]
+
+
+def fold(records: list[EventRecord], start: bytes | None, run_id: str) -> executor.RunState:
+    state = restore(start) if start is not None else initial_state(run_id)
+    for record in records:
+        evolve(state, record.event, record.at)
+    return state
+
+
+def loaded_before(
+    run_id: str, data: bytes | None, records: list[EventRecord], verify: bool
+) -> executor.RunState:
+    """What the host did before (issue 10): restore, fold, then re-decide the events
+    from a second restore and mark a divergence."""
+    state = fold(records, data, run_id)
+    if records and verify and state.status != "diverged":
+        base = restore(data) if data is not None else None
+        report, _ = replay(records, start=base)
+        if report.divergence is not None:
+            state.divergence = report.divergence.as_event()
+    return state
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_the_rebuilt_state_is_what_the_old_load_gave_from_any_snapshot(path: Path) -> None:
+    """At every cut, also inside a decision's batch (where replay reports a divergence,
+    before as now; the host snapshots only between batches)."""
+    records = read(path)
+    run_id = records[0].run_id
+    for cut in range(len(records)):
+        before = initial_state(run_id)
+        for record in records[:cut]:
+            evolve(before, record.event, record.at)
+        data = snapshot(before) if cut else None
+        tail = records[cut:]
+        for verify in (True, False):
+            expected = snapshot(loaded_before(run_id, data, tail, verify))
+            assert snapshot(_rebuild(run_id, data, tail, verify)) == expected, (cut, verify)
+
+
+def test_a_history_this_code_decides_differently_is_folded_and_marked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    records = read(GOLDEN / "tool-retry.jsonl")
+    run_id = records[0].run_id
+    monkeypatch.setattr(executor, "retry_delay", lambda policy, attempt, key: 99.0)
+    state = _rebuild(run_id, None, records, verify=True)
+    retry = next(r for r in records if isinstance(r.event, StepRetryScheduled))
+    assert state.divergence is not None and state.divergence.seq == retry.seq
+    # the state is the stored history's, not what the replay reached when it stopped
+    marked = msgspec.json.decode(snapshot(state))
+    folded = msgspec.json.decode(snapshot(fold(records, None, run_id)))
+    assert marked["state"].pop("divergence") is not None
+    assert folded["state"].pop("divergence") is None
+    assert marked == folded
+
+
+def test_a_parked_run_is_folded_as_stored() -> None:
+    records = read(GOLDEN / "tool-retry.jsonl")
+    run_id = records[0].run_id
+    cut = len(records) // 2
+    parked = records[:cut] + [
+        EventRecord(
+            run_id=run_id, seq=cut + 1, at=records[cut - 1].at,
+            event=RunDiverged(seq=cut, recorded=None, decided=None, message="parked"),
+        )
+    ]  # fmt: skip
+    state = _rebuild(run_id, None, parked, verify=True)
+    assert state.status == "diverged"
+    assert snapshot(state) == snapshot(fold(parked, None, run_id))
+
+
+def test_a_snapshot_that_does_not_restore_says_so() -> None:
+    records = read(GOLDEN / "tool-retry.jsonl")
+    with pytest.raises(_Unrestorable) as caught:
+        _rebuild(records[0].run_id, b'{"layout": 1, "state": {}}', records[3:], verify=True)
+    assert caught.value.__cause__ is not None
+
+
+def test_the_collector_is_paused_meanwhile_and_back_after() -> None:
+    assert gc.isenabled()
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with collector.paused():
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    with collector.paused():
+        assert not gc.isenabled()
+        thread.start()
+        assert entered.wait(10)
+    assert not gc.isenabled()  # the other thread's rebuild is still under way
+    release.set()
+    thread.join(10)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a collector someone else turned off stays off
+        with collector.paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
