@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -40,7 +41,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from loom_core import subjects
 from loom_core.contracts import (
@@ -256,15 +256,13 @@ async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:
 
 @contextlib.contextmanager
 def runner_elsewhere(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The embedded stack without its tool-runner; the caller starts one in another
-    process (``start_runner``) once NATS is up: the issue's hop is to another process."""
-    original = stack_module.all_services
-    stack_module.all_services = lambda s: [x for x in original(s) if x.name != "toolrunner"]
+    """The tool-runners started in other processes (``start_runner``, once NATS is up:
+    the issue's hop is to another process), stopped at the end; the stack itself is
+    made ``without`` its own (``LocalStack(without=("toolrunner",))``)."""
     started: list[subprocess.Popen[bytes]] = []
     try:
         yield started
     finally:
-        stack_module.all_services = original
         for proc in started:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -299,6 +297,8 @@ async def bench(
     profile: bool = False,
     direct: bool = True,
     runner_process: bool = False,
+    without: tuple[str, ...] = (),
+    read_models: str | None = None,
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
     stop_pg = None
@@ -312,11 +312,15 @@ async def bench(
         nats_url="nats://127.0.0.1:4222", store=store_settings, insecure=insecure,
         direct_dispatch=direct,
     )  # fmt: skip
+    if read_models is not None:  # else LOOM_READ_MODELS (default: process)
+        settings = dataclasses.replace(settings, read_models=read_models)
+    if runner_process:
+        without = (*without, "toolrunner")
     elsewhere = runner_elsewhere(settings) if runner_process else contextlib.nullcontext([])
     try:
         with elsewhere as runners:
             await _bench(store, settings, steps, runs, run_steps, chains, items, concurrency,
-                         breakdown_steps, profile, runners, direct)  # fmt: skip
+                         breakdown_steps, profile, runners, direct, without)  # fmt: skip
     finally:
         if stop_pg is not None:
             stop_pg()
@@ -336,6 +340,7 @@ async def _bench(
     profile: bool,
     runners: list[subprocess.Popen[bytes]],
     direct: bool,
+    without: tuple[str, ...],
 ) -> None:
     started = stack_module.Stack.start
 
@@ -346,9 +351,12 @@ async def _bench(
 
     # with --runner-process the stack has no tool-runner: one starts beside it
     stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
-    current = LocalStack(settings, nats_port=-1)
+    current = LocalStack(settings, nats_port=-1, without=without)
+    print(f"{store:8s} read models: {current.read_models} (LOOM_READ_MODELS)", flush=True)
     try:
         async with current as stack, await stack.client() as client:
+            if runners:  # the stack does not wait for a service it was made without
+                await client.wait_ready(["toolrunner"])
             await sequential(client, 20)  # warm up
             # each line as soon as measured: a long part should not hide the others
             if steps:
@@ -417,17 +425,13 @@ def main() -> None:
         "--without", action="append", default=[], metavar="SERVICE",
         help="leave a service out of the stack (ablation: what it costs per step)",
     )  # fmt: skip
+    parser.add_argument(
+        "--read-models", choices=["process", "inline"], default=None,
+        help="tracing and memory in child processes or in this one (default: "
+        "LOOM_READ_MODELS, else process; their CPU is counted apart)",
+    )  # fmt: skip
     args = parser.parse_args()
     FOLLOW["every_event"] = args.follow
-    if args.without:
-        original = stack_module.all_services
-        stack_module.all_services = lambda s: [x for x in original(s) if x.name not in args.without]
-        ready = LoomClient.wait_ready
-
-        def wait_ready(self: LoomClient, services: Any = subjects.SERVICES, timeout: float = 30.0):  # noqa: ANN202
-            return ready(self, [s for s in services if s not in args.without], timeout)
-
-        LoomClient.wait_ready = wait_ready  # type: ignore[method-assign]
     logging.basicConfig(level=logging.WARNING)
     if args.hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""
@@ -447,6 +451,8 @@ def main() -> None:
                 args.profile,
                 not args.no_direct,
                 args.runner_process,
+                tuple(args.without),
+                args.read_models,
             )
         )
 

@@ -64,7 +64,7 @@ _PR_SET_PDEATHSIG = 1
 class ReadModelFailed(LoomError, RuntimeError):
     """A read-model child process did not start (it exited, or never answered)."""
 
-    code = "service_unavailable"
+    code = "read_model_failed"
 
 
 def _die_with(parent: int) -> Callable[[], None]:

@@ -192,6 +192,7 @@ async def test_a_child_that_cannot_start_fails_the_start_with_its_reason(
     with pytest.raises(ReadModelFailed) as raised:
         async with stack:
             pytest.fail("the stack started without its tracing process")
+    assert raised.value.info.code == "read_model_failed"
     message = raised.value.info.message
     assert "tracing read model's process exited (exit code 2)" in message
     assert "OTEL_EXPORTER_OTLP_PROTOCOL" in message and "LOOM_READ_MODELS=inline" in message
@@ -209,3 +210,62 @@ async def test_a_bad_read_models_value_is_a_typed_error_naming_the_setting(
     assert "'process'" in str(raised.value) and "'threads'" in str(raised.value)
     with pytest.raises(ValueError, match="no such service"):
         LocalStack(settings, nats_port=-1, without=("tracer",))
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below ``pid``."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(tree.get(pid, []))
+    while todo:
+        child = todo.pop()
+        todo.extend(tree.get(child, []))
+        try:
+            found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found
+
+
+async def test_loom_up_runs_them_apart_and_ctrl_c_stops_them_quietly(tmp_path: Path) -> None:
+    """What a user runs: ``loom up`` (split by default), then Ctrl-C (SIGINT to the
+    stack's process only: the children are in sessions of their own, stopped by it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    env["LOOM_EMBEDDER"] = "hash"
+    loom = Path(sys.executable).with_name("loom")
+    proc = await asyncio.create_subprocess_exec(
+        str(loom), "up", "--port", "-1", "--no-console", "--data-dir", str(tmp_path / "d"),
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(START_S):
+            while not any("agentloom is up" in line for line in said):
+                line = (await proc.stderr.readline()).decode()
+                assert line, "loom up ended before it was up:\n" + "".join(said)
+                said.append(line)
+        children = {
+            pid: cmd for pid, cmd in descendants(proc.pid).items()
+            if "loom_services.tracing" in cmd or "loom_services.memory" in cmd
+        }  # fmt: skip
+        assert len(children) == 2, descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(START_S):
+            rest = (await proc.stderr.read()).decode()
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    output = "".join(said) + rest
+    assert code == 0, output
+    assert "Traceback" not in output and "restarting" not in output, output
+    assert not any(alive(pid) for pid in children)
