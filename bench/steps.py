@@ -140,10 +140,40 @@ def completion_gaps(records: list[EventRecord]) -> list[float]:
     return [(b - a).total_seconds() * 1000 for a, b in zip(done, done[1:], strict=False)]
 
 
+LOOP_LAG = {"probe": False}  # --loop-lag
+
+
+async def _probe_loop(lags: list[float], every_s: float = 0.005) -> None:
+    """How late this process's event loop wakes a sleeper (ms): a fold or a commit that
+    holds the loop shows up here as the step path would feel it."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(every_s)
+        lags.append((time.perf_counter() - t0 - every_s) * 1000)
+
+
+def loop_lag_text(lags: list[float]) -> str:
+    if not lags:
+        return "loop lag: no sample"
+    return (
+        f"loop lag (5 ms sleeper, {len(lags)} wakes): p50 {pct(lags, 0.5):.2f} ms  "
+        f"p99 {pct(lags, 0.99):.2f} ms  max {max(lags):.2f} ms  "
+        f">2 ms: {sum(lag > 2 for lag in lags)}"
+    )
+
+
 async def sequential(client: LoomClient, n: int) -> dict[str, float]:
+    lags: list[float] = []
+    probe = asyncio.ensure_future(_probe_loop(lags)) if LOOP_LAG["probe"] else None
     meter = stepcost.CpuMeter()
     meter.start()
-    records, cpu = await run_to_end(client, chain(n), meter)
+    try:
+        records, cpu = await run_to_end(client, chain(n), meter)
+    finally:
+        if probe is not None:
+            probe.cancel()
+    if probe is not None:
+        cpu["loop"] = loop_lag_text(lags)  # type: ignore[assignment]
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
     gaps = completion_gaps(records)
     total = (done[-1] - done[0]).total_seconds() or 1e-9
@@ -156,7 +186,8 @@ async def sequential(client: LoomClient, n: int) -> dict[str, float]:
         "p99_ms": pct(gaps, 0.99),
         "early_ms": early,
         "late_ms": late,
-        "cpu": stepcost.format_cpu(cpu, n),  # type: ignore[dict-item]
+        "cpu": stepcost.format_cpu({k: v for k, v in cpu.items() if k != "loop"}, n)
+        + (f"\n         {cpu['loop']}" if "loop" in cpu else ""),  # type: ignore[dict-item]
     }
 
 
@@ -430,8 +461,13 @@ def main() -> None:
         help="tracing and memory in child processes or in this one (default: "
         "LOOM_READ_MODELS, else process; their CPU is counted apart)",
     )  # fmt: skip
+    parser.add_argument(
+        "--loop-lag", action="store_true",
+        help="measure how late this process's event loop wakes a 5 ms sleeper (sequential)",
+    )  # fmt: skip
     args = parser.parse_args()
     FOLLOW["every_event"] = args.follow
+    LOOP_LAG["probe"] = args.loop_lag
     logging.basicConfig(level=logging.WARNING)
     if args.hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""
