@@ -69,12 +69,15 @@ class ReadModelFailed(LoomError, RuntimeError):
 
 def _die_with(parent: int) -> Callable[[], None]:
     """In the child, between fork and exec: SIGKILL when the parent dies; if it already
-    died (between the fork and this call, so no signal will come), exit now."""
+    died (between the fork and this call, so no signal will come), exit now. ``prctl``
+    is looked up here, in the parent: the child of a threaded process should load no
+    library between fork and exec (another thread may have held the loader's lock)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    kill = int(signal.SIGKILL)
 
     def preexec() -> None:
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, kill)
         if os.getppid() != parent:
             os._exit(1)
 
