@@ -122,11 +122,18 @@ async def events_of(
 
 
 async def run_to_end(
-    client: LoomClient, plan: Plan, meter: stepcost.CpuMeter | None = None
+    client: LoomClient,
+    plan: Plan,
+    meter: stepcost.CpuMeter | None = None,
+    ended: asyncio.Future[None] | None = None,
 ) -> tuple[list[EventRecord], dict[str, float]]:
+    """``ended``: cancelled as the run ends, before its history is read (a probe of the
+    run alone)."""
     accepted = await client.submit(RunRequest(plan=plan))
     records = await finished(client, accepted.run_id)
     cpu = meter.stop() if meter is not None else {}
+    if ended is not None:
+        ended.cancel()
     records = await events_of(client, accepted.run_id, records)
     assert isinstance(records[-1].event, RunCompleted), records[-1]
     return records, cpu
@@ -172,7 +179,7 @@ async def sequential(client: LoomClient, n: int) -> dict[str, float]:
     meter = stepcost.CpuMeter()
     meter.start()
     try:
-        records, cpu = await run_to_end(client, chain(n), meter)
+        records, cpu = await run_to_end(client, chain(n), meter, probe)
     finally:
         if probe is not None:
             probe.cancel()

@@ -170,7 +170,9 @@ class LocalStack:
         stops = [child.close() for child in self.children.values()]
         if self.stack is not None:
             stops.append(self.stack.close())
-        await asyncio.gather(*stops)
+        for failed in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(failed, BaseException):  # the stop goes on: NATS, the lock
+                log.warning("stopping the stack: %r", failed)
         self.children.clear()
         self.stack = None
         if self.nats is not None:
