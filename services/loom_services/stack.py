@@ -165,16 +165,17 @@ class LocalStack:
             self.stack.health.add_check(f"{name}-process", child.problem)
 
     async def close(self) -> None:
-        # the children and this process's services stop side by side (each bounded);
-        # the NATS server only once all are done
+        # the children first (side by side, each bounded): a read model asks the
+        # executor (tracing catches up from its store), which must still answer; then
+        # this process's services; the NATS server last
         stops = [child.close() for child in self.children.values()]
-        if self.stack is not None:
-            stops.append(self.stack.close())
         for failed in await asyncio.gather(*stops, return_exceptions=True):
-            if isinstance(failed, BaseException):  # the stop goes on: NATS, the lock
-                log.warning("stopping the stack: %r", failed)
+            if isinstance(failed, BaseException):  # the stop goes on: services, NATS, lock
+                log.warning("stopping a read model's process: %r", failed)
         self.children.clear()
-        self.stack = None
+        if self.stack is not None:
+            await self.stack.close()
+            self.stack = None
         if self.nats is not None:
             self.nats.stop()
         if self.lock is not None:
