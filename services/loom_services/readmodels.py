@@ -21,10 +21,12 @@ streams, so nothing on a step's path waits for them.
 - A child that dies while the stack runs is logged (ERROR, with its last line of
   output) and restarted after a bounded backoff (0.2 s doubling to 10 s; back to 0.2 s
   once a child lived 30 s). Until it is back, the stack's ``/readyz`` names it.
+  A child that never became ready is not restarted: the stack's start fails with the
+  child's last output (``ReadModelFailed``).
 - Its output goes to this process's log: each of its log records under the same logger
   name and level it had in the child, prefixed with the child's name and pid; any other
   line (a traceback) at DEBUG, so a CLI user sees no traceback unless they ask for one
-  (``LOOM_LOG_LEVEL=DEBUG``).
+  (``loom --debug ...`` or ``LOOM_LOG_LEVEL=DEBUG``).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class ReadModelProcess:
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.restarts = 0
         self.closing = False
+        self.was_ready = False  # restarted only once it has served: a start that fails, fails
         self._started_at = 0.0
         self._backoff = BACKOFF_FIRST_S
         self._supervisor: asyncio.Task[None] | None = None
@@ -148,12 +151,13 @@ class ReadModelProcess:
             line = raw.decode(errors="replace").rstrip()
             if not line:
                 continue
-            self.output.append(line)
             record = _RECORD.match(line)
             if record is None:
+                self.output.append(line)
                 log.debug("%s %s", prefix, line)
                 continue
             level, logger, message = record.groups()
+            self.output.append(message)
             logging.getLogger(logger).log(
                 logging.getLevelNamesMapping()[level], "%s %s", prefix, message
             )
@@ -165,7 +169,7 @@ class ReadModelProcess:
             if self._forwarder is not None:  # its last lines first: they say why
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(self._forwarder), 2.0)
-            if self.closing:
+            if self.closing or not self.was_ready:  # at start: wait_ready says why
                 return
             lived = time.monotonic() - self._started_at
             if lived >= STABLE_S:
@@ -207,6 +211,7 @@ class ReadModelProcess:
             except Exception:  # no responder yet: the process is still starting
                 pong = None
             if pong is not None and pong.instance.endswith(f":{proc.pid}"):
+                self.was_ready = True
                 return
             if proc.returncode is not None and not self.closing:
                 raise ReadModelFailed(

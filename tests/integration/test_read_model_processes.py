@@ -183,7 +183,7 @@ async def test_killing_the_stack_kills_its_children(tmp_path: Path) -> None:
 
 
 async def test_a_child_that_cannot_start_fails_the_start_with_its_reason(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # read by the tracing service alone, when it starts: the child exits 2 with one line
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
@@ -197,6 +197,7 @@ async def test_a_child_that_cannot_start_fails_the_start_with_its_reason(
     assert "tracing read model's process exited (exit code 2)" in message
     assert "OTEL_EXPORTER_OTLP_PROTOCOL" in message and "LOOM_READ_MODELS=inline" in message
     assert stack.children == {}
+    assert not any("restarting" in r.getMessage() for r in caplog.records)  # it failed
     assert stack.lock is not None and not stack.lock.held  # the data dir is free again
 
 
