@@ -124,7 +124,8 @@ async def _agentloom(
     stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
     try:
         with elsewhere as runners:
-            current = LocalStack(settings, nats_port=-1)
+            without = ("toolrunner",) if runner_process else ()
+            current = LocalStack(settings, nats_port=-1, without=without)
             return await _agentloom_measured(current, args)
     finally:
         stack_module.Stack.start = started  # type: ignore[method-assign]
@@ -138,6 +139,8 @@ async def _agentloom_measured(local: Any, args: argparse.Namespace) -> dict:
     from steps import chain  # noqa: PLC0415
 
     async with local as stack, await stack.client() as client:
+        if "toolrunner" in local.without:  # started beside the stack: not waited for by it
+            await client.wait_ready(["toolrunner"])
 
         async def one(n: int) -> None:
             # as a client that wants only the result: it names the run, listens for its
@@ -159,11 +162,14 @@ async def _agentloom_measured(local: Any, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(one(args.run_steps) for _ in range(args.runs)))
         conc = args.runs * args.run_steps / (time.perf_counter() - t0)
+    read_models = cpu.get("tracing", 0.0) + cpu.get("memory", 0.0)
     return {
         "ms_per_step": cpu["wall"] * 1000 / args.steps,
         "cpu_ms_per_step": cpu["python"] * 1000 / args.steps,
         "nats_cpu_ms_per_step": cpu.get("nats", 0.0) * 1000 / args.steps,
         "runner_cpu_ms_per_step": cpu.get("runner", 0.0) * 1000 / args.steps,
+        # the read models' own processes (LOOM_READ_MODELS=process, the default)
+        "read_models_cpu_ms_per_step": read_models * 1000 / args.steps,
         "steps_per_s": conc,
     }
 
@@ -389,6 +395,8 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
         cpu = f"{m['cpu_ms_per_step']:.3f}"
         if m.get("runner_cpu_ms_per_step"):
             cpu += f" (+ runner {m['runner_cpu_ms_per_step']:.3f})"
+        if m.get("read_models_cpu_ms_per_step"):
+            cpu += f" (+ read models {m['read_models_cpu_ms_per_step']:.3f})"
         if "nats_cpu_ms_per_step" in m:
             cpu += f" (+ nats {m['nats_cpu_ms_per_step']:.3f})"
         ratio_ms = f"{m['ms_per_step'] / base['ms_per_step']:.2f}" if base else "-"

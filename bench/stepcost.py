@@ -65,8 +65,9 @@ def _comm(pid: int) -> str:
 
 def helper_processes() -> dict[str, list[int]]:
     """This process's descendants by name: nats-server, postgres (pgserver's server and
-    its backends), runner (a tool-runner in its own process), embedder (the memory
-    service's MiniLM child, apart: its CPU is not the runner's)."""
+    its backends), runner (a tool-runner in its own process), tracing and memory (the
+    read models in their own processes, LOOM_READ_MODELS=process), embedder (the memory
+    service's MiniLM child, apart: its CPU is not the runner's nor memory's)."""
     tree = _children()
     found: dict[str, list[int]] = {}
     todo = list(tree.get(os.getpid(), []))
@@ -75,10 +76,22 @@ def helper_processes() -> dict[str, list[int]]:
         todo.extend(tree.get(pid, []))
         name = _comm(pid)
         key = "nats" if "nats" in name else "postgres" if "postgres" in name else name
-        if key.startswith("python"):  # --runner-process; the memory service's embedder
-            key = "embedder" if "embedworker" in _cmdline(pid) else "runner"
+        if key.startswith("python"):  # --runner-process, the read models, the embedder
+            key = _python_role(_cmdline(pid))
         found.setdefault(key, []).append(pid)
     return found
+
+
+def _python_role(cmdline: str) -> str:
+    if "embedworker" in cmdline:
+        return "embedder"
+    for name in ("tracing", "memory"):
+        if f"loom_services.{name}" in cmdline:
+            return name
+    return "runner"
+
+
+HELPERS = ("nats", "postgres", "runner", "tracing", "memory", "embedder")
 
 
 def _cmdline(pid: int) -> str:
@@ -102,7 +115,7 @@ class CpuMeter:
         # helpers started since (a PostgreSQL backend) count from zero
         now = helper_processes()
         for key, pids in now.items():
-            if key in ("nats", "postgres", "runner", "embedder"):
+            if key in HELPERS:
                 cpu[key] = sum(_proc_cpu(p) for p in pids) - self.h0.get(key, 0.0)
         return cpu
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -40,7 +41,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from loom_core import subjects
 from loom_core.contracts import (
@@ -122,11 +122,18 @@ async def events_of(
 
 
 async def run_to_end(
-    client: LoomClient, plan: Plan, meter: stepcost.CpuMeter | None = None
+    client: LoomClient,
+    plan: Plan,
+    meter: stepcost.CpuMeter | None = None,
+    ended: asyncio.Future[None] | None = None,
 ) -> tuple[list[EventRecord], dict[str, float]]:
+    """``ended``: cancelled as the run ends, before its history is read (a probe of the
+    run alone)."""
     accepted = await client.submit(RunRequest(plan=plan))
     records = await finished(client, accepted.run_id)
     cpu = meter.stop() if meter is not None else {}
+    if ended is not None:
+        ended.cancel()
     records = await events_of(client, accepted.run_id, records)
     assert isinstance(records[-1].event, RunCompleted), records[-1]
     return records, cpu
@@ -140,10 +147,44 @@ def completion_gaps(records: list[EventRecord]) -> list[float]:
     return [(b - a).total_seconds() * 1000 for a, b in zip(done, done[1:], strict=False)]
 
 
+LOOP_LAG = {"probe": False}  # --loop-lag
+
+
+async def _probe_loop(lags: list[tuple[float, float]], every_s: float = 0.005) -> None:
+    """How late this process's event loop wakes a sleeper (ms), and the loop thread's
+    CPU between two wakes (ms): a fold or a commit that holds the loop shows up in both;
+    a loaded machine's scheduler (the thread waits for a core) only in the first."""
+    while True:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        await asyncio.sleep(every_s)
+        late = (time.perf_counter() - t0 - every_s) * 1000
+        lags.append((late, (time.thread_time() - c0) * 1000))
+
+
+def loop_lag_text(lags: list[tuple[float, float]]) -> str:
+    if not lags:
+        return "loop lag: no sample"
+    late = [lag for lag, _ in lags]
+    busy = [cpu for _, cpu in lags]
+    return (
+        f"loop (5 ms sleeper, {len(lags)} wakes): late p50 {pct(late, 0.5):.2f} "
+        f"p99 {pct(late, 0.99):.2f} max {max(late):.2f} ms; loop-thread CPU between wakes "
+        f"p99 {pct(busy, 0.99):.2f} max {max(busy):.2f} ms, >3 ms: {sum(b > 3 for b in busy)}"
+    )
+
+
 async def sequential(client: LoomClient, n: int) -> dict[str, float]:
+    lags: list[tuple[float, float]] = []
+    probe = asyncio.ensure_future(_probe_loop(lags)) if LOOP_LAG["probe"] else None
     meter = stepcost.CpuMeter()
     meter.start()
-    records, cpu = await run_to_end(client, chain(n), meter)
+    try:
+        records, cpu = await run_to_end(client, chain(n), meter, probe)
+    finally:
+        if probe is not None:
+            probe.cancel()
+    if probe is not None:
+        cpu["loop"] = loop_lag_text(lags)  # type: ignore[assignment]
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
     gaps = completion_gaps(records)
     total = (done[-1] - done[0]).total_seconds() or 1e-9
@@ -156,7 +197,8 @@ async def sequential(client: LoomClient, n: int) -> dict[str, float]:
         "p99_ms": pct(gaps, 0.99),
         "early_ms": early,
         "late_ms": late,
-        "cpu": stepcost.format_cpu(cpu, n),  # type: ignore[dict-item]
+        "cpu": stepcost.format_cpu({k: v for k, v in cpu.items() if k != "loop"}, n)
+        + (f"\n         {cpu['loop']}" if "loop" in cpu else ""),  # type: ignore[dict-item]
     }
 
 
@@ -256,15 +298,13 @@ async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:
 
 @contextlib.contextmanager
 def runner_elsewhere(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The embedded stack without its tool-runner; the caller starts one in another
-    process (``start_runner``) once NATS is up: the issue's hop is to another process."""
-    original = stack_module.all_services
-    stack_module.all_services = lambda s: [x for x in original(s) if x.name != "toolrunner"]
+    """The tool-runners started in other processes (``start_runner``, once NATS is up:
+    the issue's hop is to another process), stopped at the end; the stack itself is
+    made ``without`` its own (``LocalStack(without=("toolrunner",))``)."""
     started: list[subprocess.Popen[bytes]] = []
     try:
         yield started
     finally:
-        stack_module.all_services = original
         for proc in started:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -299,6 +339,8 @@ async def bench(
     profile: bool = False,
     direct: bool = True,
     runner_process: bool = False,
+    without: tuple[str, ...] = (),
+    read_models: str | None = None,
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
     stop_pg = None
@@ -312,11 +354,15 @@ async def bench(
         nats_url="nats://127.0.0.1:4222", store=store_settings, insecure=insecure,
         direct_dispatch=direct,
     )  # fmt: skip
+    if read_models is not None:  # else LOOM_READ_MODELS (default: process)
+        settings = dataclasses.replace(settings, read_models=read_models)
+    if runner_process:
+        without = (*without, "toolrunner")
     elsewhere = runner_elsewhere(settings) if runner_process else contextlib.nullcontext([])
     try:
         with elsewhere as runners:
             await _bench(store, settings, steps, runs, run_steps, chains, items, concurrency,
-                         breakdown_steps, profile, runners, direct)  # fmt: skip
+                         breakdown_steps, profile, runners, direct, without)  # fmt: skip
     finally:
         if stop_pg is not None:
             stop_pg()
@@ -336,6 +382,7 @@ async def _bench(
     profile: bool,
     runners: list[subprocess.Popen[bytes]],
     direct: bool,
+    without: tuple[str, ...],
 ) -> None:
     started = stack_module.Stack.start
 
@@ -346,9 +393,12 @@ async def _bench(
 
     # with --runner-process the stack has no tool-runner: one starts beside it
     stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
-    current = LocalStack(settings, nats_port=-1)
+    current = LocalStack(settings, nats_port=-1, without=without)
+    print(f"{store:8s} read models: {current.read_models} (LOOM_READ_MODELS)", flush=True)
     try:
         async with current as stack, await stack.client() as client:
+            if runners:  # the stack does not wait for a service it was made without
+                await client.wait_ready(["toolrunner"])
             await sequential(client, 20)  # warm up
             # each line as soon as measured: a long part should not hide the others
             if steps:
@@ -417,17 +467,18 @@ def main() -> None:
         "--without", action="append", default=[], metavar="SERVICE",
         help="leave a service out of the stack (ablation: what it costs per step)",
     )  # fmt: skip
+    parser.add_argument(
+        "--read-models", choices=["process", "inline"], default=None,
+        help="tracing and memory in child processes or in this one (default: "
+        "LOOM_READ_MODELS, else process; their CPU is counted apart)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loop-lag", action="store_true",
+        help="measure how late this process's event loop wakes a 5 ms sleeper (sequential)",
+    )  # fmt: skip
     args = parser.parse_args()
     FOLLOW["every_event"] = args.follow
-    if args.without:
-        original = stack_module.all_services
-        stack_module.all_services = lambda s: [x for x in original(s) if x.name not in args.without]
-        ready = LoomClient.wait_ready
-
-        def wait_ready(self: LoomClient, services: Any = subjects.SERVICES, timeout: float = 30.0):  # noqa: ANN202
-            return ready(self, [s for s in services if s not in args.without], timeout)
-
-        LoomClient.wait_ready = wait_ready  # type: ignore[method-assign]
+    LOOP_LAG["probe"] = args.loop_lag
     logging.basicConfig(level=logging.WARNING)
     if args.hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""
@@ -447,6 +498,8 @@ def main() -> None:
                 args.profile,
                 not args.no_direct,
                 args.runner_process,
+                tuple(args.without),
+                args.read_models,
             )
         )
 

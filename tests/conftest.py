@@ -28,6 +28,13 @@ from psycopg import sql
 from loom_infra.localpg import STARTERS, wait_until_accepting
 from loom_infra.settings import StoreSettings
 
+# The suite's stacks run their read models (tracing, memory) in their own process: a
+# child each costs ~0.9 s more per LocalStack start (Python start-up and imports, on a
+# 2-core machine), for some hundred stacks. Split mode, what `loom up` runs, has its own
+# tests (tests/integration/test_read_model_processes.py), which ask for it explicitly.
+# LOOM_READ_MODELS=process in the environment runs the whole suite split.
+os.environ.setdefault("LOOM_READ_MODELS", "inline")
+
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:

@@ -220,6 +220,9 @@ CODES: dict[str, Code] = {
     "invalid_credentials": Code(_K, "an nkey seed file is missing, unreadable or not a user seed"),
     "embedder_unavailable": Code(_K, "the memory embedder cannot run (model files, configuration)"),
     "stream_missing": Code(_K, "a stream a service needs does not exist yet; start the stack"),
+    "read_model_failed": Code(
+        _K, "a read model's process (tracing, memory) exited or stayed silent at start (why)"
+    ),
     # ---- executor replicas (loom_core.partitions, loom_infra.ownership)
     "not_owner": Code(_X, "this executor replica does not own the run's partition: retry"),
     "partition_moving": Code(_X, "nobody answered for the run's partition (it moves): retry"),

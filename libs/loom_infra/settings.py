@@ -58,6 +58,9 @@ docs/configuration.md. The main ones (all optional unless noted):
   submission rate, tool/model call rate; ``loom_core.quotas``); default: no limits.
 - ``LOOM_INSECURE``: ``1``/``true`` runs ``loom up`` with no NATS authentication at all
   (development only; loudly logged) and makes every process connect without credentials.
+- ``LOOM_READ_MODELS``: ``process`` (default) runs the read models (tracing, memory) of
+  ``loom up`` / ``LocalStack`` each in a child process of its own; ``inline`` runs them in
+  the stack's process with the other services (see :func:`read_models_from_env`).
 - ``LOOM_DIRECT_DISPATCH``: ``true`` (default) lets the tool-runner start a call from the
   relay's publish and the executor take a result from the tool-runner's publish, before
   their streams deliver them; the stream copies stay the durable fallback. ``false``:
@@ -832,6 +835,31 @@ def json_depth_from_env(env: Mapping[str, str] = os.environ) -> int:
     return _depth(env)
 
 
+READ_MODES = ("process", "inline")
+ReadModelsMode = Literal["process", "inline"]
+
+
+def check_read_models(value: str) -> ReadModelsMode:
+    """``value`` as a read-models mode, or a SettingsError naming ``LOOM_READ_MODELS``."""
+    mode = value.strip().lower()
+    if mode not in READ_MODES:
+        raise SettingsError(
+            "LOOM_READ_MODELS",
+            f"must be 'process' (tracing and memory each in a child process) or 'inline' "
+            f"(in the stack's process), got {value!r}",
+        )
+    return cast(ReadModelsMode, mode)
+
+
+def read_models_from_env(env: Mapping[str, str] = os.environ) -> ReadModelsMode:
+    """``LOOM_READ_MODELS``: where the embedded stack (``loom up``, ``loom demo``,
+    ``LocalStack``) runs its read models, tracing and memory: ``process`` (the default)
+    each in a child process (``python -m loom_services.<name>``) so their folds never hold
+    the event loop that runs the steps; ``inline`` in the stack's own process (one process
+    to debug; what the test suite uses by default, a child costing its start-up)."""
+    return check_read_models(_get(env, "LOOM_READ_MODELS") or "process")
+
+
 # --- end of settings once read where they were used
 
 
@@ -880,6 +908,12 @@ class Settings:
     qdrant: str | None = field(default_factory=lambda: _get(os.environ, "LOOM_QDRANT"))
     trace: TraceOptions = field(default_factory=lambda: trace_options_from_env())
     tools_config: Path | None = field(default_factory=lambda: tools_config_from_env())
+    # LOOM_READ_MODELS: tracing and memory of the embedded stack in child processes
+    # (``process``) or in its own (``inline``); read_models_from_env
+    read_models: ReadModelsMode = field(default_factory=lambda: read_models_from_env())
+
+    def __post_init__(self) -> None:
+        check_read_models(self.read_models)
 
     @property
     def credentials_dir(self) -> Path:
@@ -1014,7 +1048,79 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         qdrant=_get(env, "LOOM_QDRANT"),
         trace=trace_options_from_env(env),
         tools_config=tools_config_from_env(env),
+        read_models=read_models_from_env(env),
     )
+
+
+def service_process_env(
+    settings: Settings, seed_file: Path | None, base: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """``base`` (this process's environment) with the variables that make
+    ``settings_from_env`` in a child service process (``python -m loom_services.<name>``,
+    started by the embedded stack) give ``settings``, the settings its services run with,
+    for what a read model and the service runtime use: NATS and its credentials, the
+    store, the payload and step limits, health and retention, delivery, partitions,
+    blobs, trace options, the embedder and Qdrant. The rest the child reads from the
+    environment it inherits, as the stack's process did. The child serves no HTTP
+    endpoint (the stack's process owns ``LOOM_HTTP_PORT``). ``seed_file``: the child's
+    own identity's nkey seed. The tool-runner's secrets (``LOOM_SECRET_*``,
+    ``LOOM_SECRETS_DIR``) are left out: a read model never resolves one."""
+    store, ops, delivery, blobs = settings.store, settings.ops, settings.delivery, settings.blobs
+    env = {
+        "LOOM_NATS_URL": settings.nats_url,
+        "LOOM_NKEY_SEED_FILE": "" if seed_file is None else str(seed_file),
+        "LOOM_CREDS_DIR": str(settings.credentials_dir),
+        "LOOM_INSECURE": "true" if settings.insecure else "false",
+        "LOOM_STORE": store.kind,
+        "LOOM_DATA_DIR": str(store.data_dir),
+        "LOOM_POSTGRES_URL": store.postgres_url or "",
+        "LOOM_SNAPSHOTS_KEPT": str(store.snapshots_kept),
+        "LOOM_MAX_PAYLOAD": str(settings.max_payload),
+        STEP_INPUT_SETTING: str(settings.size_limits.step_input_bytes),
+        STEP_OUTPUT_SETTING: str(settings.size_limits.step_output_bytes),
+        "LOOM_HTTP_PORT": "0",
+        "LOOM_HTTP_HOST": ops.http_host,
+        "LOOM_READY_MAX_RELAY_LAG": str(ops.ready_max_relay_lag),
+        "LOOM_READY_STALL_S": repr(ops.ready_stall_s),
+        "LOOM_RUNS_MAX_AGE_DAYS": repr(ops.runs_max_age_days),
+        "LOOM_STREAM_MAX_BYTES": str(ops.stream_max_bytes),
+        "LOOM_REJECTS_MAX_MSGS": str(ops.rejects_max_msgs),
+        "LOOM_REJECTS_QUEUE": str(ops.rejects_queue),
+        "LOOM_STREAM_REPLICAS": str(ops.stream_replicas),
+        "LOOM_PARTITIONS": str(ops.partitions),
+        "LOOM_RUNS_PERSIST": ops.runs_persist,
+        "LOOM_PARTITION_LEASE_S": repr(settings.partitions.lease_s),
+        "LOOM_REPLICA_ID": settings.partitions.replica,
+        "LOOM_ACK_WAIT_S": repr(delivery.ack_wait_s),
+        "LOOM_HELD_ACK_WAIT_S": repr(delivery.held_ack_wait_s),
+        "LOOM_TOOL_ACK_WAIT_S": repr(delivery.tool_ack_wait_s),
+        "LOOM_TOOL_CONCURRENCY": str(delivery.tool_concurrency),
+        "LOOM_RELAY_BATCH": str(delivery.relay_batch),
+        "LOOM_LOCAL_BUDGET": str(delivery.local_budget),
+        "LOOM_CONSUMER_CREATE_S": repr(delivery.consumer_create_s),
+        "LOOM_LOG_LEVEL": delivery.log_level,
+        blob_refs.THRESHOLD_SETTING: str(blobs.threshold_bytes),
+        blob_refs.MAX_RESOLVED_SETTING: str(blobs.max_resolved_bytes),
+        "LOOM_BLOB_MAX_BYTES": str(blobs.max_blob_bytes),
+        "LOOM_BLOB_BUCKET_MAX_BYTES": str(blobs.bucket_max_bytes),
+        "LOOM_BLOB_MAX_AGE_DAYS": str(max(1, round(blobs.max_age_s / 86_400))),
+        "LOOM_TRACE_CAPTURE_IO": "1" if settings.trace.capture_io else "0",
+        "LOOM_TRACE_IO_LIMIT": str(settings.trace.io_limit),
+        "LOOM_EMBEDDER": settings.embedder.spec,
+        "LOOM_EMBED_MODEL_DIR": str(settings.embedder.model_dir or ""),
+        "LOOM_EMBED_THREADS": str(settings.embedder.threads),
+        "LOOM_QDRANT": settings.qdrant or "",
+        "LOOM_READ_MODELS": settings.read_models,
+    }
+    child = {
+        name: value
+        for name, value in base.items()
+        if not name.startswith("LOOM_SECRET") and name != "LOOM_LOCAL_TOOLS"
+    }
+    child.update(env)
+    if delivery.local_tools is not None:  # unset means every pure built-in; empty, none
+        child["LOOM_LOCAL_TOOLS"] = ",".join(delivery.local_tools)
+    return child
 
 
 def _tenants(env: Mapping[str, str]) -> tuple[str, ...]:

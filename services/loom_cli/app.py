@@ -638,6 +638,8 @@ def main() -> None:
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     plain_warnings(debug)
+    if debug:  # the lines of a read model's process that are not log records (tracebacks)
+        logging.getLogger("loom.readmodels").setLevel(logging.DEBUG)
     try:
         app(standalone_mode=True)
     except SystemExit:

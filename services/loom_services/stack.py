@@ -1,5 +1,8 @@
-"""The whole system in one process: an embedded nats-server (JetStream, fsync always),
-the store on SQLite (or PostgreSQL by configuration) and the five services.
+"""The whole system on one machine: an embedded nats-server (JetStream, fsync always),
+the store on SQLite (or PostgreSQL by configuration) and the five services: executor,
+planner and tool-runner in this process, the read models (tracing, memory) each in a
+child process of its own (``LOOM_READ_MODELS=process``, the default;
+``loom_services.readmodels``) or in this one too (``inline``).
 
 This is what ``loom up`` and ``loom demo`` run; on Kubernetes each service runs alone
 (``python -m loom_services.<name>``) against shared infrastructure instead.
@@ -7,9 +10,10 @@ This is what ``loom up`` and ``loom demo`` run; on Kubernetes each service runs 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +28,11 @@ from loom_infra.credentials import (
 )
 from loom_infra.datalock import DataDirLock
 from loom_infra.natsserver import EmbeddedNats
-from loom_infra.settings import Settings
+from loom_infra.settings import ReadModelsMode, Settings, check_read_models, service_process_env
 from loom_services.executor import ExecutorService
 from loom_services.memory import MemoryService
 from loom_services.planner import PlannerService
+from loom_services.readmodels import READ_MODELS, ReadModelProcess
 from loom_services.runtime import Service, Stack, provision
 from loom_services.toolrunner import ToolRunnerService
 from loom_services.tracing import TracingService
@@ -35,14 +40,19 @@ from loom_services.tracing import TracingService
 log = logging.getLogger("loom.stack")
 
 
-def all_services(settings: Settings) -> Sequence[Service]:
-    return [
-        ExecutorService(settings),
-        PlannerService(settings),
-        ToolRunnerService(settings),
-        MemoryService(settings),
-        TracingService(settings),
-    ]
+SERVICES: dict[str, Callable[[Settings], Service]] = {
+    "executor": ExecutorService,
+    "planner": PlannerService,
+    "toolrunner": ToolRunnerService,
+    "memory": MemoryService,
+    "tracing": TracingService,
+}
+
+
+def all_services(settings: Settings, leave_out: Collection[str] = ()) -> Sequence[Service]:
+    """The services of one process, all five unless some are ``leave_out`` (those are
+    not even built: a read model opens its stores when built)."""
+    return [make(settings) for name, make in SERVICES.items() if name not in leave_out]
 
 
 class LocalStack:
@@ -54,6 +64,12 @@ class LocalStack:
     provisioned with the ``admin`` key, and each service connects with its own key.
     ``secure=False`` (or ``settings.insecure``) runs everything without authentication,
     loudly logged. ``await stack.client()`` is a ``LoomClient`` connected as ``operator``.
+
+    ``read_models`` (default ``settings.read_models``, ``LOOM_READ_MODELS``): ``process``
+    runs tracing and memory each in a child process (``self.children``), ``inline`` in
+    this one (``self.stack.services`` then holds all five). ``without``: services not run
+    at all (a benchmark's ablation, or a tool-runner started elsewhere); the stack does
+    not wait for them to be ready.
     """
 
     def __init__(
@@ -62,7 +78,17 @@ class LocalStack:
         nats_port: int = 4222,
         embedded_nats: bool = True,
         secure: bool | None = None,
+        read_models: ReadModelsMode | str | None = None,
+        without: Collection[str] = (),
     ) -> None:
+        self.read_models = check_read_models(
+            settings.read_models if read_models is None else read_models
+        )
+        unknown = set(without) - set(SERVICES)
+        if unknown:
+            raise ValueError(f"without: no such service {sorted(unknown)}; one of {list(SERVICES)}")
+        self.without = frozenset(without)
+        self.children: dict[str, ReadModelProcess] = {}
         self.secure = not settings.insecure if secure is None else secure
         # every service of this process picks its own seed from the directory, never
         # a process-wide LOOM_NKEY_SEED_FILE (that names one identity)
@@ -110,20 +136,43 @@ class LocalStack:
                 "to run with per-service credentials)",
                 self.settings.nats_url,
             )
-        self.stack = Stack(all_services(self.settings), self.settings)
+        apart = READ_MODELS if self.read_models == "process" else ()
+        self.stack = Stack(all_services(self.settings, {*apart, *self.without}), self.settings)
         try:
             admin = self.seed_file(ADMIN)
             if admin is None or admin.exists():  # an external server may be provisioned
                 await provision(self.settings.nats_url, admin, blobs=self.settings.blobs)
+            # the children start (Python, imports: the other core) while this process
+            # starts its own services
+            for name in apart:
+                if name not in self.without:
+                    await self._start_child(name)
             await self.stack.start()
             async with await self.client() as client:
-                await client.wait_ready()
+                for child in self.children.values():
+                    await child.wait_ready(client)
+                await client.wait_ready([s for s in SERVICES if s not in self.without])
         except BaseException:
             await self.close()
             raise
         return self
 
+    async def _start_child(self, name: str) -> None:
+        env = service_process_env(self.settings, self.seed_file(name))
+        child = self.children[name] = ReadModelProcess(name, env)
+        await child.start()
+        if self.stack is not None and self.stack.health is not None:
+            self.stack.health.add_check(f"{name}-process", child.problem)
+
     async def close(self) -> None:
+        # the children first (side by side, each bounded): a read model asks the
+        # executor (tracing catches up from its store), which must still answer; then
+        # this process's services; the NATS server last
+        stops = [child.close() for child in self.children.values()]
+        for failed in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(failed, BaseException):  # the stop goes on: services, NATS, lock
+                log.warning("stopping a read model's process: %r", failed)
+        self.children.clear()
         if self.stack is not None:
             await self.stack.close()
             self.stack = None

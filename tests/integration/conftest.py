@@ -49,7 +49,9 @@ def make_settings(store: StoreSettings, **overrides: object) -> Settings:
 
 @pytest.fixture
 async def stack(store_settings: StoreSettings) -> AsyncIterator[LocalStack]:
-    async with LocalStack(make_settings(store_settings, max_payload=64 * 1024), nats_port=-1) as s:
+    async with LocalStack(
+        make_settings(store_settings, max_payload=64 * 1024), nats_port=-1, read_models="inline"
+    ) as s:
         yield s
 
 

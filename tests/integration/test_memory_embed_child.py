@@ -117,7 +117,10 @@ async def client(
 ) -> AsyncIterator[tuple[LocalStack, LoomClient]]:
     monkeypatch.delenv("LOOM_EMBEDDER", raising=False)  # the default: MiniLM
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=sqlite_store_settings)
-    async with LocalStack(settings, nats_port=-1) as stack, await stack.client() as c:
+    async with (
+        LocalStack(settings, nats_port=-1, read_models="inline") as stack,
+        await stack.client() as c,
+    ):
         yield stack, c
 
 

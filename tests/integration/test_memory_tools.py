@@ -70,7 +70,7 @@ async def stack(
     )
     auth = AuthSettings(issuer=ISSUER, audience=AUDIENCE, public_key_file=key_file)
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=sqlite_store_settings, auth=auth)
-    async with LocalStack(settings, nats_port=-1) as s:
+    async with LocalStack(settings, nats_port=-1, read_models="inline") as s:
         yield s
 
 

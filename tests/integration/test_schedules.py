@@ -81,7 +81,7 @@ async def stack(
         auth=AuthSettings(issuer=ISSUER, audience=AUDIENCE, public_key_file=key_file),
         schedules=ScheduleSettings(max_per_tenant=MAX_SCHEDULES),
     )
-    async with LocalStack(settings, nats_port=-1) as s:
+    async with LocalStack(settings, nats_port=-1, read_models="inline") as s:
         yield s
 
 

@@ -609,7 +609,10 @@ async def test_a_trace_read_right_after_a_run_ends_has_every_step(
             for i in range(8)
         ]
     )
-    async with LocalStack(settings, nats_port=-1) as local, await local.client() as client:
+    async with (
+        LocalStack(settings, nats_port=-1, read_models="inline") as local,
+        await local.client() as client,
+    ):
         accepted = await client.submit(RunRequest(plan=chain))
         await client.wait(accepted.run_id, timeout=BOUND_S)
         spans = await client.trace(accepted.run_id)

@@ -117,7 +117,7 @@ async def test_no_update_is_lost_through_the_memory_service(
 
     monkeypatch.setenv("LOOM_EMBEDDER", "hash")
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=sqlite_store_settings)
-    async with LocalStack(settings, nats_port=-1) as stack:
+    async with LocalStack(settings, nats_port=-1, read_models="inline") as stack:
         ctx = multiprocessing.get_context("spawn")
         start = ctx.Barrier(PROCESSES)
         out = ctx.Queue()
