@@ -35,6 +35,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -67,6 +68,47 @@ START_PATH = (
 )  # fmt: skip
 
 
+# --trace: when each hop of a run's start happened (time.time()), by run id
+STAMPS: dict[str, dict[str, float]] = {}
+
+
+def trace_start() -> None:
+    """Stamp the start path's hops: the planner takes the run_requested, its verdict is
+    stored in LOOM_INBOX (the publish's ack), the executor's inbox consumer takes it."""
+    from loom_infra import bus  # noqa: PLC0415
+    from loom_services import executor, planner  # noqa: PLC0415
+
+    took = planner.PlannerService._one
+
+    async def one(self: Any, msg: Any) -> Any:
+        run_id = msg.subject.split(".")[2]
+        STAMPS.setdefault(run_id, {})["planner takes it"] = time.time()
+        return await took(self, msg)
+
+    planner.PlannerService._one = one  # type: ignore[method-assign]
+    acked = bus.publish_acked
+
+    async def publish_acked(js: Any, subject: str, data: bytes, *args: Any, **kw: Any) -> Any:
+        run_id = subject.split(".")[2]
+        stamps = STAMPS.setdefault(run_id, {})
+        stamps.setdefault("verdict sent", time.time())
+        try:
+            return await acked(js, subject, data, *args, **kw)
+        finally:
+            stamps.setdefault("verdict acked", time.time())
+
+    planner.bus.publish_acked = publish_acked  # type: ignore[attr-defined]
+    inbox = executor.ExecutorService.on_inbox
+
+    async def on_inbox(self: Any, msgs: Any) -> Any:
+        for msg in msgs:
+            run_id = codec.decode_inbox(msg.data).run_id  # (a bench: the decode is paid twice)
+            STAMPS.setdefault(run_id, {}).setdefault("executor takes it", time.time())
+        return await inbox(self, msgs)
+
+    executor.ExecutorService.on_inbox = on_inbox  # type: ignore[method-assign]
+
+
 async def one_run(
     client: LoomClient, n: int, cpu: dict[str, float] | None = None
 ) -> dict[str, float]:
@@ -96,10 +138,19 @@ async def one_run(
     last_result = [at(r) for r in records if isinstance(r.event, ToolCallCompleted)][-1]
     completed = at(records[-1])
     ms = lambda a, b: (b - a) * 1000  # noqa: E731
+    hops = {}
+    if run_id in STAMPS:
+        previous, stamps = requested, STAMPS.pop(run_id)
+        for key in ("planner takes it", "verdict sent", "verdict acked", "executor takes it"):
+            if key in stamps:
+                hops[f"  -> {key}"] = ms(previous, stamps[key])
+                previous = stamps[key]
+        hops["  -> plan_accepted decided"] = ms(previous, accepted)
     return {
         "submit->accepted": ms(t0, t_acc),
         "submit->run_requested": ms(t0, requested),
         "run_requested->plan_accepted": ms(requested, accepted),
+        **hops,
         "submit->first step decided": ms(t0, first),
         "last result->run_completed": ms(last_result, completed),
         "run_completed->client": ms(completed, t_end),
@@ -150,7 +201,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 print(f"one run of {args.steps} chained hop steps, {args.rounds} runs "
                       "(median, min, max ms):")  # fmt: skip
                 for key in rows[0]:
-                    values = [r[key] for r in rows]
+                    values = [r.get(key, float("nan")) for r in rows]
                     print(f"  {key:30s} {statistics.median(values):8.2f} "
                           f"{min(values):8.2f} {max(values):8.2f}")  # fmt: skip
                 cpu = await per_run_cpu(client, args.steps, args.rounds)
@@ -168,11 +219,22 @@ async def main_async(args: argparse.Namespace) -> None:
                     stats.print_stats(400)
                     print(f"cProfile of {args.rounds} runs, start-path functions (cumulative):")
                     for line in text.getvalue().splitlines():
-                        if any(_match(line, key) for key in START_PATH):
+                        if any(_match(line, key) for key in START_PATH) or _per_run(
+                            line, args.rounds
+                        ):
                             print(" ", line)
     finally:
         stack_module.Stack.start = started  # type: ignore[method-assign]
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _per_run(line: str, rounds: int) -> bool:
+    """A function called a few times per run (not per step) that costs >= 0.5 ms a run."""
+    fields = line.split()
+    if len(fields) < 6 or not fields[0].split("/")[0].isdigit():
+        return False
+    calls = int(fields[0].split("/")[0])
+    return calls <= 4 * rounds and float(fields[3]) >= 0.0005 * rounds
 
 
 def _match(line: str, key: str) -> bool:
@@ -185,9 +247,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="stamp the start path's hops")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ["LOOM_LOCAL_TOOLS"] = ""  # every call hops to the tool-runner
+    if args.trace:
+        trace_start()
     asyncio.run(main_async(args))
 
 

@@ -1333,15 +1333,34 @@ def _check_tools(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanI
 def _check_inputs(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanIssue]:
     """Each step's literal input against its tool's input schema (``loom_core.schemas``,
     the one checker); a template's type is only known once rendered, so what a
-    template could still change is not reported."""
+    template could still change is not reported.
+
+    An input that fits is remembered by tool and JSON text for this plan: steps that
+    send one tool the same input (a long chain of calls with ``{}``) are checked once.
+    Whether a value fits does not depend on where it stands (only a problem's wording
+    names the path), so only fitting inputs are remembered; each problem is found and
+    worded at its own step."""
+    fits: set[tuple[str, bytes]] = set()
     for occ, step in _tool_occs(facts):
         spec = tools.get(step.tool)
         if spec is not None:
+            key = (step.tool, _json_text(step.input))
+            if key in fits:
+                continue
             where = f"{occ.path}.input"
-            for path, message in schemas.problems(
-                spec.input_schema, step.input, where, templated=_is_template
-            ):
+            found = schemas.problems(spec.input_schema, step.input, where, templated=_is_template)
+            if not found and key[1]:
+                fits.add(key)
+            for path, message in found:
                 yield _issue("invalid_input", path, f"tool {step.tool!r}: {message}")
+
+
+def _json_text(value: JSON) -> bytes:
+    """``value`` as JSON (b"" when it is not JSON, so nothing is remembered for it)."""
+    try:
+        return msgspec.json.encode(value)
+    except (TypeError, msgspec.EncodeError):
+        return b""
 
 
 def _check_carried_schemas(facts: _Facts) -> Iterator[PlanIssue]:

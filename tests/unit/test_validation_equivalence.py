@@ -7,12 +7,13 @@ they were before the change."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import foreign_reference
 import msgspec
 import validation_reference as reference
-from hypothesis import assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from test_validation import RUN_INPUT, TOOLS, _occurrences, _scopes, nested_plans
 
@@ -31,6 +32,8 @@ _MUTATIONS = [
     "fallback",
     "self_reference",
     "drop_step",
+    "bad_input",
+    "same_input",
 ]
 
 
@@ -56,6 +59,18 @@ def _mutate(raw: dict[str, Any], data: st.DataObject) -> None:
                             "input": {"q": f"{{{{ steps.{other}.output }}}}"},
                             "depends_on": [other]}  # fmt: skip
         step["on_error"] = data.draw(st.sampled_from(["fallback", "fail"]))
+    elif what == "bad_input":
+        if step["kind"] == "tool":
+            wrong = data.draw(st.sampled_from([[], 1.5, "x", None, {"z": 1}]))
+            if step["input"] and data.draw(st.booleans()):
+                step["input"].pop(next(iter(step["input"])))
+            else:
+                step["input"][data.draw(st.sampled_from(["a", "q", "extra"]))] = wrong
+    elif what == "same_input":  # another tool step's tool and input: checked once
+        tools = [s for _, s in occurrences if s["kind"] == "tool"]
+        if step["kind"] == "tool" and tools:
+            source = data.draw(st.sampled_from(tools))
+            step["tool"], step["input"] = source["tool"], copy.deepcopy(source["input"])
     elif what == "empty_body":
         for key in ("do", "then", "else"):
             if key in step:
@@ -125,7 +140,10 @@ def test_the_validator_says_exactly_what_it_said_before(
         return
     args = (plan, TOOLS if tools else None, RUN_INPUT if run_input else None)
     kwargs = {"caps": caps, "foreign": foreign_too}
-    _same(validation.validate_plan(*args, **kwargs), reference.validate_plan(*args, **kwargs))
+    got = validation.validate_plan(*args, **kwargs)
+    _same(got, reference.validate_plan(*args, **kwargs))
+    for code in sorted({issue.code for issue in got}) or ["valid"]:
+        event(code)  # --hypothesis-show-statistics: which issues the examples reached
     _same(validation.tool_uses(plan), reference.tool_uses(plan))
     _same(foreign.foreign_syntax_issues(plan), foreign_reference.foreign_syntax_issues(plan))
     todo = [plan.steps]
