@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import stepcost  # noqa: E402
 from loom_core import codec, subjects  # noqa: E402
 from loom_core.contracts import (  # noqa: E402
+    ApprovalStep,
+    Plan,
     PlanAccepted,
     RunCompleted,
     RunRequest,
@@ -158,6 +160,29 @@ async def one_run(
     }
 
 
+def held(n: int) -> Plan:
+    """``n`` steps whose first waits for a person: a run of it stops once its first
+    step is decided, so what it costs is the start alone."""
+    first = ApprovalStep(id="s0", label="go")
+    return Plan(steps=[first, *chain(n).steps[1:]])
+
+
+async def start_cpu(client: LoomClient, n: int, runs: int) -> dict[str, float]:
+    """CPU per run (ms) of submit -> first step decided (its suspension published), each
+    process; ``runs`` runs one after another."""
+    meter = stepcost.CpuMeter()
+    meter.start()
+    for _ in range(runs):
+        run_id = f"held-{uuid.uuid4().hex[:20]}"
+        sub = await client.nc.subscribe(subjects.run_event(run_id, "step_suspended"))
+        try:
+            await client.submit(RunRequest(plan=held(n), run_id=run_id))
+            await sub.next_msg(timeout=60)
+        finally:
+            await sub.unsubscribe()
+    return {k: v * 1000 / runs for k, v in meter.stop().items()}
+
+
 async def per_run_cpu(client: LoomClient, n: int, rounds: int) -> dict[str, tuple[float, float]]:
     """CPU(steps) = a + b x steps over alternating runs of ``n`` and 10 steps: per key, (a
     ms per run, b ms per step)."""
@@ -204,11 +229,24 @@ async def main_async(args: argparse.Namespace) -> None:
                     values = [r.get(key, float("nan")) for r in rows]
                     print(f"  {key:30s} {statistics.median(values):8.2f} "
                           f"{min(values):8.2f} {max(values):8.2f}")  # fmt: skip
+                for key, value in (await start_cpu(client, args.steps, 4 * args.rounds)).items():
+                    print(f"  start only (first step waits for a person): {key:8s} "
+                          f"{value:7.2f} ms per run")  # fmt: skip
                 cpu = await per_run_cpu(client, args.steps, args.rounds)
                 print("CPU(steps) = a + b x steps (medians; ms):")
                 for key, (a, b) in cpu.items():
                     print(f"  {key:8s} per run {a:7.2f}   per step {b:6.3f}")
                 if args.profile:
+                    profile = cProfile.Profile()
+                    profile.enable()
+                    await start_cpu(client, args.steps, 4 * args.rounds)
+                    profile.disable()
+                    text = io.StringIO()
+                    stats = pstats.Stats(profile, stream=text).sort_stats("tottime")
+                    stats.print_stats(40)
+                    stats.print_callers("msgspec.json.Decoder")
+                    print(f"cProfile of {4 * args.rounds} starts (tottime):")
+                    print(text.getvalue())
                     profile = cProfile.Profile()
                     profile.enable()
                     for _ in range(args.rounds):
