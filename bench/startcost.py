@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import logging
 import os
@@ -171,6 +172,7 @@ async def start_cpu(client: LoomClient, n: int, runs: int) -> dict[str, float]:
     """CPU per run (ms) of submit -> first step decided (its suspension published), each
     process; ``runs`` runs one after another."""
     meter = stepcost.CpuMeter()
+    collected = _GcClock()
     meter.start()
     for _ in range(runs):
         run_id = f"held-{uuid.uuid4().hex[:20]}"
@@ -180,7 +182,28 @@ async def start_cpu(client: LoomClient, n: int, runs: int) -> dict[str, float]:
             await sub.next_msg(timeout=60)
         finally:
             await sub.unsubscribe()
-    return {k: v * 1000 / runs for k, v in meter.stop().items()}
+    cpu = meter.stop()
+    cpu["python: garbage collection"] = collected.stop()
+    return {k: v * 1000 / runs for k, v in cpu.items()}
+
+
+class _GcClock:
+    """Wall time this process spends in garbage collection (all threads), from now."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._began = 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.spent += time.perf_counter() - self._began
+
+    def stop(self) -> float:
+        gc.callbacks.remove(self._on)
+        return self.spent
 
 
 async def per_run_cpu(client: LoomClient, n: int, rounds: int) -> dict[str, tuple[float, float]]:
@@ -242,8 +265,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     await start_cpu(client, args.steps, 4 * args.rounds)
                     profile.disable()
                     text = io.StringIO()
-                    stats = pstats.Stats(profile, stream=text).sort_stats("tottime")
-                    stats.print_stats(40)
+                    stats = pstats.Stats(profile, stream=text).sort_stats("cumulative")
+                    stats.print_stats(70)
                     stats.print_callers("msgspec.json.Decoder")
                     print(f"cProfile of {4 * args.rounds} starts (tottime):")
                     print(text.getvalue())
