@@ -206,6 +206,29 @@ class _GcClock:
         return self.spent
 
 
+async def burst(stack: Any, client: LoomClient, runs: int, steps: int) -> str:
+    """``runs`` clients submit a ``steps``-step chain at once: how long until every one
+    is answered (each answer means its run is stored), and in how many commits."""
+    from loom_services.executor import ExecutorService  # noqa: PLC0415
+
+    executor = next(s for s in stack.stack.services if isinstance(s, ExecutorService))
+    commits: list[int] = []
+
+    def count(_ids: list[int], records: list[Any]) -> None:
+        created = sum(isinstance(r.event, RunRequested) for r in records)
+        if created:
+            commits.append(created)
+
+    executor.host.listeners.append(count)
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(client.submit(RunRequest(plan=chain(steps))) for _ in range(runs)))
+    finally:
+        executor.host.listeners.remove(count)
+    took = (time.perf_counter() - t0) * 1000
+    return f"{runs} submissions at once answered in {took:.1f} ms, in {len(commits)} commits"
+
+
 async def per_run_cpu(client: LoomClient, n: int, rounds: int) -> dict[str, tuple[float, float]]:
     """CPU(steps) = a + b x steps over alternating runs of ``n`` and 10 steps: per key, (a
     ms per run, b ms per step)."""
@@ -252,6 +275,9 @@ async def main_async(args: argparse.Namespace) -> None:
                     values = [r.get(key, float("nan")) for r in rows]
                     print(f"  {key:30s} {statistics.median(values):8.2f} "
                           f"{min(values):8.2f} {max(values):8.2f}")  # fmt: skip
+                if args.burst:
+                    print(await burst(stack, client, args.burst, 20))
+                    await asyncio.sleep(3)  # their steps run out before the next part
                 for key, value in (await start_cpu(client, args.steps, 4 * args.rounds)).items():
                     print(f"  start only (first step waits for a person): {key:8s} "
                           f"{value:7.2f} ms per run")  # fmt: skip
@@ -309,6 +335,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--trace", action="store_true", help="stamp the start path's hops")
+    parser.add_argument(
+        "--burst", type=int, default=0, metavar="N",
+        help="also: N clients submit a 20-step chain at once (time to answer them all)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ["LOOM_LOCAL_TOOLS"] = ""  # every call hops to the tool-runner
