@@ -40,25 +40,31 @@ def foreign_syntax_issues(plan: Plan, path: str = "$.plan") -> list[PlanIssue]:
     doc = msgspec.to_builtins(plan)
     step_ids = set(_step_ids(doc))
     issues: list[PlanIssue] = []
-    todo: list[tuple[Any, str]] = [(doc, path)]
+    # (value, its parent's path, its key): a path is spelled out only where it is needed,
+    # for a container or a string that holds `${` (most values are neither)
+    todo: list[tuple[Any, str, str | int | None]] = [(doc, path, None)]
     while todo:
-        value, where = todo.pop()
+        value, parent, key = todo.pop()
         if isinstance(value, str):
-            issue = _dollar_issue(value, where, step_ids)
-            if issue is not None:
-                issues.append(issue)
-        elif isinstance(value, dict):
+            if "${" in value:
+                where = parent if key is None else child_path(parent, key)
+                issue = _dollar_issue(value, where, step_ids)
+                if issue is not None:
+                    issues.append(issue)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        where = parent if key is None else child_path(parent, key)
+        if isinstance(value, dict):
             if value.get("kind") in _COMPOSITES:
                 issue = _constant_output(value, where)
                 if issue is not None:
                     issues.append(issue)
             todo.extend(
-                (v, child_path(where, str(k)))
-                for k, v in reversed(value.items())
-                if k not in _FREE_TEXT
+                (v, where, str(k)) for k, v in reversed(value.items()) if k not in _FREE_TEXT
             )
-        elif isinstance(value, list):
-            todo.extend((v, child_path(where, i)) for i, v in reversed(list(enumerate(value))))
+        else:
+            todo.extend((v, where, i) for i, v in reversed(list(enumerate(value))))
     return issues
 
 

@@ -71,6 +71,41 @@ class _Frame:
         self.key = key
 
 
+_SURE = frozenset({int, float, bool, type(None)})
+
+
+def _surely_within(value: Any, max_depth: int) -> bool:
+    """True only when ``check_json`` without a byte limit finds nothing: containers at
+    most ``max_depth`` deep, every leaf and key of a kind that surely encodes (an ASCII
+    str, an int, float, bool or None; dicts and lists of exactly those types). False
+    says nothing: the walk then finds the offence, if any, and its path. Level by
+    level, with no frame per container (a submitted 200-step plan: 0.45 -> ~0.1 ms)."""
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is dict or kind is list:
+                if depth >= max_depth:
+                    return False
+                if kind is list:
+                    below += item
+                    continue
+                for key in item:
+                    if type(key) is not str or not key.isascii():
+                        return False
+                below += item.values()
+            elif kind is str:
+                if not item.isascii():
+                    return False
+            elif kind not in _SURE:
+                return False
+        level = below
+        depth += 1
+    return True
+
+
 def _children(value: Any) -> tuple[Iterator[tuple[Any, Any]], bool] | None:
     if isinstance(value, dict):
         return iter(value.items()), True
@@ -99,6 +134,8 @@ def check_json(
 
     Values come from JSON (dicts, lists, str, int, float, bool, None); tuples count as
     lists. The walk keeps one frame per open container, so it uses O(depth) memory."""
+    if max_bytes is None and _surely_within(value, max_depth):
+        return None  # the usual document: what the walk below would say, in a fifth of the time
     size = 0
     stack: list[_Frame] = []
     pending: list[tuple[str | int | None, Any]] = [(None, value)]

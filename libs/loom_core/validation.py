@@ -151,6 +151,7 @@ def validate_plan(
         issues += _check_output_fields(facts, tools)
     if run_input is not None:
         issues += _check_run_input(facts, run_input)
+    facts.release()
     return issues
 
 
@@ -233,8 +234,26 @@ def check_run_request(request: RunRequest) -> ErrorInfo | None:
 def tool_uses(plan: Plan, path: str = "$.plan") -> list[tuple[str, str]]:
     """``(path of the step's tool field, tool name)`` for every tool step of ``plan``,
     nested bodies and fallbacks included, in document order."""
-    facts = _Facts.of(plan, path)
-    return [(f"{occ.path}.tool", step.tool) for occ, step in _tool_occs(facts)]
+    uses: list[tuple[str, str]] = []
+    # the steps in the order ``_Facts.of`` lists them (a step, then what it holds, its
+    # bodies and fallback in declaration order), without scanning any template
+    todo: list[tuple[str, Step]] = [(f"{path}.steps[{i}]", s) for i, s in enumerate(plan.steps)]
+    todo.reverse()
+    while todo:
+        where, step = todo.pop()
+        if isinstance(step, ToolStep):
+            uses.append((f"{where}.tool", step.tool))
+            if step.fallback is None:
+                continue
+        inner: list[tuple[str, Step]] = []
+        for part in _parts(step):
+            if isinstance(part, _Body):
+                body = _trail_path(where, part.trail)
+                inner += [(f"{body}[{i}]", s) for i, s in enumerate(part.steps)]
+            elif isinstance(part, _Fallback):
+                inner.append((child_path(where, "fallback"), part.step))
+        todo.extend(reversed(inner))
+    return uses
 
 
 def dependencies(steps: Sequence[Step] | Plan) -> dict[str, tuple[str, ...]]:
@@ -308,7 +327,7 @@ def plan_issue_from_decode_error(
 # --------------------------------------------------------------------------- step anatomy
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Field:
     """A field that may hold templates. ``in_body``: rendered in the step's ``do`` scope
     after the body ran; ``extra``: scope variables it sees beyond its scope's."""
@@ -319,7 +338,7 @@ class _Field:
     extra: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Body:
     """A sub-plan: ``trail`` is its place under the step (``("branches", "left")``)."""
 
@@ -328,7 +347,7 @@ class _Body:
     variables: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Fallback:
     step: ToolStep
 
@@ -414,6 +433,11 @@ def _referenced_ids(step: Step) -> Iterator[str]:
     """Step ids a step waits for beyond its own ``depends_on``: its fallbacks'
     ``depends_on`` and every ``steps.X`` template in it or anywhere inside it, in
     document order. ``depends_on`` of steps inside bodies order those bodies only."""
+    if type(step) is ToolStep and step.fallback is None:  # the usual step: one field
+        if step.input is not None:
+            refs = scan_templates(step.input)[0]
+            yield from (r.step_id for r in refs if r.step_id is not None)
+        return
     todo: list[Step | _Part] = list(reversed(_parts(step)))
     while todo:
         part = todo.pop()
@@ -438,7 +462,7 @@ def _step_deps(step: Step, siblings: Collection[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- shared facts
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Scope:
     """One list of steps: the plan's or a sub-plan's."""
 
@@ -468,7 +492,7 @@ class _Scope:
         return f"the `{self.trail[0]}` of {_kind(owner)} step {owner.id!r}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Occ:
     """One step where it occurs. A fallback shares its owner's scope and index."""
 
@@ -477,6 +501,10 @@ class _Occ:
     index: int
     path: str
     fallback_of: _Occ | None = None
+    # what ``_Facts._follow`` found inside it, in document order (its body scopes, its
+    # fallback, its template-bearing fields): the dependency walk reads these instead of
+    # scanning the step's templates again
+    parts: list[_Scope | _Occ | _Site] = field(default_factory=list)
 
     @property
     def holder(self) -> _Occ:
@@ -488,7 +516,7 @@ class _Occ:
         return occ
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Site:
     """A template-bearing field: where ``steps.X`` resolves from (``scope``: the step's
     own scope, or its ``do`` scope for fields rendered after the body), the step it
@@ -532,7 +560,8 @@ class _Facts:
             elif isinstance(item, _Occ):
                 facts.occs.append(item)
                 facts.first.setdefault(item.step.id, item)
-                todo.extend(reversed(facts._follow(item)))
+                item.parts = facts._follow(item)
+                todo.extend(reversed(item.parts))
             else:
                 item.refs, errors = scan_templates(item.value, item.path)
                 facts.sites.append(item)
@@ -572,6 +601,37 @@ class _Facts:
                 where = child_path(occ.path, part.name)
                 out.append(_Site(part.value, where, part.name, at, occ, at.variables | part.extra))
         return out
+
+    def release(self) -> None:
+        """Break the scopes' and steps' links to each other, so the facts are freed as
+        soon as validation returns rather than by a later garbage collection (a 200-step
+        plan's ~2,000 linked objects, promoted through every generation, cost the
+        collector more than the checks cost)."""
+        for scope in self.scopes:
+            scope.occs = []
+            scope.parent = scope.owner = None
+        for occ in self.occs:
+            occ.parts = []
+            occ.fallback_of = None
+        for site in self.sites:
+            site.owner = None
+
+    def step_deps(self, occ: _Occ, siblings: Collection[str]) -> tuple[str, ...]:
+        """``_step_deps(occ.step, siblings)`` from the references already scanned: its
+        ``depends_on``, then what ``_referenced_ids`` yields, in the same order."""
+        found = list(occ.step.depends_on)
+        todo: list[_Scope | _Occ | _Site] = list(reversed(occ.parts))
+        while todo:
+            part = todo.pop()
+            if isinstance(part, _Site):
+                found += [r.step_id for r in part.refs if r.step_id is not None]
+            elif isinstance(part, _Scope):  # a body: its steps' parts, not their depends_on
+                for inner in reversed(part.occs):
+                    todo.extend(reversed(inner.parts))
+            else:  # a fallback: its depends_on counts as its owner's
+                found += part.step.depends_on
+                todo.extend(reversed(part.parts))
+        return tuple(d for d in dict.fromkeys(found) if d in siblings)
 
     def all_refs(self) -> Iterator[Reference]:
         for site in self.sites:
@@ -1130,6 +1190,17 @@ def _invisible_message(facts: _Facts, site: _Site, ref: Reference, name: str) ->
 # --------------------------------------------------------------------------- cycles
 
 
+def _backwards_only(graph: dict[str, list[str]], position: Mapping[str, int]) -> bool:
+    """Whether every dependency names a step earlier in the list: then the list order is
+    a topological order, and Tarjan's search would find only single steps."""
+    for sid, deps in graph.items():
+        here = position[sid]
+        for dep in deps:
+            if position[dep] >= here:
+                return False
+    return True
+
+
 def _strongly_connected(graph: dict[str, list[str]]) -> list[list[str]]:
     """Tarjan's algorithm, iterative (plans may be deeper than the recursion limit)."""
     index: dict[str, int] = {}
@@ -1196,7 +1267,9 @@ def _check_cycles(facts: _Facts) -> Iterator[PlanIssue]:
     # every elementary cycle can be exponential.
     for scope in facts.scopes:
         siblings = scope.ids
-        graph = {sid: list(_step_deps(scope.steps[i], siblings)) for sid, i in siblings.items()}
+        graph = {sid: list(facts.step_deps(scope.occs[i], siblings)) for sid, i in siblings.items()}
+        if _backwards_only(graph, siblings):
+            continue  # every step waits only for steps before it: no cycle (the usual plan)
         knots = []
         for component in _strongly_connected(graph):
             start = min(component, key=siblings.__getitem__)
@@ -1260,15 +1333,34 @@ def _check_tools(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanI
 def _check_inputs(facts: _Facts, tools: Mapping[str, ToolSpec]) -> Iterator[PlanIssue]:
     """Each step's literal input against its tool's input schema (``loom_core.schemas``,
     the one checker); a template's type is only known once rendered, so what a
-    template could still change is not reported."""
+    template could still change is not reported.
+
+    An input that fits is remembered by tool and JSON text for this plan: steps that
+    send one tool the same input (a long chain of calls with ``{}``) are checked once.
+    Whether a value fits does not depend on where it stands (only a problem's wording
+    names the path), so only fitting inputs are remembered; each problem is found and
+    worded at its own step."""
+    fits: set[tuple[str, bytes]] = set()
     for occ, step in _tool_occs(facts):
         spec = tools.get(step.tool)
         if spec is not None:
+            key = (step.tool, _json_text(step.input))
+            if key in fits:
+                continue
             where = f"{occ.path}.input"
-            for path, message in schemas.problems(
-                spec.input_schema, step.input, where, templated=_is_template
-            ):
+            found = schemas.problems(spec.input_schema, step.input, where, templated=_is_template)
+            if not found and key[1]:
+                fits.add(key)
+            for path, message in found:
                 yield _issue("invalid_input", path, f"tool {step.tool!r}: {message}")
+
+
+def _json_text(value: JSON) -> bytes:
+    """``value`` as JSON (b"" when it is not JSON, so nothing is remembered for it)."""
+    try:
+        return msgspec.json.encode(value)
+    except (TypeError, msgspec.EncodeError):
+        return b""
 
 
 def _check_carried_schemas(facts: _Facts) -> Iterator[PlanIssue]:

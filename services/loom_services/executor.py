@@ -88,6 +88,10 @@ _FAMILY_MAX = 256
 
 TAKEN_MAX = 10_000  # results taken from their publish whose stream copy has not come yet
 
+# submissions handled at once (``on_submit_message``): enough for a burst of clients to
+# share the writer's commits; past it, the subscription waits (NATS' pending limits)
+SUBMITS_IN_FLIGHT = 256
+
 
 # the receipt of a direct result the executor cannot record because it is stopping
 STOPPING = ErrorInfo(
@@ -141,6 +145,9 @@ class ExecutorService:
         self._pending: set[asyncio.Future[None]] = set()
         # direct results waiting for their commit, to be answered (``on_result``)
         self._receipts: set[asyncio.Future[None]] = set()
+        # submissions being handled (``on_submit_message``), bounded
+        self._submits: set[asyncio.Future[None]] = set()
+        self._submit_room = asyncio.Semaphore(SUBMITS_IN_FLIGHT)
         self.progress = ProgressPublisher(self.host.actors.get, self._send_progress)
         # quotas per tenant and queue (loom_services.admission)
         self.admission = AdmissionControl(load_quotas(settings.quotas_file), self.host.submit)
@@ -192,7 +199,7 @@ class ExecutorService:
             ctx.js, self.host, parts.ownership, self.store.read_notifications, self.io,
             self._report, ctx.stop, ctx.spawn, self.settings.ops.stream_replicas,
         )  # fmt: skip
-        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit_routed)
+        await endpoints.listen(ctx.nc, routes.SUBMIT, self.name, self.on_submit_message)
         await endpoints.listen(ctx.nc, routes.CONTROL, self.name, self.on_control_routed)
         await endpoints.listen(ctx.nc, routes.RESUME, self.name, self.on_resume_routed)
         await endpoints.serve(ctx.nc, ctx.rejects, routes.FORK, self.name, self.on_fork_routed)
@@ -223,6 +230,8 @@ class ExecutorService:
             self.ctx.rejects.offer(subject, error, data)
 
     async def close(self) -> None:
+        for submit in list(self._submits):  # unanswered: the client's retry finds the run
+            submit.cancel()
         for receipt in list(self._receipts):  # answered "unavailable" (``_record_result``)
             receipt.cancel()
         await self.admission.close()
@@ -249,6 +258,31 @@ class ExecutorService:
         ))  # fmt: skip
 
     # ------------------------------------------------------------------ submit
+
+    async def on_submit_message(self, msg: Msg) -> None:
+        """Each submission handled in a task of its own (at most SUBMITS_IN_FLIGHT): the
+        subscription's callback runs one message at a time, and a submission waits for
+        its run's commit, so a burst of N clients was answered one commit after another
+        (the Nth after N commits, none sharing one). Together they reach the writer
+        together and share its batches. Submissions of different runs are independent;
+        two of the same run id are decided in the order the writer takes them, as
+        before (the second finds the run stored: a repeat, or a conflict)."""
+        await self._submit_room.acquire()
+        task = asyncio.ensure_future(self._submit_one(msg))
+        self._submits.add(task)
+        task.add_done_callback(self._submit_done)
+
+    async def _submit_one(self, msg: Msg) -> None:
+        try:
+            await self.on_submit_routed(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # unanswered: the client times out and retries (idempotent)
+            log.exception("submission on %s not answered", msg.subject)
+
+    def _submit_done(self, task: asyncio.Future[None]) -> None:
+        self._submits.discard(task)
+        self._submit_room.release()
 
     async def on_submit(self, msg: Msg) -> None:
         reply = await self._submit(msg)

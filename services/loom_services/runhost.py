@@ -280,6 +280,21 @@ class RunHost:
         except Exception as exc:  # a snapshot is a cache: the run is fine without it
             log.warning("snapshot of %s not saved: %r", run_id, exc)
 
+    async def _load_missing(self, batch: list[Work]) -> None:
+        """Load the batch's runs that are not in memory together, before deciding any:
+        one after another, a burst of new runs (each a snapshot and an events read in
+        the I/O pool, absent) cost the batch one pool round trip per run. Only a cache:
+        decisions still take each state in the batch's order, and a load that failed
+        here fails again there, as before."""
+        missing = {
+            work.run_id
+            for work in batch
+            if work.run_id not in self.actors and (self.owns is None or self.owns(work.run_id))
+        }
+        if len(missing) > 1:
+            await asyncio.gather(*(self.state_of(run_id) for run_id in missing),
+                                 return_exceptions=True)  # fmt: skip
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             first = await self.queue.get()
@@ -294,6 +309,7 @@ class RunHost:
         per_work: list[list[EventRecord]] = []
         touched: set[str] = set()
         try:
+            await self._load_missing(batch)
             for work in batch:
                 if self.owns is not None and not self.owns(work.run_id):
                     # only the partition's owner writes a run (the caller forwards it)

@@ -156,3 +156,41 @@ def test_the_submit_check_the_executor_is_to_make() -> None:
         msgspec.json.decode(deeper)
     assert too_deep("$", max_depth=64).code == "too_deep"
     assert too_deep("$", max_depth=64).details == {"limit": 64, "setting": MAX_DEPTH_SETTING}
+
+
+# anything a caller may pass: JSON, and what is not (sets, objects, tuples, subclasses,
+# a lone surrogate, keys that are not strings)
+class _Text(str):
+    pass
+
+
+_any_leaf = (
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+    | st.sampled_from(["\ud800", "é", _Text("sub"), object(), {1, 2}, b"x", 10**30])
+)  # fmt: skip
+_any_values = st.recursive(
+    _any_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(
+            st.sampled_from(["a", "é", "\ud800", 1, None, (1,), _Text("k")]), inner, max_size=3
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_any_values | json_values, limit=st.integers(0, 5))
+def test_the_quick_look_says_what_the_walk_says(value: Any, limit: int) -> None:
+    # with a byte limit no value here reaches, the walk runs in full (issue 10, startcost:
+    # without one, a quick level-by-level look answers for the usual document)
+    assert _outcome(value, limit, None) == _outcome(value, limit, 2**62)
+
+
+def _outcome(value: Any, limit: int, max_bytes: int | None) -> Any:
+    try:
+        return check_json(value, max_depth=limit, max_bytes=max_bytes)
+    except Exception as exc:  # (a key with a lone surrogate: both ways alike)
+        return repr(exc)
