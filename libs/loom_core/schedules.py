@@ -57,8 +57,12 @@ RUN_ID_PREFIX = "sch-"  # reserved: a client's run id may not start with it
 MAX_CRON_CHARS = 200
 MIN_EVERY = timedelta(seconds=1)
 MAX_EVERY = timedelta(days=366)
-# a cron expression that can fire fires within this many years (Feb 29 skips 2100)
-_SEARCH_YEARS = 9
+# a cron expression that can fire fires within this many years. When one day field
+# starts with `*` a day must match both (``Cron.day_matches``), and a date falls on a
+# given weekday again only 5 to 12 years later (day 1 of a month: `*/7` always holds
+# it), 28 to 40 for Feb 29 (2072 -> 2112 across 2100); every date meets every weekday
+# within the calendar's 400-year cycle, so a parsed expression always fires
+_SEARCH_YEARS = 41
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
 _ZONE = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}")
 

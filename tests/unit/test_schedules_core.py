@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from loom_core import ids
@@ -65,6 +65,9 @@ INSTANTS = st.datetimes(datetime(2000, 1, 1), datetime(2090, 1, 1)).map(
 
 @settings(max_examples=300, deadline=None)
 @given(CRONS, st.sampled_from(ZONES), INSTANTS)
+# January 1, 8, 15, 22 or 29 that is a Friday: none from 2000 until 2010 (the search
+# used to stop after 9 years and call it "never fires")
+@example("* * */7 1 5", "UTC", datetime(2000, 1, 1, tzinfo=UTC))
 def test_the_next_fire_time_is_after_now_and_matches_or_ends_a_gap(
     text: str, tz: str, now: datetime
 ) -> None:
@@ -287,3 +290,12 @@ def test_run_ids_are_tokens_and_one_per_fire_time(a: datetime, b: datetime) -> N
         microsecond=b.microsecond // 1000 * 1000
     )
     assert (ra == rb) == same_ms
+
+
+def test_a_february_29_on_a_weekday_is_found_across_2100() -> None:
+    """Feb 29 that is a Sunday (weekday field `*/7`: Sundays, so both must match):
+    2004, 2032, 2060, 2088, then 2128 (2100 is no leap year): the longest wait the
+    calendar has, 40 years."""
+    when = cron("0 0 29 2 */7")
+    after_2088 = s.next_fire(when, datetime(2088, 3, 1, tzinfo=UTC))
+    assert after_2088 == datetime(2128, 2, 29, tzinfo=UTC)
