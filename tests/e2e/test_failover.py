@@ -57,6 +57,7 @@ from loom_infra.natsserver import EmbeddedNats
 from loom_infra.processes import ServiceProcess, replicated_services, wait_healthy_at, wait_until
 from loom_infra.settings import StoreSettings
 from loom_infra.store import open_event_store
+from loom_services import partitioned
 from loom_services.runtime import provision
 
 pytestmark = pytest.mark.e2e
@@ -236,9 +237,15 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
             cb=runs.on_msg,
         )  # fmt: skip
         names = [f"fo-{i:02d}" for i in range(RUNS)]
+        submitting = time.monotonic()
         await asyncio.gather(
             *(client.submit(RunRequest(plan=plan(), input={"name": n}, run_id=n)) for n in names)
         )
+        # the replicas have just settled their leases; one still handing a partition
+        # over tells a forwarder so at once, so none waits out a forward's 5 s timeout
+        # (the runs of a partition then finished before the kill could cut them)
+        submitted = time.monotonic() - submitting
+        assert submitted < partitioned.REQUEST_TIMEOUT_S - 1, f"submitted in {submitted:.2f}s"
         # runs that wait on people and events, answered after the kill (resume, signal),
         # and a long one to cancel (control): each request lands on any replica
         sleeper = RunRequest(plan=Plan(steps=[SleepStep(id="zz", seconds=600)]), run_id="fo-zz")
@@ -268,7 +275,9 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
             return any(n in runs.last_event and n not in runs.ended for n in in_moved)
 
         assert await wait_until(runs.changed, victim_busy, timeout=30), (
-            f"no run of {victim}'s partitions {sorted(moved)} in flight to cut"
+            f"no run of {victim}'s partitions {sorted(moved)} in flight to cut: "
+            f"{ {n: (runs.last_event.get(n), runs.ended.get(n)) for n in in_moved} }\n"
+            + deployment.logs()
         )
         runs.killed_at = killed_at = time.monotonic()
         deployment.executors[victim].kill()
@@ -359,4 +368,6 @@ async def test_a_killed_executor_replicas_partitions_move_and_every_run_complete
         assert failover <= 2 * LEASE_S, f"failover took {failover:.2f}s"
         assert crash_pause <= 2 * LEASE_S, f"publishing paused {crash_pause:.2f}s after a crash"
         # a rolling restart must not cost a lease: far below one (a slow machine's margin)
-        assert clean_pause < LEASE_S / 2, f"publishing paused {clean_pause:.2f}s on a clean stop"
+        assert clean_pause < LEASE_S / 2, (
+            f"publishing paused {clean_pause:.2f}s on a clean stop\n{deployment.logs()}"
+        )
