@@ -573,8 +573,16 @@ def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | 
         return [row["ids"] for row in curs.fetchall()]
 
 
-def _pg_append_name(recorder: Any) -> str:
-    return f"loom_append_{recorder.events_table_name}"
+def _pg_names(recorder: Any) -> dict[str, Any]:
+    """The identifiers the append function's SQL is built with."""
+    from psycopg.sql import Identifier
+
+    return {
+        "schema": Identifier(recorder.datastore.schema),
+        "function": Identifier(f"loom_append_{recorder.events_table_name}"),
+        "id_type": Identifier(recorder.datastore.originator_id_type),
+        "table": Identifier(recorder.events_table_name),
+    }
 
 
 def _pg_append_function(recorder: Any) -> Any:
@@ -583,9 +591,8 @@ def _pg_append_function(recorder: Any) -> Any:
     older version also takes, which keeps notification ids commit-ordered for the
     relay's tailing reader), then the INSERT of four column arrays. ``CREATE OR
     REPLACE`` at every open, under the schema lock: an upgrade replaces it."""
-    from psycopg.sql import SQL, Identifier
+    from psycopg.sql import SQL
 
-    lock = SQL("; ").join(recorder.lock_table_statements)
     return SQL(
         "CREATE OR REPLACE FUNCTION {schema}.{function}("
         "p_ids {id_type}[], p_versions bigint[], p_topics text[], p_states bytea[]) "
@@ -596,29 +603,19 @@ def _pg_append_function(recorder: Any) -> Any:
         "SELECT * FROM unnest(p_ids, p_versions, p_topics, p_states) "
         "RETURNING t.notification_id; "
         "END; $BODY$"
-    ).format(
-        schema=Identifier(recorder.datastore.schema),
-        function=Identifier(_pg_append_name(recorder)),
-        id_type=Identifier(recorder.datastore.originator_id_type),
-        table=Identifier(recorder.events_table_name),
-        lock=lock,
-    )
+    ).format(lock=SQL("; ").join(recorder.lock_table_statements), **_pg_names(recorder))
 
 
 def _pg_append(recorder: Any) -> Any:
     """The call of the append function (built once per recorder)."""
     statement = getattr(recorder, "_loom_append", None)
     if statement is None:
-        from psycopg.sql import SQL, Identifier
+        from psycopg.sql import SQL
 
         statement = SQL(
             "SELECT ids FROM {schema}.{function}(%s::{id_type}[], %s::bigint[], "
             "%s::text[], %b::bytea[])"
-        ).format(
-            schema=Identifier(recorder.datastore.schema),
-            function=Identifier(_pg_append_name(recorder)),
-            id_type=Identifier(recorder.datastore.originator_id_type),
-        )
+        ).format(**_pg_names(recorder))
         recorder._loom_append = statement
     return statement
 
