@@ -101,10 +101,9 @@ async def _agentloom(
     if hop:
         os.environ["LOOM_LOCAL_TOOLS"] = ""
     sys.path.insert(0, str(ROOT / "bench"))
-    import loom_services.stack as stack_module  # noqa: PLC0415
     from loom_infra.settings import Settings, StoreSettings  # noqa: PLC0415
     from loom_services.stack import LocalStack  # noqa: PLC0415
-    from steps import runner_elsewhere, start_runner  # noqa: PLC0415
+    from steps import runner_beside  # noqa: PLC0415
 
     base = Path(tempfile.mkdtemp(prefix="peers-loom-"))
     if store == "postgres":
@@ -113,34 +112,27 @@ async def _agentloom(
         store_settings = StoreSettings(kind="sqlite", data_dir=base)
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings)
     # -hopproc: the tool-runner in a process of its own (the issue's hop), as steps.py does
-    elsewhere = runner_elsewhere(settings) if runner_process else contextlib.nullcontext([])
-    started = stack_module.Stack.start
-
-    async def start_then_runner(self: stack_module.Stack) -> None:
-        await started(self)
-        if runner_process and not runners:
-            runners.append(start_runner(current, settings, direct=True))
-
-    stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
+    without = ("toolrunner",) if runner_process else ()
     try:
-        with elsewhere as runners:
-            without = ("toolrunner",) if runner_process else ()
-            current = LocalStack(settings, nats_port=-1, without=without)
-            return await _agentloom_measured(current, args)
+        async with contextlib.AsyncExitStack() as scope:
+            stack = await scope.enter_async_context(
+                LocalStack(settings, nats_port=-1, without=without)
+            )
+            if runner_process:
+                await scope.enter_async_context(runner_beside(stack, settings))
+            return await _agentloom_measured(stack, args)
     finally:
-        stack_module.Stack.start = started  # type: ignore[method-assign]
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def _agentloom_measured(local: Any, args: argparse.Namespace) -> dict:
+async def _agentloom_measured(stack: Any, args: argparse.Namespace) -> dict:
+    """The measurements on ``stack``, a started ``LocalStack``."""
     import stepcost  # noqa: PLC0415
     from loom_core import codec, subjects  # noqa: PLC0415
     from loom_core.contracts import RunCompleted, RunRequest  # noqa: PLC0415
     from steps import chain  # noqa: PLC0415
 
-    async with local as stack, await stack.client() as client:
-        if "toolrunner" in local.without:  # started beside the stack: not waited for by it
-            await client.wait_ready(["toolrunner"])
+    async with await stack.client() as client:
 
         async def one(n: int) -> None:
             # as a client that wants only the result: it names the run, listens for its

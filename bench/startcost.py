@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import io
@@ -54,9 +55,8 @@ from loom_core.contracts import (  # noqa: E402
 )
 from loom_infra.client import LoomClient  # noqa: E402
 from loom_infra.settings import Settings, StoreSettings  # noqa: E402
-from loom_services import stack as stack_module  # noqa: E402
 from loom_services.stack import LocalStack  # noqa: E402
-from steps import chain, runner_elsewhere, start_runner  # noqa: E402
+from steps import chain, runner_beside  # noqa: E402
 
 # the start path's functions, for --profile (substring of "file:function")
 START_PATH = (
@@ -254,64 +254,56 @@ async def main_async(args: argparse.Namespace) -> None:
         store=StoreSettings(kind="sqlite", data_dir=base / "data"),
         direct_dispatch=True,
     )
-    started = stack_module.Stack.start
     try:
-        with runner_elsewhere(settings) as runners:
-
-            async def start_then_runner(self: stack_module.Stack) -> None:
-                await started(self)
-                if not runners:
-                    runners.append(start_runner(current, settings, True))
-
-            stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
-            current = LocalStack(settings, nats_port=-1)
-            async with current as stack, await stack.client() as client:
-                for _ in range(3):
-                    await one_run(client, 20)  # warm up
-                rows = [await one_run(client, args.steps) for _ in range(args.rounds)]
-                print(f"one run of {args.steps} chained hop steps, {args.rounds} runs "
-                      "(median, min, max ms):")  # fmt: skip
-                for key in rows[0]:
-                    values = [r.get(key, float("nan")) for r in rows]
-                    print(f"  {key:30s} {statistics.median(values):8.2f} "
-                          f"{min(values):8.2f} {max(values):8.2f}")  # fmt: skip
-                if args.burst:
-                    print(await burst(stack, client, args.burst, 20))
-                    await asyncio.sleep(3)  # their steps run out before the next part
-                for key, value in (await start_cpu(client, args.steps, 4 * args.rounds)).items():
-                    print(f"  start only (first step waits for a person): {key:8s} "
-                          f"{value:7.2f} ms per run")  # fmt: skip
-                cpu = await per_run_cpu(client, args.steps, args.rounds)
-                print("CPU(steps) = a + b x steps (medians; ms):")
-                for key, (a, b) in cpu.items():
-                    print(f"  {key:8s} per run {a:7.2f}   per step {b:6.3f}")
-                if args.profile:
-                    profile = cProfile.Profile()
-                    profile.enable()
-                    await start_cpu(client, args.steps, 4 * args.rounds)
-                    profile.disable()
-                    text = io.StringIO()
-                    stats = pstats.Stats(profile, stream=text).sort_stats("cumulative")
-                    stats.print_stats(70)
-                    stats.print_callers("msgspec.json.Decoder")
-                    print(f"cProfile of {4 * args.rounds} starts (tottime):")
-                    print(text.getvalue())
-                    profile = cProfile.Profile()
-                    profile.enable()
-                    for _ in range(args.rounds):
-                        await one_run(client, args.steps)
-                    profile.disable()
-                    text = io.StringIO()
-                    stats = pstats.Stats(profile, stream=text).sort_stats("cumulative")
-                    stats.print_stats(400)
-                    print(f"cProfile of {args.rounds} runs, start-path functions (cumulative):")
-                    for line in text.getvalue().splitlines():
-                        if any(_match(line, key) for key in START_PATH) or _per_run(
-                            line, args.rounds
-                        ):
-                            print(" ", line)
+        async with contextlib.AsyncExitStack() as scope:
+            stack = await scope.enter_async_context(
+                LocalStack(settings, nats_port=-1, without=("toolrunner",))
+            )  # the hop: the tool-runner in a process of its own
+            await scope.enter_async_context(runner_beside(stack, settings))
+            client = await scope.enter_async_context(await stack.client())
+            for _ in range(3):
+                await one_run(client, 20)  # warm up
+            rows = [await one_run(client, args.steps) for _ in range(args.rounds)]
+            print(f"one run of {args.steps} chained hop steps, {args.rounds} runs "
+                  "(median, min, max ms):")  # fmt: skip
+            for key in rows[0]:
+                values = [r.get(key, float("nan")) for r in rows]
+                print(f"  {key:30s} {statistics.median(values):8.2f} "
+                      f"{min(values):8.2f} {max(values):8.2f}")  # fmt: skip
+            if args.burst:
+                print(await burst(stack, client, args.burst, 20))
+                await asyncio.sleep(3)  # their steps run out before the next part
+            for key, value in (await start_cpu(client, args.steps, 4 * args.rounds)).items():
+                print(f"  start only (first step waits for a person): {key:8s} "
+                      f"{value:7.2f} ms per run")  # fmt: skip
+            cpu = await per_run_cpu(client, args.steps, args.rounds)
+            print("CPU(steps) = a + b x steps (medians; ms):")
+            for key, (a, b) in cpu.items():
+                print(f"  {key:8s} per run {a:7.2f}   per step {b:6.3f}")
+            if args.profile:
+                profile = cProfile.Profile()
+                profile.enable()
+                await start_cpu(client, args.steps, 4 * args.rounds)
+                profile.disable()
+                text = io.StringIO()
+                stats = pstats.Stats(profile, stream=text).sort_stats("cumulative")
+                stats.print_stats(70)
+                stats.print_callers("msgspec.json.Decoder")
+                print(f"cProfile of {4 * args.rounds} starts (tottime):")
+                print(text.getvalue())
+                profile = cProfile.Profile()
+                profile.enable()
+                for _ in range(args.rounds):
+                    await one_run(client, args.steps)
+                profile.disable()
+                text = io.StringIO()
+                stats = pstats.Stats(profile, stream=text).sort_stats("cumulative")
+                stats.print_stats(400)
+                print(f"cProfile of {args.rounds} runs, start-path functions (cumulative):")
+                for line in text.getvalue().splitlines():
+                    if any(_match(line, key) for key in START_PATH) or _per_run(line, args.rounds):
+                        print(" ", line)
     finally:
-        stack_module.Stack.start = started  # type: ignore[method-assign]
         shutil.rmtree(base, ignore_errors=True)
 
 

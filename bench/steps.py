@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loom_core import subjects
@@ -58,7 +58,6 @@ from loom_core.contracts import (
 from loom_infra.client import LoomClient
 from loom_infra.localpg import start_local_postgres
 from loom_infra.settings import Settings, StoreSettings
-from loom_services import stack as stack_module
 from loom_services.stack import LocalStack
 
 try:
@@ -296,19 +295,22 @@ async def foreach_rate(client: LoomClient, items: int, concurrency: int) -> str:
     )
 
 
-@contextlib.contextmanager
-def runner_elsewhere(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The tool-runners started in other processes (``start_runner``, once NATS is up:
-    the issue's hop is to another process), stopped at the end; the stack itself is
-    made ``without`` its own (``LocalStack(without=("toolrunner",))``)."""
-    started: list[subprocess.Popen[bytes]] = []
+@contextlib.asynccontextmanager
+async def runner_beside(
+    stack: LocalStack, settings: Settings
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A tool-runner in a process of its own beside ``stack`` (made ``without`` its own:
+    the issue's hop is to another process), ready when this enters, stopped at the end.
+    ``stack`` is up: it does not wait for a service it was made without."""
+    proc = start_runner(stack, settings, settings.direct_dispatch)
     try:
-        yield started
+        async with await stack.client() as client:
+            await client.wait_ready(["toolrunner"])
+        yield proc
     finally:
-        for proc in started:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
 
 
 def start_runner(stack: LocalStack, settings: Settings, direct: bool) -> subprocess.Popen[bytes]:
@@ -358,11 +360,9 @@ async def bench(
         settings = dataclasses.replace(settings, read_models=read_models)
     if runner_process:
         without = (*without, "toolrunner")
-    elsewhere = runner_elsewhere(settings) if runner_process else contextlib.nullcontext([])
     try:
-        with elsewhere as runners:
-            await _bench(store, settings, steps, runs, run_steps, chains, items, concurrency,
-                         breakdown_steps, profile, runners, direct, without)  # fmt: skip
+        await _bench(store, settings, steps, runs, run_steps, chains, items, concurrency,
+                     breakdown_steps, profile, direct, without)  # fmt: skip
     finally:
         if stop_pg is not None:
             stop_pg()
@@ -380,53 +380,42 @@ async def _bench(
     concurrency: int,
     breakdown_steps: int,
     profile: bool,
-    runners: list[subprocess.Popen[bytes]],
     direct: bool,
     without: tuple[str, ...],
 ) -> None:
-    started = stack_module.Stack.start
-
-    async def start_then_runner(self: stack_module.Stack) -> None:
-        await started(self)  # NATS is up and provisioned: the runner can connect
-        if not any(s.name == "toolrunner" for s in self.services) and not runners:
-            runners.append(start_runner(current, settings, direct))
-
-    # with --runner-process the stack has no tool-runner: one starts beside it
-    stack_module.Stack.start = start_then_runner  # type: ignore[method-assign]
     current = LocalStack(settings, nats_port=-1, without=without)
     print(f"{store:8s} read models: {current.read_models} (LOOM_READ_MODELS)", flush=True)
-    try:
-        async with current as stack, await stack.client() as client:
-            if runners:  # the stack does not wait for a service it was made without
-                await client.wait_ready(["toolrunner"])
-            await sequential(client, 20)  # warm up
-            # each line as soon as measured: a long part should not hide the others
-            if steps:
-                seq = await sequential(client, steps)
-                print(
-                    f"{store:8s} sequential {steps} steps: {seq['steps_per_s']:7.1f} steps/s  "
-                    f"mean {seq['mean_ms']:.3f} ms/step  "
-                    f"p50 {seq['p50_ms']:.2f} ms  p99 {seq['p99_ms']:.2f} ms  "
-                    f"steps 5-15 {seq['early_ms']:.2f} ms vs last 10 {seq['late_ms']:.2f} ms "
-                    f"(x{seq['late_ms'] / max(seq['early_ms'], 1e-9):.2f})\n"
-                    f"{store:8s}   {seq['cpu']}",
-                    flush=True,
-                )
-                if breakdown_steps:
-                    await breakdown(client, breakdown_steps, profile)
-            if runs:
-                conc, cpu = await concurrent(client, runs, run_steps)
-                print(
-                    f"{store:8s} {runs} runs x {run_steps} steps at once: {conc:7.1f} steps/s"
-                    f"\n{store:8s}   {cpu}",
-                    flush=True,
-                )
-            for n in chains:
-                print(f"{store:8s} {await chain_costs(client, n)}", flush=True)
-            if items:
-                print(f"{store:8s} {await foreach_rate(client, items, concurrency)}", flush=True)
-    finally:
-        stack_module.Stack.start = started  # type: ignore[method-assign]
+    async with contextlib.AsyncExitStack() as scope:
+        stack = await scope.enter_async_context(current)
+        if "toolrunner" in without:  # --runner-process: one starts beside the stack
+            await scope.enter_async_context(runner_beside(stack, settings))
+        client = await scope.enter_async_context(await stack.client())
+        await sequential(client, 20)  # warm up
+        # each line as soon as measured: a long part should not hide the others
+        if steps:
+            seq = await sequential(client, steps)
+            print(
+                f"{store:8s} sequential {steps} steps: {seq['steps_per_s']:7.1f} steps/s  "
+                f"mean {seq['mean_ms']:.3f} ms/step  "
+                f"p50 {seq['p50_ms']:.2f} ms  p99 {seq['p99_ms']:.2f} ms  "
+                f"steps 5-15 {seq['early_ms']:.2f} ms vs last 10 {seq['late_ms']:.2f} ms "
+                f"(x{seq['late_ms'] / max(seq['early_ms'], 1e-9):.2f})\n"
+                f"{store:8s}   {seq['cpu']}",
+                flush=True,
+            )
+            if breakdown_steps:
+                await breakdown(client, breakdown_steps, profile)
+        if runs:
+            conc, cpu = await concurrent(client, runs, run_steps)
+            print(
+                f"{store:8s} {runs} runs x {run_steps} steps at once: {conc:7.1f} steps/s"
+                f"\n{store:8s}   {cpu}",
+                flush=True,
+            )
+        for n in chains:
+            print(f"{store:8s} {await chain_costs(client, n)}", flush=True)
+        if items:
+            print(f"{store:8s} {await foreach_rate(client, items, concurrency)}", flush=True)
 
 
 def main() -> None:

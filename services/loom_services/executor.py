@@ -275,8 +275,6 @@ class ExecutorService:
     async def _submit_one(self, msg: Msg) -> None:
         try:
             await self.on_submit_routed(msg)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # unanswered: the client times out and retries (idempotent)
             log.exception("submission on %s not answered", msg.subject)
 
