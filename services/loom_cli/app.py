@@ -225,6 +225,12 @@ def up(
         import signal
 
         async with LocalStack(settings, nats_port=port) as stack:
+            # Ctrl-C is ours before the banner says so: one pressed just after it stops the
+            # stack cleanly (exit 0) instead of interrupting the CLI (exit 130)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
             stderr.print(
                 f"[green]agentloom is up[/]: NATS {stack.url}, store {settings.store.kind} "
                 f"in {settings.store.data_dir}. Ctrl-C to stop."
@@ -238,10 +244,6 @@ def up(
                     f"LOOM_NKEY_SEED_FILE={operator}, the default under this data dir), "
                     f"client (submit only, for applications): {stack.seed_file('client')}"
                 )
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
             if not console:
                 await stop.wait()
                 return
