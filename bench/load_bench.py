@@ -4,7 +4,8 @@ For runs of ~1k, 10k and 100k events (a chain of no-op tool steps, decided by th
 executor in memory and stored in a real SQLite event store), prints:
 - full load: read every event + fold + verify by replay (what a load costs without a
   snapshot);
-- snapshot load: read the latest snapshot + the events after it + fold + verify them;
+- snapshot load: read the latest snapshot + the events after it + fold + verify them
+  (what ``RunHost`` does; median and min of ``--repeat`` loads);
 - replay speed: events re-decided per second, and fold speed (events per second).
 
     python bench/load_bench.py [--sizes 1000,10000,100000]
@@ -13,6 +14,8 @@ executor in memory and stored in a real SQLite event store), prints:
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -75,6 +78,9 @@ def record_run(run_id: str, steps: int) -> tuple[list[EventRecord], list[tuple[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000", help="approximate event counts")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="snapshot loads timed per size (median and min)"
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="loom-load-"))
     settings = StoreSettings(kind="sqlite", data_dir=base)
@@ -103,11 +109,15 @@ def main() -> None:
 
             # what the executor host does (``RunHost._load``): the latest snapshot, the
             # events after it, folded and verified by replay, the collector paused
-            t = time.perf_counter()
-            taken = snaps_store.latest(run_id)
-            tail = events.load(run_id, taken[0] if taken else 0)
-            _rebuild(run_id, taken[1] if taken else None, tail, True)
-            snap_s = time.perf_counter() - t
+            loads: list[float] = []
+            for _ in range(max(1, args.repeat)):
+                gc.collect()  # each load starts from the same heap, not the last one's garbage
+                t = time.perf_counter()
+                taken = snaps_store.latest(run_id)
+                tail = events.load(run_id, taken[0] if taken else 0)
+                _rebuild(run_id, taken[1] if taken else None, tail, True)
+                loads.append(time.perf_counter() - t)
+            snap_s = statistics.median(loads)
             t = time.perf_counter()
             with collector.paused():
                 restore(taken[1]) if taken else None
@@ -119,7 +129,8 @@ def main() -> None:
             print(
                 f"{n:>7} events: full load {1000 * (fold_s + replay_s):8.1f} ms "
                 f"(read+fold {1000 * fold_s:.1f}, verify {1000 * replay_s:.1f}); "
-                f"from snapshot {1000 * snap_s:6.1f} ms ({len(tail)} events after it; "
+                f"from snapshot {1000 * snap_s:6.1f} ms (median of {len(loads)}, min "
+                f"{1000 * min(loads):.1f}; {len(tail)} events after it; "
                 f"snapshot {len(taken[1]) / 1e6 if taken else 0:.1f} MB, decoded in "
                 f"{1000 * decode_s:.1f} ms, {1000 * decode_gc_s:.1f} with the collector on); "
                 f"replay {n / replay_s:,.0f} events/s; decide {n / decide_s:,.0f} events/s"

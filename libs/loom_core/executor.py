@@ -456,7 +456,10 @@ def evolve(state: RunState, event: RunEvent, at: datetime | None = None) -> RunS
             | ToolCallFailed(step_id=iid)
             | ToolCallCancelled(step_id=iid)
         ):
-            state.insts[iid].inflight = False
+            inst = state.insts[iid]
+            # the digest only checks the outstanding request's answer (``unexpected``);
+            # kept past it, a long run's snapshot carried 32 bytes a step for nothing
+            inst.inflight, inst.request_digest = False, None
             state.running -= 1
         case StepRetryScheduled(step_id=iid, attempt=attempt):
             inst = state.insts[iid]
@@ -2054,10 +2057,16 @@ SNAPSHOT_EVERY = 1000  # events between snapshots of a long run
 # child scopes are forgotten (``_forget``), a loop keeps its last iteration's outputs.
 # 3: the run's thread id; an agent's state from its step_started; lean turn requests.
 # 4: an operator's pause kept apart from the queue's hold (``operator_paused``).
-SNAPSHOT_LAYOUT = 4
+# 5: a scope's ``steps`` and ``by_id`` are not saved: they are the plan's steps (the
+# root) or the body of the composite that owns the scope, so ``restore`` takes them from
+# there; an instance's request digest goes when its attempt has an outcome. A
+# 20,000-step chain kept its steps three times (plan, scope list, scope map): 9.5 MB
+# and 54 ms to decode, now 6.6 MB and 37 ms (issue 10).
+SNAPSHOT_LAYOUT = 5
 
 
 _DERIVED = frozenset({"_body_deps", "_suspended", "_awaiting"})  # rebuilt, not saved
+_SCOPE_SAVED = tuple(f.name for f in fields(Scope) if f.name not in ("steps", "by_id"))
 
 
 class _Snapshot(msgspec.Struct):
@@ -2068,14 +2077,38 @@ class _Snapshot(msgspec.Struct):
 def snapshot(state: RunState) -> bytes:
     """The folded state as JSON, to resume folding from (a cache of the fold)."""
     body = {f.name: getattr(state, f.name) for f in fields(RunState) if f.name not in _DERIVED}
+    # a scope's steps are where ``_scope_steps`` finds them again (a run has few scopes
+    # at once: the root and the child scopes running now)
+    body["scopes"] = {
+        sid: {"steps": [], "by_id": {}, **{name: getattr(scope, name) for name in _SCOPE_SAVED}}
+        for sid, scope in state.scopes.items()
+    }
     return msgspec.json.encode({"layout": SNAPSHOT_LAYOUT, "state": body})
 
 
 def restore(data: bytes) -> RunState:
-    """The state ``snapshot`` saved; raises (``msgspec.ValidationError``, ValueError) on
-    a snapshot of another layout, as on a damaged one."""
+    """The state ``snapshot`` saved; raises (``msgspec.ValidationError``, ValueError,
+    LookupError) on a snapshot of another layout, as on a damaged one."""
     taken = msgspec.json.decode(data, type=_Snapshot)
     if taken.layout != SNAPSHOT_LAYOUT:
         raise ValueError(f"snapshot layout {taken.layout}, this code reads {SNAPSHOT_LAYOUT}")
-    _waiting_index(taken.state)
-    return taken.state
+    state = taken.state
+    for sid, scope in state.scopes.items():
+        scope.steps = _scope_steps(state, sid)
+        scope.by_id = {s.id: s for s in scope.steps}
+    _waiting_index(state)
+    return state
+
+
+def _scope_steps(state: RunState, sid: str) -> list[Step]:
+    """The steps a scope runs, as ``_new_scope`` was given them: the plan's (the root;
+    a revision replaces both) or its owner's body (``_on_scheduled``)."""
+    if not sid:
+        if state.plan is None:
+            raise ValueError("snapshot has a root scope and no plan")
+        return state.plan.steps
+    head, key = _parent_path(sid)
+    owner = state.insts[head].step
+    if owner is None:
+        raise ValueError(f"snapshot's scope {sid!r} has no composite step owning it")
+    return _body(owner, key)
