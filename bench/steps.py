@@ -187,8 +187,11 @@ async def sequential(client: LoomClient, n: int) -> dict[str, float]:
     done = [r.at for r in records if isinstance(r.event, StepCompleted)]
     gaps = completion_gaps(records)
     total = (done[-1] - done[0]).total_seconds() or 1e-9
-    early = statistics.mean(gaps[5:15]) if len(gaps) > 15 else float("nan")
-    late = statistics.mean(gaps[-10:])
+    # a step's cost early vs late: medians of 100-step windows (10 steps, as before, put
+    # one scheduler hiccup in a window's mean); windows shrink for short runs
+    window = max(5, min(100, (len(gaps) - 10) // 2))
+    early = statistics.median(gaps[10 : 10 + window]) if len(gaps) > 20 else float("nan")
+    late = statistics.median(gaps[-window:])
     return {
         "steps_per_s": (len(done) - 1) / total,
         "p50_ms": statistics.median(gaps),
@@ -196,6 +199,7 @@ async def sequential(client: LoomClient, n: int) -> dict[str, float]:
         "p99_ms": pct(gaps, 0.99),
         "early_ms": early,
         "late_ms": late,
+        "window": window,
         "cpu": stepcost.format_cpu({k: v for k, v in cpu.items() if k != "loop"}, n)
         + (f"\n         {cpu['loop']}" if "loop" in cpu else ""),  # type: ignore[dict-item]
     }
@@ -398,7 +402,8 @@ async def _bench(
                 f"{store:8s} sequential {steps} steps: {seq['steps_per_s']:7.1f} steps/s  "
                 f"mean {seq['mean_ms']:.3f} ms/step  "
                 f"p50 {seq['p50_ms']:.2f} ms  p99 {seq['p99_ms']:.2f} ms  "
-                f"steps 5-15 {seq['early_ms']:.2f} ms vs last 10 {seq['late_ms']:.2f} ms "
+                f"median of steps 11-{10 + seq['window']} {seq['early_ms']:.2f} ms vs last "
+                f"{seq['window']} {seq['late_ms']:.2f} ms "
                 f"(x{seq['late_ms'] / max(seq['early_ms'], 1e-9):.2f})\n"
                 f"{store:8s}   {seq['cpu']}",
                 flush=True,

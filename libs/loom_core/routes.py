@@ -254,15 +254,22 @@ def _inbox(source: str, messages: tuple[type[msgspec.Struct], ...], owner: Ident
     )
 
 
-INBOX_PLAN = _inbox("plan", (c.PlanProposed, c.PlanRefused), "planner", "The planner's verdict")
+INBOX_PLAN = _inbox(
+    "plan", (c.PlanProposed, c.PlanRefused), "planner", "The planner's verdict", direct=True
+)
 INBOX_TOOL = _inbox("tool", (c.ToolResult,), "toolrunner", "A tool call's result", direct=True)
 INBOX_TIMER = _inbox("timer", (c.TimerElapsed,), "executor", "A durable timer that is due")
 INBOX_EVENT = _inbox(
     "event", (c.ExternalEventArrived,), "executor", "An external event a wait matched"
 )
 INBOX_SUBRUN = _inbox("subrun", (c.SubRunFinished,), "executor", "A child run's end")
-INBOX_MODEL = _inbox("model", (c.ModelResult,), "planner", "A model turn's result")
+INBOX_MODEL = _inbox("model", (c.ModelResult,), "planner", "A model turn's result", direct=True)
 INBOXES = (INBOX_PLAN, INBOX_TOOL, INBOX_TIMER, INBOX_EVENT, INBOX_SUBRUN, INBOX_MODEL)
+# the inboxes whose publishes the executor takes itself (``direct``): another service's
+# answer on a run's critical path (a run's start, each step's hop, each model turn)
+DIRECT_INBOXES = tuple(
+    r for r in INBOXES if any(x.identity == "executor" and x.durable is None for x in r.consumers)
+)
 
 SIGNAL = Route(
     name="signal",

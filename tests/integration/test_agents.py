@@ -51,6 +51,7 @@ from loom_infra import bus
 from loom_infra.client import LoomClient, LoomError
 from loom_infra.fakemodel import Fail, FakeModelServer, Reply, ToolCall
 from loom_infra.settings import SecretSettings, StoreSettings
+from loom_services.executor import ExecutorService
 from loom_services.stack import LocalStack
 
 pytestmark = pytest.mark.integration
@@ -242,6 +243,32 @@ async def test_agent_step_calls_two_tools_after_a_429_fallback_and_replays_offli
     assert of(forked, RunCompleted)[0].output == "It is LISBON"
     assert of(forked, StepCompleted)[0].reused_from == run.run_id
     assert model_server.total == seen
+
+
+async def test_the_executor_takes_each_verdict_and_model_turn_from_its_publish(
+    store_settings: StoreSettings, tmp_path: Path
+) -> None:
+    """A model-planned run's verdict and its agent's turns reach the run's writer as the
+    planner publishes them (``routes.DIRECT_INBOXES``, issue 10), not after LOOM_INBOX
+    stored and delivered them; each stream copy, which follows, is settled as that one
+    was: recorded once, nothing dead-lettered, nothing left to settle."""
+    as_json = msgspec.json.encode(agent_plan()).decode()
+    async with model_stack(store_settings, tmp_path) as (stack, client, server):
+        server.script(
+            "main-model",
+            Reply(content=as_json),  # the planner's turn: the plan
+            Reply(tool_calls=[ToolCall("echo", {"message": "Lisbon"})]),
+            Reply(content="It is Lisbon"),
+        )
+        run = await client.submit(RunRequest(request="capital?", input={"question": "?"}))
+        records = await client.wait(run.run_id, timeout=BOUND_S)
+        assert of(records, RunCompleted)[0].output == "It is Lisbon"
+        assert len(of(records, ModelCallCompleted)) == 2
+        executor = next(s for s in stack.stack.services if isinstance(s, ExecutorService))
+        assert executor.answers_from_publish == {"plan": 1, "model": 2}
+        await eventually(lambda: not executor.taken, "every stream copy settled")
+        dlq = await client.js.stream_info(subjects.DLQ_STREAM)
+        assert dlq.state.messages == 0
 
 
 async def test_a_crossed_budget_suspends_and_a_raised_one_resumes(

@@ -1,10 +1,11 @@
 """Tool requests and results taken from their publish (LOOM_DIRECT_DISPATCH, issue 10):
 the tool-runner starts a call from the relay's publish, the executor records a result
-from the tool-runner's publish, and each stream copy, which always follows, is settled
-as that handling was: every call runs once, is recorded once, nothing is dead-lettered
-or left unacked. With two tool-runner replicas the stream copy of a publish one of them
-took usually reaches the other, which puts it back instead of running the call again.
-With the setting off, the streams alone carry them, as before."""
+(and the planner's verdict, and a model turn) from its sender's publish, and each
+stream copy, which always follows, is settled as that handling was: every call runs
+once, is recorded once, nothing is dead-lettered or left unacked. With two tool-runner
+replicas the stream copy of a publish one of them took usually reaches the other, which
+puts it back instead of running the call again. With the setting off, the streams alone
+carry them, as before."""
 
 from __future__ import annotations
 
@@ -176,12 +177,18 @@ async def test_each_call_runs_and_is_recorded_once(one_runner: Running) -> None:
     assert runner.from_publish == (STEPS if direct else 0)
     assert runner.put_back == 0  # it saw every dispatch: no stream copy waited
     assert one_runner.executor.results_from_publish == (STEPS if direct else 0)
+    # so was the planner's verdict (the run's start)
+    assert one_runner.executor.answers_from_publish == ({"plan": 1} if direct else {})
     assert not one_runner.executor.taken  # every stream copy came and was settled
     # with direct dispatch the results were stored by the executor before it answered
     # the runner: none was written to the inbox stream
     async with await LoomClient.connect(one_runner.url) as client:
         info = await client.js.stream_info(subjects.INBOX_STREAM, "loom.inbox.*.*.tool")
     assert sum((info.state.subjects or {}).values()) == (0 if direct else STEPS)
+    # the verdict's stream copy stays stored: the durable path a restart reads
+    async with await LoomClient.connect(one_runner.url) as client:
+        info = await client.js.stream_info(subjects.INBOX_STREAM, "loom.inbox.*.*.plan")
+    assert sum((info.state.subjects or {}).values()) == 1
 
 
 async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
