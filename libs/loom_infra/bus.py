@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -405,6 +406,52 @@ async def publish_acked(
     return ack
 
 
+def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
+    """A plain publish (no reply subject, no headers) put in the connection's outgoing
+    buffer now, without a coroutine, for a future's done-callback: nats-py's ``publish``
+    never suspends for such a message, but calling it from a callback costs a task (the
+    executor's receipt of each direct tool result, issue 10, hopcpu). The connection's
+    flusher writes it with whatever else is pending, in one socket write, as it writes a
+    ``publish``. Raises what nats-py's publish raises (closed, draining, the reconnect
+    buffer full, a bad subject, too large), writing nothing. nats-py 2.16's
+    ``_pending``, ``_flush_queue`` and ``_flusher_task`` (pinned; the direct dispatch
+    tests fail first if an upgrade changes them)."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not subject or _BAD_SUBJECT.search(subject) is not None:
+        raise nats.errors.BadSubjectError
+    size = len(data)
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
+    ):
+        raise nats.errors.OutboundBufferLimitError
+    if size > nc._max_payload:
+        raise nats.errors.MaxPayloadError
+    command = b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+    nc._pending.append(command)
+    nc._pending_data_size += len(command)
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += size
+    if not nc.is_connected:
+        return  # sent with the reconnect's flush, as a publish meanwhile is
+    flusher = nc._flusher_task
+    if flusher is None or flusher.done():  # as nats-py's _flush_pending: write it here
+        transport = nc._transport
+        if transport is not None:
+            transport.writelines(nc._pending[:])
+            nc._pending = []
+            nc._pending_data_size = 0
+        return
+    queue = nc._flush_queue
+    if queue is not None and queue.empty():  # else a flush is queued: it writes this too
+        queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+_BAD_SUBJECT = re.compile(r"[ \t\r\n]")
+
+
 async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
     """A plain publish that is on the socket when this returns, not at the connection's
     flusher's next turn: the caller is about to block the loop (the SQLite commit, issue
@@ -718,9 +765,10 @@ class OpenPull:
                 self.reconnects = seen
                 await self._request(batch, now)
             try:
-                msg = await asyncio.wait_for(
-                    self.queue.get(), max(0.0, min(deadline, self.until) - now)
-                )
+                # a timeout scope, not ``wait_for``: that wraps the get in a task of its
+                # own (and a second future), on every wait of every pull (issue 10, hopcpu)
+                async with asyncio.timeout(max(0.0, min(deadline, self.until) - now)):
+                    msg = await self.queue.get()
             except TimeoutError:
                 continue
             self._take(msg, msgs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import uuid
@@ -143,8 +144,9 @@ class ExecutorService:
         )  # fmt: skip
         self.relay: Relay | None = None
         self._pending: set[asyncio.Future[None]] = set()
-        # direct results waiting for their commit, to be answered (``on_result``)
-        self._receipts: set[asyncio.Future[None]] = set()
+        # direct results waiting for their commit, to be answered (``on_result``): the
+        # work's done future -> the request to answer
+        self._receipts: dict[asyncio.Future[Any], Msg] = {}
         # submissions being handled (``on_submit_message``), bounded
         self._submits: set[asyncio.Future[None]] = set()
         self._submit_room = asyncio.Semaphore(SUBMITS_IN_FLIGHT)
@@ -235,8 +237,12 @@ class ExecutorService:
     async def close(self) -> None:
         for submit in list(self._submits):  # unanswered: the client's retry finds the run
             submit.cancel()
-        for receipt in list(self._receipts):  # answered "unavailable" (``_record_result``)
-            receipt.cancel()
+        # the direct results still waiting for their commit are answered "unavailable" at
+        # once: the runner sends them to the inbox stream, for the partition's next owner,
+        # not after its receipt wait
+        receipts, self._receipts = self._receipts, {}
+        for msg in receipts.values():
+            self._receipt(msg, STOPPING)
         await self.admission.close()
         if self.partitions is not None:
             await self.partitions.close()  # survivors take its partitions at once
@@ -478,51 +484,50 @@ class ExecutorService:
         with its reason (the runner then publishes the result to the inbox stream,
         which dead-letters it with that reason). Replicas that do not write the run say
         nothing (the runner falls back when no answer comes). Never waits: it runs on
-        the connection's delivery task."""
+        the connection's delivery task. The answer is written by the work's done-callback
+        (``_result_settled``), not by a task awaiting it: one task and its coroutines
+        less per tool call, and it joins the commit's other messages (the relay's batch)
+        in the connection's next socket write (issue 10, hopcpu)."""
         run_id = msg.subject.split(".")[2]  # the subscription's filter: loom.result.*.tool
         if self.host.owns is not None and not self.host.owns(run_id):
             return
-        task = asyncio.ensure_future(self._record_result(msg, run_id))
-        self._receipts.add(task)
-        task.add_done_callback(self._receipts.discard)
-
-    async def _record_result(self, msg: Msg, run_id: str) -> None:
-        try:
-            error = await self._recorded(msg, run_id)
-        except asyncio.CancelledError:
-            # the executor stops (its writer is gone): the runner sends the result to the
-            # inbox stream now, for the partition's next owner, not after its 1 s wait
-            await self._receipt(msg, STOPPING)
-            raise
-        await self._receipt(msg, error)
-
-    @staticmethod
-    async def _receipt(msg: Msg, error: ErrorInfo | None) -> None:
-        if msg.reply:
-            with contextlib.suppress(Exception):  # no answer: the runner falls back
-                await msg.respond(codec.encode(InboxReceipt(recorded=error is None, error=error)))
-
-    async def _recorded(self, msg: Msg, run_id: str) -> ErrorInfo | None:
-        """Why the result was not recorded (None: it was, and is stored)."""
-        error: ErrorInfo | None
         try:
             message = codec.decode_inbox(msg.data)
         except Exception as exc:
-            error = bus.decode_error_info(exc)
+            self._receipt(msg, bus.decode_error_info(exc))
+            return
+        error = _result_mismatch(message, run_id)
+        if error is not None:
+            self._receipt(msg, error)
+            return
+        work = Work(run_id, message, checked=True)
+        self.results_from_publish += 1
+        self._receipts[work.done] = msg
+        work.done.add_done_callback(functools.partial(self._result_settled, work))
+        self.host.queue.put_nowait(work)
+
+    def _result_settled(self, work: Work, done: asyncio.Future[Any]) -> None:
+        msg = self._receipts.pop(done, None)
+        if msg is None:
+            return  # answered already: the executor stopped (``close``)
+        error: ErrorInfo | None
+        if done.cancelled():
+            error = STOPPING
+        elif (exc := done.exception()) is not None:  # not stored: the runner sends it on
+            error = ErrorInfo(code="unavailable", message=f"not recorded: {exc!r}", retryable=True)
         else:
-            error = _result_mismatch(message, run_id)
-        if error is None:
-            work = Work(run_id, message, checked=True)
-            self.results_from_publish += 1
-            self.host.queue.put_nowait(work)
-            try:
-                await work.done
-                error = work.refused
-            except Exception as exc:  # not stored: the runner sends it to the stream
-                error = ErrorInfo(
-                    code="unavailable", message=f"not recorded: {exc!r}", retryable=True
+            error = work.refused
+        self._receipt(msg, error)
+
+    @staticmethod
+    def _receipt(msg: Msg, error: ErrorInfo | None) -> None:
+        if msg.reply and msg._client is not None:
+            with contextlib.suppress(Exception):  # no answer: the runner falls back
+                bus.publish_soon(
+                    msg._client,
+                    msg.reply,
+                    codec.encode(InboxReceipt(recorded=error is None, error=error)),
                 )
-        return error
 
     def _taken_done(self, copy: bytes, work: Work, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None or work.refused is not None:

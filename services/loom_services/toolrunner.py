@@ -47,6 +47,7 @@ import socket
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -147,7 +148,8 @@ class ToolRunnerService:
             # a big output is stored as a blob (by_reference): the largest blob bounds it
             max_output_bytes=settings.blobs.max_blob_bytes,
         )
-        self.inflight: dict[str, asyncio.Future[ToolOutcome]] = {}
+        # ledger key -> the task running its call (``_execute``), while the call runs
+        self.inflight: dict[str, asyncio.Task[Any]] = {}
         # ledger key -> the handling of its request in this process: a redelivery that
         # arrives meanwhile waits for it instead of acking a call that may yet be lost
         self.handling: dict[str, tuple[int | str | None, asyncio.Future[bool | BaseException]]] = {}
@@ -363,7 +365,7 @@ class ToolRunnerService:
         self, run_id: str, request: ToolCallRequested, msg: Msg, key: str, seq: int | str | None
     ) -> bool | BaseException:
         try:
-            result = await self._result_for(run_id, request, msg)
+            result = await self._result_for(run_id, request, msg, key)
             # no Nats-Msg-Id: a guessable one could be claimed first and get the real
             # result dropped; the executor dedupes results by the run's state
             if result is not None and not await self._recorded_directly(result):
@@ -443,12 +445,12 @@ class ToolRunnerService:
         )
 
     async def _result_for(
-        self, run_id: str, request: ToolCallRequested, msg: Msg
+        self, run_id: str, request: ToolCallRequested, msg: Msg, key: str
     ) -> ToolResult | None:
         """The result to send, or None when the run has it already. What to do is
         decided by ``loom_core.ledger_decision.next_step`` (pure); this does each step's
-        I/O and tells it what was learnt, until the step is final."""
-        key = ledger_key(run_id, request)
+        I/O and tells it what was learnt, until the step is final. ``key`` is the
+        request's ``ledger_key`` (computed once per message: it hashes the request)."""
         idempotent = self.catalog.idempotent(request.tool)  # unknown tools: only an error
         known = Known(
             first=self._first(key, request, msg), idempotent=idempotent,
@@ -468,17 +470,17 @@ class ToolRunnerService:
                 has = await self._recorded_by_run(msg, request)
                 known = dataclasses.replace(known, run_has_result=has)
             elif step is Step.RUN_RECORD_NOW:  # running twice is harmless: no claim first
-                own = await self._execute(run_id, request, msg)
+                own = await self._execute(run_id, request, msg, key)
                 recorded = await self.io(
                     self.ledger.record, key, self.owner, own.started_at, codec.encode(own)
                 )
                 known = dataclasses.replace(known, ran=True, recorded=recorded, entry=None)
             elif step is Step.RUN_RECORD_LATER:  # no read, no commit before the answer
-                result = await self._execute(run_id, request, msg)
+                result = await self._execute(run_id, request, msg, key)
                 self.recording[key] = self.backfill.offer(key, self.owner, result)
                 return result
             elif step is Step.RUN_FINISH:
-                result = await self._execute(run_id, request, msg)
+                result = await self._execute(run_id, request, msg, key)
                 await self.io(self.ledger.finish, key, codec.encode(result))
                 return result
             elif step is Step.SEND_OWN:
@@ -498,8 +500,9 @@ class ToolRunnerService:
                 break
         raise LedgerContradiction(f"the ledger entry of {key} contradicts itself; retried")
 
-    async def _execute(self, run_id: str, request: ToolCallRequested, msg: Msg) -> ToolResult:
-        key = ledger_key(run_id, request)
+    async def _execute(
+        self, run_id: str, request: ToolCallRequested, msg: Msg, key: str
+    ) -> ToolResult:
         ctx = ToolContext(
             idempotency_key=request.idempotency_key,
             run_id=run_id,
@@ -510,11 +513,16 @@ class ToolRunnerService:
             nc=self.ctx.nc,
         )
         throttled_ms = await self.throttle.wait(run_id)  # the tenant's call rate
-        call = asyncio.ensure_future(self._call(request, ctx, msg))
-        self.inflight[key] = call
+        # The call runs in this task, not in one of its own (issue 10, hopcpu: a task and
+        # a loop turn less per call). A run's cancel (``on_cancelled``) cancels this task
+        # only while it is listed here, i.e. while it waits inside ``_call``: the entry
+        # goes in the same turn the call ends, so the CancelledError always lands there.
+        task = asyncio.current_task()
+        assert task is not None
+        self.inflight[key] = task
         started = bus.now()
         try:
-            outcome = await call
+            outcome = await self._call(request, ctx, msg)
         except asyncio.CancelledError:
             if key not in self.cancelled:
                 raise  # the service is stopping, not the call
@@ -524,8 +532,10 @@ class ToolRunnerService:
             )
         finally:
             self.inflight.pop(key, None)
-            self.cancelled.discard(key)
-        result = tool_result(run_id, request, outcome, started)
+            if key in self.cancelled:  # the run's cancel (``on_cancelled``), taken here
+                self.cancelled.discard(key)  # (or swallowed by the tool): this task
+                task.uncancel()  # goes on to answer it, with no cancel pending
+        result = tool_result(run_id, request, outcome, started, key_digest(key))
         if throttled_ms:
             result = msgspec.structs.replace(result, throttled_ms=throttled_ms)
         self.executed += 1
@@ -658,6 +668,11 @@ def ledger_key(run_id: str, request: ToolCallRequested) -> str:
     return f"{request.idempotency_key}#{request_digest(run_id, request)}"
 
 
+def key_digest(key: str) -> str:
+    """The request digest a ``ledger_key`` ends with (a digest is hex: no ``#``)."""
+    return key.rpartition("#")[2]
+
+
 def redact_outcome(outcome: ToolOutcome, forms: list[str]) -> ToolOutcome:
     """``outcome`` with ``forms`` (resolved secret values, see ``secrets.scrub_forms``)
     masked everywhere and inline secrets redacted (``secrets.redact_value``)."""
@@ -699,16 +714,21 @@ async def by_reference(outcome: ToolOutcome, store: BlobStore, step_id: str) -> 
 
 
 def tool_result(
-    run_id: str, request: ToolCallRequested, outcome: ToolOutcome, started: datetime
+    run_id: str,
+    request: ToolCallRequested,
+    outcome: ToolOutcome,
+    started: datetime,
+    digest: str | None = None,
 ) -> ToolResult:
     """The inbox answer to ``request``: the same whether the tool-runner ran the tool or
-    the executor did (local calls), so a run's history cannot tell them apart."""
+    the executor did (local calls), so a run's history cannot tell them apart.
+    ``digest``: the request's ``request_digest``, when the caller has it already."""
     return ToolResult(
         run_id=run_id,
         step_id=request.step_id,
         attempt=request.attempt,
         idempotency_key=request.idempotency_key,
-        request_digest=request_digest(run_id, request),
+        request_digest=digest or request_digest(run_id, request),
         ok=outcome.ok,
         started_at=started,
         finished_at=bus.now(),

@@ -125,3 +125,32 @@ def test_store_settings_defaults() -> None:
     assert custom.max_payload == 1_048_576
     assert custom.http_allow_private == ("localhost", "10.0.0.0/8")
     assert custom.model == "openai/gpt-4o-mini"
+
+
+def test_a_refused_append_leaves_the_writer_connection_usable(
+    sqlite_store_settings: StoreSettings,
+) -> None:
+    """The executor's SQLite append (``store._sqlite_insert``, issue 10 hopcpu) uses the
+    pool's connection without the library's context managers: a batch refused halfway
+    (its third event's position taken) stores none of it, leaves no transaction open
+    on the connection it gave back, and the next append goes on with the next ids."""
+    from loom_infra.store import ConcurrencyConflict
+
+    events = open_event_store(sqlite_store_settings)
+    try:
+        first = events.append(run_events("run-a", 1, 2))
+        clash = run_events("run-b", 1, 2) + run_events("run-a", 2, 1) + run_events("run-c", 1, 1)
+        with pytest.raises(ConcurrencyConflict) as refused:
+            events.append(clash)
+        assert refused.value.run_ids == ("run-a",)
+        assert [r.seq for r in events.load("run-b")] == [] and events.load("run-c") == []
+        pool = events._recorder.datastore.pool
+        conn = pool.get_connection(is_writer=True)
+        try:
+            assert not conn._sqlite_conn.in_transaction
+        finally:
+            pool.put_connection(conn)
+        after = events.append(run_events("run-b", 1, 3))
+        assert after == [first[-1] + 1, first[-1] + 2, first[-1] + 3]
+    finally:
+        events.close()
