@@ -67,6 +67,9 @@ class Consumer:
     events: tuple[type[msgspec.Struct], ...] = ()
     queue: str | None = None  # core NATS queue group (request routes: the service name)
     note: str = ""
+    # a durable this one took over from (an ack policy cannot change on a JetStream
+    # consumer: a new durable starts after the old one's ack floor, then deletes it)
+    replaces: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,9 @@ RUN_EVENTS = Route(
         # cancellation is heard by every tool-runner replica: a plain subscription
         Consumer("toolrunner", events=(c.ToolCallCancelled,), note="every replica"),
         Consumer("memory", durable="memory", events=(c.RunRequested, c.RunCompleted)),
-        Consumer("tracing", durable="tracing"),
+        # acks a whole fold batch at once (AckPolicy.ALL, issue 10 traceack); was
+        # "tracing" (explicit acks), taken over at its ack floor
+        Consumer("tracing", durable="tracing-fold", replaces="tracing"),
         Consumer("executor", durable="subruns-start", events=(c.SubRunRequested,)),
         Consumer("executor", durable="subruns-end", events=TERMINAL),
         Consumer("executor", durable="timers", events=(c.TimerStarted,)),
@@ -796,4 +801,16 @@ def declared_durables(
                 owner, filters = out.setdefault(key, (consumer.identity, set()))
                 assert owner == consumer.identity, f"durable {key} declared for two identities"
                 filters.update(subjects_)
+    return out
+
+
+def replaced_durables() -> dict[tuple[str, str], Identity]:
+    """``(stream, durable) -> owner`` of every durable a declared one took over from: its
+    owner may read it (its ack floor) and delete it, nothing else."""
+    out: dict[tuple[str, str], Identity] = {}
+    for route in ROUTES:
+        for consumer in route.consumers:
+            if consumer.replaces is not None:
+                assert route.stream is not None, route.name
+                out[(route.stream, consumer.replaces)] = consumer.identity
     return out

@@ -834,15 +834,26 @@ class PullConsumer:
     # consumer off the step's path (tracing) takes many steps' messages per fetch and
     # per handling, instead of one step's at a time (issue 10, perf3)
     linger_s: float = 0.0
+    # settle a batch with one cumulative ack (AckPolicy.ALL) instead of one per message:
+    # for a consumer that is cheap to redeliver to (an idempotent read model), a nats-server
+    # message operation less per message (issue 10, traceack). See ``_AckAll``.
+    ack_all: bool = False
+    # a durable this one takes over from (another ack policy needs another consumer):
+    # started right after its ack floor, then deleted (``_start_position``)
+    replaces: str | None = None
+    _acks: _AckAll | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.ack_wait_s:
             self.ack_wait_s = _delivery.ack_wait_s
+        if self.ack_all:
+            assert not self.concurrency, "ack_all settles whole batches: no concurrency"
+            self._acks = _AckAll(self)
 
     async def run(self, stop: asyncio.Event) -> None:
         config = ConsumerConfig(
             durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL if self.ack_all else AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,
             max_deliver=MAX_DELIVER + 1,  # our own DLQ step runs on the last delivery
@@ -850,7 +861,11 @@ class PullConsumer:
             filter_subjects=list(self.filter_subjects) if len(self.filter_subjects) > 1 else None,
             filter_subject=self.filter_subjects[0] if len(self.filter_subjects) == 1 else None,
         )
+        if self.replaces is not None:
+            config = await _start_position(self.js, self.stream, config, self.replaces)
         sub = OpenPull(await pull_subscribe(self.js, self.stream, config))
+        if self.replaces is not None:
+            await _retire(self.js, self.stream, self.replaces)
         if self.concurrency:
             await self._run_concurrently(sub, stop)
             return
@@ -865,7 +880,7 @@ class PullConsumer:
                 log.warning("%s fetch failed: %s", self.durable, exc)
                 await back_or_stop(self.js._nc, stop, 0.5)
                 continue
-            await self._dispatch(msgs)
+            await (self._dispatch(msgs) if self._acks is None else self._acks.dispatch(msgs))
             if self.linger_s and len(msgs) < self.batch:
                 await wait_or_timeout(stop, self.linger_s)
 
@@ -947,6 +962,158 @@ class PullConsumer:
             log.warning("%s will retry %s: %r", self.durable, msg.subject, result)
         delay = OUTAGE_NAK_DELAY_S if isinstance(result, _OUTAGE_ERRORS) else NAK_DELAY_S
         await msg.nak(delay=delay * deliveries)
+
+
+def _stream_seq(msg: Msg) -> int:
+    return msg.metadata.sequence.stream if msg.metadata.sequence else 0
+
+
+# a message put back (``_AckAll.wanting``) that has not come back this long after its
+# nak delay is taken as gone (its stream message removed by a limit): else the consumer
+# would never ack again and stall at max_ack_pending
+WANTED_GIVE_UP_S = 30.0
+
+
+class _AckAll:
+    """Settles each batch of an ``ack_all`` consumer with one ack: of the highest message
+    every message before which (in stream order, delivered and unacked) is settled. An
+    ack under AckPolicy.ALL acks every pending message up to it, so:
+
+    - a poison message (or one out of deliveries) is dead-lettered and *not* terminated
+      (a term is an ack under this policy: it would ack what is before it); it counts as
+      settled and the cumulative ack covers it;
+    - a message wanting redelivery (False, ``Later``, an exception) is naked with its
+      delay (as ``PullConsumer._settle`` does: it comes back when due, counted as a
+      delivery) and *holds* the ack below it until it settles, in this batch or a later
+      one: an ack past it would drop it from the pending list, so it would never come
+      back;
+    - messages after a held one are handled as they come (the read model is not held
+      back) and remembered as done, not naked: not acked yet, they come back when their
+      ack wait ends and are settled without the handler (a poison one is not
+      dead-lettered twice), and the ack that follows the held one's settling covers them.
+
+    The state is this process's: after a restart, every message after the ack floor is
+    delivered again (handled again: the handler must be idempotent; a poison one is
+    dead-lettered again)."""
+
+    def __init__(self, consumer: PullConsumer) -> None:
+        self.consumer = consumer
+        self.wanting: dict[int, float] = {}  # stream seq -> when to give up waiting for it
+        self.done: dict[int, Msg] = {}  # settled, not yet acked (after a wanting one)
+        self.acked: list[int] = []  # the stream seq of each ack sent (tests; bounded)
+
+    async def dispatch(self, msgs: Sequence[Msg]) -> None:
+        c = self.consumer
+        fresh = [m for m in msgs if _stream_seq(m) not in self.done]
+        results: Sequence[bool | BaseException] = []
+        if fresh:
+            assert c.handler is not None
+            beat = Heartbeat(fresh, c.ack_wait_s)
+            try:
+                results = await c.handler(fresh)
+            except Exception as exc:  # a bug in a handler must not stop consumption
+                log.exception("%s handler crashed", c.durable)
+                results = [exc] * len(fresh)
+            finally:
+                beat.stop()
+        now = asyncio.get_running_loop().time()
+        handled = sorted(zip(fresh, results, strict=True), key=lambda p: _stream_seq(p[0]))
+        for msg, result in handled:
+            seq = _stream_seq(msg)
+            delay = await self._settle(msg, result)
+            if delay is None:
+                self.wanting.pop(seq, None)
+                self.done[seq] = msg
+            else:
+                self.wanting[seq] = now + delay + WANTED_GIVE_UP_S
+        await self._ack(now)
+
+    async def _settle(self, msg: Msg, result: bool | BaseException) -> float | None:
+        """Dead-letter a refused message; nak one to retry. Returns the nak's delay, or
+        None for a settled message."""
+        c = self.consumer
+        if result is True:
+            return None
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
+        if isinstance(result, Poison) or deliveries >= MAX_DELIVER:
+            error = (
+                result.error
+                if isinstance(result, Poison)
+                else ErrorInfo(
+                    code="max_deliveries",
+                    message=f"failed {deliveries} times; last error: {result!r}"[:500],
+                )
+            )
+            await dead_letter(c.js, c.service, msg.subject, error, msg.data, deliveries)
+            return None
+        if isinstance(result, Later):
+            delay = result.delay_s
+        else:
+            if isinstance(result, BaseException):
+                log.warning("%s will retry %s: %r", c.durable, msg.subject, result)
+            base = OUTAGE_NAK_DELAY_S if isinstance(result, _OUTAGE_ERRORS) else NAK_DELAY_S
+            delay = base * deliveries
+        await msg.nak(delay=delay)
+        return delay
+
+    async def _ack(self, now: float) -> None:
+        for seq, give_up in list(self.wanting.items()):
+            if now > give_up:
+                log.warning(
+                    "%s: stream message %d did not come back; acking past it",
+                    self.consumer.durable,
+                    seq,
+                )
+                del self.wanting[seq]
+        below = min(self.wanting, default=None)
+        ackable = [s for s in self.done if below is None or s < below]
+        if not ackable:
+            return
+        top = max(ackable)
+        await self.done[top].ack()
+        self.acked = [*self.acked[-63:], top]
+        for seq in ackable:
+            del self.done[seq]
+
+
+async def _start_position(
+    js: JetStreamContext, stream: str, config: ConsumerConfig, replaces: str
+) -> ConsumerConfig:
+    """Where a durable that takes over from ``replaces`` starts: an existing one keeps its
+    own start (a changed start is not an update: ``_add_consumer`` would replace it, and
+    it would take everything from there again); a new one starts right after the ack
+    floor of ``replaces`` when that exists (what it acked is not taken again; what it
+    acked above its floor is, once: the handler must be idempotent); else at the start."""
+    assert config.durable_name
+    try:
+        mine = await js.consumer_info(stream, config.durable_name)
+    except NotFoundError:
+        mine = None
+    if mine is not None:
+        return dataclasses.replace(
+            config,
+            deliver_policy=mine.config.deliver_policy,
+            opt_start_seq=mine.config.opt_start_seq,
+        )
+    try:
+        old = await js.consumer_info(stream, replaces)
+    except NotFoundError:
+        return config  # a fresh install
+    floor = old.ack_floor.stream_seq if old.ack_floor and old.ack_floor.stream_seq else 0
+    log.info("%s takes over from %s after stream seq %d", config.durable_name, replaces, floor)
+    return dataclasses.replace(
+        config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=floor + 1
+    )
+
+
+async def _retire(js: JetStreamContext, stream: str, durable: str) -> None:
+    """Delete the durable another one took over from (once the new one exists: a crash
+    between the two leaves both, and the next start finds the new one and deletes this)."""
+    try:
+        await js.delete_consumer(stream, durable)
+    except NotFoundError:
+        return
+    log.info("deleted durable %s: taken over", durable)
 
 
 class Heartbeat:

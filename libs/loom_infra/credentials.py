@@ -285,6 +285,12 @@ def permissions(identity: str) -> Permissions:
             # a consumer per partition: any name on that stream (its owner is the
             # stream's only consumer), so the grant holds for every LOOM_PARTITIONS
             publish += _durable_api(stream, "*" if "{partition}" in durable else durable)
+    for (stream, durable), owner in sorted(routes.replaced_durables().items()):
+        if owner == identity:  # taken over: its ack floor read, then deleted
+            publish += [
+                f"{JS_API}.CONSUMER.INFO.{stream}.{durable}",
+                f"{JS_API}.CONSUMER.DELETE.{stream}.{durable}",
+            ]
     if identity == "operator":
         subscribe += _every_tenants_broadcasts()
     for (route_name, who), reads in sorted(READS.items()):

@@ -147,6 +147,7 @@ def durable(
         stream=route.stream,
         durable=name,
         filter_subjects=route.filters(consumer),
+        replaces=consumer.replaces,
         **options,
     )
 

@@ -86,6 +86,8 @@ EXPORT_BATCH = 512  # spans per OTLP request
 # "Performance, seventh part").
 FOLD_BATCH = 256
 FOLD_LINGER_S = 0.05
+# the durable it folds from (declared in loom_core.routes), acked once per fold batch
+FOLD_DURABLE = routes.RUN_EVENTS.consumer("tracing").durable or "tracing-fold"
 EXPORT_MAX_ATTEMPTS = 3  # refusals of one span before it is given up
 HISTORY_PAGE = 1000  # events per request to the executor
 MAX_QUERY_LIMIT = 10_000
@@ -174,8 +176,8 @@ class TracingService:
         ):
             await endpoints.serve(nc, ctx.rejects, route, self.name, handler)
         consumer = endpoints.durable(
-            ctx.js, routes.RUN_EVENTS, self.name, "tracing", handler=self.on_events,
-            batch=FOLD_BATCH, linger_s=FOLD_LINGER_S,
+            ctx.js, routes.RUN_EVENTS, self.name, FOLD_DURABLE, handler=self.on_events,
+            batch=FOLD_BATCH, linger_s=FOLD_LINGER_S, ack_all=True,
         )  # fmt: skip
         ctx.spawn(consumer.run(ctx.stop), "tracing-events")
         if self.exporter is not None:
