@@ -965,7 +965,10 @@ class PullConsumer:
 
 
 def _stream_seq(msg: Msg) -> int:
-    return msg.metadata.sequence.stream if msg.metadata.sequence else 0
+    """The message's stream sequence, from its reply subject: ``msg.metadata`` parses all
+    of it (a datetime, two dataclasses), which cost more than the acks saved."""
+    tokens = msg.reply.split(".")  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...
+    return int(tokens[5] if len(tokens) == 9 else tokens[Msg.Ack.StreamSeq])
 
 
 # a message put back (``_AckAll.wanting``) that has not come back this long after its
@@ -1004,22 +1007,29 @@ class _AckAll:
 
     async def dispatch(self, msgs: Sequence[Msg]) -> None:
         c = self.consumer
-        fresh = [m for m in msgs if _stream_seq(m) not in self.done]
+        seqs = [_stream_seq(m) for m in msgs]
+        fresh = [(s, m) for s, m in zip(seqs, msgs, strict=True) if s not in self.done]
         results: Sequence[bool | BaseException] = []
         if fresh:
             assert c.handler is not None
-            beat = Heartbeat(fresh, c.ack_wait_s)
+            handed = [m for _, m in fresh]
+            beat = Heartbeat(handed, c.ack_wait_s)
             try:
-                results = await c.handler(fresh)
+                results = await c.handler(handed)
             except Exception as exc:  # a bug in a handler must not stop consumption
                 log.exception("%s handler crashed", c.durable)
                 results = [exc] * len(fresh)
             finally:
                 beat.stop()
+        if not self.wanting and not self.done and all(r is True for r in results):
+            # nearly every batch: all folded, nothing held: ack the highest
+            top = max(range(len(seqs)), key=seqs.__getitem__)
+            await msgs[top].ack()
+            self.acked = [*self.acked[-63:], seqs[top]]
+            return
         now = asyncio.get_running_loop().time()
-        handled = sorted(zip(fresh, results, strict=True), key=lambda p: _stream_seq(p[0]))
-        for msg, result in handled:
-            seq = _stream_seq(msg)
+        handled = sorted(zip(fresh, results, strict=True), key=lambda p: p[0][0])
+        for (seq, msg), result in handled:
             delay = await self._settle(msg, result)
             if delay is None:
                 self.wanting.pop(seq, None)
