@@ -78,7 +78,10 @@ def test_a_durable_belongs_to_one_identity() -> None:
     )
     assert (subjects.INBOX_STREAM, "executor-p8") not in durables  # default: 8 partitions
     assert (subjects.INBOX_STREAM, "executor-p{partition}") in routes.declared_durables(None)
-    assert durables[(subjects.RUN_EVENTS_STREAM, "tracing")] == ("tracing", {"loom.run.*.*"})
+    assert durables[(subjects.RUN_EVENTS_STREAM, "tracing-fold")] == ("tracing", {"loom.run.*.*"})
+    # the durable it took over from (another ack policy) is no consumer any more
+    assert (subjects.RUN_EVENTS_STREAM, "tracing") not in durables
+    assert routes.replaced_durables() == {(subjects.RUN_EVENTS_STREAM, "tracing"): "tracing"}
 
 
 def test_a_subject_needs_all_its_parameters() -> None:
