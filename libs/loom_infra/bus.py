@@ -1004,11 +1004,21 @@ class _AckAll:
         self.wanting: dict[int, float] = {}  # stream seq -> when to give up waiting for it
         self.done: dict[int, Msg] = {}  # settled, not yet acked (after a wanting one)
         self.acked: list[int] = []  # the stream seq of each ack sent (tests; bounded)
+        self.floor = 0  # the highest stream seq acked (all up to it are settled)
 
     async def dispatch(self, msgs: Sequence[Msg]) -> None:
         c = self.consumer
         seqs = [_stream_seq(m) for m in msgs]
+        if seqs and min(seqs) <= self.floor:
+            # delivered again before our ack reached the server (an ack wait that ran
+            # out while they were held): settled and acked already, nothing to do
+            msgs = [m for s, m in zip(seqs, msgs, strict=True) if s > self.floor]
+            seqs = [s for s in seqs if s > self.floor]
+            if not msgs:
+                return
         fresh = [(s, m) for s, m in zip(seqs, msgs, strict=True) if s not in self.done]
+        if len(fresh) < len(msgs):  # settled ones delivered again: ack the newest delivery
+            self.done.update((s, m) for s, m in zip(seqs, msgs, strict=True) if s in self.done)
         results: Sequence[bool | BaseException] = []
         if fresh:
             assert c.handler is not None
@@ -1025,6 +1035,7 @@ class _AckAll:
             # nearly every batch: all folded, nothing held: ack the highest
             top = max(range(len(seqs)), key=seqs.__getitem__)
             await msgs[top].ack()
+            self.floor = max(self.floor, seqs[top])
             self.acked = [*self.acked[-63:], seqs[top]]
             return
         now = asyncio.get_running_loop().time()
@@ -1081,6 +1092,7 @@ class _AckAll:
             return
         top = max(ackable)
         await self.done[top].ack()
+        self.floor = max(self.floor, top)
         self.acked = [*self.acked[-63:], top]
         for seq in ackable:
             del self.done[seq]

@@ -153,8 +153,11 @@ async def test_a_poison_message_in_the_middle_is_dead_lettered_and_the_batch_adv
     assert dlq.state.messages == 1
 
 
+# back before the others' ack wait ends (nothing delivered again but it), and after it
+# (the others come back meanwhile, maybe more than once, and are settled unhandled)
+@pytest.mark.parametrize(("later_s", "ack_wait_s"), [(0.3, 1.0), (1.2, 0.3)])
 async def test_a_message_put_back_holds_the_ack_below_it_and_nothing_after_it_is_lost(
-    nc: Any,
+    nc: Any, later_s: float, ack_wait_s: float
 ) -> None:
     js = nc.jetstream()
     seqs = await publish(js, "later", 6)
@@ -173,7 +176,7 @@ async def test_a_message_put_back_holds_the_ack_below_it_and_nothing_after_it_is
                 assert consumer._acks is not None
                 acked_before.extend(consumer._acks.acked)
             if seq_of(m) == held and m.metadata.num_delivered == 1:
-                out.append(bus.Later(0.3))  # wanted again, once
+                out.append(bus.Later(later_s))  # wanted again, once
             elif seq_of(m) == bad:
                 out.append(bus.Poison(ErrorInfo(code="bad_event", message="never folds")))
             else:
@@ -183,6 +186,7 @@ async def test_a_message_put_back_holds_the_ack_below_it_and_nothing_after_it_is
     consumer = bus.PullConsumer(
         js=js, service="acklater", stream=STREAM, durable="al",
         filter_subjects=["loom.run.later.>"], handler=handle, batch=64, ack_all=True,
+        ack_wait_s=ack_wait_s,
     )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.ensure_future(consumer.run(stop))
