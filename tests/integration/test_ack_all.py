@@ -19,7 +19,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
-from waiting import eventually  # type: ignore[import-not-found]  # tests/integration on sys.path
+from tests.integration.waiting import eventually
 
 from loom_core import codec, subjects
 from loom_core.contracts import DeadLetter, ErrorInfo
