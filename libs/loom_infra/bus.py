@@ -965,7 +965,7 @@ async def held_events(
             log.warning("%s fetch failed: %s", durable, exc)
             await wait_or_timeout(stop, 0.5)
             continue
-        raise_if_cancelled()  # nats-py's fetch may have swallowed a cancel: not handled, redelivered
+        raise_if_cancelled()  # nats-py's fetch swallows one: the batch is redelivered
         for msg in msgs:
             await handle(msg)
 

@@ -57,24 +57,27 @@ def where(task: asyncio.Future[Any]) -> str:
 
 async def act_on_arrival(
     sub: Any, act: Callable[[], None], publish: Callable[[], Any], handled: Callable[[], int]
-) -> bool:
+) -> None:
     """Publish, and ``act`` in the loop iteration in which the message has reached
     ``sub`` (a nats-py subscription: its pending bytes) and no fetch has taken it yet.
-    False if the consumer's handler got it first (the moment was missed: try again)."""
-    before = handled()
-    publishing = asyncio.ensure_future(publish())
+    A message the consumer's handler got first missed the moment: another is sent."""
+    for _ in range(5):
+        before = handled()
+        publishing = asyncio.ensure_future(publish())
 
-    def arrived() -> str | None:
-        if sub._pending_size > 0:
-            act()
-            return "acted"
-        return "missed" if handled() > before else None
+        def arrived(before: int = before) -> str | None:
+            if sub._pending_size > 0:
+                act()
+                return "acted"
+            return "missed" if handled() > before else None
 
-    try:
-        outcome = await eventually(arrived, "the message reaching the consumer", every_s=0)
-    finally:
-        await publishing
-    return outcome == "acted"
+        try:
+            outcome = await eventually(arrived, "the message reaching the consumer", every_s=0)
+        finally:
+            await publishing
+        if outcome == "acted":
+            return
+    pytest.fail("never acted between a message's arrival and its fetch")
 
 
 async def ended(task: asyncio.Future[Any], within: float = ENDS_WITHIN_S) -> float:
@@ -132,13 +135,9 @@ async def test_a_pull_consumer_cancelled_as_its_next_message_arrives_ends_withou
     task = asyncio.ensure_future(consumer.run(asyncio.Event()))
     try:
         pull = await open_pull(nc, "cleanstop")
-        for attempt in range(5):
-            if await act_on_arrival(
-                pull.sub, task.cancel, lambda: js.publish(SUBJECT, b"x"), lambda: len(got)
-            ):
-                break
-        else:
-            pytest.fail("never cancelled between the message's arrival and its fetch")
+        await act_on_arrival(
+            pull.sub, task.cancel, lambda: js.publish(SUBJECT, b"x"), lambda: len(got)
+        )
         handled = len(got)
         await ended(task)
         assert task.cancelled()
@@ -168,13 +167,9 @@ async def test_a_held_events_consumer_cancelled_as_its_next_message_arrives_ends
             "the held events' subscription",
         )
         published = subjects.run_event("run-cleanstop-held", "timer_started")
-        for attempt in range(5):
-            if await act_on_arrival(
-                sub, task.cancel, lambda: js.publish(published, b"{}"), lambda: len(got)
-            ):
-                break
-        else:
-            pytest.fail("never cancelled between the message's arrival and its fetch")
+        await act_on_arrival(
+            sub, task.cancel, lambda: js.publish(published, b"{}"), lambda: len(got)
+        )
         handled = len(got)
         await ended(task)
         assert task.cancelled()
@@ -217,16 +212,15 @@ async def test_a_stopping_executor_replica_ends_a_partition_consumer_at_once(
             # a message the consumer took before the stop is refused (no such run) and
             # dead-lettered: the moment was missed
             letters = await client.subscribe(subjects.dead_letter("executor"))
-            handled = lambda: letters.pending_msgs  # noqa: E731
-            for attempt in range(5):
-                if await act_on_arrival(
-                    pull.sub, stack.stop.set,
-                    lambda: js.publish(subjects.inbox(run_id, "tool"), codec.encode(result)),
-                    handled,
-                ):  # fmt: skip
-                    break
-            else:
-                pytest.fail("never stopped between the message's arrival and its fetch")
+
+            def handled() -> int:
+                return letters.pending_msgs
+
+            await act_on_arrival(
+                pull.sub, stack.stop.set,
+                lambda: js.publish(subjects.inbox(run_id, "tool"), codec.encode(result)),
+                handled,
+            )  # fmt: skip
             took = await ended(consumer)
             stopped = await ended(closing, within=5.0)
         print(f"\npartition {p}'s consumer ended {took * 1000:.1f} ms after the stop; "
