@@ -718,8 +718,8 @@ class OpenPull:
                 self.reconnects = seen
                 await self._request(batch, now)
             try:
-                # not ``asyncio.wait_for``: on Python 3.11 it returns the message when
-                # the task's cancellation comes just after the message did (``raise_if_cancelled``)
+                # not ``asyncio.wait_for``: on Python 3.11 it returns the message when the
+                # task's cancel comes just after the message did (see raise_if_cancelled)
                 async with asyncio.timeout(max(0.0, min(deadline, self.until) - now)):
                     msg = await self.queue.get()
             except TimeoutError:
