@@ -27,7 +27,8 @@ streams, so nothing on a step's path waits for them.
   name and level it had in the child, prefixed with the child's name and pid; any other
   line (a traceback) at DEBUG, so a CLI user sees no traceback unless they ask for one
   (``loom --debug ...`` or ``LOOM_LOG_LEVEL=DEBUG``).
-- Each child runs at a lower CPU priority than the stack (``LOOM_READ_MODELS_NICE``,
+- Each child, and its session's autogroup, runs at a lower CPU priority than the stack
+  (``LOOM_READ_MODELS_NICE``,
   default 10): their folds come in bursts (tracing: ~28 steps' events every 50 ms),
   and at the stack's priority a burst took a core from the executor, the tool-runner
   or nats-server; most of a sequential run's slow steps were those (issue 10's p99).
@@ -95,6 +96,38 @@ def _die_with(parent: int, nice: int = 0) -> Callable[[], None]:
     return preexec
 
 
+def autogroup_nice(pid: int | str = "self") -> int | None:
+    """The nice value of ``pid``'s autogroup (None: no such file, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as group:
+            return int(group.read().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _lower_autogroup(pid: int, nice: int) -> None:
+    """Lower the child's autogroup as ``nice`` lowers the child itself. With the kernel's
+    autogroups on (``/proc/sys/kernel/sched_autogroup_enabled``, the default of many
+    distributions' kernels) a process's own nice counts only against the processes of
+    its session, and CPU is shared between sessions by each session's group nice: the
+    child runs in a session of its own (so a terminal's Ctrl-C does not reach it), and
+    at group nice 0 it weighed as much as the stack's whole session, whatever its own
+    nice (measured: a child at nice 10 still sat under two thirds of a sequential run's
+    slow steps, as at 0). The child's session holds only the child (and the embedder it
+    starts), so its group's nice is set from here, relative to the stack's own group.
+    Nothing to do, or a refusal: the child runs, at the stack's priority."""
+    if not nice:
+        return
+    own = autogroup_nice()
+    if own is None:
+        return
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as group:
+            group.write(str(min(19, own + nice)))
+    except OSError as exc:  # it exited already, or the kernel refused: priority only
+        log.debug("read model pid %d: autogroup nice not set: %r", pid, exc)
+
+
 class ReadModelProcess:
     """One read model as a child process of the stack, restarted if it dies."""
 
@@ -141,6 +174,7 @@ class ReadModelProcess:
             preexec_fn=_die_with(os.getpid(), self.nice),  # noqa: PLW1509 - prctl, getppid, nice only
             limit=_LINE_LIMIT,
         )
+        _lower_autogroup(self.proc.pid, self.nice)
         self._started_at = time.monotonic()
         self._forwarder = asyncio.ensure_future(self._forward(self.proc))
         self._forwarder.set_name(f"{self.name}-output")

@@ -22,7 +22,7 @@ from waiting import BOUND_S, eventually  # type: ignore[import-not-found]  # tes
 from loom_core.contracts import Plan, RunCompleted, RunRequest, ToolStep
 from loom_infra.client import LoomClient
 from loom_infra.settings import EmbedderSettings, Settings, SettingsError, StoreSettings
-from loom_services.readmodels import READ_MODELS, ReadModelFailed
+from loom_services.readmodels import READ_MODELS, ReadModelFailed, autogroup_nice
 from loom_services.stack import LocalStack
 
 START_S = 60.0  # a child's start: Python, its imports, NATS (2 shared cores)
@@ -111,9 +111,10 @@ def niceness(pid: int) -> int:
 
 
 async def test_the_children_run_below_the_stacks_cpu_priority(tmp_path: Path) -> None:
-    """LOOM_READ_MODELS_NICE: each child this many steps below the stack (default 10),
-    and level with it at 0; the stack's own services keep the stack's priority."""
-    own = niceness(os.getpid())
+    """LOOM_READ_MODELS_NICE: each child, and its session's autogroup, this many steps
+    below the stack (default 10), and level with it at 0; the stack's own services keep
+    the stack's priority."""
+    own, own_group = niceness(os.getpid()), autogroup_nice()
     assert split_settings(tmp_path).read_models_nice == 10  # the default
     for nice in (10, 0):
         settings = dataclasses.replace(
@@ -123,6 +124,10 @@ async def test_the_children_run_below_the_stacks_cpu_priority(tmp_path: Path) ->
             for child in stack.children.values():
                 assert child.pid is not None
                 assert niceness(child.pid) == min(19, own + nice), child.name
+                # its session's autogroup too: with autogroups on, that is what weighs
+                # against the stack's session (Linux with CONFIG_SCHED_AUTOGROUP)
+                if own_group is not None:
+                    assert autogroup_nice(child.pid) == min(19, own_group + nice), child.name
             assert niceness(os.getpid()) == own
 
 
