@@ -28,10 +28,10 @@ streams, so nothing on a step's path waits for them.
   line (a traceback) at DEBUG, so a CLI user sees no traceback unless they ask for one
   (``loom --debug ...`` or ``LOOM_LOG_LEVEL=DEBUG``).
 - Each child, and its session's autogroup, runs at a lower CPU priority than the stack
-  (``LOOM_READ_MODELS_NICE``,
-  default 10): their folds come in bursts (tracing: ~28 steps' events every 50 ms),
-  and at the stack's priority a burst took a core from the executor, the tool-runner
-  or nats-server; most of a sequential run's slow steps were those (issue 10's p99).
+  (``LOOM_READ_MODELS_NICE``, default 10): their folds come in bursts (tracing: ~28
+  steps' events every 50 ms), and at the stack's priority a burst took a core from the
+  executor, the tool-runner or nats-server; most of a sequential run's slow steps were
+  those (issue 10's p99).
 """
 
 from __future__ import annotations
