@@ -112,9 +112,8 @@ def _lower_autogroup(pid: int, nice: int) -> None:
     its session, and CPU is shared between sessions by each session's group nice: the
     child runs in a session of its own (so a terminal's Ctrl-C does not reach it), and
     at group nice 0 it weighed as much as the stack's whole session, whatever its own
-    nice (measured: a child at nice 10 still sat under two thirds of a sequential run's
-    slow steps, as at 0). The child's session holds only the child (and the embedder it
-    starts), so its group's nice is set from here, relative to the stack's own group.
+    nice. The child's session holds only the child (and the embedder it starts), so its
+    group's nice is set from here, relative to the stack's own group.
     Nothing to do, or a refusal: the child runs, at the stack's priority."""
     if not nice:
         return
