@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from loom_core.errors import LoomError
+from loom_infra import bus
 from loom_infra.client import LoomClient
 
 log = logging.getLogger("loom.readmodels")
@@ -229,8 +230,8 @@ class ReadModelProcess:
                 delay,
                 self.output[-1] if self.output else "(none)",
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            # not 3.11's ``wait_for``, which can swallow the stop's cancel (bus.py)
+            await bus.wait_or_timeout(self._wake, delay)
             if self.closing:
                 return
             try:
