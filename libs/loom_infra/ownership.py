@@ -40,7 +40,7 @@ from nats.js.errors import APIError, NotFoundError
 from loom_core import codec, partitions, subjects
 from loom_core.contracts import ErrorInfo, PartitionLease
 from loom_core.errors import LoomError
-from loom_infra.bus import wait_or_timeout, watch_from_now
+from loom_infra.bus import raise_if_cancelled, wait_or_timeout, watch_from_now
 
 # read from LOOM_PARTITIONS, LOOM_PARTITION_LEASE_S, LOOM_REPLICA_ID by the settings module
 from loom_infra.settings import DEFAULT_LEASE_S, PartitionSettings
@@ -240,6 +240,7 @@ class Ownership:
 
     async def _watch(self) -> None:
         while True:
+            raise_if_cancelled()  # a cancel nats-py's wait_for swallowed (see bus)
             try:
                 entry = await self._watcher.updates(timeout=60.0)
             except TimeoutError:

@@ -61,6 +61,9 @@ docs/configuration.md. The main ones (all optional unless noted):
 - ``LOOM_READ_MODELS``: ``process`` (default) runs the read models (tracing, memory) of
   ``loom up`` / ``LocalStack`` each in a child process of its own; ``inline`` runs them in
   the stack's process with the other services (see :func:`read_models_from_env`).
+- ``LOOM_READ_MODELS_NICE``: the CPU priority (``nice``, 0-19, default 10) those child
+  processes run at: below the services that run the steps, so a read model's fold
+  takes what they leave idle (see :func:`read_models_nice_from_env`).
 - ``LOOM_DIRECT_DISPATCH``: ``true`` (default) lets the tool-runner start a call from the
   relay's publish and the executor take a result from the tool-runner's publish, before
   their streams deliver them; the stream copies stay the durable fallback. ``false``:
@@ -860,6 +863,41 @@ def read_models_from_env(env: Mapping[str, str] = os.environ) -> ReadModelsMode:
     return check_read_models(_get(env, "LOOM_READ_MODELS") or "process")
 
 
+READ_MODELS_NICE_DEFAULT = 10
+
+
+def check_read_models_nice(value: object) -> int:
+    """``value`` as the read models' niceness, or a SettingsError naming
+    ``LOOM_READ_MODELS_NICE``. Not negative: raising a process's priority needs
+    privileges, and a read model must never be favoured over the services that run the
+    steps."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise SettingsError(
+            "LOOM_READ_MODELS_NICE",
+            f"must be a whole number from 0 (the services' own priority) to 19 (the "
+            f"lowest), got {value!r}",
+        )
+    return value
+
+
+def read_models_nice_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """``LOOM_READ_MODELS_NICE``: the ``nice`` value (0-19, default 10) of the embedded
+    stack's read-model child processes (``LOOM_READ_MODELS=process``). Their folds come
+    in bursts (tracing folds ~28 steps' events every 50 ms, 2-4 ms of CPU); at the
+    services' own priority such a burst took a core from the executor, the tool-runner or
+    nats-server, and most of a sequential run's slow steps (issue 10: p99 <= 3x p50) were
+    those. At 10 the kernel gives them what the step path leaves idle; they are read
+    models and may lag. 0 puts them level with the services."""
+    raw = _get(env, "LOOM_READ_MODELS_NICE")
+    if raw is None:
+        return READ_MODELS_NICE_DEFAULT
+    try:
+        value: object = int(raw)
+    except ValueError:
+        value = raw
+    return check_read_models_nice(value)
+
+
 # --- end of settings once read where they were used
 
 
@@ -911,9 +949,12 @@ class Settings:
     # LOOM_READ_MODELS: tracing and memory of the embedded stack in child processes
     # (``process``) or in its own (``inline``); read_models_from_env
     read_models: ReadModelsMode = field(default_factory=lambda: read_models_from_env())
+    # LOOM_READ_MODELS_NICE: those child processes' CPU priority; read_models_nice_from_env
+    read_models_nice: int = field(default_factory=lambda: read_models_nice_from_env())
 
     def __post_init__(self) -> None:
         check_read_models(self.read_models)
+        check_read_models_nice(self.read_models_nice)
 
     @property
     def credentials_dir(self) -> Path:
@@ -1049,6 +1090,7 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> Settings:
         trace=trace_options_from_env(env),
         tools_config=tools_config_from_env(env),
         read_models=read_models_from_env(env),
+        read_models_nice=read_models_nice_from_env(env),
     )
 
 
@@ -1111,6 +1153,7 @@ def service_process_env(
         "LOOM_EMBED_THREADS": str(settings.embedder.threads),
         "LOOM_QDRANT": settings.qdrant or "",
         "LOOM_READ_MODELS": settings.read_models,
+        "LOOM_READ_MODELS_NICE": str(settings.read_models_nice),
     }
     child = {
         name: value

@@ -62,6 +62,7 @@ from loom_core import codec
 from loom_core.contracts import EventRecord, ThreadEntry
 from loom_core.errors import LoomError
 from loom_infra.settings import StoreSettings, redact_url
+from loom_infra.walcheckpoint import WalCheckpointer
 
 if TYPE_CHECKING:
     from eventsourcing.postgres import PostgresDatastore
@@ -390,14 +391,25 @@ def open_event_store(settings: StoreSettings) -> EventStore:
     with _translated("open event store", settings.kind):
         if settings.kind == "sqlite":
             sqlite_ds = _sqlite_datastore(settings, "events")
+            # the executor commits on its event loop: WAL checkpoints go to a thread
             with _closing_on_error(sqlite_ds):
+                checkpointer = WalCheckpointer(sqlite_ds.pool.db_name)
+                checkpointer.take_over(sqlite_ds.pool)
+
+            def close() -> None:
+                checkpointer.close()
+                sqlite_ds.close()
+
+            with _closing_on_error(_Closer(close)):
                 app: ApplicationRecorder = SQLiteApplicationRecorder(
                     sqlite_ds, events_table_name=EVENTS_TABLE
                 )
                 tracking: TrackingRecorder = SQLiteTrackingRecorder(sqlite_ds)
                 _create_tables(app)
                 _create_tables(tracking)
-            return EventStore(app, tracking, backend="sqlite", close=sqlite_ds.close)
+            return EventStore(
+                app, tracking, backend="sqlite", close=close, checkpointer=checkpointer
+            )
 
         from eventsourcing.postgres import PostgresApplicationRecorder, PostgresTrackingRecorder
 
@@ -671,10 +683,12 @@ class EventStore(_Closable):
         *,
         backend: Backend,
         close: Callable[[], None],
+        checkpointer: WalCheckpointer | None = None,
     ) -> None:
         super().__init__(backend, close)
         self._recorder = recorder
         self._tracking = tracking
+        self.checkpointer = checkpointer  # SQLite: the WAL's checkpoints, off the writer
 
     def append(self, records: Sequence[EventRecord]) -> list[int]:
         """Store all ``records`` (of one or many runs) in one transaction and return their
@@ -710,11 +724,15 @@ class EventStore(_Closable):
             for r in records
         ]
         with _translated("append", self._backend):
+            if self.checkpointer is not None:
+                self.checkpointer.before_append()
             try:
                 ids = _insert_events(self._recorder, stored)
             except IntegrityError:
                 conflicted = self._conflicting_runs(records)
                 raise ConcurrencyConflict(conflicted, backend=self._backend) from None
+            if self.checkpointer is not None:
+                self.checkpointer.committed()
         if ids is None or len(ids) != len(records):
             raise StoreError(
                 f"append: the recorder returned {ids!r} notification ids for {len(records)} events",

@@ -51,6 +51,7 @@ from loom_core.contracts import (
 )
 from loom_core.executor import Admit
 from loom_core.quotas import Quotas, TokenBucket
+from loom_infra.bus import wait_or_timeout
 from loom_infra.ownership import NotOwner
 from loom_infra.settings import SettingsError
 from loom_services.shared_admission import SharedBooks, ensure_bucket
@@ -155,8 +156,8 @@ class AdmissionControl:
     async def _keep(self, stop: asyncio.Event) -> None:
         """Reconcile taken partitions as they come; sweep this replica's slots."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reconcile.wait(), SWEEP_S)
+            # not asyncio.wait_for: on 3.11 it may swallow the stop's cancel (bus)
+            await wait_or_timeout(self._reconcile, SWEEP_S)
             self._reconcile.clear()
             taken, self._gained = self._gained, set()
             try:

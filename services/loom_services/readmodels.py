@@ -27,6 +27,11 @@ streams, so nothing on a step's path waits for them.
   name and level it had in the child, prefixed with the child's name and pid; any other
   line (a traceback) at DEBUG, so a CLI user sees no traceback unless they ask for one
   (``loom --debug ...`` or ``LOOM_LOG_LEVEL=DEBUG``).
+- Each child, and its session's autogroup, runs at a lower CPU priority than the stack
+  (``LOOM_READ_MODELS_NICE``, default 10): their folds come in bursts (tracing: ~28
+  steps' events every 50 ms), and at the stack's priority a burst took a core from the
+  executor, the tool-runner or nats-server; most of a sequential run's slow steps were
+  those (issue 10's p99).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from loom_core.errors import LoomError
+from loom_infra import bus
 from loom_infra.client import LoomClient
 
 log = logging.getLogger("loom.readmodels")
@@ -69,11 +75,14 @@ class ReadModelFailed(LoomError, RuntimeError):
     code = "read_model_failed"
 
 
-def _die_with(parent: int) -> Callable[[], None]:
+def _die_with(parent: int, nice: int = 0) -> Callable[[], None]:
     """In the child, between fork and exec: SIGKILL when the parent dies; if it already
     died (between the fork and this call, so no signal will come), exit now. ``prctl``
     is looked up here, in the parent: the child of a threaded process should load no
-    library between fork and exec (another thread may have held the loader's lock)."""
+    library between fork and exec (another thread may have held the loader's lock).
+    ``nice``: the child's priority this many steps below the parent's
+    (``LOOM_READ_MODELS_NICE``; relative, so a stack started under ``nice`` keeps its
+    read models below itself; the kernel caps it at 19)."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
     kill = int(signal.SIGKILL)
 
@@ -82,16 +91,50 @@ def _die_with(parent: int) -> Callable[[], None]:
             prctl(_PR_SET_PDEATHSIG, kill)
         if os.getppid() != parent:
             os._exit(1)
+        if nice:
+            os.nice(nice)
 
     return preexec
+
+
+def autogroup_nice(pid: int | str = "self") -> int | None:
+    """The nice value of ``pid``'s autogroup (None: no such file, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as group:
+            return int(group.read().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _lower_autogroup(pid: int, nice: int) -> None:
+    """Lower the child's autogroup as ``nice`` lowers the child itself. With the kernel's
+    autogroups on (``/proc/sys/kernel/sched_autogroup_enabled``, the default of many
+    distributions' kernels) a process's own nice counts only against the processes of
+    its session, and CPU is shared between sessions by each session's group nice: the
+    child runs in a session of its own (so a terminal's Ctrl-C does not reach it), and
+    at group nice 0 it weighed as much as the stack's whole session, whatever its own
+    nice. The child's session holds only the child (and the embedder it starts), so its
+    group's nice is set from here, relative to the stack's own group.
+    Nothing to do, or a refusal: the child runs, at the stack's priority."""
+    if not nice:
+        return
+    own = autogroup_nice()
+    if own is None:
+        return
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as group:
+            group.write(str(min(19, own + nice)))
+    except OSError as exc:  # it exited already, or the kernel refused: priority only
+        log.debug("read model pid %d: autogroup nice not set: %r", pid, exc)
 
 
 class ReadModelProcess:
     """One read model as a child process of the stack, restarted if it dies."""
 
-    def __init__(self, name: str, env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, env: Mapping[str, str], nice: int = 0) -> None:
         self.name = name
         self.env = dict(env)
+        self.nice = nice  # below the stack's priority (LOOM_READ_MODELS_NICE)
         self.proc: asyncio.subprocess.Process | None = None
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.restarts = 0
@@ -128,9 +171,10 @@ class ReadModelProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - prctl and getppid only
+            preexec_fn=_die_with(os.getpid(), self.nice),  # noqa: PLW1509 - prctl, getppid, nice only
             limit=_LINE_LIMIT,
         )
+        _lower_autogroup(self.proc.pid, self.nice)
         self._started_at = time.monotonic()
         self._forwarder = asyncio.ensure_future(self._forward(self.proc))
         self._forwarder.set_name(f"{self.name}-output")
@@ -186,8 +230,8 @@ class ReadModelProcess:
                 delay,
                 self.output[-1] if self.output else "(none)",
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            # not 3.11's ``wait_for``, which can swallow the stop's cancel (bus.py)
+            await bus.wait_or_timeout(self._wake, delay)
             if self.closing:
                 return
             try:

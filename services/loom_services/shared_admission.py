@@ -161,6 +161,7 @@ class SharedBooks:
 
     async def _watch(self) -> None:
         while True:
+            bus.raise_if_cancelled()  # a cancel nats-py's wait_for swallowed (see bus)
             try:
                 entry = await self._watcher.updates(timeout=60.0)
             except TimeoutError:

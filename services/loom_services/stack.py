@@ -159,7 +159,7 @@ class LocalStack:
 
     async def _start_child(self, name: str) -> None:
         env = service_process_env(self.settings, self.seed_file(name))
-        child = self.children[name] = ReadModelProcess(name, env)
+        child = self.children[name] = ReadModelProcess(name, env, self.settings.read_models_nice)
         await child.start()
         if self.stack is not None and self.stack.health is not None:
             self.stack.health.add_check(f"{name}-process", child.problem)

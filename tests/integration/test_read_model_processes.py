@@ -7,6 +7,7 @@ runs is back within a bound."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from waiting import BOUND_S, eventually  # type: ignore[import-not-found]  # tes
 from loom_core.contracts import Plan, RunCompleted, RunRequest, ToolStep
 from loom_infra.client import LoomClient
 from loom_infra.settings import EmbedderSettings, Settings, SettingsError, StoreSettings
-from loom_services.readmodels import READ_MODELS, ReadModelFailed
+from loom_services.readmodels import READ_MODELS, ReadModelFailed, autogroup_nice
 from loom_services.stack import LocalStack
 
 START_S = 60.0  # a child's start: Python, its imports, NATS (2 shared cores)
@@ -103,6 +104,31 @@ async def test_the_children_serve_a_runs_trace_and_memory(
         f"[tracing pid {tracing_pid}]" in r.getMessage() and r.levelno == logging.INFO
         for r in caplog.get_records("setup")
     ), [r.getMessage() for r in caplog.get_records("setup")][-20:]
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+async def test_the_children_run_below_the_stacks_cpu_priority(tmp_path: Path) -> None:
+    """LOOM_READ_MODELS_NICE: each child, and its session's autogroup, this many steps
+    below the stack (default 10), and level with it at 0; the stack's own services keep
+    the stack's priority."""
+    own, own_group = niceness(os.getpid()), autogroup_nice()
+    assert split_settings(tmp_path).read_models_nice == 10  # the default
+    for nice in (10, 0):
+        settings = dataclasses.replace(
+            split_settings(tmp_path / f"data{nice}"), read_models_nice=nice
+        )
+        async with LocalStack(settings, nats_port=-1) as stack:
+            for child in stack.children.values():
+                assert child.pid is not None
+                assert niceness(child.pid) == min(19, own + nice), child.name
+                # its session's autogroup too: with autogroups on, that is what weighs
+                # against the stack's session (Linux with CONFIG_SCHED_AUTOGROUP)
+                if own_group is not None:
+                    assert autogroup_nice(child.pid) == min(19, own_group + nice), child.name
+            assert niceness(os.getpid()) == own
 
 
 async def test_closing_the_stack_leaves_no_child(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from loom_infra.settings import (
     SettingsError,
     StoreSettings,
     read_models_from_env,
+    read_models_nice_from_env,
     service_process_env,
     settings_from_env,
 )
@@ -38,6 +39,22 @@ def test_the_default_is_process_and_a_bad_value_names_the_setting() -> None:
     with pytest.raises(SettingsError, match="LOOM_READ_MODELS"):
         Settings(nats_url="nats://x:1", store=StoreSettings("sqlite", Path("d")),
                  read_models="both")  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_the_read_models_run_at_nice_10_unless_told_and_a_bad_value_names_the_setting() -> None:
+    assert read_models_nice_from_env({}) == 10
+    assert read_models_nice_from_env({"LOOM_READ_MODELS_NICE": " "}) == 10  # blank: default
+    assert read_models_nice_from_env({"LOOM_READ_MODELS_NICE": "0"}) == 0
+    assert settings_from_env({"LOOM_READ_MODELS_NICE": " 19 "}).read_models_nice == 19
+    for bad in ("-1", "20", "-20", "ten", "1.5", "0x5", "1e1"):
+        with pytest.raises(SettingsError) as raised:
+            settings_from_env({"LOOM_READ_MODELS_NICE": bad})
+        assert raised.value.variable == "LOOM_READ_MODELS_NICE"
+        assert "0" in str(raised.value) and "19" in str(raised.value), str(raised.value)
+    for value in (-5, 42, True, 2.0, "3"):
+        with pytest.raises(SettingsError, match="LOOM_READ_MODELS_NICE"):
+            Settings(nats_url="nats://x:1", store=StoreSettings("sqlite", Path("d")),
+                     read_models_nice=value)  # type: ignore[arg-type]  # fmt: skip
 
 
 def made_in_code(tmp_path: Path) -> Settings:
@@ -69,6 +86,7 @@ def made_in_code(tmp_path: Path) -> Settings:
         embedder=EmbedderSettings(spec="hash:64", model_dir=tmp_path / "model", threads=2),
         qdrant="http://qdrant:6333",
         read_models="process",
+        read_models_nice=3,
     )  # fmt: skip
 
 
@@ -81,7 +99,8 @@ def test_a_child_reads_back_the_settings_its_stack_runs_with(tmp_path: Path) -> 
     child = settings_from_env(env)
 
     same = ("nats_url", "store", "max_payload", "size_limits", "delivery", "partitions",
-            "blobs", "trace", "embedder", "qdrant", "insecure", "read_models")  # fmt: skip
+            "blobs", "trace", "embedder", "qdrant", "insecure", "read_models",
+            "read_models_nice")  # fmt: skip
     for name in same:
         assert getattr(child, name) == getattr(settings, name), name
     # the stack's process owns the HTTP port: a child serves none
