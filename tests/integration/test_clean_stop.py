@@ -8,7 +8,8 @@ and the fetch was lost: the consumer handed the message to its handler as if nev
 cancelled. The executor's handler then waited for a writer the same stop had just
 cancelled: the partition's consumer never ended (the failover test's "publishing
 paused 2.05 s on a clean stop", one stop in five; the process then waited out the
-runtime's 10 s and was killed). docs/notes/cleanstop.md has the evidence.
+runtime's 10 s and was killed). docs/decisions.md, "what held a partition consumer's
+cancellation on a clean stop", has the evidence.
 
 Each test acts at that moment on purpose: it polls once per event-loop iteration (the
 moment lasts two iterations and no event marks it) until the consumer's subscription
