@@ -75,13 +75,28 @@ def record_run(run_id: str, steps: int) -> tuple[list[EventRecord], list[tuple[i
     return records, snaps
 
 
+def _allocate() -> None:
+    """What the next code does after a load: allocates (a young collection due runs)."""
+    for _ in range(2000):
+        [].append(None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000", help="approximate event counts")
     parser.add_argument(
         "--repeat", type=int, default=5, help="snapshot loads timed per size (median and min)"
     )
+    parser.add_argument(
+        "--frozen-start",
+        action="store_true",
+        help="freeze the heap first, as a service does at its start: then what a load "
+        "decoded is walked by the next young collection, timed in the load",
+    )
     args = parser.parse_args()
+    if args.frozen_start:
+        gc.collect()
+        gc.freeze()
     base = Path(tempfile.mkdtemp(prefix="loom-load-"))
     settings = StoreSettings(kind="sqlite", data_dir=base)
     events, snaps_store = open_event_store(settings), open_snapshot_store(settings)
@@ -116,6 +131,7 @@ def main() -> None:
                 taken = snaps_store.latest(run_id)
                 tail = events.load(run_id, taken[0] if taken else 0)
                 _rebuild(run_id, taken[1] if taken else None, tail, True)
+                _allocate()  # a collection the load left pending runs here, timed with it
                 loads.append(time.perf_counter() - t)
             snap_s = statistics.median(loads)
             t = time.perf_counter()

@@ -181,7 +181,11 @@ def test_a_snapshot_keeps_no_digest_of_an_answered_request() -> None:
 
 def test_what_a_rebuild_creates_goes_to_the_oldest_generation() -> None:
     """The collector does not walk a freshly decoded state twice on its way there
-    (``loom_infra.collector``); what someone else froze stays frozen."""
+    (``loom_infra.collector``); what someone else froze stays frozen. A service process
+    freezes its start-up heap (``runtime.freeze_startup_objects``), and one may have run
+    in this process before: thawed first, frozen again after."""
+    frozen_before = gc.get_freeze_count()
+    gc.unfreeze()
     gc.collect()
     with collector.paused():
         made = [[i] for i in range(5000)]
@@ -197,3 +201,5 @@ def test_what_a_rebuild_creates_goes_to_the_oldest_generation() -> None:
         assert not any(id(x) in {id(o) for o in gc.get_objects(generation=2)} for x in more)
     finally:
         gc.unfreeze()
+        if frozen_before:
+            gc.freeze()
