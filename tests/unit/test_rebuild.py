@@ -188,7 +188,7 @@ def test_what_a_rebuild_creates_goes_to_the_oldest_generation() -> None:
     gc.unfreeze()
     gc.collect()
     with collector.paused():
-        made = [[i] for i in range(5000)]
+        made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
     assert gc.isenabled()
     oldest = {id(o) for o in gc.get_objects(generation=2)}
     assert all(id(x) in oldest for x in made)
@@ -203,3 +203,21 @@ def test_what_a_rebuild_creates_goes_to_the_oldest_generation() -> None:
         gc.unfreeze()
         if frozen_before:
             gc.freeze()
+
+
+def test_a_small_block_leaves_its_objects_to_the_collector_and_costs_no_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every run's first load passes through the block: with a few hundred objects it
+    neither promotes the young generation nor asks how many objects are frozen (a walk of
+    the frozen list: ~3 ms in a service, at every run start: 50 runs' throughput fell
+    from ~3,500 to ~800 steps/s)."""
+    asked: list[int] = []
+    real = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: asked.append(1) or real())
+    gc.collect()
+    with collector.paused():
+        few = [[i] for i in range(100)]
+    assert not asked
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    assert not any(id(x) in oldest for x in few)
