@@ -947,25 +947,36 @@ class PullConsumer:
             await msg.ack()
             return
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
-        if isinstance(result, Poison) or deliveries >= MAX_DELIVER:
-            error = (
-                result.error
-                if isinstance(result, Poison)
-                else ErrorInfo(
-                    code="max_deliveries",
-                    message=f"failed {deliveries} times; last error: {result!r}"[:500],
-                )
-            )
+        error = _refusal(result, deliveries)
+        if error is not None:
             await dead_letter(self.js, self.service, msg.subject, error, msg.data, deliveries)
             await msg.term()
             return
-        if isinstance(result, Later):
-            await msg.nak(delay=result.delay_s)
-            return
-        if isinstance(result, BaseException):
-            log.warning("%s will retry %s: %r", self.durable, msg.subject, result)
-        delay = OUTAGE_NAK_DELAY_S if isinstance(result, _OUTAGE_ERRORS) else NAK_DELAY_S
-        await msg.nak(delay=delay * deliveries)
+        await msg.nak(delay=_retry_delay(self.durable, msg, result, deliveries))
+
+
+def _refusal(result: bool | BaseException, deliveries: int) -> ErrorInfo | None:
+    """Why a handled message goes to the dead letters (refused, or failed too often), or
+    None when it is to be retried."""
+    if isinstance(result, Poison):
+        return result.error
+    if deliveries >= MAX_DELIVER:
+        return ErrorInfo(
+            code="max_deliveries",
+            message=f"failed {deliveries} times; last error: {result!r}"[:500],
+        )
+    return None
+
+
+def _retry_delay(durable: str, msg: Msg, result: bool | BaseException, deliveries: int) -> float:
+    """The nak delay of a message to retry: what ``Later`` asked, else backing off with
+    its deliveries (longer after an outage)."""
+    if isinstance(result, Later):
+        return result.delay_s
+    if isinstance(result, BaseException):
+        log.warning("%s will retry %s: %r", durable, msg.subject, result)
+    base = OUTAGE_NAK_DELAY_S if isinstance(result, _OUTAGE_ERRORS) else NAK_DELAY_S
+    return base * deliveries
 
 
 def _stream_seq(msg: Msg) -> int:
@@ -1060,24 +1071,11 @@ class _AckAll:
         if result is True:
             return None
         deliveries = msg.metadata.num_delivered if msg.metadata else 1
-        if isinstance(result, Poison) or deliveries >= MAX_DELIVER:
-            error = (
-                result.error
-                if isinstance(result, Poison)
-                else ErrorInfo(
-                    code="max_deliveries",
-                    message=f"failed {deliveries} times; last error: {result!r}"[:500],
-                )
-            )
+        error = _refusal(result, deliveries)
+        if error is not None:
             await dead_letter(c.js, c.service, msg.subject, error, msg.data, deliveries)
             return None
-        if isinstance(result, Later):
-            delay = result.delay_s
-        else:
-            if isinstance(result, BaseException):
-                log.warning("%s will retry %s: %r", c.durable, msg.subject, result)
-            base = OUTAGE_NAK_DELAY_S if isinstance(result, _OUTAGE_ERRORS) else NAK_DELAY_S
-            delay = base * deliveries
+        delay = _retry_delay(c.durable, msg, result, deliveries)
         await msg.nak(delay=delay)
         return delay
 
