@@ -54,8 +54,8 @@ def paused() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 # the count first: ``get_freeze_count`` walks the frozen list (a service
-                # froze ~200k objects at start: ~1 ms), at every run's load it cut 50
-                # runs' throughput from ~3,500 to ~800 steps/s
+                # froze ~200k objects at start: 1-3 ms), at every run's load it cut 50
+                # runs' throughput from ~3,900 to ~760 steps/s
                 if gc.get_count()[0] >= MOVE_AT_LEAST and gc.get_freeze_count() == 0:
                     gc.freeze()  # young objects: to the permanent generation...
                     gc.unfreeze()  # ...and from it to the oldest one
