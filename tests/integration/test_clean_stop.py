@@ -81,6 +81,21 @@ async def act_on_arrival(
     pytest.fail("never acted between a message's arrival and its fetch")
 
 
+async def ends_without_the_next_message(
+    task: asyncio.Future[Any], sub: Any, publish: Callable[[], Any], got: list[Any]
+) -> None:
+    """Cancel ``task`` as its next message reaches ``sub``: it must end, cancelled, and
+    never handle that message."""
+    try:
+        await act_on_arrival(sub, task.cancel, publish, lambda: len(got))
+        handled = len(got)
+        await ended(task)
+        assert task.cancelled()
+        assert len(got) == handled, "the message fetched after the cancel was handled"
+    finally:
+        task.cancel()
+
+
 async def ended(task: asyncio.Future[Any], within: float = ENDS_WITHIN_S) -> float:
     """How long ``task`` took to end (fails naming where it is stuck, after ``within``)."""
     started = time.monotonic()
@@ -136,15 +151,10 @@ async def test_a_pull_consumer_cancelled_as_its_next_message_arrives_ends_withou
     task = asyncio.ensure_future(consumer.run(asyncio.Event()))
     try:
         pull = await open_pull(nc, "cleanstop")
-        await act_on_arrival(
-            pull.sub, task.cancel, lambda: js.publish(SUBJECT, b"x"), lambda: len(got)
-        )
-        handled = len(got)
-        await ended(task)
-        assert task.cancelled()
-        assert len(got) == handled, "the message fetched after the cancel was handled"
-    finally:
+    except BaseException:
         task.cancel()
+        raise
+    await ends_without_the_next_message(task, pull.sub, lambda: js.publish(SUBJECT, b"x"), got)
 
 
 async def test_a_held_events_consumer_cancelled_as_its_next_message_arrives_ends_without_it(
@@ -167,16 +177,11 @@ async def test_a_held_events_consumer_cancelled_as_its_next_message_arrives_ends
             lambda: next((s for s in nc._subs.values() if s._cb is None), None),
             "the held events' subscription",
         )
-        published = subjects.run_event("run-cleanstop-held", "timer_started")
-        await act_on_arrival(
-            sub, task.cancel, lambda: js.publish(published, b"{}"), lambda: len(got)
-        )
-        handled = len(got)
-        await ended(task)
-        assert task.cancelled()
-        assert len(got) == handled, "the message fetched after the cancel was handled"
-    finally:
+    except BaseException:
         task.cancel()
+        raise
+    published = subjects.run_event("run-cleanstop-held", "timer_started")
+    await ends_without_the_next_message(task, sub, lambda: js.publish(published, b"{}"), got)
 
 
 async def test_a_stopping_executor_replica_ends_a_partition_consumer_at_once(
