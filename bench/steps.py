@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from loom_core import subjects
@@ -170,6 +170,15 @@ def loop_lag_text(lags: list[tuple[float, float]]) -> str:
         f"p99 {pct(late, 0.99):.2f} max {max(late):.2f} ms; loop-thread CPU between wakes "
         f"p99 {pct(busy, 0.99):.2f} max {max(busy):.2f} ms, >3 ms: {sum(b > 3 for b in busy)}"
     )
+
+
+def bench_store(store: str, base: Path) -> tuple[StoreSettings, Callable[[], None] | None]:
+    """The store settings of a benchmark under ``base`` (PostgreSQL: a local server
+    started for it) and how to stop that server (None for SQLite)."""
+    if store == "postgres":
+        url, stop_pg = start_local_postgres(base / "pg")
+        return StoreSettings(kind="postgres", data_dir=base / "data", postgres_url=url), stop_pg
+    return StoreSettings(kind="sqlite", data_dir=base / "data"), None
 
 
 async def sequential(client: LoomClient, n: int) -> dict[str, float]:
@@ -349,12 +358,7 @@ async def bench(
     read_models: str | None = None,
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-bench-"))
-    stop_pg = None
-    if store == "postgres":
-        url, stop_pg = start_local_postgres(base / "pg")
-        store_settings = StoreSettings(kind="postgres", data_dir=base / "data", postgres_url=url)
-    else:
-        store_settings = StoreSettings(kind="sqlite", data_dir=base / "data")
+    store_settings, stop_pg = bench_store(store, base)
     # per-service NATS credentials by default; --insecure measures the stack without them
     settings = Settings(
         nats_url="nats://127.0.0.1:4222", store=store_settings, insecure=insecure,

@@ -33,8 +33,7 @@ HERE = Path(__file__).resolve().parent
 PROBE = HERE / "tailprobe"
 
 from loom_core.contracts import StepCompleted  # noqa: E402
-from loom_infra.localpg import start_local_postgres  # noqa: E402
-from loom_infra.settings import Settings, StoreSettings  # noqa: E402
+from loom_infra.settings import Settings  # noqa: E402
 from loom_services import runhost  # noqa: E402
 from loom_services.stack import LocalStack  # noqa: E402
 
@@ -141,12 +140,7 @@ async def measure(
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="loom-tails-"))
     probe_dir = Path(os.environ["LOOM_TAILPROBE_DIR"])
-    stop_pg = None
-    if store == "postgres":
-        url, stop_pg = start_local_postgres(base / "pg")
-        store_settings = StoreSettings(kind="postgres", data_dir=base / "data", postgres_url=url)
-    else:
-        store_settings = StoreSettings(kind="sqlite", data_dir=base / "data")
+    store_settings, stop_pg = steps.bench_store(store, base)
     settings = Settings(nats_url="nats://127.0.0.1:4222", store=store_settings)
     marks = Marks()
     try:
