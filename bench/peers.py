@@ -17,6 +17,10 @@ Per system and round, one process: a warm-up run, then
   ``run_completed`` event, then submits over NATS, as a client that wants only the
   result does);
 - R runs of K steps at once: steps per second.
+``floor-*`` is the issue's floor for a hop step, no engine: commit a row, a NATS
+request answered by a responder in another process, commit a row; the issue's target for
+the hop is within 1.5x of it, which the table prints, so a slow sitting of the machine
+is read against the floor measured in the same sitting.
 agentloom's numbers include its nats-server (CPU also printed apart) and, with
 ``-hop``, a tool-runner hop per step (``LOOM_LOCAL_TOOLS=''``), to a tool-runner in the
 same process, or with ``-hopproc`` in a process of its own (the issue's hop; its CPU
@@ -68,6 +72,8 @@ SYSTEMS = (
     "langgraph-postgres-sync",
     "dbos-sqlite",
     "dbos-postgres",
+    "floor-sqlite",
+    "floor-postgres",
 )
 
 
@@ -230,6 +236,89 @@ async def _langgraph(
     }
 
 
+FLOOR_SUBJECT = "peers.floor.echo"
+FLOOR_ROW = b"x" * 300  # about a step event's size
+
+
+async def _floor_responder(url: str) -> None:
+    """The floor's other process: answers each request at once (``--responder``)."""
+    import nats  # noqa: PLC0415
+
+    nc = await nats.connect(url)
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(FLOOR_SUBJECT, cb=echo)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()  # until the measuring process terminates it
+
+
+def _floor_committer(store: str, pg_url: str, base: Path) -> Any:
+    """A function committing one row per call, durably: SQLite in WAL with
+    ``synchronous=FULL`` (as the store), or a PostgreSQL autocommit INSERT (fsync on)."""
+    if store == "sqlite":
+        import sqlite3  # noqa: PLC0415
+
+        conn = sqlite3.connect(base / "floor.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, body BLOB)")
+
+        def commit_sqlite() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO rows (body) VALUES (?)", (FLOOR_ROW,))
+            conn.execute("COMMIT")
+
+        return commit_sqlite
+    import psycopg  # noqa: PLC0415
+
+    pg = psycopg.connect(pg_url, autocommit=True)
+    pg.execute("CREATE TABLE IF NOT EXISTS floor_rows (id bigserial PRIMARY KEY, body bytea)")
+
+    def commit_postgres() -> None:
+        pg.execute("INSERT INTO floor_rows (body) VALUES (%s)", (FLOOR_ROW,))
+
+    return commit_postgres
+
+
+async def _floor(store: str, pg_url: str, args: argparse.Namespace) -> dict:
+    """commit + NATS request/reply to another process + commit, ``--steps`` times."""
+    import nats  # noqa: PLC0415
+
+    sys.path.insert(0, str(ROOT / "libs"))
+    from loom_infra.natsserver import EmbeddedNats  # noqa: PLC0415
+
+    base = Path(tempfile.mkdtemp(prefix="peers-floor-"))
+    server = EmbeddedNats(data_dir=base / "nats", port=-1).start()
+    responder = subprocess.Popen(
+        [sys.executable, __file__, "--responder", server.url],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert responder.stdout is not None and responder.stdout.readline().strip() == "ready"
+        commit = _floor_committer(store, pg_url, base)
+        nc = await nats.connect(server.url)
+        for _ in range(20):  # warm-up, as the others' warm-up run
+            commit()
+            await nc.request(FLOOR_SUBJECT, FLOOR_ROW, timeout=10)
+            commit()
+        cpu0, t0 = _cpu(), time.perf_counter()
+        for _ in range(args.steps):
+            commit()
+            await nc.request(FLOOR_SUBJECT, FLOOR_ROW, timeout=10)
+            commit()
+        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        await nc.close()
+    finally:
+        responder.terminate()
+        responder.wait(10)
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return {"ms_per_step": wall * 1000 / args.steps, "cpu_ms_per_step": cpu * 1000 / args.steps}
+
+
 def _dbos(store: str, pg_url: str, args: argparse.Namespace) -> dict:
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
@@ -282,6 +371,8 @@ def worker(system: str, pg_url: str, args: argparse.Namespace) -> dict:
         return asyncio.run(_agentloom(store, hop, pg_url, args, runner_process="hopproc" in rest))
     if kind == "langgraph":
         return asyncio.run(_langgraph(store, "sync" if "sync" in rest else None, pg_url, args))
+    if kind == "floor":
+        return asyncio.run(_floor(store, pg_url, args))
     return _dbos(store, pg_url, args)
 
 
@@ -289,7 +380,8 @@ def worker(system: str, pg_url: str, args: argparse.Namespace) -> dict:
 
 
 def measure(system: str, pg_url: str, args: argparse.Namespace, peer_python: Path) -> dict | None:
-    python = sys.executable if system.startswith("agentloom") else str(peer_python)
+    ours = system.startswith(("agentloom", "floor"))
+    python = sys.executable if ours else str(peer_python)
     url = with_database(pg_url, system.replace("-", "_")) if "postgres" in system else pg_url
     cmd = [
         python, __file__, "--worker", system, "--pg-url", url, "--steps", str(args.steps),
@@ -334,7 +426,11 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated systems (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pg-url", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--responder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.responder:
+        asyncio.run(_floor_responder(args.responder))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.pg_url, args)), flush=True)
         return
@@ -392,11 +488,19 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
         if "nats_cpu_ms_per_step" in m:
             cpu += f" (+ nats {m['nats_cpu_ms_per_step']:.3f})"
         ratio_ms = f"{m['ms_per_step'] / base['ms_per_step']:.2f}" if base else "-"
-        ratio_s = f"{m['steps_per_s'] / base['steps_per_s']:.2f}" if base else "-"
-        print(
-            f"| {system} | {m['ms_per_step']:.3f} | {cpu} | {m['steps_per_s']:.0f} "
-            f"| {ratio_ms} | {ratio_s} |"
-        )
+        # the floor has no concurrent figure: 50 runs' commits are not grouped there
+        throughput = m.get("steps_per_s")
+        ratio_s = f"{throughput / base['steps_per_s']:.2f}" if base and throughput else "-"
+        shown = f"{throughput:.0f}" if throughput else "-"
+        print(f"| {system} | {m['ms_per_step']:.3f} | {cpu} | {shown} | {ratio_ms} | {ratio_s} |")
+    for store in ("sqlite", "postgres"):
+        hop, floor = med.get(f"agentloom-{store}-hopproc"), med.get(f"floor-{store}")
+        if hop and floor:
+            print(
+                f"{store}: the hop step (agentloom-{store}-hopproc) is "
+                f"{hop['ms_per_step'] / floor['ms_per_step']:.2f}x the floor measured in "
+                "this sitting (issue 10's target: within 1.5x)"
+            )
 
 
 if __name__ == "__main__":
