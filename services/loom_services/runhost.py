@@ -33,6 +33,7 @@ from loom_core.contracts import (
     SizeLimits,
     SubRunFinished,
 )
+from loom_core.errors import LoomError
 from loom_core.executor import (
     SNAPSHOT_EVERY,
     Message,
@@ -63,6 +64,23 @@ MAX_ACTORS = 10_000
 # a run loaded without a snapshot and with at most this many events is rebuilt on the
 # loop (``RunHost._rebuilt``)
 INLINE_LOAD_EVENTS = 200
+
+
+class WriterStopped(LoomError):
+    """Work for a run host whose writer loop has ended (its service is stopping). What
+    was queued is not written by this loop; a batch the stop cut may or may not be
+    stored. Retryable: a redelivered message or a resubmitted request is checked against
+    what is stored (the request's run id, the run's expectations)."""
+
+    code = "unavailable"
+    retryable = True
+
+    def __init__(self, run_id: str) -> None:
+        self.details = {"run_id": run_id}
+        super().__init__(
+            f"the executor writing run '{run_id}' is stopping and did not confirm storing "
+            "this (it may be stored): retry, another replica or the restarted one takes it"
+        )
 
 
 class _Unrestorable(Exception):
@@ -157,12 +175,16 @@ class RunHost:
         # and the error for one it does not; None: it writes every run
         self.owns: Callable[[str], bool] | None = None
         self.owner_error: Callable[[str], Exception] = lambda run_id: NotOwner(run_id, 0, None)
+        self._ended = False  # the writer loop ended: new work is refused, not queued
+        self._batch: list[Work] = []  # the batch the writer loop is on
 
     async def submit(self, run_id: str, message: Message) -> list[EventRecord]:
         if isinstance(message, Submission) and message.limits is None:
             message = dataclasses.replace(message, limits=self.limits)
         if isinstance(message, Submission) and message.caps is None:
             message = dataclasses.replace(message, caps=self.caps)
+        if self._ended:
+            raise WriterStopped(run_id)
         work = Work(run_id, message)
         self.queue.put_nowait(work)
         return await work.done
@@ -296,12 +318,30 @@ class RunHost:
                                  return_exceptions=True)  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            first = await self.queue.get()
-            batch = [first]
-            while len(batch) < MAX_BATCH and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            await self._process(batch)
+        try:
+            while not stop.is_set():
+                first = await self.queue.get()
+                self._batch = batch = [first]
+                while len(batch) < MAX_BATCH and not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                await self._process(batch)
+                self._batch = []
+        finally:
+            self._ended_with(self._batch)
+
+    def _ended_with(self, batch: list[Work]) -> None:
+        """The writer loop ended (a stop, a cancel): nothing queued or submitted later
+        would ever be written, so each waiter gets ``WriterStopped`` instead of waiting
+        for ever. A batch the end cut may have advanced its runs' actors past the store:
+        they are forgotten (reloaded from the store if this host is asked again)."""
+        self._ended = True
+        left = [w for w in batch if not w.done.done()]
+        while not self.queue.empty():
+            left.append(self.queue.get_nowait())
+        for work in left:
+            self.actors.pop(work.run_id, None)
+            if not work.done.done():
+                work.done.set_exception(WriterStopped(work.run_id))
 
     async def _process(self, batch: list[Work]) -> None:
         at = bus.now()
