@@ -14,10 +14,20 @@ chain: 40-70 ms, on whatever thread allocates next (often the event loop). A sta
 long-lived by nature, so the block ends by moving everything young straight to the
 oldest generation (``gc.freeze()`` then ``gc.unfreeze()``: two list splices, O(1)).
 Nothing is lost to the collector: the oldest generation is walked by every full
-collection, as it would have been after two promotions. It is skipped when something
-else froze objects on purpose (``gc.get_freeze_count()``), since unfreezing would hand
-those back to the collector, and for a small block (``MOVE_AT_LEAST``), where the
-collector's own pace costs less than promoting everything young.
+collection, as it would have been after two promotions. It is skipped for a small
+block (``MOVE_AT_LEAST``), where the collector's own pace costs less than promoting
+everything young.
+
+When something else froze objects on purpose (``gc.get_freeze_count()``: a service
+freezes its start-up heap), unfreezing would hand those back to the collector, and
+freezing the state with them would keep for ever any cycle alive at that moment. The
+block then ends with an ordinary collection of the two young generations
+(``gc.collect(1)``): the decoded objects are walked once, there, on the thread that
+rebuilt, and go to the oldest generation, instead of being walked by the next young
+collection and again by the next middle one. What that walk costs is kept small by the
+state itself: steps and instances are never tracked (``gc=False``, see
+``loom_core.executor.Inst``), so a 20,000-step chain leaves ~80,000 tracked objects
+(~7 ms), not ~180,000 (~35 ms) (docs/decisions.md, "Performance, fourteenth part").
 """
 
 from __future__ import annotations
@@ -56,8 +66,11 @@ def paused() -> Iterator[None]:
                 # the count first: ``get_freeze_count`` walks the frozen list (a service
                 # froze ~200k objects at start: 1-3 ms), at every run's load it cut 50
                 # runs' throughput from ~3,900 to ~760 steps/s
-                if gc.get_count()[0] >= MOVE_AT_LEAST and gc.get_freeze_count() == 0:
-                    gc.freeze()  # young objects: to the permanent generation...
-                    gc.unfreeze()  # ...and from it to the oldest one
+                if gc.get_count()[0] >= MOVE_AT_LEAST:
+                    if gc.get_freeze_count() == 0:
+                        gc.freeze()  # young objects: to the permanent generation...
+                        gc.unfreeze()  # ...and from it to the oldest one
+                    else:  # a service: walked once, here, on their way to the oldest
+                        gc.collect(1)
                 if _was_enabled:
                     gc.enable()

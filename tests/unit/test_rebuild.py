@@ -221,3 +221,24 @@ def test_a_small_block_leaves_its_objects_to_the_collector_and_costs_no_walk(
     assert not asked
     oldest = {id(o) for o in gc.get_objects(generation=2)}
     assert not any(id(x) in oldest for x in few)
+
+
+def test_a_large_rebuild_in_a_service_is_walked_once_and_stays_unfrozen() -> None:
+    """A service froze its start-up heap: a large block's objects are collected once at
+    its end (``gc.collect(1)``) and go to the oldest generation, where full collections
+    see them; nothing more is frozen, nothing frozen is handed back."""
+    frozen_before = gc.get_freeze_count()
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collector.paused():
+            made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+        assert gc.get_freeze_count() == frozen
+        assert gc.get_count()[0] < 1000  # the young generation was collected
+        oldest = {id(o) for o in gc.get_objects(generation=2)}
+        assert all(id(x) in oldest for x in made)
+    finally:
+        gc.unfreeze()
+        if frozen_before:
+            gc.freeze()
