@@ -247,8 +247,11 @@ class Inst(msgspec.Struct, omit_defaults=True, gc=False):
     what a service's next young collection walks after a load)."""
 
     iid: str
-    scope: str  # sid of the scope the instance belongs to
-    step: Step | None  # None for a child scope
+    # sid of the scope the instance belongs to ("": the root, most of a long run's)
+    scope: str = ""
+    # None for a child scope; a snapshot saves none for an instance running its scope's
+    # step (``_steps_by_reference``): defaults, so neither is written
+    step: Step | None = None
     status: InstStatus = "scheduled"
     attempt: int = 0
     output: Any = None
@@ -579,11 +582,12 @@ def _waiting_index(state: RunState) -> None:
         iid: None for iid in people if (i := state.insts.get(iid)) and i.status == "suspended"
     }
     scopes = state.scopes
+    in_root = scopes[""].by_id if "" in scopes else {}
     awaiting: dict[str, None] = {}
     for iid, i in state.insts.items():
         if i.step is None and iid not in scopes:  # not a child scope: saved by reference
             sid = i.scope
-            i.step = scopes[sid].by_id[iid[len(sid) + 1 :] if sid else iid]
+            i.step = scopes[sid].by_id[iid[len(sid) + 1 :]] if sid else in_root[iid]
         if (i.matches or i.child_run_id is not None) and i.status not in DONE:
             awaiting[iid] = None
     state._awaiting = awaiting
