@@ -36,6 +36,7 @@ from loom_infra import collector
 from loom_infra.settings import StoreSettings
 from loom_infra.store import open_event_store, open_snapshot_store
 from loom_services.runhost import _rebuild
+from loom_services.runtime import freeze_startup_objects
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -90,13 +91,13 @@ def main() -> None:
     parser.add_argument(
         "--frozen-start",
         action="store_true",
-        help="freeze the heap first, as a service does at its start: then what a load "
-        "decoded is walked by the next young collection, timed in the load",
+        help="freeze the heap first, as a service does at its start "
+        "(runtime.freeze_startup_objects): then what a load decoded is collected at its "
+        "end, timed in the load",
     )
     args = parser.parse_args()
     if args.frozen_start:
-        gc.collect()
-        gc.freeze()
+        freeze_startup_objects()
     base = Path(tempfile.mkdtemp(prefix="loom-load-"))
     settings = StoreSettings(kind="sqlite", data_dir=base)
     events, snaps_store = open_event_store(settings), open_snapshot_store(settings)
