@@ -5,7 +5,8 @@ executor in memory and stored in a real SQLite event store), prints:
 - full load: read every event + fold + verify by replay (what a load costs without a
   snapshot);
 - snapshot load: read the latest snapshot + the events after it + fold + verify them
-  (what ``RunHost`` does; median and min of ``--repeat`` loads);
+  (what ``RunHost`` does; median and min of ``--repeat`` loads, and the median of their
+  CPU time, steadier than wall time on a shared machine);
 - replay speed: events re-decided per second, and fold speed (events per second).
 
     python bench/load_bench.py [--sizes 1000,10000,100000]
