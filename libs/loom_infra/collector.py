@@ -84,6 +84,7 @@ def paused() -> Iterator[None]:
                         gc.freeze()  # young objects: to the permanent generation...
                         gc.unfreeze()  # ...and from it to the oldest one
                     else:  # a service: walked once, here, on their way to the oldest
+                        # (under the lock: nothing a collection runs loads a run)
                         gc.collect(1)
                 if _was_enabled:
                     gc.enable()
