@@ -85,7 +85,12 @@ class RetryPolicy(Inbound, tag="retry", tag_field="type"):
     non_retryable: list[str] = []
 
 
-class ToolStep(Inbound, tag="tool", tag_field="kind"):
+# Steps are never tracked by the garbage collector (``gc=False``, every kind below): a
+# step is frozen and holds strings, numbers, other steps and JSON values decoded from a
+# plan, so no reference cycle can go through one. A long run holds two references to
+# each step it ran (its plan's, its instance's): a restored state's steps are then not
+# walked by the next young collection (issue 10, ``loom_core.executor.Inst``).
+class ToolStep(Inbound, tag="tool", tag_field="kind", gc=False):
     """Call one tool. ``input`` values may hold templates such as
     ``{{ input.city }}`` or ``{{ steps.fetch.output.title }}``. ``timeout_s`` bounds one
     attempt, ``step_timeout_s`` the whole step including retries and waits.
@@ -105,7 +110,7 @@ class ToolStep(Inbound, tag="tool", tag_field="kind"):
     description: str = ""
 
 
-class ForeachStep(Inbound, tag="foreach", tag_field="kind"):
+class ForeachStep(Inbound, tag="foreach", tag_field="kind", gc=False):
     """Run ``do`` (a sub-plan) once per element of ``items`` (an array or a template
     naming one), at most ``concurrency`` at a time. Inside, ``{{ item }}`` and
     ``{{ index }}`` name the element. Each element's result is ``output`` rendered in its
@@ -126,7 +131,7 @@ class ForeachStep(Inbound, tag="foreach", tag_field="kind"):
     description: str = ""
 
 
-class LoopStep(Inbound, tag="loop", tag_field="kind"):
+class LoopStep(Inbound, tag="loop", tag_field="kind", gc=False):
     """Run ``do`` again and again: ``while`` is checked before each iteration,
     ``until`` after each; ``max_iterations`` is mandatory (a loop without a cap is an
     invalid plan). Inside, ``{{ iteration }}`` counts from 0 and ``{{ steps.x.output }}``
@@ -145,7 +150,7 @@ class LoopStep(Inbound, tag="loop", tag_field="kind"):
     description: str = ""
 
 
-class ParallelStep(Inbound, tag="parallel", tag_field="kind"):
+class ParallelStep(Inbound, tag="parallel", tag_field="kind", gc=False):
     """Branches (named sub-plans) that run concurrently and join; the output maps each
     branch to its result (the branch's last step)."""
 
@@ -156,7 +161,7 @@ class ParallelStep(Inbound, tag="parallel", tag_field="kind"):
     description: str = ""
 
 
-class ReduceStep(Inbound, tag="reduce", tag_field="kind"):
+class ReduceStep(Inbound, tag="reduce", tag_field="kind", gc=False):
     """Fold ``items`` into one value, in order: ``do`` runs once per element with
     ``{{ acc }}`` (starting at ``initial``), ``{{ item }}`` and ``{{ index }}``; its
     result (``output`` or the body's last step) is the next ``acc``. The step's output
@@ -172,7 +177,7 @@ class ReduceStep(Inbound, tag="reduce", tag_field="kind"):
     description: str = ""
 
 
-class IfStep(Inbound, tag="if", tag_field="kind"):
+class IfStep(Inbound, tag="if", tag_field="kind", gc=False):
     """Branch on a declarative predicate. The branch not taken is recorded as skipped.
     The output is the taken branch's result (its last step), or null."""
 
@@ -185,7 +190,7 @@ class IfStep(Inbound, tag="if", tag_field="kind"):
     description: str = ""
 
 
-class FinalStep(Inbound, tag="final", tag_field="kind"):
+class FinalStep(Inbound, tag="final", tag_field="kind", gc=False):
     """Produce the run's output from earlier results (a template). When a plan has a
     final step, its output is the run's output."""
 
@@ -195,7 +200,7 @@ class FinalStep(Inbound, tag="final", tag_field="kind"):
     description: str = ""
 
 
-class SleepStep(Inbound, tag="sleep", tag_field="kind"):
+class SleepStep(Inbound, tag="sleep", tag_field="kind", gc=False):
     """A durable timer: wait ``seconds`` or until ``until`` (an ISO 8601 time with a
     zone, or a template giving one). It survives restarts of every service."""
 
@@ -206,7 +211,7 @@ class SleepStep(Inbound, tag="sleep", tag_field="kind"):
     description: str = ""
 
 
-class ApprovalStep(Inbound, tag="approval", tag_field="kind"):
+class ApprovalStep(Inbound, tag="approval", tag_field="kind", gc=False):
     """Suspend for a person: ``payload`` (a template) tells them what to decide,
     ``schema`` (JSON Schema) says what the answer must look like, ``label`` is how they
     find it (``loom resume RUN --label L``). The answer becomes the step's output.
@@ -233,7 +238,7 @@ class EventMatch(Inbound, tag="event_match", tag_field="type"):
     key: str
 
 
-class WaitEventStep(Inbound, tag="wait_event", tag_field="kind"):
+class WaitEventStep(Inbound, tag="wait_event", tag_field="kind", gc=False):
     """Wait for external events (published to ``loom.signal.{name}.{key}``): ``any``
     one of them or ``all``. The output maps each received event's name to its payload.
     ``timeout_s`` bounds the wait (the step fails with ``wait_timeout``). An event
@@ -248,7 +253,7 @@ class WaitEventStep(Inbound, tag="wait_event", tag_field="kind"):
     description: str = ""
 
 
-class SubRunStep(Inbound, tag="sub_run", tag_field="kind"):
+class SubRunStep(Inbound, tag="sub_run", tag_field="kind", gc=False):
     """Start a child run of ``plan`` with ``input`` (templates) and wait for it: the
     child's output becomes this step's output; its failure fails the step. The child's
     id is derived from this run and step (or ``run_id``, a template); parent and child
@@ -314,7 +319,7 @@ class AgentDelegate(Inbound, tag="agent_delegate", tag_field="type"):
     input_schema: dict[str, JSON] = msgspec.field(default_factory=lambda: {"type": "object"})
 
 
-class AgentStep(Inbound, tag="agent", tag_field="kind"):
+class AgentStep(Inbound, tag="agent", tag_field="kind", gc=False):
     """A model working in turns (ReAct): each turn is requested as an event and
     answered by the planner service; the tools the model calls (only those in
     ``tools``) run as ordinary tool calls. ``instructions`` (the system prompt) and

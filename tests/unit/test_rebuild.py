@@ -221,3 +221,50 @@ def test_a_small_block_leaves_its_objects_to_the_collector_and_costs_no_walk(
     assert not asked
     oldest = {id(o) for o in gc.get_objects(generation=2)}
     assert not any(id(x) in oldest for x in few)
+
+
+def test_a_large_rebuild_in_a_service_is_walked_once_and_stays_unfrozen() -> None:
+    """A service froze its start-up heap: a large block's objects are collected once at
+    its end (``gc.collect(1)``) and go to the oldest generation, where full collections
+    see them; nothing more is frozen, nothing frozen is handed back."""
+    frozen_before = gc.get_freeze_count()
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collector.paused():
+            made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+        assert gc.get_freeze_count() == frozen
+        assert gc.get_count()[0] < 1000  # the young generation was collected
+        oldest = {id(o) for o in gc.get_objects(generation=2)}
+        assert all(id(x) in oldest for x in made)
+    finally:
+        gc.unfreeze()
+        if frozen_before:
+            gc.freeze()
+
+
+def test_a_heap_frozen_by_the_service_is_not_walked_at_a_large_rebuild(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``runtime.freeze_startup_objects`` freezes through ``collector.freeze_heap``: the
+    end of a large block then knows it without ``gc.get_freeze_count`` (a walk of the
+    frozen list, 1-5 ms in a service at every large load)."""
+    frozen_before = gc.get_freeze_count()
+    asked: list[int] = []
+    real = gc.get_freeze_count
+    monkeypatch.setattr(collector, "_heap_frozen", False)
+    try:
+        collector.freeze_heap()
+        frozen = real()
+        monkeypatch.setattr(gc, "get_freeze_count", lambda: asked.append(1) or real())
+        with collector.paused():
+            made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+        assert not asked
+        assert real() == frozen
+        oldest = {id(o) for o in gc.get_objects(generation=2)}
+        assert all(id(x) in oldest for x in made)
+    finally:
+        gc.unfreeze()
+        if frozen_before:
+            gc.freeze()
