@@ -416,24 +416,11 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     buffer full, a bad subject, too large), writing nothing. nats-py 2.16's
     ``_pending``, ``_flush_queue`` and ``_flusher_task`` (pinned; the direct dispatch
     tests fail first if an upgrade changes them)."""
-    if nc.is_closed:
-        raise nats.errors.ConnectionClosedError
-    if nc.is_draining_pubs:
-        raise nats.errors.ConnectionDrainingError
-    if not subject or _BAD_SUBJECT.search(subject) is not None:
-        raise nats.errors.BadSubjectError
-    size = len(data)
-    if not nc.is_connected and (
-        nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
-    ):
-        raise nats.errors.OutboundBufferLimitError
-    if size > nc._max_payload:
-        raise nats.errors.MaxPayloadError
-    command = b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+    command = _pub_command(nc, subject, data)
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     nc.stats["out_msgs"] += 1
-    nc.stats["out_bytes"] += size
+    nc.stats["out_bytes"] += len(data)
     if not nc.is_connected:
         return  # sent with the reconnect's flush, as a publish meanwhile is
     flusher = nc._flusher_task
@@ -527,25 +514,47 @@ async def subscribe_inline(nc: NATS, subject: str, handle: Callable[[Msg], None]
     return sub
 
 
+def _pub_command(nc: NATS, subject: str, data: bytes) -> bytes:
+    """nats-py's PUB command for a plain publish, after its checks (closed, draining, the
+    reconnect buffer full, a bad subject, too large: raised as nats-py raises them)."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not subject or _BAD_SUBJECT.search(subject) is not None:
+        raise nats.errors.BadSubjectError
+    size = len(data)
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
+    ):
+        raise nats.errors.OutboundBufferLimitError
+    if size > nc._max_payload:
+        raise nats.errors.MaxPayloadError
+    return b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+
+
 async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
     """A plain publish that is on the socket when this returns, not at the connection's
     flusher's next turn: the caller is about to block the loop (the SQLite commit, issue
     10) and the message must travel meanwhile. Returns False when it could not be written
-    now (not connected, or a write error): it goes out with a later flush or is lost with
-    the connection, so only for messages with a durable fallback. Writes what the
-    connection had pending, in order, as its flusher
-    does (nats-py 2.16's ``_pending``/``_transport``: the version is pinned; the direct
-    dispatch tests fail first if an upgrade changes them)."""
-    if not nc.is_connected:
+    now (not connected, refused by nats-py's checks, or a write error): it goes out with
+    a later flush or is lost with the connection, so only for messages with a durable
+    fallback. Writes what the connection had pending first, in order, as its
+    flusher does, in one ``writelines``, without nats-py's ``publish`` (which also woke
+    the flusher for nothing: its queue's future and a task step per call; issue 10,
+    stackcpu). nats-py 2.16's ``_pending``/``_transport`` (pinned; the direct dispatch
+    tests fail first if an upgrade changes them). Never suspends."""
+    transport = nc._transport
+    if not nc.is_connected or transport is None:
         return False
     try:
-        await nc.publish(subject, data)
-        transport = nc._transport
-        if transport is None or not nc._pending:
-            return transport is not None
+        command = _pub_command(nc, subject, data)
+        nc._pending.append(command)
         transport.writelines(nc._pending[:])
         nc._pending = []
         nc._pending_data_size = 0
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(data)
     except Exception as exc:  # the stream copy is the command; this is only a shortcut
         log.debug("publish_now on %s failed: %r", subject, exc)
         return False
