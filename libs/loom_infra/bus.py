@@ -416,24 +416,11 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     buffer full, a bad subject, too large), writing nothing. nats-py 2.16's
     ``_pending``, ``_flush_queue`` and ``_flusher_task`` (pinned; the direct dispatch
     tests fail first if an upgrade changes them)."""
-    if nc.is_closed:
-        raise nats.errors.ConnectionClosedError
-    if nc.is_draining_pubs:
-        raise nats.errors.ConnectionDrainingError
-    if not subject or _BAD_SUBJECT.search(subject) is not None:
-        raise nats.errors.BadSubjectError
-    size = len(data)
-    if not nc.is_connected and (
-        nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
-    ):
-        raise nats.errors.OutboundBufferLimitError
-    if size > nc._max_payload:
-        raise nats.errors.MaxPayloadError
-    command = b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+    command = _pub_command(nc, subject, data)
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     nc.stats["out_msgs"] += 1
-    nc.stats["out_bytes"] += size
+    nc.stats["out_bytes"] += len(data)
     if not nc.is_connected:
         return  # sent with the reconnect's flush, as a publish meanwhile is
     flusher = nc._flusher_task
@@ -452,25 +439,122 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")
 
 
+class _Inline:
+    """Stands in for a plain subscription's pending queue (nats-py 2.16's
+    ``Subscription._pending_queue``, pinned): each message nats-py's reader puts on it is
+    handed to ``handle`` at once, in the reader's own turn, instead of being queued for
+    the subscription's task, which then wakes, takes it and calls the callback's
+    coroutine. Only for handlers that never wait. Nothing is ever queued here, so what
+    nats-py asks of the queue (its size, empty, ``join`` when draining) says so; a
+    ``get`` (the task of a subscription made with a callback) waits for ever."""
+
+    __slots__ = ("handle", "sub")
+
+    def __init__(self, sub: Any, handle: Callable[[Msg], None]) -> None:
+        self.sub = sub
+        self.handle = handle
+
+    def put_nowait(self, msg: Msg) -> None:
+        self.sub._pending_size -= len(msg.data)  # counted by nats-py just before
+        _handled(self.handle, msg)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def full(self) -> bool:
+        return False
+
+    def task_done(self) -> None:
+        return None
+
+    def get_nowait(self) -> Msg:
+        raise asyncio.QueueEmpty
+
+    async def get(self) -> Msg:
+        await asyncio.get_running_loop().create_future()  # nothing ever comes
+        raise AssertionError("unreachable")
+
+    async def join(self) -> None:
+        return None
+
+
+def _handled(handle: Callable[[Msg], None], msg: Msg) -> None:
+    try:
+        handle(msg)
+    except Exception:  # never into nats-py's reader: it would end the connection's reads
+        log.exception("handling a message on %s failed", msg.subject)
+
+
+def deliver_inline(sub: Any, handle: Callable[[Msg], None]) -> None:
+    """Hand each message of the plain subscription ``sub`` to ``handle`` (which must not
+    wait, nor raise: an exception is logged) as nats-py's reader parses it, without the
+    subscription's queue and task (issue 10, stackcpu: ~10 us of the executor's CPU per
+    message: the relay's five publish acks and the direct tool result of every step).
+    What the queue already holds is handed over first, in order. A subscription made
+    with a callback keeps its task, waiting on nothing, until it is unsubscribed."""
+    queue = sub._pending_queue
+    if isinstance(queue, _Inline):
+        queue.handle = handle
+        return
+    sub._pending_queue = _Inline(sub, handle)
+    while not queue.empty():
+        msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        _handled(handle, msg)
+
+
+async def subscribe_inline(nc: NATS, subject: str, handle: Callable[[Msg], None]) -> Any:
+    """A plain subscription to ``subject`` whose messages go to ``handle`` as they are
+    parsed (``deliver_inline``); no task of its own."""
+    sub = await nc.subscribe(subject)
+    deliver_inline(sub, handle)
+    return sub
+
+
+def _pub_command(nc: NATS, subject: str, data: bytes) -> bytes:
+    """nats-py's PUB command for a plain publish, after its checks (closed, draining, the
+    reconnect buffer full, a bad subject, too large: raised as nats-py raises them)."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not subject or _BAD_SUBJECT.search(subject) is not None:
+        raise nats.errors.BadSubjectError
+    size = len(data)
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or size + nc._pending_data_size > nc._max_pending_size
+    ):
+        raise nats.errors.OutboundBufferLimitError
+    if size > nc._max_payload:
+        raise nats.errors.MaxPayloadError
+    return b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+
+
 async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
     """A plain publish that is on the socket when this returns, not at the connection's
     flusher's next turn: the caller is about to block the loop (the SQLite commit, issue
     10) and the message must travel meanwhile. Returns False when it could not be written
-    now (not connected, or a write error): it goes out with a later flush or is lost with
-    the connection, so only for messages with a durable fallback. Writes what the
-    connection had pending, in order, as its flusher
-    does (nats-py 2.16's ``_pending``/``_transport``: the version is pinned; the direct
-    dispatch tests fail first if an upgrade changes them)."""
-    if not nc.is_connected:
+    now (not connected, refused by nats-py's checks, or a write error): it goes out with
+    a later flush or is lost with the connection, so only for messages with a durable
+    fallback. Writes what the connection had pending first, in order, as its
+    flusher does, in one ``writelines``, without nats-py's ``publish`` (which also woke
+    the flusher for nothing: its queue's future and a task step per call; issue 10,
+    stackcpu). nats-py 2.16's ``_pending``/``_transport`` (pinned; the direct dispatch
+    tests fail first if an upgrade changes them). Never suspends."""
+    transport = nc._transport
+    if not nc.is_connected or transport is None:
         return False
     try:
-        await nc.publish(subject, data)
-        transport = nc._transport
-        if transport is None or not nc._pending:
-            return transport is not None
+        command = _pub_command(nc, subject, data)
+        nc._pending.append(command)
         transport.writelines(nc._pending[:])
         nc._pending = []
         nc._pending_data_size = 0
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(data)
     except Exception as exc:  # the stream copy is the command; this is only a shortcut
         log.debug("publish_now on %s failed: %r", subject, exc)
         return False

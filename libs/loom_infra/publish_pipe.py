@@ -38,6 +38,8 @@ from nats.errors import (
 )
 from nats.js.errors import APIError, NoStreamResponseError
 
+from loom_infra.bus import subscribe_inline
+
 # what nats-py refuses in a subject (a space or a line break would break the protocol)
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")
 # a line break in a header value would start a header of the sender's choosing
@@ -101,7 +103,8 @@ class PublishPipe:
 
     async def _open(self) -> None:
         inbox = self.nc.new_inbox()
-        await self.nc.subscribe(f"{inbox}.*.*", cb=self._on_ack)
+        # each ack handled as it is parsed, not queued for a task (issue 10, stackcpu)
+        await subscribe_inline(self.nc, f"{inbox}.*.*", self._on_ack)
         self._prefix = f"{inbox}."
 
     async def send(self, messages: Sequence[tuple[str, bytes, bytes]]) -> asyncio.Future[list[Any]]:
@@ -154,7 +157,7 @@ class PublishPipe:
             raise
         return future
 
-    async def _on_ack(self, msg: Any) -> None:
+    def _on_ack(self, msg: Any) -> None:
         number, _, index = msg.subject[len(self._prefix) :].partition(".")
         try:
             batch, slot = self._batches.get(int(number)), int(index)

@@ -44,6 +44,8 @@ from eventsourcing.domain import EventSourcingError
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
+    ConnectionPoolClosedError,
+    ConnectionUnavailableError,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -398,6 +400,7 @@ def open_event_store(settings: StoreSettings) -> EventStore:
 
             def close() -> None:
                 checkpointer.close()
+                close_held_writer(sqlite_ds.pool)
                 sqlite_ds.close()
 
             with _closing_on_error(_Closer(close)):
@@ -589,18 +592,62 @@ def _insert_events(recorder: Any, stored: list[StoredEvent]) -> Sequence[int] | 
 
 def _sqlite_insert(recorder: SQLiteApplicationRecorder, stored: list[StoredEvent]) -> list[int]:
     """The library's SQLite insert (``BEGIN``, one INSERT per event taking its rowid as
-    the notification id, ``COMMIT``; rolled back on any error), with the writer
-    connection taken from and given back to the library's pool as it does, so its
-    writer lock still keeps one writer at a time, but without its five nested context
-    managers and wrappers around the raw connection and cursor: those cost about as
-    much CPU as the inserts themselves, on every commit of the executor's writer, which
-    runs on the event loop (issue 10, hopcpu). Errors are the library's, as there:
+    the notification id, ``COMMIT``; rolled back on any error), without its five nested
+    context managers and wrappers around the raw connection and cursor: those cost about
+    as much CPU as the inserts themselves, on every commit of the executor's writer,
+    which runs on the event loop (issue 10, hopcpu). Errors are the library's, as there:
     ``IntegrityError`` for a position taken (a ``ConcurrencyConflict``), the rest
-    translated by ``_translated``."""
+    translated by ``_translated``.
+
+    It writes on a connection of its own, opened by the pool (so set up as every pool
+    connection is: WAL, the lock timeout, no autocheckpoint) and kept for the store's
+    life, under the pool's writer lock, which every other writer of the database (the
+    relay's position) takes through the pool: still one writer at a time. Taking and
+    giving back a pool connection cost ~15 us of the loop's CPU per commit (a Python
+    semaphore and condition, timeouts computed four times: issue 10, stackcpu). An
+    in-memory database (the pool's readers and writers exclude each other) goes through
+    the pool as before."""
     pool = recorder.datastore.pool
-    conn = pool.get_connection(is_writer=True)
+    if pool._mutually_exclusive_read_write:
+        conn = pool.get_connection(is_writer=True)
+        try:
+            return _sqlite_inserted(conn._sqlite_conn, recorder, stored)
+        finally:
+            pool.put_connection(conn)
+    lock = pool._writer_lock
+    if not lock.acquire(timeout=pool.pool_timeout):
+        raise ConnectionUnavailableError("Timed out waiting for return of writer")
     try:
-        raw: sqlite3.Connection = conn._sqlite_conn
+        writer = _held_writer(pool)
+        return _sqlite_inserted(writer, recorder, stored)
+    finally:
+        lock.release()
+
+
+def _held_writer(pool: Any) -> sqlite3.Connection:
+    """The writer connection ``_sqlite_insert`` keeps on ``pool`` (opened at first use,
+    closed by ``close_held_writer``). Called under the pool's writer lock."""
+    held = getattr(pool, "_loom_writer", None)
+    if held is None:
+        if pool._closed:
+            raise ConnectionPoolClosedError("Pool is closed")
+        held = pool._loom_writer = pool._create_connection()
+    raw: sqlite3.Connection = held._sqlite_conn
+    return raw
+
+
+def close_held_writer(pool: Any) -> None:
+    """Close the writer connection ``_sqlite_insert`` kept on ``pool``, if any."""
+    with pool._writer_lock:
+        held = pool.__dict__.pop("_loom_writer", None)
+        if held is not None:
+            held.close()
+
+
+def _sqlite_inserted(
+    raw: sqlite3.Connection, recorder: SQLiteApplicationRecorder, stored: list[StoredEvent]
+) -> list[int]:
+    try:
         cursor = raw.cursor()
         try:
             cursor.execute("BEGIN")
@@ -620,8 +667,6 @@ def _sqlite_insert(recorder: SQLiteApplicationRecorder, stored: list[StoredEvent
             cursor.close()
     except sqlite3.IntegrityError as exc:
         raise IntegrityError(exc) from exc
-    finally:
-        pool.put_connection(conn)
     return ids
 
 

@@ -212,10 +212,18 @@ class ExecutorService:
         )
         # the inbox: one consumer per owned partition, started by ``parts``
         if self.settings.direct_dispatch:
+            # each handled as nats-py parses it, not queued for a task: neither waits
+            # (issue 10, stackcpu)
             for inbox in routes.DIRECT_INBOXES:  # tool results, verdicts, model turns
-                await endpoints.stream_copies(ctx.nc, inbox, self.name, self.on_result_copy)
+                for sub in await endpoints.stream_copies(
+                    ctx.nc, inbox, self.name, self.on_result_copy
+                ):
+                    bus.deliver_inline(sub, self.take_result_copy)
             self.host.before_commit = self.dispatch_early
-            await endpoints.subscribe(ctx.nc, routes.TOOL_RESULT, self.name, self.on_result)
+            for sub in await endpoints.subscribe(
+                ctx.nc, routes.TOOL_RESULT, self.name, self.on_result
+            ):
+                bus.deliver_inline(sub, self.take_result)
         # schedules fire here: a firing acts for its creator, as only the engine may
         self.scheduler = Scheduler(self.settings, self.host.submit, self.principals,
                                    self._check_scheduled, exists=self._run_exists,
@@ -444,6 +452,10 @@ class ExecutorService:
                 await bus.publish_now(self.ctx.nc, subject, codec.encode(record))
 
     async def on_result_copy(self, msg: Msg) -> None:
+        """``take_result_copy`` as a subscription callback."""
+        self.take_result_copy(msg)
+
+    def take_result_copy(self, msg: Msg) -> None:
         """An inbox message on the critical path (``routes.DIRECT_INBOXES``: a tool
         result, the planner's verdict, a model turn) as its sender publishes it, before
         LOOM_INBOX has stored (and fsynced) it and its consumer handed it over (issue 10:
@@ -453,8 +465,8 @@ class ExecutorService:
         run, then by the writer: is the run waiting for it). The stream copy, which
         always follows, is then settled as this one was (``on_inbox``): one record, one
         ack. A copy that is not taken, or not recorded, is left to the stream copy (its
-        refusal is dead-lettered there). Never waits: it runs on the connection's
-        delivery task."""
+        refusal is dead-lettered there). Never waits: it runs as nats-py's reader parses
+        the message (``bus.deliver_inline``)."""
         source = routes.inbox_source(msg.subject)
         if source is None or source[0] not in self.host.actors:
             return
@@ -477,17 +489,22 @@ class ExecutorService:
         self.host.queue.put_nowait(work)
 
     async def on_result(self, msg: Msg) -> None:
+        """``take_result`` as a subscription callback."""
+        self.take_result(msg)
+
+    def take_result(self, msg: Msg) -> None:
         """A tool result sent straight here by the tool-runner (``routes.TOOL_RESULT``,
         issue 10), answered once recorded: the run's writer checks it exactly as an
         inbox message (route, run, then against the state: is the run waiting for it)
         and answers ``recorded`` after the commit that stored it; a refusal is answered
         with its reason (the runner then publishes the result to the inbox stream,
         which dead-letters it with that reason). Replicas that do not write the run say
-        nothing (the runner falls back when no answer comes). Never waits: it runs on
-        the connection's delivery task. The answer is written by the work's done-callback
-        (``_result_settled``), not by a task awaiting it: one task and its coroutines
-        less per tool call, and it joins the commit's other messages (the relay's batch)
-        in the connection's next socket write (issue 10, hopcpu)."""
+        nothing (the runner falls back when no answer comes). Never waits: it runs as
+        nats-py's reader parses the message (``bus.deliver_inline``). The answer is
+        written by the work's done-callback (``_result_settled``), not by a task
+        awaiting it: one task and its coroutines less per tool call, and it joins the
+        commit's other messages (the relay's batch) in the connection's next socket
+        write (issue 10, hopcpu)."""
         run_id = msg.subject.split(".")[2]  # the subscription's filter: loom.result.*.tool
         if self.host.owns is not None and not self.host.owns(run_id):
             return

@@ -130,10 +130,11 @@ def test_store_settings_defaults() -> None:
 def test_a_refused_append_leaves_the_writer_connection_usable(
     sqlite_store_settings: StoreSettings,
 ) -> None:
-    """The executor's SQLite append (``store._sqlite_insert``, issue 10 hopcpu) uses the
-    pool's connection without the library's context managers: a batch refused halfway
-    (its third event's position taken) stores none of it, leaves no transaction open
-    on the connection it gave back, and the next append goes on with the next ids."""
+    """The executor's SQLite append (``store._sqlite_insert``, issue 10 hopcpu) writes
+    without the library's context managers, on the writer connection it keeps
+    (stackcpu): a batch refused halfway (its third event's position taken) stores none
+    of it, leaves no transaction open on that connection, and the next append goes on
+    with the next ids."""
     from loom_infra.store import ConcurrencyConflict
 
     events = open_event_store(sqlite_store_settings)
@@ -145,12 +146,52 @@ def test_a_refused_append_leaves_the_writer_connection_usable(
         assert refused.value.run_ids == ("run-a",)
         assert [r.seq for r in events.load("run-b")] == [] and events.load("run-c") == []
         pool = events._recorder.datastore.pool
-        conn = pool.get_connection(is_writer=True)
-        try:
-            assert not conn._sqlite_conn.in_transaction
-        finally:
-            pool.put_connection(conn)
+        assert not pool._loom_writer._sqlite_conn.in_transaction
         after = events.append(run_events("run-b", 1, 3))
         assert after == [first[-1] + 1, first[-1] + 2, first[-1] + 3]
     finally:
         events.close()
+
+
+def test_the_append_waits_for_any_other_writer_and_its_connection_closes_with_the_store(
+    sqlite_store_settings: StoreSettings,
+) -> None:
+    """The append keeps a writer connection of its own (issue 10, stackcpu) but takes the
+    pool's writer lock for each commit, as every other writer of the file does (the
+    relay's position through the pool): while another writer holds it, the append
+    waits, and goes on once it is given back. Closing the store closes the connection."""
+    import threading
+
+    events = open_event_store(sqlite_store_settings)
+    try:
+        events.append(run_events("run-a", 1, 1))
+        pool = events._recorder.datastore.pool
+        held = pool._loom_writer._sqlite_conn
+        other = pool.get_connection(is_writer=True)  # another writer, as the relay's
+        finished = threading.Event()
+        outcome: list[object] = []
+
+        def append() -> None:
+            try:
+                outcome.append(events.append(run_events("run-a", 2, 1)))
+            except Exception as exc:  # shown by the assertion below
+                outcome.append(exc)
+            finally:
+                finished.set()
+
+        worker = threading.Thread(target=append)
+        worker.start()
+        try:
+            # bounded: the append must still be waiting for the lock after this long
+            assert not finished.wait(0.3), outcome
+        finally:
+            pool.put_connection(other)
+        assert finished.wait(10)
+        worker.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], list), outcome
+        assert [r.seq for r in events.load("run-a")] == [1, 2]
+    finally:
+        events.close()
+    assert not hasattr(pool, "_loom_writer")
+    with pytest.raises(sqlite3.ProgrammingError):
+        held.execute("SELECT 1")
