@@ -709,6 +709,10 @@ def expect_event(msg: Msg, kind: type[E]) -> tuple[EventRecord, E]:
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[bool | BaseException]]]
 MessageHandler = Callable[[Msg], Awaitable[bool | BaseException]]
+# A consumer's synchronous look at a message before it gets a task (``PullConsumer.quick``):
+# True (ack it now), a future whose result settles it as a handler's would, or None (the
+# ``message_handler`` takes it, in a task of its own)
+QuickHandler = Callable[[Msg], "bool | asyncio.Future[bool | BaseException] | None"]
 
 
 # How long one pull request stays open (``OpenPull``): as nats-py's fetch(timeout=1.0)
@@ -844,6 +848,11 @@ class PullConsumer:
     # started right after its ack floor, then deleted (``_start_position``)
     replaces: str | None = None
     _acks: _AckAll | None = dataclasses.field(default=None, init=False, repr=False)
+    # with ``concurrency``: settles what it can without a task (see ``_settled_quickly``)
+    quick: QuickHandler | None = None
+    _settling: set[asyncio.Future[None]] = dataclasses.field(
+        default_factory=set, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not self.ack_wait_s:
@@ -910,12 +919,44 @@ class PullConsumer:
                     await back_or_stop(self.js._nc, stop, 0.5)
                     continue
                 for msg in msgs:
+                    if self.quick is not None and self._settled_quickly(msg):
+                        continue
                     task = asyncio.ensure_future(self._handle_one(msg))
                     tasks.add(task)
                     task.add_done_callback(functools.partial(_finished, tasks, freed))
         finally:
             for task in tasks:
                 task.cancel()
+
+    def _settled_quickly(self, msg: Msg) -> bool:
+        """Is ``msg`` settled without a task of its own? The tool-runner's stream copy of
+        a request it took from its dispatch (issue 10, runnercpu): ``quick`` knows it
+        from its bytes, and it is acked now (answered) or when that handling ends, with
+        its outcome, as ``_handle_one`` would settle it, and kept alive by ``in_progress``
+        meanwhile as a handled message is. No task, coroutine or decode for it."""
+        assert self.quick is not None
+        outcome = self.quick(msg)
+        if outcome is None:
+            return False
+        if outcome is True:
+            _ack_soon(msg)
+            return True
+        assert isinstance(outcome, asyncio.Future), outcome
+        beat = Heartbeat((msg,), self.ack_wait_s)
+        outcome.add_done_callback(functools.partial(self._settle_when_done, msg, beat))
+        return True
+
+    def _settle_when_done(
+        self, msg: Msg, beat: Heartbeat, done: asyncio.Future[bool | BaseException]
+    ) -> None:
+        beat.stop()
+        result = False if done.cancelled() else done.result()
+        if result is True:
+            _ack_soon(msg)
+            return
+        settling = asyncio.ensure_future(self._settle(msg, result))  # rare: nak or dead letter
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
 
     async def _handle_one(self, msg: Msg) -> None:
         assert self.message_handler is not None
@@ -955,6 +996,21 @@ class PullConsumer:
         await msg.nak(delay=_retry_delay(self.durable, msg, result, deliveries))
 
 
+def _ack_soon(msg: Msg) -> None:
+    """``msg.ack()`` from a callback: the ack (an empty publish to its reply subject)
+    written into the connection's outgoing buffer by ``publish_soon``, with no task. An
+    ack that cannot be written (the connection closed) is as an ack lost: the message is
+    redelivered after the ack wait and met as answered."""
+    if msg._ackd:
+        return
+    try:
+        publish_soon(msg._client, msg.reply, b"")
+    except Exception as exc:
+        log.debug("ack of %s not sent: %r", msg.subject, exc)
+        return
+    msg._ackd = True
+
+
 def _refusal(result: bool | BaseException, deliveries: int) -> ErrorInfo | None:
     """Why a handled message goes to the dead letters (refused, or failed too often), or
     None when it is to be retried."""
@@ -984,6 +1040,11 @@ def _stream_seq(msg: Msg) -> int:
     of it (a datetime, two dataclasses), which cost more than the acks saved."""
     tokens = msg.reply.split(".")  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...
     return int(tokens[5] if len(tokens) == 9 else tokens[Msg.Ack.StreamSeq])
+
+
+def stream_seq(msg: Msg) -> int:
+    """A JetStream delivery's stream sequence, read from its reply subject alone."""
+    return _stream_seq(msg)
 
 
 # a message put back (``_AckAll.wanting``) that has not come back this long after its

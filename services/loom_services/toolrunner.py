@@ -112,6 +112,10 @@ RESULT_RECEIPT_S = 1.0
 # A dispatch of a request decided longer ago than this is stale (a delayed message):
 # left to the stream copy, which meets the ledger.
 PUBLISH_MAX_AGE_S = 5.0
+# Dispatches remembered by their bytes until their stream copy comes (``settle_quickly``):
+# at most this many, each at most this large (a larger one's copy takes the full path)
+DISPATCHED_MAX = 4096
+DISPATCHED_MAX_BYTES = 16 * 1024
 
 
 class ToolRunnerService:
@@ -166,9 +170,13 @@ class ToolRunnerService:
         # run may lack the result: answered from the ledger, after asking the run
         self.redecided: OrderedDict[str, None] = OrderedDict()
         self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
+        # the bytes of each dispatch this runner took -> its ledger key and early_mark,
+        # until its stream copy comes (bounded): see ``settle_quickly``
+        self.dispatched: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
         self.copies_since: datetime | None = None  # when this runner began taking publishes
         self.from_publish = 0  # calls started from the dispatch (tests, metrics)
         self.put_back = 0  # stream copies put back for another replica (``_elsewhere``)
+        self.copies_known = 0  # stream copies settled by ``settle_quickly`` (tests, metrics)
 
     # the tenants' tool call rates (loom_services.throttle); none until started
     throttle = CallThrottle(NO_QUOTAS, "tool")
@@ -192,6 +200,7 @@ class ToolRunnerService:
             self.name,
             "toolrunner",
             message_handler=self._one,
+            quick=self.settle_quickly,  # the stream copy of a dispatch taken: no task
             # tool calls one runner process runs at once (each acked when it ends)
             concurrency=self.settings.delivery.tool_concurrency,
             batch=64,
@@ -258,6 +267,30 @@ class ToolRunnerService:
             return bus.Later(self.settings.delivery.tool_ack_wait_s / 2)
         return await self._handle(record.run_id, request, msg, key, seq)
 
+    def settle_quickly(self, msg: Msg) -> bool | asyncio.Future[bool | BaseException] | None:
+        """The stream copy of a dispatch this runner took, known by its bytes: the very
+        event dispatched (same run, seq, decision time and request), so ``_one`` would
+        settle it as that dispatch's handling, and so it is, without a task, a decode or
+        a hash (issue 10, runnercpu): the handling's future while it runs (the consumer
+        settles the copy with its outcome), True once it answered. None for anything
+        else, and for a copy whose key is handled again meanwhile (another decision):
+        ``_one`` takes those."""
+        found = self.dispatched.pop(msg.data, None)
+        if found is None:
+            return None
+        key, mark = found
+        running = self.handling.get(key)
+        if running is not None:
+            if running[0] != mark:
+                return None
+            self.copies_known += 1
+            return running[1]
+        if self.answered.get(key) != mark:
+            return None
+        self.answered[key] = bus.stream_seq(msg)  # as ``_one``: this copy, answered
+        self.copies_known += 1
+        return True
+
     def _register(self, key: str, seq: int | str | None) -> asyncio.Future[bool | BaseException]:
         handling = asyncio.get_running_loop().create_future()
         self.handling[key] = (seq, handling)
@@ -317,6 +350,10 @@ class ToolRunnerService:
             self._note(self.redecided, key)
         mark = early_mark(record)
         handling = self._register(key, mark)  # now: its stream copy may come next
+        if len(msg.data) <= DISPATCHED_MAX_BYTES:
+            self.dispatched[msg.data] = (key, mark)
+            if len(self.dispatched) > DISPATCHED_MAX:  # copies that went to another replica
+                self.dispatched.popitem(last=False)
         self.from_publish += 1
         # not awaited here: the connection's delivery task must go on to the next message
         task = asyncio.ensure_future(self._handle(record.run_id, request, msg, key, mark, handling))

@@ -176,6 +176,8 @@ async def test_each_call_runs_and_is_recorded_once(one_runner: Running) -> None:
     # with direct dispatch every request and result was taken from its publish
     assert runner.from_publish == (STEPS if direct else 0)
     assert runner.put_back == 0  # it saw every dispatch: no stream copy waited
+    # each stream copy was known by its dispatch's bytes and settled without a task
+    assert runner.copies_known == (STEPS if direct else 0)
     assert one_runner.executor.results_from_publish == (STEPS if direct else 0)
     # so was the planner's verdict (the run's start)
     assert one_runner.executor.answers_from_publish == ({"plan": 1} if direct else {})

@@ -1,0 +1,96 @@
+"""A pull consumer's quick settle (``bus.PullConsumer.quick``, issue 10, runnercpu), on a
+real nats-server: the tool-runner knows the stream copy of a request it took from its
+dispatch by its bytes, and settles it without a task: acked at once when answered, or
+as the handling it waits for ends, with that handling's outcome (an ack, or a nak and a
+redelivery to the handler when it failed), kept alive by ``in_progress`` meanwhile.
+Anything the quick look does not know goes to the handler as before."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import StreamConfig
+from tests.integration.waiting import eventually
+
+from loom_infra import bus
+from loom_infra.natsserver import EmbeddedNats
+
+pytestmark = pytest.mark.integration
+
+STREAM, SUBJECT = "QUICKSETTLE", "quicksettle.work"
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
+    nc = await bus.connect(nats_server.url, "quicksettle-test", persistent=False)
+    await nc.jetstream().add_stream(StreamConfig(name=STREAM, subjects=[SUBJECT]))
+    yield nc
+    await nc.close()
+
+
+async def settled(js: Any) -> bool:
+    info = await js.consumer_info(STREAM, "quick")
+    return not (info.num_ack_pending or info.num_pending)
+
+
+async def test_a_quick_settle_acks_waits_or_hands_over(nc: Any) -> None:
+    js = nc.jetstream()
+    loop = asyncio.get_running_loop()
+    handled: list[bytes] = []
+    waiting: dict[bytes, asyncio.Future[bool | BaseException]] = {
+        b"waits": loop.create_future(),
+        b"fails": loop.create_future(),
+    }
+    looked: list[tuple[bytes, int]] = []
+
+    def quick(msg: Msg) -> bool | asyncio.Future[bool | BaseException] | None:
+        looked.append((msg.data, msg.metadata.num_delivered))
+        if msg.data == b"answered":
+            return True
+        if msg.metadata.num_delivered == 1:
+            return waiting.get(msg.data)
+        return None  # a redelivery: the handler's
+
+    async def handler(msg: Msg) -> bool:
+        handled.append(msg.data)
+        return True
+
+    consumer = bus.PullConsumer(
+        js, "toolrunner", STREAM, "quick", [SUBJECT],
+        message_handler=handler, concurrency=4, quick=quick, ack_wait_s=0.6,
+    )  # fmt: skip
+    progress: list[bytes] = []  # the in_progress acks the consumer sends (+WPI)
+
+    async def noted(msg: Msg) -> None:
+        progress.append(msg.data)
+
+    watch = await nc.subscribe(f"$JS.ACK.{STREAM}.quick.>", cb=noted)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(consumer.run(stop))
+    try:
+        for data in (b"answered", b"waits", b"fails", b"unknown"):
+            await js.publish(SUBJECT, data)
+        await eventually(lambda: len(looked) >= 4, "the quick look at each message")
+        # the one it does not know goes to the handler; the answered one is acked
+        await eventually(lambda: handled == [b"unknown"], "the handler to get the unknown one")
+        info = await js.consumer_info(STREAM, "quick")
+        assert info.num_ack_pending == 2  # the two waiting for their handling
+        # a handling longer than the ack wait is kept alive by in_progress (every 0.2 s):
+        # after 4 of each (0.8 s > the ack wait) neither was redelivered
+        await eventually(lambda: progress.count(b"+WPI") >= 8, "in_progress beats")
+        assert [d for d, n in looked if n > 1] == []
+        waiting[b"waits"].set_result(True)
+        waiting[b"fails"].set_result(RuntimeError("the handling failed"))
+        # the failed one is naked and comes back, to the handler this time
+        await eventually(lambda: b"fails" in handled, "the failed one's redelivery")
+        await eventually(lambda: settled(js), "every message acked", bound_s=10)
+        assert sorted(handled) == [b"fails", b"unknown"]
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        await watch.unsubscribe()
