@@ -416,6 +416,13 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     buffer full, a bad subject, too large), writing nothing. nats-py 2.16's
     ``_pending``, ``_flush_queue`` and ``_flusher_task`` (pinned; the direct dispatch
     tests fail first if an upgrade changes them)."""
+    if _buffered(nc, subject, data):
+        _kick_flusher(nc)
+
+
+def _buffered(nc: NATS, subject: str, data: bytes) -> bool:
+    """Put a plain PUB in the connection's outgoing buffer (see ``publish_soon``); False
+    when not connected (the reconnect's flush sends it)."""
     if nc.is_closed:
         raise nats.errors.ConnectionClosedError
     if nc.is_draining_pubs:
@@ -434,8 +441,11 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     nc._pending_data_size += len(command)
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += size
-    if not nc.is_connected:
-        return  # sent with the reconnect's flush, as a publish meanwhile is
+    return nc.is_connected  # if not, sent with the reconnect's flush, as a publish is
+
+
+def _kick_flusher(nc: NATS) -> None:
+    """Have the connection's flusher write what is pending, at its next turn."""
     flusher = nc._flusher_task
     if flusher is None or flusher.done():  # as nats-py's _flush_pending: write it here
         transport = nc._transport
@@ -447,6 +457,28 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     queue = nc._flush_queue
     if queue is not None and queue.empty():  # else a flush is queued: it writes this too
         queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+def publish_lazily(nc: NATS, subject: str, data: bytes, within_s: float) -> None:
+    """``publish_soon`` for a message nobody waits for (an ack): put in the outgoing
+    buffer, but the flusher is not woken for it; it goes out with the connection's next
+    write (the next publish's), or ``within_s`` from now at the latest (one timer per
+    connection). The tool-runner's ack of each request then rides in the socket write of
+    the next call's result instead of a write (and a nats-server read) of its own
+    (issue 10, runnercpu). Raises as ``publish_soon``."""
+    if not _buffered(nc, subject, data) or nc in _LAZY:
+        return
+    _LAZY[nc] = asyncio.get_running_loop().call_later(within_s, _lazy_due, nc)
+
+
+def _lazy_due(nc: NATS) -> None:
+    del _LAZY[nc]
+    if nc._pending and nc.is_connected and not nc.is_closed:
+        _kick_flusher(nc)
+
+
+# the connections with lazily buffered messages, and the timer that writes them at the latest
+_LAZY: weakref.WeakKeyDictionary[NATS, asyncio.TimerHandle] = weakref.WeakKeyDictionary()
 
 
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")
@@ -996,15 +1028,21 @@ class PullConsumer:
         await msg.nak(delay=_retry_delay(self.durable, msg, result, deliveries))
 
 
+# how long an ack put in the outgoing buffer from a callback may wait for another write
+# to ride in (``publish_lazily``): far below any ack wait
+ACK_LINGER_S = 0.005
+
+
 def _ack_soon(msg: Msg) -> None:
     """``msg.ack()`` from a callback: the ack (an empty publish to its reply subject)
-    written into the connection's outgoing buffer by ``publish_soon``, with no task. An
-    ack that cannot be written (the connection closed) is as an ack lost: the message is
-    redelivered after the ack wait and met as answered."""
+    put in the connection's outgoing buffer by ``publish_lazily``, with no task, written
+    with the next write or within ``ACK_LINGER_S``. An ack that cannot be written (the
+    connection closed) is as an ack lost: the message is redelivered after the ack wait
+    and met as answered."""
     if msg._ackd:
         return
     try:
-        publish_soon(msg._client, msg.reply, b"")
+        publish_lazily(msg._client, msg.reply, b"", ACK_LINGER_S)
     except Exception as exc:
         log.debug("ack of %s not sent: %r", msg.subject, exc)
         return

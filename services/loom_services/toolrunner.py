@@ -27,6 +27,9 @@ recorded in the ledger, many calls per transaction (``LedgerBackfill``), and onl
 is the request acked. The executor has the result before the ledger write, so the
 write is off the step's path; the ack still waits for it, so a redelivery (a lost ack,
 a runner killed after publishing) finds the result instead of running the call again.
+A result the run's writer took straight and stored (its receipt says ``recorded``) is
+not written to the ledger at all: the run's store holds it, and the request is acked at
+once (issue 10, runnercpu); a redelivery then finds no entry and asks the run, below.
 A redelivery of a request this process answered (its ack lost in a NATS restart) is
 acked unread (``answered``); one that finds no ledger entry asks the executor whether
 the run holds a result for it already (the runner that published it was killed before
@@ -160,7 +163,9 @@ class ToolRunnerService:
         self.cancelled: set[str] = set()
         # ledger key -> stream sequence of the request this process answered (bounded)
         self.answered: OrderedDict[str, int | str | None] = OrderedDict()
-        self.recording: dict[str, asyncio.Future[None]] = {}
+        # ledger key -> the result of an idempotent call run without a ledger record
+        # (``Step.RUN_RECORD_LATER``), until ``_answer`` knows whether it needs one
+        self.unrecorded: dict[str, ToolResult] = {}
         self.executed = 0
         self.backfill = LedgerBackfill(self.ledger, self.io)
         # ledger keys whose publish was seen and left to the stream copy (bounded)
@@ -401,22 +406,31 @@ class ToolRunnerService:
     async def _answer(
         self, run_id: str, request: ToolCallRequested, msg: Msg, key: str, seq: int | str | None
     ) -> bool | BaseException:
+        recording: asyncio.Future[None] | None = None
         try:
             result = await self._result_for(run_id, request, msg, key)
-            # no Nats-Msg-Id: a guessable one could be claimed first and get the real
-            # result dropped; the executor dedupes results by the run's state
-            if result is not None and not await self._recorded_directly(result):
+            if result is not None and await self._recorded_directly(result):
+                # The run's store holds it: the idempotent call's ledger record is not
+                # written (issue 10, runnercpu). A redelivery (the ack lost) finds no
+                # entry, asks the run, which has it, and sends nothing (``next_step``).
+                self.unrecorded.pop(key, None)
+            elif result is not None:
+                # no Nats-Msg-Id: a guessable one could be claimed first and get the real
+                # result dropped; the executor dedupes results by the run's state
                 subject = routes.inbox_subject(result)
                 await bus.publish_acked(self.ctx.js, subject, codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc
         finally:
-            recording = self.recording.pop(key, None)
+            # recorded whatever happened above but a direct receipt (a failed publish:
+            # the redelivery resends the result from the ledger, as before)
+            if (unrecorded := self.unrecorded.pop(key, None)) is not None:
+                recording = self.backfill.offer(key, self.owner, unrecorded)
         if recording is not None:
-            # acked only once the ledger holds it: the executor has the result already
-            # (this wait is off the step's path), and a redelivery after the ack was
-            # lost finds it there instead of running the call again
+            # acked only once the ledger holds it (the result is in LOOM_INBOX already):
+            # a redelivery after the ack was lost finds it there instead of running the
+            # call again
             await recording
         self.answered[key] = seq  # the stream sequence, or the dispatch's early_mark
         if len(self.answered) > ANSWERED_MAX:
@@ -514,7 +528,7 @@ class ToolRunnerService:
                 known = dataclasses.replace(known, ran=True, recorded=recorded, entry=None)
             elif step is Step.RUN_RECORD_LATER:  # no read, no commit before the answer
                 result = await self._execute(run_id, request, msg, key)
-                self.recording[key] = self.backfill.offer(key, self.owner, result)
+                self.unrecorded[key] = result  # recorded unless the run stores it (``_answer``)
                 return result
             elif step is Step.RUN_FINISH:
                 result = await self._execute(run_id, request, msg, key)

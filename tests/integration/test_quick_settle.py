@@ -3,7 +3,8 @@ real nats-server: the tool-runner knows the stream copy of a request it took fro
 dispatch by its bytes, and settles it without a task: acked at once when answered, or
 as the handling it waits for ends, with that handling's outcome (an ack, or a nak and a
 redelivery to the handler when it failed), kept alive by ``in_progress`` meanwhile.
-Anything the quick look does not know goes to the handler as before."""
+Anything the quick look does not know goes to the handler as before. Its acks ride in
+the connection's next write (``bus.publish_lazily``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
@@ -22,6 +25,7 @@ from loom_infra.natsserver import EmbeddedNats
 pytestmark = pytest.mark.integration
 
 STREAM, SUBJECT = "QUICKSETTLE", "quicksettle.work"
+BOUND_S = 10.0
 
 
 @pytest.fixture
@@ -94,3 +98,27 @@ async def test_a_quick_settle_acks_waits_or_hands_over(nc: Any) -> None:
         task.cancel()
         await asyncio.wait({task}, timeout=5)
         await watch.unsubscribe()
+
+
+async def test_a_lazy_publish_rides_with_the_next_write_or_goes_within_its_linger(
+    nats_server: EmbeddedNats,
+) -> None:
+    """``bus.publish_lazily`` (the quick settle's acks): the message waits in the outgoing
+    buffer for the connection's next write, and goes by its own timer when none comes."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("lazy.>")
+        bus.publish_lazily(nc, "lazy.a", b"1", 30.0)
+        bus.publish_soon(nc, "lazy.b", b"2")
+        first = await sub.next_msg(timeout=BOUND_S)
+        assert first.subject == "lazy.a"
+        assert nc in bus._LAZY  # its own timer (30 s) has not fired: it rode with lazy.b
+        assert (await sub.next_msg(timeout=BOUND_S)).subject == "lazy.b"
+        bus._LAZY.pop(nc).cancel()
+        bus.publish_lazily(nc, "lazy.c", b"3", 0.05)  # nothing else written: its timer
+        assert (await sub.next_msg(timeout=BOUND_S)).subject == "lazy.c"
+        assert nc not in bus._LAZY
+    finally:
+        await nc.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        bus.publish_lazily(nc, "lazy.closed", b"x", 0.05)
