@@ -116,8 +116,10 @@ RESULT_RECEIPT_S = 1.0
 # left to the stream copy, which meets the ledger.
 PUBLISH_MAX_AGE_S = 5.0
 # Dispatches remembered by their bytes until their stream copy comes (``settle_quickly``):
-# at most this many, each at most this large (a larger one's copy takes the full path)
+# at most this many and this many bytes in all (oldest out first: copies that went to
+# another replica), each at most this large (a larger one's copy takes the full path)
 DISPATCHED_MAX = 4096
+DISPATCHED_MAX_TOTAL_BYTES = 4 * 1024 * 1024
 DISPATCHED_MAX_BYTES = 16 * 1024
 
 
@@ -177,7 +179,7 @@ class ToolRunnerService:
         self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
         # the bytes of each dispatch this runner took -> its ledger key and early_mark,
         # until its stream copy comes (bounded): see ``settle_quickly``
-        self.dispatched: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        self.dispatched = Dispatched()
         self.copies_since: datetime | None = None  # when this runner began taking publishes
         self.from_publish = 0  # calls started from the dispatch (tests, metrics)
         self.put_back = 0  # stream copies put back for another replica (``_elsewhere``)
@@ -280,7 +282,7 @@ class ToolRunnerService:
         settles the copy with its outcome), True once it answered. None for anything
         else, and for a copy whose key is handled again meanwhile (another decision):
         ``_one`` takes those."""
-        found = self.dispatched.pop(msg.data, None)
+        found = self.dispatched.pop(msg.data)
         if found is None:
             return None
         key, mark = found
@@ -355,10 +357,7 @@ class ToolRunnerService:
             self._note(self.redecided, key)
         mark = early_mark(record)
         handling = self._register(key, mark)  # now: its stream copy may come next
-        if len(msg.data) <= DISPATCHED_MAX_BYTES:
-            self.dispatched[msg.data] = (key, mark)
-            if len(self.dispatched) > DISPATCHED_MAX:  # copies that went to another replica
-                self.dispatched.popitem(last=False)
+        self.dispatched.add(msg.data, key, mark)
         self.from_publish += 1
         # not awaited here: the connection's delivery task must go on to the next message
         task = asyncio.ensure_future(self._handle(record.run_id, request, msg, key, mark, handling))
@@ -661,6 +660,40 @@ class ToolRunnerService:
             if key.startswith(event.idempotency_key + "#") and not call.done():
                 self.cancelled.add(key)
                 call.cancel()
+
+
+class Dispatched:
+    """The dispatches a runner took, by their bytes, until their stream copy comes
+    (``ToolRunnerService.settle_quickly``): bytes -> (ledger key, ``early_mark``). Bounded
+    in count and in bytes, oldest out first (the copies that went to another replica);
+    a dispatch larger than ``DISPATCHED_MAX_BYTES`` is not kept (its copy takes ``_one``)."""
+
+    def __init__(
+        self,
+        max_count: int = DISPATCHED_MAX,
+        max_total: int = DISPATCHED_MAX_TOTAL_BYTES,
+        max_one: int = DISPATCHED_MAX_BYTES,
+    ) -> None:
+        self.entries: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        self.size = 0  # bytes kept
+        self.max_count, self.max_total, self.max_one = max_count, max_total, max_one
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, data: bytes, key: str, mark: str) -> None:
+        if len(data) > self.max_one or data in self.entries:
+            return
+        self.entries[data] = (key, mark)
+        self.size += len(data)
+        while len(self.entries) > self.max_count or self.size > self.max_total:
+            self.size -= len(self.entries.popitem(last=False)[0])
+
+    def pop(self, data: bytes) -> tuple[str, str] | None:
+        found = self.entries.pop(data, None)
+        if found is not None:
+            self.size -= len(data)
+        return found
 
 
 def stream_metadata(msg: Msg) -> Msg.Metadata | None:
