@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from secrets import token_hex as secrets_token_hex
 from typing import Any, TypeVar
 
 import msgspec
@@ -31,6 +32,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    Header,
     KeyValueConfig,
     PersistMode,
     RetentionPolicy,
@@ -420,14 +422,16 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
         _kick_flusher(nc)
 
 
-def _buffered(nc: NATS, subject: str, data: bytes) -> bool:
-    """Put a plain PUB in the connection's outgoing buffer (see ``publish_soon``); False
-    when not connected (the reconnect's flush sends it)."""
+def _buffered(nc: NATS, subject: str, data: bytes, reply: str = "") -> bool:
+    """Put a PUB (no headers) in the connection's outgoing buffer (see ``publish_soon``);
+    False when not connected (the reconnect's flush sends it)."""
     if nc.is_closed:
         raise nats.errors.ConnectionClosedError
     if nc.is_draining_pubs:
         raise nats.errors.ConnectionDrainingError
     if not subject or _BAD_SUBJECT.search(subject) is not None:
+        raise nats.errors.BadSubjectError
+    if reply and _BAD_SUBJECT.search(reply) is not None:
         raise nats.errors.BadSubjectError
     size = len(data)
     if not nc.is_connected and (
@@ -436,7 +440,7 @@ def _buffered(nc: NATS, subject: str, data: bytes) -> bool:
         raise nats.errors.OutboundBufferLimitError
     if size > nc._max_payload:
         raise nats.errors.MaxPayloadError
-    command = b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+    command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size, data)
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     nc.stats["out_msgs"] += 1
@@ -457,6 +461,49 @@ def _kick_flusher(nc: NATS) -> None:
     queue = nc._flush_queue
     if queue is not None and queue.empty():  # else a flush is queued: it writes this too
         queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+async def request_now(nc: NATS, subject: str, data: bytes, timeout: float) -> Msg:
+    """nats-py's request (its connection's one response subscription and token scheme),
+    with the request written to the socket now, with whatever is pending (the acks
+    waiting in the buffer), instead of at the flusher's next loop turn, and the reply
+    awaited under a timeout scope instead of ``wait_for`` (its second future and
+    callback): the tool-runner's direct result, once per call (issue 10, runnercpu).
+    Raises as nats-py's request: ``nats.errors.TimeoutError``, ``NoRespondersError``,
+    and what a publish raises. nats-py 2.16's ``_resp_sub_prefix``, ``_resp_map``,
+    ``_nuid`` and ``_init_request_sub`` (pinned, as ``publish_soon``'s internals; the
+    direct dispatch tests fail first if an upgrade changes them)."""
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not nc._resp_sub_prefix:
+        await nc._init_request_sub()
+    assert nc._resp_sub_prefix
+    token = nc._nuid.next()
+    token.extend(secrets_token_hex(2).encode())
+    inbox = nc._resp_sub_prefix[:]
+    inbox.extend(token)
+    key = token.decode()
+    future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+    nc._resp_map[key] = future
+    try:
+        if _buffered(nc, subject, data, inbox.decode()):
+            transport = nc._transport
+            if transport is not None:
+                transport.writelines(nc._pending[:])
+                nc._pending = []
+                nc._pending_data_size = 0
+        async with asyncio.timeout(timeout):
+            msg = await future
+    except TimeoutError:
+        raise nats.errors.TimeoutError from None
+    finally:
+        nc._resp_map.pop(key, None)
+    if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS:
+        raise nats.errors.NoRespondersError
+    return msg
+
+
+_NO_RESPONDERS = "503"
 
 
 def publish_lazily(nc: NATS, subject: str, data: bytes, within_s: float) -> None:

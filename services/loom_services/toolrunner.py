@@ -447,9 +447,11 @@ class ToolRunnerService:
             return False
         subject = routes.TOOL_RESULT.subject(run_id=result.run_id)
         try:
-            receipt = await bus.request(
-                self.ctx.nc, subject, result, InboxReceipt, self._receipt_wait()
+            # written now, not at the flusher's next turn (``bus.request_now``)
+            reply = await bus.request_now(
+                self.ctx.nc, subject, codec.encode(result), self._receipt_wait()
             )
+            receipt = codec.decode(reply.data, InboxReceipt)
         except Exception as exc:  # no writer, a timeout, a lost connection
             log.debug(
                 "result of %s not taken directly (%r): to the inbox", result.idempotency_key, exc

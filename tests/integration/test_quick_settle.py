@@ -81,8 +81,11 @@ async def test_a_quick_settle_acks_waits_or_hands_over(nc: Any) -> None:
         await eventually(lambda: len(looked) >= 4, "the quick look at each message")
         # the one it does not know goes to the handler; the answered one is acked
         await eventually(lambda: handled == [b"unknown"], "the handler to get the unknown one")
-        info = await js.consumer_info(STREAM, "quick")
-        assert info.num_ack_pending == 2  # the two waiting for their handling
+
+        async def two_pending() -> bool:  # the two waiting for their handling
+            return (await js.consumer_info(STREAM, "quick")).num_ack_pending == 2
+
+        await eventually(two_pending, "the answered and the handled one acked")
         # a handling longer than the ack wait is kept alive by in_progress (every 0.2 s):
         # after 4 of each (0.8 s > the ack wait) neither was redelivered
         await eventually(lambda: progress.count(b"+WPI") >= 8, "in_progress beats")
@@ -122,3 +125,37 @@ async def test_a_lazy_publish_rides_with_the_next_write_or_goes_within_its_linge
         await nc.close()
     with pytest.raises(nats.errors.ConnectionClosedError):
         bus.publish_lazily(nc, "lazy.closed", b"x", 0.05)
+
+
+async def test_a_request_now_is_answered_times_out_or_has_no_responder_as_nats_py_says(
+    nats_server: EmbeddedNats,
+) -> None:
+    """``bus.request_now`` (the tool-runner's direct result): written at once with what
+    the buffer holds (a lazy ack goes first), answered through nats-py's response
+    subscription; no answer is ``nats.errors.TimeoutError``, no subscriber at all
+    ``NoRespondersError``, as ``nc.request`` says."""
+    nc = await nats.connect(nats_server.url)
+    other = await nats.connect(nats_server.url)
+    try:
+        order: list[str] = []
+
+        async def answer(msg: Msg) -> None:
+            order.append(msg.subject)
+            if msg.subject == "ask.me":
+                await msg.respond(b"yes:" + msg.data)
+
+        await other.subscribe("ask.>", cb=answer)
+        await other.flush()
+        bus.publish_lazily(nc, "ask.lazy", b"", 30.0)
+        reply = await bus.request_now(nc, "ask.me", b"1", BOUND_S)
+        assert reply.data == b"yes:1"
+        assert order == ["ask.lazy", "ask.me"]  # the buffered one went with it, first
+        assert not nc._resp_map  # nothing left waiting
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.request_now(nc, "ask.silent", b"2", 0.2)
+        with pytest.raises(nats.errors.NoRespondersError):
+            await bus.request_now(nc, "nobody.listens", b"3", BOUND_S)
+        assert not nc._resp_map
+    finally:
+        await other.close()
+        await nc.close()
