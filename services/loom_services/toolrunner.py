@@ -849,8 +849,9 @@ def load_tools(registry: ToolRegistry, module: str) -> None:
 
 
 class LedgerBackfill:
-    """Records idempotent calls' claim + result in the ledger after they were answered,
-    off the call's path: a queue drained by one task, every waiting entry in one hop to
+    """Records idempotent calls' claim + result in the ledger after they were answered
+    through the inbox stream (a result the run stored directly needs none), off the
+    call's path: a queue drained by one task, every waiting entry in one hop to
     the store's thread. Best effort by design: a lost record only means a redelivery
     runs the (idempotent) call again."""
 
