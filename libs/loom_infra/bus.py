@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from secrets import token_hex as secrets_token_hex
 from typing import Any, TypeVar
 
 import msgspec
@@ -31,6 +32,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    Header,
     KeyValueConfig,
     PersistMode,
     RetentionPolicy,
@@ -416,13 +418,23 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     buffer full, a bad subject, too large), writing nothing. nats-py 2.16's
     ``_pending``, ``_flush_queue`` and ``_flusher_task`` (pinned; the direct dispatch
     tests fail first if an upgrade changes them)."""
-    command = _pub_command(nc, subject, data)
+    if _buffered(nc, subject, data):
+        _kick_flusher(nc)
+
+
+def _buffered(nc: NATS, subject: str, data: bytes, reply: str = "") -> bool:
+    """Put a PUB (no headers) in the connection's outgoing buffer (see ``publish_soon``);
+    False when not connected (the reconnect's flush sends it, as a publish meanwhile)."""
+    command = _pub_command(nc, subject, data, reply)
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += len(data)
-    if not nc.is_connected:
-        return  # sent with the reconnect's flush, as a publish meanwhile is
+    return nc.is_connected
+
+
+def _kick_flusher(nc: NATS) -> None:
+    """Have the connection's flusher write what is pending, at its next turn."""
     flusher = nc._flusher_task
     if flusher is None or flusher.done():  # as nats-py's _flush_pending: write it here
         transport = nc._transport
@@ -434,6 +446,71 @@ def publish_soon(nc: NATS, subject: str, data: bytes) -> None:
     queue = nc._flush_queue
     if queue is not None and queue.empty():  # else a flush is queued: it writes this too
         queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+async def request_now(nc: NATS, subject: str, data: bytes, timeout: float) -> Msg:
+    """nats-py's request (its connection's one response subscription and token scheme),
+    with the request written to the socket now, with whatever is pending (the acks
+    waiting in the buffer), instead of at the flusher's next loop turn, and the reply
+    awaited under a timeout scope instead of ``wait_for`` (its second future and
+    callback): the tool-runner's direct result, once per call (issue 10, runnercpu).
+    Raises as nats-py's request: ``nats.errors.TimeoutError``, ``NoRespondersError``,
+    and what a publish raises. nats-py 2.16's ``_resp_sub_prefix``, ``_resp_map``,
+    ``_nuid`` and ``_init_request_sub`` (pinned, as ``publish_soon``'s internals; the
+    direct dispatch tests fail first if an upgrade changes them)."""
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not nc._resp_sub_prefix:
+        await nc._init_request_sub()
+    assert nc._resp_sub_prefix
+    token = nc._nuid.next()
+    token.extend(secrets_token_hex(2).encode())
+    inbox = nc._resp_sub_prefix[:]
+    inbox.extend(token)
+    key = token.decode()
+    future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+    nc._resp_map[key] = future
+    try:
+        if _buffered(nc, subject, data, inbox.decode()):
+            transport = nc._transport
+            if transport is not None:
+                transport.writelines(nc._pending[:])
+                nc._pending = []
+                nc._pending_data_size = 0
+        async with asyncio.timeout(timeout):
+            msg = await future
+    except TimeoutError:
+        raise nats.errors.TimeoutError from None
+    finally:
+        nc._resp_map.pop(key, None)
+    if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS:
+        raise nats.errors.NoRespondersError
+    return msg
+
+
+_NO_RESPONDERS = "503"
+
+
+def publish_lazily(nc: NATS, subject: str, data: bytes, within_s: float) -> None:
+    """``publish_soon`` for a message nobody waits for (an ack): put in the outgoing
+    buffer, but the flusher is not woken for it; it goes out with the connection's next
+    write (the next publish's), or ``within_s`` from now at the latest (one timer per
+    connection). The tool-runner's ack of each request then rides in the socket write of
+    the next call's result instead of a write (and a nats-server read) of its own
+    (issue 10, runnercpu). Raises as ``publish_soon``."""
+    if not _buffered(nc, subject, data) or nc in _LAZY:
+        return
+    _LAZY[nc] = asyncio.get_running_loop().call_later(within_s, _lazy_due, nc)
+
+
+def _lazy_due(nc: NATS) -> None:
+    del _LAZY[nc]
+    if nc._pending and nc.is_connected and not nc.is_closed:
+        _kick_flusher(nc)
+
+
+# the connections with lazily buffered messages, and the timer that writes them at the latest
+_LAZY: weakref.WeakKeyDictionary[NATS, asyncio.TimerHandle] = weakref.WeakKeyDictionary()
 
 
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")
@@ -514,14 +591,17 @@ async def subscribe_inline(nc: NATS, subject: str, handle: Callable[[Msg], None]
     return sub
 
 
-def _pub_command(nc: NATS, subject: str, data: bytes) -> bytes:
-    """nats-py's PUB command for a plain publish, after its checks (closed, draining, the
-    reconnect buffer full, a bad subject, too large: raised as nats-py raises them)."""
+def _pub_command(nc: NATS, subject: str, data: bytes, reply: str = "") -> bytes:
+    """nats-py's PUB command for a publish without headers, after its checks (closed,
+    draining, the reconnect buffer full, a bad subject or reply, too large: raised as
+    nats-py raises them)."""
     if nc.is_closed:
         raise nats.errors.ConnectionClosedError
     if nc.is_draining_pubs:
         raise nats.errors.ConnectionDrainingError
     if not subject or _BAD_SUBJECT.search(subject) is not None:
+        raise nats.errors.BadSubjectError
+    if reply and _BAD_SUBJECT.search(reply) is not None:
         raise nats.errors.BadSubjectError
     size = len(data)
     if not nc.is_connected and (
@@ -530,7 +610,7 @@ def _pub_command(nc: NATS, subject: str, data: bytes) -> bytes:
         raise nats.errors.OutboundBufferLimitError
     if size > nc._max_payload:
         raise nats.errors.MaxPayloadError
-    return b"PUB %s  %d\r\n%s\r\n" % (subject.encode(), size, data)
+    return b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size, data)
 
 
 async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
@@ -793,6 +873,10 @@ def expect_event(msg: Msg, kind: type[E]) -> tuple[EventRecord, E]:
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[bool | BaseException]]]
 MessageHandler = Callable[[Msg], Awaitable[bool | BaseException]]
+# A consumer's synchronous look at a message before it gets a task (``PullConsumer.quick``):
+# True (ack it now), a future whose result settles it as a handler's would, or None (the
+# ``message_handler`` takes it, in a task of its own)
+QuickHandler = Callable[[Msg], "bool | asyncio.Future[bool | BaseException] | None"]
 
 
 # How long one pull request stays open (``OpenPull``): as nats-py's fetch(timeout=1.0)
@@ -928,6 +1012,11 @@ class PullConsumer:
     # started right after its ack floor, then deleted (``_start_position``)
     replaces: str | None = None
     _acks: _AckAll | None = dataclasses.field(default=None, init=False, repr=False)
+    # with ``concurrency``: settles what it can without a task (see ``_settled_quickly``)
+    quick: QuickHandler | None = None
+    _settling: set[asyncio.Future[None]] = dataclasses.field(
+        default_factory=set, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not self.ack_wait_s:
@@ -994,12 +1083,44 @@ class PullConsumer:
                     await back_or_stop(self.js._nc, stop, 0.5)
                     continue
                 for msg in msgs:
+                    if self.quick is not None and self._settled_quickly(msg):
+                        continue
                     task = asyncio.ensure_future(self._handle_one(msg))
                     tasks.add(task)
                     task.add_done_callback(functools.partial(_finished, tasks, freed))
         finally:
             for task in tasks:
                 task.cancel()
+
+    def _settled_quickly(self, msg: Msg) -> bool:
+        """Is ``msg`` settled without a task of its own? The tool-runner's stream copy of
+        a request it took from its dispatch (issue 10, runnercpu): ``quick`` knows it
+        from its bytes, and it is acked now (answered) or when that handling ends, with
+        its outcome, as ``_handle_one`` would settle it, and kept alive by ``in_progress``
+        meanwhile as a handled message is. No task, coroutine or decode for it."""
+        assert self.quick is not None
+        outcome = self.quick(msg)
+        if outcome is None:
+            return False
+        if outcome is True:
+            _ack_soon(msg)
+            return True
+        assert isinstance(outcome, asyncio.Future), outcome
+        beat = Heartbeat((msg,), self.ack_wait_s)
+        outcome.add_done_callback(functools.partial(self._settle_when_done, msg, beat))
+        return True
+
+    def _settle_when_done(
+        self, msg: Msg, beat: Heartbeat, done: asyncio.Future[bool | BaseException]
+    ) -> None:
+        beat.stop()
+        result = False if done.cancelled() else done.result()
+        if result is True:
+            _ack_soon(msg)
+            return
+        settling = asyncio.ensure_future(self._settle(msg, result))  # rare: nak or dead letter
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
 
     async def _handle_one(self, msg: Msg) -> None:
         assert self.message_handler is not None
@@ -1039,6 +1160,27 @@ class PullConsumer:
         await msg.nak(delay=_retry_delay(self.durable, msg, result, deliveries))
 
 
+# how long an ack put in the outgoing buffer from a callback may wait for another write
+# to ride in (``publish_lazily``): far below any ack wait
+ACK_LINGER_S = 0.005
+
+
+def _ack_soon(msg: Msg) -> None:
+    """``msg.ack()`` from a callback: the ack (an empty publish to its reply subject)
+    put in the connection's outgoing buffer by ``publish_lazily``, with no task, written
+    with the next write or within ``ACK_LINGER_S``. An ack that cannot be written (the
+    connection closed) is as an ack lost: the message is redelivered after the ack wait
+    and met as answered."""
+    if msg._ackd:
+        return
+    try:
+        publish_lazily(msg._client, msg.reply, b"", ACK_LINGER_S)
+    except Exception as exc:
+        log.debug("ack of %s not sent: %r", msg.subject, exc)
+        return
+    msg._ackd = True
+
+
 def _refusal(result: bool | BaseException, deliveries: int) -> ErrorInfo | None:
     """Why a handled message goes to the dead letters (refused, or failed too often), or
     None when it is to be retried."""
@@ -1068,6 +1210,11 @@ def _stream_seq(msg: Msg) -> int:
     of it (a datetime, two dataclasses), which cost more than the acks saved."""
     tokens = msg.reply.split(".")  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...
     return int(tokens[5] if len(tokens) == 9 else tokens[Msg.Ack.StreamSeq])
+
+
+def stream_seq(msg: Msg) -> int:
+    """A JetStream delivery's stream sequence, read from its reply subject alone."""
+    return _stream_seq(msg)
 
 
 # a message put back (``_AckAll.wanting``) that has not come back this long after its

@@ -27,6 +27,9 @@ recorded in the ledger, many calls per transaction (``LedgerBackfill``), and onl
 is the request acked. The executor has the result before the ledger write, so the
 write is off the step's path; the ack still waits for it, so a redelivery (a lost ack,
 a runner killed after publishing) finds the result instead of running the call again.
+A result the run's writer took straight and stored (its receipt says ``recorded``) is
+not written to the ledger at all: the run's store holds it, and the request is acked at
+once (issue 10, runnercpu); a redelivery then finds no entry and asks the run, below.
 A redelivery of a request this process answered (its ack lost in a NATS restart) is
 acked unread (``answered``); one that finds no ledger entry asks the executor whether
 the run holds a result for it already (the runner that published it was killed before
@@ -112,6 +115,12 @@ RESULT_RECEIPT_S = 1.0
 # A dispatch of a request decided longer ago than this is stale (a delayed message):
 # left to the stream copy, which meets the ledger.
 PUBLISH_MAX_AGE_S = 5.0
+# Dispatches remembered by their bytes until their stream copy comes (``settle_quickly``):
+# at most this many and this many bytes in all (oldest out first: copies that went to
+# another replica), each at most this large (a larger one's copy takes the full path)
+DISPATCHED_MAX = 4096
+DISPATCHED_MAX_TOTAL_BYTES = 4 * 1024 * 1024
+DISPATCHED_MAX_BYTES = 16 * 1024
 
 
 class ToolRunnerService:
@@ -156,7 +165,9 @@ class ToolRunnerService:
         self.cancelled: set[str] = set()
         # ledger key -> stream sequence of the request this process answered (bounded)
         self.answered: OrderedDict[str, int | str | None] = OrderedDict()
-        self.recording: dict[str, asyncio.Future[None]] = {}
+        # ledger key -> the result of an idempotent call run without a ledger record
+        # (``Step.RUN_RECORD_LATER``), until ``_answer`` knows whether it needs one
+        self.unrecorded: dict[str, ToolResult] = {}
         self.executed = 0
         self.backfill = LedgerBackfill(self.ledger, self.io)
         # ledger keys whose publish was seen and left to the stream copy (bounded)
@@ -166,9 +177,13 @@ class ToolRunnerService:
         # run may lack the result: answered from the ledger, after asking the run
         self.redecided: OrderedDict[str, None] = OrderedDict()
         self.direct_tasks: set[asyncio.Future[bool | BaseException]] = set()
+        # the bytes of each dispatch this runner took -> its ledger key and early_mark,
+        # until its stream copy comes (bounded): see ``settle_quickly``
+        self.dispatched = Dispatched()
         self.copies_since: datetime | None = None  # when this runner began taking publishes
         self.from_publish = 0  # calls started from the dispatch (tests, metrics)
         self.put_back = 0  # stream copies put back for another replica (``_elsewhere``)
+        self.copies_known = 0  # stream copies settled by ``settle_quickly`` (tests, metrics)
 
     # the tenants' tool call rates (loom_services.throttle); none until started
     throttle = CallThrottle(NO_QUOTAS, "tool")
@@ -192,6 +207,7 @@ class ToolRunnerService:
             self.name,
             "toolrunner",
             message_handler=self._one,
+            quick=self.settle_quickly,  # the stream copy of a dispatch taken: no task
             # tool calls one runner process runs at once (each acked when it ends)
             concurrency=self.settings.delivery.tool_concurrency,
             batch=64,
@@ -258,6 +274,30 @@ class ToolRunnerService:
             return bus.Later(self.settings.delivery.tool_ack_wait_s / 2)
         return await self._handle(record.run_id, request, msg, key, seq)
 
+    def settle_quickly(self, msg: Msg) -> bool | asyncio.Future[bool | BaseException] | None:
+        """The stream copy of a dispatch this runner took, known by its bytes: the very
+        event dispatched (same run, seq, decision time and request), so ``_one`` would
+        settle it as that dispatch's handling, and so it is, without a task, a decode or
+        a hash (issue 10, runnercpu): the handling's future while it runs (the consumer
+        settles the copy with its outcome), True once it answered. None for anything
+        else, and for a copy whose key is handled again meanwhile (another decision):
+        ``_one`` takes those."""
+        found = self.dispatched.pop(msg.data)
+        if found is None:
+            return None
+        key, mark = found
+        running = self.handling.get(key)
+        if running is not None:
+            if running[0] != mark:
+                return None
+            self.copies_known += 1
+            return running[1]
+        if self.answered.get(key) != mark:
+            return None
+        self.answered[key] = bus.stream_seq(msg)  # as ``_one``: this copy, answered
+        self.copies_known += 1
+        return True
+
     def _register(self, key: str, seq: int | str | None) -> asyncio.Future[bool | BaseException]:
         handling = asyncio.get_running_loop().create_future()
         self.handling[key] = (seq, handling)
@@ -317,6 +357,7 @@ class ToolRunnerService:
             self._note(self.redecided, key)
         mark = early_mark(record)
         handling = self._register(key, mark)  # now: its stream copy may come next
+        self.dispatched.add(msg.data, key, mark)
         self.from_publish += 1
         # not awaited here: the connection's delivery task must go on to the next message
         task = asyncio.ensure_future(self._handle(record.run_id, request, msg, key, mark, handling))
@@ -364,22 +405,31 @@ class ToolRunnerService:
     async def _answer(
         self, run_id: str, request: ToolCallRequested, msg: Msg, key: str, seq: int | str | None
     ) -> bool | BaseException:
+        recording: asyncio.Future[None] | None = None
         try:
             result = await self._result_for(run_id, request, msg, key)
-            # no Nats-Msg-Id: a guessable one could be claimed first and get the real
-            # result dropped; the executor dedupes results by the run's state
-            if result is not None and not await self._recorded_directly(result):
+            if result is not None and await self._recorded_directly(result):
+                # The run's store holds it: the idempotent call's ledger record is not
+                # written (issue 10, runnercpu). A redelivery (the ack lost) finds no
+                # entry, asks the run, which has it, and sends nothing (``next_step``).
+                self.unrecorded.pop(key, None)
+            elif result is not None:
+                # no Nats-Msg-Id: a guessable one could be claimed first and get the real
+                # result dropped; the executor dedupes results by the run's state
                 subject = routes.inbox_subject(result)
                 await bus.publish_acked(self.ctx.js, subject, codec.encode(result))
         except Exception as exc:
             log.warning("tool call %s will be retried: %r", key, exc)
             return exc
         finally:
-            recording = self.recording.pop(key, None)
+            # recorded whatever happened above but a direct receipt (a failed publish:
+            # the redelivery resends the result from the ledger, as before)
+            if (unrecorded := self.unrecorded.pop(key, None)) is not None:
+                recording = self.backfill.offer(key, self.owner, unrecorded)
         if recording is not None:
-            # acked only once the ledger holds it: the executor has the result already
-            # (this wait is off the step's path), and a redelivery after the ack was
-            # lost finds it there instead of running the call again
+            # acked only once the ledger holds it (the result is in LOOM_INBOX already):
+            # a redelivery after the ack was lost finds it there instead of running the
+            # call again
             await recording
         self.answered[key] = seq  # the stream sequence, or the dispatch's early_mark
         if len(self.answered) > ANSWERED_MAX:
@@ -397,9 +447,11 @@ class ToolRunnerService:
             return False
         subject = routes.TOOL_RESULT.subject(run_id=result.run_id)
         try:
-            receipt = await bus.request(
-                self.ctx.nc, subject, result, InboxReceipt, self._receipt_wait()
+            # written now, not at the flusher's next turn (``bus.request_now``)
+            reply = await bus.request_now(
+                self.ctx.nc, subject, codec.encode(result), self._receipt_wait()
             )
+            receipt = codec.decode(reply.data, InboxReceipt)
         except Exception as exc:  # no writer, a timeout, a lost connection
             log.debug(
                 "result of %s not taken directly (%r): to the inbox", result.idempotency_key, exc
@@ -477,7 +529,7 @@ class ToolRunnerService:
                 known = dataclasses.replace(known, ran=True, recorded=recorded, entry=None)
             elif step is Step.RUN_RECORD_LATER:  # no read, no commit before the answer
                 result = await self._execute(run_id, request, msg, key)
-                self.recording[key] = self.backfill.offer(key, self.owner, result)
+                self.unrecorded[key] = result  # recorded unless the run stores it (``_answer``)
                 return result
             elif step is Step.RUN_FINISH:
                 result = await self._execute(run_id, request, msg, key)
@@ -610,6 +662,40 @@ class ToolRunnerService:
             if key.startswith(event.idempotency_key + "#") and not call.done():
                 self.cancelled.add(key)
                 call.cancel()
+
+
+class Dispatched:
+    """The dispatches a runner took, by their bytes, until their stream copy comes
+    (``ToolRunnerService.settle_quickly``): bytes -> (ledger key, ``early_mark``). Bounded
+    in count and in bytes, oldest out first (the copies that went to another replica);
+    a dispatch larger than ``DISPATCHED_MAX_BYTES`` is not kept (its copy takes ``_one``)."""
+
+    def __init__(
+        self,
+        max_count: int = DISPATCHED_MAX,
+        max_total: int = DISPATCHED_MAX_TOTAL_BYTES,
+        max_one: int = DISPATCHED_MAX_BYTES,
+    ) -> None:
+        self.entries: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+        self.size = 0  # bytes kept
+        self.max_count, self.max_total, self.max_one = max_count, max_total, max_one
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, data: bytes, key: str, mark: str) -> None:
+        if len(data) > self.max_one or data in self.entries:
+            return
+        self.entries[data] = (key, mark)
+        self.size += len(data)
+        while len(self.entries) > self.max_count or self.size > self.max_total:
+            self.size -= len(self.entries.popitem(last=False)[0])
+
+    def pop(self, data: bytes) -> tuple[str, str] | None:
+        found = self.entries.pop(data, None)
+        if found is not None:
+            self.size -= len(data)
+        return found
 
 
 def stream_metadata(msg: Msg) -> Msg.Metadata | None:
@@ -763,8 +849,9 @@ def load_tools(registry: ToolRegistry, module: str) -> None:
 
 
 class LedgerBackfill:
-    """Records idempotent calls' claim + result in the ledger after they were answered,
-    off the call's path: a queue drained by one task, every waiting entry in one hop to
+    """Records idempotent calls' claim + result in the ledger after they were answered
+    through the inbox stream (a result the run stored directly needs none), off the
+    call's path: a queue drained by one task, every waiting entry in one hop to
     the store's thread. Best effort by design: a lost record only means a redelivery
     runs the (idempotent) call again."""
 

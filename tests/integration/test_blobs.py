@@ -31,7 +31,6 @@ from loom_infra.client import LoomClient, LoomError
 from loom_infra.settings import BlobSettings, SecretSettings, StoreSettings
 from loom_services.executor import ExecutorService
 from loom_services.stack import LocalStack
-from loom_services.toolrunner import ToolRunnerService, ledger_key
 from loom_services.tools.registry import ToolContext, ToolInput, ToolOutput, ToolRegistry
 
 pytestmark = pytest.mark.integration
@@ -159,18 +158,17 @@ def _failure(records: list[EventRecord]) -> Any:
     return next(r.event.error for r in records if r.kind == "step_failed")
 
 
-def _inbox_sizes(stack: LocalStack, records: list[EventRecord]) -> list[int]:
-    """The size of each tool result the tool-runner published to the run's inbox (the
-    ledger keeps the exact bytes it sends)."""
-    assert stack.stack is not None
-    runner = next(s for s in stack.stack.services if isinstance(s, ToolRunnerService))
-    sizes = []
-    for r in records:
-        if r.kind == "tool_call_requested":
-            entry = runner.ledger.get(ledger_key(r.run_id, r.event))
-            assert entry is not None and entry.result is not None
-            sizes.append(len(entry.result))
-    return sizes
+async def _tool_results(stack: LocalStack) -> tuple[list[int], LoomClient]:
+    """The sizes of the tool results the tool-runner sends from now on, straight to the
+    executor (heard as an executor replica hears them), and the client hearing them."""
+    sizes: list[int] = []
+
+    async def seen(msg: Any) -> None:
+        sizes.append(len(msg.data))
+
+    listener = await stack.client("executor")
+    await listener.nc.subscribe(subjects.tool_result("*"), cb=seen)
+    return sizes, listener
 
 
 # ----------------------------------------------------------------------------- 10 MB
@@ -194,6 +192,7 @@ async def test_ten_megabytes_pass_through_three_tools_by_reference(
 ) -> None:
     blob_stack, blob_client = any_stack, any_client
     doc = ("loom blob " * (TEN_MB // 10 + 1))[:TEN_MB]
+    results, listener = await _tool_results(blob_stack)
     # the client uploads the big input itself and submits its reference
     records = await _run(blob_client, THREE_TOOLS, {"doc": doc})
     assert records[-1].kind == "run_completed", records[-1].event
@@ -209,8 +208,8 @@ async def test_ten_megabytes_pass_through_three_tools_by_reference(
     stored = await asyncio.to_thread(_stored, blob_stack, records[0].run_id)
     largest = max(len(codec.encode(r)) for r in stored)
     assert largest < EVENT_BOUND, largest
-    inbox = await asyncio.to_thread(_inbox_sizes, blob_stack, stored)
-    assert len(inbox) == 3 and max(inbox) < EVENT_BOUND
+    await listener.close()
+    assert len(results) == 3 and max(results) < EVENT_BOUND, results
     info = await blob_client.blobs.info(blobs.parse_ref(final))
     assert info is not None and info.chunks * CHUNK_BYTES >= info.size > TEN_MB
     # replay needs no blob content: references are data in the events

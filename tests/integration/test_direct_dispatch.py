@@ -40,7 +40,7 @@ from loom_services.executor import ExecutorService
 from loom_services.memory import MemoryService
 from loom_services.planner import PlannerService
 from loom_services.runtime import Stack
-from loom_services.toolrunner import ToolRunnerService
+from loom_services.toolrunner import ToolRunnerService, ledger_key
 from loom_services.tools import (
     ToolContext,
     ToolInput,
@@ -176,6 +176,8 @@ async def test_each_call_runs_and_is_recorded_once(one_runner: Running) -> None:
     # with direct dispatch every request and result was taken from its publish
     assert runner.from_publish == (STEPS if direct else 0)
     assert runner.put_back == 0  # it saw every dispatch: no stream copy waited
+    # each stream copy was known by its dispatch's bytes and settled without a task
+    assert runner.copies_known == (STEPS if direct else 0)
     assert one_runner.executor.results_from_publish == (STEPS if direct else 0)
     # so was the planner's verdict (the run's start)
     assert one_runner.executor.answers_from_publish == ({"plan": 1} if direct else {})
@@ -198,6 +200,40 @@ async def test_two_replicas_run_each_call_once(two_runners: Running) -> None:
     keys = [c.idempotency_key for c in completed]
     assert sorted(RAN) == sorted(keys)
     assert sum(r.from_publish for r in two_runners.runners) == STEPS
+
+
+async def test_a_call_the_run_stored_has_no_ledger_entry_and_a_copy_runs_nothing(
+    direct_runner: Running,
+) -> None:
+    """An idempotent call whose result the run stored (the direct receipt said so) is not
+    written to the ledger: the run's store holds it. Another copy of its request (as a
+    redelivery after a lost ack, to a runner that does not remember answering it) then
+    finds no entry, asks the run, which has the result, and runs nothing, sends nothing,
+    dead-letters nothing. A call answered through the
+    inbox stream is still recorded (``test_a_request_decided_again_...``)."""
+    (runner,) = direct_runner.runners
+    async with await LoomClient.connect(direct_runner.url) as client:
+        accepted = await client.submit(RunRequest(plan=chain()))
+        records = await client.wait(accepted.run_id, timeout=60)
+        assert isinstance(records[-1].event, RunCompleted), records[-1]
+        await settled(client)
+        requested = [r for r in records if isinstance(r.event, ToolCallRequested)]
+        assert len(requested) == STEPS
+        for r in requested:
+            key = ledger_key(r.run_id, r.event)
+            assert runner.ledger.get(key) is None, key  # the run holds it, not the ledger
+        again = requested[5]
+        assert isinstance(again.event, ToolCallRequested)
+        runner.answered.clear()  # as a restarted runner, which remembers no answer
+        await client.js.publish(
+            subjects.run_event(again.run_id, "tool_call_requested"),
+            codec.encode(again),
+            headers={subjects.MSG_ID: f"{again.event.idempotency_key}/again"},
+        )
+        await eventually(lambda: runner.put_back == 1, "the copy to be put back once")
+        await settled(client)  # redelivered, asked the run, acked: nothing dead-lettered
+        assert [r.seq for r in await client.events(again.run_id)] == [r.seq for r in records]
+    assert RAN.count(again.event.idempotency_key) == 1
 
 
 @pytest.mark.parametrize("redispatch", ["sent", "lost"])
