@@ -179,6 +179,17 @@ def test_a_snapshot_keeps_no_digest_of_an_answered_request() -> None:
             assert (inst.request_digest is not None) == inst.inflight, (record.seq, inst.iid)
 
 
+def large_block() -> list[list[int]]:
+    """Objects made in a block large enough for the collector's move (MOVE_AT_LEAST)."""
+    with collector.paused():
+        return [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+
+
+def in_oldest_generation(objects: list[list[int]]) -> bool:
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    return all(id(x) in oldest for x in objects)
+
+
 def test_what_a_rebuild_creates_goes_to_the_oldest_generation() -> None:
     """The collector does not walk a freshly decoded state twice on its way there
     (``loom_infra.collector``); what someone else froze stays frozen. A service process
@@ -187,11 +198,9 @@ def test_what_a_rebuild_creates_goes_to_the_oldest_generation() -> None:
     frozen_before = gc.get_freeze_count()
     gc.unfreeze()
     gc.collect()
-    with collector.paused():
-        made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+    made = large_block()
     assert gc.isenabled()
-    oldest = {id(o) for o in gc.get_objects(generation=2)}
-    assert all(id(x) in oldest for x in made)
+    assert in_oldest_generation(made)
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
@@ -232,12 +241,10 @@ def test_a_large_rebuild_in_a_service_is_walked_once_and_stays_unfrozen() -> Non
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        with collector.paused():
-            made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+        made = large_block()
         assert gc.get_freeze_count() == frozen
         assert gc.get_count()[0] < 1000  # the young generation was collected
-        oldest = {id(o) for o in gc.get_objects(generation=2)}
-        assert all(id(x) in oldest for x in made)
+        assert in_oldest_generation(made)
     finally:
         gc.unfreeze()
         if frozen_before:
@@ -258,12 +265,10 @@ def test_a_heap_frozen_by_the_service_is_not_walked_at_a_large_rebuild(
         collector.freeze_heap()
         frozen = real()
         monkeypatch.setattr(gc, "get_freeze_count", lambda: asked.append(1) or real())
-        with collector.paused():
-            made = [[i] for i in range(collector.MOVE_AT_LEAST + 1000)]
+        made = large_block()
         assert not asked
         assert real() == frozen
-        oldest = {id(o) for o in gc.get_objects(generation=2)}
-        assert all(id(x) in oldest for x in made)
+        assert in_oldest_generation(made)
     finally:
         gc.unfreeze()
         if frozen_before:
