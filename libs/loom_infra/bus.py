@@ -437,15 +437,24 @@ def _kick_flusher(nc: NATS) -> None:
     """Have the connection's flusher write what is pending, at its next turn."""
     flusher = nc._flusher_task
     if flusher is None or flusher.done():  # as nats-py's _flush_pending: write it here
-        transport = nc._transport
-        if transport is not None:
-            transport.writelines(nc._pending[:])
-            nc._pending = []
-            nc._pending_data_size = 0
+        _write_pending(nc)
         return
     queue = nc._flush_queue
     if queue is not None and queue.empty():  # else a flush is queued: it writes this too
         queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+def _write_pending(nc: NATS) -> None:
+    """Write what the connection has pending to its socket now, in order, in one
+    ``writelines``, as its flusher does (nothing without a transport: not connected)."""
+    transport = nc._transport
+    if transport is not None:
+        transport.writelines(nc._pending[:])
+        nc._pending = []
+        nc._pending_data_size = 0
+
+
+_NO_RESPONDERS = "503"  # the status nats-server answers a request nobody listens to
 
 
 async def request_now(nc: NATS, subject: str, data: bytes, timeout: float) -> Msg:
@@ -472,11 +481,7 @@ async def request_now(nc: NATS, subject: str, data: bytes, timeout: float) -> Ms
     nc._resp_map[key] = future
     try:
         if _buffered(nc, subject, data, inbox.decode()):
-            transport = nc._transport
-            if transport is not None:
-                transport.writelines(nc._pending[:])
-                nc._pending = []
-                nc._pending_data_size = 0
+            _write_pending(nc)
         async with asyncio.timeout(timeout):
             msg = await future
     except TimeoutError:
@@ -486,9 +491,6 @@ async def request_now(nc: NATS, subject: str, data: bytes, timeout: float) -> Ms
     if msg.headers and msg.headers.get(Header.STATUS) == _NO_RESPONDERS:
         raise nats.errors.NoRespondersError
     return msg
-
-
-_NO_RESPONDERS = "503"
 
 
 def publish_lazily(nc: NATS, subject: str, data: bytes, within_s: float) -> None:
@@ -624,17 +626,11 @@ async def publish_now(nc: NATS, subject: str, data: bytes) -> bool:
     the flusher for nothing: its queue's future and a task step per call; issue 10,
     stackcpu). nats-py 2.16's ``_pending``/``_transport`` (pinned; the direct dispatch
     tests fail first if an upgrade changes them). Never suspends."""
-    transport = nc._transport
-    if not nc.is_connected or transport is None:
+    if not nc.is_connected or nc._transport is None:
         return False
     try:
-        command = _pub_command(nc, subject, data)
-        nc._pending.append(command)
-        transport.writelines(nc._pending[:])
-        nc._pending = []
-        nc._pending_data_size = 0
-        nc.stats["out_msgs"] += 1
-        nc.stats["out_bytes"] += len(data)
+        _buffered(nc, subject, data)
+        _write_pending(nc)
     except Exception as exc:  # the stream copy is the command; this is only a shortcut
         log.debug("publish_now on %s failed: %r", subject, exc)
         return False
@@ -1205,16 +1201,12 @@ def _retry_delay(durable: str, msg: Msg, result: bool | BaseException, deliverie
     return base * deliveries
 
 
-def _stream_seq(msg: Msg) -> int:
-    """The message's stream sequence, from its reply subject: ``msg.metadata`` parses all
-    of it (a datetime, two dataclasses), which cost more than the acks saved."""
+def stream_seq(msg: Msg) -> int:
+    """A JetStream delivery's stream sequence, from its reply subject alone:
+    ``msg.metadata`` parses all of it (a datetime, two dataclasses), which cost more
+    than the acks saved (``_AckAll``)."""
     tokens = msg.reply.split(".")  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...
     return int(tokens[5] if len(tokens) == 9 else tokens[Msg.Ack.StreamSeq])
-
-
-def stream_seq(msg: Msg) -> int:
-    """A JetStream delivery's stream sequence, read from its reply subject alone."""
-    return _stream_seq(msg)
 
 
 # a message put back (``_AckAll.wanting``) that has not come back this long after its
@@ -1254,7 +1246,7 @@ class _AckAll:
 
     async def dispatch(self, msgs: Sequence[Msg]) -> None:
         c = self.consumer
-        seqs = [_stream_seq(m) for m in msgs]
+        seqs = [stream_seq(m) for m in msgs]
         if seqs and min(seqs) <= self.floor:
             # delivered again before our ack reached the server (an ack wait that ran
             # out while they were held): settled and acked already, nothing to do
