@@ -214,40 +214,63 @@ class NatsCluster:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise NatsServerError(f"a cluster needs at least one node, got {self.size}")
-        routes_ports = free_ports(self.size, self.host)
-        routes = ", ".join(f"nats://{self.host}:{p}" for p in routes_ports)
-        for i, route_port in enumerate(routes_ports):
-            block = (
-                f"cluster {{\n  name: {self.name}\n  listen: {self.host}:{route_port}\n"
-                f"  routes: [{routes}]\n}}\n"
-            )
-            node = EmbeddedNats(
+        self.nodes = [
+            EmbeddedNats(
                 data_dir=self.base_dir / f"n{i}",
-                port=-1,
                 host=self.host,
                 authorization=self.authorization,
                 server_name=f"n{i}",
-                cluster=block,
                 monitor=True,
             )
-            self.nodes.append(node)
+            for i in range(self.size)
+        ]
+        self._choose_ports()
+
+    def _choose_ports(self) -> None:
+        """Every node's client, monitor and route port, chosen together before any node
+        starts. A node left to pick its own (``-1``) could take a port chosen for a later
+        node's routes, whose listener then fails (``address already in use``) after that
+        node said it was ready."""
+        ports = free_ports(3 * self.size, self.host)
+        routes_ports = ports[2 * self.size :]
+        routes = ", ".join(f"nats://{self.host}:{p}" for p in routes_ports)
+        for i, node in enumerate(self.nodes):
+            node.port, node.monitor_port = ports[2 * i], ports[2 * i + 1]
+            node.cluster = (
+                f"cluster {{\n  name: {self.name}\n  listen: {self.host}:{routes_ports[i]}\n"
+                f"  routes: [{routes}]\n}}\n"
+            )
 
     @property
     def urls(self) -> list[str]:
         return [n.url for n in self.nodes]
 
-    def start(self, timeout: float = 30.0) -> NatsCluster:
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> NatsCluster:
         """Start every node, then wait until the JetStream meta leader counts every node
         as a current peer: before that, creating an R3 stream fails (``no suitable
-        peers for placement``)."""
-        try:
-            for node in self.nodes:
-                node.start(timeout)
-            self.wait_current(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        peers for placement``). The ports are free when chosen, not reserved: if another
+        process takes one before its node listens, the cluster starts again on new
+        ports and fresh stores (``attempts`` in all)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                for node in self.nodes:
+                    node.start(timeout)
+                self.wait_current(timeout)
+                return self
+            except NatsServerError:
+                self.stop()
+                if not self._lost_a_port() or attempt == attempts:
+                    raise
+                for node in self.nodes:
+                    shutil.rmtree(node.data_dir, ignore_errors=True)
+                self._choose_ports()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _lost_a_port(self) -> bool:
+        return any(_PORT_IN_USE in line for node in self.nodes for line in node._log)
 
     def _meta(self, node: EmbeddedNats) -> dict[str, Any]:
         try:
@@ -263,6 +286,12 @@ class NatsCluster:
         deadline = time.monotonic() + timeout
         while True:
             running = [n for n in self.nodes if n.process is not None]
+            died = [n for n in running if n.process is not None and n.process.poll() is not None]
+            if died:  # e.g. its route listener failed after the ready line: no wait helps
+                raise NatsServerError(
+                    f"node {died[0].server_name} of the cluster {self.name} stopped:\n"
+                    + "\n".join(died[0]._log[-5:])
+                )
             for node in running:
                 meta = self._meta(node)
                 if meta.get("leader") != node.server_name:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -366,3 +367,26 @@ async def test_a_consumer_started_without_quorum_is_created_once_quorum_returns(
         async with asyncio.timeout(BOUND_S):
             await task
         await nc.close()
+
+
+def test_a_route_port_taken_before_its_node_listens_starts_the_cluster_on_new_ports(
+    tmp_path: Path,
+) -> None:
+    """The ports are chosen free, then released for the nodes: another process may take
+    one first. A node whose route listener fails says it is ready and then stops (the
+    CI failure this test keeps away), so the cluster starts again on new ports instead
+    of waiting out its timeout."""
+    nodes = NatsCluster(tmp_path / "nats", size=3)
+    taken = int(nodes.nodes[2].cluster.split("listen: 127.0.0.1:")[1].split("\n")[0])  # type: ignore[union-attr]
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", taken))
+    squatter.listen()
+    started = time.monotonic()
+    try:
+        with nodes:
+            assert f":{taken}\n" not in (nodes.nodes[2].cluster or "")
+            assert all(n.process is not None and n.process.poll() is None for n in nodes.nodes)
+            nodes.wait_current(BOUND_S)
+    finally:
+        squatter.close()
+    assert time.monotonic() - started < BOUND_S  # not a timeout's wait and a lucky retry
