@@ -101,23 +101,66 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _waited(pid: int) -> float:
+    """Seconds ``pid``'s threads have spent runnable but waiting for a core (the second
+    field of each thread's ``schedstat``), 0 if it is gone."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
+def _machine_busy() -> float:
+    """CPU seconds every core has spent busy so far (``/proc/stat``: all but idle and
+    iowait), whichever process ran: PostgreSQL's server is not this process's child."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS
+
+
 class CpuMeter:
-    """CPU seconds of this process and of its helpers between ``start`` and ``stop``."""
+    """CPU seconds of this process and of its helpers between ``start`` and ``stop``;
+    also, in ``waits`` after ``stop``, how long each waited for a core and how busy the
+    whole machine was (``format_waits``): on 2 cores a sequential run keeps most of both
+    busy, and a step's slow tail is its processes queueing for a core."""
 
     def start(self) -> None:
         self.helpers = helper_processes()
         self.t0 = time.process_time()
         self.w0 = time.perf_counter()
         self.h0 = {k: sum(_proc_cpu(p) for p in pids) for k, pids in self.helpers.items()}
+        self.q0 = {k: sum(_waited(p) for p in pids) for k, pids in self.helpers.items()}
+        self.q0["python"] = _waited(os.getpid())
+        self.b0 = _machine_busy()
+        self.waits: dict[str, float] = {}
 
     def stop(self) -> dict[str, float]:
         cpu = {"python": time.process_time() - self.t0, "wall": time.perf_counter() - self.w0}
+        self.waits = {"python": _waited(os.getpid()) - self.q0["python"]}
         # helpers started since (a PostgreSQL backend) count from zero
         now = helper_processes()
         for key, pids in now.items():
             if key in HELPERS:
                 cpu[key] = sum(_proc_cpu(p) for p in pids) - self.h0.get(key, 0.0)
+                self.waits[key] = sum(_waited(p) for p in pids) - self.q0.get(key, 0.0)
+        self.waits["machine busy"] = _machine_busy() - self.b0
+        self.waits["wall"] = cpu["wall"]
         return cpu
+
+
+def format_waits(waits: dict[str, float], steps: int) -> str:
+    """ "waited for a core, ms/step: python 0.25 nats 0.72 ...; machine busy 1.64 of 2
+    cores" (empty when nothing was measured)."""
+    if "wall" not in waits:
+        return ""
+    parts = [f"{k} {v * 1000 / steps:.3f}" for k, v in waits.items() if v and k not in
+             ("wall", "machine busy")]  # fmt: skip
+    busy = waits["machine busy"] / (waits["wall"] or 1e-9)
+    return (
+        "waited for a core, ms/step: " + "  ".join(parts)
+        + f"; machine busy {busy:.2f} of {os.cpu_count()} cores"
+    )  # fmt: skip
 
 
 def format_cpu(cpu: dict[str, float], steps: int) -> str:

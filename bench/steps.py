@@ -19,7 +19,9 @@ Each part can be resized or skipped (0, or ``--chains`` with no value).
     python bench/steps.py --store sqlite --steps 200 --runs 0 --chains --foreach 0 --breakdown
 
 Every part also prints the CPU it cost per step: this process (all five services), the
-nats-server and PostgreSQL; 1000 / the sum is what 2 cores could at best do.
+nats-server and PostgreSQL; 1000 / the sum is what 2 cores could at best do. The
+sequential run also prints how long each process waited for a core (its threads'
+``schedstat``) and how busy the whole machine was: a slow tail is queueing for a core.
 ``--breakdown`` adds a pass of the sequential run that counts, per step, NATS publishes
 by kind, acks, decodes, store calls and fsyncs (``bench/stepcost.py``); ``--profile``
 prints a cProfile of the sequential run.
@@ -210,6 +212,7 @@ async def sequential(client: LoomClient, n: int) -> dict[str, float]:
         "late_ms": late,
         "window": window,
         "cpu": stepcost.format_cpu({k: v for k, v in cpu.items() if k != "loop"}, n)
+        + f"\n         {stepcost.format_waits(meter.waits, n)}"
         + (f"\n         {cpu['loop']}" if "loop" in cpu else ""),  # type: ignore[dict-item]
     }
 
