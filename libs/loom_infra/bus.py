@@ -45,12 +45,13 @@ from nats.js.errors import APIError, NotFoundError
 from loom_core import codec, partitions, routes, secrets, subjects, tenancy
 from loom_core.contracts import DeadLetter, ErrorInfo, EventRecord
 from loom_core.errors import LoomError
-from loom_infra import metrics, nats_headers
+from loom_infra import metrics, nats_flush, nats_headers
 from loom_infra.settings import DeliverySettings, OpsSettings
 
 log = logging.getLogger("loom.bus")
 
 nats_headers.install()  # every connection of this process parses headers faster (issue 10)
+nats_flush.install()  # flush() returns once the server has read what came before it
 T = TypeVar("T")
 
 MAX_DELIVER = 5
