@@ -210,6 +210,7 @@ class NatsCluster:
     host: str = "127.0.0.1"
     authorization: str | None = field(default=None, repr=False)
     nodes: list[EmbeddedNats] = field(default_factory=list, init=False)
+    route_ports: list[int] = field(default_factory=list, init=False)  # node i listens on [i]
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -232,12 +233,12 @@ class NatsCluster:
         node's routes, whose listener then fails (``address already in use``) after that
         node said it was ready."""
         ports = free_ports(3 * self.size, self.host)
-        routes_ports = ports[2 * self.size :]
-        routes = ", ".join(f"nats://{self.host}:{p}" for p in routes_ports)
+        self.route_ports = ports[2 * self.size :]
+        routes = ", ".join(f"nats://{self.host}:{p}" for p in self.route_ports)
         for i, node in enumerate(self.nodes):
             node.port, node.monitor_port = ports[2 * i], ports[2 * i + 1]
             node.cluster = (
-                f"cluster {{\n  name: {self.name}\n  listen: {self.host}:{routes_ports[i]}\n"
+                f"cluster {{\n  name: {self.name}\n  listen: {self.host}:{self.route_ports[i]}\n"
                 f"  routes: [{routes}]\n}}\n"
             )
 
