@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import msgspec
+from golden_runs import FILES, GOLDEN, read
 from hypothesis import given
 from hypothesis import strategies as st
 
 from loom_console import views
 from loom_console.api import RunView
-from loom_core import codec
 from loom_core.contracts import (
     EventRecord,
     RunRequested,
@@ -25,19 +24,13 @@ from loom_core.contracts import (
 )
 from loom_core.replay import state_at, state_view
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-FILES = sorted(GOLDEN.glob("*.jsonl"))
 AT = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def load(path: Path) -> list[EventRecord]:
-    return [codec.decode_event(line.encode()) for line in path.read_text().splitlines() if line]
 
 
 def test_every_golden_history_has_every_view() -> None:
     assert FILES
     for path in FILES:
-        records = load(path)
+        records = read(path)
         view = views.run_view(records)
         assert isinstance(view, RunView) and view.events == len(records), path.name
         msgspec.json.encode(view)  # JSON all the way down
@@ -51,26 +44,26 @@ def test_every_golden_history_has_every_view() -> None:
 
 
 def test_attempts_retries_and_waits_of_a_step() -> None:
-    (call,) = views.timeline(load(GOLDEN / "tool-retry.jsonl"))
+    (call,) = views.timeline(read(GOLDEN / "tool-retry.jsonl"))
     assert [a.attempt for a in call.attempts] == [1, 2, 3]
     assert [bool(a.error) for a in call.attempts] == [True, True, False]
     assert [a.retry_delay_s for a in call.attempts] == [0.05, 0.1, None]
     assert [w.kind for w in call.waits] == ["retry", "retry"]  # each until its timer fired
     assert all(w.ended_at for w in call.waits) and call.status == "succeeded"
-    pause = {r.step_id: r for r in views.timeline(load(GOLDEN / "sleep.jsonl"))}["pause"]
+    pause = {r.step_id: r for r in views.timeline(read(GOLDEN / "sleep.jsonl"))}["pause"]
     assert [(w.kind, w.label) for w in pause.waits] == [("timer", "sleep")]
-    fork = {r.step_id: r.reused for r in views.timeline(load(GOLDEN / "fork.jsonl"))}
+    fork = {r.step_id: r.reused for r in views.timeline(read(GOLDEN / "fork.jsonl"))}
     assert fork == {"a": True, "b": False, "c": True}
 
 
 def test_tokens_and_cost_come_from_the_runs_own_model_calls() -> None:
-    view = views.run_view(load(GOLDEN / "agent-research.jsonl"))
+    view = views.run_view(read(GOLDEN / "agent-research.jsonl"))
     assert view.input_tokens > 0 and view.output_tokens > 0
-    assert views.run_view(load(GOLDEN / "approval.jsonl")).input_tokens == 0
+    assert views.run_view(read(GOLDEN / "approval.jsonl")).input_tokens == 0
 
 
 def test_an_open_suspension_is_offered_until_answered() -> None:
-    records = load(GOLDEN / "approval.jsonl")
+    records = read(GOLDEN / "approval.jsonl")
     suspended = next(i for i, r in enumerate(records) if isinstance(r.event, StepSuspended))
     (open_,) = views.open_suspensions(records[: suspended + 1])
     assert open_.label and open_.schema

@@ -12,21 +12,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from golden_runs import FILES, GOLDEN, read
 
 import loom_core.executor as executor
-from loom_core import codec
 from loom_core.contracts import EventRecord, RunDiverged, StepRetryScheduled
 from loom_core.executor import evolve, initial_state, restore, snapshot
 from loom_core.replay import replay
 from loom_infra import collector
 from loom_services.runhost import _rebuild, _Unrestorable
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-FILES = sorted(GOLDEN.glob("*.jsonl"))
-
-
-def read(path: Path) -> list[EventRecord]:
-    return [codec.decode_event(line.encode()) for line in path.read_text().splitlines() if line]
 
 
 def fold(records: list[EventRecord], start: bytes | None, run_id: str) -> executor.RunState:

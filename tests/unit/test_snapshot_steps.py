@@ -11,10 +11,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from golden_runs import FILES, GOLDEN, read
 
-from loom_core import codec
 from loom_core.contracts import (
-    EventRecord,
     ForeachStep,
     Plan,
     PlanProposed,
@@ -25,13 +24,7 @@ from loom_core.contracts import (
 )
 from loom_core.executor import Inst, RunState, advance, evolve, initial_state, restore, snapshot
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-FILES = sorted(GOLDEN.glob("*.jsonl"))
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def read(path: Path) -> list[EventRecord]:
-    return [codec.decode_event(line.encode()) for line in path.read_text().splitlines() if line]
 
 
 def chain(steps: int) -> RunState:
