@@ -26,9 +26,8 @@ pytestmark = pytest.mark.integration
 async def pair(nats_server: EmbeddedNats) -> AsyncIterator[tuple[Any, Any]]:
     """The receiving and the sending connection: one and the same, as the executor's
     (its own publishes and their acks). The server takes a connection's SUB before its
-    later PUBs; across two connections a flush does not order them here (measured:
-    plain nats-py subscriptions missed a message published right after one time in
-    five)."""
+    later PUBs. (Across two connections, ``flush()`` orders them only since
+    ``loom_infra.nats_flush``: nats-py alone wrote the flush's PING before the SUB.)"""
     nc = await nats.connect(nats_server.url)
     yield nc, nc
     await nc.close()
