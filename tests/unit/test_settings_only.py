@@ -36,8 +36,10 @@ VARIABLE = re.compile(r"(LOOM|OTEL)_[A-Z0-9_]+|COLUMNS")
 # Each place outside settings.py that touches os.environ, and why it is not a setting
 # being read. Keyed by file and the expression itself, so a new use fails the test.
 ALLOWED = {
-    ("libs/loom_infra/natsserver.py", "{**os.environ}"):
-        "the embedded nats-server inherits this process's environment: passed on, not read",
+    ("libs/loom_infra/natsserver.py",
+     "{'GOMAXPROCS': str(self.gomaxprocs or default_gomaxprocs()), **os.environ}"):
+        "the embedded nats-server inherits this process's environment: passed on, not read "
+        "(an inherited GOMAXPROCS replaces the default set before it)",
     ("services/loom_services/tools/mcp_client.py", "os.environ.get('PATH', '')"):
         "a stdio MCP server gets our PATH (to find its command) and nothing else of ours",
     ("services/loom_services/models.py",
