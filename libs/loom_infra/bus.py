@@ -1210,6 +1210,17 @@ def stream_seq(msg: Msg) -> int:
     return int(tokens[5] if len(tokens) == 9 else tokens[Msg.Ack.StreamSeq])
 
 
+def num_pending(msg: Msg) -> int:
+    """How many messages the consumer still had to deliver when it delivered this one,
+    from its reply subject alone (as ``stream_seq``); 0 when the subject has no such
+    token (not a JetStream delivery)."""
+    tokens = (msg.reply or "").split(".")
+    try:
+        return int(tokens[8] if len(tokens) == 9 else tokens[Msg.Ack.NumPending])
+    except (IndexError, ValueError):
+        return 0
+
+
 # a message put back (``_AckAll.wanting``) that has not come back this long after its
 # nak delay is taken as gone (its stream message removed by a limit): else the consumer
 # would never ack again and stall at max_ack_pending

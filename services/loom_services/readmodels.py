@@ -15,9 +15,11 @@ streams, so nothing on a step's path waits for them.
   works even while the child's loop is blocked; a read model is an idempotent, acking
   consumer, so a SIGKILL loses nothing. The signal follows the *thread* that forked
   the child: every child is started from the stack's event-loop thread.
-- Each child runs in its own session, so a terminal's Ctrl-C reaches only the stack's
-  process, which then stops the children itself (no child exits first, to be
-  restarted during the stop).
+- Each child runs in its own process group, so a terminal's Ctrl-C reaches only the
+  stack's process, which then stops the children itself (no child exits first, to be
+  restarted during the stop). It stays in the stack's session: with the kernel's
+  autogroups (one scheduling group per session) its nice and its ``SCHED_IDLE`` weigh
+  against the stack's own processes only when they share the group.
 - A child that dies while the stack runs is logged (ERROR, with its last line of
   output) and restarted after a bounded backoff (0.2 s doubling to 10 s; back to 0.2 s
   once a child lived 30 s). Until it is back, the stack's ``/readyz`` names it.
@@ -27,11 +29,12 @@ streams, so nothing on a step's path waits for them.
   name and level it had in the child, prefixed with the child's name and pid; any other
   line (a traceback) at DEBUG, so a CLI user sees no traceback unless they ask for one
   (``loom --debug ...`` or ``LOOM_LOG_LEVEL=DEBUG``).
-- Each child, and its session's autogroup, runs at a lower CPU priority than the stack
-  (``LOOM_READ_MODELS_NICE``, default 10): their folds come in bursts (tracing: ~28
-  steps' events every 50 ms), and at the stack's priority a burst took a core from the
-  executor, the tool-runner or nats-server; most of a sequential run's slow steps were
-  those (issue 10's p99).
+- Each child runs at a lower CPU priority than the stack (``LOOM_READ_MODELS_NICE``,
+  default 10): their folds come in bursts (tracing: ~28 steps' events every 50 ms), and
+  at the stack's priority a burst took a core from the executor, the tool-runner or
+  nats-server; most of a sequential run's slow steps were those (issue 10's p99). The
+  tracing child also starts under ``SCHED_IDLE`` where it may leave it again, and stays
+  there while it keeps up (``loom_infra.cpu_priority``).
 """
 
 from __future__ import annotations
@@ -75,14 +78,15 @@ class ReadModelFailed(LoomError, RuntimeError):
     code = "read_model_failed"
 
 
-def _die_with(parent: int, nice: int = 0) -> Callable[[], None]:
+def _die_with(parent: int, nice: int = 0, idle: bool = False) -> Callable[[], None]:
     """In the child, between fork and exec: SIGKILL when the parent dies; if it already
     died (between the fork and this call, so no signal will come), exit now. ``prctl``
     is looked up here, in the parent: the child of a threaded process should load no
     library between fork and exec (another thread may have held the loader's lock).
     ``nice``: the child's priority this many steps below the parent's
     (``LOOM_READ_MODELS_NICE``; relative, so a stack started under ``nice`` keeps its
-    read models below itself; the kernel caps it at 19)."""
+    read models below itself; the kernel caps it at 19). ``idle``: ``SCHED_IDLE``, set
+    before the exec so every thread the child starts inherits it."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
     kill = int(signal.SIGKILL)
 
@@ -93,48 +97,22 @@ def _die_with(parent: int, nice: int = 0) -> Callable[[], None]:
             os._exit(1)
         if nice:
             os.nice(nice)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
     return preexec
-
-
-def autogroup_nice(pid: int | str = "self") -> int | None:
-    """The nice value of ``pid``'s autogroup (None: no such file, not Linux)."""
-    try:
-        with open(f"/proc/{pid}/autogroup") as group:
-            return int(group.read().rsplit("nice", 1)[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _lower_autogroup(pid: int, nice: int) -> None:
-    """Lower the child's autogroup as ``nice`` lowers the child itself. With the kernel's
-    autogroups on (``/proc/sys/kernel/sched_autogroup_enabled``, the default of many
-    distributions' kernels) a process's own nice counts only against the processes of
-    its session, and CPU is shared between sessions by each session's group nice: the
-    child runs in a session of its own (so a terminal's Ctrl-C does not reach it), and
-    at group nice 0 it weighed as much as the stack's whole session, whatever its own
-    nice. The child's session holds only the child (and the embedder it starts), so its
-    group's nice is set from here, relative to the stack's own group.
-    Nothing to do, or a refusal: the child runs, at the stack's priority."""
-    if not nice:
-        return
-    own = autogroup_nice()
-    if own is None:
-        return
-    try:
-        with open(f"/proc/{pid}/autogroup", "w") as group:
-            group.write(str(min(19, own + nice)))
-    except OSError as exc:  # it exited already, or the kernel refused: priority only
-        log.debug("read model pid %d: autogroup nice not set: %r", pid, exc)
 
 
 class ReadModelProcess:
     """One read model as a child process of the stack, restarted if it dies."""
 
-    def __init__(self, name: str, env: Mapping[str, str], nice: int = 0) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str], nice: int = 0, idle: bool = False
+    ) -> None:
         self.name = name
         self.env = dict(env)
         self.nice = nice  # below the stack's priority (LOOM_READ_MODELS_NICE)
+        self.idle = idle  # started under SCHED_IDLE (loom_infra.cpu_priority)
         self.proc: asyncio.subprocess.Process | None = None
         self.output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self.restarts = 0
@@ -170,11 +148,10 @@ class ReadModelProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with(os.getpid(), self.nice),  # noqa: PLW1509 - prctl, getppid, nice only
+            process_group=0,  # Ctrl-C is not its; the stack's session: see the module doc
+            preexec_fn=_die_with(os.getpid(), self.nice, self.idle),  # noqa: PLW1509 - prctl, getppid, nice, policy only
             limit=_LINE_LIMIT,
         )
-        _lower_autogroup(self.proc.pid, self.nice)
         self._started_at = time.monotonic()
         self._forwarder = asyncio.ensure_future(self._forward(self.proc))
         self._forwarder.set_name(f"{self.name}-output")

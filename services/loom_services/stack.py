@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from loom_core import tenancy
+from loom_infra import cpu_priority
 from loom_infra.client import LoomClient
 from loom_infra.credentials import (
     ADMIN,
@@ -159,7 +161,16 @@ class LocalStack:
 
     async def _start_child(self, name: str) -> None:
         env = service_process_env(self.settings, self.seed_file(name))
-        child = self.children[name] = ReadModelProcess(name, env, self.settings.read_models_nice)
+        nice = self.settings.read_models_nice
+        # tracing's folds come in bursts: SCHED_IDLE while it keeps up, where the child
+        # may leave it when it falls behind (loom_infra.cpu_priority); memory also
+        # answers recalls on a step's path, so it keeps the normal policy
+        idle = (
+            name == "tracing"
+            and nice > 0
+            and cpu_priority.may_leave_idle(min(19, os.nice(0) + nice))
+        )
+        child = self.children[name] = ReadModelProcess(name, env, nice, idle)
         await child.start()
         if self.stack is not None and self.stack.health is not None:
             self.stack.health.add_check(f"{name}-process", child.problem)

@@ -64,6 +64,7 @@ from loom_core.spans import TraceBuilder, TraceOptions
 from loom_core.waits import lift_runs
 from loom_infra import bus, endpoints, paging
 from loom_infra.blocking import Blocking
+from loom_infra.cpu_priority import IdleWhileCaughtUp
 from loom_infra.endpoints import ServiceError
 from loom_infra.otlp import OtlpExporter, exporter_for
 from loom_infra.settings import Settings, otlp_settings_from_env
@@ -162,6 +163,10 @@ class TracingService:
         # overwrite spans of an event folded meanwhile with older versions).
         self._fold_lock = asyncio.Lock()
         self.ctx: ServiceContext | None = None
+        # SCHED_IDLE while the folds keep up, when the embedded stack started this
+        # process so (loom_infra.cpu_priority); a batch's worth of events still waiting
+        # after a batch means behind: the normal policy until it has caught up
+        self.priority = IdleWhileCaughtUp(FOLD_BATCH)
 
     async def start(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -192,6 +197,8 @@ class TracingService:
     # ------------------------------------------------------------------ folding
 
     async def on_events(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
+        if msgs:
+            self.priority.saw(bus.num_pending(msgs[-1]))
         results: list[bool | BaseException] = [True] * len(msgs)
         by_run: OrderedDict[str, list[tuple[int, EventRecord]]] = OrderedDict()
         for i, msg in enumerate(msgs):

@@ -21,8 +21,9 @@ from waiting import BOUND_S, eventually  # type: ignore[import-not-found]  # tes
 
 from loom_core.contracts import Plan, RunCompleted, RunRequest, ToolStep
 from loom_infra.client import LoomClient
+from loom_infra.cpu_priority import may_leave_idle
 from loom_infra.settings import EmbedderSettings, Settings, SettingsError, StoreSettings
-from loom_services.readmodels import READ_MODELS, ReadModelFailed, autogroup_nice
+from loom_services.readmodels import READ_MODELS, ReadModelFailed
 from loom_services.stack import LocalStack
 
 START_S = 60.0  # a child's start: Python, its imports, NATS (2 shared cores)
@@ -111,10 +112,15 @@ def niceness(pid: int) -> int:
 
 
 async def test_the_children_run_below_the_stacks_cpu_priority(tmp_path: Path) -> None:
-    """LOOM_READ_MODELS_NICE: each child, and its session's autogroup, this many steps
-    below the stack (default 10), and level with it at 0; the stack's own services keep
-    the stack's priority."""
-    own, own_group = niceness(os.getpid()), autogroup_nice()
+    """LOOM_READ_MODELS_NICE: each child this many steps below the stack (default 10),
+    and level with it at 0; the stack's own services keep the stack's priority. Each
+    child is in the stack's session (with autogroups, one scheduling group per session:
+    its nice and policy weigh against the stack's processes only there) and in a process
+    group of its own (a terminal's Ctrl-C is not sent to it). Tracing runs under
+    SCHED_IDLE while it keeps up, where it may leave it (loom_infra.cpu_priority; this
+    machine's privileges decide), never at nice 0; memory answers recalls on a step's
+    path and keeps the normal policy."""
+    own = niceness(os.getpid())
     assert split_settings(tmp_path).read_models_nice == 10  # the default
     for nice in (10, 0):
         settings = dataclasses.replace(
@@ -124,11 +130,17 @@ async def test_the_children_run_below_the_stacks_cpu_priority(tmp_path: Path) ->
             for child in stack.children.values():
                 assert child.pid is not None
                 assert niceness(child.pid) == min(19, own + nice), child.name
-                # its session's autogroup too: with autogroups on, that is what weighs
-                # against the stack's session (Linux with CONFIG_SCHED_AUTOGROUP)
-                if own_group is not None:
-                    assert autogroup_nice(child.pid) == min(19, own_group + nice), child.name
+                assert os.getsid(child.pid) == os.getsid(0), child.name
+                assert os.getpgid(child.pid) == child.pid, child.name
+            idle = nice > 0 and may_leave_idle(min(19, own + nice))
+            tracing, memory = stack.children["tracing"], stack.children["memory"]
+            assert tracing.pid is not None and memory.pid is not None
+            assert tracing.idle is idle
+            expected = os.SCHED_IDLE if idle else os.SCHED_OTHER
+            assert os.sched_getscheduler(tracing.pid) == expected
+            assert os.sched_getscheduler(memory.pid) == os.SCHED_OTHER
             assert niceness(os.getpid()) == own
+            assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 async def test_closing_the_stack_leaves_no_child(tmp_path: Path) -> None:
@@ -263,7 +275,8 @@ def descendants(pid: int) -> dict[int, str]:
 
 async def test_loom_up_runs_them_apart_and_ctrl_c_stops_them_quietly(tmp_path: Path) -> None:
     """What a user runs: ``loom up`` (split by default), then Ctrl-C (SIGINT to the
-    stack's process only: the children are in sessions of their own, stopped by it)."""
+    stack's process only: the children are in process groups of their own, stopped by
+    it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     env["LOOM_EMBEDDER"] = "hash"
     loom = Path(sys.executable).with_name("loom")

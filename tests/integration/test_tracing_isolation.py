@@ -36,13 +36,14 @@ from loom_core.contracts import (
 )
 from loom_core.spans import TraceBuilder
 from loom_infra.client import LoomClient
+from loom_infra.cpu_priority import IdleWhileCaughtUp
 from loom_infra.natsserver import EmbeddedNats
 from loom_infra.settings import Settings, StoreSettings
 from loom_services.executor import ExecutorService
 from loom_services.planner import PlannerService
 from loom_services.runtime import Stack
 from loom_services.toolrunner import ToolRunnerService
-from loom_services.tracing import TracingService
+from loom_services.tracing import FOLD_BATCH, TracingService
 
 pytestmark = pytest.mark.integration
 
@@ -186,5 +187,39 @@ async def test_a_span_building_crash_is_recorded_and_the_rest_fold(
         assert "span_build_failed" in codes and "max_deliveries" not in codes
         failed = next(x for x in letters if x["error"]["code"] == "span_build_failed")
         assert failed["error"]["details"]["run_id"] == bad
+    finally:
+        await tracing.close()
+
+
+async def test_tracing_leaves_sched_idle_while_behind_and_returns_once_caught_up(
+    engine: tuple[Settings, ExecutorService, LoomClient],
+) -> None:
+    """The embedded stack starts tracing under SCHED_IDLE (loom_infra.cpu_priority):
+    a batch after which a batch's worth is still waiting (it is behind) must put it
+    back on the normal policy, so a busy machine cannot starve it, and once it has
+    caught up it idles again. The switch is recorded here, not made: this process is
+    the test runner."""
+    settings, _, client = engine
+    runs = [(await client.submit(RunRequest(plan=ECHO))).run_id for _ in range(80)]
+    histories = [await client.wait(run_id, timeout=20) for run_id in runs]
+    assert all(h[-1].kind == "run_completed" for h in histories)
+    assert sum(map(len, histories)) > 2 * FOLD_BATCH  # behind by more than a batch at first
+
+    switched: list[bool] = []
+    service = TracingService(settings)
+    service.priority = IdleWhileCaughtUp(FOLD_BATCH, managed=True, switch=switched.append)
+    tracing = Stack([service], settings)
+    await tracing.start()
+    try:
+        await client.wait_ready(["tracing"])
+
+        async def folded() -> bool:
+            summaries = await _runs(client)
+            return all(r in summaries and summaries[r].status == "completed" for r in runs)
+
+        await eventually(folded, "every run's trace", bound_s=15)
+        # normal while behind, idle once a batch came short
+        assert switched[:2] == [False, True], switched
+        assert service.priority.idle
     finally:
         await tracing.close()
