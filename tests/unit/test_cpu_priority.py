@@ -1,6 +1,6 @@
 """The read model's CPU policy (loom_infra.cpu_priority): when the embedded stack may
 start tracing under SCHED_IDLE, and when the tracing service leaves and re-enters it.
-The switch itself is recorded here; tests/integration/test_cpu_priority.py makes it."""
+The switch itself is recorded here; tests/integration/test_sched_idle_switch.py makes it."""
 
 from __future__ import annotations
 
