@@ -1214,9 +1214,22 @@ def num_pending(msg: Msg) -> int:
     """How many messages the consumer still had to deliver when it delivered this one,
     from its reply subject alone (as ``stream_seq``); 0 when the subject has no such
     token (not a JetStream delivery)."""
+    return _ack_token(msg, 8, Msg.Ack.NumPending)
+
+
+def stored_at_ns(msg: Msg) -> int:
+    """When the stream stored this delivery's message (ns since the epoch, the server's
+    clock), from its reply subject alone; 0 when the subject has no such token."""
+    return _ack_token(msg, 7, Msg.Ack.Timestamp)
+
+
+def _ack_token(msg: Msg, v1: int, v2: int) -> int:
+    """A number from a JetStream delivery's reply subject: ``$JS.ACK.<stream>.<consumer>.
+    <delivered>.<stream seq>.<consumer seq>.<timestamp>.<pending>`` (9 tokens), or the
+    layout with a domain and an account hash (``Msg.Ack``'s indices)."""
     tokens = (msg.reply or "").split(".")
     try:
-        return int(tokens[8] if len(tokens) == 9 else tokens[Msg.Ack.NumPending])
+        return int(tokens[v1] if len(tokens) == 9 else tokens[v2])
     except (IndexError, ValueError):
         return 0
 

@@ -13,8 +13,10 @@ it is used only while the read model keeps up, and only where the process may le
 again: an unprivileged process may not (Linux lets it out of ``SCHED_IDLE`` only within
 its ``RLIMIT_NICE``, which is 0 by default, or with ``CAP_SYS_NICE``). The stack starts
 the child idle when the child may leave (:func:`may_leave_idle`); the child leaves as
-soon as a batch it receives says a batch's worth more is waiting (it is behind), and
-goes back when one says less (:class:`IdleWhileCaughtUp`). Elsewhere (no privilege,
+soon as a batch it receives says it is behind (a batch's worth more waiting: its own
+load; or the batch's first event stored a second ago or more: a machine kept busy by
+others, where an idle task still gets a few milliseconds a second to see it), and goes
+back once it has caught up (:class:`IdleWhileCaughtUp`). Elsewhere (no privilege,
 not Linux) nothing changes: the child runs at its ``nice`` (``LOOM_READ_MODELS_NICE``).
 
 Policies are per thread on Linux: switching the process switches every thread it has,
@@ -80,27 +82,30 @@ def set_idle(idle: bool) -> None:
 class IdleWhileCaughtUp:
     """Keeps a batch consumer under ``SCHED_IDLE`` while it keeps up, and under the
     normal policy while it is behind (``behind_at`` or more messages still waiting after
-    a batch), so a busy machine cannot starve it. Does nothing unless the process
-    started idle: the stack asked for it (``ReadModelProcess(idle=True)``), having
-    checked the process may leave it."""
+    a batch, or its oldest message stored ``late_s`` or longer ago), so a busy machine
+    cannot starve it. Does nothing unless the process started idle: the stack asked for
+    it (``ReadModelProcess(idle=True)``), having checked the process may leave it."""
 
     def __init__(
         self,
         behind_at: int,
         managed: bool | None = None,
         switch: Callable[[bool], None] = set_idle,
+        late_s: float = 1.0,
     ) -> None:
         self.behind_at = behind_at
+        self.late_s = late_s
         self.managed = is_idle() if managed is None else managed
         self.idle = self.managed
         self.switch = switch
         self.switches = 0  # how often the policy changed (tests, logs)
 
-    def saw(self, pending: int) -> None:
-        """A batch arrived, after which ``pending`` messages were still waiting."""
+    def saw(self, pending: int, age_s: float = 0.0) -> None:
+        """A batch arrived, after which ``pending`` messages were still waiting, its
+        oldest message stored ``age_s`` ago."""
         if not self.managed:
             return
-        idle = pending < self.behind_at
+        idle = pending < self.behind_at and age_s < self.late_s
         if idle == self.idle:
             return
         try:
@@ -115,4 +120,9 @@ class IdleWhileCaughtUp:
             return
         self.idle = idle
         self.switches += 1
-        log.debug("%s: %d messages waiting", "idle" if idle else "normal policy", pending)
+        log.debug(
+            "%s: %d messages waiting, the oldest %.2f s old",
+            "idle" if idle else "normal policy",
+            pending,
+            age_s,
+        )

@@ -148,7 +148,7 @@ class ReadModelProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            process_group=0,  # Ctrl-C is not its; the stack's session: see the module doc
+            process_group=0,  # Ctrl-C is for the stack; in its session: see the module doc
             preexec_fn=_die_with(os.getpid(), self.nice, self.idle),  # noqa: PLW1509 - prctl, getppid, nice, policy only
             limit=_LINE_LIMIT,
         )

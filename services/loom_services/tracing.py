@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime
@@ -165,7 +166,8 @@ class TracingService:
         self.ctx: ServiceContext | None = None
         # SCHED_IDLE while the folds keep up, when the embedded stack started this
         # process so (loom_infra.cpu_priority); a batch's worth of events still waiting
-        # after a batch means behind: the normal policy until it has caught up
+        # after a batch, or its first event stored a second ago, means behind: the
+        # normal policy until it has caught up
         self.priority = IdleWhileCaughtUp(FOLD_BATCH)
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -197,8 +199,9 @@ class TracingService:
     # ------------------------------------------------------------------ folding
 
     async def on_events(self, msgs: Sequence[Msg]) -> list[bool | BaseException]:
-        if msgs:
-            self.priority.saw(bus.num_pending(msgs[-1]))
+        if msgs and self.priority.managed:
+            age_s = (time.time_ns() - bus.stored_at_ns(msgs[0])) / 1e9
+            self.priority.saw(bus.num_pending(msgs[-1]), age_s)
         results: list[bool | BaseException] = [True] * len(msgs)
         by_run: OrderedDict[str, list[tuple[int, EventRecord]]] = OrderedDict()
         for i, msg in enumerate(msgs):

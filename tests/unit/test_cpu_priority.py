@@ -50,6 +50,19 @@ def test_it_goes_normal_while_behind_and_idle_once_caught_up() -> None:
     assert priority.switches == 2
 
 
+def test_old_events_mean_behind_even_when_few_wait() -> None:
+    """A machine kept busy by other programs: few events, but they waited; the idle
+    process got a slice at last and must not go back to waiting for idle cores."""
+    switched: list[bool] = []
+    priority = IdleWhileCaughtUp(256, managed=True, switch=switched.append, late_s=1.0)
+    priority.saw(3, age_s=0.2)
+    assert switched == []
+    priority.saw(3, age_s=1.0)
+    assert switched == [False]
+    priority.saw(0, age_s=0.05)
+    assert switched == [False, True]
+
+
 def test_a_process_not_started_idle_is_left_alone() -> None:
     switched: list[bool] = []
     priority = IdleWhileCaughtUp(256, managed=False, switch=switched.append)
@@ -88,3 +101,17 @@ def test_a_refused_switch_stops_managing_with_a_warning(caplog: pytest.LogCaptur
 )
 def test_the_pending_count_is_read_from_the_reply_subject(reply: str, pending: int) -> None:
     assert bus.num_pending(Msg(_client=None, subject="loom.run.x", reply=reply)) == pending  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("reply", "stored"),
+    [
+        ("$JS.ACK.RUNS.tracing-fold.1.812.790.1733400000000000000.37", 1733400000000000000),
+        ("$JS.ACK._.ACCHASH.RUNS.tracing-fold.1.812.790.1733400000000000001.0.xyz",
+         1733400000000000001),
+        ("_INBOX.abc", 0),
+        ("$JS.ACK.RUNS.tracing-fold.1.812.790.soon.37", 0),
+    ],
+)  # fmt: skip
+def test_the_store_time_is_read_from_the_reply_subject(reply: str, stored: int) -> None:
+    assert bus.stored_at_ns(Msg(_client=None, subject="loom.run.x", reply=reply)) == stored  # type: ignore[arg-type]
