@@ -356,16 +356,18 @@ class TracingService:
     async def _catch_up(self, run_id: str) -> None:
         """Before a run's trace is read: fold what the executor stored of it beyond what
         this read model folded (the consumer lingers up to FOLD_LINGER_S between folds,
-        so a trace asked for right after a run ended would miss its last steps). Only
-        for a run being folded now (its builder in memory): any other was folded
-        whole, or the consumer is catching up on it anyway. The events come from the
-        system of record; their stream copies, when they arrive, are already folded.
-        Best effort: if the executor does not answer, the trace is read as it is."""
+        so a trace asked for right after a run ended would miss its last steps). For a
+        run being folded now (its builder in memory), and for a run this read model has
+        not seen at all (its consumer may be behind, e.g. idle while the machine is busy:
+        ``loom_infra.cpu_priority``); any other was folded whole, or the consumer is
+        catching up on it anyway. The events come from the system of record; their
+        stream copies, when they arrive, are already folded. Best effort: if the
+        executor does not answer, the trace is read as it is."""
         cached = self.builders.get(run_id)
-        if cached is None:
+        if cached is None and await self.io(self.store.run_tenant, run_id) is not None:
             return
         try:
-            records = await self._history(run_id, cached[1])
+            records = await self._history(run_id, 0 if cached is None else cached[1])
         except Exception as exc:
             log.debug("tracing: catching up %s before a read failed: %r", run_id, exc)
             return
@@ -584,6 +586,10 @@ class TracingService:
         rows are read from the store (a keyset range, a chunk at a time), never the
         whole trace."""
         caller = tenants.caller(msg)
+        if not query.after and not query.rebuild:
+            # first: a run the consumer has not reached yet has no tenant here yet
+            # (folding what the executor stored discloses nothing: the check follows)
+            await self._catch_up(query.run_id)
         if caller is not None and await self.io(self.store.run_tenant, query.run_id) != caller:
             # another tenant's run is answered as no run, before anything is rebuilt
             return TraceReply(
@@ -593,8 +599,6 @@ class TracingService:
         if query.rebuild and not query.after:  # the first page rebuilds, the rest read it
             records = await self._executor_history(query.run_id)
             await self.rebuild_run(query.run_id, records or None)
-        elif not query.after:
-            await self._catch_up(query.run_id)
         after = _span_cursor_key(query.after) if query.after else None
         limit = max(1, min(query.limit, MAX_QUERY_LIMIT))
         assert self.ctx is not None

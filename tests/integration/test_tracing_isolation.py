@@ -34,6 +34,7 @@ from loom_core.contracts import (
     SleepStep,
     ToolStep,
 )
+from loom_core.errors import LoomError
 from loom_core.spans import TraceBuilder
 from loom_infra.client import LoomClient
 from loom_infra.cpu_priority import IdleWhileCaughtUp
@@ -224,4 +225,39 @@ async def test_tracing_leaves_sched_idle_while_behind_and_returns_once_caught_up
         await eventually(folded, "the last run's trace", bound_s=15)
         assert switched[-1] is True and service.priority.idle, switched
     finally:
+        await tracing.close()
+
+
+class _BehindTracing(TracingService):
+    """A tracing service whose consumer has not reached any run yet (its first batch
+    waits for ``go``): what a read model behind a busy machine looks like to a reader."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.go = asyncio.Event()
+
+    async def on_events(self, msgs: Any) -> list[bool | BaseException]:
+        await self.go.wait()
+        return await super().on_events(msgs)
+
+
+async def test_a_trace_read_before_the_consumer_reached_the_run_comes_from_the_executor(
+    engine: tuple[Settings, ExecutorService, LoomClient],
+) -> None:
+    settings, _, client = engine
+    run_id = (await client.submit(RunRequest(plan=ECHO))).run_id
+    assert (await client.wait(run_id, timeout=20))[-1].kind == "run_completed"
+    service = _BehindTracing(settings)
+    tracing = Stack([service], settings)
+    await tracing.start()
+    try:
+        await client.wait_ready(["tracing"])
+        spans = await client.trace(run_id)
+        assert any(s.name == "execute_tool echo" and s.end for s in spans)
+        assert not service.go.is_set()  # the consumer folded nothing: the read did
+        with pytest.raises(LoomError) as refused:  # a run no executor holds: still none
+            await client.trace("run-held-nowhere")
+        assert refused.value.info.code == "not_found"
+    finally:
+        service.go.set()
         await tracing.close()
