@@ -28,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from nats.aio.msg import Msg
@@ -137,7 +137,8 @@ class Partitioned:
         consumer = endpoints.inbox_consumer(
             self.ctx.js, routes.INBOXES, p, handler=self.service.on_inbox, batch=256
         )
-        self.consumers[p] = (stop, self._spawn(consumer.run(stop), f"executor-inbox-p{p}"))
+        name = f"executor-inbox-p{p}"
+        self.consumers[p] = (stop, self._spawn(keep_consuming(consumer, stop, name), name))
         self.service.admission.gained(p)  # its runs' slots checked against the store
 
     async def _loss(self, p: int) -> None:
@@ -463,6 +464,31 @@ async def drain_legacy_inbox(js: Any, stop: asyncio.Event) -> int:
             await js.delete_consumer(subjects.INBOX_STREAM, LEGACY_DURABLE)
         log.info("legacy inbox drained: %d message(s) moved to their partitions", moved)
     return moved
+
+
+RESTART_FIRST_S = 0.5  # a partition's inbox consumer that failed starts again after this
+RESTART_MAX_S = 5.0  # doubling up to this
+
+
+class Consuming(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+async def keep_consuming(consumer: Consuming, stop: asyncio.Event, name: str) -> None:
+    """A partition's inbox consumer, started again whenever it fails while the partition
+    is ours (until ``stop``): a JetStream call that a cluster's failover left unanswered
+    ended it for good, and the partition's runs waited until the process restarted
+    (tests/integration/test_jetstream_cluster.py, seen once in CI). Its messages are
+    durable: what it had not settled is delivered again to the next one."""
+    delay = RESTART_FIRST_S
+    while not stop.is_set():
+        try:
+            await consumer.run(stop)
+            return
+        except Exception as exc:
+            log.warning("%s stopped (%r); starting it again in %.1f s", name, exc, delay)
+            await bus.wait_or_timeout(stop, delay)
+            delay = min(delay * 2, RESTART_MAX_S)
 
 
 class _Retry(Exception):
