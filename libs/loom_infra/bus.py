@@ -1206,8 +1206,7 @@ def stream_seq(msg: Msg) -> int:
     """A JetStream delivery's stream sequence, from its reply subject alone:
     ``msg.metadata`` parses all of it (a datetime, two dataclasses), which cost more
     than the acks saved (``_AckAll``)."""
-    tokens = msg.reply.split(".")  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...
-    return int(tokens[5] if len(tokens) == 9 else tokens[Msg.Ack.StreamSeq])
+    return int(_reply_token(msg, 5, Msg.Ack.StreamSeq))
 
 
 def num_pending(msg: Msg) -> int:
@@ -1224,14 +1223,19 @@ def stored_at_ns(msg: Msg) -> int:
 
 
 def _ack_token(msg: Msg, v1: int, v2: int) -> int:
-    """A number from a JetStream delivery's reply subject: ``$JS.ACK.<stream>.<consumer>.
-    <delivered>.<stream seq>.<consumer seq>.<timestamp>.<pending>`` (9 tokens), or the
-    layout with a domain and an account hash (``Msg.Ack``'s indices)."""
-    tokens = (msg.reply or "").split(".")
+    """``_reply_token`` as a number; 0 when the subject has no such number."""
     try:
-        return int(tokens[v1] if len(tokens) == 9 else tokens[v2])
+        return int(_reply_token(msg, v1, v2))
     except (IndexError, ValueError):
         return 0
+
+
+def _reply_token(msg: Msg, v1: int, v2: int) -> str:
+    """A token of a JetStream delivery's reply subject: ``$JS.ACK.<stream>.<consumer>.
+    <delivered>.<stream seq>.<consumer seq>.<timestamp>.<pending>`` (9 tokens: ``v1``),
+    or the layout with a domain and an account hash (``Msg.Ack``'s indices: ``v2``)."""
+    tokens = (msg.reply or "").split(".")
+    return tokens[v1] if len(tokens) == 9 else tokens[v2]
 
 
 # a message put back (``_AckAll.wanting``) that has not come back this long after its

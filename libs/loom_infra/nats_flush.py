@@ -22,8 +22,6 @@ import asyncio
 
 from nats.aio.client import PING_PROTO, Client
 
-ORIGINAL = Client._send_ping
-
 
 async def send_ping_in_order(self: Client, future: asyncio.Future[bool] | None = None) -> None:
     """The PING queued behind what is pending (module doc); its PONG resolves ``future``
