@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 from waiting import eventually  # type: ignore[import-not-found]
 
@@ -14,7 +17,8 @@ from loom_core.contracts import (
     StepSuspended,
     ToolStep,
 )
-from loom_infra.store import open_snapshot_store
+from loom_infra.settings import StoreSettings
+from loom_infra.store import open_event_store, open_snapshot_store
 from loom_services.runtime import Stack
 from loom_services.stack import LocalStack, all_services
 
@@ -106,3 +110,46 @@ async def test_a_snapshot_that_no_longer_restores_falls_back_to_the_history(
         records = await client.wait(accepted.run_id, timeout=30)
     assert isinstance(records[-1].event, RunCompleted)
     assert "not restored" in caplog.text
+
+
+def test_snapshots_commit_without_fsync_in_large_pages_and_events_stay_durable(
+    tmp_path: Path,
+) -> None:
+    """snapshots.db holds only a cache of the fold (taken after its events are durable):
+    its commits skip the fsync (WAL + synchronous=NORMAL: consistent, may lose the newest)
+    and a new file has 16 KB pages, checkpointed every 4 MB of log as before. events.db
+    keeps synchronous=FULL."""
+    settings = StoreSettings(kind="sqlite", data_dir=tmp_path)
+    snapshots = open_snapshot_store(settings)
+    events = open_event_store(settings)
+    try:
+        snapshots.save("run-1", 1000, b"{}" * 100_000)
+        assert snapshots.latest("run-1") == (1000, b"{}" * 100_000)
+        with snapshots._recorder.datastore.get_connection(commit=True) as conn:
+            raw = conn._sqlite_conn
+            assert raw.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+            assert raw.execute("PRAGMA page_size").fetchone()[0] == 16384
+            assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 256  # 4 MB
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        with events._recorder.datastore.get_connection(commit=True) as conn:  # type: ignore[attr-defined]  # the SQLite recorder has it; its base does not say
+            assert conn._sqlite_conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        snapshots.close()
+        events.close()
+
+
+def test_an_existing_snapshot_file_keeps_its_pages_and_its_snapshots(tmp_path: Path) -> None:
+    """A snapshots.db made with 4 KB pages (before) opens as it is: WAL keeps a file's page
+    size, and its snapshots still load."""
+    old = sqlite3.connect(tmp_path / "snapshots.db")
+    old.execute("PRAGMA page_size=4096")
+    old.execute("PRAGMA journal_mode=WAL")
+    old.close()
+    snapshots = open_snapshot_store(StoreSettings(kind="sqlite", data_dir=tmp_path))
+    try:
+        snapshots.save("run-1", 1000, b"[1]")
+        assert snapshots.latest("run-1") == (1000, b"[1]")
+        with snapshots._recorder.datastore.get_connection(commit=False) as conn:
+            assert conn._sqlite_conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    finally:
+        snapshots.close()

@@ -139,3 +139,32 @@ def test_a_restored_long_run_leaves_few_objects_to_the_collector() -> None:
             gc.enable()
     assert len(state.insts) == 500
     assert made <= 4 * 500 + 50
+
+
+def test_the_parts_that_never_change_are_encoded_once_per_run() -> None:
+    """The plan and a scope's dependency maps are most of a long chain's snapshot and never
+    change once made: the second snapshot reuses their JSON, and the bytes are those of
+    an encode from nothing."""
+    state = chain(200)
+    first = snapshot(state)
+    plan_json = state._encoded[id(state.plan)][1]
+    second = snapshot(state)
+    assert state._encoded[id(state.plan)][1] is plan_json
+    state._encoded = {}
+    assert snapshot(state) == second == first
+    assert snapshot(restore(second)) == second
+
+
+def test_a_plan_replaced_by_another_is_encoded_again() -> None:
+    """Cached by the object it was encoded from: a revised plan (another object, even an
+    equal one at another address) is never saved as the JSON of the plan it replaced."""
+    state = chain(20)
+    snapshot(state)
+    assert state.plan is not None
+    revised = Plan(steps=state.plan.steps[:5])
+    state.plan = revised
+    body = msgspec.json.decode(snapshot(state))
+    assert len(body["state"]["plan"]["steps"]) == 5
+    assert list(state._encoded) == [id(revised), *(k for k in state._encoded if k != id(revised))]
+    held = {id(part) for part, _ in state._encoded.values()}
+    assert held == set(state._encoded)  # each entry keeps its object alive: ids stay theirs
