@@ -381,7 +381,9 @@ class RunHost:
                     # relay's position, once a second, so it does not wait on a lock.
                     notification_ids = self.store.append(records)
                 else:
-                    notification_ids = await self.io(self.store.append, records)
+                    # on this loop's own connection: no pool thread's wake-up and GIL
+                    # passes around a commit on the network (issue 10, pgloop)
+                    notification_ids = await self.store.append_on_loop(records)
         except Exception as exc:
             # The in-memory actors may now be ahead of the store: forget them; they are
             # reloaded from the store when next needed.

@@ -17,7 +17,7 @@ from store_contract import run_events
 from waiting import eventually
 
 from loom_infra.settings import StoreSettings
-from loom_infra.store import ConcurrencyConflict, open_event_store
+from loom_infra.store import ConcurrencyConflict, StoreError, open_event_store
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +83,102 @@ def test_a_conflict_stores_nothing_and_leaves_no_connection_in_a_transaction(
         assert _sessions(url, "state", "idle in transaction%") == 0
         events.append(run_events("run-b", count=2))  # the same connections write again
         assert events.last_seq("run-b") == 2
+
+
+def _loop_writer_pid(url: str) -> int | None:
+    """The backend of the store's loop connection: the one session that ran the append
+    function without a pool (the test's own sessions never call it)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND query LIKE '%loom_append%' "
+            "ORDER BY backend_start DESC LIMIT 1"
+        ).fetchone()
+    return row[0] if row else None
+
+
+def test_an_append_on_the_loop_stores_what_append_stores(
+    pg_store_settings: StoreSettings,
+) -> None:
+    """The writer's append awaited on its loop (issue 10, pgloop): the same rows, ids in
+    commit order after the pool's, the same conflict (nothing stored, the connection
+    still writes), from one loop after another."""
+    with open_event_store(pg_store_settings) as events:
+        first = events.append(run_events("run-a", count=2))
+        on_loop = asyncio.run(events.append_on_loop(run_events("run-a", start=3, count=3)))
+        assert len(on_loop) == 3 and on_loop == sorted(on_loop) and min(on_loop) > max(first)
+        assert [r.seq for r in events.load("run-a")] == [1, 2, 3, 4, 5]
+        assert [r.event for r in events.load("run-a")] == [
+            r.event for r in run_events("run-a", count=5)
+        ]
+
+        async def clash_then_write() -> list[int]:
+            with pytest.raises(ConcurrencyConflict) as caught:
+                await events.append_on_loop(run_events("run-b") + run_events("run-a", count=1))
+            assert caught.value.run_ids == ("run-a",)
+            return await events.append_on_loop(run_events("run-b", count=2))
+
+        assert len(asyncio.run(clash_then_write())) == 2  # another loop: a new connection
+        assert events.last_seq("run-b") == 2
+        assert asyncio.run(events.append_on_loop([])) == []
+
+
+def test_an_append_on_the_loop_after_its_connection_died_fails_retryable_then_reconnects(
+    pg_store_settings: StoreSettings,
+) -> None:
+    """The server ends the loop's connection (a restart, a failover, an admin): that
+    append is a retryable StoreError (the writer fails the batch and its senders retry),
+    and the next one connects again."""
+    url = pg_store_settings.postgres_url
+    assert url is not None
+    with open_event_store(pg_store_settings) as events:
+
+        async def scenario() -> None:
+            await events.append_on_loop(run_events("run-a", count=1))
+            pid = _loop_writer_pid(url)
+            assert pid is not None
+            with psycopg.connect(url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with pytest.raises(StoreError) as caught:
+                await events.append_on_loop(run_events("run-a", start=2, count=1))
+            assert caught.value.retryable and caught.value.operation == "append"
+            await events.append_on_loop(run_events("run-a", start=2, count=1))
+
+        asyncio.run(scenario())
+        assert events.last_seq("run-a") == 2
+
+
+def test_a_cancelled_append_on_the_loop_leaves_no_connection_behind(
+    pg_store_settings: StoreSettings,
+) -> None:
+    """A cancel while the append waits for the table lock: the connection may be mid-
+    statement, so it is closed (its session ends, the insert with it) and the next append
+    opens another."""
+    url = pg_store_settings.postgres_url
+    assert url is not None
+    with open_event_store(pg_store_settings) as events:
+        events.append(run_events("run-a", count=1))
+        holder = psycopg.connect(url)
+        try:
+            holder.execute(
+                "INSERT INTO loom_events (originator_id, originator_version, topic, state) "
+                "VALUES ('run-h', 1, 'x', '\\x00')"
+            )
+
+            async def cancelled() -> None:
+                task = asyncio.ensure_future(events.append_on_loop(run_events("run-b")))
+                await eventually(
+                    lambda: _sessions(url, "wait_event_type", "Lock") == 1,
+                    "the loop's append to wait on the table lock",
+                )
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            asyncio.run(cancelled())
+        finally:
+            holder.rollback()
+            holder.close()
+        asyncio.run(eventually(lambda: _sessions(url, "wait_event_type", "Lock") == 0, "no waiter"))
+        assert events.last_seq("run-b") == 0
+        assert len(asyncio.run(events.append_on_loop(run_events("run-b")))) == 5
