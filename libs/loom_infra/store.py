@@ -676,10 +676,13 @@ class _LoopWriter:
         if self._conn is not None and (self._loop is not loop or self._conn.closed):
             self.close()
         if self._conn is None:
-            self._conn = await psycopg.AsyncConnection.connect(
+            conn = await psycopg.AsyncConnection.connect(
                 autocommit=True, **{"connect_timeout": PG_CONNECT_TIMEOUT_S, **self._params}
             )
-            self._loop = loop
+            if self._conn is None:
+                self._conn, self._loop = conn, loop
+            else:  # another append connected meanwhile: one connection, not two
+                await conn.close()
         return self._conn
 
     def close(self) -> None:

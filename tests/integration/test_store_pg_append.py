@@ -8,7 +8,9 @@ transaction."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import warnings
 
 import psycopg
 import pytest
@@ -182,3 +184,33 @@ def test_a_cancelled_append_on_the_loop_leaves_no_connection_behind(
         asyncio.run(eventually(lambda: _sessions(url, "wait_event_type", "Lock") == 0, "no waiter"))
         assert events.last_seq("run-b") == 0
         assert len(asyncio.run(events.append_on_loop(run_events("run-b")))) == 5
+
+
+def test_appends_on_the_loop_at_once_share_one_connection(
+    pg_store_settings: StoreSettings,
+) -> None:
+    """Two appends awaited together before any connection exists: both store, in one
+    connection (the second connect is closed, not dropped open)."""
+    url = pg_store_settings.postgres_url
+    assert url is not None
+    with open_event_store(pg_store_settings) as events:
+        events.append(run_events("run-0", count=1))  # the pool's own session, warm
+        before = _sessions(url, "state", "%")
+
+        async def together() -> list[list[int]]:
+            return list(
+                await asyncio.gather(
+                    events.append_on_loop(run_events("run-a")),
+                    events.append_on_loop(run_events("run-b")),
+                )
+            )
+
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            stored = asyncio.run(together())
+            gc.collect()
+        # a second connection dropped open would be closed by its finalizer, which warns
+        assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
+        assert [len(ids) for ids in stored] == [5, 5]
+        assert events.last_seq("run-a") == events.last_seq("run-b") == 5
+        assert _sessions(url, "state", "%") == before + 1
