@@ -17,6 +17,7 @@ import os
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from secrets import token_hex as secrets_token_hex
@@ -917,6 +918,13 @@ class OpenPull:
         """Wake a fetch waiting on the queue, so it sees the reconnect and asks again."""
         self.queue.put_nowait(_WAKE)  # a marker, never handed to a caller
 
+    async def close(self) -> None:
+        """Stop the deliveries to this pull's inbox (the durable consumer stays, with what
+        it has not settled): a consumer that failed and is started again
+        (``partitioned.keep_consuming``) left its inbox subscribed, one per failure."""
+        with suppress(Exception):  # a closed connection has no subscription left
+            await self.psub.unsubscribe()
+
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -1036,11 +1044,17 @@ class PullConsumer:
         if self.replaces is not None:
             config = await _start_position(self.js, self.stream, config, self.replaces)
         sub = OpenPull(await pull_subscribe(self.js, self.stream, config))
-        if self.replaces is not None:
-            await _retire(self.js, self.stream, self.replaces)
-        if self.concurrency:
-            await self._run_concurrently(sub, stop)
-            return
+        try:
+            if self.replaces is not None:
+                await _retire(self.js, self.stream, self.replaces)
+            if self.concurrency:
+                await self._run_concurrently(sub, stop)
+                return
+            await self._run_batches(sub, stop)
+        finally:
+            await sub.close()
+
+    async def _run_batches(self, sub: OpenPull, stop: asyncio.Event) -> None:
         while not stop.is_set():
             raise_if_cancelled()  # a cancel a handler's await swallowed (nats-py's request)
             try:
