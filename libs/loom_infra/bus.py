@@ -517,7 +517,8 @@ def _lazy_due(nc: NATS) -> None:
 _LAZY: weakref.WeakKeyDictionary[NATS, asyncio.TimerHandle] = weakref.WeakKeyDictionary()
 
 
-_BAD_SUBJECT = re.compile(r"[ \t\r\n]")
+# what nats-py refuses in a subject (a space or a line break would break the protocol)
+BAD_SUBJECT = re.compile(r"[ \t\r\n]")
 
 
 class _Inline:
@@ -603,9 +604,9 @@ def _pub_command(nc: NATS, subject: str, data: bytes, reply: str = "") -> bytes:
         raise nats.errors.ConnectionClosedError
     if nc.is_draining_pubs:
         raise nats.errors.ConnectionDrainingError
-    if not subject or _BAD_SUBJECT.search(subject) is not None:
+    if not subject or BAD_SUBJECT.search(subject) is not None:
         raise nats.errors.BadSubjectError
-    if reply and _BAD_SUBJECT.search(reply) is not None:
+    if reply and BAD_SUBJECT.search(reply) is not None:
         raise nats.errors.BadSubjectError
     size = len(data)
     if not nc.is_connected and (

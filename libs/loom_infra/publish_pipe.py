@@ -24,7 +24,6 @@ behaviour on a real server and test_relay*.py exercise it with reconnects and ki
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,10 +37,8 @@ from nats.errors import (
 )
 from nats.js.errors import APIError, NoStreamResponseError
 
-from loom_infra.bus import subscribe_inline
+from loom_infra.bus import BAD_SUBJECT, subscribe_inline
 
-# what nats-py refuses in a subject (a space or a line break would break the protocol)
-_BAD_SUBJECT = re.compile(r"[ \t\r\n]")
 # a line break in a header value would start a header of the sender's choosing
 _NO_BREAKS = str.maketrans("", "", "\r\n")
 _NO_RESPONDERS = "503"
@@ -61,7 +58,7 @@ _decode_ack = msgspec.json.Decoder(PubAck).decode
 
 def bad_subject(subject: str) -> bool:
     """True for a subject nats-py refuses to publish to (a space, a tab, a line break)."""
-    return _BAD_SUBJECT.search(subject) is not None
+    return BAD_SUBJECT.search(subject) is not None
 
 
 def header_block(headers: Sequence[tuple[str, str]]) -> bytes:
