@@ -72,6 +72,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+PORT_ATTEMPTS = 3  # ports a system PostgreSQL is started on before giving up
+
+
+def _port_was_taken(server_log: Path, since: int) -> bool:
+    """Did the server's last start (its log after byte ``since``) fail to bind its port?"""
+    with open(server_log, "rb") as log:
+        log.seek(since)
+        return b"already in use" in log.read()
+
+
 def start_system_postgres(base: Path) -> tuple[str, Stop]:
     bindir = _system_pg_bindir()
     base.mkdir(parents=True)
@@ -99,13 +109,22 @@ def start_system_postgres(base: Path) -> tuple[str, Stop]:
             raise RuntimeError(f"{Path(args[0]).name} exited with {result.returncode}: {tail}")
 
     run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
-    port = _free_port()
-    options = f"-p {port} -h 127.0.0.1 -k {base}"
     pg_ctl = str(bindir / "pg_ctl")
-    run(
-        [pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "30"]
-        + ["-o", options, "start"]
-    )
+    server_log = base / "server.log"
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        # a port free now may be taken before the server binds it (another test's server,
+        # any program): the server then stops, saying so in its log, and another is tried
+        port = _free_port()
+        logged = server_log.stat().st_size if server_log.exists() else 0
+        try:
+            run(
+                [pg_ctl, "-D", str(data), "-l", str(server_log), "-w", "-t", "30"]
+                + ["-o", f"-p {port} -h 127.0.0.1 -k {base}", "start"]
+            )
+            break
+        except RuntimeError:
+            if attempt == PORT_ATTEMPTS or not _port_was_taken(server_log, logged):
+                raise
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
     def stop() -> None:
