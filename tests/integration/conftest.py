@@ -25,6 +25,16 @@ def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
 
 
 @pytest.fixture
+async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
+    """A plain connection to ``nats_server`` with the stack's streams created (a test
+    module may define its own ``nc``: a service's connection, streams of its own)."""
+    conn = await nats.connect(nats_server.url)
+    await bus.ensure_streams(conn.jetstream())
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
 async def js(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
     """A JetStream context on ``nats_server`` with the stack's streams created."""
     nc = await nats.connect(nats_server.url)

@@ -10,11 +10,10 @@ within a bound (tests/integration/waiting.py); never on a fixed sleep."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
-import nats
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -24,7 +23,6 @@ from tests.integration.waiting import eventually
 from loom_core import codec, subjects
 from loom_core.contracts import DeadLetter, ErrorInfo
 from loom_infra import bus
-from loom_infra.natsserver import EmbeddedNats
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +43,6 @@ class Wire:
 
     def of(self, kind: str) -> list[int]:
         return [seq for k, seq in self.sent if k == kind]
-
-
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server.url)
-    await bus.ensure_streams(conn.jetstream())
-    yield conn
-    await conn.close()
 
 
 async def publish(js: Any, run: str, n: int) -> list[int]:

@@ -8,29 +8,19 @@ Synchronisation: on what the handler saw and JetStream's consumer state, within 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.msg import Msg
 from tests.integration.waiting import eventually
 
 from loom_core import codec, subjects
 from loom_infra import bus
-from loom_infra.natsserver import EmbeddedNats
 
 pytestmark = pytest.mark.integration
 
 STREAM = subjects.RUN_EVENTS_STREAM
-
-
-@pytest.fixture
-async def nc(nats_server: EmbeddedNats) -> AsyncIterator[Any]:
-    conn = await nats.connect(nats_server.url)
-    await bus.ensure_streams(conn.jetstream())
-    yield conn
-    await conn.close()
 
 
 def consumer_of(js: Any, durable: str, handled: list[int], *, concurrency: int = 0
