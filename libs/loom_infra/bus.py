@@ -921,8 +921,8 @@ class OpenPull:
 
     async def close(self) -> None:
         """Stop the deliveries to this pull's inbox (the durable consumer stays, with what
-        it has not settled): a consumer that failed and is started again
-        (``partitioned.keep_consuming``) left its inbox subscribed, one per failure."""
+        it has not settled): a consumer that stopped (a partition lost), was cancelled or
+        failed left its inbox subscribed, one more each time a new one started."""
         with suppress(Exception):  # a closed connection has no subscription left
             await self.psub.unsubscribe()
 
