@@ -278,8 +278,7 @@ def _schema_lock(recorder: Any) -> Iterator[None]:
         return
     import psycopg
 
-    params = {k: v for k, v in dict(pool.kwargs).items() if k != "row_factory"}
-    with psycopg.connect(**{"connect_timeout": PG_CONNECT_TIMEOUT_S, **params},
+    with psycopg.connect(**{"connect_timeout": PG_CONNECT_TIMEOUT_S, **_pg_params(pool)},
                          autocommit=True) as conn:  # fmt: skip
         # bounded: a holder stuck for a minute ends this start with the server's error
         conn.execute(f"SET lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'")
@@ -630,10 +629,10 @@ def _pg_columns(stored: list[StoredEvent]) -> tuple[list[Any], ...]:
     )
 
 
-def _pg_integrity_error() -> type[Exception]:
-    import psycopg
-
-    return psycopg.IntegrityError
+def _pg_params(pool: Any) -> dict[str, Any]:
+    """The connection parameters of a PostgreSQL pool, for a connection of our own (the
+    pool's row factory is the library's)."""
+    return {k: v for k, v in dict(pool.kwargs).items() if k != "row_factory"}
 
 
 class _LoopWriter:
@@ -648,9 +647,7 @@ class _LoopWriter:
 
     def __init__(self, recorder: Any) -> None:
         self._recorder = recorder
-        self._params = {
-            k: v for k, v in dict(recorder.datastore.pool.kwargs).items() if k != "row_factory"
-        }
+        self._params = _pg_params(recorder.datastore.pool)
         self._conn: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -662,11 +659,12 @@ class _LoopWriter:
             cursor = await conn.execute(_pg_append(self._recorder), _pg_columns(stored),
                                         prepare=True)  # fmt: skip
             return [row[0] for row in await cursor.fetchall()]
-        except BaseException as exc:
-            # an integrity error leaves the connection as it was (autocommit: the
-            # statement's transaction is over); anything else, a cancel included, may not
-            if not isinstance(exc, psycopg.IntegrityError):
-                self.close()
+        except psycopg.IntegrityError as exc:
+            # the library's, as its own insert raises it (``_sqlite_insert`` likewise); the
+            # connection is as it was (autocommit: the statement's transaction is over)
+            raise IntegrityError(exc) from exc
+        except BaseException:
+            self.close()  # anything else, a cancel included, may have left it mid-way
             raise
 
     async def _connection(self) -> Any:
@@ -874,7 +872,7 @@ class EventStore(_Closable):
         with _translated("append", self._backend):
             try:
                 ids = await self._loop_writer.insert(stored)
-            except _pg_integrity_error():
+            except IntegrityError:
                 conflicted = self._conflicting_runs(records)
                 raise ConcurrencyConflict(conflicted, backend=self._backend) from None
         return self._checked_ids(ids, records)
