@@ -6,6 +6,8 @@ models in theirs) and records, with wall timestamps, what might hold a step:
   process (``bench/tailprobe/sitecustomize.py``, put on PYTHONPATH here);
 - in this process: the executor's snapshot encodes, its writer batches and store
   appends over 1 ms, and the event loop's late wakes (a 2 ms sleeper);
+- in the tracing child: its folds, its span-store saves and the stretches it ran under
+  the normal CPU policy instead of ``SCHED_IDLE`` (``bench/tailprobe/sitecustomize.py``);
 - every 1 ms, each process's CPU and run-queue wait (``bench/tailprobe/sampler.py``,
   /proc schedstat: the time a thread was ready but had no core).
 Then, for each step slower than 3x the median (``--slow``), what overlapped its window
@@ -110,6 +112,15 @@ def read_gc(folder: Path, roles: dict[int, str], marks: Marks) -> list[str]:
     return summary
 
 
+def read_child_marks(folder: Path, marks: Marks) -> None:
+    """The marks a child process wrote (``tailprobe``: the tracing read model's folds,
+    saves and stretches under the normal CPU policy)."""
+    for path in sorted(folder.glob("marks-*.txt")):
+        for line in path.read_text().splitlines():
+            start, end, kind, *label = line.split()
+            marks.add(kind.replace("_", " "), float(start), float(end), " ".join(label))
+
+
 def read_samples(path: Path) -> dict[str, tuple[list[float], list[list[int]]]]:
     series: dict[str, tuple[list[float], list[list[int]]]] = {}
     for line in path.read_text().splitlines():
@@ -177,6 +188,7 @@ async def measure(
 
         sitecustomize._dump()  # type: ignore[attr-defined]
         gc_summary = read_gc(probe_dir, roles, marks)
+        read_child_marks(probe_dir, marks)
         series = read_samples(probe_dir / "samples.txt")
         for records in all_records:
             report(records, marks, series, slow_x, n)
