@@ -373,17 +373,12 @@ class RunHost:
             if records:
                 if self.before_commit is not None:
                     await self._before_commit(records)
-                if self.store.backend == "sqlite":
-                    # On the loop, not in the pool (issue 10, perf3): a local commit
-                    # (~0.3 ms) costs less than handing it to a thread and back (its
-                    # wake-up, the GIL passed twice: 0.2-0.3 ms of CPU per batch).
-                    # Nothing else writes events.db (one stack per data dir) but the
-                    # relay's position, once a second, so it does not wait on a lock.
-                    notification_ids = self.store.append(records)
-                else:
-                    # on this loop's own connection: no pool thread's wake-up and GIL
-                    # passes around a commit on the network (issue 10, pgloop)
-                    notification_ids = await self.store.append_on_loop(records)
+                # On the loop, not in the pool: no thread's wake-up and GIL passes
+                # around the commit (issue 10). SQLite commits in place (perf3: ~0.3 ms
+                # locally; nothing else writes events.db but the relay's position, once
+                # a second, so it does not wait on a lock); PostgreSQL awaits it on
+                # this loop's own connection (pgloop).
+                notification_ids = await self.store.append_on_loop(records)
         except Exception as exc:
             # The in-memory actors may now be ahead of the store: forget them; they are
             # reloaded from the store when next needed.
